@@ -1,0 +1,87 @@
+//! The `coalmine` binary: parse the command line, call the library, print. Exit codes:
+//! 0 success (promoted), 1 failure (rolled back, or a runtime error), 2 bad input.
+
+mod demo;
+mod proxy_cmd;
+mod upstream;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Automated canary releases: its own L7 router, its own controller, one binary.
+#[derive(Parser)]
+#[command(name = "coalmine", version, about, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the router: split traffic between stable and canary, record both, take route changes
+    Proxy(Box<proxy_cmd::ProxyArgs>),
+    /// Run a demo: two built-in payment-service versions behind the router, real traffic
+    Demo(demo::DemoArgs),
+    /// Run a small HTTP service with an injectable error rate and latency (demos, tests)
+    Upstream(upstream::UpstreamArgs),
+}
+
+/// Input the user must fix: reported as such and exits 2.
+#[derive(Debug)]
+pub struct BadInput(pub String);
+
+impl std::fmt::Display for BadInput {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for BadInput {}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("COALMINE_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Proxy(args) => proxy_cmd::run(*args).map(|()| ExitCode::SUCCESS),
+        Command::Demo(args) => demo::run(args),
+        Command::Upstream(args) => upstream::run(args).map(|()| ExitCode::SUCCESS),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("coalmine: {e:#}");
+            if e.downcast_ref::<BadInput>().is_some() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::from(1)
+            }
+        }
+    }
+}
+
+/// Resolves on SIGTERM or SIGINT.
+pub async fn termination() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}
+
+/// Blocks the calling thread until SIGTERM or SIGINT.
+pub fn wait_for_termination() {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a tokio runtime")
+        .block_on(termination());
+}

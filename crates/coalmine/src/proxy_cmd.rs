@@ -1,0 +1,197 @@
+//! `coalmine proxy`: flags and the YAML config file with the same fields; flags win.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Args;
+use serde::Deserialize;
+
+use coalmine_router::table::Affinity;
+use coalmine_router::{MatchRule, ProxyOptions, RouterConfig, RoutesDoc, StickyKey, TlsFiles, UpstreamUrl, Weight};
+use coalmine_spec::{parse_duration, parse_yaml, Dur};
+
+use crate::BadInput;
+
+#[derive(Args, Debug, Default)]
+pub struct ProxyArgs {
+    /// Address for user traffic [default: 0.0.0.0:8080]
+    #[arg(long, value_name = "ADDR")]
+    pub listen: Option<SocketAddr>,
+    /// Address for the admin API: /routes, /metrics, /stats, /healthz [default: 127.0.0.1:9901]
+    #[arg(long, value_name = "ADDR")]
+    pub admin: Option<SocketAddr>,
+    /// The stable version's base URL, e.g. http://127.0.0.1:9001
+    #[arg(long, value_name = "URL", value_parser = UpstreamUrl::parse)]
+    pub stable: Option<UpstreamUrl>,
+    /// The canary's base URL; without it every request goes to stable
+    #[arg(long, value_name = "URL", value_parser = UpstreamUrl::parse)]
+    pub canary: Option<UpstreamUrl>,
+    /// Percentage of unmatched traffic sent to the canary, 0–100 with up to two decimals
+    #[arg(long, value_name = "PCT", value_parser = parse_weight)]
+    pub canary_weight: Option<Weight>,
+    /// Send matching requests to the canary whatever the weight (repeatable; any match wins):
+    /// NAME=VALUE (header), NAME~REGEX (header, whole value), cookie:NAME=VALUE, query:NAME=VALUE
+    #[arg(long = "match", value_name = "RULE", value_parser = MatchRule::parse_flag)]
+    pub matches: Vec<MatchRule>,
+    /// Hash this header's value to pick the version, so a user always gets the same one
+    #[arg(long, value_name = "NAME", conflicts_with = "sticky_cookie")]
+    pub sticky_header: Option<String>,
+    /// Hash this cookie's value to pick the version
+    #[arg(long, value_name = "NAME")]
+    pub sticky_cookie: Option<String>,
+    /// Pin users who got the canary to it with this cookie (Flagger's sessionAffinity)
+    #[arg(long, value_name = "NAME")]
+    pub affinity_cookie: Option<String>,
+    /// Percentage of stable-bound requests also copied to the canary (responses discarded)
+    #[arg(long, value_name = "PCT", value_parser = parse_weight)]
+    pub mirror: Option<Weight>,
+    /// Worker threads, each with its own event loop [default: 1]
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=1024))]
+    pub threads: Option<u16>,
+    /// YAML file with the same fields (camelCase: canaryWeight, stickyHeader, ...); flags override it
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// PEM certificate chain: serve TLS (HTTP/2 and HTTP/1.1 through ALPN)
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key for --tls-cert
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Upstream connect timeout [default: 2s]
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub connect_timeout: Option<Duration>,
+    /// Time allowed for the upstream's response head [default: 30s]
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub response_timeout: Option<Duration>,
+    /// Time a client has to send a request head [default: 10s]
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub header_read_timeout: Option<Duration>,
+    /// How long SIGTERM waits for in-flight requests [default: 30s]
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub drain_timeout: Option<Duration>,
+}
+
+fn parse_weight(s: &str) -> Result<Weight, String> {
+    let pct: f64 = s.trim_end_matches('%').parse().map_err(|_| format!("{s:?} is not a number"))?;
+    Weight::from_percent(pct)
+}
+
+/// The config file. Every field is optional so a file may hold just the routes.
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct ProxyFile {
+    name: Option<String>,
+    listen: Option<SocketAddr>,
+    admin: Option<SocketAddr>,
+    stable: Option<UpstreamUrl>,
+    canary: Option<UpstreamUrl>,
+    canary_weight: Option<Weight>,
+    #[serde(default, rename = "match")]
+    matches: Vec<MatchRule>,
+    sticky_header: Option<String>,
+    sticky_cookie: Option<String>,
+    affinity_cookie: Option<String>,
+    mirror: Option<Weight>,
+    threads: Option<u16>,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
+    connect_timeout: Option<Dur>,
+    response_timeout: Option<Dur>,
+    header_read_timeout: Option<Dur>,
+    drain_timeout: Option<Dur>,
+}
+
+fn sticky(header: Option<String>, cookie: Option<String>) -> Result<Option<StickyKey>, BadInput> {
+    match (header, cookie) {
+        (Some(h), None) => {
+            let name = http::HeaderName::from_bytes(h.to_ascii_lowercase().as_bytes())
+                .map_err(|_| BadInput(format!("--sticky-header: {h:?} is not a header name")))?;
+            Ok(Some(StickyKey::Header(name)))
+        }
+        (None, Some(c)) => Ok(Some(StickyKey::Cookie(c))),
+        (None, None) => Ok(None),
+        (Some(_), Some(_)) => {
+            Err(BadInput("stickyHeader and stickyCookie cannot both be set".into()))
+        }
+    }
+}
+
+/// Merges the file (if any) under the flags and checks what is required.
+pub fn router_config(args: ProxyArgs) -> Result<RouterConfig, BadInput> {
+    let file = match &args.config {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| BadInput(format!("{}: {e}", path.display())))?;
+            parse_yaml::<ProxyFile>(&path.display().to_string(), &text)
+                .map_err(|e| BadInput(e.to_string()))?
+        }
+        None => ProxyFile::default(),
+    };
+    let stable = args.stable.or(file.stable).ok_or_else(|| {
+        BadInput("--stable is required (or `stable` in the --config file)".into())
+    })?;
+    let (sh, sc) = if args.sticky_header.is_some() || args.sticky_cookie.is_some() {
+        (args.sticky_header, args.sticky_cookie)
+    } else {
+        (file.sticky_header, file.sticky_cookie)
+    };
+    let mut routes = RoutesDoc::stable_only(stable);
+    if let Some(name) = file.name {
+        routes.name = name;
+    }
+    routes.canary = args.canary.or(file.canary);
+    routes.canary_weight = args.canary_weight.or(file.canary_weight).unwrap_or(Weight::ZERO);
+    routes.matches = if args.matches.is_empty() { file.matches } else { args.matches };
+    routes.sticky = sticky(sh, sc)?;
+    routes.affinity = args
+        .affinity_cookie
+        .or(file.affinity_cookie)
+        .map(|cookie_name| Affinity { cookie_name, max_age: 86_400 });
+    routes.mirror = args.mirror.or(file.mirror).unwrap_or(Weight::ZERO);
+    let tls = match (args.tls_cert.or(file.tls_cert), args.tls_key.or(file.tls_key)) {
+        (Some(cert), Some(key)) => Some(TlsFiles { cert, key }),
+        (None, None) => None,
+        _ => return Err(BadInput("tlsCert and tlsKey go together".into())),
+    };
+    let dur = |flag: Option<Duration>, file: Option<Dur>, default: u64| {
+        flag.or(file.map(|d| d.0)).unwrap_or(Duration::from_secs(default))
+    };
+    Ok(RouterConfig {
+        listen: args.listen.or(file.listen).unwrap_or_else(|| "0.0.0.0:8080".parse().unwrap()),
+        admin: args.admin.or(file.admin).unwrap_or_else(|| "127.0.0.1:9901".parse().unwrap()),
+        threads: usize::from(args.threads.or(file.threads).unwrap_or(1)),
+        routes,
+        tls,
+        proxy: ProxyOptions {
+            connect_timeout: dur(args.connect_timeout, file.connect_timeout, 2),
+            response_timeout: dur(args.response_timeout, file.response_timeout, 30),
+            ..ProxyOptions::default()
+        },
+        header_read_timeout: dur(args.header_read_timeout, file.header_read_timeout, 10),
+        max_header_bytes: 64 * 1024,
+        drain_timeout: dur(args.drain_timeout, file.drain_timeout, 30),
+    })
+}
+
+/// Runs the router until SIGTERM or SIGINT, then drains and returns.
+pub fn run(args: ProxyArgs) -> anyhow::Result<()> {
+    let config = router_config(args)?;
+    let threads = config.threads;
+    let handle = coalmine_router::start(config)?;
+    println!(
+        "coalmine proxy: listen={} admin={} threads={threads}",
+        handle.listen, handle.admin
+    );
+    let t = handle.table();
+    tracing::info!(
+        stable = %t.doc.stable,
+        canary = t.doc.canary.as_ref().map(|c| c.to_string()).unwrap_or_default(),
+        canary_weight = t.doc.canary_weight.percent(),
+        "routing"
+    );
+    crate::wait_for_termination();
+    tracing::info!("draining");
+    handle.shutdown();
+    Ok(())
+}

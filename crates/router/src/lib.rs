@@ -1,0 +1,19 @@
+//! Coalmine's data plane.
+//!
+//! - [`table`]: the route table document and its validation.
+//! - [`route`]: the pure routing decision.
+//! - [`recorder`]: per-version counters, Prometheus text and `/stats`.
+//! - [`proxy`]: the HTTP proxy path around the decision.
+//! - [`server`]: sockets, worker threads, TLS, graceful shutdown; [`admin`] API.
+
+mod admin;
+pub mod proxy;
+pub mod recorder;
+pub mod route;
+pub mod server;
+pub mod table;
+
+pub use proxy::ProxyOptions;
+pub use route::{route, Decision, Reason, RequestView, Version};
+pub use server::{start, RouterConfig, RouterHandle, StartError, TlsFiles};
+pub use table::{MatchRule, RouteTable, RoutesDoc, StickyKey, UpstreamUrl, Weight};

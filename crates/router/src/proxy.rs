@@ -1,0 +1,669 @@
+//! The proxy around the routing decision: one request in, one upstream request out, the answer
+//! streamed back. Upstream connections are pooled per worker thread (each worker is a
+//! single-threaded runtime, so the pool needs no lock).
+
+use std::cell::{Cell, RefCell};
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Request, Response, StatusCode, Uri, Version as HttpVersion};
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use hyper::client::conn::http1::SendRequest;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+use tokio::sync::Semaphore;
+
+use crate::recorder::{Metrics, Recorder, UpstreamFailure};
+use crate::route::{route, Decision, RequestView, Version};
+use crate::table::{RouteTable, UpstreamUrl};
+
+/// Limits and timeouts of the proxy path.
+#[derive(Clone, Debug)]
+pub struct ProxyOptions {
+    pub connect_timeout: Duration,
+    /// Time allowed until the upstream's response head arrives.
+    pub response_timeout: Duration,
+    /// Mirrored copies in flight per worker; more are dropped, never queued.
+    pub mirror_concurrency: usize,
+    /// Idle upstream connections kept per upstream per worker.
+    pub max_idle_per_upstream: usize,
+}
+
+impl Default for ProxyOptions {
+    fn default() -> Self {
+        ProxyOptions {
+            connect_timeout: Duration::from_secs(2),
+            response_timeout: Duration::from_secs(30),
+            mirror_concurrency: 64,
+            max_idle_per_upstream: 256,
+        }
+    }
+}
+
+/// State every worker shares.
+pub struct Shared {
+    pub table: ArcSwap<RouteTable>,
+    pub metrics: Arc<Metrics>,
+    pub options: ProxyOptions,
+}
+
+/// One worker thread's handle on the proxy.
+#[derive(Clone)]
+pub struct Worker {
+    pub shared: Arc<Shared>,
+    pub recorder: Arc<Recorder>,
+    mirror_slots: Arc<Semaphore>,
+}
+
+impl Worker {
+    pub fn new(shared: Arc<Shared>) -> Self {
+        let recorder = shared.metrics.new_recorder();
+        let mirror_slots = Arc::new(Semaphore::new(shared.options.mirror_concurrency));
+        Worker { shared, recorder, mirror_slots }
+    }
+}
+
+/// Per-connection facts the proxy adds to forwarded requests.
+#[derive(Clone, Copy)]
+pub struct ClientInfo {
+    pub peer: SocketAddr,
+    pub tls: bool,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Bodies
+
+/// The body sent upstream: the client's own, streamed, or nothing.
+pub enum UpstreamBody {
+    Client(Incoming),
+    Empty,
+}
+
+impl Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match self.get_mut() {
+            UpstreamBody::Client(b) => Pin::new(b).poll_frame(cx),
+            UpstreamBody::Empty => Poll::Ready(None),
+        }
+    }
+    fn is_end_stream(&self) -> bool {
+        match self {
+            UpstreamBody::Client(b) => b.is_end_stream(),
+            UpstreamBody::Empty => true,
+        }
+    }
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            UpstreamBody::Client(b) => b.size_hint(),
+            UpstreamBody::Empty => SizeHint::with_exact(0),
+        }
+    }
+}
+
+/// The body sent to the client: the upstream's, streamed, holding its pooled connection until
+/// the last byte so the connection goes back to the pool only when it is free again.
+pub enum ClientBody {
+    Upstream { body: Incoming, conn: Option<PooledConn> },
+    Full(Option<Bytes>),
+}
+
+impl ClientBody {
+    pub fn text(s: impl Into<Bytes>) -> Self {
+        ClientBody::Full(Some(s.into()))
+    }
+}
+
+impl Body for ClientBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match self.get_mut() {
+            ClientBody::Upstream { body, conn } => {
+                let polled = Pin::new(&mut *body).poll_frame(cx);
+                if matches!(polled, Poll::Ready(None)) || body.is_end_stream() {
+                    if let Some(c) = conn.take() {
+                        c.release();
+                    }
+                }
+                polled
+            }
+            ClientBody::Full(b) => Poll::Ready(b.take().map(|d| Ok(Frame::data(d)))),
+        }
+    }
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ClientBody::Upstream { body, .. } => body.is_end_stream(),
+            ClientBody::Full(b) => b.is_none(),
+        }
+    }
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ClientBody::Upstream { body, .. } => body.size_hint(),
+            ClientBody::Full(Some(b)) => SizeHint::with_exact(b.len() as u64),
+            ClientBody::Full(None) => SizeHint::with_exact(0),
+        }
+    }
+}
+
+impl Drop for ClientBody {
+    fn drop(&mut self) {
+        // A body with nothing left to read (HEAD, 204, Content-Length: 0, or fully streamed)
+        // leaves its connection reusable; one dropped half-way does not.
+        if let ClientBody::Upstream { body, conn } = self {
+            if body.is_end_stream() {
+                if let Some(c) = conn.take() {
+                    c.release();
+                }
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Connection pool
+
+type Sender = SendRequest<UpstreamBody>;
+
+thread_local! {
+    static POOL: RefCell<Vec<(u64, Vec<Sender>)>> = const { RefCell::new(Vec::new()) };
+    static MAX_IDLE: Cell<usize> = const { Cell::new(256) };
+    static RNG: Cell<u64> = Cell::new(seed_from_thread());
+}
+
+/// Sets how many idle connections per upstream this worker thread keeps.
+pub fn set_max_idle(n: usize) {
+    MAX_IDLE.with(|m| m.set(n));
+}
+
+fn seed_from_thread() -> u64 {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    let stack = &t as *const u64 as u64;
+    xxhash_rust::xxh3::xxh3_64_with_seed(&t.to_le_bytes(), stack) | 1
+}
+
+/// wyrand: fast, good enough for traffic splitting, one per thread.
+fn next_random() -> u64 {
+    RNG.with(|s| {
+        let x = s.get().wrapping_add(0xa076_1d64_78bd_642f);
+        s.set(x);
+        let m = u128::from(x) * u128::from(x ^ 0xe703_7ed1_a0b4_28db);
+        ((m >> 64) as u64) ^ (m as u64)
+    })
+}
+
+/// A pooled upstream connection on loan to one exchange.
+pub struct PooledConn {
+    upstream: u64,
+    sender: Sender,
+}
+
+impl PooledConn {
+    fn release(self) {
+        if self.sender.is_closed() {
+            return;
+        }
+        POOL.with(|p| {
+            let mut pool = p.borrow_mut();
+            let max = MAX_IDLE.with(Cell::get);
+            match pool.iter_mut().find(|(id, _)| *id == self.upstream) {
+                Some((_, idle)) if idle.len() < max => idle.push(self.sender),
+                Some(_) => {}
+                None => pool.push((self.upstream, vec![self.sender])),
+            }
+        });
+    }
+}
+
+fn checkout(upstream: u64) -> Option<Sender> {
+    POOL.with(|p| {
+        let mut pool = p.borrow_mut();
+        let (_, idle) = pool.iter_mut().find(|(id, _)| *id == upstream)?;
+        while let Some(s) = idle.pop() {
+            if !s.is_closed() {
+                return Some(s);
+            }
+        }
+        None
+    })
+}
+
+#[derive(Debug)]
+struct UpstreamError {
+    failure: UpstreamFailure,
+    detail: String,
+}
+
+impl UpstreamError {
+    fn status(&self) -> StatusCode {
+        match self.failure {
+            UpstreamFailure::Timeout => StatusCode::GATEWAY_TIMEOUT,
+            _ => StatusCode::BAD_GATEWAY,
+        }
+    }
+}
+
+async fn connect(
+    upstream: &UpstreamUrl,
+    timeout: Duration,
+    upgrades: bool,
+) -> Result<Sender, UpstreamError> {
+    let fail = |failure, detail: String| UpstreamError { failure, detail };
+    let addr = (upstream.host(), upstream.port());
+    let stream = match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
+        Err(_) => return Err(fail(UpstreamFailure::Timeout, "connect timed out".into())),
+        Ok(Err(e)) => return Err(fail(UpstreamFailure::Connect, format!("connect: {e}"))),
+        Ok(Ok(s)) => s,
+    };
+    let _ = stream.set_nodelay(true);
+    let (sender, conn) = hyper::client::conn::http1::Builder::new()
+        .handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| fail(UpstreamFailure::Connect, format!("handshake: {e}")))?;
+    if upgrades {
+        tokio::spawn(async move {
+            let _ = conn.with_upgrades().await;
+        });
+    } else {
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+    }
+    Ok(sender)
+}
+
+/// Sends on a pooled connection, or a new one. A request that a stale pooled connection never
+/// took is retried once on a fresh connection (hyper hands it back unsent).
+async fn exchange(
+    upstream: &UpstreamUrl,
+    mut req: Request<UpstreamBody>,
+    options: &ProxyOptions,
+) -> Result<(Response<Incoming>, PooledConn), UpstreamError> {
+    loop {
+        let (mut sender, fresh) = match checkout(upstream.id()) {
+            Some(s) => (s, false),
+            None => (connect(upstream, options.connect_timeout, false).await?, true),
+        };
+        if sender.ready().await.is_err() {
+            if fresh {
+                return Err(UpstreamError {
+                    failure: UpstreamFailure::Protocol,
+                    detail: "upstream closed the connection".into(),
+                });
+            }
+            continue;
+        }
+        match sender.try_send_request(req).await {
+            Ok(resp) => return Ok((resp, PooledConn { upstream: upstream.id(), sender })),
+            Err(mut e) => match e.take_message() {
+                Some(unsent) if !fresh => req = unsent,
+                _ => {
+                    return Err(UpstreamError {
+                        failure: UpstreamFailure::Protocol,
+                        detail: e.error().to_string(),
+                    })
+                }
+            },
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Headers
+
+/// Hop-by-hop headers (RFC 9110 §7.6.1) never cross the proxy, nor headers that `Connection`
+/// names.
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    for name in [
+        header::CONNECTION,
+        header::TE,
+        header::TRAILER,
+        header::TRANSFER_ENCODING,
+        header::UPGRADE,
+        header::PROXY_AUTHORIZATION,
+        header::PROXY_AUTHENTICATE,
+    ] {
+        headers.remove(name);
+    }
+    headers.remove("keep-alive");
+    headers.remove("proxy-connection");
+}
+
+fn is_upgrade(req: &Request<Incoming>) -> bool {
+    req.version() == HttpVersion::HTTP_11
+        && req.headers().contains_key(header::UPGRADE)
+        && req
+            .headers()
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .any(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("upgrade")))
+}
+
+/// Turns the client's request into the upstream's: origin-form URI, HTTP/1.1, Host kept (an
+/// HTTP/2 client's `:authority` becomes Host), hop-by-hop headers dropped, the client appended
+/// to `x-forwarded-for`.
+fn upstream_parts(parts: &mut http::request::Parts, client: ClientInfo, upgrade: bool) {
+    let upgrade_header = if upgrade { parts.headers.get(header::UPGRADE).cloned() } else { None };
+    strip_hop_by_hop(&mut parts.headers);
+    if let Some(u) = upgrade_header {
+        parts.headers.insert(header::UPGRADE, u);
+        parts.headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    }
+    if !parts.headers.contains_key(header::HOST) {
+        if let Some(authority) = parts.uri.authority() {
+            if let Ok(v) = HeaderValue::from_str(authority.as_str()) {
+                parts.headers.insert(header::HOST, v);
+            }
+        }
+    }
+    let path = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+    if parts.uri.scheme().is_some() || parts.uri.authority().is_some() {
+        if let Ok(uri) = Uri::try_from(path) {
+            parts.uri = uri;
+        }
+    }
+    parts.version = HttpVersion::HTTP_11;
+    let ip = client.peer.ip().to_string();
+    let xff = match parts.headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+        Some(prev) => format!("{prev}, {ip}"),
+        None => ip,
+    };
+    if let Ok(v) = HeaderValue::from_str(&xff) {
+        parts.headers.insert("x-forwarded-for", v);
+    }
+    if !parts.headers.contains_key("x-forwarded-proto") {
+        let proto = if client.tls { "https" } else { "http" };
+        parts.headers.insert("x-forwarded-proto", HeaderValue::from_static(proto));
+    }
+}
+
+fn error_response(status: StatusCode, text: &str, close: bool) -> Response<ClientBody> {
+    let mut resp = Response::new(ClientBody::text(format!("{text}\n")));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    if close {
+        resp.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    resp
+}
+
+/// Requests whose framing is ambiguous are refused, never guessed at (request smuggling).
+fn framing_error(req: &Request<Incoming>) -> Option<&'static str> {
+    if req.version() >= HttpVersion::HTTP_2 {
+        return None;
+    }
+    let h = req.headers();
+    if h.contains_key(header::TRANSFER_ENCODING) && h.contains_key(header::CONTENT_LENGTH) {
+        return Some("both Transfer-Encoding and Content-Length");
+    }
+    let lengths: Vec<&HeaderValue> = h.get_all(header::CONTENT_LENGTH).iter().collect();
+    if lengths.len() > 1 && lengths.iter().any(|v| *v != lengths[0]) {
+        return Some("conflicting Content-Length values");
+    }
+    if h.get_all(header::TRANSFER_ENCODING).iter().count() > 1 {
+        return Some("several Transfer-Encoding headers");
+    }
+    None
+}
+
+// ---------------------------------------------------------------------------------------------
+// The request path
+
+struct InFlight<'a>(&'a Metrics);
+impl<'a> InFlight<'a> {
+    fn enter(m: &'a Metrics) -> Self {
+        m.in_flight.fetch_add(1, Relaxed);
+        InFlight(m)
+    }
+}
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Relaxed);
+    }
+}
+
+/// Serves one client request. Never fails: upstream trouble becomes a 502/504 counted against
+/// the version that caused it, so a dead canary shows as canary errors.
+pub async fn handle(
+    worker: Worker,
+    client: ClientInfo,
+    req: Request<Incoming>,
+) -> Result<Response<ClientBody>, Infallible> {
+    let started = Instant::now();
+    let shared = &*worker.shared;
+    let _in_flight = InFlight::enter(&shared.metrics);
+    if let Some(why) = framing_error(&req) {
+        return Ok(error_response(StatusCode::BAD_REQUEST, why, true));
+    }
+    let (decision, target, affinity_cookie) = {
+        let table = shared.table.load();
+        let view = RequestView { headers: req.headers(), query: req.uri().query() };
+        let decision = route(&table, &view, next_random());
+        let target = match decision.version {
+            Version::Stable => table.doc.stable.clone(),
+            Version::Canary => table.doc.canary.clone().expect("route() picks canary only if set"),
+        };
+        let cookie = if decision.set_affinity { affinity_set_cookie(&table) } else { None };
+        let mirror_to = if decision.mirror { table.doc.canary.clone() } else { None };
+        if let Some(canary) = mirror_to {
+            mirror(&worker, &req, client, canary);
+        }
+        (decision, target, cookie)
+    };
+    let upgrade = is_upgrade(&req);
+    if upgrade {
+        return Ok(proxy_upgrade(&worker, client, req, decision, &target, started).await);
+    }
+    let (mut parts, body) = req.into_parts();
+    upstream_parts(&mut parts, client, false);
+    let body = if body.is_end_stream() { UpstreamBody::Empty } else { UpstreamBody::Client(body) };
+    let upstream_req = Request::from_parts(parts, body);
+    let result = tokio::time::timeout(
+        shared.options.response_timeout,
+        exchange(&target, upstream_req, &shared.options),
+    )
+    .await
+    .unwrap_or_else(|_| {
+        Err(UpstreamError {
+            failure: UpstreamFailure::Timeout,
+            detail: "no response head within the response timeout".into(),
+        })
+    });
+    match result {
+        Ok((resp, conn)) => {
+            let (mut parts, body) = resp.into_parts();
+            worker.recorder.record(decision.version, parts.status.as_u16(), started.elapsed());
+            strip_hop_by_hop(&mut parts.headers);
+            if let Some(c) = affinity_cookie {
+                parts.headers.append(header::SET_COOKIE, c);
+            }
+            Ok(Response::from_parts(parts, ClientBody::Upstream { body, conn: Some(conn) }))
+        }
+        Err(e) => Ok(upstream_failed(&worker, decision.version, &target, e, started)),
+    }
+}
+
+fn upstream_failed(
+    worker: &Worker,
+    version: Version,
+    target: &UpstreamUrl,
+    e: UpstreamError,
+    started: Instant,
+) -> Response<ClientBody> {
+    let status = e.status();
+    worker.recorder.record(version, status.as_u16(), started.elapsed());
+    worker.recorder.record_failure(version, e.failure);
+    tracing::debug!(version = version.as_str(), upstream = %target, "upstream failed: {}", e.detail);
+    error_response(status, &format!("{} upstream {target}: {}", version.as_str(), e.detail), false)
+}
+
+fn affinity_set_cookie(table: &RouteTable) -> Option<HeaderValue> {
+    let aff = table.doc.affinity.as_ref()?;
+    HeaderValue::from_str(&format!(
+        "{}={}; Max-Age={}; Path=/",
+        aff.cookie_name, table.affinity_token, aff.max_age
+    ))
+    .ok()
+}
+
+/// WebSocket and other `Upgrade` requests: a dedicated upstream connection; after a 101 the
+/// two sides are spliced byte for byte until either closes.
+async fn proxy_upgrade(
+    worker: &Worker,
+    client: ClientInfo,
+    mut req: Request<Incoming>,
+    decision: Decision,
+    target: &UpstreamUrl,
+    started: Instant,
+) -> Response<ClientBody> {
+    let options = &worker.shared.options;
+    let client_upgrade = hyper::upgrade::on(&mut req);
+    let (mut parts, body) = req.into_parts();
+    upstream_parts(&mut parts, client, true);
+    let body = if body.is_end_stream() { UpstreamBody::Empty } else { UpstreamBody::Client(body) };
+    let sent = async {
+        let mut sender = connect(target, options.connect_timeout, true).await?;
+        sender.send_request(Request::from_parts(parts, body)).await.map_err(|e| UpstreamError {
+            failure: UpstreamFailure::Protocol,
+            detail: e.to_string(),
+        })
+    };
+    let result = match tokio::time::timeout(options.response_timeout, sent).await {
+        Ok(r) => r,
+        Err(_) => Err(UpstreamError {
+            failure: UpstreamFailure::Timeout,
+            detail: "no response head within the response timeout".into(),
+        }),
+    };
+    let mut resp = match result {
+        Ok(r) => r,
+        Err(e) => return upstream_failed(worker, decision.version, target, e, started),
+    };
+    worker.recorder.record(decision.version, resp.status().as_u16(), started.elapsed());
+    if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+        let upstream_upgrade = hyper::upgrade::on(&mut resp);
+        tokio::spawn(async move {
+            let (Ok(c), Ok(u)) = (client_upgrade.await, upstream_upgrade.await) else { return };
+            let _ = tokio::io::copy_bidirectional(&mut TokioIo::new(c), &mut TokioIo::new(u)).await;
+        });
+        let (parts, _) = resp.into_parts();
+        return Response::from_parts(parts, ClientBody::Full(None));
+    }
+    let (mut parts, body) = resp.into_parts();
+    strip_hop_by_hop(&mut parts.headers);
+    Response::from_parts(parts, ClientBody::Upstream { body, conn: None })
+}
+
+/// Copies a stable-bound request to the canary, fire-and-forget: the user's response never waits
+/// for it, copies beyond the concurrency limit are dropped, and the answers are recorded apart.
+/// Only requests without a body are copied; a body would have to be buffered whole.
+fn mirror(worker: &Worker, req: &Request<Incoming>, client: ClientInfo, canary: UpstreamUrl) {
+    let metrics = &worker.shared.metrics;
+    if !req.body().is_end_stream() || is_upgrade(req) {
+        metrics.mirror_skipped_body.fetch_add(1, Relaxed);
+        return;
+    }
+    let Ok(permit) = worker.mirror_slots.clone().try_acquire_owned() else {
+        metrics.mirror_dropped.fetch_add(1, Relaxed);
+        return;
+    };
+    let mut copy = Request::new(());
+    *copy.method_mut() = req.method().clone();
+    *copy.uri_mut() = req.uri().clone();
+    *copy.version_mut() = req.version();
+    *copy.headers_mut() = req.headers().clone();
+    let (mut parts, ()) = copy.into_parts();
+    upstream_parts(&mut parts, client, false);
+    parts.headers.insert("x-coalmine-mirror", HeaderValue::from_static("true"));
+    let request = Request::from_parts(parts, UpstreamBody::Empty);
+    let recorder = worker.recorder.clone();
+    let options = worker.shared.options.clone();
+    tokio::spawn(async move {
+        let _permit = permit;
+        let sent = tokio::time::timeout(options.response_timeout, exchange(&canary, request, &options));
+        match sent.await {
+            Ok(Ok((resp, conn))) => {
+                recorder.record_mirror(Some(resp.status().as_u16()));
+                let body = ClientBody::Upstream { body: resp.into_body(), conn: Some(conn) };
+                let _ = http_body_util::BodyExt::collect(body).await;
+            }
+            _ => recorder.record_mirror(None),
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_headers_and_the_ones_connection_names_are_dropped() {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, "keep-alive, x-secret".parse().unwrap());
+        h.insert("x-secret", "1".parse().unwrap());
+        h.insert("keep-alive", "timeout=5".parse().unwrap());
+        h.insert(header::TRANSFER_ENCODING, "chunked".parse().unwrap());
+        h.insert("x-kept", "1".parse().unwrap());
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1);
+        assert!(h.contains_key("x-kept"));
+    }
+
+    #[test]
+    fn forwarded_request_is_origin_form_http11_with_host_and_xff() {
+        let (mut parts, ()) = Request::builder()
+            .uri("http://example.com/a?b=1")
+            .version(HttpVersion::HTTP_2)
+            .header("x-forwarded-for", "10.0.0.1")
+            .body(())
+            .unwrap()
+            .into_parts();
+        let client = ClientInfo { peer: "127.0.0.9:5000".parse().unwrap(), tls: false };
+        upstream_parts(&mut parts, client, false);
+        assert_eq!(parts.uri, "/a?b=1");
+        assert_eq!(parts.version, HttpVersion::HTTP_11);
+        assert_eq!(parts.headers[header::HOST], "example.com");
+        assert_eq!(parts.headers["x-forwarded-for"], "10.0.0.1, 127.0.0.9");
+        assert_eq!(parts.headers["x-forwarded-proto"], "http");
+    }
+
+    #[test]
+    fn random_values_spread_over_buckets() {
+        let n = 100_000;
+        let canary = (0..n).filter(|_| (next_random() & 0xffff_ffff) % 10_000 < 500).count();
+        // 5 % of 100,000 is 5,000 with a standard deviation of about 69.
+        assert!((4_700..=5_300).contains(&canary), "{canary}");
+    }
+}

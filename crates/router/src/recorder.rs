@@ -1,0 +1,480 @@
+//! What the router saw, per version: status codes, latency, upstream failures, mirrored copies.
+//!
+//! Each worker thread owns a [`Recorder`] so the hot path touches only its own cache lines; a
+//! scrape sums them into a [`Snapshot`]. Counters never reset while the process lives, so
+//! readers take differences between two snapshots (and notice a restart by `instance`).
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use hdrhistogram::Histogram;
+use serde::Serialize;
+
+use crate::route::Version;
+
+/// Upper bounds, in seconds, of the `http_request_duration_seconds` buckets: fine around the
+/// 10 ms – 1 s range where canary latency regressions usually show.
+pub const LATENCY_BUCKETS: [f64; 21] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.75, 1.0,
+    1.5, 2.0, 2.5, 5.0, 10.0,
+];
+
+/// hdrhistogram precision for `/stats`: two significant digits (1 % value error).
+const HDR_SIGFIG: u8 = 2;
+const HDR_MAX_MICROS: u64 = 3_600_000_000;
+
+/// Why the router answered in the upstream's place.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UpstreamFailure {
+    /// Could not connect (refused, unreachable, connect timeout): 502 or 504.
+    Connect,
+    /// No response head within the response timeout: 504.
+    Timeout,
+    /// The connection broke or the upstream spoke bad HTTP: 502.
+    Protocol,
+}
+
+impl UpstreamFailure {
+    const ALL: [UpstreamFailure; 3] =
+        [UpstreamFailure::Connect, UpstreamFailure::Timeout, UpstreamFailure::Protocol];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UpstreamFailure::Connect => "connect",
+            UpstreamFailure::Timeout => "timeout",
+            UpstreamFailure::Protocol => "protocol",
+        }
+    }
+}
+
+struct VersionCounters {
+    /// Index `code - 100`, for codes 100..=599.
+    status: Box<[AtomicU64]>,
+    buckets: [AtomicU64; LATENCY_BUCKETS.len()],
+    count: AtomicU64,
+    sum_micros: AtomicU64,
+    failures: [AtomicU64; 3],
+    hdr: Mutex<Histogram<u64>>,
+}
+
+fn new_hdr() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, HDR_MAX_MICROS, HDR_SIGFIG).expect("static histogram bounds")
+}
+
+impl VersionCounters {
+    fn new() -> Self {
+        VersionCounters {
+            status: (0..500).map(|_| AtomicU64::new(0)).collect(),
+            buckets: Default::default(),
+            count: AtomicU64::new(0),
+            sum_micros: AtomicU64::new(0),
+            failures: Default::default(),
+            hdr: Mutex::new(new_hdr()),
+        }
+    }
+}
+
+/// One worker's counters.
+pub struct Recorder {
+    versions: [VersionCounters; 2],
+    mirror_status: Box<[AtomicU64]>,
+    mirror_failures: AtomicU64,
+}
+
+fn status_index(status: u16) -> usize {
+    usize::from(status.clamp(100, 599) - 100)
+}
+
+impl Recorder {
+    fn new() -> Self {
+        Recorder {
+            versions: [VersionCounters::new(), VersionCounters::new()],
+            mirror_status: (0..500).map(|_| AtomicU64::new(0)).collect(),
+            mirror_failures: AtomicU64::new(0),
+        }
+    }
+
+    /// Records one answered request: status (the router's own 502/504 included) and the time
+    /// until the response head.
+    pub fn record(&self, version: Version, status: u16, elapsed: Duration) {
+        let v = &self.versions[version.index()];
+        v.status[status_index(status)].fetch_add(1, Relaxed);
+        let secs = elapsed.as_secs_f64();
+        if let Some(i) = LATENCY_BUCKETS.iter().position(|&b| secs <= b) {
+            v.buckets[i].fetch_add(1, Relaxed);
+        }
+        v.count.fetch_add(1, Relaxed);
+        let micros = elapsed.as_micros().min(u128::from(u64::MAX)) as u64;
+        v.sum_micros.fetch_add(micros, Relaxed);
+        if let Ok(mut h) = v.hdr.lock() {
+            h.saturating_record(micros.max(1));
+        }
+    }
+
+    pub fn record_failure(&self, version: Version, failure: UpstreamFailure) {
+        self.versions[version.index()].failures[failure as usize].fetch_add(1, Relaxed);
+    }
+
+    /// A mirrored copy's outcome; `None` when it never got a response.
+    pub fn record_mirror(&self, status: Option<u16>) {
+        match status {
+            Some(s) => self.mirror_status[status_index(s)].fetch_add(1, Relaxed),
+            None => self.mirror_failures.fetch_add(1, Relaxed),
+        };
+    }
+}
+
+/// Router-wide numbers and the per-worker recorders.
+pub struct Metrics {
+    recorders: Mutex<Vec<Arc<Recorder>>>,
+    pub route_swaps: AtomicU64,
+    pub mirror_dropped: AtomicU64,
+    pub mirror_skipped_body: AtomicU64,
+    pub connections_accepted: AtomicU64,
+    pub in_flight: AtomicI64,
+    /// Random per process start: a reader that sees it change knows the counters restarted.
+    pub instance: String,
+    pub started_unix_ms: u64,
+}
+
+impl Metrics {
+    pub fn new(instance: String, started_unix_ms: u64) -> Self {
+        Metrics {
+            recorders: Mutex::new(Vec::new()),
+            route_swaps: AtomicU64::new(0),
+            mirror_dropped: AtomicU64::new(0),
+            mirror_skipped_body: AtomicU64::new(0),
+            connections_accepted: AtomicU64::new(0),
+            in_flight: AtomicI64::new(0),
+            instance,
+            started_unix_ms,
+        }
+    }
+
+    /// A recorder for one worker thread.
+    pub fn new_recorder(&self) -> Arc<Recorder> {
+        let r = Arc::new(Recorder::new());
+        self.recorders.lock().expect("recorder list").push(r.clone());
+        r
+    }
+
+    pub fn snapshot(&self) -> Snapshot {
+        let recorders = self.recorders.lock().expect("recorder list").clone();
+        let mut versions = [VersionSnapshot::new(), VersionSnapshot::new()];
+        let mut mirror = MirrorSnapshot::default();
+        for r in &recorders {
+            for (snap, v) in versions.iter_mut().zip(&r.versions) {
+                snap.add(v);
+            }
+            add_statuses(&mut mirror.statuses, &r.mirror_status);
+            mirror.failed += r.mirror_failures.load(Relaxed);
+        }
+        mirror.requests = mirror.statuses.values().sum::<u64>() + mirror.failed;
+        mirror.dropped = self.mirror_dropped.load(Relaxed);
+        mirror.skipped_with_body = self.mirror_skipped_body.load(Relaxed);
+        Snapshot { versions, mirror }
+    }
+}
+
+fn add_statuses(into: &mut BTreeMap<u16, u64>, counters: &[AtomicU64]) {
+    for (i, c) in counters.iter().enumerate() {
+        let n = c.load(Relaxed);
+        if n > 0 {
+            *into.entry(i as u16 + 100).or_default() += n;
+        }
+    }
+}
+
+pub struct VersionSnapshot {
+    pub statuses: BTreeMap<u16, u64>,
+    /// Non-cumulative counts per bucket of [`LATENCY_BUCKETS`]; the rest fell above the last.
+    pub buckets: [u64; LATENCY_BUCKETS.len()],
+    pub count: u64,
+    pub sum_micros: u64,
+    pub failures: [u64; 3],
+    pub latency: Histogram<u64>,
+}
+
+impl VersionSnapshot {
+    fn new() -> Self {
+        VersionSnapshot {
+            statuses: BTreeMap::new(),
+            buckets: [0; LATENCY_BUCKETS.len()],
+            count: 0,
+            sum_micros: 0,
+            failures: [0; 3],
+            latency: new_hdr(),
+        }
+    }
+
+    fn add(&mut self, v: &VersionCounters) {
+        add_statuses(&mut self.statuses, &v.status);
+        for (b, c) in self.buckets.iter_mut().zip(&v.buckets) {
+            *b += c.load(Relaxed);
+        }
+        self.count += v.count.load(Relaxed);
+        self.sum_micros += v.sum_micros.load(Relaxed);
+        for (f, c) in self.failures.iter_mut().zip(&v.failures) {
+            *f += c.load(Relaxed);
+        }
+        if let Ok(h) = v.hdr.lock() {
+            // Same bounds on both sides, so adding cannot fail.
+            let _ = self.latency.add(&*h);
+        }
+    }
+}
+
+#[derive(Default, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MirrorSnapshot {
+    pub requests: u64,
+    pub statuses: BTreeMap<u16, u64>,
+    /// Copies that got no response (connect error, timeout).
+    pub failed: u64,
+    /// Copies not sent because the mirror concurrency limit was reached.
+    pub dropped: u64,
+    /// Requests picked for mirroring but not copied because they carried a body.
+    pub skipped_with_body: u64,
+}
+
+pub struct Snapshot {
+    pub versions: [VersionSnapshot; 2],
+    pub mirror: MirrorSnapshot,
+}
+
+/// `/stats`: per version, counts by status, failures by kind, and a mergeable latency histogram
+/// (hdrhistogram buckets as `[microseconds, count]` pairs; equal values add across routers).
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StatsDoc {
+    pub instance: String,
+    pub started_unix_ms: u64,
+    pub generation: u64,
+    pub stable: VersionStats,
+    pub canary: VersionStats,
+    pub mirror: MirrorSnapshot,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct VersionStats {
+    pub requests: u64,
+    pub statuses: BTreeMap<u16, u64>,
+    pub failures: BTreeMap<&'static str, u64>,
+    pub latency: LatencyDoc,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LatencyDoc {
+    pub unit: &'static str,
+    pub significant_digits: u8,
+    pub sum_micros: u64,
+    pub counts: Vec<(u64, u64)>,
+}
+
+impl Snapshot {
+    pub fn stats_doc(&self, metrics: &Metrics, generation: u64) -> StatsDoc {
+        let version = |v: &VersionSnapshot| VersionStats {
+            requests: v.count,
+            statuses: v.statuses.clone(),
+            failures: UpstreamFailure::ALL
+                .iter()
+                .map(|f| (f.as_str(), v.failures[*f as usize]))
+                .collect(),
+            latency: LatencyDoc {
+                unit: "microseconds",
+                significant_digits: HDR_SIGFIG,
+                sum_micros: v.sum_micros,
+                counts: v
+                    .latency
+                    .iter_recorded()
+                    .map(|it| (v.latency.highest_equivalent(it.value_iterated_to()), it.count_at_value()))
+                    .collect(),
+            },
+        };
+        StatsDoc {
+            instance: metrics.instance.clone(),
+            started_unix_ms: metrics.started_unix_ms,
+            generation,
+            stable: version(&self.versions[0]),
+            canary: version(&self.versions[1]),
+            mirror: MirrorSnapshot {
+                requests: self.mirror.requests,
+                statuses: self.mirror.statuses.clone(),
+                failed: self.mirror.failed,
+                dropped: self.mirror.dropped,
+                skipped_with_body: self.mirror.skipped_with_body,
+            },
+        }
+    }
+
+    /// The Prometheus text exposition (format 0.0.4). The two seed metrics carry exactly the
+    /// labels the seed's PromQL uses; everything of the router's own is `coalmine_router_*`.
+    pub fn prometheus_text(&self, metrics: &Metrics, weight_ratio: f64, generation: u64) -> String {
+        let mut out = Exposition::default();
+        out.family("http_requests_total", "HTTP requests answered, by version and status code.", "counter");
+        for version in Version::ALL {
+            for (status, n) in &self.versions[version.index()].statuses {
+                let status = status.to_string();
+                out.sample("http_requests_total", &[("version", version.as_str()), ("status", &status)], *n);
+            }
+        }
+        out.family(
+            "http_request_duration_seconds",
+            "Time from receiving a request to receiving the upstream's response head.",
+            "histogram",
+        );
+        for version in Version::ALL {
+            let v = &self.versions[version.index()];
+            let mut cumulative = 0;
+            for (bound, n) in LATENCY_BUCKETS.iter().zip(v.buckets) {
+                cumulative += n;
+                let le = bound.to_string();
+                out.sample(
+                    "http_request_duration_seconds_bucket",
+                    &[("version", version.as_str()), ("le", &le)],
+                    cumulative,
+                );
+            }
+            let labels = [("version", version.as_str())];
+            out.sample("http_request_duration_seconds_bucket", &[labels[0], ("le", "+Inf")], v.count);
+            out.sample("http_request_duration_seconds_sum", &labels, v.sum_micros as f64 / 1e6);
+            out.sample("http_request_duration_seconds_count", &labels, v.count);
+        }
+        out.family(
+            "coalmine_router_upstream_failures_total",
+            "Requests the router answered itself because the upstream failed, by kind.",
+            "counter",
+        );
+        for version in Version::ALL {
+            for f in UpstreamFailure::ALL {
+                let n = self.versions[version.index()].failures[f as usize];
+                out.sample(
+                    "coalmine_router_upstream_failures_total",
+                    &[("version", version.as_str()), ("kind", f.as_str())],
+                    n,
+                );
+            }
+        }
+        out.family("coalmine_router_mirror_requests_total", "Mirrored copies answered by the canary, by status code.", "counter");
+        for (status, n) in &self.mirror.statuses {
+            out.sample("coalmine_router_mirror_requests_total", &[("status", &status.to_string())], *n);
+        }
+        out.family("coalmine_router_mirror_failures_total", "Mirrored copies that got no response.", "counter");
+        out.sample("coalmine_router_mirror_failures_total", &[], self.mirror.failed);
+        out.family(
+            "coalmine_router_mirror_dropped_total",
+            "Requests not mirrored, by reason: the concurrency limit was reached, or they had a body.",
+            "counter",
+        );
+        out.sample("coalmine_router_mirror_dropped_total", &[("reason", "concurrency")], self.mirror.dropped);
+        out.sample("coalmine_router_mirror_dropped_total", &[("reason", "body")], self.mirror.skipped_with_body);
+        out.family("coalmine_router_canary_weight_ratio", "Share of unmatched traffic sent to the canary (0 to 1).", "gauge");
+        out.sample("coalmine_router_canary_weight_ratio", &[], weight_ratio);
+        out.family("coalmine_router_route_generation", "Generation of the route table in force.", "gauge");
+        out.sample("coalmine_router_route_generation", &[], generation);
+        out.family("coalmine_router_route_swaps_total", "Route tables swapped in through the admin API.", "counter");
+        out.sample("coalmine_router_route_swaps_total", &[], metrics.route_swaps.load(Relaxed));
+        out.family("coalmine_router_connections_accepted_total", "Client connections accepted.", "counter");
+        out.sample("coalmine_router_connections_accepted_total", &[], metrics.connections_accepted.load(Relaxed));
+        out.family("coalmine_router_requests_in_flight", "Requests being proxied right now.", "gauge");
+        out.sample("coalmine_router_requests_in_flight", &[], metrics.in_flight.load(Relaxed));
+        out.text
+    }
+}
+
+/// Writes the Prometheus text format. Kept here rather than in prometheus-client because that
+/// crate only writes OpenMetrics, whose counter families (`# TYPE x counter` over `x_total`)
+/// Debian's promtool 2.42 rejects in `promtool check metrics`.
+#[derive(Default)]
+pub struct Exposition {
+    pub text: String,
+}
+
+impl Exposition {
+    pub fn family(&mut self, name: &str, help: &str, kind: &str) {
+        let _ = writeln!(self.text, "# HELP {name} {help}\n# TYPE {name} {kind}");
+    }
+
+    pub fn sample(&mut self, name: &str, labels: &[(&str, &str)], value: impl Into<SampleValue>) {
+        self.text.push_str(name);
+        if !labels.is_empty() {
+            self.text.push('{');
+            for (i, (k, v)) in labels.iter().enumerate() {
+                if i > 0 {
+                    self.text.push(',');
+                }
+                let _ = write!(self.text, "{k}=\"");
+                for ch in v.chars() {
+                    match ch {
+                        '\\' => self.text.push_str("\\\\"),
+                        '"' => self.text.push_str("\\\""),
+                        '\n' => self.text.push_str("\\n"),
+                        c => self.text.push(c),
+                    }
+                }
+                self.text.push('"');
+            }
+            self.text.push('}');
+        }
+        let _ = match value.into() {
+            SampleValue::Int(n) => writeln!(self.text, " {n}"),
+            SampleValue::Float(f) if f.is_nan() => writeln!(self.text, " NaN"),
+            SampleValue::Float(f) => writeln!(self.text, " {f}"),
+        };
+    }
+}
+
+pub enum SampleValue {
+    Int(i128),
+    Float(f64),
+}
+
+impl From<u64> for SampleValue {
+    fn from(v: u64) -> Self {
+        SampleValue::Int(v.into())
+    }
+}
+impl From<i64> for SampleValue {
+    fn from(v: i64) -> Self {
+        SampleValue::Int(v.into())
+    }
+}
+impl From<f64> for SampleValue {
+    fn from(v: f64) -> Self {
+        SampleValue::Float(v)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn snapshot_sums_workers_and_exposes_seed_metric_names() {
+        let m = Metrics::new("i".into(), 0);
+        let (a, b) = (m.new_recorder(), m.new_recorder());
+        a.record(Version::Stable, 200, Duration::from_millis(3));
+        b.record(Version::Stable, 200, Duration::from_millis(30));
+        b.record(Version::Canary, 502, Duration::from_micros(200));
+        b.record_failure(Version::Canary, UpstreamFailure::Connect);
+        let s = m.snapshot();
+        assert_eq!(s.versions[0].statuses[&200], 2);
+        assert_eq!(s.versions[1].failures[0], 1);
+        let text = s.prometheus_text(&m, 0.05, 3);
+        assert!(text.contains("http_requests_total{version=\"stable\",status=\"200\"} 2\n"));
+        assert!(text.contains("http_requests_total{version=\"canary\",status=\"502\"} 1\n"));
+        assert!(text.contains("http_request_duration_seconds_bucket{version=\"stable\",le=\"0.005\"} 1\n"));
+        assert!(text.contains("http_request_duration_seconds_bucket{version=\"stable\",le=\"0.05\"} 2\n"));
+        assert!(text.contains("http_request_duration_seconds_count{version=\"canary\"} 1\n"));
+        let doc = s.stats_doc(&m, 3);
+        assert_eq!(doc.stable.requests, 2);
+        assert_eq!(doc.stable.latency.counts.iter().map(|c| c.1).sum::<u64>(), 2);
+        let max = doc.stable.latency.counts.iter().map(|c| c.0).max().unwrap();
+        assert!((29_700..=30_300).contains(&max), "{max}");
+    }
+}

@@ -1,0 +1,247 @@
+//! The routing decision: a pure function of the route table and the request's parts.
+//!
+//! Architecture invariant: nothing here does IO, reads the clock or draws random numbers; the
+//! caller passes the randomness in, so tests can replay any decision.
+
+use http::HeaderMap;
+use serde::Serialize;
+use xxhash_rust::xxh3::xxh3_64_with_seed;
+
+use crate::table::{RouteTable, StickyKey, Subject};
+
+/// Sticky keys hash into this many buckets; a weight in basis points is a bucket threshold.
+pub const BUCKETS: u64 = 10_000;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Version {
+    Stable,
+    Canary,
+}
+
+impl Version {
+    pub const ALL: [Version; 2] = [Version::Stable, Version::Canary];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Version::Stable => "stable",
+            Version::Canary => "canary",
+        }
+    }
+
+    pub fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// Why a request went where it went; the order is the order rules are tried.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reason {
+    NoCanary,
+    Match,
+    Affinity,
+    Sticky,
+    Random,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Decision {
+    pub version: Version,
+    pub reason: Reason,
+    /// Also send a copy of this (stable-bound) request to the canary.
+    pub mirror: bool,
+    /// Answer with the affinity cookie, pinning this user to the canary.
+    pub set_affinity: bool,
+}
+
+/// What the decision reads of a request.
+pub struct RequestView<'a> {
+    pub headers: &'a HeaderMap,
+    pub query: Option<&'a str>,
+}
+
+/// Decides where one request goes. `random` is a uniformly random 64-bit value for this request.
+pub fn route(table: &RouteTable, req: &RequestView<'_>, random: u64) -> Decision {
+    let doc = &table.doc;
+    let stable = |reason, mirror| Decision {
+        version: Version::Stable,
+        reason,
+        mirror,
+        set_affinity: false,
+    };
+    if doc.canary.is_none() {
+        return stable(Reason::NoCanary, false);
+    }
+    let canary = |reason, set_affinity| Decision {
+        version: Version::Canary,
+        reason,
+        mirror: false,
+        set_affinity,
+    };
+    if doc.matches.iter().any(|rule| rule.all.iter().all(|c| condition_holds(c, req))) {
+        return canary(Reason::Match, false);
+    }
+    let weight = u64::from(doc.canary_weight.basis_points());
+    if let Some(aff) = &doc.affinity {
+        if weight > 0 && cookie(req.headers, &aff.cookie_name) == Some(&table.affinity_token) {
+            return canary(Reason::Affinity, false);
+        }
+    }
+    let sticky_key = doc.sticky.as_ref().and_then(|k| match k {
+        StickyKey::Header(name) => req.headers.get(name).map(|v| v.as_bytes()),
+        StickyKey::Cookie(name) => cookie(req.headers, name).map(str::as_bytes),
+    });
+    let (bucket, reason) = match sticky_key {
+        Some(key) => (sticky_bucket(key, table.salt), Reason::Sticky),
+        None => ((random & 0xffff_ffff) % BUCKETS, Reason::Random),
+    };
+    if bucket < weight {
+        return canary(reason, doc.affinity.is_some());
+    }
+    // Mirroring draws from the high half of `random`, independent of the split above.
+    let mirror = (random >> 32) % BUCKETS < u64::from(doc.mirror.basis_points());
+    stable(reason, mirror)
+}
+
+/// The bucket of a sticky key: fixed for a key and salt, so raising the weight only ever adds
+/// buckets to the canary (users move stable → canary) and lowering only removes them.
+pub fn sticky_bucket(key: &[u8], salt: u64) -> u64 {
+    xxh3_64_with_seed(key, salt) % BUCKETS
+}
+
+fn condition_holds(c: &crate::table::Condition, req: &RequestView<'_>) -> bool {
+    match &c.subject {
+        Subject::Header(name) => req
+            .headers
+            .get_all(name)
+            .iter()
+            .any(|v| v.to_str().is_ok_and(|s| c.test.matches(s))),
+        Subject::Cookie(name) => cookie(req.headers, name).is_some_and(|v| c.test.matches(v)),
+        Subject::Query(name) => req.query.is_some_and(|q| {
+            url::form_urlencoded::parse(q.as_bytes())
+                .any(|(k, v)| k == name.as_str() && c.test.matches(&v))
+        }),
+    }
+}
+
+/// The value of a cookie, from any `Cookie` header (HTTP/2 clients may send several).
+pub fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers
+        .get_all(http::header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .find_map(|pair| {
+            let (k, v) = pair.trim().split_once('=')?;
+            (k == name).then_some(v.trim_matches('"'))
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::table::{RoutesDoc, Weight};
+
+    fn table(extra: serde_json::Value) -> RouteTable {
+        let mut doc = serde_json::json!({
+            "stable": "http://127.0.0.1:1", "canary": "http://127.0.0.1:2", "canaryWeight": 5
+        });
+        for (k, v) in extra.as_object().unwrap() {
+            doc[k] = v.clone();
+        }
+        RouteTable::new(serde_json::from_value::<RoutesDoc>(doc).unwrap(), 1)
+    }
+
+    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(
+                http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                v.parse().unwrap(),
+            );
+        }
+        h
+    }
+
+    fn go(t: &RouteTable, h: &HeaderMap, q: Option<&str>, random: u64) -> Decision {
+        route(t, &RequestView { headers: h, query: q }, random)
+    }
+
+    #[test]
+    fn no_canary_means_stable() {
+        let t = table(serde_json::json!({"canary": null, "canaryWeight": 100}));
+        assert_eq!(go(&t, &HeaderMap::new(), None, 0).reason, Reason::NoCanary);
+    }
+
+    #[test]
+    fn random_split_uses_the_low_bits_against_the_weight() {
+        let t = table(serde_json::json!({}));
+        assert_eq!(go(&t, &HeaderMap::new(), None, 499).version, Version::Canary);
+        assert_eq!(go(&t, &HeaderMap::new(), None, 500).version, Version::Stable);
+    }
+
+    #[test]
+    fn matches_win_over_weight_zero() {
+        let t = table(serde_json::json!({"canaryWeight": 0, "match": [
+            "x-canary=true", "user-id~^(1|2|3|4|5)$", "cookie:canary=always", "query:beta=on"]}));
+        let canary = |h: &[(&str, &str)], q| go(&t, &headers(h), q, 0).version == Version::Canary;
+        assert!(canary(&[("x-canary", "true")], None));
+        assert!(!canary(&[("x-canary", "false")], None));
+        assert!(canary(&[("user-id", "3")], None));
+        assert!(!canary(&[("user-id", "6")], None));
+        assert!(canary(&[("cookie", "a=b; canary=always")], None));
+        assert!(canary(&[], Some("x=1&beta=on")));
+        assert!(!canary(&[], Some("beta=off")));
+    }
+
+    #[test]
+    fn and_rules_need_every_condition() {
+        let t = table(serde_json::json!({"canaryWeight": 0, "match": [{"all": [
+            {"header": "a", "exact": "1"}, {"header": "b", "prefix": "x"}]}]}));
+        let v = |h: &[(&str, &str)]| go(&t, &headers(h), None, 0).version;
+        assert_eq!(v(&[("a", "1"), ("b", "xy")]), Version::Canary);
+        assert_eq!(v(&[("a", "1")]), Version::Stable);
+    }
+
+    #[test]
+    fn sticky_keys_move_only_stable_to_canary_as_weight_rises() {
+        let mut t = table(serde_json::json!({"sticky": {"header": "user-id"}}));
+        let mut previous = vec![false; 2000];
+        for weight in [0.0, 1.0, 5.0, 10.0, 25.0, 50.0, 99.99, 100.0] {
+            t.doc.canary_weight = Weight::from_percent(weight).unwrap();
+            let mut on_canary = 0;
+            for (user, was) in previous.iter_mut().enumerate() {
+                let h = headers(&[("user-id", &user.to_string())]);
+                // Randomness must not matter for a sticky user.
+                let d = go(&t, &h, None, user as u64 * 7919);
+                let now = d.version == Version::Canary;
+                assert!(!*was || now, "user {user} left the canary when weight rose to {weight}");
+                *was = now;
+                on_canary += usize::from(now);
+            }
+            let expected = 2000.0 * weight / 100.0;
+            assert!((on_canary as f64 - expected).abs() <= 4.0 * expected.max(1.0).sqrt() + 1.0);
+        }
+    }
+
+    #[test]
+    fn affinity_pins_canary_users_and_is_offered_on_weighted_canary_hits() {
+        let t = table(serde_json::json!({"affinity": {"cookieName": "flagger-cookie"}}));
+        let d = go(&t, &HeaderMap::new(), None, 1);
+        assert_eq!((d.version, d.set_affinity), (Version::Canary, true));
+        let pinned = headers(&[("cookie", &format!("flagger-cookie={}", t.affinity_token))]);
+        assert_eq!(go(&t, &pinned, None, 9999).reason, Reason::Affinity);
+        let stale = headers(&[("cookie", "flagger-cookie=0000")]);
+        assert_eq!(go(&t, &stale, None, 9999).version, Version::Stable);
+    }
+
+    #[test]
+    fn mirror_only_copies_stable_requests() {
+        let t = table(serde_json::json!({"mirror": 100}));
+        assert!(go(&t, &HeaderMap::new(), None, 9000).mirror);
+        assert!(!go(&t, &HeaderMap::new(), None, 1).mirror); // went to canary itself
+        let t = table(serde_json::json!({"mirror": 50}));
+        assert!(go(&t, &HeaderMap::new(), None, (4999u64 << 32) | 9000).mirror);
+        assert!(!go(&t, &HeaderMap::new(), None, (5000u64 << 32) | 9000).mirror);
+    }
+}

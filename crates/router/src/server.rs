@@ -1,0 +1,252 @@
+//! Sockets and threads: N worker threads, each a single-threaded runtime with its own listening
+//! socket on the same port (SO_REUSEPORT, the kernel spreads connections), plus one admin thread.
+
+use std::io;
+use std::net::{SocketAddr, TcpListener as StdListener};
+use std::path::PathBuf;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use arc_swap::ArcSwap;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use socket2::{Domain, Protocol, Socket, Type};
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+
+use crate::admin;
+use crate::proxy::{handle, ClientInfo, ProxyOptions, Shared, Worker};
+use crate::recorder::Metrics;
+use crate::table::{RouteTable, RoutesDoc};
+
+/// Everything `coalmine proxy` needs to run.
+#[derive(Clone, Debug)]
+pub struct RouterConfig {
+    pub listen: SocketAddr,
+    pub admin: SocketAddr,
+    pub threads: usize,
+    pub routes: RoutesDoc,
+    pub tls: Option<TlsFiles>,
+    pub proxy: ProxyOptions,
+    /// Time a client has to send a complete request head.
+    pub header_read_timeout: Duration,
+    /// Largest request head accepted (HTTP/1.1 answers 431 beyond it).
+    pub max_header_bytes: usize,
+    /// How long SIGTERM waits for in-flight requests before closing their connections.
+    pub drain_timeout: Duration,
+}
+
+#[derive(Clone, Debug)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot listen on {addr}: {source}")]
+    Bind { addr: SocketAddr, source: io::Error },
+    #[error("TLS: {0}")]
+    Tls(String),
+    #[error("cannot start a thread: {0}")]
+    Thread(io::Error),
+}
+
+/// A running router.
+pub struct RouterHandle {
+    pub listen: SocketAddr,
+    pub admin: SocketAddr,
+    pub shared: Arc<Shared>,
+    stop: watch::Sender<bool>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl RouterHandle {
+    /// Stops accepting, lets in-flight requests finish (up to the drain timeout) and returns
+    /// when every thread has ended.
+    pub fn shutdown(self) {
+        let _ = self.stop.send(true);
+        for t in self.threads {
+            let _ = t.join();
+        }
+    }
+
+    /// The current route table.
+    pub fn table(&self) -> Arc<RouteTable> {
+        self.shared.table.load_full()
+    }
+}
+
+fn bind(addr: SocketAddr, reuse_port: bool) -> io::Result<StdListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    if reuse_port {
+        socket.set_reuse_port(true)?;
+    }
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(4096)?;
+    Ok(socket.into())
+}
+
+fn tls_acceptor(files: &TlsFiles) -> Result<tokio_rustls::TlsAcceptor, StartError> {
+    let read = |p: &PathBuf| {
+        std::fs::read(p).map_err(|e| StartError::Tls(format!("{}: {e}", p.display())))
+    };
+    let cert_pem = read(&files.cert)?;
+    let key_pem = read(&files.key)?;
+    let certs = rustls_pemfile::certs(&mut cert_pem.as_slice())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| StartError::Tls(format!("{}: {e}", files.cert.display())))?;
+    if certs.is_empty() {
+        return Err(StartError::Tls(format!("{}: no certificate found", files.cert.display())));
+    }
+    let key = rustls_pemfile::private_key(&mut key_pem.as_slice())
+        .map_err(|e| StartError::Tls(format!("{}: {e}", files.key.display())))?
+        .ok_or_else(|| StartError::Tls(format!("{}: no private key found", files.key.display())))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| StartError::Tls(e.to_string()))?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .map_err(|e| StartError::Tls(e.to_string()))?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
+}
+
+/// Binds every socket, then starts the threads. Binding first means a port conflict is reported
+/// before anything runs.
+pub fn start(config: RouterConfig) -> Result<RouterHandle, StartError> {
+    let threads = config.threads.max(1);
+    let first = bind(config.listen, threads > 1)
+        .map_err(|source| StartError::Bind { addr: config.listen, source })?;
+    let listen = first.local_addr().map_err(|source| StartError::Bind { addr: config.listen, source })?;
+    let mut listeners = vec![first];
+    for _ in 1..threads {
+        listeners.push(bind(listen, true).map_err(|source| StartError::Bind { addr: listen, source })?);
+    }
+    let admin_listener = bind(config.admin, false)
+        .map_err(|source| StartError::Bind { addr: config.admin, source })?;
+    let admin = admin_listener
+        .local_addr()
+        .map_err(|source| StartError::Bind { addr: config.admin, source })?;
+    let tls = config.tls.as_ref().map(tls_acceptor).transpose()?;
+
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
+    let instance = format!("{:016x}", xxhash_rust::xxh3::xxh3_64(&now.as_nanos().to_le_bytes()));
+    let shared = Arc::new(Shared {
+        table: ArcSwap::from_pointee(RouteTable::new(config.routes.clone(), 1)),
+        metrics: Arc::new(Metrics::new(instance, now.as_millis() as u64)),
+        options: config.proxy.clone(),
+    });
+    let (stop, stopped) = watch::channel(false);
+    let mut handles = Vec::new();
+    for (i, listener) in listeners.into_iter().enumerate() {
+        let worker = Worker::new(shared.clone());
+        let stopped = stopped.clone();
+        let config = config.clone();
+        let tls = tls.clone();
+        let h = std::thread::Builder::new()
+            .name(format!("coalmine-worker-{i}"))
+            .spawn(move || run_worker(listener, worker, config, tls, stopped))
+            .map_err(StartError::Thread)?;
+        handles.push(h);
+    }
+    let admin_shared = shared.clone();
+    let h = std::thread::Builder::new()
+        .name("coalmine-admin".into())
+        .spawn(move || admin::run(admin_listener, admin_shared, stopped))
+        .map_err(StartError::Thread)?;
+    handles.push(h);
+    Ok(RouterHandle { listen, admin, shared, stop, threads: handles })
+}
+
+fn run_worker(
+    listener: StdListener,
+    worker: Worker,
+    config: RouterConfig,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    mut stopped: watch::Receiver<bool>,
+) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a single-threaded tokio runtime");
+    crate::proxy::set_max_idle(config.proxy.max_idle_per_upstream);
+    rt.block_on(async move {
+        let listener = tokio::net::TcpListener::from_std(listener).expect("listener on runtime");
+        let mut builder = auto::Builder::new(TokioExecutor::new());
+        builder
+            .http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(config.header_read_timeout)
+            .max_buf_size(config.max_header_bytes.max(8192))
+            .keep_alive(true);
+        builder
+            .http2()
+            .timer(TokioTimer::new())
+            .max_header_list_size(config.max_header_bytes as u32);
+        let builder = Arc::new(builder);
+        let graceful = GracefulShutdown::new();
+        loop {
+            tokio::select! {
+                _ = stopped.changed() => break,
+                accepted = listener.accept() => {
+                    let Ok((stream, peer)) = accepted else { continue };
+                    worker.shared.metrics.connections_accepted.fetch_add(1, Relaxed);
+                    let _ = stream.set_nodelay(true);
+                    serve(stream, peer, &worker, &builder, &graceful, tls.clone(), config.header_read_timeout);
+                }
+            }
+        }
+        drop(listener);
+        let _ = tokio::time::timeout(config.drain_timeout, graceful.shutdown()).await;
+    });
+}
+
+fn serve(
+    stream: TcpStream,
+    peer: SocketAddr,
+    worker: &Worker,
+    builder: &Arc<auto::Builder<TokioExecutor>>,
+    graceful: &GracefulShutdown,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    handshake_timeout: Duration,
+) {
+    let worker = worker.clone();
+    let builder = builder.clone();
+    match tls {
+        None => {
+            let client = ClientInfo { peer, tls: false };
+            let svc = service_fn(move |req| handle(worker.clone(), client, req));
+            let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc).into_owned();
+            let conn = graceful.watch(conn);
+            tokio::spawn(async move {
+                let _ = conn.await;
+            });
+        }
+        Some(acceptor) => {
+            // The TLS handshake runs inside the task, so a slow client never stalls accepting.
+            // Connections still handshaking when shutdown starts are simply dropped.
+            let watcher = graceful.watcher();
+            tokio::spawn(async move {
+                let Ok(Ok(tls_stream)) =
+                    tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await
+                else {
+                    return;
+                };
+                let client = ClientInfo { peer, tls: true };
+                let svc = service_fn(move |req| handle(worker.clone(), client, req));
+                let conn = builder
+                    .serve_connection_with_upgrades(TokioIo::new(tls_stream), svc)
+                    .into_owned();
+                let _ = watcher.watch(conn).await;
+            });
+        }
+    }
+}
