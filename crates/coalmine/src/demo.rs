@@ -37,8 +37,12 @@ async fn start_upstream(name: &str, error_rate: f64) -> anyhow::Result<UpstreamU
 }
 
 pub fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
-    let weight = Weight::from_percent(args.canary_weight).map_err(|e| crate::BadInput(format!("--canary-weight: {e}")))?;
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let weight = Weight::from_percent(args.canary_weight)
+        .map_err(|e| crate::BadInput(format!("--canary-weight: {e}")))?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
     rt.block_on(async move {
         let v1 = start_upstream("payment-service-v1", 0.0).await?;
         let v2 = start_upstream("payment-service-v2", 0.10).await?;

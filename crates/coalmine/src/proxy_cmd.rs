@@ -8,7 +8,9 @@ use clap::Args;
 use serde::Deserialize;
 
 use coalmine_router::table::Affinity;
-use coalmine_router::{MatchRule, ProxyOptions, RouterConfig, RoutesDoc, StickyKey, TlsFiles, UpstreamUrl, Weight};
+use coalmine_router::{
+    MatchRule, ProxyOptions, RouterConfig, RoutesDoc, StickyKey, TlsFiles, UpstreamUrl, Weight,
+};
 use coalmine_spec::{parse_duration, parse_yaml, Dur};
 
 use crate::BadInput;
@@ -73,7 +75,10 @@ pub struct ProxyArgs {
 }
 
 fn parse_weight(s: &str) -> Result<Weight, String> {
-    let pct: f64 = s.trim_end_matches('%').parse().map_err(|_| format!("{s:?} is not a number"))?;
+    let pct: f64 = s
+        .trim_end_matches('%')
+        .parse()
+        .map_err(|_| format!("{s:?} is not a number"))?;
     Weight::from_percent(pct)
 }
 
@@ -111,9 +116,9 @@ fn sticky(header: Option<String>, cookie: Option<String>) -> Result<Option<Stick
         }
         (None, Some(c)) => Ok(Some(StickyKey::Cookie(c))),
         (None, None) => Ok(None),
-        (Some(_), Some(_)) => {
-            Err(BadInput("stickyHeader and stickyCookie cannot both be set".into()))
-        }
+        (Some(_), Some(_)) => Err(BadInput(
+            "stickyHeader and stickyCookie cannot both be set".into(),
+        )),
     }
 }
 
@@ -141,25 +146,45 @@ pub fn router_config(args: ProxyArgs) -> Result<RouterConfig, BadInput> {
         routes.name = name;
     }
     routes.canary = args.canary.or(file.canary);
-    routes.canary_weight = args.canary_weight.or(file.canary_weight).unwrap_or(Weight::ZERO);
-    routes.matches = if args.matches.is_empty() { file.matches } else { args.matches };
+    routes.canary_weight = args
+        .canary_weight
+        .or(file.canary_weight)
+        .unwrap_or(Weight::ZERO);
+    routes.matches = if args.matches.is_empty() {
+        file.matches
+    } else {
+        args.matches
+    };
     routes.sticky = sticky(sh, sc)?;
     routes.affinity = args
         .affinity_cookie
         .or(file.affinity_cookie)
-        .map(|cookie_name| Affinity { cookie_name, max_age: 86_400 });
+        .map(|cookie_name| Affinity {
+            cookie_name,
+            max_age: 86_400,
+        });
     routes.mirror = args.mirror.or(file.mirror).unwrap_or(Weight::ZERO);
-    let tls = match (args.tls_cert.or(file.tls_cert), args.tls_key.or(file.tls_key)) {
+    let tls = match (
+        args.tls_cert.or(file.tls_cert),
+        args.tls_key.or(file.tls_key),
+    ) {
         (Some(cert), Some(key)) => Some(TlsFiles { cert, key }),
         (None, None) => None,
         _ => return Err(BadInput("tlsCert and tlsKey go together".into())),
     };
     let dur = |flag: Option<Duration>, file: Option<Dur>, default: u64| {
-        flag.or(file.map(|d| d.0)).unwrap_or(Duration::from_secs(default))
+        flag.or(file.map(|d| d.0))
+            .unwrap_or(Duration::from_secs(default))
     };
     Ok(RouterConfig {
-        listen: args.listen.or(file.listen).unwrap_or_else(|| "0.0.0.0:8080".parse().unwrap()),
-        admin: args.admin.or(file.admin).unwrap_or_else(|| "127.0.0.1:9901".parse().unwrap()),
+        listen: args
+            .listen
+            .or(file.listen)
+            .unwrap_or_else(|| "0.0.0.0:8080".parse().unwrap()),
+        admin: args
+            .admin
+            .or(file.admin)
+            .unwrap_or_else(|| "127.0.0.1:9901".parse().unwrap()),
         threads: usize::from(args.threads.or(file.threads).unwrap_or(1)),
         routes,
         tls,

@@ -51,7 +51,10 @@ pub struct Upstream {
 
 impl Upstream {
     pub fn new(args: UpstreamArgs) -> Arc<Self> {
-        Arc::new(Upstream { args, draws: AtomicU64::new(0) })
+        Arc::new(Upstream {
+            args,
+            draws: AtomicU64::new(0),
+        })
     }
 
     /// Deterministic per request number: the n-th request fails or not whatever the timing.
@@ -64,7 +67,10 @@ impl Upstream {
         (h as f64 / u64::MAX as f64) < self.args.error_rate
     }
 
-    async fn answer(self: Arc<Self>, req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
+    async fn answer(
+        self: Arc<Self>,
+        req: Request<Incoming>,
+    ) -> Result<Response<Full<Bytes>>, Infallible> {
         if !self.args.latency.is_zero() {
             tokio::time::sleep(self.args.latency).await;
         }
@@ -81,7 +87,10 @@ impl Upstream {
         }
         if let Some(code) = path.strip_prefix("/status/") {
             let status = code.parse().ok().and_then(|c| StatusCode::from_u16(c).ok());
-            return Ok(reply(status.unwrap_or(StatusCode::BAD_REQUEST), format!("{}\n", self.args.name)));
+            return Ok(reply(
+                status.unwrap_or(StatusCode::BAD_REQUEST),
+                format!("{}\n", self.args.name),
+            ));
         }
         if let Some(ms) = path.strip_prefix("/sleep/") {
             tokio::time::sleep(Duration::from_millis(ms.parse().unwrap_or(0))).await;
@@ -93,7 +102,11 @@ impl Upstream {
         }
         if path == "/echo" {
             let (parts, body) = req.into_parts();
-            let received = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+            let received = body
+                .collect()
+                .await
+                .map(|b| b.to_bytes())
+                .unwrap_or_default();
             let headers: serde_json::Map<String, serde_json::Value> = parts
                 .headers
                 .iter()
@@ -113,7 +126,10 @@ impl Upstream {
         // Drain what the client sent before answering, as a real service would.
         let _ = req.into_body().collect().await;
         if self.fails() {
-            return Ok(reply(StatusCode::INTERNAL_SERVER_ERROR, format!("{} failed\n", self.args.name)));
+            return Ok(reply(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("{} failed\n", self.args.name),
+            ));
         }
         Ok(reply(StatusCode::OK, format!("{}\n", self.args.name)))
     }
@@ -123,7 +139,9 @@ impl Upstream {
 pub async fn serve(listener: tokio::net::TcpListener, upstream: Arc<Upstream>) {
     let builder = Arc::new(auto::Builder::new(TokioExecutor::new()));
     loop {
-        let Ok((stream, _)) = listener.accept().await else { continue };
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
         let _ = stream.set_nodelay(true);
         let upstream = upstream.clone();
         let builder = builder.clone();
@@ -135,10 +153,17 @@ pub async fn serve(listener: tokio::net::TcpListener, upstream: Arc<Upstream>) {
 }
 
 pub fn run(args: UpstreamArgs) -> anyhow::Result<()> {
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
     rt.block_on(async move {
         let listener = tokio::net::TcpListener::bind(args.listen).await?;
-        println!("coalmine upstream: listen={} name={}", listener.local_addr()?, args.name);
+        println!(
+            "coalmine upstream: listen={} name={}",
+            listener.local_addr()?,
+            args.name
+        );
         let server = tokio::spawn(serve(listener, Upstream::new(args)));
         crate::termination().await;
         server.abort();

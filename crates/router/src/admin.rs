@@ -30,7 +30,10 @@ pub(crate) fn run(listener: StdListener, shared: Arc<Shared>, mut stopped: watch
         .expect("a single-threaded tokio runtime");
     rt.block_on(async move {
         let listener = tokio::net::TcpListener::from_std(listener).expect("admin listener");
-        let app = router(Admin { shared, writer: Arc::new(Mutex::new(())) });
+        let app = router(Admin {
+            shared,
+            writer: Arc::new(Mutex::new(())),
+        });
         let _ = axum::serve(listener, app)
             .with_graceful_shutdown(async move {
                 let _ = stopped.changed().await;
@@ -53,7 +56,11 @@ async fn get_routes(State(a): State<Admin>) -> Json<serde_json::Value> {
 }
 
 fn bad_request(message: String) -> Response {
-    (StatusCode::BAD_REQUEST, Json(serde_json::json!({ "error": message }))).into_response()
+    (
+        StatusCode::BAD_REQUEST,
+        Json(serde_json::json!({ "error": message })),
+    )
+        .into_response()
 }
 
 /// Takes a whole or partial route document; omitted fields keep their values. The new table is
@@ -83,9 +90,24 @@ async fn put_routes(State(a): State<Admin>, body: Bytes) -> Response {
 
 async fn metrics(State(a): State<Admin>) -> Response {
     let table = a.shared.table.load();
-    let weight = if table.doc.canary.is_some() { table.doc.canary_weight.percent() / 100.0 } else { 0.0 };
-    let text = a.shared.metrics.snapshot().prometheus_text(&a.shared.metrics, weight, table.generation);
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text).into_response()
+    let weight = if table.doc.canary.is_some() {
+        table.doc.canary_weight.percent() / 100.0
+    } else {
+        0.0
+    };
+    let text =
+        a.shared
+            .metrics
+            .snapshot()
+            .prometheus_text(&a.shared.metrics, weight, table.generation);
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        text,
+    )
+        .into_response()
 }
 
 async fn stats(State(a): State<Admin>) -> Response {

@@ -7,6 +7,7 @@
 //! - [`server`]: sockets, worker threads, TLS, graceful shutdown; [`admin`] API.
 
 mod admin;
+mod framing;
 pub mod proxy;
 pub mod recorder;
 pub mod route;

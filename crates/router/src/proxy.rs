@@ -68,15 +68,21 @@ impl Worker {
     pub fn new(shared: Arc<Shared>) -> Self {
         let recorder = shared.metrics.new_recorder();
         let mirror_slots = Arc::new(Semaphore::new(shared.options.mirror_concurrency));
-        Worker { shared, recorder, mirror_slots }
+        Worker {
+            shared,
+            recorder,
+            mirror_slots,
+        }
     }
 }
 
 /// Per-connection facts the proxy adds to forwarded requests.
-#[derive(Clone, Copy)]
+#[derive(Clone)]
 pub struct ClientInfo {
     pub peer: SocketAddr,
     pub tls: bool,
+    /// What the raw request head carried (see [`crate::framing`]).
+    pub head: crate::framing::HeadFlags,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -118,7 +124,10 @@ impl Body for UpstreamBody {
 /// The body sent to the client: the upstream's, streamed, holding its pooled connection until
 /// the last byte so the connection goes back to the pool only when it is free again.
 pub enum ClientBody {
-    Upstream { body: Incoming, conn: Option<PooledConn> },
+    Upstream {
+        body: Incoming,
+        conn: Option<PooledConn>,
+    },
     Full(Option<Bytes>),
 }
 
@@ -303,7 +312,10 @@ async fn exchange(
     loop {
         let (mut sender, fresh) = match checkout(upstream.id()) {
             Some(s) => (s, false),
-            None => (connect(upstream, options.connect_timeout, false).await?, true),
+            None => (
+                connect(upstream, options.connect_timeout, false).await?,
+                true,
+            ),
         };
         if sender.ready().await.is_err() {
             if fresh {
@@ -315,7 +327,15 @@ async fn exchange(
             continue;
         }
         match sender.try_send_request(req).await {
-            Ok(resp) => return Ok((resp, PooledConn { upstream: upstream.id(), sender })),
+            Ok(resp) => {
+                return Ok((
+                    resp,
+                    PooledConn {
+                        upstream: upstream.id(),
+                        sender,
+                    },
+                ))
+            }
             Err(mut e) => match e.take_message() {
                 Some(unsent) if !fresh => req = unsent,
                 _ => {
@@ -368,18 +388,27 @@ fn is_upgrade(req: &Request<Incoming>) -> bool {
             .get_all(header::CONNECTION)
             .iter()
             .filter_map(|v| v.to_str().ok())
-            .any(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("upgrade")))
+            .any(|v| {
+                v.split(',')
+                    .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+            })
 }
 
 /// Turns the client's request into the upstream's: origin-form URI, HTTP/1.1, Host kept (an
 /// HTTP/2 client's `:authority` becomes Host), hop-by-hop headers dropped, the client appended
 /// to `x-forwarded-for`.
-fn upstream_parts(parts: &mut http::request::Parts, client: ClientInfo, upgrade: bool) {
-    let upgrade_header = if upgrade { parts.headers.get(header::UPGRADE).cloned() } else { None };
+fn upstream_parts(parts: &mut http::request::Parts, client: &ClientInfo, upgrade: bool) {
+    let upgrade_header = if upgrade {
+        parts.headers.get(header::UPGRADE).cloned()
+    } else {
+        None
+    };
     strip_hop_by_hop(&mut parts.headers);
     if let Some(u) = upgrade_header {
         parts.headers.insert(header::UPGRADE, u);
-        parts.headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        parts
+            .headers
+            .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
     }
     if !parts.headers.contains_key(header::HOST) {
         if let Some(authority) = parts.uri.authority() {
@@ -388,7 +417,11 @@ fn upstream_parts(parts: &mut http::request::Parts, client: ClientInfo, upgrade:
             }
         }
     }
-    let path = parts.uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+    let path = parts
+        .uri
+        .path_and_query()
+        .map(|p| p.as_str())
+        .unwrap_or("/");
     if parts.uri.scheme().is_some() || parts.uri.authority().is_some() {
         if let Ok(uri) = Uri::try_from(path) {
             parts.uri = uri;
@@ -396,7 +429,11 @@ fn upstream_parts(parts: &mut http::request::Parts, client: ClientInfo, upgrade:
     }
     parts.version = HttpVersion::HTTP_11;
     let ip = client.peer.ip().to_string();
-    let xff = match parts.headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()) {
+    let xff = match parts
+        .headers
+        .get("x-forwarded-for")
+        .and_then(|v| v.to_str().ok())
+    {
         Some(prev) => format!("{prev}, {ip}"),
         None => ip,
     };
@@ -405,27 +442,34 @@ fn upstream_parts(parts: &mut http::request::Parts, client: ClientInfo, upgrade:
     }
     if !parts.headers.contains_key("x-forwarded-proto") {
         let proto = if client.tls { "https" } else { "http" };
-        parts.headers.insert("x-forwarded-proto", HeaderValue::from_static(proto));
+        parts
+            .headers
+            .insert("x-forwarded-proto", HeaderValue::from_static(proto));
     }
 }
 
 fn error_response(status: StatusCode, text: &str, close: bool) -> Response<ClientBody> {
     let mut resp = Response::new(ClientBody::text(format!("{text}\n")));
     *resp.status_mut() = status;
-    resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    resp.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
     if close {
-        resp.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+        resp.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
     resp
 }
 
 /// Requests whose framing is ambiguous are refused, never guessed at (request smuggling).
-fn framing_error(req: &Request<Incoming>) -> Option<&'static str> {
+fn framing_error(req: &Request<Incoming>, client: &ClientInfo) -> Option<&'static str> {
+    let both_in_head = client.head.take_both_framing_headers();
     if req.version() >= HttpVersion::HTTP_2 {
         return None;
     }
     let h = req.headers();
-    if h.contains_key(header::TRANSFER_ENCODING) && h.contains_key(header::CONTENT_LENGTH) {
+    if (both_in_head && h.contains_key(header::TRANSFER_ENCODING))
+        || (h.contains_key(header::TRANSFER_ENCODING) && h.contains_key(header::CONTENT_LENGTH))
+    {
         return Some("both Transfer-Encoding and Content-Length");
     }
     let lengths: Vec<&HeaderValue> = h.get_all(header::CONTENT_LENGTH).iter().collect();
@@ -464,31 +508,50 @@ pub async fn handle(
     let started = Instant::now();
     let shared = &*worker.shared;
     let _in_flight = InFlight::enter(&shared.metrics);
-    if let Some(why) = framing_error(&req) {
+    if let Some(why) = framing_error(&req, &client) {
         return Ok(error_response(StatusCode::BAD_REQUEST, why, true));
     }
     let (decision, target, affinity_cookie) = {
         let table = shared.table.load();
-        let view = RequestView { headers: req.headers(), query: req.uri().query() };
+        let view = RequestView {
+            headers: req.headers(),
+            query: req.uri().query(),
+        };
         let decision = route(&table, &view, next_random());
         let target = match decision.version {
             Version::Stable => table.doc.stable.clone(),
-            Version::Canary => table.doc.canary.clone().expect("route() picks canary only if set"),
+            Version::Canary => table
+                .doc
+                .canary
+                .clone()
+                .expect("route() picks canary only if set"),
         };
-        let cookie = if decision.set_affinity { affinity_set_cookie(&table) } else { None };
-        let mirror_to = if decision.mirror { table.doc.canary.clone() } else { None };
+        let cookie = if decision.set_affinity {
+            affinity_set_cookie(&table)
+        } else {
+            None
+        };
+        let mirror_to = if decision.mirror {
+            table.doc.canary.clone()
+        } else {
+            None
+        };
         if let Some(canary) = mirror_to {
-            mirror(&worker, &req, client, canary);
+            mirror(&worker, &req, &client, canary);
         }
         (decision, target, cookie)
     };
     let upgrade = is_upgrade(&req);
     if upgrade {
-        return Ok(proxy_upgrade(&worker, client, req, decision, &target, started).await);
+        return Ok(proxy_upgrade(&worker, &client, req, decision, &target, started).await);
     }
     let (mut parts, body) = req.into_parts();
-    upstream_parts(&mut parts, client, false);
-    let body = if body.is_end_stream() { UpstreamBody::Empty } else { UpstreamBody::Client(body) };
+    upstream_parts(&mut parts, &client, false);
+    let body = if body.is_end_stream() {
+        UpstreamBody::Empty
+    } else {
+        UpstreamBody::Client(body)
+    };
     let upstream_req = Request::from_parts(parts, body);
     let result = tokio::time::timeout(
         shared.options.response_timeout,
@@ -504,14 +567,28 @@ pub async fn handle(
     match result {
         Ok((resp, conn)) => {
             let (mut parts, body) = resp.into_parts();
-            worker.recorder.record(decision.version, parts.status.as_u16(), started.elapsed());
+            worker
+                .recorder
+                .record(decision.version, parts.status.as_u16(), started.elapsed());
             strip_hop_by_hop(&mut parts.headers);
             if let Some(c) = affinity_cookie {
                 parts.headers.append(header::SET_COOKIE, c);
             }
-            Ok(Response::from_parts(parts, ClientBody::Upstream { body, conn: Some(conn) }))
+            Ok(Response::from_parts(
+                parts,
+                ClientBody::Upstream {
+                    body,
+                    conn: Some(conn),
+                },
+            ))
         }
-        Err(e) => Ok(upstream_failed(&worker, decision.version, &target, e, started)),
+        Err(e) => Ok(upstream_failed(
+            &worker,
+            decision.version,
+            &target,
+            e,
+            started,
+        )),
     }
 }
 
@@ -523,10 +600,16 @@ fn upstream_failed(
     started: Instant,
 ) -> Response<ClientBody> {
     let status = e.status();
-    worker.recorder.record(version, status.as_u16(), started.elapsed());
+    worker
+        .recorder
+        .record(version, status.as_u16(), started.elapsed());
     worker.recorder.record_failure(version, e.failure);
     tracing::debug!(version = version.as_str(), upstream = %target, "upstream failed: {}", e.detail);
-    error_response(status, &format!("{} upstream {target}: {}", version.as_str(), e.detail), false)
+    error_response(
+        status,
+        &format!("{} upstream {target}: {}", version.as_str(), e.detail),
+        false,
+    )
 }
 
 fn affinity_set_cookie(table: &RouteTable) -> Option<HeaderValue> {
@@ -542,7 +625,7 @@ fn affinity_set_cookie(table: &RouteTable) -> Option<HeaderValue> {
 /// two sides are spliced byte for byte until either closes.
 async fn proxy_upgrade(
     worker: &Worker,
-    client: ClientInfo,
+    client: &ClientInfo,
     mut req: Request<Incoming>,
     decision: Decision,
     target: &UpstreamUrl,
@@ -552,13 +635,20 @@ async fn proxy_upgrade(
     let client_upgrade = hyper::upgrade::on(&mut req);
     let (mut parts, body) = req.into_parts();
     upstream_parts(&mut parts, client, true);
-    let body = if body.is_end_stream() { UpstreamBody::Empty } else { UpstreamBody::Client(body) };
+    let body = if body.is_end_stream() {
+        UpstreamBody::Empty
+    } else {
+        UpstreamBody::Client(body)
+    };
     let sent = async {
         let mut sender = connect(target, options.connect_timeout, true).await?;
-        sender.send_request(Request::from_parts(parts, body)).await.map_err(|e| UpstreamError {
-            failure: UpstreamFailure::Protocol,
-            detail: e.to_string(),
-        })
+        sender
+            .send_request(Request::from_parts(parts, body))
+            .await
+            .map_err(|e| UpstreamError {
+                failure: UpstreamFailure::Protocol,
+                detail: e.to_string(),
+            })
     };
     let result = match tokio::time::timeout(options.response_timeout, sent).await {
         Ok(r) => r,
@@ -571,11 +661,15 @@ async fn proxy_upgrade(
         Ok(r) => r,
         Err(e) => return upstream_failed(worker, decision.version, target, e, started),
     };
-    worker.recorder.record(decision.version, resp.status().as_u16(), started.elapsed());
+    worker
+        .recorder
+        .record(decision.version, resp.status().as_u16(), started.elapsed());
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
         let upstream_upgrade = hyper::upgrade::on(&mut resp);
         tokio::spawn(async move {
-            let (Ok(c), Ok(u)) = (client_upgrade.await, upstream_upgrade.await) else { return };
+            let (Ok(c), Ok(u)) = (client_upgrade.await, upstream_upgrade.await) else {
+                return;
+            };
             let _ = tokio::io::copy_bidirectional(&mut TokioIo::new(c), &mut TokioIo::new(u)).await;
         });
         let (parts, _) = resp.into_parts();
@@ -589,7 +683,7 @@ async fn proxy_upgrade(
 /// Copies a stable-bound request to the canary, fire-and-forget: the user's response never waits
 /// for it, copies beyond the concurrency limit are dropped, and the answers are recorded apart.
 /// Only requests without a body are copied; a body would have to be buffered whole.
-fn mirror(worker: &Worker, req: &Request<Incoming>, client: ClientInfo, canary: UpstreamUrl) {
+fn mirror(worker: &Worker, req: &Request<Incoming>, client: &ClientInfo, canary: UpstreamUrl) {
     let metrics = &worker.shared.metrics;
     if !req.body().is_end_stream() || is_upgrade(req) {
         metrics.mirror_skipped_body.fetch_add(1, Relaxed);
@@ -606,17 +700,25 @@ fn mirror(worker: &Worker, req: &Request<Incoming>, client: ClientInfo, canary: 
     *copy.headers_mut() = req.headers().clone();
     let (mut parts, ()) = copy.into_parts();
     upstream_parts(&mut parts, client, false);
-    parts.headers.insert("x-coalmine-mirror", HeaderValue::from_static("true"));
+    parts
+        .headers
+        .insert("x-coalmine-mirror", HeaderValue::from_static("true"));
     let request = Request::from_parts(parts, UpstreamBody::Empty);
     let recorder = worker.recorder.clone();
     let options = worker.shared.options.clone();
     tokio::spawn(async move {
         let _permit = permit;
-        let sent = tokio::time::timeout(options.response_timeout, exchange(&canary, request, &options));
+        let sent = tokio::time::timeout(
+            options.response_timeout,
+            exchange(&canary, request, &options),
+        );
         match sent.await {
             Ok(Ok((resp, conn))) => {
                 recorder.record_mirror(Some(resp.status().as_u16()));
-                let body = ClientBody::Upstream { body: resp.into_body(), conn: Some(conn) };
+                let body = ClientBody::Upstream {
+                    body: resp.into_body(),
+                    conn: Some(conn),
+                };
                 let _ = http_body_util::BodyExt::collect(body).await;
             }
             _ => recorder.record_mirror(None),
@@ -650,8 +752,12 @@ mod tests {
             .body(())
             .unwrap()
             .into_parts();
-        let client = ClientInfo { peer: "127.0.0.9:5000".parse().unwrap(), tls: false };
-        upstream_parts(&mut parts, client, false);
+        let client = ClientInfo {
+            peer: "127.0.0.9:5000".parse().unwrap(),
+            tls: false,
+            head: Default::default(),
+        };
+        upstream_parts(&mut parts, &client, false);
         assert_eq!(parts.uri, "/a?b=1");
         assert_eq!(parts.version, HttpVersion::HTTP_11);
         assert_eq!(parts.headers[header::HOST], "example.com");
@@ -662,7 +768,9 @@ mod tests {
     #[test]
     fn random_values_spread_over_buckets() {
         let n = 100_000;
-        let canary = (0..n).filter(|_| (next_random() & 0xffff_ffff) % 10_000 < 500).count();
+        let canary = (0..n)
+            .filter(|_| (next_random() & 0xffff_ffff) % 10_000 < 500)
+            .count();
         // 5 % of 100,000 is 5,000 with a standard deviation of about 69.
         assert!((4_700..=5_300).contains(&canary), "{canary}");
     }

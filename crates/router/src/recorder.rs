@@ -38,8 +38,11 @@ pub enum UpstreamFailure {
 }
 
 impl UpstreamFailure {
-    const ALL: [UpstreamFailure; 3] =
-        [UpstreamFailure::Connect, UpstreamFailure::Timeout, UpstreamFailure::Protocol];
+    const ALL: [UpstreamFailure; 3] = [
+        UpstreamFailure::Connect,
+        UpstreamFailure::Timeout,
+        UpstreamFailure::Protocol,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -157,7 +160,10 @@ impl Metrics {
     /// A recorder for one worker thread.
     pub fn new_recorder(&self) -> Arc<Recorder> {
         let r = Arc::new(Recorder::new());
-        self.recorders.lock().expect("recorder list").push(r.clone());
+        self.recorders
+            .lock()
+            .expect("recorder list")
+            .push(r.clone());
         r
     }
 
@@ -292,7 +298,12 @@ impl Snapshot {
                 counts: v
                     .latency
                     .iter_recorded()
-                    .map(|it| (v.latency.highest_equivalent(it.value_iterated_to()), it.count_at_value()))
+                    .map(|it| {
+                        (
+                            v.latency.highest_equivalent(it.value_iterated_to()),
+                            it.count_at_value(),
+                        )
+                    })
                     .collect(),
             },
         };
@@ -316,11 +327,19 @@ impl Snapshot {
     /// labels the seed's PromQL uses; everything of the router's own is `coalmine_router_*`.
     pub fn prometheus_text(&self, metrics: &Metrics, weight_ratio: f64, generation: u64) -> String {
         let mut out = Exposition::default();
-        out.family("http_requests_total", "HTTP requests answered, by version and status code.", "counter");
+        out.family(
+            "http_requests_total",
+            "HTTP requests answered, by version and status code.",
+            "counter",
+        );
         for version in Version::ALL {
             for (status, n) in &self.versions[version.index()].statuses {
                 let status = status.to_string();
-                out.sample("http_requests_total", &[("version", version.as_str()), ("status", &status)], *n);
+                out.sample(
+                    "http_requests_total",
+                    &[("version", version.as_str()), ("status", &status)],
+                    *n,
+                );
             }
         }
         out.family(
@@ -341,8 +360,16 @@ impl Snapshot {
                 );
             }
             let labels = [("version", version.as_str())];
-            out.sample("http_request_duration_seconds_bucket", &[labels[0], ("le", "+Inf")], v.count);
-            out.sample("http_request_duration_seconds_sum", &labels, v.sum_micros as f64 / 1e6);
+            out.sample(
+                "http_request_duration_seconds_bucket",
+                &[labels[0], ("le", "+Inf")],
+                v.count,
+            );
+            out.sample(
+                "http_request_duration_seconds_sum",
+                &labels,
+                v.sum_micros as f64 / 1e6,
+            );
             out.sample("http_request_duration_seconds_count", &labels, v.count);
         }
         out.family(
@@ -360,29 +387,85 @@ impl Snapshot {
                 );
             }
         }
-        out.family("coalmine_router_mirror_requests_total", "Mirrored copies answered by the canary, by status code.", "counter");
+        out.family(
+            "coalmine_router_mirror_requests_total",
+            "Mirrored copies answered by the canary, by status code.",
+            "counter",
+        );
         for (status, n) in &self.mirror.statuses {
-            out.sample("coalmine_router_mirror_requests_total", &[("status", &status.to_string())], *n);
+            out.sample(
+                "coalmine_router_mirror_requests_total",
+                &[("status", &status.to_string())],
+                *n,
+            );
         }
-        out.family("coalmine_router_mirror_failures_total", "Mirrored copies that got no response.", "counter");
-        out.sample("coalmine_router_mirror_failures_total", &[], self.mirror.failed);
+        out.family(
+            "coalmine_router_mirror_failures_total",
+            "Mirrored copies that got no response.",
+            "counter",
+        );
+        out.sample(
+            "coalmine_router_mirror_failures_total",
+            &[],
+            self.mirror.failed,
+        );
         out.family(
             "coalmine_router_mirror_dropped_total",
             "Requests not mirrored, by reason: the concurrency limit was reached, or they had a body.",
             "counter",
         );
-        out.sample("coalmine_router_mirror_dropped_total", &[("reason", "concurrency")], self.mirror.dropped);
-        out.sample("coalmine_router_mirror_dropped_total", &[("reason", "body")], self.mirror.skipped_with_body);
-        out.family("coalmine_router_canary_weight_ratio", "Share of unmatched traffic sent to the canary (0 to 1).", "gauge");
+        out.sample(
+            "coalmine_router_mirror_dropped_total",
+            &[("reason", "concurrency")],
+            self.mirror.dropped,
+        );
+        out.sample(
+            "coalmine_router_mirror_dropped_total",
+            &[("reason", "body")],
+            self.mirror.skipped_with_body,
+        );
+        out.family(
+            "coalmine_router_canary_weight_ratio",
+            "Share of unmatched traffic sent to the canary (0 to 1).",
+            "gauge",
+        );
         out.sample("coalmine_router_canary_weight_ratio", &[], weight_ratio);
-        out.family("coalmine_router_route_generation", "Generation of the route table in force.", "gauge");
+        out.family(
+            "coalmine_router_route_generation",
+            "Generation of the route table in force.",
+            "gauge",
+        );
         out.sample("coalmine_router_route_generation", &[], generation);
-        out.family("coalmine_router_route_swaps_total", "Route tables swapped in through the admin API.", "counter");
-        out.sample("coalmine_router_route_swaps_total", &[], metrics.route_swaps.load(Relaxed));
-        out.family("coalmine_router_connections_accepted_total", "Client connections accepted.", "counter");
-        out.sample("coalmine_router_connections_accepted_total", &[], metrics.connections_accepted.load(Relaxed));
-        out.family("coalmine_router_requests_in_flight", "Requests being proxied right now.", "gauge");
-        out.sample("coalmine_router_requests_in_flight", &[], metrics.in_flight.load(Relaxed));
+        out.family(
+            "coalmine_router_route_swaps_total",
+            "Route tables swapped in through the admin API.",
+            "counter",
+        );
+        out.sample(
+            "coalmine_router_route_swaps_total",
+            &[],
+            metrics.route_swaps.load(Relaxed),
+        );
+        out.family(
+            "coalmine_router_connections_accepted_total",
+            "Client connections accepted.",
+            "counter",
+        );
+        out.sample(
+            "coalmine_router_connections_accepted_total",
+            &[],
+            metrics.connections_accepted.load(Relaxed),
+        );
+        out.family(
+            "coalmine_router_requests_in_flight",
+            "Requests being proxied right now.",
+            "gauge",
+        );
+        out.sample(
+            "coalmine_router_requests_in_flight",
+            &[],
+            metrics.in_flight.load(Relaxed),
+        );
         out.text
     }
 }
@@ -468,12 +551,17 @@ mod tests {
         let text = s.prometheus_text(&m, 0.05, 3);
         assert!(text.contains("http_requests_total{version=\"stable\",status=\"200\"} 2\n"));
         assert!(text.contains("http_requests_total{version=\"canary\",status=\"502\"} 1\n"));
-        assert!(text.contains("http_request_duration_seconds_bucket{version=\"stable\",le=\"0.005\"} 1\n"));
-        assert!(text.contains("http_request_duration_seconds_bucket{version=\"stable\",le=\"0.05\"} 2\n"));
+        assert!(text
+            .contains("http_request_duration_seconds_bucket{version=\"stable\",le=\"0.005\"} 1\n"));
+        assert!(text
+            .contains("http_request_duration_seconds_bucket{version=\"stable\",le=\"0.05\"} 2\n"));
         assert!(text.contains("http_request_duration_seconds_count{version=\"canary\"} 1\n"));
         let doc = s.stats_doc(&m, 3);
         assert_eq!(doc.stable.requests, 2);
-        assert_eq!(doc.stable.latency.counts.iter().map(|c| c.1).sum::<u64>(), 2);
+        assert_eq!(
+            doc.stable.latency.counts.iter().map(|c| c.1).sum::<u64>(),
+            2
+        );
         let max = doc.stable.latency.counts.iter().map(|c| c.0).max().unwrap();
         assert!((29_700..=30_300).contains(&max), "{max}");
     }

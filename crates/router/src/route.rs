@@ -78,7 +78,11 @@ pub fn route(table: &RouteTable, req: &RequestView<'_>, random: u64) -> Decision
         mirror: false,
         set_affinity,
     };
-    if doc.matches.iter().any(|rule| rule.all.iter().all(|c| condition_holds(c, req))) {
+    if doc
+        .matches
+        .iter()
+        .any(|rule| rule.all.iter().all(|c| condition_holds(c, req)))
+    {
         return canary(Reason::Match, false);
     }
     let weight = u64::from(doc.canary_weight.basis_points());
@@ -164,7 +168,14 @@ mod tests {
     }
 
     fn go(t: &RouteTable, h: &HeaderMap, q: Option<&str>, random: u64) -> Decision {
-        route(t, &RequestView { headers: h, query: q }, random)
+        route(
+            t,
+            &RequestView {
+                headers: h,
+                query: q,
+            },
+            random,
+        )
     }
 
     #[test]
@@ -176,8 +187,14 @@ mod tests {
     #[test]
     fn random_split_uses_the_low_bits_against_the_weight() {
         let t = table(serde_json::json!({}));
-        assert_eq!(go(&t, &HeaderMap::new(), None, 499).version, Version::Canary);
-        assert_eq!(go(&t, &HeaderMap::new(), None, 500).version, Version::Stable);
+        assert_eq!(
+            go(&t, &HeaderMap::new(), None, 499).version,
+            Version::Canary
+        );
+        assert_eq!(
+            go(&t, &HeaderMap::new(), None, 500).version,
+            Version::Stable
+        );
     }
 
     #[test]
@@ -215,7 +232,10 @@ mod tests {
                 // Randomness must not matter for a sticky user.
                 let d = go(&t, &h, None, user as u64 * 7919);
                 let now = d.version == Version::Canary;
-                assert!(!*was || now, "user {user} left the canary when weight rose to {weight}");
+                assert!(
+                    !*was || now,
+                    "user {user} left the canary when weight rose to {weight}"
+                );
                 *was = now;
                 on_canary += usize::from(now);
             }

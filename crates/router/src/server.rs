@@ -19,6 +19,7 @@ use tokio::net::TcpStream;
 use tokio::sync::watch;
 
 use crate::admin;
+use crate::framing::{HeadFlags, Watched};
 use crate::proxy::{handle, ClientInfo, ProxyOptions, Shared, Worker};
 use crate::recorder::Metrics;
 use crate::table::{RouteTable, RoutesDoc};
@@ -103,7 +104,10 @@ fn tls_acceptor(files: &TlsFiles) -> Result<tokio_rustls::TlsAcceptor, StartErro
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| StartError::Tls(format!("{}: {e}", files.cert.display())))?;
     if certs.is_empty() {
-        return Err(StartError::Tls(format!("{}: no certificate found", files.cert.display())));
+        return Err(StartError::Tls(format!(
+            "{}: no certificate found",
+            files.cert.display()
+        )));
     }
     let key = rustls_pemfile::private_key(&mut key_pem.as_slice())
         .map_err(|e| StartError::Tls(format!("{}: {e}", files.key.display())))?
@@ -123,22 +127,40 @@ fn tls_acceptor(files: &TlsFiles) -> Result<tokio_rustls::TlsAcceptor, StartErro
 /// before anything runs.
 pub fn start(config: RouterConfig) -> Result<RouterHandle, StartError> {
     let threads = config.threads.max(1);
-    let first = bind(config.listen, threads > 1)
-        .map_err(|source| StartError::Bind { addr: config.listen, source })?;
-    let listen = first.local_addr().map_err(|source| StartError::Bind { addr: config.listen, source })?;
+    let first = bind(config.listen, threads > 1).map_err(|source| StartError::Bind {
+        addr: config.listen,
+        source,
+    })?;
+    let listen = first.local_addr().map_err(|source| StartError::Bind {
+        addr: config.listen,
+        source,
+    })?;
     let mut listeners = vec![first];
     for _ in 1..threads {
-        listeners.push(bind(listen, true).map_err(|source| StartError::Bind { addr: listen, source })?);
+        listeners.push(bind(listen, true).map_err(|source| StartError::Bind {
+            addr: listen,
+            source,
+        })?);
     }
-    let admin_listener = bind(config.admin, false)
-        .map_err(|source| StartError::Bind { addr: config.admin, source })?;
+    let admin_listener = bind(config.admin, false).map_err(|source| StartError::Bind {
+        addr: config.admin,
+        source,
+    })?;
     let admin = admin_listener
         .local_addr()
-        .map_err(|source| StartError::Bind { addr: config.admin, source })?;
+        .map_err(|source| StartError::Bind {
+            addr: config.admin,
+            source,
+        })?;
     let tls = config.tls.as_ref().map(tls_acceptor).transpose()?;
 
-    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default();
-    let instance = format!("{:016x}", xxhash_rust::xxh3::xxh3_64(&now.as_nanos().to_le_bytes()));
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    let instance = format!(
+        "{:016x}",
+        xxhash_rust::xxh3::xxh3_64(&now.as_nanos().to_le_bytes())
+    );
     let shared = Arc::new(Shared {
         table: ArcSwap::from_pointee(RouteTable::new(config.routes.clone(), 1)),
         metrics: Arc::new(Metrics::new(instance, now.as_millis() as u64)),
@@ -163,7 +185,13 @@ pub fn start(config: RouterConfig) -> Result<RouterHandle, StartError> {
         .spawn(move || admin::run(admin_listener, admin_shared, stopped))
         .map_err(StartError::Thread)?;
     handles.push(h);
-    Ok(RouterHandle { listen, admin, shared, stop, threads: handles })
+    Ok(RouterHandle {
+        listen,
+        admin,
+        shared,
+        stop,
+        threads: handles,
+    })
 }
 
 fn run_worker(
@@ -222,9 +250,15 @@ fn serve(
     let builder = builder.clone();
     match tls {
         None => {
-            let client = ClientInfo { peer, tls: false };
-            let svc = service_fn(move |req| handle(worker.clone(), client, req));
-            let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc).into_owned();
+            let head = HeadFlags::new();
+            let client = ClientInfo {
+                peer,
+                tls: false,
+                head: head.clone(),
+            };
+            let svc = service_fn(move |req| handle(worker.clone(), client.clone(), req));
+            let io = TokioIo::new(Watched::new(stream, head));
+            let conn = builder.serve_connection_with_upgrades(io, svc).into_owned();
             let conn = graceful.watch(conn);
             tokio::spawn(async move {
                 let _ = conn.await;
@@ -240,11 +274,15 @@ fn serve(
                 else {
                     return;
                 };
-                let client = ClientInfo { peer, tls: true };
-                let svc = service_fn(move |req| handle(worker.clone(), client, req));
-                let conn = builder
-                    .serve_connection_with_upgrades(TokioIo::new(tls_stream), svc)
-                    .into_owned();
+                let head = HeadFlags::new();
+                let client = ClientInfo {
+                    peer,
+                    tls: true,
+                    head: head.clone(),
+                };
+                let svc = service_fn(move |req| handle(worker.clone(), client.clone(), req));
+                let io = TokioIo::new(Watched::new(tls_stream, head));
+                let conn = builder.serve_connection_with_upgrades(io, svc).into_owned();
                 let _ = watcher.watch(conn).await;
             });
         }

@@ -64,7 +64,9 @@ impl UpstreamUrl {
             ));
         }
         if !parsed.username().is_empty() || parsed.password().is_some() {
-            return Err(format!("{text:?}: credentials in an upstream URL are not supported"));
+            return Err(format!(
+                "{text:?}: credentials in an upstream URL are not supported"
+            ));
         }
         if parsed.path() != "/" || parsed.query().is_some() || parsed.fragment().is_some() {
             return Err(format!(
@@ -78,7 +80,12 @@ impl UpstreamUrl {
         };
         let port = parsed.port_or_known_default().unwrap_or(80);
         let url = format!("http://{}:{}", bracket_v6(&host), port);
-        Ok(UpstreamUrl { id: xxh3_64(url.as_bytes()), url, host, port })
+        Ok(UpstreamUrl {
+            id: xxh3_64(url.as_bytes()),
+            url,
+            host,
+            port,
+        })
     }
     pub fn as_str(&self) -> &str {
         &self.url
@@ -208,14 +215,17 @@ impl MatchRule {
             (_, Some(i)) if subject_kind == "header" => {
                 (&rest[..i], StrMatch::regex(&rest[i + 1..])?)
             }
-            _ => {
-                return Err(format!(
-                    "{text:?}: expected NAME=VALUE, NAME~REGEX, cookie:NAME=VALUE or query:NAME=VALUE"
-                ))
-            }
+            _ => return Err(format!(
+                "{text:?}: expected NAME=VALUE, NAME~REGEX, cookie:NAME=VALUE or query:NAME=VALUE"
+            )),
         };
-        let condition = Condition { subject: subject(subject_kind, name)?, test };
-        Ok(MatchRule { all: vec![condition] })
+        let condition = Condition {
+            subject: subject(subject_kind, name)?,
+            test,
+        };
+        Ok(MatchRule {
+            all: vec![condition],
+        })
     }
 }
 
@@ -238,9 +248,7 @@ fn subject(kind: &str, name: &str) -> Result<Subject, String> {
 #[serde(untagged)]
 enum RawRule {
     Flag(String),
-    All {
-        all: Vec<RawCondition>,
-    },
+    All { all: Vec<RawCondition> },
     One(RawCondition),
 }
 
@@ -278,7 +286,9 @@ impl TryFrom<RawCondition> for Condition {
             (None, None, Some(v), None) => StrMatch::Suffix(v),
             (None, None, None, Some(v)) => StrMatch::regex(&v)?,
             _ => {
-                return Err("a match condition has exactly one of exact, prefix, suffix, regex".into())
+                return Err(
+                    "a match condition has exactly one of exact, prefix, suffix, regex".into(),
+                )
             }
         };
         Ok(Condition { subject, test })
@@ -309,12 +319,17 @@ impl TryFrom<RawRule> for MatchRule {
     fn try_from(raw: RawRule) -> Result<Self, String> {
         match raw {
             RawRule::Flag(s) => MatchRule::parse_flag(&s),
-            RawRule::One(c) => Ok(MatchRule { all: vec![c.try_into()?] }),
+            RawRule::One(c) => Ok(MatchRule {
+                all: vec![c.try_into()?],
+            }),
             RawRule::All { all } => {
                 if all.is_empty() {
                     return Err("`all` needs at least one condition".into());
                 }
-                let all = all.into_iter().map(Condition::try_from).collect::<Result<_, _>>()?;
+                let all = all
+                    .into_iter()
+                    .map(Condition::try_from)
+                    .collect::<Result<_, _>>()?;
                 Ok(MatchRule { all })
             }
         }
@@ -326,7 +341,9 @@ impl From<MatchRule> for RawRule {
         if rule.all.len() == 1 {
             RawRule::One((&rule.all[0]).into())
         } else {
-            RawRule::All { all: rule.all.iter().map(RawCondition::from).collect() }
+            RawRule::All {
+                all: rule.all.iter().map(RawCondition::from).collect(),
+            }
         }
     }
 }
@@ -365,8 +382,14 @@ impl TryFrom<RawSticky> for StickyKey {
 impl From<StickyKey> for RawSticky {
     fn from(k: StickyKey) -> Self {
         match k {
-            StickyKey::Header(h) => RawSticky { header: Some(h.as_str().into()), cookie: None },
-            StickyKey::Cookie(c) => RawSticky { header: None, cookie: Some(c) },
+            StickyKey::Header(h) => RawSticky {
+                header: Some(h.as_str().into()),
+                cookie: None,
+            },
+            StickyKey::Cookie(c) => RawSticky {
+                header: None,
+                cookie: Some(c),
+            },
         }
     }
 }
@@ -434,7 +457,9 @@ impl RoutesDoc {
             return Err("the route document must be a JSON object".into());
         };
         let mut merged = serde_json::to_value(self).map_err(|e| e.to_string())?;
-        let target = merged.as_object_mut().expect("a RoutesDoc serializes to an object");
+        let target = merged
+            .as_object_mut()
+            .expect("a RoutesDoc serializes to an object");
         for (key, value) in fields {
             if key == "generation" {
                 continue; // read-only, echoed back by clients that PUT what they GET
@@ -474,7 +499,12 @@ impl RouteTable {
             Some(c) => format!("{:016x}", xxh3_64(c.as_str().as_bytes())),
             None => String::new(),
         };
-        RouteTable { doc, generation, salt, affinity_token }
+        RouteTable {
+            doc,
+            generation,
+            salt,
+            affinity_token,
+        }
     }
 
     /// The document plus read-only fields, as `GET /routes` shows it.
@@ -492,7 +522,10 @@ mod tests {
     #[test]
     fn flag_syntax_covers_every_match_kind() {
         let r = MatchRule::parse_flag("x-canary=true").unwrap();
-        assert_eq!(r.all[0].subject, Subject::Header(HeaderName::from_static("x-canary")));
+        assert_eq!(
+            r.all[0].subject,
+            Subject::Header(HeaderName::from_static("x-canary"))
+        );
         assert!(r.all[0].test.matches("true"));
         let r = MatchRule::parse_flag("User-Id~^(1|2|3|4|5)$").unwrap();
         assert!(r.all[0].test.matches("3") && !r.all[0].test.matches("13"));
@@ -501,7 +534,9 @@ mod tests {
         let r = MatchRule::parse_flag("query:beta=1").unwrap();
         assert_eq!(r.all[0].subject, Subject::Query("beta".into()));
         assert!(MatchRule::parse_flag("novalue").is_err());
-        assert!(MatchRule::parse_flag("x~(unclosed").unwrap_err().contains("invalid regex"));
+        assert!(MatchRule::parse_flag("x~(unclosed")
+            .unwrap_err()
+            .contains("invalid regex"));
         assert!(MatchRule::parse_flag("bad header=1").is_err());
     }
 
@@ -524,7 +559,10 @@ mod tests {
             "mirror": 10
         });
         let doc: RoutesDoc = serde_json::from_value(json).unwrap();
-        assert_eq!(doc.canary.as_ref().unwrap().as_str(), "http://localhost:9002");
+        assert_eq!(
+            doc.canary.as_ref().unwrap().as_str(),
+            "http://localhost:9002"
+        );
         assert_eq!(doc.canary_weight.basis_points(), 50);
         let back: RoutesDoc = serde_json::from_value(serde_json::to_value(&doc).unwrap()).unwrap();
         assert_eq!(back, doc);
@@ -536,16 +574,24 @@ mod tests {
             "stable": "http://127.0.0.1:1", "canary": "http://127.0.0.1:2", "canaryWeight": 5
         }))
         .unwrap();
-        let p = doc.patched(&serde_json::json!({"canaryWeight": 10})).unwrap();
+        let p = doc
+            .patched(&serde_json::json!({"canaryWeight": 10}))
+            .unwrap();
         assert_eq!(p.canary_weight.basis_points(), 1000);
         assert_eq!(p.canary, doc.canary);
         let p = doc.patched(&serde_json::json!({"canary": null})).unwrap();
         assert!(p.canary.is_none());
-        let e = doc.patched(&serde_json::json!({"canaryWeight": 101})).unwrap_err();
+        let e = doc
+            .patched(&serde_json::json!({"canaryWeight": 101}))
+            .unwrap_err();
         assert!(e.contains("canaryWeight"), "{e}");
-        let e = doc.patched(&serde_json::json!({"canaryWieght": 1})).unwrap_err();
+        let e = doc
+            .patched(&serde_json::json!({"canaryWieght": 1}))
+            .unwrap_err();
         assert!(e.contains("canaryWieght"), "{e}");
-        let e = doc.patched(&serde_json::json!({"stable": "https://x"})).unwrap_err();
+        let e = doc
+            .patched(&serde_json::json!({"stable": "https://x"}))
+            .unwrap_err();
         assert!(e.contains("stable"), "{e}");
     }
 
@@ -556,6 +602,9 @@ mod tests {
         assert!(UpstreamUrl::parse("127.0.0.1:80").is_err());
         assert!(UpstreamUrl::parse("ftp://h").is_err());
         assert!(UpstreamUrl::parse("http://h/path").is_err());
-        assert_eq!(UpstreamUrl::parse("http://[::1]:8080").unwrap().host(), "::1");
+        assert_eq!(
+            UpstreamUrl::parse("http://[::1]:8080").unwrap().host(),
+            "::1"
+        );
     }
 }

@@ -6,7 +6,9 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 /// A duration that deserializes from Go-style text (the form Flagger documents use).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
 #[serde(try_from = "String", into = "String")]
 pub struct Dur(pub Duration);
 
@@ -22,15 +24,21 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let mut total = 0f64;
     let mut rest = s;
     while !rest.is_empty() {
-        let num_len = rest.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(rest.len());
+        let num_len = rest
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .unwrap_or(rest.len());
         if num_len == 0 {
-            return Err(format!("{text:?} is not a duration (like 500ms, 30s, 1m, 1h)"));
+            return Err(format!(
+                "{text:?} is not a duration (like 500ms, 30s, 1m, 1h)"
+            ));
         }
         let value: f64 = rest[..num_len]
             .parse()
             .map_err(|_| format!("{text:?} is not a duration (like 500ms, 30s, 1m, 1h)"))?;
         rest = &rest[num_len..];
-        let unit_len = rest.find(|c: char| c.is_ascii_digit() || c == '.').unwrap_or(rest.len());
+        let unit_len = rest
+            .find(|c: char| c.is_ascii_digit() || c == '.')
+            .unwrap_or(rest.len());
         let scale = match &rest[..unit_len] {
             "ns" => 1e-9,
             "us" | "µs" => 1e-6,
@@ -38,7 +46,11 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
             "s" => 1.0,
             "m" => 60.0,
             "h" => 3600.0,
-            "" => return Err(format!("{text:?}: a unit is needed after {value} (ms, s, m, h)")),
+            "" => {
+                return Err(format!(
+                    "{text:?}: a unit is needed after {value} (ms, s, m, h)"
+                ))
+            }
             u => return Err(format!("{text:?}: unknown unit {u:?} (use ms, s, m or h)")),
         };
         total += value * scale;
@@ -58,10 +70,18 @@ fn seconds(secs: f64, text: &str) -> Result<Duration, String> {
 pub fn format_duration(d: Duration) -> String {
     let ms = d.as_millis();
     if ms == 0 {
-        return if d.is_zero() { "0s".into() } else { format!("{}us", d.as_micros()) };
+        return if d.is_zero() {
+            "0s".into()
+        } else {
+            format!("{}us", d.as_micros())
+        };
     }
-    if ms % 1000 != 0 {
-        return if ms < 1000 { format!("{ms}ms") } else { format!("{}s", d.as_secs_f64()) };
+    if !ms.is_multiple_of(1000) {
+        return if ms < 1000 {
+            format!("{ms}ms")
+        } else {
+            format!("{}s", d.as_secs_f64())
+        };
     }
     let secs = d.as_secs();
     let (h, m, s) = (secs / 3600, secs / 60 % 60, secs % 60);

@@ -39,7 +39,10 @@ pub fn parse_yaml<T: DeserializeOwned>(file: &str, text: &str) -> Result<T, Spec
         })
     });
     result.map_err(|e| {
-        let (line, column) = e.location().map(|l| (l.line(), l.column())).unwrap_or((0, 0));
+        let (line, column) = e
+            .location()
+            .map(|l| (l.line(), l.column()))
+            .unwrap_or((0, 0));
         SpecError {
             file: file.to_string(),
             line,
@@ -97,7 +100,10 @@ mod tests {
         let err = parse_yaml::<Doc>("r.yaml", "name: x\ninner:\n  weight: lots\n").unwrap_err();
         assert_eq!((err.line, err.column), (3, 11), "{err}");
         assert_eq!(err.field, "inner.weight");
-        assert!(err.to_string().starts_with("r.yaml:3:11: inner.weight: "), "{err}");
+        assert!(
+            err.to_string().starts_with("r.yaml:3:11: inner.weight: "),
+            "{err}"
+        );
     }
 
     #[test]

@@ -1,0 +1,177 @@
+//! Bad input is refused with exit code 2 and a message naming the flag or field.
+
+mod common;
+
+use std::process::Command;
+
+use common::*;
+
+fn run(args: &[&str]) -> (i32, String) {
+    let out = Command::new(BIN).args(args).output().unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.code().unwrap_or(-1), text)
+}
+
+fn write_config(name: &str, text: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("coalmine-cli-{}-{name}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("proxy.yaml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+#[test]
+fn bad_flags_exit_2_naming_the_flag() {
+    for (args, flag) in [
+        (vec!["proxy", "--stable", "not-a-url"], "--stable"),
+        (
+            vec!["proxy", "--stable", "http://a:1", "--canary", "https://b:2"],
+            "--canary",
+        ),
+        (
+            vec!["proxy", "--stable", "http://a:1", "--canary-weight", "101"],
+            "--canary-weight",
+        ),
+        (
+            vec![
+                "proxy",
+                "--stable",
+                "http://a:1",
+                "--canary-weight",
+                "0.125",
+            ],
+            "--canary-weight",
+        ),
+        (
+            vec![
+                "proxy",
+                "--stable",
+                "http://a:1",
+                "--match",
+                "user-id~^(1|2",
+            ],
+            "--match",
+        ),
+        (
+            vec!["proxy", "--stable", "http://a:1", "--match", "nothing"],
+            "--match",
+        ),
+        (
+            vec!["proxy", "--stable", "http://a:1", "--mirror", "x"],
+            "--mirror",
+        ),
+        (
+            vec!["proxy", "--stable", "http://a:1", "--threads", "0"],
+            "--threads",
+        ),
+        (
+            vec![
+                "proxy",
+                "--stable",
+                "http://a:1",
+                "--response-timeout",
+                "5 parsecs",
+            ],
+            "--response-timeout",
+        ),
+        (vec!["proxy"], "--stable"),
+    ] {
+        let (code, text) = run(&args);
+        assert_eq!(code, 2, "{args:?}: {text}");
+        assert!(text.contains(flag), "{args:?}: {text}");
+    }
+}
+
+#[test]
+fn bad_config_file_names_file_line_column_and_field() {
+    let cases = [
+        (
+            "weight",
+            "stable: http://127.0.0.1:1\ncanary: http://127.0.0.1:2\ncanaryWeight: 250\n",
+            ":3:",
+            "canaryWeight",
+        ),
+        (
+            "url",
+            "stable: http://127.0.0.1:1\ncanary: ftp://x\n",
+            ":2:",
+            "canary",
+        ),
+        (
+            "regex",
+            "stable: http://127.0.0.1:1\nmatch:\n  - header: user-id\n    regex: \"^(1|2\"\n",
+            ":3:",
+            "regex",
+        ),
+        (
+            "unknown",
+            "stable: http://127.0.0.1:1\ncanaryWieght: 5\n",
+            ":2:",
+            "canaryWieght",
+        ),
+        ("yaml", "stable: [http://127.0.0.1:1\n", ":", "proxy.yaml"),
+    ];
+    for (name, yaml, line, field) in cases {
+        let path = write_config(name, yaml);
+        let (code, text) = run(&["proxy", "--config", path.to_str().unwrap()]);
+        assert_eq!(code, 2, "{name}: {text}");
+        let expected_prefix = format!("{}{line}", path.display());
+        assert!(
+            text.contains(&expected_prefix),
+            "{name}: wanted {expected_prefix} in {text}"
+        );
+        assert!(text.contains(field), "{name}: {text}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn config_file_sets_routes_and_flags_override_it() {
+    let (s, c) = (upstream("stable", &[]), upstream("canary", &[]));
+    let path = write_config(
+        "good",
+        &format!(
+            "name: web-app\nstable: {}\ncanary: {}\ncanaryWeight: 0\nmatch:\n  - header: x-canary\n    exact: \"true\"\n  - user-id~^(1|2|3|4|5)$\nmirror: 0\nresponseTimeout: 5s\n",
+            s.url, c.url
+        ),
+    );
+    let r = router(&["--config", path.to_str().unwrap(), "--canary-weight", "0.5"]);
+    let routes: serde_json::Value = client()
+        .get(format!("{}/routes", r.admin))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(routes["name"], "web-app");
+    assert_eq!(routes["canaryWeight"], 0.5, "the flag overrides the file");
+    assert_eq!(routes["match"].as_array().unwrap().len(), 2);
+    let body = client()
+        .get(format!("{}/", r.base))
+        .header("user-id", "4")
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(body.trim(), "canary");
+}
+
+#[test]
+fn help_is_available_everywhere() {
+    for args in [
+        vec!["--help"],
+        vec!["proxy", "--help"],
+        vec!["demo", "--help"],
+        vec!["upstream", "--help"],
+    ] {
+        let (code, text) = run(&args);
+        assert_eq!(code, 0, "{args:?}");
+        assert!(text.contains("Usage:"), "{args:?}: {text}");
+    }
+}
