@@ -20,7 +20,7 @@ use tokio::sync::watch;
 
 use crate::admin;
 use crate::framing::{HeadFlags, Watched};
-use crate::proxy::{handle, ClientInfo, ProxyOptions, Shared, Worker};
+use crate::proxy::{handle, ClientInfo, Connection, ProxyOptions, Shared, Worker};
 use crate::recorder::Metrics;
 use crate::table::{RouteTable, RoutesDoc};
 
@@ -251,12 +251,8 @@ fn serve(
     match tls {
         None => {
             let head = HeadFlags::new();
-            let client = ClientInfo {
-                peer,
-                tls: false,
-                head: head.clone(),
-            };
-            let svc = service_fn(move |req| handle(worker.clone(), client.clone(), req));
+            let conn = Arc::new(Connection { worker, client: ClientInfo::new(peer, false, head.clone()) });
+            let svc = service_fn(move |req| handle(conn.clone(), req));
             let io = TokioIo::new(Watched::new(stream, head));
             let conn = builder.serve_connection_with_upgrades(io, svc).into_owned();
             let conn = graceful.watch(conn);
@@ -275,12 +271,8 @@ fn serve(
                     return;
                 };
                 let head = HeadFlags::new();
-                let client = ClientInfo {
-                    peer,
-                    tls: true,
-                    head: head.clone(),
-                };
-                let svc = service_fn(move |req| handle(worker.clone(), client.clone(), req));
+                let conn = Arc::new(Connection { worker, client: ClientInfo::new(peer, true, head.clone()) });
+                let svc = service_fn(move |req| handle(conn.clone(), req));
                 let io = TokioIo::new(Watched::new(tls_stream, head));
                 let conn = builder.serve_connection_with_upgrades(io, svc).into_owned();
                 let _ = watcher.watch(conn).await;
