@@ -9,11 +9,6 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-/// mimalloc: the router allocates per request (headers, bodies); measured faster than glibc's
-/// malloc under load (see scripts/bench/proxy-peers).
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 /// Automated canary releases: its own L7 router, its own controller, one binary.
 #[derive(Parser)]
 #[command(name = "coalmine", version, about, propagate_version = true)]

@@ -710,3 +710,49 @@ async fn several_threads_share_one_port_and_one_route_table() {
         st["stable"]["requests"].as_u64().unwrap() + st["canary"]["requests"].as_u64().unwrap();
     assert_eq!(total, 2000, "every worker's recorder is summed");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_negotiates_h2_and_http11_through_alpn() {
+    let s = upstream("stable", &[]);
+    let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    let dir = std::env::temp_dir().join(format!("coalmine-tls-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (cert_path, key_path) = (dir.join("cert.pem"), dir.join("key.pem"));
+    std::fs::write(&cert_path, cert.cert.pem()).unwrap();
+    std::fs::write(&key_path, cert.signing_key.serialize_pem()).unwrap();
+    let r = router(&[
+        "--stable",
+        &s.url,
+        "--tls-cert",
+        cert_path.to_str().unwrap(),
+        "--tls-key",
+        key_path.to_str().unwrap(),
+    ]);
+    let addr: std::net::SocketAddr = r.base.trim_start_matches("http://").parse().unwrap();
+    let root = reqwest::Certificate::from_pem(cert.cert.pem().as_bytes()).unwrap();
+    for h1 in [false, true] {
+        let mut b = reqwest::Client::builder()
+            .add_root_certificate(root.clone())
+            .resolve("localhost", addr);
+        if h1 {
+            b = b.http1_only();
+        }
+        let resp = b
+            .build()
+            .unwrap()
+            .get(format!("https://localhost:{}/echo", addr.port()))
+            .send()
+            .await
+            .unwrap();
+        let expected = if h1 {
+            reqwest::Version::HTTP_11
+        } else {
+            reqwest::Version::HTTP_2
+        };
+        assert_eq!(resp.version(), expected);
+        let echo: serde_json::Value = resp.json().await.unwrap();
+        assert_eq!(echo["headers"]["x-forwarded-proto"], "https");
+    }
+    // Plain HTTP on the TLS port is not served.
+    assert!(client().get(format!("{}/", r.base)).send().await.is_err());
+}

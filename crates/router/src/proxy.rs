@@ -95,8 +95,14 @@ pub struct ClientInfo {
 
 impl ClientInfo {
     pub fn new(peer: SocketAddr, tls: bool, head: crate::framing::HeadFlags) -> Self {
-        let peer_ip = HeaderValue::from_str(&peer.ip().to_string()).expect("an IP is a header value");
-        ClientInfo { peer, tls, head, peer_ip }
+        let peer_ip =
+            HeaderValue::from_str(&peer.ip().to_string()).expect("an IP is a header value");
+        ClientInfo {
+            peer,
+            tls,
+            head,
+            peer_ip,
+        }
     }
 }
 

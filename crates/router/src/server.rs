@@ -251,7 +251,10 @@ fn serve(
     match tls {
         None => {
             let head = HeadFlags::new();
-            let conn = Arc::new(Connection { worker, client: ClientInfo::new(peer, false, head.clone()) });
+            let conn = Arc::new(Connection {
+                worker,
+                client: ClientInfo::new(peer, false, head.clone()),
+            });
             let svc = service_fn(move |req| handle(conn.clone(), req));
             let io = TokioIo::new(Watched::new(stream, head));
             let conn = builder.serve_connection_with_upgrades(io, svc).into_owned();
@@ -271,7 +274,10 @@ fn serve(
                     return;
                 };
                 let head = HeadFlags::new();
-                let conn = Arc::new(Connection { worker, client: ClientInfo::new(peer, true, head.clone()) });
+                let conn = Arc::new(Connection {
+                    worker,
+                    client: ClientInfo::new(peer, true, head.clone()),
+                });
                 let svc = service_fn(move |req| handle(conn.clone(), req));
                 let io = TokioIo::new(Watched::new(tls_stream, head));
                 let conn = builder.serve_connection_with_upgrades(io, svc).into_owned();

@@ -215,9 +215,11 @@ impl MatchRule {
             (_, Some(i)) if subject_kind == "header" => {
                 (&rest[..i], StrMatch::regex(&rest[i + 1..])?)
             }
-            _ => return Err(format!(
+            _ => {
+                return Err(format!(
                 "{text:?}: expected NAME=VALUE, NAME~REGEX, cookie:NAME=VALUE or query:NAME=VALUE"
-            )),
+            ))
+            }
         };
         let condition = Condition {
             subject: subject(subject_kind, name)?,
