@@ -467,23 +467,22 @@ fn upstream_parts(parts: &mut http::request::Parts, client: &ClientInfo, upgrade
         }
     }
     parts.version = HttpVersion::HTTP_11;
-    let ip = client.peer.ip().to_string();
-    let xff = match parts
-        .headers
-        .get("x-forwarded-for")
-        .and_then(|v| v.to_str().ok())
-    {
-        Some(prev) => format!("{prev}, {ip}"),
-        None => ip,
+    let xff = match parts.headers.get(X_FORWARDED_FOR) {
+        Some(prev) => {
+            let mut joined = Vec::with_capacity(prev.len() + 2 + client.peer_ip.len());
+            joined.extend_from_slice(prev.as_bytes());
+            joined.extend_from_slice(b", ");
+            joined.extend_from_slice(client.peer_ip.as_bytes());
+            HeaderValue::from_bytes(&joined).unwrap_or_else(|_| client.peer_ip.clone())
+        }
+        None => client.peer_ip.clone(),
     };
-    if let Ok(v) = HeaderValue::from_str(&xff) {
-        parts.headers.insert("x-forwarded-for", v);
-    }
-    if !parts.headers.contains_key("x-forwarded-proto") {
+    parts.headers.insert(X_FORWARDED_FOR, xff);
+    if !parts.headers.contains_key(X_FORWARDED_PROTO) {
         let proto = if client.tls { "https" } else { "http" };
         parts
             .headers
-            .insert("x-forwarded-proto", HeaderValue::from_static(proto));
+            .insert(X_FORWARDED_PROTO, HeaderValue::from_static(proto));
     }
 }
 
@@ -585,7 +584,7 @@ pub async fn handle(
         return Ok(proxy_upgrade(worker, client, req, decision, &target, started).await);
     }
     let (mut parts, body) = req.into_parts();
-    upstream_parts(&mut parts, &client, false);
+    upstream_parts(&mut parts, client, false);
     let body = if body.is_end_stream() {
         UpstreamBody::Empty
     } else {
@@ -622,7 +621,7 @@ pub async fn handle(
             ))
         }
         Err(e) => Ok(upstream_failed(
-            &worker,
+            worker,
             decision.version,
             &target,
             e,
