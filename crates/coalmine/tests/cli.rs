@@ -139,14 +139,7 @@ async fn config_file_sets_routes_and_flags_override_it() {
         ),
     );
     let r = router(&["--config", path.to_str().unwrap(), "--canary-weight", "0.5"]);
-    let routes: serde_json::Value = client()
-        .get(format!("{}/routes", r.admin))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let routes: serde_json::Value = get_json(&format!("{}/routes", r.admin)).await;
     assert_eq!(routes["name"], "web-app");
     assert_eq!(routes["canaryWeight"], 0.5, "the flag overrides the file");
     assert_eq!(routes["match"].as_array().unwrap().len(), 2);

@@ -16,14 +16,7 @@ fn canary_share(bodies: &[String]) -> f64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn weighted_split_is_within_binomial_bounds() {
     let (s, c) = (upstream("stable", &[]), upstream("canary", &[]));
-    let r = router(&[
-        "--stable",
-        &s.url,
-        "--canary",
-        &c.url,
-        "--canary-weight",
-        "5",
-    ]);
+    let r = split_router(&s, &c, &["--canary-weight", "5"]);
     let n = 20_000;
     let got = bodies(&format!("{}/", r.base), n, 16).await;
     assert_eq!(got.len(), n);
@@ -46,22 +39,22 @@ async fn weighted_split_is_within_binomial_bounds() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_match_kind_sends_to_canary_at_weight_zero() {
     let (s, c) = (upstream("stable", &[]), upstream("canary", &[]));
-    let r = router(&[
-        "--stable",
-        &s.url,
-        "--canary",
-        &c.url,
-        "--canary-weight",
-        "0",
-        "--match",
-        "x-canary=true",
-        "--match",
-        "user-id~^(1|2|3|4|5)$",
-        "--match",
-        "cookie:canary=always",
-        "--match",
-        "query:beta=on",
-    ]);
+    let r = split_router(
+        &s,
+        &c,
+        &[
+            "--canary-weight",
+            "0",
+            "--match",
+            "x-canary=true",
+            "--match",
+            "user-id~^(1|2|3|4|5)$",
+            "--match",
+            "cookie:canary=always",
+            "--match",
+            "query:beta=on",
+        ],
+    );
     let cl = client();
     let send = |req: reqwest::RequestBuilder| async move {
         req.send()
@@ -107,16 +100,11 @@ async fn every_match_kind_sends_to_canary_at_weight_zero() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sticky_users_keep_their_version_and_only_move_to_canary_as_weight_rises() {
     let (s, c) = (upstream("stable", &[]), upstream("canary", &[]));
-    let r = router(&[
-        "--stable",
-        &s.url,
-        "--canary",
-        &c.url,
-        "--canary-weight",
-        "5",
-        "--sticky-header",
-        "x-user",
-    ]);
+    let r = split_router(
+        &s,
+        &c,
+        &["--canary-weight", "5", "--sticky-header", "x-user"],
+    );
     let cl = client();
     let users = 400;
     let mut on_canary = vec![false; users];
@@ -177,16 +165,16 @@ async fn sticky_users_keep_their_version_and_only_move_to_canary_as_weight_rises
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn affinity_cookie_pins_users_who_got_the_canary() {
     let (s, c) = (upstream("stable", &[]), upstream("canary", &[]));
-    let r = router(&[
-        "--stable",
-        &s.url,
-        "--canary",
-        &c.url,
-        "--canary-weight",
-        "50",
-        "--affinity-cookie",
-        "coalmine-canary",
-    ]);
+    let r = split_router(
+        &s,
+        &c,
+        &[
+            "--canary-weight",
+            "50",
+            "--affinity-cookie",
+            "coalmine-canary",
+        ],
+    );
     let cl = client();
     let mut cookie = None;
     for _ in 0..200 {
@@ -224,14 +212,7 @@ async fn affinity_cookie_pins_users_who_got_the_canary() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hundred_route_swaps_under_load_fail_no_request() {
     let (s, c) = (upstream("stable", &[]), upstream("canary", &[]));
-    let r = router(&[
-        "--stable",
-        &s.url,
-        "--canary",
-        &c.url,
-        "--canary-weight",
-        "5",
-    ]);
+    let r = split_router(&s, &c, &["--canary-weight", "5"]);
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut load = Vec::new();
     for _ in 0..8 {
@@ -273,36 +254,15 @@ async fn hundred_route_swaps_under_load_fail_no_request() {
         total += ok;
     }
     assert!(total > 500, "load too light to mean anything: {total}");
-    let routes: serde_json::Value = client()
-        .get(format!("{}/routes", r.admin))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let routes: serde_json::Value = get_json(&format!("{}/routes", r.admin)).await;
     assert_eq!(routes["generation"], 101);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn invalid_route_document_is_refused_and_changes_nothing() {
     let (s, c) = (upstream("stable", &[]), upstream("canary", &[]));
-    let r = router(&[
-        "--stable",
-        &s.url,
-        "--canary",
-        &c.url,
-        "--canary-weight",
-        "5",
-    ]);
-    let before: serde_json::Value = client()
-        .get(format!("{}/routes", r.admin))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let r = split_router(&s, &c, &["--canary-weight", "5"]);
+    let before: serde_json::Value = get_json(&format!("{}/routes", r.admin)).await;
     for (bad, mentions) in [
         (json!({"canaryWeight": 150}), "canaryWeight"),
         (json!({"canaryWeight": 5, "stable": "not a url"}), "stable"),
@@ -323,14 +283,7 @@ async fn invalid_route_document_is_refused_and_changes_nothing() {
         .await
         .unwrap();
     assert_eq!(resp.status(), 400);
-    let after: serde_json::Value = client()
-        .get(format!("{}/routes", r.admin))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let after: serde_json::Value = get_json(&format!("{}/routes", r.admin)).await;
     assert_eq!(before, after);
     assert_eq!(after["canaryWeight"], 5.0);
 }
@@ -484,16 +437,7 @@ async fn mirroring_copies_to_canary_and_leaves_responses_unchanged() {
         upstream("stable", &[]),
         upstream("canary", &["--error-rate", "1"]),
     );
-    let r = router(&[
-        "--stable",
-        &s.url,
-        "--canary",
-        &c.url,
-        "--canary-weight",
-        "0",
-        "--mirror",
-        "100",
-    ]);
+    let r = split_router(&s, &c, &["--canary-weight", "0", "--mirror", "100"]);
     let got = bodies(&format!("{}/", r.base), 400, 4).await;
     assert!(
         got.iter().all(|b| b == "stable\n"),
@@ -526,16 +470,7 @@ async fn metrics_pass_promtool_check_metrics() {
         upstream("stable", &[]),
         upstream("canary", &["--error-rate", "0.5"]),
     );
-    let r = router(&[
-        "--stable",
-        &s.url,
-        "--canary",
-        &c.url,
-        "--canary-weight",
-        "50",
-        "--mirror",
-        "10",
-    ]);
+    let r = split_router(&s, &c, &["--canary-weight", "50", "--mirror", "10"]);
     bodies(&format!("{}/", r.base), 200, 4).await;
     let text = client()
         .get(format!("{}/metrics", r.admin))
@@ -691,16 +626,7 @@ fn wait_exit(child: &mut std::process::Child, within: Duration) -> Option<i32> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn several_threads_share_one_port_and_one_route_table() {
     let (s, c) = (upstream("stable", &[]), upstream("canary", &[]));
-    let r = router(&[
-        "--stable",
-        &s.url,
-        "--canary",
-        &c.url,
-        "--canary-weight",
-        "50",
-        "--threads",
-        "3",
-    ]);
+    let r = split_router(&s, &c, &["--canary-weight", "50", "--threads", "3"]);
     let got = bodies(&format!("{}/", r.base), 2000, 16).await;
     // Binomial(2000, 0.5): sd = 22 requests; ±5 sd.
     let share = canary_share(&got);

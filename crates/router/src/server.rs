@@ -246,43 +246,41 @@ fn serve(
     tls: Option<tokio_rustls::TlsAcceptor>,
     handshake_timeout: Duration,
 ) {
-    let worker = worker.clone();
-    let builder = builder.clone();
-    match tls {
-        None => {
-            let head = HeadFlags::new();
-            let conn = Arc::new(Connection {
-                worker,
-                client: ClientInfo::new(peer, false, head.clone()),
-            });
-            let svc = service_fn(move |req| handle(conn.clone(), req));
-            let io = TokioIo::new(Watched::new(stream, head));
-            let conn = builder.serve_connection_with_upgrades(io, svc).into_owned();
-            let conn = graceful.watch(conn);
-            tokio::spawn(async move {
-                let _ = conn.await;
-            });
+    let (worker, builder, watcher) = (worker.clone(), builder.clone(), graceful.watcher());
+    // The TLS handshake runs inside the task, so a slow client never stalls accepting.
+    // Connections still handshaking when shutdown starts are simply dropped.
+    tokio::spawn(async move {
+        match tls {
+            None => serve_io(stream, peer, false, worker, &builder, watcher).await,
+            Some(acceptor) => {
+                let handshake = tokio::time::timeout(handshake_timeout, acceptor.accept(stream));
+                if let Ok(Ok(tls_stream)) = handshake.await {
+                    serve_io(tls_stream, peer, true, worker, &builder, watcher).await;
+                }
+            }
         }
-        Some(acceptor) => {
-            // The TLS handshake runs inside the task, so a slow client never stalls accepting.
-            // Connections still handshaking when shutdown starts are simply dropped.
-            let watcher = graceful.watcher();
-            tokio::spawn(async move {
-                let Ok(Ok(tls_stream)) =
-                    tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await
-                else {
-                    return;
-                };
-                let head = HeadFlags::new();
-                let conn = Arc::new(Connection {
-                    worker,
-                    client: ClientInfo::new(peer, true, head.clone()),
-                });
-                let svc = service_fn(move |req| handle(conn.clone(), req));
-                let io = TokioIo::new(Watched::new(tls_stream, head));
-                let conn = builder.serve_connection_with_upgrades(io, svc).into_owned();
-                let _ = watcher.watch(conn).await;
-            });
-        }
-    }
+    });
+}
+
+/// Serves HTTP/1.1 or HTTP/2 on one client connection until it closes or shutdown drains it.
+async fn serve_io<I>(
+    io: I,
+    peer: SocketAddr,
+    tls: bool,
+    worker: Worker,
+    builder: &auto::Builder<TokioExecutor>,
+    watcher: hyper_util::server::graceful::Watcher,
+) where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let head = HeadFlags::new();
+    let conn = Arc::new(Connection {
+        worker,
+        client: ClientInfo::new(peer, tls, head.clone()),
+    });
+    let svc = service_fn(move |req| handle(conn.clone(), req));
+    let io = TokioIo::new(Watched::new(io, head));
+    let _ = watcher
+        .watch(builder.serve_connection_with_upgrades(io, svc))
+        .await;
 }

@@ -94,6 +94,29 @@ pub fn router(extra: &[&str]) -> Router {
     Router { proc, base, admin }
 }
 
+/// A router splitting between two upstreams, plus any other flags.
+pub fn split_router(stable: &Upstream, canary: &Upstream, extra: &[&str]) -> Router {
+    let mut args = vec![
+        "--stable",
+        stable.url.as_str(),
+        "--canary",
+        canary.url.as_str(),
+    ];
+    args.extend_from_slice(extra);
+    router(&args)
+}
+
+pub async fn get_json(url: &str) -> serde_json::Value {
+    client()
+        .get(url)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
 pub fn client() -> reqwest::Client {
     reqwest::Client::builder()
         .http1_only()
