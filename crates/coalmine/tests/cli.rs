@@ -146,12 +146,8 @@ async fn config_file_sets_routes_and_flags_override_it() {
     let body = client()
         .get(format!("{}/", r.base))
         .header("user-id", "4")
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+        .text_body()
+        .await;
     assert_eq!(body.trim(), "canary");
 }
 

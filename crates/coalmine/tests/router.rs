@@ -56,16 +56,8 @@ async fn every_match_kind_sends_to_canary_at_weight_zero() {
         ],
     );
     let cl = client();
-    let send = |req: reqwest::RequestBuilder| async move {
-        req.send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap()
-            .trim()
-            .to_string()
-    };
+    let send =
+        |req: reqwest::RequestBuilder| async move { req.text_body().await.trim().to_string() };
     let url = format!("{}/x", r.base);
     assert_eq!(
         send(cl.get(&url).header("x-canary", "true")).await,
@@ -122,12 +114,8 @@ async fn sticky_users_keep_their_version_and_only_move_to_canary_as_weight_rises
                 let b = cl
                     .get(format!("{}/", r.base))
                     .header("x-user", format!("u{user}"))
-                    .send()
-                    .await
-                    .unwrap()
-                    .text()
-                    .await
-                    .unwrap();
+                    .text_body()
+                    .await;
                 versions.push(b.trim() == "canary");
             }
             assert_eq!(
@@ -199,12 +187,8 @@ async fn affinity_cookie_pins_users_who_got_the_canary() {
         let body = cl
             .get(format!("{}/", r.base))
             .header("cookie", &cookie)
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+            .text_body()
+            .await;
         assert_eq!(body.trim(), "canary");
     }
 }
@@ -400,14 +384,7 @@ async fn dead_canary_answers_502_counted_as_canary_5xx() {
     assert_eq!(st["canary"]["statuses"]["502"], 20);
     assert_eq!(st["canary"]["failures"]["connect"], 20);
     assert_eq!(st["stable"]["requests"], 0);
-    let metrics = cl
-        .get(format!("{}/metrics", r.admin))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = cl.get(format!("{}/metrics", r.admin)).text_body().await;
     assert!(
         metrics.contains("http_requests_total{version=\"canary\",status=\"502\"} 20\n"),
         "{metrics}"
@@ -474,12 +451,8 @@ async fn metrics_pass_promtool_check_metrics() {
     bodies(&format!("{}/", r.base), 200, 4).await;
     let text = client()
         .get(format!("{}/metrics", r.admin))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+        .text_body()
+        .await;
     for needle in [
         "http_requests_total{version=\"canary\",status=\"500\"}",
         "http_requests_total{version=\"stable\",status=\"200\"}",

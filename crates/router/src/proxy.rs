@@ -499,25 +499,19 @@ fn error_response(status: StatusCode, text: &str, close: bool) -> Response<Clien
 }
 
 /// Requests whose framing is ambiguous are refused, never guessed at (request smuggling).
+/// hyper itself rejects conflicting Content-Length values and a Transfer-Encoding that does not
+/// end in chunked; what it resolves silently is checked here.
 fn framing_error(req: &Request<Incoming>, client: &ClientInfo) -> Option<&'static str> {
     let both_in_head = client.head.take_both_framing_headers();
     if req.version() >= HttpVersion::HTTP_2 {
         return None;
     }
-    let h = req.headers();
-    if (both_in_head && h.contains_key(header::TRANSFER_ENCODING))
-        || (h.contains_key(header::TRANSFER_ENCODING) && h.contains_key(header::CONTENT_LENGTH))
-    {
-        return Some("both Transfer-Encoding and Content-Length");
+    let mut encodings = req.headers().get_all(header::TRANSFER_ENCODING).iter();
+    match (encodings.next(), encodings.next()) {
+        (Some(_), Some(_)) => Some("several Transfer-Encoding headers"),
+        (Some(_), None) if both_in_head => Some("both Transfer-Encoding and Content-Length"),
+        _ => None,
     }
-    let lengths: Vec<&HeaderValue> = h.get_all(header::CONTENT_LENGTH).iter().collect();
-    if lengths.len() > 1 && lengths.iter().any(|v| *v != lengths[0]) {
-        return Some("conflicting Content-Length values");
-    }
-    if h.get_all(header::TRANSFER_ENCODING).iter().count() > 1 {
-        return Some("several Transfer-Encoding headers");
-    }
-    None
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -438,7 +438,7 @@ pub struct RoutesDoc {
 }
 
 impl RoutesDoc {
-    /// Every stable-only table: the starting point when only `--stable` is known.
+    /// A table sending everything to stable: the starting point when only `--stable` is known.
     pub fn stable_only(stable: UpstreamUrl) -> Self {
         RoutesDoc {
             name: default_name(),

@@ -107,14 +107,23 @@ pub fn split_router(stable: &Upstream, canary: &Upstream, extra: &[&str]) -> Rou
 }
 
 pub async fn get_json(url: &str) -> serde_json::Value {
-    client()
-        .get(url)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
+    client().get(url).json_body().await
+}
+
+/// Sends a request that must get an answer, and reads the answer's body.
+#[allow(async_fn_in_trait)]
+pub trait Fetch {
+    async fn text_body(self) -> String;
+    async fn json_body(self) -> serde_json::Value;
+}
+
+impl Fetch for reqwest::RequestBuilder {
+    async fn text_body(self) -> String {
+        self.send().await.unwrap().text().await.unwrap()
+    }
+    async fn json_body(self) -> serde_json::Value {
+        self.send().await.unwrap().json().await.unwrap()
+    }
 }
 
 pub fn client() -> reqwest::Client {
@@ -126,14 +135,7 @@ pub fn client() -> reqwest::Client {
 }
 
 pub async fn stats(r: &Router) -> serde_json::Value {
-    client()
-        .get(format!("{}/stats", r.admin))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
+    get_json(&format!("{}/stats", r.admin)).await
 }
 
 pub async fn put_routes(r: &Router, doc: serde_json::Value) -> reqwest::Response {
