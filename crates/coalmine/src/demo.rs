@@ -1,25 +1,66 @@
-//! `coalmine demo`: the seed's payment-service story on one machine. v1 is healthy, v2 fails
-//! about 10 % of requests; the router sends v2 a 5 % share of real traffic and records both.
+//! `coalmine demo`: the seed's payment-service story on one machine, in seconds. v1 is healthy,
+//! v2 fails about 10 % of requests. A traffic generator sends real requests through Coalmine's
+//! router; the controller gives v2 5 %, watches it, and rolls it back. `--scenario healthy`
+//! gives a v2 without the bug, which is promoted step by step.
 
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use clap::Args;
+use clap::{Args, ValueEnum};
+use tokio::sync::mpsc;
 
-use coalmine_router::{ProxyOptions, RouterConfig, RoutesDoc, UpstreamUrl, Weight};
+use coalmine_controller::Driver;
+use coalmine_rollout::Outcome;
+use coalmine_router::{ProxyOptions, RouterConfig, RoutesDoc, UpstreamUrl};
+use coalmine_spec::rollout::Rollout;
 
+use crate::rollout_cmd::{OutputFormat, Reporter};
 use crate::upstream::{serve, Upstream, UpstreamArgs};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Scenario {
+    /// v2 answers 500 to about 10 % of requests: rolled back
+    Bad,
+    /// v2 is as good as v1: promoted
+    Healthy,
+}
 
 #[derive(Args, Debug)]
 pub struct DemoArgs {
-    /// Requests the traffic generator sends
-    #[arg(long, default_value_t = 4000)]
-    pub requests: u32,
-    /// Share of traffic sent to v2, in percent
-    #[arg(long, default_value_t = 5.0)]
-    pub canary_weight: f64,
+    #[arg(long, value_enum, default_value = "bad")]
+    pub scenario: Scenario,
+    /// Requests per second the traffic generator sends
+    #[arg(long, default_value_t = 200)]
+    pub rps: u32,
+    #[arg(long, value_enum, default_value_t)]
+    pub output: OutputFormat,
 }
+
+/// The demo's rollout: the seed's steps and checks with a 2-second interval.
+const DEMO_ROLLOUT: &str = "
+apiVersion: coalmine.dev/v1alpha1
+kind: Rollout
+metadata:
+  name: payment-service
+spec:
+  routers: [ROUTER]
+  stable: {url: STABLE}
+  canary: {url: CANARY}
+  progressDeadlineSeconds: 60
+  analysis:
+    interval: 2s
+    threshold: 2
+    stepWeights: [5, 10, 25, 50]
+    metrics:
+      - name: request-success-rate
+        thresholdRange: {min: 99}
+        interval: 10s
+      - name: request-duration
+        thresholdRange: {max: 500}
+        interval: 10s
+";
 
 async fn start_upstream(name: &str, error_rate: f64) -> anyhow::Result<UpstreamUrl> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
@@ -29,27 +70,77 @@ async fn start_upstream(name: &str, error_rate: f64) -> anyhow::Result<UpstreamU
         listen: listener.local_addr()?,
         name: name.into(),
         error_rate,
-        latency: Duration::ZERO,
+        latency: Duration::from_millis(3),
         seed: 7,
     };
     tokio::spawn(serve(listener, Upstream::new(args)));
     Ok(url)
 }
 
+/// Requests and failures seen by users, per version that answered (the `x-upstream` header).
+#[derive(Default)]
+struct Seen {
+    v1: AtomicU64,
+    v2: AtomicU64,
+    v2_failed: AtomicU64,
+    router_errors: AtomicU64,
+}
+
+async fn generate_traffic(url: String, rps: u32, seen: Arc<Seen>, stop: Arc<AtomicBool>) {
+    let client = reqwest::Client::new();
+    let workers = 8;
+    let gap = Duration::from_secs_f64(workers as f64 / f64::from(rps.max(1)));
+    let mut tasks = Vec::new();
+    for _ in 0..workers {
+        let (client, url, seen, stop) = (client.clone(), url.clone(), seen.clone(), stop.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut ticker = tokio::time::interval(gap);
+            ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            while !stop.load(Relaxed) {
+                ticker.tick().await;
+                match client.get(&url).send().await {
+                    Ok(resp) => {
+                        let v2 = resp
+                            .headers()
+                            .get("x-upstream")
+                            .is_some_and(|v| v.as_bytes().ends_with(b"v2"));
+                        if v2 {
+                            seen.v2.fetch_add(1, Relaxed);
+                            if resp.status().is_server_error() {
+                                seen.v2_failed.fetch_add(1, Relaxed);
+                            }
+                        } else if resp.headers().contains_key("x-upstream") {
+                            seen.v1.fetch_add(1, Relaxed);
+                        } else {
+                            seen.router_errors.fetch_add(1, Relaxed);
+                        }
+                    }
+                    Err(_) => {
+                        seen.router_errors.fetch_add(1, Relaxed);
+                    }
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        let _ = t.await;
+    }
+}
+
 pub fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
-    let weight = Weight::from_percent(args.canary_weight)
-        .map_err(|e| crate::BadInput(format!("--canary-weight: {e}")))?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()?;
     rt.block_on(async move {
+        let v2_error_rate = match args.scenario {
+            Scenario::Bad => 0.10,
+            Scenario::Healthy => 0.0,
+        };
         let v1 = start_upstream("payment-service-v1", 0.0).await?;
-        let v2 = start_upstream("payment-service-v2", 0.10).await?;
+        let v2 = start_upstream("payment-service-v2", v2_error_rate).await?;
         let mut routes = RoutesDoc::stable_only(v1.clone());
         routes.name = "payment-service".into();
-        routes.canary = Some(v2.clone());
-        routes.canary_weight = weight;
         let router = coalmine_router::start(RouterConfig {
             listen: "127.0.0.1:0".parse()?,
             admin: "127.0.0.1:0".parse()?,
@@ -61,55 +152,74 @@ pub fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
             max_header_bytes: 64 * 1024,
             drain_timeout: Duration::from_secs(5),
         })?;
-        println!("coalmine demo: payment-service v1 at {v1}, v2 (fails ~10 %) at {v2}");
-        println!(
-            "router on http://{} sends {}% of traffic to v2; admin on http://{}",
-            router.listen,
-            weight.percent(),
-            router.admin
-        );
+        let text = DEMO_ROLLOUT
+            .replace("ROUTER", &format!("http://{}", router.admin))
+            .replace("STABLE", v1.as_str())
+            .replace("CANARY", v2.as_str());
+        let rollout: Rollout = coalmine_spec::parse_yaml("demo-rollout.yaml", &text)?;
+        let text_output = args.output == OutputFormat::Text;
+        if text_output {
+            println!(
+                "coalmine demo ({:?}): payment-service v1 at {v1}, v2 at {v2}{}",
+                args.scenario,
+                if v2_error_rate > 0.0 { " (fails ~10 % of requests)" } else { "" }
+            );
+            println!(
+                "router on http://{} (admin http://{}), {} req/s of traffic; steps 5 → 10 → 25 → 50 %, every 2s, threshold 2",
+                router.listen, router.admin, args.rps
+            );
+        }
+
+        let seen = Arc::new(Seen::default());
+        let stop = Arc::new(AtomicBool::new(false));
+        let traffic = tokio::spawn(generate_traffic(
+            format!("http://{}/pay", router.listen),
+            args.rps,
+            seen.clone(),
+            stop.clone(),
+        ));
         let started = Instant::now();
-        let client = reqwest::Client::new();
-        let url = Arc::new(format!("http://{}/pay", router.listen));
-        let per_task = args.requests / 8;
-        let mut tasks = Vec::new();
-        for _ in 0..8 {
-            let (client, url) = (client.clone(), url.clone());
-            tasks.push(tokio::spawn(async move {
-                for _ in 0..per_task {
-                    let _ = client.get(url.as_str()).send().await.and_then(|r| r.error_for_status());
-                }
-            }));
-        }
-        for t in tasks {
-            t.await?;
-        }
-        let stats: serde_json::Value =
-            client.get(format!("http://{}/stats", router.admin)).send().await?.json().await?;
-        println!("sent {} requests in {:.1}s", per_task * 8, started.elapsed().as_secs_f64());
-        println!("{:<8} {:>9} {:>6} {:>8}", "version", "requests", "5xx", "errors");
-        let mut rows = Vec::new();
-        for version in ["stable", "canary"] {
-            let v = &stats[version];
-            let requests = v["requests"].as_u64().unwrap_or(0);
-            let failed: u64 = v["statuses"]
-                .as_object()
-                .map(|m| m.iter().filter(|(k, _)| k.starts_with('5')).map(|(_, n)| n.as_u64().unwrap_or(0)).sum())
-                .unwrap_or(0);
-            let rate = if requests > 0 { 100.0 * failed as f64 / requests as f64 } else { 0.0 };
-            println!("{version:<8} {requests:>9} {failed:>6} {rate:>7.2}%");
-            rows.push((requests, failed));
-        }
-        println!(
-            "v2 saw {} of {} requests ({:.2}%), and failed {} of them: only the canary's share of users met the bug.",
-            rows[1].0,
-            rows[0].0 + rows[1].0,
-            100.0 * rows[1].0 as f64 / (rows[0].0 + rows[1].0).max(1) as f64,
-            rows[1].1
-        );
+        let mut driver = Driver::new(&rollout, None)?;
+        let mut reporter = Reporter::new("payment-service", args.output);
+        let (_control, inputs) = mpsc::channel(1);
+        let outcome = tokio::time::timeout(Duration::from_secs(90), driver.run(inputs, &mut reporter))
+            .await
+            .map_err(|_| anyhow::anyhow!("the demo rollout did not finish within 90 s"))?;
+        let elapsed = started.elapsed();
+        // A second more traffic shows where users land after the decision.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        stop.store(true, Relaxed);
+        let _ = traffic.await;
+        reporter.finish(driver.status(), outcome, driver.settled());
         router.shutdown();
-        // The story played out when v1 never failed and v2's failures were seen.
-        let played_out = rows[0].1 == 0 && (weight == Weight::ZERO || rows[1].1 > 0);
+
+        let (v1n, v2n, v2f, errs) = (
+            seen.v1.load(Relaxed),
+            seen.v2.load(Relaxed),
+            seen.v2_failed.load(Relaxed),
+            seen.router_errors.load(Relaxed),
+        );
+        let total = v1n + v2n + errs;
+        let share = 100.0 * v2n as f64 / total.max(1) as f64;
+        let expected = match args.scenario {
+            Scenario::Bad => Outcome::RolledBack,
+            Scenario::Healthy => Outcome::Promoted,
+        };
+        if text_output {
+            let verb = if outcome == Outcome::RolledBack { "rolled back" } else { "promoted" };
+            println!(
+                "v2 {verb} {:.1}s after the rollout started. Users sent {total} requests: {v2n} reached v2 ({share:.2} %), {v2f} of them failed; {errs} failed in the router.",
+                elapsed.as_secs_f64()
+            );
+        } else {
+            println!(
+                "{}",
+                serde_json::json!({"scenario": format!("{:?}", args.scenario).to_lowercase(), "outcome": outcome, "seconds": elapsed.as_secs_f64(), "requests": total, "v2Requests": v2n, "v2Failures": v2f, "routerErrors": errs})
+            );
+        }
+        // The story played out: the expected decision, the routers took it, and no request failed
+        // anywhere but in v2 itself.
+        let played_out = outcome == expected && driver.settled() && errs == 0;
         Ok(if played_out { ExitCode::SUCCESS } else { ExitCode::from(1) })
     })
 }

@@ -3,6 +3,7 @@
 
 mod demo;
 mod proxy_cmd;
+mod rollout_cmd;
 mod upstream;
 
 use std::process::ExitCode;
@@ -23,6 +24,12 @@ enum Command {
     Proxy(Box<proxy_cmd::ProxyArgs>),
     /// Run a demo: two built-in payment-service versions behind the router, real traffic
     Demo(demo::DemoArgs),
+    /// Validate Rollout, Flagger Canary and MetricTemplate documents
+    Check(rollout_cmd::CheckArgs),
+    /// Turn a Flagger Canary into a native Rollout, given where its traffic goes
+    Convert(rollout_cmd::ConvertArgs),
+    /// Drive one rollout in the foreground: exit 0 promoted, 1 rolled back, 2 invalid input
+    Run(rollout_cmd::RunArgs),
     /// Run a small HTTP service with an injectable error rate and latency (demos, tests)
     Upstream(upstream::UpstreamArgs),
 }
@@ -40,18 +47,26 @@ impl std::fmt::Display for BadInput {
 impl std::error::Error for BadInput {}
 
 fn main() -> ExitCode {
+    let cli = Cli::parse();
+    // The demo and `run` talk to people through their own output; logs are for servers.
+    let default_level = match cli.command {
+        Command::Proxy(_) | Command::Upstream(_) => "info",
+        _ => "warn",
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("COALMINE_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level)),
         )
         .with_writer(std::io::stderr)
         .init();
-    let cli = Cli::parse();
     let result = match cli.command {
         Command::Proxy(args) => proxy_cmd::run(*args).map(|()| ExitCode::SUCCESS),
         Command::Demo(args) => demo::run(args),
         Command::Upstream(args) => upstream::run(args).map(|()| ExitCode::SUCCESS),
+        Command::Check(args) => rollout_cmd::check(args),
+        Command::Convert(args) => rollout_cmd::convert(args),
+        Command::Run(args) => rollout_cmd::run(args),
     };
     match result {
         Ok(code) => code,

@@ -270,6 +270,11 @@ async fn invalid_route_document_is_refused_and_changes_nothing() {
     let after: serde_json::Value = get_json(&format!("{}/routes", r.admin)).await;
     assert_eq!(before, after);
     assert_eq!(after["canaryWeight"], 5.0);
+    // Re-sending the current table (the controller does, every interval) is not a swap.
+    let resp = put_routes(&r, json!({"canaryWeight": 5})).await;
+    assert_eq!(resp.status(), 200);
+    let again: serde_json::Value = get_json(&format!("{}/routes", r.admin)).await;
+    assert_eq!(again["generation"], before["generation"]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

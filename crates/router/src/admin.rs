@@ -64,7 +64,8 @@ fn bad_request(message: String) -> Response {
 }
 
 /// Takes a whole or partial route document; omitted fields keep their values. The new table is
-/// swapped in atomically: requests already routed finish where they were sent.
+/// swapped in atomically: requests already routed finish where they were sent. A document equal
+/// to the current one changes nothing (the controller re-sends its routes every interval).
 async fn put_routes(State(a): State<Admin>, body: Bytes) -> Response {
     let patch: serde_json::Value = match serde_json::from_slice(&body) {
         Ok(v) => v,
@@ -76,6 +77,9 @@ async fn put_routes(State(a): State<Admin>, body: Bytes) -> Response {
         Ok(doc) => doc,
         Err(e) => return bad_request(e),
     };
+    if doc == current.doc {
+        return Json(current.to_json()).into_response();
+    }
     let table = RouteTable::new(doc, current.generation + 1);
     let json = table.to_json();
     tracing::info!(

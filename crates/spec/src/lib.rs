@@ -3,7 +3,12 @@
 //! Architecture invariant: this crate is pure. It never reads files, sockets or the clock; callers
 //! hand it the text and the name to report it under.
 
+pub mod documents;
 pub mod duration;
+pub mod flagger;
+pub mod rollout;
+pub mod schema;
+pub mod suggest;
 mod yaml;
 
 pub use duration::{format_duration, parse_duration, Dur};

@@ -66,12 +66,51 @@ fn clean_path(path: &str) -> String {
 fn plain_message(e: &serde_saphyr::Error) -> String {
     let full = match e {
         serde_saphyr::Error::Message { msg, .. } => msg.clone(),
+        serde_saphyr::Error::SerdeUnknownField {
+            field, expected, ..
+        } => return unknown_field_message(field, expected),
         other => other.to_string(),
     };
-    let first = full.lines().next().unwrap_or("").trim().to_string();
-    match first.find(" at line ") {
-        Some(i) => first[..i].to_string(),
+    let first = full.lines().next().unwrap_or("").trim();
+    let first = strip_location_prefix(first);
+    let message = match first.find(" at line ") {
+        Some(i) => &first[..i],
         None => first,
+    };
+    // Some errors arrive already formatted; read the unknown field and the list back.
+    if let Some(rest) = message.strip_prefix("unknown field `") {
+        if let Some((field, list)) = rest.split_once("`, expected one of ") {
+            let expected: Vec<&str> = list.split(", ").map(|f| f.trim_matches('`')).collect();
+            return unknown_field_message(field, &expected);
+        }
+    }
+    message.to_string()
+}
+
+/// "error: line 3 column 3: message" → "message": the location is reported separately.
+fn strip_location_prefix(text: &str) -> &str {
+    let Some(rest) = text.strip_prefix("error: line ") else {
+        return text;
+    };
+    match rest.find(": ") {
+        Some(i) if rest[..i].contains(" column ") => &rest[i + 2..],
+        _ => text,
+    }
+}
+
+/// Users want the field they meant, not the list: "unknown field `stepWieght`, did you mean
+/// `stepWeight`?"; the whole list only when nothing is near.
+fn unknown_field_message(field: &str, expected: &[&str]) -> String {
+    match crate::suggest::nearest(field, expected.iter().copied()) {
+        Some(near) => format!("unknown field `{field}`, did you mean `{near}`?"),
+        None => format!(
+            "unknown field `{field}`, expected one of {}",
+            expected
+                .iter()
+                .map(|f| format!("`{f}`"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
     }
 }
 
@@ -111,6 +150,17 @@ mod tests {
         let err = parse_yaml::<Doc>("r.yaml", "name: x\ninner:\n  wieght: 3\n").unwrap_err();
         assert!(err.message.contains("wieght"), "{err}");
         assert_eq!(err.line, 3, "{err}");
+    }
+
+    #[test]
+    fn unknown_field_suggests_the_nearest_known_one() {
+        let err = parse_yaml::<Doc>("r.yaml", "name: x\ninner:\n  wieght: 3\n").unwrap_err();
+        assert_eq!(
+            err.message,
+            "unknown field `wieght`, did you mean `weight`?"
+        );
+        let err = parse_yaml::<Doc>("r.yaml", "name: x\ninner:\n  colour: 3\n").unwrap_err();
+        assert!(err.message.contains("expected"), "{err}");
     }
 
     #[test]

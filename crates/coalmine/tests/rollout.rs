@@ -1,0 +1,397 @@
+//! `coalmine run` end to end: real router and upstream processes on 127.0.0.1, real traffic,
+//! the controller moving weights through the router's admin API.
+
+mod common;
+
+use std::convert::Infallible;
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+fn write_rollout(test: &str, text: &str) -> String {
+    let dir = std::env::temp_dir().join(format!("coalmine-run-{}-{test}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("rollout.yaml");
+    std::fs::write(&path, text).unwrap();
+    path.to_string_lossy().into_owned()
+}
+
+fn rollout_yaml(router: &Router, stable: &Upstream, canary: &Upstream, analysis: &str) -> String {
+    format!(
+        "apiVersion: coalmine.dev/v1alpha1
+kind: Rollout
+metadata:
+  name: payment-service
+spec:
+  routers: [{}]
+  stable: {{url: {}}}
+  canary: {{url: {}}}
+  analysis:
+{analysis}",
+        router.admin, stable.url, canary.url
+    )
+}
+
+/// Background users: requests through the router until stopped; counts answers by status class.
+struct Users {
+    stop: Arc<AtomicBool>,
+    ok: Arc<AtomicU64>,
+    failed: Arc<AtomicU64>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+fn users(router: &Router, concurrency: usize) -> Users {
+    let stop = Arc::new(AtomicBool::new(false));
+    let ok = Arc::new(AtomicU64::new(0));
+    let failed = Arc::new(AtomicU64::new(0));
+    let tasks = (0..concurrency)
+        .map(|_| {
+            let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
+            let url = format!("{}/pay", router.base);
+            tokio::spawn(async move {
+                let c = client();
+                // Bounded: at most 60 s of traffic at ~100 req/s per task.
+                let deadline = Instant::now() + Duration::from_secs(60);
+                while !stop.load(Relaxed) && Instant::now() < deadline {
+                    match c.get(&url).send().await {
+                        Ok(r) if r.status().is_server_error() => failed.fetch_add(1, Relaxed),
+                        Ok(_) => ok.fetch_add(1, Relaxed),
+                        Err(_) => failed.fetch_add(1, Relaxed),
+                    };
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            })
+        })
+        .collect();
+    Users {
+        stop,
+        ok,
+        failed,
+        tasks,
+    }
+}
+
+impl Users {
+    async fn stop(self) -> (u64, u64) {
+        self.stop.store(true, Relaxed);
+        for t in self.tasks {
+            t.await.unwrap();
+        }
+        (self.ok.load(Relaxed), self.failed.load(Relaxed))
+    }
+}
+
+struct RunResult {
+    code: i32,
+    lines: Vec<serde_json::Value>,
+    stderr: String,
+    seconds: f64,
+}
+
+async fn coalmine_run(file: &str, extra: &[&str]) -> RunResult {
+    let mut args = vec![
+        "run".to_string(),
+        file.to_string(),
+        "--output".into(),
+        "json".into(),
+    ];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    tokio::task::spawn_blocking(move || {
+        let started = Instant::now();
+        let out = Command::new(BIN)
+            .args(&args)
+            .env("COALMINE_LOG", "warn")
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        RunResult {
+            code: out.status.code().unwrap_or(-1),
+            lines: stdout
+                .lines()
+                .map(|l| serde_json::from_str(l).unwrap_or_else(|_| panic!("not JSON: {l}")))
+                .collect(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+            seconds: started.elapsed().as_secs_f64(),
+        }
+    })
+    .await
+    .unwrap()
+}
+
+fn messages(run: &RunResult) -> Vec<String> {
+    run.lines
+        .iter()
+        .filter_map(|l| {
+            l["message"]
+                .as_str()
+                .map(|m| format!("{} {}", l["phase"], m))
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_canary_failing_20_percent_is_rolled_back_and_the_router_sends_all_to_stable() {
+    let v1 = upstream("v1", &[]);
+    let v2 = upstream("v2", &["--error-rate", "0.2", "--seed", "3"]);
+    let router = router(&["--stable", &v1.url]);
+    let analysis = "    interval: 2s
+    threshold: 2
+    stepWeights: [10, 25, 50]
+    metrics:
+      - name: request-success-rate
+        thresholdRange: {min: 99}
+        interval: 10s
+";
+    let file = write_rollout("fail", &rollout_yaml(&router, &v1, &v2, analysis));
+    let traffic = users(&router, 4);
+    let run = coalmine_run(&file, &[]).await;
+    let (ok, failed) = traffic.stop().await;
+    eprintln!(
+        "rolled back in {:.1}s; users: {ok} ok, {failed} failed",
+        run.seconds
+    );
+    assert_eq!(run.code, 1, "{:#?}\n{}", messages(&run), run.stderr);
+    let last = run.lines.last().unwrap();
+    assert_eq!(last["outcome"], "rolledBack");
+    assert_eq!(last["routersUpdated"], true);
+    let msgs = messages(&run).join("\n");
+    assert!(msgs.contains("request-success-rate"), "{msgs}");
+    assert!(msgs.contains("failed 2 checks"), "{msgs}");
+    // Flagger's timing at interval 2s, threshold 2: weight at T1, failures at T2 and T3,
+    // rollback at T4 (8 s), plus process start-up.
+    assert!(run.seconds < 12.0, "took {:.1}s", run.seconds);
+    let routes = get_json(&format!("{}/routes", router.admin)).await;
+    assert_eq!(routes["canary"], serde_json::Value::Null);
+    assert_eq!(routes["stable"], v1.url.as_str());
+    // Users met v2's failures only while it had its 10 % share.
+    assert!(
+        failed > 0 && (failed as f64) < 0.2 * 0.25 * (ok + failed) as f64,
+        "{ok} ok, {failed} failed"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_healthy_canary_is_promoted_and_becomes_stable() {
+    let v1 = upstream("v1", &[]);
+    let v2 = upstream("v2", &[]);
+    let router = router(&["--stable", &v1.url]);
+    let analysis = "    interval: 1s
+    threshold: 2
+    stepWeights: [20, 50]
+    metrics:
+      - name: request-success-rate
+        thresholdRange: {min: 99}
+        interval: 5s
+      - name: request-duration
+        thresholdRange: {max: 500}
+        interval: 5s
+";
+    let file = write_rollout("healthy", &rollout_yaml(&router, &v1, &v2, analysis));
+    let traffic = users(&router, 4);
+    let run = coalmine_run(&file, &[]).await;
+    let (ok, failed) = traffic.stop().await;
+    assert_eq!(run.code, 0, "{:#?}\n{}", messages(&run), run.stderr);
+    assert_eq!(failed, 0, "no user request failed during the rollout");
+    assert!(ok > 100);
+    let phases: Vec<&str> = run
+        .lines
+        .iter()
+        .filter_map(|l| l["phase"].as_str())
+        .collect();
+    for phase in ["Progressing", "Promoting", "Finalising", "Succeeded"] {
+        assert!(phases.contains(&phase), "{phases:?}");
+    }
+    let weights: Vec<f64> = run
+        .lines
+        .iter()
+        .filter(|l| {
+            l["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("Advance canary weight"))
+        })
+        .map(|l| l["canaryWeight"].as_f64().unwrap())
+        .collect();
+    assert_eq!(weights, vec![20.0, 50.0]);
+    let routes = get_json(&format!("{}/routes", router.admin)).await;
+    assert_eq!(
+        routes["stable"],
+        v2.url.as_str(),
+        "the new version is stable now"
+    );
+    assert_eq!(routes["canary"], serde_json::Value::Null);
+}
+
+/// A webhook receiver: answers 200 when `open`, 403 otherwise, and keeps every body.
+struct Gate {
+    url: String,
+    open: Arc<AtomicBool>,
+    bodies: Arc<Mutex<Vec<serde_json::Value>>>,
+}
+
+async fn gate() -> Gate {
+    use http_body_util::BodyExt;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/gate", listener.local_addr().unwrap());
+    let open = Arc::new(AtomicBool::new(false));
+    let bodies = Arc::new(Mutex::new(Vec::new()));
+    let (o, b) = (open.clone(), bodies.clone());
+    tokio::spawn(async move {
+        loop {
+            let (stream, _) = listener.accept().await.unwrap();
+            let (o, b) = (o.clone(), b.clone());
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(
+                    move |req: hyper::Request<hyper::body::Incoming>| {
+                        let (o, b) = (o.clone(), b.clone());
+                        async move {
+                            let body = req.into_body().collect().await.unwrap().to_bytes();
+                            b.lock()
+                                .unwrap()
+                                .push(serde_json::from_slice(&body).unwrap());
+                            let status = if o.load(Relaxed) { 200 } else { 403 };
+                            Ok::<_, Infallible>(
+                                hyper::Response::builder()
+                                    .status(status)
+                                    .body(http_body_util::Full::new(bytes::Bytes::new()))
+                                    .unwrap(),
+                            )
+                        }
+                    },
+                );
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    Gate { url, open, bodies }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn confirm_promotion_holds_in_waiting_promotion_until_the_gate_opens() {
+    let v1 = upstream("v1", &[]);
+    let v2 = upstream("v2", &[]);
+    let router = router(&["--stable", &v1.url]);
+    let gate = gate().await;
+    let analysis = format!(
+        "    interval: 500ms
+    threshold: 2
+    stepWeights: [50]
+    webhooks:
+      - name: release-manager
+        type: confirm-promotion
+        url: {}
+        timeout: 2s
+        metadata: {{ticket: REL-42}}
+",
+        gate.url
+    );
+    let file = write_rollout("gate", &rollout_yaml(&router, &v1, &v2, &analysis));
+    let run = tokio::spawn(async move { coalmine_run(&file, &[]).await });
+    // Closed for 3 s: the rollout must wait at 50 %, not promote and not fail.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let routes = get_json(&format!("{}/routes", router.admin)).await;
+    assert_eq!(routes["canaryWeight"], 50.0);
+    assert_eq!(routes["canary"], v2.url.as_str());
+    let asked = gate.bodies.lock().unwrap().len();
+    assert!(asked >= 3, "the gate is asked every interval ({asked})");
+    gate.open.store(true, Relaxed);
+    let run = run.await.unwrap();
+    assert_eq!(run.code, 0, "{:#?}", messages(&run));
+    let msgs = messages(&run).join("\n");
+    assert!(
+        msgs.contains(
+            "\"WaitingPromotion\" Halt: confirm-promotion release-manager (answered 403)"
+        ),
+        "{msgs}"
+    );
+    let body = gate.bodies.lock().unwrap()[0].clone();
+    assert_eq!(body["name"], "payment-service");
+    assert_eq!(body["namespace"], "default");
+    assert_eq!(body["metadata"]["ticket"], "REL-42");
+    assert!(body["phase"].is_string() && body["checksum"].as_str().is_some_and(|c| c.len() == 16));
+    let routes = get_json(&format!("{}/routes", router.admin)).await;
+    assert_eq!(routes["stable"], v2.url.as_str());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_router_holds_the_rollout_and_rolls_back_at_the_deadline() {
+    let v1 = upstream("v1", &[]);
+    let v2 = upstream("v2", &[]);
+    let mut router = router(&["--stable", &v1.url]);
+    let text = rollout_yaml(
+        &router,
+        &v1,
+        &v2,
+        "    interval: 500ms
+    threshold: 5
+    stepWeights: [10, 20, 30, 40, 50, 60, 70, 80, 90]
+",
+    )
+    .replace("  analysis:", "  progressDeadlineSeconds: 2\n  analysis:");
+    let file = write_rollout("unreachable", &text);
+    let run = tokio::spawn(async move { coalmine_run(&file, &[]).await });
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    router.proc.child.kill().unwrap();
+    let run = run.await.unwrap();
+    assert_eq!(run.code, 1, "{:#?}", messages(&run));
+    let msgs = messages(&run).join("\n");
+    assert!(msgs.contains("Holding weight: routers:"), "{msgs}");
+    assert!(msgs.contains("progressDeadlineSeconds"), "{msgs}");
+    assert_eq!(run.lines.last().unwrap()["routersUpdated"], false);
+}
+
+#[test]
+fn invalid_rollouts_exit_2_with_file_line_column_and_field() {
+    let file = write_rollout(
+        "invalid",
+        "apiVersion: coalmine.dev/v1alpha1
+kind: Rollout
+metadata:
+  name: x
+spec:
+  routers: [http://127.0.0.1:1]
+  stable: {url: http://127.0.0.1:2}
+  canary: {url: http://127.0.0.1:3}
+  analysis:
+    interval: 1m
+    stepWieght: 10
+",
+    );
+    let out = Command::new(BIN).args(["run", &file]).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains(&format!("{file}:11:5: spec.analysis")),
+        "{stderr}"
+    );
+    assert!(stderr.contains("did you mean `stepWeight`?"), "{stderr}");
+}
+
+#[test]
+fn the_demo_rolls_back_the_bad_v2_and_promotes_a_healthy_one() {
+    for (scenario, outcome) in [("bad", "rolledBack"), ("healthy", "promoted")] {
+        let out = Command::new(BIN)
+            .args(["demo", "--scenario", scenario, "--output", "json"])
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(out.status.code(), Some(0), "{scenario}: {stdout}");
+        let summary: serde_json::Value =
+            serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+        assert_eq!(summary["outcome"], outcome, "{summary}");
+        assert!(summary["seconds"].as_f64().unwrap() < 60.0);
+        assert_eq!(summary["routerErrors"], 0);
+        if scenario == "bad" {
+            // v2 got about 5 % of the traffic, and users met its bug only there.
+            let share =
+                summary["v2Requests"].as_f64().unwrap() / summary["requests"].as_f64().unwrap();
+            assert!(share < 0.06, "{summary}");
+            assert!(summary["v2Failures"].as_u64().unwrap() > 0, "{summary}");
+        }
+    }
+}

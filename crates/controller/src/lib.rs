@@ -1,0 +1,10 @@
+//! Coalmine's runtime: the edge around the pure core. It owns the clock, the sockets and the
+//! state on disk; the rollout state machine and the judges only see values it hands them.
+
+pub mod driver;
+pub mod routers;
+pub mod time;
+pub mod webhooks;
+pub mod window;
+
+pub use driver::{checksum, now_ms, Driver, DriverError, Sink};

@@ -1,0 +1,225 @@
+//! The built-in metrics over a sliding window of router counters: Flagger's
+//! `request-success-rate` (% of canary requests that were not 5xx) and `request-duration` (the
+//! canary's p99 in milliseconds), computed from `/stats` samples instead of Prometheus.
+
+use std::collections::{BTreeMap, VecDeque};
+
+use coalmine_judge::Reading;
+
+use crate::routers::{RouterStats, VersionStats};
+
+/// Counters of one version over a window, summed across routers.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Counts {
+    pub requests: u64,
+    pub server_errors: u64,
+    /// Latency histogram: microseconds → count.
+    pub latency: BTreeMap<u64, u64>,
+}
+
+impl Counts {
+    pub fn success_rate(&self) -> Reading {
+        if self.requests == 0 {
+            return Reading::NoData {
+                reason: "no canary requests in the window".into(),
+            };
+        }
+        let ok = self.requests - self.server_errors.min(self.requests);
+        Reading::Value {
+            value: 100.0 * ok as f64 / self.requests as f64,
+        }
+    }
+
+    /// The `q` quantile in milliseconds (nearest rank).
+    pub fn latency_quantile_ms(&self, q: f64) -> Reading {
+        let total: u64 = self.latency.values().sum();
+        if total == 0 {
+            return Reading::NoData {
+                reason: "no canary requests in the window".into(),
+            };
+        }
+        let rank = ((q * total as f64).ceil() as u64).clamp(1, total);
+        let mut seen = 0;
+        for (micros, n) in &self.latency {
+            seen += n;
+            if seen >= rank {
+                return Reading::Value {
+                    value: *micros as f64 / 1000.0,
+                };
+            }
+        }
+        unreachable!("rank ≤ total")
+    }
+
+    fn add_delta(&mut self, now: &VersionStats, before: Option<&VersionStats>) {
+        let errors = |v: &VersionStats| -> u64 {
+            v.statuses
+                .iter()
+                .filter(|(s, _)| **s >= 500)
+                .map(|(_, n)| n)
+                .sum()
+        };
+        let (base_requests, base_errors) = before.map_or((0, 0), |b| (b.requests, errors(b)));
+        self.requests += now.requests.saturating_sub(base_requests);
+        self.server_errors += errors(now).saturating_sub(base_errors);
+        let base: BTreeMap<u64, u64> = before
+            .map(|b| b.latency.counts.iter().copied().collect())
+            .unwrap_or_default();
+        for (micros, n) in &now.latency.counts {
+            let d = n.saturating_sub(base.get(micros).copied().unwrap_or(0));
+            if d > 0 {
+                *self.latency.entry(*micros).or_default() += d;
+            }
+        }
+    }
+}
+
+/// Samples of every router's counters, kept as long as the longest window needs.
+#[derive(Debug, Default)]
+pub struct StatsWindow {
+    samples: VecDeque<(u64, Vec<RouterStats>)>,
+    horizon_ms: u64,
+}
+
+impl StatsWindow {
+    pub fn new(horizon_ms: u64) -> StatsWindow {
+        StatsWindow {
+            samples: VecDeque::new(),
+            horizon_ms,
+        }
+    }
+
+    pub fn push(&mut self, at_ms: u64, stats: Vec<RouterStats>) {
+        self.samples.push_back((at_ms, stats));
+        // Keep one sample at or before the horizon as the baseline of the longest window.
+        while self.samples.len() > 2 && self.samples[1].0 + self.horizon_ms <= at_ms {
+            self.samples.pop_front();
+        }
+    }
+
+    /// The canary's counters over the last `window_ms`: newest sample minus the newest sample at
+    /// least `window_ms` old (or the oldest one, early on). A router that restarted in between
+    /// counts from zero.
+    pub fn canary(&self, window_ms: u64) -> Counts {
+        self.delta(window_ms, |s| &s.canary)
+    }
+
+    pub fn stable(&self, window_ms: u64) -> Counts {
+        self.delta(window_ms, |s| &s.stable)
+    }
+
+    fn delta(&self, window_ms: u64, version: impl Fn(&RouterStats) -> &VersionStats) -> Counts {
+        let mut out = Counts::default();
+        let Some((now_ms, latest)) = self.samples.back() else {
+            return out;
+        };
+        let cutoff = now_ms.saturating_sub(window_ms);
+        // The baseline is an older sample: with one sample nothing is known about any window.
+        let older = || self.samples.iter().rev().skip(1);
+        let Some((_, base)) = older()
+            .find(|(at, _)| *at <= cutoff)
+            .or_else(|| older().last())
+        else {
+            return out;
+        };
+        for (i, router) in latest.iter().enumerate() {
+            let before = base
+                .get(i)
+                .filter(|b| b.started_unix_ms == router.started_unix_ms)
+                .map(&version);
+            out.add_delta(version(router), before);
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::routers::Latency;
+
+    fn stats(started: u64, requests: u64, errors: u64, latency: &[(u64, u64)]) -> RouterStats {
+        let mut statuses = BTreeMap::new();
+        statuses.insert(200, requests - errors);
+        if errors > 0 {
+            statuses.insert(503, errors);
+        }
+        RouterStats {
+            instance: "r".into(),
+            started_unix_ms: started,
+            stable: VersionStats::default(),
+            canary: VersionStats {
+                requests,
+                statuses,
+                latency: Latency {
+                    counts: latency.to_vec(),
+                },
+            },
+        }
+    }
+
+    #[test]
+    fn window_subtracts_the_sample_at_its_start_and_sums_routers() {
+        let mut w = StatsWindow::new(60_000);
+        w.push(
+            0,
+            vec![stats(1, 100, 0, &[(1000, 100)]), stats(1, 0, 0, &[])],
+        );
+        w.push(
+            30_000,
+            vec![
+                stats(1, 200, 5, &[(1000, 195), (9000, 5)]),
+                stats(1, 50, 0, &[(2000, 50)]),
+            ],
+        );
+        w.push(
+            60_000,
+            vec![
+                stats(1, 300, 10, &[(1000, 290), (9000, 10)]),
+                stats(1, 100, 0, &[(2000, 100)]),
+            ],
+        );
+        let last_30s = w.canary(30_000);
+        assert_eq!(last_30s.requests, 100 + 50);
+        assert_eq!(last_30s.server_errors, 5);
+        assert_eq!(
+            last_30s.success_rate(),
+            Reading::Value {
+                value: 100.0 * 145.0 / 150.0
+            }
+        );
+        // 95 at 1 ms, 50 at 2 ms, 5 at 9 ms: p99 is rank 149 → 9 ms; p50 rank 75 → 1 ms.
+        assert_eq!(
+            last_30s.latency_quantile_ms(0.99),
+            Reading::Value { value: 9.0 }
+        );
+        assert_eq!(
+            last_30s.latency_quantile_ms(0.5),
+            Reading::Value { value: 1.0 }
+        );
+        assert_eq!(w.canary(60_000).requests, 300);
+    }
+
+    #[test]
+    fn a_restarted_router_counts_from_zero_and_one_sample_is_no_data() {
+        let mut w = StatsWindow::new(60_000);
+        w.push(0, vec![stats(1, 1000, 0, &[])]);
+        assert!(matches!(
+            w.canary(10_000).success_rate(),
+            Reading::NoData { .. }
+        ));
+        w.push(10_000, vec![stats(2, 40, 4, &[])]);
+        let c = w.canary(10_000);
+        assert_eq!((c.requests, c.server_errors), (40, 4));
+    }
+
+    #[test]
+    fn old_samples_are_dropped_past_the_horizon() {
+        let mut w = StatsWindow::new(20_000);
+        for i in 0..10 {
+            w.push(i * 10_000, vec![stats(1, i * 10, 0, &[])]);
+        }
+        assert!(w.samples.len() <= 4, "{}", w.samples.len());
+        assert_eq!(w.canary(20_000).requests, 20);
+    }
+}

@@ -1,0 +1,8 @@
+//! Verdicts from observations.
+//!
+//! Architecture invariant: the judge never does IO and never reads the clock. Observations come
+//! in as values (a metric reading, counts); a verdict goes out as a value.
+
+pub mod threshold;
+
+pub use threshold::{judge_threshold, Reading, Verdict};

@@ -1,0 +1,17 @@
+//! The rollout state machine: `(state, input, now) -> (state, actions)`.
+//!
+//! Architecture invariant: this crate never does IO and never reads the clock. Time comes in as
+//! milliseconds with each input; webhooks, metric readings and route changes are requested as
+//! [`Action`]s and answered as [`Input`]s. Production, `coalmine simulate` and the tests drive the
+//! same code.
+//!
+//! Phases and their order are Flagger's (see `ARCHITECTURE.md` for the tick-by-tick table).
+
+mod machine;
+mod plan;
+
+pub use machine::{
+    Action, Event, EventLevel, HookResult, Input, Machine, MetricStatus, Outcome, Phase, Question,
+    Status, Traffic,
+};
+pub use plan::{Check, Plan, Strategy, FULL_WEIGHT};

@@ -1,0 +1,673 @@
+use serde::{Deserialize, Serialize};
+
+use coalmine_judge::{judge_threshold, Reading, Verdict};
+use coalmine_spec::rollout::{FailureCounting, HookKind, NoDataRule};
+
+use crate::plan::{Plan, Strategy, FULL_WEIGHT};
+
+/// Flagger's canary phases, same names, same order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Phase {
+    Initializing,
+    Initialized,
+    Waiting,
+    Progressing,
+    WaitingPromotion,
+    Promoting,
+    Finalising,
+    Succeeded,
+    Failed,
+}
+
+impl Phase {
+    pub const ALL: [Phase; 9] = [
+        Phase::Initializing,
+        Phase::Initialized,
+        Phase::Waiting,
+        Phase::Progressing,
+        Phase::WaitingPromotion,
+        Phase::Promoting,
+        Phase::Finalising,
+        Phase::Succeeded,
+        Phase::Failed,
+    ];
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Initializing => "Initializing",
+            Phase::Initialized => "Initialized",
+            Phase::Waiting => "Waiting",
+            Phase::Progressing => "Progressing",
+            Phase::WaitingPromotion => "WaitingPromotion",
+            Phase::Promoting => "Promoting",
+            Phase::Finalising => "Finalising",
+            Phase::Succeeded => "Succeeded",
+            Phase::Failed => "Failed",
+        }
+    }
+    pub fn is_final(self) -> bool {
+        matches!(self, Phase::Succeeded | Phase::Failed)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum Outcome {
+    Promoted,
+    RolledBack,
+}
+
+/// What the machine waits for before its tick can go on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", tag = "kind", content = "hooks")]
+pub enum Question {
+    /// Call every webhook of this kind, in order, and report each result.
+    Hooks(HookKind),
+    /// Read every metric check of the plan, in order.
+    Analysis,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HookResult {
+    pub name: String,
+    /// Answered with a status ≤ 202 (Flagger's success).
+    pub ok: bool,
+    pub message: String,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Input {
+    /// The interval elapsed. `traffic` says whether the routers took the last route change.
+    Tick {
+        traffic: Result<(), String>,
+    },
+    Hooks {
+        kind: HookKind,
+        results: Vec<HookResult>,
+    },
+    /// One reading per check of the plan, in order.
+    Analysis {
+        readings: Vec<Reading>,
+    },
+    Promote,
+    Abort {
+        reason: String,
+    },
+    Pause,
+    Resume,
+    /// Something outside the analysis says the canary is bad (a firing alert, a sequential
+    /// judge's verdict): roll back now, not at the next tick.
+    RollBack {
+        reason: String,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EventLevel {
+    Info,
+    Warning,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Event {
+    pub time_ms: u64,
+    pub level: EventLevel,
+    pub phase: Phase,
+    /// Canary weight in basis points when the event happened.
+    pub weight: u32,
+    pub message: String,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Action {
+    /// Answer with [`Input::Hooks`] or [`Input::Analysis`].
+    Ask(Question),
+    /// Call these webhooks; their answers do not matter (post-rollout).
+    Notify(HookKind),
+    Event(Event),
+    Finished(Outcome),
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MetricStatus {
+    pub name: String,
+    pub reading: Reading,
+    pub verdict: Verdict,
+    pub time_ms: u64,
+}
+
+/// Where traffic should go now. The driver makes the routers agree after every input.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Traffic {
+    /// The new version has been promoted: it is the stable upstream and there is no canary.
+    pub promoted: bool,
+    /// Whether the canary upstream is in the route table at all.
+    pub canary: bool,
+    pub canary_weight: u32,
+    pub apply_match: bool,
+    pub mirror_weight: u32,
+}
+
+/// The whole persisted state of one rollout: enough to continue after a crash.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Status {
+    pub phase: Phase,
+    /// Basis points.
+    pub canary_weight: u32,
+    pub failed_checks: u32,
+    pub iterations: u32,
+    pub mirrored: bool,
+    pub promoted: bool,
+    pub paused: bool,
+    pub last_transition_ms: u64,
+    pub started_ms: u64,
+    /// Since when the rollout has been held without a verdict (no data, routers unreachable).
+    pub stalled_since_ms: Option<u64>,
+    pub next_tick_ms: Option<u64>,
+    pub message: String,
+    pub metrics: Vec<MetricStatus>,
+    pub pending: Option<Question>,
+    pub outcome: Option<Outcome>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Machine {
+    pub plan: Plan,
+    pub status: Status,
+}
+
+impl Machine {
+    /// A new rollout; its first tick is due at `now`.
+    pub fn new(plan: Plan, now: u64) -> Machine {
+        Machine {
+            plan,
+            status: Status {
+                phase: Phase::Initializing,
+                canary_weight: 0,
+                failed_checks: 0,
+                iterations: 0,
+                mirrored: false,
+                promoted: false,
+                paused: false,
+                last_transition_ms: now,
+                started_ms: now,
+                stalled_since_ms: None,
+                next_tick_ms: Some(now),
+                message: String::new(),
+                metrics: Vec::new(),
+                pending: None,
+                outcome: None,
+            },
+        }
+    }
+
+    /// Continues a persisted rollout.
+    pub fn resume(plan: Plan, status: Status) -> Machine {
+        Machine { plan, status }
+    }
+
+    /// The question to ask again after a restart, if the machine was waiting for an answer.
+    pub fn pending(&self) -> Option<Question> {
+        self.status.pending
+    }
+
+    pub fn traffic(&self) -> Traffic {
+        let s = &self.status;
+        let none = Traffic {
+            promoted: false,
+            canary: false,
+            canary_weight: 0,
+            apply_match: false,
+            mirror_weight: 0,
+        };
+        match s.phase {
+            Phase::Initializing | Phase::Initialized | Phase::Waiting | Phase::Failed => none,
+            _ if s.promoted => Traffic {
+                promoted: true,
+                ..none
+            },
+            Phase::Succeeded => Traffic {
+                promoted: true,
+                ..none
+            },
+            _ => {
+                let in_analysis = s.canary_weight > 0 || s.iterations > 0 || s.mirrored;
+                Traffic {
+                    promoted: false,
+                    canary: true,
+                    canary_weight: s.canary_weight,
+                    apply_match: self.plan.uses_match && in_analysis,
+                    mirror_weight: if s.mirrored {
+                        self.plan.mirror_weight.unwrap_or(FULL_WEIGHT)
+                    } else {
+                        0
+                    },
+                }
+            }
+        }
+    }
+
+    pub fn handle(&mut self, now: u64, input: Input) -> Vec<Action> {
+        let mut out = Vec::new();
+        if self.status.phase.is_final() {
+            return out;
+        }
+        match input {
+            Input::Tick { traffic } => self.tick(now, traffic, &mut out),
+            Input::Hooks { kind, results } => {
+                if self.status.pending == Some(Question::Hooks(kind)) {
+                    self.status.pending = None;
+                    self.hooks_answered(now, kind, &results, &mut out);
+                }
+            }
+            Input::Analysis { readings } => {
+                if self.status.pending == Some(Question::Analysis) {
+                    self.status.pending = None;
+                    self.analysis_answered(now, readings, &mut out);
+                }
+            }
+            Input::Promote => {
+                if !matches!(self.status.phase, Phase::Promoting | Phase::Finalising) {
+                    self.status.pending = None;
+                    self.enter(now, Phase::Promoting);
+                    self.event(
+                        now,
+                        EventLevel::Info,
+                        "Promotion requested by a user",
+                        &mut out,
+                    );
+                    self.status.next_tick_ms = Some(now);
+                }
+            }
+            Input::Abort { reason } => self.roll_back(now, &format!("aborted: {reason}"), &mut out),
+            Input::RollBack { reason } => self.roll_back(now, &reason, &mut out),
+            Input::Pause => {
+                self.status.paused = true;
+                self.event(now, EventLevel::Info, "Paused", &mut out);
+            }
+            Input::Resume => {
+                if self.status.paused {
+                    self.status.paused = false;
+                    self.status.stalled_since_ms = None;
+                    self.status.next_tick_ms = Some(now);
+                    self.event(now, EventLevel::Info, "Resumed", &mut out);
+                }
+            }
+        }
+        out
+    }
+
+    fn tick(&mut self, now: u64, traffic: Result<(), String>, out: &mut Vec<Action>) {
+        if self.status.next_tick_ms.is_some_and(|due| now < due) || self.status.pending.is_some() {
+            return;
+        }
+        self.status.next_tick_ms = Some(now + self.plan.interval_ms);
+        if self.status.paused {
+            return;
+        }
+        match self.status.phase {
+            Phase::Initializing => {
+                self.enter(now, Phase::Initialized);
+                self.event(now, EventLevel::Info, "Initialization done", out);
+                self.ask_or(now, HookKind::ConfirmRollout, out, Self::start_progressing);
+            }
+            Phase::Initialized | Phase::Waiting => {
+                self.ask_or(now, HookKind::ConfirmRollout, out, Self::start_progressing)
+            }
+            Phase::Progressing | Phase::WaitingPromotion => match traffic {
+                Err(reason) => self.stall(now, &format!("routers: {reason}"), out),
+                Ok(()) => self.ask_or(now, HookKind::Rollback, out, Self::analyse_or_gate),
+            },
+            Phase::Promoting => match traffic {
+                Err(reason) => self.stall(now, &format!("routers: {reason}"), out),
+                Ok(()) => self.promoting_step(now, out),
+            },
+            Phase::Finalising => match traffic {
+                Err(reason) => self.stall(now, &format!("routers: {reason}"), out),
+                Ok(()) => {
+                    self.enter(now, Phase::Succeeded);
+                    self.status.outcome = Some(Outcome::Promoted);
+                    self.status.next_tick_ms = None;
+                    self.event(now, EventLevel::Info, "Promotion completed", out);
+                    out.push(Action::Notify(HookKind::PostRollout));
+                    out.push(Action::Finished(Outcome::Promoted));
+                }
+            },
+            Phase::Succeeded | Phase::Failed => {}
+        }
+    }
+
+    /// Flagger's "New revision detected": weights, checks and iterations start from zero.
+    fn start_progressing(&mut self, now: u64, out: &mut Vec<Action>) {
+        self.enter(now, Phase::Progressing);
+        self.status.canary_weight = 0;
+        self.status.failed_checks = 0;
+        self.status.iterations = 0;
+        self.status.mirrored = false;
+        self.status.stalled_since_ms = None;
+        self.event(
+            now,
+            EventLevel::Info,
+            "New revision detected, progressing canary analysis",
+            out,
+        );
+    }
+
+    /// After the rollback hooks said nothing: the threshold check, then the analysis.
+    fn analyse_or_gate(&mut self, now: u64, out: &mut Vec<Action>) {
+        if self.status.failed_checks >= self.plan.threshold {
+            let reason = format!(
+                "Canary failed {} checks (threshold {})",
+                self.status.failed_checks, self.plan.threshold
+            );
+            return self.roll_back(now, &reason, out);
+        }
+        if self.plan.skip_analysis {
+            self.enter(now, Phase::Promoting);
+            self.event(now, EventLevel::Info, "Analysis skipped, promoting", out);
+            return;
+        }
+        let s = &self.status;
+        if s.canary_weight == 0 && s.iterations == 0 && !s.mirrored {
+            // Flagger runs no metric checks at weight 0: there is nothing to measure yet.
+            self.ask_or(now, HookKind::PreRollout, out, |m, now, out| {
+                m.event(now, EventLevel::Info, "Starting canary analysis", out);
+                m.strategy_step(now, out);
+            });
+        } else {
+            self.ask_or(now, HookKind::Rollout, out, Self::ask_analysis);
+        }
+    }
+
+    fn ask_analysis(&mut self, now: u64, out: &mut Vec<Action>) {
+        if self.plan.checks.is_empty() {
+            return self.analysis_passed(now, out);
+        }
+        self.status.pending = Some(Question::Analysis);
+        out.push(Action::Ask(Question::Analysis));
+    }
+
+    fn analysis_answered(&mut self, now: u64, readings: Vec<Reading>, out: &mut Vec<Action>) {
+        let mut failures = Vec::new();
+        let mut inconclusive = Vec::new();
+        self.status.metrics.clear();
+        for (i, check) in self.plan.checks.iter().enumerate() {
+            let reading = readings.get(i).cloned().unwrap_or(Reading::Error {
+                reason: "no reading was taken".into(),
+            });
+            let verdict = judge_threshold(&reading, check.range.min, check.range.max);
+            match &verdict {
+                Verdict::Fail { reason } => failures.push(format!("{}: {reason}", check.name)),
+                Verdict::Inconclusive { reason } => {
+                    inconclusive.push(format!("{}: {reason}", check.name))
+                }
+                Verdict::Pass => {}
+            }
+            self.status.metrics.push(MetricStatus {
+                name: check.name.clone(),
+                reading,
+                verdict,
+                time_ms: now,
+            });
+        }
+        if !failures.is_empty() {
+            self.failed_check(now, &failures.join("; "), out);
+        } else if !inconclusive.is_empty() {
+            let reason = inconclusive.join("; ");
+            match self.plan.no_data {
+                NoDataRule::Fail => self.failed_check(now, &reason, out),
+                NoDataRule::Hold => self.stall(now, &reason, out),
+            }
+        } else {
+            self.analysis_passed(now, out);
+        }
+    }
+
+    fn analysis_passed(&mut self, now: u64, out: &mut Vec<Action>) {
+        self.status.stalled_since_ms = None;
+        if self.plan.failure_counting == FailureCounting::Consecutive {
+            self.status.failed_checks = 0;
+        }
+        self.strategy_step(now, out);
+    }
+
+    fn failed_check(&mut self, now: u64, reason: &str, out: &mut Vec<Action>) {
+        self.status.failed_checks += 1;
+        self.status.stalled_since_ms = None;
+        let message = format!(
+            "Halt advancement: {reason} (failed checks {}/{})",
+            self.status.failed_checks, self.plan.threshold
+        );
+        self.status.message = message.clone();
+        self.event(now, EventLevel::Warning, &message, out);
+    }
+
+    /// Held without a verdict. The progress deadline bounds how long.
+    fn stall(&mut self, now: u64, reason: &str, out: &mut Vec<Action>) {
+        let since = *self.status.stalled_since_ms.get_or_insert(now);
+        if now.saturating_sub(since) >= self.plan.progress_deadline_ms {
+            let reason = format!(
+                "no progress for {}s (progressDeadlineSeconds): {reason}",
+                self.plan.progress_deadline_ms / 1000
+            );
+            return self.roll_back(now, &reason, out);
+        }
+        let message = format!("Holding weight: {reason}");
+        self.status.message = message.clone();
+        self.event(now, EventLevel::Warning, &message, out);
+    }
+
+    /// The analysis passed: move the canary on by its strategy.
+    fn strategy_step(&mut self, now: u64, out: &mut Vec<Action>) {
+        match self.plan.strategy.clone() {
+            Strategy::Canary { mirror_first, .. } => {
+                let s = &self.status;
+                if mirror_first && !s.mirrored && s.canary_weight == 0 {
+                    self.status.mirrored = true;
+                    self.event(now, EventLevel::Info, "Starting traffic mirroring", out);
+                } else if s.canary_weight < self.plan.max_weight() {
+                    self.ask_or(
+                        now,
+                        HookKind::ConfirmTrafficIncrease,
+                        out,
+                        Self::raise_weight,
+                    );
+                } else {
+                    self.ask_or(now, HookKind::ConfirmPromotion, out, Self::start_promotion);
+                }
+            }
+            Strategy::AbTesting { iterations } => {
+                if self.status.iterations < iterations {
+                    self.next_iteration(now, iterations, out);
+                } else {
+                    self.ask_or(now, HookKind::ConfirmPromotion, out, Self::start_promotion);
+                }
+            }
+            Strategy::BlueGreen { iterations, mirror } => {
+                if self.status.iterations < iterations {
+                    self.status.mirrored = mirror;
+                    self.next_iteration(now, iterations, out);
+                } else if self.status.iterations == iterations {
+                    self.ask_or(now, HookKind::ConfirmPromotion, out, |m, now, out| {
+                        m.status.canary_weight = FULL_WEIGHT;
+                        m.status.mirrored = false;
+                        m.status.iterations += 1;
+                        m.event(now, EventLevel::Info, "Routing all traffic to canary", out);
+                    });
+                } else {
+                    self.start_promotion(now, out);
+                }
+            }
+        }
+    }
+
+    fn next_iteration(&mut self, now: u64, of: u32, out: &mut Vec<Action>) {
+        self.status.iterations += 1;
+        let message = format!("Advance canary iteration {}/{of}", self.status.iterations);
+        self.event(now, EventLevel::Info, &message, out);
+    }
+
+    fn raise_weight(&mut self, now: u64, out: &mut Vec<Action>) {
+        let Some(next) = self.plan.next_weight(self.status.canary_weight) else {
+            return;
+        };
+        self.status.canary_weight = next;
+        self.status.mirrored = false;
+        let message = format!("Advance canary weight {}", percent(next));
+        self.event(now, EventLevel::Info, &message, out);
+    }
+
+    fn start_promotion(&mut self, now: u64, out: &mut Vec<Action>) {
+        self.enter(now, Phase::Promoting);
+        self.event(
+            now,
+            EventLevel::Info,
+            "Analysis passed, promoting the canary",
+            out,
+        );
+    }
+
+    /// Promoting: shift the rest of the traffic, at once or by `stepWeightPromotion` per tick.
+    fn promoting_step(&mut self, now: u64, out: &mut Vec<Action>) {
+        if let Some(step) = self.plan.step_weight_promotion {
+            let next = self.status.canary_weight.saturating_add(step);
+            if next < FULL_WEIGHT {
+                self.status.canary_weight = next;
+                let message = format!("Promotion: canary weight {}", percent(next));
+                self.event(now, EventLevel::Info, &message, out);
+                return;
+            }
+        }
+        self.status.promoted = true;
+        self.status.canary_weight = 0;
+        self.status.mirrored = false;
+        self.enter(now, Phase::Finalising);
+        self.event(
+            now,
+            EventLevel::Info,
+            "Routing all traffic to the new version",
+            out,
+        );
+    }
+
+    fn roll_back(&mut self, now: u64, reason: &str, out: &mut Vec<Action>) {
+        if self.status.phase.is_final() {
+            return;
+        }
+        self.status.pending = None;
+        self.status.canary_weight = 0;
+        self.status.mirrored = false;
+        self.status.promoted = false;
+        self.status.next_tick_ms = None;
+        self.status.outcome = Some(Outcome::RolledBack);
+        let message = format!("Rolling back: {reason}");
+        self.status.message = message.clone();
+        self.enter(now, Phase::Failed);
+        self.event(now, EventLevel::Warning, &message, out);
+        out.push(Action::Notify(HookKind::PostRollout));
+        out.push(Action::Finished(Outcome::RolledBack));
+    }
+
+    /// Asks for the webhooks of `kind` when the plan has any; otherwise goes on at once.
+    fn ask_or(
+        &mut self,
+        now: u64,
+        kind: HookKind,
+        out: &mut Vec<Action>,
+        then: impl FnOnce(&mut Self, u64, &mut Vec<Action>),
+    ) {
+        if self.plan.has_hooks(kind) {
+            self.status.pending = Some(Question::Hooks(kind));
+            out.push(Action::Ask(Question::Hooks(kind)));
+        } else {
+            then(self, now, out);
+        }
+    }
+
+    fn hooks_answered(
+        &mut self,
+        now: u64,
+        kind: HookKind,
+        results: &[HookResult],
+        out: &mut Vec<Action>,
+    ) {
+        let failed: Vec<String> = results
+            .iter()
+            .filter(|r| !r.ok)
+            .map(|r| format!("{} ({})", r.name, r.message))
+            .collect();
+        let passed = failed.is_empty();
+        let why = failed.join(", ");
+        match kind {
+            HookKind::ConfirmRollout if passed => self.start_progressing(now, out),
+            HookKind::ConfirmRollout => {
+                self.enter(now, Phase::Waiting);
+                let message = format!("Halt: confirm-rollout check {why} has not passed");
+                self.status.message = message.clone();
+                self.event(now, EventLevel::Info, &message, out);
+            }
+            HookKind::Rollback => {
+                if let Some(hook) = results.iter().find(|r| r.ok) {
+                    let reason = format!("rollback webhook {} asked for it", hook.name);
+                    self.roll_back(now, &reason, out);
+                } else {
+                    self.analyse_or_gate(now, out);
+                }
+            }
+            HookKind::PreRollout if passed => {
+                self.event(now, EventLevel::Info, "Starting canary analysis", out);
+                self.strategy_step(now, out);
+            }
+            HookKind::PreRollout => self.failed_check(now, &format!("pre-rollout {why}"), out),
+            HookKind::Rollout if passed => self.ask_analysis(now, out),
+            HookKind::Rollout => self.failed_check(now, &format!("rollout webhook {why}"), out),
+            HookKind::ConfirmTrafficIncrease if passed => self.raise_weight(now, out),
+            HookKind::ConfirmTrafficIncrease => {
+                let message = format!("Halt: confirm-traffic-increase {why} has not passed");
+                self.status.message = message.clone();
+                self.event(now, EventLevel::Info, &message, out);
+            }
+            HookKind::ConfirmPromotion if passed => self.start_promotion(now, out),
+            HookKind::ConfirmPromotion => {
+                if self.status.phase != Phase::WaitingPromotion {
+                    self.enter(now, Phase::WaitingPromotion);
+                }
+                let message = format!("Halt: confirm-promotion {why} has not passed");
+                self.status.message = message.clone();
+                self.event(now, EventLevel::Info, &message, out);
+            }
+            HookKind::PostRollout | HookKind::Event => {}
+        }
+    }
+
+    fn enter(&mut self, now: u64, phase: Phase) {
+        if self.status.phase != phase {
+            self.status.phase = phase;
+            self.status.last_transition_ms = now;
+        }
+    }
+
+    fn event(&mut self, now: u64, level: EventLevel, message: &str, out: &mut Vec<Action>) {
+        if level == EventLevel::Info {
+            self.status.message = message.to_string();
+        }
+        out.push(Action::Event(Event {
+            time_ms: now,
+            level,
+            phase: self.status.phase,
+            weight: self.status.canary_weight,
+            message: message.to_string(),
+        }));
+    }
+}
+
+/// Basis points as a percentage for messages: 500 → "5", 50 → "0.5".
+fn percent(bp: u32) -> String {
+    let s = format!("{:.2}", f64::from(bp) / 100.0);
+    s.trim_end_matches('0').trim_end_matches('.').to_string()
+}

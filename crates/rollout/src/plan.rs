@@ -1,0 +1,140 @@
+//! What a rollout will do, compiled once from its document: the strategy, the weight ladder, the
+//! checks and which webhook kinds exist.
+
+use std::collections::BTreeSet;
+
+use serde::{Deserialize, Serialize};
+
+use coalmine_spec::rollout::{Analysis, FailureCounting, HookKind, NoDataRule, ThresholdRange};
+
+pub const FULL_WEIGHT: u32 = 10_000;
+
+/// How traffic reaches the canary while it is analysed (Flagger's three deployment strategies).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", tag = "kind")]
+pub enum Strategy {
+    /// Progressive weights. `ladder` holds each weight in basis points, rising, ending at the
+    /// maximum: `stepWeights` as given, or `stepWeight` multiples capped at `maxWeight` (Flagger
+    /// overshoots `maxWeight` when it is not a multiple; Coalmine stops at it).
+    Canary {
+        ladder: Vec<u32>,
+        mirror_first: bool,
+    },
+    /// Requests matching `match` go to the canary for `iterations` checks.
+    AbTesting { iterations: u32 },
+    /// No user traffic (or a mirrored copy) for `iterations` checks, then all at once.
+    BlueGreen { iterations: u32, mirror: bool },
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Check {
+    pub name: String,
+    pub range: ThresholdRange,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Plan {
+    pub interval_ms: u64,
+    pub threshold: u32,
+    pub strategy: Strategy,
+    pub step_weight_promotion: Option<u32>,
+    pub checks: Vec<Check>,
+    pub hook_kinds: BTreeSet<HookKind>,
+    pub no_data: NoDataRule,
+    pub failure_counting: FailureCounting,
+    pub progress_deadline_ms: u64,
+    pub skip_analysis: bool,
+    /// Whether `match` rules send requests to the canary during the analysis.
+    pub uses_match: bool,
+    pub mirror_weight: Option<u32>,
+}
+
+impl Plan {
+    pub fn new(analysis: &Analysis, progress_deadline_seconds: u64, skip_analysis: bool) -> Plan {
+        let iterations = analysis.iterations.unwrap_or(0);
+        let has_match = !analysis.match_.is_empty();
+        let strategy = if analysis.step_weight.is_none() && analysis.step_weights.is_empty() {
+            if has_match {
+                Strategy::AbTesting {
+                    iterations: iterations.max(1),
+                }
+            } else {
+                Strategy::BlueGreen {
+                    iterations: iterations.max(1),
+                    mirror: analysis.mirror,
+                }
+            }
+        } else {
+            Strategy::Canary {
+                ladder: ladder(analysis),
+                mirror_first: analysis.mirror,
+            }
+        };
+        Plan {
+            interval_ms: analysis.interval.0.as_millis() as u64,
+            threshold: analysis.threshold.unwrap_or(1).max(1),
+            strategy,
+            step_weight_promotion: analysis.step_weight_promotion.map(|p| p.basis_points),
+            checks: analysis
+                .metrics
+                .iter()
+                .map(|m| Check {
+                    name: m.name.clone(),
+                    range: m.range(),
+                })
+                .collect(),
+            hook_kinds: analysis.webhooks.iter().map(|w| w.kind).collect(),
+            no_data: analysis.no_data,
+            failure_counting: analysis.failure_counting,
+            progress_deadline_ms: progress_deadline_seconds.saturating_mul(1000),
+            skip_analysis,
+            uses_match: has_match,
+            mirror_weight: analysis.mirror_weight.map(|p| p.basis_points),
+        }
+    }
+
+    /// The weight the canary ends its analysis at (basis points).
+    pub fn max_weight(&self) -> u32 {
+        match &self.strategy {
+            Strategy::Canary { ladder, .. } => ladder.last().copied().unwrap_or(FULL_WEIGHT),
+            _ => 0,
+        }
+    }
+
+    /// The next rung above `weight`, if any.
+    pub fn next_weight(&self, weight: u32) -> Option<u32> {
+        match &self.strategy {
+            Strategy::Canary { ladder, .. } => ladder.iter().copied().find(|w| *w > weight),
+            _ => None,
+        }
+    }
+
+    pub fn has_hooks(&self, kind: HookKind) -> bool {
+        self.hook_kinds.contains(&kind)
+    }
+}
+
+fn ladder(analysis: &Analysis) -> Vec<u32> {
+    if !analysis.step_weights.is_empty() {
+        return analysis
+            .step_weights
+            .iter()
+            .map(|w| w.basis_points)
+            .collect();
+    }
+    let max = analysis
+        .max_weight
+        .map(|w| w.basis_points)
+        .unwrap_or(FULL_WEIGHT);
+    let step = analysis.step_weight.map(|w| w.basis_points).unwrap_or(max);
+    let mut out = Vec::new();
+    let mut w = step;
+    while w < max {
+        out.push(w);
+        w += step;
+    }
+    out.push(max);
+    out
+}

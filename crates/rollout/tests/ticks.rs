@@ -1,0 +1,511 @@
+//! The state machine driven tick by tick on a virtual clock, as Flagger's own scheduler tests do.
+
+use coalmine_judge::Reading;
+use coalmine_rollout::{Action, HookResult, Input, Machine, Outcome, Phase, Plan, Question};
+use coalmine_spec::rollout::{Analysis, HookKind};
+
+const MINUTE: u64 = 60_000;
+
+fn analysis(yaml: &str) -> Analysis {
+    coalmine_spec::parse_yaml("analysis.yaml", yaml).unwrap()
+}
+
+/// Flagger's Istio tutorial: interval 1m, threshold 5, stepWeight 10, maxWeight 50.
+const TUTORIAL: &str = "
+interval: 1m
+threshold: 5
+stepWeight: 10
+maxWeight: 50
+metrics:
+  - name: request-success-rate
+    thresholdRange: {min: 99}
+    interval: 1m
+  - name: request-duration
+    thresholdRange: {max: 500}
+    interval: 30s
+";
+
+/// Drives a machine like the runtime does: ticks at each due time, answering questions with
+/// `answer`. Returns what each tick ended in.
+struct Harness {
+    machine: Machine,
+    now: u64,
+    events: Vec<String>,
+    outcome: Option<Outcome>,
+    hooks_called: Vec<(u64, HookKind)>,
+}
+
+impl Harness {
+    fn new(yaml: &str) -> Harness {
+        Harness::with_deadline(yaml, 600)
+    }
+
+    fn with_deadline(yaml: &str, progress_deadline_seconds: u64) -> Harness {
+        let plan = Plan::new(&analysis(yaml), progress_deadline_seconds, false);
+        Harness {
+            machine: Machine::new(plan, 0),
+            now: 0,
+            events: Vec::new(),
+            outcome: None,
+            hooks_called: Vec::new(),
+        }
+    }
+
+    /// Runs the tick due next, answering every question the machine asks.
+    fn tick(&mut self, answer: &mut dyn FnMut(u64, Question) -> Input) {
+        self.now = self.machine.status.next_tick_ms.expect("a tick is due");
+        let mut inputs = vec![Input::Tick { traffic: Ok(()) }];
+        while let Some(input) = inputs.pop() {
+            for action in self.machine.handle(self.now, input) {
+                match action {
+                    Action::Ask(q) => {
+                        if let Question::Hooks(kind) = q {
+                            self.hooks_called.push((self.now, kind));
+                        }
+                        inputs.push(answer(self.now, q));
+                    }
+                    Action::Event(e) => self.events.push(e.message),
+                    Action::Finished(o) => self.outcome = Some(o),
+                    Action::Notify(kind) => self.hooks_called.push((self.now, kind)),
+                }
+            }
+        }
+    }
+
+    fn phase(&self) -> Phase {
+        self.machine.status.phase
+    }
+    fn weight(&self) -> u32 {
+        self.machine.status.canary_weight / 100
+    }
+}
+
+fn healthy(_: u64, q: Question) -> Input {
+    match q {
+        Question::Analysis => Input::Analysis {
+            readings: vec![
+                Reading::Value { value: 99.9 },
+                Reading::Value { value: 120.0 },
+            ],
+        },
+        Question::Hooks(kind) => Input::Hooks {
+            kind,
+            results: vec![],
+        },
+    }
+}
+
+fn failing(_: u64, q: Question) -> Input {
+    match q {
+        Question::Analysis => Input::Analysis {
+            readings: vec![
+                Reading::Value { value: 90.0 },
+                Reading::Value { value: 120.0 },
+            ],
+        },
+        Question::Hooks(kind) => Input::Hooks {
+            kind,
+            results: vec![],
+        },
+    }
+}
+
+#[test]
+fn flaggers_timing_table_for_a_healthy_canary() {
+    let mut h = Harness::new(TUTORIAL);
+    // (tick, phase after it, weight after it), from the table in flagger-semantics §2.3.
+    let expected = [
+        (0, Phase::Progressing, 0),
+        (1, Phase::Progressing, 10),
+        (2, Phase::Progressing, 20),
+        (3, Phase::Progressing, 30),
+        (4, Phase::Progressing, 40),
+        (5, Phase::Progressing, 50),
+        (6, Phase::Promoting, 50),
+        (7, Phase::Finalising, 0),
+        (8, Phase::Succeeded, 0),
+    ];
+    for (tick, phase, weight) in expected {
+        h.tick(&mut healthy);
+        assert_eq!(h.now, tick * MINUTE);
+        assert_eq!((h.phase(), h.weight()), (phase, weight), "at T{tick}");
+    }
+    assert!(h.machine.traffic().promoted);
+    assert_eq!(h.outcome, Some(Outcome::Promoted));
+    assert_eq!(h.machine.status.next_tick_ms, None);
+}
+
+#[test]
+fn flaggers_timing_table_for_a_failing_canary() {
+    let mut h = Harness::new(TUTORIAL);
+    for tick in 0..=6u32 {
+        h.tick(&mut failing);
+        let expected_failures = tick.saturating_sub(1);
+        assert_eq!(
+            h.machine.status.failed_checks, expected_failures,
+            "at T{tick}"
+        );
+        assert_eq!(h.phase(), Phase::Progressing, "at T{tick}");
+        assert_eq!(h.weight(), if tick == 0 { 0 } else { 10 }, "held at 10 %");
+    }
+    h.tick(&mut failing);
+    assert_eq!(h.now, 7 * MINUTE);
+    assert_eq!(h.phase(), Phase::Failed);
+    assert_eq!(h.outcome, Some(Outcome::RolledBack));
+    let traffic = h.machine.traffic();
+    assert!(!traffic.canary && !traffic.promoted && traffic.canary_weight == 0);
+    assert!(h.events.last().unwrap().contains("failed 5 checks"));
+}
+
+#[test]
+fn failed_checks_add_up_over_the_run_unless_counting_is_consecutive() {
+    // Fails on every other tick: with Flagger's total count it is rolled back; with consecutive
+    // counting it never reaches two failures in a row and is promoted.
+    let flaky_yaml = format!("{TUTORIAL}stepWeights: [10, 20, 30, 40, 50, 60, 70, 80]\n")
+        .replace("stepWeight: 10\nmaxWeight: 50\n", "")
+        .replace("threshold: 5", "threshold: 2");
+    let flaky = |now: u64, q: Question| {
+        if (now / MINUTE).is_multiple_of(2) {
+            failing(now, q)
+        } else {
+            healthy(now, q)
+        }
+    };
+    let mut total = Harness::new(&flaky_yaml);
+    for _ in 0..30 {
+        if total.outcome.is_some() {
+            break;
+        }
+        total.tick(&mut { flaky });
+    }
+    assert_eq!(total.outcome, Some(Outcome::RolledBack));
+
+    let mut consecutive = Harness::new(&format!("{flaky_yaml}failureCounting: consecutive\n"));
+    for _ in 0..40 {
+        if consecutive.outcome.is_some() {
+            break;
+        }
+        consecutive.tick(&mut { flaky });
+    }
+    assert_eq!(consecutive.outcome, Some(Outcome::Promoted));
+}
+
+#[test]
+fn no_data_holds_the_weight_until_the_deadline_unless_told_to_fail() {
+    let silent = |_: u64, q: Question| match q {
+        Question::Analysis => Input::Analysis {
+            readings: vec![
+                Reading::NoData {
+                    reason: "no requests".into(),
+                },
+                Reading::NoData {
+                    reason: "no requests".into(),
+                },
+            ],
+        },
+        Question::Hooks(kind) => Input::Hooks {
+            kind,
+            results: vec![],
+        },
+    };
+    let mut hold = Harness::new(TUTORIAL);
+    for _ in 0..12 {
+        hold.tick(&mut { silent });
+    }
+    // T1 raised to 10 %, then ten ticks of no data (T2..T11): held, never counted as failures.
+    assert_eq!((hold.phase(), hold.weight()), (Phase::Progressing, 10));
+    assert_eq!(hold.machine.status.failed_checks, 0);
+    assert!(hold.machine.status.message.contains("no data"));
+    // The deadline (600 s) counts from the first held tick (T2): T12 rolls back.
+    hold.tick(&mut { silent });
+    assert_eq!(hold.now, 12 * MINUTE);
+    assert_eq!(hold.phase(), Phase::Failed);
+    assert!(hold
+        .events
+        .last()
+        .unwrap()
+        .contains("progressDeadlineSeconds"));
+
+    let mut flagger = Harness::new(&format!("{TUTORIAL}noData: fail\n"));
+    for _ in 0..8 {
+        flagger.tick(&mut { silent });
+    }
+    assert_eq!(
+        flagger.phase(),
+        Phase::Failed,
+        "Flagger's rule: T7 rollback"
+    );
+    assert_eq!(flagger.now, 7 * MINUTE);
+}
+
+#[test]
+fn an_unreachable_router_holds_and_rolls_back_at_the_deadline() {
+    let mut h = Harness::with_deadline(&TUTORIAL.replace("interval: 1m\n", "interval: 10s\n"), 30);
+    h.tick(&mut healthy);
+    h.tick(&mut healthy);
+    assert_eq!(h.weight(), 10);
+    let mut now = h.now;
+    let mut rolled_back_at = None;
+    for _ in 0..10 {
+        now += 10_000;
+        let actions = h.machine.handle(
+            now,
+            Input::Tick {
+                traffic: Err("connection refused".into()),
+            },
+        );
+        if actions.contains(&Action::Finished(Outcome::RolledBack)) {
+            rolled_back_at = Some(now);
+            break;
+        }
+        assert!(h.machine.status.message.contains("connection refused"));
+        assert_eq!(h.weight(), 10, "held");
+    }
+    // Held from 20 s; 30 s later the deadline rolls it back.
+    assert_eq!(rolled_back_at, Some(50_000));
+}
+
+#[test]
+fn max_weight_is_never_overshot() {
+    let plan = Plan::new(
+        &analysis("interval: 1m\nstepWeight: 20\nmaxWeight: 50\n"),
+        600,
+        false,
+    );
+    let mut weights = Vec::new();
+    let mut w = 0;
+    while let Some(next) = plan.next_weight(w) {
+        weights.push(next / 100);
+        w = next;
+    }
+    assert_eq!(weights, vec![20, 40, 50], "Flagger would go to 60");
+}
+
+#[test]
+fn confirm_promotion_holds_in_waiting_promotion_until_opened() {
+    let yaml = format!(
+        "{TUTORIAL}webhooks:\n  - name: gate\n    type: confirm-promotion\n    url: http://127.0.0.1:1/gate\n"
+    );
+    let mut h = Harness::new(&yaml);
+    let mut open = false;
+    let mut gate = |now: u64, q: Question| match q {
+        Question::Hooks(HookKind::ConfirmPromotion) => Input::Hooks {
+            kind: HookKind::ConfirmPromotion,
+            results: vec![HookResult {
+                name: "gate".into(),
+                ok: open,
+                message: if open { "200" } else { "403" }.into(),
+            }],
+        },
+        other => healthy(now, other),
+    };
+    for _ in 0..=9 {
+        h.tick(&mut gate);
+    }
+    assert_eq!((h.phase(), h.weight()), (Phase::WaitingPromotion, 50));
+    assert_eq!(h.machine.status.failed_checks, 0);
+    open = true;
+    let mut gate = |now: u64, q: Question| match q {
+        Question::Hooks(HookKind::ConfirmPromotion) => Input::Hooks {
+            kind: HookKind::ConfirmPromotion,
+            results: vec![HookResult {
+                name: "gate".into(),
+                ok: open,
+                message: "200".into(),
+            }],
+        },
+        other => healthy(now, other),
+    };
+    h.tick(&mut gate);
+    assert_eq!(h.phase(), Phase::Promoting);
+    h.tick(&mut gate);
+    h.tick(&mut gate);
+    assert_eq!(h.outcome, Some(Outcome::Promoted));
+}
+
+#[test]
+fn webhook_kinds_run_where_flagger_runs_them() {
+    let mut yaml = TUTORIAL.to_string();
+    yaml += "webhooks:\n";
+    for kind in [
+        "confirm-rollout",
+        "pre-rollout",
+        "rollout",
+        "confirm-traffic-increase",
+        "confirm-promotion",
+        "post-rollout",
+        "rollback",
+    ] {
+        yaml += &format!("  - name: {kind}\n    type: {kind}\n    url: http://127.0.0.1:1/\n");
+    }
+    let mut h = Harness::new(&yaml);
+    while h.outcome.is_none() {
+        h.tick(&mut |now, q| match q {
+            // A rollback hook answering with an error means "do not roll back".
+            Question::Hooks(HookKind::Rollback) => Input::Hooks {
+                kind: HookKind::Rollback,
+                results: vec![HookResult {
+                    name: "rollback".into(),
+                    ok: false,
+                    message: "404".into(),
+                }],
+            },
+            other => healthy(now, other),
+        });
+    }
+    let at = |kind| -> Vec<u64> {
+        h.hooks_called
+            .iter()
+            .filter(|(_, k)| *k == kind)
+            .map(|(t, _)| t / MINUTE)
+            .collect()
+    };
+    assert_eq!(at(HookKind::ConfirmRollout), vec![0]);
+    assert_eq!(at(HookKind::PreRollout), vec![1]);
+    assert_eq!(at(HookKind::Rollout), vec![2, 3, 4, 5, 6]);
+    assert_eq!(at(HookKind::ConfirmTrafficIncrease), vec![1, 2, 3, 4, 5]);
+    assert_eq!(at(HookKind::ConfirmPromotion), vec![6]);
+    assert_eq!(at(HookKind::Rollback), vec![1, 2, 3, 4, 5, 6]);
+    assert_eq!(at(HookKind::PostRollout), vec![8]);
+}
+
+#[test]
+fn a_rollback_webhook_that_answers_ok_rolls_back() {
+    let yaml = format!(
+        "{TUTORIAL}webhooks:\n  - name: stop\n    type: rollback\n    url: http://127.0.0.1:1/\n"
+    );
+    let mut h = Harness::new(&yaml);
+    h.tick(&mut healthy);
+    h.tick(&mut healthy);
+    h.tick(&mut |now, q| match q {
+        Question::Hooks(HookKind::Rollback) => Input::Hooks {
+            kind: HookKind::Rollback,
+            results: vec![HookResult {
+                name: "stop".into(),
+                ok: true,
+                message: "200".into(),
+            }],
+        },
+        other => healthy(now, other),
+    });
+    assert_eq!(h.phase(), Phase::Failed);
+    assert!(h.events.last().unwrap().contains("rollback webhook stop"));
+}
+
+#[test]
+fn a_failing_pre_rollout_hook_rolls_back_at_t6_without_traffic() {
+    let yaml = format!("{TUTORIAL}webhooks:\n  - name: smoke\n    type: pre-rollout\n    url: http://127.0.0.1:1/\n");
+    let mut h = Harness::new(&yaml);
+    let mut refuse = |now: u64, q: Question| match q {
+        Question::Hooks(HookKind::PreRollout) => Input::Hooks {
+            kind: HookKind::PreRollout,
+            results: vec![HookResult {
+                name: "smoke".into(),
+                ok: false,
+                message: "500".into(),
+            }],
+        },
+        other => healthy(now, other),
+    };
+    while h.outcome.is_none() {
+        h.tick(&mut refuse);
+        assert_eq!(h.weight(), 0);
+    }
+    assert_eq!(h.now, 6 * MINUTE);
+    assert_eq!(h.phase(), Phase::Failed);
+}
+
+#[test]
+fn ab_testing_and_blue_green_follow_flaggers_tick_counts() {
+    let ab = "interval: 1m\nthreshold: 2\niterations: 3\nmatch:\n  - headers:\n      x-canary: {exact: insider}\n";
+    let mut h = Harness::new(ab);
+    let mut phases = Vec::new();
+    while h.outcome.is_none() {
+        h.tick(&mut healthy);
+        phases.push(h.phase());
+    }
+    // A/B with N iterations: promotion at T(N+1), Succeeded at T(N+3).
+    assert_eq!(phases.iter().position(|p| *p == Phase::Promoting), Some(4));
+    assert_eq!(phases.len() - 1, 6);
+
+    let bg = "interval: 1m\nthreshold: 2\niterations: 3\n";
+    let mut h = Harness::new(bg);
+    let mut phases = Vec::new();
+    while h.outcome.is_none() {
+        h.tick(&mut healthy);
+        phases.push(h.phase());
+        if h.machine.status.iterations <= 3 && h.phase() == Phase::Progressing {
+            assert_eq!(h.machine.traffic().canary_weight, 0, "no user traffic yet");
+        }
+    }
+    // Blue-green: one tick more than A/B for routing all traffic to the canary.
+    assert_eq!(phases.iter().position(|p| *p == Phase::Promoting), Some(5));
+}
+
+#[test]
+fn abort_and_alerts_roll_back_between_ticks_and_final_states_ignore_input() {
+    let mut h = Harness::new(TUTORIAL);
+    h.tick(&mut healthy);
+    h.tick(&mut healthy);
+    let actions = h.machine.handle(
+        h.now + 5_000,
+        Input::RollBack {
+            reason: "alert CanaryHighErrorRate firing".into(),
+        },
+    );
+    assert!(actions.contains(&Action::Finished(Outcome::RolledBack)));
+    assert!(actions.contains(&Action::Notify(HookKind::PostRollout)));
+    assert_eq!(h.machine.status.last_transition_ms, h.now + 5_000);
+    let before = h.machine.status.clone();
+    assert!(h.machine.handle(h.now + 6_000, Input::Promote).is_empty());
+    assert_eq!(
+        h.machine.status, before,
+        "a finished rollout does not move again"
+    );
+}
+
+#[test]
+fn pause_stops_ticks_and_resume_continues() {
+    let mut h = Harness::new(TUTORIAL);
+    h.tick(&mut healthy);
+    h.tick(&mut healthy);
+    h.machine.handle(h.now, Input::Pause);
+    for _ in 0..20 {
+        h.tick(&mut healthy);
+    }
+    assert_eq!((h.phase(), h.weight()), (Phase::Progressing, 10));
+    h.machine.handle(h.now, Input::Resume);
+    h.tick(&mut healthy);
+    assert_eq!(h.weight(), 20);
+}
+
+#[test]
+fn the_persisted_status_continues_exactly_where_it_stopped() {
+    let mut original = Harness::new(TUTORIAL);
+    for _ in 0..4 {
+        original.tick(&mut healthy);
+    }
+    let saved = serde_json::to_string(&original.machine.status).unwrap();
+    let status = serde_json::from_str(&saved).unwrap();
+    let mut restored = Harness::new(TUTORIAL);
+    restored.machine = Machine::resume(original.machine.plan.clone(), status);
+    while original.outcome.is_none() {
+        original.tick(&mut healthy);
+        restored.tick(&mut healthy);
+        assert_eq!(original.machine.status, restored.machine.status);
+    }
+    assert_eq!(restored.outcome, Some(Outcome::Promoted));
+}
+
+#[test]
+fn step_weight_promotion_shifts_the_rest_step_by_step() {
+    let mut h = Harness::new(&format!("{TUTORIAL}stepWeightPromotion: 25\n"));
+    let mut promoting_weights = Vec::new();
+    while h.outcome.is_none() {
+        h.tick(&mut healthy);
+        if h.phase() == Phase::Promoting {
+            promoting_weights.push(h.weight());
+        }
+    }
+    assert_eq!(promoting_weights, vec![50, 75]);
+}

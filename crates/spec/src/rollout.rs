@@ -1,0 +1,520 @@
+//! The native `Rollout` document and the analysis block it shares with Flagger's `Canary`.
+//!
+//! Field names and meanings are Flagger's (`spec.analysis.*`), so a Canary's analysis parses into
+//! the same [`Analysis`] type. Coalmine's additions are marked as such in their doc comments.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+use crate::duration::Dur;
+use crate::weight::percent_to_basis_points;
+
+pub const API_VERSION: &str = "coalmine.dev/v1alpha1";
+
+/// Flagger's default `progressDeadlineSeconds`.
+pub const DEFAULT_PROGRESS_DEADLINE_SECONDS: u64 = 600;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Rollout {
+    #[serde(deserialize_with = "api_version")]
+    pub api_version: String,
+    pub kind: String,
+    pub metadata: Metadata,
+    pub spec: RolloutSpec,
+}
+
+fn api_version<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    let v = String::deserialize(d)?;
+    if v != API_VERSION {
+        return Err(serde::de::Error::custom(format!(
+            "a Rollout has apiVersion {API_VERSION}, not {v:?}"
+        )));
+    }
+    Ok(v)
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Metadata {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub annotations: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RolloutSpec {
+    /// Admin addresses of the Coalmine routers that carry this service's traffic.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub routers: Vec<HttpUrl>,
+    /// A router `coalmine serve` runs itself for this rollout (one process for everything).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub router: Option<HostedRouter>,
+    pub stable: Target,
+    pub canary: Target,
+    #[serde(default = "default_deadline")]
+    pub progress_deadline_seconds: u64,
+    #[serde(default)]
+    pub skip_analysis: bool,
+    #[serde(default)]
+    pub suspend: bool,
+    pub analysis: Analysis,
+}
+
+fn default_deadline() -> u64 {
+    DEFAULT_PROGRESS_DEADLINE_SECONDS
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HostedRouter {
+    pub listen: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub admin: Option<String>,
+}
+
+/// An `http://host:port` address (a router's admin API, a webhook, an upstream).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct HttpUrl(String);
+
+impl HttpUrl {
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let rest = text
+            .strip_prefix("http://")
+            .or_else(|| text.strip_prefix("https://"))
+            .ok_or_else(|| format!("{text:?} is not an http:// or https:// URL"))?;
+        let host = rest.split(['/', '?']).next().unwrap_or("");
+        if host.is_empty() || host.contains(char::is_whitespace) {
+            return Err(format!("{text:?} has no valid host"));
+        }
+        Ok(HttpUrl(text.trim_end_matches('/').to_string()))
+    }
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl TryFrom<String> for HttpUrl {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        HttpUrl::parse(&s)
+    }
+}
+
+impl From<HttpUrl> for String {
+    fn from(u: HttpUrl) -> String {
+        u.0
+    }
+}
+
+impl fmt::Display for HttpUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A version of the service: an address that already serves it, or a process Coalmine starts,
+/// health-checks and stops (`{port}` in the command is replaced by a free port).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(try_from = "RawTarget", into = "RawTarget")]
+pub enum Target {
+    Url(HttpUrl),
+    Command {
+        command: Vec<String>,
+        readiness: Readiness,
+        env: BTreeMap<String, String>,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Readiness {
+    #[serde(default = "default_readiness_path")]
+    pub path: String,
+    #[serde(default = "default_readiness_timeout")]
+    pub timeout: Dur,
+}
+
+impl Default for Readiness {
+    fn default() -> Self {
+        Readiness {
+            path: default_readiness_path(),
+            timeout: default_readiness_timeout(),
+        }
+    }
+}
+
+fn default_readiness_path() -> String {
+    "/healthz".into()
+}
+fn default_readiness_timeout() -> Dur {
+    Dur(std::time::Duration::from_secs(30))
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct RawTarget {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    url: Option<HttpUrl>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    command: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    readiness: Option<Readiness>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    env: BTreeMap<String, String>,
+}
+
+impl TryFrom<RawTarget> for Target {
+    type Error = String;
+    fn try_from(raw: RawTarget) -> Result<Self, String> {
+        match (raw.url, raw.command) {
+            (Some(url), None) if raw.readiness.is_none() && raw.env.is_empty() => {
+                Ok(Target::Url(url))
+            }
+            (Some(_), None) => Err("readiness and env apply to a `command` target only".into()),
+            (None, Some(command)) if !command.is_empty() => Ok(Target::Command {
+                command,
+                readiness: raw.readiness.unwrap_or_default(),
+                env: raw.env,
+            }),
+            (None, Some(_)) => Err("`command` needs at least the program to run".into()),
+            _ => Err("a target has exactly one of `url` or `command`".into()),
+        }
+    }
+}
+
+impl From<Target> for RawTarget {
+    fn from(t: Target) -> Self {
+        match t {
+            Target::Url(url) => RawTarget {
+                url: Some(url),
+                command: None,
+                readiness: None,
+                env: BTreeMap::new(),
+            },
+            Target::Command {
+                command,
+                readiness,
+                env,
+            } => RawTarget {
+                url: None,
+                command: Some(command),
+                readiness: Some(readiness),
+                env,
+            },
+        }
+    }
+}
+
+/// `spec.analysis`: Flagger's fields with Flagger's meanings, plus Coalmine's own.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Analysis {
+    /// How often the analysis runs. No 10-second floor (Flagger has one).
+    #[serde(default = "default_interval")]
+    pub interval: Dur,
+    /// Failed checks before a rollback (Flagger: at least 1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub threshold: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_weight: Option<Percent>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub step_weight: Option<Percent>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub step_weights: Vec<Percent>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub step_weight_promotion: Option<Percent>,
+    /// A/B testing (with `match`) or blue-green (without): analysis runs this many times.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iterations: Option<u32>,
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub mirror: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mirror_weight: Option<Percent>,
+    /// Accepted for Flagger compatibility; readiness is judged by Coalmine's own checks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub primary_ready_threshold: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub canary_ready_threshold: Option<u32>,
+    #[serde(default, rename = "match", skip_serializing_if = "Vec::is_empty")]
+    pub match_: Vec<HttpMatch>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub metrics: Vec<MetricCheck>,
+    /// Flagger's notification providers; Coalmine reports through `event` webhooks instead.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub alerts: Vec<AlertNotification>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub webhooks: Vec<Webhook>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session_affinity: Option<SessionAffinity>,
+    /// Coalmine: what a check without data does. `hold` (default) keeps the weight and waits, bounded
+    /// by `progressDeadlineSeconds`; `fail` counts it as a failed check, as Flagger does.
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub no_data: NoDataRule,
+    /// Coalmine: `total` (default, Flagger's rule: failed checks add up over the whole run) or
+    /// `consecutive` (a passing check resets the count).
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub failure_counting: FailureCounting,
+    /// Coalmine: firing alerts that roll this rollout back; every label listed must match.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rollback_on_alerts: Vec<BTreeMap<String, String>>,
+}
+
+fn default_interval() -> Dur {
+    Dur(std::time::Duration::from_secs(60))
+}
+fn is_false(b: &bool) -> bool {
+    !*b
+}
+fn is_default<T: Default + PartialEq>(v: &T) -> bool {
+    *v == T::default()
+}
+
+/// A traffic percentage with at most two decimals.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(try_from = "f64", into = "f64")]
+pub struct Percent {
+    pub basis_points: u32,
+}
+
+impl TryFrom<f64> for Percent {
+    type Error = String;
+    fn try_from(pct: f64) -> Result<Self, String> {
+        percent_to_basis_points(pct).map(|basis_points| Percent { basis_points })
+    }
+}
+
+impl From<Percent> for f64 {
+    fn from(p: Percent) -> f64 {
+        crate::weight::basis_points_to_percent(p.basis_points)
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NoDataRule {
+    #[default]
+    Hold,
+    Fail,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FailureCounting {
+    #[default]
+    Total,
+    Consecutive,
+}
+
+/// Flagger's HTTPMatchRequest as Coalmine's router can apply it: every header and query
+/// parameter listed must match. `sourceLabels` needs a mesh and is reported, not applied.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HttpMatch {
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub headers: BTreeMap<String, StringMatch>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub query_params: BTreeMap<String, StringMatch>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub source_labels: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase", deny_unknown_fields)]
+pub enum StringMatch {
+    Exact(String),
+    Prefix(String),
+    Suffix(String),
+    Regex(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct MetricCheck {
+    pub name: String,
+    /// The window the metric is computed over (Flagger's default: 1m).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interval: Option<Dur>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub threshold_range: Option<ThresholdRange>,
+    /// Flagger's deprecated single threshold: a minimum for `request-success-rate`, a maximum
+    /// otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub threshold: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub query: Option<String>,
+    /// Coalmine: the provider of an inline `query` (Flagger takes it from the mesh).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub provider: Option<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub template_ref: Option<TemplateRef>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub template_variables: BTreeMap<String, String>,
+}
+
+impl MetricCheck {
+    /// The bounds this check enforces, folding the deprecated `threshold` in.
+    pub fn range(&self) -> ThresholdRange {
+        let mut range = self.threshold_range.clone().unwrap_or_default();
+        if let Some(t) = self.threshold {
+            if self.name == BUILTIN_SUCCESS_RATE {
+                range.min = range.min.or(Some(t));
+            } else {
+                range.max = range.max.or(Some(t));
+            }
+        }
+        range
+    }
+}
+
+/// The built-in metric names Flagger defines (success rate in %, p99 duration in ms).
+pub const BUILTIN_SUCCESS_RATE: &str = "request-success-rate";
+pub const BUILTIN_DURATION: &str = "request-duration";
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ThresholdRange {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max: Option<f64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TemplateRef {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AlertNotification {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub severity: Option<String>,
+    pub provider_ref: TemplateRef,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SessionAffinity {
+    pub cookie_name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_age: Option<u64>,
+    /// The remaining fields are Flagger's cookie attributes; accepted, applied by the router's
+    /// defaults (Path=/; HttpOnly).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub primary_cookie_name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub domain: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http_only: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub partitioned: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub same_site: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secure: Option<bool>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Webhook {
+    pub name: String,
+    #[serde(default, rename = "type")]
+    pub kind: HookKind,
+    pub url: HttpUrl,
+    /// Flagger's default: 10s.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<Dur>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub metadata: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub mute_alert: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retries: Option<u32>,
+    #[serde(default, rename = "disableTLS", skip_serializing_if = "is_false")]
+    pub disable_tls: bool,
+}
+
+/// Flagger's webhook types; the empty string means `rollout`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum HookKind {
+    ConfirmRollout,
+    PreRollout,
+    #[default]
+    Rollout,
+    ConfirmTrafficIncrease,
+    ConfirmPromotion,
+    PostRollout,
+    Rollback,
+    Event,
+}
+
+impl HookKind {
+    pub const ALL: [HookKind; 8] = [
+        HookKind::ConfirmRollout,
+        HookKind::PreRollout,
+        HookKind::Rollout,
+        HookKind::ConfirmTrafficIncrease,
+        HookKind::ConfirmPromotion,
+        HookKind::PostRollout,
+        HookKind::Rollback,
+        HookKind::Event,
+    ];
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HookKind::ConfirmRollout => "confirm-rollout",
+            HookKind::PreRollout => "pre-rollout",
+            HookKind::Rollout => "rollout",
+            HookKind::ConfirmTrafficIncrease => "confirm-traffic-increase",
+            HookKind::ConfirmPromotion => "confirm-promotion",
+            HookKind::PostRollout => "post-rollout",
+            HookKind::Rollback => "rollback",
+            HookKind::Event => "event",
+        }
+    }
+}
+
+impl fmt::Display for HookKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl Serialize for HookKind {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
+impl<'de> Deserialize<'de> for HookKind {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        if text.is_empty() {
+            return Ok(HookKind::Rollout);
+        }
+        HookKind::ALL
+            .into_iter()
+            .find(|k| k.as_str() == text)
+            .ok_or_else(|| {
+                let known: Vec<&str> = HookKind::ALL.iter().map(|k| k.as_str()).collect();
+                let hint = crate::suggest::nearest(&text, known.iter().copied())
+                    .map(|n| format!(", did you mean `{n}`?"))
+                    .unwrap_or_else(|| format!(", expected one of {}", known.join(", ")));
+                serde::de::Error::custom(format!("unknown webhook type `{text}`{hint}"))
+            })
+    }
+}
