@@ -1,6 +1,7 @@
 //! The `coalmine` binary: parse the command line, call the library, print. Exit codes:
 //! 0 success (promoted), 1 failure (rolled back, or a runtime error), 2 bad input.
 
+mod daemon_cmd;
 mod demo;
 mod proxy_cmd;
 mod rollout_cmd;
@@ -30,6 +31,22 @@ enum Command {
     Convert(rollout_cmd::ConvertArgs),
     /// Drive one rollout in the foreground: exit 0 promoted, 1 rolled back, 2 invalid input
     Run(rollout_cmd::RunArgs),
+    /// Run the daemon: many rollouts, state in SQLite, an API for the commands below
+    Serve(daemon_cmd::ServeArgs),
+    /// Start or change rollouts on the daemon (a changed document restarts the analysis)
+    Apply(daemon_cmd::ApplyArgs),
+    /// Show rollouts; `--watch NAME` follows one and exits 0 promoted, 1 rolled back
+    Status(daemon_cmd::StatusArgs),
+    /// Skip the rest of the analysis and promote now
+    Promote(daemon_cmd::CommandArgs),
+    /// Roll back now
+    Abort(daemon_cmd::CommandArgs),
+    /// Stop advancing (ticks are skipped) until `resume`
+    Pause(daemon_cmd::CommandArgs),
+    /// Continue a paused rollout
+    Resume(daemon_cmd::CommandArgs),
+    /// Every event of every run of a rollout
+    History(daemon_cmd::CommandArgs),
     /// Run a small HTTP service with an injectable error rate and latency (demos, tests)
     Upstream(upstream::UpstreamArgs),
 }
@@ -50,7 +67,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     // The demo and `run` talk to people through their own output; logs are for servers.
     let default_level = match cli.command {
-        Command::Proxy(_) | Command::Upstream(_) => "info",
+        Command::Proxy(_) | Command::Upstream(_) | Command::Serve(_) => "info",
         _ => "warn",
     };
     tracing_subscriber::fmt()
@@ -67,6 +84,14 @@ fn main() -> ExitCode {
         Command::Check(args) => rollout_cmd::check(args),
         Command::Convert(args) => rollout_cmd::convert(args),
         Command::Run(args) => rollout_cmd::run(args),
+        Command::Serve(args) => daemon_cmd::serve(args),
+        Command::Apply(args) => daemon_cmd::apply(args),
+        Command::Status(args) => daemon_cmd::status(args),
+        Command::Promote(args) => daemon_cmd::command("promote", args),
+        Command::Abort(args) => daemon_cmd::command("abort", args),
+        Command::Pause(args) => daemon_cmd::command("pause", args),
+        Command::Resume(args) => daemon_cmd::command("resume", args),
+        Command::History(args) => daemon_cmd::history(args),
     };
     match result {
         Ok(code) => code,

@@ -1,8 +1,11 @@
 //! Coalmine's runtime: the edge around the pure core. It owns the clock, the sockets and the
 //! state on disk; the rollout state machine and the judges only see values it hands them.
 
+pub mod daemon;
 pub mod driver;
+pub mod report;
 pub mod routers;
+pub mod store;
 pub mod time;
 pub mod webhooks;
 pub mod window;

@@ -1,0 +1,284 @@
+//! `coalmine serve` and its clients: `apply`, `status`, `promote`, `abort`, `pause`, `resume`,
+//! `history`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Args;
+use serde_json::{json, Value};
+
+use coalmine_controller::daemon::{self, DaemonConfig};
+
+use crate::rollout_cmd::{load, OutputFormat};
+use crate::BadInput;
+
+#[derive(Args, Debug)]
+pub struct ServeArgs {
+    /// Address of the HTTP API the clients use
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:9900")]
+    pub api: SocketAddr,
+    /// SQLite file holding every rollout's state and history (created if missing)
+    #[arg(long, value_name = "FILE")]
+    pub state: PathBuf,
+    /// File holding the bearer token that mutating calls must present
+    #[arg(long, value_name = "FILE")]
+    pub token_file: PathBuf,
+}
+
+fn read_token(path: &std::path::Path) -> anyhow::Result<String> {
+    let token = std::fs::read_to_string(path)
+        .map_err(|e| BadInput(format!("--token-file {}: {e}", path.display())))?;
+    let token = token.trim().to_string();
+    if token.len() < 16 {
+        return Err(BadInput(format!(
+            "--token-file {}: the token must have at least 16 characters",
+            path.display()
+        ))
+        .into());
+    }
+    Ok(token)
+}
+
+pub fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
+    let token = read_token(&args.token_file)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    rt.block_on(daemon::serve(
+        DaemonConfig {
+            api: args.api,
+            state: args.state.clone(),
+            token,
+        },
+        |addr| {
+            println!("coalmine serve: api={addr} state={}", args.state.display());
+        },
+        crate::termination(),
+    ))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// How a client finds the daemon and proves it may change things.
+#[derive(Args, Debug, Clone)]
+pub struct ApiArgs {
+    /// The daemon's API
+    #[arg(long, env = "COALMINE_API", default_value = "http://127.0.0.1:9900")]
+    pub api: String,
+    /// File holding the daemon's token (or set COALMINE_TOKEN)
+    #[arg(long, value_name = "FILE")]
+    pub token_file: Option<PathBuf>,
+    #[arg(long, value_enum, default_value_t)]
+    pub output: OutputFormat,
+}
+
+struct Client {
+    api: String,
+    token: Option<String>,
+    http: reqwest::Client,
+    rt: tokio::runtime::Runtime,
+}
+
+impl Client {
+    fn new(args: &ApiArgs) -> anyhow::Result<Client> {
+        let token = match &args.token_file {
+            Some(path) => Some(read_token(path)?),
+            None => std::env::var("COALMINE_TOKEN")
+                .ok()
+                .filter(|t| !t.is_empty()),
+        };
+        Ok(Client {
+            api: args.api.trim_end_matches('/').to_string(),
+            token,
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(30))
+                .build()?,
+            rt: tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?,
+        })
+    }
+
+    /// Sends a call; a refusal (4xx) is the user's to fix and exits 2.
+    fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> anyhow::Result<Value> {
+        let url = format!("{}{path}", self.api);
+        let mut req = self.http.request(method, &url);
+        if let Some(token) = &self.token {
+            req = req.bearer_auth(token);
+        }
+        if let Some(body) = body {
+            req = req.json(&body);
+        }
+        self.rt.block_on(async {
+            let resp = req.send().await.map_err(|e| {
+                anyhow::anyhow!(
+                    "{}: {}",
+                    self.api,
+                    coalmine_controller::routers::reqwest_reason(&e)
+                )
+            })?;
+            let status = resp.status();
+            let body: Value = resp.json().await.unwrap_or(Value::Null);
+            if status.is_success() {
+                return Ok(body);
+            }
+            let message = body["error"]
+                .as_str()
+                .unwrap_or("no reason given")
+                .to_string();
+            if status.is_client_error() {
+                Err(BadInput(format!("{message} ({status})")).into())
+            } else {
+                Err(anyhow::anyhow!("{message} ({status})"))
+            }
+        })
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct ApplyArgs {
+    /// A file with one or more Rollouts
+    pub file: String,
+    /// Start a new run even when the document is unchanged (retry a failed release)
+    #[arg(long)]
+    pub restart: bool,
+    #[command(flatten)]
+    pub api: ApiArgs,
+}
+
+pub fn apply(args: ApplyArgs) -> anyhow::Result<ExitCode> {
+    // Checked here first for the quickest, clearest error; the daemon checks again.
+    load(std::slice::from_ref(&args.file))?;
+    let text = std::fs::read_to_string(&args.file)?;
+    let client = Client::new(&args.api)?;
+    let result = client.call(
+        reqwest::Method::POST,
+        "/api/v1/apply",
+        Some(json!({"file": args.file, "text": text, "restart": args.restart})),
+    )?;
+    match args.api.output {
+        OutputFormat::Json => println!("{result}"),
+        OutputFormat::Text => {
+            for a in result["applied"].as_array().into_iter().flatten() {
+                println!(
+                    "{} {}",
+                    a["name"].as_str().unwrap_or(""),
+                    a["action"].as_str().unwrap_or("")
+                );
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+#[derive(Args, Debug)]
+pub struct StatusArgs {
+    /// One rollout; all of them without it
+    pub name: Option<String>,
+    /// Follow the rollout until it ends: exit 0 promoted, 1 rolled back
+    #[arg(long, requires = "name")]
+    pub watch: bool,
+    #[command(flatten)]
+    pub api: ApiArgs,
+}
+
+fn status_line(s: &Value) -> String {
+    format!(
+        "{:<24} {:<16} {:>6}%  failed {:<3} {}",
+        s["name"].as_str().unwrap_or(""),
+        s["phase"].as_str().unwrap_or(""),
+        s["canaryWeight"],
+        s["failedChecks"],
+        s["message"].as_str().unwrap_or("")
+    )
+}
+
+pub fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
+    let client = Client::new(&args.api)?;
+    let Some(name) = &args.name else {
+        let all = client.call(reqwest::Method::GET, "/api/v1/rollouts", None)?;
+        match args.api.output {
+            OutputFormat::Json => println!("{all}"),
+            OutputFormat::Text => {
+                for s in all.as_array().into_iter().flatten() {
+                    println!("{}", status_line(s));
+                }
+            }
+        }
+        return Ok(ExitCode::SUCCESS);
+    };
+    let path = format!("/api/v1/rollouts/{name}");
+    let mut last = None;
+    loop {
+        let s = client.call(reqwest::Method::GET, &path, None)?;
+        if last.as_ref() != Some(&s) {
+            match args.api.output {
+                OutputFormat::Json => println!("{s}"),
+                OutputFormat::Text => println!("{}", status_line(&s)),
+            }
+        }
+        let phase = s["phase"].as_str().unwrap_or("").to_string();
+        if !args.watch {
+            return Ok(ExitCode::SUCCESS);
+        }
+        match phase.as_str() {
+            "Succeeded" => return Ok(ExitCode::SUCCESS),
+            "Failed" => return Ok(ExitCode::from(1)),
+            _ => {}
+        }
+        last = Some(s);
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct CommandArgs {
+    pub name: String,
+    #[command(flatten)]
+    pub api: ApiArgs,
+}
+
+/// `promote`, `abort`, `pause`, `resume`.
+pub fn command(verb: &str, args: CommandArgs) -> anyhow::Result<ExitCode> {
+    let client = Client::new(&args.api)?;
+    let result = client.call(
+        reqwest::Method::POST,
+        &format!("/api/v1/rollouts/{}/{verb}", args.name),
+        None,
+    )?;
+    match args.api.output {
+        OutputFormat::Json => println!("{result}"),
+        OutputFormat::Text => println!("{}: {verb} sent", args.name),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn history(args: CommandArgs) -> anyhow::Result<ExitCode> {
+    let client = Client::new(&args.api)?;
+    let events = client.call(
+        reqwest::Method::GET,
+        &format!("/api/v1/rollouts/{}/history", args.name),
+        None,
+    )?;
+    for e in events.as_array().into_iter().flatten() {
+        match args.api.output {
+            OutputFormat::Json => println!("{e}"),
+            OutputFormat::Text => println!(
+                "{}  run {:<3} {:<16} {:>6}%  {}",
+                e["time"].as_str().unwrap_or(""),
+                e["run"],
+                e["phase"].as_str().unwrap_or(""),
+                e["canaryWeight"],
+                e["message"].as_str().unwrap_or("")
+            ),
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,475 @@
+//! `coalmine serve`: many rollouts, their state in SQLite, an HTTP API for the `apply`,
+//! `status`, `promote`, `abort`, `pause`, `resume` and `history` clients.
+//!
+//! Mutating calls need the daemon's bearer token; reads are open. A restart on the same state
+//! file resumes every unfinished rollout from its persisted phase and weight.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::extract::{Path, Request, State};
+use axum::http::{header, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::json;
+use tokio::sync::mpsc;
+
+use coalmine_rollout::{Event, EventLevel, Input, Phase, Status};
+use coalmine_router::{ProxyOptions, RouterConfig, RouterHandle, RoutesDoc, UpstreamUrl};
+use coalmine_spec::documents::{self, Document};
+use coalmine_spec::rollout::{HttpUrl, Rollout, Target};
+
+use crate::driver::{now_ms, Driver, Sink};
+use crate::report::{event_json, status_json};
+use crate::store::{Store, StoreError};
+
+pub struct DaemonConfig {
+    pub api: SocketAddr,
+    pub state: PathBuf,
+    pub token: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+struct Running {
+    run: i64,
+    control: mpsc::Sender<Input>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// A router `serve` runs itself for a rollout (`spec.router`).
+struct HostedRouter {
+    listen: String,
+    handle: RouterHandle,
+}
+
+struct Daemon {
+    store: Store,
+    token: String,
+    running: Mutex<HashMap<String, Running>>,
+    routers: Mutex<HashMap<String, HostedRouter>>,
+}
+
+/// Persists every step of one run.
+struct StoreSink {
+    store: Store,
+    name: String,
+    run: i64,
+}
+
+impl Sink for StoreSink {
+    fn record(&mut self, status: &Status, events: &[Event]) {
+        if let Err(e) = self.store.record(&self.name, self.run, status, events) {
+            tracing::error!(rollout = %self.name, "could not persist a step: {e}");
+        }
+        for e in events {
+            tracing::info!(rollout = %self.name, phase = e.phase.as_str(), weight = e.weight, "{}", e.message);
+        }
+    }
+}
+
+/// Runs the daemon until `shutdown` resolves. Unfinished rollouts keep their state on disk and
+/// resume when the daemon starts again; shutting down does not roll anything back.
+pub async fn serve(
+    config: DaemonConfig,
+    ready: impl FnOnce(SocketAddr),
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), DaemonError> {
+    let store = Store::open(&config.state)?;
+    let daemon = Arc::new(Daemon {
+        store,
+        token: config.token,
+        running: Mutex::new(HashMap::new()),
+        routers: Mutex::new(HashMap::new()),
+    });
+    daemon.resume_all()?;
+    let listener = tokio::net::TcpListener::bind(config.api)
+        .await
+        .map_err(|source| DaemonError::Listen {
+            addr: config.api,
+            source,
+        })?;
+    let addr = listener
+        .local_addr()
+        .map_err(|source| DaemonError::Listen {
+            addr: config.api,
+            source,
+        })?;
+    ready(addr);
+    let mutating = Router::new()
+        .route("/api/v1/apply", post(apply))
+        .route("/api/v1/rollouts/{name}/{command}", post(command))
+        .route_layer(middleware::from_fn_with_state(
+            daemon.clone(),
+            require_token,
+        ));
+    let app = Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/api/v1/rollouts", get(list))
+        .route("/api/v1/rollouts/{name}", get(one))
+        .route("/api/v1/rollouts/{name}/history", get(history))
+        .merge(mutating)
+        .with_state(daemon.clone());
+    let served = axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await;
+    for (_, running) in daemon.running.lock().expect("running").drain() {
+        running.task.abort();
+    }
+    for (_, hosted) in daemon.routers.lock().expect("routers").drain() {
+        hosted.handle.shutdown();
+    }
+    served.map_err(|source| DaemonError::Listen {
+        addr: config.api,
+        source,
+    })
+}
+
+fn error(status: StatusCode, message: impl Into<String>) -> Response {
+    (status, Json(json!({ "error": message.into() }))).into_response()
+}
+
+async fn require_token(State(d): State<Arc<Daemon>>, req: Request, next: Next) -> Response {
+    let given = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    match given {
+        Some(token) if constant_time_eq(token.as_bytes(), d.token.as_bytes()) => {
+            next.run(req).await
+        }
+        _ => {
+            let mut resp = error(
+                StatusCode::UNAUTHORIZED,
+                "this call needs the daemon's token: Authorization: Bearer TOKEN",
+            );
+            resp.headers_mut()
+                .insert(header::WWW_AUTHENTICATE, "Bearer".parse().expect("header"));
+            resp
+        }
+    }
+}
+
+/// Compares without stopping at the first difference, so timing does not leak the token.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+#[derive(Deserialize)]
+struct ApplyRequest {
+    file: String,
+    text: String,
+    /// Start a new run even if the document is unchanged (retry a failed release).
+    #[serde(default)]
+    restart: bool,
+}
+
+async fn apply(State(d): State<Arc<Daemon>>, Json(req): Json<ApplyRequest>) -> Response {
+    let set = match documents::load(&[(req.file.clone(), req.text)]) {
+        Ok(set) => set,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e.to_string()),
+    };
+    let mut rollouts = Vec::new();
+    for located in set.rollouts() {
+        match &located.doc {
+            Document::Rollout(r) => rollouts.push(r.clone()),
+            Document::Canary(c) => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    format!("{}:{}: Canary {:?}: `coalmine convert` it into a Rollout first (Kubernetes would say where its traffic goes)", located.file, located.line, c.metadata.name),
+                )
+            }
+            _ => {}
+        }
+    }
+    if rollouts.is_empty() {
+        return error(
+            StatusCode::BAD_REQUEST,
+            format!("{}: no Rollout to apply", req.file),
+        );
+    }
+    // Everything is checked before anything changes: a bad document leaves running rollouts be.
+    for r in &rollouts {
+        if let Err(e) = check_runnable(r) {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!("{}: {}: {e}", req.file, r.metadata.name),
+            );
+        }
+    }
+    let mut applied = Vec::new();
+    for rollout in rollouts {
+        let name = rollout.metadata.name.clone();
+        let result = d.apply_one(rollout, req.restart);
+        match result {
+            Ok(action) => applied.push(json!({"name": name, "action": action})),
+            Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, format!("{name}: {e}")),
+        }
+    }
+    Json(json!({"applied": applied, "warnings": set.warnings})).into_response()
+}
+
+/// What `Driver::new` would refuse, found without starting anything.
+fn check_runnable(r: &Rollout) -> Result<(), String> {
+    for (field, target) in [("stable", &r.spec.stable), ("canary", &r.spec.canary)] {
+        if let Target::Command { .. } = target {
+            return Err(format!(
+                "spec.{field}: command targets are not supported by this build yet; give a url"
+            ));
+        }
+    }
+    if r.spec.routers.is_empty() && r.spec.router.is_none() {
+        return Err(
+            "spec.routers: list at least one router admin address, or host one with spec.router"
+                .into(),
+        );
+    }
+    if let Some(hosted) = &r.spec.router {
+        hosted
+            .listen
+            .parse::<SocketAddr>()
+            .map_err(|e| format!("spec.router.listen: {e}"))?;
+    }
+    Ok(())
+}
+
+impl Daemon {
+    fn resume_all(self: &Arc<Self>) -> Result<(), StoreError> {
+        for stored in self.store.all()? {
+            let unfinished = !stored.status.phase.is_final();
+            if unfinished || !stored.settled {
+                let name = stored.rollout.metadata.name.clone();
+                tracing::info!(rollout = %name, phase = stored.status.phase.as_str(), "resuming");
+                if let Err(e) = self.spawn(stored.rollout, Some(stored.status), stored.run) {
+                    tracing::error!(rollout = %name, "cannot resume: {e}");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn apply_one(
+        self: &Arc<Self>,
+        rollout: Rollout,
+        restart: bool,
+    ) -> Result<&'static str, String> {
+        let name = rollout.metadata.name.clone();
+        let existing = self.store.get(&name).map_err(|e| e.to_string())?;
+        let action = match &existing {
+            Some(old) if old.rollout == rollout && !restart => return Ok("unchanged"),
+            Some(old) if !old.status.phase.is_final() => "restarted",
+            Some(_) => "started",
+            None => "created",
+        };
+        if let Some(old) = self.running.lock().expect("running").remove(&name) {
+            old.task.abort();
+        }
+        let driver = self.driver(&rollout, None)?;
+        let message = match action {
+            "restarted" => "New revision applied: analysis restarted from the beginning",
+            _ => "Rollout applied",
+        };
+        let event = Event {
+            time_ms: now_ms(),
+            level: EventLevel::Info,
+            phase: Phase::Initializing,
+            weight: 0,
+            message: message.into(),
+        };
+        let run = self
+            .store
+            .start_run(&rollout, driver.status(), &[event])
+            .map_err(|e| e.to_string())?;
+        self.launch(name, driver, run);
+        Ok(action)
+    }
+
+    /// A driver for the rollout, with the hosted router (if any) started and added.
+    fn driver(&self, rollout: &Rollout, status: Option<Status>) -> Result<Driver, String> {
+        let mut effective = rollout.clone();
+        if let Some(hosted) = &rollout.spec.router {
+            let admin = self.hosted_router(rollout, &hosted.listen, hosted.admin.as_deref())?;
+            effective.spec.routers.push(admin);
+        }
+        Driver::new(&effective, status).map_err(|e| e.to_string())
+    }
+
+    fn hosted_router(
+        &self,
+        rollout: &Rollout,
+        listen: &str,
+        admin: Option<&str>,
+    ) -> Result<HttpUrl, String> {
+        let name = &rollout.metadata.name;
+        let mut routers = self.routers.lock().expect("routers");
+        if let Some(r) = routers.get(name).filter(|r| r.listen == listen) {
+            return HttpUrl::parse(&format!("http://{}", r.handle.admin));
+        }
+        if let Some(old) = routers.remove(name) {
+            old.handle.shutdown();
+        }
+        let Target::Url(stable) = &rollout.spec.stable else {
+            return Err("spec.stable: a hosted router needs a url".into());
+        };
+        let stable = UpstreamUrl::parse(stable.as_str())?;
+        let mut routes = RoutesDoc::stable_only(stable);
+        routes.name = name.clone();
+        let handle = coalmine_router::start(RouterConfig {
+            listen: listen
+                .parse()
+                .map_err(|e| format!("spec.router.listen: {e}"))?,
+            admin: admin
+                .unwrap_or("127.0.0.1:0")
+                .parse()
+                .map_err(|e| format!("spec.router.admin: {e}"))?,
+            threads: 1,
+            routes,
+            tls: None,
+            proxy: ProxyOptions::default(),
+            header_read_timeout: Duration::from_secs(10),
+            max_header_bytes: 64 * 1024,
+            drain_timeout: Duration::from_secs(5),
+        })
+        .map_err(|e| format!("spec.router: {e}"))?;
+        let admin = HttpUrl::parse(&format!("http://{}", handle.admin))?;
+        routers.insert(
+            name.clone(),
+            HostedRouter {
+                listen: listen.to_string(),
+                handle,
+            },
+        );
+        Ok(admin)
+    }
+
+    fn spawn(
+        self: &Arc<Self>,
+        rollout: Rollout,
+        status: Option<Status>,
+        run: i64,
+    ) -> Result<(), String> {
+        let driver = self.driver(&rollout, status)?;
+        self.launch(rollout.metadata.name.clone(), driver, run);
+        Ok(())
+    }
+
+    fn launch(self: &Arc<Self>, name: String, mut driver: Driver, run: i64) {
+        let (control, inputs) = mpsc::channel(16);
+        let daemon = self.clone();
+        let task_name = name.clone();
+        let task = tokio::spawn(async move {
+            let mut sink = StoreSink {
+                store: daemon.store.clone(),
+                name: task_name.clone(),
+                run,
+            };
+            let outcome = driver.run(inputs, &mut sink).await;
+            if driver.settled() {
+                if let Err(e) = daemon.store.mark_settled(&task_name, run) {
+                    tracing::error!(rollout = %task_name, "{e}");
+                }
+            }
+            tracing::info!(rollout = %task_name, ?outcome, "rollout ended");
+            let mut running = daemon.running.lock().expect("running");
+            if running.get(&task_name).is_some_and(|r| r.run == run) {
+                running.remove(&task_name);
+            }
+        });
+        self.running
+            .lock()
+            .expect("running")
+            .insert(name, Running { run, control, task });
+    }
+}
+
+async fn list(State(d): State<Arc<Daemon>>) -> Response {
+    match d.store.all() {
+        Ok(all) => Json(
+            all.iter()
+                .map(|s| status_json(&s.rollout, &s.status))
+                .collect::<Vec<_>>(),
+        )
+        .into_response(),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+async fn one(State(d): State<Arc<Daemon>>, Path(name): Path<String>) -> Response {
+    match d.store.get(&name) {
+        Ok(Some(s)) => Json(status_json(&s.rollout, &s.status)).into_response(),
+        Ok(None) => error(StatusCode::NOT_FOUND, format!("no rollout named {name:?}")),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+async fn history(State(d): State<Arc<Daemon>>, Path(name): Path<String>) -> Response {
+    match d.store.history(&name) {
+        Ok(events) if events.is_empty() => {
+            error(StatusCode::NOT_FOUND, format!("no rollout named {name:?}"))
+        }
+        Ok(events) => Json(
+            events
+                .iter()
+                .map(|(run, e)| event_json(&name, Some(*run), e))
+                .collect::<Vec<_>>(),
+        )
+        .into_response(),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+async fn command(
+    State(d): State<Arc<Daemon>>,
+    Path((name, command)): Path<(String, String)>,
+) -> Response {
+    let input = match command.as_str() {
+        "promote" => Input::Promote,
+        "abort" => Input::Abort {
+            reason: "requested through the API".into(),
+        },
+        "pause" => Input::Pause,
+        "resume" => Input::Resume,
+        other => {
+            return error(
+                StatusCode::NOT_FOUND,
+                format!("unknown command {other:?}: promote, abort, pause or resume"),
+            )
+        }
+    };
+    let control = d
+        .running
+        .lock()
+        .expect("running")
+        .get(&name)
+        .map(|r| r.control.clone());
+    match control {
+        Some(control) if control.send(input).await.is_ok() => (
+            StatusCode::ACCEPTED,
+            Json(json!({"name": name, "command": command})),
+        )
+            .into_response(),
+        _ => match d.store.get(&name) {
+            Ok(Some(s)) => error(
+                StatusCode::CONFLICT,
+                format!("{name} is not running (phase {})", s.status.phase.as_str()),
+            ),
+            _ => error(StatusCode::NOT_FOUND, format!("no rollout named {name:?}")),
+        },
+    }
+}

@@ -1,0 +1,96 @@
+//! Status and events as users read them: JSON with Flagger's status names (`phase`,
+//! `canaryWeight`, `failedChecks`, `iterations`, `lastTransitionTime`, `conditions`) plus each
+//! metric's last value and reason.
+
+use serde_json::{json, Value};
+
+use coalmine_judge::{Reading, Verdict};
+use coalmine_rollout::{Event, Phase, Status};
+use coalmine_spec::rollout::{Rollout, Target};
+use coalmine_spec::weight::basis_points_to_percent;
+
+use crate::time::rfc3339;
+
+fn target(t: &Target) -> Value {
+    match t {
+        Target::Url(u) => json!(u.as_str()),
+        Target::Command { command, .. } => json!({ "command": command }),
+    }
+}
+
+/// Flagger's `Promoted` condition: Unknown while a run is under way, True on success, False on
+/// failure; its reason is the phase, as Flagger reports it.
+fn promoted_condition(status: &Status) -> Value {
+    let state = match status.phase {
+        Phase::Succeeded => "True",
+        Phase::Failed => "False",
+        _ => "Unknown",
+    };
+    json!({
+        "type": "Promoted",
+        "status": state,
+        "reason": status.phase.as_str(),
+        "message": status.message,
+        "lastTransitionTime": rfc3339(status.last_transition_ms),
+    })
+}
+
+pub fn status_json(rollout: &Rollout, status: &Status) -> Value {
+    let metrics: Vec<Value> = status
+        .metrics
+        .iter()
+        .map(|m| {
+            let (value, reading_reason) = match &m.reading {
+                Reading::Value { value } => (json!(value), None),
+                Reading::NoData { reason } | Reading::Error { reason } => {
+                    (Value::Null, Some(reason.clone()))
+                }
+            };
+            let (verdict, reason) = match &m.verdict {
+                Verdict::Pass => ("pass", reading_reason),
+                Verdict::Fail { reason } => ("fail", Some(reason.clone())),
+                Verdict::Inconclusive { reason } => ("inconclusive", Some(reason.clone())),
+            };
+            json!({
+                "name": m.name,
+                "value": value,
+                "verdict": verdict,
+                "reason": reason,
+                "time": rfc3339(m.time_ms),
+            })
+        })
+        .collect();
+    json!({
+        "name": rollout.metadata.name,
+        "namespace": rollout.metadata.namespace.as_deref().unwrap_or("default"),
+        "stable": target(&rollout.spec.stable),
+        "canary": target(&rollout.spec.canary),
+        "phase": status.phase.as_str(),
+        "canaryWeight": basis_points_to_percent(status.canary_weight),
+        "failedChecks": status.failed_checks,
+        "iterations": status.iterations,
+        "paused": status.paused,
+        "promoted": status.promoted,
+        "outcome": status.outcome,
+        "message": status.message,
+        "startedAt": rfc3339(status.started_ms),
+        "lastTransitionTime": rfc3339(status.last_transition_ms),
+        "conditions": [promoted_condition(status)],
+        "metrics": metrics,
+    })
+}
+
+pub fn event_json(rollout: &str, run: Option<i64>, event: &Event) -> Value {
+    let mut v = json!({
+        "time": rfc3339(event.time_ms),
+        "rollout": rollout,
+        "level": event.level,
+        "phase": event.phase.as_str(),
+        "canaryWeight": basis_points_to_percent(event.weight),
+        "message": event.message,
+    });
+    if let Some(run) = run {
+        v["run"] = json!(run);
+    }
+    v
+}

@@ -1,0 +1,211 @@
+//! The daemon's state in SQLite: each rollout's document and persisted machine status, and its
+//! complete event history. Written in one transaction per machine step, before the step's actions
+//! are carried out, so a `kill -9` at any moment restarts from a state no older than what the
+//! routers were told.
+
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use rusqlite::{params, Connection, OptionalExtension};
+
+use coalmine_rollout::{Event, Status};
+use coalmine_spec::rollout::Rollout;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("state file: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("state file holds a record Coalmine cannot read: {0}")]
+    Corrupt(#[from] serde_json::Error),
+}
+
+/// One rollout as stored.
+#[derive(Debug, Clone)]
+pub struct StoredRollout {
+    pub rollout: Rollout,
+    pub status: Status,
+    /// Bumped by every `apply` that starts a new run; events carry it.
+    pub run: i64,
+    /// The routers took the final routes (meaningful once the rollout has ended).
+    pub settled: bool,
+}
+
+#[derive(Clone)]
+pub struct Store {
+    db: Arc<Mutex<Connection>>,
+}
+
+impl Store {
+    pub fn open(path: &Path) -> Result<Store, StoreError> {
+        let db = Connection::open(path)?;
+        // WAL + synchronous=FULL: a committed step survives kill -9 and power loss.
+        db.pragma_update(None, "journal_mode", "WAL")?;
+        db.pragma_update(None, "synchronous", "FULL")?;
+        db.execute_batch(
+            "CREATE TABLE IF NOT EXISTS rollouts (
+                name TEXT PRIMARY KEY,
+                spec TEXT NOT NULL,
+                status TEXT NOT NULL,
+                run INTEGER NOT NULL,
+                settled INTEGER NOT NULL DEFAULT 0
+            );
+            CREATE TABLE IF NOT EXISTS events (
+                id INTEGER PRIMARY KEY AUTOINCREMENT,
+                rollout TEXT NOT NULL,
+                run INTEGER NOT NULL,
+                event TEXT NOT NULL
+            );
+            CREATE INDEX IF NOT EXISTS events_by_rollout ON events (rollout, id);",
+        )?;
+        Ok(Store {
+            db: Arc::new(Mutex::new(db)),
+        })
+    }
+
+    fn db(&self) -> std::sync::MutexGuard<'_, Connection> {
+        self.db
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Stores a new run of a rollout (replacing an earlier one of the same name) with its first
+    /// events. Returns the run number.
+    pub fn start_run(
+        &self,
+        rollout: &Rollout,
+        status: &Status,
+        events: &[Event],
+    ) -> Result<i64, StoreError> {
+        let mut db = self.db();
+        let tx = db.transaction()?;
+        let run: i64 = tx
+            .query_row(
+                "SELECT run FROM rollouts WHERE name = ?1",
+                params![rollout.metadata.name],
+                |r| r.get(0),
+            )
+            .optional()?
+            .unwrap_or(0)
+            + 1;
+        tx.execute(
+            "INSERT INTO rollouts (name, spec, status, run, settled) VALUES (?1, ?2, ?3, ?4, 0)
+             ON CONFLICT(name) DO UPDATE SET spec = ?2, status = ?3, run = ?4, settled = 0",
+            params![
+                rollout.metadata.name,
+                serde_json::to_string(rollout)?,
+                serde_json::to_string(status)?,
+                run
+            ],
+        )?;
+        insert_events(&tx, &rollout.metadata.name, run, events)?;
+        tx.commit()?;
+        Ok(run)
+    }
+
+    /// Records one machine step: the new status and the events it produced, atomically.
+    pub fn record(
+        &self,
+        name: &str,
+        run: i64,
+        status: &Status,
+        events: &[Event],
+    ) -> Result<(), StoreError> {
+        let mut db = self.db();
+        let tx = db.transaction()?;
+        // A step of a run that a newer apply replaced is dropped, not written over it.
+        let changed = tx.execute(
+            "UPDATE rollouts SET status = ?1 WHERE name = ?2 AND run = ?3",
+            params![serde_json::to_string(status)?, name, run],
+        )?;
+        if changed == 1 {
+            insert_events(&tx, name, run, events)?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    pub fn mark_settled(&self, name: &str, run: i64) -> Result<(), StoreError> {
+        self.db().execute(
+            "UPDATE rollouts SET settled = 1 WHERE name = ?1 AND run = ?2",
+            params![name, run],
+        )?;
+        Ok(())
+    }
+
+    pub fn get(&self, name: &str) -> Result<Option<StoredRollout>, StoreError> {
+        let db = self.db();
+        let row = db
+            .query_row(
+                "SELECT spec, status, run, settled FROM rollouts WHERE name = ?1",
+                params![name],
+                |r| {
+                    Ok((
+                        r.get::<_, String>(0)?,
+                        r.get::<_, String>(1)?,
+                        r.get(2)?,
+                        r.get(3)?,
+                    ))
+                },
+            )
+            .optional()?;
+        row.map(decode).transpose()
+    }
+
+    pub fn all(&self) -> Result<Vec<StoredRollout>, StoreError> {
+        let db = self.db();
+        let mut stmt =
+            db.prepare("SELECT spec, status, run, settled FROM rollouts ORDER BY name")?;
+        let rows = stmt.query_map([], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get(2)?,
+                r.get(3)?,
+            ))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            out.push(decode(row?)?);
+        }
+        Ok(out)
+    }
+
+    /// Every event of every run of `name`, oldest first, with its run number.
+    pub fn history(&self, name: &str) -> Result<Vec<(i64, Event)>, StoreError> {
+        let db = self.db();
+        let mut stmt =
+            db.prepare("SELECT run, event FROM events WHERE rollout = ?1 ORDER BY id")?;
+        let rows = stmt.query_map(params![name], |r| {
+            Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (run, text) = row?;
+            out.push((run, serde_json::from_str(&text)?));
+        }
+        Ok(out)
+    }
+}
+
+fn insert_events(
+    tx: &rusqlite::Transaction<'_>,
+    name: &str,
+    run: i64,
+    events: &[Event],
+) -> Result<(), StoreError> {
+    let mut stmt =
+        tx.prepare_cached("INSERT INTO events (rollout, run, event) VALUES (?1, ?2, ?3)")?;
+    for event in events {
+        stmt.execute(params![name, run, serde_json::to_string(event)?])?;
+    }
+    Ok(())
+}
+
+fn decode(row: (String, String, i64, bool)) -> Result<StoredRollout, StoreError> {
+    Ok(StoredRollout {
+        rollout: serde_json::from_str(&row.0)?,
+        status: serde_json::from_str(&row.1)?,
+        run: row.2,
+        settled: row.3,
+    })
+}
