@@ -158,9 +158,82 @@ fn help_is_available_everywhere() {
         vec!["proxy", "--help"],
         vec!["demo", "--help"],
         vec!["upstream", "--help"],
+        vec!["check", "--help"],
+        vec!["convert", "--help"],
+        vec!["run", "--help"],
+        vec!["serve", "--help"],
+        vec!["apply", "--help"],
+        vec!["status", "--help"],
+        vec!["history", "--help"],
     ] {
         let (code, text) = run(&args);
         assert_eq!(code, 0, "{args:?}");
         assert!(text.contains("Usage:"), "{args:?}: {text}");
     }
+}
+
+fn fixture(path: &str) -> String {
+    format!("{}/../../tests/fixtures/{path}", env!("CARGO_MANIFEST_DIR"))
+}
+
+#[test]
+fn check_accepts_every_flagger_example_and_reports_them_as_json() {
+    let files = [
+        fixture("seed/flagger-payment-service.yaml"),
+        fixture("seed/flagger-web-app.yaml"),
+        fixture("flagger/istio-canary.yaml"),
+        fixture("flagger/linkerd-canary.yaml"),
+        fixture("flagger/linkerd-canary-steps.yaml"),
+    ];
+    let mut args = vec!["check", "--output", "json"];
+    args.extend(files.iter().map(String::as_str));
+    let (code, text) = run(&args);
+    assert_eq!(code, 0, "{text}");
+    let report: serde_json::Value = serde_json::from_str(text.trim()).unwrap();
+    assert_eq!(report["documents"].as_array().unwrap().len(), 5);
+    assert!(report["documents"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|d| d["kind"] == "Canary"));
+}
+
+#[test]
+fn check_names_an_unknown_flagger_field_with_its_nearest_neighbour() {
+    let text = std::fs::read_to_string(fixture("seed/flagger-web-app.yaml"))
+        .unwrap()
+        .replace("maxWeight: 50", "maxWieght: 50");
+    let path = write_config("typo", &text);
+    let (code, out) = run(&["check", path.to_str().unwrap()]);
+    assert_eq!(code, 2, "{out}");
+    let line = text.lines().position(|l| l.contains("maxWieght")).unwrap() + 1;
+    assert!(
+        out.contains(&format!("{}:{line}:5: spec.analysis.maxWieght: unknown field `maxWieght`, did you mean `maxWeight`?", path.display())),
+        "{out}"
+    );
+}
+
+#[test]
+fn convert_turns_the_seed_canary_into_a_rollout_that_check_accepts() {
+    let (code, yaml) = run(&[
+        "convert",
+        &fixture("seed/flagger-payment-service.yaml"),
+        "--router",
+        "http://127.0.0.1:9901",
+        "--stable",
+        "http://127.0.0.1:9001",
+        "--canary",
+        "http://127.0.0.1:9002",
+    ]);
+    assert_eq!(code, 0, "{yaml}");
+    assert!(yaml.contains("kind: Rollout"), "{yaml}");
+    assert!(yaml.contains("stepWeight: 10"), "{yaml}");
+    let path = write_config("converted", &yaml);
+    let (code, out) = run(&["check", path.to_str().unwrap()]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("Rollout payment-service"), "{out}");
+
+    let (code, out) = run(&["convert", &fixture("seed/flagger-payment-service.yaml")]);
+    assert_eq!(code, 2, "placement flags are required: {out}");
+    assert!(out.contains("--router"), "{out}");
 }

@@ -307,3 +307,57 @@ async fn a_failing_canary_is_rolled_back_by_the_daemon_and_watch_exits_1() {
 fn client_http() -> reqwest::Client {
     common::client()
 }
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_serve_process_hosts_the_router_and_runs_both_versions() {
+    let dir = scratch("hosted");
+    let daemon = serve(&dir);
+    let listen = format!("127.0.0.1:{}", free_port());
+    let version = |name: &str| {
+        format!("{{command: [{BIN}, upstream, --listen, '127.0.0.1:{{port}}', --name, {name}], readiness: {{path: /healthz, timeout: 10s}}}}")
+    };
+    let text = format!(
+        "apiVersion: coalmine.dev/v1alpha1
+kind: Rollout
+metadata:
+  name: checkout
+spec:
+  router: {{listen: '{listen}'}}
+  stable: {}
+  canary: {}
+  analysis:
+    interval: 1s
+    threshold: 2
+    stepWeights: [50]
+",
+        version("v1"),
+        version("v2")
+    );
+    let file = dir.join("hosted.yaml");
+    std::fs::write(&file, text).unwrap();
+    let (code, out) = client(&daemon, &["apply", file.to_str().unwrap()], Some(TOKEN));
+    assert_eq!(code, 0, "{out}");
+    let url = format!("http://{listen}/");
+    let half = wait_for(&daemon, "checkout", Duration::from_secs(20), |s| {
+        s["canaryWeight"] == 50.0
+    });
+    assert_eq!(half["phase"], "Progressing");
+    let seen = bodies(&url, 200, 4).await;
+    let v2 = seen.iter().filter(|b| b.trim() == "v2").count();
+    assert!(
+        (60..=140).contains(&v2),
+        "about half of 200 reach v2 at 50 %: {v2}"
+    );
+    let (code, out) = client(&daemon, &["status", "checkout", "--watch"], None);
+    assert_eq!(code, 0, "{out}");
+    let seen = bodies(&url, 50, 2).await;
+    assert!(seen.iter().all(|b| b.trim() == "v2"), "{seen:?}");
+}

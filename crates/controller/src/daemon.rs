@@ -20,12 +20,13 @@ use serde::Deserialize;
 use serde_json::json;
 use tokio::sync::mpsc;
 
-use coalmine_rollout::{Event, EventLevel, Input, Phase, Status};
+use coalmine_rollout::{Event, EventLevel, Input, Outcome, Phase, Status};
 use coalmine_router::{ProxyOptions, RouterConfig, RouterHandle, RoutesDoc, UpstreamUrl};
 use coalmine_spec::documents::{self, Document};
 use coalmine_spec::rollout::{HttpUrl, Rollout, Target};
 
 use crate::driver::{now_ms, Driver, Sink};
+use crate::processes::ManagedProcess;
 use crate::report::{event_json, status_json};
 use crate::store::{Store, StoreError};
 
@@ -63,6 +64,16 @@ struct Daemon {
     token: String,
     running: Mutex<HashMap<String, Running>>,
     routers: Mutex<HashMap<String, HostedRouter>>,
+    /// Processes started for `command` targets, by rollout. Held across awaits (starting one
+    /// waits for its readiness), hence tokio's mutex.
+    processes: tokio::sync::Mutex<HashMap<String, Versions>>,
+}
+
+/// The processes serving one rollout's versions.
+#[derive(Default)]
+struct Versions {
+    stable: Option<ManagedProcess>,
+    canary: Option<ManagedProcess>,
 }
 
 /// Persists every step of one run.
@@ -96,8 +107,9 @@ pub async fn serve(
         token: config.token,
         running: Mutex::new(HashMap::new()),
         routers: Mutex::new(HashMap::new()),
+        processes: tokio::sync::Mutex::new(HashMap::new()),
     });
-    daemon.resume_all()?;
+    daemon.resume_all().await?;
     let listener = tokio::net::TcpListener::bind(config.api)
         .await
         .map_err(|source| DaemonError::Listen {
@@ -216,7 +228,7 @@ async fn apply(State(d): State<Arc<Daemon>>, Json(req): Json<ApplyRequest>) -> R
     let mut applied = Vec::new();
     for rollout in rollouts {
         let name = rollout.metadata.name.clone();
-        let result = d.apply_one(rollout, req.restart);
+        let result = d.apply_one(rollout, req.restart).await;
         match result {
             Ok(action) => applied.push(json!({"name": name, "action": action})),
             Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, format!("{name}: {e}")),
@@ -227,13 +239,6 @@ async fn apply(State(d): State<Arc<Daemon>>, Json(req): Json<ApplyRequest>) -> R
 
 /// What `Driver::new` would refuse, found without starting anything.
 fn check_runnable(r: &Rollout) -> Result<(), String> {
-    for (field, target) in [("stable", &r.spec.stable), ("canary", &r.spec.canary)] {
-        if let Target::Command { .. } = target {
-            return Err(format!(
-                "spec.{field}: command targets are not supported by this build yet; give a url"
-            ));
-        }
-    }
     if r.spec.routers.is_empty() && r.spec.router.is_none() {
         return Err(
             "spec.routers: list at least one router admin address, or host one with spec.router"
@@ -250,13 +255,16 @@ fn check_runnable(r: &Rollout) -> Result<(), String> {
 }
 
 impl Daemon {
-    fn resume_all(self: &Arc<Self>) -> Result<(), StoreError> {
+    async fn resume_all(self: &Arc<Self>) -> Result<(), StoreError> {
         for stored in self.store.all()? {
             let unfinished = !stored.status.phase.is_final();
             if unfinished || !stored.settled {
                 let name = stored.rollout.metadata.name.clone();
                 tracing::info!(rollout = %name, phase = stored.status.phase.as_str(), "resuming");
-                if let Err(e) = self.spawn(stored.rollout, Some(stored.status), stored.run) {
+                if let Err(e) = self
+                    .spawn(stored.rollout, Some(stored.status), stored.run)
+                    .await
+                {
                     tracing::error!(rollout = %name, "cannot resume: {e}");
                 }
             }
@@ -264,7 +272,7 @@ impl Daemon {
         Ok(())
     }
 
-    fn apply_one(
+    async fn apply_one(
         self: &Arc<Self>,
         rollout: Rollout,
         restart: bool,
@@ -277,10 +285,11 @@ impl Daemon {
             Some(_) => "started",
             None => "created",
         };
+        // Started (processes ready) before the old run stops: a failure leaves the old run be.
+        let driver = self.driver(&rollout, None).await?;
         if let Some(old) = self.running.lock().expect("running").remove(&name) {
             old.task.abort();
         }
-        let driver = self.driver(&rollout, None)?;
         let message = match action {
             "restarted" => "New revision applied: analysis restarted from the beginning",
             _ => "Rollout applied",
@@ -300,14 +309,69 @@ impl Daemon {
         Ok(action)
     }
 
-    /// A driver for the rollout, with the hosted router (if any) started and added.
-    fn driver(&self, rollout: &Rollout, status: Option<Status>) -> Result<Driver, String> {
+    /// A driver for the rollout, with its processes ready and its hosted router (if any)
+    /// started and added.
+    async fn driver(&self, rollout: &Rollout, status: Option<Status>) -> Result<Driver, String> {
         let mut effective = rollout.clone();
+        let name = &rollout.metadata.name;
+        {
+            let mut processes = self.processes.lock().await;
+            let versions = processes.entry(name.clone()).or_default();
+            if let Target::Command {
+                command,
+                readiness,
+                env,
+            } = &rollout.spec.stable
+            {
+                // The stable process is kept across runs (after a promotion it is the canary
+                // process of the run before).
+                if versions
+                    .stable
+                    .as_ref()
+                    .is_none_or(|p| &p.command != command)
+                {
+                    let started = ManagedProcess::start(command, env, readiness)
+                        .await
+                        .map_err(|e| format!("spec.stable: {e}"))?;
+                    versions.stable = Some(started);
+                }
+            }
+            if let Target::Command {
+                command,
+                readiness,
+                env,
+            } = &rollout.spec.canary
+            {
+                let started = ManagedProcess::start(command, env, readiness)
+                    .await
+                    .map_err(|e| format!("spec.canary: {e}"))?;
+                versions.canary = Some(started);
+            }
+            for (process, target) in [
+                (&versions.stable, &mut effective.spec.stable),
+                (&versions.canary, &mut effective.spec.canary),
+            ] {
+                if let (Some(p), Target::Command { .. }) = (process, &*target) {
+                    *target = Target::Url(HttpUrl::parse(&p.url)?);
+                }
+            }
+        }
         if let Some(hosted) = &rollout.spec.router {
-            let admin = self.hosted_router(rollout, &hosted.listen, hosted.admin.as_deref())?;
+            let admin = self.hosted_router(&effective, &hosted.listen, hosted.admin.as_deref())?;
             effective.spec.routers.push(admin);
         }
         Driver::new(&effective, status).map_err(|e| e.to_string())
+    }
+
+    /// The run ended: the version that lost stops serving.
+    async fn retire_processes(&self, name: &str, outcome: Outcome) {
+        let mut processes = self.processes.lock().await;
+        if let Some(versions) = processes.get_mut(name) {
+            match outcome {
+                Outcome::Promoted => versions.stable = versions.canary.take(),
+                Outcome::RolledBack => versions.canary = None,
+            }
+        }
     }
 
     fn hosted_router(
@@ -358,13 +422,13 @@ impl Daemon {
         Ok(admin)
     }
 
-    fn spawn(
+    async fn spawn(
         self: &Arc<Self>,
         rollout: Rollout,
         status: Option<Status>,
         run: i64,
     ) -> Result<(), String> {
-        let driver = self.driver(&rollout, status)?;
+        let driver = self.driver(&rollout, status).await?;
         self.launch(rollout.metadata.name.clone(), driver, run);
         Ok(())
     }
@@ -386,9 +450,16 @@ impl Daemon {
                 }
             }
             tracing::info!(rollout = %task_name, ?outcome, "rollout ended");
-            let mut running = daemon.running.lock().expect("running");
-            if running.get(&task_name).is_some_and(|r| r.run == run) {
-                running.remove(&task_name);
+            let current = {
+                let mut running = daemon.running.lock().expect("running");
+                let current = running.get(&task_name).is_some_and(|r| r.run == run);
+                if current {
+                    running.remove(&task_name);
+                }
+                current
+            };
+            if current {
+                daemon.retire_processes(&task_name, outcome).await;
             }
         });
         self.running

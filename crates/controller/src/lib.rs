@@ -3,6 +3,7 @@
 
 pub mod daemon;
 pub mod driver;
+pub mod processes;
 pub mod report;
 pub mod routers;
 pub mod store;
