@@ -13,7 +13,7 @@ use tokio::sync::mpsc;
 
 use coalmine_controller::Driver;
 use coalmine_rollout::Outcome;
-use coalmine_router::{ProxyOptions, RouterConfig, RoutesDoc, UpstreamUrl};
+use coalmine_router::{RouterConfig, RoutesDoc, UpstreamUrl};
 use coalmine_spec::rollout::Rollout;
 
 use crate::rollout_cmd::{OutputFormat, Reporter};
@@ -141,17 +141,11 @@ pub fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
         let v2 = start_upstream("payment-service-v2", v2_error_rate).await?;
         let mut routes = RoutesDoc::stable_only(v1.clone());
         routes.name = "payment-service".into();
-        let router = coalmine_router::start(RouterConfig {
-            listen: "127.0.0.1:0".parse()?,
-            admin: "127.0.0.1:0".parse()?,
-            threads: 1,
+        let router = coalmine_router::start(RouterConfig::embedded(
+            "127.0.0.1:0".parse()?,
+            "127.0.0.1:0".parse()?,
             routes,
-            tls: None,
-            proxy: ProxyOptions::default(),
-            header_read_timeout: Duration::from_secs(10),
-            max_header_bytes: 64 * 1024,
-            drain_timeout: Duration::from_secs(5),
-        })?;
+        ))?;
         let text = DEMO_ROLLOUT
             .replace("ROUTER", &format!("http://{}", router.admin))
             .replace("STABLE", v1.as_str())

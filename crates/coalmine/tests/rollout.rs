@@ -19,22 +19,6 @@ fn write_rollout(test: &str, text: &str) -> String {
     path.to_string_lossy().into_owned()
 }
 
-fn rollout_yaml(router: &Router, stable: &Upstream, canary: &Upstream, analysis: &str) -> String {
-    format!(
-        "apiVersion: coalmine.dev/v1alpha1
-kind: Rollout
-metadata:
-  name: payment-service
-spec:
-  routers: [{}]
-  stable: {{url: {}}}
-  canary: {{url: {}}}
-  analysis:
-{analysis}",
-        router.admin, stable.url, canary.url
-    )
-}
-
 /// Background users: requests through the router until stopped; counts answers by status class.
 struct Users {
     stop: Arc<AtomicBool>,
@@ -146,7 +130,10 @@ async fn a_canary_failing_20_percent_is_rolled_back_and_the_router_sends_all_to_
         thresholdRange: {min: 99}
         interval: 10s
 ";
-    let file = write_rollout("fail", &rollout_yaml(&router, &v1, &v2, analysis));
+    let file = write_rollout(
+        "fail",
+        &rollout_yaml("payment-service", &router, &v1, &v2, analysis),
+    );
     let traffic = users(&router, 4);
     let run = coalmine_run(&file, &[]).await;
     let (ok, failed) = traffic.stop().await;
@@ -190,7 +177,10 @@ async fn a_healthy_canary_is_promoted_and_becomes_stable() {
         thresholdRange: {max: 500}
         interval: 5s
 ";
-    let file = write_rollout("healthy", &rollout_yaml(&router, &v1, &v2, analysis));
+    let file = write_rollout(
+        "healthy",
+        &rollout_yaml("payment-service", &router, &v1, &v2, analysis),
+    );
     let traffic = users(&router, 4);
     let run = coalmine_run(&file, &[]).await;
     let (ok, failed) = traffic.stop().await;
@@ -290,7 +280,10 @@ async fn confirm_promotion_holds_in_waiting_promotion_until_the_gate_opens() {
 ",
         gate.url
     );
-    let file = write_rollout("gate", &rollout_yaml(&router, &v1, &v2, &analysis));
+    let file = write_rollout(
+        "gate",
+        &rollout_yaml("payment-service", &router, &v1, &v2, &analysis),
+    );
     let run = tokio::spawn(async move { coalmine_run(&file, &[]).await });
     // Closed for 3 s: the rollout must wait at 50 %, not promote and not fail.
     tokio::time::sleep(Duration::from_secs(3)).await;
@@ -324,6 +317,7 @@ async fn an_unreachable_router_holds_the_rollout_and_rolls_back_at_the_deadline(
     let v2 = upstream("v2", &[]);
     let mut router = router(&["--stable", &v1.url]);
     let text = rollout_yaml(
+        "payment-service",
         &router,
         &v1,
         &v2,

@@ -92,19 +92,7 @@ fn rollout_file(
     canary: &Upstream,
     analysis: &str,
 ) -> String {
-    let text = format!(
-        "apiVersion: coalmine.dev/v1alpha1
-kind: Rollout
-metadata:
-  name: checkout
-spec:
-  routers: [{}]
-  stable: {{url: {}}}
-  canary: {{url: {}}}
-  analysis:
-{analysis}",
-        router.admin, stable.url, canary.url
-    );
+    let text = rollout_yaml("checkout", router, stable, canary, analysis);
     let path = dir.join(format!("rollout-{}.yaml", text.len()));
     std::fs::write(&path, text).unwrap();
     path.to_string_lossy().into_owned()

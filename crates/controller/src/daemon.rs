@@ -8,7 +8,6 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use axum::extract::{Path, Request, State};
 use axum::http::{header, StatusCode};
@@ -21,7 +20,7 @@ use serde_json::json;
 use tokio::sync::mpsc;
 
 use coalmine_rollout::{Event, EventLevel, Input, Outcome, Phase, Status};
-use coalmine_router::{ProxyOptions, RouterConfig, RouterHandle, RoutesDoc, UpstreamUrl};
+use coalmine_router::{RouterConfig, RouterHandle, RoutesDoc, UpstreamUrl};
 use coalmine_spec::documents::{self, Document};
 use coalmine_spec::rollout::{HttpUrl, Rollout, Target};
 
@@ -394,22 +393,16 @@ impl Daemon {
         let stable = UpstreamUrl::parse(stable.as_str())?;
         let mut routes = RoutesDoc::stable_only(stable);
         routes.name = name.clone();
-        let handle = coalmine_router::start(RouterConfig {
-            listen: listen
+        let handle = coalmine_router::start(RouterConfig::embedded(
+            listen
                 .parse()
                 .map_err(|e| format!("spec.router.listen: {e}"))?,
-            admin: admin
+            admin
                 .unwrap_or("127.0.0.1:0")
                 .parse()
                 .map_err(|e| format!("spec.router.admin: {e}"))?,
-            threads: 1,
             routes,
-            tls: None,
-            proxy: ProxyOptions::default(),
-            header_read_timeout: Duration::from_secs(10),
-            max_header_bytes: 64 * 1024,
-            drain_timeout: Duration::from_secs(5),
-        })
+        ))
         .map_err(|e| format!("spec.router: {e}"))?;
         let admin = HttpUrl::parse(&format!("http://{}", handle.admin))?;
         routers.insert(

@@ -80,11 +80,14 @@ impl Harness {
     }
 }
 
-fn healthy(_: u64, q: Question) -> Input {
+/// Answers every question: webhooks pass, and the success rate reads `success_rate`.
+fn answer_with(success_rate: f64, q: Question) -> Input {
     match q {
         Question::Analysis => Input::Analysis {
             readings: vec![
-                Reading::Value { value: 99.9 },
+                Reading::Value {
+                    value: success_rate,
+                },
                 Reading::Value { value: 120.0 },
             ],
         },
@@ -95,19 +98,12 @@ fn healthy(_: u64, q: Question) -> Input {
     }
 }
 
+fn healthy(_: u64, q: Question) -> Input {
+    answer_with(99.9, q)
+}
+
 fn failing(_: u64, q: Question) -> Input {
-    match q {
-        Question::Analysis => Input::Analysis {
-            readings: vec![
-                Reading::Value { value: 90.0 },
-                Reading::Value { value: 120.0 },
-            ],
-        },
-        Question::Hooks(kind) => Input::Hooks {
-            kind,
-            results: vec![],
-        },
-    }
+    answer_with(90.0, q)
 }
 
 #[test]

@@ -47,6 +47,24 @@ pub struct TlsFiles {
     pub key: PathBuf,
 }
 
+impl RouterConfig {
+    /// A router run inside another command (the demo, `serve`): one worker, plain HTTP, the
+    /// proxy's default timeouts, a short drain.
+    pub fn embedded(listen: SocketAddr, admin: SocketAddr, routes: RoutesDoc) -> RouterConfig {
+        RouterConfig {
+            listen,
+            admin,
+            threads: 1,
+            routes,
+            tls: None,
+            proxy: ProxyOptions::default(),
+            header_read_timeout: Duration::from_secs(10),
+            max_header_bytes: 64 * 1024,
+            drain_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     #[error("cannot listen on {addr}: {source}")]

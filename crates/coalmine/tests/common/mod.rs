@@ -174,3 +174,26 @@ pub async fn bodies(url: &str, n: usize, concurrency: usize) -> Vec<String> {
     }
     all
 }
+
+/// A native Rollout of `name` over one router and two upstreams; `analysis` is indented 4.
+pub fn rollout_yaml(
+    name: &str,
+    router: &Router,
+    stable: &Upstream,
+    canary: &Upstream,
+    analysis: &str,
+) -> String {
+    format!(
+        "apiVersion: coalmine.dev/v1alpha1
+kind: Rollout
+metadata:
+  name: {name}
+spec:
+  routers: [{}]
+  stable: {{url: {}}}
+  canary: {{url: {}}}
+  analysis:
+{analysis}",
+        router.admin, stable.url, canary.url
+    )
+}
