@@ -385,7 +385,8 @@ impl Daemon {
             return HttpUrl::parse(&format!("http://{}", r.handle.admin));
         }
         if let Some(old) = routers.remove(name) {
-            old.handle.shutdown();
+            // Shutting down joins its threads after a drain: not on an async worker.
+            tokio::task::spawn_blocking(move || old.handle.shutdown());
         }
         let Target::Url(stable) = &rollout.spec.stable else {
             return Err("spec.stable: a hosted router needs a url".into());

@@ -106,6 +106,22 @@ fn failing(_: u64, q: Question) -> Input {
     answer_with(90.0, q)
 }
 
+/// Healthy answers, except that the webhooks of `kind` (one, named `name`) answer `ok`.
+fn with_hook(kind: HookKind, name: &str, ok: bool) -> impl FnMut(u64, Question) -> Input {
+    let name = name.to_string();
+    move |now, q| match q {
+        Question::Hooks(k) if k == kind => Input::Hooks {
+            kind,
+            results: vec![HookResult {
+                name: name.clone(),
+                ok,
+                message: if ok { "200" } else { "403" }.into(),
+            }],
+        },
+        other => healthy(now, other),
+    }
+}
+
 #[test]
 fn flaggers_timing_table_for_a_healthy_canary() {
     let mut h = Harness::new(TUTORIAL);
@@ -283,39 +299,17 @@ fn confirm_promotion_holds_in_waiting_promotion_until_opened() {
         "{TUTORIAL}webhooks:\n  - name: gate\n    type: confirm-promotion\n    url: http://127.0.0.1:1/gate\n"
     );
     let mut h = Harness::new(&yaml);
-    let mut open = false;
-    let mut gate = |now: u64, q: Question| match q {
-        Question::Hooks(HookKind::ConfirmPromotion) => Input::Hooks {
-            kind: HookKind::ConfirmPromotion,
-            results: vec![HookResult {
-                name: "gate".into(),
-                ok: open,
-                message: if open { "200" } else { "403" }.into(),
-            }],
-        },
-        other => healthy(now, other),
-    };
+    let mut closed = with_hook(HookKind::ConfirmPromotion, "gate", false);
     for _ in 0..=9 {
-        h.tick(&mut gate);
+        h.tick(&mut closed);
     }
     assert_eq!((h.phase(), h.weight()), (Phase::WaitingPromotion, 50));
     assert_eq!(h.machine.status.failed_checks, 0);
-    open = true;
-    let mut gate = |now: u64, q: Question| match q {
-        Question::Hooks(HookKind::ConfirmPromotion) => Input::Hooks {
-            kind: HookKind::ConfirmPromotion,
-            results: vec![HookResult {
-                name: "gate".into(),
-                ok: open,
-                message: "200".into(),
-            }],
-        },
-        other => healthy(now, other),
-    };
-    h.tick(&mut gate);
+    let mut open = with_hook(HookKind::ConfirmPromotion, "gate", true);
+    h.tick(&mut open);
     assert_eq!(h.phase(), Phase::Promoting);
-    h.tick(&mut gate);
-    h.tick(&mut gate);
+    h.tick(&mut open);
+    h.tick(&mut open);
     assert_eq!(h.outcome, Some(Outcome::Promoted));
 }
 
@@ -336,18 +330,8 @@ fn webhook_kinds_run_where_flagger_runs_them() {
     }
     let mut h = Harness::new(&yaml);
     while h.outcome.is_none() {
-        h.tick(&mut |now, q| match q {
-            // A rollback hook answering with an error means "do not roll back".
-            Question::Hooks(HookKind::Rollback) => Input::Hooks {
-                kind: HookKind::Rollback,
-                results: vec![HookResult {
-                    name: "rollback".into(),
-                    ok: false,
-                    message: "404".into(),
-                }],
-            },
-            other => healthy(now, other),
-        });
+        // A rollback hook answering with an error means "do not roll back".
+        h.tick(&mut with_hook(HookKind::Rollback, "rollback", false));
     }
     let at = |kind| -> Vec<u64> {
         h.hooks_called
@@ -373,17 +357,7 @@ fn a_rollback_webhook_that_answers_ok_rolls_back() {
     let mut h = Harness::new(&yaml);
     h.tick(&mut healthy);
     h.tick(&mut healthy);
-    h.tick(&mut |now, q| match q {
-        Question::Hooks(HookKind::Rollback) => Input::Hooks {
-            kind: HookKind::Rollback,
-            results: vec![HookResult {
-                name: "stop".into(),
-                ok: true,
-                message: "200".into(),
-            }],
-        },
-        other => healthy(now, other),
-    });
+    h.tick(&mut with_hook(HookKind::Rollback, "stop", true));
     assert_eq!(h.phase(), Phase::Failed);
     assert!(h.events.last().unwrap().contains("rollback webhook stop"));
 }
@@ -392,17 +366,7 @@ fn a_rollback_webhook_that_answers_ok_rolls_back() {
 fn a_failing_pre_rollout_hook_rolls_back_at_t6_without_traffic() {
     let yaml = format!("{TUTORIAL}webhooks:\n  - name: smoke\n    type: pre-rollout\n    url: http://127.0.0.1:1/\n");
     let mut h = Harness::new(&yaml);
-    let mut refuse = |now: u64, q: Question| match q {
-        Question::Hooks(HookKind::PreRollout) => Input::Hooks {
-            kind: HookKind::PreRollout,
-            results: vec![HookResult {
-                name: "smoke".into(),
-                ok: false,
-                message: "500".into(),
-            }],
-        },
-        other => healthy(now, other),
-    };
+    let mut refuse = with_hook(HookKind::PreRollout, "smoke", false);
     while h.outcome.is_none() {
         h.tick(&mut refuse);
         assert_eq!(h.weight(), 0);
