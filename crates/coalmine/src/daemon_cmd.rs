@@ -144,8 +144,9 @@ impl Client {
 
 #[derive(Args, Debug)]
 pub struct ApplyArgs {
-    /// A file with one or more Rollouts
-    pub file: String,
+    /// Files with one or more Rollouts and the MetricTemplates their metrics refer to
+    #[arg(required = true)]
+    pub files: Vec<String>,
     /// Start a new run even when the document is unchanged (retry a failed release)
     #[arg(long)]
     pub restart: bool,
@@ -155,13 +156,18 @@ pub struct ApplyArgs {
 
 pub fn apply(args: ApplyArgs) -> anyhow::Result<ExitCode> {
     // Checked here first for the quickest, clearest error; the daemon checks again.
-    load(std::slice::from_ref(&args.file))?;
-    let text = std::fs::read_to_string(&args.file)?;
+    load(&args.files)?
+        .require_templates()
+        .map_err(|e| BadInput(e.to_string()))?;
+    let mut files = Vec::new();
+    for file in &args.files {
+        files.push(json!({"file": file, "text": std::fs::read_to_string(file)?}));
+    }
     let client = Client::new(&args.api)?;
     let result = client.call(
         reqwest::Method::POST,
         "/api/v1/apply",
-        Some(json!({"file": args.file, "text": text, "restart": args.restart})),
+        Some(json!({"files": files, "restart": args.restart})),
     )?;
     match args.api.output {
         OutputFormat::Json => println!("{result}"),

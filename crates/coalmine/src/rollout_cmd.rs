@@ -163,8 +163,10 @@ fn pick_rollout(
 
 #[derive(Args, Debug)]
 pub struct ConvertArgs {
-    /// A file with a Flagger Canary
-    pub file: String,
+    /// A file with a Flagger Canary, and files with the MetricTemplates it uses (their queries
+    /// are written into the Rollout)
+    #[arg(required = true)]
+    pub files: Vec<String>,
     #[arg(long)]
     pub name: Option<String>,
     #[command(flatten)]
@@ -172,7 +174,7 @@ pub struct ConvertArgs {
 }
 
 pub fn convert(args: ConvertArgs) -> anyhow::Result<ExitCode> {
-    let set = load(std::slice::from_ref(&args.file))?;
+    let set = load(&args.files)?;
     let rollout = pick_rollout(&set, args.name.as_deref(), &args.placement)?;
     print!("{}", serde_saphyr::to_string(&rollout)?);
     Ok(ExitCode::SUCCESS)
@@ -180,8 +182,10 @@ pub fn convert(args: ConvertArgs) -> anyhow::Result<ExitCode> {
 
 #[derive(Args, Debug)]
 pub struct RunArgs {
-    /// A file with the Rollout (or a Flagger Canary plus --router/--stable/--canary)
-    pub file: String,
+    /// A file with the Rollout (or a Flagger Canary plus --router/--stable/--canary), and files
+    /// with the MetricTemplates its metrics refer to
+    #[arg(required = true)]
+    pub files: Vec<String>,
     /// Which rollout, when the file has several
     #[arg(long)]
     pub name: Option<String>,
@@ -193,10 +197,12 @@ pub struct RunArgs {
 }
 
 pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
-    let set = load(std::slice::from_ref(&args.file))?;
+    let set = load(&args.files)?;
+    set.require_templates()
+        .map_err(|e| BadInput(e.to_string()))?;
     let rollout = pick_rollout(&set, args.name.as_deref(), &args.placement)?;
     let mut driver =
-        Driver::new(&rollout, None).map_err(|e| BadInput(format!("{}: {e}", args.file)))?;
+        Driver::new(&rollout, None).map_err(|e| BadInput(format!("{}: {e}", args.files[0])))?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;

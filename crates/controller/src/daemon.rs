@@ -2,9 +2,11 @@
 //! `status`, `promote`, `abort`, `pause`, `resume` and `history` clients.
 //!
 //! Mutating calls need the daemon's bearer token; reads are open. A restart on the same state
-//! file resumes every unfinished rollout from its persisted phase and weight.
+//! file resumes every unfinished rollout from its persisted phase and weight. Alertmanager's
+//! webhook (`POST /api/v1/alertmanager`, same token) rolls back the rollouts whose
+//! `rollbackOnAlerts` match a firing alert; `/metrics` shows every rollout to Prometheus.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -28,6 +30,7 @@ use crate::driver::{now_ms, Driver, Sink};
 use crate::processes::ManagedProcess;
 use crate::report::{event_json, status_json};
 use crate::store::{Store, StoreError};
+use crate::telemetry::Telemetry;
 
 pub struct DaemonConfig {
     pub api: SocketAddr,
@@ -48,6 +51,8 @@ pub enum DaemonError {
 
 struct Running {
     run: i64,
+    /// `analysis.rollbackOnAlerts` of the running spec.
+    rollout: Arc<Rollout>,
     control: mpsc::Sender<Input>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -66,6 +71,7 @@ struct Daemon {
     /// Processes started for `command` targets, by rollout. Held across awaits (starting one
     /// waits for its readiness), hence tokio's mutex.
     processes: tokio::sync::Mutex<HashMap<String, Versions>>,
+    telemetry: Arc<Telemetry>,
 }
 
 /// The processes serving one rollout's versions.
@@ -80,12 +86,21 @@ struct StoreSink {
     store: Store,
     name: String,
     run: i64,
+    telemetry: Arc<Telemetry>,
+    /// Whether this run's outcome has been counted (a resumed run may have ended before).
+    counted: bool,
 }
 
 impl Sink for StoreSink {
     fn record(&mut self, status: &Status, events: &[Event]) {
         if let Err(e) = self.store.record(&self.name, self.run, status, events) {
             tracing::error!(rollout = %self.name, "could not persist a step: {e}");
+        }
+        self.telemetry.observe(&self.name, status);
+        if let (Some(outcome), false) = (status.outcome, self.counted) {
+            let seconds = now_ms().saturating_sub(status.started_ms) as f64 / 1000.0;
+            self.telemetry.finished(&self.name, outcome, seconds);
+            self.counted = true;
         }
         for e in events {
             tracing::info!(rollout = %self.name, phase = e.phase.as_str(), weight = e.weight, "{}", e.message);
@@ -107,6 +122,7 @@ pub async fn serve(
         running: Mutex::new(HashMap::new()),
         routers: Mutex::new(HashMap::new()),
         processes: tokio::sync::Mutex::new(HashMap::new()),
+        telemetry: Arc::new(Telemetry::default()),
     });
     daemon.resume_all().await?;
     let listener = tokio::net::TcpListener::bind(config.api)
@@ -125,12 +141,14 @@ pub async fn serve(
     let mutating = Router::new()
         .route("/api/v1/apply", post(apply))
         .route("/api/v1/rollouts/{name}/{command}", post(command))
+        .route("/api/v1/alertmanager", post(alertmanager))
         .route_layer(middleware::from_fn_with_state(
             daemon.clone(),
             require_token,
         ));
     let app = Router::new()
         .route("/healthz", get(|| async { "ok" }))
+        .route("/metrics", get(metrics))
         .route("/api/v1/rollouts", get(list))
         .route("/api/v1/rollouts/{name}", get(one))
         .route("/api/v1/rollouts/{name}/history", get(history))
@@ -184,15 +202,27 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 
 #[derive(Deserialize)]
 struct ApplyRequest {
-    file: String,
-    text: String,
+    /// The documents, a file each: Rollouts and the MetricTemplates they use.
+    files: Vec<SourceFile>,
     /// Start a new run even if the document is unchanged (retry a failed release).
     #[serde(default)]
     restart: bool,
 }
 
+#[derive(Deserialize)]
+struct SourceFile {
+    file: String,
+    text: String,
+}
+
 async fn apply(State(d): State<Arc<Daemon>>, Json(req): Json<ApplyRequest>) -> Response {
-    let set = match documents::load(&[(req.file.clone(), req.text)]) {
+    let files: Vec<(String, String)> = req.files.into_iter().map(|f| (f.file, f.text)).collect();
+    let names = files
+        .iter()
+        .map(|f| f.0.as_str())
+        .collect::<Vec<_>>()
+        .join(", ");
+    let set = match documents::load(&files).and_then(|set| set.require_templates().map(|()| set)) {
         Ok(set) => set,
         Err(e) => return error(StatusCode::BAD_REQUEST, e.to_string()),
     };
@@ -212,7 +242,7 @@ async fn apply(State(d): State<Arc<Daemon>>, Json(req): Json<ApplyRequest>) -> R
     if rollouts.is_empty() {
         return error(
             StatusCode::BAD_REQUEST,
-            format!("{}: no Rollout to apply", req.file),
+            format!("{names}: no Rollout to apply"),
         );
     }
     // Everything is checked before anything changes: a bad document leaves running rollouts be.
@@ -220,7 +250,7 @@ async fn apply(State(d): State<Arc<Daemon>>, Json(req): Json<ApplyRequest>) -> R
         if let Err(e) = check_runnable(r) {
             return error(
                 StatusCode::BAD_REQUEST,
-                format!("{}: {}: {e}", req.file, r.metadata.name),
+                format!("{names}: {}: {e}", r.metadata.name),
             );
         }
     }
@@ -256,6 +286,8 @@ fn check_runnable(r: &Rollout) -> Result<(), String> {
 impl Daemon {
     async fn resume_all(self: &Arc<Self>) -> Result<(), StoreError> {
         for stored in self.store.all()? {
+            self.telemetry
+                .observe(&stored.rollout.metadata.name, &stored.status);
             let unfinished = !stored.status.phase.is_final();
             if unfinished || !stored.settled {
                 let name = stored.rollout.metadata.name.clone();
@@ -304,7 +336,7 @@ impl Daemon {
             .store
             .start_run(&rollout, driver.status(), &[event])
             .map_err(|e| e.to_string())?;
-        self.launch(name, driver, run);
+        self.launch(rollout, driver, run);
         Ok(action)
     }
 
@@ -423,19 +455,23 @@ impl Daemon {
         run: i64,
     ) -> Result<(), String> {
         let driver = self.driver(&rollout, status).await?;
-        self.launch(rollout.metadata.name.clone(), driver, run);
+        self.launch(rollout, driver, run);
         Ok(())
     }
 
-    fn launch(self: &Arc<Self>, name: String, mut driver: Driver, run: i64) {
+    fn launch(self: &Arc<Self>, rollout: Rollout, mut driver: Driver, run: i64) {
+        let name = rollout.metadata.name.clone();
         let (control, inputs) = mpsc::channel(16);
         let daemon = self.clone();
         let task_name = name.clone();
+        let counted = driver.status().outcome.is_some();
         let task = tokio::spawn(async move {
             let mut sink = StoreSink {
                 store: daemon.store.clone(),
                 name: task_name.clone(),
                 run,
+                telemetry: daemon.telemetry.clone(),
+                counted,
             };
             let outcome = driver.run(inputs, &mut sink).await;
             if driver.settled() {
@@ -456,10 +492,15 @@ impl Daemon {
                 daemon.retire_processes(&task_name, outcome).await;
             }
         });
-        self.running
-            .lock()
-            .expect("running")
-            .insert(name, Running { run, control, task });
+        self.running.lock().expect("running").insert(
+            name,
+            Running {
+                run,
+                rollout: Arc::new(rollout),
+                control,
+                task,
+            },
+        );
     }
 }
 
@@ -537,4 +578,99 @@ async fn command(
             _ => error(StatusCode::NOT_FOUND, format!("no rollout named {name:?}")),
         },
     }
+}
+
+async fn metrics(State(d): State<Arc<Daemon>>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        d.telemetry.encode(),
+    )
+        .into_response()
+}
+
+/// Alertmanager's webhook body (version 4); only what the receiver acts on.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct AlertmanagerPayload {
+    version: String,
+    #[serde(default)]
+    alerts: Vec<Alert>,
+}
+
+#[derive(Deserialize)]
+struct Alert {
+    status: String,
+    #[serde(default)]
+    labels: BTreeMap<String, String>,
+    #[serde(default)]
+    annotations: BTreeMap<String, String>,
+}
+
+impl Alert {
+    /// How the alert reads in a rollout's events: name, labels and summary.
+    fn describe(&self) -> String {
+        let name = self
+            .labels
+            .get("alertname")
+            .map_or("(unnamed)", String::as_str);
+        let labels: Vec<String> = self
+            .labels
+            .iter()
+            .filter(|(k, _)| *k != "alertname")
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect();
+        let mut text = format!("alert {name} firing [{}]", labels.join(", "));
+        if let Some(summary) = self.annotations.get("summary") {
+            text.push_str(": ");
+            text.push_str(summary);
+        }
+        text
+    }
+}
+
+/// Rolls back every running rollout that a firing alert matches. Answers 200 with what it did
+/// (Alertmanager retries on anything else, so a payload it cannot use is still a 400, not a 5xx).
+async fn alertmanager(State(d): State<Arc<Daemon>>, body: axum::body::Bytes) -> Response {
+    let payload: AlertmanagerPayload = match serde_json::from_slice(&body) {
+        Ok(p) => p,
+        Err(e) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                format!("not an Alertmanager webhook payload: {e}"),
+            )
+        }
+    };
+    if payload.version != "4" {
+        return error(
+            StatusCode::BAD_REQUEST,
+            format!(
+                "Alertmanager webhook payload version {:?}: Coalmine reads version 4",
+                payload.version
+            ),
+        );
+    }
+    let targets: Vec<(String, mpsc::Sender<Input>, String)> = {
+        let running = d.running.lock().expect("running");
+        let mut targets = Vec::new();
+        for alert in payload.alerts.iter().filter(|a| a.status == "firing") {
+            for (name, r) in running.iter() {
+                let already = targets.iter().any(|(n, _, _)| n == name);
+                if !already && r.rollout.spec.analysis.rolled_back_by_alert(&alert.labels) {
+                    targets.push((name.clone(), r.control.clone(), alert.describe()));
+                }
+            }
+        }
+        targets
+    };
+    let mut rolled_back = Vec::new();
+    for (name, control, reason) in targets {
+        tracing::warn!(rollout = %name, "{reason}: rolling back");
+        if control.send(Input::RollBack { reason }).await.is_ok() {
+            rolled_back.push(name);
+        }
+    }
+    Json(json!({"alerts": payload.alerts.len(), "rolledBack": rolled_back})).into_response()
 }

@@ -13,6 +13,7 @@ use coalmine_spec::rollout::{
     MetricCheck, Rollout, Target, BUILTIN_DURATION, BUILTIN_SUCCESS_RATE,
 };
 
+use crate::providers::Providers;
 use crate::routers::{RouterSet, Upstreams};
 use crate::webhooks::Hooks;
 use crate::window::StatsWindow;
@@ -47,6 +48,7 @@ pub struct Driver {
     window: StatsWindow,
     hooks: Hooks,
     checks: Vec<MetricCheck>,
+    providers: Providers,
     /// The traffic the routers last accepted.
     applied: Option<Traffic>,
     sample_every_ms: u64,
@@ -91,6 +93,20 @@ impl Driver {
             &url_of(&spec.canary, "canary")?,
             &spec.analysis,
         );
+        if let Some(check) = spec
+            .analysis
+            .metrics
+            .iter()
+            .find(|c| !is_builtin(c) && (c.query.is_none() || c.provider.is_none()))
+        {
+            return Err(DriverError::Unsupported {
+                field: "analysis.metrics".into(),
+                message: format!(
+                    "metric {:?} needs a provider and query (pass the file of its MetricTemplate)",
+                    check.name
+                ),
+            });
+        }
         let windows: Vec<u64> = spec.analysis.metrics.iter().map(window_ms).collect();
         let longest = windows.iter().copied().max().unwrap_or(0);
         let shortest = windows
@@ -119,6 +135,7 @@ impl Driver {
                 &checksum(rollout),
             ),
             checks: spec.analysis.metrics.clone(),
+            providers: Providers::new(&spec.analysis.metrics),
             applied: None,
             sample_every_ms: (shortest / 4).clamp(200, 5000),
         })
@@ -208,15 +225,38 @@ impl Driver {
                 results: self.hooks.call(kind, self.machine.status.phase).await,
             },
             Question::Analysis => {
+                // Provider queries run side by side, while the routers are sampled.
+                let mut queries = tokio::task::JoinSet::new();
+                for (i, check) in self.checks.iter().enumerate() {
+                    if !is_builtin(check) {
+                        let (providers, check) = (self.providers.clone(), check.clone());
+                        queries.spawn(async move { (i, providers.read(&check).await) });
+                    }
+                }
                 let fresh = self.sample().await;
-                let readings = self
+                let mut readings: Vec<Option<Reading>> = self
                     .checks
                     .iter()
-                    .map(|check| match &fresh {
-                        Err(reason) => Reading::NoData {
-                            reason: format!("router stats unavailable: {reason}"),
-                        },
-                        Ok(()) => self.builtin(check),
+                    .map(|check| {
+                        is_builtin(check).then(|| match &fresh {
+                            Err(reason) => Reading::NoData {
+                                reason: format!("router stats unavailable: {reason}"),
+                            },
+                            Ok(()) => self.builtin(check),
+                        })
+                    })
+                    .collect();
+                while let Some(joined) = queries.join_next().await {
+                    if let Ok((i, reading)) = joined {
+                        readings[i] = Some(reading);
+                    }
+                }
+                let readings = readings
+                    .into_iter()
+                    .map(|r| {
+                        r.unwrap_or_else(|| Reading::Error {
+                            reason: "the metric query stopped unexpectedly".into(),
+                        })
                     })
                     .collect();
                 Input::Analysis { readings }
@@ -224,14 +264,12 @@ impl Driver {
         }
     }
 
+    /// Flagger's built-in metrics, from the routers' own counts.
     fn builtin(&self, check: &MetricCheck) -> Reading {
         let counts = self.window.canary(window_ms(check));
         match check.name.as_str() {
             BUILTIN_SUCCESS_RATE => counts.success_rate(),
-            BUILTIN_DURATION => counts.latency_quantile_ms(0.99),
-            other => Reading::Error {
-                reason: format!("metric {other:?}: template and query metrics need a provider, which this build does not have yet"),
-            },
+            _ => counts.latency_quantile_ms(0.99),
         }
     }
 
@@ -268,6 +306,11 @@ impl Driver {
     pub fn settled(&self) -> bool {
         self.applied == Some(self.machine.traffic())
     }
+}
+
+/// A check Coalmine answers from router stats, not from a provider.
+fn is_builtin(check: &MetricCheck) -> bool {
+    check.query.is_none() && (check.name == BUILTIN_SUCCESS_RATE || check.name == BUILTIN_DURATION)
 }
 
 fn window_ms(check: &MetricCheck) -> u64 {

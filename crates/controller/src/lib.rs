@@ -4,9 +4,11 @@
 pub mod daemon;
 pub mod driver;
 pub mod processes;
+pub mod providers;
 pub mod report;
 pub mod routers;
 pub mod store;
+pub mod telemetry;
 pub mod time;
 pub mod webhooks;
 pub mod window;

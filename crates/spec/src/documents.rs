@@ -1,8 +1,9 @@
 //! Files of several YAML documents: which kind each is, typed, validated, with warnings.
 
-use crate::flagger::{Canary, MetricTemplate, FLAGGER_API_VERSION};
+use crate::flagger::{Canary, FLAGGER_API_VERSION};
 use crate::rollout::{Analysis, Rollout, API_VERSION, BUILTIN_DURATION, BUILTIN_SUCCESS_RATE};
 use crate::schema::{self, FlaggerKind};
+use crate::templates::{self, MetricTemplate, Provider, TemplateContext};
 use crate::yaml::{parse_yaml, SpecError};
 
 /// One document of a file and where it came from.
@@ -11,7 +12,23 @@ pub struct Located<T> {
     pub file: String,
     /// 1-based line of the document's first line in the file.
     pub line: u64,
+    /// The document's own text, to point at a field found wrong after parsing.
+    pub text: String,
     pub doc: T,
+}
+
+impl<T> Located<T> {
+    /// An error at `field` (a dotted path) of this document, with its line and column.
+    pub fn error_at(&self, field: &str, message: String) -> SpecError {
+        let (line, column) = schema::locate(&self.text, field).unwrap_or((1, 1));
+        SpecError {
+            file: self.file.clone(),
+            line: line + self.line - 1,
+            column,
+            field: field.to_string(),
+            message,
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -38,10 +55,120 @@ impl DocumentSet {
     }
 
     pub fn template(&self, name: &str) -> Option<&MetricTemplate> {
+        self.located_template(name).map(|(t, _)| t)
+    }
+
+    fn located_template(&self, name: &str) -> Option<(&MetricTemplate, &Located<Document>)> {
         self.documents.iter().find_map(|d| match &d.doc {
-            Document::MetricTemplate(t) if t.metadata.name == name => Some(t),
+            Document::MetricTemplate(t) if t.metadata.name == name => Some((t, d)),
             _ => None,
         })
+    }
+
+    /// For running (not just checking): every `templateRef` must have been found among the
+    /// documents, or the check would have nothing to ask.
+    pub fn require_templates(&self) -> Result<(), SpecError> {
+        for located in self.rollouts() {
+            let metrics = analysis_of(&located.doc).map(|a| a.metrics.as_slice());
+            for (i, m) in metrics.unwrap_or_default().iter().enumerate() {
+                if let (Some(t), None) = (&m.template_ref, &m.query) {
+                    return Err(located.error_at(
+                        &format!("spec.analysis.metrics[{i}].templateRef"),
+                        format!("MetricTemplate {:?} is not in the files given: pass the file that defines it too", t.name),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Resolves every non-built-in check of every Rollout and Canary in place (see
+    /// [`templates::resolve_check`]). A `templateRef` to a template not given is left for
+    /// [`Self::require_templates`] (a warning for `check`: in Kubernetes it lives in the cluster).
+    fn resolve_metrics(&mut self) -> Result<(), SpecError> {
+        for index in 0..self.documents.len() {
+            let mut located = self.documents[index].clone();
+            let (metadata, target, service, metrics_server) = match &located.doc {
+                Document::Rollout(r) => {
+                    let service = r.spec.service.clone().unwrap_or(r.metadata.name.clone());
+                    (r.metadata.clone(), service.clone(), service, None)
+                }
+                Document::Canary(c) => (
+                    c.metadata.clone(),
+                    c.spec.target_ref.name.clone(),
+                    c.service_name().to_string(),
+                    c.spec.metrics_server.clone(),
+                ),
+                _ => continue,
+            };
+            let name = metadata.name.as_str();
+            let ctx = TemplateContext {
+                name,
+                namespace: metadata.namespace.as_deref().unwrap_or("default"),
+                target: &target,
+                service: &service,
+            };
+            let metrics = match &mut located.doc {
+                Document::Rollout(r) => &mut r.spec.analysis.metrics,
+                Document::Canary(c) => &mut c.spec.analysis.metrics,
+                _ => continue,
+            };
+            for (i, check) in metrics.iter_mut().enumerate() {
+                if check.name == BUILTIN_SUCCESS_RATE || check.name == BUILTIN_DURATION {
+                    if check.query.is_none() && check.template_ref.is_none() {
+                        continue;
+                    }
+                }
+                if check.query.is_some() && check.provider.is_none() {
+                    // Flagger's inline query goes to the Canary's metricsServer.
+                    check.provider = metrics_server.as_ref().map(|address| Provider {
+                        kind: templates::PROMETHEUS.into(),
+                        address: Some(address.clone()),
+                        ..Provider::default()
+                    });
+                }
+                let template = match (&check.query, &check.template_ref) {
+                    (None, Some(t)) => match self.located_template(&t.name) {
+                        Some(found) => Some(found),
+                        None => continue,
+                    },
+                    _ => None,
+                };
+                let field = format!("spec.analysis.metrics[{i}]");
+                templates::resolve_check(check, template.map(|t| t.0), &ctx).map_err(|e| {
+                    match template {
+                        // What is wrong lies in the template: point there.
+                        Some((t, at)) if e.field != "templateRef" => at.error_at(
+                            &template_field(&e.field),
+                            format!(
+                                "MetricTemplate {:?} (used by {name}'s metric {:?}): {}",
+                                t.metadata.name, check.name, e.message
+                            ),
+                        ),
+                        _ => self.documents[index]
+                            .error_at(&format!("{field}.{}", e.field), e.message),
+                    }
+                })?;
+            }
+            self.documents[index] = located;
+        }
+        Ok(())
+    }
+}
+
+/// A field of a check's resolved template, as a path in the template's document.
+fn template_field(field: &str) -> String {
+    match field.strip_prefix("templateRef.") {
+        Some(provider_field) => format!("spec.provider.{provider_field}"),
+        None => format!("spec.{field}"),
+    }
+}
+
+fn analysis_of(doc: &Document) -> Option<&Analysis> {
+    match doc {
+        Document::Rollout(r) => Some(&r.spec.analysis),
+        Document::Canary(c) => Some(&c.spec.analysis),
+        _ => None,
     }
 }
 
@@ -55,6 +182,7 @@ pub fn load(files: &[(String, String)]) -> Result<DocumentSet, SpecError> {
             set.documents.push(Located {
                 file: file.clone(),
                 line: line + 1,
+                text: doc_text.to_string(),
                 doc,
             });
         }
@@ -69,6 +197,7 @@ pub fn load(files: &[(String, String)]) -> Result<DocumentSet, SpecError> {
         });
     }
     set.warnings = warnings(&set);
+    set.resolve_metrics()?;
     Ok(set)
 }
 
@@ -125,6 +254,7 @@ fn parse_document(file: &str, text: &str) -> Result<Document, SpecError> {
         }
     };
     match (head.api_version.as_str(), head.kind.as_str()) {
+        (API_VERSION, "MetricTemplate") => Ok(Document::MetricTemplate(parse_yaml(file, text)?)),
         (API_VERSION, "Rollout") => {
             let rollout: Rollout = parse_yaml(file, text)?;
             check_analysis(&rollout.spec.analysis, "spec.analysis").map_err(|(f, m)| at(&f, m))?;
@@ -150,7 +280,7 @@ fn parse_document(file: &str, text: &str) -> Result<Document, SpecError> {
             }
         }
         ("", _) => Err(at("apiVersion", format!("missing apiVersion (use {API_VERSION} for a Rollout, {FLAGGER_API_VERSION} for Flagger's kinds)"))),
-        (API_VERSION, kind) => Err(at("kind", format!("unknown kind {kind:?}: {API_VERSION} has Rollout"))),
+        (API_VERSION, kind) => Err(at("kind", format!("unknown kind {kind:?}: {API_VERSION} has Rollout and MetricTemplate"))),
         (other, _) => Err(at(
             "apiVersion",
             format!("unknown apiVersion {other:?}: Coalmine reads {API_VERSION} and {FLAGGER_API_VERSION}"),
@@ -200,6 +330,13 @@ pub fn check_analysis(a: &Analysis, path: &str) -> Result<(), (String, String)> 
     }
     if matches!(a.threshold, Some(0)) {
         return err("threshold", "must be at least 1".into());
+    }
+    if let Some(i) = a.rollback_on_alerts.iter().position(|m| m.is_empty()) {
+        return err(
+            &format!("rollbackOnAlerts[{i}]"),
+            "list at least one label (e.g. alertname): an empty entry would match every alert"
+                .into(),
+        );
     }
     for (i, m) in a.metrics.iter().enumerate() {
         let builtin = m.name == BUILTIN_SUCCESS_RATE || m.name == BUILTIN_DURATION;

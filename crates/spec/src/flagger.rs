@@ -4,9 +4,7 @@
 //! accepts exactly what the CRD accepts; then the fields Coalmine acts on are read into these types,
 //! and the Kubernetes-only ones (targetRef, service mesh settings) are left alone.
 
-use std::collections::BTreeMap;
-
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 
 use crate::rollout::{Analysis, HttpUrl, Metadata, Rollout, RolloutSpec, Target, API_VERSION};
 
@@ -26,12 +24,25 @@ pub struct CanarySpec {
     #[serde(default)]
     pub provider: Option<String>,
     #[serde(default)]
+    pub service: Option<CanaryService>,
+    /// Flagger: the Prometheus that built-in and inline-query metrics use. Coalmine reads its
+    /// built-in metrics from the routers, and sends inline queries here.
+    #[serde(default)]
+    pub metrics_server: Option<String>,
+    #[serde(default)]
     pub progress_deadline_seconds: Option<u64>,
     #[serde(default)]
     pub skip_analysis: bool,
     #[serde(default)]
     pub suspend: bool,
     pub analysis: Analysis,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CanaryService {
+    #[serde(default)]
+    pub name: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -53,6 +64,15 @@ pub struct Placement {
 }
 
 impl Canary {
+    /// Flagger's `{{ service }}`: the Service's name, the target's unless given.
+    pub fn service_name(&self) -> &str {
+        self.spec
+            .service
+            .as_ref()
+            .and_then(|s| s.name.as_deref())
+            .unwrap_or(&self.spec.target_ref.name)
+    }
+
     /// The native Rollout with the same analysis, for `coalmine convert`.
     pub fn to_rollout(&self, placement: Placement) -> Rollout {
         Rollout {
@@ -62,6 +82,7 @@ impl Canary {
             spec: RolloutSpec {
                 routers: placement.routers,
                 router: None,
+                service: Some(self.service_name().to_string()),
                 stable: placement.stable,
                 canary: placement.canary,
                 progress_deadline_seconds: self
@@ -74,32 +95,4 @@ impl Canary {
             },
         }
     }
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct MetricTemplate {
-    pub metadata: Metadata,
-    pub spec: MetricTemplateSpec,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct MetricTemplateSpec {
-    pub provider: Provider,
-    #[serde(default)]
-    pub query: String,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct Provider {
-    #[serde(rename = "type")]
-    pub kind: String,
-    #[serde(default)]
-    pub address: Option<String>,
-    #[serde(default)]
-    pub headers: BTreeMap<String, String>,
-    #[serde(default)]
-    pub insecure_skip_verify: bool,
 }

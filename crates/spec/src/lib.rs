@@ -9,6 +9,7 @@ pub mod flagger;
 pub mod rollout;
 pub mod schema;
 pub mod suggest;
+pub mod templates;
 mod yaml;
 
 pub use duration::{format_duration, parse_duration, Dur};

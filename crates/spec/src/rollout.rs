@@ -57,6 +57,10 @@ pub struct RolloutSpec {
     /// A router `coalmine serve` runs itself for this rollout (one process for everything).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub router: Option<HostedRouter>,
+    /// The name metric templates see as `{{ service }}` and `{{ target }}` (default: the
+    /// rollout's name).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<String>,
     pub stable: Target,
     pub canary: Target,
     #[serde(default = "default_deadline")]
@@ -268,10 +272,23 @@ pub struct Analysis {
     pub rollback_on_alerts: Vec<BTreeMap<String, String>>,
 }
 
+impl Analysis {
+    /// Whether a firing alert with these labels rolls this rollout back: some entry of
+    /// `rollbackOnAlerts` has all its labels on the alert with the same values.
+    pub fn rolled_back_by_alert(&self, labels: &BTreeMap<String, String>) -> bool {
+        self.rollback_on_alerts.iter().any(|matcher| {
+            !matcher.is_empty()
+                && matcher
+                    .iter()
+                    .all(|(name, value)| labels.get(name) == Some(value))
+        })
+    }
+}
+
 fn default_interval() -> Dur {
     Dur(std::time::Duration::from_secs(60))
 }
-fn is_false(b: &bool) -> bool {
+pub(crate) fn is_false(b: &bool) -> bool {
     !*b
 }
 fn is_default<T: Default + PartialEq>(v: &T) -> bool {
@@ -353,7 +370,7 @@ pub struct MetricCheck {
     pub query: Option<String>,
     /// Coalmine: the provider of an inline `query` (Flagger takes it from the mesh).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub provider: Option<serde_json::Value>,
+    pub provider: Option<crate::templates::Provider>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub template_ref: Option<TemplateRef>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]

@@ -178,3 +178,204 @@ spec:
     assert!(set.warnings.is_empty(), "{:?}", set.warnings);
     assert!(set.template("error-rate").is_some());
 }
+
+const TEMPLATED_ROLLOUT: &str = "apiVersion: coalmine.dev/v1alpha1
+kind: Rollout
+metadata: {name: payment-service, namespace: shop}
+spec:
+  routers: [http://127.0.0.1:9901]
+  stable: {url: http://127.0.0.1:9001}
+  canary: {url: http://127.0.0.1:9002}
+  analysis:
+    interval: 10s
+    threshold: 2
+    stepWeights: [5, 50]
+    metrics:
+      - name: error-rate
+        templateRef: {name: error-rate}
+        thresholdRange: {max: 0.01}
+        interval: 30s
+        templateVariables: {version: canary}
+";
+
+const ERROR_RATE_TEMPLATE: &str = "apiVersion: flagger.app/v1beta1
+kind: MetricTemplate
+metadata: {name: error-rate}
+spec:
+  provider:
+    type: prometheus
+    address: http://127.0.0.1:9090
+    headers: {X-Scope-OrgID: [tenant-1]}
+  query: |
+    (sum(rate(http_requests_total{service=\"{{ service }}\",namespace=\"{{namespace}}\",status=~\"5..\",version=\"{{ variables.version }}\"}[{{ interval }}])) or vector(0))
+    / sum(rate(http_requests_total{service=\"{{ service }}\",version=\"{{ variables.version }}\"}[{{ interval }}]))
+";
+
+fn metric_of(set: &coalmine_spec::documents::DocumentSet) -> coalmine_spec::rollout::MetricCheck {
+    match &set.rollouts().next().unwrap().doc {
+        Document::Rollout(r) => r.spec.analysis.metrics[0].clone(),
+        Document::Canary(c) => c.spec.analysis.metrics[0].clone(),
+        _ => unreachable!(),
+    }
+}
+
+#[test]
+fn a_template_from_another_file_is_resolved_into_the_check() {
+    let set = load(&[
+        ("rollout.yaml".to_string(), TEMPLATED_ROLLOUT.to_string()),
+        (
+            "templates.yaml".to_string(),
+            ERROR_RATE_TEMPLATE.to_string(),
+        ),
+    ])
+    .unwrap();
+    set.require_templates().unwrap();
+    let check = metric_of(&set);
+    let provider = check.provider.expect("provider copied from the template");
+    assert_eq!(provider.kind, "prometheus");
+    assert_eq!(provider.address.as_deref(), Some("http://127.0.0.1:9090"));
+    assert_eq!(provider.headers["X-Scope-OrgID"].values(), ["tenant-1"]);
+    let query = check.query.unwrap();
+    assert!(
+        query.contains(
+            r#"service="payment-service",namespace="shop",status=~"5..",version="canary"}[30s]"#
+        ),
+        "{query}"
+    );
+    assert!(!query.contains("{{"), "{query}");
+}
+
+#[test]
+fn running_without_the_template_file_is_an_error_at_the_reference() {
+    let set = load(&one("rollout.yaml", TEMPLATED_ROLLOUT)).unwrap();
+    let err = set.require_templates().unwrap_err();
+    assert_eq!(err.file, "rollout.yaml");
+    assert_eq!(
+        (err.line, err.field.as_str()),
+        (14, "spec.analysis.metrics[0].templateRef")
+    );
+    assert!(
+        err.message.contains("pass the file that defines it"),
+        "{err}"
+    );
+}
+
+#[test]
+fn template_mistakes_point_into_the_template_file() {
+    let missing_var = TEMPLATED_ROLLOUT.replace(
+        "templateVariables: {version: canary}",
+        "templateVariables: {}",
+    );
+    let err = load(&[
+        ("rollout.yaml".to_string(), missing_var),
+        (
+            "templates.yaml".to_string(),
+            ERROR_RATE_TEMPLATE.to_string(),
+        ),
+    ])
+    .unwrap_err();
+    assert_eq!(
+        (err.file.as_str(), err.line, err.field.as_str()),
+        ("templates.yaml", 10, "spec.query")
+    );
+    assert!(
+        err.message
+            .contains("add `version` to the metric's templateVariables"),
+        "{err}"
+    );
+
+    let datadog = ERROR_RATE_TEMPLATE.replace("type: prometheus", "type: datadog");
+    let err = load(&[
+        ("rollout.yaml".to_string(), TEMPLATED_ROLLOUT.to_string()),
+        ("templates.yaml".to_string(), datadog),
+    ])
+    .unwrap_err();
+    assert_eq!((err.line, err.field.as_str()), (6, "spec.provider.type"));
+    assert!(err.message.contains("`prometheus` and `web`"), "{err}");
+}
+
+#[test]
+fn a_web_template_needs_a_valid_jsonpath() {
+    let web = "apiVersion: coalmine.dev/v1alpha1
+kind: MetricTemplate
+metadata: {name: error-rate}
+spec:
+  provider:
+    type: web
+    address: http://127.0.0.1:8080/quality?service={{ service }}
+    method: POST
+    body: '{\"window\": \"{{ interval }}\"}'
+  query: $.data[?(@.version == 'canary')].errorRate
+";
+    let set = load(&[
+        ("rollout.yaml".to_string(), TEMPLATED_ROLLOUT.to_string()),
+        ("web.yaml".to_string(), web.to_string()),
+    ])
+    .unwrap();
+    let check = metric_of(&set);
+    let provider = check.provider.unwrap();
+    assert_eq!(
+        provider.address.as_deref(),
+        Some("http://127.0.0.1:8080/quality?service=payment-service")
+    );
+    assert_eq!(provider.body.as_deref(), Some(r#"{"window": "30s"}"#));
+
+    let broken = web.replace(
+        "query: $.data[?(@.version == 'canary')].errorRate",
+        "query: data.errorRate",
+    );
+    let err = load(&[
+        ("rollout.yaml".to_string(), TEMPLATED_ROLLOUT.to_string()),
+        ("web.yaml".to_string(), broken),
+    ])
+    .unwrap_err();
+    assert_eq!(
+        (err.file.as_str(), err.field.as_str()),
+        ("web.yaml", "spec.query")
+    );
+    assert!(err.message.contains("JSONPath"), "{err}");
+}
+
+#[test]
+fn a_canary_inline_query_goes_to_its_metrics_server() {
+    let canary = "apiVersion: flagger.app/v1beta1
+kind: Canary
+metadata: {name: web}
+spec:
+  targetRef: {apiVersion: apps/v1, kind: Deployment, name: web-deploy}
+  service: {port: 80, name: web-svc}
+  metricsServer: http://127.0.0.1:9090
+  analysis:
+    interval: 30s
+    threshold: 5
+    stepWeight: 10
+    maxWeight: 50
+    metrics:
+      - name: errors
+        query: sum(rate(http_requests_total{service=\"{{ service }}\",target=\"{{ target }}\"}[1m]))
+        thresholdRange: {max: 1}
+";
+    let set = load(&one("c.yaml", canary)).unwrap();
+    let check = metric_of(&set);
+    assert_eq!(
+        check.provider.unwrap().address.as_deref(),
+        Some("http://127.0.0.1:9090")
+    );
+    assert_eq!(
+        check.query.unwrap(),
+        r#"sum(rate(http_requests_total{service="web-svc",target="web-deploy"}[1m]))"#
+    );
+    let without_server = canary.replace("  metricsServer: http://127.0.0.1:9090\n", "");
+    let err = load(&one("c.yaml", &without_server)).unwrap_err();
+    assert_eq!(err.field, "spec.analysis.metrics[0].provider");
+}
+
+#[test]
+fn an_empty_alert_matcher_is_refused() {
+    let text = ROLLOUT.replace(
+        "    metrics:\n",
+        "    rollbackOnAlerts: [{}]\n    metrics:\n",
+    );
+    let err = load(&one("r.yaml", &text)).unwrap_err();
+    assert_eq!(err.field, "spec.analysis.rollbackOnAlerts[0]");
+}
