@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use clap::{Args, ValueEnum};
 use tokio::sync::mpsc;
 
+use coalmine_controller::report::metrics_json;
 use coalmine_controller::time::rfc3339;
 use coalmine_controller::{Driver, Sink};
 use coalmine_rollout::{Event, EventLevel, Input, Outcome, Status};
@@ -306,7 +307,7 @@ impl Sink for Reporter {
                         "canaryWeight": basis_points_to_percent(event.weight),
                         "failedChecks": status.failed_checks,
                         "message": event.message,
-                        "metrics": status.metrics,
+                        "metrics": metrics_json(&status.metrics),
                     })
                 ),
                 OutputFormat::Text => {

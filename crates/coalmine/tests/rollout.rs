@@ -4,118 +4,12 @@
 mod common;
 
 use std::convert::Infallible;
-use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::*;
-
-fn write_rollout(test: &str, text: &str) -> String {
-    let dir = std::env::temp_dir().join(format!("coalmine-run-{}-{test}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("rollout.yaml");
-    std::fs::write(&path, text).unwrap();
-    path.to_string_lossy().into_owned()
-}
-
-/// Background users: requests through the router until stopped; counts answers by status class.
-struct Users {
-    stop: Arc<AtomicBool>,
-    ok: Arc<AtomicU64>,
-    failed: Arc<AtomicU64>,
-    tasks: Vec<tokio::task::JoinHandle<()>>,
-}
-
-fn users(router: &Router, concurrency: usize) -> Users {
-    let stop = Arc::new(AtomicBool::new(false));
-    let ok = Arc::new(AtomicU64::new(0));
-    let failed = Arc::new(AtomicU64::new(0));
-    let tasks = (0..concurrency)
-        .map(|_| {
-            let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
-            let url = format!("{}/pay", router.base);
-            tokio::spawn(async move {
-                let c = client();
-                // Bounded: at most 60 s of traffic at ~100 req/s per task.
-                let deadline = Instant::now() + Duration::from_secs(60);
-                while !stop.load(Relaxed) && Instant::now() < deadline {
-                    match c.get(&url).send().await {
-                        Ok(r) if r.status().is_server_error() => failed.fetch_add(1, Relaxed),
-                        Ok(_) => ok.fetch_add(1, Relaxed),
-                        Err(_) => failed.fetch_add(1, Relaxed),
-                    };
-                    tokio::time::sleep(Duration::from_millis(10)).await;
-                }
-            })
-        })
-        .collect();
-    Users {
-        stop,
-        ok,
-        failed,
-        tasks,
-    }
-}
-
-impl Users {
-    async fn stop(self) -> (u64, u64) {
-        self.stop.store(true, Relaxed);
-        for t in self.tasks {
-            t.await.unwrap();
-        }
-        (self.ok.load(Relaxed), self.failed.load(Relaxed))
-    }
-}
-
-struct RunResult {
-    code: i32,
-    lines: Vec<serde_json::Value>,
-    stderr: String,
-    seconds: f64,
-}
-
-async fn coalmine_run(file: &str, extra: &[&str]) -> RunResult {
-    let mut args = vec![
-        "run".to_string(),
-        file.to_string(),
-        "--output".into(),
-        "json".into(),
-    ];
-    args.extend(extra.iter().map(|s| s.to_string()));
-    tokio::task::spawn_blocking(move || {
-        let started = Instant::now();
-        let out = Command::new(BIN)
-            .args(&args)
-            .env("COALMINE_LOG", "warn")
-            .stdin(Stdio::null())
-            .output()
-            .unwrap();
-        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-        RunResult {
-            code: out.status.code().unwrap_or(-1),
-            lines: stdout
-                .lines()
-                .map(|l| serde_json::from_str(l).unwrap_or_else(|_| panic!("not JSON: {l}")))
-                .collect(),
-            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-            seconds: started.elapsed().as_secs_f64(),
-        }
-    })
-    .await
-    .unwrap()
-}
-
-fn messages(run: &RunResult) -> Vec<String> {
-    run.lines
-        .iter()
-        .filter_map(|l| {
-            l["message"]
-                .as_str()
-                .map(|m| format!("{} {}", l["phase"], m))
-        })
-        .collect()
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_canary_failing_20_percent_is_rolled_back_and_the_router_sends_all_to_stable() {

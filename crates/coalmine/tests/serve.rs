@@ -2,88 +2,10 @@
 
 mod common;
 
-use std::path::PathBuf;
-use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use common::daemon::*;
 use common::*;
-
-const TOKEN: &str = "test-token-0123456789abcdef";
-
-struct Daemon {
-    proc: Proc,
-    api: String,
-}
-
-fn scratch(test: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("coalmine-serve-{}-{test}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(dir.join("token"), TOKEN).unwrap();
-    dir
-}
-
-fn serve(dir: &std::path::Path) -> Daemon {
-    let state = dir.join("state.db");
-    let token = dir.join("token");
-    let proc = Proc::spawn(&[
-        "serve",
-        "--api",
-        "127.0.0.1:0",
-        "--state",
-        state.to_str().unwrap(),
-        "--token-file",
-        token.to_str().unwrap(),
-    ]);
-    let api = format!("http://{}", proc.addr("api"));
-    Daemon { proc, api }
-}
-
-/// Runs a client command against the daemon; returns (exit code, stdout + stderr).
-fn client(daemon: &Daemon, args: &[&str], token: Option<&str>) -> (i32, String) {
-    let mut cmd = Command::new(BIN);
-    cmd.args(args)
-        .env("COALMINE_API", &daemon.api)
-        .env_remove("COALMINE_TOKEN");
-    if let Some(t) = token {
-        cmd.env("COALMINE_TOKEN", t);
-    }
-    let out = cmd.output().unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
-}
-
-fn status(daemon: &Daemon, name: &str) -> serde_json::Value {
-    let (code, out) = client(daemon, &["status", name, "--output", "json"], None);
-    assert_eq!(code, 0, "{out}");
-    serde_json::from_str(out.lines().next().unwrap()).unwrap()
-}
-
-fn wait_for(
-    daemon: &Daemon,
-    name: &str,
-    within: Duration,
-    what: impl Fn(&serde_json::Value) -> bool,
-) -> serde_json::Value {
-    let deadline = Instant::now() + within;
-    loop {
-        let s = status(daemon, name);
-        if what(&s) {
-            return s;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "gave up waiting; last status {s:#}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
 
 fn rollout_file(
     dir: &std::path::Path,
@@ -111,11 +33,11 @@ async fn mutating_calls_without_the_token_get_401_and_change_nothing() {
     let router = router(&["--stable", &v1.url]);
     let file = rollout_file(&dir, &router, &v1, &v2, SLOW_STEPS);
     for token in [None, Some("wrong-token-0123456789")] {
-        let (code, out) = client(&daemon, &["apply", &file], token);
+        let (code, out) = cli(&daemon, &["apply", &file], token);
         assert_eq!(code, 2, "{out}");
         assert!(out.contains("401"), "{out}");
     }
-    let (code, out) = client(&daemon, &["status", "--output", "json"], None);
+    let (code, out) = cli(&daemon, &["status", "--output", "json"], None);
     assert_eq!(
         (code, out.trim()),
         (0, "[]"),
@@ -128,9 +50,9 @@ async fn mutating_calls_without_the_token_get_401_and_change_nothing() {
         "the router was not touched"
     );
     // With the token the same call works, and commands need it too.
-    let (code, out) = client(&daemon, &["apply", &file], Some(TOKEN));
+    let (code, out) = cli(&daemon, &["apply", &file], Some(TOKEN));
     assert_eq!(code, 0, "{out}");
-    let (code, out) = client(&daemon, &["abort", "checkout"], None);
+    let (code, out) = cli(&daemon, &["abort", "checkout"], None);
     assert_eq!(code, 2, "{out}");
     assert_ne!(status(&daemon, "checkout")["phase"], "Failed");
 }
@@ -142,7 +64,7 @@ async fn after_kill_9_a_rollout_continues_from_its_persisted_weight_and_promotes
     let (v1, v2) = (upstream("v1", &[]), upstream("v2", &[]));
     let router = router(&["--stable", &v1.url]);
     let file = rollout_file(&dir, &router, &v1, &v2, SLOW_STEPS);
-    let (code, out) = client(&daemon, &["apply", &file], Some(TOKEN));
+    let (code, out) = cli(&daemon, &["apply", &file], Some(TOKEN));
     assert_eq!(code, 0, "{out}");
     let before = wait_for(&daemon, "checkout", Duration::from_secs(20), |s| {
         s["canaryWeight"].as_f64().unwrap() >= 30.0
@@ -160,12 +82,12 @@ async fn after_kill_9_a_rollout_continues_from_its_persisted_weight_and_promotes
         resumed["canaryWeight"].as_f64().unwrap() >= before["canaryWeight"].as_f64().unwrap(),
         "no reset to 0: {resumed:#}"
     );
-    let (code, out) = client(&daemon, &["status", "checkout", "--watch"], None);
+    let (code, out) = cli(&daemon, &["status", "checkout", "--watch"], None);
     assert_eq!(code, 0, "--watch exits 0 on promotion: {out}");
     let routes = get_json(&format!("{}/routes", router.admin)).await;
     assert_eq!(routes["stable"], v2.url.as_str());
 
-    let (code, out) = client(&daemon, &["history", "checkout", "--output", "json"], None);
+    let (code, out) = cli(&daemon, &["history", "checkout", "--output", "json"], None);
     assert_eq!(code, 0, "{out}");
     let messages: Vec<String> = out
         .lines()
@@ -200,11 +122,11 @@ async fn an_invalid_apply_leaves_the_running_rollout_as_it_was_and_commands_stee
     let (v1, v2) = (upstream("v1", &[]), upstream("v2", &[]));
     let router = router(&["--stable", &v1.url]);
     let file = rollout_file(&dir, &router, &v1, &v2, SLOW_STEPS);
-    assert_eq!(client(&daemon, &["apply", &file], Some(TOKEN)).0, 0);
+    assert_eq!(cli(&daemon, &["apply", &file], Some(TOKEN)).0, 0);
     wait_for(&daemon, "checkout", Duration::from_secs(20), |s| {
         s["canaryWeight"] == 20.0
     });
-    assert_eq!(client(&daemon, &["pause", "checkout"], Some(TOKEN)).0, 0);
+    assert_eq!(cli(&daemon, &["pause", "checkout"], Some(TOKEN)).0, 0);
     std::thread::sleep(Duration::from_millis(300));
     let paused = status(&daemon, "checkout");
     assert_eq!(paused["paused"], true);
@@ -214,7 +136,7 @@ async fn an_invalid_apply_leaves_the_running_rollout_as_it_was_and_commands_stee
         .replace("threshold: 2", "threshold: two");
     let broken_file = dir.join("broken.yaml");
     std::fs::write(&broken_file, broken).unwrap();
-    let (code, out) = client(
+    let (code, out) = cli(
         &daemon,
         &["apply", broken_file.to_str().unwrap()],
         Some(TOKEN),
@@ -232,16 +154,16 @@ async fn an_invalid_apply_leaves_the_running_rollout_as_it_was_and_commands_stee
     );
     assert_eq!(after["startedAt"], paused["startedAt"], "same run");
 
-    assert_eq!(client(&daemon, &["resume", "checkout"], Some(TOKEN)).0, 0);
+    assert_eq!(cli(&daemon, &["resume", "checkout"], Some(TOKEN)).0, 0);
     wait_for(&daemon, "checkout", Duration::from_secs(10), |s| {
         s["canaryWeight"].as_f64().unwrap() > paused["canaryWeight"].as_f64().unwrap()
     });
-    assert_eq!(client(&daemon, &["promote", "checkout"], Some(TOKEN)).0, 0);
+    assert_eq!(cli(&daemon, &["promote", "checkout"], Some(TOKEN)).0, 0);
     let done = wait_for(&daemon, "checkout", Duration::from_secs(10), |s| {
         s["phase"] == "Succeeded"
     });
     assert_eq!(done["conditions"][0]["status"], "True");
-    let (code, out) = client(&daemon, &["abort", "checkout"], Some(TOKEN));
+    let (code, out) = cli(&daemon, &["abort", "checkout"], Some(TOKEN));
     assert_eq!(code, 2, "a finished rollout cannot be aborted: {out}");
     assert!(out.contains("not running"), "{out}");
 }
@@ -272,15 +194,15 @@ async fn a_failing_canary_is_rolled_back_by_the_daemon_and_watch_exits_1() {
     let traffic = tokio::spawn({
         let url = format!("{}/", router.base);
         async move {
-            let c = client_http();
+            let c = client();
             for _ in 0..1500 {
                 let _ = c.get(&url).send().await;
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
         }
     });
-    assert_eq!(client(&daemon, &["apply", &file], Some(TOKEN)).0, 0);
-    let (code, out) = client(&daemon, &["status", "checkout", "--watch"], None);
+    assert_eq!(cli(&daemon, &["apply", &file], Some(TOKEN)).0, 0);
+    let (code, out) = cli(&daemon, &["status", "checkout", "--watch"], None);
     assert_eq!(code, 1, "{out}");
     traffic.abort();
     let s = status(&daemon, "checkout");
@@ -290,10 +212,6 @@ async fn a_failing_canary_is_rolled_back_by_the_daemon_and_watch_exits_1() {
     assert!(s["metrics"][0]["value"].as_f64().unwrap() < 99.0);
     let routes = get_json(&format!("{}/routes", router.admin)).await;
     assert_eq!(routes["canary"], serde_json::Value::Null);
-}
-
-fn client_http() -> reqwest::Client {
-    common::client()
 }
 
 fn free_port() -> u16 {
@@ -331,7 +249,7 @@ spec:
     );
     let file = dir.join("hosted.yaml");
     std::fs::write(&file, text).unwrap();
-    let (code, out) = client(&daemon, &["apply", file.to_str().unwrap()], Some(TOKEN));
+    let (code, out) = cli(&daemon, &["apply", file.to_str().unwrap()], Some(TOKEN));
     assert_eq!(code, 0, "{out}");
     let url = format!("http://{listen}/");
     let half = wait_for(&daemon, "checkout", Duration::from_secs(20), |s| {
@@ -344,7 +262,7 @@ spec:
         (60..=140).contains(&v2),
         "about half of 200 reach v2 at 50 %: {v2}"
     );
-    let (code, out) = client(&daemon, &["status", "checkout", "--watch"], None);
+    let (code, out) = cli(&daemon, &["status", "checkout", "--watch"], None);
     assert_eq!(code, 0, "{out}");
     let seen = bodies(&url, 50, 2).await;
     assert!(seen.iter().all(|b| b.trim() == "v2"), "{seen:?}");

@@ -5,7 +5,7 @@
 use serde_json::{json, Value};
 
 use coalmine_judge::{Reading, Verdict};
-use coalmine_rollout::{Event, Phase, Status};
+use coalmine_rollout::{Event, MetricStatus, Phase, Status};
 use coalmine_spec::rollout::{Rollout, Target};
 use coalmine_spec::weight::basis_points_to_percent;
 
@@ -35,9 +35,9 @@ fn promoted_condition(status: &Status) -> Value {
     })
 }
 
-pub fn status_json(rollout: &Rollout, status: &Status) -> Value {
-    let metrics: Vec<Value> = status
-        .metrics
+/// Each check's last reading as users see it: `{name, value, verdict, reason, time}`.
+pub fn metrics_json(metrics: &[MetricStatus]) -> Vec<Value> {
+    metrics
         .iter()
         .map(|m| {
             let (value, reading_reason) = match &m.reading {
@@ -59,7 +59,11 @@ pub fn status_json(rollout: &Rollout, status: &Status) -> Value {
                 "time": rfc3339(m.time_ms),
             })
         })
-        .collect();
+        .collect()
+}
+
+pub fn status_json(rollout: &Rollout, status: &Status) -> Value {
+    let metrics = metrics_json(&status.metrics);
     json!({
         "name": rollout.metadata.name,
         "namespace": rollout.metadata.namespace.as_deref().unwrap_or("default"),

@@ -135,6 +135,13 @@ impl Telemetry {
                 })
                 .set(i64::from(phase == status.phase));
         }
+        // Outcome counters start at 0, so `increase()` sees a rollout's first outcome.
+        for outcome in [Outcome::Promoted, Outcome::RolledBack] {
+            let _ = self.outcomes.get_or_create(&OutcomeLabels {
+                rollout: rollout.to_string(),
+                outcome: outcome_name(outcome),
+            });
+        }
         for m in &status.metrics {
             let value = match m.reading {
                 Reading::Value { value } => value,

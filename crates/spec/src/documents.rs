@@ -114,10 +114,9 @@ impl DocumentSet {
                 _ => continue,
             };
             for (i, check) in metrics.iter_mut().enumerate() {
-                if check.name == BUILTIN_SUCCESS_RATE || check.name == BUILTIN_DURATION {
-                    if check.query.is_none() && check.template_ref.is_none() {
-                        continue;
-                    }
+                let builtin = check.name == BUILTIN_SUCCESS_RATE || check.name == BUILTIN_DURATION;
+                if builtin && check.query.is_none() && check.template_ref.is_none() {
+                    continue;
                 }
                 if check.query.is_some() && check.provider.is_none() {
                     // Flagger's inline query goes to the Canary's metricsServer.

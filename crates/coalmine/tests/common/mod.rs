@@ -1,11 +1,17 @@
-//! Real processes on 127.0.0.1: the `coalmine` binary as router and as upstream.
+//! Real processes on 127.0.0.1: the `coalmine` binary as router, upstream, `run` and daemon;
+//! Prometheus and Alertmanager ([`promstack`]).
 #![allow(dead_code)]
+
+pub mod daemon;
+pub mod promstack;
+pub mod stub;
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_coalmine");
 
@@ -196,4 +202,111 @@ spec:
 {analysis}",
         router.admin, stable.url, canary.url
     )
+}
+
+/// Writes a rollout document into a scratch directory of the test; returns its path.
+pub fn write_rollout(test: &str, text: &str) -> String {
+    let dir = std::env::temp_dir().join(format!("coalmine-run-{}-{test}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("rollout.yaml");
+    std::fs::write(&path, text).unwrap();
+    path.to_string_lossy().into_owned()
+}
+
+/// Background users: requests through the router until stopped; counts answers by status class.
+pub struct Users {
+    stop: Arc<AtomicBool>,
+    ok: Arc<AtomicU64>,
+    failed: Arc<AtomicU64>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+pub fn users(router: &Router, concurrency: usize) -> Users {
+    let stop = Arc::new(AtomicBool::new(false));
+    let ok = Arc::new(AtomicU64::new(0));
+    let failed = Arc::new(AtomicU64::new(0));
+    let tasks = (0..concurrency)
+        .map(|_| {
+            let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
+            let url = format!("{}/pay", router.base);
+            tokio::spawn(async move {
+                let c = client();
+                // Bounded: at most 60 s of traffic at ~100 req/s per task.
+                let deadline = Instant::now() + Duration::from_secs(60);
+                while !stop.load(Relaxed) && Instant::now() < deadline {
+                    match c.get(&url).send().await {
+                        Ok(r) if r.status().is_server_error() => failed.fetch_add(1, Relaxed),
+                        Ok(_) => ok.fetch_add(1, Relaxed),
+                        Err(_) => failed.fetch_add(1, Relaxed),
+                    };
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            })
+        })
+        .collect();
+    Users {
+        stop,
+        ok,
+        failed,
+        tasks,
+    }
+}
+
+impl Users {
+    pub async fn stop(self) -> (u64, u64) {
+        self.stop.store(true, Relaxed);
+        for t in self.tasks {
+            t.await.unwrap();
+        }
+        (self.ok.load(Relaxed), self.failed.load(Relaxed))
+    }
+}
+
+pub struct RunResult {
+    pub code: i32,
+    pub lines: Vec<serde_json::Value>,
+    pub stderr: String,
+    pub seconds: f64,
+}
+
+pub async fn coalmine_run(file: &str, extra: &[&str]) -> RunResult {
+    let mut args = vec![
+        "run".to_string(),
+        file.to_string(),
+        "--output".into(),
+        "json".into(),
+    ];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    tokio::task::spawn_blocking(move || {
+        let started = Instant::now();
+        let out = Command::new(BIN)
+            .args(&args)
+            .env("COALMINE_LOG", "warn")
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        RunResult {
+            code: out.status.code().unwrap_or(-1),
+            lines: stdout
+                .lines()
+                .map(|l| serde_json::from_str(l).unwrap_or_else(|_| panic!("not JSON: {l}")))
+                .collect(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+            seconds: started.elapsed().as_secs_f64(),
+        }
+    })
+    .await
+    .unwrap()
+}
+
+pub fn messages(run: &RunResult) -> Vec<String> {
+    run.lines
+        .iter()
+        .filter_map(|l| {
+            l["message"]
+                .as_str()
+                .map(|m| format!("{} {}", l["phase"], m))
+        })
+        .collect()
 }
