@@ -4,53 +4,15 @@
 
 use std::collections::{BTreeMap, VecDeque};
 
-use coalmine_judge::Reading;
+pub use coalmine_judge::Counts;
 
 use crate::routers::{RouterStats, VersionStats};
 
-/// Counters of one version over a window, summed across routers.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct Counts {
-    pub requests: u64,
-    pub server_errors: u64,
-    /// Latency histogram: microseconds → count.
-    pub latency: BTreeMap<u64, u64>,
+trait AddDelta {
+    fn add_delta(&mut self, now: &VersionStats, before: Option<&VersionStats>);
 }
 
-impl Counts {
-    pub fn success_rate(&self) -> Reading {
-        if self.requests == 0 {
-            return Reading::NoData {
-                reason: "no canary requests in the window".into(),
-            };
-        }
-        let ok = self.requests - self.server_errors.min(self.requests);
-        Reading::Value {
-            value: 100.0 * ok as f64 / self.requests as f64,
-        }
-    }
-
-    /// The `q` quantile in milliseconds (nearest rank).
-    pub fn latency_quantile_ms(&self, q: f64) -> Reading {
-        let total: u64 = self.latency.values().sum();
-        if total == 0 {
-            return Reading::NoData {
-                reason: "no canary requests in the window".into(),
-            };
-        }
-        let rank = ((q * total as f64).ceil() as u64).clamp(1, total);
-        let mut seen = 0;
-        for (micros, n) in &self.latency {
-            seen += n;
-            if seen >= rank {
-                return Reading::Value {
-                    value: *micros as f64 / 1000.0,
-                };
-            }
-        }
-        unreachable!("rank ≤ total")
-    }
-
+impl AddDelta for Counts {
     fn add_delta(&mut self, now: &VersionStats, before: Option<&VersionStats>) {
         let errors = |v: &VersionStats| -> u64 {
             v.statuses
@@ -137,6 +99,7 @@ impl StatsWindow {
 mod tests {
     use super::*;
     use crate::routers::Latency;
+    use coalmine_judge::Reading;
 
     fn stats(started: u64, requests: u64, errors: u64, latency: &[(u64, u64)]) -> RouterStats {
         let mut statuses = BTreeMap::new();

@@ -330,6 +330,25 @@ pub fn check_analysis(a: &Analysis, path: &str) -> Result<(), (String, String)> 
     if matches!(a.threshold, Some(0)) {
         return err("threshold", "must be at least 1".into());
     }
+    let seq = &a.sequential;
+    if !(seq.alpha > 0.0 && seq.alpha <= 0.5) {
+        return err(
+            "sequential.alpha",
+            format!("{} is not a probability in (0, 0.5]", seq.alpha),
+        );
+    }
+    if !(seq.latency_tolerance >= 0.0 && seq.latency_tolerance.is_finite()) {
+        return err(
+            "sequential.latencyTolerance",
+            "must be 0 or more (0.1 = 10 % slower)".into(),
+        );
+    }
+    if let Some(i) = seq.quantiles.iter().position(|q| !(*q > 0.0 && *q < 1.0)) {
+        return err(
+            &format!("sequential.quantiles[{i}]"),
+            "a quantile is between 0 and 1 (0.99 for p99)".into(),
+        );
+    }
     if let Some(i) = a.rollback_on_alerts.iter().position(|m| m.is_empty()) {
         return err(
             &format!("rollbackOnAlerts[{i}]"),

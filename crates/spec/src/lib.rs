@@ -7,6 +7,7 @@ pub mod documents;
 pub mod duration;
 pub mod flagger;
 pub mod rollout;
+pub mod scenario;
 pub mod schema;
 pub mod suggest;
 pub mod templates;

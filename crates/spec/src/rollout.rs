@@ -270,6 +270,54 @@ pub struct Analysis {
     /// Coalmine: firing alerts that roll this rollout back; every label listed must match.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub rollback_on_alerts: Vec<BTreeMap<String, String>>,
+    /// Coalmine: the anytime-valid comparison of canary against stable, on by default.
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub sequential: Sequential,
+}
+
+/// `analysis.sequential`: canary against stable, continuously, with sequential tests whose
+/// false-rollback rate stays below `alpha` however often they look. A rejection rolls back at
+/// once, between ticks.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Sequential {
+    #[serde(default = "yes")]
+    pub enabled: bool,
+    /// The false-rollback bound over the whole rollout, split evenly between the error test and
+    /// the latency test.
+    #[serde(default = "default_alpha")]
+    pub alpha: f64,
+    /// A canary quantile slower than stable's by more than this share (0.1 = 10 %) is a
+    /// regression.
+    #[serde(default = "default_latency_tolerance")]
+    pub latency_tolerance: f64,
+    /// The latency quantiles compared.
+    #[serde(default = "default_quantiles")]
+    pub quantiles: Vec<f64>,
+}
+
+impl Default for Sequential {
+    fn default() -> Self {
+        Sequential {
+            enabled: true,
+            alpha: default_alpha(),
+            latency_tolerance: default_latency_tolerance(),
+            quantiles: default_quantiles(),
+        }
+    }
+}
+
+fn yes() -> bool {
+    true
+}
+fn default_alpha() -> f64 {
+    0.01
+}
+fn default_latency_tolerance() -> f64 {
+    0.1
+}
+fn default_quantiles() -> Vec<f64> {
+    vec![0.5, 0.95, 0.99]
 }
 
 impl Analysis {

@@ -1,0 +1,366 @@
+//! `coalmine simulate`: the rollout state machine and its judges, exactly as production runs
+//! them, on a virtual clock over synthetic traffic.
+//!
+//! Each simulated second, the scenario's requests are split between stable and canary by the
+//! machine's current weight, each request fails or not and gets a lognormal latency, and the
+//! machine sees the same inputs the driver gives it in production: the second's counts
+//! (for the sequential judges) and, at each tick, the built-in metrics over their windows.
+//! Webhooks all pass. A run is a pure function of its seed.
+//!
+//! **Architecture invariant:** no IO, no clock, no threads here; the binary parallelises runs.
+
+mod rng;
+
+pub use rng::Rng;
+
+use std::collections::VecDeque;
+
+use serde::Serialize;
+
+use coalmine_judge::{Counts, Reading};
+use coalmine_rollout::{Action, Input, Machine, Outcome, Plan, Question};
+use coalmine_spec::rollout::{Analysis, MetricCheck, BUILTIN_DURATION, BUILTIN_SUCCESS_RATE};
+use coalmine_spec::scenario::{Behaviour, Scenario};
+
+/// One simulated second: requests are generated and judged in steps of this length.
+const STEP_MS: u64 = 1000;
+/// Flagger's default window for a metric without `interval`.
+const DEFAULT_METRIC_WINDOW_MS: u64 = 60_000;
+
+/// Whose rules judge the canary.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Semantics {
+    /// The document as written: threshold checks and (unless turned off) the sequential judges.
+    Coalmine,
+    /// Flagger's: the threshold checks only, on the same traffic.
+    Flagger,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub enum Decision {
+    RolledBack,
+    Promoted,
+    Undecided,
+}
+
+/// What one run did.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RunResult {
+    pub decision: Decision,
+    /// When the rollout ended (virtual ms since its start).
+    pub decided_ms: Option<u64>,
+    /// Requests the canary served, and how many failed, before the decision.
+    pub canary_requests: u64,
+    pub canary_failures: u64,
+}
+
+/// The analysis a simulation can run: built-in metrics only (template metrics ask systems that
+/// do not exist in a simulation), and for Flagger's semantics no sequential judges.
+pub fn simulated_analysis(analysis: &Analysis, semantics: Semantics) -> (Analysis, Vec<String>) {
+    let mut out = analysis.clone();
+    let mut dropped = Vec::new();
+    out.metrics.retain(|m| {
+        let builtin =
+            m.query.is_none() && (m.name == BUILTIN_SUCCESS_RATE || m.name == BUILTIN_DURATION);
+        if !builtin {
+            dropped.push(m.name.clone());
+        }
+        builtin
+    });
+    if semantics == Semantics::Flagger {
+        out.sequential.enabled = false;
+    }
+    out.webhooks.clear();
+    (out, dropped)
+}
+
+/// Runs one rollout over the scenario with the generator `rng`.
+pub fn run_once(
+    analysis: &Analysis,
+    progress_deadline_seconds: u64,
+    scenario: &Scenario,
+    rng: &mut Rng,
+) -> RunResult {
+    let plan = Plan::new(analysis, progress_deadline_seconds, false);
+    let mut machine = Machine::new(plan, 0);
+    let mut sim = Run {
+        checks: analysis.metrics.clone(),
+        seconds: VecDeque::new(),
+        longest_window_ms: analysis
+            .metrics
+            .iter()
+            .map(window_ms)
+            .max()
+            .unwrap_or(STEP_MS),
+    };
+    let canary_start_ms = scenario
+        .canary
+        .start_after
+        .map_or(0, |d| d.0.as_millis() as u64);
+    let duration_ms = scenario.duration.0.as_millis() as u64;
+    let mut carry = 0.0;
+    let (mut canary_requests, mut canary_failures) = (0, 0);
+    let mut now = 0;
+    let decided = |machine: &Machine, now, canary_requests, canary_failures| {
+        machine.status.outcome.map(|outcome| RunResult {
+            decision: match outcome {
+                Outcome::Promoted => Decision::Promoted,
+                Outcome::RolledBack => Decision::RolledBack,
+            },
+            decided_ms: Some(now),
+            canary_requests,
+            canary_failures,
+        })
+    };
+    while now < duration_ms {
+        if machine.status.next_tick_ms.is_some_and(|due| due <= now) {
+            sim.feed(&mut machine, now, Input::Tick { traffic: Ok(()) });
+        }
+        if let Some(result) = decided(&machine, now, canary_requests, canary_failures) {
+            return result;
+        }
+        // Traffic in [now, now + STEP).
+        let traffic = machine.traffic();
+        let canary_share = if traffic.promoted {
+            1.0
+        } else {
+            f64::from(traffic.canary_weight) / 10_000.0
+        };
+        let expected = scenario.traffic.rps_at(now) * STEP_MS as f64 / 1000.0 + carry;
+        let requests = expected.floor() as u64;
+        carry = expected - requests as f64;
+        let canary_behaviour = if now >= canary_start_ms {
+            &scenario.canary
+        } else {
+            &scenario.stable
+        };
+        let (mut stable, mut canary) = (Counts::default(), Counts::default());
+        for _ in 0..requests {
+            if canary_share > 0.0 && rng.chance(canary_share) {
+                request(rng, canary_behaviour, &mut canary);
+            } else {
+                request(rng, &scenario.stable, &mut stable);
+            }
+        }
+        canary_requests += canary.requests;
+        canary_failures += canary.server_errors;
+        now += STEP_MS;
+        sim.push(now, canary.clone());
+        let _ = stable;
+        if let Some(result) = decided(&machine, now, canary_requests, canary_failures) {
+            return result;
+        }
+    }
+    RunResult {
+        decision: Decision::Undecided,
+        decided_ms: None,
+        canary_requests,
+        canary_failures,
+    }
+}
+
+fn request(rng: &mut Rng, behaviour: &Behaviour, counts: &mut Counts) {
+    let failed = rng.chance(behaviour.error_rate);
+    let median_micros = behaviour.latency.median.0.as_secs_f64() * 1e6;
+    let micros = rng.lognormal(median_micros, behaviour.latency.sigma);
+    counts.record(three_significant_digits(micros), failed);
+}
+
+/// The router's histograms keep three significant digits; so does the simulation.
+fn three_significant_digits(micros: f64) -> u64 {
+    let v = micros.max(1.0).round() as u64;
+    let mut scale = 1;
+    while v / scale >= 1000 {
+        scale *= 10;
+    }
+    (v / scale) * scale
+}
+
+fn window_ms(check: &MetricCheck) -> u64 {
+    check
+        .interval
+        .map(|d| d.0.as_millis() as u64)
+        .unwrap_or(DEFAULT_METRIC_WINDOW_MS)
+}
+
+struct Run {
+    checks: Vec<MetricCheck>,
+    /// The canary's counts per simulated second, as long as the longest window needs.
+    seconds: VecDeque<(u64, Counts)>,
+    longest_window_ms: u64,
+}
+
+impl Run {
+    fn push(&mut self, at_ms: u64, canary: Counts) {
+        self.seconds.push_back((at_ms, canary));
+        while self
+            .seconds
+            .front()
+            .is_some_and(|(t, _)| *t + self.longest_window_ms <= at_ms)
+        {
+            self.seconds.pop_front();
+        }
+    }
+
+    /// The canary's counts over the last `window_ms`.
+    fn canary(&self, now: u64, window_ms: u64) -> Counts {
+        let mut out = Counts::default();
+        for (_, c) in self.seconds.iter().filter(|(t, _)| t + window_ms > now) {
+            out.add(c);
+        }
+        out
+    }
+
+    fn readings(&self, now: u64) -> Vec<Reading> {
+        self.checks
+            .iter()
+            .map(|check| {
+                let counts = self.canary(now, window_ms(check));
+                match check.name.as_str() {
+                    BUILTIN_SUCCESS_RATE => counts.success_rate(),
+                    _ => counts.latency_quantile_ms(0.99),
+                }
+            })
+            .collect()
+    }
+
+    /// Hands the machine an input and answers its questions, as the driver does.
+    fn feed(&self, machine: &mut Machine, now: u64, input: Input) {
+        let mut inputs = VecDeque::from([input]);
+        while let Some(input) = inputs.pop_front() {
+            for action in machine.handle(now, input) {
+                if let Action::Ask(question) = action {
+                    inputs.push_back(match question {
+                        Question::Hooks(kind) => Input::Hooks {
+                            kind,
+                            results: Vec::new(),
+                        },
+                        Question::Analysis => Input::Analysis {
+                            readings: self.readings(now),
+                        },
+                    });
+                }
+            }
+        }
+    }
+}
+
+/// Percentiles of a sample (nearest rank); None when empty.
+pub fn percentile(sorted: &[f64], p: f64) -> Option<f64> {
+    if sorted.is_empty() {
+        return None;
+    }
+    let rank = ((p * sorted.len() as f64).ceil() as usize).clamp(1, sorted.len());
+    Some(sorted[rank - 1])
+}
+
+/// The summary `simulate` prints for a set of runs.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Summary {
+    pub runs: usize,
+    pub rolled_back: usize,
+    pub promoted: usize,
+    pub undecided: usize,
+    pub detection_seconds: Quantiles,
+    pub canary_requests: Median,
+    pub canary_failures: Median,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Quantiles {
+    pub p50: Option<f64>,
+    pub p95: Option<f64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Median {
+    pub p50: Option<f64>,
+}
+
+/// `detectionSeconds` counts from when the canary starts misbehaving (`startAfter`) to its
+/// rollback, over the runs that were rolled back.
+pub fn summarize(results: &[RunResult], canary_start_ms: u64) -> Summary {
+    let count = |d: Decision| results.iter().filter(|r| r.decision == d).count();
+    let mut detection: Vec<f64> = results
+        .iter()
+        .filter(|r| r.decision == Decision::RolledBack)
+        .filter_map(|r| r.decided_ms)
+        .map(|ms| ms.saturating_sub(canary_start_ms) as f64 / 1000.0)
+        .collect();
+    detection.sort_by(f64::total_cmp);
+    let sorted = |f: fn(&RunResult) -> u64| {
+        let mut v: Vec<f64> = results.iter().map(|r| f(r) as f64).collect();
+        v.sort_by(f64::total_cmp);
+        v
+    };
+    Summary {
+        runs: results.len(),
+        rolled_back: count(Decision::RolledBack),
+        promoted: count(Decision::Promoted),
+        undecided: count(Decision::Undecided),
+        detection_seconds: Quantiles {
+            p50: percentile(&detection, 0.5),
+            p95: percentile(&detection, 0.95),
+        },
+        canary_requests: Median {
+            p50: percentile(&sorted(|r| r.canary_requests), 0.5),
+        },
+        canary_failures: Median {
+            p50: percentile(&sorted(|r| r.canary_failures), 0.5),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn analysis(yaml: &str) -> Analysis {
+        serde_json::from_value(
+            serde_json::to_value(
+                coalmine_spec::parse_yaml::<Analysis>("a.yaml", yaml).expect("analysis"),
+            )
+            .unwrap(),
+        )
+        .unwrap()
+    }
+
+    fn scenario(canary_error_rate: f64) -> Scenario {
+        coalmine_spec::scenario::parse_scenario(
+            "s.yaml",
+            &format!(
+                "traffic: {{rps: 200}}
+duration: 45m
+stable: {{errorRate: 0.001, latency: {{median: 50ms, sigma: 0.5}}}}
+canary: {{errorRate: {canary_error_rate}, latency: {{median: 50ms, sigma: 0.5}}}}
+"
+            ),
+        )
+        .unwrap()
+    }
+
+    const FLAGGER_TUTORIAL: &str = "interval: 1m
+threshold: 5
+stepWeights: [5, 10, 25, 50]
+metrics:
+  - name: request-success-rate
+    thresholdRange: {min: 99}
+    interval: 1m
+";
+
+    #[test]
+    fn flagger_rolls_back_an_always_failing_canary_at_t7_and_promotes_a_healthy_one() {
+        let (a, _) = simulated_analysis(&analysis(FLAGGER_TUTORIAL), Semantics::Flagger);
+        let mut rng = Rng::seeded(1);
+        let bad = run_once(&a, 600, &scenario(0.5), &mut rng);
+        assert_eq!(bad.decision, Decision::RolledBack);
+        // Ticks each minute: T1 initialise, T2 start at 5 %, T2..T6 five failed checks, T7 rolls back.
+        assert_eq!(bad.decided_ms, Some(7 * 60_000), "{bad:?}");
+        let good = run_once(&a, 600, &scenario(0.001), &mut rng);
+        assert_eq!(good.decision, Decision::Promoted, "{good:?}");
+        assert_eq!(three_significant_digits(123_456.0), 123_000);
+    }
+}
