@@ -5,6 +5,7 @@ mod daemon_cmd;
 mod demo;
 mod proxy_cmd;
 mod rollout_cmd;
+mod simulate_cmd;
 mod upstream;
 
 use std::process::ExitCode;
@@ -31,6 +32,8 @@ enum Command {
     Convert(rollout_cmd::ConvertArgs),
     /// Drive one rollout in the foreground: exit 0 promoted, 1 rolled back, 2 invalid input
     Run(rollout_cmd::RunArgs),
+    /// Run a rollout's state machine and judges over synthetic traffic on a virtual clock, many times
+    Simulate(simulate_cmd::SimulateArgs),
     /// Run the daemon: many rollouts, state in SQLite, an API for the commands below
     Serve(daemon_cmd::ServeArgs),
     /// Start or change rollouts on the daemon (a changed document restarts the analysis)
@@ -84,6 +87,7 @@ fn main() -> ExitCode {
         Command::Check(args) => rollout_cmd::check(args),
         Command::Convert(args) => rollout_cmd::convert(args),
         Command::Run(args) => rollout_cmd::run(args),
+        Command::Simulate(args) => simulate_cmd::run(args),
         Command::Serve(args) => daemon_cmd::serve(args),
         Command::Apply(args) => daemon_cmd::apply(args),
         Command::Status(args) => daemon_cmd::status(args),

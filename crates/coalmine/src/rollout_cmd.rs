@@ -123,12 +123,9 @@ impl PlacementArgs {
     }
 }
 
-/// The one rollout a command acts on: the only one in the files, or the one `--name` picks.
-fn pick_rollout(
-    set: &DocumentSet,
-    name: Option<&str>,
-    placement: &PlacementArgs,
-) -> anyhow::Result<Rollout> {
+/// The one Rollout or Canary a command acts on: the only one in the files, or the one `--name`
+/// picks.
+pub fn pick<'a>(set: &'a DocumentSet, name: Option<&str>) -> anyhow::Result<&'a Document> {
     let candidates: Vec<_> = set
         .rollouts()
         .filter(|d| {
@@ -155,9 +152,18 @@ fn pick_rollout(
             )
         }
     };
-    match &chosen.doc {
-        Document::Rollout(r) => Ok(r.clone()),
+    Ok(&chosen.doc)
+}
+
+/// The rollout a command runs: a Rollout as written, a Canary placed by the flags.
+fn pick_rollout(
+    set: &DocumentSet,
+    name: Option<&str>,
+    placement: &PlacementArgs,
+) -> anyhow::Result<Rollout> {
+    match pick(set, name)? {
         Document::Canary(c) => Ok(c.to_rollout(placement.placement()?)),
+        Document::Rollout(r) => Ok(r.clone()),
         _ => unreachable!("rollouts() yields rollouts"),
     }
 }
@@ -235,21 +241,34 @@ pub struct Reporter {
     bar: Option<indicatif::ProgressBar>,
 }
 
-impl Reporter {
-    pub fn new(name: &str, format: OutputFormat) -> Reporter {
-        let bar = (format == OutputFormat::Text && std::io::stdout().is_terminal()).then(|| {
-            let bar = indicatif::ProgressBar::new(100);
-            bar.set_style(
-                indicatif::ProgressStyle::with_template(
-                    "{spinner} {prefix} [{bar:30}] {pos:>3}% canary  {msg}",
-                )
+/// A progress bar when a person watches (text output on a terminal); plain lines otherwise.
+pub fn terminal_bar(
+    format: OutputFormat,
+    len: u64,
+    template: &str,
+    prefix: &str,
+) -> Option<indicatif::ProgressBar> {
+    (format == OutputFormat::Text && std::io::stdout().is_terminal()).then(|| {
+        let bar = indicatif::ProgressBar::new(len);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(template)
                 .expect("a valid template")
                 .progress_chars("=> "),
-            );
-            bar.set_prefix(name.to_string());
-            bar.enable_steady_tick(std::time::Duration::from_millis(120));
-            bar
-        });
+        );
+        bar.set_prefix(prefix.to_string());
+        bar.enable_steady_tick(std::time::Duration::from_millis(120));
+        bar
+    })
+}
+
+impl Reporter {
+    pub fn new(name: &str, format: OutputFormat) -> Reporter {
+        let bar = terminal_bar(
+            format,
+            100,
+            "{spinner} {prefix} [{bar:30}] {pos:>3}% canary  {msg}",
+            name,
+        );
         Reporter {
             name: name.to_string(),
             format,

@@ -268,6 +268,13 @@ async fn apply(State(d): State<Arc<Daemon>>, Json(req): Json<ApplyRequest>) -> R
 
 /// What `Driver::new` would refuse, found without starting anything.
 fn check_runnable(r: &Rollout) -> Result<(), String> {
+    for (field, target) in [("stable", &r.spec.stable), ("canary", &r.spec.canary)] {
+        if target.is_none() {
+            return Err(format!(
+                "spec.{field}: give the version's url or command (only `coalmine simulate` runs without)"
+            ));
+        }
+    }
     if r.spec.routers.is_empty() && r.spec.router.is_none() {
         return Err(
             "spec.routers: list at least one router admin address, or host one with spec.router"
@@ -348,11 +355,11 @@ impl Daemon {
         {
             let mut processes = self.processes.lock().await;
             let versions = processes.entry(name.clone()).or_default();
-            if let Target::Command {
+            if let Some(Target::Command {
                 command,
                 readiness,
                 env,
-            } = &rollout.spec.stable
+            }) = &rollout.spec.stable
             {
                 // The stable process is kept across runs (after a promotion it is the canary
                 // process of the run before).
@@ -367,11 +374,11 @@ impl Daemon {
                     versions.stable = Some(started);
                 }
             }
-            if let Target::Command {
+            if let Some(Target::Command {
                 command,
                 readiness,
                 env,
-            } = &rollout.spec.canary
+            }) = &rollout.spec.canary
             {
                 let started = ManagedProcess::start(command, env, readiness)
                     .await
@@ -382,8 +389,8 @@ impl Daemon {
                 (&versions.stable, &mut effective.spec.stable),
                 (&versions.canary, &mut effective.spec.canary),
             ] {
-                if let (Some(p), Target::Command { .. }) = (process, &*target) {
-                    *target = Target::Url(HttpUrl::parse(&p.url)?);
+                if let (Some(p), Some(Target::Command { .. })) = (process, &*target) {
+                    *target = Some(Target::Url(HttpUrl::parse(&p.url)?));
                 }
             }
         }
@@ -420,7 +427,7 @@ impl Daemon {
             // Shutting down joins its threads after a drain: not on an async worker.
             tokio::task::spawn_blocking(move || old.handle.shutdown());
         }
-        let Target::Url(stable) = &rollout.spec.stable else {
+        let Some(Target::Url(stable)) = &rollout.spec.stable else {
             return Err("spec.stable: a hosted router needs a url".into());
         };
         let stable = UpstreamUrl::parse(stable.as_str())?;

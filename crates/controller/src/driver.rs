@@ -60,10 +60,14 @@ pub fn checksum(rollout: &Rollout) -> String {
     format!("{:016x}", xxhash_rust::xxh3::xxh3_64(text.as_bytes()))
 }
 
-fn url_of(target: &Target, field: &str) -> Result<String, DriverError> {
+fn url_of(target: &Option<Target>, field: &str) -> Result<String, DriverError> {
     match target {
-        Target::Url(u) => Ok(u.to_string()),
-        Target::Command { .. } => Err(DriverError::Unsupported {
+        Some(Target::Url(u)) => Ok(u.to_string()),
+        None => Err(DriverError::Unsupported {
+            field: field.to_string(),
+            message: "the version's url is needed to run the rollout".into(),
+        }),
+        Some(Target::Command { .. }) => Err(DriverError::Unsupported {
             field: field.to_string(),
             message: "a command target needs `coalmine serve`, which keeps the process running after the rollout; give a url here".into(),
         }),

@@ -11,10 +11,11 @@ use coalmine_spec::weight::basis_points_to_percent;
 
 use crate::time::rfc3339;
 
-fn target(t: &Target) -> Value {
+fn target(t: &Option<Target>) -> Value {
     match t {
-        Target::Url(u) => json!(u.as_str()),
-        Target::Command { command, .. } => json!({ "command": command }),
+        Some(Target::Url(u)) => json!(u.as_str()),
+        Some(Target::Command { command, .. }) => json!({ "command": command }),
+        None => Value::Null,
     }
 }
 

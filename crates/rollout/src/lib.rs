@@ -9,9 +9,11 @@
 
 mod machine;
 mod plan;
+pub mod sequential;
 
 pub use machine::{
     Action, Event, EventLevel, HookResult, Input, Machine, MetricStatus, Outcome, Phase, Question,
     Status, Traffic,
 };
 pub use plan::{Check, Plan, Strategy, FULL_WEIGHT};
+pub use sequential::{Observation, SequentialEvidence, SequentialPlan, SequentialState};

@@ -100,6 +100,8 @@ pub enum Input {
     RollBack {
         reason: String,
     },
+    /// Both versions' counters over the last sampling step, for the sequential judges.
+    Observe(crate::sequential::Observation),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -173,6 +175,9 @@ pub struct Status {
     pub metrics: Vec<MetricStatus>,
     pub pending: Option<Question>,
     pub outcome: Option<Outcome>,
+    /// The sequential judges, from the first observation while the canary is analysed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sequential: Option<crate::sequential::SequentialState>,
 }
 
 #[derive(Debug, Clone)]
@@ -202,6 +207,7 @@ impl Machine {
                 metrics: Vec::new(),
                 pending: None,
                 outcome: None,
+                sequential: None,
             },
         }
     }
@@ -286,6 +292,7 @@ impl Machine {
             }
             Input::Abort { reason } => self.roll_back(now, &format!("aborted: {reason}"), &mut out),
             Input::RollBack { reason } => self.roll_back(now, &reason, &mut out),
+            Input::Observe(observation) => self.observe(now, &observation, &mut out),
             Input::Pause => {
                 self.status.paused = true;
                 self.event(now, EventLevel::Info, "Paused", &mut out);
@@ -553,6 +560,33 @@ impl Machine {
             "Routing all traffic to the new version",
             out,
         );
+    }
+
+    /// The sequential judges see every step while the canary is analysed (canary, A/B and
+    /// blue-green alike); a rejection rolls back at once.
+    fn observe(
+        &mut self,
+        now: u64,
+        observation: &crate::sequential::Observation,
+        out: &mut Vec<Action>,
+    ) {
+        let analysing = matches!(
+            self.status.phase,
+            Phase::Progressing | Phase::WaitingPromotion
+        );
+        let Some(plan) = &self.plan.sequential else {
+            return;
+        };
+        if !analysing || self.status.outcome.is_some() || self.status.paused {
+            return;
+        }
+        let state = self
+            .status
+            .sequential
+            .get_or_insert_with(|| crate::sequential::SequentialState::new(plan));
+        if let Some(reason) = state.observe(observation) {
+            self.roll_back(now, &reason, out);
+        }
     }
 
     fn roll_back(&mut self, now: u64, reason: &str, out: &mut Vec<Action>) {

@@ -49,6 +49,9 @@ pub struct Plan {
     /// Whether `match` rules send requests to the canary during the analysis.
     pub uses_match: bool,
     pub mirror_weight: Option<u32>,
+    /// The sequential judges' settings; None when `analysis.sequential.enabled` is false.
+    #[serde(default)]
+    pub sequential: Option<crate::sequential::SequentialPlan>,
 }
 
 impl Plan {
@@ -92,6 +95,7 @@ impl Plan {
             skip_analysis,
             uses_match: has_match,
             mirror_weight: analysis.mirror_weight.map(|p| p.basis_points),
+            sequential: crate::sequential::SequentialPlan::from_settings(&analysis.sequential),
         }
     }
 

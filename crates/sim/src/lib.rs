@@ -18,7 +18,7 @@ use std::collections::VecDeque;
 use serde::Serialize;
 
 use coalmine_judge::{Counts, Reading};
-use coalmine_rollout::{Action, Input, Machine, Outcome, Plan, Question};
+use coalmine_rollout::{Action, Input, Machine, Observation, Outcome, Plan, Question};
 use coalmine_spec::rollout::{Analysis, MetricCheck, BUILTIN_DURATION, BUILTIN_SUCCESS_RATE};
 use coalmine_spec::scenario::{Behaviour, Scenario};
 
@@ -51,6 +51,9 @@ pub struct RunResult {
     pub decision: Decision,
     /// When the rollout ended (virtual ms since its start).
     pub decided_ms: Option<u64>,
+    /// When users first reached the misbehaving canary: the later of its first request and
+    /// the scenario's `startAfter`. Detection time counts from here.
+    pub exposed_ms: Option<u64>,
     /// Requests the canary served, and how many failed, before the decision.
     pub canary_requests: u64,
     pub canary_failures: u64,
@@ -103,13 +106,15 @@ pub fn run_once(
     let mut carry = 0.0;
     let (mut canary_requests, mut canary_failures) = (0, 0);
     let mut now = 0;
-    let decided = |machine: &Machine, now, canary_requests, canary_failures| {
+    let mut exposed_ms = None;
+    let decided = |machine: &Machine, now, canary_requests, canary_failures, exposed_ms| {
         machine.status.outcome.map(|outcome| RunResult {
             decision: match outcome {
                 Outcome::Promoted => Decision::Promoted,
                 Outcome::RolledBack => Decision::RolledBack,
             },
             decided_ms: Some(now),
+            exposed_ms,
             canary_requests,
             canary_failures,
         })
@@ -118,7 +123,7 @@ pub fn run_once(
         if machine.status.next_tick_ms.is_some_and(|due| due <= now) {
             sim.feed(&mut machine, now, Input::Tick { traffic: Ok(()) });
         }
-        if let Some(result) = decided(&machine, now, canary_requests, canary_failures) {
+        if let Some(result) = decided(&machine, now, canary_requests, canary_failures, exposed_ms) {
             return result;
         }
         // Traffic in [now, now + STEP).
@@ -144,18 +149,28 @@ pub fn run_once(
                 request(rng, &scenario.stable, &mut stable);
             }
         }
+        if exposed_ms.is_none() && canary.requests > 0 && now >= canary_start_ms {
+            exposed_ms = Some(now);
+        }
         canary_requests += canary.requests;
         canary_failures += canary.server_errors;
         now += STEP_MS;
         sim.push(now, canary.clone());
-        let _ = stable;
-        if let Some(result) = decided(&machine, now, canary_requests, canary_failures) {
+        if machine.plan.sequential.is_some() {
+            sim.feed(
+                &mut machine,
+                now,
+                Input::Observe(Observation { canary, stable }),
+            );
+        }
+        if let Some(result) = decided(&machine, now, canary_requests, canary_failures, exposed_ms) {
             return result;
         }
     }
     RunResult {
         decision: Decision::Undecided,
         decided_ms: None,
+        exposed_ms,
         canary_requests,
         canary_failures,
     }
@@ -265,6 +280,7 @@ pub struct Summary {
     pub promoted: usize,
     pub undecided: usize,
     pub detection_seconds: Quantiles,
+    pub decided_seconds: Quantiles,
     pub canary_requests: Median,
     pub canary_failures: Median,
 }
@@ -280,17 +296,24 @@ pub struct Median {
     pub p50: Option<f64>,
 }
 
-/// `detectionSeconds` counts from when the canary starts misbehaving (`startAfter`) to its
-/// rollback, over the runs that were rolled back.
-pub fn summarize(results: &[RunResult], canary_start_ms: u64) -> Summary {
+/// `detectionSeconds` counts from when users first reach the misbehaving canary (its first
+/// request at or after `startAfter`) to its rollback, over the runs that were rolled back;
+/// `decidedSeconds` from the rollout's start to its end, over all decided runs.
+pub fn summarize(results: &[RunResult]) -> Summary {
     let count = |d: Decision| results.iter().filter(|r| r.decision == d).count();
     let mut detection: Vec<f64> = results
         .iter()
         .filter(|r| r.decision == Decision::RolledBack)
-        .filter_map(|r| r.decided_ms)
-        .map(|ms| ms.saturating_sub(canary_start_ms) as f64 / 1000.0)
+        .filter_map(|r| Some(r.decided_ms?.saturating_sub(r.exposed_ms.unwrap_or(0))))
+        .map(|ms| ms as f64 / 1000.0)
         .collect();
     detection.sort_by(f64::total_cmp);
+    let mut decided: Vec<f64> = results
+        .iter()
+        .filter_map(|r| r.decided_ms)
+        .map(|ms| ms as f64 / 1000.0)
+        .collect();
+    decided.sort_by(f64::total_cmp);
     let sorted = |f: fn(&RunResult) -> u64| {
         let mut v: Vec<f64> = results.iter().map(|r| f(r) as f64).collect();
         v.sort_by(f64::total_cmp);
@@ -304,6 +327,10 @@ pub fn summarize(results: &[RunResult], canary_start_ms: u64) -> Summary {
         detection_seconds: Quantiles {
             p50: percentile(&detection, 0.5),
             p95: percentile(&detection, 0.95),
+        },
+        decided_seconds: Quantiles {
+            p50: percentile(&decided, 0.5),
+            p95: percentile(&decided, 0.95),
         },
         canary_requests: Median {
             p50: percentile(&sorted(|r| r.canary_requests), 0.5),

@@ -83,8 +83,8 @@ impl Canary {
                 routers: placement.routers,
                 router: None,
                 service: Some(self.service_name().to_string()),
-                stable: placement.stable,
-                canary: placement.canary,
+                stable: Some(placement.stable),
+                canary: Some(placement.canary),
                 progress_deadline_seconds: self
                     .spec
                     .progress_deadline_seconds

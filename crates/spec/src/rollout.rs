@@ -61,8 +61,11 @@ pub struct RolloutSpec {
     /// rollout's name).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub service: Option<String>,
-    pub stable: Target,
-    pub canary: Target,
+    /// The two versions. Required to run; a rollout that is only simulated may leave them out.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stable: Option<Target>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub canary: Option<Target>,
     #[serde(default = "default_deadline")]
     pub progress_deadline_seconds: u64,
     #[serde(default)]

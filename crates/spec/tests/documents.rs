@@ -73,7 +73,9 @@ fn the_issue_rollout_is_read_with_its_command_target() {
     let Document::Rollout(r) = &set.documents[0].doc else {
         panic!("not a rollout")
     };
-    assert!(matches!(&r.spec.canary, Target::Command { command, .. } if command[2] == "{port}"));
+    assert!(
+        matches!(&r.spec.canary, Some(Target::Command { command, .. }) if command[2] == "{port}")
+    );
     assert_eq!(r.spec.analysis.step_weights.len(), 4);
     assert_eq!(r.spec.progress_deadline_seconds, 600);
     assert!(set.warnings.is_empty(), "{:?}", set.warnings);
