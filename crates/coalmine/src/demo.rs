@@ -50,7 +50,7 @@ spec:
   canary: {url: CANARY}
   progressDeadlineSeconds: 60
   analysis:
-    interval: 2s
+    interval: 3s
     threshold: 2
     stepWeights: [5, 10, 25, 50]
     metrics:
@@ -159,7 +159,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
                 if v2_error_rate > 0.0 { " (fails ~10 % of requests)" } else { "" }
             );
             println!(
-                "router on http://{} (admin http://{}), {} req/s of traffic; steps 5 → 10 → 25 → 50 %, every 2s, threshold 2",
+                "router on http://{} (admin http://{}), {} req/s of traffic; steps 5 → 10 → 25 → 50 %, every 3s, threshold 2, sequential judges on (alpha 0.01)",
                 router.listen, router.admin, args.rps
             );
         }
@@ -199,7 +199,23 @@ pub fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
             Scenario::Bad => Outcome::RolledBack,
             Scenario::Healthy => Outcome::Promoted,
         };
+        let evidence = driver.status().sequential.as_ref().map(|s| s.evidence());
         if text_output {
+            if let Some(e) = &evidence {
+                let t = &e.errors.totals;
+                println!(
+                    "sequential evidence: errors {}/{} on v2 vs {}/{} on v1, Bayes factor {:.1} (rolls back at {:.0}), p = {:.4}; latency p = {:.3} over {} v2 samples",
+                    t.canary_failures,
+                    t.canary_requests,
+                    t.stable_failures,
+                    t.stable_requests,
+                    e.errors.log_bayes_factor.exp(),
+                    2.0 / e.alpha,
+                    e.errors.p_value,
+                    e.latency.p_value,
+                    e.latency.canary_samples,
+                );
+            }
             let verb = if outcome == Outcome::RolledBack { "rolled back" } else { "promoted" };
             println!(
                 "v2 {verb} {:.1}s after the rollout started. Users sent {total} requests: {v2n} reached v2 ({share:.2} %), {v2f} of them failed; {errs} failed in the router.",
@@ -208,7 +224,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
         } else {
             println!(
                 "{}",
-                serde_json::json!({"scenario": format!("{:?}", args.scenario).to_lowercase(), "outcome": outcome, "seconds": elapsed.as_secs_f64(), "requests": total, "v2Requests": v2n, "v2Failures": v2f, "routerErrors": errs})
+                serde_json::json!({"scenario": format!("{:?}", args.scenario).to_lowercase(), "outcome": outcome, "seconds": elapsed.as_secs_f64(), "requests": total, "v2Requests": v2n, "v2Failures": v2f, "routerErrors": errs, "sequential": evidence})
             );
         }
         // The story played out: the expected decision, the routers took it, and no request failed

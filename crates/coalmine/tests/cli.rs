@@ -165,6 +165,7 @@ fn help_is_available_everywhere() {
         vec!["apply", "--help"],
         vec!["status", "--help"],
         vec!["history", "--help"],
+        vec!["simulate", "--help"],
     ] {
         let (code, text) = run(&args);
         assert_eq!(code, 0, "{args:?}");
@@ -236,4 +237,77 @@ fn convert_turns_the_seed_canary_into_a_rollout_that_check_accepts() {
     let (code, out) = run(&["convert", &fixture("seed/flagger-payment-service.yaml")]);
     assert_eq!(code, 2, "placement flags are required: {out}");
     assert!(out.contains("--router"), "{out}");
+}
+
+fn scenario_example(name: &str) -> String {
+    format!(
+        "{}/../../examples/scenarios/{name}",
+        env!("CARGO_MANIFEST_DIR")
+    )
+}
+
+#[test]
+fn simulate_prints_a_reproducible_summary_beside_flaggers_on_the_same_traces() {
+    let args = [
+        "simulate",
+        &scenario_example("rollout.yaml"),
+        "--scenario",
+        &scenario_example("errors-10pct.yaml"),
+        "--runs",
+        "40",
+        "--seed",
+        "5",
+        "--compare",
+        "flagger",
+        "--output",
+        "json",
+    ];
+    let (code, out) = run(&args);
+    assert_eq!(code, 0, "{out}");
+    let summary: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+    assert_eq!(summary["runs"], 40, "{summary}");
+    assert_eq!(summary["rolledBack"], 40, "{summary}");
+    assert_eq!(summary["flagger"]["rolledBack"], 40, "{summary}");
+    let ours = summary["detectionSeconds"]["p50"].as_f64().unwrap();
+    let flagger = summary["flagger"]["detectionSeconds"]["p50"]
+        .as_f64()
+        .unwrap();
+    assert!(ours * 10.0 < flagger, "{ours} s vs Flagger's {flagger} s");
+    for key in ["promoted", "undecided", "canaryRequests", "canaryFailures"] {
+        assert!(summary.get(key).is_some(), "{key} missing: {summary}");
+    }
+    // The same seed gives the same runs.
+    let (_, again) = run(&args);
+    let again: serde_json::Value = serde_json::from_str(again.lines().last().unwrap()).unwrap();
+    for key in [
+        "detectionSeconds",
+        "canaryRequests",
+        "canaryFailures",
+        "flagger",
+    ] {
+        let strip = |v: &serde_json::Value| {
+            let mut v = v.clone();
+            if let Some(o) = v.as_object_mut() {
+                o.remove("elapsedSeconds");
+            }
+            v
+        };
+        assert_eq!(strip(&summary[key]), strip(&again[key]), "{key}");
+    }
+
+    let bad = write_config(
+        "scenario",
+        "traffic: {rps: 200}\nduration: 45m\nstable: {errorRate: 0.001, latency: {median: 50ms, sigma: 0.5}}\ncanary: {errorRate: 2, latency: {median: 50ms, sigma: 0.5}}\n",
+    );
+    let (code, out) = run(&[
+        "simulate",
+        &scenario_example("rollout.yaml"),
+        "--scenario",
+        bad.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 2, "{out}");
+    assert!(
+        out.contains(":4:") && out.contains("canary.errorRate"),
+        "{out}"
+    );
 }

@@ -93,9 +93,12 @@ fn templates(prometheus: &Prometheus) -> String {
     examples("prometheus/metric-templates.yaml").replace("http://127.0.0.1:9090", &prometheus.url)
 }
 
+/// The template checks decide here: the sequential judges (which would catch this canary
+/// first) are off.
 const SEED_CHECKS: &str = "    interval: 2s
     threshold: 2
     stepWeights: [20, 50]
+    sequential: {enabled: false}
     metrics:
       - name: error-rate
         templateRef: {name: error-rate}
@@ -383,10 +386,11 @@ async fn a_firing_alert_through_alertmanager_rolls_back_the_matching_rollout_at_
     )
     .await;
     let traffic = users(&s.router, 2);
-    // Lenient checks and slow steps: only the alert can end this rollout early.
+    // Lenient checks, slow steps, no sequential judges: only the alert can end this early.
     let analysis = "    interval: 2s
     threshold: 5
     stepWeights: [10, 20, 30, 40, 50, 60, 70, 80, 90]
+    sequential: {enabled: false}
     metrics:
       - name: request-success-rate
         thresholdRange: {min: 50}

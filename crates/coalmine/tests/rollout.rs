@@ -16,9 +16,11 @@ async fn a_canary_failing_20_percent_is_rolled_back_and_the_router_sends_all_to_
     let v1 = upstream("v1", &[]);
     let v2 = upstream("v2", &["--error-rate", "0.2", "--seed", "3"]);
     let router = router(&["--stable", &v1.url]);
+    // Flagger's rule alone here (the sequential judges have their own test below).
     let analysis = "    interval: 2s
     threshold: 2
     stepWeights: [10, 25, 50]
+    sequential: {enabled: false}
     metrics:
       - name: request-success-rate
         thresholdRange: {min: 99}
@@ -53,6 +55,54 @@ async fn a_canary_failing_20_percent_is_rolled_back_and_the_router_sends_all_to_
         failed > 0 && (failed as f64) < 0.2 * 0.25 * (ok + failed) as f64,
         "{ok} ok, {failed} failed"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sequential_judge_rolls_back_between_ticks_long_before_flaggers_rule() {
+    let v1 = upstream("v1", &[]);
+    let v2 = upstream("v2", &["--error-rate", "0.2", "--seed", "4"]);
+    let router = router(&["--stable", &v1.url]);
+    // Flagger's rule would need five failed checks 5 s apart: a rollback at T7, 35 s.
+    let analysis = "    interval: 5s
+    threshold: 5
+    stepWeights: [10, 25, 50]
+    metrics:
+      - name: request-success-rate
+        thresholdRange: {min: 99}
+        interval: 10s
+";
+    let file = write_rollout(
+        "sequential",
+        &rollout_yaml("payment-service", &router, &v1, &v2, analysis),
+    );
+    let traffic = users(&router, 4);
+    let run = coalmine_run(&file, &[]).await;
+    let (ok, failed) = traffic.stop().await;
+    let msgs = messages(&run);
+    eprintln!(
+        "{:.1}s; users: {ok} ok, {failed} failed\n{}",
+        run.seconds,
+        msgs.join("\n")
+    );
+    assert_eq!(run.code, 1, "{msgs:#?}\n{}", run.stderr);
+    let rollback = msgs
+        .iter()
+        .find(|m| m.contains("Rolling back"))
+        .expect("a rollback");
+    assert!(
+        rollback.contains("Sequential test: the canary fails more often than stable"),
+        "{rollback}"
+    );
+    assert!(rollback.contains("Bayes factor"), "{rollback}");
+    // Weight 10 % at T1 (5 s); the judge needs a handful of canary failures, not five ticks.
+    assert!(run.seconds < 15.0, "took {:.1}s", run.seconds);
+    let halts = msgs
+        .iter()
+        .filter(|m| m.contains("Halt advancement"))
+        .count();
+    assert!(halts < 5, "{msgs:#?}");
+    let routes = get_json(&format!("{}/routes", router.admin)).await;
+    assert_eq!(routes["canary"], serde_json::Value::Null);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -280,6 +330,10 @@ fn the_demo_rolls_back_the_bad_v2_and_promotes_a_healthy_one() {
                 summary["v2Requests"].as_f64().unwrap() / summary["requests"].as_f64().unwrap();
             assert!(share < 0.06, "{summary}");
             assert!(summary["v2Failures"].as_u64().unwrap() > 0, "{summary}");
+            // The sequential judges saw v2's failures (they or the threshold rule rolled back).
+            let errors = &summary["sequential"]["errors"];
+            assert!(errors["canaryFailures"].as_u64().unwrap() > 0, "{summary}");
+            assert!(errors["pValue"].as_f64().unwrap() < 1.0, "{summary}");
         }
     }
 }

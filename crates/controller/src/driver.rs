@@ -8,7 +8,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::mpsc;
 
 use coalmine_judge::Reading;
-use coalmine_rollout::{Action, Event, Input, Machine, Outcome, Plan, Question, Status, Traffic};
+use coalmine_rollout::{
+    Action, Event, Input, Machine, Observation, Outcome, Plan, Question, Status, Traffic,
+};
 use coalmine_spec::rollout::{
     MetricCheck, Rollout, Target, BUILTIN_DURATION, BUILTIN_SUCCESS_RATE,
 };
@@ -52,6 +54,9 @@ pub struct Driver {
     /// The traffic the routers last accepted.
     applied: Option<Traffic>,
     sample_every_ms: u64,
+    /// Counts sampled since the sequential judges last saw them (samples taken to answer an
+    /// analysis count too, so no request is left out).
+    unobserved: Observation,
 }
 
 /// A stable identity of the rollout's spec, sent to webhooks as Flagger's `checksum`.
@@ -141,7 +146,13 @@ impl Driver {
             checks: spec.analysis.metrics.clone(),
             providers: Providers::new(&spec.analysis.metrics),
             applied: None,
-            sample_every_ms: (shortest / 4).clamp(200, 5000),
+            // The sequential judges decide between ticks: they see the routers every second.
+            sample_every_ms: if spec.analysis.sequential.enabled {
+                (shortest / 4).clamp(200, 1000)
+            } else {
+                (shortest / 4).clamp(200, 5000)
+            },
+            unobserved: Observation::default(),
         })
     }
 
@@ -178,6 +189,10 @@ impl Driver {
                         // A missed sample only widens the next window; the tick reports errors.
                         let _ = self.sample().await;
                         next_sample = now + self.sample_every_ms;
+                        if self.machine.plan.sequential.is_some() {
+                            let observation = std::mem::take(&mut self.unobserved);
+                            self.feed(Input::Observe(observation), sink).await;
+                        }
                     }
                     if now >= due {
                         let traffic = self.apply_traffic(true).await;
@@ -280,6 +295,9 @@ impl Driver {
     async fn sample(&mut self) -> Result<(), String> {
         let stats = self.routers.stats().await?;
         self.window.push(now_ms(), stats);
+        // The step since the previous sample.
+        self.unobserved.canary.add(&self.window.canary(0));
+        self.unobserved.stable.add(&self.window.stable(0));
         Ok(())
     }
 

@@ -82,6 +82,8 @@ pub fn status_json(rollout: &Rollout, status: &Status) -> Value {
         "lastTransitionTime": rfc3339(status.last_transition_ms),
         "conditions": [promoted_condition(status)],
         "metrics": metrics,
+        // The sequential judges' evidence as it grows: Bayes factor and always-valid p-values.
+        "sequential": status.sequential.as_ref().map(|s| s.evidence()),
     })
 }
 

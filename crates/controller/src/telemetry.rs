@@ -33,6 +33,12 @@ struct MetricLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TestLabels {
+    rollout: String,
+    test: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct OutcomeLabels {
     rollout: String,
     outcome: &'static str,
@@ -49,6 +55,7 @@ pub struct Telemetry {
     metric_value: Family<MetricLabels, FloatGauge>,
     outcomes: Family<OutcomeLabels, Counter>,
     durations: DurationFamily,
+    p_values: Family<TestLabels, FloatGauge>,
 }
 
 fn duration_histogram() -> Histogram {
@@ -103,7 +110,14 @@ impl Default for Telemetry {
             Unit::Seconds,
             durations.clone(),
         );
+        let p_values = Family::<TestLabels, FloatGauge>::default();
+        registry.register(
+            "coalmine_rollout_sequential_p_value",
+            "Always-valid p-value of each sequential test (errors, latency); rollback below alpha/2",
+            p_values.clone(),
+        );
         Telemetry {
+            p_values,
             registry: Mutex::new(registry),
             weight,
             phase,
@@ -141,6 +155,19 @@ impl Telemetry {
                 rollout: rollout.to_string(),
                 outcome: outcome_name(outcome),
             });
+        }
+        if let Some(evidence) = status.sequential.as_ref().map(|s| s.evidence()) {
+            for (test, p) in [
+                ("errors", evidence.errors.p_value),
+                ("latency", evidence.latency.p_value),
+            ] {
+                self.p_values
+                    .get_or_create(&TestLabels {
+                        rollout: rollout.to_string(),
+                        test,
+                    })
+                    .set(p);
+            }
         }
         for m in &status.metrics {
             let value = match m.reading {
