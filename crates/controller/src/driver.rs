@@ -12,7 +12,7 @@ use coalmine_rollout::{
     Action, Event, Input, Machine, Observation, Outcome, Plan, Question, Status, Traffic,
 };
 use coalmine_spec::rollout::{
-    MetricCheck, Rollout, Target, BUILTIN_DURATION, BUILTIN_SUCCESS_RATE,
+    MetricCheck, Rollout, Target, BUILTIN_DURATION, BUILTIN_KAYENTA_SCORE, BUILTIN_SUCCESS_RATE,
 };
 
 use crate::providers::Providers;
@@ -106,7 +106,7 @@ impl Driver {
             .analysis
             .metrics
             .iter()
-            .find(|c| !is_builtin(c) && (c.query.is_none() || c.provider.is_none()))
+            .find(|c| !c.is_builtin() && (c.query.is_none() || c.provider.is_none()))
         {
             return Err(DriverError::Unsupported {
                 field: "analysis.metrics".into(),
@@ -247,7 +247,7 @@ impl Driver {
                 // Provider queries run side by side, while the routers are sampled.
                 let mut queries = tokio::task::JoinSet::new();
                 for (i, check) in self.checks.iter().enumerate() {
-                    if !is_builtin(check) {
+                    if !check.is_builtin() {
                         let (providers, check) = (self.providers.clone(), check.clone());
                         queries.spawn(async move { (i, providers.read(&check).await) });
                     }
@@ -257,7 +257,7 @@ impl Driver {
                     .checks
                     .iter()
                     .map(|check| {
-                        is_builtin(check).then(|| match &fresh {
+                        check.is_builtin().then(|| match &fresh {
                             Err(reason) => Reading::NoData {
                                 reason: format!("router stats unavailable: {reason}"),
                             },
@@ -285,10 +285,17 @@ impl Driver {
 
     /// Flagger's built-in metrics, from the routers' own counts.
     fn builtin(&self, check: &MetricCheck) -> Reading {
-        let counts = self.window.canary(window_ms(check));
+        let window = window_ms(check);
         match check.name.as_str() {
-            BUILTIN_SUCCESS_RATE => counts.success_rate(),
-            _ => counts.latency_quantile_ms(0.99),
+            BUILTIN_SUCCESS_RATE => self.window.canary(window).success_rate(),
+            BUILTIN_DURATION => self.window.canary(window).latency_quantile_ms(0.99),
+            BUILTIN_KAYENTA_SCORE => {
+                let (canary, stable) = self.window.steps(window);
+                coalmine_judge::kayenta::window_score(&canary, &stable)
+            }
+            other => Reading::Error {
+                reason: format!("{other:?} is not a built-in metric"),
+            },
         }
     }
 
@@ -328,11 +335,6 @@ impl Driver {
     pub fn settled(&self) -> bool {
         self.applied == Some(self.machine.traffic())
     }
-}
-
-/// A check Coalmine answers from router stats, not from a provider.
-fn is_builtin(check: &MetricCheck) -> bool {
-    check.query.is_none() && (check.name == BUILTIN_SUCCESS_RATE || check.name == BUILTIN_DURATION)
 }
 
 fn window_ms(check: &MetricCheck) -> u64 {

@@ -70,6 +70,37 @@ impl StatsWindow {
         self.delta(window_ms, |s| &s.stable)
     }
 
+    /// Both versions' counts per sampling step over the last `window_ms`, oldest first (the
+    /// time series a Kayenta-style judge compares).
+    pub fn steps(&self, window_ms: u64) -> (Vec<Counts>, Vec<Counts>) {
+        let Some((now_ms, _)) = self.samples.back() else {
+            return (Vec::new(), Vec::new());
+        };
+        let cutoff = now_ms.saturating_sub(window_ms);
+        let (mut canary, mut stable) = (Vec::new(), Vec::new());
+        let samples: Vec<_> = self.samples.iter().collect();
+        for pair in samples.windows(2) {
+            let ((before_at, before), (_, after)) = (pair[0], pair[1]);
+            if *before_at < cutoff {
+                continue;
+            }
+            let step = |version: fn(&RouterStats) -> &VersionStats| {
+                let mut out = Counts::default();
+                for (i, router) in after.iter().enumerate() {
+                    let base = before
+                        .get(i)
+                        .filter(|b| b.started_unix_ms == router.started_unix_ms)
+                        .map(version);
+                    out.add_delta(version(router), base);
+                }
+                out
+            };
+            canary.push(step(|s| &s.canary));
+            stable.push(step(|s| &s.stable));
+        }
+        (canary, stable)
+    }
+
     fn delta(&self, window_ms: u64, version: impl Fn(&RouterStats) -> &VersionStats) -> Counts {
         let mut out = Counts::default();
         let Some((now_ms, latest)) = self.samples.back() else {

@@ -815,3 +815,162 @@ mod tests {
         }
     }
 }
+
+/// Values a series is reduced to at most: Mann–Whitney on a few thousand points per arm is
+/// quick, and a fixed window's verdict does not sharpen much beyond that.
+const MAX_SERIES: usize = 2000;
+
+/// A histogram (value → count) as a series of at most [`MAX_SERIES`] values at evenly spaced
+/// ranks: the same distribution, thinned deterministically.
+fn thinned(histogram: &BTreeMap<u64, u64>, scale: f64) -> Vec<f64> {
+    let total: u64 = histogram.values().sum();
+    if total == 0 {
+        return Vec::new();
+    }
+    let n = (total as usize).min(MAX_SERIES);
+    let mut out = Vec::with_capacity(n);
+    let mut iter = histogram.iter();
+    let (mut value, mut seen) = match iter.next() {
+        Some((v, c)) => (*v, *c),
+        None => return out,
+    };
+    for i in 0..n {
+        // The rank of the i-th value: the middle of its 1/n slice of the distribution.
+        let rank = ((i as f64 + 0.5) * total as f64 / n as f64).ceil() as u64;
+        while seen < rank {
+            match iter.next() {
+                Some((v, c)) => {
+                    value = *v;
+                    seen += c;
+                }
+                None => break,
+            }
+        }
+        out.push(value as f64 * scale);
+    }
+    out
+}
+
+/// The Kayenta-style judge over one analysis window of router counts, as the built-in metric
+/// `kayenta-score`. `canary` and `stable` are the window's sampling steps (a few seconds each),
+/// oldest first. Two metrics, as Kayenta compares time series: latency (every request's,
+/// group `latency`, fails on an increase beyond 10 % of the mean) and the 5xx rate of each step
+/// (group `errors`, critical: a significant increase scores 0), weighted equally; the reading is
+/// the score (0–100), compared with the check's `thresholdRange` (Kayenta's usual pass mark is
+/// `min: 90`).
+pub fn window_score(
+    canary_steps: &[crate::Counts],
+    stable_steps: &[crate::Counts],
+) -> crate::Reading {
+    let merged = |steps: &[crate::Counts]| {
+        let mut all = crate::Counts::default();
+        for s in steps {
+            all.add(s);
+        }
+        all
+    };
+    let (canary, stable) = (merged(canary_steps), merged(stable_steps));
+    if canary.requests == 0 || stable.requests == 0 {
+        return crate::Reading::NoData {
+            reason: "the window has no requests on one version".into(),
+        };
+    }
+    let latency = MetricConfig {
+        name: "latency".into(),
+        groups: vec!["latency".into()],
+        direction: Direction::Increase,
+        effect_size: EffectSize {
+            allowed_increase: Some(1.1),
+            ..EffectSize::default()
+        },
+        ..MetricConfig::default()
+    };
+    let errors = MetricConfig {
+        name: "errors".into(),
+        groups: vec!["errors".into()],
+        direction: Direction::Increase,
+        critical: true,
+        ..MetricConfig::default()
+    };
+    let error_rates = |steps: &[crate::Counts]| -> Vec<f64> {
+        steps
+            .iter()
+            .filter(|s| s.requests > 0)
+            .map(|s| s.server_errors.min(s.requests) as f64 / s.requests as f64)
+            .collect()
+    };
+    let (canary_latency, stable_latency) = (
+        thinned(&canary.latency, 1e-3),
+        thinned(&stable.latency, 1e-3),
+    );
+    let (canary_errors, stable_errors) = (error_rates(canary_steps), error_rates(stable_steps));
+    let judgement = judge(
+        &[
+            MetricSeries {
+                config: &latency,
+                experiment: &canary_latency,
+                control: &stable_latency,
+            },
+            MetricSeries {
+                config: &errors,
+                experiment: &canary_errors,
+                control: &stable_errors,
+            },
+        ],
+        &BTreeMap::new(),
+        ScoreThresholds::default(),
+    );
+    crate::Reading::Value {
+        value: judgement.score.score,
+    }
+}
+
+#[cfg(test)]
+mod window_tests {
+    use super::*;
+    use crate::{Counts, Reading};
+
+    /// `steps` sampling steps of `per_step` requests, every `error_every`-th failing (never
+    /// when 0), latencies spread ±20 % around the median in 1 % steps.
+    fn steps(steps: u64, per_step: u64, error_every: u64, median_micros: u64) -> Vec<Counts> {
+        (0..steps)
+            .map(|s| {
+                let mut c = Counts::default();
+                for i in 0..per_step {
+                    let n = s * per_step + i;
+                    let v = median_micros * (80 + (n % 41)) / 100;
+                    c.record(v, error_every > 0 && n.is_multiple_of(error_every));
+                }
+                c
+            })
+            .collect()
+    }
+
+    #[test]
+    fn alike_versions_score_100_and_a_regression_scores_low() {
+        let stable = steps(60, 190, 1000, 50_000);
+        let same = steps(60, 10, 1000, 50_000);
+        assert_eq!(
+            window_score(&same, &stable),
+            Reading::Value { value: 100.0 }
+        );
+        // 10 % errors: the critical errors metric fails and the score is 0.
+        let failing = steps(60, 10, 10, 50_000);
+        assert_eq!(
+            window_score(&failing, &stable),
+            Reading::Value { value: 0.0 }
+        );
+        // 50 % slower: latency is High, errors pass: half the weight.
+        let slow = steps(60, 10, 1000, 75_000);
+        assert_eq!(window_score(&slow, &stable), Reading::Value { value: 50.0 });
+        assert!(matches!(window_score(&[], &stable), Reading::NoData { .. }));
+    }
+
+    #[test]
+    fn thinning_keeps_the_distribution() {
+        let h = BTreeMap::from([(1, 5000u64), (2, 5000)]);
+        let v = thinned(&h, 1.0);
+        assert_eq!(v.len(), MAX_SERIES);
+        assert_eq!(v.iter().filter(|x| **x == 1.0).count(), MAX_SERIES / 2);
+    }
+}

@@ -19,7 +19,9 @@ use serde::Serialize;
 
 use coalmine_judge::{Counts, Reading};
 use coalmine_rollout::{Action, Input, Machine, Observation, Outcome, Plan, Question};
-use coalmine_spec::rollout::{Analysis, MetricCheck, BUILTIN_DURATION, BUILTIN_SUCCESS_RATE};
+use coalmine_spec::rollout::{
+    Analysis, MetricCheck, BUILTIN_DURATION, BUILTIN_KAYENTA_SCORE, BUILTIN_SUCCESS_RATE,
+};
 use coalmine_spec::scenario::{Behaviour, Scenario};
 
 /// One simulated second: requests are generated and judged in steps of this length.
@@ -65,8 +67,7 @@ pub fn simulated_analysis(analysis: &Analysis, semantics: Semantics) -> (Analysi
     let mut out = analysis.clone();
     let mut dropped = Vec::new();
     out.metrics.retain(|m| {
-        let builtin =
-            m.query.is_none() && (m.name == BUILTIN_SUCCESS_RATE || m.name == BUILTIN_DURATION);
+        let builtin = m.is_builtin();
         if !builtin {
             dropped.push(m.name.clone());
         }
@@ -155,7 +156,7 @@ pub fn run_once(
         canary_requests += canary.requests;
         canary_failures += canary.server_errors;
         now += STEP_MS;
-        sim.push(now, canary.clone());
+        sim.push(now, canary.clone(), stable.clone());
         if machine.plan.sequential.is_some() {
             sim.feed(
                 &mut machine,
@@ -202,27 +203,35 @@ fn window_ms(check: &MetricCheck) -> u64 {
 
 struct Run {
     checks: Vec<MetricCheck>,
-    /// The canary's counts per simulated second, as long as the longest window needs.
-    seconds: VecDeque<(u64, Counts)>,
+    /// Both versions' counts per simulated second (canary, stable), as long as the longest
+    /// window needs.
+    seconds: VecDeque<(u64, Counts, Counts)>,
     longest_window_ms: u64,
 }
 
 impl Run {
-    fn push(&mut self, at_ms: u64, canary: Counts) {
-        self.seconds.push_back((at_ms, canary));
+    fn push(&mut self, at_ms: u64, canary: Counts, stable: Counts) {
+        self.seconds.push_back((at_ms, canary, stable));
         while self
             .seconds
             .front()
-            .is_some_and(|(t, _)| *t + self.longest_window_ms <= at_ms)
+            .is_some_and(|(t, _, _)| *t + self.longest_window_ms <= at_ms)
         {
             self.seconds.pop_front();
         }
     }
 
+    /// The seconds of the last `window_ms`.
+    fn window(&self, now: u64, window_ms: u64) -> impl Iterator<Item = &(u64, Counts, Counts)> {
+        self.seconds
+            .iter()
+            .filter(move |(t, _, _)| t + window_ms > now)
+    }
+
     /// The canary's counts over the last `window_ms`.
     fn canary(&self, now: u64, window_ms: u64) -> Counts {
         let mut out = Counts::default();
-        for (_, c) in self.seconds.iter().filter(|(t, _)| t + window_ms > now) {
+        for (_, c, _) in self.window(now, window_ms) {
             out.add(c);
         }
         out
@@ -232,10 +241,20 @@ impl Run {
         self.checks
             .iter()
             .map(|check| {
-                let counts = self.canary(now, window_ms(check));
+                let window = window_ms(check);
                 match check.name.as_str() {
-                    BUILTIN_SUCCESS_RATE => counts.success_rate(),
-                    _ => counts.latency_quantile_ms(0.99),
+                    BUILTIN_SUCCESS_RATE => self.canary(now, window).success_rate(),
+                    BUILTIN_DURATION => self.canary(now, window).latency_quantile_ms(0.99),
+                    BUILTIN_KAYENTA_SCORE => {
+                        let (canary, stable): (Vec<Counts>, Vec<Counts>) = self
+                            .window(now, window)
+                            .map(|(_, c, s)| (c.clone(), s.clone()))
+                            .unzip();
+                        coalmine_judge::kayenta::window_score(&canary, &stable)
+                    }
+                    other => Reading::Error {
+                        reason: format!("{other:?} is not a built-in metric"),
+                    },
                 }
             })
             .collect()

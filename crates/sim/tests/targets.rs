@@ -129,3 +129,40 @@ fn runs_are_reproducible_from_their_seed() {
     let b = runs("errors-1pct.yaml", Semantics::Coalmine, 5, 99);
     assert_eq!(a, b);
 }
+
+#[test]
+fn the_kayenta_option_catches_what_thresholds_miss_and_spares_an_identical_canary() {
+    let kayenta = |name: &str, n: usize, seed: u64| {
+        let set = coalmine_spec::documents::load(&[(
+            "rollout-kayenta.yaml".into(),
+            example("rollout-kayenta.yaml"),
+        )])
+        .unwrap();
+        let (analysis, deadline) = match &set.documents[0].doc {
+            coalmine_spec::documents::Document::Rollout(r) => {
+                (r.spec.analysis.clone(), r.spec.progress_deadline_seconds)
+            }
+            _ => unreachable!(),
+        };
+        let scenario = scenario(name);
+        let results: Vec<RunResult> = (0..n)
+            .map(|i| {
+                run_once(
+                    &analysis,
+                    deadline,
+                    &scenario,
+                    &mut Rng::for_run(seed, i as u64),
+                )
+            })
+            .collect();
+        summarize(&results)
+    };
+    // +50 % latency: Flagger's p99 < 500 ms never fails; Kayenta's rank test does, every window.
+    let slow = kayenta("latency-plus-50pct.yaml", 30, 21);
+    assert_eq!(slow.rolled_back, 30, "{slow:?}");
+    // An identical canary: a window fails with probability at most 2 % (two metrics, each a
+    // one-sided 1 % tail of a 98 % interval); five failures among the rollout's ≤ 6 windows have
+    // probability ≤ C(6,5)·0.02⁵ ≈ 2·10⁻⁸ per run, so all 30 runs promote.
+    let same = kayenta("identical.yaml", 30, 22);
+    assert_eq!(same.promoted, 30, "{same:?}");
+}

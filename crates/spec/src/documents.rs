@@ -1,7 +1,7 @@
 //! Files of several YAML documents: which kind each is, typed, validated, with warnings.
 
 use crate::flagger::{Canary, FLAGGER_API_VERSION};
-use crate::rollout::{Analysis, Rollout, API_VERSION, BUILTIN_DURATION, BUILTIN_SUCCESS_RATE};
+use crate::rollout::{Analysis, Rollout, API_VERSION, BUILTINS};
 use crate::schema::{self, FlaggerKind};
 use crate::templates::{self, MetricTemplate, Provider, TemplateContext};
 use crate::yaml::{parse_yaml, SpecError};
@@ -114,8 +114,7 @@ impl DocumentSet {
                 _ => continue,
             };
             for (i, check) in metrics.iter_mut().enumerate() {
-                let builtin = check.name == BUILTIN_SUCCESS_RATE || check.name == BUILTIN_DURATION;
-                if builtin && check.query.is_none() && check.template_ref.is_none() {
+                if check.is_builtin() {
                     continue;
                 }
                 if check.query.is_some() && check.provider.is_none() {
@@ -357,11 +356,14 @@ pub fn check_analysis(a: &Analysis, path: &str) -> Result<(), (String, String)> 
         );
     }
     for (i, m) in a.metrics.iter().enumerate() {
-        let builtin = m.name == BUILTIN_SUCCESS_RATE || m.name == BUILTIN_DURATION;
-        if !builtin && m.template_ref.is_none() && m.query.is_none() {
+        if !BUILTINS.contains(&m.name.as_str()) && m.template_ref.is_none() && m.query.is_none() {
             return err(
                 &format!("metrics[{i}]"),
-                format!("metric {:?} is not built in ({BUILTIN_SUCCESS_RATE}, {BUILTIN_DURATION}); give it a templateRef or a query", m.name),
+                format!(
+                    "metric {:?} is not built in ({}); give it a templateRef or a query",
+                    m.name,
+                    BUILTINS.join(", ")
+                ),
             );
         }
         let range = m.range();

@@ -429,6 +429,13 @@ pub struct MetricCheck {
 }
 
 impl MetricCheck {
+    /// Answered from the routers' own counts, not from a provider.
+    pub fn is_builtin(&self) -> bool {
+        self.query.is_none()
+            && self.template_ref.is_none()
+            && BUILTINS.contains(&self.name.as_str())
+    }
+
     /// The bounds this check enforces, folding the deprecated `threshold` in.
     pub fn range(&self) -> ThresholdRange {
         let mut range = self.threshold_range.clone().unwrap_or_default();
@@ -446,6 +453,14 @@ impl MetricCheck {
 /// The built-in metric names Flagger defines (success rate in %, p99 duration in ms).
 pub const BUILTIN_SUCCESS_RATE: &str = "request-success-rate";
 pub const BUILTIN_DURATION: &str = "request-duration";
+/// Coalmine: Kayenta's fixed-window judge over the metric's window, canary against stable
+/// (a score 0–100; Kayenta's usual pass mark is `min: 90`).
+pub const BUILTIN_KAYENTA_SCORE: &str = "kayenta-score";
+pub const BUILTINS: [&str; 3] = [
+    BUILTIN_SUCCESS_RATE,
+    BUILTIN_DURATION,
+    BUILTIN_KAYENTA_SCORE,
+];
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
