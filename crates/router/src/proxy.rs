@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::header::{self, Entry, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode, Uri, Version as HttpVersion};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
@@ -485,10 +485,11 @@ fn upstream_parts(parts: &mut http::request::Parts, client: &ClientInfo, upgrade
             .headers
             .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
     }
-    if !parts.headers.contains_key(header::HOST) {
+    // The entry API hashes each name once where contains_key + insert hashed it twice.
+    if let Entry::Vacant(host) = parts.headers.entry(header::HOST) {
         if let Some(authority) = parts.uri.authority() {
             if let Ok(v) = HeaderValue::from_str(authority.as_str()) {
-                parts.headers.insert(header::HOST, v);
+                host.insert(v);
             }
         }
     }
@@ -503,22 +504,28 @@ fn upstream_parts(parts: &mut http::request::Parts, client: &ClientInfo, upgrade
         }
     }
     parts.version = HttpVersion::HTTP_11;
-    let xff = match parts.headers.get(X_FORWARDED_FOR) {
-        Some(prev) => {
+    match parts.headers.entry(X_FORWARDED_FOR) {
+        Entry::Occupied(mut xff) => {
+            let prev = xff.get();
             let mut joined = Vec::with_capacity(prev.len() + 2 + client.peer_ip.len());
             joined.extend_from_slice(prev.as_bytes());
             joined.extend_from_slice(b", ");
             joined.extend_from_slice(client.peer_ip.as_bytes());
-            HeaderValue::from_bytes(&joined).unwrap_or_else(|_| client.peer_ip.clone())
+            // Replaces every earlier value, like insert.
+            xff.insert(
+                HeaderValue::from_bytes(&joined).unwrap_or_else(|_| client.peer_ip.clone()),
+            );
         }
-        None => client.peer_ip.clone(),
-    };
-    parts.headers.insert(X_FORWARDED_FOR, xff);
-    if !parts.headers.contains_key(X_FORWARDED_PROTO) {
-        let proto = if client.tls { "https" } else { "http" };
-        parts
-            .headers
-            .insert(X_FORWARDED_PROTO, HeaderValue::from_static(proto));
+        Entry::Vacant(xff) => {
+            xff.insert(client.peer_ip.clone());
+        }
+    }
+    if let Entry::Vacant(xfp) = parts.headers.entry(X_FORWARDED_PROTO) {
+        xfp.insert(HeaderValue::from_static(if client.tls {
+            "https"
+        } else {
+            "http"
+        }));
     }
 }
 
@@ -579,19 +586,21 @@ pub async fn handle(
     if let Some(why) = framing_error(&req, client) {
         return Ok(error_response(StatusCode::BAD_REQUEST, why, true));
     }
+    // The table is held (one reference count) rather than the upstream URL cloned (two
+    // strings) for the life of the request.
+    let table = shared.table.load_full();
     let (decision, target, affinity_cookie) = {
-        let table = shared.table.load();
         let view = RequestView {
             headers: req.headers(),
             query: req.uri().query(),
         };
         let decision = route(&table, &view, next_random());
         let target = match decision.version {
-            Version::Stable => table.doc.stable.clone(),
+            Version::Stable => &table.doc.stable,
             Version::Canary => table
                 .doc
                 .canary
-                .clone()
+                .as_ref()
                 .expect("route() picks canary only if set"),
         };
         let cookie = if decision.set_affinity {
@@ -611,7 +620,7 @@ pub async fn handle(
     };
     let upgrade = is_upgrade(&req);
     if upgrade {
-        return Ok(proxy_upgrade(worker, client, req, decision, &target, started).await);
+        return Ok(proxy_upgrade(worker, client, req, decision, target, started).await);
     }
     let (mut parts, body) = req.into_parts();
     upstream_parts(&mut parts, client, false);
@@ -623,7 +632,7 @@ pub async fn handle(
     let upstream_req = Request::from_parts(parts, body);
     let result = tokio::time::timeout(
         shared.options.response_timeout,
-        exchange(&target, upstream_req, &shared.options),
+        exchange(target, upstream_req, &shared.options),
     )
     .await
     .unwrap_or_else(|_| {
@@ -653,7 +662,7 @@ pub async fn handle(
         Err(e) => Ok(upstream_failed(
             worker,
             decision.version,
-            &target,
+            target,
             e,
             started,
         )),
