@@ -560,19 +560,6 @@ fn framing_error(req: &Request<Incoming>, client: &ClientInfo) -> Option<&'stati
 // ---------------------------------------------------------------------------------------------
 // The request path
 
-struct InFlight<'a>(&'a Metrics);
-impl<'a> InFlight<'a> {
-    fn enter(m: &'a Metrics) -> Self {
-        m.in_flight.fetch_add(1, Relaxed);
-        InFlight(m)
-    }
-}
-impl Drop for InFlight<'_> {
-    fn drop(&mut self) {
-        self.0.in_flight.fetch_sub(1, Relaxed);
-    }
-}
-
 /// Serves one client request. Never fails: upstream trouble becomes a 502/504 counted against
 /// the version that caused it, so a dead canary shows as canary errors.
 pub async fn handle(
@@ -582,7 +569,7 @@ pub async fn handle(
     let started = Instant::now();
     let (worker, client) = (&conn.worker, &conn.client);
     let shared = &*worker.shared;
-    let _in_flight = InFlight::enter(&shared.metrics);
+    let _in_flight = worker.recorder.enter();
     if let Some(why) = framing_error(&req, client) {
         return Ok(error_response(StatusCode::BAD_REQUEST, why, true));
     }
