@@ -13,6 +13,7 @@ pub mod recorder;
 pub mod route;
 pub mod server;
 pub mod table;
+mod timer;
 
 pub use proxy::ProxyOptions;
 pub use route::{route, Decision, Reason, RequestView, Version};

@@ -617,12 +617,12 @@ pub async fn handle(
         UpstreamBody::Client(body)
     };
     let upstream_req = Request::from_parts(parts, body);
-    let result = tokio::time::timeout(
-        shared.options.response_timeout,
+    let result = crate::timer::timeout_at(
+        started.checked_add(shared.options.response_timeout),
         exchange(target, upstream_req, &shared.options),
     )
     .await
-    .unwrap_or_else(|_| {
+    .unwrap_or_else(|| {
         Err(UpstreamError {
             failure: UpstreamFailure::Timeout,
             detail: "no response head within the response timeout".into(),

@@ -224,12 +224,17 @@ fn run_worker(
         .build()
         .expect("a single-threaded tokio runtime");
     crate::proxy::set_max_idle(config.proxy.max_idle_per_upstream);
+    // The worker's requests arm two timeouts each; the coarse timer's tick is a small fraction
+    // of the shorter one, so neither fires noticeably late.
+    let tick = (config.proxy.response_timeout.min(config.header_read_timeout) / 20)
+        .clamp(Duration::from_millis(1), Duration::from_millis(100));
     rt.block_on(async move {
+        tokio::spawn(crate::timer::sweeper(tick));
         let listener = tokio::net::TcpListener::from_std(listener).expect("listener on runtime");
         let mut builder = auto::Builder::new(TokioExecutor::new());
         builder
             .http1()
-            .timer(TokioTimer::new())
+            .timer(crate::timer::CoarseTimer)
             .header_read_timeout(config.header_read_timeout)
             .max_buf_size(config.max_header_bytes.max(8192))
             .keep_alive(true)
