@@ -7,6 +7,7 @@
 //! - [`server`]: sockets, worker threads, TLS, graceful shutdown; [`admin`] API.
 
 mod admin;
+mod drain;
 mod framing;
 pub mod proxy;
 pub mod recorder;

@@ -512,9 +512,7 @@ fn upstream_parts(parts: &mut http::request::Parts, client: &ClientInfo, upgrade
             joined.extend_from_slice(b", ");
             joined.extend_from_slice(client.peer_ip.as_bytes());
             // Replaces every earlier value, like insert.
-            xff.insert(
-                HeaderValue::from_bytes(&joined).unwrap_or_else(|_| client.peer_ip.clone()),
-            );
+            xff.insert(HeaderValue::from_bytes(&joined).unwrap_or_else(|_| client.peer_ip.clone()));
         }
         Entry::Vacant(xff) => {
             xff.insert(client.peer_ip.clone());

@@ -133,7 +133,10 @@ impl Recorder {
     }
 
     pub fn record_failure(&self, version: Version, failure: UpstreamFailure) {
-        bump(&self.versions[version.index()].failures[failure as usize], 1);
+        bump(
+            &self.versions[version.index()].failures[failure as usize],
+            1,
+        );
     }
 
     /// A mirrored copy's outcome; `None` when it never got a response.
@@ -491,11 +494,7 @@ impl Snapshot {
             "Requests being proxied right now.",
             "gauge",
         );
-        out.sample(
-            "coalmine_router_requests_in_flight",
-            &[],
-            self.in_flight,
-        );
+        out.sample("coalmine_router_requests_in_flight", &[], self.in_flight);
         out.text
     }
 }

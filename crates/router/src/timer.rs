@@ -269,10 +269,7 @@ mod tests {
             tokio::task::yield_now().await;
             let started = Instant::now();
             let deadline = Some(started + Duration::from_millis(30));
-            assert!(matches!(
-                Sleep::until(started).0,
-                Inner::Coarse { .. }
-            ));
+            assert!(matches!(Sleep::until(started).0, Inner::Coarse { .. }));
             let late = timeout_at(deadline, std::future::pending::<()>()).await;
             let waited = started.elapsed();
             assert_eq!(late, None);
