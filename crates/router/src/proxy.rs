@@ -406,6 +406,19 @@ fn hop_by_hop_index(name: &str) -> Option<usize> {
     })
 }
 
+/// True when a Connection value lists only options and hop-by-hop names (`keep-alive`,
+/// `close`, `Upgrade`): nothing further to look up.
+fn names_only_hop_by_hop(v: &HeaderValue) -> bool {
+    v.as_bytes().split(|&b| b == b',').all(|t| {
+        let t = t.trim_ascii();
+        t.is_empty()
+            || t.eq_ignore_ascii_case(b"close")
+            || HOP_BY_HOP
+                .iter()
+                .any(|h| t.eq_ignore_ascii_case(h.as_str().as_bytes()))
+    })
+}
+
 /// Hop-by-hop headers never cross the proxy, nor headers that `Connection` names.
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
     // One pass of cheap name comparisons finds which are present, so only those are removed:
@@ -413,15 +426,17 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
     // kind, and a removal (a hashed lookup) per absent name cost more than the rest of the
     // response path's header work.
     let mut present = 0u16;
-    for k in headers.keys() {
+    let mut names_others = false;
+    for (k, v) in headers.iter() {
         if let Some(i) = hop_by_hop_index(k.as_str()) {
             present |= 1 << i;
+            names_others |= i == 0 && !names_only_hop_by_hop(v);
         }
     }
     if present == 0 {
         return;
     }
-    if present & 1 != 0 {
+    if names_others {
         // Names listed in Connection that are themselves hop-by-hop (keep-alive, upgrade) are
         // already covered; others are looked for among the keys before paying for a removal.
         let mut named: Vec<HeaderName> = Vec::new();
@@ -805,6 +820,13 @@ mod tests {
         strip_hop_by_hop(&mut h);
         assert_eq!(h.len(), 1);
         assert!(h.contains_key("x-kept"));
+        // The common upstream answer: only Connection itself goes.
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, "Keep-Alive".parse().unwrap());
+        h.insert("keep-alive", "timeout=5".parse().unwrap());
+        h.insert(header::CONTENT_LENGTH, "7".parse().unwrap());
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.keys().collect::<Vec<_>>(), [header::CONTENT_LENGTH]);
     }
 
     #[test]
