@@ -334,7 +334,9 @@ async fn exchange(
         let (mut sender, fresh) = match checkout(upstream.id()) {
             Some(s) => (s, false),
             None => (
-                connect(upstream, options.connect_timeout, false).await?,
+                // Boxed: the connect future is large and rarely needed, and unboxed it would
+                // size (and make every move of) the request future.
+                Box::pin(connect(upstream, options.connect_timeout, false)).await?,
                 true,
             ),
         };
@@ -620,7 +622,11 @@ pub async fn handle(
     };
     let upgrade = is_upgrade(&req);
     if upgrade {
-        return Ok(proxy_upgrade(worker, client, req, decision, target, started).await);
+        // Boxed for the same reason as a new upstream connection in `exchange`.
+        return Ok(Box::pin(proxy_upgrade(
+            worker, client, req, decision, target, started,
+        ))
+        .await);
     }
     let (mut parts, body) = req.into_parts();
     upstream_parts(&mut parts, client, false);
