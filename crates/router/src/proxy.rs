@@ -308,6 +308,9 @@ async fn connect(
     };
     let _ = stream.set_nodelay(true);
     let (sender, conn) = hyper::client::conn::http1::Builder::new()
+        // One buffer per request: a plain send, where a vectored write of one or two slices
+        // takes the kernel's longer writev path.
+        .writev(false)
         .handshake(TokioIo::new(stream))
         .await
         .map_err(|e| fail(UpstreamFailure::Connect, format!("handshake: {e}")))?;
