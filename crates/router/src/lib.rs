@@ -7,12 +7,14 @@
 //! - [`server`]: sockets, worker threads, TLS, graceful shutdown; [`admin`] API.
 
 mod admin;
+mod drain;
 mod framing;
 pub mod proxy;
 pub mod recorder;
 pub mod route;
 pub mod server;
 pub mod table;
+mod timer;
 
 pub use proxy::ProxyOptions;
 pub use route::{route, Decision, Reason, RequestView, Version};

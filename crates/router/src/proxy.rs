@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
 use bytes::Bytes;
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::header::{self, Entry, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode, Uri, Version as HttpVersion};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
@@ -308,6 +308,9 @@ async fn connect(
     };
     let _ = stream.set_nodelay(true);
     let (sender, conn) = hyper::client::conn::http1::Builder::new()
+        // One buffer per request: a plain send, where a vectored write of one or two slices
+        // takes the kernel's longer writev path.
+        .writev(false)
         .handshake(TokioIo::new(stream))
         .await
         .map_err(|e| fail(UpstreamFailure::Connect, format!("handshake: {e}")))?;
@@ -334,7 +337,9 @@ async fn exchange(
         let (mut sender, fresh) = match checkout(upstream.id()) {
             Some(s) => (s, false),
             None => (
-                connect(upstream, options.connect_timeout, false).await?,
+                // Boxed: the connect future is large and rarely needed, and unboxed it would
+                // size (and make every move of) the request future.
+                Box::pin(connect(upstream, options.connect_timeout, false)).await?,
                 true,
             ),
         };
@@ -373,47 +378,98 @@ async fn exchange(
 // ---------------------------------------------------------------------------------------------
 // Headers
 
-/// Hop-by-hop headers (RFC 9110 §7.6.1) never cross the proxy, nor headers that `Connection`
-/// names.
+const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+
+/// Hop-by-hop headers (RFC 9110 §7.6.1); a bit each in [`strip_hop_by_hop`]'s scan.
+const HOP_BY_HOP: [HeaderName; 9] = [
+    header::CONNECTION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+    header::PROXY_AUTHORIZATION,
+    header::PROXY_AUTHENTICATE,
+    KEEP_ALIVE,
+    PROXY_CONNECTION,
+];
+
+/// The position of a (lowercase) header name in [`HOP_BY_HOP`]. A `match` on the string checks
+/// the length first, so most names are turned away in an instruction or two.
+fn hop_by_hop_index(name: &str) -> Option<usize> {
+    Some(match name {
+        "connection" => 0,
+        "te" => 1,
+        "trailer" => 2,
+        "transfer-encoding" => 3,
+        "upgrade" => 4,
+        "proxy-authorization" => 5,
+        "proxy-authenticate" => 6,
+        "keep-alive" => 7,
+        "proxy-connection" => 8,
+        _ => return None,
+    })
+}
+
+/// True when a Connection value lists only options and hop-by-hop names (`keep-alive`,
+/// `close`, `Upgrade`): nothing further to look up.
+fn names_only_hop_by_hop(v: &HeaderValue) -> bool {
+    v.as_bytes().split(|&b| b == b',').all(|t| {
+        let t = t.trim_ascii();
+        t.is_empty()
+            || t.eq_ignore_ascii_case(b"close")
+            || HOP_BY_HOP
+                .iter()
+                .any(|h| t.eq_ignore_ascii_case(h.as_str().as_bytes()))
+    })
+}
+
+/// Hop-by-hop headers never cross the proxy, nor headers that `Connection` names.
 fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    // Most messages carry none: one pass of cheap name comparisons avoids nine hashed removals.
-    let any = headers.keys().any(|k| {
-        k == header::CONNECTION
-            || k == header::TE
-            || k == header::TRAILER
-            || k == header::TRANSFER_ENCODING
-            || k == header::UPGRADE
-            || k == header::PROXY_AUTHORIZATION
-            || k == header::PROXY_AUTHENTICATE
-            || k.as_str() == "keep-alive"
-            || k.as_str() == "proxy-connection"
-    });
-    if !any {
+    // One pass of cheap name comparisons finds which are present, so only those are removed:
+    // nearly every upstream response carries `Connection: keep-alive` and nothing else of the
+    // kind, and a removal (a hashed lookup) per absent name cost more than the rest of the
+    // response path's header work.
+    let mut present = 0u16;
+    let mut names_others = false;
+    for (k, v) in headers.iter() {
+        if let Some(i) = hop_by_hop_index(k.as_str()) {
+            present |= 1 << i;
+            names_others |= i == 0 && !names_only_hop_by_hop(v);
+        }
+    }
+    if present == 0 {
         return;
     }
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
-        .collect();
-    for name in named {
-        headers.remove(name);
+    if names_others {
+        // Names listed in Connection that are themselves hop-by-hop (keep-alive, upgrade) are
+        // already covered; others are looked for among the keys before paying for a removal.
+        let mut named: Vec<HeaderName> = Vec::new();
+        for token in headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(str::trim)
+        {
+            if let Some(k) = headers
+                .keys()
+                .find(|k| k.as_str().eq_ignore_ascii_case(token))
+            {
+                if hop_by_hop_index(k.as_str()).is_none() && !named.contains(k) {
+                    named.push(k.clone());
+                }
+            }
+        }
+        for name in named {
+            headers.remove(name);
+        }
     }
-    for name in [
-        header::CONNECTION,
-        header::TE,
-        header::TRAILER,
-        header::TRANSFER_ENCODING,
-        header::UPGRADE,
-        header::PROXY_AUTHORIZATION,
-        header::PROXY_AUTHENTICATE,
-    ] {
-        headers.remove(name);
+    for (i, name) in HOP_BY_HOP.iter().enumerate() {
+        if present & (1 << i) != 0 {
+            headers.remove(name);
+        }
     }
-    headers.remove("keep-alive");
-    headers.remove("proxy-connection");
 }
 
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
@@ -449,10 +505,11 @@ fn upstream_parts(parts: &mut http::request::Parts, client: &ClientInfo, upgrade
             .headers
             .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
     }
-    if !parts.headers.contains_key(header::HOST) {
+    // The entry API hashes each name once where contains_key + insert hashed it twice.
+    if let Entry::Vacant(host) = parts.headers.entry(header::HOST) {
         if let Some(authority) = parts.uri.authority() {
             if let Ok(v) = HeaderValue::from_str(authority.as_str()) {
-                parts.headers.insert(header::HOST, v);
+                host.insert(v);
             }
         }
     }
@@ -467,22 +524,26 @@ fn upstream_parts(parts: &mut http::request::Parts, client: &ClientInfo, upgrade
         }
     }
     parts.version = HttpVersion::HTTP_11;
-    let xff = match parts.headers.get(X_FORWARDED_FOR) {
-        Some(prev) => {
+    match parts.headers.entry(X_FORWARDED_FOR) {
+        Entry::Occupied(mut xff) => {
+            let prev = xff.get();
             let mut joined = Vec::with_capacity(prev.len() + 2 + client.peer_ip.len());
             joined.extend_from_slice(prev.as_bytes());
             joined.extend_from_slice(b", ");
             joined.extend_from_slice(client.peer_ip.as_bytes());
-            HeaderValue::from_bytes(&joined).unwrap_or_else(|_| client.peer_ip.clone())
+            // Replaces every earlier value, like insert.
+            xff.insert(HeaderValue::from_bytes(&joined).unwrap_or_else(|_| client.peer_ip.clone()));
         }
-        None => client.peer_ip.clone(),
-    };
-    parts.headers.insert(X_FORWARDED_FOR, xff);
-    if !parts.headers.contains_key(X_FORWARDED_PROTO) {
-        let proto = if client.tls { "https" } else { "http" };
-        parts
-            .headers
-            .insert(X_FORWARDED_PROTO, HeaderValue::from_static(proto));
+        Entry::Vacant(xff) => {
+            xff.insert(client.peer_ip.clone());
+        }
+    }
+    if let Entry::Vacant(xfp) = parts.headers.entry(X_FORWARDED_PROTO) {
+        xfp.insert(HeaderValue::from_static(if client.tls {
+            "https"
+        } else {
+            "http"
+        }));
     }
 }
 
@@ -517,19 +578,6 @@ fn framing_error(req: &Request<Incoming>, client: &ClientInfo) -> Option<&'stati
 // ---------------------------------------------------------------------------------------------
 // The request path
 
-struct InFlight<'a>(&'a Metrics);
-impl<'a> InFlight<'a> {
-    fn enter(m: &'a Metrics) -> Self {
-        m.in_flight.fetch_add(1, Relaxed);
-        InFlight(m)
-    }
-}
-impl Drop for InFlight<'_> {
-    fn drop(&mut self) {
-        self.0.in_flight.fetch_sub(1, Relaxed);
-    }
-}
-
 /// Serves one client request. Never fails: upstream trouble becomes a 502/504 counted against
 /// the version that caused it, so a dead canary shows as canary errors.
 pub async fn handle(
@@ -539,23 +587,25 @@ pub async fn handle(
     let started = Instant::now();
     let (worker, client) = (&conn.worker, &conn.client);
     let shared = &*worker.shared;
-    let _in_flight = InFlight::enter(&shared.metrics);
+    let _in_flight = worker.recorder.enter();
     if let Some(why) = framing_error(&req, client) {
         return Ok(error_response(StatusCode::BAD_REQUEST, why, true));
     }
+    // The table is held (one reference count) rather than the upstream URL cloned (two
+    // strings) for the life of the request.
+    let table = shared.table.load_full();
     let (decision, target, affinity_cookie) = {
-        let table = shared.table.load();
         let view = RequestView {
             headers: req.headers(),
             query: req.uri().query(),
         };
         let decision = route(&table, &view, next_random());
         let target = match decision.version {
-            Version::Stable => table.doc.stable.clone(),
+            Version::Stable => &table.doc.stable,
             Version::Canary => table
                 .doc
                 .canary
-                .clone()
+                .as_ref()
                 .expect("route() picks canary only if set"),
         };
         let cookie = if decision.set_affinity {
@@ -575,7 +625,11 @@ pub async fn handle(
     };
     let upgrade = is_upgrade(&req);
     if upgrade {
-        return Ok(proxy_upgrade(worker, client, req, decision, &target, started).await);
+        // Boxed for the same reason as a new upstream connection in `exchange`.
+        return Ok(Box::pin(proxy_upgrade(
+            worker, client, req, decision, target, started,
+        ))
+        .await);
     }
     let (mut parts, body) = req.into_parts();
     upstream_parts(&mut parts, client, false);
@@ -585,12 +639,12 @@ pub async fn handle(
         UpstreamBody::Client(body)
     };
     let upstream_req = Request::from_parts(parts, body);
-    let result = tokio::time::timeout(
-        shared.options.response_timeout,
-        exchange(&target, upstream_req, &shared.options),
+    let result = crate::timer::timeout_at(
+        started.checked_add(shared.options.response_timeout),
+        exchange(target, upstream_req, &shared.options),
     )
     .await
-    .unwrap_or_else(|_| {
+    .unwrap_or_else(|| {
         Err(UpstreamError {
             failure: UpstreamFailure::Timeout,
             detail: "no response head within the response timeout".into(),
@@ -617,7 +671,7 @@ pub async fn handle(
         Err(e) => Ok(upstream_failed(
             worker,
             decision.version,
-            &target,
+            target,
             e,
             started,
         )),
@@ -766,13 +820,30 @@ mod tests {
     fn hop_by_hop_headers_and_the_ones_connection_names_are_dropped() {
         let mut h = HeaderMap::new();
         h.insert(header::CONNECTION, "keep-alive, x-secret".parse().unwrap());
+        h.append(header::CONNECTION, " X-Other ,close".parse().unwrap());
         h.insert("x-secret", "1".parse().unwrap());
+        h.insert("x-other", "1".parse().unwrap());
         h.insert("keep-alive", "timeout=5".parse().unwrap());
         h.insert(header::TRANSFER_ENCODING, "chunked".parse().unwrap());
         h.insert("x-kept", "1".parse().unwrap());
         strip_hop_by_hop(&mut h);
         assert_eq!(h.len(), 1);
         assert!(h.contains_key("x-kept"));
+        // The common upstream answer: only Connection itself goes.
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, "Keep-Alive".parse().unwrap());
+        h.insert("keep-alive", "timeout=5".parse().unwrap());
+        h.insert(header::CONTENT_LENGTH, "7".parse().unwrap());
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.keys().collect::<Vec<_>>(), [header::CONTENT_LENGTH]);
+    }
+
+    #[test]
+    fn hop_by_hop_index_matches_the_list() {
+        for (i, h) in HOP_BY_HOP.iter().enumerate() {
+            assert_eq!(hop_by_hop_index(h.as_str()), Some(i));
+        }
+        assert_eq!(hop_by_hop_index("content-length"), None);
     }
 
     #[test]

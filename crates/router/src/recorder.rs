@@ -80,11 +80,18 @@ impl VersionCounters {
     }
 }
 
-/// One worker's counters.
+/// One worker's counters. Only that worker's thread writes them (scrapes only read), so an
+/// increment is a plain load and store: no locked read-modify-write on the hot path.
 pub struct Recorder {
     versions: [VersionCounters; 2],
     mirror_status: Box<[AtomicU64]>,
     mirror_failures: AtomicU64,
+    /// Requests this worker is proxying right now.
+    in_flight: AtomicI64,
+}
+
+fn bump(c: &AtomicU64, n: u64) {
+    c.store(c.load(Relaxed).wrapping_add(n), Relaxed);
 }
 
 fn status_index(status: u16) -> usize {
@@ -97,36 +104,56 @@ impl Recorder {
             versions: [VersionCounters::new(), VersionCounters::new()],
             mirror_status: (0..500).map(|_| AtomicU64::new(0)).collect(),
             mirror_failures: AtomicU64::new(0),
+            in_flight: AtomicI64::new(0),
         }
+    }
+
+    /// Counts a request in flight until the guard drops.
+    pub fn enter(&self) -> InFlight<'_> {
+        let n = &self.in_flight;
+        n.store(n.load(Relaxed) + 1, Relaxed);
+        InFlight(n)
     }
 
     /// Records one answered request: status (the router's own 502/504 included) and the time
     /// until the response head.
     pub fn record(&self, version: Version, status: u16, elapsed: Duration) {
         let v = &self.versions[version.index()];
-        v.status[status_index(status)].fetch_add(1, Relaxed);
+        bump(&v.status[status_index(status)], 1);
         let secs = elapsed.as_secs_f64();
         if let Some(i) = LATENCY_BUCKETS.iter().position(|&b| secs <= b) {
-            v.buckets[i].fetch_add(1, Relaxed);
+            bump(&v.buckets[i], 1);
         }
-        v.count.fetch_add(1, Relaxed);
+        bump(&v.count, 1);
         let micros = elapsed.as_micros().min(u128::from(u64::MAX)) as u64;
-        v.sum_micros.fetch_add(micros, Relaxed);
+        bump(&v.sum_micros, micros);
         if let Ok(mut h) = v.hdr.lock() {
             h.saturating_record(micros.max(1));
         }
     }
 
     pub fn record_failure(&self, version: Version, failure: UpstreamFailure) {
-        self.versions[version.index()].failures[failure as usize].fetch_add(1, Relaxed);
+        bump(
+            &self.versions[version.index()].failures[failure as usize],
+            1,
+        );
     }
 
     /// A mirrored copy's outcome; `None` when it never got a response.
     pub fn record_mirror(&self, status: Option<u16>) {
         match status {
-            Some(s) => self.mirror_status[status_index(s)].fetch_add(1, Relaxed),
-            None => self.mirror_failures.fetch_add(1, Relaxed),
-        };
+            Some(s) => bump(&self.mirror_status[status_index(s)], 1),
+            None => bump(&self.mirror_failures, 1),
+        }
+    }
+}
+
+/// A request in flight on one worker; see [`Recorder::enter`].
+pub struct InFlight<'a>(&'a AtomicI64);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.store(self.0.load(Relaxed) - 1, Relaxed);
     }
 }
 
@@ -137,7 +164,6 @@ pub struct Metrics {
     pub mirror_dropped: AtomicU64,
     pub mirror_skipped_body: AtomicU64,
     pub connections_accepted: AtomicU64,
-    pub in_flight: AtomicI64,
     /// Random per process start: a reader that sees it change knows the counters restarted.
     pub instance: String,
     pub started_unix_ms: u64,
@@ -151,7 +177,6 @@ impl Metrics {
             mirror_dropped: AtomicU64::new(0),
             mirror_skipped_body: AtomicU64::new(0),
             connections_accepted: AtomicU64::new(0),
-            in_flight: AtomicI64::new(0),
             instance,
             started_unix_ms,
         }
@@ -171,7 +196,9 @@ impl Metrics {
         let recorders = self.recorders.lock().expect("recorder list").clone();
         let mut versions = [VersionSnapshot::new(), VersionSnapshot::new()];
         let mut mirror = MirrorSnapshot::default();
+        let mut in_flight = 0;
         for r in &recorders {
+            in_flight += r.in_flight.load(Relaxed);
             for (snap, v) in versions.iter_mut().zip(&r.versions) {
                 snap.add(v);
             }
@@ -181,7 +208,11 @@ impl Metrics {
         mirror.requests = mirror.statuses.values().sum::<u64>() + mirror.failed;
         mirror.dropped = self.mirror_dropped.load(Relaxed);
         mirror.skipped_with_body = self.mirror_skipped_body.load(Relaxed);
-        Snapshot { versions, mirror }
+        Snapshot {
+            versions,
+            mirror,
+            in_flight,
+        }
     }
 }
 
@@ -249,6 +280,8 @@ pub struct MirrorSnapshot {
 pub struct Snapshot {
     pub versions: [VersionSnapshot; 2],
     pub mirror: MirrorSnapshot,
+    /// Requests being proxied, summed over workers.
+    pub in_flight: i64,
 }
 
 /// `/stats`: per version, counts by status, failures by kind, and a mergeable latency histogram
@@ -461,11 +494,7 @@ impl Snapshot {
             "Requests being proxied right now.",
             "gauge",
         );
-        out.sample(
-            "coalmine_router_requests_in_flight",
-            &[],
-            metrics.in_flight.load(Relaxed),
-        );
+        out.sample("coalmine_router_requests_in_flight", &[], self.in_flight);
         out.text
     }
 }
@@ -545,7 +574,11 @@ mod tests {
         b.record(Version::Stable, 200, Duration::from_millis(30));
         b.record(Version::Canary, 502, Duration::from_micros(200));
         b.record_failure(Version::Canary, UpstreamFailure::Connect);
+        let busy = (a.enter(), b.enter(), b.enter());
+        assert_eq!(m.snapshot().in_flight, 3);
+        drop(busy);
         let s = m.snapshot();
+        assert_eq!(s.in_flight, 0);
         assert_eq!(s.versions[0].statuses[&200], 2);
         assert_eq!(s.versions[1].failures[0], 1);
         let text = s.prometheus_text(&m, 0.05, 3);
