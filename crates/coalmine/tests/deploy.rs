@@ -3,13 +3,16 @@
 //! Debian's `promtool` (package `prometheus`, which scripts/test installs) and, when it is there,
 //! `amtool` (package `prometheus-alertmanager`).
 
+mod common;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 use serde_json::Value;
+
+use common::TempDir;
 
 /// Every metric the routers and the daemon export that the rules and the dashboard may read.
 const KNOWN_METRICS: &[&str] = &[
@@ -95,39 +98,6 @@ fn run_ok(tool: &Path, args: &[&str], dir: &Path) -> String {
 }
 
 /// A fresh directory under the system's temporary directory, removed on drop.
-struct TempDir {
-    path: PathBuf,
-}
-
-impl TempDir {
-    fn new() -> TempDir {
-        static COUNTER: AtomicUsize = AtomicUsize::new(0);
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .subsec_nanos();
-        let path = std::env::temp_dir().join(format!(
-            "coalmine-test-deploy-{}-{}-{nanos}",
-            std::process::id(),
-            COUNTER.fetch_add(1, Ordering::Relaxed)
-        ));
-        fs::create_dir(&path).unwrap_or_else(|e| panic!("create {}: {e}", path.display()));
-        TempDir { path }
-    }
-
-    fn write(&self, name: &str, text: &str) -> PathBuf {
-        let path = self.path.join(name);
-        fs::write(&path, text).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
-        path
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.path);
-    }
-}
-
 /// Identifiers (metric names, recorded names, label names, functions) in PromQL-ish text; a
 /// trailing colon (a YAML key) is not part of one.
 fn identifiers(text: &str) -> Vec<&str> {
@@ -166,7 +136,7 @@ fn rules_unit_tests_pass() {
     deploy_file("prometheus/coalmine-rules.yaml");
     let tests = deploy_file("prometheus/coalmine-rules.test.yaml");
     // The test file names its rule file relative to itself; run from elsewhere to prove it.
-    let elsewhere = TempDir::new();
+    let elsewhere = TempDir::new("deploy");
     let printed = run_ok(
         &promtool(),
         &["test", "rules", tests.to_str().unwrap()],
@@ -236,7 +206,7 @@ fn rules_read_only_exported_metrics_and_recorded_series() {
 fn example_prometheus_config_is_valid_and_loads_the_rules() {
     let config = deploy_file("prometheus/prometheus.example.yaml");
     // `rule_files` are relative to the configuration file, wherever promtool runs.
-    let elsewhere = TempDir::new();
+    let elsewhere = TempDir::new("deploy");
     let printed = run_ok(
         &promtool(),
         &["check", "config", config.to_str().unwrap()],
@@ -447,7 +417,7 @@ fn dashboard_queries_are_valid_promql() {
             "      # {what}\n      - record: dashboard:query_{i}\n        expr: {yaml_expr}\n"
         ));
     }
-    let dir = TempDir::new();
+    let dir = TempDir::new("deploy");
     let file = dir.write("dashboard-queries.yaml", &rules);
     let out = Command::new(promtool())
         .args(["check", "rules", file.to_str().unwrap()])
@@ -652,7 +622,7 @@ tests:
             value: 1
 "#
     );
-    let dir = TempDir::new();
+    let dir = TempDir::new("deploy");
     dir.write("empty.yaml", "groups: []\n");
     let file = dir.write("dashboard.test.yaml", &tests);
     let out = Command::new(promtool())

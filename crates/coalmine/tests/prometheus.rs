@@ -110,12 +110,16 @@ const SEED_CHECKS: &str = "    interval: 2s
         interval: 10s
 ";
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_seed_queries_through_templates_roll_back_a_failing_canary() {
-    let s = stack("0.2", vec![], vec![], None).await;
+/// `coalmine run` of a Rollout with the seed's checks (the example templates) against a stack
+/// whose canary fails `error_rate` of requests, with users sending traffic meanwhile.
+async fn seed_checks_run(
+    error_rate: &str,
+    test: &str,
+) -> (Stack, RunResult, Vec<String>, (u64, u64)) {
+    let s = stack(error_rate, vec![], vec![], None).await;
     let traffic = users(&s.router, 2);
     let rollout = write_rollout(
-        "prom-fail",
+        test,
         &rollout_yaml(
             "payment-service",
             &s.router,
@@ -124,15 +128,23 @@ async fn the_seed_queries_through_templates_roll_back_a_failing_canary() {
             SEED_CHECKS,
         ),
     );
-    let templates_file = write_rollout("prom-fail-templates", &templates(&s.prometheus));
+    let templates_file = write_rollout(&format!("{test}-templates"), &templates(&s.prometheus));
     let run = coalmine_run(&rollout, &[&templates_file]).await;
-    let (ok, failed) = traffic.stop().await;
+    let users = traffic.stop().await;
     let log = messages(&run);
     println!(
-        "{:.1} s, users: {ok} ok, {failed} failed\n{}",
+        "{:.1} s, users: {} ok, {} failed\n{}",
         run.seconds,
+        users.0,
+        users.1,
         log.join("\n")
     );
+    (s, run, log, users)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_seed_queries_through_templates_roll_back_a_failing_canary() {
+    let (s, run, log, _) = seed_checks_run("0.2", "prom-fail").await;
     assert_eq!(run.code, 1, "rolled back exits 1: {}", run.stderr);
     // Each failed check names the query's value against the bound.
     let halts: Vec<&String> = log
@@ -176,27 +188,7 @@ async fn the_seed_queries_through_templates_roll_back_a_failing_canary() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_seed_queries_through_templates_promote_a_healthy_canary() {
-    let s = stack("0", vec![], vec![], None).await;
-    let traffic = users(&s.router, 2);
-    let rollout = write_rollout(
-        "prom-ok",
-        &rollout_yaml(
-            "payment-service",
-            &s.router,
-            &s.stable,
-            &s.canary,
-            SEED_CHECKS,
-        ),
-    );
-    let templates_file = write_rollout("prom-ok-templates", &templates(&s.prometheus));
-    let run = coalmine_run(&rollout, &[&templates_file]).await;
-    let (ok, failed) = traffic.stop().await;
-    let log = messages(&run);
-    println!(
-        "{:.1} s, users: {ok} ok, {failed} failed\n{}",
-        run.seconds,
-        log.join("\n")
-    );
+    let (s, run, log, (_, failed)) = seed_checks_run("0", "prom-ok").await;
     assert_eq!(run.code, 0, "promoted exits 0: {}", run.stderr);
     assert_eq!(failed, 0);
     assert!(

@@ -6,10 +6,12 @@ pub mod daemon;
 pub mod promstack;
 pub mod stub;
 
+use std::fs;
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
@@ -309,4 +311,39 @@ pub fn messages(run: &RunResult) -> Vec<String> {
                 .map(|m| format!("{} {}", l["phase"], m))
         })
         .collect()
+}
+
+/// A fresh directory under the system temp dir, removed (recursively) on drop.
+pub struct TempDir {
+    pub path: PathBuf,
+}
+
+impl TempDir {
+    pub fn new(kind: &str) -> TempDir {
+        static COUNTER: AtomicUsize = AtomicUsize::new(0);
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .subsec_nanos();
+        let path = std::env::temp_dir().join(format!(
+            "coalmine-test-{kind}-{}-{}-{nanos}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Relaxed)
+        ));
+        fs::create_dir(&path).unwrap_or_else(|e| panic!("create {}: {e}", path.display()));
+        TempDir { path }
+    }
+
+    /// Writes `text` to `name` in the directory; returns its path.
+    pub fn write(&self, name: &str, text: &str) -> PathBuf {
+        let path = self.path.join(name);
+        fs::write(&path, text).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
+        path
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.path);
+    }
 }

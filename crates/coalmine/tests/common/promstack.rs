@@ -18,9 +18,9 @@ use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use super::TempDir;
 use serde_json::{json, Value};
 
 /// How long a start waits for `/-/ready`.
@@ -476,34 +476,6 @@ impl Drop for Server {
         let _ = self.child.kill();
         let _ = self.child.wait();
         // `dir` is removed after this, once the process no longer writes into it.
-    }
-}
-
-/// A fresh directory under the system temp dir, removed (recursively) on drop.
-struct TempDir {
-    path: PathBuf,
-}
-
-impl TempDir {
-    fn new(kind: &str) -> TempDir {
-        static COUNTER: AtomicUsize = AtomicUsize::new(0);
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .subsec_nanos();
-        let path = std::env::temp_dir().join(format!(
-            "coalmine-test-{kind}-{}-{}-{nanos}",
-            std::process::id(),
-            COUNTER.fetch_add(1, Ordering::Relaxed)
-        ));
-        fs::create_dir(&path).unwrap_or_else(|e| panic!("create {}: {e}", path.display()));
-        TempDir { path }
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.path);
     }
 }
 
