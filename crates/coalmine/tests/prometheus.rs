@@ -226,14 +226,6 @@ fn garbage_prometheus() -> String {
     .0
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prometheus_down_slow_or_garbage_fails_checks_with_reasons_and_never_promotes() {
     let v1 = upstream("v1", &[]);

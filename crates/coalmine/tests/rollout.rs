@@ -311,6 +311,25 @@ spec:
 }
 
 #[test]
+fn a_rollout_without_its_canary_only_simulates_and_run_says_so() {
+    let file = write_rollout(
+        "no-canary",
+        "apiVersion: coalmine.dev/v1alpha1
+kind: Rollout
+metadata: {name: x}
+spec:
+  routers: [http://127.0.0.1:1]
+  stable: {url: http://127.0.0.1:2}
+  analysis: {interval: 1m, stepWeights: [5, 50]}
+",
+    );
+    let out = Command::new(BIN).args(["run", &file]).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("spec.canary"), "{stderr}");
+}
+
+#[test]
 fn the_demo_rolls_back_the_bad_v2_and_promotes_a_healthy_one() {
     for (scenario, outcome) in [("bad", "rolledBack"), ("healthy", "promoted")] {
         let out = Command::new(BIN)

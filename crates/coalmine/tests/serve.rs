@@ -221,14 +221,6 @@ async fn a_failing_canary_is_rolled_back_by_the_daemon_and_watch_exits_1() {
     assert_eq!(routes["canary"], serde_json::Value::Null);
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_serve_process_hosts_the_router_and_runs_both_versions() {
     let dir = scratch("hosted");

@@ -9,11 +9,10 @@ use tokio::sync::mpsc;
 
 use coalmine_judge::Reading;
 use coalmine_rollout::{
-    Action, Event, Input, Machine, Observation, Outcome, Plan, Question, Status, Traffic,
+    builtin_reading, Action, Event, Input, Machine, Observation, Outcome, Plan, Question, Status,
+    Traffic,
 };
-use coalmine_spec::rollout::{
-    MetricCheck, Rollout, Target, BUILTIN_DURATION, BUILTIN_KAYENTA_SCORE, BUILTIN_SUCCESS_RATE,
-};
+use coalmine_spec::rollout::{MetricCheck, Rollout, Target};
 
 use crate::providers::Providers;
 use crate::routers::{RouterSet, Upstreams};
@@ -286,17 +285,11 @@ impl Driver {
     /// Flagger's built-in metrics, from the routers' own counts.
     fn builtin(&self, check: &MetricCheck) -> Reading {
         let window = window_ms(check);
-        match check.name.as_str() {
-            BUILTIN_SUCCESS_RATE => self.window.canary(window).success_rate(),
-            BUILTIN_DURATION => self.window.canary(window).latency_quantile_ms(0.99),
-            BUILTIN_KAYENTA_SCORE => {
-                let (canary, stable) = self.window.steps(window);
-                coalmine_judge::kayenta::window_score(&canary, &stable)
-            }
-            other => Reading::Error {
-                reason: format!("{other:?} is not a built-in metric"),
-            },
-        }
+        builtin_reading(
+            &check.name,
+            || self.window.canary(window),
+            || self.window.steps(window),
+        )
     }
 
     async fn sample(&mut self) -> Result<(), String> {

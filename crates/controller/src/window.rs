@@ -84,25 +84,14 @@ impl StatsWindow {
             if *before_at < cutoff {
                 continue;
             }
-            let step = |version: fn(&RouterStats) -> &VersionStats| {
-                let mut out = Counts::default();
-                for (i, router) in after.iter().enumerate() {
-                    let base = before
-                        .get(i)
-                        .filter(|b| b.started_unix_ms == router.started_unix_ms)
-                        .map(version);
-                    out.add_delta(version(router), base);
-                }
-                out
-            };
-            canary.push(step(|s| &s.canary));
-            stable.push(step(|s| &s.stable));
+            canary.push(between(before, after, |s| &s.canary));
+            stable.push(between(before, after, |s| &s.stable));
         }
         (canary, stable)
     }
 
-    fn delta(&self, window_ms: u64, version: impl Fn(&RouterStats) -> &VersionStats) -> Counts {
-        let mut out = Counts::default();
+    fn delta(&self, window_ms: u64, version: fn(&RouterStats) -> &VersionStats) -> Counts {
+        let out = Counts::default();
         let Some((now_ms, latest)) = self.samples.back() else {
             return out;
         };
@@ -115,15 +104,26 @@ impl StatsWindow {
         else {
             return out;
         };
-        for (i, router) in latest.iter().enumerate() {
-            let before = base
-                .get(i)
-                .filter(|b| b.started_unix_ms == router.started_unix_ms)
-                .map(&version);
-            out.add_delta(version(router), before);
-        }
-        out
+        between(base, latest, version)
     }
+}
+
+/// One version's counts from the `before` sample to the `after` one, summed over routers. A
+/// router that restarted in between (another start time) counts from zero.
+fn between(
+    before: &[RouterStats],
+    after: &[RouterStats],
+    version: fn(&RouterStats) -> &VersionStats,
+) -> Counts {
+    let mut out = Counts::default();
+    for (i, router) in after.iter().enumerate() {
+        let base = before
+            .get(i)
+            .filter(|b| b.started_unix_ms == router.started_unix_ms)
+            .map(version);
+        out.add_delta(version(router), base);
+    }
+    out
 }
 
 #[cfg(test)]

@@ -7,10 +7,12 @@
 //!
 //! Phases and their order are Flagger's (see `ARCHITECTURE.md` for the tick-by-tick table).
 
+mod builtin;
 mod machine;
 mod plan;
 pub mod sequential;
 
+pub use builtin::builtin_reading;
 pub use machine::{
     Action, Event, EventLevel, HookResult, Input, Machine, MetricStatus, Outcome, Phase, Question,
     Status, Traffic,

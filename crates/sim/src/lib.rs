@@ -18,10 +18,10 @@ use std::collections::VecDeque;
 use serde::Serialize;
 
 use coalmine_judge::{Counts, Reading};
-use coalmine_rollout::{Action, Input, Machine, Observation, Outcome, Plan, Question};
-use coalmine_spec::rollout::{
-    Analysis, MetricCheck, BUILTIN_DURATION, BUILTIN_KAYENTA_SCORE, BUILTIN_SUCCESS_RATE,
+use coalmine_rollout::{
+    builtin_reading, Action, Input, Machine, Observation, Outcome, Plan, Question,
 };
+use coalmine_spec::rollout::{Analysis, MetricCheck, BUILTIN_KAYENTA_SCORE};
 use coalmine_spec::scenario::{Behaviour, Scenario};
 
 /// One simulated second: requests are generated and judged in steps of this length.
@@ -252,20 +252,15 @@ impl Run {
             .iter()
             .map(|check| {
                 let window = window_ms(check);
-                match check.name.as_str() {
-                    BUILTIN_SUCCESS_RATE => self.canary(now, window).success_rate(),
-                    BUILTIN_DURATION => self.canary(now, window).latency_quantile_ms(0.99),
-                    BUILTIN_KAYENTA_SCORE => {
-                        let (canary, stable): (Vec<Counts>, Vec<Counts>) = self
-                            .window(now, window)
+                builtin_reading(
+                    &check.name,
+                    || self.canary(now, window),
+                    || {
+                        self.window(now, window)
                             .map(|(_, c, s)| (c.clone(), s.clone()))
-                            .unzip();
-                        coalmine_judge::kayenta::window_score(&canary, &stable)
-                    }
-                    other => Reading::Error {
-                        reason: format!("{other:?} is not a built-in metric"),
+                            .unzip()
                     },
-                }
+                )
             })
             .collect()
     }

@@ -381,3 +381,25 @@ fn an_empty_alert_matcher_is_refused() {
     let err = load(&one("r.yaml", &text)).unwrap_err();
     assert_eq!(err.field, "spec.analysis.rollbackOnAlerts[0]");
 }
+
+#[test]
+fn sequential_settings_out_of_range_are_refused_at_the_field() {
+    for (setting, field) in [
+        ("{alpha: 0}", "spec.analysis.sequential.alpha"),
+        (
+            "{latencyTolerance: -0.1}",
+            "spec.analysis.sequential.latencyTolerance",
+        ),
+        (
+            "{quantiles: [0.5, 1.5]}",
+            "spec.analysis.sequential.quantiles[1]",
+        ),
+    ] {
+        let text = ROLLOUT.replace(
+            "    metrics:\n",
+            &format!("    sequential: {setting}\n    metrics:\n"),
+        );
+        let err = load(&one("r.yaml", &text)).unwrap_err();
+        assert_eq!(err.field, field, "{err}");
+    }
+}

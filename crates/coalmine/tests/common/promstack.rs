@@ -15,12 +15,12 @@
 use std::collections::BTreeMap;
 use std::fs;
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use super::TempDir;
+use super::{free_port, TempDir};
 use serde_json::{json, Value};
 
 /// How long a start waits for `/-/ready`.
@@ -492,15 +492,6 @@ fn find_binary(command: &str, package: &str) -> PathBuf {
                  (scripts/test installs it: apt-get install {package})"
             )
         })
-}
-
-/// A port on 127.0.0.1 that was free a moment ago.
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// The status code of a plain blocking `GET path` (HTTP/1.0), or `None` if it fails.
