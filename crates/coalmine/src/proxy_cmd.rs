@@ -69,6 +69,9 @@ pub struct ProxyArgs {
     /// Time a client has to send a request head [default: 10s]
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     pub header_read_timeout: Option<Duration>,
+    /// How long a kept-alive client connection may wait for its next request [default: 75s]
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub idle_timeout: Option<Duration>,
     /// How long SIGTERM waits for in-flight requests [default: 30s]
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     pub drain_timeout: Option<Duration>,
@@ -104,6 +107,7 @@ struct ProxyFile {
     connect_timeout: Option<Dur>,
     response_timeout: Option<Dur>,
     header_read_timeout: Option<Dur>,
+    idle_timeout: Option<Dur>,
     drain_timeout: Option<Dur>,
 }
 
@@ -195,6 +199,7 @@ pub fn router_config(args: ProxyArgs) -> Result<RouterConfig, BadInput> {
         },
         header_read_timeout: dur(args.header_read_timeout, file.header_read_timeout, 10),
         max_header_bytes: 64 * 1024,
+        idle_timeout: dur(args.idle_timeout, file.idle_timeout, 75),
         drain_timeout: dur(args.drain_timeout, file.drain_timeout, 30),
     })
 }

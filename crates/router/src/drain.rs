@@ -66,6 +66,20 @@ pub struct Guard {
 }
 
 impl Guard {
+    /// True once the worker drains; registers nothing.
+    pub fn is_draining(&self) -> bool {
+        self.drain.draining.load(Ordering::Relaxed)
+    }
+
+    /// Ready once the worker drains; until then `cx`'s task hears of it.
+    pub fn poll_draining(&mut self, cx: &Context<'_>) -> std::task::Poll<()> {
+        if self.draining(cx) {
+            std::task::Poll::Ready(())
+        } else {
+            std::task::Poll::Pending
+        }
+    }
+
     /// True once the worker drains. Until then makes sure `cx`'s waker hears of it.
     fn draining(&mut self, cx: &Context<'_>) -> bool {
         if self.drain.draining.load(Ordering::Relaxed) {

@@ -3,12 +3,14 @@
 //! - [`table`]: the route table document and its validation.
 //! - [`route`]: the pure routing decision.
 //! - [`recorder`]: per-version counters, Prometheus text and `/stats`.
-//! - [`proxy`]: the HTTP proxy path around the decision.
+//! - [`proxy`]: the HTTP proxy path around the decision (hyper: HTTP/2, upgrades, the odd
+//!   HTTP/1 request); `http1`: the plain HTTP/1.1 request, proxied in the connection's task.
 //! - [`server`]: sockets, worker threads, TLS, graceful shutdown; [`admin`] API.
 
 mod admin;
 mod drain;
 mod framing;
+mod http1;
 pub mod proxy;
 pub mod recorder;
 pub mod route;

@@ -213,8 +213,47 @@ impl Drop for ClientBody {
 
 type Sender = SendRequest<UpstreamBody>;
 
+/// Idle upstream connections of one kind on this worker thread, per upstream. Each worker is a
+/// single-threaded runtime, so a pool is a thread-local without a lock.
+pub(crate) struct IdlePool<T> {
+    by_upstream: Vec<(u64, Vec<T>)>,
+}
+
+impl<T> IdlePool<T> {
+    pub(crate) const fn new() -> Self {
+        IdlePool {
+            by_upstream: Vec::new(),
+        }
+    }
+
+    /// The most recently released connection to `upstream` that is still `usable`; unusable
+    /// ones met on the way are dropped.
+    pub(crate) fn take(&mut self, upstream: u64, usable: impl Fn(&T) -> bool) -> Option<T> {
+        let (_, idle) = self
+            .by_upstream
+            .iter_mut()
+            .find(|(id, _)| *id == upstream)?;
+        while let Some(c) = idle.pop() {
+            if usable(&c) {
+                return Some(c);
+            }
+        }
+        None
+    }
+
+    /// Keeps a connection for reuse, unless this worker already keeps its maximum.
+    pub(crate) fn put(&mut self, upstream: u64, conn: T) {
+        let max = MAX_IDLE.with(Cell::get);
+        match self.by_upstream.iter_mut().find(|(id, _)| *id == upstream) {
+            Some((_, idle)) if idle.len() < max => idle.push(conn),
+            Some(_) => {}
+            None => self.by_upstream.push((upstream, vec![conn])),
+        }
+    }
+}
+
 thread_local! {
-    static POOL: RefCell<Vec<(u64, Vec<Sender>)>> = const { RefCell::new(Vec::new()) };
+    static SENDERS: RefCell<IdlePool<Sender>> = const { RefCell::new(IdlePool::new()) };
     static MAX_IDLE: Cell<usize> = const { Cell::new(256) };
     static RNG: Cell<u64> = Cell::new(seed_from_thread());
 }
@@ -234,7 +273,7 @@ fn seed_from_thread() -> u64 {
 }
 
 /// wyrand: fast, good enough for traffic splitting, one per thread.
-fn next_random() -> u64 {
+pub(crate) fn next_random() -> u64 {
     RNG.with(|s| {
         let x = s.get().wrapping_add(0xa076_1d64_78bd_642f);
         s.set(x);
@@ -251,42 +290,24 @@ pub struct PooledConn {
 
 impl PooledConn {
     fn release(self) {
-        if self.sender.is_closed() {
-            return;
+        if !self.sender.is_closed() {
+            SENDERS.with(|p| p.borrow_mut().put(self.upstream, self.sender));
         }
-        POOL.with(|p| {
-            let mut pool = p.borrow_mut();
-            let max = MAX_IDLE.with(Cell::get);
-            match pool.iter_mut().find(|(id, _)| *id == self.upstream) {
-                Some((_, idle)) if idle.len() < max => idle.push(self.sender),
-                Some(_) => {}
-                None => pool.push((self.upstream, vec![self.sender])),
-            }
-        });
     }
 }
 
 fn checkout(upstream: u64) -> Option<Sender> {
-    POOL.with(|p| {
-        let mut pool = p.borrow_mut();
-        let (_, idle) = pool.iter_mut().find(|(id, _)| *id == upstream)?;
-        while let Some(s) = idle.pop() {
-            if !s.is_closed() {
-                return Some(s);
-            }
-        }
-        None
-    })
+    SENDERS.with(|p| p.borrow_mut().take(upstream, |s| !s.is_closed()))
 }
 
 #[derive(Debug)]
-struct UpstreamError {
-    failure: UpstreamFailure,
-    detail: String,
+pub(crate) struct UpstreamError {
+    pub(crate) failure: UpstreamFailure,
+    pub(crate) detail: String,
 }
 
 impl UpstreamError {
-    fn status(&self) -> StatusCode {
+    pub(crate) fn status(&self) -> StatusCode {
         match self.failure {
             UpstreamFailure::Timeout => StatusCode::GATEWAY_TIMEOUT,
             _ => StatusCode::BAD_GATEWAY,
@@ -294,11 +315,11 @@ impl UpstreamError {
     }
 }
 
-async fn connect(
+/// A new TCP connection to an upstream, Nagle off.
+pub(crate) async fn connect_tcp(
     upstream: &UpstreamUrl,
     timeout: Duration,
-    upgrades: bool,
-) -> Result<Sender, UpstreamError> {
+) -> Result<TcpStream, UpstreamError> {
     let fail = |failure, detail: String| UpstreamError { failure, detail };
     let addr = (upstream.host(), upstream.port());
     let stream = match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
@@ -307,6 +328,16 @@ async fn connect(
         Ok(Ok(s)) => s,
     };
     let _ = stream.set_nodelay(true);
+    Ok(stream)
+}
+
+async fn connect(
+    upstream: &UpstreamUrl,
+    timeout: Duration,
+    upgrades: bool,
+) -> Result<Sender, UpstreamError> {
+    let fail = |failure, detail: String| UpstreamError { failure, detail };
+    let stream = connect_tcp(upstream, timeout).await?;
     let (sender, conn) = hyper::client::conn::http1::Builder::new()
         // One buffer per request: a plain send, where a vectored write of one or two slices
         // takes the kernel's longer writev path.
@@ -685,20 +716,32 @@ fn upstream_failed(
     e: UpstreamError,
     started: Instant,
 ) -> Response<ClientBody> {
+    let (status, text) = record_upstream_failure(worker, version, target, &e, started);
+    error_response(status, &text, false)
+}
+
+/// Counts an upstream failure against its version (as that version's 502/504) and says what
+/// to answer the client. Both HTTP/1.1 paths answer failures through here.
+pub(crate) fn record_upstream_failure(
+    worker: &Worker,
+    version: Version,
+    target: &UpstreamUrl,
+    e: &UpstreamError,
+    started: Instant,
+) -> (StatusCode, String) {
     let status = e.status();
     worker
         .recorder
         .record(version, status.as_u16(), started.elapsed());
     worker.recorder.record_failure(version, e.failure);
     tracing::debug!(version = version.as_str(), upstream = %target, "upstream failed: {}", e.detail);
-    error_response(
+    (
         status,
-        &format!("{} upstream {target}: {}", version.as_str(), e.detail),
-        false,
+        format!("{} upstream {target}: {}", version.as_str(), e.detail),
     )
 }
 
-fn affinity_set_cookie(table: &RouteTable) -> Option<HeaderValue> {
+pub(crate) fn affinity_set_cookie(table: &RouteTable) -> Option<HeaderValue> {
     let aff = table.doc.affinity.as_ref()?;
     HeaderValue::from_str(&format!(
         "{}={}; Max-Age={}; Path=/",
@@ -770,21 +813,40 @@ async fn proxy_upgrade(
 /// for it, copies beyond the concurrency limit are dropped, and the answers are recorded apart.
 /// Only requests without a body are copied; a body would have to be buffered whole.
 fn mirror(worker: &Worker, req: &Request<Incoming>, client: &ClientInfo, canary: UpstreamUrl) {
-    let metrics = &worker.shared.metrics;
     if !req.body().is_end_stream() || is_upgrade(req) {
-        metrics.mirror_skipped_body.fetch_add(1, Relaxed);
+        worker
+            .shared
+            .metrics
+            .mirror_skipped_body
+            .fetch_add(1, Relaxed);
         return;
     }
+    mirror_head(worker, client, canary, || {
+        let mut copy = Request::new(());
+        *copy.method_mut() = req.method().clone();
+        *copy.uri_mut() = req.uri().clone();
+        *copy.version_mut() = req.version();
+        *copy.headers_mut() = req.headers().clone();
+        Some(copy.into_parts().0)
+    });
+}
+
+/// Sends a copy of a bodyless request head (made by `copy` only once a slot is free) to the
+/// canary. Both HTTP/1.1 paths mirror through here.
+pub(crate) fn mirror_head(
+    worker: &Worker,
+    client: &ClientInfo,
+    canary: UpstreamUrl,
+    copy: impl FnOnce() -> Option<http::request::Parts>,
+) {
+    let metrics = &worker.shared.metrics;
     let Ok(permit) = worker.mirror_slots.clone().try_acquire_owned() else {
         metrics.mirror_dropped.fetch_add(1, Relaxed);
         return;
     };
-    let mut copy = Request::new(());
-    *copy.method_mut() = req.method().clone();
-    *copy.uri_mut() = req.uri().clone();
-    *copy.version_mut() = req.version();
-    *copy.headers_mut() = req.headers().clone();
-    let (mut parts, ()) = copy.into_parts();
+    let Some(mut parts) = copy() else {
+        return;
+    };
     upstream_parts(&mut parts, client, false);
     parts
         .headers

@@ -54,14 +54,50 @@ pub struct Decision {
     pub set_affinity: bool,
 }
 
+/// A request's headers as the decision reads them: every value of a (lowercase) name, in order.
+/// Implemented for hyper's parsed `HeaderMap` and for the HTTP/1.1 fast path's raw head.
+pub trait Headers {
+    fn values<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a [u8]> + 'a;
+}
+
+impl Headers for HeaderMap {
+    fn values<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a [u8]> + 'a {
+        self.get_all(name).into_iter().map(|v| v.as_bytes())
+    }
+}
+
+impl Headers for [httparse::Header<'_>] {
+    fn values<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a [u8]> + 'a {
+        self.iter()
+            .filter(move |h| h.name.eq_ignore_ascii_case(name))
+            .map(|h| h.value)
+    }
+}
+
+/// A header value as text, when it is visible ASCII (what `HeaderValue::to_str` accepts).
+fn text(value: &[u8]) -> Option<&str> {
+    if value
+        .iter()
+        .all(|&b| b == b'\t' || (0x20..0x7f).contains(&b))
+    {
+        std::str::from_utf8(value).ok()
+    } else {
+        None
+    }
+}
+
 /// What the decision reads of a request.
-pub struct RequestView<'a> {
-    pub headers: &'a HeaderMap,
+pub struct RequestView<'a, H: Headers + ?Sized = HeaderMap> {
+    pub headers: &'a H,
     pub query: Option<&'a str>,
 }
 
 /// Decides where one request goes. `random` is a uniformly random 64-bit value for this request.
-pub fn route(table: &RouteTable, req: &RequestView<'_>, random: u64) -> Decision {
+pub fn route<H: Headers + ?Sized>(
+    table: &RouteTable,
+    req: &RequestView<'_, H>,
+    random: u64,
+) -> Decision {
     let doc = &table.doc;
     let stable = |reason, mirror| Decision {
         version: Version::Stable,
@@ -92,7 +128,7 @@ pub fn route(table: &RouteTable, req: &RequestView<'_>, random: u64) -> Decision
         }
     }
     let sticky_key = doc.sticky.as_ref().and_then(|k| match k {
-        StickyKey::Header(name) => req.headers.get(name).map(|v| v.as_bytes()),
+        StickyKey::Header(name) => req.headers.values(name.as_str()).next(),
         StickyKey::Cookie(name) => cookie(req.headers, name).map(str::as_bytes),
     });
     let (bucket, reason) = match sticky_key {
@@ -113,13 +149,15 @@ pub fn sticky_bucket(key: &[u8], salt: u64) -> u64 {
     xxh3_64_with_seed(key, salt) % BUCKETS
 }
 
-fn condition_holds(c: &crate::table::Condition, req: &RequestView<'_>) -> bool {
+fn condition_holds<H: Headers + ?Sized>(
+    c: &crate::table::Condition,
+    req: &RequestView<'_, H>,
+) -> bool {
     match &c.subject {
         Subject::Header(name) => req
             .headers
-            .get_all(name)
-            .iter()
-            .any(|v| v.to_str().is_ok_and(|s| c.test.matches(s))),
+            .values(name.as_str())
+            .any(|v| text(v).is_some_and(|s| c.test.matches(s))),
         Subject::Cookie(name) => cookie(req.headers, name).is_some_and(|v| c.test.matches(v)),
         Subject::Query(name) => req.query.is_some_and(|q| {
             url::form_urlencoded::parse(q.as_bytes())
@@ -129,11 +167,10 @@ fn condition_holds(c: &crate::table::Condition, req: &RequestView<'_>) -> bool {
 }
 
 /// The value of a cookie, from any `Cookie` header (HTTP/2 clients may send several).
-pub fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+pub fn cookie<'a, H: Headers + ?Sized>(headers: &'a H, name: &str) -> Option<&'a str> {
     headers
-        .get_all(http::header::COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
+        .values("cookie")
+        .filter_map(text)
         .flat_map(|v| v.split(';'))
         .find_map(|pair| {
             let (k, v) = pair.trim().split_once('=')?;

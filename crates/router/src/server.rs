@@ -20,6 +20,7 @@ use tokio::sync::watch;
 use crate::admin;
 use crate::drain::{self, Drain};
 use crate::framing::{HeadFlags, Watched};
+use crate::http1;
 use crate::proxy::{handle, ClientInfo, Connection, ProxyOptions, Shared, Worker};
 use crate::recorder::Metrics;
 use crate::table::{RouteTable, RoutesDoc};
@@ -37,6 +38,8 @@ pub struct RouterConfig {
     pub header_read_timeout: Duration,
     /// Largest request head accepted (HTTP/1.1 answers 431 beyond it).
     pub max_header_bytes: usize,
+    /// How long a kept-alive HTTP/1.1 client connection may wait for its next request.
+    pub idle_timeout: Duration,
     /// How long SIGTERM waits for in-flight requests before closing their connections.
     pub drain_timeout: Duration,
 }
@@ -60,6 +63,7 @@ impl RouterConfig {
             proxy: ProxyOptions::default(),
             header_read_timeout: Duration::from_secs(10),
             max_header_bytes: 64 * 1024,
+            idle_timeout: Duration::from_secs(75),
             drain_timeout: Duration::from_secs(5),
         }
     }
@@ -256,6 +260,11 @@ fn run_worker(
             .timer(TokioTimer::new())
             .max_header_list_size(config.max_header_bytes as u32);
         let builder = Arc::new(builder);
+        let limits = Arc::new(http1::Limits {
+            header_read_timeout: config.header_read_timeout,
+            idle_timeout: config.idle_timeout,
+            max_header_bytes: config.max_header_bytes,
+        });
         let drain = Drain::default();
         loop {
             tokio::select! {
@@ -264,7 +273,7 @@ fn run_worker(
                     let Ok((stream, peer)) = accepted else { continue };
                     worker.shared.metrics.connections_accepted.fetch_add(1, Relaxed);
                     let _ = stream.set_nodelay(true);
-                    serve(stream, peer, &worker, &builder, &drain, tls.clone(), config.header_read_timeout);
+                    serve(stream, peer, &worker, &builder, &limits, &drain, tls.clone());
                 }
             }
         }
@@ -278,34 +287,39 @@ fn serve(
     peer: SocketAddr,
     worker: &Worker,
     builder: &Arc<auto::Builder<TokioExecutor>>,
+    limits: &Arc<http1::Limits>,
     drain: &Drain,
     tls: Option<tokio_rustls::TlsAcceptor>,
-    handshake_timeout: Duration,
 ) {
-    let (worker, builder, guard) = (worker.clone(), builder.clone(), drain.enter());
+    let (worker, builder, limits) = (worker.clone(), builder.clone(), limits.clone());
+    let guard = drain.enter();
     // The TLS handshake runs inside the task, so a slow client never stalls accepting.
     // Connections still handshaking when shutdown starts are simply dropped.
     tokio::spawn(async move {
         match tls {
-            None => serve_io(stream, peer, false, worker, &builder, guard).await,
+            None => serve_io(stream, peer, false, worker, &builder, &limits, guard).await,
             Some(acceptor) => {
-                let handshake = tokio::time::timeout(handshake_timeout, acceptor.accept(stream));
+                let handshake =
+                    tokio::time::timeout(limits.header_read_timeout, acceptor.accept(stream));
                 if let Ok(Ok(tls_stream)) = handshake.await {
-                    serve_io(tls_stream, peer, true, worker, &builder, guard).await;
+                    serve_io(tls_stream, peer, true, worker, &builder, &limits, guard).await;
                 }
             }
         }
     });
 }
 
-/// Serves HTTP/1.1 or HTTP/2 on one client connection until it closes or shutdown drains it.
+/// Serves one client connection until it closes or shutdown drains it: plain HTTP/1.1 requests
+/// in this task ([`http1`]), and from the first request that path leaves to hyper (HTTP/2,
+/// upgrades, anything unusual) hyper, with the bytes already read.
 async fn serve_io<I>(
-    io: I,
+    mut io: I,
     peer: SocketAddr,
     tls: bool,
     worker: Worker,
     builder: &auto::Builder<TokioExecutor>,
-    guard: drain::Guard,
+    limits: &http1::Limits,
+    mut guard: drain::Guard,
 ) where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
@@ -314,8 +328,12 @@ async fn serve_io<I>(
         worker,
         client: ClientInfo::new(peer, tls, head.clone()),
     });
+    let read = match http1::serve(&mut io, &conn, limits, &mut guard).await {
+        http1::Ended::Closed => return,
+        http1::Ended::Handoff { read } => read,
+    };
     let svc = service_fn(move |req| handle(conn.clone(), req));
-    let io = TokioIo::new(Watched::new(io, head));
+    let io = TokioIo::new(Watched::new(http1::Rewind::new(io, read), head));
     let conn = builder.serve_connection_with_upgrades(io, svc);
     let _ = drain::watch(conn, guard, |c| c.graceful_shutdown()).await;
 }
