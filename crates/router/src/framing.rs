@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicU8, Ordering::Relaxed};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
+use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 const ARMED: u8 = 1;
@@ -60,15 +61,17 @@ fn starts_with_ignore_case(haystack: &[u8], prefix: &[u8]) -> bool {
     haystack.len() >= prefix.len() && haystack[..prefix.len()].eq_ignore_ascii_case(prefix)
 }
 
-/// A client connection whose reads are scanned by [`HeadFlags`].
+/// A client connection as hyper reads it: first the bytes the HTTP/1.1 fast path already read
+/// from it (`read`), then the socket; all of it scanned by [`HeadFlags`].
 pub struct Watched<T> {
     inner: T,
     flags: HeadFlags,
+    read: Bytes,
 }
 
 impl<T> Watched<T> {
-    pub fn new(inner: T, flags: HeadFlags) -> Self {
-        Watched { inner, flags }
+    pub fn new(inner: T, flags: HeadFlags, read: Bytes) -> Self {
+        Watched { inner, flags, read }
     }
 }
 
@@ -79,7 +82,14 @@ impl<T: AsyncRead + Unpin> AsyncRead for Watched<T> {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let before = buf.filled().len();
-        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
+        let polled = if self.read.is_empty() {
+            Pin::new(&mut self.inner).poll_read(cx, buf)
+        } else {
+            let n = self.read.len().min(buf.remaining());
+            let replayed = self.read.split_to(n);
+            buf.put_slice(&replayed);
+            Poll::Ready(Ok(()))
+        };
         if let Poll::Ready(Ok(())) = polled {
             self.flags.scan(&buf.filled()[before..]);
         }

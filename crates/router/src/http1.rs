@@ -17,13 +17,12 @@
 use std::future::Future as _;
 use std::io;
 use std::mem::MaybeUninit;
-use std::pin::Pin;
-use std::task::{Context, Poll};
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::StatusCode;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::drain;
@@ -562,6 +561,11 @@ fn response_head(
     if matches!(framing, Framing::UntilClose) {
         (reusable, close) = (false, true);
     }
+    // Both framings in one response hint at response splitting: the coding wins (RFC 9112
+    // §6.3), the length is not passed on, and the connection is not trusted again.
+    if coded && length.is_some() {
+        reusable = false;
+    }
     let named = |name: &str| {
         named_by_connection
             && headers
@@ -1004,62 +1008,6 @@ async fn bad_chunk<I: AsyncWrite + Unpin>(io: &mut I, out: &mut Vec<u8>) -> Next
     plain_response(out, StatusCode::BAD_REQUEST, "malformed chunked body", true);
     let _ = io.write_all(out).await;
     Next::Close
-}
-
-// ---------------------------------------------------------------------------------------------
-// Handing off to hyper
-
-/// A connection that first replays bytes already read from it.
-pub struct Rewind<I> {
-    read: Bytes,
-    inner: I,
-}
-
-impl<I> Rewind<I> {
-    pub fn new(inner: I, read: Bytes) -> Self {
-        Rewind { read, inner }
-    }
-}
-
-impl<I: AsyncRead + Unpin> AsyncRead for Rewind<I> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        if !self.read.is_empty() {
-            let n = self.read.len().min(buf.remaining());
-            buf.put_slice(&self.read.split_to(n));
-            return Poll::Ready(Ok(()));
-        }
-        Pin::new(&mut self.inner).poll_read(cx, buf)
-    }
-}
-
-impl<I: AsyncWrite + Unpin> AsyncWrite for Rewind<I> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        data: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, data)
-    }
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
-    }
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
 }
 
 #[cfg(test)]

@@ -333,7 +333,7 @@ async fn serve_io<I>(
         http1::Ended::Handoff { read } => read,
     };
     let svc = service_fn(move |req| handle(conn.clone(), req));
-    let io = TokioIo::new(Watched::new(http1::Rewind::new(io, read), head));
+    let io = TokioIo::new(Watched::new(io, head, read));
     let conn = builder.serve_connection_with_upgrades(io, svc);
     let _ = drain::watch(conn, guard, |c| c.graceful_shutdown()).await;
 }
