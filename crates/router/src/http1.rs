@@ -26,6 +26,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::drain;
+use crate::framing::{content_length, head_end, tokens, BadChunk, Chunked};
 use crate::proxy::{self, Connection, IdlePool, UpstreamError};
 use crate::recorder::UpstreamFailure;
 use crate::route::{route, RequestView, Version};
@@ -113,15 +114,6 @@ impl Buf {
     }
 }
 
-/// Where a head ends: after the first empty line (CRLF or a bare LF, as httparse accepts).
-fn head_end(bytes: &[u8]) -> Option<usize> {
-    memchr::memchr_iter(b'\n', bytes).find_map(|i| match &bytes[i + 1..] {
-        [b'\n', ..] => Some(i + 2),
-        [b'\r', b'\n', ..] => Some(i + 3),
-        _ => None,
-    })
-}
-
 /// How a message body is delimited (RFC 9112 §6).
 #[derive(Debug)]
 enum Framing {
@@ -131,9 +123,6 @@ enum Framing {
     /// Until the sender closes (responses only).
     UntilClose,
 }
-
-#[derive(Debug, PartialEq, Eq)]
-struct BadChunk;
 
 /// Moves the body bytes `buf` holds into `out`; true once the whole body has passed.
 fn take_body(buf: &mut Buf, framing: &mut Framing, out: &mut Vec<u8>) -> Result<bool, BadChunk> {
@@ -197,98 +186,6 @@ where
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum ChunkState {
-    Size,
-    Extension,
-    SizeLf,
-    Data,
-    DataCr,
-    DataLf,
-    TrailerStart,
-    Trailer,
-    TrailerLf,
-    EndLf,
-    Done,
-}
-
-/// Finds where a chunked body ends without changing it: sizes in hex (at most 16 digits),
-/// extensions and trailers passed over, CRLF required everywhere (a bare LF is refused, since a
-/// proxy and a server reading it differently is how requests get smuggled).
-#[derive(Debug)]
-struct Chunked {
-    state: ChunkState,
-    size: u64,
-    digits: u8,
-}
-
-impl Chunked {
-    fn new() -> Self {
-        Chunked {
-            state: ChunkState::Size,
-            size: 0,
-            digits: 0,
-        }
-    }
-
-    fn is_done(&self) -> bool {
-        self.state == ChunkState::Done
-    }
-
-    /// How many of `bytes` belong to the body: all of them until its end is found.
-    fn scan(&mut self, bytes: &[u8]) -> Result<usize, BadChunk> {
-        use ChunkState::*;
-        let mut i = 0;
-        while i < bytes.len() {
-            let b = bytes[i];
-            self.state = match self.state {
-                Size => match (b as char).to_digit(16) {
-                    Some(d) if self.digits < 16 => {
-                        self.size = self.size << 4 | u64::from(d);
-                        self.digits += 1;
-                        Size
-                    }
-                    None if self.digits > 0 && matches!(b, b';' | b' ' | b'\t') => Extension,
-                    None if self.digits > 0 && b == b'\r' => SizeLf,
-                    _ => return Err(BadChunk),
-                },
-                Extension => match b {
-                    b'\r' => SizeLf,
-                    b'\t' | 0x20..=0x7e | 0x80..=0xff => Extension,
-                    _ => return Err(BadChunk),
-                },
-                SizeLf if b == b'\n' && self.size == 0 => TrailerStart,
-                SizeLf if b == b'\n' => Data,
-                Data => {
-                    // Data is skipped over whole, not looked at byte by byte.
-                    let n = (bytes.len() - i).min(usize::try_from(self.size).unwrap_or(usize::MAX));
-                    self.size -= n as u64;
-                    i += n;
-                    self.state = if self.size == 0 { DataCr } else { Data };
-                    continue;
-                }
-                DataCr if b == b'\r' => DataLf,
-                DataLf if b == b'\n' => {
-                    self.digits = 0;
-                    Size
-                }
-                TrailerStart if b == b'\r' => EndLf,
-                TrailerStart | Trailer if b != b'\r' && b != b'\n' => Trailer,
-                Trailer if b == b'\r' => TrailerLf,
-                TrailerLf if b == b'\n' => TrailerStart,
-                EndLf if b == b'\n' => {
-                    self.state = Done;
-                    return Ok(i + 1);
-                }
-                Done => return Ok(i),
-                _ => return Err(BadChunk),
-            };
-            i += 1;
-        }
-        Ok(i)
-    }
-}
-
 // ---------------------------------------------------------------------------------------------
 // Heads
 
@@ -304,6 +201,7 @@ enum Kind {
     Expect,
     ForwardedFor,
     ForwardedProto,
+    Host,
     Other,
 }
 
@@ -313,6 +211,7 @@ fn kind(name: &str) -> Kind {
     let is = |s: &str| name.eq_ignore_ascii_case(s);
     match name.len() {
         2 if is("te") => Kind::HopByHop,
+        4 if is("host") => Kind::Host,
         6 if is("expect") => Kind::Expect,
         7 if is("upgrade") => Kind::Upgrade,
         7 if is("trailer") => Kind::HopByHop,
@@ -329,20 +228,11 @@ fn kind(name: &str) -> Kind {
     }
 }
 
-/// The comma-separated tokens of a header value, trimmed.
-fn tokens(value: &[u8]) -> impl Iterator<Item = &[u8]> {
-    value
-        .split(|&b| b == b',')
-        .map(<[u8]>::trim_ascii)
-        .filter(|t| !t.is_empty())
-}
-
-/// A Content-Length value: digits only.
-fn content_length(value: &[u8]) -> Option<u64> {
-    if value.is_empty() || value.len() > 19 || !value.iter().all(u8::is_ascii_digit) {
-        return None;
-    }
-    std::str::from_utf8(value).ok()?.parse().ok()
+/// What a request target may hold on this path: RFC 3986's characters. Anything else (quotes,
+/// braces, spaces smuggled past a lenient parser) goes to hyper, which refuses what `http::Uri`
+/// does not take.
+fn is_uri_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=:@/?%[]".contains(&b)
 }
 
 fn put_header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
@@ -377,12 +267,12 @@ fn request_head(
         _ => return None,
     }
     let (method, path) = (req.method?, req.path?);
-    if req.version != Some(1) || !path.starts_with('/') {
+    if req.version != Some(1) || !path.starts_with('/') || !path.bytes().all(is_uri_byte) {
         return None;
     }
     let headers: &[httparse::Header] = req.headers;
     let (mut length, mut chunked, mut close) = (None, false, false);
-    let mut has_proto = false;
+    let (mut has_proto, mut hosts) = (false, 0);
     for h in headers {
         match kind(h.name) {
             Kind::ContentLength if length.is_none() => length = Some(content_length(h.value)?),
@@ -400,10 +290,15 @@ fn request_head(
                 }
             }
             Kind::ForwardedProto => has_proto = true,
+            Kind::Host => hosts += 1,
             Kind::ForwardedFor | Kind::HopByHop | Kind::Other => {}
             // Duplicate framing headers, other codings, Upgrade and Expect.
             _ => return None,
         }
+    }
+    // RFC 9112 §3.2: exactly one Host; hyper's path answers 400 otherwise.
+    if hosts != 1 {
+        return None;
     }
     let framing = match (length, chunked) {
         (Some(_), true) => return None,
@@ -445,7 +340,7 @@ fn request_head(
     for h in headers {
         if matches!(
             kind(h.name),
-            Kind::Other | Kind::ContentLength | Kind::ForwardedProto
+            Kind::Other | Kind::Host | Kind::ContentLength | Kind::ForwardedProto
         ) {
             put_header(out, h.name.as_bytes(), h.value);
         }
@@ -583,7 +478,7 @@ fn response_head(
     out.extend_from_slice(b"\r\n");
     for h in headers {
         let keep = match kind(h.name) {
-            Kind::Other | Kind::Expect | Kind::ForwardedFor | Kind::ForwardedProto => {
+            Kind::Other | Kind::Expect | Kind::ForwardedFor | Kind::ForwardedProto | Kind::Host => {
                 !named(h.name)
             }
             // Under a Transfer-Encoding a length means nothing (and is not sent on).
@@ -1008,62 +903,4 @@ async fn bad_chunk<I: AsyncWrite + Unpin>(io: &mut I, out: &mut Vec<u8>) -> Next
     plain_response(out, StatusCode::BAD_REQUEST, "malformed chunked body", true);
     let _ = io.write_all(out).await;
     Next::Close
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn scan_all(body: &[u8]) -> Result<(usize, bool), BadChunk> {
-        let mut c = Chunked::new();
-        let n = c.scan(body)?;
-        Ok((n, c.is_done()))
-    }
-
-    #[test]
-    fn chunked_bodies_end_where_the_last_chunk_and_trailers_end() {
-        let body = b"5\r\nhello\r\n1a;ext=1\r\nabcdefghijklmnopqrstuvwxyz\r\n0\r\n\r\nGET /next";
-        assert_eq!(scan_all(body), Ok((body.len() - 9, true)));
-        let trailers = b"0\r\nx-sum: 1\r\ny: 2\r\n\r\n";
-        assert_eq!(scan_all(trailers), Ok((trailers.len(), true)));
-        // Split anywhere inside, it ends in the same place.
-        for split in 0..body.len() - 9 {
-            let mut c = Chunked::new();
-            let a = c.scan(&body[..split]).unwrap();
-            assert_eq!(a, split);
-            let b = c.scan(&body[split..]).unwrap();
-            assert_eq!(a + b, body.len() - 9, "split at {split}");
-            assert!(c.is_done());
-        }
-    }
-
-    #[test]
-    fn malformed_chunks_are_refused() {
-        for bad in [
-            &b"zz\r\n"[..],
-            b"\r\n",
-            b"5\nhello\r\n",
-            b"5\r\nhelloX\r\n",
-            b"11111111111111111\r\n",
-            b"0\r\nx: 1\n\r\n",
-            b"0\r\n\n",
-        ] {
-            assert_eq!(scan_all(bad), Err(BadChunk), "{bad:?}");
-        }
-    }
-
-    #[test]
-    fn heads_end_at_the_first_empty_line() {
-        assert_eq!(head_end(b"GET / HTTP/1.1\r\nA: b\r\n\r\nrest"), Some(24));
-        assert_eq!(head_end(b"GET / HTTP/1.1\nA: b\n\nrest"), Some(21));
-        assert_eq!(head_end(b"GET / HTTP/1.1\r\nA: b\r\n"), None);
-    }
-
-    #[test]
-    fn lengths_are_digits_only() {
-        assert_eq!(content_length(b"42"), Some(42));
-        for bad in [&b""[..], b"+1", b"1 2", b"0x10", b"99999999999999999999"] {
-            assert_eq!(content_length(bad), None, "{bad:?}");
-        }
-    }
 }

@@ -357,13 +357,27 @@ async fn connect(
     Ok(sender)
 }
 
+/// Why an exchange got no response head.
+enum ExchangeError {
+    Upstream(UpstreamError),
+    /// The client's request body broke off or was malformed: not the upstream's fault, so not
+    /// counted against its version.
+    ClientBody(String),
+}
+
+impl From<UpstreamError> for ExchangeError {
+    fn from(e: UpstreamError) -> Self {
+        ExchangeError::Upstream(e)
+    }
+}
+
 /// Sends on a pooled connection, or a new one. A request that a stale pooled connection never
 /// took is retried once on a fresh connection (hyper hands it back unsent).
 async fn exchange(
     upstream: &UpstreamUrl,
     mut req: Request<UpstreamBody>,
     options: &ProxyOptions,
-) -> Result<(Response<Incoming>, PooledConn), UpstreamError> {
+) -> Result<(Response<Incoming>, PooledConn), ExchangeError> {
     loop {
         let (mut sender, fresh) = match checkout(upstream.id()) {
             Some(s) => (s, false),
@@ -376,10 +390,10 @@ async fn exchange(
         };
         if sender.ready().await.is_err() {
             if fresh {
-                return Err(UpstreamError {
+                return Err(ExchangeError::Upstream(UpstreamError {
                     failure: UpstreamFailure::Protocol,
                     detail: "upstream closed the connection".into(),
-                });
+                }));
             }
             continue;
         }
@@ -395,11 +409,18 @@ async fn exchange(
             }
             Err(mut e) => match e.take_message() {
                 Some(unsent) if !fresh => req = unsent,
+                // The only body hyper sends for us is the client's.
+                _ if e.error().is_user() => {
+                    return Err(ExchangeError::ClientBody(
+                        std::error::Error::source(e.error())
+                            .map_or_else(|| e.error().to_string(), ToString::to_string),
+                    ))
+                }
                 _ => {
-                    return Err(UpstreamError {
+                    return Err(ExchangeError::Upstream(UpstreamError {
                         failure: UpstreamFailure::Protocol,
                         detail: e.error().to_string(),
-                    })
+                    }))
                 }
             },
         }
@@ -594,9 +615,15 @@ fn error_response(status: StatusCode, text: &str, close: bool) -> Response<Clien
 /// hyper itself rejects conflicting Content-Length values and a Transfer-Encoding that does not
 /// end in chunked; what it resolves silently is checked here.
 fn framing_error(req: &Request<Incoming>, client: &ClientInfo) -> Option<&'static str> {
-    let both_in_head = client.head.take_both_framing_headers();
     if req.version() >= HttpVersion::HTTP_2 {
         return None;
+    }
+    let both_in_head = client.head.take_both_framing_headers();
+    if req.version() == HttpVersion::HTTP_11
+        && req.headers().get_all(header::HOST).iter().count() != 1
+    {
+        // RFC 9112 §3.2: a server must refuse an HTTP/1.1 request without exactly one Host.
+        return Some("an HTTP/1.1 request needs exactly one Host header");
     }
     let mut encodings = req.headers().get_all(header::TRANSFER_ENCODING).iter();
     match (encodings.next(), encodings.next()) {
@@ -676,10 +703,10 @@ pub async fn handle(
     )
     .await
     .unwrap_or_else(|| {
-        Err(UpstreamError {
+        Err(ExchangeError::Upstream(UpstreamError {
             failure: UpstreamFailure::Timeout,
             detail: "no response head within the response timeout".into(),
-        })
+        }))
     });
     match result {
         Ok((resp, conn)) => {
@@ -699,7 +726,12 @@ pub async fn handle(
                 },
             ))
         }
-        Err(e) => Ok(upstream_failed(
+        Err(ExchangeError::ClientBody(why)) => Ok(error_response(
+            StatusCode::BAD_REQUEST,
+            &format!("request body: {why}"),
+            true,
+        )),
+        Err(ExchangeError::Upstream(e)) => Ok(upstream_failed(
             worker,
             decision.version,
             target,
@@ -917,7 +949,11 @@ mod tests {
             .body(())
             .unwrap()
             .into_parts();
-        let client = ClientInfo::new("127.0.0.9:5000".parse().unwrap(), false, Default::default());
+        let client = ClientInfo::new(
+            "127.0.0.9:5000".parse().unwrap(),
+            false,
+            crate::framing::HeadFlags::new(1024),
+        );
         upstream_parts(&mut parts, &client, false);
         assert_eq!(parts.uri, "/a?b=1");
         assert_eq!(parts.version, HttpVersion::HTTP_11);

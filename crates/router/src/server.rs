@@ -323,7 +323,7 @@ async fn serve_io<I>(
 ) where
     I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
-    let head = HeadFlags::new();
+    let head = HeadFlags::new(limits.max_header_bytes);
     let conn = Arc::new(Connection {
         worker,
         client: ClientInfo::new(peer, tls, head.clone()),

@@ -12,15 +12,18 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
-use std::sync::{mpsc, Arc};
+use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_coalmine");
 
-/// A child process killed when dropped, with the `key=value` words of its ready line.
+/// A child process killed when dropped, with the `key=value` words of its ready line. Its
+/// stderr is passed on and kept (the first MiB), so a test can look for a panic a connection
+/// task survived.
 pub struct Proc {
     pub child: Child,
     pub ready: String,
+    stderr: Arc<Mutex<String>>,
 }
 
 impl Proc {
@@ -29,10 +32,24 @@ impl Proc {
             .args(args)
             .env("COALMINE_LOG", "warn")
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(Stdio::piped())
             .spawn()
             .expect("spawn coalmine");
         let stdout = child.stdout.take().unwrap();
+        let stderr_pipe = child.stderr.take().unwrap();
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let kept = stderr.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr_pipe).lines() {
+                let Ok(line) = line else { return };
+                eprintln!("{line}");
+                let mut kept = kept.lock().unwrap();
+                if kept.len() < 1 << 20 {
+                    kept.push_str(&line);
+                    kept.push('\n');
+                }
+            }
+        });
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || {
             let mut lines = BufReader::new(stdout).lines();
@@ -48,7 +65,16 @@ impl Proc {
                 panic!("coalmine {args:?} did not become ready");
             }
         };
-        Proc { child, ready }
+        Proc {
+            child,
+            ready,
+            stderr,
+        }
+    }
+
+    /// What the process wrote to stderr so far.
+    pub fn stderr(&self) -> String {
+        self.stderr.lock().unwrap().clone()
     }
 
     pub fn addr(&self, key: &str) -> SocketAddr {
