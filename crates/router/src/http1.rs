@@ -273,8 +273,11 @@ fn request_head(
     let headers: &[httparse::Header] = req.headers;
     let (mut length, mut chunked, mut close) = (None, false, false);
     let (mut has_proto, mut hosts) = (false, 0);
-    for h in headers {
-        match kind(h.name) {
+    // Each name is classified once; the head is written from these.
+    let mut kinds = [Kind::Other; MAX_HEADERS];
+    for (h, k) in headers.iter().zip(kinds.iter_mut()) {
+        *k = kind(h.name);
+        match *k {
             Kind::ContentLength if length.is_none() => length = Some(content_length(h.value)?),
             Kind::TransferEncoding if !chunked && h.value.eq_ignore_ascii_case(b"chunked") => {
                 chunked = true
@@ -337,9 +340,10 @@ fn request_head(
     out.push(b' ');
     out.extend_from_slice(path.as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
-    for h in headers {
+    let classified = || headers.iter().zip(kinds);
+    for (h, k) in classified() {
         if matches!(
-            kind(h.name),
+            k,
             Kind::Other | Kind::Host | Kind::ContentLength | Kind::ForwardedProto
         ) {
             put_header(out, h.name.as_bytes(), h.value);
@@ -349,10 +353,7 @@ fn request_head(
         out.extend_from_slice(b"transfer-encoding: chunked\r\n");
     }
     out.extend_from_slice(b"x-forwarded-for: ");
-    for h in headers
-        .iter()
-        .filter(|h| kind(h.name) == Kind::ForwardedFor)
-    {
+    for (h, _) in classified().filter(|(_, k)| *k == Kind::ForwardedFor) {
         out.extend_from_slice(h.value);
         out.extend_from_slice(b", ");
     }
@@ -407,8 +408,10 @@ fn response_head(
     let (mut length, mut coding_chunked, mut coded) = (None, false, false);
     let mut reusable = resp.version == Some(1);
     let mut named_by_connection = false;
-    for h in headers {
-        match kind(h.name) {
+    let mut kinds = [Kind::Other; MAX_HEADERS];
+    for (h, k) in headers.iter().zip(kinds.iter_mut()) {
+        *k = kind(h.name);
+        match *k {
             Kind::ContentLength => {
                 let n = content_length(h.value).ok_or("bad Content-Length")?;
                 if length.is_some_and(|l| l != n) {
@@ -461,12 +464,12 @@ fn response_head(
     if coded && length.is_some() {
         reusable = false;
     }
+    let classified = || headers.iter().zip(kinds);
     let named = |name: &str| {
         named_by_connection
-            && headers
-                .iter()
-                .filter(|h| kind(h.name) == Kind::Connection)
-                .flat_map(|h| tokens(h.value))
+            && classified()
+                .filter(|(_, k)| *k == Kind::Connection)
+                .flat_map(|(h, _)| tokens(h.value))
                 .any(|t| t.eq_ignore_ascii_case(name.as_bytes()))
     };
 
@@ -476,8 +479,8 @@ fn response_head(
     out.push(b' ');
     out.extend_from_slice(resp.reason.unwrap_or("").as_bytes());
     out.extend_from_slice(b"\r\n");
-    for h in headers {
-        let keep = match kind(h.name) {
+    for (h, k) in classified() {
+        let keep = match k {
             Kind::Other | Kind::Expect | Kind::ForwardedFor | Kind::ForwardedProto | Kind::Host => {
                 !named(h.name)
             }
