@@ -67,11 +67,10 @@ async fn start_upstream(name: &str, error_rate: f64) -> anyhow::Result<UpstreamU
     let url = UpstreamUrl::parse(&format!("http://{}", listener.local_addr()?))
         .map_err(anyhow::Error::msg)?;
     let args = UpstreamArgs {
-        listen: listener.local_addr()?,
-        name: name.into(),
         error_rate,
         latency: Duration::from_millis(3),
         seed: 7,
+        ..UpstreamArgs::healthy(listener.local_addr()?, name)
     };
     tokio::spawn(serve(listener, Upstream::new(args)));
     Ok(url)

@@ -1,16 +1,17 @@
 //! `coalmine upstream`: a small HTTP service to put behind the router in demos and tests, with
-//! an injectable error rate and latency. The demo's payment-service v1 and v2 are two of these.
+//! injectable faults (500s, connection resets, latency). The demo's payment-service v1 and v2
+//! are two of these.
 
-use std::convert::Infallible;
+use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
 use clap::Args;
 use http::{Request, Response, StatusCode};
-use http_body_util::{BodyExt, Full};
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -32,9 +33,32 @@ pub struct UpstreamArgs {
     /// Delay added before every answer
     #[arg(long, value_name = "DURATION", value_parser = parse_duration, default_value = "0s")]
     pub latency: Duration,
-    /// Seed of the error draws, so a run can be replayed
+    /// Share of requests (0 to 1) whose connection is reset (TCP RST) after the whole request
+    /// was read, with no answer: a crashing or misbehaving version
+    #[arg(long, value_name = "RATIO", default_value_t = 0.0, value_parser = parse_ratio)]
+    pub reset_rate: f64,
+    /// Share of requests (0 to 1) answered 200 whose connection is reset half-way through the
+    /// body
+    #[arg(long, value_name = "RATIO", default_value_t = 0.0, value_parser = parse_ratio)]
+    pub reset_body_rate: f64,
+    /// Seed of the fault draws, so a run can be replayed
     #[arg(long, default_value_t = 1)]
     pub seed: u64,
+}
+
+impl UpstreamArgs {
+    /// A healthy upstream on `listen` named `name`, for in-process use (the demo).
+    pub fn healthy(listen: SocketAddr, name: &str) -> UpstreamArgs {
+        UpstreamArgs {
+            listen,
+            name: name.into(),
+            error_rate: 0.0,
+            latency: Duration::ZERO,
+            reset_rate: 0.0,
+            reset_body_rate: 0.0,
+            seed: 1,
+        }
+    }
 }
 
 fn parse_ratio(s: &str) -> Result<f64, String> {
@@ -47,6 +71,65 @@ fn parse_ratio(s: &str) -> Result<f64, String> {
 pub struct Upstream {
     args: UpstreamArgs,
     draws: AtomicU64,
+    /// What reached this upstream, for `/_coalmine/received`.
+    received: Mutex<Received>,
+}
+
+/// Requests received, and how many carried an `x-request-id` seen before: a router that sends
+/// a request twice shows here.
+#[derive(Default)]
+struct Received {
+    requests: u64,
+    by_method: HashMap<String, u64>,
+    ids: HashMap<String, u32>,
+    duplicates: u64,
+    duplicates_by_method: HashMap<String, u64>,
+}
+
+/// Ids remembered at most (a test's worth); later ids are not checked.
+const MAX_TRACKED_IDS: usize = 1 << 20;
+
+/// What the upstream does with one request.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Fault {
+    None,
+    Error,
+    Reset,
+    ResetMidBody,
+}
+
+/// The upstream's reply body: a full one, or one that breaks off half-way (the connection is
+/// then reset).
+pub enum Reply {
+    Full(Option<Bytes>),
+    /// The first part, then (once it has had time to leave) an error.
+    Broken {
+        first: Option<Bytes>,
+        pause: std::pin::Pin<Box<tokio::time::Sleep>>,
+    },
+}
+
+impl hyper::body::Body for Reply {
+    type Data = Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, std::io::Error>>> {
+        use std::future::Future;
+        use std::task::Poll;
+        match self.get_mut() {
+            Reply::Full(b) => Poll::Ready(b.take().map(|d| Ok(hyper::body::Frame::data(d)))),
+            Reply::Broken { first, pause } => match first.take() {
+                Some(d) => Poll::Ready(Some(Ok(hyper::body::Frame::data(d)))),
+                None => pause
+                    .as_mut()
+                    .poll(cx)
+                    .map(|()| Some(Err(std::io::Error::other("injected reset")))),
+            },
+        }
+    }
 }
 
 impl Upstream {
@@ -54,23 +137,73 @@ impl Upstream {
         Arc::new(Upstream {
             args,
             draws: AtomicU64::new(0),
+            received: Mutex::new(Received::default()),
         })
     }
 
     /// Deterministic per request number: the n-th request fails or not whatever the timing.
-    fn fails(&self) -> bool {
-        if self.args.error_rate <= 0.0 {
-            return false;
+    fn fault(&self) -> Fault {
+        let a = &self.args;
+        if a.error_rate <= 0.0 && a.reset_rate <= 0.0 && a.reset_body_rate <= 0.0 {
+            return Fault::None;
         }
         let n = self.draws.fetch_add(1, Relaxed);
-        let h = xxhash_rust::xxh3::xxh3_64_with_seed(&n.to_le_bytes(), self.args.seed);
-        (h as f64 / u64::MAX as f64) < self.args.error_rate
+        let h = xxhash_rust::xxh3::xxh3_64_with_seed(&n.to_le_bytes(), a.seed);
+        let u = h as f64 / u64::MAX as f64;
+        if u < a.error_rate {
+            Fault::Error
+        } else if u < a.error_rate + a.reset_rate {
+            Fault::Reset
+        } else if u < a.error_rate + a.reset_rate + a.reset_body_rate {
+            Fault::ResetMidBody
+        } else {
+            Fault::None
+        }
     }
 
+    fn note_received(&self, req: &Request<Incoming>) {
+        let mut r = self.received.lock().expect("received");
+        let method = req.method().as_str().to_string();
+        r.requests += 1;
+        *r.by_method.entry(method.clone()).or_default() += 1;
+        let Some(id) = req
+            .headers()
+            .get("x-request-id")
+            .and_then(|v| v.to_str().ok())
+        else {
+            return;
+        };
+        if let Some(seen) = r.ids.get_mut(id) {
+            *seen += 1;
+            r.duplicates += 1;
+            *r.duplicates_by_method.entry(method).or_default() += 1;
+        } else if r.ids.len() < MAX_TRACKED_IDS {
+            r.ids.insert(id.to_string(), 1);
+        }
+    }
+
+    fn received_doc(&self) -> String {
+        let r = self.received.lock().expect("received");
+        serde_json::json!({
+            "requests": r.requests,
+            "byMethod": r.by_method,
+            "duplicates": r.duplicates,
+            "duplicatesByMethod": r.duplicates_by_method,
+        })
+        .to_string()
+    }
+
+    /// Answers one request; `reset` is set when the connection must be reset rather than
+    /// answered.
     async fn answer(
         self: Arc<Self>,
         req: Request<Incoming>,
-    ) -> Result<Response<Full<Bytes>>, Infallible> {
+        reset: Arc<AtomicBool>,
+    ) -> Result<Response<Reply>, std::io::Error> {
+        if req.uri().path() == "/_coalmine/received" {
+            return Ok(Response::new(Reply::Full(Some(self.received_doc().into()))));
+        }
+        self.note_received(&req);
         if !self.args.latency.is_zero() {
             tokio::time::sleep(self.args.latency).await;
         }
@@ -79,7 +212,7 @@ impl Upstream {
             Response::builder()
                 .status(status)
                 .header("x-upstream", self.args.name.as_str())
-                .body(Full::new(Bytes::from(body)))
+                .body(Reply::Full(Some(Bytes::from(body))))
                 .expect("static response parts")
         };
         if path == "/healthz" {
@@ -125,13 +258,29 @@ impl Upstream {
         }
         // Drain what the client sent before answering, as a real service would.
         let _ = req.into_body().collect().await;
-        if self.fails() {
-            return Ok(reply(
+        match self.fault() {
+            Fault::None => Ok(reply(StatusCode::OK, format!("{}\n", self.args.name))),
+            Fault::Error => Ok(reply(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 format!("{} failed\n", self.args.name),
-            ));
+            )),
+            Fault::Reset => {
+                reset.store(true, Relaxed);
+                Err(std::io::Error::other("injected reset"))
+            }
+            Fault::ResetMidBody => {
+                reset.store(true, Relaxed);
+                let body = format!("{} ", self.args.name).repeat(64);
+                Ok(Response::builder()
+                    .header("x-upstream", self.args.name.as_str())
+                    .header("content-length", body.len() * 2)
+                    .body(Reply::Broken {
+                        first: Some(Bytes::from(body)),
+                        pause: Box::pin(tokio::time::sleep(Duration::from_millis(20))),
+                    })
+                    .expect("static response parts"))
+            }
         }
-        Ok(reply(StatusCode::OK, format!("{}\n", self.args.name)))
     }
 }
 
@@ -146,8 +295,17 @@ pub async fn serve(listener: tokio::net::TcpListener, upstream: Arc<Upstream>) {
         let upstream = upstream.clone();
         let builder = builder.clone();
         tokio::spawn(async move {
-            let svc = service_fn(move |req| upstream.clone().answer(req));
-            let _ = builder.serve_connection(TokioIo::new(stream), svc).await;
+            // An injected reset closes the socket with SO_LINGER 0: the peer gets an RST.
+            let socket = socket2::SockRef::from(&stream).try_clone().ok();
+            let reset = Arc::new(AtomicBool::new(false));
+            let flag = reset.clone();
+            let svc = service_fn(move |req| upstream.clone().answer(req, flag.clone()));
+            let served = builder.serve_connection(TokioIo::new(stream), svc).await;
+            if reset.load(Relaxed) || served.is_err() {
+                if let Some(s) = socket {
+                    let _ = s.set_linger(Some(Duration::ZERO));
+                }
+            }
         });
     }
 }

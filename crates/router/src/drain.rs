@@ -133,17 +133,19 @@ impl Drop for Guard {
     }
 }
 
-/// Serves `conn` until it ends; when the worker drains, asks it to finish through `shutdown`
-/// (its `graceful_shutdown`).
+/// Serves `conn` until it ends; when the worker drains, or `idle` resolves (the connection
+/// has been idle too long), asks it to finish through `shutdown` (its `graceful_shutdown`).
 pub async fn watch<C: Future>(
     conn: C,
     mut guard: Guard,
+    idle: impl Future<Output = ()>,
     shutdown: impl Fn(Pin<&mut C>),
 ) -> C::Output {
     let mut conn = std::pin::pin!(conn);
+    let mut idle = std::pin::pin!(idle);
     let mut asked = false;
     std::future::poll_fn(|cx| {
-        if !asked && guard.draining(cx) {
+        if !asked && (guard.draining(cx) || idle.as_mut().poll(cx).is_ready()) {
             asked = true;
             shutdown(conn.as_mut());
         }
@@ -184,10 +186,20 @@ mod tests {
             let drain = Drain::default();
             for _ in 0..3 {
                 let guard = drain.enter();
-                tokio::spawn(watch(Conn { asked: false }, guard, |mut c| c.asked = true));
+                tokio::spawn(watch(
+                    Conn { asked: false },
+                    guard,
+                    std::future::pending(),
+                    |mut c| c.asked = true,
+                ));
             }
             // One that ends on its own, and one still handshaking (a bare guard).
-            tokio::spawn(watch(Conn { asked: true }, drain.enter(), |_| ()));
+            tokio::spawn(watch(
+                Conn { asked: true },
+                drain.enter(),
+                std::future::pending(),
+                |_| (),
+            ));
             let handshaking = drain.enter();
             tokio::task::yield_now().await;
             assert_eq!(drain.0.live.load(Ordering::SeqCst), 4);
@@ -202,9 +214,12 @@ mod tests {
             assert!(done.is_ok(), "shutdown did not finish");
             assert_eq!(drain.0.live.load(Ordering::SeqCst), 0);
             // A connection that starts after shutdown began is asked at once.
-            let late = tokio::spawn(watch(Conn { asked: false }, drain.enter(), |mut c| {
-                c.asked = true
-            }));
+            let late = tokio::spawn(watch(
+                Conn { asked: false },
+                drain.enter(),
+                std::future::pending(),
+                |mut c| c.asked = true,
+            ));
             tokio::time::timeout(Duration::from_secs(5), late)
                 .await
                 .expect("late connection ended")

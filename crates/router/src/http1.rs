@@ -151,9 +151,21 @@ fn take_body(buf: &mut Buf, framing: &mut Framing, out: &mut Vec<u8>) -> Result<
 enum Broken {
     /// The sending side closed early or failed.
     Source,
+    /// The sending side sent nothing for the allowed time.
+    SourceStalled,
     /// The receiving side failed.
     Sink,
+    /// The receiving side took nothing for the allowed time.
+    SinkStalled,
     BadChunk,
+}
+
+/// How long each side of a streamed body may stall: a read that brings nothing, or a write
+/// that takes nothing, for this long breaks the stream.
+#[derive(Clone, Copy)]
+struct Stalls {
+    source: Duration,
+    sink: Duration,
 }
 
 /// Streams the rest of a body from `src` (after what `buf` held) to `dst`, unchanged.
@@ -163,15 +175,20 @@ async fn stream_body<R, W>(
     dst: &mut W,
     scratch: &mut Vec<u8>,
     framing: &mut Framing,
+    stalls: Stalls,
 ) -> Result<(), Broken>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
+    let within = |limit: Duration| Instant::now().checked_add(limit);
     loop {
         scratch.clear();
         let cap = buf.data.len();
-        let n = buf.fill(src, cap).await.map_err(|_| Broken::Source)?;
+        let n = crate::timer::timeout_at(within(stalls.source), buf.fill(src, cap))
+            .await
+            .ok_or(Broken::SourceStalled)?
+            .map_err(|_| Broken::Source)?;
         if n == 0 {
             return match framing {
                 Framing::UntilClose => Ok(()),
@@ -179,9 +196,19 @@ where
             };
         }
         let done = take_body(buf, framing, scratch).map_err(|_| Broken::BadChunk)?;
-        dst.write_all(scratch).await.map_err(|_| Broken::Sink)?;
+        let sent = async {
+            dst.write_all(scratch).await?;
+            if done {
+                dst.flush().await?;
+            }
+            Ok::<(), io::Error>(())
+        };
+        crate::timer::timeout_at(within(stalls.sink), sent)
+            .await
+            .ok_or(Broken::SinkStalled)?
+            .map_err(|_| Broken::Sink)?;
         if done {
-            return dst.flush().await.map_err(|_| Broken::Sink);
+            return Ok(());
         }
     }
 }
@@ -249,7 +276,18 @@ struct Request {
     /// The client asked to close after this exchange.
     close: bool,
     head_method: bool,
+    /// RFC 9110 §9.2.2: sending it twice has the effect of sending it once.
+    idempotent: bool,
     set_affinity: bool,
+}
+
+/// RFC 9110 §9.2.2's idempotent methods: the only ones a proxy may send again after the
+/// upstream could have acted on them.
+fn is_idempotent(method: &str) -> bool {
+    matches!(
+        method,
+        "GET" | "HEAD" | "OPTIONS" | "TRACE" | "PUT" | "DELETE"
+    )
 }
 
 /// Reads a complete request head and writes the upstream's into `out`; `None` hands the
@@ -372,6 +410,7 @@ fn request_head(
         framing,
         close,
         head_method: method == "HEAD",
+        idempotent: is_idempotent(method),
         set_affinity: decision.set_affinity,
     })
 }
@@ -565,19 +604,42 @@ fn release(upstream: u64, conn: Upstream) {
 }
 
 fn protocol(detail: impl Into<String>) -> UpstreamError {
-    UpstreamError {
-        failure: UpstreamFailure::Protocol,
-        detail: detail.into(),
-    }
+    UpstreamError::protocol(detail)
 }
 
 /// Why an exchange ended without a usable response head.
 enum Failed {
     Upstream(UpstreamError),
+    /// A kept-alive upstream connection refused the head before taking any of it: the request
+    /// cannot have been processed, so it may go out again on a new connection.
+    NotSent,
     /// The client's body broke off; nothing can be answered on this connection.
     Client,
+    /// The client stopped sending its body for the idle timeout: answered 408, not counted
+    /// against the version.
+    ClientStalled,
     /// The client's chunked body is malformed.
     BadChunk,
+}
+
+/// Writes the whole request head (and any body that came with it). A pooled connection that
+/// fails before the kernel took a single byte is [`Failed::NotSent`]; after that, any failure
+/// is the upstream's, since it may have read the request.
+async fn send_head(up: &mut Upstream, head: &[u8], pooled: bool) -> Result<(), Failed> {
+    let mut written = 0;
+    while written < head.len() {
+        match up.stream.write(&head[written..]).await {
+            Ok(0) => return Err(Failed::Upstream(protocol("write: connection closed"))),
+            Ok(n) => written += n,
+            Err(_) if written == 0 && pooled => return Err(Failed::NotSent),
+            Err(e) => return Err(Failed::Upstream(protocol(format!("write: {e}")))),
+        }
+    }
+    Ok(())
+}
+
+fn timed_out(detail: &str) -> Failed {
+    Failed::Upstream(UpstreamError::timeout(detail))
 }
 
 /// Reads a response head on `up` and writes the client's head into `out`, forwarding any 1xx
@@ -781,78 +843,136 @@ where
     } else {
         None
     };
-    let attempt = async {
-        // One retry on a fresh connection when a kept-alive one turns out closed before it
-        // took the request (and the request can still be sent again).
-        let mut fresh_only = false;
-        loop {
-            let (mut up, pooled) = match (!fresh_only).then(|| checkout(target.id())).flatten() {
-                Some(up) => (up, true),
-                None => {
-                    let stream = proxy::connect_tcp(target, options.connect_timeout)
-                        .await
-                        .map_err(Failed::Upstream)?;
+    let timeout = options.response_timeout;
+    let request_stalls = Stalls {
+        // A client that stops sending its body: the client's failure. An upstream that stops
+        // taking it: the version's.
+        source: options.client_stall_timeout,
+        sink: timeout,
+    };
+    // A kept-alive connection may turn out closed: the request goes out again on a new one
+    // only if it cannot have been processed (no byte of it was taken), or if it is idempotent
+    // and whole in `upstream_out`, as RFC 9110 §9.2.2 allows.
+    let mut fresh_only = false;
+    let result = loop {
+        let pooled_conn = (!fresh_only).then(|| checkout(target.id())).flatten();
+        let (mut up, pooled) = match pooled_conn {
+            Some(up) => (up, true),
+            None => match proxy::connect_tcp(target, options.connect_timeout).await {
+                Ok(stream) => {
                     let buf = Buf::new(INITIAL_BUFFER);
                     (Upstream { stream, buf }, false)
                 }
+                Err(e) => break Err(Failed::Upstream(e)),
+            },
+        };
+        let close = request.close || guard.is_draining();
+        let cookie = set_cookie.as_ref().map(|c| c.as_bytes());
+        let read = if body_done {
+            // The request is complete already: one timer for the whole exchange.
+            let exchange = async {
+                send_head(&mut up, upstream_out, pooled).await?;
+                let read = read_response(
+                    &mut up,
+                    io,
+                    &request,
+                    close,
+                    cookie,
+                    MAX_RESPONSE_HEAD,
+                    client_out,
+                );
+                read.await.map_err(Failed::Upstream)
             };
-            if let Err(e) = up.stream.write_all(upstream_out).await {
-                if pooled {
-                    fresh_only = true;
-                    continue;
-                }
-                return Err(Failed::Upstream(protocol(format!("write: {e}"))));
-            }
-            let mut streamed = false;
-            if !body_done {
-                streamed = true;
-                let sent = stream_body(io, buf, &mut up.stream, client_out, &mut request.framing);
-                match sent.await {
-                    Ok(()) => {}
-                    Err(Broken::Source) => return Err(Failed::Client),
-                    Err(Broken::BadChunk) => return Err(Failed::BadChunk),
-                    Err(Broken::Sink) => {
-                        return Err(Failed::Upstream(protocol(
-                            "upstream stopped reading the body",
-                        )))
+            let deadline = started.checked_add(timeout);
+            crate::timer::timeout_at(deadline, exchange)
+                .await
+                .unwrap_or_else(|| Err(timed_out("no response head within the response timeout")))
+        } else {
+            // The upstream is timed from the end of the request: a slow upload is the
+            // client's business, not the version's.
+            let sent = async {
+                let head = send_head(&mut up, upstream_out, pooled);
+                crate::timer::timeout_at(started.checked_add(timeout), head)
+                    .await
+                    .unwrap_or_else(|| {
+                        Err(timed_out("the upstream did not take the request head"))
+                    })?;
+                let body = stream_body(
+                    io,
+                    buf,
+                    &mut up.stream,
+                    client_out,
+                    &mut request.framing,
+                    request_stalls,
+                );
+                body.await.map_err(|broken| match broken {
+                    Broken::Source => Failed::Client,
+                    Broken::SourceStalled => Failed::ClientStalled,
+                    Broken::BadChunk => Failed::BadChunk,
+                    Broken::Sink => {
+                        Failed::Upstream(protocol("the upstream stopped reading the body"))
                     }
+                    Broken::SinkStalled => {
+                        timed_out("the upstream took none of the body for the response timeout")
+                    }
+                })
+            };
+            match sent.await {
+                Err(e) => Err(e),
+                Ok(()) => {
+                    let read = read_response(
+                        &mut up,
+                        io,
+                        &request,
+                        close,
+                        cookie,
+                        MAX_RESPONSE_HEAD,
+                        client_out,
+                    );
+                    crate::timer::timeout_at(Instant::now().checked_add(timeout), read)
+                        .await
+                        .unwrap_or_else(|| {
+                            Err(UpstreamError::timeout(
+                                "no response head within the response timeout after the request",
+                            ))
+                        })
+                        .map_err(Failed::Upstream)
                 }
             }
-            let close = request.close || guard.is_draining();
-            let read = read_response(
-                &mut up,
-                io,
-                &request,
-                close,
-                set_cookie.as_ref().map(|c| c.as_bytes()),
-                MAX_RESPONSE_HEAD,
-                client_out,
-            );
-            match read.await {
-                Ok(Some(resp)) => return Ok((up, resp)),
-                Ok(None) if pooled && !streamed => fresh_only = true,
-                Ok(None) => {
-                    return Err(Failed::Upstream(protocol(
-                        "upstream closed the connection before answering",
-                    )))
-                }
-                Err(e) => return Err(Failed::Upstream(e)),
+        };
+        match read {
+            Ok(Some(resp)) => break Ok((up, resp)),
+            Err(Failed::NotSent) => {
+                worker.recorder.record_retry(request.version);
+                fresh_only = true;
             }
+            Ok(None) if pooled && body_done && request.idempotent => {
+                worker.recorder.record_retry(request.version);
+                fresh_only = true;
+            }
+            Ok(None) => {
+                break Err(Failed::Upstream(protocol(
+                    "upstream closed the connection before answering",
+                )))
+            }
+            Err(e) => break Err(e),
         }
     };
-    let deadline = started.checked_add(options.response_timeout);
-    let result = crate::timer::timeout_at(deadline, attempt)
-        .await
-        .unwrap_or_else(|| {
-            Err(Failed::Upstream(UpstreamError {
-                failure: UpstreamFailure::Timeout,
-                detail: "no response head within the response timeout".into(),
-            }))
-        });
     let (mut up, mut resp) = match result {
         Ok(r) => r,
         Err(Failed::Client) => return Next::Close,
+        Err(Failed::ClientStalled) => {
+            plain_response(
+                client_out,
+                StatusCode::REQUEST_TIMEOUT,
+                "request body not received in time",
+                true,
+            );
+            let _ = io.write_all(client_out).await;
+            return Next::Close;
+        }
         Err(Failed::BadChunk) => return bad_chunk(io, client_out).await,
+        Err(Failed::NotSent) => unreachable!("retried above"),
         Err(Failed::Upstream(e)) => {
             let (status, text) =
                 proxy::record_upstream_failure(worker, request.version, target, &e, started);
@@ -865,29 +985,53 @@ where
             return Next::KeepAlive;
         }
     };
-    worker
-        .recorder
-        .record(request.version, resp.status, started.elapsed());
-    let done = match take_body(&mut up.buf, &mut resp.framing, client_out) {
-        Ok(done) => done,
-        Err(BadChunk) => return Next::Close,
+    // Counted once the body has passed: an answer the upstream breaks off is a failure the
+    // client saw, so the version's; a client that goes away is nobody's failure but its own.
+    let head_elapsed = started.elapsed();
+    let body = match take_body(&mut up.buf, &mut resp.framing, client_out) {
+        Err(BadChunk) => Err(Broken::BadChunk),
+        Ok(done) => match io.write_all(client_out).await {
+            Err(_) => Err(Broken::Sink),
+            Ok(()) if !done => {
+                let response_stalls = Stalls {
+                    source: timeout,
+                    sink: options.client_stall_timeout,
+                };
+                let streamed = stream_body(
+                    &mut up.stream,
+                    &mut up.buf,
+                    io,
+                    upstream_out,
+                    &mut resp.framing,
+                    response_stalls,
+                );
+                streamed.await
+            }
+            Ok(()) => io.flush().await.map_err(|_| Broken::Sink),
+        },
     };
-    if io.write_all(client_out).await.is_err() {
-        return Next::Close;
-    }
-    if !done {
-        let streamed = stream_body(
-            &mut up.stream,
-            &mut up.buf,
-            io,
-            upstream_out,
-            &mut resp.framing,
-        );
-        if streamed.await.is_err() {
+    match body {
+        Ok(()) => {
+            worker
+                .recorder
+                .record(request.version, resp.status, head_elapsed);
+        }
+        Err(Broken::Sink | Broken::SinkStalled) => {
+            worker
+                .recorder
+                .record(request.version, resp.status, head_elapsed);
             return Next::Close;
         }
-    } else if io.flush().await.is_err() {
-        return Next::Close;
+        Err(broken @ (Broken::Source | Broken::SourceStalled | Broken::BadChunk)) => {
+            let (failure, detail) = match broken {
+                Broken::SourceStalled => (UpstreamFailure::Timeout, "the body stalled"),
+                Broken::BadChunk => (UpstreamFailure::Protocol, "malformed chunked body"),
+                _ => (UpstreamFailure::Body, "the body broke off"),
+            };
+            let e = UpstreamError::new(failure, detail);
+            proxy::record_broken_body(worker, request.version, target, &e, head_elapsed);
+            return Next::Close;
+        }
     }
     // Bytes after the response would be a broken upstream: such a connection is not reused.
     if resp.reusable && up.buf.is_empty() {

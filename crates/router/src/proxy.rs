@@ -4,9 +4,10 @@
 
 use std::cell::{Cell, RefCell};
 use std::convert::Infallible;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -22,7 +23,7 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
 
-use crate::recorder::{Metrics, Recorder, UpstreamFailure};
+use crate::recorder::{LocalFailure, Metrics, Recorder, UpstreamFailure};
 use crate::route::{route, Decision, RequestView, Version};
 use crate::table::{RouteTable, UpstreamUrl};
 
@@ -36,6 +37,9 @@ pub struct ProxyOptions {
     pub mirror_concurrency: usize,
     /// Idle upstream connections kept per upstream per worker.
     pub max_idle_per_upstream: usize,
+    /// How long a client may stall mid-body (sending a request or taking a response) before
+    /// the router gives up on it: the client's failure, never the version's.
+    pub client_stall_timeout: Duration,
 }
 
 impl Default for ProxyOptions {
@@ -45,6 +49,7 @@ impl Default for ProxyOptions {
             response_timeout: Duration::from_secs(30),
             mirror_concurrency: 64,
             max_idle_per_upstream: 256,
+            client_stall_timeout: Duration::from_secs(75),
         }
     }
 }
@@ -109,10 +114,79 @@ impl ClientInfo {
 // ---------------------------------------------------------------------------------------------
 // Bodies
 
-/// The body sent upstream: the client's own, streamed, or nothing.
+/// The body sent upstream: the client's own, streamed (with its progress watched), or nothing.
 pub enum UpstreamBody {
-    Client(Incoming),
+    Client {
+        body: Incoming,
+        progress: Arc<BodyProgress>,
+    },
     Empty,
+}
+
+/// How far a streamed request body has got, so the upstream is timed from the end of the
+/// request and a stalled client is told apart from an upstream that stopped reading.
+pub struct BodyProgress {
+    origin: Instant,
+    /// One of the `WAITING_*` / `SENT` states.
+    state: std::sync::atomic::AtomicU8,
+    /// Microseconds after `origin` when `state` last changed.
+    since_micros: std::sync::atomic::AtomicU64,
+}
+
+/// The upstream side has the last frame and has not asked for another.
+const WAITING_FOR_UPSTREAM: u8 = 0;
+/// Asked for the next frame, the client has not sent it.
+const WAITING_FOR_CLIENT: u8 = 1;
+/// The whole body has gone upstream.
+const SENT: u8 = 2;
+
+/// What a request body's progress says at some moment.
+enum BodyVerdict {
+    /// Look again at this instant.
+    Until(Instant),
+    Expired(ExchangeError),
+}
+
+impl BodyProgress {
+    fn new() -> Arc<Self> {
+        Arc::new(BodyProgress {
+            origin: Instant::now(),
+            state: std::sync::atomic::AtomicU8::new(WAITING_FOR_UPSTREAM),
+            since_micros: AtomicU64::new(0),
+        })
+    }
+
+    fn set(&self, state: u8) {
+        if self.state.load(Relaxed) != state {
+            let micros = self.origin.elapsed().as_micros() as u64;
+            self.since_micros.store(micros, Relaxed);
+            self.state.store(state, Relaxed);
+        }
+    }
+
+    fn verdict(&self, now: Instant, options: &ProxyOptions) -> BodyVerdict {
+        let since = self.origin + Duration::from_micros(self.since_micros.load(Relaxed));
+        let (limit, expired): (Duration, fn() -> ExchangeError) = match self.state.load(Relaxed) {
+            WAITING_FOR_CLIENT => (options.client_stall_timeout, || {
+                ExchangeError::ClientStalled
+            }),
+            SENT => (options.response_timeout, || {
+                ExchangeError::Upstream(UpstreamError::timeout(
+                    "no response head within the response timeout after the request",
+                ))
+            }),
+            _ => (options.response_timeout, || {
+                ExchangeError::Upstream(UpstreamError::timeout(
+                    "the upstream took none of the body for the response timeout",
+                ))
+            }),
+        };
+        match since.checked_add(limit) {
+            Some(deadline) if deadline <= now => BodyVerdict::Expired(expired()),
+            Some(deadline) => BodyVerdict::Until(deadline),
+            None => BodyVerdict::Until(now + Duration::from_secs(86_400)),
+        }
+    }
 }
 
 impl Body for UpstreamBody {
@@ -124,30 +198,72 @@ impl Body for UpstreamBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         match self.get_mut() {
-            UpstreamBody::Client(b) => Pin::new(b).poll_frame(cx),
+            UpstreamBody::Client { body, progress } => {
+                let polled = Pin::new(&mut *body).poll_frame(cx);
+                progress.set(match &polled {
+                    Poll::Pending => WAITING_FOR_CLIENT,
+                    Poll::Ready(None) => SENT,
+                    Poll::Ready(Some(_)) if body.is_end_stream() => SENT,
+                    Poll::Ready(Some(_)) => WAITING_FOR_UPSTREAM,
+                });
+                polled
+            }
             UpstreamBody::Empty => Poll::Ready(None),
         }
     }
     fn is_end_stream(&self) -> bool {
         match self {
-            UpstreamBody::Client(b) => b.is_end_stream(),
+            UpstreamBody::Client { body, .. } => body.is_end_stream(),
             UpstreamBody::Empty => true,
         }
     }
     fn size_hint(&self) -> SizeHint {
         match self {
-            UpstreamBody::Client(b) => b.size_hint(),
+            UpstreamBody::Client { body, .. } => body.size_hint(),
             UpstreamBody::Empty => SizeHint::with_exact(0),
         }
     }
 }
 
+/// An answer to count once its body has passed: the client may yet see it break off.
+pub struct PendingRecord {
+    recorder: Arc<Recorder>,
+    version: Version,
+    status: u16,
+    head_elapsed: Duration,
+}
+
+impl PendingRecord {
+    /// The upstream's answer reached the client whole, or the client went away: the status
+    /// stands.
+    fn answered(self) {
+        self.recorder
+            .record(self.version, self.status, self.head_elapsed);
+    }
+
+    /// The upstream broke its answer off (or stalled) after the head: the client saw a
+    /// failure, the version's, counted as a 502.
+    fn broken(self, failure: UpstreamFailure) {
+        self.recorder.record(
+            self.version,
+            StatusCode::BAD_GATEWAY.as_u16(),
+            self.head_elapsed,
+        );
+        self.recorder.record_failure(self.version, failure);
+    }
+}
+
 /// The body sent to the client: the upstream's, streamed, holding its pooled connection until
-/// the last byte so the connection goes back to the pool only when it is free again.
+/// the last byte so the connection goes back to the pool only when it is free again, and
+/// counting the answer when it ends.
 pub enum ClientBody {
     Upstream {
         body: Incoming,
         conn: Option<PooledConn>,
+        record: Option<PendingRecord>,
+        /// Armed while waiting for the upstream's next frame.
+        stall: Option<crate::timer::Sleep>,
+        stall_limit: Duration,
     },
     Full(Option<Bytes>),
 }
@@ -155,6 +271,21 @@ pub enum ClientBody {
 impl ClientBody {
     pub fn text(s: impl Into<Bytes>) -> Self {
         ClientBody::Full(Some(s.into()))
+    }
+
+    fn upstream(
+        body: Incoming,
+        conn: Option<PooledConn>,
+        record: Option<PendingRecord>,
+        stall_limit: Duration,
+    ) -> Self {
+        ClientBody::Upstream {
+            body,
+            conn,
+            record,
+            stall: None,
+            stall_limit,
+        }
     }
 }
 
@@ -167,9 +298,53 @@ impl Body for ClientBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         match self.get_mut() {
-            ClientBody::Upstream { body, conn } => {
+            ClientBody::Upstream {
+                body,
+                conn,
+                record,
+                stall,
+                stall_limit,
+            } => {
                 let polled = Pin::new(&mut *body).poll_frame(cx);
+                match &polled {
+                    Poll::Pending => {
+                        let limit = Instant::now().checked_add(*stall_limit);
+                        let timer = match (stall.as_mut(), limit) {
+                            (Some(t), _) => t,
+                            (None, Some(deadline)) => {
+                                stall.insert(crate::timer::Sleep::until(deadline))
+                            }
+                            (None, None) => return Poll::Pending,
+                        };
+                        if Pin::new(timer).poll(cx).is_ready() {
+                            // The upstream sent nothing for the response timeout: end the
+                            // answer here; hyper closes the client's connection.
+                            if let Some(r) = record.take() {
+                                r.broken(UpstreamFailure::Timeout);
+                            }
+                            conn.take();
+                            return Poll::Ready(None);
+                        }
+                        return Poll::Pending;
+                    }
+                    Poll::Ready(Some(Err(_))) => {
+                        if let Some(r) = record.take() {
+                            r.broken(UpstreamFailure::Body);
+                        }
+                    }
+                    Poll::Ready(Some(Ok(_))) => {
+                        if let (Some(t), Some(deadline)) =
+                            (stall.as_mut(), Instant::now().checked_add(*stall_limit))
+                        {
+                            t.reset(deadline);
+                        }
+                    }
+                    Poll::Ready(None) => {}
+                }
                 if matches!(polled, Poll::Ready(None)) || body.is_end_stream() {
+                    if let Some(r) = record.take() {
+                        r.answered();
+                    }
                     if let Some(c) = conn.take() {
                         c.release();
                     }
@@ -197,8 +372,15 @@ impl Body for ClientBody {
 impl Drop for ClientBody {
     fn drop(&mut self) {
         // A body with nothing left to read (HEAD, 204, Content-Length: 0, or fully streamed)
-        // leaves its connection reusable; one dropped half-way does not.
-        if let ClientBody::Upstream { body, conn } = self {
+        // leaves its connection reusable; one dropped half-way does not. An answer not yet
+        // counted was either whole or left by its client: its status stands.
+        if let ClientBody::Upstream {
+            body, conn, record, ..
+        } = self
+        {
+            if let Some(r) = record.take() {
+                r.answered();
+            }
             if body.is_end_stream() {
                 if let Some(c) = conn.take() {
                     c.release();
@@ -300,19 +482,48 @@ fn checkout(upstream: u64) -> Option<Sender> {
     SENDERS.with(|p| p.borrow_mut().take(upstream, |s| !s.is_closed()))
 }
 
+/// Why a request got no answer from its version.
 #[derive(Debug)]
 pub(crate) struct UpstreamError {
     pub(crate) failure: UpstreamFailure,
+    /// The router itself failed (out of descriptors, say): the version is not to blame.
+    pub(crate) local: Option<LocalFailure>,
     pub(crate) detail: String,
 }
 
 impl UpstreamError {
-    pub(crate) fn status(&self) -> StatusCode {
-        match self.failure {
-            UpstreamFailure::Timeout => StatusCode::GATEWAY_TIMEOUT,
-            _ => StatusCode::BAD_GATEWAY,
+    pub(crate) fn new(failure: UpstreamFailure, detail: impl Into<String>) -> Self {
+        UpstreamError {
+            failure,
+            local: None,
+            detail: detail.into(),
         }
     }
+
+    pub(crate) fn protocol(detail: impl Into<String>) -> Self {
+        Self::new(UpstreamFailure::Protocol, detail)
+    }
+
+    pub(crate) fn timeout(detail: impl Into<String>) -> Self {
+        Self::new(UpstreamFailure::Timeout, detail)
+    }
+
+    pub(crate) fn status(&self) -> StatusCode {
+        match (self.local, self.failure) {
+            (Some(_), _) => StatusCode::SERVICE_UNAVAILABLE,
+            (None, UpstreamFailure::Timeout) => StatusCode::GATEWAY_TIMEOUT,
+            (None, _) => StatusCode::BAD_GATEWAY,
+        }
+    }
+}
+
+/// True for errors that say this process or host ran out of something (descriptors, memory,
+/// local ports), not that the upstream failed.
+pub(crate) fn is_local_exhaustion(e: &std::io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM | libc::EADDRNOTAVAIL)
+    )
 }
 
 /// A new TCP connection to an upstream, Nagle off.
@@ -320,11 +531,24 @@ pub(crate) async fn connect_tcp(
     upstream: &UpstreamUrl,
     timeout: Duration,
 ) -> Result<TcpStream, UpstreamError> {
-    let fail = |failure, detail: String| UpstreamError { failure, detail };
     let addr = (upstream.host(), upstream.port());
     let stream = match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
-        Err(_) => return Err(fail(UpstreamFailure::Timeout, "connect timed out".into())),
-        Ok(Err(e)) => return Err(fail(UpstreamFailure::Connect, format!("connect: {e}"))),
+        Err(_) => return Err(UpstreamError::timeout("connect timed out")),
+        Ok(Err(e)) if is_local_exhaustion(&e) => {
+            return Err(UpstreamError {
+                local: Some(LocalFailure::Resources),
+                ..UpstreamError::new(
+                    UpstreamFailure::Connect,
+                    format!("the router cannot open a connection: {e}"),
+                )
+            })
+        }
+        Ok(Err(e)) => {
+            return Err(UpstreamError::new(
+                UpstreamFailure::Connect,
+                format!("connect: {e}"),
+            ))
+        }
         Ok(Ok(s)) => s,
     };
     let _ = stream.set_nodelay(true);
@@ -336,7 +560,6 @@ async fn connect(
     timeout: Duration,
     upgrades: bool,
 ) -> Result<Sender, UpstreamError> {
-    let fail = |failure, detail: String| UpstreamError { failure, detail };
     let stream = connect_tcp(upstream, timeout).await?;
     let (sender, conn) = hyper::client::conn::http1::Builder::new()
         // One buffer per request: a plain send, where a vectored write of one or two slices
@@ -344,7 +567,7 @@ async fn connect(
         .writev(false)
         .handshake(TokioIo::new(stream))
         .await
-        .map_err(|e| fail(UpstreamFailure::Connect, format!("handshake: {e}")))?;
+        .map_err(|e| UpstreamError::new(UpstreamFailure::Connect, format!("handshake: {e}")))?;
     if upgrades {
         tokio::spawn(async move {
             let _ = conn.with_upgrades().await;
@@ -363,6 +586,8 @@ enum ExchangeError {
     /// The client's request body broke off or was malformed: not the upstream's fault, so not
     /// counted against its version.
     ClientBody(String),
+    /// The client stopped sending its body for the stall timeout: answered 408, not counted.
+    ClientStalled,
 }
 
 impl From<UpstreamError> for ExchangeError {
@@ -390,10 +615,9 @@ async fn exchange(
         };
         if sender.ready().await.is_err() {
             if fresh {
-                return Err(ExchangeError::Upstream(UpstreamError {
-                    failure: UpstreamFailure::Protocol,
-                    detail: "upstream closed the connection".into(),
-                }));
+                return Err(ExchangeError::Upstream(UpstreamError::protocol(
+                    "upstream closed the connection",
+                )));
             }
             continue;
         }
@@ -417,10 +641,9 @@ async fn exchange(
                     ))
                 }
                 _ => {
-                    return Err(ExchangeError::Upstream(UpstreamError {
-                        failure: UpstreamFailure::Protocol,
-                        detail: e.error().to_string(),
-                    }))
+                    return Err(ExchangeError::Upstream(UpstreamError::protocol(
+                        e.error().to_string(),
+                    )))
                 }
             },
         }
@@ -691,44 +914,56 @@ pub async fn handle(
     }
     let (mut parts, body) = req.into_parts();
     upstream_parts(&mut parts, client, false);
-    let body = if body.is_end_stream() {
-        UpstreamBody::Empty
+    let options = &shared.options;
+    let (body, progress) = if body.is_end_stream() {
+        (UpstreamBody::Empty, None)
     } else {
-        UpstreamBody::Client(body)
+        let progress = BodyProgress::new();
+        let body = UpstreamBody::Client {
+            body,
+            progress: progress.clone(),
+        };
+        (body, Some(progress))
     };
     let upstream_req = Request::from_parts(parts, body);
-    let result = crate::timer::timeout_at(
-        started.checked_add(shared.options.response_timeout),
-        exchange(target, upstream_req, &shared.options),
-    )
-    .await
-    .unwrap_or_else(|| {
-        Err(ExchangeError::Upstream(UpstreamError {
-            failure: UpstreamFailure::Timeout,
-            detail: "no response head within the response timeout".into(),
-        }))
-    });
+    let sent = exchange(target, upstream_req, options);
+    let result = match progress {
+        // The request is complete already: one timer from its start.
+        None => crate::timer::timeout_at(started.checked_add(options.response_timeout), sent)
+            .await
+            .unwrap_or_else(|| {
+                Err(ExchangeError::Upstream(UpstreamError::timeout(
+                    "no response head within the response timeout",
+                )))
+            }),
+        // The upstream is timed from the end of the request, not its start.
+        Some(progress) => answered_in_time(sent, &progress, options).await,
+    };
     match result {
         Ok((resp, conn)) => {
             let (mut parts, body) = resp.into_parts();
-            worker
-                .recorder
-                .record(decision.version, parts.status.as_u16(), started.elapsed());
+            let record = PendingRecord {
+                recorder: worker.recorder.clone(),
+                version: decision.version,
+                status: parts.status.as_u16(),
+                head_elapsed: started.elapsed(),
+            };
             strip_hop_by_hop(&mut parts.headers);
             if let Some(c) = affinity_cookie {
                 parts.headers.append(header::SET_COOKIE, c);
             }
-            Ok(Response::from_parts(
-                parts,
-                ClientBody::Upstream {
-                    body,
-                    conn: Some(conn),
-                },
-            ))
+            let body =
+                ClientBody::upstream(body, Some(conn), Some(record), options.response_timeout);
+            Ok(Response::from_parts(parts, body))
         }
         Err(ExchangeError::ClientBody(why)) => Ok(error_response(
             StatusCode::BAD_REQUEST,
             &format!("request body: {why}"),
+            true,
+        )),
+        Err(ExchangeError::ClientStalled) => Ok(error_response(
+            StatusCode::REQUEST_TIMEOUT,
+            "request body not received in time",
             true,
         )),
         Err(ExchangeError::Upstream(e)) => Ok(upstream_failed(
@@ -739,6 +974,35 @@ pub async fn handle(
             started,
         )),
     }
+}
+
+/// Waits for `sent` while a request body streams: the client may stall for the client stall
+/// timeout, the upstream may take no body for the response timeout, and once the whole body
+/// has gone the answer must come within the response timeout.
+async fn answered_in_time<T>(
+    sent: impl Future<Output = Result<T, ExchangeError>>,
+    progress: &BodyProgress,
+    options: &ProxyOptions,
+) -> Result<T, ExchangeError> {
+    let mut sent = std::pin::pin!(sent);
+    let first = match progress.verdict(Instant::now(), options) {
+        BodyVerdict::Until(at) => at,
+        BodyVerdict::Expired(e) => return Err(e),
+    };
+    let mut timer = crate::timer::Sleep::until(first);
+    std::future::poll_fn(|cx| {
+        if let Poll::Ready(v) = sent.as_mut().poll(cx) {
+            return Poll::Ready(v);
+        }
+        while Pin::new(&mut timer).poll(cx).is_ready() {
+            match progress.verdict(Instant::now(), options) {
+                BodyVerdict::Expired(e) => return Poll::Ready(Err(e)),
+                BodyVerdict::Until(at) => timer.reset(at),
+            }
+        }
+        Poll::Pending
+    })
+    .await
 }
 
 fn upstream_failed(
@@ -753,7 +1017,9 @@ fn upstream_failed(
 }
 
 /// Counts an upstream failure against its version (as that version's 502/504) and says what
-/// to answer the client. Both HTTP/1.1 paths answer failures through here.
+/// to answer the client. A failure of the router's own (out of descriptors) is counted as the
+/// router's and answered 503: the version never saw the request. Both HTTP/1.1 paths answer
+/// failures through here.
 pub(crate) fn record_upstream_failure(
     worker: &Worker,
     version: Version,
@@ -762,6 +1028,11 @@ pub(crate) fn record_upstream_failure(
     started: Instant,
 ) -> (StatusCode, String) {
     let status = e.status();
+    if let Some(local) = e.local {
+        worker.recorder.record_local_failure(local);
+        tracing::warn!(version = version.as_str(), upstream = %target, "{}", e.detail);
+        return (status, format!("coalmine router: {}", e.detail));
+    }
     worker
         .recorder
         .record(version, status.as_u16(), started.elapsed());
@@ -771,6 +1042,22 @@ pub(crate) fn record_upstream_failure(
         status,
         format!("{} upstream {target}: {}", version.as_str(), e.detail),
     )
+}
+
+/// Counts an answer whose head reached the client but whose body the upstream broke off (or
+/// stalled): a failure the client saw, so the version's, as a 502 timed to the head.
+pub(crate) fn record_broken_body(
+    worker: &Worker,
+    version: Version,
+    target: &UpstreamUrl,
+    e: &UpstreamError,
+    head_elapsed: Duration,
+) {
+    worker
+        .recorder
+        .record(version, StatusCode::BAD_GATEWAY.as_u16(), head_elapsed);
+    worker.recorder.record_failure(version, e.failure);
+    tracing::debug!(version = version.as_str(), upstream = %target, "upstream broke its answer: {}", e.detail);
 }
 
 pub(crate) fn affinity_set_cookie(table: &RouteTable) -> Option<HeaderValue> {
@@ -799,33 +1086,32 @@ async fn proxy_upgrade(
     let body = if body.is_end_stream() {
         UpstreamBody::Empty
     } else {
-        UpstreamBody::Client(body)
+        UpstreamBody::Client {
+            body,
+            progress: BodyProgress::new(),
+        }
     };
     let sent = async {
         let mut sender = connect(target, options.connect_timeout, true).await?;
         sender
             .send_request(Request::from_parts(parts, body))
             .await
-            .map_err(|e| UpstreamError {
-                failure: UpstreamFailure::Protocol,
-                detail: e.to_string(),
-            })
+            .map_err(|e| UpstreamError::protocol(e.to_string()))
     };
     let result = match tokio::time::timeout(options.response_timeout, sent).await {
         Ok(r) => r,
-        Err(_) => Err(UpstreamError {
-            failure: UpstreamFailure::Timeout,
-            detail: "no response head within the response timeout".into(),
-        }),
+        Err(_) => Err(UpstreamError::timeout(
+            "no response head within the response timeout",
+        )),
     };
     let mut resp = match result {
         Ok(r) => r,
         Err(e) => return upstream_failed(worker, decision.version, target, e, started),
     };
-    worker
-        .recorder
-        .record(decision.version, resp.status().as_u16(), started.elapsed());
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+        worker
+            .recorder
+            .record(decision.version, resp.status().as_u16(), started.elapsed());
         let upstream_upgrade = hyper::upgrade::on(&mut resp);
         tokio::spawn(async move {
             let (Ok(c), Ok(u)) = (client_upgrade.await, upstream_upgrade.await) else {
@@ -838,7 +1124,14 @@ async fn proxy_upgrade(
     }
     let (mut parts, body) = resp.into_parts();
     strip_hop_by_hop(&mut parts.headers);
-    Response::from_parts(parts, ClientBody::Upstream { body, conn: None })
+    let record = PendingRecord {
+        recorder: worker.recorder.clone(),
+        version: decision.version,
+        status: parts.status.as_u16(),
+        head_elapsed: started.elapsed(),
+    };
+    let body = ClientBody::upstream(body, None, Some(record), options.response_timeout);
+    Response::from_parts(parts, body)
 }
 
 /// Copies a stable-bound request to the canary, fire-and-forget: the user's response never waits
@@ -888,17 +1181,20 @@ pub(crate) fn mirror_head(
     let options = worker.shared.options.clone();
     tokio::spawn(async move {
         let _permit = permit;
+        let started = Instant::now();
         let sent = tokio::time::timeout(
             options.response_timeout,
             exchange(&canary, request, &options),
         );
         match sent.await {
             Ok(Ok((resp, conn))) => {
-                recorder.record_mirror(Some(resp.status().as_u16()));
-                let body = ClientBody::Upstream {
-                    body: resp.into_body(),
-                    conn: Some(conn),
-                };
+                recorder.record_mirror(Some((resp.status().as_u16(), started.elapsed())));
+                let body = ClientBody::upstream(
+                    resp.into_body(),
+                    Some(conn),
+                    None,
+                    options.response_timeout,
+                );
                 let _ = http_body_util::BodyExt::collect(body).await;
             }
             _ => recorder.record_mirror(None),

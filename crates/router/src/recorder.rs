@@ -35,13 +35,16 @@ pub enum UpstreamFailure {
     Timeout,
     /// The connection broke or the upstream spoke bad HTTP: 502.
     Protocol,
+    /// The answer broke off after its head reached the client: counted as a 502.
+    Body,
 }
 
 impl UpstreamFailure {
-    const ALL: [UpstreamFailure; 3] = [
+    const ALL: [UpstreamFailure; 4] = [
         UpstreamFailure::Connect,
         UpstreamFailure::Timeout,
         UpstreamFailure::Protocol,
+        UpstreamFailure::Body,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -49,6 +52,25 @@ impl UpstreamFailure {
             UpstreamFailure::Connect => "connect",
             UpstreamFailure::Timeout => "timeout",
             UpstreamFailure::Protocol => "protocol",
+            UpstreamFailure::Body => "body",
+        }
+    }
+}
+
+/// Why the router failed a request on its own account, before any version could answer it:
+/// never counted against a version.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LocalFailure {
+    /// Out of file descriptors, memory or local ports for a new upstream connection.
+    Resources,
+}
+
+impl LocalFailure {
+    const ALL: [LocalFailure; 1] = [LocalFailure::Resources];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LocalFailure::Resources => "resources",
         }
     }
 }
@@ -59,7 +81,9 @@ struct VersionCounters {
     buckets: [AtomicU64; LATENCY_BUCKETS.len()],
     count: AtomicU64,
     sum_micros: AtomicU64,
-    failures: [AtomicU64; 3],
+    failures: [AtomicU64; UpstreamFailure::ALL.len()],
+    /// Requests sent again on a new connection after a kept-alive one failed them.
+    retries: AtomicU64,
     hdr: Mutex<Histogram<u64>>,
 }
 
@@ -75,6 +99,7 @@ impl VersionCounters {
             count: AtomicU64::new(0),
             sum_micros: AtomicU64::new(0),
             failures: Default::default(),
+            retries: AtomicU64::new(0),
             hdr: Mutex::new(new_hdr()),
         }
     }
@@ -86,6 +111,9 @@ pub struct Recorder {
     versions: [VersionCounters; 2],
     mirror_status: Box<[AtomicU64]>,
     mirror_failures: AtomicU64,
+    /// Mirrored copies' latency until their response head, like `versions`' own.
+    mirror_latency: Mutex<Histogram<u64>>,
+    local_failures: [AtomicU64; LocalFailure::ALL.len()],
     /// Requests this worker is proxying right now.
     in_flight: AtomicI64,
 }
@@ -104,6 +132,8 @@ impl Recorder {
             versions: [VersionCounters::new(), VersionCounters::new()],
             mirror_status: (0..500).map(|_| AtomicU64::new(0)).collect(),
             mirror_failures: AtomicU64::new(0),
+            mirror_latency: Mutex::new(new_hdr()),
+            local_failures: Default::default(),
             in_flight: AtomicI64::new(0),
         }
     }
@@ -139,10 +169,25 @@ impl Recorder {
         );
     }
 
-    /// A mirrored copy's outcome; `None` when it never got a response.
-    pub fn record_mirror(&self, status: Option<u16>) {
-        match status {
-            Some(s) => bump(&self.mirror_status[status_index(s)], 1),
+    pub fn record_retry(&self, version: Version) {
+        bump(&self.versions[version.index()].retries, 1);
+    }
+
+    pub fn record_local_failure(&self, failure: LocalFailure) {
+        bump(&self.local_failures[failure as usize], 1);
+    }
+
+    /// A mirrored copy's outcome and the time until its response head; `None` when it never
+    /// got a response.
+    pub fn record_mirror(&self, answer: Option<(u16, Duration)>) {
+        match answer {
+            Some((s, elapsed)) => {
+                bump(&self.mirror_status[status_index(s)], 1);
+                let micros = elapsed.as_micros().min(u128::from(u64::MAX)) as u64;
+                if let Ok(mut h) = self.mirror_latency.lock() {
+                    h.saturating_record(micros.max(1));
+                }
+            }
             None => bump(&self.mirror_failures, 1),
         }
     }
@@ -164,6 +209,8 @@ pub struct Metrics {
     pub mirror_dropped: AtomicU64,
     pub mirror_skipped_body: AtomicU64,
     pub connections_accepted: AtomicU64,
+    /// Accepts that failed for want of descriptors or memory (the listener backs off).
+    pub accept_errors: AtomicU64,
     /// Random per process start: a reader that sees it change knows the counters restarted.
     pub instance: String,
     pub started_unix_ms: u64,
@@ -177,6 +224,7 @@ impl Metrics {
             mirror_dropped: AtomicU64::new(0),
             mirror_skipped_body: AtomicU64::new(0),
             connections_accepted: AtomicU64::new(0),
+            accept_errors: AtomicU64::new(0),
             instance,
             started_unix_ms,
         }
@@ -195,8 +243,9 @@ impl Metrics {
     pub fn snapshot(&self) -> Snapshot {
         let recorders = self.recorders.lock().expect("recorder list").clone();
         let mut versions = [VersionSnapshot::new(), VersionSnapshot::new()];
-        let mut mirror = MirrorSnapshot::default();
+        let mut mirror = MirrorSnapshot::new();
         let mut in_flight = 0;
+        let mut local_failures = [0; LocalFailure::ALL.len()];
         for r in &recorders {
             in_flight += r.in_flight.load(Relaxed);
             for (snap, v) in versions.iter_mut().zip(&r.versions) {
@@ -204,7 +253,17 @@ impl Metrics {
             }
             add_statuses(&mut mirror.statuses, &r.mirror_status);
             mirror.failed += r.mirror_failures.load(Relaxed);
+            if let Ok(h) = r.mirror_latency.lock() {
+                let _ = mirror.latency.add(&*h);
+            }
+            for (n, c) in local_failures.iter_mut().zip(&r.local_failures) {
+                *n += c.load(Relaxed);
+            }
         }
+        let local_failures = LocalFailure::ALL
+            .iter()
+            .map(|f| (f.as_str(), local_failures[*f as usize]))
+            .collect();
         mirror.requests = mirror.statuses.values().sum::<u64>() + mirror.failed;
         mirror.dropped = self.mirror_dropped.load(Relaxed);
         mirror.skipped_with_body = self.mirror_skipped_body.load(Relaxed);
@@ -212,6 +271,8 @@ impl Metrics {
             versions,
             mirror,
             in_flight,
+            local_failures,
+            accept_errors: self.accept_errors.load(Relaxed),
         }
     }
 }
@@ -231,7 +292,8 @@ pub struct VersionSnapshot {
     pub buckets: [u64; LATENCY_BUCKETS.len()],
     pub count: u64,
     pub sum_micros: u64,
-    pub failures: [u64; 3],
+    pub failures: [u64; UpstreamFailure::ALL.len()],
+    pub retries: u64,
     pub latency: Histogram<u64>,
 }
 
@@ -242,7 +304,8 @@ impl VersionSnapshot {
             buckets: [0; LATENCY_BUCKETS.len()],
             count: 0,
             sum_micros: 0,
-            failures: [0; 3],
+            failures: [0; UpstreamFailure::ALL.len()],
+            retries: 0,
             latency: new_hdr(),
         }
     }
@@ -257,6 +320,7 @@ impl VersionSnapshot {
         for (f, c) in self.failures.iter_mut().zip(&v.failures) {
             *f += c.load(Relaxed);
         }
+        self.retries += v.retries.load(Relaxed);
         if let Ok(h) = v.hdr.lock() {
             // Same bounds on both sides, so adding cannot fail.
             let _ = self.latency.add(&*h);
@@ -264,8 +328,6 @@ impl VersionSnapshot {
     }
 }
 
-#[derive(Default, Serialize)]
-#[serde(rename_all = "camelCase")]
 pub struct MirrorSnapshot {
     pub requests: u64,
     pub statuses: BTreeMap<u16, u64>,
@@ -275,6 +337,21 @@ pub struct MirrorSnapshot {
     pub dropped: u64,
     /// Requests picked for mirroring but not copied because they carried a body.
     pub skipped_with_body: u64,
+    /// Time until each answered copy's response head.
+    pub latency: Histogram<u64>,
+}
+
+impl MirrorSnapshot {
+    fn new() -> Self {
+        MirrorSnapshot {
+            requests: 0,
+            statuses: BTreeMap::new(),
+            failed: 0,
+            dropped: 0,
+            skipped_with_body: 0,
+            latency: new_hdr(),
+        }
+    }
 }
 
 pub struct Snapshot {
@@ -282,6 +359,10 @@ pub struct Snapshot {
     pub mirror: MirrorSnapshot,
     /// Requests being proxied, summed over workers.
     pub in_flight: i64,
+    /// Requests the router failed on its own account, by reason.
+    pub local_failures: BTreeMap<&'static str, u64>,
+    /// Connections the listener could not accept (out of descriptors, memory).
+    pub accept_errors: u64,
 }
 
 /// `/stats`: per version, counts by status, failures by kind, and a mergeable latency histogram
@@ -294,7 +375,11 @@ pub struct StatsDoc {
     pub generation: u64,
     pub stable: VersionStats,
     pub canary: VersionStats,
-    pub mirror: MirrorSnapshot,
+    /// The canary's answers to mirrored copies: what it would have answered, never seen by
+    /// a client. Flagger's dark launch judges the canary on these.
+    pub mirror: MirrorStats,
+    /// What the router failed on its own account: never a version's failure.
+    pub router: RouterStats,
 }
 
 #[derive(Serialize)]
@@ -303,7 +388,47 @@ pub struct VersionStats {
     pub requests: u64,
     pub statuses: BTreeMap<u16, u64>,
     pub failures: BTreeMap<&'static str, u64>,
+    /// Requests sent again on a new connection (never a non-idempotent one the upstream may
+    /// have read).
+    pub retries: u64,
     pub latency: LatencyDoc,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MirrorStats {
+    pub requests: u64,
+    pub statuses: BTreeMap<u16, u64>,
+    pub failed: u64,
+    pub dropped: u64,
+    pub skipped_with_body: u64,
+    pub latency: LatencyDoc,
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RouterStats {
+    pub local_failures: BTreeMap<&'static str, u64>,
+    pub accept_errors: u64,
+}
+
+impl LatencyDoc {
+    fn new(latency: &Histogram<u64>, sum_micros: u64) -> LatencyDoc {
+        LatencyDoc {
+            unit: "microseconds",
+            significant_digits: HDR_SIGFIG,
+            sum_micros,
+            counts: latency
+                .iter_recorded()
+                .map(|it| {
+                    (
+                        latency.highest_equivalent(it.value_iterated_to()),
+                        it.count_at_value(),
+                    )
+                })
+                .collect(),
+        }
+    }
 }
 
 #[derive(Serialize)]
@@ -324,34 +449,27 @@ impl Snapshot {
                 .iter()
                 .map(|f| (f.as_str(), v.failures[*f as usize]))
                 .collect(),
-            latency: LatencyDoc {
-                unit: "microseconds",
-                significant_digits: HDR_SIGFIG,
-                sum_micros: v.sum_micros,
-                counts: v
-                    .latency
-                    .iter_recorded()
-                    .map(|it| {
-                        (
-                            v.latency.highest_equivalent(it.value_iterated_to()),
-                            it.count_at_value(),
-                        )
-                    })
-                    .collect(),
-            },
+            retries: v.retries,
+            latency: LatencyDoc::new(&v.latency, v.sum_micros),
         };
+        let m = &self.mirror;
         StatsDoc {
             instance: metrics.instance.clone(),
             started_unix_ms: metrics.started_unix_ms,
             generation,
             stable: version(&self.versions[0]),
             canary: version(&self.versions[1]),
-            mirror: MirrorSnapshot {
-                requests: self.mirror.requests,
-                statuses: self.mirror.statuses.clone(),
-                failed: self.mirror.failed,
-                dropped: self.mirror.dropped,
-                skipped_with_body: self.mirror.skipped_with_body,
+            mirror: MirrorStats {
+                requests: m.requests,
+                statuses: m.statuses.clone(),
+                failed: m.failed,
+                dropped: m.dropped,
+                skipped_with_body: m.skipped_with_body,
+                latency: LatencyDoc::new(&m.latency, 0),
+            },
+            router: RouterStats {
+                local_failures: self.local_failures.clone(),
+                accept_errors: self.accept_errors,
             },
         }
     }
@@ -407,7 +525,7 @@ impl Snapshot {
         }
         out.family(
             "coalmine_router_upstream_failures_total",
-            "Requests the router answered itself because the upstream failed, by kind.",
+            "Requests the upstream failed, by kind: connect, timeout and protocol were answered 502/504 by the router; body broke off after its head (counted as 502).",
             "counter",
         );
         for version in Version::ALL {
@@ -420,6 +538,40 @@ impl Snapshot {
                 );
             }
         }
+        out.family(
+            "coalmine_router_upstream_retries_total",
+            "Requests sent again on a new upstream connection after a kept-alive one failed them before any answer (only requests that cannot have been processed, or idempotent ones).",
+            "counter",
+        );
+        for version in Version::ALL {
+            out.sample(
+                "coalmine_router_upstream_retries_total",
+                &[("version", version.as_str())],
+                self.versions[version.index()].retries,
+            );
+        }
+        out.family(
+            "coalmine_router_local_failures_total",
+            "Requests the router failed on its own account (out of descriptors, memory or local ports), never counted against a version.",
+            "counter",
+        );
+        for (reason, n) in &self.local_failures {
+            out.sample(
+                "coalmine_router_local_failures_total",
+                &[("reason", reason)],
+                *n,
+            );
+        }
+        out.family(
+            "coalmine_router_accept_errors_total",
+            "Client connections the listener could not accept for want of descriptors or memory.",
+            "counter",
+        );
+        out.sample(
+            "coalmine_router_accept_errors_total",
+            &[],
+            self.accept_errors,
+        );
         out.family(
             "coalmine_router_mirror_requests_total",
             "Mirrored copies answered by the canary, by status code.",

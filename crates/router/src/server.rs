@@ -186,7 +186,10 @@ pub fn start(config: RouterConfig) -> Result<RouterHandle, StartError> {
     let shared = Arc::new(Shared {
         table: ArcSwap::from_pointee(RouteTable::new(config.routes.clone(), 1)),
         metrics: Arc::new(Metrics::new(instance, now.as_millis() as u64)),
-        options: config.proxy.clone(),
+        options: ProxyOptions {
+            client_stall_timeout: config.idle_timeout,
+            ..config.proxy.clone()
+        },
     });
     let (stop, stopped) = watch::channel(false);
     let mut handles = Vec::new();
@@ -215,6 +218,9 @@ pub fn start(config: RouterConfig) -> Result<RouterHandle, StartError> {
         threads: handles,
     })
 }
+
+/// How long a listener stops accepting when the process is out of descriptors or memory.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
 /// Tasks a worker runs between forced checks for new socket events (tokio's default is 61). A
 /// proxied request takes about five task polls, so the default made an epoll_wait every dozen
@@ -269,12 +275,28 @@ fn run_worker(
         loop {
             tokio::select! {
                 _ = stopped.changed() => break,
-                accepted = listener.accept() => {
-                    let Ok((stream, peer)) = accepted else { continue };
-                    worker.shared.metrics.connections_accepted.fetch_add(1, Relaxed);
-                    let _ = stream.set_nodelay(true);
-                    serve(stream, peer, &worker, &builder, &limits, &drain, tls.clone());
-                }
+                accepted = listener.accept() => match accepted {
+                    Ok((stream, peer)) => {
+                        worker.shared.metrics.connections_accepted.fetch_add(1, Relaxed);
+                        let _ = stream.set_nodelay(true);
+                        serve(stream, peer, &worker, &builder, &limits, &drain, tls.clone());
+                    }
+                    Err(e) if crate::proxy::is_local_exhaustion(&e) => {
+                        // The pending connection stays queued and the error would come back at
+                        // once: pause accepting (nginx waits 500 ms) while the connections
+                        // already open keep being served.
+                        let metrics = &worker.shared.metrics;
+                        if metrics.accept_errors.fetch_add(1, Relaxed) == 0 {
+                            tracing::error!("cannot accept connections: {e}; pausing accepts");
+                        }
+                        tokio::select! {
+                            _ = stopped.changed() => break,
+                            _ = tokio::time::sleep(ACCEPT_BACKOFF) => {}
+                        }
+                    }
+                    // The peer gave up before accept (ECONNABORTED) and the like: the next one.
+                    Err(_) => {}
+                },
             }
         }
         drop(listener);
@@ -332,8 +354,96 @@ async fn serve_io<I>(
         http1::Ended::Closed => return,
         http1::Ended::Handoff { read } => read,
     };
-    let svc = service_fn(move |req| handle(conn.clone(), req));
+    let activity = Arc::new(Activity::new());
+    let svc = {
+        let activity = activity.clone();
+        service_fn(move |req| {
+            let busy = activity.enter();
+            let answered = handle(conn.clone(), req);
+            async move {
+                let answer = answered.await;
+                drop(busy);
+                answer
+            }
+        })
+    };
     let io = TokioIo::new(Watched::new(io, head, read));
     let conn = builder.serve_connection_with_upgrades(io, svc);
-    let _ = drain::watch(conn, guard, |c| c.graceful_shutdown()).await;
+    let (first, idle) = (limits.header_read_timeout, limits.idle_timeout);
+    let asked = activity.clone().idle_for_too_long(first, idle);
+    let served = drain::watch(conn, guard, asked, |c| c.graceful_shutdown());
+    // An idle connection asked to close gets a header timeout's grace, then is dropped: an
+    // HTTP/2 peer that never acknowledges the closing PING would otherwise keep it open.
+    let abandoned = async {
+        activity.clone().idle_for_too_long(first, idle).await;
+        crate::timer::Sleep::until(std::time::Instant::now() + first).await;
+    };
+    tokio::select! {
+        _ = served => {}
+        () = abandoned => {}
+    }
+}
+
+/// Requests a hyper-served connection (HTTP/2, or HTTP/1 handed over) is handling, and since
+/// when it has had none: hyper closes neither an HTTP/2 connection that never sends a request
+/// nor one that stays idle, so the router does.
+struct Activity {
+    origin: std::time::Instant,
+    busy: std::sync::atomic::AtomicUsize,
+    /// Requests answered so far (the first request gets the header read timeout).
+    answered: std::sync::atomic::AtomicU64,
+    /// Microseconds after `origin` when the last request was answered.
+    last_micros: std::sync::atomic::AtomicU64,
+}
+
+struct Busy(Arc<Activity>);
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        let a = &self.0;
+        a.last_micros
+            .store(a.origin.elapsed().as_micros() as u64, Relaxed);
+        a.answered.fetch_add(1, Relaxed);
+        a.busy.fetch_sub(1, Relaxed);
+    }
+}
+
+impl Activity {
+    fn new() -> Self {
+        Activity {
+            origin: std::time::Instant::now(),
+            busy: 0.into(),
+            answered: 0.into(),
+            last_micros: 0.into(),
+        }
+    }
+
+    fn enter(self: &Arc<Self>) -> Busy {
+        self.busy.fetch_add(1, Relaxed);
+        Busy(self.clone())
+    }
+
+    /// Resolves once the connection has had no request in flight for `idle` (for
+    /// `first_request` before its first request).
+    async fn idle_for_too_long(self: Arc<Self>, first_request: Duration, idle: Duration) {
+        loop {
+            let limit = if self.answered.load(Relaxed) == 0 {
+                first_request
+            } else {
+                idle
+            };
+            let since = self.origin + Duration::from_micros(self.last_micros.load(Relaxed));
+            let Some(deadline) = since.checked_add(limit) else {
+                return std::future::pending().await;
+            };
+            let now = std::time::Instant::now();
+            if self.busy.load(Relaxed) > 0 {
+                crate::timer::Sleep::until(now + limit).await;
+            } else if deadline <= now {
+                return;
+            } else {
+                crate::timer::Sleep::until(deadline).await;
+            }
+        }
+    }
 }

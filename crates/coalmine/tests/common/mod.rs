@@ -4,6 +4,7 @@
 
 pub mod daemon;
 pub mod promstack;
+pub mod raw;
 pub mod stub;
 
 use std::fs;
