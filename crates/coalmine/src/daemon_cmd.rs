@@ -47,18 +47,27 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         .worker_threads(2)
         .enable_all()
         .build()?;
-    rt.block_on(daemon::serve(
+    let served = rt.block_on(daemon::serve(
         DaemonConfig {
             api: args.api,
             state: args.state.clone(),
             token,
         },
         |addr| {
-            println!("coalmine serve: api={addr} state={}", args.state.display());
+            outln!("coalmine serve: api={addr} state={}", args.state.display());
         },
         crate::termination(),
-    ))?;
-    Ok(ExitCode::SUCCESS)
+    ));
+    match served {
+        Ok(()) => Ok(ExitCode::SUCCESS),
+        // A state file that is not Coalmine's is the user's to sort out.
+        Err(
+            e @ daemon::DaemonError::Store(coalmine_controller::store::StoreError::NotOurs {
+                ..
+            }),
+        ) => Err(BadInput(format!("--state {e}")).into()),
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// How a client finds the daemon and proves it may change things.
@@ -170,10 +179,10 @@ pub fn apply(args: ApplyArgs) -> anyhow::Result<ExitCode> {
         Some(json!({"files": files, "restart": args.restart})),
     )?;
     match args.api.output {
-        OutputFormat::Json => println!("{result}"),
+        OutputFormat::Json => outln!("{result}"),
         OutputFormat::Text => {
             for a in result["applied"].as_array().into_iter().flatten() {
-                println!(
+                outln!(
                     "{} {}",
                     a["name"].as_str().unwrap_or(""),
                     a["action"].as_str().unwrap_or("")
@@ -211,27 +220,30 @@ pub fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
     let Some(name) = &args.name else {
         let all = client.call(reqwest::Method::GET, "/api/v1/rollouts", None)?;
         match args.api.output {
-            OutputFormat::Json => println!("{all}"),
+            OutputFormat::Json => outln!("{all}"),
             OutputFormat::Text => {
                 for s in all.as_array().into_iter().flatten() {
-                    println!("{}", status_line(s));
+                    outln!("{}", status_line(s));
                 }
             }
         }
         return Ok(ExitCode::SUCCESS);
     };
     let path = format!("/api/v1/rollouts/{name}");
+    // What was printed last: a line is printed again only when it changes.
     let mut last = None;
     loop {
         let s = client.call(reqwest::Method::GET, &path, None)?;
-        if last.as_ref() != Some(&s) {
-            match args.api.output {
-                OutputFormat::Json => println!("{s}"),
-                OutputFormat::Text => println!("{}", status_line(&s)),
-            }
+        let shown = match args.api.output {
+            OutputFormat::Json => s.to_string(),
+            OutputFormat::Text => status_line(&s),
+        };
+        if last.as_ref() != Some(&shown) {
+            outln!("{shown}");
         }
         let phase = s["phase"].as_str().unwrap_or("").to_string();
-        if !args.watch {
+        // Nobody reads any more: stop quietly.
+        if !args.watch || crate::output::stdout_closed() {
             return Ok(ExitCode::SUCCESS);
         }
         match phase.as_str() {
@@ -239,7 +251,7 @@ pub fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
             "Failed" => return Ok(ExitCode::from(1)),
             _ => {}
         }
-        last = Some(s);
+        last = Some(shown);
         std::thread::sleep(Duration::from_millis(500));
     }
 }
@@ -251,6 +263,24 @@ pub struct CommandArgs {
     pub api: ApiArgs,
 }
 
+/// Forgets a finished rollout on the daemon.
+pub fn delete(args: CommandArgs) -> anyhow::Result<ExitCode> {
+    let client = Client::new(&args.api)?;
+    let result = client.call(
+        reqwest::Method::DELETE,
+        &format!("/api/v1/rollouts/{}", args.name),
+        None,
+    )?;
+    match args.api.output {
+        OutputFormat::Json => outln!("{result}"),
+        OutputFormat::Text => outln!(
+            "{}: deleted (its routers stay as it left them, and nothing keeps them now)",
+            args.name
+        ),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 /// `promote`, `abort`, `pause`, `resume`.
 pub fn command(verb: &str, args: CommandArgs) -> anyhow::Result<ExitCode> {
     let client = Client::new(&args.api)?;
@@ -260,8 +290,8 @@ pub fn command(verb: &str, args: CommandArgs) -> anyhow::Result<ExitCode> {
         None,
     )?;
     match args.api.output {
-        OutputFormat::Json => println!("{result}"),
-        OutputFormat::Text => println!("{}: {verb} sent", args.name),
+        OutputFormat::Json => outln!("{result}"),
+        OutputFormat::Text => outln!("{}: {verb} sent", args.name),
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -274,9 +304,12 @@ pub fn history(args: CommandArgs) -> anyhow::Result<ExitCode> {
         None,
     )?;
     for e in events.as_array().into_iter().flatten() {
+        if crate::output::stdout_closed() {
+            break;
+        }
         match args.api.output {
-            OutputFormat::Json => println!("{e}"),
-            OutputFormat::Text => println!(
+            OutputFormat::Json => outln!("{e}"),
+            OutputFormat::Text => outln!(
                 "{}  run {:<3} {:<16} {:>6}%  {}",
                 e["time"].as_str().unwrap_or(""),
                 e["run"],

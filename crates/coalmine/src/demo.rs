@@ -152,12 +152,12 @@ pub fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
         let rollout: Rollout = coalmine_spec::parse_yaml("demo-rollout.yaml", &text)?;
         let text_output = args.output == OutputFormat::Text;
         if text_output {
-            println!(
+            outln!(
                 "coalmine demo ({:?}): payment-service v1 at {v1}, v2 at {v2}{}",
                 args.scenario,
                 if v2_error_rate > 0.0 { " (fails ~10 % of requests)" } else { "" }
             );
-            println!(
+            outln!(
                 "router on http://{} (admin http://{}), {} req/s of traffic; steps 5 → 10 → 25 → 50 %, every 3s, threshold 2, sequential judges on (alpha 0.01)",
                 router.listen, router.admin, args.rps
             );
@@ -202,7 +202,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
         if text_output {
             if let Some(e) = &evidence {
                 let t = &e.errors.totals;
-                println!(
+                outln!(
                     "sequential evidence: errors {}/{} on v2 vs {}/{} on v1, Bayes factor {:.1} (rolls back at {:.0}), p = {:.4}; latency p = {:.3} over {} v2 samples",
                     t.canary_failures,
                     t.canary_requests,
@@ -216,12 +216,12 @@ pub fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
                 );
             }
             let verb = if outcome == Outcome::RolledBack { "rolled back" } else { "promoted" };
-            println!(
+            outln!(
                 "v2 {verb} {:.1}s after the rollout started. Users sent {total} requests: {v2n} reached v2 ({share:.2} %), {v2f} of them failed; {errs} failed in the router.",
                 elapsed.as_secs_f64()
             );
         } else {
-            println!(
+            outln!(
                 "{}",
                 serde_json::json!({"scenario": format!("{:?}", args.scenario).to_lowercase(), "outcome": outcome, "seconds": elapsed.as_secs_f64(), "requests": total, "v2Requests": v2n, "v2Failures": v2f, "routerErrors": errs, "sequential": evidence})
             );

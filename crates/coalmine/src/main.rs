@@ -1,6 +1,9 @@
 //! The `coalmine` binary: parse the command line, call the library, print. Exit codes:
 //! 0 success (promoted), 1 failure (rolled back, or a runtime error), 2 bad input.
 
+#[macro_use]
+mod output;
+
 mod daemon_cmd;
 mod demo;
 mod proxy_cmd;
@@ -38,7 +41,7 @@ enum Command {
     Serve(daemon_cmd::ServeArgs),
     /// Start or change rollouts on the daemon (a changed document restarts the analysis)
     Apply(daemon_cmd::ApplyArgs),
-    /// Show rollouts; `--watch NAME` follows one and exits 0 promoted, 1 rolled back
+    /// Show rollouts; `status NAME --watch` follows one and exits 0 promoted, 1 rolled back
     Status(daemon_cmd::StatusArgs),
     /// Skip the rest of the analysis and promote now
     Promote(daemon_cmd::CommandArgs),
@@ -50,6 +53,8 @@ enum Command {
     Resume(daemon_cmd::CommandArgs),
     /// Every event of every run of a rollout
     History(daemon_cmd::CommandArgs),
+    /// Forget a finished rollout (state and history); its routers stay as it left them
+    Delete(daemon_cmd::CommandArgs),
     /// Run a small HTTP service with an injectable error rate and latency (demos, tests)
     Upstream(upstream::UpstreamArgs),
 }
@@ -74,6 +79,8 @@ fn main() -> ExitCode {
         _ => "warn",
     };
     tracing_subscriber::fmt()
+        // Colours only for a person at a terminal, not in a log file or a pipe.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("COALMINE_LOG")
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level)),
@@ -96,11 +103,12 @@ fn main() -> ExitCode {
         Command::Pause(args) => daemon_cmd::command("pause", args),
         Command::Resume(args) => daemon_cmd::command("resume", args),
         Command::History(args) => daemon_cmd::history(args),
+        Command::Delete(args) => daemon_cmd::delete(args),
     };
     match result {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("coalmine: {e:#}");
+            errln!("coalmine: {e:#}");
             if e.downcast_ref::<BadInput>().is_some() {
                 ExitCode::from(2)
             } else {
@@ -118,6 +126,17 @@ pub async fn termination() {
     tokio::select! {
         _ = term.recv() => {}
         _ = int.recv() => {}
+    }
+}
+
+/// Resolves on SIGTERM, SIGINT or SIGHUP: the terminal of a foreground command that steers
+/// traffic (`run`) closing must roll its canary back, not kill it where it stands.
+pub async fn interruption() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut hangup = signal(SignalKind::hangup()).expect("SIGHUP handler");
+    tokio::select! {
+        () = termination() => {}
+        _ = hangup.recv() => {}
     }
 }
 

@@ -209,9 +209,10 @@ pub fn run(args: ProxyArgs) -> anyhow::Result<()> {
     let config = router_config(args)?;
     let threads = config.threads;
     let handle = coalmine_router::start(config)?;
-    println!(
+    outln!(
         "coalmine proxy: listen={} admin={} threads={threads}",
-        handle.listen, handle.admin
+        handle.listen,
+        handle.admin
     );
     let t = handle.table();
     tracing::info!(

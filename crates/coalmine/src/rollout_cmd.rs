@@ -34,7 +34,7 @@ pub fn load(paths: &[String]) -> anyhow::Result<DocumentSet> {
     }
     let set = documents::load(&files).map_err(|e| BadInput(e.to_string()))?;
     for w in &set.warnings {
-        eprintln!("warning: {w}");
+        errln!("warning: {w}");
     }
     Ok(set)
 }
@@ -64,13 +64,13 @@ pub fn check(args: CheckArgs) -> anyhow::Result<ExitCode> {
         })
         .collect();
     match args.output {
-        OutputFormat::Json => println!(
+        OutputFormat::Json => outln!(
             "{}",
             serde_json::json!({"valid": true, "documents": docs, "warnings": set.warnings})
         ),
         OutputFormat::Text => {
             for d in &docs {
-                println!(
+                outln!(
                     "ok  {}:{}  {} {}",
                     d["file"].as_str().unwrap_or(""),
                     d["line"],
@@ -183,7 +183,7 @@ pub struct ConvertArgs {
 pub fn convert(args: ConvertArgs) -> anyhow::Result<ExitCode> {
     let set = load(&args.files)?;
     let rollout = pick_rollout(&set, args.name.as_deref(), &args.placement)?;
-    print!("{}", serde_saphyr::to_string(&rollout)?);
+    crate::output::text(&serde_saphyr::to_string(&rollout)?);
     Ok(ExitCode::SUCCESS)
 }
 
@@ -213,12 +213,16 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
+    // Before anything moves: the routers must be Coalmine routers no other rollout drives.
+    rt.block_on(driver.claim_routers())
+        .map_err(|e| BadInput(format!("{}: {e}", rollout.metadata.name)))?;
     let mut reporter = Reporter::new(&rollout.metadata.name, args.output);
     let outcome = rt.block_on(async {
         let (control, inputs) = mpsc::channel(16);
-        // Interrupting a run rolls back: traffic never stays on an unwatched canary.
+        // Interrupting a run (Ctrl-C, SIGTERM, the terminal closing) rolls back: traffic
+        // never stays on an unwatched canary.
         tokio::spawn(async move {
-            crate::termination().await;
+            crate::interruption().await;
             let _ = control
                 .send(Input::Abort {
                     reason: "interrupted".into(),
@@ -285,7 +289,7 @@ impl Reporter {
             Outcome::RolledBack => "rolled back",
         };
         match self.format {
-            OutputFormat::Json => println!(
+            OutputFormat::Json => outln!(
                 "{}",
                 serde_json::json!({
                     "rollout": self.name,
@@ -298,14 +302,14 @@ impl Reporter {
                 })
             ),
             OutputFormat::Text => {
-                println!(
+                outln!(
                     "{}: {verdict} after {:.1}s ({})",
                     self.name,
                     (status.last_transition_ms.saturating_sub(status.started_ms)) as f64 / 1000.0,
                     status.message
                 );
                 if !settled {
-                    println!("warning: the routers did not take the final routes; check them with GET /routes");
+                    outln!("warning: the routers did not take the final routes; check them with GET /routes");
                 }
             }
         }
@@ -313,10 +317,12 @@ impl Reporter {
 }
 
 impl Sink for Reporter {
-    fn record(&mut self, status: &Status, events: &[Event]) {
+    /// Never fails: what a terminal or pipe does with the output cannot stop a rollout (a closed
+    /// pipe only ends the printing).
+    fn record(&mut self, status: &Status, events: &[Event]) -> Result<(), String> {
         for event in events {
             match self.format {
-                OutputFormat::Json => println!(
+                OutputFormat::Json => outln!(
                     "{}",
                     serde_json::json!({
                         "time": rfc3339(event.time_ms),
@@ -344,7 +350,7 @@ impl Sink for Reporter {
                     );
                     match &self.bar {
                         Some(bar) => bar.println(line),
-                        None => println!("{line}"),
+                        None => outln!("{line}"),
                     }
                 }
             }
@@ -357,5 +363,6 @@ impl Sink for Reporter {
                 status.failed_checks
             ));
         }
+        Ok(())
     }
 }

@@ -68,7 +68,7 @@ pub fn run(args: SimulateArgs) -> anyhow::Result<ExitCode> {
     let started = Instant::now();
     let (coalmine, dropped) = simulated_analysis(&analysis, Semantics::Coalmine);
     for name in &dropped {
-        eprintln!(
+        errln!(
             "warning: metric {name:?} asks a provider, which a simulation does not have; left out"
         );
     }
@@ -94,7 +94,7 @@ pub fn run(args: SimulateArgs) -> anyhow::Result<ExitCode> {
             }
             doc["seed"] = json!(args.seed);
             doc["elapsedSeconds"] = json!((seconds * 100.0).round() / 100.0);
-            println!("{doc}");
+            outln!("{doc}");
         }
         OutputFormat::Text => print_table(&summaries, args.runs, seconds),
     }
@@ -151,7 +151,7 @@ fn run_all(
 
 fn print_table(summaries: &[(&str, Summary)], runs: usize, seconds: f64) {
     let num = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.0}"));
-    println!(
+    outln!(
         "{:<9} {:>11} {:>9} {:>10} {:>14} {:>14} {:>16} {:>16}",
         "judge",
         "rolled back",
@@ -163,7 +163,7 @@ fn print_table(summaries: &[(&str, Summary)], runs: usize, seconds: f64) {
         "canary fail p50"
     );
     for (label, s) in summaries {
-        println!(
+        outln!(
             "{:<9} {:>11} {:>9} {:>10} {:>14} {:>14} {:>16} {:>16}",
             label,
             s.rolled_back,
@@ -175,5 +175,5 @@ fn print_table(summaries: &[(&str, Summary)], runs: usize, seconds: f64) {
             num(s.canary_failures.p50),
         );
     }
-    println!("{runs} runs per judge in {seconds:.1} s");
+    outln!("{runs} runs per judge in {seconds:.1} s");
 }

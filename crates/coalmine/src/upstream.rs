@@ -317,7 +317,7 @@ pub fn run(args: UpstreamArgs) -> anyhow::Result<()> {
         .build()?;
     rt.block_on(async move {
         let listener = tokio::net::TcpListener::bind(args.listen).await?;
-        println!(
+        outln!(
             "coalmine upstream: listen={} name={}",
             listener.local_addr()?,
             args.name

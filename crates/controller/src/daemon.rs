@@ -27,9 +27,10 @@ use coalmine_spec::documents::{self, Document};
 use coalmine_spec::rollout::{HttpUrl, Rollout, Target};
 
 use crate::driver::{now_ms, Driver, Sink};
+use crate::lock::{LockError, StateLock};
 use crate::processes::ManagedProcess;
-use crate::report::{event_json, status_json};
-use crate::store::{Store, StoreError};
+use crate::report::{event_json, status_json, Held};
+use crate::store::{Opened, Store, StoreError};
 use crate::telemetry::Telemetry;
 
 pub struct DaemonConfig {
@@ -42,20 +43,29 @@ pub struct DaemonConfig {
 pub enum DaemonError {
     #[error(transparent)]
     Store(#[from] StoreError),
-    #[error("cannot listen on {addr}: {source}")]
+    #[error(transparent)]
+    Locked(#[from] LockError),
+    /// The cause is in the message, not a `source`: shown once however it is printed.
+    #[error("cannot listen on {addr}: {cause}")]
     Listen {
         addr: SocketAddr,
-        source: std::io::Error,
+        cause: std::io::Error,
     },
 }
 
+/// A rollout's task: its driver while the run goes on, then the keeper of its routers.
 struct Running {
     run: i64,
-    /// `analysis.rollbackOnAlerts` of the running spec.
+    /// When this run began: alerts that started firing before it are about an earlier run.
+    started_ms: u64,
+    /// The running spec (its `rollbackOnAlerts`, its routers).
     rollout: Arc<Rollout>,
     control: mpsc::Sender<Input>,
     task: tokio::task::JoinHandle<()>,
 }
+
+/// Rollouts holding because a step could not be saved, by name: shown in their status.
+type HeldSteps = Arc<Mutex<HashMap<String, Held>>>;
 
 /// A router `serve` runs itself for a rollout (`spec.router`).
 struct HostedRouter {
@@ -65,6 +75,7 @@ struct HostedRouter {
 
 struct Daemon {
     store: Store,
+    held: HeldSteps,
     token: String,
     running: Mutex<HashMap<String, Running>>,
     routers: Mutex<HashMap<String, HostedRouter>>,
@@ -84,6 +95,7 @@ struct Versions {
 /// Persists every step of one run.
 struct StoreSink {
     store: Store,
+    held: HeldSteps,
     name: String,
     run: i64,
     telemetry: Arc<Telemetry>,
@@ -92,9 +104,26 @@ struct StoreSink {
 }
 
 impl Sink for StoreSink {
-    fn record(&mut self, status: &Status, events: &[Event]) {
+    fn record(&mut self, status: &Status, events: &[Event]) -> Result<(), String> {
         if let Err(e) = self.store.record(&self.name, self.run, status, events) {
-            tracing::error!(rollout = %self.name, "could not persist a step: {e}");
+            let reason = e.to_string();
+            let mut held = self.held.lock().expect("held");
+            let since_ms = held.get(&self.name).map_or_else(now_ms, |h| h.since_ms);
+            if held.get(&self.name).is_none_or(|h| h.reason != reason) {
+                tracing::error!(rollout = %self.name, "cannot save the rollout's state: {reason}");
+            }
+            held.insert(
+                self.name.clone(),
+                Held {
+                    since_ms,
+                    reason: reason.clone(),
+                },
+            );
+            self.telemetry.unsaved(&self.name, true);
+            return Err(reason);
+        }
+        if self.held.lock().expect("held").remove(&self.name).is_some() {
+            self.telemetry.unsaved(&self.name, false);
         }
         self.telemetry.observe(&self.name, status);
         if let (Some(outcome), false) = (status.outcome, self.counted) {
@@ -103,8 +132,10 @@ impl Sink for StoreSink {
             self.counted = true;
         }
         for e in events {
-            tracing::info!(rollout = %self.name, phase = e.phase.as_str(), weight = e.weight, "{}", e.message);
+            let weight = coalmine_spec::weight::basis_points_to_percent(e.weight);
+            tracing::info!(rollout = %self.name, phase = e.phase.as_str(), weight_percent = weight, "{}", e.message);
         }
+        Ok(())
     }
 }
 
@@ -115,9 +146,17 @@ pub async fn serve(
     ready: impl FnOnce(SocketAddr),
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), DaemonError> {
-    let store = Store::open(&config.state)?;
+    // Before anything is read: a second daemon on this file must not even start.
+    let since = crate::time::rfc3339(now_ms());
+    let holder = |api: SocketAddr| format!("pid {}, api {api}, since {since}", std::process::id());
+    let mut lock = StateLock::acquire(&config.state, &holder(config.api))?;
+    let (store, opened) = Store::open(&config.state)?;
+    if opened == Opened::Created {
+        tracing::warn!(state = %config.state.display(), "created a new, empty state file");
+    }
     let daemon = Arc::new(Daemon {
         store,
+        held: Arc::new(Mutex::new(HashMap::new())),
         token: config.token,
         running: Mutex::new(HashMap::new()),
         routers: Mutex::new(HashMap::new()),
@@ -127,20 +166,21 @@ pub async fn serve(
     daemon.resume_all().await?;
     let listener = tokio::net::TcpListener::bind(config.api)
         .await
-        .map_err(|source| DaemonError::Listen {
+        .map_err(|cause| DaemonError::Listen {
             addr: config.api,
-            source,
+            cause,
         })?;
-    let addr = listener
-        .local_addr()
-        .map_err(|source| DaemonError::Listen {
-            addr: config.api,
-            source,
-        })?;
+    let addr = listener.local_addr().map_err(|cause| DaemonError::Listen {
+        addr: config.api,
+        cause,
+    })?;
+    // The address actually bound (the configured one may be port 0).
+    let _ = lock.describe(&holder(addr));
     ready(addr);
     let mutating = Router::new()
         .route("/api/v1/apply", post(apply))
         .route("/api/v1/rollouts/{name}/{command}", post(command))
+        .route("/api/v1/rollouts/{name}", axum::routing::delete(delete))
         .route("/api/v1/alertmanager", post(alertmanager))
         .route_layer(middleware::from_fn_with_state(
             daemon.clone(),
@@ -163,9 +203,9 @@ pub async fn serve(
     for (_, hosted) in daemon.routers.lock().expect("routers").drain() {
         hosted.handle.shutdown();
     }
-    served.map_err(|source| DaemonError::Listen {
+    served.map_err(|cause| DaemonError::Listen {
         addr: config.api,
-        source,
+        cause,
     })
 }
 
@@ -254,16 +294,32 @@ async fn apply(State(d): State<Arc<Daemon>>, Json(req): Json<ApplyRequest>) -> R
             );
         }
     }
+    if let Err(conflict) = d.router_conflicts(&rollouts) {
+        return error(StatusCode::CONFLICT, conflict);
+    }
     let mut applied = Vec::new();
     for rollout in rollouts {
         let name = rollout.metadata.name.clone();
-        let result = d.apply_one(rollout, req.restart).await;
-        match result {
+        match d.apply_one(rollout, req.restart).await {
             Ok(action) => applied.push(json!({"name": name, "action": action})),
-            Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, format!("{name}: {e}")),
+            Err(ApplyError::Refused(e)) => {
+                return error(StatusCode::CONFLICT, format!("{name}: {e}"))
+            }
+            Err(ApplyError::Failed(e)) => {
+                return error(StatusCode::INTERNAL_SERVER_ERROR, format!("{name}: {e}"))
+            }
         }
     }
     Json(json!({"applied": applied, "warnings": set.warnings})).into_response()
+}
+
+/// Why an apply did not start a run; the running rollout is untouched either way.
+enum ApplyError {
+    /// The rollout cannot run as things stand (its routers are not Coalmine routers, or are
+    /// driven by someone else): the user's to fix.
+    Refused(String),
+    /// Something failed on the daemon's side (a process did not start, the state file).
+    Failed(String),
 }
 
 /// What `Driver::new` would refuse, found without starting anything.
@@ -287,24 +343,84 @@ fn check_runnable(r: &Rollout) -> Result<(), String> {
             .parse::<SocketAddr>()
             .map_err(|e| format!("spec.router.listen: {e}"))?;
     }
+    if let (Some(Target::Url(stable)), Some(Target::Url(canary))) = (&r.spec.stable, &r.spec.canary)
+    {
+        crate::routers::Upstreams::new(
+            &r.metadata.name,
+            stable.as_str(),
+            canary.as_str(),
+            &r.spec.analysis,
+        )?;
+    }
     Ok(())
 }
 
+/// The routers a rollout drives, as comparable names: admin URLs, and hosted routers' traffic
+/// addresses.
+fn router_keys(r: &Rollout) -> Vec<String> {
+    let mut keys: Vec<String> = r.spec.routers.iter().map(|u| u.to_string()).collect();
+    if let Some(hosted) = &r.spec.router {
+        keys.push(format!("hosted router on {}", hosted.listen));
+    }
+    keys
+}
+
 impl Daemon {
+    /// One router carries one rollout: a rollout whose routers another rollout already drives
+    /// (running or finished, whose routers it keeps) is refused, naming that rollout.
+    fn router_conflicts(&self, incoming: &[Rollout]) -> Result<(), String> {
+        let stored = self.store.all().map_err(|e| e.to_string())?;
+        let mut owners: Vec<(String, String, String)> = stored
+            .into_iter()
+            .flatten()
+            .flat_map(|s| {
+                let name = s.rollout.metadata.name.clone();
+                let phase = s.status.phase.as_str().to_string();
+                router_keys(&s.rollout)
+                    .into_iter()
+                    .map(move |k| (k, name.clone(), phase.clone()))
+            })
+            .collect();
+        for r in incoming {
+            let name = &r.metadata.name;
+            for key in router_keys(r) {
+                if let Some((_, owner, phase)) = owners
+                    .iter()
+                    .find(|(k, owner, _)| *k == key && owner != name)
+                {
+                    return Err(format!(
+                        "{name}: router {key} already carries rollout {owner:?} ({phase}); one router carries one rollout: give {name:?} its own router, or delete {owner:?} first (`coalmine delete {owner}`)"
+                    ));
+                }
+            }
+            owners.extend(
+                router_keys(r)
+                    .into_iter()
+                    .map(|k| (k, name.clone(), "in this apply".to_string())),
+            );
+        }
+        Ok(())
+    }
+
     async fn resume_all(self: &Arc<Self>) -> Result<(), StoreError> {
         for stored in self.store.all()? {
+            let stored = match stored {
+                Ok(s) => s,
+                Err(bad) => {
+                    tracing::error!(rollout = %bad.name, "cannot read this rollout's stored state, so it is not resumed (the others are): {}", bad.error);
+                    continue;
+                }
+            };
             self.telemetry
                 .observe(&stored.rollout.metadata.name, &stored.status);
-            let unfinished = !stored.status.phase.is_final();
-            if unfinished || !stored.settled {
-                let name = stored.rollout.metadata.name.clone();
-                tracing::info!(rollout = %name, phase = stored.status.phase.as_str(), "resuming");
-                if let Err(e) = self
-                    .spawn(stored.rollout, Some(stored.status), stored.run)
-                    .await
-                {
-                    tracing::error!(rollout = %name, "cannot resume: {e}");
-                }
+            let name = stored.rollout.metadata.name.clone();
+            tracing::info!(rollout = %name, phase = stored.status.phase.as_str(), "resuming");
+            // Finished rollouts too: their routers are kept as they left them.
+            if let Err(e) = self
+                .spawn(stored.rollout, Some(stored.status), stored.run)
+                .await
+            {
+                tracing::error!(rollout = %name, "cannot resume: {e}");
             }
         }
         Ok(())
@@ -314,20 +430,34 @@ impl Daemon {
         self: &Arc<Self>,
         rollout: Rollout,
         restart: bool,
-    ) -> Result<&'static str, String> {
+    ) -> Result<&'static str, ApplyError> {
         let name = rollout.metadata.name.clone();
-        let existing = self.store.get(&name).map_err(|e| e.to_string())?;
+        let existing = self
+            .store
+            .get(&name)
+            .map_err(|e| ApplyError::Failed(e.to_string()))?;
         let action = match &existing {
-            Some(old) if old.rollout == rollout && !restart => return Ok("unchanged"),
+            Some(old) if old.rollout == rollout && !restart => {
+                return Ok(match old.status.phase {
+                    Phase::Failed => "unchanged (its last run was rolled back: `coalmine apply --restart` runs it again)",
+                    Phase::Succeeded => "unchanged (already promoted: `coalmine apply --restart` runs it again)",
+                    _ => "unchanged",
+                })
+            }
             Some(old) if !old.status.phase.is_final() => "restarted",
             Some(_) => "started",
             None => "created",
         };
-        // Started (processes ready) before the old run stops: a failure leaves the old run be.
-        let driver = self.driver(&rollout, None).await?;
-        if let Some(old) = self.running.lock().expect("running").remove(&name) {
-            old.task.abort();
-        }
+        // Started (processes ready) and saved before the old run stops: a failure leaves the
+        // old run be.
+        let driver = self
+            .driver(&rollout, None)
+            .await
+            .map_err(ApplyError::Failed)?;
+        driver
+            .claim_routers()
+            .await
+            .map_err(|e| ApplyError::Refused(e.to_string()))?;
         let message = match action {
             "restarted" => "New revision applied: analysis restarted from the beginning",
             _ => "Rollout applied",
@@ -342,11 +472,17 @@ impl Daemon {
         let run = self
             .store
             .start_run(&rollout, driver.status(), &[event])
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| {
+                ApplyError::Failed(format!(
+                    "the new run could not be saved, the old one goes on: {e}"
+                ))
+            })?;
+        if let Some(old) = self.running.lock().expect("running").remove(&name) {
+            old.task.abort();
+        }
         self.launch(rollout, driver, run);
         Ok(action)
     }
-
     /// A driver for the rollout, with its processes ready and its hosted router (if any)
     /// started and added.
     async fn driver(&self, rollout: &Rollout, status: Option<Status>) -> Result<Driver, String> {
@@ -472,9 +608,11 @@ impl Daemon {
         let daemon = self.clone();
         let task_name = name.clone();
         let counted = driver.status().outcome.is_some();
+        let started_ms = driver.status().started_ms;
         let task = tokio::spawn(async move {
             let mut sink = StoreSink {
                 store: daemon.store.clone(),
+                held: daemon.held.clone(),
                 name: task_name.clone(),
                 run,
                 telemetry: daemon.telemetry.clone(),
@@ -487,22 +625,23 @@ impl Daemon {
                 }
             }
             tracing::info!(rollout = %task_name, ?outcome, "rollout ended");
-            let current = {
-                let mut running = daemon.running.lock().expect("running");
-                let current = running.get(&task_name).is_some_and(|r| r.run == run);
-                if current {
-                    running.remove(&task_name);
-                }
-                current
-            };
+            let current = daemon
+                .running
+                .lock()
+                .expect("running")
+                .get(&task_name)
+                .is_some_and(|r| r.run == run);
             if current {
                 daemon.retire_processes(&task_name, outcome).await;
             }
+            // From now on the task keeps the routers as the run left them.
+            driver.keep(&mut sink).await;
         });
         self.running.lock().expect("running").insert(
             name,
             Running {
                 run,
+                started_ms,
                 rollout: Arc::new(rollout),
                 control,
                 task,
@@ -511,11 +650,30 @@ impl Daemon {
     }
 }
 
+/// A rollout's status as the API shows it: the stored one, said to be held when its last
+/// step could not be saved.
+fn shown_status(d: &Daemon, rollout: &Rollout, status: &Status) -> serde_json::Value {
+    let held = d
+        .held
+        .lock()
+        .expect("held")
+        .get(&rollout.metadata.name)
+        .cloned();
+    status_json(rollout, status, held.as_ref())
+}
+
 async fn list(State(d): State<Arc<Daemon>>) -> Response {
     match d.store.all() {
         Ok(all) => Json(
             all.iter()
-                .map(|s| status_json(&s.rollout, &s.status))
+                .map(|s| match s {
+                    Ok(s) => shown_status(&d, &s.rollout, &s.status),
+                    Err(bad) => json!({
+                        "name": bad.name,
+                        "phase": "Unknown",
+                        "message": format!("its stored state cannot be read: {}", bad.error),
+                    }),
+                })
                 .collect::<Vec<_>>(),
         )
         .into_response(),
@@ -525,9 +683,9 @@ async fn list(State(d): State<Arc<Daemon>>) -> Response {
 
 async fn one(State(d): State<Arc<Daemon>>, Path(name): Path<String>) -> Response {
     match d.store.get(&name) {
-        Ok(Some(s)) => Json(status_json(&s.rollout, &s.status)).into_response(),
+        Ok(Some(s)) => Json(shown_status(&d, &s.rollout, &s.status)).into_response(),
         Ok(None) => error(StatusCode::NOT_FOUND, format!("no rollout named {name:?}")),
-        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("{name}: {e}")),
     }
 }
 
@@ -543,7 +701,7 @@ async fn history(State(d): State<Arc<Daemon>>, Path(name): Path<String>) -> Resp
                 .collect::<Vec<_>>(),
         )
         .into_response(),
-        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("{name}: {e}")),
     }
 }
 
@@ -565,6 +723,20 @@ async fn command(
             )
         }
     };
+    let stored = match d.store.get(&name) {
+        Ok(Some(s)) => s,
+        Ok(None) => return error(StatusCode::NOT_FOUND, format!("no rollout named {name:?}")),
+        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, format!("{name}: {e}")),
+    };
+    if stored.status.phase.is_final() {
+        return error(
+            StatusCode::CONFLICT,
+            format!(
+                "{name} is not running (phase {}): `coalmine apply --restart` starts a new run",
+                stored.status.phase.as_str()
+            ),
+        );
+    }
     let control = d
         .running
         .lock()
@@ -577,13 +749,46 @@ async fn command(
             Json(json!({"name": name, "command": command})),
         )
             .into_response(),
-        _ => match d.store.get(&name) {
-            Ok(Some(s)) => error(
-                StatusCode::CONFLICT,
-                format!("{name} is not running (phase {})", s.status.phase.as_str()),
+        _ => error(
+            StatusCode::CONFLICT,
+            format!(
+                "{name} is not running (phase {})",
+                stored.status.phase.as_str()
             ),
-            _ => error(StatusCode::NOT_FOUND, format!("no rollout named {name:?}")),
-        },
+        ),
+    }
+}
+
+/// Forgets a finished rollout: its document, state and history; nothing keeps its routers
+/// from then on (they stay as the rollout left them). A rollout still under way must be
+/// aborted (or promoted) first: deleting it would leave its canary with nobody watching.
+async fn delete(State(d): State<Arc<Daemon>>, Path(name): Path<String>) -> Response {
+    let stored = match d.store.get(&name) {
+        Ok(Some(s)) => s,
+        Ok(None) => return error(StatusCode::NOT_FOUND, format!("no rollout named {name:?}")),
+        Err(e) => return error(StatusCode::INTERNAL_SERVER_ERROR, format!("{name}: {e}")),
+    };
+    if !stored.status.phase.is_final() {
+        return error(
+            StatusCode::CONFLICT,
+            format!(
+                "{name} is {} at {}% canary: abort it first (`coalmine abort {name}`), then delete it",
+                stored.status.phase.as_str(),
+                coalmine_spec::weight::basis_points_to_percent(stored.status.canary_weight)
+            ),
+        );
+    }
+    if let Some(r) = d.running.lock().expect("running").remove(&name) {
+        r.task.abort();
+    }
+    if let Some(hosted) = d.routers.lock().expect("routers").remove(&name) {
+        tokio::task::spawn_blocking(move || hosted.handle.shutdown());
+    }
+    d.processes.lock().await.remove(&name);
+    d.telemetry.forget(&name);
+    match d.store.delete(&name) {
+        Ok(_) => Json(json!({"deleted": name})).into_response(),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, format!("{name}: {e}")),
     }
 }
 
@@ -608,12 +813,16 @@ struct AlertmanagerPayload {
 }
 
 #[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
 struct Alert {
     status: String,
     #[serde(default)]
     labels: BTreeMap<String, String>,
     #[serde(default)]
     annotations: BTreeMap<String, String>,
+    /// RFC 3339; an alert that began before a run is about an earlier one.
+    #[serde(default)]
+    starts_at: Option<String>,
 }
 
 impl Alert {
@@ -636,10 +845,21 @@ impl Alert {
         }
         text
     }
+
+    /// Whether the alert began during a run that started at `run_started_ms`. One without a
+    /// readable start time is taken as current.
+    fn began_during_run(&self, run_started_ms: u64) -> bool {
+        self.starts_at
+            .as_deref()
+            .and_then(crate::time::parse_rfc3339)
+            .is_none_or(|starts| starts >= run_started_ms)
+    }
 }
 
 /// Rolls back every running rollout that a firing alert matches. Answers 200 with what it did
 /// (Alertmanager retries on anything else, so a payload it cannot use is still a 400, not a 5xx).
+/// An alert that began firing before a rollout's current run started is about an earlier run
+/// (Alertmanager repeats firing alerts) and leaves this one be.
 async fn alertmanager(State(d): State<Arc<Daemon>>, body: axum::body::Bytes) -> Response {
     let payload: AlertmanagerPayload = match serde_json::from_slice(&body) {
         Ok(p) => p,
@@ -659,14 +879,24 @@ async fn alertmanager(State(d): State<Arc<Daemon>>, body: axum::body::Bytes) -> 
             ),
         );
     }
+    let mut ignored = Vec::new();
     let targets: Vec<(String, mpsc::Sender<Input>, String)> = {
         let running = d.running.lock().expect("running");
         let mut targets = Vec::new();
         for alert in payload.alerts.iter().filter(|a| a.status == "firing") {
             for (name, r) in running.iter() {
                 let already = targets.iter().any(|(n, _, _)| n == name);
-                if !already && r.rollout.spec.analysis.rolled_back_by_alert(&alert.labels) {
+                if already || !r.rollout.spec.analysis.rolled_back_by_alert(&alert.labels) {
+                    continue;
+                }
+                if alert.began_during_run(r.started_ms) {
                     targets.push((name.clone(), r.control.clone(), alert.describe()));
+                } else {
+                    ignored.push(json!({
+                        "rollout": name,
+                        "alert": alert.describe(),
+                        "why": "it began firing before this run started",
+                    }));
                 }
             }
         }
@@ -679,5 +909,6 @@ async fn alertmanager(State(d): State<Arc<Daemon>>, body: axum::body::Bytes) -> 
             rolled_back.push(name);
         }
     }
-    Json(json!({"alerts": payload.alerts.len(), "rolledBack": rolled_back})).into_response()
+    Json(json!({"alerts": payload.alerts.len(), "rolledBack": rolled_back, "ignored": ignored}))
+        .into_response()
 }

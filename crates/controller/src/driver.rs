@@ -9,13 +9,13 @@ use tokio::sync::mpsc;
 
 use coalmine_judge::Reading;
 use coalmine_rollout::{
-    builtin_reading, Action, Event, Input, Machine, Observation, Outcome, Plan, Question, Status,
-    Traffic,
+    builtin_reading, Action, Event, EventLevel, Input, Machine, Observation, Outcome, Plan,
+    Question, Status, Traffic,
 };
 use coalmine_spec::rollout::{MetricCheck, Rollout, Target};
 
 use crate::providers::Providers;
-use crate::routers::{RouterSet, Upstreams};
+use crate::routers::{RouterError, RouterSet, Upstreams};
 use crate::webhooks::Hooks;
 use crate::window::StatsWindow;
 
@@ -31,15 +31,32 @@ pub fn now_ms() -> u64 {
 }
 
 /// Where a driver reports. `record` is called after every input, before any action is carried
-/// out, so what is persisted is never behind what the routers were told.
+/// out, so what is persisted is never behind what the routers were told. An error means the
+/// step was not saved: the driver then acts on nothing of it, holds, and tries again.
 pub trait Sink: Send {
-    fn record(&mut self, status: &Status, events: &[Event]);
+    fn record(&mut self, status: &Status, events: &[Event]) -> Result<(), String>;
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum DriverError {
     #[error("spec.{field}: {message}")]
     Unsupported { field: String, message: String },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// How often a driver that could not save a step tries again.
+const SAVE_RETRY_MS: u64 = 1000;
+/// How often a finished rollout's routers are checked (a restarted router is put right).
+const KEEP_EVERY_MS: u64 = 2000;
+
+/// Steps that could not be saved, since when, and when to try again. Meanwhile the driver
+/// does nothing.
+struct Unsaved {
+    since_ms: u64,
+    reason: String,
+    /// `None` once the wait is over: the next step tries to save again.
+    retry_at_ms: Option<u64>,
 }
 
 pub struct Driver {
@@ -56,6 +73,13 @@ pub struct Driver {
     /// Counts sampled since the sequential judges last saw them (samples taken to answer an
     /// analysis count too, so no request is left out).
     unobserved: Observation,
+    /// Set while the last step could not be saved.
+    unsaved: Option<Unsaved>,
+    /// Commands (abort, promote, an alert's rollback...) whose step could not be saved yet.
+    unsaved_inputs: VecDeque<Input>,
+    /// Each router's `instance` at the last sample: a new one means it restarted and lost its
+    /// table.
+    instances: Vec<String>,
 }
 
 /// A stable identity of the rollout's spec, sent to webhooks as Flagger's `checksum`.
@@ -100,7 +124,8 @@ impl Driver {
             &url_of(&spec.stable, "stable")?,
             &url_of(&spec.canary, "canary")?,
             &spec.analysis,
-        );
+        )
+        .map_err(DriverError::Invalid)?;
         if let Some(check) = spec
             .analysis
             .metrics
@@ -152,11 +177,20 @@ impl Driver {
                 (shortest / 4).clamp(200, 5000)
             },
             unobserved: Observation::default(),
+            unsaved: None,
+            unsaved_inputs: VecDeque::new(),
+            instances: Vec::new(),
         })
     }
 
     pub fn status(&self) -> &Status {
         &self.machine.status
+    }
+
+    /// Checks, before the rollout moves anything, that its routers are Coalmine routers that no
+    /// other rollout is driving.
+    pub async fn claim_routers(&self) -> Result<(), RouterError> {
+        self.routers.claim(&self.upstreams.name).await
     }
 
     /// Runs until the rollout ends; `control` carries promote/abort/pause/resume and rollbacks
@@ -167,22 +201,30 @@ impl Driver {
         sink: &mut dyn Sink,
     ) -> Outcome {
         // After a restart the machine may be waiting for an answer that died with the process.
-        if let Some(question) = self.machine.pending() {
-            let answer = self.answer(question).await;
-            self.feed(answer, sink).await;
-        }
+        self.answer_pending(sink).await;
         let mut next_sample = now_ms();
         let mut control_open = true;
         loop {
             if let Some(outcome) = self.machine.status.outcome {
+                // An outcome is only ever in the status once it was saved.
                 self.settle_final_traffic().await;
                 return outcome;
             }
-            let due = self.machine.status.next_tick_ms.unwrap_or(u64::MAX);
-            let wake = due.min(next_sample);
+            let waiting = self.unsaved.as_ref().and_then(|u| u.retry_at_ms);
+            let wake = match waiting {
+                Some(retry_at) => retry_at,
+                None => {
+                    let due = self.machine.status.next_tick_ms.unwrap_or(u64::MAX);
+                    due.min(next_sample)
+                }
+            };
             let sleep = Duration::from_millis(wake.saturating_sub(now_ms()));
             tokio::select! {
                 _ = tokio::time::sleep(sleep) => {
+                    if waiting.is_some() {
+                        self.try_saving_again(sink).await;
+                        continue;
+                    }
                     let now = now_ms();
                     if now >= next_sample {
                         // A missed sample only widens the next window; the tick reports errors.
@@ -193,12 +235,21 @@ impl Driver {
                             self.feed(Input::Observe(observation), sink).await;
                         }
                     }
-                    if now >= due {
-                        let traffic = self.apply_traffic(true).await;
-                        self.feed(Input::Tick { traffic }, sink).await;
+                    let due = self.machine.status.next_tick_ms.unwrap_or(u64::MAX);
+                    if !self.waiting_to_save() && now >= due {
+                        let input = match self.apply_traffic(true).await {
+                            // No retry will help: the rollout cannot go on.
+                            Err(RouterError::Refused(reason)) => Input::RollBack {
+                                reason: format!("the routers refuse the routes: {reason}"),
+                            },
+                            traffic => Input::Tick { traffic: traffic.map_err(|e| e.to_string()) },
+                        };
+                        self.feed(input, sink).await;
                     }
                 }
                 input = control.recv(), if control_open => match input {
+                    // Held while a step is unsaved: carried out once it can be saved.
+                    Some(input) if self.waiting_to_save() => self.unsaved_inputs.push_back(input),
                     Some(input) => self.feed(input, sink).await,
                     None => control_open = false,
                 },
@@ -206,11 +257,74 @@ impl Driver {
         }
     }
 
+    /// A finished rollout's routers stay as it left them: every few seconds each router's table
+    /// is checked and, if it lost the final routes (a router restarted with its old command
+    /// line), put right and said so. Runs until the task is dropped.
+    pub async fn keep(&mut self, sink: &mut dyn Sink) {
+        loop {
+            tokio::time::sleep(Duration::from_millis(KEEP_EVERY_MS)).await;
+            let patch = self.upstreams.routes(&self.machine.traffic());
+            let Ok(corrected) = self.routers.reconcile(&patch).await else {
+                continue;
+            };
+            if corrected.is_empty() {
+                continue;
+            }
+            let routers: Vec<String> = corrected.iter().map(ToString::to_string).collect();
+            let status = &self.machine.status;
+            let event = Event {
+                time_ms: now_ms(),
+                level: EventLevel::Warning,
+                phase: status.phase,
+                weight: status.canary_weight,
+                message: format!(
+                    "Router {} had lost this rollout's final routes (restarted?): put back",
+                    routers.join(", ")
+                ),
+            };
+            let _ = sink.record(status, &[event]);
+        }
+    }
+
+    /// Asks again a question the machine is waiting on (after a restart, or after a step that
+    /// answered it could not be saved).
+    async fn answer_pending(&mut self, sink: &mut dyn Sink) {
+        if let Some(question) = self.machine.pending() {
+            let answer = self.answer(question).await;
+            self.feed(answer, sink).await;
+        }
+    }
+
+    /// Whether a step could not be saved and the driver is waiting before trying again.
+    fn waiting_to_save(&self) -> bool {
+        self.unsaved
+            .as_ref()
+            .is_some_and(|u| u.retry_at_ms.is_some())
+    }
+
+    /// After a wait, tries again what could not be saved: a question to answer again, the
+    /// commands held, then the ticks and samples of the loop.
+    async fn try_saving_again(&mut self, sink: &mut dyn Sink) {
+        if let Some(unsaved) = &mut self.unsaved {
+            unsaved.retry_at_ms = None;
+        }
+        self.answer_pending(sink).await;
+        while !self.waiting_to_save() {
+            let Some(input) = self.unsaved_inputs.pop_front() else {
+                break;
+            };
+            self.feed(input, sink).await;
+        }
+    }
+
     /// Hands one input to the machine and carries out what it asks, answering its questions.
+    /// A step is carried out only once it is saved; one that cannot be saved is undone and the
+    /// driver holds.
     async fn feed(&mut self, input: Input, sink: &mut dyn Sink) {
         let mut inputs = VecDeque::from([input]);
         while let Some(input) = inputs.pop_front() {
-            let actions = self.machine.handle(now_ms(), input);
+            let before = self.machine.status.clone();
+            let actions = self.machine.handle(now_ms(), input.clone());
             let events: Vec<Event> = actions
                 .iter()
                 .filter_map(|a| match a {
@@ -218,10 +332,25 @@ impl Driver {
                     _ => None,
                 })
                 .collect();
-            sink.record(&self.machine.status, &events);
+            if let Err(reason) = sink.record(&self.machine.status, &events) {
+                self.machine.status = before;
+                self.hold_unsaved(input, reason);
+                return;
+            }
+            if let Some(unsaved) = self.unsaved.take() {
+                tracing::warn!(
+                    "steps are saved again after {:.1}s ({}); continuing",
+                    now_ms().saturating_sub(unsaved.since_ms) as f64 / 1000.0,
+                    unsaved.reason
+                );
+            }
             if self.applied != Some(self.machine.traffic()) {
-                // A failure here shows at the next tick, which re-applies first.
-                let _ = self.apply_traffic(false).await;
+                if let Err(RouterError::Refused(reason)) = self.apply_traffic(false).await {
+                    inputs.push_back(Input::RollBack {
+                        reason: format!("the routers refuse the routes: {reason}"),
+                    });
+                }
+                // An unreachable router shows at the next tick, which re-applies first.
             }
             for action in actions {
                 match action {
@@ -234,6 +363,30 @@ impl Driver {
                 }
             }
         }
+    }
+
+    /// The step of `input` was not saved: nothing of it happens. What it carried is kept for
+    /// when saving works again: commands are queued, observed counts go back to be observed;
+    /// ticks come again by themselves and answers are asked for again.
+    fn hold_unsaved(&mut self, input: Input, reason: String) {
+        match input {
+            Input::Observe(observation) => {
+                self.unobserved.canary.add(&observation.canary);
+                self.unobserved.stable.add(&observation.stable);
+            }
+            Input::Tick { .. } | Input::Hooks { .. } | Input::Analysis { .. } => {}
+            command => self.unsaved_inputs.push_back(command),
+        }
+        let now = now_ms();
+        if self.unsaved.is_none() {
+            tracing::error!("could not save a step ({reason}): holding until it can be saved");
+        }
+        let since_ms = self.unsaved.as_ref().map_or(now, |u| u.since_ms);
+        self.unsaved = Some(Unsaved {
+            since_ms,
+            reason,
+            retry_at_ms: Some(now + SAVE_RETRY_MS),
+        });
     }
 
     async fn answer(&mut self, question: Question) -> Input {
@@ -294,16 +447,25 @@ impl Driver {
 
     async fn sample(&mut self) -> Result<(), String> {
         let stats = self.routers.stats().await?;
+        let instances: Vec<String> = stats.iter().map(|s| s.instance.clone()).collect();
+        let restarted = !self.instances.is_empty() && self.instances != instances;
+        self.instances = instances;
         self.window.push(now_ms(), stats);
         // The step since the previous sample.
         self.unobserved.canary.add(&self.window.canary(0));
         self.unobserved.stable.add(&self.window.stable(0));
+        if restarted {
+            // A restarted router serves what its command line says, not this rollout's
+            // routes: put them back now rather than at the next tick.
+            tracing::warn!("a router restarted: re-applying the routes");
+            let _ = self.apply_traffic(true).await;
+        }
         Ok(())
     }
 
     /// Makes every router carry the machine's traffic. `always` re-sends even if unchanged, so a
     /// router that restarted (and lost its table) is put right at the next tick.
-    async fn apply_traffic(&mut self, always: bool) -> Result<(), String> {
+    async fn apply_traffic(&mut self, always: bool) -> Result<(), RouterError> {
         let traffic = self.machine.traffic();
         if !always && self.applied == Some(traffic) {
             return Ok(());
@@ -318,6 +480,10 @@ impl Driver {
         for attempt in 0..10 {
             match self.apply_traffic(true).await {
                 Ok(()) => return,
+                Err(RouterError::Refused(e)) => {
+                    tracing::error!("final routes refused: {e}");
+                    return;
+                }
                 Err(e) => tracing::warn!(attempt, "final routes not applied: {e}"),
             }
             tokio::time::sleep(Duration::from_millis(500)).await;

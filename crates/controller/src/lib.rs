@@ -3,6 +3,7 @@
 
 pub mod daemon;
 pub mod driver;
+pub mod lock;
 pub mod processes;
 pub mod providers;
 pub mod report;

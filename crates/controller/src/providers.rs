@@ -120,8 +120,9 @@ fn with_headers(
     request
 }
 
+/// How a provider is named in reasons: its kind and address, without credentials.
 fn provider_name(provider: &Provider) -> String {
-    let address = provider.address.as_deref().unwrap_or_default();
+    let address = coalmine_spec::redact::url(provider.address.as_deref().unwrap_or_default());
     match provider.kind.as_str() {
         PROMETHEUS => format!("prometheus {address}"),
         _ => format!("web {address}"),

@@ -11,9 +11,16 @@ use coalmine_spec::weight::basis_points_to_percent;
 
 use crate::time::rfc3339;
 
+/// A rollout holding because its last step could not be saved.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Held {
+    pub since_ms: u64,
+    pub reason: String,
+}
+
 fn target(t: &Option<Target>) -> Value {
     match t {
-        Some(Target::Url(u)) => json!(u.as_str()),
+        Some(Target::Url(u)) => json!(coalmine_spec::redact::url(u.as_str())),
         Some(Target::Command { command, .. }) => json!({ "command": command }),
         None => Value::Null,
     }
@@ -63,8 +70,26 @@ pub fn metrics_json(metrics: &[MetricStatus]) -> Vec<Value> {
         .collect()
 }
 
-pub fn status_json(rollout: &Rollout, status: &Status) -> Value {
+/// A rollout's status as users read it; `held` says its last step could not be saved, so
+/// it is holding where the status says it is.
+pub fn status_json(rollout: &Rollout, status: &Status, held: Option<&Held>) -> Value {
     let metrics = metrics_json(&status.metrics);
+    let mut conditions = vec![promoted_condition(status)];
+    let mut message = status.message.clone();
+    if let Some(held) = held {
+        conditions.push(json!({
+            "type": "StateSaved",
+            "status": "False",
+            "reason": "WriteFailed",
+            "message": held.reason,
+            "lastTransitionTime": rfc3339(held.since_ms),
+        }));
+        message = format!(
+            "Holding: the state cannot be saved since {} ({}); nothing moves until it can",
+            rfc3339(held.since_ms),
+            held.reason
+        );
+    }
     json!({
         "name": rollout.metadata.name,
         "namespace": rollout.metadata.namespace.as_deref().unwrap_or("default"),
@@ -77,10 +102,11 @@ pub fn status_json(rollout: &Rollout, status: &Status) -> Value {
         "paused": status.paused,
         "promoted": status.promoted,
         "outcome": status.outcome,
-        "message": status.message,
+        "message": message,
+        "stateSaved": held.is_none(),
         "startedAt": rfc3339(status.started_ms),
         "lastTransitionTime": rfc3339(status.last_transition_ms),
-        "conditions": [promoted_condition(status)],
+        "conditions": conditions,
         "metrics": metrics,
         // The sequential judges' evidence as it grows: Bayes factor and always-valid p-values.
         "sequential": status.sequential.as_ref().map(|s| s.evidence()),

@@ -1,45 +1,117 @@
-//! The traffic backend for Coalmine's own routers: their admin API (`PUT /routes`, `GET /stats`).
+//! The traffic backend for Coalmine's own routers: their admin API (`GET`/`PUT /routes`,
+//! `GET /stats`).
+//!
+//! A rollout owns only some fields of a router's table: its name, the two upstreams and the
+//! canary's weight, plus `match`, `affinity` and `mirror` when its document sets them. It sends
+//! only those (the router keeps the fields a `PUT` leaves out), so rules the router was started
+//! with — the seed's `--match x-canary=true`, say — stay as they were, during and after.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use serde::Deserialize;
-use serde_json::{json, Value};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
 
 use coalmine_rollout::Traffic;
+use coalmine_router::table::Affinity;
+use coalmine_router::{MatchRule, RoutesDoc, UpstreamUrl, Weight};
 use coalmine_spec::rollout::{Analysis, HttpMatch, HttpUrl, StringMatch};
-use coalmine_spec::weight::basis_points_to_percent;
+
+/// The name a router's table has when no rollout has claimed it.
+const UNCLAIMED: &str = "default";
 
 /// What a rollout's routers serve, apart from the weights the state machine decides.
 #[derive(Debug, Clone)]
 pub struct Upstreams {
     pub name: String,
-    pub stable: String,
-    pub canary: String,
-    /// Router match rules (`{"all": [...]}`) from the analysis' `match`.
-    pub match_rules: Vec<Value>,
-    pub affinity: Option<Value>,
+    pub stable: UpstreamUrl,
+    pub canary: UpstreamUrl,
+    /// Flagger's `match` as router rules; `None` when the rollout has none (the router's own
+    /// rules are left alone).
+    pub match_rules: Option<Vec<MatchRule>>,
+    /// `None` when the rollout does not use session affinity.
+    pub affinity: Option<Affinity>,
+    /// Whether the rollout ever mirrors (then it owns the router's `mirror`).
+    pub mirrors: bool,
+}
+
+/// The part of a router's table a rollout sets; `PUT /routes` keeps every field left out.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RoutePatch {
+    pub name: String,
+    pub stable: UpstreamUrl,
+    pub canary: Option<UpstreamUrl>,
+    pub canary_weight: Weight,
+    #[serde(rename = "match", skip_serializing_if = "Option::is_none")]
+    pub matches: Option<Vec<MatchRule>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub affinity: Option<Option<Affinity>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mirror: Option<Weight>,
+}
+
+impl RoutePatch {
+    /// Whether a router's table already says what this patch says.
+    pub fn agrees_with(&self, table: &RoutesDoc) -> bool {
+        self.name == table.name
+            && self.stable == table.stable
+            && self.canary == table.canary
+            && self.canary_weight == table.canary_weight
+            && self.matches.as_ref().is_none_or(|m| *m == table.matches)
+            && self.affinity.as_ref().is_none_or(|a| *a == table.affinity)
+            && self.mirror.is_none_or(|m| m == table.mirror)
+    }
+}
+
+fn upstream(field: &str, url: &str) -> Result<UpstreamUrl, String> {
+    UpstreamUrl::parse(url).map_err(|e| format!("spec.{field}: {e}"))
+}
+
+fn weight(basis_points: u32) -> Weight {
+    Weight::from_percent(coalmine_spec::weight::basis_points_to_percent(basis_points))
+        .expect("the machine's weights are between 0 and 100 %")
 }
 
 impl Upstreams {
-    pub fn new(name: &str, stable: &str, canary: &str, analysis: &Analysis) -> Upstreams {
-        Upstreams {
+    /// Everything is checked here, before any router sees it: a URL the router would refuse is
+    /// the rollout's error at once, not a refusal in the middle of a run.
+    pub fn new(
+        name: &str,
+        stable: &str,
+        canary: &str,
+        analysis: &Analysis,
+    ) -> Result<Upstreams, String> {
+        let match_rules = if analysis.match_.is_empty() {
+            None
+        } else {
+            let rules = analysis
+                .match_
+                .iter()
+                .enumerate()
+                .filter_map(|(i, m)| router_rule(m).map(|rule| (i, rule)))
+                .map(|(i, rule)| {
+                    serde_json::from_value::<MatchRule>(rule)
+                        .map_err(|e| format!("spec.analysis.match[{i}]: {e}"))
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            Some(rules)
+        };
+        Ok(Upstreams {
             name: name.to_string(),
-            stable: stable.to_string(),
-            canary: canary.to_string(),
-            match_rules: analysis.match_.iter().filter_map(router_rule).collect(),
-            affinity: analysis.session_affinity.as_ref().map(|a| {
-                let mut v = json!({"cookieName": a.cookie_name});
-                if let Some(age) = a.max_age {
-                    v["maxAge"] = json!(age);
-                }
-                v
+            stable: upstream("stable", stable)?,
+            canary: upstream("canary", canary)?,
+            match_rules,
+            affinity: analysis.session_affinity.as_ref().map(|a| Affinity {
+                cookie_name: a.cookie_name.clone(),
+                max_age: a.max_age.unwrap_or(86_400),
             }),
-        }
+            mirrors: analysis.mirror || analysis.mirror_weight.is_some(),
+        })
     }
 
-    /// The route document that makes a router do what `traffic` says.
-    pub fn routes(&self, traffic: &Traffic) -> Value {
+    /// The fields of a router's table that make it do what `traffic` says.
+    pub fn routes(&self, traffic: &Traffic) -> RoutePatch {
         let (stable, canary) = if traffic.promoted {
             (&self.canary, None)
         } else if traffic.canary {
@@ -47,20 +119,25 @@ impl Upstreams {
         } else {
             (&self.stable, None)
         };
-        let match_rules: &[Value] = if traffic.apply_match && canary.is_some() {
-            &self.match_rules
-        } else {
-            &[]
-        };
-        json!({
-            "name": self.name,
-            "stable": stable,
-            "canary": canary,
-            "canaryWeight": basis_points_to_percent(traffic.canary_weight),
-            "match": match_rules,
-            "affinity": if canary.is_some() { self.affinity.clone() } else { None },
-            "mirror": basis_points_to_percent(traffic.mirror_weight),
-        })
+        let matches = self.match_rules.as_ref().map(|rules| {
+            if traffic.apply_match && canary.is_some() {
+                rules.clone()
+            } else {
+                Vec::new()
+            }
+        });
+        RoutePatch {
+            name: self.name.clone(),
+            stable: stable.clone(),
+            canary: canary.cloned(),
+            canary_weight: weight(traffic.canary_weight),
+            matches,
+            affinity: self
+                .affinity
+                .as_ref()
+                .map(|a| canary.is_some().then(|| a.clone())),
+            mirror: self.mirrors.then(|| weight(traffic.mirror_weight)),
+        }
     }
 }
 
@@ -74,7 +151,7 @@ fn router_rule(m: &HttpMatch) -> Option<Value> {
             StringMatch::Suffix(v) => ("suffix", v),
             StringMatch::Regex(v) => ("regex", v),
         };
-        json!({ subject: name, kind: value })
+        serde_json::json!({ subject: name, kind: value })
     };
     let all: Vec<Value> = m
         .headers
@@ -82,7 +159,7 @@ fn router_rule(m: &HttpMatch) -> Option<Value> {
         .map(|(n, t)| condition("header", n, t))
         .chain(m.query_params.iter().map(|(n, t)| condition("query", n, t)))
         .collect();
-    (!all.is_empty()).then(|| json!({ "all": all }))
+    (!all.is_empty()).then(|| serde_json::json!({ "all": all }))
 }
 
 /// One router's counters, as `/stats` reports them.
@@ -93,6 +170,9 @@ pub struct RouterStats {
     pub started_unix_ms: u64,
     pub stable: VersionStats,
     pub canary: VersionStats,
+    /// The canary's answers to mirrored copies.
+    #[serde(default)]
+    pub mirror: MirrorStats,
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -105,9 +185,53 @@ pub struct VersionStats {
 
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(rename_all = "camelCase")]
+pub struct MirrorStats {
+    #[serde(default)]
+    pub statuses: BTreeMap<u16, u64>,
+    /// Copies that got no answer (connect error, timeout).
+    #[serde(default)]
+    pub failed: u64,
+    #[serde(default)]
+    pub latency: Latency,
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
 pub struct Latency {
     /// `[microseconds, count]`; equal values add up across routers and over time.
     pub counts: Vec<(u64, u64)>,
+}
+
+impl RouterStats {
+    /// The canary's observations are its answers to real traffic and to mirrored copies
+    /// alike (Flagger's dark launch judges a mirrored canary on its own responses): the
+    /// mirror's counts are folded into the canary's. A copy that got no answer is a failure.
+    fn with_mirror_as_canary(mut self) -> RouterStats {
+        let m = std::mem::take(&mut self.mirror);
+        let c = &mut self.canary;
+        for (status, n) in &m.statuses {
+            *c.statuses.entry(*status).or_default() += n;
+            c.requests += n;
+        }
+        if m.failed > 0 {
+            *c.statuses.entry(502).or_default() += m.failed;
+            c.requests += m.failed;
+        }
+        c.latency.counts.extend(m.latency.counts);
+        self
+    }
+}
+
+/// Why a router did not take a route change.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RouterError {
+    /// It could not be reached or did not answer in time: worth trying again.
+    #[error("{0}")]
+    Unreachable(String),
+    /// It answered, and no retry will change the answer: it refused the document, or it is not
+    /// a Coalmine router's admin API at all.
+    #[error("{0}")]
+    Refused(String),
 }
 
 /// The routers carrying one rollout's traffic.
@@ -115,6 +239,21 @@ pub struct Latency {
 pub struct RouterSet {
     admins: Vec<HttpUrl>,
     client: reqwest::Client,
+}
+
+/// What an answer that is not a route table looks like, for the error message.
+fn describe_answer(status: reqwest::StatusCode, content_type: &str, body: &str) -> String {
+    let cut = body.char_indices().nth(80).map_or(body.len(), |(i, _)| i);
+    let more = if cut < body.len() { "…" } else { "" };
+    format!(
+        "answered {status} ({}) {:?}{more}",
+        if content_type.is_empty() {
+            "no content type"
+        } else {
+            content_type
+        },
+        &body[..cut]
+    )
 }
 
 impl RouterSet {
@@ -131,27 +270,139 @@ impl RouterSet {
         &self.admins
     }
 
-    /// Applies the same table to every router. All must take it; the first refusal is the error.
-    pub async fn apply(&self, routes: &Value) -> Result<(), String> {
+    /// Reads an answer that must be a route table (`GET` or `PUT /routes`).
+    async fn table(
+        &self,
+        admin: &HttpUrl,
+        resp: reqwest::Response,
+    ) -> Result<RoutesDoc, RouterError> {
+        let status = resp.status();
+        let content_type = resp
+            .headers()
+            .get(reqwest::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_string();
+        let body = resp
+            .text()
+            .await
+            .map_err(|e| RouterError::Unreachable(format!("{admin}: {}", reqwest_reason(&e))))?;
+        let json: Option<Value> = serde_json::from_str(&body).ok();
+        if status.is_client_error() {
+            if let Some(why) = json.as_ref().and_then(|j| j["error"].as_str()) {
+                return Err(RouterError::Refused(format!(
+                    "{admin} refused the routes ({status}): {why}"
+                )));
+            }
+        }
+        let table = json.and_then(|mut j| {
+            j.as_object_mut()?.remove("generation")?;
+            serde_json::from_value::<RoutesDoc>(j).ok()
+        });
+        match table {
+            Some(t) if status.is_success() => Ok(t),
+            _ => Err(RouterError::Refused(format!(
+                "{admin} is not a Coalmine router's admin API: /routes {} (is it the traffic port? give the router's --admin address)",
+                describe_answer(status, &content_type, &body)
+            ))),
+        }
+    }
+
+    async fn get_table(&self, admin: &HttpUrl) -> Result<RoutesDoc, RouterError> {
+        let resp = self
+            .client
+            .get(format!("{admin}/routes"))
+            .send()
+            .await
+            .map_err(|e| RouterError::Unreachable(format!("{admin}: {}", reqwest_reason(&e))))?;
+        self.table(admin, resp).await
+    }
+
+    async fn put_table(&self, admin: &HttpUrl, patch: &RoutePatch) -> Result<(), RouterError> {
+        let resp = self
+            .client
+            .put(format!("{admin}/routes"))
+            .json(patch)
+            .send()
+            .await
+            .map_err(|e| RouterError::Unreachable(format!("{admin}: {}", reqwest_reason(&e))))?;
+        let table = self.table(admin, resp).await?;
+        if patch.agrees_with(&table) {
+            Ok(())
+        } else {
+            Err(RouterError::Refused(format!(
+                "{admin} answered the route change with a table that does not carry it"
+            )))
+        }
+    }
+
+    /// Checks, before a rollout starts, that every router it can reach is a Coalmine router
+    /// and is not carrying another rollout's canary: two controllers must never drive one
+    /// router. A router that cannot be reached yet is left to the ticks.
+    pub async fn claim(&self, rollout: &str) -> Result<(), RouterError> {
         for admin in &self.admins {
-            let url = format!("{admin}/routes");
-            let resp = self
-                .client
-                .put(&url)
-                .json(routes)
-                .send()
-                .await
-                .map_err(|e| format!("{admin}: {}", reqwest_reason(&e)))?;
-            if !resp.status().is_success() {
-                let status = resp.status();
-                let body = resp.text().await.unwrap_or_default();
-                return Err(format!("{admin} refused the routes ({status}): {body}"));
+            let table = match self.get_table(admin).await {
+                Ok(t) => t,
+                Err(RouterError::Unreachable(_)) => continue,
+                Err(refused) => return Err(refused),
+            };
+            if table.canary.is_some() && table.name != rollout && table.name != UNCLAIMED {
+                return Err(RouterError::Refused(format!(
+                    "{admin} carries rollout {:?}'s canary ({}% of traffic): another controller drives that router; finish or abort that rollout first",
+                    table.name,
+                    table.canary_weight.percent()
+                )));
             }
         }
         Ok(())
     }
 
-    /// Every router's `/stats`, in the order of `admins`.
+    /// Applies the same patch to every router. All must take it; the first refusal is the
+    /// error, else the first router that could not be reached.
+    pub async fn apply(&self, patch: &RoutePatch) -> Result<(), RouterError> {
+        let mut unreachable = None;
+        for admin in &self.admins {
+            match self.put_table(admin, patch).await {
+                Ok(()) => {}
+                Err(refused @ RouterError::Refused(_)) => return Err(refused),
+                Err(e) => {
+                    unreachable.get_or_insert(e);
+                }
+            }
+        }
+        unreachable.map_or(Ok(()), Err)
+    }
+
+    /// Puts the patch back on every router whose table no longer carries it (a router
+    /// restarted with its old command line, say). Returns the routers put right.
+    pub async fn reconcile(&self, patch: &RoutePatch) -> Result<Vec<HttpUrl>, RouterError> {
+        let mut corrected = Vec::new();
+        let mut failed = None;
+        for admin in &self.admins {
+            let agrees = match self.get_table(admin).await {
+                Ok(table) => patch.agrees_with(&table),
+                Err(e) => {
+                    failed.get_or_insert(e);
+                    continue;
+                }
+            };
+            if !agrees {
+                match self.put_table(admin, patch).await {
+                    Ok(()) => corrected.push(admin.clone()),
+                    Err(e) => {
+                        failed.get_or_insert(e);
+                    }
+                }
+            }
+        }
+        match failed {
+            Some(e) if corrected.is_empty() => Err(e),
+            _ => Ok(corrected),
+        }
+    }
+
+    /// Every router's `/stats`, in the order of `admins`, mirrored answers counted as the
+    /// canary's.
     pub async fn stats(&self) -> Result<Vec<RouterStats>, String> {
         let mut out = Vec::with_capacity(self.admins.len());
         for admin in &self.admins {
@@ -169,13 +420,14 @@ impl RouterSet {
                 .json::<RouterStats>()
                 .await
                 .map_err(|e| format!("{admin}/stats is not a stats document: {e}"))?;
-            out.push(stats);
+            out.push(stats.with_mirror_as_canary());
         }
         Ok(out)
     }
 }
 
 /// reqwest's Display omits the cause ("error sending request"); the cause is what users need.
+/// URLs in it are shown without credentials.
 pub fn reqwest_reason(e: &reqwest::Error) -> String {
     if e.is_timeout() {
         return "timed out".into();
@@ -189,5 +441,5 @@ pub fn reqwest_reason(e: &reqwest::Error) -> String {
         text = format!("{text}: {s}");
         source = s.source();
     }
-    text
+    coalmine_spec::redact::text(&text)
 }

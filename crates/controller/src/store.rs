@@ -17,6 +17,27 @@ pub enum StoreError {
     Sqlite(#[from] rusqlite::Error),
     #[error("state file holds a record Coalmine cannot read: {0}")]
     Corrupt(#[from] serde_json::Error),
+    /// The file exists but is not (or no longer) a Coalmine state file: starting on it would
+    /// forget every rollout it held, and with them canaries carrying traffic.
+    #[error("{path}: {why}")]
+    NotOurs { path: String, why: String },
+}
+
+/// `PRAGMA application_id` of a Coalmine state file ("Coal").
+const APPLICATION_ID: i32 = 0x436f_616c;
+
+/// How a state file was opened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Opened {
+    Created,
+    Existing,
+}
+
+/// A stored rollout Coalmine could not read back: named, so the others can go on.
+#[derive(Debug, Clone)]
+pub struct Unreadable {
+    pub name: String,
+    pub error: String,
 }
 
 /// One rollout as stored.
@@ -36,11 +57,45 @@ pub struct Store {
 }
 
 impl Store {
-    pub fn open(path: &Path) -> Result<Store, StoreError> {
+    /// Opens the state file, creating it if it does not exist. An existing file must be a
+    /// Coalmine state file: an empty one (truncated, or made by hand) or another program's
+    /// database is refused rather than silently treated as "no rollouts".
+    pub fn open(path: &Path) -> Result<(Store, Opened), StoreError> {
+        let not_ours = |why: String| StoreError::NotOurs {
+            path: path.display().to_string(),
+            why,
+        };
+        let opened = match std::fs::metadata(path) {
+            Ok(m) if m.len() == 0 => {
+                return Err(not_ours(
+                    "the state file is empty (0 bytes), so it holds no Coalmine state: if it was truncated, restore it from a backup; if it was created for Coalmine, delete it and Coalmine will create it".into(),
+                ))
+            }
+            Ok(_) => Opened::Existing,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Opened::Created,
+            Err(e) => return Err(not_ours(format!("cannot read the state file: {e}"))),
+        };
         let db = Connection::open(path)?;
+        if opened == Opened::Existing {
+            let id: i32 = db
+                .pragma_query_value(None, "application_id", |r| r.get(0))
+                .map_err(|e| not_ours(format!("not a Coalmine state file ({e})")))?;
+            let ours: bool = db.query_row(
+                "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'rollouts'",
+                [],
+                |r| r.get::<_, i64>(0).map(|n| n == 1),
+            )?;
+            // Files from before the id was set have the tables and id 0.
+            if id != APPLICATION_ID && !(id == 0 && ours) {
+                return Err(not_ours(
+                    "not a Coalmine state file (another program's database?)".into(),
+                ));
+            }
+        }
         // WAL + synchronous=FULL: a committed step survives kill -9 and power loss.
         db.pragma_update(None, "journal_mode", "WAL")?;
         db.pragma_update(None, "synchronous", "FULL")?;
+        db.pragma_update(None, "application_id", APPLICATION_ID)?;
         db.execute_batch(
             "CREATE TABLE IF NOT EXISTS rollouts (
                 name TEXT PRIMARY KEY,
@@ -57,9 +112,12 @@ impl Store {
             );
             CREATE INDEX IF NOT EXISTS events_by_rollout ON events (rollout, id);",
         )?;
-        Ok(Store {
-            db: Arc::new(Mutex::new(db)),
-        })
+        Ok((
+            Store {
+                db: Arc::new(Mutex::new(db)),
+            },
+            opened,
+        ))
     }
 
     fn db(&self) -> std::sync::MutexGuard<'_, Connection> {
@@ -151,23 +209,47 @@ impl Store {
         row.map(decode).transpose()
     }
 
-    pub fn all(&self) -> Result<Vec<StoredRollout>, StoreError> {
+    /// Every stored rollout, each read on its own: one that cannot be read is named, and the
+    /// others are not held back by it.
+    pub fn all(&self) -> Result<Vec<Result<StoredRollout, Unreadable>>, StoreError> {
         let db = self.db();
         let mut stmt =
-            db.prepare("SELECT spec, status, run, settled FROM rollouts ORDER BY name")?;
+            db.prepare("SELECT name, spec, status, run, settled FROM rollouts ORDER BY name")?;
         let rows = stmt.query_map([], |r| {
-            Ok((
-                r.get::<_, String>(0)?,
-                r.get::<_, String>(1)?,
-                r.get(2)?,
-                r.get(3)?,
-            ))
+            let name: String = r.get(0)?;
+            let row = (|| {
+                Ok::<_, rusqlite::Error>((
+                    r.get::<_, String>(1)?,
+                    r.get::<_, String>(2)?,
+                    r.get(3)?,
+                    r.get(4)?,
+                ))
+            })();
+            Ok((name, row))
         })?;
         let mut out = Vec::new();
         for row in rows {
-            out.push(decode(row?)?);
+            let (name, row) = row?;
+            out.push(
+                row.map_err(StoreError::from)
+                    .and_then(decode)
+                    .map_err(|e| Unreadable {
+                        name,
+                        error: e.to_string(),
+                    }),
+            );
         }
         Ok(out)
+    }
+
+    /// Forgets a rollout: its document, state and history.
+    pub fn delete(&self, name: &str) -> Result<bool, StoreError> {
+        let mut db = self.db();
+        let tx = db.transaction()?;
+        let n = tx.execute("DELETE FROM rollouts WHERE name = ?1", params![name])?;
+        tx.execute("DELETE FROM events WHERE rollout = ?1", params![name])?;
+        tx.commit()?;
+        Ok(n > 0)
     }
 
     /// Every event of every run of `name`, oldest first, with its run number.

@@ -56,6 +56,8 @@ pub struct Telemetry {
     outcomes: Family<OutcomeLabels, Counter>,
     durations: DurationFamily,
     p_values: Family<TestLabels, FloatGauge>,
+    state_unsaved: Family<RolloutLabel, Gauge>,
+    state_write_errors: Counter,
 }
 
 fn duration_histogram() -> Histogram {
@@ -116,7 +118,21 @@ impl Default for Telemetry {
             "Always-valid p-value of each sequential test (errors, latency); rollback below alpha/2",
             p_values.clone(),
         );
+        let state_unsaved = Family::<RolloutLabel, Gauge>::default();
+        registry.register(
+            "coalmine_rollout_state_unsaved",
+            "1 while a rollout holds because its last step could not be saved (nothing moves until it can)",
+            state_unsaved.clone(),
+        );
+        let state_write_errors = Counter::default();
+        registry.register(
+            "coalmine_state_write_errors",
+            "Steps the daemon could not save to its state file (disk full, I/O error)",
+            state_write_errors.clone(),
+        );
         Telemetry {
+            state_unsaved,
+            state_write_errors,
             p_values,
             registry: Mutex::new(registry),
             weight,
@@ -180,6 +196,35 @@ impl Telemetry {
                     metric: m.name.clone(),
                 })
                 .set(value);
+        }
+    }
+
+    /// Whether a rollout is holding on a step it could not save.
+    pub fn unsaved(&self, rollout: &str, unsaved: bool) {
+        let label = RolloutLabel {
+            rollout: rollout.to_string(),
+        };
+        if unsaved {
+            self.state_write_errors.inc();
+        }
+        self.state_unsaved
+            .get_or_create(&label)
+            .set(i64::from(unsaved));
+    }
+
+    /// Stops showing a deleted rollout.
+    pub fn forget(&self, rollout: &str) {
+        let label = RolloutLabel {
+            rollout: rollout.to_string(),
+        };
+        self.weight.remove(&label);
+        self.failed_checks.remove(&label);
+        self.state_unsaved.remove(&label);
+        for phase in Phase::ALL {
+            self.phase.remove(&PhaseLabels {
+                rollout: rollout.to_string(),
+                phase: phase.as_str(),
+            });
         }
     }
 

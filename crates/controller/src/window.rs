@@ -149,6 +149,7 @@ mod tests {
                     counts: latency.to_vec(),
                 },
             },
+            mirror: Default::default(),
         }
     }
 

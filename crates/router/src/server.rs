@@ -71,8 +71,9 @@ impl RouterConfig {
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
-    #[error("cannot listen on {addr}: {source}")]
-    Bind { addr: SocketAddr, source: io::Error },
+    /// The cause is in the message, not a `source`: shown once however it is printed.
+    #[error("cannot listen on {addr}: {cause}")]
+    Bind { addr: SocketAddr, cause: io::Error },
     #[error("TLS: {0}")]
     Tls(String),
     #[error("cannot start a thread: {0}")]
@@ -149,30 +150,30 @@ fn tls_acceptor(files: &TlsFiles) -> Result<tokio_rustls::TlsAcceptor, StartErro
 /// before anything runs.
 pub fn start(config: RouterConfig) -> Result<RouterHandle, StartError> {
     let threads = config.threads.max(1);
-    let first = bind(config.listen, threads > 1).map_err(|source| StartError::Bind {
+    let first = bind(config.listen, threads > 1).map_err(|cause| StartError::Bind {
         addr: config.listen,
-        source,
+        cause,
     })?;
-    let listen = first.local_addr().map_err(|source| StartError::Bind {
+    let listen = first.local_addr().map_err(|cause| StartError::Bind {
         addr: config.listen,
-        source,
+        cause,
     })?;
     let mut listeners = vec![first];
     for _ in 1..threads {
-        listeners.push(bind(listen, true).map_err(|source| StartError::Bind {
+        listeners.push(bind(listen, true).map_err(|cause| StartError::Bind {
             addr: listen,
-            source,
+            cause,
         })?);
     }
-    let admin_listener = bind(config.admin, false).map_err(|source| StartError::Bind {
+    let admin_listener = bind(config.admin, false).map_err(|cause| StartError::Bind {
         addr: config.admin,
-        source,
+        cause,
     })?;
     let admin = admin_listener
         .local_addr()
-        .map_err(|source| StartError::Bind {
+        .map_err(|cause| StartError::Bind {
             addr: config.admin,
-            source,
+            cause,
         })?;
     let tls = config.tls.as_ref().map(tls_acceptor).transpose()?;
 

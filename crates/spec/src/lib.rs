@@ -6,6 +6,7 @@
 pub mod documents;
 pub mod duration;
 pub mod flagger;
+pub mod redact;
 pub mod rollout;
 pub mod scenario;
 pub mod schema;

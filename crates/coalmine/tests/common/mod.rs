@@ -6,6 +6,7 @@ pub mod daemon;
 pub mod promstack;
 pub mod raw;
 pub mod stub;
+pub mod tinydisk;
 
 use std::fs;
 use std::io::{BufRead, BufReader};
@@ -29,8 +30,15 @@ pub struct Proc {
 
 impl Proc {
     pub fn spawn(args: &[&str]) -> Proc {
-        let mut child = Command::new(BIN)
-            .args(args)
+        let mut command = Command::new(BIN);
+        command.args(args);
+        Proc::spawn_command(command, args)
+    }
+
+    /// Starts `command` (the binary, perhaps behind a wrapper such as `nsenter`); `args` name
+    /// it in messages.
+    pub fn spawn_command(mut command: Command, args: &[&str]) -> Proc {
+        let mut child = command
             .env("COALMINE_LOG", "warn")
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
