@@ -38,7 +38,7 @@ enum Command {
     Serve(daemon_cmd::ServeArgs),
     /// Start or change rollouts on the daemon (a changed document restarts the analysis)
     Apply(daemon_cmd::ApplyArgs),
-    /// Show rollouts; `--watch NAME` follows one and exits 0 promoted, 1 rolled back
+    /// Show rollouts; `status NAME --watch` follows one and exits 0 promoted, 1 rolled back
     Status(daemon_cmd::StatusArgs),
     /// Skip the rest of the analysis and promote now
     Promote(daemon_cmd::CommandArgs),
