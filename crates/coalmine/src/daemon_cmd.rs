@@ -11,7 +11,7 @@ use serde_json::{json, Value};
 
 use coalmine_controller::daemon::{self, DaemonConfig};
 
-use crate::rollout_cmd::{load, OutputFormat};
+use crate::rollout_cmd::{load_inputs, spec_errors, OutputFormat};
 use crate::BadInput;
 
 #[derive(Args, Debug)]
@@ -153,7 +153,8 @@ impl Client {
 
 #[derive(Args, Debug)]
 pub struct ApplyArgs {
-    /// Files with one or more Rollouts and the MetricTemplates their metrics refer to
+    /// Files with one or more Rollouts and the MetricTemplates their metrics refer to;
+    /// directories (their *.yaml and *.yml files) and - for stdin work too
     #[arg(required = true)]
     pub files: Vec<String>,
     /// Start a new run even when the document is unchanged (retry a failed release)
@@ -164,14 +165,17 @@ pub struct ApplyArgs {
 }
 
 pub fn apply(args: ApplyArgs) -> anyhow::Result<ExitCode> {
-    // Checked here first for the quickest, clearest error; the daemon checks again.
-    load(&args.files)?
-        .require_templates()
-        .map_err(|e| BadInput(e.to_string()))?;
-    let mut files = Vec::new();
-    for file in &args.files {
-        files.push(json!({"file": file, "text": std::fs::read_to_string(file)?}));
+    // Checked here first for the quickest, clearest errors (all of them); the daemon checks
+    // again. The daemon gets the texts read here: stdin cannot be read twice.
+    let (inputs, set) = load_inputs(&args.files)?;
+    let errors = set.runnable_errors();
+    if !errors.is_empty() {
+        return Err(spec_errors(errors));
     }
+    let files: Vec<Value> = inputs
+        .into_iter()
+        .map(|(file, text)| json!({"file": file, "text": text}))
+        .collect();
     let client = Client::new(&args.api)?;
     let result = client.call(
         reqwest::Method::POST,

@@ -1,6 +1,7 @@
 //! `coalmine check`, `convert` and `run`: documents in, a rollout driven in the foreground.
 
 use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Args, ValueEnum};
@@ -10,10 +11,11 @@ use coalmine_controller::report::metrics_json;
 use coalmine_controller::time::rfc3339;
 use coalmine_controller::{Driver, Sink};
 use coalmine_rollout::{Event, EventLevel, Input, Outcome, Status};
-use coalmine_spec::documents::{self, Document, DocumentSet};
+use coalmine_spec::documents::{self, Document, DocumentSet, Note};
 use coalmine_spec::flagger::Placement;
 use coalmine_spec::rollout::{HttpUrl, Rollout, Target};
 use coalmine_spec::weight::basis_points_to_percent;
+use coalmine_spec::SpecError;
 
 use crate::BadInput;
 
@@ -24,63 +26,220 @@ pub enum OutputFormat {
     Json,
 }
 
-/// Reads the files, prints warnings, and fails with `file:line:column: field: message`.
-pub fn load(paths: &[String]) -> anyhow::Result<DocumentSet> {
+/// The name standard input is reported under in `file:line:column`.
+pub const STDIN_NAME: &str = "<stdin>";
+
+/// Reads the documents the command line names: files, directories (their `*.yaml` and `*.yml`
+/// files, sorted by name; subdirectories are not entered, since a manifest tree's
+/// subdirectories are usually overlays or other environments of the same objects, which would
+/// clash), and `-` for standard input. A file named twice is read once. Every path that cannot
+/// be read is reported, then the command fails.
+pub fn read_inputs(paths: &[String]) -> anyhow::Result<Vec<(String, String)>> {
     let mut files = Vec::new();
+    let mut errors = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    let mut read_file = |path: &Path, shown: String, files: &mut Vec<(String, String)>| {
+        let identity = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+        if !seen.insert(identity) {
+            return Ok(());
+        }
+        match std::fs::read(path) {
+            Ok(bytes) => match String::from_utf8(bytes) {
+                Ok(text) => {
+                    files.push((shown, text));
+                    Ok(())
+                }
+                Err(_) => Err(format!("{shown}: cannot read: not UTF-8 text")),
+            },
+            Err(e) => Err(format!("{shown}: cannot read: {e}")),
+        }
+    };
+    let mut stdin_read = false;
     for path in paths {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| BadInput(format!("{path}: cannot read: {e}")))?;
-        files.push((path.clone(), text));
+        if path == "-" {
+            if stdin_read {
+                errors.push("-: standard input can be read only once".to_string());
+                continue;
+            }
+            stdin_read = true;
+            let mut text = String::new();
+            match std::io::Read::read_to_string(&mut std::io::stdin(), &mut text) {
+                Ok(_) => files.push((STDIN_NAME.to_string(), text)),
+                Err(e) => errors.push(format!("{STDIN_NAME}: cannot read: {e}")),
+            }
+            continue;
+        }
+        let input = Path::new(path);
+        if !input.is_dir() {
+            if let Err(e) = read_file(input, path.clone(), &mut files) {
+                errors.push(e);
+            }
+            continue;
+        }
+        let entries = match std::fs::read_dir(input) {
+            Ok(entries) => entries,
+            Err(e) => {
+                errors.push(format!("{path}: cannot read the directory: {e}"));
+                continue;
+            }
+        };
+        let mut found: Vec<PathBuf> = entries
+            .filter_map(|entry| entry.ok().map(|e| e.path()))
+            .filter(|p| {
+                p.is_file()
+                    && p.extension()
+                        .is_some_and(|ext| ext == "yaml" || ext == "yml")
+            })
+            .collect();
+        found.sort();
+        if found.is_empty() {
+            errors.push(format!(
+                "{path}: no *.yaml or *.yml files in this directory"
+            ));
+        }
+        for file in found {
+            if let Err(e) = read_file(&file, file.display().to_string(), &mut files) {
+                errors.push(e);
+            }
+        }
     }
-    let set = documents::load(&files).map_err(|e| BadInput(e.to_string()))?;
+    match errors.len() {
+        0 => Ok(files),
+        1 => Err(BadInput(errors.remove(0)).into()),
+        n => {
+            for e in &errors {
+                errln!("coalmine: {e}");
+            }
+            Err(BadInput(format!("{n} inputs cannot be read")).into())
+        }
+    }
+}
+
+/// Reads the documents the command line names (see [`read_inputs`]), prints the notes and
+/// warnings on them, and fails with every mistake as `file:line:column: field: message`.
+pub fn load(paths: &[String]) -> anyhow::Result<DocumentSet> {
+    load_inputs(paths).map(|(_, set)| set)
+}
+
+/// [`load`], also returning the text of every file read (what `apply` sends to the daemon).
+pub fn load_inputs(paths: &[String]) -> anyhow::Result<(Vec<(String, String)>, DocumentSet)> {
+    let files = read_inputs(paths)?;
+    let (set, errors) = documents::read(&files);
+    if !errors.is_empty() {
+        return Err(spec_errors(errors));
+    }
+    for note in &set.notes {
+        errln!("note: {note}");
+    }
     for w in &set.warnings {
         errln!("warning: {w}");
     }
-    Ok(set)
+    Ok((files, set))
+}
+
+/// Document mistakes as the command's failure (exit 2): one is the error itself; several are
+/// printed a line each, and the error counts them.
+pub fn spec_errors(errors: Vec<SpecError>) -> anyhow::Error {
+    if errors.len() == 1 {
+        return BadInput(errors[0].to_string()).into();
+    }
+    for e in &errors {
+        errln!("coalmine: {e}");
+    }
+    let files: std::collections::BTreeSet<&str> = errors.iter().map(|e| e.file.as_str()).collect();
+    BadInput(format!(
+        "{} errors in {}",
+        errors.len(),
+        match files.len() {
+            1 => "1 file".to_string(),
+            n => format!("{n} files"),
+        }
+    ))
+    .into()
 }
 
 #[derive(Args, Debug)]
 pub struct CheckArgs {
-    /// Files with Rollout, Canary and MetricTemplate documents
+    /// Rollout, Canary and MetricTemplate documents: files, directories (their *.yaml and
+    /// *.yml files, not subdirectories) or - for stdin. Other Kubernetes kinds get a note.
     #[arg(required = true)]
     pub files: Vec<String>,
+    /// `json`: one object with `valid`, `documents`, `notes`, `warnings` and `errors`
     #[arg(long, value_enum, default_value_t)]
     pub output: OutputFormat,
 }
 
+/// Every document of every input checked, all mistakes reported (exit 2 if there is one):
+/// what Coalmine reads is listed as ok, other tools' documents as notes saying what Coalmine
+/// does instead.
 pub fn check(args: CheckArgs) -> anyhow::Result<ExitCode> {
-    let set = load(&args.files)?;
-    let docs: Vec<serde_json::Value> = set
-        .documents
-        .iter()
-        .map(|d| {
-            let (kind, name) = match &d.doc {
-                Document::Rollout(r) => ("Rollout", r.metadata.name.as_str()),
-                Document::Canary(c) => ("Canary", c.metadata.name.as_str()),
-                Document::MetricTemplate(t) => ("MetricTemplate", t.metadata.name.as_str()),
-                Document::AlertProvider => ("AlertProvider", ""),
-            };
-            serde_json::json!({"file": d.file, "line": d.line, "kind": kind, "name": name})
-        })
-        .collect();
+    let files = read_inputs(&args.files)?;
+    let (set, errors) = documents::read(&files);
+    let order = |file: &str| files.iter().position(|f| f.0 == file);
+    let mut docs: Vec<&_> = set.documents.iter().collect();
+    docs.sort_by_key(|d| (order(&d.file), d.line));
+    let mut notes: Vec<&Note> = set.notes.iter().collect();
+    notes.sort_by_key(|n| (order(&n.file), n.line));
     match args.output {
-        OutputFormat::Json => outln!(
-            "{}",
-            serde_json::json!({"valid": true, "documents": docs, "warnings": set.warnings})
-        ),
+        OutputFormat::Json => {
+            let docs: Vec<serde_json::Value> = docs
+                .iter()
+                .map(|d| {
+                    serde_json::json!({"file": d.file, "line": d.line, "kind": d.doc.kind(), "name": d.doc.name()})
+                })
+                .collect();
+            outln!(
+                "{}",
+                serde_json::json!({
+                    "valid": errors.is_empty(),
+                    "documents": docs,
+                    "notes": notes,
+                    "warnings": set.warnings,
+                    "errors": errors,
+                })
+            );
+            Ok(if errors.is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(2)
+            })
+        }
         OutputFormat::Text => {
-            for d in &docs {
-                outln!(
-                    "ok  {}:{}  {} {}",
-                    d["file"].as_str().unwrap_or(""),
-                    d["line"],
-                    d["kind"].as_str().unwrap_or(""),
-                    d["name"].as_str().unwrap_or("")
-                );
+            // Documents and notes in the order of the files, so the report reads like them.
+            let mut lines: Vec<((Option<usize>, u64), String)> = docs
+                .iter()
+                .map(|d| {
+                    (
+                        (order(&d.file), d.line),
+                        format!(
+                            "ok    {}:{}  {} {}",
+                            d.file,
+                            d.line,
+                            d.doc.kind(),
+                            d.doc.name()
+                        ),
+                    )
+                })
+                .collect();
+            lines.extend(
+                notes
+                    .iter()
+                    .map(|n| ((order(&n.file), n.line), format!("note: {n}"))),
+            );
+            lines.sort_by_key(|(at, _)| *at);
+            for (_, line) in lines {
+                outln!("{line}");
+            }
+            for w in &set.warnings {
+                errln!("warning: {w}");
+            }
+            if errors.is_empty() {
+                Ok(ExitCode::SUCCESS)
+            } else {
+                Err(spec_errors(errors))
             }
         }
     }
-    Ok(ExitCode::SUCCESS)
 }
 
 /// Where a Flagger Canary's traffic goes, which Kubernetes would otherwise tell.
@@ -128,14 +287,7 @@ impl PlacementArgs {
 pub fn pick<'a>(set: &'a DocumentSet, name: Option<&str>) -> anyhow::Result<&'a Document> {
     let candidates: Vec<_> = set
         .rollouts()
-        .filter(|d| {
-            let n = match &d.doc {
-                Document::Rollout(r) => &r.metadata.name,
-                Document::Canary(c) => &c.metadata.name,
-                _ => return false,
-            };
-            name.is_none_or(|want| want == n)
-        })
+        .filter(|d| name.is_none_or(|want| want == d.doc.name()))
         .collect();
     let chosen = match candidates.as_slice() {
         [one] => one,
@@ -146,10 +298,21 @@ pub fn pick<'a>(set: &'a DocumentSet, name: Option<&str>) -> anyhow::Result<&'a 
             })
             .into())
         }
-        _ => {
-            return Err(
-                BadInput("the files hold several rollouts; pick one with --name".into()).into(),
-            )
+        several => {
+            let places: Vec<String> = several
+                .iter()
+                .map(|d| format!("{} {} at {}:{}", d.doc.kind(), d.doc.name(), d.file, d.line))
+                .collect();
+            let advice = match name {
+                // Same name in several namespaces: only the files can tell them apart.
+                Some(_) => "pass only the files of the one to act on",
+                None => "pick one with --name",
+            };
+            return Err(BadInput(format!(
+                "the files hold several rollouts ({}); {advice}",
+                places.join(", ")
+            ))
+            .into());
         }
     };
     Ok(&chosen.doc)
@@ -171,7 +334,8 @@ fn pick_rollout(
 #[derive(Args, Debug)]
 pub struct ConvertArgs {
     /// A file with a Flagger Canary, and files with the MetricTemplates it uses (their queries
-    /// are written into the Rollout)
+    /// are written into the Rollout); directories (their *.yaml and *.yml files) and - for
+    /// stdin work too
     #[arg(required = true)]
     pub files: Vec<String>,
     #[arg(long)]
@@ -190,7 +354,8 @@ pub fn convert(args: ConvertArgs) -> anyhow::Result<ExitCode> {
 #[derive(Args, Debug)]
 pub struct RunArgs {
     /// A file with the Rollout (or a Flagger Canary plus --router/--stable/--canary), and files
-    /// with the MetricTemplates its metrics refer to
+    /// with the MetricTemplates its metrics refer to; directories (their *.yaml and *.yml
+    /// files) and - for stdin work too
     #[arg(required = true)]
     pub files: Vec<String>,
     /// Which rollout, when the file has several
@@ -205,8 +370,10 @@ pub struct RunArgs {
 
 pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let set = load(&args.files)?;
-    set.require_templates()
-        .map_err(|e| BadInput(e.to_string()))?;
+    let missing = set.missing_templates();
+    if !missing.is_empty() {
+        return Err(spec_errors(missing));
+    }
     let rollout = pick_rollout(&set, args.name.as_deref(), &args.placement)?;
     let mut driver =
         Driver::new(&rollout, None).map_err(|e| BadInput(format!("{}: {e}", args.files[0])))?;

@@ -266,3 +266,90 @@ spec:
     let seen = bodies(&url, 50, 2).await;
     assert!(seen.iter().all(|b| b.trim() == "v2"), "{seen:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn apply_refuses_bad_names_and_two_rollouts_of_one_name_on_both_sides() {
+    let dir = scratch("names");
+    let daemon = serve(&dir);
+    let (v1, v2) = (upstream("v1", &[]), upstream("v2", &[]));
+    let router = router(&["--stable", &v1.url]);
+    let good = rollout_yaml("checkout", &router, &v1, &v2, SLOW_STEPS);
+
+    let bad = dir.join("bad.yaml");
+    std::fs::write(&bad, good.replace("name: checkout", "name: check/out")).unwrap();
+    let (code, out) = cli(&daemon, &["apply", bad.to_str().unwrap()], Some(TOKEN));
+    assert_eq!(code, 2, "{out}");
+    assert!(
+        out.contains("bad.yaml:4:9: metadata.name: \"check/out\" is not a valid name"),
+        "{out}"
+    );
+
+    // The daemon's API refuses the same documents itself (a NUL would reach its /metrics).
+    let staging = good.replace("name: checkout", "name: checkout\n  namespace: staging");
+    for (files, says) in [
+        (
+            vec![("bad.yaml", good.replace("name: checkout", "name: \"a\\0b\""))],
+            "bad.yaml:4:9: metadata.name: \"a\\0b\" is not a valid name",
+        ),
+        (
+            vec![("a.yaml", good.clone()), ("b.yaml", good.clone())],
+            "b.yaml:4:9: metadata.name: Rollout \"checkout\" has the same name as the Rollout at a.yaml:4",
+        ),
+        (
+            vec![("a.yaml", good.clone()), ("b.yaml", staging)],
+            "b.yaml:4:9: metadata.name: Rollout \"checkout\" (namespace staging) has the same name as the Rollout at a.yaml:4 (namespace default): Coalmine addresses rollouts by name alone",
+        ),
+    ] {
+        let body = serde_json::json!({
+            "files": files.iter().map(|(f, t)| serde_json::json!({"file": f, "text": t})).collect::<Vec<_>>(),
+        });
+        let resp = client()
+            .post(format!("{}/api/v1/apply", daemon.api))
+            .bearer_auth(TOKEN)
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 400);
+        let answer: serde_json::Value = resp.json().await.unwrap();
+        let error = answer["error"].as_str().unwrap();
+        assert!(error.contains(says), "wanted {says:?} in {error}");
+    }
+    let (code, out) = cli(&daemon, &["status", "--output", "json"], None);
+    assert_eq!((code, out.trim()), (0, "[]"), "nothing was applied");
+
+    // `apply -` sends what it read from stdin, named `<stdin>`.
+    let (code, out) = std::process::Command::new(BIN)
+        .args(["apply", "-", "--api", &daemon.api])
+        .env("COALMINE_TOKEN", TOKEN)
+        .stdin(std::process::Stdio::piped())
+        .output_with_stdin(good.as_bytes());
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(status(&daemon, "checkout")["name"], "checkout");
+}
+
+/// Runs a command with `input` on its stdin; returns (exit code, stdout + stderr).
+trait OutputWithStdin {
+    fn output_with_stdin(&mut self, input: &[u8]) -> (i32, String);
+}
+
+impl OutputWithStdin for std::process::Command {
+    fn output_with_stdin(&mut self, input: &[u8]) -> (i32, String) {
+        use std::io::Write;
+        let mut child = self
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        child.stdin.take().unwrap().write_all(input).unwrap();
+        let out = child.wait_with_output().unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        )
+    }
+}

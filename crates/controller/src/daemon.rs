@@ -262,7 +262,7 @@ async fn apply(State(d): State<Arc<Daemon>>, Json(req): Json<ApplyRequest>) -> R
         .map(|f| f.0.as_str())
         .collect::<Vec<_>>()
         .join(", ");
-    let set = match documents::load(&files).and_then(|set| set.require_templates().map(|()| set)) {
+    let set = match documents::load(&files).and_then(|set| set.require_runnable().map(|()| set)) {
         Ok(set) => set,
         Err(e) => return error(StatusCode::BAD_REQUEST, e.to_string()),
     };

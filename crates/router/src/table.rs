@@ -9,6 +9,7 @@ use http::HeaderName;
 use serde::{Deserialize, Serialize};
 use xxhash_rust::xxh3::xxh3_64;
 
+use coalmine_spec::rollout::{url_port, whole_value_regex};
 use coalmine_spec::weight::{basis_points_to_percent, percent_to_basis_points};
 
 /// A percentage with two decimals, kept as basis points (10,000 = 100 %).
@@ -57,6 +58,8 @@ pub struct UpstreamUrl {
 
 impl UpstreamUrl {
     pub fn parse(text: &str) -> Result<Self, String> {
+        // First, for a message that says which port and why (the URL parser's does not).
+        url_port(text)?;
         let parsed = url::Url::parse(text).map_err(|e| format!("{text:?} is not a URL: {e}"))?;
         if parsed.scheme() != "http" {
             return Err(format!(
@@ -148,9 +151,7 @@ impl StrMatch {
     }
 
     fn regex(pattern: &str) -> Result<Self, String> {
-        regex::Regex::new(&format!("^(?:{pattern})$"))
-            .map(StrMatch::Regex)
-            .map_err(|e| format!("invalid regex {pattern:?}: {e}"))
+        whole_value_regex(pattern).map(StrMatch::Regex)
     }
 
     fn pattern(&self) -> (&'static str, String) {
@@ -543,6 +544,31 @@ mod tests {
     }
 
     #[test]
+    fn a_bad_regex_is_reported_as_written_on_one_line() {
+        let err = MatchRule::parse_flag("user-id~^(1|2").unwrap_err();
+        assert_eq!(
+            err,
+            r#"invalid regex "^(1|2": unclosed group (at character 2)"#
+        );
+        let doc = serde_json::json!({
+            "stable": "http://127.0.0.1:1",
+            "match": [{"header": "user-id", "regex": "[a-"}]
+        });
+        let err = serde_json::from_value::<RoutesDoc>(doc)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(r#"invalid regex "[a-""#), "{err}");
+        assert!(!err.contains("(?:"), "{err}");
+    }
+
+    #[test]
+    fn a_regex_cannot_escape_its_anchors() {
+        // `^(?:a)|(b)$` would compile and match any value starting with "a".
+        let err = MatchRule::parse_flag("x~a)|(b").unwrap_err();
+        assert!(err.contains(r#"invalid regex "a)|(b""#), "{err}");
+    }
+
+    #[test]
     fn regex_matches_the_whole_value_like_istio() {
         let r = MatchRule::parse_flag("user-id~1|2").unwrap();
         assert!(r.all[0].test.matches("1"));
@@ -604,6 +630,13 @@ mod tests {
         assert!(UpstreamUrl::parse("127.0.0.1:80").is_err());
         assert!(UpstreamUrl::parse("ftp://h").is_err());
         assert!(UpstreamUrl::parse("http://h/path").is_err());
+        assert_eq!(
+            UpstreamUrl::parse("http://127.0.0.1:99999").unwrap_err(),
+            r#""http://127.0.0.1:99999": port 99999 is out of range (ports are 1 to 65535)"#
+        );
+        assert!(UpstreamUrl::parse("http://127.0.0.1:0")
+            .unwrap_err()
+            .contains("port 0 is out of range"));
         assert_eq!(
             UpstreamUrl::parse("http://[::1]:8080").unwrap().host(),
             "::1"

@@ -1,7 +1,14 @@
-//! Files of several YAML documents: which kind each is, typed, validated, with warnings.
+//! Files of several YAML documents: which kind each is, typed, validated, with warnings, and
+//! notes on the documents of other tools that Coalmine reads past.
+
+use std::collections::HashMap;
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
 
 use crate::flagger::{Canary, FLAGGER_API_VERSION};
-use crate::rollout::{Analysis, Rollout, API_VERSION, BUILTINS};
+use crate::names::{check_name, NameRule};
+use crate::rollout::{Analysis, Metadata, Rollout, TemplateRef, API_VERSION, BUILTINS};
 use crate::schema::{self, FlaggerKind};
 use crate::templates::{self, MetricTemplate, Provider, TemplateContext};
 use crate::yaml::{parse_yaml, SpecError};
@@ -37,7 +44,70 @@ pub enum Document {
     Canary(Canary),
     MetricTemplate(MetricTemplate),
     /// Flagger's notification provider: valid, not acted on.
-    AlertProvider,
+    AlertProvider(Metadata),
+}
+
+impl Document {
+    /// The kind as documents write it.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Document::Rollout(_) => "Rollout",
+            Document::Canary(_) => "Canary",
+            Document::MetricTemplate(_) => "MetricTemplate",
+            Document::AlertProvider(_) => "AlertProvider",
+        }
+    }
+
+    pub fn metadata(&self) -> &Metadata {
+        match self {
+            Document::Rollout(r) => &r.metadata,
+            Document::Canary(c) => &c.metadata,
+            Document::MetricTemplate(t) => &t.metadata,
+            Document::AlertProvider(m) => m,
+        }
+    }
+
+    pub fn name(&self) -> &str {
+        &self.metadata().name
+    }
+}
+
+/// A document Coalmine reads past: another tool's (a Deployment, an Istio VirtualService, a
+/// Prometheus rule file), with what Coalmine does instead, concretely where it can say.
+///
+/// These are notes, not errors: `coalmine check` on a directory of a service's existing
+/// manifests should pass (exit 0) and say, for each document it does not act on, what it would
+/// use in its place. An error would force users to sort their files before Coalmine would look
+/// at any of them; silence would leave them guessing whether a VirtualService they passed is
+/// being applied. The documents Coalmine owns (`coalmine.dev`, `flagger.app`) stay strict: a
+/// mistake in one of those is an error.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Note {
+    pub file: String,
+    /// 1-based line of the document's `kind` (or, for a Prometheus rule file, `groups`).
+    pub line: u64,
+    /// `Deployment`, `VirtualService`, or `Prometheus rule file`.
+    pub kind: String,
+    /// `metadata.name`; empty when the document has none.
+    pub name: String,
+    pub message: String,
+    /// Coalmine's equivalent of each part of the document, one line each.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub equivalents: Vec<String>,
+}
+
+impl fmt::Display for Note {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}: {}", self.file, self.line, self.kind)?;
+        if !self.name.is_empty() {
+            write!(f, " {}", self.name)?;
+        }
+        write!(f, ": {}", self.message)?;
+        for line in &self.equivalents {
+            write!(f, "\n  {line}")?;
+        }
+        Ok(())
+    }
 }
 
 /// Everything read from the files given to one command.
@@ -45,6 +115,14 @@ pub enum Document {
 pub struct DocumentSet {
     pub documents: Vec<Located<Document>>,
     pub warnings: Vec<String>,
+    pub notes: Vec<Note>,
+}
+
+/// The namespace a document without one lands in (`kubectl`'s default context).
+const DEFAULT_NAMESPACE: &str = "default";
+
+fn namespace_of(m: &Metadata) -> &str {
+    m.namespace.as_deref().unwrap_or(DEFAULT_NAMESPACE)
 }
 
 impl DocumentSet {
@@ -55,38 +133,120 @@ impl DocumentSet {
     }
 
     pub fn template(&self, name: &str) -> Option<&MetricTemplate> {
-        self.located_template(name).map(|(t, _)| t)
+        self.templates_named(name).first().map(|(t, _)| *t)
     }
 
-    fn located_template(&self, name: &str) -> Option<(&MetricTemplate, &Located<Document>)> {
-        self.documents.iter().find_map(|d| match &d.doc {
-            Document::MetricTemplate(t) if t.metadata.name == name => Some((t, d)),
-            _ => None,
-        })
+    fn templates_named(&self, name: &str) -> Vec<(&MetricTemplate, &Located<Document>)> {
+        self.documents
+            .iter()
+            .filter_map(|d| match &d.doc {
+                Document::MetricTemplate(t) if t.metadata.name == name => Some((t, d)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// The template a check of `rollout` refers to. Flagger looks in the reference's namespace,
+    /// or the rollout's; a template given without a namespace is taken when it is the only one
+    /// of its name (the files are usually applied to one namespace together).
+    fn template_for(
+        &self,
+        rollout: &Metadata,
+        reference: &TemplateRef,
+    ) -> Option<(&MetricTemplate, &Located<Document>)> {
+        let named = self.templates_named(&reference.name);
+        if let [only] = named.as_slice() {
+            return Some(*only);
+        }
+        let wanted = reference
+            .namespace
+            .as_deref()
+            .unwrap_or_else(|| namespace_of(rollout));
+        named
+            .into_iter()
+            .find(|(t, _)| namespace_of(&t.metadata) == wanted)
     }
 
     /// For running (not just checking): every `templateRef` must have been found among the
     /// documents, or the check would have nothing to ask.
     pub fn require_templates(&self) -> Result<(), SpecError> {
+        match self.missing_templates().into_iter().next() {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    /// Every `templateRef` not found among the documents, as errors at the reference.
+    pub fn missing_templates(&self) -> Vec<SpecError> {
+        let mut errors = Vec::new();
         for located in self.rollouts() {
             let metrics = analysis_of(&located.doc).map(|a| a.metrics.as_slice());
             for (i, m) in metrics.unwrap_or_default().iter().enumerate() {
                 if let (Some(t), None) = (&m.template_ref, &m.query) {
-                    return Err(located.error_at(
+                    errors.push(located.error_at(
                         &format!("spec.analysis.metrics[{i}].templateRef"),
                         format!("MetricTemplate {:?} is not in the files given: pass the file that defines it too", t.name),
                     ));
                 }
             }
         }
-        Ok(())
+        errors
+    }
+
+    /// What running or applying needs beyond what `check` asks: every template found, and no
+    /// two rollouts of one name even in different namespaces, since Coalmine addresses a
+    /// rollout by its name alone (`status NAME`, the daemon's API, its state).
+    pub fn require_runnable(&self) -> Result<(), SpecError> {
+        match self.runnable_errors().into_iter().next() {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    /// Everything [`Self::require_runnable`] refuses, in file order.
+    pub fn runnable_errors(&self) -> Vec<SpecError> {
+        let mut errors = self.missing_templates();
+        let mut seen: HashMap<&str, &Located<Document>> = HashMap::new();
+        for located in self.rollouts() {
+            let meta = located.doc.metadata();
+            match seen.get(meta.name.as_str()) {
+                Some(first) => errors.push(located.error_at(
+                    "metadata.name",
+                    format!(
+                        "{} {:?} (namespace {}) has the same name as the {} at {} (namespace {}): Coalmine addresses rollouts by name alone, so one command takes one rollout of each name",
+                        located.doc.kind(),
+                        meta.name,
+                        namespace_of(meta),
+                        first.doc.kind(),
+                        first.name_position(),
+                        namespace_of(first.doc.metadata()),
+                    ),
+                )),
+                None => {
+                    seen.insert(&meta.name, located);
+                }
+            }
+        }
+        errors.sort_by_key(|e| (self.file_index(&e.file), e.line));
+        errors
+    }
+
+    /// Where `file` is among the files given, for reporting in their order.
+    fn file_index(&self, file: &str) -> usize {
+        self.documents
+            .iter()
+            .position(|d| d.file == file)
+            .unwrap_or(usize::MAX)
     }
 
     /// Resolves every non-built-in check of every Rollout and Canary in place (see
     /// [`templates::resolve_check`]). A `templateRef` to a template not given is left for
     /// [`Self::require_templates`] (a warning for `check`: in Kubernetes it lives in the cluster).
-    fn resolve_metrics(&mut self) -> Result<(), SpecError> {
-        for index in 0..self.documents.len() {
+    /// A document that cannot be resolved leaves the set, with its first error returned.
+    fn resolve_metrics(&mut self) -> Vec<SpecError> {
+        let mut errors = Vec::new();
+        let mut failed = Vec::new();
+        'documents: for index in 0..self.documents.len() {
             let mut located = self.documents[index].clone();
             let (metadata, target, service, metrics_server) = match &located.doc {
                 Document::Rollout(r) => {
@@ -126,15 +286,15 @@ impl DocumentSet {
                     });
                 }
                 let template = match (&check.query, &check.template_ref) {
-                    (None, Some(t)) => match self.located_template(&t.name) {
+                    (None, Some(t)) => match self.template_for(&metadata, t) {
                         Some(found) => Some(found),
                         None => continue,
                     },
                     _ => None,
                 };
                 let field = format!("spec.analysis.metrics[{i}]");
-                templates::resolve_check(check, template.map(|t| t.0), &ctx).map_err(|e| {
-                    match template {
+                if let Err(e) = templates::resolve_check(check, template.map(|t| t.0), &ctx) {
+                    errors.push(match template {
                         // What is wrong lies in the template: point there.
                         Some((t, at)) if e.field != "templateRef" => at.error_at(
                             &template_field(&e.field),
@@ -145,12 +305,25 @@ impl DocumentSet {
                         ),
                         _ => self.documents[index]
                             .error_at(&format!("{field}.{}", e.field), e.message),
-                    }
-                })?;
+                    });
+                    failed.push(index);
+                    continue 'documents;
+                }
             }
             self.documents[index] = located;
         }
-        Ok(())
+        for index in failed.into_iter().rev() {
+            self.documents.remove(index);
+        }
+        errors
+    }
+}
+
+impl<T> Located<T> {
+    /// `file:line` of this document's `metadata.name`, to name it in another's error.
+    fn name_position(&self) -> String {
+        let line = schema::locate(&self.text, "metadata.name").map_or(1, |(line, _)| line);
+        format!("{}:{}", self.file, line + self.line - 1)
     }
 }
 
@@ -170,33 +343,108 @@ fn analysis_of(doc: &Document) -> Option<&Analysis> {
     }
 }
 
-/// Reads every document of every `(file name, text)` pair. The first error stops the load: a
-/// command never acts on a set of documents that is partly wrong.
+/// Reads every document of every `(file name, text)` pair and fails with the first error, in
+/// file order: a command never acts on a set of documents that is partly wrong.
 pub fn load(files: &[(String, String)]) -> Result<DocumentSet, SpecError> {
+    let (set, errors) = read(files);
+    match errors.into_iter().next() {
+        Some(e) => Err(e),
+        None => Ok(set),
+    }
+}
+
+/// Reads every document of every `(file name, text)` pair, going on past mistakes so that all
+/// of them can be reported at once: returns the documents that are right (with the warnings
+/// and notes on them) and an error for each document that is not, in file order.
+pub fn read(files: &[(String, String)]) -> (DocumentSet, Vec<SpecError>) {
     let mut set = DocumentSet::default();
+    let mut errors = Vec::new();
+    let mut any_document = false;
     for (file, text) in files {
         for (line, doc_text) in split_documents(text) {
-            let doc = parse_document(file, doc_text).map_err(|e| shift(e, line))?;
-            set.documents.push(Located {
-                file: file.clone(),
-                line: line + 1,
-                text: doc_text.to_string(),
-                doc,
-            });
+            any_document = true;
+            match parse_document(file, line + 1, doc_text) {
+                Ok(Parsed::Document(doc)) => set.documents.push(Located {
+                    file: file.clone(),
+                    line: line + 1,
+                    text: doc_text.to_string(),
+                    doc: *doc,
+                }),
+                Ok(Parsed::Note(note)) => set.notes.push(note),
+                Err(e) => errors.push(shift(e, line)),
+            }
         }
     }
-    if set.documents.is_empty() {
-        return Err(SpecError {
+    if !any_document {
+        errors.push(SpecError {
             file: files.first().map(|f| f.0.clone()).unwrap_or_default(),
             line: 0,
             column: 0,
             field: String::new(),
             message: "no documents found".into(),
         });
+        return (set, errors);
     }
+    errors.extend(remove_duplicates(&mut set));
+    errors.extend(set.resolve_metrics());
     set.warnings = warnings(&set);
-    set.resolve_metrics()?;
-    Ok(set)
+    let order: Vec<&str> = files.iter().map(|f| f.0.as_str()).collect();
+    let index = |file: &str| order.iter().position(|f| *f == file);
+    errors.sort_by_key(|e| (index(&e.file), e.line));
+    (set, errors)
+}
+
+/// Which documents share one space of names: a Rollout and a Canary both become a rollout.
+fn name_space(doc: &Document) -> &'static str {
+    match doc {
+        Document::Rollout(_) | Document::Canary(_) => "rollout",
+        Document::MetricTemplate(_) => "MetricTemplate",
+        Document::AlertProvider(_) => "AlertProvider",
+    }
+}
+
+/// Two documents of one name (and namespace) among the files of one command would silently
+/// replace each other (a second `apply` of the name restarts the first; a `templateRef` could
+/// not tell them apart): the second is an error naming both places, and leaves the set.
+fn remove_duplicates(set: &mut DocumentSet) -> Vec<SpecError> {
+    let mut errors = Vec::new();
+    let mut first_of: HashMap<(&'static str, String, String), usize> = HashMap::new();
+    let mut duplicates = Vec::new();
+    for (index, located) in set.documents.iter().enumerate() {
+        let meta = located.doc.metadata();
+        let key = (
+            name_space(&located.doc),
+            namespace_of(meta).to_string(),
+            meta.name.clone(),
+        );
+        match first_of.get(&key) {
+            Some(&first) => {
+                let first = &set.documents[first];
+                let namespace = match &meta.namespace {
+                    Some(ns) => format!(" in namespace {ns}"),
+                    None => String::new(),
+                };
+                errors.push(located.error_at(
+                    "metadata.name",
+                    format!(
+                        "{} {:?}{namespace} has the same name as the {} at {}: each is defined once among the files of one command (the second would replace the first); rename or remove one",
+                        located.doc.kind(),
+                        meta.name,
+                        first.doc.kind(),
+                        first.name_position(),
+                    ),
+                ));
+                duplicates.push(index);
+            }
+            None => {
+                first_of.insert(key, index);
+            }
+        }
+    }
+    for index in duplicates.into_iter().rev() {
+        set.documents.remove(index);
+    }
+    errors
 }
 
 /// Splits on `---` lines; yields each document's text with the 0-based line it starts after.
@@ -230,16 +478,35 @@ fn shift(mut e: SpecError, lines: u64) -> SpecError {
     e
 }
 
-#[derive(serde::Deserialize)]
+#[derive(Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct Head {
     #[serde(default)]
     api_version: String,
     #[serde(default)]
     kind: String,
+    /// A Prometheus rule file has `groups` and no apiVersion.
+    #[serde(default)]
+    groups: Option<serde::de::IgnoredAny>,
 }
 
-fn parse_document(file: &str, text: &str) -> Result<Document, SpecError> {
+/// Flagger's AlertProvider as Coalmine reads it: its name (the rest is checked by the CRD).
+#[derive(Deserialize)]
+struct AlertProvider {
+    metadata: Metadata,
+}
+
+enum Parsed {
+    Document(Box<Document>),
+    Note(Note),
+}
+
+/// The kinds of the two API groups Coalmine reads.
+const OWN_KINDS: [&str; 4] = ["Rollout", "Canary", "MetricTemplate", "AlertProvider"];
+
+/// One document; `first_line` is where it starts in `file` (errors count from the document,
+/// the caller shifts them; notes are placed here).
+fn parse_document(file: &str, first_line: u64, text: &str) -> Result<Parsed, SpecError> {
     let head: Head = parse_yaml(file, text)?;
     let at = |field: &str, message: String| {
         let (line, column) = schema::locate(text, field).unwrap_or((1, 1));
@@ -251,39 +518,108 @@ fn parse_document(file: &str, text: &str) -> Result<Document, SpecError> {
             message,
         }
     };
-    match (head.api_version.as_str(), head.kind.as_str()) {
-        (API_VERSION, "MetricTemplate") => Ok(Document::MetricTemplate(parse_yaml(file, text)?)),
+    let named = |meta: &Metadata, rule: NameRule| -> Result<(), SpecError> {
+        check_name(&meta.name, rule).map_err(|m| at("metadata.name", m))?;
+        if let Some(namespace) = &meta.namespace {
+            check_name(namespace, NameRule::Namespace).map_err(|m| at("metadata.namespace", m))?;
+        }
+        Ok(())
+    };
+    let (api_version, kind) = (head.api_version.as_str(), head.kind.as_str());
+    let doc = match (api_version, kind) {
+        (API_VERSION, "MetricTemplate") => {
+            let template: MetricTemplate = parse_yaml(file, text)?;
+            named(&template.metadata, NameRule::Object)?;
+            Document::MetricTemplate(template)
+        }
         (API_VERSION, "Rollout") => {
             let rollout: Rollout = parse_yaml(file, text)?;
+            named(&rollout.metadata, NameRule::Rollout)?;
             check_analysis(&rollout.spec.analysis, "spec.analysis").map_err(|(f, m)| at(&f, m))?;
-            Ok(Document::Rollout(rollout))
+            Document::Rollout(rollout)
         }
         (FLAGGER_API_VERSION, kind) => {
             let Some(flagger_kind) = FlaggerKind::from_kind(kind) else {
-                return Err(at(
-                    "kind",
-                    format!("unknown kind {kind:?} for {FLAGGER_API_VERSION}: Coalmine reads Canary, MetricTemplate and AlertProvider"),
-                ));
+                return Err(at("kind", unknown_kind(kind, FLAGGER_API_VERSION, &["Canary", "MetricTemplate", "AlertProvider"])));
             };
             schema::validate_flagger(file, text, flagger_kind)?;
             match flagger_kind {
                 FlaggerKind::Canary => {
                     let canary: Canary = parse_yaml(file, text)?;
+                    named(&canary.metadata, NameRule::Rollout)?;
                     check_analysis(&canary.spec.analysis, "spec.analysis")
                         .map_err(|(f, m)| at(&f, m))?;
-                    Ok(Document::Canary(canary))
+                    Document::Canary(canary)
                 }
-                FlaggerKind::MetricTemplate => Ok(Document::MetricTemplate(parse_yaml(file, text)?)),
-                FlaggerKind::AlertProvider => Ok(Document::AlertProvider),
+                FlaggerKind::MetricTemplate => {
+                    let template: MetricTemplate = parse_yaml(file, text)?;
+                    named(&template.metadata, NameRule::Object)?;
+                    Document::MetricTemplate(template)
+                }
+                FlaggerKind::AlertProvider => {
+                    let provider: AlertProvider = parse_yaml(file, text)?;
+                    named(&provider.metadata, NameRule::Object)?;
+                    Document::AlertProvider(provider.metadata)
+                }
             }
         }
-        ("", _) => Err(at("apiVersion", format!("missing apiVersion (use {API_VERSION} for a Rollout, {FLAGGER_API_VERSION} for Flagger's kinds)"))),
-        (API_VERSION, kind) => Err(at("kind", format!("unknown kind {kind:?}: {API_VERSION} has Rollout and MetricTemplate"))),
-        (other, _) => Err(at(
-            "apiVersion",
-            format!("unknown apiVersion {other:?}: Coalmine reads {API_VERSION} and {FLAGGER_API_VERSION}"),
-        )),
+        (API_VERSION, kind) => return Err(at("kind", unknown_kind(kind, API_VERSION, &["Rollout", "MetricTemplate"]))),
+        ("", _) if head.groups.is_some() => {
+            return Ok(Parsed::Note(crate::foreign::rule_file_note(file, first_line, text)))
+        }
+        ("", _) => return Err(at("apiVersion", format!("missing apiVersion: not a Kubernetes document (Coalmine reads {API_VERSION} Rollouts and MetricTemplates, {FLAGGER_API_VERSION} Canaries, and notes other Kubernetes kinds)"))),
+        (_, "") => return Err(at("kind", "missing kind: not a Kubernetes document".into())),
+        (other, kind) => {
+            if let Some(message) = own_kind_elsewhere(other, kind) {
+                return Err(at("apiVersion", message));
+            }
+            if !crate::foreign::is_kubernetes_api_version(other) {
+                return Err(at("apiVersion", format!("{other:?} is not a Kubernetes apiVersion (GROUP/VERSION such as apps/v1, or v1)")));
+            }
+            if !crate::foreign::is_kubernetes_kind(kind) {
+                return Err(at("kind", format!("{kind:?} is not a Kubernetes kind (a CamelCase word such as Deployment)")));
+            }
+            return Ok(Parsed::Note(crate::foreign::note(file, first_line, text, other, kind)));
+        }
+    };
+    Ok(Parsed::Document(Box::new(doc)))
+}
+
+fn unknown_kind(kind: &str, api_version: &str, kinds: &[&str]) -> String {
+    let hint = match crate::suggest::nearest(kind, kinds.iter().copied()) {
+        Some(near) => format!("did you mean {near}? "),
+        None => String::new(),
+    };
+    format!(
+        "unknown kind {kind:?} for {api_version}: {hint}Coalmine reads {} there",
+        kinds.join(", ")
+    )
+}
+
+/// A mistake in the apiVersion of a document meant for Coalmine: an apiVersion of its own API
+/// groups it does not serve, one a typo away from them, or one of its kinds under another
+/// group. (Argo Rollouts' `Rollout` is a different product's document, not a mistake.)
+fn own_kind_elsewhere(api_version: &str, kind: &str) -> Option<String> {
+    let group = api_version.rsplit_once('/').map_or("", |(group, _)| group);
+    let own_groups = [API_VERSION, FLAGGER_API_VERSION].map(|v| v.split('/').next().unwrap_or(v));
+    let near = crate::suggest::nearest(api_version, [API_VERSION, FLAGGER_API_VERSION]);
+    if own_groups.contains(&group) || near.is_some() {
+        let hint = near.map_or(":".to_string(), |n| format!(", did you mean {n}?"));
+        return Some(format!(
+            "unknown apiVersion {api_version:?}{hint} Coalmine reads {API_VERSION} (Rollout, MetricTemplate) and {FLAGGER_API_VERSION} (Canary, MetricTemplate, AlertProvider)"
+        ));
     }
+    if OWN_KINDS.contains(&kind) && group != "argoproj.io" {
+        let expected = match kind {
+            "Rollout" => API_VERSION.to_string(),
+            "MetricTemplate" => format!("{API_VERSION} or {FLAGGER_API_VERSION}"),
+            _ => FLAGGER_API_VERSION.to_string(),
+        };
+        return Some(format!(
+            "a {kind} has apiVersion {expected}, not {api_version:?}"
+        ));
+    }
+    None
 }
 
 /// Rules between fields that a single field's type cannot express. Returns the field path and
@@ -389,7 +725,7 @@ fn warnings(set: &DocumentSet) -> Vec<String> {
         };
         for m in &analysis.metrics {
             if let Some(t) = &m.template_ref {
-                if set.template(&t.name).is_none() {
+                if set.template_for(located.doc.metadata(), t).is_none() {
                     out.push(format!(
                         "{}:{}: {name}: metric {:?} refers to MetricTemplate {:?}, which is not in the files given (in Kubernetes it lives in the cluster); pass its file too",
                         located.file, located.line, m.name, t.name

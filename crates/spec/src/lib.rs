@@ -6,6 +6,8 @@
 pub mod documents;
 pub mod duration;
 pub mod flagger;
+mod foreign;
+pub mod names;
 pub mod redact;
 pub mod rollout;
 pub mod scenario;

@@ -82,9 +82,38 @@ fn default_deadline() -> u64 {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct HostedRouter {
+    #[serde(deserialize_with = "socket_address")]
     pub listen: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        deserialize_with = "optional_socket_address",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub admin: Option<String>,
+}
+
+/// An `IP:port` the hosted router binds (port 0 picks a free one).
+fn socket_address<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    let text = String::deserialize(d)?;
+    if text.parse::<std::net::SocketAddr>().is_ok() {
+        return Ok(text);
+    }
+    let port = text.rsplit_once(':').map(|(_, p)| p).unwrap_or("");
+    let message = if !port.is_empty()
+        && port.bytes().all(|b| b.is_ascii_digit())
+        && port.parse::<u16>().is_err()
+    {
+        format!("{text:?}: port {port} is out of range (ports are 0 to 65535)")
+    } else {
+        format!("{text:?} is not an IP:port address such as 127.0.0.1:8080")
+    };
+    Err(serde::de::Error::custom(message))
+}
+
+fn optional_socket_address<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<String>, D::Error> {
+    socket_address(d).map(Some)
 }
 
 /// An `http://host:port` address (a router's admin API, a webhook, an upstream).
@@ -102,11 +131,68 @@ impl HttpUrl {
         if host.is_empty() || host.contains(char::is_whitespace) {
             return Err(format!("{text:?} has no valid host"));
         }
+        url_port(text)?;
         Ok(HttpUrl(text.trim_end_matches('/').to_string()))
     }
     pub fn as_str(&self) -> &str {
         &self.0
     }
+}
+
+/// The port written in an `http://` or `https://` URL, if any, checked: digits, 1 to 65535.
+/// (A general URL parser says only "invalid port number"; this says which and why.)
+pub fn url_port(url: &str) -> Result<Option<u16>, String> {
+    let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+    let host_port = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    let port = match host_port.strip_prefix('[') {
+        Some(v6) => v6
+            .split_once(']')
+            .and_then(|(_, after)| after.strip_prefix(':')),
+        None => host_port.rsplit_once(':').map(|(_, port)| port),
+    };
+    let Some(port) = port.filter(|p| !p.is_empty()) else {
+        return Ok(None);
+    };
+    if !port.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(format!("{url:?}: {port:?} is not a port number"));
+    }
+    match port.parse::<u16>() {
+        Ok(p) if p > 0 => Ok(Some(p)),
+        _ => Err(format!(
+            "{url:?}: port {port} is out of range (ports are 1 to 65535)"
+        )),
+    }
+}
+
+/// A regex that must match a whole value, as Istio's and Envoy's header regexes do: the
+/// pattern is anchored as `^(?:PATTERN)$`. It is compiled on its own first, so an error shows
+/// the pattern as the user wrote it, and a pattern that is not whole by itself (`a)|(b`) cannot
+/// slip out of the anchors.
+pub fn whole_value_regex(pattern: &str) -> Result<regex::Regex, String> {
+    regex::Regex::new(pattern).map_err(|e| regex_message(pattern, &e))?;
+    regex::Regex::new(&format!("^(?:{pattern})$")).map_err(|e| regex_message(pattern, &e))
+}
+
+/// `invalid regex "^(1|2": unclosed group (at character 2)`: one line, the user's pattern.
+fn regex_message(pattern: &str, e: &regex::Error) -> String {
+    let regex::Error::Syntax(text) = e else {
+        return format!("invalid regex {pattern:?}: {e}");
+    };
+    // The regex crate's syntax errors show the pattern, a line of carets under the mistake and
+    // `error: REASON`; the pattern is already in our message, so keep the reason and where.
+    let reason = text
+        .lines()
+        .find_map(|l| l.strip_prefix("error: "))
+        .unwrap_or(text.as_str());
+    let at = text
+        .lines()
+        .find(|l| l.trim_start().starts_with('^') && l.trim().chars().all(|c| c == '^'))
+        .and_then(|l| l.find('^'))
+        .filter(|_| !pattern.contains('\n'))
+        .map(|indent| format!(" (at character {})", indent.saturating_sub(4) + 1))
+        .unwrap_or_default();
+    format!("invalid regex {pattern:?}: {reason}{at}")
 }
 
 impl TryFrom<String> for HttpUrl {
@@ -401,7 +487,15 @@ pub enum StringMatch {
     Exact(String),
     Prefix(String),
     Suffix(String),
+    /// Matches the whole value, as in Istio; checked when read, so `check` finds a bad one.
+    #[serde(deserialize_with = "regex_pattern")]
     Regex(String),
+}
+
+fn regex_pattern<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    let pattern = String::deserialize(d)?;
+    whole_value_regex(&pattern).map_err(serde::de::Error::custom)?;
+    Ok(pattern)
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

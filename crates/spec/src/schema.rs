@@ -108,6 +108,63 @@ pub fn locate(text: &str, field: &str) -> Option<(u64, u64)> {
     Some((at.referenced.line(), at.referenced.column()))
 }
 
+/// The value written at `field` of the YAML document `text`, for error messages; `None` unless
+/// the whole path is there.
+pub(crate) fn written_at(text: &str, field: &str) -> Option<Written> {
+    let doc: Spanned<Node> = serde_saphyr::from_str(text).ok()?;
+    let mut at = &doc;
+    for step in path_steps(field)? {
+        at = match (&at.value, step) {
+            (Node::Map(entries), Step::Key(name)) => entries
+                .iter()
+                .find(|(key, _)| key.value == name)
+                .map(|(_, value)| value)?,
+            (Node::Seq(items), Step::Index(i)) => items.get(i)?,
+            _ => return None,
+        };
+    }
+    Some(match &at.value {
+        Node::Null => Written::Null,
+        Node::Bool(b) => Written::Bool(*b),
+        Node::Int(i) => Written::Int(*i),
+        Node::Float(f) => Written::Float(*f),
+        Node::Str(s) => Written::Str(s.clone()),
+        Node::Seq(_) => Written::List,
+        Node::Map(_) => Written::Mapping,
+    })
+}
+
+/// A YAML value as a message shows what was found.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Written {
+    Null,
+    Bool(bool),
+    Int(i128),
+    Float(f64),
+    Str(String),
+    List,
+    Mapping,
+}
+
+impl fmt::Display for Written {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        const MAX_CHARS: usize = 40;
+        match self {
+            Written::Null => f.write_str("nothing (null)"),
+            Written::Bool(b) => write!(f, "{b}"),
+            Written::Int(i) => write!(f, "{i}"),
+            Written::Float(x) => write!(f, "{x}"),
+            Written::Str(s) if s.chars().count() > MAX_CHARS => {
+                let head: String = s.chars().take(MAX_CHARS).collect();
+                write!(f, "{:?}…", head)
+            }
+            Written::Str(s) => write!(f, "{s:?}"),
+            Written::List => f.write_str("a list"),
+            Written::Mapping => f.write_str("a mapping"),
+        }
+    }
+}
+
 enum Step {
     Key(String),
     Index(usize),

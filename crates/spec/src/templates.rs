@@ -221,6 +221,9 @@ pub fn resolve_check(
             format!("{address:?} is not an http:// or https:// URL"),
         );
     }
+    if let Err(message) = crate::rollout::url_port(&address) {
+        return fail(&format!("{prefix}.address"), message);
+    }
     provider.address = Some(address);
     let query = render("query", &query)?;
     match provider.kind.as_str() {

@@ -1,6 +1,6 @@
 //! Reading the users' documents: the seed's and Flagger's examples, native Rollouts, mistakes.
 
-use coalmine_spec::documents::{load, Document};
+use coalmine_spec::documents::{load, read, Document};
 use coalmine_spec::rollout::{HookKind, Target};
 
 fn fixture(path: &str) -> (String, String) {
@@ -402,4 +402,429 @@ fn sequential_settings_out_of_range_are_refused_at_the_field() {
         let err = load(&one("r.yaml", &text)).unwrap_err();
         assert_eq!(err.field, field, "{err}");
     }
+}
+
+fn files(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+    pairs
+        .iter()
+        .map(|(f, t)| (f.to_string(), t.to_string()))
+        .collect()
+}
+
+#[test]
+fn rollout_and_canary_names_must_be_dns_1123_labels() {
+    let long = "x".repeat(5000);
+    for (written, problem) in [
+        ("\"\"", "it is empty"),
+        ("a/b", "'/' is not allowed"),
+        ("..", "'.' is not allowed"),
+        ("\"a\\0b\"", "control character \\u{0}"),
+        ("\"a\\nb\"", "control character \\n"),
+        (long.as_str(), "5000 characters, 63 at most"),
+        ("Payment", "uppercase 'P'"),
+        ("-web", "starts with '-'"),
+    ] {
+        let text = ROLLOUT.replace("name: payment-service", &format!("name: {written}"));
+        let err = load(&one("r.yaml", &text)).unwrap_err();
+        assert_eq!(
+            (err.line, err.column, err.field.as_str()),
+            (4, 9, "metadata.name"),
+            "{written}: {err}"
+        );
+        assert!(err.message.contains(problem), "{written}: {err}");
+        assert!(err.message.contains("DNS-1123 label"), "{err}");
+        assert!(err.message.contains("Service names"), "{err}");
+
+        let (name, canary) = fixture("seed/flagger-web-app.yaml");
+        let canary = canary.replace("name: web-app\nspec", &format!("name: {written}\nspec"));
+        let err = load(&one(&name, &canary)).unwrap_err();
+        assert_eq!(
+            (err.line, err.field.as_str()),
+            (5, "metadata.name"),
+            "{written}: {err}"
+        );
+    }
+    let text = ROLLOUT.replace(
+        "name: payment-service",
+        "name: payment-service\n  namespace: Shop_Floor",
+    );
+    let err = load(&one("r.yaml", &text)).unwrap_err();
+    assert_eq!((err.line, err.field.as_str()), (5, "metadata.namespace"));
+    assert!(
+        err.message.contains("did you mean \"shop-floor\"?"),
+        "{err}"
+    );
+}
+
+#[test]
+fn metric_template_names_must_be_dns_1123_subdomains() {
+    let dotted = ERROR_RATE_TEMPLATE.replace("{name: error-rate}", "{name: error-rate.v2}");
+    let rollout = TEMPLATED_ROLLOUT.replace("{name: error-rate}", "{name: error-rate.v2}");
+    load(&files(&[("r.yaml", &rollout), ("t.yaml", &dotted)])).unwrap();
+    let bad = ERROR_RATE_TEMPLATE.replace("{name: error-rate}", "{name: Error_Rate}");
+    let err = load(&one("t.yaml", &bad)).unwrap_err();
+    assert_eq!(
+        (err.line, err.field.as_str()),
+        (3, "metadata.name"),
+        "{err}"
+    );
+    assert!(err.message.contains("DNS-1123 subdomain"), "{err}");
+}
+
+#[test]
+fn an_alert_provider_is_read_with_its_name() {
+    let provider = "apiVersion: flagger.app/v1beta1
+kind: AlertProvider
+metadata: {name: on-call}
+spec: {type: slack, channel: releases, address: 'https://hooks.slack.com/services/x'}
+";
+    let set = load(&one("p.yaml", provider)).unwrap();
+    assert_eq!(set.documents[0].doc.kind(), "AlertProvider");
+    assert_eq!(set.documents[0].doc.name(), "on-call");
+}
+
+#[test]
+fn two_documents_of_one_name_are_an_error_naming_both_places() {
+    let (set, errors) = read(&files(&[("a.yaml", ROLLOUT), ("b.yaml", ROLLOUT)]));
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    let err = &errors[0];
+    assert_eq!(
+        (err.file.as_str(), err.line, err.field.as_str()),
+        ("b.yaml", 4, "metadata.name")
+    );
+    assert!(
+        err.message
+            .contains("Rollout \"payment-service\" has the same name as the Rollout at a.yaml:4"),
+        "{err}"
+    );
+    assert_eq!(
+        set.documents.len(),
+        1,
+        "the first stays, the second does not"
+    );
+
+    // A Canary and a Rollout of one name are two rollouts of that name.
+    let (_, canary) = fixture("seed/flagger-payment-service.yaml");
+    let err = load(&files(&[("r.yaml", ROLLOUT), ("c.yaml", &canary)])).unwrap_err();
+    assert_eq!((err.file.as_str(), err.line), ("c.yaml", 5), "{err}");
+    assert!(err.message.contains("the Rollout at r.yaml:4"), "{err}");
+
+    let text = format!("{ERROR_RATE_TEMPLATE}---\n{ERROR_RATE_TEMPLATE}");
+    let err = load(&one("t.yaml", &text)).unwrap_err();
+    assert_eq!(err.line, 15, "{err}");
+    assert!(
+        err.message.contains(
+            "MetricTemplate \"error-rate\" has the same name as the MetricTemplate at t.yaml:3"
+        ),
+        "{err}"
+    );
+
+    // Kubernetes keeps one name apart in two namespaces, so `check` does; Coalmine's commands
+    // address rollouts by name alone, so running or applying both is refused.
+    let staging = ROLLOUT.replace(
+        "name: payment-service",
+        "name: payment-service\n  namespace: staging",
+    );
+    let set = load(&files(&[("a.yaml", ROLLOUT), ("b.yaml", &staging)])).unwrap();
+    assert_eq!(set.documents.len(), 2);
+    let err = set.require_runnable().unwrap_err();
+    assert_eq!((err.file.as_str(), err.line), ("b.yaml", 4), "{err}");
+    assert!(err.message.contains("by name alone"), "{err}");
+}
+
+#[test]
+fn a_template_is_found_in_the_rollouts_namespace_when_several_share_its_name() {
+    let in_ns = |ns: &str, address: &str| {
+        ERROR_RATE_TEMPLATE
+            .replace(
+                "{name: error-rate}",
+                &format!("{{name: error-rate, namespace: {ns}}}"),
+            )
+            .replace("http://127.0.0.1:9090", address)
+    };
+    let set = load(&files(&[
+        ("rollout.yaml", TEMPLATED_ROLLOUT),
+        ("other.yaml", &in_ns("other", "http://127.0.0.1:9091")),
+        ("shop.yaml", &in_ns("shop", "http://127.0.0.1:9092")),
+    ]))
+    .unwrap();
+    let provider = metric_of(&set).provider.unwrap();
+    assert_eq!(provider.address.as_deref(), Some("http://127.0.0.1:9092"));
+}
+
+#[test]
+fn every_document_of_every_file_is_checked_and_all_mistakes_reported() {
+    let bad_name = ROLLOUT.replace("name: payment-service", "name: a/b");
+    let bad_threshold = ROLLOUT
+        .replace("name: payment-service", "name: other")
+        .replace("threshold: 5", "threshold: five");
+    let good = ROLLOUT.replace("name: payment-service", "name: fine");
+    let (set, errors) = read(&files(&[
+        ("one.yaml", &format!("{bad_name}---\n{good}")),
+        ("two.yaml", &bad_threshold),
+    ]));
+    let found: Vec<(&str, u64, &str)> = errors
+        .iter()
+        .map(|e| (e.file.as_str(), e.line, e.field.as_str()))
+        .collect();
+    assert_eq!(
+        found,
+        [
+            ("one.yaml", 4, "metadata.name"),
+            ("two.yaml", 13, "spec.analysis.threshold")
+        ]
+    );
+    assert_eq!(
+        errors[1].message,
+        r#"expected a whole number (0 or more), got "five""#
+    );
+    assert_eq!(set.documents.len(), 1);
+    assert_eq!(set.documents[0].doc.name(), "fine");
+}
+
+#[test]
+fn a_bad_regex_in_a_match_is_reported_as_written() {
+    let text = ROLLOUT.replace("x-canary: {exact: 'true'}", "user-id: {regex: '^(1|2'}");
+    let err = load(&one("r.yaml", &text)).unwrap_err();
+    assert_eq!(
+        (err.line, err.field.as_str()),
+        (17, "spec.analysis.match[0].headers.user-id.regex"),
+        "{err}"
+    );
+    assert_eq!(
+        err.message,
+        r#"invalid regex "^(1|2": unclosed group (at character 2)"#
+    );
+}
+
+#[test]
+fn ports_out_of_range_are_refused_wherever_a_document_has_an_address() {
+    for (from, to, field) in [
+        (
+            "stable: {url: http://127.0.0.1:9001}",
+            "stable: {url: http://127.0.0.1:99999}",
+            "spec.stable.url",
+        ),
+        (
+            "routers: [http://127.0.0.1:9901]",
+            "routers: [http://127.0.0.1:0]",
+            "spec.routers[0]",
+        ),
+        (
+            "url: http://127.0.0.1:8089/",
+            "url: http://127.0.0.1:80890/",
+            "spec.analysis.webhooks[0].url",
+        ),
+        (
+            "routers: [http://127.0.0.1:9901]",
+            "router: {listen: '127.0.0.1:70000'}",
+            "spec.router.listen",
+        ),
+    ] {
+        let text = ROLLOUT.replace(from, to);
+        let err = load(&one("r.yaml", &text)).unwrap_err();
+        assert_eq!(err.field, field, "{err}");
+        assert!(err.message.contains("out of range"), "{err}");
+    }
+    let template = ERROR_RATE_TEMPLATE.replace("127.0.0.1:9090", "127.0.0.1:123456");
+    let err = load(&files(&[
+        ("rollout.yaml", TEMPLATED_ROLLOUT),
+        ("t.yaml", &template),
+    ]))
+    .unwrap_err();
+    assert_eq!(
+        (err.file.as_str(), err.field.as_str()),
+        ("t.yaml", "spec.provider.address")
+    );
+    assert!(err.message.contains("port 123456 is out of range"), "{err}");
+}
+
+#[test]
+fn other_kubernetes_kinds_are_notes_and_shapeless_documents_errors() {
+    let set = load(&[fixture("seed/k8s-native.yaml")]).unwrap();
+    assert!(set.documents.is_empty());
+    let seen: Vec<(u64, &str, &str)> = set
+        .notes
+        .iter()
+        .map(|n| (n.line, n.kind.as_str(), n.name.as_str()))
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            (3, "Deployment", "web-app-stable"),
+            (23, "Deployment", "web-app-canary"),
+            (43, "Service", "web-app")
+        ]
+    );
+    assert!(
+        set.notes[0]
+            .to_string()
+            .starts_with("seed/k8s-native.yaml:3: Deployment web-app-stable: not read by Coalmine"),
+        "{}",
+        set.notes[0]
+    );
+    assert!(
+        set.notes[2].message.contains("http://web-app:80"),
+        "{}",
+        set.notes[2]
+    );
+
+    let others = "apiVersion: autoscaling/v2
+kind: HorizontalPodAutoscaler
+metadata: {name: web}
+spec: {maxReplicas: 5}
+---
+apiVersion: v1
+kind: ConfigMap
+metadata: {name: settings}
+data: {a: b}
+---
+apiVersion: argoproj.io/v1alpha1
+kind: Rollout
+metadata: {name: web}
+";
+    let set = load(&one("k.yaml", others)).unwrap();
+    let kinds: Vec<&str> = set.notes.iter().map(|n| n.kind.as_str()).collect();
+    assert_eq!(kinds, ["HorizontalPodAutoscaler", "ConfigMap", "Rollout"]);
+    assert!(
+        set.notes[2].message.contains("Argo Rollouts"),
+        "{}",
+        set.notes[2]
+    );
+
+    for (text, field, says) in [
+        (
+            "replicas: 3\nimage: web\n",
+            "apiVersion",
+            "missing apiVersion",
+        ),
+        (
+            "apiVersion: v1\nmetadata: {name: x}\n",
+            "kind",
+            "missing kind",
+        ),
+        (
+            "apiVersion: coalmine.dev/v1alpha1\nkind: Rolout\nmetadata: {name: x}\n",
+            "kind",
+            "did you mean Rollout?",
+        ),
+        (
+            "apiVersion: coalmine.dev/v1alpa1\nkind: Rollout\nmetadata: {name: x}\n",
+            "apiVersion",
+            "did you mean coalmine.dev/v1alpha1?",
+        ),
+        (
+            "apiVersion: apps/v1\nkind: Canary\nmetadata: {name: x}\n",
+            "apiVersion",
+            "a Canary has apiVersion flagger.app/v1beta1",
+        ),
+        (
+            "apiVersion: my app\nkind: Thing\nmetadata: {name: x}\n",
+            "apiVersion",
+            "not a Kubernetes apiVersion",
+        ),
+    ] {
+        let err = load(&one("x.yaml", text)).unwrap_err();
+        assert_eq!(err.field, field, "{text}: {err}");
+        assert!(err.message.contains(says), "{text}: {err}");
+    }
+}
+
+#[test]
+fn istio_documents_get_the_routers_equivalent_written_out() {
+    let set = load(&[fixture("seed/istio-user.yaml")]).unwrap();
+    let note = &set.notes[0];
+    assert_eq!(
+        (note.kind.as_str(), note.name.as_str(), note.line),
+        ("VirtualService", "web-app", 3)
+    );
+    let header_rule = &note.equivalents[0];
+    assert!(
+        header_rule.starts_with("http[0] (line 10): "),
+        "{header_rule}"
+    );
+    assert!(
+        header_rule.contains("coalmine proxy --match 'user-id~^(1|2|3|4|5)$'"),
+        "{header_rule}"
+    );
+    // The Rollout form is itself a valid analysis.match.
+    let written = header_rule.split("analysis.match: ").nth(1).unwrap();
+    let matches: Vec<coalmine_spec::rollout::HttpMatch> =
+        coalmine_spec::parse_yaml("note", written).unwrap();
+    assert_eq!(
+        matches[0].headers["user-id"],
+        coalmine_spec::rollout::StringMatch::Regex("^(1|2|3|4|5)$".into())
+    );
+    assert!(note.equivalents[1].contains("--stable URL"), "{note}");
+
+    let set = load(&[fixture("seed/istio-weighted.yaml")]).unwrap();
+    let (service, rule) = (&set.notes[0], &set.notes[1]);
+    assert!(
+        service.equivalents[0].contains("--match canary=true"),
+        "{service}"
+    );
+    assert!(
+        service.equivalents[1].contains("subset stable 95 %, subset canary 5 %")
+            && service.equivalents[1].contains("--canary-weight 5")
+            && service.equivalents[1].contains("stepWeights: [5, ...]"),
+        "{service}"
+    );
+    assert_eq!(rule.kind, "DestinationRule");
+    assert!(
+        rule.equivalents[0].contains("subset stable")
+            && rule.equivalents[0].contains("spec.stable.url"),
+        "{rule}"
+    );
+    assert!(
+        rule.equivalents[1].contains("subset canary")
+            && rule.equivalents[1].contains("spec.canary.url"),
+        "{rule}"
+    );
+
+    // A condition the router cannot match is named, and no narrower rule is offered for it.
+    let uri = "apiVersion: networking.istio.io/v1beta1
+kind: VirtualService
+metadata: {name: api}
+spec:
+  http:
+    - match: [{uri: {prefix: /v2}, headers: {x-beta: {exact: '1'}}}]
+      route: [{destination: {host: api-canary}}]
+";
+    let set = load(&one("vs.yaml", uri)).unwrap();
+    let line = &set.notes[0].equivalents[0];
+    assert!(line.contains("uri cannot be matched"), "{line}");
+    assert!(!line.contains("--match"), "{line}");
+}
+
+#[test]
+fn prometheus_rules_point_to_rollback_on_alerts() {
+    let set = load(&[fixture("seed/prometheus-canary-rules.yaml")]).unwrap();
+    let note = &set.notes[0];
+    assert_eq!((note.kind.as_str(), note.line), ("Prometheus rule file", 2));
+    assert!(note.message.contains("rollbackOnAlerts"), "{note}");
+    assert!(note.message.contains("Alerts roll back"), "{note}");
+    assert_eq!(
+        note.equivalents,
+        ["alert CanaryHighErrorRate (group canary, line 5): rollbackOnAlerts: [{alertname: CanaryHighErrorRate}]"]
+    );
+
+    let operator = "apiVersion: monitoring.coreos.com/v1
+kind: PrometheusRule
+metadata: {name: canary-rules}
+spec:
+  groups:
+    - name: canary
+      rules:
+        - record: job:errors:rate5m
+          expr: sum(rate(http_requests_total{status=~\"5..\"}[5m]))
+        - alert: CanaryHighLatency
+          expr: vector(1)
+";
+    let set = load(&one("pr.yaml", operator)).unwrap();
+    let note = &set.notes[0];
+    assert_eq!(note.name, "canary-rules");
+    assert_eq!(
+        note.equivalents,
+        ["alert CanaryHighLatency (group canary, line 10): rollbackOnAlerts: [{alertname: CanaryHighLatency}]"]
+    );
 }
