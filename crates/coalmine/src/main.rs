@@ -6,6 +6,7 @@ mod output;
 
 mod daemon_cmd;
 mod demo;
+mod loadtester;
 mod proxy_cmd;
 mod rollout_cmd;
 mod simulate_cmd;
@@ -57,6 +58,8 @@ enum Command {
     Delete(daemon_cmd::CommandArgs),
     /// Run a small HTTP service with an injectable error rate and latency (demos, tests)
     Upstream(upstream::UpstreamArgs),
+    /// Run Flagger's load-test webhook: `hey` commands from Canary webhooks, run natively
+    Loadtester(loadtester::LoadtesterArgs),
 }
 
 /// Input the user must fix: reported as such and exits 2.
@@ -75,7 +78,9 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     // The demo and `run` talk to people through their own output; logs are for servers.
     let default_level = match cli.command {
-        Command::Proxy(_) | Command::Upstream(_) | Command::Serve(_) => "info",
+        Command::Proxy(_) | Command::Upstream(_) | Command::Serve(_) | Command::Loadtester(_) => {
+            "info"
+        }
         _ => "warn",
     };
     tracing_subscriber::fmt()
@@ -91,6 +96,7 @@ fn main() -> ExitCode {
         Command::Proxy(args) => proxy_cmd::run(*args).map(|()| ExitCode::SUCCESS),
         Command::Demo(args) => demo::run(args),
         Command::Upstream(args) => upstream::run(args).map(|()| ExitCode::SUCCESS),
+        Command::Loadtester(args) => loadtester::run(args).map(|()| ExitCode::SUCCESS),
         Command::Check(args) => rollout_cmd::check(args),
         Command::Convert(args) => rollout_cmd::convert(args),
         Command::Run(args) => rollout_cmd::run(args),
