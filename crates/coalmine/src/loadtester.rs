@@ -744,7 +744,7 @@ pub fn run(args: LoadtesterArgs) -> anyhow::Result<()> {
 
 async fn serve(args: LoadtesterArgs) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(args.listen).await?;
-    println!("coalmine loadtester: listen={}", listener.local_addr()?);
+    outln!("coalmine loadtester: listen={}", listener.local_addr()?);
     for m in &args.resolve {
         tracing::info!("resolving {}:{} to {}", m.host, m.port, m.addr);
     }
