@@ -356,3 +356,52 @@ fn the_demo_rolls_back_the_bad_v2_and_promotes_a_healthy_one() {
         }
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mirrored_canary_is_judged_on_its_answers_to_the_copies() {
+    // Blue-green with mirroring (Flagger's dark launch): users only ever reach v1, the canary
+    // answers copies, and those answers are its observations.
+    let analysis = "    interval: 1s
+    threshold: 2
+    iterations: 3
+    mirror: true
+    metrics:
+      - name: request-success-rate
+        thresholdRange: {min: 99}
+        interval: 2s
+";
+    let v1 = upstream("v1", &[]);
+    let v2 = upstream("v2", &[]);
+    let router = router(&["--stable", &v1.url]);
+    let file = write_rollout(
+        "mirror-ok",
+        &rollout_yaml("mirrored", &router, &v1, &v2, analysis),
+    );
+    let traffic = users(&router, 4);
+    // Three 1-second iterations: well within 60 s unless the analysis holds for want of data.
+    let run = tokio::time::timeout(Duration::from_secs(60), coalmine_run(&file, &[]))
+        .await
+        .expect("the mirrored rollout held instead of progressing");
+    let (_, failed) = traffic.stop().await;
+    assert_eq!(run.code, 0, "{:#?}\n{}", messages(&run), run.stderr);
+    assert_eq!(failed, 0);
+    let msgs = messages(&run).join("\n");
+    assert!(msgs.contains("Advance canary iteration 3/3"), "{msgs}");
+    let st = stats(&router).await;
+    assert!(st["mirror"]["requests"].as_u64().unwrap() > 0, "{st}");
+
+    // A canary failing half its copies is rolled back, and no user saw a failure.
+    let v3 = upstream("v3", &["--error-rate", "0.5"]);
+    let second = common::router(&["--stable", &v1.url]);
+    let file = write_rollout(
+        "mirror-bad",
+        &rollout_yaml("mirrored", &second, &v1, &v3, analysis),
+    );
+    let traffic = users(&second, 4);
+    let run = coalmine_run(&file, &[]).await;
+    let (ok, failed) = traffic.stop().await;
+    assert_eq!(run.code, 1, "{:#?}\n{}", messages(&run), run.stderr);
+    assert_eq!(failed, 0, "{ok} ok, {failed} failed");
+    let last = run.lines.last().unwrap();
+    assert_eq!(last["outcome"], "rolledBack");
+}
