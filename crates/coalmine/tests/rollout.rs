@@ -329,32 +329,177 @@ spec:
     assert!(stderr.contains("spec.canary"), "{stderr}");
 }
 
+/// `coalmine demo` with these flags: its exit code, and its stdout.
+fn demo(args: &[&str]) -> (Option<i32>, String) {
+    let out = Command::new(BIN).arg("demo").args(args).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    (out.status.code(), format!("{stdout}{stderr}"))
+}
+
+fn last_json_line(out: &str) -> serde_json::Value {
+    let line = out.lines().rev().find(|l| l.starts_with('{')).unwrap_or("");
+    serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {out}"))
+}
+
+/// The seed's payment-service Canary (tests/fixtures/seed/flagger-payment-service.yaml).
+fn seed_canary() -> String {
+    format!(
+        "{}/../../tests/fixtures/seed/flagger-payment-service.yaml",
+        env!("CARGO_MANIFEST_DIR")
+    )
+}
+
 #[test]
-fn the_demo_rolls_back_the_bad_v2_and_promotes_a_healthy_one() {
-    for (scenario, outcome) in [("bad", "rolledBack"), ("healthy", "promoted")] {
-        let out = Command::new(BIN)
-            .args(["demo", "--scenario", scenario, "--output", "json"])
-            .output()
-            .unwrap();
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        assert_eq!(out.status.code(), Some(0), "{scenario}: {stdout}");
-        let summary: serde_json::Value =
-            serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
-        assert_eq!(summary["outcome"], outcome, "{summary}");
-        assert!(summary["seconds"].as_f64().unwrap() < 60.0);
-        assert_eq!(summary["routerErrors"], 0);
-        if scenario == "bad" {
-            // v2 got about 5 % of the traffic, and users met its bug only there.
-            let share =
-                summary["v2Requests"].as_f64().unwrap() / summary["requests"].as_f64().unwrap();
-            assert!(share < 0.06, "{summary}");
-            assert!(summary["v2Failures"].as_u64().unwrap() > 0, "{summary}");
-            // The sequential judges saw v2's failures (they or the threshold rule rolled back).
-            let errors = &summary["sequential"]["errors"];
-            assert!(errors["canaryFailures"].as_u64().unwrap() > 0, "{summary}");
-            assert!(errors["pValue"].as_f64().unwrap() < 1.0, "{summary}");
+fn the_demo_rolls_back_the_bad_v2_by_the_sequential_test_long_before_flaggers_rule_would() {
+    let (code, out) = demo(&["--output", "json"]);
+    assert_eq!(code, Some(0), "{out}");
+    let summary = last_json_line(&out);
+    assert_eq!(summary["outcome"], "rolledBack", "{summary}");
+    assert_eq!(summary["rolledBackBySequentialTest"], true, "{summary}");
+    assert_eq!(summary["routerErrors"], 0, "{summary}");
+    let errors = &summary["sequential"]["errors"];
+    assert_eq!(errors["rejected"], true, "{summary}");
+
+    // The analysis is the seed's Canary's (its load-test webhook aside: the demo sends traffic).
+    let analysis = &summary["analysis"];
+    assert_eq!(analysis["interval"], "2m", "{summary}");
+    assert_eq!(analysis["threshold"], 3, "{summary}");
+    assert_eq!(analysis["stepWeight"], 10.0, "{summary}");
+    assert_eq!(analysis["maxWeight"], 50.0, "{summary}");
+    assert_eq!(
+        analysis["metrics"],
+        serde_json::json!([
+            {"name": "request-success-rate", "interval": "1m", "thresholdRange": {"min": 99.5}},
+            {"name": "request-duration", "interval": "1m", "thresholdRange": {"max": 1000.0}},
+        ]),
+        "{summary}"
+    );
+    // Its one change, the first step at once, is said.
+    assert!(
+        summary["demoOnly"]
+            .as_str()
+            .unwrap()
+            .contains("first step (to 10 %) comes at once"),
+        "{summary}"
+    );
+
+    // Flagger's rule on these settings, tick by tick (interval 2m, threshold 3): the first step
+    // comes at the tick one interval in; the checks at the next three ticks each fail (10 % of
+    // 500s over 1m against min 99.5); the tick after the third failure rolls back. So 4
+    // intervals after v2's first request, 5 after the rollout's start.
+    let (interval_s, threshold) = (120.0, 3.0);
+    let flagger = &summary["flagger"];
+    assert_eq!(flagger["decision"], "rolledBack", "{summary}");
+    assert_eq!(flagger["firstV2RequestSeconds"], interval_s, "{summary}");
+    assert_eq!(
+        flagger["detectionSeconds"],
+        (threshold + 1.0) * interval_s,
+        "{summary}"
+    );
+    assert_eq!(
+        flagger["decidedSeconds"],
+        (threshold + 2.0) * interval_s,
+        "{summary}"
+    );
+    // Meanwhile v2 gets 10 % of the demo's rate, and fails 10 % of that.
+    let rps = summary["rps"].as_f64().unwrap();
+    let expected_v2 = rps * 0.10 * (threshold + 1.0) * interval_s;
+    let flagger_v2 = flagger["v2Requests"].as_f64().unwrap();
+    let flagger_failed = flagger["v2Failures"].as_f64().unwrap();
+    assert!(
+        (flagger_v2 - expected_v2).abs() < 0.05 * expected_v2,
+        "{flagger_v2} vs {expected_v2}"
+    );
+    assert!(
+        (flagger_failed - 0.1 * flagger_v2).abs() < 0.15 * 0.1 * flagger_v2,
+        "{flagger_failed} of {flagger_v2}"
+    );
+
+    // The sequential test decided before Flagger's rule could even run its first check, and
+    // users met far fewer of v2's failures.
+    let measured = summary["detectionSeconds"].as_f64().unwrap();
+    assert!(measured > 0.0 && measured < interval_s, "{summary}");
+    assert!(
+        summary["v2Failures"].as_f64().unwrap() < flagger_failed,
+        "{summary}"
+    );
+
+    // The simulator says the same for the seed's own file on the demo's traffic.
+    let scenario = &flagger["scenario"];
+    assert_eq!(scenario["traffic"]["rps"], rps, "{summary}");
+    assert_eq!(scenario["stable"]["errorRate"], 0.0, "{summary}");
+    assert_eq!(scenario["canary"]["errorRate"], 0.1, "{summary}");
+    let dir = TempDir::new("demo");
+    let scenario_file = dir.write("scenario.yaml", &scenario.to_string());
+    let seed = flagger["seed"].to_string();
+    let out = Command::new(BIN)
+        .args(["simulate", &seed_canary(), "--scenario"])
+        .arg(&scenario_file)
+        .args(["--runs", "1", "--seed", &seed, "--compare", "flagger"])
+        .args(["--output", "json"])
+        .output()
+        .unwrap();
+    let simulated = last_json_line(&String::from_utf8_lossy(&out.stdout));
+    let simulated = &simulated["flagger"];
+    assert_eq!(
+        simulated["detectionSeconds"]["p50"], flagger["detectionSeconds"],
+        "{simulated}"
+    );
+    assert_eq!(
+        simulated["canaryRequests"]["p50"], flagger_v2,
+        "{simulated}"
+    );
+    assert_eq!(
+        simulated["canaryFailures"]["p50"], flagger_failed,
+        "{simulated}"
+    );
+
+    // The text output says both, with the same simulated numbers.
+    let (code, text) = demo(&[]);
+    assert_eq!(code, Some(0), "{text}");
+    assert!(text.contains("by the sequential test"), "{text}");
+    let said = format!(
+        "Flagger's rule with these settings (interval 2m, threshold 3) would have rolled back 8m after v2's first request (10m after the rollout started, its first step 2m in) — by then about {} requests would have reached v2 and {} failed",
+        thousands(flagger_v2 as u64),
+        thousands(flagger_failed as u64),
+    );
+    assert!(text.contains(&said), "{said}\n{text}");
+    assert!(text.contains("demo only: the first step"), "{text}");
+}
+
+/// 9612 → "9,612".
+fn thousands(n: u64) -> String {
+    let digits = n.to_string();
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            out.push(',');
         }
+        out.push(c);
     }
+    out
+}
+
+#[test]
+fn the_demo_promotes_a_healthy_v2_on_a_short_interval_and_says_so() {
+    let (code, out) = demo(&["--scenario", "healthy", "--output", "json"]);
+    assert_eq!(code, Some(0), "{out}");
+    let summary = last_json_line(&out);
+    assert_eq!(summary["outcome"], "promoted", "{summary}");
+    assert_eq!(summary["routerErrors"], 0, "{summary}");
+    assert_eq!(summary["v2Failures"], 0, "{summary}");
+    assert_eq!(summary["analysis"]["interval"], "2s", "{summary}");
+    assert!(
+        summary["demoOnly"]
+            .as_str()
+            .unwrap()
+            .contains("the interval is 2s, not the seed's 2m"),
+        "{summary}"
+    );
+    // No rollback, so nothing to compare with Flagger's rule.
+    assert!(summary["flagger"].is_null(), "{summary}");
+    assert!(summary["detectionSeconds"].is_null(), "{summary}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
