@@ -160,6 +160,9 @@ pub struct ApplyArgs {
     /// Start a new run even when the document is unchanged (retry a failed release)
     #[arg(long)]
     pub restart: bool,
+    /// Where a Flagger Canary's traffic goes (or a Placement document in the files)
+    #[command(flatten)]
+    pub placement: crate::rollout_cmd::PlacementArgs,
     #[command(flatten)]
     pub api: ApiArgs,
 }
@@ -167,10 +170,38 @@ pub struct ApplyArgs {
 pub fn apply(args: ApplyArgs) -> anyhow::Result<ExitCode> {
     // Checked here first for the quickest, clearest errors (all of them); the daemon checks
     // again. The daemon gets the texts read here: stdin cannot be read twice.
-    let (inputs, set) = load_inputs(&args.files)?;
+    let (mut inputs, set) = load_inputs(&args.files)?;
     let errors = set.runnable_errors();
     if !errors.is_empty() {
         return Err(spec_errors(errors));
+    }
+    // A Canary placed by the flags goes to the daemon with a Placement document saying so.
+    let flags = args.placement.placement()?;
+    // Every Canary must be placed: by its Placement document or by the flags.
+    set.placed_rollouts(flags.as_ref())
+        .map_err(|e| BadInput(e.to_string()))?;
+    if let Some(placement) = flags {
+        let unplaced = set.rollouts().find(|d| {
+            matches!(d.doc, coalmine_spec::documents::Document::Canary(_))
+                && !set.documents.iter().any(|p| {
+                    matches!(p.doc, coalmine_spec::documents::Document::Placement(_))
+                        && p.doc.name() == d.doc.name()
+                })
+        });
+        let Some(canary) = unplaced else {
+            return Err(BadInput(
+                "--router/--stable/--canary place a Flagger Canary, and every Canary in the files has a Placement (or there is none)".into(),
+            )
+            .into());
+        };
+        let meta = canary.doc.metadata();
+        let doc = json!({
+            "apiVersion": coalmine_spec::rollout::API_VERSION,
+            "kind": "Placement",
+            "metadata": {"name": meta.name, "namespace": meta.namespace},
+            "spec": placement,
+        });
+        inputs.push(("<command line>".to_string(), serde_saphyr::to_string(&doc)?));
     }
     let files: Vec<Value> = inputs
         .into_iter()

@@ -36,6 +36,10 @@ pub struct ProxyArgs {
     /// NAME=VALUE (header), NAME~REGEX (header, whole value), cookie:NAME=VALUE, query:NAME=VALUE
     #[arg(long = "match", value_name = "RULE", value_parser = MatchRule::parse_flag)]
     pub matches: Vec<MatchRule>,
+    /// Send matching requests to the canary whenever there is one, even at weight 0 (a
+    /// blue-green preview for load tests); same syntax as --match
+    #[arg(long = "preview", value_name = "RULE", value_parser = MatchRule::parse_flag)]
+    pub previews: Vec<MatchRule>,
     /// Hash this header's value to pick the version, so a user always gets the same one
     #[arg(long, value_name = "NAME", conflicts_with = "sticky_cookie")]
     pub sticky_header: Option<String>,
@@ -97,6 +101,8 @@ struct ProxyFile {
     canary_weight: Option<Weight>,
     #[serde(default, rename = "match")]
     matches: Vec<MatchRule>,
+    #[serde(default)]
+    preview: Vec<MatchRule>,
     sticky_header: Option<String>,
     sticky_cookie: Option<String>,
     affinity_cookie: Option<String>,
@@ -158,6 +164,11 @@ pub fn router_config(args: ProxyArgs) -> Result<RouterConfig, BadInput> {
         file.matches
     } else {
         args.matches
+    };
+    routes.preview = if args.previews.is_empty() {
+        file.preview
+    } else {
+        args.previews
     };
     routes.sticky = sticky(sh, sc)?;
     routes.affinity = args

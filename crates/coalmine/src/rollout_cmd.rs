@@ -12,7 +12,7 @@ use coalmine_controller::time::rfc3339;
 use coalmine_controller::{Driver, Sink};
 use coalmine_rollout::{Event, EventLevel, Input, Outcome, Status};
 use coalmine_spec::documents::{self, Document, DocumentSet, Note};
-use coalmine_spec::flagger::Placement;
+use coalmine_spec::flagger::{HostPort, Placement};
 use coalmine_spec::rollout::{HttpUrl, Rollout, Target};
 use coalmine_spec::weight::basis_points_to_percent;
 use coalmine_spec::SpecError;
@@ -254,10 +254,23 @@ pub struct PlacementArgs {
     /// URL of the new version
     #[arg(long)]
     pub canary: Option<String>,
+    /// HOST=ADDR:PORT: a host name in the Canary's webhook or metric URLs and where it is
+    /// reached here (what cluster DNS would say), e.g. flagger-loadtester=127.0.0.1:8089;
+    /// HOST may carry a port to map only that one (repeatable)
+    #[arg(long, value_name = "HOST=ADDR:PORT")]
+    pub resolve: Vec<String>,
 }
 
 impl PlacementArgs {
-    fn placement(&self) -> anyhow::Result<Placement> {
+    /// The placement the flags give, if any flag is given.
+    pub fn placement(&self) -> anyhow::Result<Option<Placement>> {
+        if self.routers.is_empty()
+            && self.stable.is_none()
+            && self.canary.is_none()
+            && self.resolve.is_empty()
+        {
+            return Ok(None);
+        }
         let url = |flag: &str, v: &Option<String>| -> anyhow::Result<HttpUrl> {
             let v = v.as_deref().ok_or_else(|| {
                 BadInput(format!(
@@ -274,11 +287,25 @@ impl PlacementArgs {
         if routers.is_empty() {
             return Err(BadInput("a Flagger Canary needs --router ADMIN_URL".into()).into());
         }
-        Ok(Placement {
+        let mut hosts = std::collections::BTreeMap::new();
+        for mapping in &self.resolve {
+            let (host, to) = mapping.split_once('=').ok_or_else(|| {
+                BadInput(format!(
+                    "--resolve {mapping:?}: write HOST=ADDR:PORT, e.g. flagger-loadtester=127.0.0.1:8089"
+                ))
+            })?;
+            let to = HostPort::try_from(to.to_string())
+                .map_err(|e| BadInput(format!("--resolve {mapping:?}: {e}")))?;
+            hosts.insert(host.to_string(), to);
+        }
+        Ok(Some(Placement {
             routers,
-            stable: Target::Url(url("stable", &self.stable)?),
-            canary: Target::Url(url("canary", &self.canary)?),
-        })
+            router: None,
+            stable: Some(Target::Url(url("stable", &self.stable)?)),
+            canary: Some(Target::Url(url("canary", &self.canary)?)),
+            hosts,
+            preview: Vec::new(),
+        }))
     }
 }
 
@@ -318,17 +345,22 @@ pub fn pick<'a>(set: &'a DocumentSet, name: Option<&str>) -> anyhow::Result<&'a 
     Ok(&chosen.doc)
 }
 
-/// The rollout a command runs: a Rollout as written, a Canary placed by the flags.
+/// The rollout a command runs: a Rollout as written, a Canary placed by its Placement document
+/// or the flags.
 fn pick_rollout(
     set: &DocumentSet,
     name: Option<&str>,
     placement: &PlacementArgs,
 ) -> anyhow::Result<Rollout> {
-    match pick(set, name)? {
-        Document::Canary(c) => Ok(c.to_rollout(placement.placement()?)),
-        Document::Rollout(r) => Ok(r.clone()),
-        _ => unreachable!("rollouts() yields rollouts"),
-    }
+    let chosen = pick(set, name)?.name().to_string();
+    let flags = placement.placement()?;
+    let placed = set
+        .placed_rollouts(flags.as_ref())
+        .map_err(|e| BadInput(e.to_string()))?;
+    Ok(placed
+        .into_iter()
+        .find(|r| r.metadata.name == chosen)
+        .expect("every rollout of the files is placed"))
 }
 
 #[derive(Args, Debug)]

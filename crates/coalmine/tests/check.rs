@@ -433,3 +433,80 @@ fn top_level_help_shows_status_watch_after_the_name() {
     assert!(out.contains("`status NAME --watch`"), "{out}");
     assert!(!out.contains("--watch NAME"), "{out}");
 }
+
+#[test]
+fn a_blue_green_rollout_without_a_preview_is_warned_that_nothing_measures_it() {
+    let blue_green =
+        rollout("bluegreen").replace("    stepWeights: [10, 50]\n", "    iterations: 3\n");
+    let (code, _, stderr) = coalmine(&["check", "-"], Some(&blue_green));
+    assert_eq!(code, 0, "{stderr}");
+    assert!(
+        stderr.contains("blue-green") && stderr.contains("spec.preview"),
+        "{stderr}"
+    );
+    let previewed = blue_green.replace(
+        "  analysis:\n",
+        "  preview:\n    - headers: {x-preview: {exact: \"true\"}}\n  analysis:\n",
+    );
+    let (code, _, stderr) = coalmine(&["check", "-"], Some(&previewed));
+    assert_eq!(code, 0, "{stderr}");
+    assert!(!stderr.contains("blue-green"), "{stderr}");
+}
+
+#[test]
+fn a_placement_places_its_canary_and_one_without_a_canary_is_an_error() {
+    let dir = TempDir::new("placement");
+    let seed =
+        std::fs::read_to_string(format!("{}/flagger-payment-service.yaml", seed_dir())).unwrap();
+    let canary = dir.write("canary.yaml", &seed);
+    let placement = "apiVersion: coalmine.dev/v1alpha1
+kind: Placement
+metadata:
+  name: payment-service
+spec:
+  routers: [http://127.0.0.1:9901]
+  stable: {url: http://127.0.0.1:9001}
+  canary: {url: http://127.0.0.1:9002}
+  hosts:
+    flagger-loadtester: 127.0.0.1:8089
+";
+    let placed = dir.write("placement.yaml", placement);
+    let (code, stdout, stderr) = coalmine(
+        &[
+            "convert",
+            canary.to_str().unwrap(),
+            placed.to_str().unwrap(),
+        ],
+        None,
+    );
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains("url: http://127.0.0.1:8089"), "{stdout}");
+    assert!(stdout.contains("routers:"), "{stdout}");
+    let orphan = dir.write(
+        "orphan.yaml",
+        &placement.replace("name: payment-service", "name: other"),
+    );
+    let (code, _, stderr) = coalmine(
+        &[
+            "convert",
+            canary.to_str().unwrap(),
+            orphan.to_str().unwrap(),
+            "--router",
+            "http://127.0.0.1:9901",
+            "--stable",
+            "http://127.0.0.1:9001",
+            "--canary",
+            "http://127.0.0.1:9002",
+        ],
+        None,
+    );
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("places no Canary"), "{stderr}");
+    let bad = dir.write(
+        "bad.yaml",
+        &placement.replace("127.0.0.1:8089", "127.0.0.1"),
+    );
+    let (code, _, stderr) = coalmine(&["check", bad.to_str().unwrap()], None);
+    assert_eq!(code, 2, "{stderr}");
+    assert!(stderr.contains("bad.yaml:10:"), "{stderr}");
+}

@@ -542,19 +542,21 @@ async fn sigterm_stops_running_load_tests_logs_what_they_did_and_exits_zero() {
     assert!(log.contains(" requests in "), "{log}");
 }
 
-/// The seed's Canary with only `interval` shortened (2m is 15 minutes of test) and its webhook's
-/// `url` pointed at the loadtester: `coalmine run` has no way to map `flagger-loadtester` to a
-/// local address.
-fn seed_canary_for_test(interval: &str, loadtester: &Loadtester) -> String {
-    let text = replaced(
+/// The seed's Canary with only `interval` shortened (2m is 15 minutes of test). Its webhook
+/// still says `http://flagger-loadtester/`: the placement maps that host to the loadtester.
+fn seed_canary_for_test(interval: &str) -> String {
+    replaced(
         &seed_canary(),
         "interval: 2m",
         &format!("interval: {interval}"),
-    );
-    replaced(
-        &text,
-        "url: http://flagger-loadtester/",
-        &format!("url: {}/", loadtester.url),
+    )
+}
+
+/// `--resolve flagger-loadtester=ADDR`: where the seed's webhook host is reached here.
+fn loadtester_host(lt: &Loadtester) -> String {
+    format!(
+        "flagger-loadtester={}",
+        lt.url.trim_start_matches("http://")
     )
 }
 
@@ -569,7 +571,7 @@ async fn coalmine_run_promotes_the_seeds_canary_on_load_from_the_loadtester_alon
     );
     let lt = loadtester(&["--resolve", &mapping]);
     let dir = TempDir::new("loadtester-seed");
-    let file = dir.write("canary.yaml", &seed_canary_for_test("2s", &lt));
+    let file = dir.write("canary.yaml", &seed_canary_for_test("2s"));
     let run = coalmine_run(
         file.to_str().unwrap(),
         &[
@@ -579,6 +581,8 @@ async fn coalmine_run_promotes_the_seeds_canary_on_load_from_the_loadtester_alon
             &v1.url,
             "--canary",
             &v2.url,
+            "--resolve",
+            &loadtester_host(&lt),
         ],
     )
     .await;
@@ -626,7 +630,7 @@ async fn without_a_mapping_the_seeds_rollout_fails_and_says_which_one_is_missing
     let router = router(&["--stable", &v1.url]);
     let lt = loadtester(&[]);
     let dir = TempDir::new("loadtester-unmapped");
-    let file = dir.write("canary.yaml", &seed_canary_for_test("500ms", &lt));
+    let file = dir.write("canary.yaml", &seed_canary_for_test("500ms"));
     let run = coalmine_run(
         file.to_str().unwrap(),
         &[
@@ -636,6 +640,8 @@ async fn without_a_mapping_the_seeds_rollout_fails_and_says_which_one_is_missing
             &v1.url,
             "--canary",
             &v2.url,
+            "--resolve",
+            &loadtester_host(&lt),
         ],
     )
     .await;
@@ -884,4 +890,129 @@ fn help_and_a_bad_resolve_flag() {
         err.contains("expected HOST:PORT=ADDR, like payment-service:8080=127.0.0.1:18080"),
         "{err}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_daemon_applies_the_seeds_canary_with_a_placement_document() {
+    use common::daemon::*;
+    let v1 = upstream("v1", &[]);
+    let v2 = upstream("v2", &[]);
+    let router = router(&["--stable", &v1.url]);
+    let mapping = format!(
+        "payment-service:8080={}",
+        router.base.trim_start_matches("http://")
+    );
+    let lt = loadtester(&["--resolve", &mapping]);
+    let dir = scratch("placement");
+    let canary = dir.join("canary.yaml");
+    std::fs::write(&canary, seed_canary_for_test("1s")).unwrap();
+    // What Kubernetes would say about the Canary, said once in a file of its own.
+    let placement = dir.join("placement.yaml");
+    std::fs::write(
+        &placement,
+        format!(
+            "apiVersion: coalmine.dev/v1alpha1
+kind: Placement
+metadata:
+  name: payment-service
+spec:
+  routers: [{}]
+  stable: {{url: {}}}
+  canary: {{url: {}}}
+  hosts:
+    flagger-loadtester: {}
+",
+            router.admin,
+            v1.url,
+            v2.url,
+            lt.url.trim_start_matches("http://")
+        ),
+    )
+    .unwrap();
+    let daemon = serve(&dir);
+    // Without its placement the Canary is refused, naming what is missing.
+    let (code, out) = cli(&daemon, &["apply", canary.to_str().unwrap()], Some(TOKEN));
+    assert_eq!(code, 2, "{out}");
+    assert!(out.contains("Placement"), "{out}");
+    let (code, out) = cli(
+        &daemon,
+        &[
+            "apply",
+            canary.to_str().unwrap(),
+            placement.to_str().unwrap(),
+        ],
+        Some(TOKEN),
+    );
+    assert_eq!(code, 0, "{out}");
+    let (code, out) = cli(&daemon, &["status", "payment-service", "--watch"], None);
+    assert_eq!(code, 0, "promoted on the loadtester's traffic: {out}");
+    assert_eq!(runs(&lt).await.len(), 1);
+    let routes = get_json(&format!("{}/routes", router.admin)).await;
+    assert_eq!(routes["stable"], v2.url.as_str());
+}
+
+/// A blue-green Rollout whose load test reaches the canary through the preview header.
+fn blue_green(router: &Router, v1: &Upstream, v2: &Upstream, lt: &Loadtester) -> String {
+    format!(
+        "apiVersion: coalmine.dev/v1alpha1
+kind: Rollout
+metadata:
+  name: blue-green
+spec:
+  routers: [{}]
+  stable: {{url: {}}}
+  canary: {{url: {}}}
+  preview:
+    - headers: {{x-preview: {{exact: \"true\"}}}}
+  analysis:
+    interval: 1s
+    threshold: 2
+    iterations: 4
+    metrics:
+      - name: request-success-rate
+        thresholdRange: {{min: 99}}
+        interval: 2s
+    webhooks:
+      - name: load-test
+        url: {}/
+        metadata:
+          cmd: \"hey -z 1m -q 20 -c 2 -H 'x-preview: true' http://shop:8080/\"
+",
+        router.admin, v1.url, v2.url, lt.url
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blue_green_canary_is_measured_through_its_preview_before_users_reach_it() {
+    for (v2_errors, promoted) in [("0", true), ("0.3", false)] {
+        let v1 = upstream("v1", &[]);
+        let v2 = upstream("v2", &["--error-rate", v2_errors, "--seed", "4"]);
+        let router = router(&["--stable", &v1.url]);
+        let mapping = format!("shop:8080={}", router.base.trim_start_matches("http://"));
+        let lt = loadtester(&["--resolve", &mapping]);
+        let file = write_rollout("blue-green", &blue_green(&router, &v1, &v2, &lt));
+        let traffic = users(&router, 2);
+        let run = coalmine_run(&file, &[]).await;
+        let (ok, failed) = traffic.stop().await;
+        let msgs = messages(&run);
+        assert_eq!(
+            run.code,
+            if promoted { 0 } else { 1 },
+            "{msgs:#?}\n{}",
+            run.stderr
+        );
+        // The load test starts with the first analysis, so that one may find its window
+        // empty; every later one has the preview traffic to judge.
+        let holds = msgs.iter().filter(|m| m.contains("no data")).count();
+        assert!(
+            holds <= 1,
+            "the preview traffic gave the checks data: {msgs:#?}"
+        );
+        // Users never met the canary before the switch: none of its failures reached them.
+        if !promoted {
+            assert_eq!(failed, 0, "{ok} ok, {failed} failed");
+        }
+        let st = stats(&router).await;
+        assert!(st["canary"]["requests"].as_u64().unwrap() > 0, "{st}");
+    }
 }

@@ -660,3 +660,29 @@ async fn tls_negotiates_h2_and_http11_through_alpn() {
     // Plain HTTP on the TLS port is not served.
     assert!(client().get(format!("{}/", r.base)).send().await.is_err());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_port_in_use_is_said_once() {
+    let s = upstream("stable", &[]);
+    let first = router(&["--stable", &s.url]);
+    let taken = first.base.trim_start_matches("http://");
+    let out = std::process::Command::new(BIN)
+        .args([
+            "proxy",
+            "--listen",
+            taken,
+            "--admin",
+            "127.0.0.1:0",
+            "--stable",
+            &s.url,
+        ])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_ne!(out.status.code(), Some(0));
+    assert_eq!(
+        stderr.matches("Address already in use").count(),
+        1,
+        "{stderr}"
+    );
+}

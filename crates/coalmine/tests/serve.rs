@@ -353,3 +353,79 @@ impl OutputWithStdin for std::process::Command {
         )
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_daemons_words_a_person_reads_are_right() {
+    let dir = scratch("words");
+    // Logs at info, to a pipe (as to a file): no colour codes, weights in percent.
+    let mut command = std::process::Command::new(BIN);
+    command.env("COALMINE_LOG", "info").args([
+        "serve",
+        "--api",
+        "127.0.0.1:0",
+        "--state",
+        dir.join("state.db").to_str().unwrap(),
+        "--token-file",
+        dir.join("token").to_str().unwrap(),
+    ]);
+    let proc = Proc::spawn_command(command, &["serve"]);
+    let daemon = Daemon {
+        api: format!("http://{}", proc.addr("api")),
+        proc,
+    };
+    let (v1, v2) = (upstream("v1", &[]), upstream("v2", &[]));
+    let router = router(&["--stable", &v1.url]);
+    let file = rollout_file(
+        &dir,
+        &router,
+        &v1,
+        &v2,
+        "    interval: 10s
+    threshold: 2
+    stepWeights: [10, 20]
+",
+    );
+    assert_eq!(cli(&daemon, &["apply", &file], Some(TOKEN)).0, 0);
+    wait_for(&daemon, "checkout", Duration::from_secs(25), |s| {
+        s["canaryWeight"] == 10.0
+    });
+    let logs = daemon.proc.stderr();
+    assert!(
+        !logs.contains('\u{1b}'),
+        "colour codes in a log file: {logs}"
+    );
+    assert!(logs.contains("weight_percent=10"), "{logs}");
+    assert!(!logs.contains("weight=1000"), "{logs}");
+
+    // `status --watch` prints a line again only when it changes (the sequential evidence under
+    // it changes every second; the line does not for the 10 s of this step).
+    let watch = std::process::Command::new(BIN)
+        .args(["status", "checkout", "--watch"])
+        .env("COALMINE_API", &daemon.api)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(4));
+    unsafe_kill(watch.id() as i32);
+    let out = watch.wait_with_output().unwrap();
+    let lines = String::from_utf8_lossy(&out.stdout).lines().count();
+    assert!(lines <= 2, "{}", String::from_utf8_lossy(&out.stdout));
+
+    // A rolled-back document applied again is not silently "unchanged".
+    assert_eq!(cli(&daemon, &["abort", "checkout"], Some(TOKEN)).0, 0);
+    wait_for(&daemon, "checkout", Duration::from_secs(10), |s| {
+        s["phase"] == "Failed"
+    });
+    let (code, out) = cli(&daemon, &["apply", &file], Some(TOKEN));
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains("unchanged") && out.contains("--restart"),
+        "{out}"
+    );
+}
+
+fn unsafe_kill(pid: i32) {
+    let _ = std::process::Command::new("kill")
+        .arg(pid.to_string())
+        .status();
+}

@@ -23,7 +23,7 @@ use tokio::sync::mpsc;
 
 use coalmine_rollout::{Event, EventLevel, Input, Outcome, Phase, Status};
 use coalmine_router::{RouterConfig, RouterHandle, RoutesDoc, UpstreamUrl};
-use coalmine_spec::documents::{self, Document};
+use coalmine_spec::documents;
 use coalmine_spec::rollout::{HttpUrl, Rollout, Target};
 
 use crate::driver::{now_ms, Driver, Sink};
@@ -266,19 +266,11 @@ async fn apply(State(d): State<Arc<Daemon>>, Json(req): Json<ApplyRequest>) -> R
         Ok(set) => set,
         Err(e) => return error(StatusCode::BAD_REQUEST, e.to_string()),
     };
-    let mut rollouts = Vec::new();
-    for located in set.rollouts() {
-        match &located.doc {
-            Document::Rollout(r) => rollouts.push(r.clone()),
-            Document::Canary(c) => {
-                return error(
-                    StatusCode::BAD_REQUEST,
-                    format!("{}:{}: Canary {:?}: `coalmine convert` it into a Rollout first (Kubernetes would say where its traffic goes)", located.file, located.line, c.metadata.name),
-                )
-            }
-            _ => {}
-        }
-    }
+    // Canaries are placed by the Placement documents among the files.
+    let rollouts = match set.placed_rollouts(None) {
+        Ok(r) => r,
+        Err(e) => return error(StatusCode::BAD_REQUEST, e.to_string()),
+    };
     if rollouts.is_empty() {
         return error(
             StatusCode::BAD_REQUEST,
@@ -350,6 +342,7 @@ fn check_runnable(r: &Rollout) -> Result<(), String> {
             stable.as_str(),
             canary.as_str(),
             &r.spec.analysis,
+            &r.spec.preview,
         )?;
     }
     Ok(())

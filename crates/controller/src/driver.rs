@@ -124,6 +124,7 @@ impl Driver {
             &url_of(&spec.stable, "stable")?,
             &url_of(&spec.canary, "canary")?,
             &spec.analysis,
+            &spec.preview,
         )
         .map_err(DriverError::Invalid)?;
         if let Some(check) = spec

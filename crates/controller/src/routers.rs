@@ -29,6 +29,8 @@ pub struct Upstreams {
     /// Flagger's `match` as router rules; `None` when the rollout has none (the router's own
     /// rules are left alone).
     pub match_rules: Option<Vec<MatchRule>>,
+    /// `spec.preview` as router rules; `None` when the rollout has none.
+    pub preview_rules: Option<Vec<MatchRule>>,
     /// `None` when the rollout does not use session affinity.
     pub affinity: Option<Affinity>,
     /// Whether the rollout ever mirrors (then it owns the router's `mirror`).
@@ -46,6 +48,8 @@ pub struct RoutePatch {
     #[serde(rename = "match", skip_serializing_if = "Option::is_none")]
     pub matches: Option<Vec<MatchRule>>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    pub preview: Option<Vec<MatchRule>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub affinity: Option<Option<Affinity>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub mirror: Option<Weight>,
@@ -59,6 +63,7 @@ impl RoutePatch {
             && self.canary == table.canary
             && self.canary_weight == table.canary_weight
             && self.matches.as_ref().is_none_or(|m| *m == table.matches)
+            && self.preview.as_ref().is_none_or(|p| *p == table.preview)
             && self.affinity.as_ref().is_none_or(|a| *a == table.affinity)
             && self.mirror.is_none_or(|m| m == table.mirror)
     }
@@ -81,27 +86,32 @@ impl Upstreams {
         stable: &str,
         canary: &str,
         analysis: &Analysis,
+        preview: &[HttpMatch],
     ) -> Result<Upstreams, String> {
-        let match_rules = if analysis.match_.is_empty() {
-            None
-        } else {
-            let rules = analysis
-                .match_
-                .iter()
-                .enumerate()
-                .filter_map(|(i, m)| router_rule(m).map(|rule| (i, rule)))
-                .map(|(i, rule)| {
-                    serde_json::from_value::<MatchRule>(rule)
-                        .map_err(|e| format!("spec.analysis.match[{i}]: {e}"))
-                })
-                .collect::<Result<Vec<_>, _>>()?;
-            Some(rules)
-        };
+        let rules =
+            |matches: &[HttpMatch], field: &str| -> Result<Option<Vec<MatchRule>>, String> {
+                if matches.is_empty() {
+                    return Ok(None);
+                }
+                matches
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(i, m)| router_rule(m).map(|rule| (i, rule)))
+                    .map(|(i, rule)| {
+                        serde_json::from_value::<MatchRule>(rule)
+                            .map_err(|e| format!("spec.{field}[{i}]: {e}"))
+                    })
+                    .collect::<Result<Vec<_>, _>>()
+                    .map(Some)
+            };
+        let match_rules = rules(&analysis.match_, "analysis.match")?;
+        let preview_rules = rules(preview, "preview")?;
         Ok(Upstreams {
             name: name.to_string(),
             stable: upstream("stable", stable)?,
             canary: upstream("canary", canary)?,
             match_rules,
+            preview_rules,
             affinity: analysis.session_affinity.as_ref().map(|a| Affinity {
                 cookie_name: a.cookie_name.clone(),
                 max_age: a.max_age.unwrap_or(86_400),
@@ -126,12 +136,20 @@ impl Upstreams {
                 Vec::new()
             }
         });
+        let preview = self.preview_rules.as_ref().map(|rules| {
+            if canary.is_some() {
+                rules.clone()
+            } else {
+                Vec::new()
+            }
+        });
         RoutePatch {
             name: self.name.clone(),
             stable: stable.clone(),
             canary: canary.cloned(),
             canary_weight: weight(traffic.canary_weight),
             matches,
+            preview,
             affinity: self
                 .affinity
                 .as_ref()

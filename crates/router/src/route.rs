@@ -38,6 +38,8 @@ impl Version {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Reason {
     NoCanary,
+    /// A preview rule: the canary before it has any share (Argo's preview service).
+    Preview,
     Match,
     Affinity,
     Sticky,
@@ -114,11 +116,15 @@ pub fn route<H: Headers + ?Sized>(
         mirror: false,
         set_affinity,
     };
-    if doc
-        .matches
-        .iter()
-        .any(|rule| rule.all.iter().all(|c| condition_holds(c, req)))
-    {
+    let holds = |rules: &[crate::table::MatchRule]| {
+        rules
+            .iter()
+            .any(|rule| rule.all.iter().all(|c| condition_holds(c, req)))
+    };
+    if holds(&doc.preview) {
+        return canary(Reason::Preview, false);
+    }
+    if holds(&doc.matches) {
         return canary(Reason::Match, false);
     }
     let weight = u64::from(doc.canary_weight.basis_points());
@@ -182,6 +188,30 @@ pub fn cookie<'a, H: Headers + ?Sized>(headers: &'a H, name: &str) -> Option<&'a
 mod tests {
     use super::*;
     use crate::table::{RoutesDoc, Weight};
+
+    #[test]
+    fn preview_rules_reach_the_canary_at_weight_zero_and_nothing_without_one() {
+        let t = table(serde_json::json!({"canaryWeight": 0, "preview": ["x-preview=true"]}));
+        let h = headers(&[("x-preview", "true")]);
+        let view = RequestView {
+            headers: &h,
+            query: None,
+        };
+        let d = route(&t, &view, 0);
+        assert_eq!((d.version, d.reason), (Version::Canary, Reason::Preview));
+        let plain = headers(&[]);
+        let view = RequestView {
+            headers: &plain,
+            query: None,
+        };
+        assert_eq!(route(&t, &view, 0).version, Version::Stable);
+        let t = table(serde_json::json!({"canary": null, "preview": ["x-preview=true"]}));
+        let view = RequestView {
+            headers: &h,
+            query: None,
+        };
+        assert_eq!(route(&t, &view, 0).version, Version::Stable);
+    }
 
     fn table(extra: serde_json::Value) -> RouteTable {
         let mut doc = serde_json::json!({

@@ -429,6 +429,10 @@ pub struct RoutesDoc {
     pub canary_weight: Weight,
     #[serde(default, rename = "match")]
     pub matches: Vec<MatchRule>,
+    /// Requests that reach the canary whenever there is one, whatever its weight: how a load
+    /// test or a person previews a blue-green canary before it gets any user traffic.
+    #[serde(default)]
+    pub preview: Vec<MatchRule>,
     #[serde(default)]
     pub sticky: Option<StickyKey>,
     #[serde(default)]
@@ -447,6 +451,7 @@ impl RoutesDoc {
             canary: None,
             canary_weight: Weight::ZERO,
             matches: Vec::new(),
+            preview: Vec::new(),
             sticky: None,
             affinity: None,
             mirror: Weight::ZERO,

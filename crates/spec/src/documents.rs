@@ -6,7 +6,7 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-use crate::flagger::{Canary, FLAGGER_API_VERSION};
+use crate::flagger::{Canary, Placement, PlacementDoc, FLAGGER_API_VERSION};
 use crate::names::{check_name, NameRule};
 use crate::rollout::{Analysis, Metadata, Rollout, TemplateRef, API_VERSION, BUILTINS};
 use crate::schema::{self, FlaggerKind};
@@ -45,6 +45,8 @@ pub enum Document {
     MetricTemplate(MetricTemplate),
     /// Flagger's notification provider: valid, not acted on.
     AlertProvider(Metadata),
+    /// Where the Canary of the same name sends its traffic (what Kubernetes would say).
+    Placement(PlacementDoc),
 }
 
 impl Document {
@@ -55,6 +57,7 @@ impl Document {
             Document::Canary(_) => "Canary",
             Document::MetricTemplate(_) => "MetricTemplate",
             Document::AlertProvider(_) => "AlertProvider",
+            Document::Placement(_) => "Placement",
         }
     }
 
@@ -64,6 +67,7 @@ impl Document {
             Document::Canary(c) => &c.metadata,
             Document::MetricTemplate(t) => &t.metadata,
             Document::AlertProvider(m) => m,
+            Document::Placement(p) => &p.metadata,
         }
     }
 
@@ -201,6 +205,73 @@ impl DocumentSet {
             Some(e) => Err(e),
             None => Ok(()),
         }
+    }
+
+    /// The rollouts to run: each Rollout as written, each Canary placed by the Placement
+    /// document of its name (and namespace) or, for a single Canary without one, by `flags`
+    /// (`--router/--stable/--canary`). A Canary with no placement, or a Placement that places
+    /// nothing, is an error at its name.
+    pub fn placed_rollouts(&self, flags: Option<&Placement>) -> Result<Vec<Rollout>, SpecError> {
+        let key = |m: &Metadata| (namespace_of(m).to_string(), m.name.clone());
+        let placements: Vec<&Located<Document>> = self
+            .documents
+            .iter()
+            .filter(|d| matches!(d.doc, Document::Placement(_)))
+            .collect();
+        let unplaced: Vec<&Located<Document>> = self
+            .rollouts()
+            .filter(|d| {
+                matches!(d.doc, Document::Canary(_))
+                    && !placements
+                        .iter()
+                        .any(|p| key(p.doc.metadata()) == key(d.doc.metadata()))
+            })
+            .collect();
+        if flags.is_some() && unplaced.len() > 1 {
+            return Err(unplaced[1].error_at(
+                "metadata.name",
+                "several Canaries without a Placement document: the command-line placement can place only one; give each a Placement".into(),
+            ));
+        }
+        let mut out = Vec::new();
+        for located in self.rollouts() {
+            match &located.doc {
+                Document::Rollout(r) => out.push(r.clone()),
+                Document::Canary(c) => {
+                    let placement = placements.iter().find_map(|p| match &p.doc {
+                        Document::Placement(doc) if key(&doc.metadata) == key(&c.metadata) => {
+                            Some(doc.spec.clone())
+                        }
+                        _ => None,
+                    });
+                    match placement.or_else(|| flags.cloned()) {
+                        Some(placement) => out.push(c.to_rollout(placement)),
+                        None => {
+                            return Err(located.error_at(
+                                "metadata.name",
+                                format!("Canary {:?} needs to know where its traffic goes (Kubernetes would say): give a coalmine.dev/v1alpha1 Placement named {:?} (routers, stable, canary, hosts), or --router, --stable and --canary", c.metadata.name, c.metadata.name),
+                            ))
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        if let Some(orphan) = placements.iter().find(|p| {
+            !self.rollouts().any(|d| {
+                matches!(d.doc, Document::Canary(_))
+                    && key(d.doc.metadata()) == key(p.doc.metadata())
+            })
+        }) {
+            return Err(orphan.error_at(
+                "metadata.name",
+                format!(
+                    "Placement {:?} places no Canary among the files (a Placement is named after the Canary it places)",
+                    orphan.doc.name()
+                ),
+            ));
+        }
+        Ok(out)
     }
 
     /// Everything [`Self::require_runnable`] refuses, in file order.
@@ -400,6 +471,7 @@ fn name_space(doc: &Document) -> &'static str {
         Document::Rollout(_) | Document::Canary(_) => "rollout",
         Document::MetricTemplate(_) => "MetricTemplate",
         Document::AlertProvider(_) => "AlertProvider",
+        Document::Placement(_) => "Placement",
     }
 }
 
@@ -502,7 +574,13 @@ enum Parsed {
 }
 
 /// The kinds of the two API groups Coalmine reads.
-const OWN_KINDS: [&str; 4] = ["Rollout", "Canary", "MetricTemplate", "AlertProvider"];
+const OWN_KINDS: [&str; 5] = [
+    "Rollout",
+    "Canary",
+    "MetricTemplate",
+    "AlertProvider",
+    "Placement",
+];
 
 /// One document; `first_line` is where it starts in `file` (errors count from the document,
 /// the caller shifts them; notes are placed here).
@@ -531,6 +609,11 @@ fn parse_document(file: &str, first_line: u64, text: &str) -> Result<Parsed, Spe
             let template: MetricTemplate = parse_yaml(file, text)?;
             named(&template.metadata, NameRule::Object)?;
             Document::MetricTemplate(template)
+        }
+        (API_VERSION, "Placement") => {
+            let placement: PlacementDoc = parse_yaml(file, text)?;
+            named(&placement.metadata, NameRule::Rollout)?;
+            Document::Placement(placement)
         }
         (API_VERSION, "Rollout") => {
             let rollout: Rollout = parse_yaml(file, text)?;
@@ -563,7 +646,7 @@ fn parse_document(file: &str, first_line: u64, text: &str) -> Result<Parsed, Spe
                 }
             }
         }
-        (API_VERSION, kind) => return Err(at("kind", unknown_kind(kind, API_VERSION, &["Rollout", "MetricTemplate"]))),
+        (API_VERSION, kind) => return Err(at("kind", unknown_kind(kind, API_VERSION, &["Rollout", "MetricTemplate", "Placement"]))),
         ("", _) if head.groups.is_some() => {
             return Ok(Parsed::Note(crate::foreign::rule_file_note(file, first_line, text)))
         }
@@ -611,7 +694,7 @@ fn own_kind_elsewhere(api_version: &str, kind: &str) -> Option<String> {
     }
     if OWN_KINDS.contains(&kind) && group != "argoproj.io" {
         let expected = match kind {
-            "Rollout" => API_VERSION.to_string(),
+            "Rollout" | "Placement" => API_VERSION.to_string(),
             "MetricTemplate" => format!("{API_VERSION} or {FLAGGER_API_VERSION}"),
             _ => FLAGGER_API_VERSION.to_string(),
         };
@@ -736,6 +819,22 @@ fn warnings(set: &DocumentSet) -> Vec<String> {
         if analysis.match_.iter().any(|m| !m.source_labels.is_empty()) {
             out.push(format!(
                 "{}:{}: {name}: match.sourceLabels needs a service mesh; Coalmine's router ignores it",
+                located.file, located.line
+            ));
+        }
+        // Blue-green: no step weights, no match, no mirror — users never reach the canary.
+        let blue_green = analysis.step_weight.is_none()
+            && analysis.step_weights.is_empty()
+            && analysis.match_.is_empty()
+            && !analysis.mirror;
+        let previewed = matches!(&located.doc, Document::Rollout(r) if !r.spec.preview.is_empty())
+            || set.documents.iter().any(|d| {
+                matches!(&d.doc, Document::Placement(p)
+                if p.metadata.name == *name && !p.spec.preview.is_empty())
+            });
+        if blue_green && !previewed {
+            out.push(format!(
+                "{}:{}: {name}: blue-green: the canary gets no user traffic before it is switched to, so its checks have nothing to measure; give it spec.preview (a header that reaches it) and point the load test at it, or mirror",
                 located.file, located.line
             ));
         }

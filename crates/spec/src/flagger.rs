@@ -4,9 +4,13 @@
 //! accepts exactly what the CRD accepts; then the fields Coalmine acts on are read into these types,
 //! and the Kubernetes-only ones (targetRef, service mesh settings) are left alone.
 
-use serde::Deserialize;
+use std::collections::BTreeMap;
 
-use crate::rollout::{Analysis, HttpUrl, Metadata, Rollout, RolloutSpec, Target, API_VERSION};
+use serde::{Deserialize, Serialize};
+
+use crate::rollout::{
+    Analysis, HostedRouter, HttpMatch, HttpUrl, Metadata, Rollout, RolloutSpec, Target, API_VERSION,
+};
 
 pub const FLAGGER_API_VERSION: &str = "flagger.app/v1beta1";
 
@@ -55,12 +59,99 @@ pub struct ObjectRef {
     pub name: String,
 }
 
-/// Where a converted Canary's traffic goes: Flagger finds these in the cluster; here they are given.
-#[derive(Debug, Clone)]
+/// Where a converted Canary's traffic goes: Flagger finds these in the cluster; here they are
+/// given, by `--router/--stable/--canary` or by a `Placement` document (coalmine.dev/v1alpha1)
+/// of the Canary's name.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Placement {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub routers: Vec<HttpUrl>,
-    pub stable: Target,
-    pub canary: Target,
+    /// A router `coalmine serve` runs itself for this rollout.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub router: Option<HostedRouter>,
+    pub stable: Option<Target>,
+    pub canary: Option<Target>,
+    /// Host names in the Canary's webhook and metric addresses, and the `host:port` that
+    /// reaches each here (what cluster DNS would resolve): `flagger-loadtester:
+    /// 127.0.0.1:8089`. A key may carry a port (`prometheus:9090`) to map only that one.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub hosts: BTreeMap<String, HostPort>,
+    /// As a Rollout's `spec.preview`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub preview: Vec<HttpMatch>,
+}
+
+/// The `Placement` document: a Canary's placement, named after the Canary.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PlacementDoc {
+    pub api_version: String,
+    pub kind: String,
+    pub metadata: Metadata,
+    pub spec: Placement,
+}
+
+/// `host:port`: where a mapped host name is reached.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct HostPort(String);
+
+impl TryFrom<String> for HostPort {
+    type Error = String;
+    fn try_from(text: String) -> Result<Self, String> {
+        let (host, port) = text
+            .rsplit_once(':')
+            .ok_or_else(|| format!("{text:?} is not host:port (such as 127.0.0.1:8089)"))?;
+        let valid_host = !host.is_empty()
+            && host
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-.[]:".contains(&b));
+        match port.parse::<u16>() {
+            Ok(p) if p > 0 && valid_host => Ok(HostPort(text)),
+            Ok(_) | Err(_) if valid_host => Err(format!(
+                "{text:?}: port {port:?} is not a port (1 to 65535)"
+            )),
+            _ => Err(format!(
+                "{text:?} is not host:port (such as 127.0.0.1:8089)"
+            )),
+        }
+    }
+}
+
+impl From<HostPort> for String {
+    fn from(h: HostPort) -> String {
+        h.0
+    }
+}
+
+/// `url` with its host (and port) replaced when `hosts` maps them: `host:port` first, then the
+/// bare host. The path, query and credentials stay.
+pub fn map_host(url: &str, hosts: &BTreeMap<String, HostPort>) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(authority_end);
+    let (userinfo, hostport) = match authority.rsplit_once('@') {
+        Some((u, h)) => (Some(u), h),
+        None => (None, authority),
+    };
+    let default_port = if scheme == "https" { "443" } else { "80" };
+    let (host, port) = match hostport.rsplit_once(':') {
+        Some((h, p)) if !h.ends_with(']') || hostport.starts_with('[') => (h, p),
+        _ => (hostport, default_port),
+    };
+    let mapped = hosts
+        .get(&format!("{host}:{port}"))
+        .or_else(|| hosts.get(host));
+    match mapped {
+        Some(to) => {
+            let userinfo = userinfo.map(|u| format!("{u}@")).unwrap_or_default();
+            format!("{scheme}://{userinfo}{}{tail}", to.0)
+        }
+        None => url.to_string(),
+    }
 }
 
 impl Canary {
@@ -73,26 +164,79 @@ impl Canary {
             .unwrap_or(&self.spec.target_ref.name)
     }
 
-    /// The native Rollout with the same analysis, for `coalmine convert`.
+    /// The native Rollout with the same analysis, its webhook and metric addresses mapped
+    /// through the placement's `hosts`.
     pub fn to_rollout(&self, placement: Placement) -> Rollout {
+        let mut analysis = self.spec.analysis.clone();
+        if !placement.hosts.is_empty() {
+            for hook in &mut analysis.webhooks {
+                let mapped = map_host(hook.url.as_str(), &placement.hosts);
+                // A mapped URL keeps the scheme and path of a valid one.
+                if let Ok(url) = HttpUrl::parse(&mapped) {
+                    hook.url = url;
+                }
+            }
+            for metric in &mut analysis.metrics {
+                if let Some(provider) = &mut metric.provider {
+                    if let Some(address) = &mut provider.address {
+                        *address = map_host(address, &placement.hosts);
+                    }
+                }
+            }
+        }
         Rollout {
             api_version: API_VERSION.to_string(),
             kind: "Rollout".to_string(),
             metadata: self.metadata.clone(),
             spec: RolloutSpec {
                 routers: placement.routers,
-                router: None,
+                router: placement.router,
                 service: Some(self.service_name().to_string()),
-                stable: Some(placement.stable),
-                canary: Some(placement.canary),
+                stable: placement.stable,
+                canary: placement.canary,
+                preview: placement.preview,
                 progress_deadline_seconds: self
                     .spec
                     .progress_deadline_seconds
                     .unwrap_or(crate::rollout::DEFAULT_PROGRESS_DEADLINE_SECONDS),
                 skip_analysis: self.spec.skip_analysis,
                 suspend: self.spec.suspend,
-                analysis: self.spec.analysis.clone(),
+                analysis,
             },
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mapped_hosts_replace_host_and_port_and_keep_the_rest() {
+        let hosts: BTreeMap<String, HostPort> = [
+            ("flagger-loadtester", "127.0.0.1:8089"),
+            ("prometheus:9090", "127.0.0.1:19090"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), HostPort::try_from(v.to_string()).unwrap()))
+        .collect();
+        assert_eq!(
+            map_host("http://flagger-loadtester/", &hosts),
+            "http://127.0.0.1:8089/"
+        );
+        assert_eq!(
+            map_host("http://flagger-loadtester.test:80/", &hosts),
+            "http://flagger-loadtester.test:80/"
+        );
+        assert_eq!(
+            map_host("http://u:p@prometheus:9090/api?x=1", &hosts),
+            "http://u:p@127.0.0.1:19090/api?x=1"
+        );
+        assert_eq!(
+            map_host("http://prometheus:9091", &hosts),
+            "http://prometheus:9091"
+        );
+        assert!(HostPort::try_from("127.0.0.1".to_string()).is_err());
+        assert!(HostPort::try_from("h:99999".to_string()).is_err());
     }
 }

@@ -72,6 +72,11 @@ pub struct RolloutSpec {
     pub skip_analysis: bool,
     #[serde(default)]
     pub suspend: bool,
+    /// Coalmine's addition (Argo's preview service): requests matching any of these reach the
+    /// canary whenever the routers have one, whatever its weight, and count as its traffic —
+    /// how a load test measures a blue-green canary before users reach it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub preview: Vec<HttpMatch>,
     pub analysis: Analysis,
 }
 

@@ -38,8 +38,11 @@ impl Proc {
     /// Starts `command` (the binary, perhaps behind a wrapper such as `nsenter`); `args` name
     /// it in messages.
     pub fn spawn_command(mut command: Command, args: &[&str]) -> Proc {
+        // Quiet unless the test asked for a level.
+        if !command.get_envs().any(|(k, _)| k == "COALMINE_LOG") {
+            command.env("COALMINE_LOG", "warn");
+        }
         let mut child = command
-            .env("COALMINE_LOG", "warn")
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
