@@ -112,6 +112,13 @@ async fn an_upstream_resetting_five_percent_never_gets_a_post_twice_and_every_fa
         "the router answers 502, never drops: {posts:?}"
     );
     let st = stats(&r).await;
+    eprintln!(
+        "POST at 5 % resets: {} sent, {} received, {} twice; clients saw {seen} failures, the router counted {}",
+        posts.sent,
+        received["byMethod"]["POST"],
+        received["duplicatesByMethod"]["POST"].as_u64().unwrap_or(0),
+        server_errors(&st["stable"])
+    );
     assert_eq!(
         server_errors(&st["stable"]),
         seen,
@@ -125,6 +132,13 @@ async fn an_upstream_resetting_five_percent_never_gets_a_post_twice_and_every_fa
     let st = stats(&r).await;
     let received = get_json(&format!("{}/_coalmine/received", s.url)).await;
     let get_duplicates = received["duplicatesByMethod"]["GET"].as_u64().unwrap_or(0);
+    eprintln!(
+        "GET at 5 % resets: {} sent, {} received, {get_duplicates} twice ({} retries); clients saw {} failures",
+        gets.sent,
+        received["byMethod"]["GET"],
+        st["stable"]["retries"],
+        gets.server_errors + gets.broken
+    );
     assert!(
         get_duplicates <= st["stable"]["retries"].as_u64().unwrap(),
         "{received} {st}"

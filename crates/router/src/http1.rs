@@ -626,7 +626,13 @@ enum Failed {
 /// fails before the kernel took a single byte is [`Failed::NotSent`]; after that, any failure
 /// is the upstream's, since it may have read the request.
 async fn send_head(up: &mut Upstream, head: &[u8], pooled: bool) -> Result<(), Failed> {
-    let mut written = 0;
+    // Nearly always the socket takes the whole head at once: no future, no readiness dance.
+    let mut written = match up.stream.try_write(head) {
+        Ok(n) => n,
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
+        Err(_) if pooled => return Err(Failed::NotSent),
+        Err(e) => return Err(Failed::Upstream(protocol(format!("write: {e}")))),
+    };
     while written < head.len() {
         match up.stream.write(&head[written..]).await {
             Ok(0) => return Err(Failed::Upstream(protocol("write: connection closed"))),
@@ -888,57 +894,18 @@ where
                 .await
                 .unwrap_or_else(|| Err(timed_out("no response head within the response timeout")))
         } else {
-            // The upstream is timed from the end of the request: a slow upload is the
-            // client's business, not the version's.
-            let sent = async {
-                let head = send_head(&mut up, upstream_out, pooled);
-                crate::timer::timeout_at(started.checked_add(timeout), head)
-                    .await
-                    .unwrap_or_else(|| {
-                        Err(timed_out("the upstream did not take the request head"))
-                    })?;
-                let body = stream_body(
-                    io,
-                    buf,
-                    &mut up.stream,
-                    client_out,
-                    &mut request.framing,
-                    request_stalls,
-                );
-                body.await.map_err(|broken| match broken {
-                    Broken::Source => Failed::Client,
-                    Broken::SourceStalled => Failed::ClientStalled,
-                    Broken::BadChunk => Failed::BadChunk,
-                    Broken::Sink => {
-                        Failed::Upstream(protocol("the upstream stopped reading the body"))
-                    }
-                    Broken::SinkStalled => {
-                        timed_out("the upstream took none of the body for the response timeout")
-                    }
-                })
+            // Boxed: rare, and its state would otherwise size every request's future.
+            let streamed = StreamedRequest {
+                request: &mut request,
+                upstream_out,
+                pooled,
+                started,
+                timeout,
+                stalls: request_stalls,
+                close,
+                cookie,
             };
-            match sent.await {
-                Err(e) => Err(e),
-                Ok(()) => {
-                    let read = read_response(
-                        &mut up,
-                        io,
-                        &request,
-                        close,
-                        cookie,
-                        MAX_RESPONSE_HEAD,
-                        client_out,
-                    );
-                    crate::timer::timeout_at(Instant::now().checked_add(timeout), read)
-                        .await
-                        .unwrap_or_else(|| {
-                            Err(UpstreamError::timeout(
-                                "no response head within the response timeout after the request",
-                            ))
-                        })
-                        .map_err(Failed::Upstream)
-                }
-            }
+            Box::pin(streamed.send(&mut up, io, buf, client_out)).await
         };
         match read {
             Ok(Some(resp)) => break Ok((up, resp)),
@@ -997,6 +964,7 @@ where
                     source: timeout,
                     sink: options.client_stall_timeout,
                 };
+                // Boxed: its timers would otherwise size every request's future.
                 let streamed = stream_body(
                     &mut up.stream,
                     &mut up.buf,
@@ -1005,7 +973,7 @@ where
                     &mut resp.framing,
                     response_stalls,
                 );
-                streamed.await
+                Box::pin(streamed).await
             }
             Ok(()) => io.flush().await.map_err(|_| Broken::Sink),
         },
@@ -1041,6 +1009,72 @@ where
         Next::Close
     } else {
         Next::KeepAlive
+    }
+}
+
+/// A request whose body is still arriving from the client, on its way upstream.
+struct StreamedRequest<'a> {
+    request: &'a mut Request,
+    upstream_out: &'a [u8],
+    pooled: bool,
+    started: Instant,
+    timeout: Duration,
+    stalls: Stalls,
+    close: bool,
+    cookie: Option<&'a [u8]>,
+}
+
+impl StreamedRequest<'_> {
+    /// Sends the head and streams the body, then reads the answer. The upstream is timed from
+    /// the end of the request: a slow upload is the client's business, not the version's.
+    async fn send<I>(
+        self,
+        up: &mut Upstream,
+        io: &mut I,
+        buf: &mut Buf,
+        client_out: &mut Vec<u8>,
+    ) -> Result<Option<Response>, Failed>
+    where
+        I: AsyncRead + AsyncWrite + Unpin,
+    {
+        let head = send_head(up, self.upstream_out, self.pooled);
+        crate::timer::timeout_at(self.started.checked_add(self.timeout), head)
+            .await
+            .unwrap_or_else(|| Err(timed_out("the upstream did not take the request head")))?;
+        let body = stream_body(
+            io,
+            buf,
+            &mut up.stream,
+            client_out,
+            &mut self.request.framing,
+            self.stalls,
+        );
+        body.await.map_err(|broken| match broken {
+            Broken::Source => Failed::Client,
+            Broken::SourceStalled => Failed::ClientStalled,
+            Broken::BadChunk => Failed::BadChunk,
+            Broken::Sink => Failed::Upstream(protocol("the upstream stopped reading the body")),
+            Broken::SinkStalled => {
+                timed_out("the upstream took none of the body for the response timeout")
+            }
+        })?;
+        let read = read_response(
+            up,
+            io,
+            self.request,
+            self.close,
+            self.cookie,
+            MAX_RESPONSE_HEAD,
+            client_out,
+        );
+        crate::timer::timeout_at(Instant::now().checked_add(self.timeout), read)
+            .await
+            .unwrap_or_else(|| {
+                Err(UpstreamError::timeout(
+                    "no response head within the response timeout after the request",
+                ))
+            })
+            .map_err(Failed::Upstream)
     }
 }
 
