@@ -77,19 +77,9 @@ fn finished_within(mut command: Command, within: Duration) -> Option<std::proces
 
 /// `coalmine serve` inside the tiny disk's namespace, its state on the tiny disk.
 fn serve_on(disk: &TinyDisk, token_dir: &std::path::Path) -> Daemon {
-    let state = disk.dir.join("state.db");
-    let token = token_dir.join("token");
-    let proc = disk.spawn(&[
-        "serve",
-        "--api",
-        "127.0.0.1:0",
-        "--state",
-        state.to_str().unwrap(),
-        "--token-file",
-        token.to_str().unwrap(),
-    ]);
-    let api = format!("http://{}", proc.addr("api"));
-    Daemon { proc, api }
+    let args = serve_args(&disk.dir.join("state.db"), token_dir);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    daemon_of(disk.spawn(&args))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -174,18 +164,8 @@ async fn with_the_state_disk_full_nothing_moves_and_after_a_restart_nothing_repe
 async fn a_second_daemon_on_the_same_state_file_refuses_to_start_and_names_the_first() {
     let dir = scratch("twodaemons");
     let first = serve(&dir);
-    let mut second = Command::new(BIN);
-    second.args([
-        "serve",
-        "--api",
-        "127.0.0.1:0",
-        "--state",
-        dir.join("state.db").to_str().unwrap(),
-        "--token-file",
-        dir.join("token").to_str().unwrap(),
-    ]);
-    let second =
-        finished_within(second, Duration::from_secs(10)).expect("the second daemon kept running");
+    let second = finished_within(serve_command(&dir), Duration::from_secs(10))
+        .expect("the second daemon kept running");
     let stderr = String::from_utf8_lossy(&second.stderr);
     assert_ne!(second.status.code(), Some(0), "{stderr}");
     assert!(
@@ -580,17 +560,7 @@ async fn a_bad_state_file_is_refused_and_a_bad_row_is_named_while_the_others_run
     // An empty file is not a fresh state: it may be a truncated one.
     let dir = scratch("emptystate");
     std::fs::write(dir.join("state.db"), b"").unwrap();
-    let mut serve_empty = Command::new(BIN);
-    serve_empty.args([
-        "serve",
-        "--api",
-        "127.0.0.1:0",
-        "--state",
-        dir.join("state.db").to_str().unwrap(),
-        "--token-file",
-        dir.join("token").to_str().unwrap(),
-    ]);
-    let out = finished_within(serve_empty, Duration::from_secs(10))
+    let out = finished_within(serve_command(&dir), Duration::from_secs(10))
         .expect("serve started on an empty state file");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{stderr}");

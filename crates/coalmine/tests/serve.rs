@@ -358,21 +358,9 @@ impl OutputWithStdin for std::process::Command {
 async fn the_daemons_words_a_person_reads_are_right() {
     let dir = scratch("words");
     // Logs at info, to a pipe (as to a file): no colour codes, weights in percent.
-    let mut command = std::process::Command::new(BIN);
-    command.env("COALMINE_LOG", "info").args([
-        "serve",
-        "--api",
-        "127.0.0.1:0",
-        "--state",
-        dir.join("state.db").to_str().unwrap(),
-        "--token-file",
-        dir.join("token").to_str().unwrap(),
-    ]);
-    let proc = Proc::spawn_command(command, &["serve"]);
-    let daemon = Daemon {
-        api: format!("http://{}", proc.addr("api")),
-        proc,
-    };
+    let mut command = serve_command(&dir);
+    command.env("COALMINE_LOG", "info");
+    let daemon = daemon_of(Proc::spawn_command(command, &["serve"]));
     let (v1, v2) = (upstream("v1", &[]), upstream("v2", &[]));
     let router = router(&["--stable", &v1.url]);
     let file = rollout_file(

@@ -22,21 +22,37 @@ pub fn scratch(test: &str) -> PathBuf {
     dir
 }
 
-/// `coalmine serve` on an ephemeral port with its state and token in `dir`.
-pub fn serve(dir: &Path) -> Daemon {
-    let state = dir.join("state.db");
+/// The arguments of `coalmine serve` on an ephemeral port with its state in `state` and the
+/// token file of `dir`.
+pub fn serve_args(state: &Path, dir: &Path) -> Vec<String> {
     let token = dir.join("token");
-    let proc = Proc::spawn(&[
-        "serve",
-        "--api",
-        "127.0.0.1:0",
-        "--state",
-        state.to_str().unwrap(),
-        "--token-file",
-        token.to_str().unwrap(),
-    ]);
+    ["serve", "--api", "127.0.0.1:0", "--state"]
+        .iter()
+        .map(|s| s.to_string())
+        .chain([
+            state.to_string_lossy().into_owned(),
+            "--token-file".into(),
+            token.to_string_lossy().into_owned(),
+        ])
+        .collect()
+}
+
+/// `coalmine serve` with its state and token in `dir`, as a command to start.
+pub fn serve_command(dir: &Path) -> Command {
+    let mut command = Command::new(BIN);
+    command.args(serve_args(&dir.join("state.db"), dir));
+    command
+}
+
+/// A started daemon: the process and its API address.
+pub fn daemon_of(proc: Proc) -> Daemon {
     let api = format!("http://{}", proc.addr("api"));
     Daemon { proc, api }
+}
+
+/// `coalmine serve` on an ephemeral port with its state and token in `dir`.
+pub fn serve(dir: &Path) -> Daemon {
+    daemon_of(Proc::spawn_command(serve_command(dir), &["serve"]))
 }
 
 /// Runs a client command against the daemon; returns (exit code, stdout + stderr).
