@@ -619,3 +619,37 @@ async fn a_bad_state_file_is_refused_and_a_bad_row_is_named_while_the_others_run
     let (code, out) = cli(&daemon, &["status", "good", "--watch"], None);
     assert_eq!(code, 0, "{out}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_whose_terminal_closes_rolls_its_canary_back() {
+    let (v1, v2) = (upstream("v1", &[]), upstream("v2", &[]));
+    let router = router(&["--stable", &v1.url]);
+    let file = write_rollout(
+        "hangup",
+        &rollout_yaml("hangup", &router, &v1, &v2, SLOW_STEPS),
+    );
+    let mut run = Command::new(BIN)
+        .args(["run", &file])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while router_weight(&router).await == 0.0 {
+        assert!(Instant::now() < deadline, "the canary never got traffic");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // SIGHUP, as when the terminal `run` was started in goes away.
+    let status = Command::new("kill")
+        .args(["-HUP", &run.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let code = tokio::task::spawn_blocking(move || run.wait().unwrap().code())
+        .await
+        .unwrap();
+    assert_eq!(code, Some(1), "rolled back, not killed");
+    let routes = get_json(&format!("{}/routes", router.admin)).await;
+    assert!(routes["canary"].is_null(), "{routes}");
+    assert_eq!(routes["stable"], v1.url.as_str());
+}
