@@ -474,3 +474,88 @@ async fn idle_http2_connections_are_closed_h2c_and_tls() {
 
 trait AsyncStream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
 impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> AsyncStream for T {}
+
+/// An upstream that answers every request with a chunked body trickling out: `chunks` chunks
+/// of `chunk\n`, one every `gap`. Returns its URL.
+fn trickling_upstream(chunks: usize, gap: Duration) -> String {
+    use std::io::Read;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            std::thread::spawn(move || {
+                let mut head = Vec::new();
+                let mut byte = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") {
+                    if stream.read(&mut byte).unwrap_or(0) == 0 {
+                        return;
+                    }
+                    head.push(byte[0]);
+                }
+                let _ = stream.write_all(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n");
+                for _ in 0..chunks {
+                    std::thread::sleep(gap);
+                    if stream.write_all(b"6\r\nchunk\n\r\n").is_err() {
+                        return;
+                    }
+                }
+                let _ = stream.write_all(b"0\r\n\r\n");
+            });
+        }
+    });
+    url
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_answer_on_a_hyper_served_connection_is_not_cut_as_idle() {
+    use http_body_util::BodyExt;
+    // 8 chunks over 4 s: longer than the idle timeout plus the grace after it.
+    let upstream = trickling_upstream(8, Duration::from_millis(500));
+    let r = router(&[
+        "--stable",
+        &upstream,
+        "--idle-timeout",
+        "2s",
+        "--header-read-timeout",
+        "1s",
+    ]);
+    // HTTP/1.0 is served by hyper (close-delimited answer), side by side with HTTP/2.
+    let mut old = Conn::open(&r);
+    let http10 = std::thread::spawn(move || {
+        old.send(b"GET /download HTTP/1.0\r\nhost: shop\r\n\r\n");
+        old.try_answer(false)
+    });
+    let tcp = tokio::net::TcpStream::connect(r.base.trim_start_matches("http://"))
+        .await
+        .unwrap();
+    let (mut sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tcp),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let resp = sender
+        .send_request(
+            hyper::Request::get(format!("{}/download", r.base))
+                .body(http_body_util::Empty::<bytes::Bytes>::new())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let body = resp.into_body().collect().await;
+    let body = body.expect("the HTTP/2 answer came whole").to_bytes();
+    assert_eq!(body, "chunk\n".repeat(8).as_bytes());
+    let a = tokio::task::spawn_blocking(move || http10.join().unwrap())
+        .await
+        .unwrap()
+        .expect("an HTTP/1.0 answer");
+    assert_eq!(a.status(), 200, "{}", a.head);
+    assert_eq!(
+        String::from_utf8_lossy(&a.body),
+        "chunk\n".repeat(8),
+        "the HTTP/1.0 answer came whole"
+    );
+}

@@ -362,9 +362,12 @@ async fn serve_io<I>(
             let busy = activity.enter();
             let answered = handle(conn.clone(), req);
             async move {
-                let answer = answered.await;
-                drop(busy);
-                answer
+                // Busy until the answer's body has gone (or the client left): a long download
+                // is not an idle connection.
+                let answer = answered.await?;
+                Ok::<_, std::convert::Infallible>(
+                    answer.map(|body| Answering { body, _busy: busy }),
+                )
             }
         })
     };
@@ -385,9 +388,10 @@ async fn serve_io<I>(
     }
 }
 
-/// Requests a hyper-served connection (HTTP/2, or HTTP/1 handed over) is handling, and since
-/// when it has had none: hyper closes neither an HTTP/2 connection that never sends a request
-/// nor one that stays idle, so the router does.
+/// Requests a hyper-served connection (HTTP/2, or HTTP/1 handed over) is handling, from the
+/// request until its answer's body has gone, and since when it has had none: hyper closes
+/// neither an HTTP/2 connection that never sends a request nor one that stays idle, so the
+/// router does.
 struct Activity {
     origin: std::time::Instant,
     busy: std::sync::atomic::AtomicUsize,
@@ -398,6 +402,31 @@ struct Activity {
 }
 
 struct Busy(Arc<Activity>);
+
+/// An answer's body, holding its request's [`Busy`] until hyper has sent it whole or dropped
+/// it.
+struct Answering<B> {
+    body: B,
+    _busy: Busy,
+}
+
+impl<B: http_body::Body + Unpin> http_body::Body for Answering<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<B::Data>, B::Error>>> {
+        std::pin::Pin::new(&mut self.get_mut().body).poll_frame(cx)
+    }
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
+    }
+}
 
 impl Drop for Busy {
     fn drop(&mut self) {
