@@ -356,7 +356,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
         ));
         let mut reporter = Reporter::new("payment-service", args.output);
         let status = first_step_at_once(&rollout, &mut reporter);
-        let mut driver = Driver::new(&rollout, Some(status))?;
+        let mut driver = Driver::new(&rollout, Some(status), "coalmine demo")?;
         let (_control, inputs) = mpsc::channel(1);
         let outcome = tokio::time::timeout(Duration::from_secs(90), driver.run(inputs, &mut reporter))
             .await

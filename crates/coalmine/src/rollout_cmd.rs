@@ -407,8 +407,13 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         return Err(spec_errors(missing));
     }
     let rollout = pick_rollout(&set, args.name.as_deref(), &args.placement)?;
-    let mut driver =
-        Driver::new(&rollout, None).map_err(|e| BadInput(format!("{}: {e}", args.files[0])))?;
+    let controller = format!(
+        "coalmine run, pid {} on {}",
+        std::process::id(),
+        coalmine_controller::routers::host_name()
+    );
+    let mut driver = Driver::new(&rollout, None, &controller)
+        .map_err(|e| BadInput(format!("{}: {e}", args.files[0])))?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -428,7 +433,16 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
                 })
                 .await;
         });
-        driver.run(inputs, &mut reporter).await
+        let outcome = driver.run(inputs, &mut reporter).await;
+        // Nothing drives the routers once `run` exits: they keep the final routes and are
+        // free for the next rollout. Not if they did not take those routes: then they stay
+        // this rollout's, and another is refused until someone looks.
+        if driver.settled() {
+            if let Err(e) = driver.release_routers().await {
+                tracing::warn!("the routers carry the final routes but were not freed: {e}");
+            }
+        }
+        outcome
     });
     reporter.finish(driver.status(), outcome, driver.settled());
     Ok(match outcome {

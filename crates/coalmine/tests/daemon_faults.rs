@@ -653,3 +653,104 @@ async fn run_whose_terminal_closes_rolls_its_canary_back() {
     assert!(routes["canary"].is_null(), "{routes}");
     assert_eq!(routes["stable"], v1.url.as_str());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_controllers_never_drive_one_router_even_before_a_canary_is_routed() {
+    use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+    use std::sync::Arc;
+    let (v1, v2, v3) = (
+        upstream("v1", &[]),
+        upstream("v2", &[]),
+        upstream("v3", &[]),
+    );
+    let router = router(&["--stable", &v1.url]);
+    // `alpha` waits at a confirm-rollout gate: it holds the router while no canary is routed.
+    let open = Arc::new(AtomicBool::new(false));
+    let gate_open = open.clone();
+    let (gate, _asked) = common::stub::stub(move |_| {
+        let answer = if gate_open.load(Relaxed) {
+            common::stub::response("200 OK", "text/plain", "go")
+        } else {
+            common::stub::response("403 Forbidden", "text/plain", "wait")
+        };
+        (Duration::ZERO, answer)
+    });
+    let gated = format!(
+        "{SLOW_STEPS}    webhooks:
+      - name: gate
+        type: confirm-rollout
+        url: {gate}/
+"
+    );
+    let alpha = write_rollout(
+        "own-alpha",
+        &rollout_yaml("alpha", &router, &v1, &v2, &gated),
+    );
+    let beta = write_rollout(
+        "own-beta",
+        &rollout_yaml("beta", &router, &v1, &v3, SLOW_STEPS),
+    );
+    // Killed if the test fails: a gated run would otherwise wait for its deadline.
+    let mut first = Proc::spawn(&["run", &alpha, "--output", "json"]);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let owner = loop {
+        let routes = get_json(&format!("{}/routes", router.admin)).await;
+        if routes["name"] == "alpha" {
+            break routes["owner"].clone();
+        }
+        assert!(Instant::now() < deadline, "alpha never took the router");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+
+    // Another rollout, and another controller of the same rollout: both refused before they
+    // change anything.
+    for (file, what) in [(&beta, "beta"), (&alpha, "a second alpha")] {
+        let run = coalmine_run(file, &[]).await;
+        assert_eq!(run.code, 2, "{what}: {}", run.stderr);
+        assert!(
+            run.stderr.contains("rollout \"alpha\""),
+            "{what}: {}",
+            run.stderr
+        );
+        let routes = get_json(&format!("{}/routes", router.admin)).await;
+        assert_eq!(routes["name"], "alpha", "{what}: {routes}");
+        assert_eq!(routes["owner"], owner, "{what}: {routes}");
+    }
+    let owner = owner.as_str().unwrap_or_default();
+    assert!(owner.starts_with("alpha (coalmine run, pid "), "{owner}");
+    // A route change sent for another controller is refused by the router itself, whatever it
+    // saw before: the check and the change are one step.
+    let refused = client()
+        .put(format!("{}/routes", router.admin))
+        .header("x-coalmine-owner", "beta (elsewhere)")
+        .json(&serde_json::json!({"name": "beta", "owner": "beta (elsewhere)", "canary": v3.url, "canaryWeight": 50}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 409);
+    let routes = get_json(&format!("{}/routes", router.admin)).await;
+    assert!(routes["canary"].is_null(), "{routes}");
+
+    // Once alpha is over, its router is free: beta runs.
+    open.store(true, Relaxed);
+    let first = tokio::task::spawn_blocking(move || {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            if let Some(status) = first.child.try_wait().unwrap() {
+                return (status.code(), first.stderr());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("alpha did not finish once its gate opened");
+    })
+    .await
+    .unwrap();
+    assert_eq!(first.0, Some(0), "{}", first.1);
+    let routes = get_json(&format!("{}/routes", router.admin)).await;
+    assert_eq!(routes["stable"], v2.url.as_str(), "{routes}");
+    assert!(routes["owner"].is_null(), "freed after the run: {routes}");
+    let second = coalmine_run(&beta, &[]).await;
+    assert_eq!(second.code, 0, "{:#?} {}", messages(&second), second.stderr);
+    let routes = get_json(&format!("{}/routes", router.admin)).await;
+    assert_eq!(routes["stable"], v3.url.as_str(), "{routes}");
+}

@@ -30,6 +30,7 @@ use crate::driver::{now_ms, Driver, Sink};
 use crate::lock::{LockError, StateLock};
 use crate::processes::ManagedProcess;
 use crate::report::{event_json, status_json, Held};
+use crate::routers::RouterSet;
 use crate::store::{Opened, Store, StoreError};
 use crate::telemetry::Telemetry;
 
@@ -75,6 +76,8 @@ struct HostedRouter {
 
 struct Daemon {
     store: Store,
+    /// How this daemon names itself to the routers it drives (with each rollout's name).
+    controller: String,
     held: HeldSteps,
     token: String,
     running: Mutex<HashMap<String, Running>>,
@@ -154,8 +157,14 @@ pub async fn serve(
     if opened == Opened::Created {
         tracing::warn!(state = %config.state.display(), "created a new, empty state file");
     }
+    let controller = format!(
+        "coalmine serve {} on {}",
+        store.controller_id()?,
+        crate::routers::host_name()
+    );
     let daemon = Arc::new(Daemon {
         store,
+        controller,
         held: Arc::new(Mutex::new(HashMap::new())),
         token: config.token,
         running: Mutex::new(HashMap::new()),
@@ -527,7 +536,7 @@ impl Daemon {
             let admin = self.hosted_router(&effective, &hosted.listen, hosted.admin.as_deref())?;
             effective.spec.routers.push(admin);
         }
-        Driver::new(&effective, status).map_err(|e| e.to_string())
+        Driver::new(&effective, status, &self.controller).map_err(|e| e.to_string())
     }
 
     /// The run ended: the version that lost stops serving.
@@ -776,6 +785,14 @@ async fn delete(State(d): State<Arc<Daemon>>, Path(name): Path<String>) -> Respo
     }
     if let Some(hosted) = d.routers.lock().expect("routers").remove(&name) {
         tokio::task::spawn_blocking(move || hosted.handle.shutdown());
+    }
+    // Nothing keeps its routers from now on: another rollout may take them.
+    let routers = RouterSet::new(
+        stored.rollout.spec.routers.clone(),
+        crate::routers::owner(&name, &d.controller),
+    );
+    if let Err(e) = routers.release().await {
+        tracing::warn!(rollout = %name, "deleted, but its routers were not all freed: {e}");
     }
     d.processes.lock().await.remove(&name);
     d.telemetry.forget(&name);

@@ -15,7 +15,7 @@ use coalmine_rollout::{
 use coalmine_spec::rollout::{MetricCheck, Rollout, Target};
 
 use crate::providers::Providers;
-use crate::routers::{RouterError, RouterSet, Upstreams};
+use crate::routers::{owner, RouterError, RouterSet, Upstreams};
 use crate::webhooks::Hooks;
 use crate::window::StatsWindow;
 
@@ -104,7 +104,13 @@ fn url_of(target: &Option<Target>, field: &str) -> Result<String, DriverError> {
 
 impl Driver {
     /// A driver for a new rollout (`status` None) or one continuing from persisted state.
-    pub fn new(rollout: &Rollout, status: Option<Status>) -> Result<Driver, DriverError> {
+    /// `controller` says which controller drives it (`coalmine run, pid 4242 on build-7`): the
+    /// routers refuse the route changes of any other (see [`crate::routers::owner`]).
+    pub fn new(
+        rollout: &Rollout,
+        status: Option<Status>,
+        controller: &str,
+    ) -> Result<Driver, DriverError> {
         let spec = &rollout.spec;
         if spec.routers.is_empty() {
             return Err(DriverError::Unsupported {
@@ -160,7 +166,7 @@ impl Driver {
         Ok(Driver {
             machine,
             upstreams,
-            routers: RouterSet::new(spec.routers.clone()),
+            routers: RouterSet::new(spec.routers.clone(), owner(name, controller)),
             window: StatsWindow::new(longest.max(1000)),
             hooks: Hooks::new(
                 spec.analysis.webhooks.clone(),
@@ -192,6 +198,12 @@ impl Driver {
     /// other rollout is driving.
     pub async fn claim_routers(&self) -> Result<(), RouterError> {
         self.routers.claim(&self.upstreams.name).await
+    }
+
+    /// Lets the routers go after the rollout, when nothing will keep them (`run` ends): they
+    /// keep the final routes, and another rollout may take them.
+    pub async fn release_routers(&self) -> Result<(), RouterError> {
+        self.routers.release().await
     }
 
     /// Runs until the rollout ends; `control` carries promote/abort/pause/resume and rollbacks

@@ -252,11 +252,41 @@ pub enum RouterError {
     Refused(String),
 }
 
-/// The routers carrying one rollout's traffic.
+/// The routers carrying one rollout's traffic, driven on behalf of one controller.
 #[derive(Debug, Clone)]
 pub struct RouterSet {
     admins: Vec<HttpUrl>,
     client: reqwest::Client,
+    /// Who drives them (see [`owner`]): every route change is sent as theirs, and a router
+    /// another controller drives refuses it.
+    owner: String,
+}
+
+/// How a controller names itself to the routers it drives: the rollout, then the controller
+/// (`checkout (coalmine run, pid 4242 on build-7)`). Two controllers never share one, even for
+/// the same rollout, so a router refuses the second.
+pub fn owner(rollout: &str, controller: &str) -> String {
+    format!("{rollout} ({controller})")
+}
+
+/// An owner as people read it: `rollout "checkout" (coalmine run, pid 4242 on build-7)`.
+fn describe_owner(owner: &str) -> String {
+    match owner.split_once(' ') {
+        Some((rollout, controller)) => format!("rollout {rollout:?} {controller}"),
+        None => format!("{owner:?}"),
+    }
+}
+
+/// This machine's name, for telling controllers apart.
+pub fn host_name() -> String {
+    let mut buf = [0u8; 256];
+    // SAFETY: gethostname writes at most `buf.len()` bytes into the buffer it is given.
+    let ok = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) } == 0;
+    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
+    match std::str::from_utf8(&buf[..end]) {
+        Ok(name) if ok && !name.is_empty() => name.to_string(),
+        _ => "unknown host".to_string(),
+    }
 }
 
 /// What an answer that is not a route table looks like, for the error message.
@@ -275,13 +305,17 @@ fn describe_answer(status: reqwest::StatusCode, content_type: &str, body: &str) 
 }
 
 impl RouterSet {
-    pub fn new(admins: Vec<HttpUrl>) -> RouterSet {
+    pub fn new(admins: Vec<HttpUrl>, owner: String) -> RouterSet {
         let client = reqwest::Client::builder()
             .timeout(Duration::from_secs(5))
             .connect_timeout(Duration::from_secs(2))
             .build()
             .expect("a TLS-less client always builds");
-        RouterSet { admins, client }
+        RouterSet {
+            admins,
+            client,
+            owner,
+        }
     }
 
     pub fn admins(&self) -> &[HttpUrl] {
@@ -336,16 +370,30 @@ impl RouterSet {
         self.table(admin, resp).await
     }
 
-    async fn put_table(&self, admin: &HttpUrl, patch: &RoutePatch) -> Result<(), RouterError> {
+    /// Sends a route change as this controller's: the router makes it only if no other
+    /// controller drives it (it answers 409 otherwise, a refusal).
+    async fn put_json(&self, admin: &HttpUrl, body: &Value) -> Result<RoutesDoc, RouterError> {
         let resp = self
             .client
             .put(format!("{admin}/routes"))
-            .json(patch)
+            .header(coalmine_router::table::OWNER_HEADER, &self.owner)
+            .json(body)
             .send()
             .await
             .map_err(|e| RouterError::Unreachable(format!("{admin}: {}", reqwest_reason(&e))))?;
-        let table = self.table(admin, resp).await?;
-        if patch.agrees_with(&table) {
+        self.table(admin, resp).await
+    }
+
+    /// Whether a router's table carries the patch, driven by this controller.
+    fn carries(&self, patch: &RoutePatch, table: &RoutesDoc) -> bool {
+        patch.agrees_with(table) && table.owner.as_deref() == Some(self.owner.as_str())
+    }
+
+    async fn put_table(&self, admin: &HttpUrl, patch: &RoutePatch) -> Result<(), RouterError> {
+        let mut body = serde_json::to_value(patch).expect("a route patch serializes");
+        body["owner"] = Value::String(self.owner.clone());
+        let table = self.put_json(admin, &body).await?;
+        if self.carries(patch, &table) {
             Ok(())
         } else {
             Err(RouterError::Refused(format!(
@@ -354,9 +402,26 @@ impl RouterSet {
         }
     }
 
+    /// Lets the routers go once the rollout is over and nothing will drive them any more (they
+    /// keep its final routes): another rollout may then take them. A router this controller
+    /// no longer drives is left as it is.
+    pub async fn release(&self) -> Result<(), RouterError> {
+        let mut failed = None;
+        for admin in &self.admins {
+            let released = self
+                .put_json(admin, &serde_json::json!({ "owner": null }))
+                .await;
+            if let Err(e) = released {
+                failed.get_or_insert(e);
+            }
+        }
+        failed.map_or(Ok(()), Err)
+    }
+
     /// Checks, before a rollout starts, that every router it can reach is a Coalmine router
-    /// and is not carrying another rollout's canary: two controllers must never drive one
-    /// router. A router that cannot be reached yet is left to the ticks.
+    /// that no other controller drives and that carries no other rollout's canary: two
+    /// controllers must never drive one router. A router that cannot be reached yet is left to
+    /// the ticks; every route change is refused by a router another controller drives.
     pub async fn claim(&self, rollout: &str) -> Result<(), RouterError> {
         for admin in &self.admins {
             let table = match self.get_table(admin).await {
@@ -364,6 +429,12 @@ impl RouterSet {
                 Err(RouterError::Unreachable(_)) => continue,
                 Err(refused) => return Err(refused),
             };
+            if let Some(owner) = table.owner.as_deref().filter(|o| *o != self.owner) {
+                return Err(RouterError::Refused(format!(
+                    "{admin} is driven by {}: one router carries one rollout; finish or abort that rollout first (if its controller is gone, free the router: curl -X PUT {admin}/routes -H 'content-type: application/json' -d '{{\"owner\": null}}')",
+                    describe_owner(owner)
+                )));
+            }
             if table.canary.is_some() && table.name != rollout && table.name != UNCLAIMED {
                 return Err(RouterError::Refused(format!(
                     "{admin} carries rollout {:?}'s canary ({}% of traffic): another controller drives that router; finish or abort that rollout first",
@@ -398,7 +469,7 @@ impl RouterSet {
         let mut failed = None;
         for admin in &self.admins {
             let agrees = match self.get_table(admin).await {
-                Ok(table) => patch.agrees_with(&table),
+                Ok(table) => self.carries(patch, &table),
                 Err(e) => {
                     failed.get_or_insert(e);
                     continue;

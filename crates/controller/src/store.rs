@@ -110,7 +110,24 @@ impl Store {
                 run INTEGER NOT NULL,
                 event TEXT NOT NULL
             );
-            CREATE INDEX IF NOT EXISTS events_by_rollout ON events (rollout, id);",
+            CREATE INDEX IF NOT EXISTS events_by_rollout ON events (rollout, id);
+            CREATE TABLE IF NOT EXISTS meta (
+                key TEXT PRIMARY KEY,
+                value TEXT NOT NULL
+            );",
+        )?;
+        // Made once per state file: the daemon driving it names itself to routers by it, the
+        // same after a restart or a move of the file.
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        let seed = format!("{} {}", now.as_nanos(), std::process::id());
+        db.execute(
+            "INSERT OR IGNORE INTO meta (key, value) VALUES ('controller', ?1)",
+            params![format!(
+                "{:016x}",
+                xxhash_rust::xxh3::xxh3_64(seed.as_bytes())
+            )],
         )?;
         Ok((
             Store {
@@ -118,6 +135,15 @@ impl Store {
             },
             opened,
         ))
+    }
+
+    /// This state file's controller id (made when the file was created).
+    pub fn controller_id(&self) -> Result<String, StoreError> {
+        Ok(self
+            .db()
+            .query_row("SELECT value FROM meta WHERE key = 'controller'", [], |r| {
+                r.get(0)
+            })?)
     }
 
     fn db(&self) -> std::sync::MutexGuard<'_, Connection> {

@@ -7,14 +7,14 @@ use std::sync::{Arc, Mutex};
 
 use axum::body::Bytes;
 use axum::extract::State;
-use axum::http::{header, StatusCode};
+use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use tokio::sync::watch;
 
 use crate::proxy::Shared;
-use crate::table::RouteTable;
+use crate::table::{RouteTable, OWNER_HEADER};
 
 #[derive(Clone)]
 struct Admin {
@@ -66,13 +66,32 @@ fn bad_request(message: String) -> Response {
 /// Takes a whole or partial route document; omitted fields keep their values. The new table is
 /// swapped in atomically: requests already routed finish where they were sent. A document equal
 /// to the current one changes nothing (the controller re-sends its routes every interval).
-async fn put_routes(State(a): State<Admin>, body: Bytes) -> Response {
+/// A change sent on behalf of a controller ([`OWNER_HEADER`]) is refused (409) while another
+/// controller drives the router.
+async fn put_routes(State(a): State<Admin>, headers: HeaderMap, body: Bytes) -> Response {
     let patch: serde_json::Value = match serde_json::from_slice(&body) {
         Ok(v) => v,
         Err(e) => return bad_request(format!("body is not JSON: {e}")),
     };
+    let writer = match headers.get(OWNER_HEADER).map(|v| v.to_str()) {
+        None => None,
+        Some(Ok(w)) => Some(w),
+        Some(Err(_)) => return bad_request(format!("{OWNER_HEADER} is not visible ASCII")),
+    };
     let _writer = a.writer.lock().expect("admin writer lock");
     let current = a.shared.table.load_full();
+    if let (Some(writer), Some(owner)) = (writer, current.doc.owner.as_deref()) {
+        if writer != owner {
+            let message = format!(
+                "this router is driven by {owner}, so a route change for {writer} is refused: one router carries one rollout. If that controller is gone, free the router with PUT /routes {{\"owner\": null}}"
+            );
+            return (
+                StatusCode::CONFLICT,
+                Json(serde_json::json!({ "error": message, "owner": owner })),
+            )
+                .into_response();
+        }
+    }
     let doc = match current.doc.patched(&patch) {
         Ok(doc) => doc,
         Err(e) => return bad_request(e),

@@ -440,7 +440,16 @@ pub struct RoutesDoc {
     /// Share of stable-bound requests also copied to the canary.
     #[serde(default)]
     pub mirror: Weight,
+    /// The controller driving this router (a rollout and where it runs), while one does: a
+    /// route change sent on behalf of another is refused (see [`OWNER_HEADER`]).
+    #[serde(default)]
+    pub owner: Option<String>,
 }
+
+/// Request header of a `PUT /routes` sent on behalf of a controller: the change is made only if
+/// the router is driven by no controller or by this one. Checked and applied under one lock,
+/// so two controllers can never both drive one router.
+pub const OWNER_HEADER: &str = "x-coalmine-owner";
 
 impl RoutesDoc {
     /// A table sending everything to stable: the starting point when only `--stable` is known.
@@ -455,6 +464,7 @@ impl RoutesDoc {
             sticky: None,
             affinity: None,
             mirror: Weight::ZERO,
+            owner: None,
         }
     }
 
