@@ -754,3 +754,55 @@ async fn two_controllers_never_drive_one_router_even_before_a_canary_is_routed()
     let routes = get_json(&format!("{}/routes", router.admin)).await;
     assert_eq!(routes["stable"], v3.url.as_str(), "{routes}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_router_whose_run_was_killed_is_taken_over_by_the_next_run() {
+    let (v1, v2) = (upstream("v1", &[]), upstream("v2", &[]));
+    let router = router(&["--stable", &v1.url]);
+    let slow = write_rollout(
+        "killed",
+        &rollout_yaml("killed", &router, &v1, &v2, SLOW_STEPS),
+    );
+    let mut first = Command::new(BIN)
+        .args(["run", &slow])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while router_weight(&router).await == 0.0 {
+        assert!(Instant::now() < deadline, "the canary never got traffic");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    first.kill().unwrap();
+    first.wait().unwrap();
+    let routes = get_json(&format!("{}/routes", router.admin)).await;
+    let owner = routes["owner"].as_str().unwrap_or_default().to_string();
+    assert!(
+        owner.contains(&format!("pid {} ", first.id())),
+        "still the killed run's: {routes}"
+    );
+
+    // Nothing drives the router any more: the next run of the rollout takes it over, says so,
+    // and finishes.
+    let quick = write_rollout(
+        "killed-again",
+        &rollout_yaml(
+            "killed",
+            &router,
+            &v1,
+            &v2,
+            "    interval: 1s\n    threshold: 2\n    stepWeights: [50]\n",
+        ),
+    );
+    let again = coalmine_run(&quick, &[]).await;
+    assert_eq!(again.code, 0, "{}", again.stderr);
+    assert!(
+        again.stderr.contains("is gone: taking the router over"),
+        "{}",
+        again.stderr
+    );
+    let routes = get_json(&format!("{}/routes", router.admin)).await;
+    assert_eq!(routes["stable"], v2.url.as_str(), "{routes}");
+    assert!(routes["owner"].is_null(), "{routes}");
+}

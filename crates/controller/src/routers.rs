@@ -277,6 +277,39 @@ fn describe_owner(owner: &str) -> String {
     }
 }
 
+/// The process id of a `coalmine run` on this machine that no longer exists, if `owner` names
+/// one: its router is driven by nobody. A live process, a reused pid or another machine's
+/// controller is never taken for gone.
+fn gone_local_run(owner: &str) -> Option<i32> {
+    let (_, controller) = owner.rsplit_once("(coalmine run, pid ")?;
+    let (pid, host) = controller.strip_suffix(')')?.split_once(" on ")?;
+    let pid: i32 = pid.parse().ok().filter(|p| *p > 0)?;
+    if host != host_name() {
+        return None;
+    }
+    // SAFETY: signal 0 sends nothing; it only asks whether the process exists.
+    let gone = unsafe { libc::kill(pid, 0) } != 0
+        && std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH);
+    gone.then_some(pid)
+}
+
+/// The part of a claim that does not depend on who drives a router: it must not carry another
+/// rollout's canary.
+fn refuse_another_rollouts_canary(
+    table: &RoutesDoc,
+    admin: &HttpUrl,
+    rollout: &str,
+) -> Result<(), RouterError> {
+    if table.canary.is_some() && table.name != rollout && table.name != UNCLAIMED {
+        return Err(RouterError::Refused(format!(
+            "{admin} carries rollout {:?}'s canary ({}% of traffic): another controller drives that router; finish or abort that rollout first",
+            table.name,
+            table.canary_weight.percent()
+        )));
+    }
+    Ok(())
+}
+
 /// This machine's name, for telling controllers apart.
 pub fn host_name() -> String {
     let mut buf = [0u8; 256];
@@ -373,10 +406,21 @@ impl RouterSet {
     /// Sends a route change as this controller's: the router makes it only if no other
     /// controller drives it (it answers 409 otherwise, a refusal).
     async fn put_json(&self, admin: &HttpUrl, body: &Value) -> Result<RoutesDoc, RouterError> {
+        self.put_json_as(admin, &self.owner, body).await
+    }
+
+    /// Sends a route change on behalf of `owner`: made only while the router is driven by
+    /// `owner` or by nobody (a compare-and-swap on the router's owner).
+    async fn put_json_as(
+        &self,
+        admin: &HttpUrl,
+        owner: &str,
+        body: &Value,
+    ) -> Result<RoutesDoc, RouterError> {
         let resp = self
             .client
             .put(format!("{admin}/routes"))
-            .header(coalmine_router::table::OWNER_HEADER, &self.owner)
+            .header(coalmine_router::table::OWNER_HEADER, owner)
             .json(body)
             .send()
             .await
@@ -430,18 +474,25 @@ impl RouterSet {
                 Err(refused) => return Err(refused),
             };
             if let Some(owner) = table.owner.as_deref().filter(|o| *o != self.owner) {
+                if let Some(pid) = gone_local_run(owner) {
+                    // Its process is gone, so nothing drives the router: free it, unless
+                    // someone took it in the meantime (then the router refuses, 409).
+                    self.put_json_as(admin, owner, &serde_json::json!({ "owner": null }))
+                        .await?;
+                    tracing::warn!(
+                        router = %admin,
+                        "{admin} was driven by {}, whose process {pid} is gone: taking the router over",
+                        describe_owner(owner)
+                    );
+                    refuse_another_rollouts_canary(&table, admin, rollout)?;
+                    continue;
+                }
                 return Err(RouterError::Refused(format!(
                     "{admin} is driven by {}: one router carries one rollout; finish or abort that rollout first (if its controller is gone, free the router: curl -X PUT {admin}/routes -H 'content-type: application/json' -d '{{\"owner\": null}}')",
                     describe_owner(owner)
                 )));
             }
-            if table.canary.is_some() && table.name != rollout && table.name != UNCLAIMED {
-                return Err(RouterError::Refused(format!(
-                    "{admin} carries rollout {:?}'s canary ({}% of traffic): another controller drives that router; finish or abort that rollout first",
-                    table.name,
-                    table.canary_weight.percent()
-                )));
-            }
+            refuse_another_rollouts_canary(&table, admin, rollout)?;
         }
         Ok(())
     }
