@@ -41,6 +41,22 @@ async fn router_weight(router: &Router) -> f64 {
     }
 }
 
+/// Starts `coalmine run FILE` (output discarded) and waits until its canary gets traffic.
+async fn run_until_the_canary_has_traffic(file: &str, router: &Router) -> std::process::Child {
+    let run = Command::new(BIN)
+        .args(["run", file])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while router_weight(router).await == 0.0 {
+        assert!(Instant::now() < deadline, "the canary never got traffic");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    run
+}
+
 fn history_messages(daemon: &Daemon, name: &str) -> Vec<String> {
     let (code, out) = cli(daemon, &["history", name, "--output", "json"], None);
     assert_eq!(code, 0, "{out}");
@@ -628,17 +644,7 @@ async fn run_whose_terminal_closes_rolls_its_canary_back() {
         "hangup",
         &rollout_yaml("hangup", &router, &v1, &v2, SLOW_STEPS),
     );
-    let mut run = Command::new(BIN)
-        .args(["run", &file])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while router_weight(&router).await == 0.0 {
-        assert!(Instant::now() < deadline, "the canary never got traffic");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let mut run = run_until_the_canary_has_traffic(&file, &router).await;
     // SIGHUP, as when the terminal `run` was started in goes away.
     let status = Command::new("kill")
         .args(["-HUP", &run.id().to_string()])
@@ -763,17 +769,7 @@ async fn a_router_whose_run_was_killed_is_taken_over_by_the_next_run() {
         "killed",
         &rollout_yaml("killed", &router, &v1, &v2, SLOW_STEPS),
     );
-    let mut first = Command::new(BIN)
-        .args(["run", &slow])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while router_weight(&router).await == 0.0 {
-        assert!(Instant::now() < deadline, "the canary never got traffic");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let mut first = run_until_the_canary_has_traffic(&slow, &router).await;
     first.kill().unwrap();
     first.wait().unwrap();
     let routes = get_json(&format!("{}/routes", router.admin)).await;
