@@ -191,9 +191,10 @@ fn first_step_at_once(rollout: &Rollout, sink: &mut dyn Sink) -> Status {
             _ => None,
         })
         .collect();
-    let _ = sink.record(&machine.status, &events);
-    machine.status.next_tick_ms = Some(now);
-    machine.status
+    let _ = sink.record(machine.status(), &events);
+    let mut status = machine.status().clone();
+    status.next_tick_ms = Some(now);
+    status
 }
 
 /// The demo's traffic as the simulator sees it: the generator's rate, v1 without errors, v2
@@ -257,7 +258,7 @@ fn describe(analysis: &Analysis, plan: &Plan) -> String {
         if let Some(max) = range.max {
             bounds.push(format!("max {max}"));
         }
-        let window = check.interval.map_or("1m".into(), |d| format_duration(d.0));
+        let window = format_duration(check.window());
         parts.push(format!(
             "{} {} over {window}",
             check.name,

@@ -9,18 +9,15 @@ use tokio::sync::mpsc;
 
 use coalmine_judge::Reading;
 use coalmine_rollout::{
-    builtin_reading, Action, Event, EventLevel, Input, Machine, Observation, Outcome, Plan,
-    Question, Status, Traffic,
+    builtin_reading, Event, EventLevel, Input, Machine, NotSaved, Observation, Outcome, Phase,
+    Plan, Question, Status, Traffic, TrafficFault, World,
 };
-use coalmine_spec::rollout::{MetricCheck, Rollout, Target};
+use coalmine_spec::rollout::{HookKind, MetricCheck, Rollout, Target};
 
 use crate::providers::Providers;
 use crate::routers::{owner, RouterError, RouterSet, Upstreams};
 use crate::webhooks::Hooks;
 use crate::window::StatsWindow;
-
-/// Flagger's default window for a metric without `interval`.
-const DEFAULT_METRIC_WINDOW_MS: u64 = 60_000;
 
 /// Milliseconds since the Unix epoch: the only clock the runtime reads.
 pub fn now_ms() -> u64 {
@@ -61,6 +58,17 @@ struct Unsaved {
 
 pub struct Driver {
     machine: Machine,
+    edge: Edge,
+    sample_every_ms: u64,
+    /// Set while the last step could not be saved.
+    unsaved: Option<Unsaved>,
+    /// Commands (abort, promote, an alert's rollback...) whose step could not be saved yet.
+    unsaved_inputs: VecDeque<Input>,
+}
+
+/// What the machine's steps touch: the routers, their counts, the webhooks and the metric
+/// providers.
+struct Edge {
     upstreams: Upstreams,
     routers: RouterSet,
     window: StatsWindow,
@@ -69,17 +77,20 @@ pub struct Driver {
     providers: Providers,
     /// The traffic the routers last accepted.
     applied: Option<Traffic>,
-    sample_every_ms: u64,
     /// Counts sampled since the sequential judges last saw them (samples taken to answer an
     /// analysis count too, so no request is left out).
     unobserved: Observation,
-    /// Set while the last step could not be saved.
-    unsaved: Option<Unsaved>,
-    /// Commands (abort, promote, an alert's rollback...) whose step could not be saved yet.
-    unsaved_inputs: VecDeque<Input>,
     /// Each router's `instance` at the last sample: a new one means it restarted and lost its
     /// table.
     instances: Vec<String>,
+}
+
+/// The driver as the machine's world for one input: the edge, and the sink every step is saved
+/// to first.
+struct Stepping<'a> {
+    edge: &'a mut Edge,
+    sink: &'a mut dyn Sink,
+    unsaved: &'a mut Option<Unsaved>,
 }
 
 /// A stable identity of the rollout's spec, sent to webhooks as Flagger's `checksum`.
@@ -147,7 +158,7 @@ impl Driver {
                 ),
             });
         }
-        let windows: Vec<u64> = spec.analysis.metrics.iter().map(window_ms).collect();
+        let windows: Vec<u64> = plan.checks.iter().map(|c| c.window_ms).collect();
         let longest = windows.iter().copied().max().unwrap_or(0);
         let shortest = windows
             .iter()
@@ -157,53 +168,51 @@ impl Driver {
             .unwrap_or(1000);
         let machine = match status {
             Some(status) => Machine::resume(plan, status),
-            None => {
-                let mut m = Machine::new(plan, now_ms());
-                m.status.paused = spec.suspend;
-                m
-            }
+            None => Machine::new(plan, now_ms()).paused(spec.suspend),
         };
         Ok(Driver {
             machine,
-            upstreams,
-            routers: RouterSet::new(spec.routers.clone(), owner(name, controller)),
-            window: StatsWindow::new(longest.max(1000)),
-            hooks: Hooks::new(
-                spec.analysis.webhooks.clone(),
-                name,
-                namespace,
-                &checksum(rollout),
-            ),
-            checks: spec.analysis.metrics.clone(),
-            providers: Providers::new(&spec.analysis.metrics),
-            applied: None,
+            edge: Edge {
+                upstreams,
+                routers: RouterSet::new(spec.routers.clone(), owner(name, controller)),
+                window: StatsWindow::new(longest.max(1000)),
+                hooks: Hooks::new(
+                    spec.analysis.webhooks.clone(),
+                    name,
+                    namespace,
+                    &checksum(rollout),
+                ),
+                checks: spec.analysis.metrics.clone(),
+                providers: Providers::new(&spec.analysis.metrics),
+                applied: None,
+                unobserved: Observation::default(),
+                instances: Vec::new(),
+            },
             // The sequential judges decide between ticks: they see the routers every second.
             sample_every_ms: if spec.analysis.sequential.enabled {
                 (shortest / 4).clamp(200, 1000)
             } else {
                 (shortest / 4).clamp(200, 5000)
             },
-            unobserved: Observation::default(),
             unsaved: None,
             unsaved_inputs: VecDeque::new(),
-            instances: Vec::new(),
         })
     }
 
     pub fn status(&self) -> &Status {
-        &self.machine.status
+        self.machine.status()
     }
 
     /// Checks, before the rollout moves anything, that its routers are Coalmine routers that no
     /// other rollout is driving.
     pub async fn claim_routers(&self) -> Result<(), RouterError> {
-        self.routers.claim(&self.upstreams.name).await
+        self.edge.routers.claim(&self.edge.upstreams.name).await
     }
 
     /// Lets the routers go after the rollout, when nothing will keep them (`run` ends): they
     /// keep the final routes, and another rollout may take them.
     pub async fn release_routers(&self) -> Result<(), RouterError> {
-        self.routers.release().await
+        self.edge.routers.release().await
     }
 
     /// Runs until the rollout ends; `control` carries promote/abort/pause/resume and rollbacks
@@ -218,7 +227,7 @@ impl Driver {
         let mut next_sample = now_ms();
         let mut control_open = true;
         loop {
-            if let Some(outcome) = self.machine.status.outcome {
+            if let Some(outcome) = self.machine.outcome() {
                 // An outcome is only ever in the status once it was saved.
                 self.settle_final_traffic().await;
                 return outcome;
@@ -227,7 +236,7 @@ impl Driver {
             let wake = match waiting {
                 Some(retry_at) => retry_at,
                 None => {
-                    let due = self.machine.status.next_tick_ms.unwrap_or(u64::MAX);
+                    let due = self.machine.next_tick_ms().unwrap_or(u64::MAX);
                     due.min(next_sample)
                 }
             };
@@ -241,23 +250,17 @@ impl Driver {
                     let now = now_ms();
                     if now >= next_sample {
                         // A missed sample only widens the next window; the tick reports errors.
-                        let _ = self.sample().await;
+                        let _ = self.edge.sample(&self.machine.traffic()).await;
                         next_sample = now + self.sample_every_ms;
-                        if self.machine.plan.sequential.is_some() {
-                            let observation = std::mem::take(&mut self.unobserved);
+                        if self.machine.plan().sequential.is_some() {
+                            let observation = std::mem::take(&mut self.edge.unobserved);
                             self.feed(Input::Observe(observation), sink).await;
                         }
                     }
-                    let due = self.machine.status.next_tick_ms.unwrap_or(u64::MAX);
+                    let due = self.machine.next_tick_ms().unwrap_or(u64::MAX);
                     if !self.waiting_to_save() && now >= due {
-                        let input = match self.apply_traffic(true).await {
-                            // No retry will help: the rollout cannot go on.
-                            Err(RouterError::Refused(reason)) => Input::RollBack {
-                                reason: format!("the routers refuse the routes: {reason}"),
-                            },
-                            traffic => Input::Tick { traffic: traffic.map_err(|e| e.to_string()) },
-                        };
-                        self.feed(input, sink).await;
+                        let traffic = self.edge.apply_traffic(&self.machine.traffic(), true).await;
+                        self.feed(Input::Tick { traffic }, sink).await;
                     }
                 }
                 input = control.recv(), if control_open => match input {
@@ -276,15 +279,15 @@ impl Driver {
     pub async fn keep(&mut self, sink: &mut dyn Sink) {
         loop {
             tokio::time::sleep(Duration::from_millis(KEEP_EVERY_MS)).await;
-            let patch = self.upstreams.routes(&self.machine.traffic());
-            let Ok(corrected) = self.routers.reconcile(&patch).await else {
+            let patch = self.edge.upstreams.routes(&self.machine.traffic());
+            let Ok(corrected) = self.edge.routers.reconcile(&patch).await else {
                 continue;
             };
             if corrected.is_empty() {
                 continue;
             }
             let routers: Vec<String> = corrected.iter().map(ToString::to_string).collect();
-            let status = &self.machine.status;
+            let status = self.machine.status();
             let event = Event {
                 time_ms: now_ms(),
                 level: EventLevel::Warning,
@@ -303,7 +306,7 @@ impl Driver {
     /// answered it could not be saved).
     async fn answer_pending(&mut self, sink: &mut dyn Sink) {
         if let Some(question) = self.machine.pending() {
-            let answer = self.answer(question).await;
+            let answer = self.edge.answer(&self.machine, question).await;
             self.feed(answer, sink).await;
         }
     }
@@ -334,47 +337,13 @@ impl Driver {
     /// A step is carried out only once it is saved; one that cannot be saved is undone and the
     /// driver holds.
     async fn feed(&mut self, input: Input, sink: &mut dyn Sink) {
-        let mut inputs = VecDeque::from([input]);
-        while let Some(input) = inputs.pop_front() {
-            let before = self.machine.status.clone();
-            let actions = self.machine.handle(now_ms(), input.clone());
-            let events: Vec<Event> = actions
-                .iter()
-                .filter_map(|a| match a {
-                    Action::Event(e) => Some(e.clone()),
-                    _ => None,
-                })
-                .collect();
-            if let Err(reason) = sink.record(&self.machine.status, &events) {
-                self.machine.status = before;
-                self.hold_unsaved(input, reason);
-                return;
-            }
-            if let Some(unsaved) = self.unsaved.take() {
-                tracing::warn!(
-                    "steps are saved again after {:.1}s ({}); continuing",
-                    now_ms().saturating_sub(unsaved.since_ms) as f64 / 1000.0,
-                    unsaved.reason
-                );
-            }
-            if self.applied != Some(self.machine.traffic()) {
-                if let Err(RouterError::Refused(reason)) = self.apply_traffic(false).await {
-                    inputs.push_back(Input::RollBack {
-                        reason: format!("the routers refuse the routes: {reason}"),
-                    });
-                }
-                // An unreachable router shows at the next tick, which re-applies first.
-            }
-            for action in actions {
-                match action {
-                    Action::Ask(question) => inputs.push_back(self.answer(question).await),
-                    Action::Notify(kind) => {
-                        self.hooks.call(kind, self.machine.status.phase).await;
-                    }
-                    Action::Event(event) => self.hooks.send_event(&event).await,
-                    Action::Finished(_) => {}
-                }
-            }
+        let mut world = Stepping {
+            edge: &mut self.edge,
+            sink,
+            unsaved: &mut self.unsaved,
+        };
+        if let Err(NotSaved { input, error }) = self.machine.drive(input, &mut world).await {
+            self.hold_unsaved(input, error);
         }
     }
 
@@ -384,8 +353,8 @@ impl Driver {
     fn hold_unsaved(&mut self, input: Input, reason: String) {
         match input {
             Input::Observe(observation) => {
-                self.unobserved.canary.add(&observation.canary);
-                self.unobserved.stable.add(&observation.stable);
+                self.edge.unobserved.canary.add(&observation.canary);
+                self.edge.unobserved.stable.add(&observation.stable);
             }
             Input::Tick { .. } | Input::Hooks { .. } | Input::Analysis { .. } => {}
             command => self.unsaved_inputs.push_back(command),
@@ -402,11 +371,33 @@ impl Driver {
         });
     }
 
-    async fn answer(&mut self, question: Question) -> Input {
+    /// The last route change matters most: retry it for a while if routers are unreachable.
+    async fn settle_final_traffic(&mut self) {
+        for attempt in 0..10 {
+            match self.edge.apply_traffic(&self.machine.traffic(), true).await {
+                Ok(()) => return,
+                Err(TrafficFault::Refused(e)) => {
+                    tracing::error!("final routes refused: {e}");
+                    return;
+                }
+                Err(e) => tracing::warn!(attempt, "final routes not applied: {e}"),
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+
+    /// Whether the routers carry the final traffic (after `run` returns).
+    pub fn settled(&self) -> bool {
+        self.edge.applied == Some(self.machine.traffic())
+    }
+}
+
+impl Edge {
+    async fn answer(&mut self, machine: &Machine, question: Question) -> Input {
         match question {
             Question::Hooks(kind) => Input::Hooks {
                 kind,
-                results: self.hooks.call(kind, self.machine.status.phase).await,
+                results: self.hooks.call(kind, machine.status().phase).await,
             },
             Question::Analysis => {
                 // Provider queries run side by side, while the routers are sampled.
@@ -417,7 +408,7 @@ impl Driver {
                         queries.spawn(async move { (i, providers.read(&check).await) });
                     }
                 }
-                let fresh = self.sample().await;
+                let fresh = self.sample(&machine.traffic()).await;
                 let mut readings: Vec<Option<Reading>> = self
                     .checks
                     .iter()
@@ -450,7 +441,7 @@ impl Driver {
 
     /// Flagger's built-in metrics, from the routers' own counts.
     fn builtin(&self, check: &MetricCheck) -> Reading {
-        let window = window_ms(check);
+        let window = check.window().as_millis() as u64;
         builtin_reading(
             &check.name,
             || self.window.canary(window),
@@ -458,7 +449,7 @@ impl Driver {
         )
     }
 
-    async fn sample(&mut self) -> Result<(), String> {
+    async fn sample(&mut self, traffic: &Traffic) -> Result<(), String> {
         let stats = self.routers.stats().await?;
         let instances: Vec<String> = stats.iter().map(|s| s.instance.clone()).collect();
         let restarted = !self.instances.is_empty() && self.instances != instances;
@@ -471,47 +462,59 @@ impl Driver {
             // A restarted router serves what its command line says, not this rollout's
             // routes: put them back now rather than at the next tick.
             tracing::warn!("a router restarted: re-applying the routes");
-            let _ = self.apply_traffic(true).await;
+            let _ = self.apply_traffic(traffic, true).await;
         }
         Ok(())
     }
 
     /// Makes every router carry the machine's traffic. `always` re-sends even if unchanged, so a
     /// router that restarted (and lost its table) is put right at the next tick.
-    async fn apply_traffic(&mut self, always: bool) -> Result<(), RouterError> {
-        let traffic = self.machine.traffic();
-        if !always && self.applied == Some(traffic) {
+    async fn apply_traffic(&mut self, traffic: &Traffic, always: bool) -> Result<(), TrafficFault> {
+        if !always && self.applied == Some(*traffic) {
             return Ok(());
         }
-        let result = self.routers.apply(&self.upstreams.routes(&traffic)).await;
-        self.applied = result.is_ok().then_some(traffic);
-        result
-    }
-
-    /// The last route change matters most: retry it for a while if routers are unreachable.
-    async fn settle_final_traffic(&mut self) {
-        for attempt in 0..10 {
-            match self.apply_traffic(true).await {
-                Ok(()) => return,
-                Err(RouterError::Refused(e)) => {
-                    tracing::error!("final routes refused: {e}");
-                    return;
-                }
-                Err(e) => tracing::warn!(attempt, "final routes not applied: {e}"),
-            }
-            tokio::time::sleep(Duration::from_millis(500)).await;
-        }
-    }
-
-    /// Whether the routers carry the final traffic (after `run` returns).
-    pub fn settled(&self) -> bool {
-        self.applied == Some(self.machine.traffic())
+        let result = self.routers.apply(&self.upstreams.routes(traffic)).await;
+        self.applied = result.is_ok().then_some(*traffic);
+        result.map_err(|e| match e {
+            RouterError::Unreachable(reason) => TrafficFault::Unreachable(reason),
+            RouterError::Refused(reason) => TrafficFault::Refused(reason),
+        })
     }
 }
 
-fn window_ms(check: &MetricCheck) -> u64 {
-    check
-        .interval
-        .map(|d| d.0.as_millis() as u64)
-        .unwrap_or(DEFAULT_METRIC_WINDOW_MS)
+impl World for Stepping<'_> {
+    type Unsaved = String;
+
+    fn now(&self) -> u64 {
+        now_ms()
+    }
+
+    async fn save(&mut self, status: &Status, events: &[Event]) -> Result<(), String> {
+        self.sink.record(status, events)?;
+        if let Some(unsaved) = self.unsaved.take() {
+            tracing::warn!(
+                "steps are saved again after {:.1}s ({}); continuing",
+                now_ms().saturating_sub(unsaved.since_ms) as f64 / 1000.0,
+                unsaved.reason
+            );
+        }
+        Ok(())
+    }
+
+    async fn route(&mut self, machine: &Machine) -> Result<(), TrafficFault> {
+        // An unreachable router shows at the next tick, which re-applies first.
+        self.edge.apply_traffic(&machine.traffic(), false).await
+    }
+
+    async fn answer(&mut self, machine: &Machine, question: Question) -> Input {
+        self.edge.answer(machine, question).await
+    }
+
+    async fn notify(&mut self, kind: HookKind, phase: Phase) {
+        self.edge.hooks.call(kind, phase).await;
+    }
+
+    async fn event(&mut self, event: &Event) {
+        self.edge.hooks.send_event(event).await;
+    }
 }

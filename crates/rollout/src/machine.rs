@@ -75,11 +75,39 @@ pub struct HookResult {
     pub message: String,
 }
 
+/// Why the traffic backend did not carry the machine's traffic.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TrafficFault {
+    /// It could not be reached or did not answer in time: hold, the next tick tries again.
+    Unreachable(String),
+    /// It answered, and no retry will change the answer (it refused the change, or it is not
+    /// what the rollout was told it is): roll back.
+    Refused(String),
+}
+
+impl std::fmt::Display for TrafficFault {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            TrafficFault::Unreachable(reason) | TrafficFault::Refused(reason) => {
+                f.write_str(reason)
+            }
+        }
+    }
+}
+
+impl std::error::Error for TrafficFault {}
+
+/// Why a refused route change rolls back, in the rollout's events.
+pub(crate) fn refused(reason: &str) -> String {
+    format!("the routers refuse the routes: {reason}")
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub enum Input {
-    /// The interval elapsed. `traffic` says whether the routers took the last route change.
+    /// The interval elapsed. `traffic` says whether the traffic backend took the machine's
+    /// traffic: unreachable holds, refused rolls back.
     Tick {
-        traffic: Result<(), String>,
+        traffic: Result<(), TrafficFault>,
     },
     Hooks {
         kind: HookKind,
@@ -180,10 +208,12 @@ pub struct Status {
     pub sequential: Option<crate::sequential::SequentialState>,
 }
 
+/// One rollout's state machine. Its state changes only through [`Machine::handle`] (and the
+/// driving loop built on it, [`Machine::drive`]).
 #[derive(Debug, Clone)]
 pub struct Machine {
-    pub plan: Plan,
-    pub status: Status,
+    plan: Plan,
+    status: Status,
 }
 
 impl Machine {
@@ -212,9 +242,38 @@ impl Machine {
         }
     }
 
+    /// A new rollout that starts paused (`spec.suspend`) or not.
+    pub fn paused(mut self, paused: bool) -> Machine {
+        self.status.paused = paused;
+        self
+    }
+
     /// Continues a persisted rollout.
     pub fn resume(plan: Plan, status: Status) -> Machine {
         Machine { plan, status }
+    }
+
+    pub fn plan(&self) -> &Plan {
+        &self.plan
+    }
+
+    /// The whole state, as persisted.
+    pub fn status(&self) -> &Status {
+        &self.status
+    }
+
+    /// When the next tick is due (None once the rollout has ended).
+    pub fn next_tick_ms(&self) -> Option<u64> {
+        self.status.next_tick_ms
+    }
+
+    pub fn outcome(&self) -> Option<Outcome> {
+        self.status.outcome
+    }
+
+    /// Puts back the status of before a step that could not be saved: that step never happened.
+    pub(crate) fn undo(&mut self, before: Status) {
+        self.status = before;
     }
 
     /// The question to ask again after a restart, if the machine was waiting for an answer.
@@ -309,7 +368,11 @@ impl Machine {
         out
     }
 
-    fn tick(&mut self, now: u64, traffic: Result<(), String>, out: &mut Vec<Action>) {
+    fn tick(&mut self, now: u64, traffic: Result<(), TrafficFault>, out: &mut Vec<Action>) {
+        if let Err(TrafficFault::Refused(reason)) = &traffic {
+            // No retry will help, whatever the machine was waiting for.
+            return self.roll_back(now, &refused(reason), out);
+        }
         if self.status.next_tick_ms.is_some_and(|due| now < due) || self.status.pending.is_some() {
             return;
         }

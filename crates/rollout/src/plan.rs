@@ -31,6 +31,8 @@ pub enum Strategy {
 pub struct Check {
     pub name: String,
     pub range: ThresholdRange,
+    /// The window a built-in metric is computed over.
+    pub window_ms: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -86,6 +88,7 @@ impl Plan {
                 .map(|m| Check {
                     name: m.name.clone(),
                     range: m.range(),
+                    window_ms: m.window().as_millis() as u64,
                 })
                 .collect(),
             hook_kinds: analysis.webhooks.iter().map(|w| w.kind).collect(),

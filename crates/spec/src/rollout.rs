@@ -527,7 +527,15 @@ pub struct MetricCheck {
     pub template_variables: BTreeMap<String, String>,
 }
 
+/// Flagger's window for a metric without `interval`.
+pub const DEFAULT_METRIC_WINDOW: std::time::Duration = std::time::Duration::from_secs(60);
+
 impl MetricCheck {
+    /// The window the metric is computed over: its `interval`, or Flagger's default.
+    pub fn window(&self) -> std::time::Duration {
+        self.interval.map_or(DEFAULT_METRIC_WINDOW, |d| d.0)
+    }
+
     /// Answered from the routers' own counts, not from a provider.
     pub fn is_builtin(&self) -> bool {
         self.query.is_none()
