@@ -62,9 +62,9 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         Ok(()) => Ok(ExitCode::SUCCESS),
         // A state file that is not Coalmine's is the user's to sort out.
         Err(
-            e @ daemon::DaemonError::Store(coalmine_controller::store::StoreError::NotOurs {
-                ..
-            }),
+            e @ daemon::DaemonError::Store(
+                coalmine_controller::state::sqlite::StoreError::NotOurs { .. },
+            ),
         ) => Err(BadInput(format!("--state {e}")).into()),
         Err(e) => Err(e.into()),
     }

@@ -15,7 +15,7 @@ use clap::{Args, ValueEnum};
 use serde_json::json;
 use tokio::sync::mpsc;
 
-use coalmine_controller::{driver::now_ms, Driver, Sink};
+use coalmine_controller::{driver::now_ms, Driver};
 use coalmine_rollout::{Action, Event, Input, Machine, Outcome, Plan, Status, Strategy};
 use coalmine_router::{RouterConfig, RoutesDoc, UpstreamUrl};
 use coalmine_sim::{run_once, simulated_analysis, Decision, Rng, RunResult, Semantics};
@@ -174,7 +174,7 @@ async fn generate_traffic(url: String, rps: u32, seen: Arc<Seen>, stop: Arc<Atom
 /// demo's one change to the timeline is visible: the next tick — "Starting canary analysis", the
 /// first step — is due at once instead of one interval later, as in Flagger and `coalmine run`.
 /// The driver continues from the returned status; everything after runs as written.
-fn first_step_at_once(rollout: &Rollout, sink: &mut dyn Sink) -> Status {
+fn first_step_at_once(rollout: &Rollout, reporter: &mut Reporter) -> Status {
     let spec = &rollout.spec;
     let plan = Plan::new(
         &spec.analysis,
@@ -191,7 +191,7 @@ fn first_step_at_once(rollout: &Rollout, sink: &mut dyn Sink) -> Status {
             _ => None,
         })
         .collect();
-    let _ = sink.record(machine.status(), &events);
+    reporter.print(machine.status(), &events);
     let mut status = machine.status().clone();
     status.next_tick_ms = Some(now);
     status

@@ -9,7 +9,7 @@ use tokio::sync::mpsc;
 
 use coalmine_controller::report::metrics_json;
 use coalmine_controller::time::rfc3339;
-use coalmine_controller::{Driver, Sink};
+use coalmine_controller::{BoxFuture, Driver, StateError, StateStore};
 use coalmine_rollout::{Event, EventLevel, Input, Outcome, Status};
 use coalmine_spec::documents::{self, Document, DocumentSet, Note};
 use coalmine_spec::flagger::{HostPort, Placement};
@@ -529,10 +529,27 @@ impl Reporter {
     }
 }
 
-impl Sink for Reporter {
+/// `run`'s state store is the terminal: it prints every step and keeps nothing, so a run does
+/// not resume.
+impl StateStore for Reporter {
+    fn save<'a>(
+        &'a mut self,
+        status: &'a Status,
+        events: &'a [Event],
+    ) -> BoxFuture<'a, Result<(), StateError>> {
+        self.print(status, events);
+        Box::pin(std::future::ready(Ok(())))
+    }
+
+    fn load(&self) -> BoxFuture<'_, Result<Option<Status>, StateError>> {
+        Box::pin(std::future::ready(Ok(None)))
+    }
+}
+
+impl Reporter {
     /// Never fails: what a terminal or pipe does with the output cannot stop a rollout (a closed
     /// pipe only ends the printing).
-    fn record(&mut self, status: &Status, events: &[Event]) -> Result<(), String> {
+    pub fn print(&mut self, status: &Status, events: &[Event]) {
         for event in events {
             match self.format {
                 OutputFormat::Json => outln!(
@@ -576,6 +593,5 @@ impl Sink for Reporter {
                 status.failed_checks
             ));
         }
-        Ok(())
     }
 }

@@ -1,6 +1,6 @@
 //! Drives one rollout's state machine on the wall clock: ticks at the times it asks for, answers
-//! its questions (webhooks, metrics), keeps the routers in line with its traffic, and hands every
-//! change to a [`Sink`] (the terminal for `run`, SQLite for `serve`).
+//! its questions (webhooks, metrics), keeps the routers in line with its traffic, and saves every
+//! step to a [`StateStore`] (the terminal for `run`, SQLite for `serve`) before acting on it.
 
 use std::collections::VecDeque;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -16,8 +16,10 @@ use coalmine_spec::rollout::{HookKind, MetricCheck, Rollout, Target};
 
 use crate::providers::Providers;
 use crate::routers::{owner, RouterError, RouterSet, Upstreams};
+use crate::state::{StateError, StateStore};
 use crate::webhooks::Hooks;
 use crate::window::StatsWindow;
+use crate::Unrunnable;
 
 /// Milliseconds since the Unix epoch: the only clock the runtime reads.
 pub fn now_ms() -> u64 {
@@ -27,17 +29,10 @@ pub fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
-/// Where a driver reports. `record` is called after every input, before any action is carried
-/// out, so what is persisted is never behind what the routers were told. An error means the
-/// step was not saved: the driver then acts on nothing of it, holds, and tries again.
-pub trait Sink: Send {
-    fn record(&mut self, status: &Status, events: &[Event]) -> Result<(), String>;
-}
-
 #[derive(Debug, thiserror::Error)]
 pub enum DriverError {
-    #[error("spec.{field}: {message}")]
-    Unsupported { field: String, message: String },
+    #[error(transparent)]
+    Unrunnable(#[from] Unrunnable),
     #[error("{0}")]
     Invalid(String),
 }
@@ -85,11 +80,11 @@ struct Edge {
     instances: Vec<String>,
 }
 
-/// The driver as the machine's world for one input: the edge, and the sink every step is saved
-/// to first.
+/// The driver as the machine's world for one input: the edge, and the store every step is
+/// saved to first.
 struct Stepping<'a> {
     edge: &'a mut Edge,
-    sink: &'a mut dyn Sink,
+    store: &'a mut dyn StateStore,
     unsaved: &'a mut Option<Unsaved>,
 }
 
@@ -99,14 +94,14 @@ pub fn checksum(rollout: &Rollout) -> String {
     format!("{:016x}", xxhash_rust::xxh3::xxh3_64(text.as_bytes()))
 }
 
-fn url_of(target: &Option<Target>, field: &str) -> Result<String, DriverError> {
+fn url_of(target: &Option<Target>, field: &str) -> Result<String, Unrunnable> {
     match target {
         Some(Target::Url(u)) => Ok(u.to_string()),
-        None => Err(DriverError::Unsupported {
+        None => Err(Unrunnable {
             field: field.to_string(),
             message: "the version's url is needed to run the rollout".into(),
         }),
-        Some(Target::Command { .. }) => Err(DriverError::Unsupported {
+        Some(Target::Command { .. }) => Err(Unrunnable {
             field: field.to_string(),
             message: "a command target needs `coalmine serve`, which keeps the process running after the rollout; give a url here".into(),
         }),
@@ -124,10 +119,11 @@ impl Driver {
     ) -> Result<Driver, DriverError> {
         let spec = &rollout.spec;
         if spec.routers.is_empty() {
-            return Err(DriverError::Unsupported {
+            return Err(Unrunnable {
                 field: "routers".into(),
                 message: "list the admin address of at least one Coalmine router".into(),
-            });
+            }
+            .into());
         }
         let plan = Plan::new(
             &spec.analysis,
@@ -150,13 +146,14 @@ impl Driver {
             .iter()
             .find(|c| !c.is_builtin() && (c.query.is_none() || c.provider.is_none()))
         {
-            return Err(DriverError::Unsupported {
+            return Err(Unrunnable {
                 field: "analysis.metrics".into(),
                 message: format!(
                     "metric {:?} needs a provider and query (pass the file of its MetricTemplate)",
                     check.name
                 ),
-            });
+            }
+            .into());
         }
         let windows: Vec<u64> = plan.checks.iter().map(|c| c.window_ms).collect();
         let longest = windows.iter().copied().max().unwrap_or(0);
@@ -220,10 +217,10 @@ impl Driver {
     pub async fn run(
         &mut self,
         mut control: mpsc::Receiver<Input>,
-        sink: &mut dyn Sink,
+        store: &mut dyn StateStore,
     ) -> Outcome {
         // After a restart the machine may be waiting for an answer that died with the process.
-        self.answer_pending(sink).await;
+        self.answer_pending(store).await;
         let mut next_sample = now_ms();
         let mut control_open = true;
         loop {
@@ -244,7 +241,7 @@ impl Driver {
             tokio::select! {
                 _ = tokio::time::sleep(sleep) => {
                     if waiting.is_some() {
-                        self.try_saving_again(sink).await;
+                        self.try_saving_again(store).await;
                         continue;
                     }
                     let now = now_ms();
@@ -254,19 +251,19 @@ impl Driver {
                         next_sample = now + self.sample_every_ms;
                         if self.machine.plan().sequential.is_some() {
                             let observation = std::mem::take(&mut self.edge.unobserved);
-                            self.feed(Input::Observe(observation), sink).await;
+                            self.feed(Input::Observe(observation), store).await;
                         }
                     }
                     let due = self.machine.next_tick_ms().unwrap_or(u64::MAX);
                     if !self.waiting_to_save() && now >= due {
                         let traffic = self.edge.apply_traffic(&self.machine.traffic(), true).await;
-                        self.feed(Input::Tick { traffic }, sink).await;
+                        self.feed(Input::Tick { traffic }, store).await;
                     }
                 }
                 input = control.recv(), if control_open => match input {
                     // Held while a step is unsaved: carried out once it can be saved.
                     Some(input) if self.waiting_to_save() => self.unsaved_inputs.push_back(input),
-                    Some(input) => self.feed(input, sink).await,
+                    Some(input) => self.feed(input, store).await,
                     None => control_open = false,
                 },
             }
@@ -276,7 +273,7 @@ impl Driver {
     /// A finished rollout's routers stay as it left them: every few seconds each router's table
     /// is checked and, if it lost the final routes (a router restarted with its old command
     /// line), put right and said so. Runs until the task is dropped.
-    pub async fn keep(&mut self, sink: &mut dyn Sink) {
+    pub async fn keep(&mut self, store: &mut dyn StateStore) {
         loop {
             tokio::time::sleep(Duration::from_millis(KEEP_EVERY_MS)).await;
             let patch = self.edge.upstreams.routes(&self.machine.traffic());
@@ -298,16 +295,16 @@ impl Driver {
                     routers.join(", ")
                 ),
             };
-            let _ = sink.record(status, &[event]);
+            let _ = store.save(status, &[event]).await;
         }
     }
 
     /// Asks again a question the machine is waiting on (after a restart, or after a step that
     /// answered it could not be saved).
-    async fn answer_pending(&mut self, sink: &mut dyn Sink) {
+    async fn answer_pending(&mut self, store: &mut dyn StateStore) {
         if let Some(question) = self.machine.pending() {
             let answer = self.edge.answer(&self.machine, question).await;
-            self.feed(answer, sink).await;
+            self.feed(answer, store).await;
         }
     }
 
@@ -320,26 +317,26 @@ impl Driver {
 
     /// After a wait, tries again what could not be saved: a question to answer again, the
     /// commands held, then the ticks and samples of the loop.
-    async fn try_saving_again(&mut self, sink: &mut dyn Sink) {
+    async fn try_saving_again(&mut self, store: &mut dyn StateStore) {
         if let Some(unsaved) = &mut self.unsaved {
             unsaved.retry_at_ms = None;
         }
-        self.answer_pending(sink).await;
+        self.answer_pending(store).await;
         while !self.waiting_to_save() {
             let Some(input) = self.unsaved_inputs.pop_front() else {
                 break;
             };
-            self.feed(input, sink).await;
+            self.feed(input, store).await;
         }
     }
 
     /// Hands one input to the machine and carries out what it asks, answering its questions.
     /// A step is carried out only once it is saved; one that cannot be saved is undone and the
     /// driver holds.
-    async fn feed(&mut self, input: Input, sink: &mut dyn Sink) {
+    async fn feed(&mut self, input: Input, store: &mut dyn StateStore) {
         let mut world = Stepping {
             edge: &mut self.edge,
-            sink,
+            store,
             unsaved: &mut self.unsaved,
         };
         if let Err(NotSaved { input, error }) = self.machine.drive(input, &mut world).await {
@@ -350,7 +347,8 @@ impl Driver {
     /// The step of `input` was not saved: nothing of it happens. What it carried is kept for
     /// when saving works again: commands are queued, observed counts go back to be observed;
     /// ticks come again by themselves and answers are asked for again.
-    fn hold_unsaved(&mut self, input: Input, reason: String) {
+    fn hold_unsaved(&mut self, input: Input, error: StateError) {
+        let reason = error.to_string();
         match input {
             Input::Observe(observation) => {
                 self.edge.unobserved.canary.add(&observation.canary);
@@ -483,14 +481,14 @@ impl Edge {
 }
 
 impl World for Stepping<'_> {
-    type Unsaved = String;
+    type Unsaved = StateError;
 
     fn now(&self) -> u64 {
         now_ms()
     }
 
-    async fn save(&mut self, status: &Status, events: &[Event]) -> Result<(), String> {
-        self.sink.record(status, events)?;
+    async fn save(&mut self, status: &Status, events: &[Event]) -> Result<(), StateError> {
+        self.store.save(status, events).await?;
         if let Some(unsaved) = self.unsaved.take() {
             tracing::warn!(
                 "steps are saved again after {:.1}s ({}); continuing",
