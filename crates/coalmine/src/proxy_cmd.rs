@@ -7,7 +7,7 @@ use std::time::Duration;
 use clap::Args;
 use serde::Deserialize;
 
-use coalmine_router::table::Affinity;
+use coalmine_router::table::{Affinity, HeaderName};
 use coalmine_router::{
     MatchRule, ProxyOptions, RouterConfig, RoutesDoc, StickyKey, TlsFiles, UpstreamUrl, Weight,
 };
@@ -86,7 +86,7 @@ fn parse_weight(s: &str) -> Result<Weight, String> {
         .trim_end_matches('%')
         .parse()
         .map_err(|_| format!("{s:?} is not a number"))?;
-    Weight::from_percent(pct)
+    Weight::from_percent(pct).map_err(String::from)
 }
 
 /// The config file. Every field is optional so a file may hold just the routes.
@@ -120,7 +120,7 @@ struct ProxyFile {
 fn sticky(header: Option<String>, cookie: Option<String>) -> Result<Option<StickyKey>, BadInput> {
     match (header, cookie) {
         (Some(h), None) => {
-            let name = http::HeaderName::from_bytes(h.to_ascii_lowercase().as_bytes())
+            let name = HeaderName::parse(&h)
                 .map_err(|_| BadInput(format!("--sticky-header: {h:?} is not a header name")))?;
             Ok(Some(StickyKey::Header(name)))
         }

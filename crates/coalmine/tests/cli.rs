@@ -16,12 +16,11 @@ fn run(args: &[&str]) -> (i32, String) {
     (out.status.code().unwrap_or(-1), text)
 }
 
-fn write_config(name: &str, text: &str) -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!("coalmine-cli-{}-{name}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("proxy.yaml");
-    std::fs::write(&path, text).unwrap();
-    path
+/// A proxy config file in a scratch directory (removed with the returned `TempDir`).
+fn write_config(name: &str, text: &str) -> (TempDir, std::path::PathBuf) {
+    let dir = TempDir::new(&format!("cli-{name}"));
+    let path = dir.write("proxy.yaml", text);
+    (dir, path)
 }
 
 #[test]
@@ -116,7 +115,7 @@ fn bad_config_file_names_file_line_column_and_field() {
         ("yaml", "stable: [http://127.0.0.1:1\n", ":", "proxy.yaml"),
     ];
     for (name, yaml, line, field) in cases {
-        let path = write_config(name, yaml);
+        let (_dir, path) = write_config(name, yaml);
         let (code, text) = run(&["proxy", "--config", path.to_str().unwrap()]);
         assert_eq!(code, 2, "{name}: {text}");
         let expected_prefix = format!("{}{line}", path.display());
@@ -131,7 +130,7 @@ fn bad_config_file_names_file_line_column_and_field() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn config_file_sets_routes_and_flags_override_it() {
     let (s, c) = (upstream("stable", &[]), upstream("canary", &[]));
-    let path = write_config(
+    let (_dir, path) = write_config(
         "good",
         &format!(
             "name: web-app\nstable: {}\ncanary: {}\ncanaryWeight: 0\nmatch:\n  - header: x-canary\n    exact: \"true\"\n  - user-id~^(1|2|3|4|5)$\nmirror: 0\nresponseTimeout: 5s\n",
@@ -210,7 +209,7 @@ fn check_names_an_unknown_flagger_field_with_its_nearest_neighbour() {
     let text = std::fs::read_to_string(fixture("seed/flagger-web-app.yaml"))
         .unwrap()
         .replace("maxWeight: 50", "maxWieght: 50");
-    let path = write_config("typo", &text);
+    let (_dir, path) = write_config("typo", &text);
     let (code, out) = run(&["check", path.to_str().unwrap()]);
     assert_eq!(code, 2, "{out}");
     let line = text.lines().position(|l| l.contains("maxWieght")).unwrap() + 1;
@@ -235,7 +234,7 @@ fn convert_turns_the_seed_canary_into_a_rollout_that_check_accepts() {
     assert_eq!(code, 0, "{yaml}");
     assert!(yaml.contains("kind: Rollout"), "{yaml}");
     assert!(yaml.contains("stepWeight: 10"), "{yaml}");
-    let path = write_config("converted", &yaml);
+    let (_dir, path) = write_config("converted", &yaml);
     let (code, out) = run(&["check", path.to_str().unwrap()]);
     assert_eq!(code, 0, "{out}");
     assert!(out.contains("Rollout payment-service"), "{out}");
@@ -301,7 +300,7 @@ fn simulate_prints_a_reproducible_summary_beside_flaggers_on_the_same_traces() {
         assert_eq!(strip(&summary[key]), strip(&again[key]), "{key}");
     }
 
-    let bad = write_config(
+    let (_bad_dir, bad) = write_config(
         "scenario",
         "traffic: {rps: 200}\nduration: 45m\nstable: {errorRate: 0.001, latency: {median: 50ms, sigma: 0.5}}\ncanary: {errorRate: 2, latency: {median: 50ms, sigma: 0.5}}\n",
     );

@@ -160,9 +160,13 @@ async fn the_seed_queries_through_templates_roll_back_a_failing_canary() {
     );
     assert!(log.iter().any(|m| m.contains("Rolling back")), "{log:#?}");
     assert!(!log.iter().any(|m| m.contains("Promotion")), "{log:#?}");
+    // The canary's own error rate: not the seed's self-divided query (1.0), nor a rate blended
+    // with stable's (0.2 x 20 % = 0.04). Its 10 s window holds at least 100 canary requests
+    // (two users at 20 % give about 20/s even on a loaded machine), so the binomial standard
+    // deviation is at most 0.04, and 0.2 +- 3.5 of those (a 1 in 4,000 miss) is 0.06..0.34.
     let error_rate = last_readings(&run)[0].1.expect("error rate value");
     assert!(
-        (0.1..0.35).contains(&error_rate),
+        (0.06..0.35).contains(&error_rate),
         "canary fails 20 %: {error_rate}"
     );
     let routes = get_json(&format!("{}/routes", s.router.admin)).await;

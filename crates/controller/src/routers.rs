@@ -6,19 +6,17 @@
 //! only those (the router keeps the fields a `PUT` leaves out), so rules the router was started
 //! with — the seed's `--match x-canary=true`, say — stay as they were, during and after.
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use coalmine_contract::routes::{DEFAULT_AFFINITY_MAX_AGE, DEFAULT_NAME as UNCLAIMED};
+use coalmine_contract::{
+    Affinity, Condition, Invalid, MatchRule, RoutesDoc, RoutesPatch, ServedRoutes, StatsDoc,
+    StrMatch, Subject, UpstreamUrl, Weight, OWNER_HEADER,
+};
 use coalmine_rollout::Traffic;
-use coalmine_router::table::Affinity;
-use coalmine_router::{MatchRule, RoutesDoc, UpstreamUrl, Weight};
 use coalmine_spec::rollout::{Analysis, HttpMatch, HttpUrl, StringMatch};
-
-/// The name a router's table has when no rollout has claimed it.
-const UNCLAIMED: &str = "default";
 
 /// What a rollout's routers serve, apart from the weights the state machine decides.
 #[derive(Debug, Clone)]
@@ -37,45 +35,12 @@ pub struct Upstreams {
     pub mirrors: bool,
 }
 
-/// The part of a router's table a rollout sets; `PUT /routes` keeps every field left out.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct RoutePatch {
-    pub name: String,
-    pub stable: UpstreamUrl,
-    pub canary: Option<UpstreamUrl>,
-    pub canary_weight: Weight,
-    #[serde(rename = "match", skip_serializing_if = "Option::is_none")]
-    pub matches: Option<Vec<MatchRule>>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub preview: Option<Vec<MatchRule>>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub affinity: Option<Option<Affinity>>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub mirror: Option<Weight>,
-}
-
-impl RoutePatch {
-    /// Whether a router's table already says what this patch says.
-    pub fn agrees_with(&self, table: &RoutesDoc) -> bool {
-        self.name == table.name
-            && self.stable == table.stable
-            && self.canary == table.canary
-            && self.canary_weight == table.canary_weight
-            && self.matches.as_ref().is_none_or(|m| *m == table.matches)
-            && self.preview.as_ref().is_none_or(|p| *p == table.preview)
-            && self.affinity.as_ref().is_none_or(|a| *a == table.affinity)
-            && self.mirror.is_none_or(|m| m == table.mirror)
-    }
-}
-
 fn upstream(field: &str, url: &str) -> Result<UpstreamUrl, String> {
     UpstreamUrl::parse(url).map_err(|e| format!("spec.{field}: {e}"))
 }
 
 fn weight(basis_points: u32) -> Weight {
-    Weight::from_percent(coalmine_spec::weight::basis_points_to_percent(basis_points))
-        .expect("the machine's weights are between 0 and 100 %")
+    Weight::from_basis_points(basis_points).expect("the machine's weights are between 0 and 100 %")
 }
 
 impl Upstreams {
@@ -88,22 +53,21 @@ impl Upstreams {
         analysis: &Analysis,
         preview: &[HttpMatch],
     ) -> Result<Upstreams, String> {
-        let rules =
-            |matches: &[HttpMatch], field: &str| -> Result<Option<Vec<MatchRule>>, String> {
-                if matches.is_empty() {
-                    return Ok(None);
-                }
-                matches
-                    .iter()
-                    .enumerate()
-                    .filter_map(|(i, m)| router_rule(m).map(|rule| (i, rule)))
-                    .map(|(i, rule)| {
-                        serde_json::from_value::<MatchRule>(rule)
-                            .map_err(|e| format!("spec.{field}[{i}]: {e}"))
-                    })
-                    .collect::<Result<Vec<_>, _>>()
-                    .map(Some)
-            };
+        let rules = |matches: &[HttpMatch],
+                     field: &str|
+         -> Result<Option<Vec<MatchRule>>, String> {
+            if matches.is_empty() {
+                return Ok(None);
+            }
+            matches
+                .iter()
+                .enumerate()
+                .filter_map(|(i, m)| {
+                    router_rule(m).map(|rule| rule.map_err(|e| format!("spec.{field}[{i}]: {e}")))
+                })
+                .collect::<Result<Vec<_>, _>>()
+                .map(Some)
+        };
         let match_rules = rules(&analysis.match_, "analysis.match")?;
         let preview_rules = rules(preview, "preview")?;
         Ok(Upstreams {
@@ -114,14 +78,16 @@ impl Upstreams {
             preview_rules,
             affinity: analysis.session_affinity.as_ref().map(|a| Affinity {
                 cookie_name: a.cookie_name.clone(),
-                max_age: a.max_age.unwrap_or(86_400),
+                max_age: a.max_age.unwrap_or(DEFAULT_AFFINITY_MAX_AGE),
             }),
             mirrors: analysis.mirror || analysis.mirror_weight.is_some(),
         })
     }
 
-    /// The fields of a router's table that make it do what `traffic` says.
-    pub fn routes(&self, traffic: &Traffic) -> RoutePatch {
+    /// The fields of a router's table that make it do what `traffic` says: only those the
+    /// rollout owns (name, upstreams, weight; `match`, `preview`, `affinity`, `mirror` when its
+    /// document uses them), so the router keeps the rest.
+    pub fn routes(&self, traffic: &Traffic) -> RoutesPatch {
         let (stable, canary) = if traffic.promoted {
             (&self.canary, None)
         } else if traffic.canary {
@@ -143,11 +109,11 @@ impl Upstreams {
                 Vec::new()
             }
         });
-        RoutePatch {
-            name: self.name.clone(),
-            stable: stable.clone(),
-            canary: canary.cloned(),
-            canary_weight: weight(traffic.canary_weight),
+        RoutesPatch {
+            name: Some(self.name.clone()),
+            stable: Some(stable.clone()),
+            canary: Some(canary.cloned()),
+            canary_weight: Some(weight(traffic.canary_weight)),
             matches,
             preview,
             affinity: self
@@ -155,89 +121,55 @@ impl Upstreams {
                 .as_ref()
                 .map(|a| canary.is_some().then(|| a.clone())),
             mirror: self.mirrors.then(|| weight(traffic.mirror_weight)),
+            ..RoutesPatch::default()
         }
     }
 }
 
 /// Flagger's HTTPMatchRequest as a router rule: every header and query condition must hold.
 /// `sourceLabels` needs a mesh and is dropped (`coalmine check` warns about it).
-fn router_rule(m: &HttpMatch) -> Option<Value> {
-    let condition = |subject: &str, name: &str, test: &StringMatch| {
-        let (kind, value) = match test {
-            StringMatch::Exact(v) => ("exact", v),
-            StringMatch::Prefix(v) => ("prefix", v),
-            StringMatch::Suffix(v) => ("suffix", v),
-            StringMatch::Regex(v) => ("regex", v),
-        };
-        serde_json::json!({ subject: name, kind: value })
+fn router_rule(m: &HttpMatch) -> Option<Result<MatchRule, Invalid>> {
+    let test = |test: &StringMatch| match test {
+        StringMatch::Exact(v) => Ok(StrMatch::Exact(v.clone())),
+        StringMatch::Prefix(v) => Ok(StrMatch::Prefix(v.clone())),
+        StringMatch::Suffix(v) => Ok(StrMatch::Suffix(v.clone())),
+        StringMatch::Regex(v) => StrMatch::regex(v),
     };
-    let all: Vec<Value> = m
-        .headers
-        .iter()
-        .map(|(n, t)| condition("header", n, t))
-        .chain(m.query_params.iter().map(|(n, t)| condition("query", n, t)))
-        .collect();
-    (!all.is_empty()).then(|| serde_json::json!({ "all": all }))
-}
-
-/// One router's counters, as `/stats` reports them.
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct RouterStats {
-    pub instance: String,
-    pub started_unix_ms: u64,
-    pub stable: VersionStats,
-    pub canary: VersionStats,
-    /// The canary's answers to mirrored copies.
-    #[serde(default)]
-    pub mirror: MirrorStats,
-}
-
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct VersionStats {
-    pub requests: u64,
-    pub statuses: BTreeMap<u16, u64>,
-    pub latency: Latency,
-}
-
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct MirrorStats {
-    #[serde(default)]
-    pub statuses: BTreeMap<u16, u64>,
-    /// Copies that got no answer (connect error, timeout).
-    #[serde(default)]
-    pub failed: u64,
-    #[serde(default)]
-    pub latency: Latency,
-}
-
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct Latency {
-    /// `[microseconds, count]`; equal values add up across routers and over time.
-    pub counts: Vec<(u64, u64)>,
-}
-
-impl RouterStats {
-    /// The canary's observations are its answers to real traffic and to mirrored copies
-    /// alike (Flagger's dark launch judges a mirrored canary on its own responses): the
-    /// mirror's counts are folded into the canary's. A copy that got no answer is a failure.
-    fn with_mirror_as_canary(mut self) -> RouterStats {
-        let m = std::mem::take(&mut self.mirror);
-        let c = &mut self.canary;
-        for (status, n) in &m.statuses {
-            *c.statuses.entry(*status).or_default() += n;
-            c.requests += n;
-        }
-        if m.failed > 0 {
-            *c.statuses.entry(502).or_default() += m.failed;
-            c.requests += m.failed;
-        }
-        c.latency.counts.extend(m.latency.counts);
-        self
+    let headers = m.headers.iter().map(|(name, t)| {
+        Ok(Condition {
+            subject: Subject::header(name)?,
+            test: test(t)?,
+        })
+    });
+    let queries = m.query_params.iter().map(|(name, t)| {
+        Ok(Condition {
+            subject: Subject::Query(name.clone()),
+            test: test(t)?,
+        })
+    });
+    let all: Result<Vec<Condition>, Invalid> = headers.chain(queries).collect();
+    match all {
+        Ok(all) if all.is_empty() => None,
+        all => Some(all.map(|all| MatchRule { all })),
     }
+}
+
+/// The canary's observations are its answers to real traffic and to mirrored copies alike
+/// (Flagger's dark launch judges a mirrored canary on its own responses): the mirror's counts
+/// are folded into the canary's. A copy that got no answer is a failure.
+fn with_mirror_as_canary(mut stats: StatsDoc) -> StatsDoc {
+    let m = std::mem::take(&mut stats.mirror);
+    let c = &mut stats.canary;
+    for (status, n) in &m.statuses {
+        *c.statuses.entry(*status).or_default() += n;
+        c.requests += n;
+    }
+    if m.failed > 0 {
+        *c.statuses.entry(502).or_default() += m.failed;
+        c.requests += m.failed;
+    }
+    c.latency.counts.extend(m.latency.counts);
+    stats
 }
 
 /// Why a router did not take a route change.
@@ -380,12 +312,8 @@ impl RouterSet {
                 )));
             }
         }
-        let table = json.and_then(|mut j| {
-            j.as_object_mut()?.remove("generation")?;
-            serde_json::from_value::<RoutesDoc>(j).ok()
-        });
-        match table {
-            Some(t) if status.is_success() => Ok(t),
+        match json.and_then(ServedRoutes::from_json) {
+            Some(served) if status.is_success() => Ok(served.doc),
             _ => Err(RouterError::Refused(format!(
                 "{admin} is not a Coalmine router's admin API: /routes {} (is it the traffic port? give the router's --admin address)",
                 describe_answer(status, &content_type, &body)
@@ -405,23 +333,27 @@ impl RouterSet {
 
     /// Sends a route change as this controller's: the router makes it only if no other
     /// controller drives it (it answers 409 otherwise, a refusal).
-    async fn put_json(&self, admin: &HttpUrl, body: &Value) -> Result<RoutesDoc, RouterError> {
-        self.put_json_as(admin, &self.owner, body).await
+    async fn put_patch(
+        &self,
+        admin: &HttpUrl,
+        patch: &RoutesPatch,
+    ) -> Result<RoutesDoc, RouterError> {
+        self.put_patch_as(admin, &self.owner, patch).await
     }
 
     /// Sends a route change on behalf of `owner`: made only while the router is driven by
     /// `owner` or by nobody (a compare-and-swap on the router's owner).
-    async fn put_json_as(
+    async fn put_patch_as(
         &self,
         admin: &HttpUrl,
         owner: &str,
-        body: &Value,
+        patch: &RoutesPatch,
     ) -> Result<RoutesDoc, RouterError> {
         let resp = self
             .client
             .put(format!("{admin}/routes"))
-            .header(coalmine_router::table::OWNER_HEADER, owner)
-            .json(body)
+            .header(OWNER_HEADER, owner)
+            .json(patch)
             .send()
             .await
             .map_err(|e| RouterError::Unreachable(format!("{admin}: {}", reqwest_reason(&e))))?;
@@ -429,14 +361,16 @@ impl RouterSet {
     }
 
     /// Whether a router's table carries the patch, driven by this controller.
-    fn carries(&self, patch: &RoutePatch, table: &RoutesDoc) -> bool {
+    fn carries(&self, patch: &RoutesPatch, table: &RoutesDoc) -> bool {
         patch.agrees_with(table) && table.owner.as_deref() == Some(self.owner.as_str())
     }
 
-    async fn put_table(&self, admin: &HttpUrl, patch: &RoutePatch) -> Result<(), RouterError> {
-        let mut body = serde_json::to_value(patch).expect("a route patch serializes");
-        body["owner"] = Value::String(self.owner.clone());
-        let table = self.put_json(admin, &body).await?;
+    async fn put_table(&self, admin: &HttpUrl, patch: &RoutesPatch) -> Result<(), RouterError> {
+        let signed = RoutesPatch {
+            owner: Some(Some(self.owner.clone())),
+            ..patch.clone()
+        };
+        let table = self.put_patch(admin, &signed).await?;
         if self.carries(patch, &table) {
             Ok(())
         } else {
@@ -452,9 +386,7 @@ impl RouterSet {
     pub async fn release(&self) -> Result<(), RouterError> {
         let mut failed = None;
         for admin in &self.admins {
-            let released = self
-                .put_json(admin, &serde_json::json!({ "owner": null }))
-                .await;
+            let released = self.put_patch(admin, &RoutesPatch::release()).await;
             if let Err(e) = released {
                 failed.get_or_insert(e);
             }
@@ -477,7 +409,7 @@ impl RouterSet {
                 if let Some(pid) = gone_local_run(owner) {
                     // Its process is gone, so nothing drives the router: free it, unless
                     // someone took it in the meantime (then the router refuses, 409).
-                    self.put_json_as(admin, owner, &serde_json::json!({ "owner": null }))
+                    self.put_patch_as(admin, owner, &RoutesPatch::release())
                         .await?;
                     tracing::warn!(
                         router = %admin,
@@ -499,7 +431,7 @@ impl RouterSet {
 
     /// Applies the same patch to every router. All must take it; the first refusal is the
     /// error, else the first router that could not be reached.
-    pub async fn apply(&self, patch: &RoutePatch) -> Result<(), RouterError> {
+    pub async fn apply(&self, patch: &RoutesPatch) -> Result<(), RouterError> {
         let mut unreachable = None;
         for admin in &self.admins {
             match self.put_table(admin, patch).await {
@@ -515,7 +447,7 @@ impl RouterSet {
 
     /// Puts the patch back on every router whose table no longer carries it (a router
     /// restarted with its old command line, say). Returns the routers put right.
-    pub async fn reconcile(&self, patch: &RoutePatch) -> Result<Vec<HttpUrl>, RouterError> {
+    pub async fn reconcile(&self, patch: &RoutesPatch) -> Result<Vec<HttpUrl>, RouterError> {
         let mut corrected = Vec::new();
         let mut failed = None;
         for admin in &self.admins {
@@ -543,7 +475,7 @@ impl RouterSet {
 
     /// Every router's `/stats`, in the order of `admins`, mirrored answers counted as the
     /// canary's.
-    pub async fn stats(&self) -> Result<Vec<RouterStats>, String> {
+    pub async fn stats(&self) -> Result<Vec<StatsDoc>, String> {
         let mut out = Vec::with_capacity(self.admins.len());
         for admin in &self.admins {
             let url = format!("{admin}/stats");
@@ -557,10 +489,10 @@ impl RouterSet {
                 return Err(format!("{admin}/stats answered {}", resp.status()));
             }
             let stats = resp
-                .json::<RouterStats>()
+                .json::<StatsDoc>()
                 .await
                 .map_err(|e| format!("{admin}/stats is not a stats document: {e}"))?;
-            out.push(stats.with_mirror_as_canary());
+            out.push(with_mirror_as_canary(stats));
         }
         Ok(out)
     }
@@ -582,4 +514,107 @@ pub fn reqwest_reason(e: &reqwest::Error) -> String {
         source = s.source();
     }
     coalmine_spec::redact::text(&text)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn upstreams(analysis: Value) -> Upstreams {
+        let analysis: Analysis = serde_json::from_value(analysis).unwrap();
+        let preview =
+            [serde_json::from_value(json!({"headers": {"x-preview": {"exact": "1"}}})).unwrap()];
+        Upstreams::new(
+            "checkout",
+            "http://127.0.0.1:9001",
+            "http://127.0.0.1:9002",
+            &analysis,
+            &preview,
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn a_rollout_sends_the_fields_it_owns_as_the_router_reads_them() {
+        let up = upstreams(json!({
+            "match": [
+                {"headers": {"X-Canary": {"exact": "insider"}, "user-id": {"regex": "1|2"}},
+                 "queryParams": {"beta": {"prefix": "on"}}},
+                {"sourceLabels": {"app": "front"}}
+            ],
+            "sessionAffinity": {"cookieName": "pin"}
+        }));
+        let traffic = Traffic {
+            promoted: false,
+            canary: true,
+            canary_weight: 550,
+            apply_match: true,
+            mirror_weight: 0,
+        };
+        let patch = up.routes(&traffic);
+        assert_eq!(
+            patch.to_json(),
+            json!({
+                "name": "checkout",
+                "stable": "http://127.0.0.1:9001",
+                "canary": "http://127.0.0.1:9002",
+                "canaryWeight": 5.5,
+                // A Flagger match is one rule of every condition; one only of source labels
+                // is dropped (it needs a mesh).
+                "match": [{"all": [
+                    {"header": "x-canary", "exact": "insider"},
+                    {"header": "user-id", "regex": "1|2"},
+                    {"query": "beta", "prefix": "on"}
+                ]}],
+                "preview": [{"header": "x-preview", "exact": "1"}],
+                "affinity": {"cookieName": "pin", "maxAge": 86400}
+            })
+        );
+        let rule = &patch.matches.as_ref().unwrap()[0];
+        assert!(rule.all[1].test.matches("2") && !rule.all[1].test.matches("12"));
+
+        // What the router makes of it is what the rollout asked for, and the router's own
+        // fields stay.
+        let router: RoutesDoc = serde_json::from_value(json!({
+            "stable": "http://127.0.0.1:9001", "sticky": {"header": "x-user"}
+        }))
+        .unwrap();
+        let applied = router.patched(&patch.to_json()).unwrap();
+        assert!(patch.agrees_with(&applied));
+        assert_eq!(applied.sticky, router.sticky);
+
+        // Promoted: no canary, so no rules and no affinity, and still no mirror field.
+        let done = up.routes(&Traffic {
+            promoted: true,
+            canary: false,
+            canary_weight: 0,
+            ..traffic
+        });
+        assert_eq!(
+            done.to_json(),
+            json!({"name": "checkout", "stable": "http://127.0.0.1:9002", "canary": null,
+                   "canaryWeight": 0.0, "match": [], "preview": [], "affinity": null})
+        );
+    }
+
+    #[test]
+    fn a_match_the_router_would_refuse_is_the_rollouts_error_naming_the_rule() {
+        let analysis: Analysis = serde_json::from_value(json!({
+            "match": [{"headers": {"x-a": {"exact": "1"}}}, {"headers": {"bad header": {"exact": "1"}}}]
+        }))
+        .unwrap();
+        let err = Upstreams::new(
+            "c",
+            "http://127.0.0.1:1",
+            "http://127.0.0.1:2",
+            &analysis,
+            &[],
+        )
+        .unwrap_err();
+        assert_eq!(
+            err,
+            r#"spec.analysis.match[1]: "bad header" is not a valid header name"#
+        );
+    }
 }

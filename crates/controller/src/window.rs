@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, VecDeque};
 
 pub use coalmine_judge::Counts;
 
-use crate::routers::{RouterStats, VersionStats};
+use coalmine_contract::{StatsDoc, VersionStats};
 
 trait AddDelta {
     fn add_delta(&mut self, now: &VersionStats, before: Option<&VersionStats>);
@@ -39,7 +39,7 @@ impl AddDelta for Counts {
 /// Samples of every router's counters, kept as long as the longest window needs.
 #[derive(Debug, Default)]
 pub struct StatsWindow {
-    samples: VecDeque<(u64, Vec<RouterStats>)>,
+    samples: VecDeque<(u64, Vec<StatsDoc>)>,
     horizon_ms: u64,
 }
 
@@ -51,7 +51,7 @@ impl StatsWindow {
         }
     }
 
-    pub fn push(&mut self, at_ms: u64, stats: Vec<RouterStats>) {
+    pub fn push(&mut self, at_ms: u64, stats: Vec<StatsDoc>) {
         self.samples.push_back((at_ms, stats));
         // Keep one sample at or before the horizon as the baseline of the longest window.
         while self.samples.len() > 2 && self.samples[1].0 + self.horizon_ms <= at_ms {
@@ -90,7 +90,7 @@ impl StatsWindow {
         (canary, stable)
     }
 
-    fn delta(&self, window_ms: u64, version: fn(&RouterStats) -> &VersionStats) -> Counts {
+    fn delta(&self, window_ms: u64, version: fn(&StatsDoc) -> &VersionStats) -> Counts {
         let out = Counts::default();
         let Some((now_ms, latest)) = self.samples.back() else {
             return out;
@@ -111,9 +111,9 @@ impl StatsWindow {
 /// One version's counts from the `before` sample to the `after` one, summed over routers. A
 /// router that restarted in between (another start time) counts from zero.
 fn between(
-    before: &[RouterStats],
-    after: &[RouterStats],
-    version: fn(&RouterStats) -> &VersionStats,
+    before: &[StatsDoc],
+    after: &[StatsDoc],
+    version: fn(&StatsDoc) -> &VersionStats,
 ) -> Counts {
     let mut out = Counts::default();
     for (i, router) in after.iter().enumerate() {
@@ -129,16 +129,16 @@ fn between(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::routers::Latency;
+    use coalmine_contract::Latency;
     use coalmine_judge::Reading;
 
-    fn stats(started: u64, requests: u64, errors: u64, latency: &[(u64, u64)]) -> RouterStats {
+    fn stats(started: u64, requests: u64, errors: u64, latency: &[(u64, u64)]) -> StatsDoc {
         let mut statuses = BTreeMap::new();
         statuses.insert(200, requests - errors);
         if errors > 0 {
             statuses.insert(503, errors);
         }
-        RouterStats {
+        StatsDoc {
             instance: "r".into(),
             started_unix_ms: started,
             stable: VersionStats::default(),
@@ -147,9 +147,11 @@ mod tests {
                 statuses,
                 latency: Latency {
                     counts: latency.to_vec(),
+                    ..Latency::default()
                 },
+                ..VersionStats::default()
             },
-            mirror: Default::default(),
+            ..StatsDoc::default()
         }
     }
 

@@ -94,7 +94,7 @@ async fn put_routes(State(a): State<Admin>, headers: HeaderMap, body: Bytes) -> 
     }
     let doc = match current.doc.patched(&patch) {
         Ok(doc) => doc,
-        Err(e) => return bad_request(e),
+        Err(e) => return bad_request(e.to_string()),
     };
     if doc == current.doc {
         return Json(current.to_json()).into_response();

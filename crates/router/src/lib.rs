@@ -1,6 +1,6 @@
 //! Coalmine's data plane.
 //!
-//! - [`table`]: the route table document and its validation.
+//! - [`table`]: the route table in force (the contract's document, compiled).
 //! - [`route`]: the pure routing decision.
 //! - [`recorder`]: per-version counters, Prometheus text and `/stats`.
 //! - [`proxy`]: the HTTP proxy path around the decision (hyper: HTTP/2, upgrades, the odd

@@ -10,8 +10,8 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use coalmine_contract::{Latency, LocalStats, MirrorStats, StatsDoc, VersionStats};
 use hdrhistogram::Histogram;
-use serde::Serialize;
 
 use crate::route::Version;
 
@@ -365,110 +365,62 @@ pub struct Snapshot {
     pub accept_errors: u64,
 }
 
-/// `/stats`: per version, counts by status, failures by kind, and a mergeable latency histogram
-/// (hdrhistogram buckets as `[microseconds, count]` pairs; equal values add across routers).
-#[derive(Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct StatsDoc {
-    pub instance: String,
-    pub started_unix_ms: u64,
-    pub generation: u64,
-    pub stable: VersionStats,
-    pub canary: VersionStats,
-    /// The canary's answers to mirrored copies: what it would have answered, never seen by
-    /// a client. Flagger's dark launch judges the canary on these.
-    pub mirror: MirrorStats,
-    /// What the router failed on its own account: never a version's failure.
-    pub router: RouterStats,
-}
-
-#[derive(Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct VersionStats {
-    pub requests: u64,
-    pub statuses: BTreeMap<u16, u64>,
-    pub failures: BTreeMap<&'static str, u64>,
-    /// Requests sent again on a new connection (never a non-idempotent one the upstream may
-    /// have read).
-    pub retries: u64,
-    pub latency: LatencyDoc,
-}
-
-#[derive(Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct MirrorStats {
-    pub requests: u64,
-    pub statuses: BTreeMap<u16, u64>,
-    pub failed: u64,
-    pub dropped: u64,
-    pub skipped_with_body: u64,
-    pub latency: LatencyDoc,
-}
-
-#[derive(Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct RouterStats {
-    pub local_failures: BTreeMap<&'static str, u64>,
-    pub accept_errors: u64,
-}
-
-impl LatencyDoc {
-    fn new(latency: &Histogram<u64>, sum_micros: u64) -> LatencyDoc {
-        LatencyDoc {
-            unit: "microseconds",
-            significant_digits: HDR_SIGFIG,
-            sum_micros,
-            counts: latency
-                .iter_recorded()
-                .map(|it| {
-                    (
-                        latency.highest_equivalent(it.value_iterated_to()),
-                        it.count_at_value(),
-                    )
-                })
+impl VersionSnapshot {
+    fn stats(&self) -> VersionStats {
+        VersionStats {
+            requests: self.count,
+            statuses: self.statuses.clone(),
+            failures: UpstreamFailure::ALL
+                .iter()
+                .map(|f| (f.as_str().to_string(), self.failures[*f as usize]))
                 .collect(),
+            retries: self.retries,
+            latency: latency_doc(&self.latency, self.sum_micros),
         }
     }
 }
 
-#[derive(Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct LatencyDoc {
-    pub unit: &'static str,
-    pub significant_digits: u8,
-    pub sum_micros: u64,
-    pub counts: Vec<(u64, u64)>,
+/// A histogram as `/stats` shows it: hdrhistogram buckets as `[microseconds, count]` pairs.
+fn latency_doc(latency: &Histogram<u64>, sum_micros: u64) -> Latency {
+    Latency {
+        unit: "microseconds".to_string(),
+        significant_digits: HDR_SIGFIG,
+        sum_micros,
+        counts: latency
+            .iter_recorded()
+            .map(|it| {
+                (
+                    latency.highest_equivalent(it.value_iterated_to()),
+                    it.count_at_value(),
+                )
+            })
+            .collect(),
+    }
 }
 
 impl Snapshot {
     pub fn stats_doc(&self, metrics: &Metrics, generation: u64) -> StatsDoc {
-        let version = |v: &VersionSnapshot| VersionStats {
-            requests: v.count,
-            statuses: v.statuses.clone(),
-            failures: UpstreamFailure::ALL
-                .iter()
-                .map(|f| (f.as_str(), v.failures[*f as usize]))
-                .collect(),
-            retries: v.retries,
-            latency: LatencyDoc::new(&v.latency, v.sum_micros),
-        };
         let m = &self.mirror;
         StatsDoc {
             instance: metrics.instance.clone(),
             started_unix_ms: metrics.started_unix_ms,
             generation,
-            stable: version(&self.versions[0]),
-            canary: version(&self.versions[1]),
+            stable: self.versions[0].stats(),
+            canary: self.versions[1].stats(),
             mirror: MirrorStats {
                 requests: m.requests,
                 statuses: m.statuses.clone(),
                 failed: m.failed,
                 dropped: m.dropped,
                 skipped_with_body: m.skipped_with_body,
-                latency: LatencyDoc::new(&m.latency, 0),
+                latency: latency_doc(&m.latency, 0),
             },
-            router: RouterStats {
-                local_failures: self.local_failures.clone(),
+            router: LocalStats {
+                local_failures: self
+                    .local_failures
+                    .iter()
+                    .map(|(reason, n)| (reason.to_string(), *n))
+                    .collect(),
                 accept_errors: self.accept_errors,
             },
         }

@@ -24,15 +24,9 @@ pub use yaml::{parse_yaml, SpecError};
 pub mod weight {
     /// Parses a percentage in 0..=100 with at most two decimals into basis points.
     pub fn percent_to_basis_points(pct: f64) -> Result<u32, String> {
-        if !pct.is_finite() || !(0.0..=100.0).contains(&pct) {
-            return Err(format!("{pct} is not a percentage between 0 and 100"));
-        }
-        let scaled = pct * 100.0;
-        let rounded = scaled.round();
-        if (scaled - rounded).abs() > 1e-6 {
-            return Err(format!("{pct} has more than two decimals"));
-        }
-        Ok(rounded as u32)
+        coalmine_contract::Weight::from_percent(pct)
+            .map(coalmine_contract::Weight::basis_points)
+            .map_err(String::from)
     }
 
     /// Basis points back to a percentage, for display and JSON.

@@ -144,61 +144,10 @@ impl HttpUrl {
     }
 }
 
-/// The port written in an `http://` or `https://` URL, if any, checked: digits, 1 to 65535.
-/// (A general URL parser says only "invalid port number"; this says which and why.)
-pub fn url_port(url: &str) -> Result<Option<u16>, String> {
-    let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
-    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
-    let host_port = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
-    let port = match host_port.strip_prefix('[') {
-        Some(v6) => v6
-            .split_once(']')
-            .and_then(|(_, after)| after.strip_prefix(':')),
-        None => host_port.rsplit_once(':').map(|(_, port)| port),
-    };
-    let Some(port) = port.filter(|p| !p.is_empty()) else {
-        return Ok(None);
-    };
-    if !port.bytes().all(|b| b.is_ascii_digit()) {
-        return Err(format!("{url:?}: {port:?} is not a port number"));
-    }
-    match port.parse::<u16>() {
-        Ok(p) if p > 0 => Ok(Some(p)),
-        _ => Err(format!(
-            "{url:?}: port {port} is out of range (ports are 1 to 65535)"
-        )),
-    }
-}
-
-/// A regex that must match a whole value, as Istio's and Envoy's header regexes do: the
-/// pattern is anchored as `^(?:PATTERN)$`. It is compiled on its own first, so an error shows
-/// the pattern as the user wrote it, and a pattern that is not whole by itself (`a)|(b`) cannot
-/// slip out of the anchors.
-pub fn whole_value_regex(pattern: &str) -> Result<regex::Regex, String> {
-    regex::Regex::new(pattern).map_err(|e| regex_message(pattern, &e))?;
-    regex::Regex::new(&format!("^(?:{pattern})$")).map_err(|e| regex_message(pattern, &e))
-}
-
-/// `invalid regex "^(1|2": unclosed group (at character 2)`: one line, the user's pattern.
-fn regex_message(pattern: &str, e: &regex::Error) -> String {
-    let regex::Error::Syntax(text) = e else {
-        return format!("invalid regex {pattern:?}: {e}");
-    };
-    // The regex crate's syntax errors show the pattern, a line of carets under the mistake and
-    // `error: REASON`; the pattern is already in our message, so keep the reason and where.
-    let reason = text
-        .lines()
-        .find_map(|l| l.strip_prefix("error: "))
-        .unwrap_or(text.as_str());
-    let at = text
-        .lines()
-        .find(|l| l.trim_start().starts_with('^') && l.trim().chars().all(|c| c == '^'))
-        .and_then(|l| l.find('^'))
-        .filter(|_| !pattern.contains('\n'))
-        .map(|indent| format!(" (at character {})", indent.saturating_sub(4) + 1))
-        .unwrap_or_default();
-    format!("invalid regex {pattern:?}: {reason}{at}")
-}
+// Declared once, in the router↔controller contract: an upstream URL and a match rule are
+// checked there with the same words.
+pub use coalmine_contract::matching::whole_value_regex;
+pub use coalmine_contract::url_port;
 
 impl TryFrom<String> for HttpUrl {
     type Error = String;

@@ -1,10 +1,10 @@
 //! A `coalmine serve` process with its state in a scratch directory, and its CLI clients.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use super::{Proc, BIN};
+use super::{Proc, TempDir, BIN};
 
 pub const TOKEN: &str = "test-token-0123456789abcdef";
 
@@ -13,12 +13,10 @@ pub struct Daemon {
     pub api: String,
 }
 
-/// A fresh directory for one test, holding the daemon's token file.
-pub fn scratch(test: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("coalmine-serve-{}-{test}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(dir.join("token"), TOKEN).unwrap();
+/// A fresh directory for one test, holding the daemon's token file; removed when dropped.
+pub fn scratch(test: &str) -> TempDir {
+    let dir = TempDir::new(&format!("serve-{test}"));
+    dir.write("token", TOKEN);
     dir
 }
 

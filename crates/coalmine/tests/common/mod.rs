@@ -11,7 +11,7 @@ pub mod tinydisk;
 use std::fs;
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::{mpsc, Arc, Mutex};
@@ -244,13 +244,34 @@ spec:
     )
 }
 
-/// Writes a rollout document into a scratch directory of the test; returns its path.
-pub fn write_rollout(test: &str, text: &str) -> String {
-    let dir = std::env::temp_dir().join(format!("coalmine-run-{}-{test}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("rollout.yaml");
-    std::fs::write(&path, text).unwrap();
-    path.to_string_lossy().into_owned()
+/// A rollout document in a scratch directory of its own, removed when dropped; derefs to its
+/// path.
+pub struct RolloutFile {
+    path: String,
+    _dir: TempDir,
+}
+
+impl std::ops::Deref for RolloutFile {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.path
+    }
+}
+
+impl std::fmt::Display for RolloutFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.path)
+    }
+}
+
+/// Writes a rollout document into a scratch directory of the test.
+pub fn write_rollout(test: &str, text: &str) -> RolloutFile {
+    let dir = TempDir::new(&format!("run-{test}"));
+    let path = dir
+        .write("rollout.yaml", text)
+        .to_string_lossy()
+        .into_owned();
+    RolloutFile { path, _dir: dir }
 }
 
 /// Background users: requests through the router until stopped; counts answers by status class.
@@ -377,6 +398,13 @@ impl TempDir {
         let path = self.path.join(name);
         fs::write(&path, text).unwrap_or_else(|e| panic!("write {}: {e}", path.display()));
         path
+    }
+}
+
+impl std::ops::Deref for TempDir {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.path
     }
 }
 

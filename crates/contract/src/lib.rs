@@ -1,0 +1,48 @@
+//! The contract between Coalmine's router and whatever drives it, declared once for both sides.
+//!
+//! - [`weight`]: [`Weight`], a traffic share in exact basis points.
+//! - [`routes`]: the route document — what `PUT /routes` takes ([`RoutesDoc`] whole, or a
+//!   [`RoutesPatch`] of the fields a controller owns) and what `GET /routes` answers
+//!   ([`ServedRoutes`]) — and the [`OWNER_HEADER`] a controller signs its changes with.
+//! - [`matching`]: match rules ([`MatchRule`]): which requests reach the canary whatever the
+//!   weight.
+//! - [`stats`]: the `/stats` document ([`StatsDoc`]), counters a controller turns into readings.
+//!
+//! Every value validates while it is deserialized, so a bad one is reported at its own position
+//! (YAML) or with its field name (JSON). Architecture invariant: no IO, no server, no client;
+//! the router serves these types, the controller reads and writes them.
+
+pub mod matching;
+pub mod routes;
+pub mod stats;
+pub mod weight;
+
+pub use matching::{Condition, HeaderName, MatchRule, StrMatch, Subject};
+pub use routes::{
+    url_port, Affinity, RoutesDoc, RoutesPatch, ServedRoutes, StickyKey, UpstreamUrl, OWNER_HEADER,
+};
+pub use stats::{Latency, LocalStats, MirrorStats, StatsDoc, VersionStats};
+pub use weight::Weight;
+
+/// A value the contract does not accept, with the reason in words (the value quoted).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct Invalid(pub String);
+
+impl From<String> for Invalid {
+    fn from(message: String) -> Self {
+        Invalid(message)
+    }
+}
+
+impl From<&str> for Invalid {
+    fn from(message: &str) -> Self {
+        Invalid(message.to_string())
+    }
+}
+
+impl From<Invalid> for String {
+    fn from(e: Invalid) -> String {
+        e.0
+    }
+}

@@ -1,0 +1,138 @@
+//! The `/stats` document: a router's counters since it started, per version, with a mergeable
+//! latency histogram. Counters never reset while the router lives, so a reader takes the
+//! difference of two documents, and notices a restart by `instance` and `startedUnixMs`.
+//!
+//! A reader needs only the counts it judges on (`instance`, `startedUnixMs`, and per version
+//! `requests`, `statuses`, `latency.counts`); every other field defaults when absent, so a
+//! controller reads an older router's document too.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// `/stats`: per version, counts by status, failures by kind, and a mergeable latency histogram
+/// (hdrhistogram buckets as `[microseconds, count]` pairs; equal values add across routers).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StatsDoc {
+    /// Random per process start: a reader that sees it change knows the counters restarted.
+    pub instance: String,
+    pub started_unix_ms: u64,
+    /// The route table's generation when the counters were read.
+    #[serde(default)]
+    pub generation: u64,
+    pub stable: VersionStats,
+    pub canary: VersionStats,
+    /// The canary's answers to mirrored copies: what it would have answered, never seen by
+    /// a client. Flagger's dark launch judges the canary on these.
+    #[serde(default)]
+    pub mirror: MirrorStats,
+    /// What the router failed on its own account: never a version's failure.
+    #[serde(default)]
+    pub router: LocalStats,
+}
+
+/// One version's answers.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct VersionStats {
+    pub requests: u64,
+    /// Answers by status code, the router's own 502/504 for this version included.
+    pub statuses: BTreeMap<u16, u64>,
+    /// Upstream failures by kind: `connect`, `timeout`, `protocol`, `body`.
+    #[serde(default)]
+    pub failures: BTreeMap<String, u64>,
+    /// Requests sent again on a new connection (never a non-idempotent one the upstream may
+    /// have read).
+    #[serde(default)]
+    pub retries: u64,
+    pub latency: Latency,
+}
+
+/// Mirrored copies of stable-bound requests, as the canary answered them.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MirrorStats {
+    #[serde(default)]
+    pub requests: u64,
+    #[serde(default)]
+    pub statuses: BTreeMap<u16, u64>,
+    /// Copies that got no answer (connect error, timeout).
+    #[serde(default)]
+    pub failed: u64,
+    /// Copies not sent because the mirror concurrency limit was reached.
+    #[serde(default)]
+    pub dropped: u64,
+    /// Requests picked for mirroring but not copied because they carried a body.
+    #[serde(default)]
+    pub skipped_with_body: u64,
+    /// Time until each answered copy's response head.
+    #[serde(default)]
+    pub latency: Latency,
+}
+
+/// What the router failed on its own account.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct LocalStats {
+    /// Requests failed before any version could answer, by reason (`resources`).
+    #[serde(default)]
+    pub local_failures: BTreeMap<String, u64>,
+    /// Connections the listener could not accept (out of descriptors, memory).
+    #[serde(default)]
+    pub accept_errors: u64,
+}
+
+/// A latency histogram: time until the response head.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Latency {
+    /// `microseconds`.
+    #[serde(default)]
+    pub unit: String,
+    #[serde(default)]
+    pub significant_digits: u8,
+    #[serde(default)]
+    pub sum_micros: u64,
+    /// `[microseconds, count]`; equal values add up across routers and over time.
+    pub counts: Vec<(u64, u64)>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_document_with_only_the_judged_counts_reads_with_the_rest_defaulted() {
+        let doc: StatsDoc = serde_json::from_value(serde_json::json!({
+            "instance": "i", "startedUnixMs": 5,
+            "stable": {"requests": 1, "statuses": {"200": 1}, "latency": {"counts": [[100, 1]]}},
+            "canary": {"requests": 0, "statuses": {}, "latency": {"counts": []}}
+        }))
+        .unwrap();
+        assert_eq!(doc.stable.statuses[&200], 1);
+        assert_eq!(doc.stable.latency.counts, vec![(100, 1)]);
+        assert_eq!(doc.mirror, MirrorStats::default());
+        assert!(serde_json::from_value::<StatsDoc>(serde_json::json!({"instance": "i"})).is_err());
+    }
+
+    #[test]
+    fn field_names_are_camel_case_as_served() {
+        let json = serde_json::to_value(StatsDoc::default()).unwrap();
+        for field in [
+            "instance",
+            "startedUnixMs",
+            "generation",
+            "stable",
+            "canary",
+            "mirror",
+        ] {
+            assert!(json.get(field).is_some(), "{field}");
+        }
+        assert!(json["mirror"].get("skippedWithBody").is_some());
+        assert!(json["router"].get("localFailures").is_some());
+        assert!(json["router"].get("acceptErrors").is_some());
+        assert!(json["stable"]["latency"].get("significantDigits").is_some());
+        assert!(json["stable"]["latency"].get("sumMicros").is_some());
+    }
+}
