@@ -22,6 +22,7 @@ use coalmine_sim::{run_once, simulated_analysis, Decision, Rng, RunResult, Seman
 use coalmine_spec::duration::{format_duration, Dur};
 use coalmine_spec::rollout::{Analysis, Rollout};
 use coalmine_spec::scenario::{Behaviour, Latency, Scenario as Traffic, TrafficShape};
+use coalmine_spec::Weight;
 
 use crate::rollout_cmd::{OutputFormat, Reporter};
 use crate::upstream::{serve, Upstream, UpstreamArgs};
@@ -243,10 +244,7 @@ fn describe(analysis: &Analysis, plan: &Plan) -> String {
         format!("threshold {}", plan.threshold),
     ];
     if let Strategy::Canary { ladder, .. } = &plan.strategy {
-        let steps: Vec<String> = ladder
-            .iter()
-            .map(|bp| format!("{}", f64::from(*bp) / 100.0))
-            .collect();
+        let steps: Vec<String> = ladder.iter().map(|w| format!("{}", w.percent())).collect();
         parts.push(format!("steps {} %", steps.join(" → ")));
     }
     for check in &analysis.metrics {
@@ -317,7 +315,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
         let demo_only = match args.scenario {
             Scenario::Bad => format!(
                 "the first step (to {} %) comes at once, where Flagger and `coalmine run` take it one interval ({interval}) after the rollout starts; every check, threshold and later step is the seed's",
-                plan.next_weight(0).unwrap_or(0) / 100
+                plan.next_weight(Weight::ZERO).map_or(0, |w| w.basis_points() / 100)
             ),
             Scenario::Healthy => format!(
                 "the interval is {HEALTHY_INTERVAL}, not the seed's {SEED_INTERVAL}, so the promotion takes seconds, and the first step comes at once"

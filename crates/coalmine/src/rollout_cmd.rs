@@ -14,7 +14,6 @@ use coalmine_rollout::{Event, EventLevel, Input, Outcome, Status};
 use coalmine_spec::documents::{self, Document, DocumentSet, Note};
 use coalmine_spec::flagger::{HostPort, Placement};
 use coalmine_spec::rollout::{HttpUrl, Rollout, Target};
-use coalmine_spec::weight::basis_points_to_percent;
 use coalmine_spec::SpecError;
 
 use crate::BadInput;
@@ -508,7 +507,7 @@ impl Reporter {
                     "rollout": self.name,
                     "outcome": outcome,
                     "phase": status.phase,
-                    "canaryWeight": basis_points_to_percent(status.canary_weight),
+                    "canaryWeight": status.canary_weight.percent(),
                     "failedChecks": status.failed_checks,
                     "routersUpdated": settled,
                     "durationSeconds": (status.last_transition_ms.saturating_sub(status.started_ms)) as f64 / 1000.0,
@@ -559,7 +558,7 @@ impl Reporter {
                         "rollout": self.name,
                         "level": event.level,
                         "phase": event.phase,
-                        "canaryWeight": basis_points_to_percent(event.weight),
+                        "canaryWeight": event.weight.percent(),
                         "failedChecks": status.failed_checks,
                         "message": event.message,
                         "metrics": metrics_json(&status.metrics),
@@ -575,7 +574,7 @@ impl Reporter {
                         "{} {mark} {:<16} {:>5}%  {}",
                         &rfc3339(event.time_ms)[11..23],
                         event.phase.as_str(),
-                        basis_points_to_percent(event.weight),
+                        event.weight.percent(),
                         event.message
                     );
                     match &self.bar {
@@ -586,7 +585,7 @@ impl Reporter {
             }
         }
         if let Some(bar) = &self.bar {
-            bar.set_position(u64::from(status.canary_weight / 100));
+            bar.set_position(u64::from(status.canary_weight.basis_points() / 100));
             bar.set_message(format!(
                 "{} ({} failed)",
                 status.phase.as_str(),

@@ -13,7 +13,7 @@ use serde_json::Value;
 use coalmine_contract::routes::{DEFAULT_AFFINITY_MAX_AGE, DEFAULT_NAME as UNCLAIMED};
 use coalmine_contract::{
     Affinity, Condition, Invalid, MatchRule, RoutesDoc, RoutesPatch, ServedRoutes, StatsDoc,
-    StrMatch, Subject, UpstreamUrl, Weight, OWNER_HEADER,
+    StrMatch, Subject, UpstreamUrl, OWNER_HEADER,
 };
 use coalmine_rollout::Traffic;
 use coalmine_spec::rollout::{Analysis, HttpMatch, HttpUrl, StringMatch};
@@ -37,10 +37,6 @@ pub struct Upstreams {
 
 fn upstream(field: &str, url: &str) -> Result<UpstreamUrl, String> {
     UpstreamUrl::parse(url).map_err(|e| format!("spec.{field}: {e}"))
-}
-
-fn weight(basis_points: u32) -> Weight {
-    Weight::from_basis_points(basis_points).expect("the machine's weights are between 0 and 100 %")
 }
 
 impl Upstreams {
@@ -113,14 +109,14 @@ impl Upstreams {
             name: Some(self.name.clone()),
             stable: Some(stable.clone()),
             canary: Some(canary.cloned()),
-            canary_weight: Some(weight(traffic.canary_weight)),
+            canary_weight: Some(traffic.canary_weight),
             matches,
             preview,
             affinity: self
                 .affinity
                 .as_ref()
                 .map(|a| canary.is_some().then(|| a.clone())),
-            mirror: self.mirrors.then(|| weight(traffic.mirror_weight)),
+            mirror: self.mirrors.then_some(traffic.mirror_weight),
             ..RoutesPatch::default()
         }
     }
@@ -519,6 +515,7 @@ pub fn reqwest_reason(e: &reqwest::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use coalmine_contract::Weight;
     use serde_json::json;
 
     fn upstreams(analysis: Value) -> Upstreams {
@@ -548,9 +545,9 @@ mod tests {
         let traffic = Traffic {
             promoted: false,
             canary: true,
-            canary_weight: 550,
+            canary_weight: Weight::from_basis_points(550).unwrap(),
             apply_match: true,
-            mirror_weight: 0,
+            mirror_weight: Weight::ZERO,
         };
         let patch = up.routes(&traffic);
         assert_eq!(
@@ -588,7 +585,7 @@ mod tests {
         let done = up.routes(&Traffic {
             promoted: true,
             canary: false,
-            canary_weight: 0,
+            canary_weight: Weight::ZERO,
             ..traffic
         });
         assert_eq!(

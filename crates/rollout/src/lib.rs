@@ -20,6 +20,6 @@ pub use machine::{
     Action, Event, EventLevel, HookResult, Input, Machine, MetricStatus, Outcome, Phase, Question,
     Status, Traffic, TrafficFault,
 };
-pub use plan::{Check, Plan, Strategy, FULL_WEIGHT};
+pub use plan::{Check, Plan, Strategy};
 pub use sequential::{Observation, SequentialEvidence, SequentialPlan, SequentialState};
 pub use window::Window;

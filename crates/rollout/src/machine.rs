@@ -3,7 +3,9 @@ use serde::{Deserialize, Serialize};
 use coalmine_judge::{judge_threshold, Reading, Verdict};
 use coalmine_spec::rollout::{FailureCounting, HookKind, NoDataRule};
 
-use crate::plan::{Plan, Strategy, FULL_WEIGHT};
+use coalmine_spec::Weight;
+
+use crate::plan::{Plan, Strategy};
 
 /// Flagger's canary phases, same names, same order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -145,8 +147,9 @@ pub struct Event {
     pub time_ms: u64,
     pub level: EventLevel,
     pub phase: Phase,
-    /// Canary weight in basis points when the event happened.
-    pub weight: u32,
+    /// Canary weight when the event happened.
+    #[serde(with = "basis_points")]
+    pub weight: Weight,
     pub message: String,
 }
 
@@ -177,9 +180,9 @@ pub struct Traffic {
     pub promoted: bool,
     /// Whether the canary upstream is in the route table at all.
     pub canary: bool,
-    pub canary_weight: u32,
+    pub canary_weight: Weight,
     pub apply_match: bool,
-    pub mirror_weight: u32,
+    pub mirror_weight: Weight,
 }
 
 /// The whole persisted state of one rollout: enough to continue after a crash.
@@ -187,8 +190,8 @@ pub struct Traffic {
 #[serde(rename_all = "camelCase")]
 pub struct Status {
     pub phase: Phase,
-    /// Basis points.
-    pub canary_weight: u32,
+    #[serde(with = "basis_points")]
+    pub canary_weight: Weight,
     pub failed_checks: u32,
     pub iterations: u32,
     pub mirrored: bool,
@@ -223,7 +226,7 @@ impl Machine {
             plan,
             status: Status {
                 phase: Phase::Initializing,
-                canary_weight: 0,
+                canary_weight: Weight::ZERO,
                 failed_checks: 0,
                 iterations: 0,
                 mirrored: false,
@@ -286,9 +289,9 @@ impl Machine {
         let none = Traffic {
             promoted: false,
             canary: false,
-            canary_weight: 0,
+            canary_weight: Weight::ZERO,
             apply_match: false,
-            mirror_weight: 0,
+            mirror_weight: Weight::ZERO,
         };
         match s.phase {
             Phase::Initializing | Phase::Initialized | Phase::Waiting | Phase::Failed => none,
@@ -301,16 +304,16 @@ impl Machine {
                 ..none
             },
             _ => {
-                let in_analysis = s.canary_weight > 0 || s.iterations > 0 || s.mirrored;
+                let in_analysis = s.canary_weight > Weight::ZERO || s.iterations > 0 || s.mirrored;
                 Traffic {
                     promoted: false,
                     canary: true,
                     canary_weight: s.canary_weight,
                     apply_match: self.plan.uses_match && in_analysis,
                     mirror_weight: if s.mirrored {
-                        self.plan.mirror_weight.unwrap_or(FULL_WEIGHT)
+                        self.plan.mirror_weight.unwrap_or(Weight::FULL)
                     } else {
-                        0
+                        Weight::ZERO
                     },
                 }
             }
@@ -415,7 +418,7 @@ impl Machine {
     /// Flagger's "New revision detected": weights, checks and iterations start from zero.
     fn start_progressing(&mut self, now: u64, out: &mut Vec<Action>) {
         self.enter(now, Phase::Progressing);
-        self.status.canary_weight = 0;
+        self.status.canary_weight = Weight::ZERO;
         self.status.failed_checks = 0;
         self.status.iterations = 0;
         self.status.mirrored = false;
@@ -443,7 +446,7 @@ impl Machine {
             return;
         }
         let s = &self.status;
-        if s.canary_weight == 0 && s.iterations == 0 && !s.mirrored {
+        if s.canary_weight == Weight::ZERO && s.iterations == 0 && !s.mirrored {
             // Flagger runs no metric checks at weight 0: there is nothing to measure yet.
             self.ask_or(now, HookKind::PreRollout, out, |m, now, out| {
                 m.event(now, EventLevel::Info, "Starting canary analysis", out);
@@ -537,7 +540,7 @@ impl Machine {
         match self.plan.strategy.clone() {
             Strategy::Canary { mirror_first, .. } => {
                 let s = &self.status;
-                if mirror_first && !s.mirrored && s.canary_weight == 0 {
+                if mirror_first && !s.mirrored && s.canary_weight == Weight::ZERO {
                     self.status.mirrored = true;
                     self.event(now, EventLevel::Info, "Starting traffic mirroring", out);
                 } else if s.canary_weight < self.plan.max_weight() {
@@ -564,7 +567,7 @@ impl Machine {
                     self.next_iteration(now, iterations, out);
                 } else if self.status.iterations == iterations {
                     self.ask_or(now, HookKind::ConfirmPromotion, out, |m, now, out| {
-                        m.status.canary_weight = FULL_WEIGHT;
+                        m.status.canary_weight = Weight::FULL;
                         m.status.mirrored = false;
                         m.status.iterations += 1;
                         m.event(now, EventLevel::Info, "Routing all traffic to canary", out);
@@ -605,8 +608,11 @@ impl Machine {
     /// Promoting: shift the rest of the traffic, at once or by `stepWeightPromotion` per tick.
     fn promoting_step(&mut self, now: u64, out: &mut Vec<Action>) {
         if let Some(step) = self.plan.step_weight_promotion {
-            let next = self.status.canary_weight.saturating_add(step);
-            if next < FULL_WEIGHT {
+            let next = self.status.canary_weight.basis_points() + step.basis_points();
+            if let Some(next) = Weight::from_basis_points(next)
+                .ok()
+                .filter(|w| *w < Weight::FULL)
+            {
                 self.status.canary_weight = next;
                 let message = format!("Promotion: canary weight {}", percent(next));
                 self.event(now, EventLevel::Info, &message, out);
@@ -614,7 +620,7 @@ impl Machine {
             }
         }
         self.status.promoted = true;
-        self.status.canary_weight = 0;
+        self.status.canary_weight = Weight::ZERO;
         self.status.mirrored = false;
         self.enter(now, Phase::Finalising);
         self.event(
@@ -657,7 +663,7 @@ impl Machine {
             return;
         }
         self.status.pending = None;
-        self.status.canary_weight = 0;
+        self.status.canary_weight = Weight::ZERO;
         self.status.mirrored = false;
         self.status.promoted = false;
         self.status.next_tick_ms = None;
@@ -763,8 +769,50 @@ impl Machine {
     }
 }
 
-/// Basis points as a percentage for messages: 500 → "5", 50 → "0.5".
-fn percent(bp: u32) -> String {
-    let s = format!("{:.2}", f64::from(bp) / 100.0);
+/// A weight as a percentage for messages: 5 % → "5", 0.5 % → "0.5".
+fn percent(weight: Weight) -> String {
+    let s = format!("{:.2}", weight.percent());
     s.trim_end_matches('0').trim_end_matches('.').to_string()
+}
+
+/// Weights as the state file has always held them: basis points (documents write percentages).
+mod basis_points {
+    use serde::{de::Error, Deserialize, Deserializer, Serializer};
+
+    use coalmine_spec::Weight;
+
+    pub fn serialize<S: Serializer>(weight: &Weight, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u32(weight.basis_points())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Weight, D::Error> {
+        Weight::from_basis_points(u32::deserialize(d)?).map_err(D::Error::custom)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_status_keeps_its_weights_in_basis_points_as_state_files_always_have() {
+        let analysis = coalmine_spec::parse_yaml("a.yaml", "interval: 1m\nstepWeight: 10\n")
+            .expect("analysis");
+        let mut status = Machine::new(Plan::new(&analysis, 600, false), 0)
+            .status()
+            .clone();
+        status.canary_weight = Weight::from_percent(12.5).unwrap();
+        let json = serde_json::to_value(&status).unwrap();
+        assert_eq!(json["canaryWeight"], 1250);
+        let back: Status = serde_json::from_value(json).unwrap();
+        assert_eq!(back, status);
+        let event = Event {
+            time_ms: 0,
+            level: EventLevel::Info,
+            phase: Phase::Progressing,
+            weight: Weight::from_percent(0.5).unwrap(),
+            message: String::new(),
+        };
+        assert_eq!(serde_json::to_value(&event).unwrap()["weight"], 50);
+    }
 }

@@ -7,6 +7,7 @@ use coalmine_rollout::{
     Action, Event, HookResult, Input, Machine, Outcome, Phase, Plan, Question, TrafficFault, World,
 };
 use coalmine_spec::rollout::{Analysis, HookKind};
+use coalmine_spec::Weight;
 
 const MINUTE: u64 = 60_000;
 
@@ -77,7 +78,7 @@ impl Harness {
         self.machine.status().phase
     }
     fn weight(&self) -> u32 {
-        self.machine.status().canary_weight / 100
+        self.machine.status().canary_weight.basis_points() / 100
     }
 }
 
@@ -201,7 +202,7 @@ fn flaggers_timing_table_for_a_failing_canary() {
     assert_eq!(h.phase(), Phase::Failed);
     assert_eq!(h.outcome, Some(Outcome::RolledBack));
     let traffic = h.machine.traffic();
-    assert!(!traffic.canary && !traffic.promoted && traffic.canary_weight == 0);
+    assert!(!traffic.canary && !traffic.promoted && traffic.canary_weight == Weight::ZERO);
     assert!(h.events.last().unwrap().contains("failed 5 checks"));
 }
 
@@ -321,9 +322,9 @@ fn max_weight_is_never_overshot() {
         false,
     );
     let mut weights = Vec::new();
-    let mut w = 0;
+    let mut w = Weight::ZERO;
     while let Some(next) = plan.next_weight(w) {
-        weights.push(next / 100);
+        weights.push(next.basis_points() / 100);
         w = next;
     }
     assert_eq!(weights, vec![20, 40, 50], "Flagger would go to 60");
@@ -431,7 +432,11 @@ fn ab_testing_and_blue_green_follow_flaggers_tick_counts() {
         h.tick(&mut healthy);
         phases.push(h.phase());
         if h.machine.status().iterations <= 3 && h.phase() == Phase::Progressing {
-            assert_eq!(h.machine.traffic().canary_weight, 0, "no user traffic yet");
+            assert_eq!(
+                h.machine.traffic().canary_weight,
+                Weight::ZERO,
+                "no user traffic yet"
+            );
         }
     }
     // Blue-green: one tick more than A/B for routing all traffic to the canary.

@@ -132,7 +132,7 @@ pub fn run_once(
         let canary_share = if traffic.promoted {
             1.0
         } else {
-            f64::from(traffic.canary_weight) / 10_000.0
+            f64::from(traffic.canary_weight.basis_points()) / 10_000.0
         };
         let expected = scenario.traffic.rps_at(now) * STEP_MS as f64 / 1000.0 + carry;
         let requests = expected.floor() as u64;

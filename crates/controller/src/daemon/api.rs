@@ -16,7 +16,7 @@ use serde_json::json;
 use coalmine_rollout::{Input, Phase, Status};
 use coalmine_spec::documents;
 use coalmine_spec::rollout::Rollout;
-use coalmine_spec::SpecError;
+use coalmine_spec::{SpecError, Weight};
 
 use super::supervision::{check_runnable, ApplyError, CheckError, ConflictError};
 use super::Daemon;
@@ -52,12 +52,11 @@ pub(super) enum ApiError {
     Finished { name: String, phase: Phase },
     #[error("{name} is not running (phase {})", .phase.as_str())]
     NotRunning { name: String, phase: Phase },
-    #[error("{name} is {} at {}% canary: abort it first (`coalmine abort {name}`), then delete it", .phase.as_str(), coalmine_spec::weight::basis_points_to_percent(*.weight))]
+    #[error("{name} is {} at {}% canary: abort it first (`coalmine abort {name}`), then delete it", .phase.as_str(), .weight.percent())]
     Unfinished {
         name: String,
         phase: Phase,
-        /// Basis points.
-        weight: u32,
+        weight: Weight,
     },
     #[error(transparent)]
     State(#[from] StoreError),

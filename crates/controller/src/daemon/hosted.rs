@@ -151,7 +151,8 @@ impl Hosted {
         let Some(Target::Url(stable)) = &rollout.spec.stable else {
             return Err(HostError::NeedsUrl);
         };
-        let stable = UpstreamUrl::parse(stable.as_str()).map_err(HostError::Stable)?;
+        let stable =
+            UpstreamUrl::parse(stable.as_str()).map_err(|e| HostError::Stable(e.to_string()))?;
         let mut routes = RoutesDoc::stable_only(stable);
         routes.name = name.clone();
         let handle = coalmine_router::start(RouterConfig::embedded(

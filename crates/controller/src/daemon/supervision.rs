@@ -10,6 +10,7 @@ use tokio::sync::mpsc;
 
 use coalmine_rollout::{Event, EventLevel, Input, Phase, Status};
 use coalmine_spec::rollout::{Rollout, Target};
+use coalmine_spec::Weight;
 
 use super::hosted::StartError;
 use super::Daemon;
@@ -99,7 +100,7 @@ impl RunState {
             self.counted = true;
         }
         for e in events {
-            let weight = coalmine_spec::weight::basis_points_to_percent(e.weight);
+            let weight = e.weight.percent();
             tracing::info!(rollout = %self.name, phase = e.phase.as_str(), weight_percent = weight, "{}", e.message);
         }
         Ok(())
@@ -279,7 +280,7 @@ impl Daemon {
             time_ms: now_ms(),
             level: EventLevel::Info,
             phase: Phase::Initializing,
-            weight: 0,
+            weight: Weight::ZERO,
             message: message.into(),
         };
         let run = self
