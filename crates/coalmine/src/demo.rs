@@ -15,7 +15,8 @@ use clap::{Args, ValueEnum};
 use serde_json::json;
 use tokio::sync::mpsc;
 
-use coalmine_controller::{driver::now_ms, Driver};
+use coalmine_controller::traffic::owner;
+use coalmine_controller::{driver::now_ms, Driver, Runner, Seams};
 use coalmine_rollout::{Action, Event, Input, Machine, Outcome, Plan, Status, Strategy};
 use coalmine_router::{RouterConfig, RoutesDoc, UpstreamUrl};
 use coalmine_sim::{run_once, simulated_analysis, Decision, Rng, RunResult, Semantics};
@@ -355,7 +356,8 @@ pub fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
         ));
         let mut reporter = Reporter::new("payment-service", args.output);
         let status = first_step_at_once(&rollout, &mut reporter);
-        let mut driver = Driver::new(&rollout, Some(status), "coalmine demo")?;
+        let seams = Seams::open(&rollout, Runner::Run, &owner("payment-service", "coalmine demo"))?;
+        let mut driver = Driver::new(&rollout, Some(status), seams)?;
         let (_control, inputs) = mpsc::channel(1);
         let outcome = tokio::time::timeout(Duration::from_secs(90), driver.run(inputs, &mut reporter))
             .await

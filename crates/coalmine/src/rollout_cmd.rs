@@ -9,7 +9,8 @@ use tokio::sync::mpsc;
 
 use coalmine_controller::report::metrics_json;
 use coalmine_controller::time::rfc3339;
-use coalmine_controller::{BoxFuture, Driver, StateError, StateStore};
+use coalmine_controller::traffic::owner;
+use coalmine_controller::{BoxFuture, Driver, Runner, Seams, StateError, StateStore};
 use coalmine_rollout::{Event, EventLevel, Input, Outcome, Status};
 use coalmine_spec::documents::{self, Document, DocumentSet, Note};
 use coalmine_spec::flagger::{HostPort, Placement};
@@ -409,15 +410,17 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let controller = format!(
         "coalmine run, pid {} on {}",
         std::process::id(),
-        coalmine_controller::routers::host_name()
+        coalmine_controller::host_name()
     );
-    let mut driver = Driver::new(&rollout, None, &controller)
+    let owner = owner(&rollout.metadata.name, &controller);
+    let mut driver = Seams::open(&rollout, Runner::Run, &owner)
+        .and_then(|seams| Driver::new(&rollout, None, seams))
         .map_err(|e| BadInput(format!("{}: {e}", args.files[0])))?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     // Before anything moves: the routers must be Coalmine routers no other rollout drives.
-    rt.block_on(driver.claim_routers())
+    rt.block_on(driver.claim())
         .map_err(|e| BadInput(format!("{}: {e}", rollout.metadata.name)))?;
     let mut reporter = Reporter::new(&rollout.metadata.name, args.output);
     let outcome = rt.block_on(async {
@@ -437,7 +440,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         // free for the next rollout. Not if they did not take those routes: then they stay
         // this rollout's, and another is refused until someone looks.
         if driver.settled() {
-            if let Err(e) = driver.release_routers().await {
+            if let Err(e) = driver.release().await {
                 tracing::warn!("the routers carry the final routes but were not freed: {e}");
             }
         }

@@ -1,46 +1,60 @@
-//! Drives one rollout's state machine on the wall clock: ticks at the times it asks for, answers
-//! its questions (webhooks, metrics), keeps the routers in line with its traffic, and saves every
-//! step to a [`StateStore`] (the terminal for `run`, SQLite for `serve`) before acting on it.
+//! Drives one rollout's state machine on a clock: ticks at the times it asks for, answers its
+//! questions (webhooks, metrics), keeps the traffic backend in line with its traffic, and saves
+//! every step to a [`StateStore`] (the terminal for `run`, SQLite for `serve`) before acting on
+//! it. What it touches outside, it touches through the seams it holds ([`Seams`]), never by
+//! name.
 
 use std::collections::VecDeque;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::sync::mpsc;
 
 use coalmine_judge::Reading;
 use coalmine_rollout::{
-    builtin_reading, Event, EventLevel, Input, Machine, NotSaved, Observation, Outcome, Phase,
-    Plan, Question, Status, Traffic, TrafficFault, World,
+    Event, EventLevel, Input, Machine, NotSaved, Observation, Outcome, Phase, Plan, Question,
+    Status, Traffic, TrafficFault, Window, World,
 };
-use coalmine_spec::rollout::{HookKind, MetricCheck, Rollout, Target};
+use coalmine_spec::rollout::{HookKind, MetricCheck, Rollout};
 
+use crate::observations::{self, ObservationSource, ObserveError};
 use crate::providers::Providers;
-use crate::routers::{owner, RouterError, RouterSet, Upstreams};
 use crate::state::{StateError, StateStore};
+use crate::time::Clock;
+use crate::traffic::{self, TrafficBackend};
 use crate::webhooks::Hooks;
-use crate::window::StatsWindow;
-use crate::Unrunnable;
+use crate::{Runner, Unrunnable};
 
-/// Milliseconds since the Unix epoch: the only clock the runtime reads.
-pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum DriverError {
-    #[error(transparent)]
-    Unrunnable(#[from] Unrunnable),
-    #[error("{0}")]
-    Invalid(String),
-}
+pub use crate::time::now_ms;
 
 /// How often a driver that could not save a step tries again.
 const SAVE_RETRY_MS: u64 = 1000;
-/// How often a finished rollout's routers are checked (a restarted router is put right).
+/// How often a finished rollout's traffic is checked (a restarted router is put right).
 const KEEP_EVERY_MS: u64 = 2000;
+
+/// What a driver touches outside the machine, chosen for the rollout at run time.
+pub struct Seams {
+    /// Carries the traffic (shared: `serve` releases it when a rollout is deleted).
+    pub traffic: Arc<dyn TrafficBackend>,
+    /// Counts both versions' answers.
+    pub observations: Box<dyn ObservationSource>,
+    /// The wall clock, or tokio's in tests that run a rollout in virtual time.
+    pub clock: Clock,
+}
+
+impl Seams {
+    /// The registered traffic backend and observation source that take `rollout` (checked
+    /// for `runner` first), driven on behalf of `owner` (see [`traffic::owner`]).
+    pub fn open(rollout: &Rollout, runner: Runner, owner: &str) -> Result<Seams, Unrunnable> {
+        crate::check(rollout, runner)?;
+        Ok(Seams {
+            traffic: traffic::open(rollout, runner, owner)?.into(),
+            observations: observations::open(rollout)?,
+            clock: Clock::Wall,
+        })
+    }
+}
 
 /// Steps that could not be saved, since when, and when to try again. Meanwhile the driver
 /// does nothing.
@@ -61,23 +75,24 @@ pub struct Driver {
     unsaved_inputs: VecDeque<Input>,
 }
 
-/// What the machine's steps touch: the routers, their counts, the webhooks and the metric
-/// providers.
+/// What the machine's steps touch: the traffic backend, the counts, the webhooks and the
+/// metric providers.
 struct Edge {
-    upstreams: Upstreams,
-    routers: RouterSet,
-    window: StatsWindow,
+    traffic: Arc<dyn TrafficBackend>,
+    observations: Box<dyn ObservationSource>,
+    clock: Clock,
+    /// Both versions' counts per sample, for the built-in metrics.
+    window: Window,
+    /// When the last sample was taken: where the next step begins.
+    last_sample_ms: Option<u64>,
     hooks: Hooks,
     checks: Vec<MetricCheck>,
     providers: Providers,
-    /// The traffic the routers last accepted.
+    /// The traffic the backend last accepted.
     applied: Option<Traffic>,
     /// Counts sampled since the sequential judges last saw them (samples taken to answer an
     /// analysis count too, so no request is left out).
     unobserved: Observation,
-    /// Each router's `instance` at the last sample: a new one means it restarted and lost its
-    /// table.
-    instances: Vec<String>,
 }
 
 /// The driver as the machine's world for one input: the edge, and the store every step is
@@ -94,37 +109,37 @@ pub fn checksum(rollout: &Rollout) -> String {
     format!("{:016x}", xxhash_rust::xxh3::xxh3_64(text.as_bytes()))
 }
 
-fn url_of(target: &Option<Target>, field: &str) -> Result<String, Unrunnable> {
-    match target {
-        Some(Target::Url(u)) => Ok(u.to_string()),
-        None => Err(Unrunnable {
-            field: field.to_string(),
-            message: "the version's url is needed to run the rollout".into(),
-        }),
-        Some(Target::Command { .. }) => Err(Unrunnable {
-            field: field.to_string(),
-            message: "a command target needs `coalmine serve`, which keeps the process running after the rollout; give a url here".into(),
-        }),
-    }
-}
-
 impl Driver {
-    /// A driver for a new rollout (`status` None) or one continuing from persisted state.
-    /// `controller` says which controller drives it (`coalmine run, pid 4242 on build-7`): the
-    /// routers refuse the route changes of any other (see [`crate::routers::owner`]).
+    /// What the driver itself needs of a rollout: every metric that is not built in has its
+    /// provider and query.
+    pub fn check(rollout: &Rollout) -> Result<(), Unrunnable> {
+        match rollout
+            .spec
+            .analysis
+            .metrics
+            .iter()
+            .find(|c| !c.is_builtin() && (c.query.is_none() || c.provider.is_none()))
+        {
+            Some(check) => Err(Unrunnable {
+                field: "analysis.metrics".into(),
+                message: format!(
+                    "metric {:?} needs a provider and query (pass the file of its MetricTemplate)",
+                    check.name
+                ),
+            }),
+            None => Ok(()),
+        }
+    }
+
+    /// A driver for a new rollout (`status` None) or one continuing from persisted state,
+    /// through `seams`.
     pub fn new(
         rollout: &Rollout,
         status: Option<Status>,
-        controller: &str,
-    ) -> Result<Driver, DriverError> {
+        seams: Seams,
+    ) -> Result<Driver, Unrunnable> {
+        Self::check(rollout)?;
         let spec = &rollout.spec;
-        if spec.routers.is_empty() {
-            return Err(Unrunnable {
-                field: "routers".into(),
-                message: "list the admin address of at least one Coalmine router".into(),
-            }
-            .into());
-        }
         let plan = Plan::new(
             &spec.analysis,
             spec.progress_deadline_seconds,
@@ -132,29 +147,6 @@ impl Driver {
         );
         let name = &rollout.metadata.name;
         let namespace = rollout.metadata.namespace.as_deref().unwrap_or("default");
-        let upstreams = Upstreams::new(
-            name,
-            &url_of(&spec.stable, "stable")?,
-            &url_of(&spec.canary, "canary")?,
-            &spec.analysis,
-            &spec.preview,
-        )
-        .map_err(DriverError::Invalid)?;
-        if let Some(check) = spec
-            .analysis
-            .metrics
-            .iter()
-            .find(|c| !c.is_builtin() && (c.query.is_none() || c.provider.is_none()))
-        {
-            return Err(Unrunnable {
-                field: "analysis.metrics".into(),
-                message: format!(
-                    "metric {:?} needs a provider and query (pass the file of its MetricTemplate)",
-                    check.name
-                ),
-            }
-            .into());
-        }
         let windows: Vec<u64> = plan.checks.iter().map(|c| c.window_ms).collect();
         let longest = windows.iter().copied().max().unwrap_or(0);
         let shortest = windows
@@ -165,14 +157,16 @@ impl Driver {
             .unwrap_or(1000);
         let machine = match status {
             Some(status) => Machine::resume(plan, status),
-            None => Machine::new(plan, now_ms()).paused(spec.suspend),
+            None => Machine::new(plan, seams.clock.now_ms()).paused(spec.suspend),
         };
         Ok(Driver {
             machine,
             edge: Edge {
-                upstreams,
-                routers: RouterSet::new(spec.routers.clone(), owner(name, controller)),
-                window: StatsWindow::new(longest.max(1000)),
+                traffic: seams.traffic,
+                observations: seams.observations,
+                clock: seams.clock,
+                window: Window::new(longest.max(1000)),
+                last_sample_ms: None,
                 hooks: Hooks::new(
                     spec.analysis.webhooks.clone(),
                     name,
@@ -183,9 +177,8 @@ impl Driver {
                 providers: Providers::new(&spec.analysis.metrics),
                 applied: None,
                 unobserved: Observation::default(),
-                instances: Vec::new(),
             },
-            // The sequential judges decide between ticks: they see the routers every second.
+            // The sequential judges decide between ticks: they see the counts every second.
             sample_every_ms: if spec.analysis.sequential.enabled {
                 (shortest / 4).clamp(200, 1000)
             } else {
@@ -200,20 +193,27 @@ impl Driver {
         self.machine.status()
     }
 
-    /// Checks, before the rollout moves anything, that its routers are Coalmine routers that no
-    /// other rollout is driving.
-    pub async fn claim_routers(&self) -> Result<(), RouterError> {
-        self.edge.routers.claim(&self.edge.upstreams.name).await
+    /// The traffic backend this driver drives.
+    pub fn traffic(&self) -> Arc<dyn TrafficBackend> {
+        self.edge.traffic.clone()
     }
 
-    /// Lets the routers go after the rollout, when nothing will keep them (`run` ends): they
-    /// keep the final routes, and another rollout may take them.
-    pub async fn release_routers(&self) -> Result<(), RouterError> {
-        self.edge.routers.release().await
+    /// Checks, before the rollout moves anything, that its traffic backend is free for it (for
+    /// routers: Coalmine routers that no other rollout is driving).
+    pub fn claim(&self) -> impl Future<Output = Result<(), TrafficFault>> + Send + 'static {
+        let traffic = self.traffic();
+        async move { traffic.claim().await }
+    }
+
+    /// Lets the traffic backend go after the rollout, when nothing will keep it (`run` ends):
+    /// it keeps the final traffic, and another rollout may take it.
+    pub fn release(&self) -> impl Future<Output = Result<(), TrafficFault>> + Send + 'static {
+        let traffic = self.traffic();
+        async move { traffic.release().await }
     }
 
     /// Runs until the rollout ends; `control` carries promote/abort/pause/resume and rollbacks
-    /// from outside (alerts). Returns the outcome once the routers carry the final traffic.
+    /// from outside (alerts). Returns the outcome once the backend carries the final traffic.
     pub async fn run(
         &mut self,
         mut control: mpsc::Receiver<Input>,
@@ -221,7 +221,7 @@ impl Driver {
     ) -> Outcome {
         // After a restart the machine may be waiting for an answer that died with the process.
         self.answer_pending(store).await;
-        let mut next_sample = now_ms();
+        let mut next_sample = self.edge.clock.now_ms();
         let mut control_open = true;
         loop {
             if let Some(outcome) = self.machine.outcome() {
@@ -237,16 +237,16 @@ impl Driver {
                     due.min(next_sample)
                 }
             };
-            let sleep = Duration::from_millis(wake.saturating_sub(now_ms()));
+            let sleep = Duration::from_millis(wake.saturating_sub(self.edge.clock.now_ms()));
             tokio::select! {
                 _ = tokio::time::sleep(sleep) => {
                     if waiting.is_some() {
                         self.try_saving_again(store).await;
                         continue;
                     }
-                    let now = now_ms();
+                    let now = self.edge.clock.now_ms();
                     if now >= next_sample {
-                        // A missed sample only widens the next window; the tick reports errors.
+                        // A missed sample only widens the next step; the tick reports errors.
                         let _ = self.edge.sample(&self.machine.traffic()).await;
                         next_sample = now + self.sample_every_ms;
                         if self.machine.plan().sequential.is_some() {
@@ -270,29 +270,28 @@ impl Driver {
         }
     }
 
-    /// A finished rollout's routers stay as it left them: every few seconds each router's table
-    /// is checked and, if it lost the final routes (a router restarted with its old command
+    /// A finished rollout's traffic stays as it left it: every few seconds the backend is
+    /// checked and, where it lost the final traffic (a router restarted with its old command
     /// line), put right and said so. Runs until the task is dropped.
     pub async fn keep(&mut self, store: &mut dyn StateStore) {
         loop {
             tokio::time::sleep(Duration::from_millis(KEEP_EVERY_MS)).await;
-            let patch = self.edge.upstreams.routes(&self.machine.traffic());
-            let Ok(corrected) = self.edge.routers.reconcile(&patch).await else {
+            let traffic = self.machine.traffic();
+            let Ok(corrected) = self.edge.traffic.reconcile(&traffic).await else {
                 continue;
             };
             if corrected.is_empty() {
                 continue;
             }
-            let routers: Vec<String> = corrected.iter().map(ToString::to_string).collect();
             let status = self.machine.status();
             let event = Event {
-                time_ms: now_ms(),
+                time_ms: self.edge.clock.now_ms(),
                 level: EventLevel::Warning,
                 phase: status.phase,
                 weight: status.canary_weight,
                 message: format!(
                     "Router {} had lost this rollout's final routes (restarted?): put back",
-                    routers.join(", ")
+                    corrected.join(", ")
                 ),
             };
             let _ = store.save(status, &[event]).await;
@@ -357,7 +356,7 @@ impl Driver {
             Input::Tick { .. } | Input::Hooks { .. } | Input::Analysis { .. } => {}
             command => self.unsaved_inputs.push_back(command),
         }
-        let now = now_ms();
+        let now = self.edge.clock.now_ms();
         if self.unsaved.is_none() {
             tracing::error!("could not save a step ({reason}): holding until it can be saved");
         }
@@ -369,7 +368,8 @@ impl Driver {
         });
     }
 
-    /// The last route change matters most: retry it for a while if routers are unreachable.
+    /// The last traffic change matters most: retry it for a while if the backend is
+    /// unreachable.
     async fn settle_final_traffic(&mut self) {
         for attempt in 0..10 {
             match self.edge.apply_traffic(&self.machine.traffic(), true).await {
@@ -384,7 +384,7 @@ impl Driver {
         }
     }
 
-    /// Whether the routers carry the final traffic (after `run` returns).
+    /// Whether the backend carries the final traffic (after `run` returns).
     pub fn settled(&self) -> bool {
         self.edge.applied == Some(self.machine.traffic())
     }
@@ -398,7 +398,7 @@ impl Edge {
                 results: self.hooks.call(kind, machine.status().phase).await,
             },
             Question::Analysis => {
-                // Provider queries run side by side, while the routers are sampled.
+                // Provider queries run side by side, while the counts are sampled.
                 let mut queries = tokio::task::JoinSet::new();
                 for (i, check) in self.checks.iter().enumerate() {
                     if !check.is_builtin() {
@@ -410,12 +410,13 @@ impl Edge {
                 let mut readings: Vec<Option<Reading>> = self
                     .checks
                     .iter()
-                    .map(|check| {
+                    .zip(&machine.plan().checks)
+                    .map(|(check, planned)| {
                         check.is_builtin().then(|| match &fresh {
                             Err(reason) => Reading::NoData {
                                 reason: format!("router stats unavailable: {reason}"),
                             },
-                            Ok(()) => self.builtin(check),
+                            Ok(()) => self.window.reading(planned),
                         })
                     })
                     .collect();
@@ -437,46 +438,33 @@ impl Edge {
         }
     }
 
-    /// Flagger's built-in metrics, from the routers' own counts.
-    fn builtin(&self, check: &MetricCheck) -> Reading {
-        let window = check.window().as_millis() as u64;
-        builtin_reading(
-            &check.name,
-            || self.window.canary(window),
-            || self.window.steps(window),
-        )
-    }
-
-    async fn sample(&mut self, traffic: &Traffic) -> Result<(), String> {
-        let stats = self.routers.stats().await?;
-        let instances: Vec<String> = stats.iter().map(|s| s.instance.clone()).collect();
-        let restarted = !self.instances.is_empty() && self.instances != instances;
-        self.instances = instances;
-        self.window.push(now_ms(), stats);
-        // The step since the previous sample.
-        self.unobserved.canary.add(&self.window.canary(0));
-        self.unobserved.stable.add(&self.window.stable(0));
-        if restarted {
-            // A restarted router serves what its command line says, not this rollout's
-            // routes: put them back now rather than at the next tick.
+    /// Takes a sample: its step goes into the window and to the sequential judges. A backend
+    /// that restarted serves what it was started with, not this rollout's traffic: that is put
+    /// back now rather than at the next tick.
+    async fn sample(&mut self, traffic: &Traffic) -> Result<(), ObserveError> {
+        let sample = self.observations.sample().await?;
+        let now = self.clock.now_ms();
+        self.unobserved.canary.add(&sample.counts.canary);
+        self.unobserved.stable.add(&sample.counts.stable);
+        if let Some(start) = self.last_sample_ms.replace(now) {
+            self.window.push(start, now, sample.counts);
+        }
+        if sample.restarted {
             tracing::warn!("a router restarted: re-applying the routes");
             let _ = self.apply_traffic(traffic, true).await;
         }
         Ok(())
     }
 
-    /// Makes every router carry the machine's traffic. `always` re-sends even if unchanged, so a
-    /// router that restarted (and lost its table) is put right at the next tick.
+    /// Makes the backend carry `traffic`. `always` re-sends even if unchanged, so a backend
+    /// that lost it (a router restarted) is put right at the next tick.
     async fn apply_traffic(&mut self, traffic: &Traffic, always: bool) -> Result<(), TrafficFault> {
         if !always && self.applied == Some(*traffic) {
             return Ok(());
         }
-        let result = self.routers.apply(&self.upstreams.routes(traffic)).await;
+        let result = self.traffic.apply(traffic).await;
         self.applied = result.is_ok().then_some(*traffic);
-        result.map_err(|e| match e {
-            RouterError::Unreachable(reason) => TrafficFault::Unreachable(reason),
-            RouterError::Refused(reason) => TrafficFault::Refused(reason),
-        })
+        result
     }
 }
 
@@ -484,7 +472,7 @@ impl World for Stepping<'_> {
     type Unsaved = StateError;
 
     fn now(&self) -> u64 {
-        now_ms()
+        self.edge.clock.now_ms()
     }
 
     async fn save(&mut self, status: &Status, events: &[Event]) -> Result<(), StateError> {
@@ -492,7 +480,7 @@ impl World for Stepping<'_> {
         if let Some(unsaved) = self.unsaved.take() {
             tracing::warn!(
                 "steps are saved again after {:.1}s ({}); continuing",
-                now_ms().saturating_sub(unsaved.since_ms) as f64 / 1000.0,
+                self.edge.clock.now_ms().saturating_sub(unsaved.since_ms) as f64 / 1000.0,
                 unsaved.reason
             );
         }
@@ -500,7 +488,7 @@ impl World for Stepping<'_> {
     }
 
     async fn route(&mut self, machine: &Machine) -> Result<(), TrafficFault> {
-        // An unreachable router shows at the next tick, which re-applies first.
+        // An unreachable backend shows at the next tick, which re-applies first.
         self.edge.apply_traffic(&machine.traffic(), false).await
     }
 

@@ -18,11 +18,12 @@ use coalmine_spec::documents;
 use coalmine_spec::rollout::Rollout;
 use coalmine_spec::{SpecError, Weight};
 
-use super::supervision::{check_runnable, ApplyError, CheckError, ConflictError};
+use super::supervision::{ApplyError, ConflictError};
 use super::Daemon;
 use crate::report::{event_json, status_json};
-use crate::routers::{owner, RouterSet};
 use crate::state::sqlite::StoreError;
+use crate::traffic::{self, owner};
+use crate::{Runner, Unrunnable};
 
 /// Why the API refused a call, and with which status.
 #[derive(Debug, thiserror::Error)]
@@ -37,7 +38,7 @@ pub(super) enum ApiError {
     Unrunnable {
         files: String,
         name: String,
-        source: CheckError,
+        source: Unrunnable,
     },
     /// Also when the state file could not be read to find out (as the API always answered).
     #[error("{0}")]
@@ -185,7 +186,7 @@ async fn apply(
     }
     // Everything is checked before anything changes: a bad document leaves running rollouts be.
     for r in &rollouts {
-        check_runnable(r).map_err(|source| ApiError::Unrunnable {
+        crate::check(r, Runner::Serve).map_err(|source| ApiError::Unrunnable {
             files: names.clone(),
             name: r.metadata.name.clone(),
             source,
@@ -319,15 +320,22 @@ async fn delete(
             weight: stored.status.canary_weight,
         });
     }
-    if let Some(r) = d.running.lock().expect("running").remove(&name) {
-        r.task.abort();
-    }
-    // Nothing keeps its routers from now on: another rollout may take them.
-    let routers = RouterSet::new(
-        stored.rollout.spec.routers.clone(),
-        owner(&name, &d.controller),
-    );
-    if let Err(e) = routers.release().await {
+    let running = d.running.lock().expect("running").remove(&name);
+    // Nothing keeps its traffic from now on: another rollout may take its routers. One that
+    // is not running (its resume failed) is released as its document says.
+    let traffic = match running {
+        Some(r) => {
+            r.task.abort();
+            Ok(r.traffic)
+        }
+        None => traffic::open(&stored.rollout, Runner::Serve, &owner(&name, &d.controller))
+            .map(Arc::from),
+    };
+    let released = match traffic {
+        Ok(traffic) => traffic.release().await.map_err(|e| e.to_string()),
+        Err(e) => Err(e.to_string()),
+    };
+    if let Err(e) = released {
         tracing::warn!(rollout = %name, "deleted, but its routers were not all freed: {e}");
     }
     d.hosted.forget(&name).await;

@@ -1,16 +1,37 @@
 //! What `serve` runs itself for its rollouts: the versions of command targets (through the
-//! targets seam) and routers (`spec.router`), kept across runs of a rollout and stopped when
-//! they leave service.
+//! targets seam) and routers (`spec.router`, through the [`RouterHost`] the binary gives), kept
+//! across runs of a rollout and stopped when they leave service.
 
 use std::collections::HashMap;
-use std::net::AddrParseError;
-use std::sync::Mutex;
+use std::net::{AddrParseError, SocketAddr};
+use std::sync::{Arc, Mutex};
 
+use coalmine_contract::{Invalid, RoutesDoc, UpstreamUrl};
 use coalmine_rollout::Outcome;
-use coalmine_router::{RouterConfig, RouterHandle, RoutesDoc, UpstreamUrl};
 use coalmine_spec::rollout::{HttpUrl, Rollout, Target};
 
 use crate::targets::{self, TargetError, Version};
+
+/// Runs routers inside `serve`'s process for the rollouts that ask for one (`spec.router`).
+/// The binary provides it, so the controller does not link the router's server.
+pub trait RouterHost: Send + Sync {
+    /// Starts a router carrying `routes`, serving traffic on `listen` and its admin API on
+    /// `admin` (port 0: any free one).
+    fn start(
+        &self,
+        listen: SocketAddr,
+        admin: SocketAddr,
+        routes: RoutesDoc,
+    ) -> Result<Box<dyn HostedRouter>, Box<dyn std::error::Error + Send + Sync>>;
+}
+
+/// A router `serve` runs.
+pub trait HostedRouter: Send {
+    /// Where its admin API listens.
+    fn admin(&self) -> SocketAddr;
+    /// Drains it and joins its threads (blocking).
+    fn shut_down(self: Box<Self>);
+}
 
 /// Why a hosted router did not start.
 #[derive(Debug, thiserror::Error)]
@@ -22,9 +43,11 @@ pub(super) enum HostError {
     #[error("spec.router.admin: {0}")]
     Admin(AddrParseError),
     #[error("{0}")]
-    Stable(String),
+    Stable(Invalid),
     #[error("spec.router: {0}")]
-    Start(#[from] coalmine_router::StartError),
+    Start(Box<dyn std::error::Error + Send + Sync>),
+    #[error("spec.router: this daemon cannot host routers")]
+    NoHost,
 }
 
 /// Why a rollout's versions or hosted router did not start.
@@ -40,17 +63,17 @@ pub(super) enum StartError {
 }
 
 /// The processes and routers `serve` runs, by rollout.
-#[derive(Default)]
 pub(super) struct Hosted {
-    routers: Mutex<HashMap<String, HostedRouter>>,
+    host: Option<Arc<dyn RouterHost>>,
+    routers: Mutex<HashMap<String, Running>>,
     /// Held across awaits (starting a version waits for its readiness), hence tokio's mutex.
     versions: tokio::sync::Mutex<HashMap<String, Versions>>,
 }
 
-/// A router `serve` runs itself for a rollout.
-struct HostedRouter {
+/// A router `serve` runs itself for a rollout, and where it serves traffic.
+struct Running {
     listen: String,
-    handle: RouterHandle,
+    router: Box<dyn HostedRouter>,
 }
 
 /// The versions serving one rollout.
@@ -61,6 +84,14 @@ struct Versions {
 }
 
 impl Hosted {
+    pub(super) fn new(host: Option<Arc<dyn RouterHost>>) -> Hosted {
+        Hosted {
+            host,
+            routers: Mutex::new(HashMap::new()),
+            versions: tokio::sync::Mutex::new(HashMap::new()),
+        }
+    }
+
     /// The rollout as it runs: each version started and ready (the stable one is kept across
     /// runs while its target is unchanged: after a promotion it is the canary of the run
     /// before), each target replaced by the URL its version serves on, and its hosted router
@@ -115,7 +146,7 @@ impl Hosted {
     pub(super) async fn forget(&self, name: &str) {
         if let Some(hosted) = self.routers.lock().expect("routers").remove(name) {
             // Shutting down joins its threads after a drain: not on an async worker.
-            tokio::task::spawn_blocking(move || hosted.handle.shutdown());
+            tokio::task::spawn_blocking(move || hosted.router.shut_down());
         }
         if let Some(versions) = self.versions.lock().await.remove(name) {
             for version in [versions.stable, versions.canary].into_iter().flatten() {
@@ -127,7 +158,7 @@ impl Hosted {
     /// The daemon stops: so do its routers (versions stop as they are dropped).
     pub(super) fn shut_down(&self) {
         for (_, hosted) in self.routers.lock().expect("routers").drain() {
-            hosted.handle.shutdown();
+            hosted.router.shut_down();
         }
     }
 
@@ -142,33 +173,35 @@ impl Hosted {
         let name = &rollout.metadata.name;
         let mut routers = self.routers.lock().expect("routers");
         if let Some(r) = routers.get(name).filter(|r| r.listen == listen) {
-            return Ok(admin_url(&r.handle));
+            return Ok(admin_url(r.router.admin()));
         }
         if let Some(old) = routers.remove(name) {
             // Shutting down joins its threads after a drain: not on an async worker.
-            tokio::task::spawn_blocking(move || old.handle.shutdown());
+            tokio::task::spawn_blocking(move || old.router.shut_down());
         }
+        let host = self.host.as_ref().ok_or(HostError::NoHost)?;
         let Some(Target::Url(stable)) = &rollout.spec.stable else {
             return Err(HostError::NeedsUrl);
         };
-        let stable =
-            UpstreamUrl::parse(stable.as_str()).map_err(|e| HostError::Stable(e.to_string()))?;
+        let stable = UpstreamUrl::parse(stable.as_str()).map_err(HostError::Stable)?;
         let mut routes = RoutesDoc::stable_only(stable);
         routes.name = name.clone();
-        let handle = coalmine_router::start(RouterConfig::embedded(
-            listen.parse().map_err(HostError::Listen)?,
-            admin
-                .unwrap_or("127.0.0.1:0")
-                .parse()
-                .map_err(HostError::Admin)?,
-            routes,
-        ))?;
-        let admin = admin_url(&handle);
+        let router = host
+            .start(
+                listen.parse().map_err(HostError::Listen)?,
+                admin
+                    .unwrap_or("127.0.0.1:0")
+                    .parse()
+                    .map_err(HostError::Admin)?,
+                routes,
+            )
+            .map_err(HostError::Start)?;
+        let admin = admin_url(router.admin());
         routers.insert(
             name.clone(),
-            HostedRouter {
+            Running {
                 listen: listen.to_string(),
-                handle,
+                router,
             },
         );
         Ok(admin)
@@ -181,6 +214,6 @@ async fn start(field: &'static str, target: &Target) -> Result<Box<dyn Version>,
         .map_err(|source| StartError::Target { field, source })
 }
 
-fn admin_url(handle: &RouterHandle) -> HttpUrl {
-    HttpUrl::parse(&format!("http://{}", handle.admin)).expect("a socket address makes an HTTP URL")
+fn admin_url(admin: SocketAddr) -> HttpUrl {
+    HttpUrl::parse(&format!("http://{admin}")).expect("a socket address makes an HTTP URL")
 }

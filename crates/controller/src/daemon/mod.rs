@@ -25,10 +25,15 @@ use crate::lock::{LockError, StateLock};
 use crate::state::sqlite::{Opened, Store, StoreError};
 use crate::telemetry::Telemetry;
 
+pub use hosted::{HostedRouter, RouterHost};
+
 pub struct DaemonConfig {
     pub api: SocketAddr,
     pub state: PathBuf,
     pub token: String,
+    /// Runs the routers rollouts ask `serve` to host (`spec.router`); without one such
+    /// rollouts are refused.
+    pub router_host: Option<Arc<dyn RouterHost>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -74,7 +79,7 @@ pub async fn serve(
     let controller = format!(
         "coalmine serve {} on {}",
         store.controller_id()?,
-        crate::routers::host_name()
+        crate::host_name()
     );
     let daemon = Arc::new(Daemon {
         store,
@@ -82,7 +87,7 @@ pub async fn serve(
         held: Arc::new(Mutex::new(HashMap::new())),
         token: config.token,
         running: Mutex::new(HashMap::new()),
-        hosted: hosted::Hosted::default(),
+        hosted: hosted::Hosted::new(config.router_host),
         telemetry: Arc::new(Telemetry::default()),
     });
     daemon.resume_all().await?;

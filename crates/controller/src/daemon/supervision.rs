@@ -3,23 +3,22 @@
 //! when the daemon starts.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::mpsc;
 
-use coalmine_rollout::{Event, EventLevel, Input, Phase, Status};
-use coalmine_spec::rollout::{Rollout, Target};
+use coalmine_rollout::{Event, EventLevel, Input, Phase, Status, TrafficFault};
+use coalmine_spec::rollout::Rollout;
 use coalmine_spec::Weight;
 
 use super::hosted::StartError;
 use super::Daemon;
-use crate::driver::{now_ms, Driver, DriverError};
+use crate::driver::{now_ms, Driver, Seams};
 use crate::report::Held;
-use crate::routers::RouterError;
 use crate::state::sqlite::{Store, StoreError};
 use crate::state::{StateError, StateStore};
 use crate::telemetry::Telemetry;
+use crate::traffic::{owner, TrafficBackend};
 use crate::{BoxFuture, Runner, Unrunnable};
 
 /// A rollout's task: its driver while the run goes on, then the keeper of its routers.
@@ -30,6 +29,8 @@ pub(super) struct Running {
     /// The running spec (its `rollbackOnAlerts`, its routers).
     pub(super) rollout: Arc<Rollout>,
     pub(super) control: mpsc::Sender<Input>,
+    /// What carries its traffic (released when the rollout is deleted).
+    pub(super) traffic: Arc<dyn TrafficBackend>,
     pub(super) task: tokio::task::JoinHandle<()>,
 }
 
@@ -42,7 +43,7 @@ pub(super) enum ApplyError {
     /// The rollout cannot run as things stand (its routers are not Coalmine routers, or are
     /// driven by someone else): the user's to fix.
     #[error(transparent)]
-    Refused(#[from] RouterError),
+    Refused(#[from] TrafficFault),
     /// Its versions or hosted router did not start, or the driver refused it.
     #[error(transparent)]
     Start(#[from] SpawnError),
@@ -58,7 +59,7 @@ pub(super) enum SpawnError {
     #[error(transparent)]
     Start(#[from] StartError),
     #[error(transparent)]
-    Driver(#[from] DriverError),
+    Driver(#[from] Unrunnable),
     #[error(transparent)]
     State(#[from] StateError),
     #[error("the state file holds no step of run {0}")]
@@ -123,47 +124,6 @@ impl StateStore for RunState {
             stored.filter(|s| s.run == self.run).map(|s| s.status)
         })))
     }
-}
-
-/// What the driver would refuse, found without starting anything.
-pub(super) fn check_runnable(r: &Rollout) -> Result<(), CheckError> {
-    crate::targets::check(r, Runner::Serve)?;
-    if r.spec.routers.is_empty() && r.spec.router.is_none() {
-        return Err(Unrunnable {
-            field: "routers".into(),
-            message: "list at least one router admin address, or host one with spec.router".into(),
-        }
-        .into());
-    }
-    if let Some(hosted) = &r.spec.router {
-        hosted
-            .listen
-            .parse::<SocketAddr>()
-            .map_err(CheckError::Listen)?;
-    }
-    if let (Some(Target::Url(stable)), Some(Target::Url(canary))) = (&r.spec.stable, &r.spec.canary)
-    {
-        crate::routers::Upstreams::new(
-            &r.metadata.name,
-            stable.as_str(),
-            canary.as_str(),
-            &r.spec.analysis,
-            &r.spec.preview,
-        )
-        .map_err(CheckError::Routes)?;
-    }
-    Ok(())
-}
-
-/// Why a rollout cannot run under `serve`.
-#[derive(Debug, thiserror::Error)]
-pub(super) enum CheckError {
-    #[error(transparent)]
-    Unrunnable(#[from] Unrunnable),
-    #[error("spec.router.listen: {0}")]
-    Listen(std::net::AddrParseError),
-    #[error("{0}")]
-    Routes(String),
 }
 
 /// The routers a rollout drives, as comparable names: admin URLs, and hosted routers' traffic
@@ -271,7 +231,7 @@ impl Daemon {
         // Started (processes ready) and saved before the old run stops: a failure leaves the
         // old run be.
         let driver = self.driver(&rollout, None).await?;
-        driver.claim_routers().await?;
+        driver.claim().await?;
         let message = match action {
             "restarted" => "New revision applied: analysis restarted from the beginning",
             _ => "Rollout applied",
@@ -303,7 +263,9 @@ impl Daemon {
         status: Option<Status>,
     ) -> Result<Driver, SpawnError> {
         let effective = self.hosted.start(rollout).await?;
-        Ok(Driver::new(&effective, status, &self.controller)?)
+        let owner = owner(&rollout.metadata.name, &self.controller);
+        let seams = Seams::open(&effective, Runner::Serve, &owner)?;
+        Ok(Driver::new(&effective, status, seams)?)
     }
 
     fn run_state(&self, name: &str, run: i64, counted: bool) -> RunState {
@@ -334,6 +296,7 @@ impl Daemon {
         let daemon = self.clone();
         let task_name = name.clone();
         let started_ms = driver.status().started_ms;
+        let traffic = driver.traffic();
         let task = tokio::spawn(async move {
             let outcome = driver.run(inputs, &mut state).await;
             if driver.settled() {
@@ -361,6 +324,7 @@ impl Daemon {
                 started_ms,
                 rollout: Arc::new(rollout),
                 control,
+                traffic,
                 task,
             },
         );

@@ -111,7 +111,7 @@ impl ManagedProcess {
             match client.get(&url).send().await {
                 Ok(resp) if resp.status().is_success() => return Ok(()),
                 Ok(resp) => last = format!("answered {}", resp.status()),
-                Err(e) => last = crate::routers::reqwest_reason(&e),
+                Err(e) => last = crate::http::reqwest_reason(&e),
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
