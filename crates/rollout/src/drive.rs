@@ -99,7 +99,10 @@ impl Machine {
                 self.undo(before);
                 return Err(NotSaved { input, error });
             }
-            if let Err(TrafficFault::Refused(reason)) = world.route(self).await {
+            let routed = world.route(self).await;
+            // Once the rollout has ended there is nothing left to roll back: a backend that
+            // refuses its final traffic too is the caller's to report, not a reason to loop.
+            if let (Err(TrafficFault::Refused(reason)), None) = (routed, self.outcome()) {
                 inputs.push_back(Input::RollBack {
                     reason: refused(&reason),
                 });

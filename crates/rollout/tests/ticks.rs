@@ -511,3 +511,70 @@ fn step_weight_promotion_shifts_the_rest_step_by_step() {
     }
     assert_eq!(promoting_weights, vec![50, 75]);
 }
+
+#[test]
+fn a_refused_route_change_rolls_back_at_once_even_while_a_question_is_pending() {
+    let yaml = format!(
+        "{TUTORIAL}webhooks:\n  - name: gate\n    type: confirm-promotion\n    url: http://127.0.0.1:1/gate\n"
+    );
+    let mut h = Harness::new(&yaml);
+    h.tick(&mut healthy);
+    h.tick(&mut healthy);
+    assert_eq!(h.weight(), 10);
+    let actions = h.machine.handle(
+        h.now + MINUTE,
+        Input::Tick {
+            traffic: Err(TrafficFault::Refused("409 another owner".into())),
+        },
+    );
+    assert!(actions.contains(&Action::Finished(Outcome::RolledBack)));
+    assert_eq!(h.phase(), Phase::Failed);
+    assert_eq!(
+        h.machine.status().message,
+        "Rolling back: the routers refuse the routes: 409 another owner"
+    );
+}
+
+/// A world whose traffic backend refuses every change, counting how often it was asked.
+struct Refusing {
+    routed: u32,
+}
+
+impl World for Refusing {
+    type Unsaved = std::convert::Infallible;
+    const SAVE_MAY_FAIL: bool = false;
+
+    fn now(&self) -> u64 {
+        0
+    }
+
+    fn route(&mut self, _: &Machine) -> impl Future<Output = Result<(), TrafficFault>> {
+        self.routed += 1;
+        assert!(
+            self.routed < 100,
+            "the loop keeps rolling back a rollout that has ended"
+        );
+        ready(Err(TrafficFault::Refused("not a Coalmine router".into())))
+    }
+
+    fn answer(&mut self, _: &Machine, question: Question) -> impl Future<Output = Input> {
+        ready(healthy(0, question))
+    }
+}
+
+#[test]
+fn the_driving_loop_rolls_back_once_when_the_traffic_is_refused_after_a_step() {
+    let plan = Plan::new(&analysis(TUTORIAL), 600, false);
+    let mut machine = Machine::new(plan, 0);
+    let mut world = Refusing { routed: 0 };
+    if let Err(never) = machine.drive_now(Input::Tick { traffic: Ok(()) }, &mut world) {
+        match never.error {}
+    }
+    assert_eq!(machine.outcome(), Some(Outcome::RolledBack));
+    assert_eq!(
+        machine.status().message,
+        "Rolling back: the routers refuse the routes: not a Coalmine router"
+    );
+    // The step that was refused, then the rollback, whose final traffic is refused too.
+    assert_eq!(world.routed, 2);
+}
