@@ -2,13 +2,14 @@
 //!
 //! - [`table`]: the route table in force (the contract's document, compiled).
 //! - [`route`]: the pure routing decision.
-//! - [`recorder`]: per-version counters, Prometheus text and `/stats`.
+//! - [`recorder`]: per-version counters; [`exposition`]: them as `/stats` and Prometheus text.
 //! - [`proxy`]: the HTTP proxy path around the decision (hyper: HTTP/2, upgrades, the odd
 //!   HTTP/1 request); `http1`: the plain HTTP/1.1 request, proxied in the connection's task.
 //! - [`server`]: sockets, worker threads, TLS, graceful shutdown; [`admin`] API.
 
 mod admin;
 mod drain;
+pub mod exposition;
 mod framing;
 mod http1;
 pub mod proxy;
