@@ -8,18 +8,23 @@
 //! - [`server`]: sockets, worker threads, TLS, graceful shutdown; [`admin`] API.
 
 mod admin;
+mod dispatch;
 mod drain;
 pub mod exposition;
 mod framing;
 mod http1;
-pub mod proxy;
+mod hyper_path;
+mod mirror;
 pub mod recorder;
+mod rewrite;
 pub mod route;
 pub mod server;
 pub mod table;
 mod timer;
+mod upstream;
+mod worker;
 
-pub use proxy::ProxyOptions;
 pub use route::{route, Decision, Reason, RequestView, Version};
 pub use server::{start, RouterConfig, RouterHandle, StartError, TlsFiles};
 pub use table::{MatchRule, RouteTable, RoutesDoc, StickyKey, UpstreamUrl, Weight};
+pub use worker::ProxyOptions;
