@@ -714,3 +714,408 @@ async fn refuse<I: AsyncWrite + Unpin>(io: &mut I, out: &mut Vec<u8>, e: ClientE
     }
     Next::Close
 }
+
+/// The fast path driven in-process: the client over `tokio::io::duplex`, upstreams scripted on
+/// 127.0.0.1 in this process, all on the test's single-threaded runtime like a worker's.
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+    use std::sync::Arc;
+
+    use arc_swap::ArcSwap;
+    use tokio::io::DuplexStream;
+    use tokio::net::TcpListener;
+    use tokio::sync::mpsc;
+
+    use super::*;
+    use crate::drain::Drain;
+    use crate::framing::HeadFlags;
+    use crate::recorder::Metrics;
+    use crate::route::Version;
+    use crate::table::{RoutesDoc, UpstreamUrl};
+    use crate::worker::{ClientInfo, ProxyOptions, Shared, Worker};
+
+    const LIMIT: Duration = Duration::from_secs(10);
+
+    /// What a scripted upstream does with a request.
+    enum Reply {
+        /// Answers with these bytes and keeps the connection.
+        Keep(&'static [u8]),
+        /// Answers with these bytes and closes the connection.
+        Close(&'static [u8]),
+        /// Closes the connection without a word.
+        Drop,
+    }
+
+    /// What a scripted upstream does with the `n`th request (from 0) on its `c`th connection.
+    type Script = fn(c: usize, n: usize) -> Reply;
+
+    struct Upstream {
+        url: UpstreamUrl,
+        /// Every request head (and body) it read, as text.
+        requests: mpsc::UnboundedReceiver<String>,
+        accepted: Arc<AtomicUsize>,
+    }
+
+    fn content_length(head: &str) -> usize {
+        head.lines()
+            .find_map(|l| {
+                let (name, value) = l.split_once(':')?;
+                name.eq_ignore_ascii_case("content-length")
+                    .then(|| value.trim().parse().ok())?
+            })
+            .unwrap_or(0)
+    }
+
+    /// Reads one message (head and `Content-Length` body) from `io`, after what `buf` holds;
+    /// `None` at the end of the stream.
+    async fn read_message<R: AsyncRead + Unpin>(
+        io: &mut R,
+        buf: &mut Vec<u8>,
+    ) -> Option<(String, Vec<u8>)> {
+        let mut chunk = [0u8; 4096];
+        let end = loop {
+            if let Some(end) = head_end(buf) {
+                break end;
+            }
+            match io.read(&mut chunk).await {
+                Ok(0) | Err(_) => return None,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        };
+        let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+        buf.drain(..end);
+        let want = content_length(&head);
+        while buf.len() < want {
+            match io.read(&mut chunk).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+        let body = buf.drain(..want.min(buf.len())).collect();
+        Some((head, body))
+    }
+
+    async fn upstream(script: Script) -> Upstream {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url =
+            UpstreamUrl::parse(&format!("http://{}", listener.local_addr().unwrap())).unwrap();
+        let (tx, requests) = mpsc::unbounded_channel();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = accepted.clone();
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                let c = count.fetch_add(1, SeqCst);
+                let tx = tx.clone();
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    for n in 0.. {
+                        let Some((head, body)) = read_message(&mut stream, &mut buf).await else {
+                            return;
+                        };
+                        let _ = tx.send(head + &String::from_utf8_lossy(&body));
+                        let (answer, keep) = match script(c, n) {
+                            Reply::Keep(answer) => (answer, true),
+                            Reply::Close(answer) => (answer, false),
+                            Reply::Drop => return,
+                        };
+                        if stream.write_all(answer).await.is_err() || !keep {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        Upstream {
+            url,
+            requests,
+            accepted,
+        }
+    }
+
+    fn connection(routes: RoutesDoc) -> Arc<Connection> {
+        let shared = Arc::new(Shared {
+            table: ArcSwap::from_pointee(RouteTable::new(routes, 1)),
+            metrics: Arc::new(Metrics::new("test".into(), 0)),
+            options: ProxyOptions::default(),
+        });
+        Arc::new(Connection {
+            worker: Worker::new(shared),
+            client: ClientInfo::new(
+                "10.9.8.7:4000".parse().unwrap(),
+                false,
+                HeadFlags::new(1024),
+            ),
+        })
+    }
+
+    fn stable_only(url: &UpstreamUrl) -> Arc<Connection> {
+        connection(RoutesDoc::stable_only(url.clone()))
+    }
+
+    /// Serves a client connection on the fast path; the client's end, and how serving ended.
+    fn serve_client(conn: &Arc<Connection>) -> (DuplexStream, tokio::task::JoinHandle<Ended>) {
+        let (client, mut server) = tokio::io::duplex(64 * 1024);
+        let conn = conn.clone();
+        let served = tokio::spawn(async move {
+            let drain = Drain::default();
+            let mut guard = drain.enter();
+            let limits = Limits {
+                header_read_timeout: LIMIT,
+                idle_timeout: LIMIT,
+                max_header_bytes: 16 * 1024,
+            };
+            serve(&mut server, &conn, &limits, &mut guard).await
+        });
+        (client, served)
+    }
+
+    /// Sends a request and reads its answer.
+    async fn ask(client: &mut DuplexStream, request: &[u8]) -> (String, Vec<u8>) {
+        client.write_all(request).await.unwrap();
+        let mut buf = Vec::new();
+        let answer = tokio::time::timeout(LIMIT, read_message(client, &mut buf)).await;
+        answer.unwrap().expect("an answer")
+    }
+
+    fn status(head: &str) -> u16 {
+        head[9..12].parse().unwrap()
+    }
+
+    fn stats(conn: &Connection, version: Version) -> crate::recorder::VersionSnapshot {
+        let s = conn.worker.shared.metrics.snapshot();
+        let [stable, canary] = s.versions;
+        match version {
+            Version::Stable => stable,
+            Version::Canary => canary,
+        }
+    }
+
+    const OK: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: keep-alive\r\nKeep-Alive: timeout=5\r\n\r\nok";
+
+    #[tokio::test]
+    async fn a_request_goes_upstream_rewritten_and_comes_back_counted_on_kept_alive_connections() {
+        let mut up = upstream(|_, _| Reply::Keep(OK)).await;
+        let conn = stable_only(&up.url);
+        let (mut client, served) = serve_client(&conn);
+        let get = b"GET /a?b=1 HTTP/1.1\r\nHost: shop\r\nConnection: keep-alive\r\nX-Forwarded-For: 10.0.0.1\r\n\r\n";
+        for _ in 0..3 {
+            let (head, body) = ask(&mut client, get).await;
+            assert_eq!((status(&head), body.as_slice()), (200, &b"ok"[..]));
+            assert_eq!(
+                head, "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n",
+                "hop-by-hop headers cross"
+            );
+            assert_eq!(
+                up.requests.recv().await.unwrap(),
+                "GET /a?b=1 HTTP/1.1\r\nHost: shop\r\nx-forwarded-for: 10.0.0.1, 10.9.8.7\r\nx-forwarded-proto: http\r\n\r\n"
+            );
+        }
+        assert_eq!(
+            up.accepted.load(SeqCst),
+            1,
+            "one upstream connection, kept alive"
+        );
+        let stable = stats(&conn, Version::Stable);
+        assert_eq!(stable.statuses[&200], 3);
+        assert_eq!(stable.latency.len(), 3);
+        drop(client);
+        assert!(matches!(served.await.unwrap(), Ended::Closed));
+    }
+
+    /// Answers a connection's first request, and closes it without a word when the next one
+    /// arrives: an upstream's idle timeout striking just as the router reuses the connection.
+    fn drop_second(_: usize, n: usize) -> Reply {
+        match n {
+            0 => Reply::Keep(OK),
+            _ => Reply::Drop,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_connection_closed_under_the_routers_feet_costs_an_idempotent_request_nothing_and_a_post_its_answer(
+    ) {
+        let up = upstream(drop_second).await;
+        let conn = stable_only(&up.url);
+        let (mut client, _served) = serve_client(&conn);
+        let get = b"GET / HTTP/1.1\r\nHost: a\r\n\r\n";
+        assert_eq!(status(&ask(&mut client, get).await.0), 200);
+        // Sent on the kept-alive connection, which closes: again, once, on a new connection.
+        assert_eq!(status(&ask(&mut client, get).await.0), 200);
+        assert_eq!(up.accepted.load(SeqCst), 2);
+        // The upstream may have acted on a POST it read: never sent twice, the version's 502.
+        let post = b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\nhello";
+        let (head, body) = ask(&mut client, post).await;
+        assert_eq!(status(&head), 502);
+        assert_eq!(
+            String::from_utf8(body).unwrap(),
+            format!(
+                "stable upstream {}: upstream closed the connection before answering\n",
+                up.url
+            )
+        );
+        assert_eq!(up.accepted.load(SeqCst), 2, "the POST went out once");
+        let stable = stats(&conn, Version::Stable);
+        assert_eq!((stable.statuses[&200], stable.statuses[&502]), (2, 1));
+        assert_eq!(stable.retries, 1);
+        assert_eq!(stable.failures[UpstreamFailure::Protocol as usize], 1);
+    }
+
+    #[tokio::test]
+    async fn the_first_request_the_fast_path_does_not_take_goes_to_hyper_with_every_byte_read() {
+        let mut up = upstream(|_, _| Reply::Keep(OK)).await;
+        let conn = stable_only(&up.url);
+        let (mut client, served) = serve_client(&conn);
+        let upgrade = b"GET /ws HTTP/1.1\r\nHost: a\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\nafter";
+        let mut pipelined = b"GET /1 HTTP/1.1\r\nHost: a\r\n\r\n".to_vec();
+        pipelined.extend_from_slice(upgrade);
+        client.write_all(&pipelined).await.unwrap();
+        let mut buf = Vec::new();
+        let (head, _) = read_message(&mut client, &mut buf).await.unwrap();
+        assert_eq!(status(&head), 200, "the first is the fast path's");
+        assert!(up.requests.recv().await.unwrap().starts_with("GET /1 "));
+        match served.await.unwrap() {
+            Ended::Handoff { read } => assert_eq!(read.as_ref(), &upgrade[..]),
+            Ended::Closed => panic!("closed instead of handed over"),
+        }
+        assert_eq!(stats(&conn, Version::Stable).statuses[&200], 1);
+
+        let (mut client, served) = serve_client(&conn);
+        let http10 = b"GET / HTTP/1.0\r\n\r\n";
+        client.write_all(http10).await.unwrap();
+        match served.await.unwrap() {
+            Ended::Handoff { read } => assert_eq!(read.as_ref(), &http10[..]),
+            Ended::Closed => panic!("closed instead of handed over"),
+        }
+    }
+
+    #[tokio::test]
+    async fn an_answer_the_upstream_breaks_off_is_the_versions_502_and_the_client_connection_closes(
+    ) {
+        let up = upstream(|_, _| Reply::Close(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc"))
+            .await;
+        let conn = stable_only(&up.url);
+        let (mut client, served) = serve_client(&conn);
+        client
+            .write_all(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+            .await
+            .unwrap();
+        let mut seen = Vec::new();
+        tokio::time::timeout(LIMIT, client.read_to_end(&mut seen))
+            .await
+            .unwrap()
+            .unwrap();
+        let seen = String::from_utf8(seen).unwrap();
+        assert_eq!(
+            seen, "HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc",
+            "then the end"
+        );
+        assert!(matches!(served.await.unwrap(), Ended::Closed));
+        let stable = stats(&conn, Version::Stable);
+        assert_eq!(
+            stable.statuses.get(&200),
+            None,
+            "the client never got a whole 200"
+        );
+        assert_eq!(stable.statuses[&502], 1);
+        assert_eq!(stable.failures[UpstreamFailure::Body as usize], 1);
+    }
+
+    #[tokio::test]
+    async fn the_clients_failures_are_answered_and_never_counted_against_a_version() {
+        let up = upstream(|_, _| Reply::Keep(OK)).await;
+        let conn = stable_only(&up.url);
+        let (mut client, served) = serve_client(&conn);
+        let bad = b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n";
+        let (head, body) = ask(&mut client, bad).await;
+        assert_eq!(status(&head), 400);
+        assert!(head.contains("connection: close"), "{head}");
+        assert_eq!(body, b"malformed chunked body\n");
+        assert!(matches!(served.await.unwrap(), Ended::Closed));
+
+        // A body that breaks off after its head went upstream: nobody to answer.
+        let (mut client, served) = serve_client(&conn);
+        client
+            .write_all(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 100\r\n\r\npart")
+            .await
+            .unwrap();
+        client.shutdown().await.unwrap();
+        let mut seen = Vec::new();
+        client.read_to_end(&mut seen).await.unwrap();
+        assert_eq!(seen, b"", "nothing to answer a client that left");
+        assert!(matches!(served.await.unwrap(), Ended::Closed));
+
+        let stable = stats(&conn, Version::Stable);
+        assert!(stable.statuses.is_empty(), "{:?}", stable.statuses);
+        assert_eq!(stable.failures, [0; 4]);
+    }
+
+    #[tokio::test]
+    async fn an_upstream_that_cannot_be_reached_is_its_versions_502_and_the_client_may_go_on() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url =
+            UpstreamUrl::parse(&format!("http://{}", listener.local_addr().unwrap())).unwrap();
+        drop(listener);
+        let conn = stable_only(&url);
+        let (mut client, _served) = serve_client(&conn);
+        let get = b"GET / HTTP/1.1\r\nHost: a\r\n\r\n";
+        for _ in 0..2 {
+            let (head, body) = ask(&mut client, get).await;
+            assert_eq!(status(&head), 502);
+            assert!(!head.contains("connection: close"), "{head}");
+            let body = String::from_utf8(body).unwrap();
+            assert!(
+                body.starts_with(&format!("stable upstream {url}: connect: ")),
+                "{body}"
+            );
+        }
+        let stable = stats(&conn, Version::Stable);
+        assert_eq!(stable.statuses[&502], 2);
+        assert_eq!(stable.failures[UpstreamFailure::Connect as usize], 2);
+    }
+
+    #[tokio::test]
+    async fn a_mirrored_request_reaches_the_canary_as_a_marked_copy_counted_apart() {
+        let mut stable = upstream(|_, _| Reply::Keep(OK)).await;
+        let mut canary = upstream(|_, _| {
+            Reply::Keep(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n")
+        })
+        .await;
+        let mut routes = RoutesDoc::stable_only(stable.url.clone());
+        routes.canary = Some(canary.url.clone());
+        routes.mirror = crate::table::Weight::FULL;
+        let conn = connection(routes);
+        let (mut client, _served) = serve_client(&conn);
+        let (head, _) = ask(&mut client, b"GET /m HTTP/1.1\r\nHost: a\r\n\r\n").await;
+        assert_eq!(status(&head), 200, "the client gets stable's answer");
+        assert!(stable.requests.recv().await.unwrap().starts_with("GET /m "));
+        let copy = canary.requests.recv().await.unwrap();
+        assert!(copy.starts_with("GET /m HTTP/1.1\r\n"), "{copy}");
+        assert!(copy.contains("x-coalmine-mirror: true\r\n"), "{copy}");
+        assert!(copy.contains("x-forwarded-for: 10.9.8.7\r\n"), "{copy}");
+        // The copy's answer is counted once the mirror task has read it.
+        let metrics = &conn.worker.shared.metrics;
+        for _ in 0..1000 {
+            if metrics.snapshot().mirror.statuses.contains_key(&503) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let s = metrics.snapshot();
+        assert_eq!(s.mirror.statuses.get(&503), Some(&1));
+        assert!(
+            s.versions[Version::Canary.index()].statuses.is_empty(),
+            "a copy is not a canary request"
+        );
+
+        // A request with a body is not copied: it would have to be buffered whole.
+        let post = b"POST /m HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\n\r\nhi";
+        assert_eq!(status(&ask(&mut client, post).await.0), 200);
+        assert_eq!(
+            metrics
+                .mirror_skipped_body
+                .load(std::sync::atomic::Ordering::Relaxed),
+            1
+        );
+    }
+}
