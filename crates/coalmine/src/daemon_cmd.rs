@@ -4,12 +4,14 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Args;
 use serde_json::{json, Value};
 
-use coalmine_controller::daemon::{self, DaemonConfig};
+use coalmine_controller::daemon::{self, DaemonConfig, HostedRouter, RouterHost};
+use coalmine_router::{RouterConfig, RouterHandle, RoutesDoc};
 
 use crate::rollout_cmd::{load_inputs, spec_errors, OutputFormat};
 use crate::BadInput;
@@ -52,6 +54,7 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
             api: args.api,
             state: args.state.clone(),
             token,
+            router_host: Some(Arc::new(InProcessRouters)),
         },
         |addr| {
             outln!("coalmine serve: api={addr} state={}", args.state.display());
@@ -62,11 +65,39 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         Ok(()) => Ok(ExitCode::SUCCESS),
         // A state file that is not Coalmine's is the user's to sort out.
         Err(
-            e @ daemon::DaemonError::Store(coalmine_controller::store::StoreError::NotOurs {
-                ..
-            }),
+            e @ daemon::DaemonError::Store(
+                coalmine_controller::state::sqlite::StoreError::NotOurs { .. },
+            ),
         ) => Err(BadInput(format!("--state {e}")).into()),
         Err(e) => Err(e.into()),
+    }
+}
+
+/// `serve` hosts the routers rollouts ask for (`spec.router`) in its own process.
+struct InProcessRouters;
+
+/// A router running inside `serve`.
+struct InProcessRouter(RouterHandle);
+
+impl RouterHost for InProcessRouters {
+    fn start(
+        &self,
+        listen: SocketAddr,
+        admin: SocketAddr,
+        routes: RoutesDoc,
+    ) -> Result<Box<dyn HostedRouter>, Box<dyn std::error::Error + Send + Sync>> {
+        let handle = coalmine_router::start(RouterConfig::embedded(listen, admin, routes))?;
+        Ok(Box::new(InProcessRouter(handle)))
+    }
+}
+
+impl HostedRouter for InProcessRouter {
+    fn admin(&self) -> SocketAddr {
+        self.0.admin
+    }
+
+    fn shut_down(self: Box<Self>) {
+        self.0.shutdown();
     }
 }
 
@@ -130,7 +161,7 @@ impl Client {
                 anyhow::anyhow!(
                     "{}: {}",
                     self.api,
-                    coalmine_controller::routers::reqwest_reason(&e)
+                    coalmine_controller::http::reqwest_reason(&e)
                 )
             })?;
             let status = resp.status();

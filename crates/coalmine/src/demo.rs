@@ -15,13 +15,15 @@ use clap::{Args, ValueEnum};
 use serde_json::json;
 use tokio::sync::mpsc;
 
-use coalmine_controller::{driver::now_ms, Driver, Sink};
+use coalmine_controller::traffic::owner;
+use coalmine_controller::{driver::now_ms, Driver, Runner, Seams};
 use coalmine_rollout::{Action, Event, Input, Machine, Outcome, Plan, Status, Strategy};
 use coalmine_router::{RouterConfig, RoutesDoc, UpstreamUrl};
 use coalmine_sim::{run_once, simulated_analysis, Decision, Rng, RunResult, Semantics};
 use coalmine_spec::duration::{format_duration, Dur};
 use coalmine_spec::rollout::{Analysis, Rollout};
 use coalmine_spec::scenario::{Behaviour, Latency, Scenario as Traffic, TrafficShape};
+use coalmine_spec::Weight;
 
 use crate::rollout_cmd::{OutputFormat, Reporter};
 use crate::upstream::{serve, Upstream, UpstreamArgs};
@@ -174,7 +176,7 @@ async fn generate_traffic(url: String, rps: u32, seen: Arc<Seen>, stop: Arc<Atom
 /// demo's one change to the timeline is visible: the next tick — "Starting canary analysis", the
 /// first step — is due at once instead of one interval later, as in Flagger and `coalmine run`.
 /// The driver continues from the returned status; everything after runs as written.
-fn first_step_at_once(rollout: &Rollout, sink: &mut dyn Sink) -> Status {
+fn first_step_at_once(rollout: &Rollout, reporter: &mut Reporter) -> Status {
     let spec = &rollout.spec;
     let plan = Plan::new(
         &spec.analysis,
@@ -191,9 +193,10 @@ fn first_step_at_once(rollout: &Rollout, sink: &mut dyn Sink) -> Status {
             _ => None,
         })
         .collect();
-    let _ = sink.record(&machine.status, &events);
-    machine.status.next_tick_ms = Some(now);
-    machine.status
+    reporter.print(machine.status(), &events);
+    let mut status = machine.status().clone();
+    status.next_tick_ms = Some(now);
+    status
 }
 
 /// The demo's traffic as the simulator sees it: the generator's rate, v1 without errors, v2
@@ -242,10 +245,7 @@ fn describe(analysis: &Analysis, plan: &Plan) -> String {
         format!("threshold {}", plan.threshold),
     ];
     if let Strategy::Canary { ladder, .. } = &plan.strategy {
-        let steps: Vec<String> = ladder
-            .iter()
-            .map(|bp| format!("{}", f64::from(*bp) / 100.0))
-            .collect();
+        let steps: Vec<String> = ladder.iter().map(|w| format!("{}", w.percent())).collect();
         parts.push(format!("steps {} %", steps.join(" → ")));
     }
     for check in &analysis.metrics {
@@ -257,7 +257,7 @@ fn describe(analysis: &Analysis, plan: &Plan) -> String {
         if let Some(max) = range.max {
             bounds.push(format!("max {max}"));
         }
-        let window = check.interval.map_or("1m".into(), |d| format_duration(d.0));
+        let window = format_duration(check.window());
         parts.push(format!(
             "{} {} over {window}",
             check.name,
@@ -316,7 +316,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
         let demo_only = match args.scenario {
             Scenario::Bad => format!(
                 "the first step (to {} %) comes at once, where Flagger and `coalmine run` take it one interval ({interval}) after the rollout starts; every check, threshold and later step is the seed's",
-                plan.next_weight(0).unwrap_or(0) / 100
+                plan.next_weight(Weight::ZERO).map_or(0, |w| w.basis_points() / 100)
             ),
             Scenario::Healthy => format!(
                 "the interval is {HEALTHY_INTERVAL}, not the seed's {SEED_INTERVAL}, so the promotion takes seconds, and the first step comes at once"
@@ -356,7 +356,8 @@ pub fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
         ));
         let mut reporter = Reporter::new("payment-service", args.output);
         let status = first_step_at_once(&rollout, &mut reporter);
-        let mut driver = Driver::new(&rollout, Some(status), "coalmine demo")?;
+        let seams = Seams::open(&rollout, Runner::Run, &owner("payment-service", "coalmine demo"))?;
+        let mut driver = Driver::new(&rollout, Some(status), seams)?;
         let (_control, inputs) = mpsc::channel(1);
         let outcome = tokio::time::timeout(Duration::from_secs(90), driver.run(inputs, &mut reporter))
             .await

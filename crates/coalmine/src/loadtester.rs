@@ -34,7 +34,7 @@ use serde_json::{json, Value};
 use tokio::sync::{watch, Semaphore};
 use tokio::time::MissedTickBehavior;
 
-use coalmine_controller::routers::reqwest_reason;
+use coalmine_controller::http::reqwest_reason;
 use coalmine_spec::{format_duration, parse_duration};
 
 use command::{parse_hey, split_words, Hey};

@@ -9,12 +9,12 @@ use tokio::sync::mpsc;
 
 use coalmine_controller::report::metrics_json;
 use coalmine_controller::time::rfc3339;
-use coalmine_controller::{Driver, Sink};
+use coalmine_controller::traffic::owner;
+use coalmine_controller::{BoxFuture, Driver, Runner, Seams, StateError, StateStore};
 use coalmine_rollout::{Event, EventLevel, Input, Outcome, Status};
 use coalmine_spec::documents::{self, Document, DocumentSet, Note};
 use coalmine_spec::flagger::{HostPort, Placement};
 use coalmine_spec::rollout::{HttpUrl, Rollout, Target};
-use coalmine_spec::weight::basis_points_to_percent;
 use coalmine_spec::SpecError;
 
 use crate::BadInput;
@@ -410,15 +410,17 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let controller = format!(
         "coalmine run, pid {} on {}",
         std::process::id(),
-        coalmine_controller::routers::host_name()
+        coalmine_controller::host_name()
     );
-    let mut driver = Driver::new(&rollout, None, &controller)
+    let owner = owner(&rollout.metadata.name, &controller);
+    let mut driver = Seams::open(&rollout, Runner::Run, &owner)
+        .and_then(|seams| Driver::new(&rollout, None, seams))
         .map_err(|e| BadInput(format!("{}: {e}", args.files[0])))?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     // Before anything moves: the routers must be Coalmine routers no other rollout drives.
-    rt.block_on(driver.claim_routers())
+    rt.block_on(driver.claim())
         .map_err(|e| BadInput(format!("{}: {e}", rollout.metadata.name)))?;
     let mut reporter = Reporter::new(&rollout.metadata.name, args.output);
     let outcome = rt.block_on(async {
@@ -438,7 +440,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         // free for the next rollout. Not if they did not take those routes: then they stay
         // this rollout's, and another is refused until someone looks.
         if driver.settled() {
-            if let Err(e) = driver.release_routers().await {
+            if let Err(e) = driver.release().await {
                 tracing::warn!("the routers carry the final routes but were not freed: {e}");
             }
         }
@@ -508,7 +510,7 @@ impl Reporter {
                     "rollout": self.name,
                     "outcome": outcome,
                     "phase": status.phase,
-                    "canaryWeight": basis_points_to_percent(status.canary_weight),
+                    "canaryWeight": status.canary_weight.percent(),
                     "failedChecks": status.failed_checks,
                     "routersUpdated": settled,
                     "durationSeconds": (status.last_transition_ms.saturating_sub(status.started_ms)) as f64 / 1000.0,
@@ -529,10 +531,27 @@ impl Reporter {
     }
 }
 
-impl Sink for Reporter {
+/// `run`'s state store is the terminal: it prints every step and keeps nothing, so a run does
+/// not resume.
+impl StateStore for Reporter {
+    fn save<'a>(
+        &'a mut self,
+        status: &'a Status,
+        events: &'a [Event],
+    ) -> BoxFuture<'a, Result<(), StateError>> {
+        self.print(status, events);
+        Box::pin(std::future::ready(Ok(())))
+    }
+
+    fn load(&self) -> BoxFuture<'_, Result<Option<Status>, StateError>> {
+        Box::pin(std::future::ready(Ok(None)))
+    }
+}
+
+impl Reporter {
     /// Never fails: what a terminal or pipe does with the output cannot stop a rollout (a closed
     /// pipe only ends the printing).
-    fn record(&mut self, status: &Status, events: &[Event]) -> Result<(), String> {
+    pub fn print(&mut self, status: &Status, events: &[Event]) {
         for event in events {
             match self.format {
                 OutputFormat::Json => outln!(
@@ -542,7 +561,7 @@ impl Sink for Reporter {
                         "rollout": self.name,
                         "level": event.level,
                         "phase": event.phase,
-                        "canaryWeight": basis_points_to_percent(event.weight),
+                        "canaryWeight": event.weight.percent(),
                         "failedChecks": status.failed_checks,
                         "message": event.message,
                         "metrics": metrics_json(&status.metrics),
@@ -558,7 +577,7 @@ impl Sink for Reporter {
                         "{} {mark} {:<16} {:>5}%  {}",
                         &rfc3339(event.time_ms)[11..23],
                         event.phase.as_str(),
-                        basis_points_to_percent(event.weight),
+                        event.weight.percent(),
                         event.message
                     );
                     match &self.bar {
@@ -569,13 +588,12 @@ impl Sink for Reporter {
             }
         }
         if let Some(bar) = &self.bar {
-            bar.set_position(u64::from(status.canary_weight / 100));
+            bar.set_position(u64::from(status.canary_weight.basis_points() / 100));
             bar.set_message(format!(
                 "{} ({} failed)",
                 status.phase.as_str(),
                 status.failed_checks
             ));
         }
-        Ok(())
     }
 }

@@ -1,54 +1,60 @@
-//! Drives one rollout's state machine on the wall clock: ticks at the times it asks for, answers
-//! its questions (webhooks, metrics), keeps the routers in line with its traffic, and hands every
-//! change to a [`Sink`] (the terminal for `run`, SQLite for `serve`).
+//! Drives one rollout's state machine on a clock: ticks at the times it asks for, answers its
+//! questions (webhooks, metrics), keeps the traffic backend in line with its traffic, and saves
+//! every step to a [`StateStore`] (the terminal for `run`, SQLite for `serve`) before acting on
+//! it. What it touches outside, it touches through the seams it holds ([`Seams`]), never by
+//! name.
 
 use std::collections::VecDeque;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::sync::mpsc;
 
 use coalmine_judge::Reading;
 use coalmine_rollout::{
-    builtin_reading, Action, Event, EventLevel, Input, Machine, Observation, Outcome, Plan,
-    Question, Status, Traffic,
+    Event, EventLevel, Input, Machine, NotSaved, Observation, Outcome, Phase, Plan, Question,
+    Status, Traffic, TrafficFault, Window, World,
 };
-use coalmine_spec::rollout::{MetricCheck, Rollout, Target};
+use coalmine_spec::rollout::{HookKind, MetricCheck, Rollout};
 
+use crate::observations::{self, ObservationSource, ObserveError};
 use crate::providers::Providers;
-use crate::routers::{owner, RouterError, RouterSet, Upstreams};
+use crate::state::{StateError, StateStore};
+use crate::time::Clock;
+use crate::traffic::{self, TrafficBackend};
 use crate::webhooks::Hooks;
-use crate::window::StatsWindow;
+use crate::{Runner, Unrunnable};
 
-/// Flagger's default window for a metric without `interval`.
-const DEFAULT_METRIC_WINDOW_MS: u64 = 60_000;
-
-/// Milliseconds since the Unix epoch: the only clock the runtime reads.
-pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
-
-/// Where a driver reports. `record` is called after every input, before any action is carried
-/// out, so what is persisted is never behind what the routers were told. An error means the
-/// step was not saved: the driver then acts on nothing of it, holds, and tries again.
-pub trait Sink: Send {
-    fn record(&mut self, status: &Status, events: &[Event]) -> Result<(), String>;
-}
-
-#[derive(Debug, thiserror::Error)]
-pub enum DriverError {
-    #[error("spec.{field}: {message}")]
-    Unsupported { field: String, message: String },
-    #[error("{0}")]
-    Invalid(String),
-}
+pub use crate::time::now_ms;
 
 /// How often a driver that could not save a step tries again.
 const SAVE_RETRY_MS: u64 = 1000;
-/// How often a finished rollout's routers are checked (a restarted router is put right).
+/// How often a finished rollout's traffic is checked (a restarted router is put right).
 const KEEP_EVERY_MS: u64 = 2000;
+
+/// What a driver touches outside the machine, chosen for the rollout at run time.
+pub struct Seams {
+    /// Carries the traffic (shared: `serve` releases it when a rollout is deleted).
+    pub traffic: Arc<dyn TrafficBackend>,
+    /// Counts both versions' answers.
+    pub observations: Box<dyn ObservationSource>,
+    /// The wall clock, or tokio's in tests that run a rollout in virtual time.
+    pub clock: Clock,
+}
+
+impl Seams {
+    /// The registered traffic backend and observation source that take `rollout` (checked
+    /// for `runner` first), driven on behalf of `owner` (see [`traffic::owner`]).
+    pub fn open(rollout: &Rollout, runner: Runner, owner: &str) -> Result<Seams, Unrunnable> {
+        crate::check(rollout, runner)?;
+        Ok(Seams {
+            traffic: traffic::open(rollout, runner, owner)?.into(),
+            observations: observations::open(rollout)?,
+            clock: Clock::Wall,
+        })
+    }
+}
 
 /// Steps that could not be saved, since when, and when to try again. Meanwhile the driver
 /// does nothing.
@@ -61,25 +67,40 @@ struct Unsaved {
 
 pub struct Driver {
     machine: Machine,
-    upstreams: Upstreams,
-    routers: RouterSet,
-    window: StatsWindow,
-    hooks: Hooks,
-    checks: Vec<MetricCheck>,
-    providers: Providers,
-    /// The traffic the routers last accepted.
-    applied: Option<Traffic>,
+    edge: Edge,
     sample_every_ms: u64,
-    /// Counts sampled since the sequential judges last saw them (samples taken to answer an
-    /// analysis count too, so no request is left out).
-    unobserved: Observation,
     /// Set while the last step could not be saved.
     unsaved: Option<Unsaved>,
     /// Commands (abort, promote, an alert's rollback...) whose step could not be saved yet.
     unsaved_inputs: VecDeque<Input>,
-    /// Each router's `instance` at the last sample: a new one means it restarted and lost its
-    /// table.
-    instances: Vec<String>,
+}
+
+/// What the machine's steps touch: the traffic backend, the counts, the webhooks and the
+/// metric providers.
+struct Edge {
+    traffic: Arc<dyn TrafficBackend>,
+    observations: Box<dyn ObservationSource>,
+    clock: Clock,
+    /// Both versions' counts per sample, for the built-in metrics.
+    window: Window,
+    /// When the last sample was taken: where the next step begins.
+    last_sample_ms: Option<u64>,
+    hooks: Hooks,
+    checks: Vec<MetricCheck>,
+    providers: Providers,
+    /// The traffic the backend last accepted.
+    applied: Option<Traffic>,
+    /// Counts sampled since the sequential judges last saw them (samples taken to answer an
+    /// analysis count too, so no request is left out).
+    unobserved: Observation,
+}
+
+/// The driver as the machine's world for one input: the edge, and the store every step is
+/// saved to first.
+struct Stepping<'a> {
+    edge: &'a mut Edge,
+    store: &'a mut dyn StateStore,
+    unsaved: &'a mut Option<Unsaved>,
 }
 
 /// A stable identity of the rollout's spec, sent to webhooks as Flagger's `checksum`.
@@ -88,36 +109,37 @@ pub fn checksum(rollout: &Rollout) -> String {
     format!("{:016x}", xxhash_rust::xxh3::xxh3_64(text.as_bytes()))
 }
 
-fn url_of(target: &Option<Target>, field: &str) -> Result<String, DriverError> {
-    match target {
-        Some(Target::Url(u)) => Ok(u.to_string()),
-        None => Err(DriverError::Unsupported {
-            field: field.to_string(),
-            message: "the version's url is needed to run the rollout".into(),
-        }),
-        Some(Target::Command { .. }) => Err(DriverError::Unsupported {
-            field: field.to_string(),
-            message: "a command target needs `coalmine serve`, which keeps the process running after the rollout; give a url here".into(),
-        }),
-    }
-}
-
 impl Driver {
-    /// A driver for a new rollout (`status` None) or one continuing from persisted state.
-    /// `controller` says which controller drives it (`coalmine run, pid 4242 on build-7`): the
-    /// routers refuse the route changes of any other (see [`crate::routers::owner`]).
+    /// What the driver itself needs of a rollout: every metric that is not built in has its
+    /// provider and query.
+    pub fn check(rollout: &Rollout) -> Result<(), Unrunnable> {
+        match rollout
+            .spec
+            .analysis
+            .metrics
+            .iter()
+            .find(|c| !c.is_builtin() && (c.query.is_none() || c.provider.is_none()))
+        {
+            Some(check) => Err(Unrunnable {
+                field: "analysis.metrics".into(),
+                message: format!(
+                    "metric {:?} needs a provider and query (pass the file of its MetricTemplate)",
+                    check.name
+                ),
+            }),
+            None => Ok(()),
+        }
+    }
+
+    /// A driver for a new rollout (`status` None) or one continuing from persisted state,
+    /// through `seams`.
     pub fn new(
         rollout: &Rollout,
         status: Option<Status>,
-        controller: &str,
-    ) -> Result<Driver, DriverError> {
+        seams: Seams,
+    ) -> Result<Driver, Unrunnable> {
+        Self::check(rollout)?;
         let spec = &rollout.spec;
-        if spec.routers.is_empty() {
-            return Err(DriverError::Unsupported {
-                field: "routers".into(),
-                message: "list the admin address of at least one Coalmine router".into(),
-            });
-        }
         let plan = Plan::new(
             &spec.analysis,
             spec.progress_deadline_seconds,
@@ -125,29 +147,7 @@ impl Driver {
         );
         let name = &rollout.metadata.name;
         let namespace = rollout.metadata.namespace.as_deref().unwrap_or("default");
-        let upstreams = Upstreams::new(
-            name,
-            &url_of(&spec.stable, "stable")?,
-            &url_of(&spec.canary, "canary")?,
-            &spec.analysis,
-            &spec.preview,
-        )
-        .map_err(DriverError::Invalid)?;
-        if let Some(check) = spec
-            .analysis
-            .metrics
-            .iter()
-            .find(|c| !c.is_builtin() && (c.query.is_none() || c.provider.is_none()))
-        {
-            return Err(DriverError::Unsupported {
-                field: "analysis.metrics".into(),
-                message: format!(
-                    "metric {:?} needs a provider and query (pass the file of its MetricTemplate)",
-                    check.name
-                ),
-            });
-        }
-        let windows: Vec<u64> = spec.analysis.metrics.iter().map(window_ms).collect();
+        let windows: Vec<u64> = plan.checks.iter().map(|c| c.window_ms).collect();
         let longest = windows.iter().copied().max().unwrap_or(0);
         let shortest = windows
             .iter()
@@ -157,68 +157,74 @@ impl Driver {
             .unwrap_or(1000);
         let machine = match status {
             Some(status) => Machine::resume(plan, status),
-            None => {
-                let mut m = Machine::new(plan, now_ms());
-                m.status.paused = spec.suspend;
-                m
-            }
+            None => Machine::new(plan, seams.clock.now_ms()).paused(spec.suspend),
         };
         Ok(Driver {
             machine,
-            upstreams,
-            routers: RouterSet::new(spec.routers.clone(), owner(name, controller)),
-            window: StatsWindow::new(longest.max(1000)),
-            hooks: Hooks::new(
-                spec.analysis.webhooks.clone(),
-                name,
-                namespace,
-                &checksum(rollout),
-            ),
-            checks: spec.analysis.metrics.clone(),
-            providers: Providers::new(&spec.analysis.metrics),
-            applied: None,
-            // The sequential judges decide between ticks: they see the routers every second.
+            edge: Edge {
+                traffic: seams.traffic,
+                observations: seams.observations,
+                clock: seams.clock,
+                window: Window::new(longest.max(1000)),
+                last_sample_ms: None,
+                hooks: Hooks::new(
+                    spec.analysis.webhooks.clone(),
+                    name,
+                    namespace,
+                    &checksum(rollout),
+                ),
+                checks: spec.analysis.metrics.clone(),
+                providers: Providers::new(&spec.analysis.metrics),
+                applied: None,
+                unobserved: Observation::default(),
+            },
+            // The sequential judges decide between ticks: they see the counts every second.
             sample_every_ms: if spec.analysis.sequential.enabled {
                 (shortest / 4).clamp(200, 1000)
             } else {
                 (shortest / 4).clamp(200, 5000)
             },
-            unobserved: Observation::default(),
             unsaved: None,
             unsaved_inputs: VecDeque::new(),
-            instances: Vec::new(),
         })
     }
 
     pub fn status(&self) -> &Status {
-        &self.machine.status
+        self.machine.status()
     }
 
-    /// Checks, before the rollout moves anything, that its routers are Coalmine routers that no
-    /// other rollout is driving.
-    pub async fn claim_routers(&self) -> Result<(), RouterError> {
-        self.routers.claim(&self.upstreams.name).await
+    /// The traffic backend this driver drives.
+    pub fn traffic(&self) -> Arc<dyn TrafficBackend> {
+        self.edge.traffic.clone()
     }
 
-    /// Lets the routers go after the rollout, when nothing will keep them (`run` ends): they
-    /// keep the final routes, and another rollout may take them.
-    pub async fn release_routers(&self) -> Result<(), RouterError> {
-        self.routers.release().await
+    /// Checks, before the rollout moves anything, that its traffic backend is free for it (for
+    /// routers: Coalmine routers that no other rollout is driving).
+    pub fn claim(&self) -> impl Future<Output = Result<(), TrafficFault>> + Send + 'static {
+        let traffic = self.traffic();
+        async move { traffic.claim().await }
+    }
+
+    /// Lets the traffic backend go after the rollout, when nothing will keep it (`run` ends):
+    /// it keeps the final traffic, and another rollout may take it.
+    pub fn release(&self) -> impl Future<Output = Result<(), TrafficFault>> + Send + 'static {
+        let traffic = self.traffic();
+        async move { traffic.release().await }
     }
 
     /// Runs until the rollout ends; `control` carries promote/abort/pause/resume and rollbacks
-    /// from outside (alerts). Returns the outcome once the routers carry the final traffic.
+    /// from outside (alerts). Returns the outcome once the backend carries the final traffic.
     pub async fn run(
         &mut self,
         mut control: mpsc::Receiver<Input>,
-        sink: &mut dyn Sink,
+        store: &mut dyn StateStore,
     ) -> Outcome {
         // After a restart the machine may be waiting for an answer that died with the process.
-        self.answer_pending(sink).await;
-        let mut next_sample = now_ms();
+        self.answer_pending(store).await;
+        let mut next_sample = self.edge.clock.now_ms();
         let mut control_open = true;
         loop {
-            if let Some(outcome) = self.machine.status.outcome {
+            if let Some(outcome) = self.machine.outcome() {
                 // An outcome is only ever in the status once it was saved.
                 self.settle_final_traffic().await;
                 return outcome;
@@ -227,84 +233,77 @@ impl Driver {
             let wake = match waiting {
                 Some(retry_at) => retry_at,
                 None => {
-                    let due = self.machine.status.next_tick_ms.unwrap_or(u64::MAX);
+                    let due = self.machine.next_tick_ms().unwrap_or(u64::MAX);
                     due.min(next_sample)
                 }
             };
-            let sleep = Duration::from_millis(wake.saturating_sub(now_ms()));
+            let sleep = Duration::from_millis(wake.saturating_sub(self.edge.clock.now_ms()));
             tokio::select! {
                 _ = tokio::time::sleep(sleep) => {
                     if waiting.is_some() {
-                        self.try_saving_again(sink).await;
+                        self.try_saving_again(store).await;
                         continue;
                     }
-                    let now = now_ms();
+                    let now = self.edge.clock.now_ms();
                     if now >= next_sample {
-                        // A missed sample only widens the next window; the tick reports errors.
-                        let _ = self.sample().await;
+                        // A missed sample only widens the next step; the tick reports errors.
+                        let _ = self.edge.sample(&self.machine.traffic()).await;
                         next_sample = now + self.sample_every_ms;
-                        if self.machine.plan.sequential.is_some() {
-                            let observation = std::mem::take(&mut self.unobserved);
-                            self.feed(Input::Observe(observation), sink).await;
+                        if self.machine.plan().sequential.is_some() {
+                            let observation = std::mem::take(&mut self.edge.unobserved);
+                            self.feed(Input::Observe(observation), store).await;
                         }
                     }
-                    let due = self.machine.status.next_tick_ms.unwrap_or(u64::MAX);
+                    let due = self.machine.next_tick_ms().unwrap_or(u64::MAX);
                     if !self.waiting_to_save() && now >= due {
-                        let input = match self.apply_traffic(true).await {
-                            // No retry will help: the rollout cannot go on.
-                            Err(RouterError::Refused(reason)) => Input::RollBack {
-                                reason: format!("the routers refuse the routes: {reason}"),
-                            },
-                            traffic => Input::Tick { traffic: traffic.map_err(|e| e.to_string()) },
-                        };
-                        self.feed(input, sink).await;
+                        let traffic = self.edge.apply_traffic(&self.machine.traffic(), true).await;
+                        self.feed(Input::Tick { traffic }, store).await;
                     }
                 }
                 input = control.recv(), if control_open => match input {
                     // Held while a step is unsaved: carried out once it can be saved.
                     Some(input) if self.waiting_to_save() => self.unsaved_inputs.push_back(input),
-                    Some(input) => self.feed(input, sink).await,
+                    Some(input) => self.feed(input, store).await,
                     None => control_open = false,
                 },
             }
         }
     }
 
-    /// A finished rollout's routers stay as it left them: every few seconds each router's table
-    /// is checked and, if it lost the final routes (a router restarted with its old command
+    /// A finished rollout's traffic stays as it left it: every few seconds the backend is
+    /// checked and, where it lost the final traffic (a router restarted with its old command
     /// line), put right and said so. Runs until the task is dropped.
-    pub async fn keep(&mut self, sink: &mut dyn Sink) {
+    pub async fn keep(&mut self, store: &mut dyn StateStore) {
         loop {
             tokio::time::sleep(Duration::from_millis(KEEP_EVERY_MS)).await;
-            let patch = self.upstreams.routes(&self.machine.traffic());
-            let Ok(corrected) = self.routers.reconcile(&patch).await else {
+            let traffic = self.machine.traffic();
+            let Ok(corrected) = self.edge.traffic.reconcile(&traffic).await else {
                 continue;
             };
             if corrected.is_empty() {
                 continue;
             }
-            let routers: Vec<String> = corrected.iter().map(ToString::to_string).collect();
-            let status = &self.machine.status;
+            let status = self.machine.status();
             let event = Event {
-                time_ms: now_ms(),
+                time_ms: self.edge.clock.now_ms(),
                 level: EventLevel::Warning,
                 phase: status.phase,
                 weight: status.canary_weight,
                 message: format!(
                     "Router {} had lost this rollout's final routes (restarted?): put back",
-                    routers.join(", ")
+                    corrected.join(", ")
                 ),
             };
-            let _ = sink.record(status, &[event]);
+            let _ = store.save(status, &[event]).await;
         }
     }
 
     /// Asks again a question the machine is waiting on (after a restart, or after a step that
     /// answered it could not be saved).
-    async fn answer_pending(&mut self, sink: &mut dyn Sink) {
+    async fn answer_pending(&mut self, store: &mut dyn StateStore) {
         if let Some(question) = self.machine.pending() {
-            let answer = self.answer(question).await;
-            self.feed(answer, sink).await;
+            let answer = self.edge.answer(&self.machine, question).await;
+            self.feed(answer, store).await;
         }
     }
 
@@ -317,80 +316,47 @@ impl Driver {
 
     /// After a wait, tries again what could not be saved: a question to answer again, the
     /// commands held, then the ticks and samples of the loop.
-    async fn try_saving_again(&mut self, sink: &mut dyn Sink) {
+    async fn try_saving_again(&mut self, store: &mut dyn StateStore) {
         if let Some(unsaved) = &mut self.unsaved {
             unsaved.retry_at_ms = None;
         }
-        self.answer_pending(sink).await;
+        self.answer_pending(store).await;
         while !self.waiting_to_save() {
             let Some(input) = self.unsaved_inputs.pop_front() else {
                 break;
             };
-            self.feed(input, sink).await;
+            self.feed(input, store).await;
         }
     }
 
     /// Hands one input to the machine and carries out what it asks, answering its questions.
     /// A step is carried out only once it is saved; one that cannot be saved is undone and the
     /// driver holds.
-    async fn feed(&mut self, input: Input, sink: &mut dyn Sink) {
-        let mut inputs = VecDeque::from([input]);
-        while let Some(input) = inputs.pop_front() {
-            let before = self.machine.status.clone();
-            let actions = self.machine.handle(now_ms(), input.clone());
-            let events: Vec<Event> = actions
-                .iter()
-                .filter_map(|a| match a {
-                    Action::Event(e) => Some(e.clone()),
-                    _ => None,
-                })
-                .collect();
-            if let Err(reason) = sink.record(&self.machine.status, &events) {
-                self.machine.status = before;
-                self.hold_unsaved(input, reason);
-                return;
-            }
-            if let Some(unsaved) = self.unsaved.take() {
-                tracing::warn!(
-                    "steps are saved again after {:.1}s ({}); continuing",
-                    now_ms().saturating_sub(unsaved.since_ms) as f64 / 1000.0,
-                    unsaved.reason
-                );
-            }
-            if self.applied != Some(self.machine.traffic()) {
-                if let Err(RouterError::Refused(reason)) = self.apply_traffic(false).await {
-                    inputs.push_back(Input::RollBack {
-                        reason: format!("the routers refuse the routes: {reason}"),
-                    });
-                }
-                // An unreachable router shows at the next tick, which re-applies first.
-            }
-            for action in actions {
-                match action {
-                    Action::Ask(question) => inputs.push_back(self.answer(question).await),
-                    Action::Notify(kind) => {
-                        self.hooks.call(kind, self.machine.status.phase).await;
-                    }
-                    Action::Event(event) => self.hooks.send_event(&event).await,
-                    Action::Finished(_) => {}
-                }
-            }
+    async fn feed(&mut self, input: Input, store: &mut dyn StateStore) {
+        let mut world = Stepping {
+            edge: &mut self.edge,
+            store,
+            unsaved: &mut self.unsaved,
+        };
+        if let Err(NotSaved { input, error }) = self.machine.drive(input, &mut world).await {
+            self.hold_unsaved(input, error);
         }
     }
 
     /// The step of `input` was not saved: nothing of it happens. What it carried is kept for
     /// when saving works again: commands are queued, observed counts go back to be observed;
     /// ticks come again by themselves and answers are asked for again.
-    fn hold_unsaved(&mut self, input: Input, reason: String) {
+    fn hold_unsaved(&mut self, input: Input, error: StateError) {
+        let reason = error.to_string();
         match input {
             Input::Observe(observation) => {
-                self.unobserved.canary.add(&observation.canary);
-                self.unobserved.stable.add(&observation.stable);
+                self.edge.unobserved.canary.add(&observation.canary);
+                self.edge.unobserved.stable.add(&observation.stable);
             }
             Input::Tick { .. } | Input::Hooks { .. } | Input::Analysis { .. } => {}
             command => self.unsaved_inputs.push_back(command),
         }
-        let now = now_ms();
+        let now = self.edge.clock.now_ms();
         if self.unsaved.is_none() {
             tracing::error!("could not save a step ({reason}): holding until it can be saved");
         }
@@ -402,14 +368,37 @@ impl Driver {
         });
     }
 
-    async fn answer(&mut self, question: Question) -> Input {
+    /// The last traffic change matters most: retry it for a while if the backend is
+    /// unreachable.
+    async fn settle_final_traffic(&mut self) {
+        for attempt in 0..10 {
+            match self.edge.apply_traffic(&self.machine.traffic(), true).await {
+                Ok(()) => return,
+                Err(TrafficFault::Refused(e)) => {
+                    tracing::error!("final routes refused: {e}");
+                    return;
+                }
+                Err(e) => tracing::warn!(attempt, "final routes not applied: {e}"),
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+
+    /// Whether the backend carries the final traffic (after `run` returns).
+    pub fn settled(&self) -> bool {
+        self.edge.applied == Some(self.machine.traffic())
+    }
+}
+
+impl Edge {
+    async fn answer(&mut self, machine: &Machine, question: Question) -> Input {
         match question {
             Question::Hooks(kind) => Input::Hooks {
                 kind,
-                results: self.hooks.call(kind, self.machine.status.phase).await,
+                results: self.hooks.call(kind, machine.status().phase).await,
             },
             Question::Analysis => {
-                // Provider queries run side by side, while the routers are sampled.
+                // Provider queries run side by side, while the counts are sampled.
                 let mut queries = tokio::task::JoinSet::new();
                 for (i, check) in self.checks.iter().enumerate() {
                     if !check.is_builtin() {
@@ -417,16 +406,17 @@ impl Driver {
                         queries.spawn(async move { (i, providers.read(&check).await) });
                     }
                 }
-                let fresh = self.sample().await;
+                let fresh = self.sample(&machine.traffic()).await;
                 let mut readings: Vec<Option<Reading>> = self
                     .checks
                     .iter()
-                    .map(|check| {
+                    .zip(&machine.plan().checks)
+                    .map(|(check, planned)| {
                         check.is_builtin().then(|| match &fresh {
                             Err(reason) => Reading::NoData {
                                 reason: format!("router stats unavailable: {reason}"),
                             },
-                            Ok(()) => self.builtin(check),
+                            Ok(()) => self.window.reading(planned),
                         })
                     })
                     .collect();
@@ -448,70 +438,69 @@ impl Driver {
         }
     }
 
-    /// Flagger's built-in metrics, from the routers' own counts.
-    fn builtin(&self, check: &MetricCheck) -> Reading {
-        let window = window_ms(check);
-        builtin_reading(
-            &check.name,
-            || self.window.canary(window),
-            || self.window.steps(window),
-        )
-    }
-
-    async fn sample(&mut self) -> Result<(), String> {
-        let stats = self.routers.stats().await?;
-        let instances: Vec<String> = stats.iter().map(|s| s.instance.clone()).collect();
-        let restarted = !self.instances.is_empty() && self.instances != instances;
-        self.instances = instances;
-        self.window.push(now_ms(), stats);
-        // The step since the previous sample.
-        self.unobserved.canary.add(&self.window.canary(0));
-        self.unobserved.stable.add(&self.window.stable(0));
-        if restarted {
-            // A restarted router serves what its command line says, not this rollout's
-            // routes: put them back now rather than at the next tick.
+    /// Takes a sample: its step goes into the window and to the sequential judges. A backend
+    /// that restarted serves what it was started with, not this rollout's traffic: that is put
+    /// back now rather than at the next tick.
+    async fn sample(&mut self, traffic: &Traffic) -> Result<(), ObserveError> {
+        let sample = self.observations.sample().await?;
+        let now = self.clock.now_ms();
+        self.unobserved.canary.add(&sample.counts.canary);
+        self.unobserved.stable.add(&sample.counts.stable);
+        if let Some(start) = self.last_sample_ms.replace(now) {
+            self.window.push(start, now, sample.counts);
+        }
+        if sample.restarted {
             tracing::warn!("a router restarted: re-applying the routes");
-            let _ = self.apply_traffic(true).await;
+            let _ = self.apply_traffic(traffic, true).await;
         }
         Ok(())
     }
 
-    /// Makes every router carry the machine's traffic. `always` re-sends even if unchanged, so a
-    /// router that restarted (and lost its table) is put right at the next tick.
-    async fn apply_traffic(&mut self, always: bool) -> Result<(), RouterError> {
-        let traffic = self.machine.traffic();
-        if !always && self.applied == Some(traffic) {
+    /// Makes the backend carry `traffic`. `always` re-sends even if unchanged, so a backend
+    /// that lost it (a router restarted) is put right at the next tick.
+    async fn apply_traffic(&mut self, traffic: &Traffic, always: bool) -> Result<(), TrafficFault> {
+        if !always && self.applied == Some(*traffic) {
             return Ok(());
         }
-        let result = self.routers.apply(&self.upstreams.routes(&traffic)).await;
-        self.applied = result.is_ok().then_some(traffic);
+        let result = self.traffic.apply(traffic).await;
+        self.applied = result.is_ok().then_some(*traffic);
         result
-    }
-
-    /// The last route change matters most: retry it for a while if routers are unreachable.
-    async fn settle_final_traffic(&mut self) {
-        for attempt in 0..10 {
-            match self.apply_traffic(true).await {
-                Ok(()) => return,
-                Err(RouterError::Refused(e)) => {
-                    tracing::error!("final routes refused: {e}");
-                    return;
-                }
-                Err(e) => tracing::warn!(attempt, "final routes not applied: {e}"),
-            }
-            tokio::time::sleep(Duration::from_millis(500)).await;
-        }
-    }
-
-    /// Whether the routers carry the final traffic (after `run` returns).
-    pub fn settled(&self) -> bool {
-        self.applied == Some(self.machine.traffic())
     }
 }
 
-fn window_ms(check: &MetricCheck) -> u64 {
-    check
-        .interval
-        .map(|d| d.0.as_millis() as u64)
-        .unwrap_or(DEFAULT_METRIC_WINDOW_MS)
+impl World for Stepping<'_> {
+    type Unsaved = StateError;
+
+    fn now(&self) -> u64 {
+        self.edge.clock.now_ms()
+    }
+
+    async fn save(&mut self, status: &Status, events: &[Event]) -> Result<(), StateError> {
+        self.store.save(status, events).await?;
+        if let Some(unsaved) = self.unsaved.take() {
+            tracing::warn!(
+                "steps are saved again after {:.1}s ({}); continuing",
+                self.edge.clock.now_ms().saturating_sub(unsaved.since_ms) as f64 / 1000.0,
+                unsaved.reason
+            );
+        }
+        Ok(())
+    }
+
+    async fn route(&mut self, machine: &Machine) -> Result<(), TrafficFault> {
+        // An unreachable backend shows at the next tick, which re-applies first.
+        self.edge.apply_traffic(&machine.traffic(), false).await
+    }
+
+    async fn answer(&mut self, machine: &Machine, question: Question) -> Input {
+        self.edge.answer(machine, question).await
+    }
+
+    async fn notify(&mut self, kind: HookKind, phase: Phase) {
+        self.edge.hooks.call(kind, phase).await;
+    }
+
+    async fn event(&mut self, event: &Event) {
+        self.edge.hooks.send_event(event).await;
+    }
 }

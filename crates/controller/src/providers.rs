@@ -11,7 +11,7 @@ use coalmine_judge::Reading;
 use coalmine_spec::rollout::MetricCheck;
 use coalmine_spec::templates::{Provider, WebMethod, DEFAULT_QUERY_TIMEOUT, PROMETHEUS, WEB};
 
-use crate::routers::reqwest_reason;
+use crate::http::reqwest_reason;
 
 /// How much of an unexpected answer a reason quotes.
 const QUOTE_CHARS: usize = 200;

@@ -7,7 +7,6 @@ use serde_json::{json, Value};
 use coalmine_judge::{Reading, Verdict};
 use coalmine_rollout::{Event, MetricStatus, Phase, Status};
 use coalmine_spec::rollout::{Rollout, Target};
-use coalmine_spec::weight::basis_points_to_percent;
 
 use crate::time::rfc3339;
 
@@ -96,7 +95,7 @@ pub fn status_json(rollout: &Rollout, status: &Status, held: Option<&Held>) -> V
         "stable": target(&rollout.spec.stable),
         "canary": target(&rollout.spec.canary),
         "phase": status.phase.as_str(),
-        "canaryWeight": basis_points_to_percent(status.canary_weight),
+        "canaryWeight": status.canary_weight.percent(),
         "failedChecks": status.failed_checks,
         "iterations": status.iterations,
         "paused": status.paused,
@@ -119,7 +118,7 @@ pub fn event_json(rollout: &str, run: Option<i64>, event: &Event) -> Value {
         "rollout": rollout,
         "level": event.level,
         "phase": event.phase.as_str(),
-        "canaryWeight": basis_points_to_percent(event.weight),
+        "canaryWeight": event.weight.percent(),
         "message": event.message,
     });
     if let Some(run) = run {

@@ -153,7 +153,7 @@ impl Telemetry {
         };
         self.weight
             .get_or_create(&label)
-            .set(f64::from(status.canary_weight) / 100.0);
+            .set(status.canary_weight.percent());
         self.failed_checks
             .get_or_create(&label)
             .set(i64::from(status.failed_checks));

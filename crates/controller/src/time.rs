@@ -1,4 +1,46 @@
-//! Timestamps for people and for Flagger-shaped status: RFC 3339 in UTC from Unix milliseconds.
+//! The driver's clock, and timestamps for people and for Flagger-shaped status: RFC 3339 in UTC
+//! from Unix milliseconds.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// Milliseconds since the Unix epoch on the system's clock.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Where a driver reads the time: the wall clock in production; tokio's clock, which a test
+/// pauses and advances, in tests that drive a whole rollout in virtual time.
+#[derive(Debug, Clone, Copy, Default)]
+pub enum Clock {
+    #[default]
+    Wall,
+    /// tokio's clock, counted from `origin_ms` at `origin`.
+    Tokio {
+        origin_ms: u64,
+        origin: tokio::time::Instant,
+    },
+}
+
+impl Clock {
+    /// tokio's clock, reading `origin_ms` now.
+    pub fn tokio(origin_ms: u64) -> Clock {
+        Clock::Tokio {
+            origin_ms,
+            origin: tokio::time::Instant::now(),
+        }
+    }
+
+    /// Milliseconds since the Unix epoch.
+    pub fn now_ms(&self) -> u64 {
+        match self {
+            Clock::Wall => now_ms(),
+            Clock::Tokio { origin_ms, origin } => origin_ms + origin.elapsed().as_millis() as u64,
+        }
+    }
+}
 
 /// `2026-11-22T10:04:05.123Z`.
 pub fn rfc3339(unix_ms: u64) -> String {

@@ -8,7 +8,7 @@ use serde_json::{json, Value};
 use coalmine_rollout::{Event, HookResult, Phase};
 use coalmine_spec::rollout::{HookKind, Webhook};
 
-use crate::routers::reqwest_reason;
+use crate::http::reqwest_reason;
 
 /// Flagger's default webhook timeout.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);

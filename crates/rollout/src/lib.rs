@@ -8,14 +8,18 @@
 //! Phases and their order are Flagger's (see `ARCHITECTURE.md` for the tick-by-tick table).
 
 mod builtin;
+mod drive;
 mod machine;
 mod plan;
 pub mod sequential;
+mod window;
 
 pub use builtin::builtin_reading;
+pub use drive::{NotSaved, World};
 pub use machine::{
     Action, Event, EventLevel, HookResult, Input, Machine, MetricStatus, Outcome, Phase, Question,
-    Status, Traffic,
+    Status, Traffic, TrafficFault,
 };
-pub use plan::{Check, Plan, Strategy, FULL_WEIGHT};
+pub use plan::{Check, Plan, Strategy};
 pub use sequential::{Observation, SequentialEvidence, SequentialPlan, SequentialState};
+pub use window::Window;

@@ -3,7 +3,9 @@ use serde::{Deserialize, Serialize};
 use coalmine_judge::{judge_threshold, Reading, Verdict};
 use coalmine_spec::rollout::{FailureCounting, HookKind, NoDataRule};
 
-use crate::plan::{Plan, Strategy, FULL_WEIGHT};
+use coalmine_spec::Weight;
+
+use crate::plan::{Plan, Strategy};
 
 /// Flagger's canary phases, same names, same order.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -75,11 +77,39 @@ pub struct HookResult {
     pub message: String,
 }
 
+/// Why the traffic backend did not carry the machine's traffic.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TrafficFault {
+    /// It could not be reached or did not answer in time: hold, the next tick tries again.
+    Unreachable(String),
+    /// It answered, and no retry will change the answer (it refused the change, or it is not
+    /// what the rollout was told it is): roll back.
+    Refused(String),
+}
+
+impl std::fmt::Display for TrafficFault {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            TrafficFault::Unreachable(reason) | TrafficFault::Refused(reason) => {
+                f.write_str(reason)
+            }
+        }
+    }
+}
+
+impl std::error::Error for TrafficFault {}
+
+/// Why a refused route change rolls back, in the rollout's events.
+pub(crate) fn refused(reason: &str) -> String {
+    format!("the routers refuse the routes: {reason}")
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub enum Input {
-    /// The interval elapsed. `traffic` says whether the routers took the last route change.
+    /// The interval elapsed. `traffic` says whether the traffic backend took the machine's
+    /// traffic: unreachable holds, refused rolls back.
     Tick {
-        traffic: Result<(), String>,
+        traffic: Result<(), TrafficFault>,
     },
     Hooks {
         kind: HookKind,
@@ -117,8 +147,9 @@ pub struct Event {
     pub time_ms: u64,
     pub level: EventLevel,
     pub phase: Phase,
-    /// Canary weight in basis points when the event happened.
-    pub weight: u32,
+    /// Canary weight when the event happened.
+    #[serde(with = "basis_points")]
+    pub weight: Weight,
     pub message: String,
 }
 
@@ -149,9 +180,9 @@ pub struct Traffic {
     pub promoted: bool,
     /// Whether the canary upstream is in the route table at all.
     pub canary: bool,
-    pub canary_weight: u32,
+    pub canary_weight: Weight,
     pub apply_match: bool,
-    pub mirror_weight: u32,
+    pub mirror_weight: Weight,
 }
 
 /// The whole persisted state of one rollout: enough to continue after a crash.
@@ -159,8 +190,8 @@ pub struct Traffic {
 #[serde(rename_all = "camelCase")]
 pub struct Status {
     pub phase: Phase,
-    /// Basis points.
-    pub canary_weight: u32,
+    #[serde(with = "basis_points")]
+    pub canary_weight: Weight,
     pub failed_checks: u32,
     pub iterations: u32,
     pub mirrored: bool,
@@ -180,10 +211,12 @@ pub struct Status {
     pub sequential: Option<crate::sequential::SequentialState>,
 }
 
+/// One rollout's state machine. Its state changes only through [`Machine::handle`] (and the
+/// driving loop built on it, [`Machine::drive`]).
 #[derive(Debug, Clone)]
 pub struct Machine {
-    pub plan: Plan,
-    pub status: Status,
+    plan: Plan,
+    status: Status,
 }
 
 impl Machine {
@@ -193,7 +226,7 @@ impl Machine {
             plan,
             status: Status {
                 phase: Phase::Initializing,
-                canary_weight: 0,
+                canary_weight: Weight::ZERO,
                 failed_checks: 0,
                 iterations: 0,
                 mirrored: false,
@@ -212,9 +245,38 @@ impl Machine {
         }
     }
 
+    /// A new rollout that starts paused (`spec.suspend`) or not.
+    pub fn paused(mut self, paused: bool) -> Machine {
+        self.status.paused = paused;
+        self
+    }
+
     /// Continues a persisted rollout.
     pub fn resume(plan: Plan, status: Status) -> Machine {
         Machine { plan, status }
+    }
+
+    pub fn plan(&self) -> &Plan {
+        &self.plan
+    }
+
+    /// The whole state, as persisted.
+    pub fn status(&self) -> &Status {
+        &self.status
+    }
+
+    /// When the next tick is due (None once the rollout has ended).
+    pub fn next_tick_ms(&self) -> Option<u64> {
+        self.status.next_tick_ms
+    }
+
+    pub fn outcome(&self) -> Option<Outcome> {
+        self.status.outcome
+    }
+
+    /// Puts back the status of before a step that could not be saved: that step never happened.
+    pub(crate) fn undo(&mut self, before: Status) {
+        self.status = before;
     }
 
     /// The question to ask again after a restart, if the machine was waiting for an answer.
@@ -227,9 +289,9 @@ impl Machine {
         let none = Traffic {
             promoted: false,
             canary: false,
-            canary_weight: 0,
+            canary_weight: Weight::ZERO,
             apply_match: false,
-            mirror_weight: 0,
+            mirror_weight: Weight::ZERO,
         };
         match s.phase {
             Phase::Initializing | Phase::Initialized | Phase::Waiting | Phase::Failed => none,
@@ -242,16 +304,16 @@ impl Machine {
                 ..none
             },
             _ => {
-                let in_analysis = s.canary_weight > 0 || s.iterations > 0 || s.mirrored;
+                let in_analysis = s.canary_weight > Weight::ZERO || s.iterations > 0 || s.mirrored;
                 Traffic {
                     promoted: false,
                     canary: true,
                     canary_weight: s.canary_weight,
                     apply_match: self.plan.uses_match && in_analysis,
                     mirror_weight: if s.mirrored {
-                        self.plan.mirror_weight.unwrap_or(FULL_WEIGHT)
+                        self.plan.mirror_weight.unwrap_or(Weight::FULL)
                     } else {
-                        0
+                        Weight::ZERO
                     },
                 }
             }
@@ -309,7 +371,11 @@ impl Machine {
         out
     }
 
-    fn tick(&mut self, now: u64, traffic: Result<(), String>, out: &mut Vec<Action>) {
+    fn tick(&mut self, now: u64, traffic: Result<(), TrafficFault>, out: &mut Vec<Action>) {
+        if let Err(TrafficFault::Refused(reason)) = &traffic {
+            // No retry will help, whatever the machine was waiting for.
+            return self.roll_back(now, &refused(reason), out);
+        }
         if self.status.next_tick_ms.is_some_and(|due| now < due) || self.status.pending.is_some() {
             return;
         }
@@ -352,7 +418,7 @@ impl Machine {
     /// Flagger's "New revision detected": weights, checks and iterations start from zero.
     fn start_progressing(&mut self, now: u64, out: &mut Vec<Action>) {
         self.enter(now, Phase::Progressing);
-        self.status.canary_weight = 0;
+        self.status.canary_weight = Weight::ZERO;
         self.status.failed_checks = 0;
         self.status.iterations = 0;
         self.status.mirrored = false;
@@ -380,7 +446,7 @@ impl Machine {
             return;
         }
         let s = &self.status;
-        if s.canary_weight == 0 && s.iterations == 0 && !s.mirrored {
+        if s.canary_weight == Weight::ZERO && s.iterations == 0 && !s.mirrored {
             // Flagger runs no metric checks at weight 0: there is nothing to measure yet.
             self.ask_or(now, HookKind::PreRollout, out, |m, now, out| {
                 m.event(now, EventLevel::Info, "Starting canary analysis", out);
@@ -474,7 +540,7 @@ impl Machine {
         match self.plan.strategy.clone() {
             Strategy::Canary { mirror_first, .. } => {
                 let s = &self.status;
-                if mirror_first && !s.mirrored && s.canary_weight == 0 {
+                if mirror_first && !s.mirrored && s.canary_weight == Weight::ZERO {
                     self.status.mirrored = true;
                     self.event(now, EventLevel::Info, "Starting traffic mirroring", out);
                 } else if s.canary_weight < self.plan.max_weight() {
@@ -501,7 +567,7 @@ impl Machine {
                     self.next_iteration(now, iterations, out);
                 } else if self.status.iterations == iterations {
                     self.ask_or(now, HookKind::ConfirmPromotion, out, |m, now, out| {
-                        m.status.canary_weight = FULL_WEIGHT;
+                        m.status.canary_weight = Weight::FULL;
                         m.status.mirrored = false;
                         m.status.iterations += 1;
                         m.event(now, EventLevel::Info, "Routing all traffic to canary", out);
@@ -542,8 +608,11 @@ impl Machine {
     /// Promoting: shift the rest of the traffic, at once or by `stepWeightPromotion` per tick.
     fn promoting_step(&mut self, now: u64, out: &mut Vec<Action>) {
         if let Some(step) = self.plan.step_weight_promotion {
-            let next = self.status.canary_weight.saturating_add(step);
-            if next < FULL_WEIGHT {
+            let next = self.status.canary_weight.basis_points() + step.basis_points();
+            if let Some(next) = Weight::from_basis_points(next)
+                .ok()
+                .filter(|w| *w < Weight::FULL)
+            {
                 self.status.canary_weight = next;
                 let message = format!("Promotion: canary weight {}", percent(next));
                 self.event(now, EventLevel::Info, &message, out);
@@ -551,7 +620,7 @@ impl Machine {
             }
         }
         self.status.promoted = true;
-        self.status.canary_weight = 0;
+        self.status.canary_weight = Weight::ZERO;
         self.status.mirrored = false;
         self.enter(now, Phase::Finalising);
         self.event(
@@ -594,7 +663,7 @@ impl Machine {
             return;
         }
         self.status.pending = None;
-        self.status.canary_weight = 0;
+        self.status.canary_weight = Weight::ZERO;
         self.status.mirrored = false;
         self.status.promoted = false;
         self.status.next_tick_ms = None;
@@ -700,8 +769,50 @@ impl Machine {
     }
 }
 
-/// Basis points as a percentage for messages: 500 → "5", 50 → "0.5".
-fn percent(bp: u32) -> String {
-    let s = format!("{:.2}", f64::from(bp) / 100.0);
+/// A weight as a percentage for messages: 5 % → "5", 0.5 % → "0.5".
+fn percent(weight: Weight) -> String {
+    let s = format!("{:.2}", weight.percent());
     s.trim_end_matches('0').trim_end_matches('.').to_string()
+}
+
+/// Weights as the state file has always held them: basis points (documents write percentages).
+mod basis_points {
+    use serde::{de::Error, Deserialize, Deserializer, Serializer};
+
+    use coalmine_spec::Weight;
+
+    pub fn serialize<S: Serializer>(weight: &Weight, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u32(weight.basis_points())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Weight, D::Error> {
+        Weight::from_basis_points(u32::deserialize(d)?).map_err(D::Error::custom)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_status_keeps_its_weights_in_basis_points_as_state_files_always_have() {
+        let analysis = coalmine_spec::parse_yaml("a.yaml", "interval: 1m\nstepWeight: 10\n")
+            .expect("analysis");
+        let mut status = Machine::new(Plan::new(&analysis, 600, false), 0)
+            .status()
+            .clone();
+        status.canary_weight = Weight::from_percent(12.5).unwrap();
+        let json = serde_json::to_value(&status).unwrap();
+        assert_eq!(json["canaryWeight"], 1250);
+        let back: Status = serde_json::from_value(json).unwrap();
+        assert_eq!(back, status);
+        let event = Event {
+            time_ms: 0,
+            level: EventLevel::Info,
+            phase: Phase::Progressing,
+            weight: Weight::from_percent(0.5).unwrap(),
+            message: String::new(),
+        };
+        assert_eq!(serde_json::to_value(&event).unwrap()["weight"], 50);
+    }
 }

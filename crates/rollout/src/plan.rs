@@ -6,18 +6,16 @@ use std::collections::BTreeSet;
 use serde::{Deserialize, Serialize};
 
 use coalmine_spec::rollout::{Analysis, FailureCounting, HookKind, NoDataRule, ThresholdRange};
-
-pub const FULL_WEIGHT: u32 = 10_000;
+use coalmine_spec::Weight;
 
 /// How traffic reaches the canary while it is analysed (Flagger's three deployment strategies).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", tag = "kind")]
 pub enum Strategy {
-    /// Progressive weights. `ladder` holds each weight in basis points, rising, ending at the
-    /// maximum: `stepWeights` as given, or `stepWeight` multiples capped at `maxWeight` (Flagger
+    /// Progressive weights. `ladder` holds each weight, rising, ending at the maximum: `stepWeights` as given, or `stepWeight` multiples capped at `maxWeight` (Flagger
     /// overshoots `maxWeight` when it is not a multiple; Coalmine stops at it).
     Canary {
-        ladder: Vec<u32>,
+        ladder: Vec<Weight>,
         mirror_first: bool,
     },
     /// Requests matching `match` go to the canary for `iterations` checks.
@@ -31,6 +29,8 @@ pub enum Strategy {
 pub struct Check {
     pub name: String,
     pub range: ThresholdRange,
+    /// The window a built-in metric is computed over.
+    pub window_ms: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -39,7 +39,7 @@ pub struct Plan {
     pub interval_ms: u64,
     pub threshold: u32,
     pub strategy: Strategy,
-    pub step_weight_promotion: Option<u32>,
+    pub step_weight_promotion: Option<Weight>,
     pub checks: Vec<Check>,
     pub hook_kinds: BTreeSet<HookKind>,
     pub no_data: NoDataRule,
@@ -48,7 +48,7 @@ pub struct Plan {
     pub skip_analysis: bool,
     /// Whether `match` rules send requests to the canary during the analysis.
     pub uses_match: bool,
-    pub mirror_weight: Option<u32>,
+    pub mirror_weight: Option<Weight>,
     /// The sequential judges' settings; None when `analysis.sequential.enabled` is false.
     #[serde(default)]
     pub sequential: Option<crate::sequential::SequentialPlan>,
@@ -79,13 +79,14 @@ impl Plan {
             interval_ms: analysis.interval.0.as_millis() as u64,
             threshold: analysis.threshold.unwrap_or(1).max(1),
             strategy,
-            step_weight_promotion: analysis.step_weight_promotion.map(|p| p.basis_points),
+            step_weight_promotion: analysis.step_weight_promotion,
             checks: analysis
                 .metrics
                 .iter()
                 .map(|m| Check {
                     name: m.name.clone(),
                     range: m.range(),
+                    window_ms: m.window().as_millis() as u64,
                 })
                 .collect(),
             hook_kinds: analysis.webhooks.iter().map(|w| w.kind).collect(),
@@ -94,21 +95,21 @@ impl Plan {
             progress_deadline_ms: progress_deadline_seconds.saturating_mul(1000),
             skip_analysis,
             uses_match: has_match,
-            mirror_weight: analysis.mirror_weight.map(|p| p.basis_points),
+            mirror_weight: analysis.mirror_weight,
             sequential: crate::sequential::SequentialPlan::from_settings(&analysis.sequential),
         }
     }
 
-    /// The weight the canary ends its analysis at (basis points).
-    pub fn max_weight(&self) -> u32 {
+    /// The weight the canary ends its analysis at.
+    pub fn max_weight(&self) -> Weight {
         match &self.strategy {
-            Strategy::Canary { ladder, .. } => ladder.last().copied().unwrap_or(FULL_WEIGHT),
-            _ => 0,
+            Strategy::Canary { ladder, .. } => ladder.last().copied().unwrap_or(Weight::FULL),
+            _ => Weight::ZERO,
         }
     }
 
     /// The next rung above `weight`, if any.
-    pub fn next_weight(&self, weight: u32) -> Option<u32> {
+    pub fn next_weight(&self, weight: Weight) -> Option<Weight> {
         match &self.strategy {
             Strategy::Canary { ladder, .. } => ladder.iter().copied().find(|w| *w > weight),
             _ => None,
@@ -120,23 +121,16 @@ impl Plan {
     }
 }
 
-fn ladder(analysis: &Analysis) -> Vec<u32> {
+fn ladder(analysis: &Analysis) -> Vec<Weight> {
     if !analysis.step_weights.is_empty() {
-        return analysis
-            .step_weights
-            .iter()
-            .map(|w| w.basis_points)
-            .collect();
+        return analysis.step_weights.clone();
     }
-    let max = analysis
-        .max_weight
-        .map(|w| w.basis_points)
-        .unwrap_or(FULL_WEIGHT);
-    let step = analysis.step_weight.map(|w| w.basis_points).unwrap_or(max);
+    let max = analysis.max_weight.unwrap_or(Weight::FULL);
+    let step = analysis.step_weight.unwrap_or(max).basis_points();
     let mut out = Vec::new();
     let mut w = step;
-    while w < max {
-        out.push(w);
+    while w < max.basis_points() {
+        out.push(Weight::from_basis_points(w).expect("below the maximum weight"));
         w += step;
     }
     out.push(max);

@@ -1,8 +1,13 @@
 //! The state machine driven tick by tick on a virtual clock, as Flagger's own scheduler tests do.
 
+use std::future::{ready, Future};
+
 use coalmine_judge::Reading;
-use coalmine_rollout::{Action, HookResult, Input, Machine, Outcome, Phase, Plan, Question};
+use coalmine_rollout::{
+    Action, Event, HookResult, Input, Machine, Outcome, Phase, Plan, Question, TrafficFault, World,
+};
 use coalmine_spec::rollout::{Analysis, HookKind};
+use coalmine_spec::Weight;
 
 const MINUTE: u64 = 60_000;
 
@@ -53,30 +58,61 @@ impl Harness {
 
     /// Runs the tick due next, answering every question the machine asks.
     fn tick(&mut self, answer: &mut dyn FnMut(u64, Question) -> Input) {
-        self.now = self.machine.status.next_tick_ms.expect("a tick is due");
-        let mut inputs = vec![Input::Tick { traffic: Ok(()) }];
-        while let Some(input) = inputs.pop() {
-            for action in self.machine.handle(self.now, input) {
-                match action {
-                    Action::Ask(q) => {
-                        if let Question::Hooks(kind) = q {
-                            self.hooks_called.push((self.now, kind));
-                        }
-                        inputs.push(answer(self.now, q));
-                    }
-                    Action::Event(e) => self.events.push(e.message),
-                    Action::Finished(o) => self.outcome = Some(o),
-                    Action::Notify(kind) => self.hooks_called.push((self.now, kind)),
-                }
-            }
+        self.now = self.machine.next_tick_ms().expect("a tick is due");
+        let mut world = Answering {
+            now: self.now,
+            events: &mut self.events,
+            hooks_called: &mut self.hooks_called,
+            answer,
+        };
+        if let Err(never) = self
+            .machine
+            .drive_now(Input::Tick { traffic: Ok(()) }, &mut world)
+        {
+            match never.error {}
         }
+        self.outcome = self.machine.outcome();
     }
 
     fn phase(&self) -> Phase {
-        self.machine.status.phase
+        self.machine.status().phase
     }
     fn weight(&self) -> u32 {
-        self.machine.status.canary_weight / 100
+        self.machine.status().canary_weight.basis_points() / 100
+    }
+}
+
+/// The tests' world: every answer from the test's function, every event and webhook call logged.
+struct Answering<'a> {
+    now: u64,
+    events: &'a mut Vec<String>,
+    hooks_called: &'a mut Vec<(u64, HookKind)>,
+    answer: &'a mut dyn FnMut(u64, Question) -> Input,
+}
+
+impl World for Answering<'_> {
+    type Unsaved = std::convert::Infallible;
+    const SAVE_MAY_FAIL: bool = false;
+
+    fn now(&self) -> u64 {
+        self.now
+    }
+
+    fn answer(&mut self, _: &Machine, question: Question) -> impl Future<Output = Input> {
+        if let Question::Hooks(kind) = question {
+            self.hooks_called.push((self.now, kind));
+        }
+        ready((self.answer)(self.now, question))
+    }
+
+    fn notify(&mut self, kind: HookKind, _: Phase) -> impl Future<Output = ()> {
+        self.hooks_called.push((self.now, kind));
+        ready(())
+    }
+
+    fn event(&mut self, event: &Event) -> impl Future<Output = ()> {
+        self.events.push(event.message.clone());
+        ready(())
     }
 }
 
@@ -144,7 +180,7 @@ fn flaggers_timing_table_for_a_healthy_canary() {
     }
     assert!(h.machine.traffic().promoted);
     assert_eq!(h.outcome, Some(Outcome::Promoted));
-    assert_eq!(h.machine.status.next_tick_ms, None);
+    assert_eq!(h.machine.status().next_tick_ms, None);
 }
 
 #[test]
@@ -154,7 +190,8 @@ fn flaggers_timing_table_for_a_failing_canary() {
         h.tick(&mut failing);
         let expected_failures = tick.saturating_sub(1);
         assert_eq!(
-            h.machine.status.failed_checks, expected_failures,
+            h.machine.status().failed_checks,
+            expected_failures,
             "at T{tick}"
         );
         assert_eq!(h.phase(), Phase::Progressing, "at T{tick}");
@@ -165,7 +202,7 @@ fn flaggers_timing_table_for_a_failing_canary() {
     assert_eq!(h.phase(), Phase::Failed);
     assert_eq!(h.outcome, Some(Outcome::RolledBack));
     let traffic = h.machine.traffic();
-    assert!(!traffic.canary && !traffic.promoted && traffic.canary_weight == 0);
+    assert!(!traffic.canary && !traffic.promoted && traffic.canary_weight == Weight::ZERO);
     assert!(h.events.last().unwrap().contains("failed 5 checks"));
 }
 
@@ -226,8 +263,8 @@ fn no_data_holds_the_weight_until_the_deadline_unless_told_to_fail() {
     }
     // T1 raised to 10 %, then ten ticks of no data (T2..T11): held, never counted as failures.
     assert_eq!((hold.phase(), hold.weight()), (Phase::Progressing, 10));
-    assert_eq!(hold.machine.status.failed_checks, 0);
-    assert!(hold.machine.status.message.contains("no data"));
+    assert_eq!(hold.machine.status().failed_checks, 0);
+    assert!(hold.machine.status().message.contains("no data"));
     // The deadline (600 s) counts from the first held tick (T2): T12 rolls back.
     hold.tick(&mut { silent });
     assert_eq!(hold.now, 12 * MINUTE);
@@ -263,14 +300,14 @@ fn an_unreachable_router_holds_and_rolls_back_at_the_deadline() {
         let actions = h.machine.handle(
             now,
             Input::Tick {
-                traffic: Err("connection refused".into()),
+                traffic: Err(TrafficFault::Unreachable("connection refused".into())),
             },
         );
         if actions.contains(&Action::Finished(Outcome::RolledBack)) {
             rolled_back_at = Some(now);
             break;
         }
-        assert!(h.machine.status.message.contains("connection refused"));
+        assert!(h.machine.status().message.contains("connection refused"));
         assert_eq!(h.weight(), 10, "held");
     }
     // Held from 20 s; 30 s later the deadline rolls it back.
@@ -285,9 +322,9 @@ fn max_weight_is_never_overshot() {
         false,
     );
     let mut weights = Vec::new();
-    let mut w = 0;
+    let mut w = Weight::ZERO;
     while let Some(next) = plan.next_weight(w) {
-        weights.push(next / 100);
+        weights.push(next.basis_points() / 100);
         w = next;
     }
     assert_eq!(weights, vec![20, 40, 50], "Flagger would go to 60");
@@ -304,7 +341,7 @@ fn confirm_promotion_holds_in_waiting_promotion_until_opened() {
         h.tick(&mut closed);
     }
     assert_eq!((h.phase(), h.weight()), (Phase::WaitingPromotion, 50));
-    assert_eq!(h.machine.status.failed_checks, 0);
+    assert_eq!(h.machine.status().failed_checks, 0);
     let mut open = with_hook(HookKind::ConfirmPromotion, "gate", true);
     h.tick(&mut open);
     assert_eq!(h.phase(), Phase::Promoting);
@@ -394,8 +431,12 @@ fn ab_testing_and_blue_green_follow_flaggers_tick_counts() {
     while h.outcome.is_none() {
         h.tick(&mut healthy);
         phases.push(h.phase());
-        if h.machine.status.iterations <= 3 && h.phase() == Phase::Progressing {
-            assert_eq!(h.machine.traffic().canary_weight, 0, "no user traffic yet");
+        if h.machine.status().iterations <= 3 && h.phase() == Phase::Progressing {
+            assert_eq!(
+                h.machine.traffic().canary_weight,
+                Weight::ZERO,
+                "no user traffic yet"
+            );
         }
     }
     // Blue-green: one tick more than A/B for routing all traffic to the canary.
@@ -415,11 +456,12 @@ fn abort_and_alerts_roll_back_between_ticks_and_final_states_ignore_input() {
     );
     assert!(actions.contains(&Action::Finished(Outcome::RolledBack)));
     assert!(actions.contains(&Action::Notify(HookKind::PostRollout)));
-    assert_eq!(h.machine.status.last_transition_ms, h.now + 5_000);
-    let before = h.machine.status.clone();
+    assert_eq!(h.machine.status().last_transition_ms, h.now + 5_000);
+    let before = h.machine.status().clone();
     assert!(h.machine.handle(h.now + 6_000, Input::Promote).is_empty());
     assert_eq!(
-        h.machine.status, before,
+        *h.machine.status(),
+        before,
         "a finished rollout does not move again"
     );
 }
@@ -445,14 +487,14 @@ fn the_persisted_status_continues_exactly_where_it_stopped() {
     for _ in 0..4 {
         original.tick(&mut healthy);
     }
-    let saved = serde_json::to_string(&original.machine.status).unwrap();
+    let saved = serde_json::to_string(original.machine.status()).unwrap();
     let status = serde_json::from_str(&saved).unwrap();
     let mut restored = Harness::new(TUTORIAL);
-    restored.machine = Machine::resume(original.machine.plan.clone(), status);
+    restored.machine = Machine::resume(original.machine.plan().clone(), status);
     while original.outcome.is_none() {
         original.tick(&mut healthy);
         restored.tick(&mut healthy);
-        assert_eq!(original.machine.status, restored.machine.status);
+        assert_eq!(original.machine.status(), restored.machine.status());
     }
     assert_eq!(restored.outcome, Some(Outcome::Promoted));
 }

@@ -13,21 +13,17 @@ mod rng;
 
 pub use rng::Rng;
 
-use std::collections::VecDeque;
+use std::future::{ready, Future};
 
 use serde::Serialize;
 
-use coalmine_judge::{Counts, Reading};
-use coalmine_rollout::{
-    builtin_reading, Action, Input, Machine, Observation, Outcome, Plan, Question,
-};
-use coalmine_spec::rollout::{Analysis, MetricCheck, BUILTIN_KAYENTA_SCORE};
+use coalmine_judge::Counts;
+use coalmine_rollout::{Input, Machine, Observation, Outcome, Plan, Question, Window, World};
+use coalmine_spec::rollout::{Analysis, BUILTIN_KAYENTA_SCORE};
 use coalmine_spec::scenario::{Behaviour, Scenario};
 
 /// One simulated second: requests are generated and judged in steps of this length.
 const STEP_MS: u64 = 1000;
-/// Flagger's default window for a metric without `interval`.
-const DEFAULT_METRIC_WINDOW_MS: u64 = 60_000;
 
 /// Whose rules judge the canary.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -88,20 +84,20 @@ pub fn run_once(
     rng: &mut Rng,
 ) -> RunResult {
     let plan = Plan::new(analysis, progress_deadline_seconds, false);
+    let longest_window_ms = plan
+        .checks
+        .iter()
+        .map(|c| c.window_ms)
+        .max()
+        .unwrap_or(STEP_MS);
     let mut machine = Machine::new(plan, 0);
     let mut sim = Run {
-        checks: analysis.metrics.clone(),
-        seconds: VecDeque::new(),
+        now: 0,
+        window: Window::new(longest_window_ms),
         keeps_stable: analysis
             .metrics
             .iter()
             .any(|m| m.name == BUILTIN_KAYENTA_SCORE),
-        longest_window_ms: analysis
-            .metrics
-            .iter()
-            .map(window_ms)
-            .max()
-            .unwrap_or(STEP_MS),
     };
     let canary_start_ms = scenario
         .canary
@@ -113,7 +109,7 @@ pub fn run_once(
     let mut now = 0;
     let mut exposed_ms = None;
     let decided = |machine: &Machine, now, canary_requests, canary_failures, exposed_ms| {
-        machine.status.outcome.map(|outcome| RunResult {
+        machine.outcome().map(|outcome| RunResult {
             decision: match outcome {
                 Outcome::Promoted => Decision::Promoted,
                 Outcome::RolledBack => Decision::RolledBack,
@@ -125,7 +121,7 @@ pub fn run_once(
         })
     };
     while now < duration_ms {
-        if machine.status.next_tick_ms.is_some_and(|due| due <= now) {
+        if machine.next_tick_ms().is_some_and(|due| due <= now) {
             sim.feed(&mut machine, now, Input::Tick { traffic: Ok(()) });
         }
         if let Some(result) = decided(&machine, now, canary_requests, canary_failures, exposed_ms) {
@@ -136,7 +132,7 @@ pub fn run_once(
         let canary_share = if traffic.promoted {
             1.0
         } else {
-            f64::from(traffic.canary_weight) / 10_000.0
+            f64::from(traffic.canary_weight.basis_points()) / 10_000.0
         };
         let expected = scenario.traffic.rps_at(now) * STEP_MS as f64 / 1000.0 + carry;
         let requests = expected.floor() as u64;
@@ -166,8 +162,15 @@ pub fn run_once(
         } else {
             Counts::default()
         };
-        sim.push(now, canary.clone(), stable_window);
-        if machine.plan.sequential.is_some() {
+        sim.window.push(
+            now - STEP_MS,
+            now,
+            Observation {
+                canary: canary.clone(),
+                stable: stable_window,
+            },
+        );
+        if machine.plan().sequential.is_some() {
             sim.feed(
                 &mut machine,
                 now,
@@ -202,87 +205,50 @@ fn request(rng: &mut Rng, behaviour: &Behaviour, counts: &mut Counts) {
     counts.record(micros, failed);
 }
 
-fn window_ms(check: &MetricCheck) -> u64 {
-    check
-        .interval
-        .map(|d| d.0.as_millis() as u64)
-        .unwrap_or(DEFAULT_METRIC_WINDOW_MS)
-}
-
+/// The simulation as the machine's world: webhooks all pass, built-in metrics come from the
+/// simulated seconds, and every answer is ready at once.
 struct Run {
-    checks: Vec<MetricCheck>,
-    /// Both versions' counts per simulated second (canary, stable), as long as the longest
-    /// window needs.
-    seconds: VecDeque<(u64, Counts, Counts)>,
-    longest_window_ms: u64,
+    now: u64,
+    /// Both versions' counts per simulated second, as long as the longest window needs.
+    window: Window,
     /// Whether a check compares with stable over its window (`kayenta-score`).
     keeps_stable: bool,
 }
 
 impl Run {
-    fn push(&mut self, at_ms: u64, canary: Counts, stable: Counts) {
-        self.seconds.push_back((at_ms, canary, stable));
-        while self
-            .seconds
-            .front()
-            .is_some_and(|(t, _, _)| *t + self.longest_window_ms <= at_ms)
-        {
-            self.seconds.pop_front();
-        }
-    }
-
-    /// The seconds of the last `window_ms`.
-    fn window(&self, now: u64, window_ms: u64) -> impl Iterator<Item = &(u64, Counts, Counts)> {
-        self.seconds
-            .iter()
-            .filter(move |(t, _, _)| t + window_ms > now)
-    }
-
-    /// The canary's counts over the last `window_ms`.
-    fn canary(&self, now: u64, window_ms: u64) -> Counts {
-        let mut out = Counts::default();
-        for (_, c, _) in self.window(now, window_ms) {
-            out.add(c);
-        }
-        out
-    }
-
-    fn readings(&self, now: u64) -> Vec<Reading> {
-        self.checks
-            .iter()
-            .map(|check| {
-                let window = window_ms(check);
-                builtin_reading(
-                    &check.name,
-                    || self.canary(now, window),
-                    || {
-                        self.window(now, window)
-                            .map(|(_, c, s)| (c.clone(), s.clone()))
-                            .unzip()
-                    },
-                )
-            })
-            .collect()
-    }
-
     /// Hands the machine an input and answers its questions, as the driver does.
-    fn feed(&self, machine: &mut Machine, now: u64, input: Input) {
-        let mut inputs = VecDeque::from([input]);
-        while let Some(input) = inputs.pop_front() {
-            for action in machine.handle(now, input) {
-                if let Action::Ask(question) = action {
-                    inputs.push_back(match question {
-                        Question::Hooks(kind) => Input::Hooks {
-                            kind,
-                            results: Vec::new(),
-                        },
-                        Question::Analysis => Input::Analysis {
-                            readings: self.readings(now),
-                        },
-                    });
-                }
-            }
+    fn feed(&mut self, machine: &mut Machine, now: u64, input: Input) {
+        self.now = now;
+        match machine.drive_now(input, self) {
+            Ok(()) => {}
+            Err(never) => match never.error {},
         }
+    }
+}
+
+impl World for Run {
+    type Unsaved = std::convert::Infallible;
+    const SAVE_MAY_FAIL: bool = false;
+
+    fn now(&self) -> u64 {
+        self.now
+    }
+
+    fn answer(&mut self, machine: &Machine, question: Question) -> impl Future<Output = Input> {
+        ready(match question {
+            Question::Hooks(kind) => Input::Hooks {
+                kind,
+                results: Vec::new(),
+            },
+            Question::Analysis => Input::Analysis {
+                readings: machine
+                    .plan()
+                    .checks
+                    .iter()
+                    .map(|check| self.window.reading(check))
+                    .collect(),
+            },
+        })
     }
 }
 

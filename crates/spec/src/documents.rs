@@ -12,6 +12,7 @@ use crate::rollout::{Analysis, Metadata, Rollout, TemplateRef, API_VERSION, BUIL
 use crate::schema::{self, FlaggerKind};
 use crate::templates::{self, MetricTemplate, Provider, TemplateContext};
 use crate::yaml::{parse_yaml, SpecError};
+use crate::Weight;
 
 /// One document of a file and where it came from.
 #[derive(Debug, Clone)]
@@ -713,23 +714,23 @@ pub fn check_analysis(a: &Analysis, path: &str) -> Result<(), (String, String)> 
         return err("interval", "must be longer than 0s".into());
     }
     for (i, pair) in a.step_weights.windows(2).enumerate() {
-        if pair[1].basis_points <= pair[0].basis_points {
+        if pair[1] <= pair[0] {
             return err(
                 &format!("stepWeights[{}]", i + 1),
                 "step weights must rise: each step above the one before".into(),
             );
         }
     }
-    if let Some(i) = a.step_weights.iter().position(|w| w.basis_points == 0) {
+    if let Some(i) = a.step_weights.iter().position(|w| *w == Weight::ZERO) {
         return err(
             &format!("stepWeights[{i}]"),
             "a step weight is above 0".into(),
         );
     }
-    if matches!(a.step_weight, Some(w) if w.basis_points == 0) {
+    if matches!(a.step_weight, Some(w) if w == Weight::ZERO) {
         return err("stepWeight", "must be above 0".into());
     }
-    if matches!(a.max_weight, Some(w) if w.basis_points == 0) {
+    if matches!(a.max_weight, Some(w) if w == Weight::ZERO) {
         return err("maxWeight", "must be above 0".into());
     }
     if !a.step_weights.is_empty() && a.step_weight.is_some() {

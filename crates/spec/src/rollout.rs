@@ -9,7 +9,7 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 
 use crate::duration::Dur;
-use crate::weight::percent_to_basis_points;
+use crate::Weight;
 
 pub const API_VERSION: &str = "coalmine.dev/v1alpha1";
 
@@ -272,20 +272,20 @@ pub struct Analysis {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub threshold: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub max_weight: Option<Percent>,
+    pub max_weight: Option<Weight>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub step_weight: Option<Percent>,
+    pub step_weight: Option<Weight>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub step_weights: Vec<Percent>,
+    pub step_weights: Vec<Weight>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub step_weight_promotion: Option<Percent>,
+    pub step_weight_promotion: Option<Weight>,
     /// A/B testing (with `match`) or blue-green (without): analysis runs this many times.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub iterations: Option<u32>,
     #[serde(default, skip_serializing_if = "is_false")]
     pub mirror: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub mirror_weight: Option<Percent>,
+    pub mirror_weight: Option<Weight>,
     /// Accepted for Flagger compatibility; readiness is judged by Coalmine's own checks.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub primary_ready_threshold: Option<u32>,
@@ -386,26 +386,6 @@ fn is_default<T: Default + PartialEq>(v: &T) -> bool {
     *v == T::default()
 }
 
-/// A traffic percentage with at most two decimals.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-#[serde(try_from = "f64", into = "f64")]
-pub struct Percent {
-    pub basis_points: u32,
-}
-
-impl TryFrom<f64> for Percent {
-    type Error = String;
-    fn try_from(pct: f64) -> Result<Self, String> {
-        percent_to_basis_points(pct).map(|basis_points| Percent { basis_points })
-    }
-}
-
-impl From<Percent> for f64 {
-    fn from(p: Percent) -> f64 {
-        crate::weight::basis_points_to_percent(p.basis_points)
-    }
-}
-
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum NoDataRule {
@@ -476,7 +456,15 @@ pub struct MetricCheck {
     pub template_variables: BTreeMap<String, String>,
 }
 
+/// Flagger's window for a metric without `interval`.
+pub const DEFAULT_METRIC_WINDOW: std::time::Duration = std::time::Duration::from_secs(60);
+
 impl MetricCheck {
+    /// The window the metric is computed over: its `interval`, or Flagger's default.
+    pub fn window(&self) -> std::time::Duration {
+        self.interval.map_or(DEFAULT_METRIC_WINDOW, |d| d.0)
+    }
+
     /// Answered from the routers' own counts, not from a provider.
     pub fn is_builtin(&self) -> bool {
         self.query.is_none()

@@ -194,10 +194,7 @@ pub fn resolve_check(
     } else {
         "templateRef"
     };
-    let interval = check
-        .interval
-        .map(|d| d.to_string())
-        .unwrap_or_else(|| "1m".to_string());
+    let interval = Dur(check.window()).to_string();
     let render = |field: &str, text: &str| {
         render(text, ctx, &interval, &check.template_variables).map_err(|message| ResolveError {
             field: field.to_string(),

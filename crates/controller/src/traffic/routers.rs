@@ -1,22 +1,137 @@
-//! The traffic backend for Coalmine's own routers: their admin API (`GET`/`PUT /routes`,
-//! `GET /stats`).
+//! The traffic backend for Coalmine's own routers: their admin API (`GET`/`PUT /routes`). A
+//! rollout uses them when it lists their admin addresses (`spec.routers`), or, under `serve`,
+//! has one hosted (`spec.router`). Their counters (`GET /stats`) are an observation source
+//! ([`crate::observations::router_stats`]).
 //!
 //! A rollout owns only some fields of a router's table: its name, the two upstreams and the
 //! canary's weight, plus `match`, `affinity` and `mirror` when its document sets them. It sends
 //! only those (the router keeps the fields a `PUT` leaves out), so rules the router was started
 //! with — the seed's `--match x-canary=true`, say — stay as they were, during and after.
 
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use serde_json::Value;
 
 use coalmine_contract::routes::{DEFAULT_AFFINITY_MAX_AGE, DEFAULT_NAME as UNCLAIMED};
 use coalmine_contract::{
-    Affinity, Condition, Invalid, MatchRule, RoutesDoc, RoutesPatch, ServedRoutes, StatsDoc,
-    StrMatch, Subject, UpstreamUrl, Weight, OWNER_HEADER,
+    Affinity, Condition, Invalid, MatchRule, RoutesDoc, RoutesPatch, ServedRoutes, StrMatch,
+    Subject, UpstreamUrl, OWNER_HEADER,
 };
-use coalmine_rollout::Traffic;
-use coalmine_spec::rollout::{Analysis, HttpMatch, HttpUrl, StringMatch};
+use coalmine_rollout::{Traffic, TrafficFault};
+use coalmine_spec::rollout::{Analysis, HttpMatch, HttpUrl, Rollout, StringMatch, Target};
+
+use super::{Registration, TrafficBackend};
+use crate::http::reqwest_reason;
+use crate::{host_name, BoxFuture, Runner, Unrunnable};
+
+pub const REGISTERED: Registration = Registration {
+    takes,
+    wanted,
+    check,
+    open,
+};
+
+fn takes(rollout: &Rollout, runner: Runner) -> bool {
+    !rollout.spec.routers.is_empty() || (runner == Runner::Serve && rollout.spec.router.is_some())
+}
+
+fn wanted(runner: Runner) -> Unrunnable {
+    Unrunnable {
+        field: "routers".into(),
+        message: match runner {
+            Runner::Run => "list the admin address of at least one Coalmine router",
+            Runner::Serve => "list at least one router admin address, or host one with spec.router",
+        }
+        .into(),
+    }
+}
+
+/// A hosted router's address must parse, and the routes must be ones a router takes.
+fn check(rollout: &Rollout, runner: Runner) -> Result<(), Unrunnable> {
+    let spec = &rollout.spec;
+    if let (Runner::Serve, Some(hosted)) = (runner, &spec.router) {
+        hosted
+            .listen
+            .parse::<SocketAddr>()
+            .map_err(|e| Unrunnable {
+                field: "router.listen".into(),
+                message: e.to_string(),
+            })?;
+    }
+    if let (Some(Target::Url(stable)), Some(Target::Url(canary))) = (&spec.stable, &spec.canary) {
+        Upstreams::new(
+            &rollout.metadata.name,
+            stable.as_str(),
+            canary.as_str(),
+            &spec.analysis,
+            &spec.preview,
+        )?;
+    }
+    Ok(())
+}
+
+fn open(rollout: &Rollout, owner: &str) -> Result<Box<dyn TrafficBackend>, Unrunnable> {
+    let spec = &rollout.spec;
+    let upstreams = Upstreams::new(
+        &rollout.metadata.name,
+        &url_of(&spec.stable, "stable")?,
+        &url_of(&spec.canary, "canary")?,
+        &spec.analysis,
+        &spec.preview,
+    )?;
+    Ok(Box::new(Routers {
+        routers: RouterSet::new(spec.routers.clone(), owner.to_string()),
+        upstreams,
+    }))
+}
+
+/// Where a version's traffic goes; by now every target is a URL (`serve` has started its
+/// processes), so this only says what `run` cannot do.
+fn url_of(target: &Option<Target>, field: &str) -> Result<String, Unrunnable> {
+    let unrunnable = |message: &str| Unrunnable {
+        field: field.to_string(),
+        message: message.into(),
+    };
+    match target {
+        Some(Target::Url(u)) => Ok(u.to_string()),
+        None => Err(unrunnable("the version's url is needed to run the rollout")),
+        Some(Target::Command { .. }) => Err(unrunnable("a command target needs `coalmine serve`, which keeps the process running after the rollout; give a url here")),
+    }
+}
+
+/// One rollout's routers: the routes it owns, on every router it lists.
+struct Routers {
+    upstreams: Upstreams,
+    routers: RouterSet,
+}
+
+impl TrafficBackend for Routers {
+    fn claim(&self) -> BoxFuture<'_, Result<(), TrafficFault>> {
+        Box::pin(self.routers.claim(&self.upstreams.name))
+    }
+
+    fn apply<'a>(&'a self, traffic: &'a Traffic) -> BoxFuture<'a, Result<(), TrafficFault>> {
+        Box::pin(async move { self.routers.apply(&self.upstreams.routes(traffic)).await })
+    }
+
+    fn reconcile<'a>(
+        &'a self,
+        traffic: &'a Traffic,
+    ) -> BoxFuture<'a, Result<Vec<String>, TrafficFault>> {
+        Box::pin(async move {
+            let corrected = self
+                .routers
+                .reconcile(&self.upstreams.routes(traffic))
+                .await?;
+            Ok(corrected.iter().map(ToString::to_string).collect())
+        })
+    }
+
+    fn release(&self) -> BoxFuture<'_, Result<(), TrafficFault>> {
+        Box::pin(self.routers.release())
+    }
+}
 
 /// What a rollout's routers serve, apart from the weights the state machine decides.
 #[derive(Debug, Clone)]
@@ -35,12 +150,11 @@ pub struct Upstreams {
     pub mirrors: bool,
 }
 
-fn upstream(field: &str, url: &str) -> Result<UpstreamUrl, String> {
-    UpstreamUrl::parse(url).map_err(|e| format!("spec.{field}: {e}"))
-}
-
-fn weight(basis_points: u32) -> Weight {
-    Weight::from_basis_points(basis_points).expect("the machine's weights are between 0 and 100 %")
+fn upstream(field: &str, url: &str) -> Result<UpstreamUrl, Unrunnable> {
+    UpstreamUrl::parse(url).map_err(|e| Unrunnable {
+        field: field.to_string(),
+        message: e.to_string(),
+    })
 }
 
 impl Upstreams {
@@ -52,10 +166,10 @@ impl Upstreams {
         canary: &str,
         analysis: &Analysis,
         preview: &[HttpMatch],
-    ) -> Result<Upstreams, String> {
+    ) -> Result<Upstreams, Unrunnable> {
         let rules = |matches: &[HttpMatch],
                      field: &str|
-         -> Result<Option<Vec<MatchRule>>, String> {
+         -> Result<Option<Vec<MatchRule>>, Unrunnable> {
             if matches.is_empty() {
                 return Ok(None);
             }
@@ -63,7 +177,12 @@ impl Upstreams {
                 .iter()
                 .enumerate()
                 .filter_map(|(i, m)| {
-                    router_rule(m).map(|rule| rule.map_err(|e| format!("spec.{field}[{i}]: {e}")))
+                    router_rule(m).map(|rule| {
+                        rule.map_err(|e| Unrunnable {
+                            field: format!("{field}[{i}]"),
+                            message: e.to_string(),
+                        })
+                    })
                 })
                 .collect::<Result<Vec<_>, _>>()
                 .map(Some)
@@ -113,14 +232,14 @@ impl Upstreams {
             name: Some(self.name.clone()),
             stable: Some(stable.clone()),
             canary: Some(canary.cloned()),
-            canary_weight: Some(weight(traffic.canary_weight)),
+            canary_weight: Some(traffic.canary_weight),
             matches,
             preview,
             affinity: self
                 .affinity
                 .as_ref()
                 .map(|a| canary.is_some().then(|| a.clone())),
-            mirror: self.mirrors.then(|| weight(traffic.mirror_weight)),
+            mirror: self.mirrors.then_some(traffic.mirror_weight),
             ..RoutesPatch::default()
         }
     }
@@ -154,51 +273,17 @@ fn router_rule(m: &HttpMatch) -> Option<Result<MatchRule, Invalid>> {
     }
 }
 
-/// The canary's observations are its answers to real traffic and to mirrored copies alike
-/// (Flagger's dark launch judges a mirrored canary on its own responses): the mirror's counts
-/// are folded into the canary's. A copy that got no answer is a failure.
-fn with_mirror_as_canary(mut stats: StatsDoc) -> StatsDoc {
-    let m = std::mem::take(&mut stats.mirror);
-    let c = &mut stats.canary;
-    for (status, n) in &m.statuses {
-        *c.statuses.entry(*status).or_default() += n;
-        c.requests += n;
-    }
-    if m.failed > 0 {
-        *c.statuses.entry(502).or_default() += m.failed;
-        c.requests += m.failed;
-    }
-    c.latency.counts.extend(m.latency.counts);
-    stats
-}
-
-/// Why a router did not take a route change.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum RouterError {
-    /// It could not be reached or did not answer in time: worth trying again.
-    #[error("{0}")]
-    Unreachable(String),
-    /// It answered, and no retry will change the answer: it refused the document, or it is not
-    /// a Coalmine router's admin API at all.
-    #[error("{0}")]
-    Refused(String),
-}
-
-/// The routers carrying one rollout's traffic, driven on behalf of one controller.
+/// The routers carrying one rollout's traffic, driven on behalf of one controller. A router
+/// that cannot be reached is [`TrafficFault::Unreachable`]; one that answered and will not
+/// change its answer (it refused the document, or it is not a Coalmine router's admin API at
+/// all) is [`TrafficFault::Refused`].
 #[derive(Debug, Clone)]
-pub struct RouterSet {
+struct RouterSet {
     admins: Vec<HttpUrl>,
     client: reqwest::Client,
-    /// Who drives them (see [`owner`]): every route change is sent as theirs, and a router
-    /// another controller drives refuses it.
+    /// Who drives them (see [`super::owner`]): every route change is sent as theirs, and a
+    /// router another controller drives refuses it.
     owner: String,
-}
-
-/// How a controller names itself to the routers it drives: the rollout, then the controller
-/// (`checkout (coalmine run, pid 4242 on build-7)`). Two controllers never share one, even for
-/// the same rollout, so a router refuses the second.
-pub fn owner(rollout: &str, controller: &str) -> String {
-    format!("{rollout} ({controller})")
 }
 
 /// An owner as people read it: `rollout "checkout" (coalmine run, pid 4242 on build-7)`.
@@ -231,27 +316,15 @@ fn refuse_another_rollouts_canary(
     table: &RoutesDoc,
     admin: &HttpUrl,
     rollout: &str,
-) -> Result<(), RouterError> {
+) -> Result<(), TrafficFault> {
     if table.canary.is_some() && table.name != rollout && table.name != UNCLAIMED {
-        return Err(RouterError::Refused(format!(
+        return Err(TrafficFault::Refused(format!(
             "{admin} carries rollout {:?}'s canary ({}% of traffic): another controller drives that router; finish or abort that rollout first",
             table.name,
             table.canary_weight.percent()
         )));
     }
     Ok(())
-}
-
-/// This machine's name, for telling controllers apart.
-pub fn host_name() -> String {
-    let mut buf = [0u8; 256];
-    // SAFETY: gethostname writes at most `buf.len()` bytes into the buffer it is given.
-    let ok = unsafe { libc::gethostname(buf.as_mut_ptr().cast(), buf.len()) } == 0;
-    let end = buf.iter().position(|&b| b == 0).unwrap_or(buf.len());
-    match std::str::from_utf8(&buf[..end]) {
-        Ok(name) if ok && !name.is_empty() => name.to_string(),
-        _ => "unknown host".to_string(),
-    }
 }
 
 /// What an answer that is not a route table looks like, for the error message.
@@ -270,7 +343,7 @@ fn describe_answer(status: reqwest::StatusCode, content_type: &str, body: &str) 
 }
 
 impl RouterSet {
-    pub fn new(admins: Vec<HttpUrl>, owner: String) -> RouterSet {
+    fn new(admins: Vec<HttpUrl>, owner: String) -> RouterSet {
         let client = reqwest::Client::builder()
             .timeout(Duration::from_secs(5))
             .connect_timeout(Duration::from_secs(2))
@@ -283,16 +356,12 @@ impl RouterSet {
         }
     }
 
-    pub fn admins(&self) -> &[HttpUrl] {
-        &self.admins
-    }
-
     /// Reads an answer that must be a route table (`GET` or `PUT /routes`).
     async fn table(
         &self,
         admin: &HttpUrl,
         resp: reqwest::Response,
-    ) -> Result<RoutesDoc, RouterError> {
+    ) -> Result<RoutesDoc, TrafficFault> {
         let status = resp.status();
         let content_type = resp
             .headers()
@@ -303,31 +372,31 @@ impl RouterSet {
         let body = resp
             .text()
             .await
-            .map_err(|e| RouterError::Unreachable(format!("{admin}: {}", reqwest_reason(&e))))?;
+            .map_err(|e| TrafficFault::Unreachable(format!("{admin}: {}", reqwest_reason(&e))))?;
         let json: Option<Value> = serde_json::from_str(&body).ok();
         if status.is_client_error() {
             if let Some(why) = json.as_ref().and_then(|j| j["error"].as_str()) {
-                return Err(RouterError::Refused(format!(
+                return Err(TrafficFault::Refused(format!(
                     "{admin} refused the routes ({status}): {why}"
                 )));
             }
         }
         match json.and_then(ServedRoutes::from_json) {
             Some(served) if status.is_success() => Ok(served.doc),
-            _ => Err(RouterError::Refused(format!(
+            _ => Err(TrafficFault::Refused(format!(
                 "{admin} is not a Coalmine router's admin API: /routes {} (is it the traffic port? give the router's --admin address)",
                 describe_answer(status, &content_type, &body)
             ))),
         }
     }
 
-    async fn get_table(&self, admin: &HttpUrl) -> Result<RoutesDoc, RouterError> {
+    async fn get_table(&self, admin: &HttpUrl) -> Result<RoutesDoc, TrafficFault> {
         let resp = self
             .client
             .get(format!("{admin}/routes"))
             .send()
             .await
-            .map_err(|e| RouterError::Unreachable(format!("{admin}: {}", reqwest_reason(&e))))?;
+            .map_err(|e| TrafficFault::Unreachable(format!("{admin}: {}", reqwest_reason(&e))))?;
         self.table(admin, resp).await
     }
 
@@ -337,7 +406,7 @@ impl RouterSet {
         &self,
         admin: &HttpUrl,
         patch: &RoutesPatch,
-    ) -> Result<RoutesDoc, RouterError> {
+    ) -> Result<RoutesDoc, TrafficFault> {
         self.put_patch_as(admin, &self.owner, patch).await
     }
 
@@ -348,7 +417,7 @@ impl RouterSet {
         admin: &HttpUrl,
         owner: &str,
         patch: &RoutesPatch,
-    ) -> Result<RoutesDoc, RouterError> {
+    ) -> Result<RoutesDoc, TrafficFault> {
         let resp = self
             .client
             .put(format!("{admin}/routes"))
@@ -356,7 +425,7 @@ impl RouterSet {
             .json(patch)
             .send()
             .await
-            .map_err(|e| RouterError::Unreachable(format!("{admin}: {}", reqwest_reason(&e))))?;
+            .map_err(|e| TrafficFault::Unreachable(format!("{admin}: {}", reqwest_reason(&e))))?;
         self.table(admin, resp).await
     }
 
@@ -365,7 +434,7 @@ impl RouterSet {
         patch.agrees_with(table) && table.owner.as_deref() == Some(self.owner.as_str())
     }
 
-    async fn put_table(&self, admin: &HttpUrl, patch: &RoutesPatch) -> Result<(), RouterError> {
+    async fn put_table(&self, admin: &HttpUrl, patch: &RoutesPatch) -> Result<(), TrafficFault> {
         let signed = RoutesPatch {
             owner: Some(Some(self.owner.clone())),
             ..patch.clone()
@@ -374,7 +443,7 @@ impl RouterSet {
         if self.carries(patch, &table) {
             Ok(())
         } else {
-            Err(RouterError::Refused(format!(
+            Err(TrafficFault::Refused(format!(
                 "{admin} answered the route change with a table that does not carry it"
             )))
         }
@@ -383,7 +452,7 @@ impl RouterSet {
     /// Lets the routers go once the rollout is over and nothing will drive them any more (they
     /// keep its final routes): another rollout may then take them. A router this controller
     /// no longer drives is left as it is.
-    pub async fn release(&self) -> Result<(), RouterError> {
+    async fn release(&self) -> Result<(), TrafficFault> {
         let mut failed = None;
         for admin in &self.admins {
             let released = self.put_patch(admin, &RoutesPatch::release()).await;
@@ -398,11 +467,11 @@ impl RouterSet {
     /// that no other controller drives and that carries no other rollout's canary: two
     /// controllers must never drive one router. A router that cannot be reached yet is left to
     /// the ticks; every route change is refused by a router another controller drives.
-    pub async fn claim(&self, rollout: &str) -> Result<(), RouterError> {
+    async fn claim(&self, rollout: &str) -> Result<(), TrafficFault> {
         for admin in &self.admins {
             let table = match self.get_table(admin).await {
                 Ok(t) => t,
-                Err(RouterError::Unreachable(_)) => continue,
+                Err(TrafficFault::Unreachable(_)) => continue,
                 Err(refused) => return Err(refused),
             };
             if let Some(owner) = table.owner.as_deref().filter(|o| *o != self.owner) {
@@ -419,7 +488,7 @@ impl RouterSet {
                     refuse_another_rollouts_canary(&table, admin, rollout)?;
                     continue;
                 }
-                return Err(RouterError::Refused(format!(
+                return Err(TrafficFault::Refused(format!(
                     "{admin} is driven by {}: one router carries one rollout; finish or abort that rollout first (if its controller is gone, free the router: curl -X PUT {admin}/routes -H 'content-type: application/json' -d '{{\"owner\": null}}')",
                     describe_owner(owner)
                 )));
@@ -431,12 +500,12 @@ impl RouterSet {
 
     /// Applies the same patch to every router. All must take it; the first refusal is the
     /// error, else the first router that could not be reached.
-    pub async fn apply(&self, patch: &RoutesPatch) -> Result<(), RouterError> {
+    async fn apply(&self, patch: &RoutesPatch) -> Result<(), TrafficFault> {
         let mut unreachable = None;
         for admin in &self.admins {
             match self.put_table(admin, patch).await {
                 Ok(()) => {}
-                Err(refused @ RouterError::Refused(_)) => return Err(refused),
+                Err(refused @ TrafficFault::Refused(_)) => return Err(refused),
                 Err(e) => {
                     unreachable.get_or_insert(e);
                 }
@@ -447,7 +516,7 @@ impl RouterSet {
 
     /// Puts the patch back on every router whose table no longer carries it (a router
     /// restarted with its old command line, say). Returns the routers put right.
-    pub async fn reconcile(&self, patch: &RoutesPatch) -> Result<Vec<HttpUrl>, RouterError> {
+    async fn reconcile(&self, patch: &RoutesPatch) -> Result<Vec<HttpUrl>, TrafficFault> {
         let mut corrected = Vec::new();
         let mut failed = None;
         for admin in &self.admins {
@@ -472,53 +541,12 @@ impl RouterSet {
             _ => Ok(corrected),
         }
     }
-
-    /// Every router's `/stats`, in the order of `admins`, mirrored answers counted as the
-    /// canary's.
-    pub async fn stats(&self) -> Result<Vec<StatsDoc>, String> {
-        let mut out = Vec::with_capacity(self.admins.len());
-        for admin in &self.admins {
-            let url = format!("{admin}/stats");
-            let resp = self
-                .client
-                .get(&url)
-                .send()
-                .await
-                .map_err(|e| format!("{admin}: {}", reqwest_reason(&e)))?;
-            if !resp.status().is_success() {
-                return Err(format!("{admin}/stats answered {}", resp.status()));
-            }
-            let stats = resp
-                .json::<StatsDoc>()
-                .await
-                .map_err(|e| format!("{admin}/stats is not a stats document: {e}"))?;
-            out.push(with_mirror_as_canary(stats));
-        }
-        Ok(out)
-    }
-}
-
-/// reqwest's Display omits the cause ("error sending request"); the cause is what users need.
-/// URLs in it are shown without credentials.
-pub fn reqwest_reason(e: &reqwest::Error) -> String {
-    if e.is_timeout() {
-        return "timed out".into();
-    }
-    if e.is_connect() {
-        return "connection refused or unreachable".into();
-    }
-    let mut text = e.to_string();
-    let mut source = std::error::Error::source(e);
-    while let Some(s) = source {
-        text = format!("{text}: {s}");
-        source = s.source();
-    }
-    coalmine_spec::redact::text(&text)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use coalmine_contract::Weight;
     use serde_json::json;
 
     fn upstreams(analysis: Value) -> Upstreams {
@@ -548,9 +576,9 @@ mod tests {
         let traffic = Traffic {
             promoted: false,
             canary: true,
-            canary_weight: 550,
+            canary_weight: Weight::from_basis_points(550).unwrap(),
             apply_match: true,
-            mirror_weight: 0,
+            mirror_weight: Weight::ZERO,
         };
         let patch = up.routes(&traffic);
         assert_eq!(
@@ -588,7 +616,7 @@ mod tests {
         let done = up.routes(&Traffic {
             promoted: true,
             canary: false,
-            canary_weight: 0,
+            canary_weight: Weight::ZERO,
             ..traffic
         });
         assert_eq!(
@@ -613,7 +641,7 @@ mod tests {
         )
         .unwrap_err();
         assert_eq!(
-            err,
+            err.to_string(),
             r#"spec.analysis.match[1]: "bad header" is not a valid header name"#
         );
     }

@@ -1,0 +1,356 @@
+//! The daemon's HTTP API: reads open, mutations (and the Alertmanager receiver) behind the
+//! bearer token. Every refusal is an [`ApiError`], answered the one way `{"error": message}`
+//! with its status.
+
+use std::sync::Arc;
+
+use axum::extract::{Path, Request, State};
+use axum::http::{header, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::json;
+
+use coalmine_rollout::{Input, Phase, Status};
+use coalmine_spec::documents;
+use coalmine_spec::rollout::Rollout;
+use coalmine_spec::{SpecError, Weight};
+
+use super::supervision::{ApplyError, ConflictError};
+use super::Daemon;
+use crate::report::{event_json, status_json};
+use crate::state::sqlite::StoreError;
+use crate::traffic::{self, owner};
+use crate::{Runner, Unrunnable};
+
+/// Why the API refused a call, and with which status.
+#[derive(Debug, thiserror::Error)]
+pub(super) enum ApiError {
+    #[error("this call needs the daemon's token: Authorization: Bearer TOKEN")]
+    Unauthorized,
+    #[error(transparent)]
+    Documents(#[from] SpecError),
+    #[error("{0}: no Rollout to apply")]
+    NoRollout(String),
+    #[error("{files}: {name}: {source}")]
+    Unrunnable {
+        files: String,
+        name: String,
+        source: Unrunnable,
+    },
+    /// Also when the state file could not be read to find out (as the API always answered).
+    #[error("{0}")]
+    Conflict(ConflictError),
+    #[error("{name}: {source}")]
+    Apply { name: String, source: ApplyError },
+    #[error("no rollout named {0:?}")]
+    NoSuchRollout(String),
+    #[error("unknown command {0:?}: promote, abort, pause or resume")]
+    UnknownCommand(String),
+    #[error("{name} is not running (phase {}): `coalmine apply --restart` starts a new run", .phase.as_str())]
+    Finished { name: String, phase: Phase },
+    #[error("{name} is not running (phase {})", .phase.as_str())]
+    NotRunning { name: String, phase: Phase },
+    #[error("{name} is {} at {}% canary: abort it first (`coalmine abort {name}`), then delete it", .phase.as_str(), .weight.percent())]
+    Unfinished {
+        name: String,
+        phase: Phase,
+        weight: Weight,
+    },
+    #[error(transparent)]
+    State(#[from] StoreError),
+    #[error("{name}: {source}")]
+    RolloutState { name: String, source: StoreError },
+    #[error("not an Alertmanager webhook payload: {0}")]
+    NotAlertmanager(serde_json::Error),
+    #[error("Alertmanager webhook payload version {0:?}: Coalmine reads version 4")]
+    AlertmanagerVersion(String),
+}
+
+impl ApiError {
+    fn status(&self) -> StatusCode {
+        match self {
+            ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
+            ApiError::Documents(_)
+            | ApiError::NoRollout(_)
+            | ApiError::Unrunnable { .. }
+            | ApiError::NotAlertmanager(_)
+            | ApiError::AlertmanagerVersion(_) => StatusCode::BAD_REQUEST,
+            ApiError::NoSuchRollout(_) | ApiError::UnknownCommand(_) => StatusCode::NOT_FOUND,
+            ApiError::Conflict(_)
+            | ApiError::Finished { .. }
+            | ApiError::NotRunning { .. }
+            | ApiError::Unfinished { .. } => StatusCode::CONFLICT,
+            ApiError::Apply {
+                source: ApplyError::Refused(_),
+                ..
+            } => StatusCode::CONFLICT,
+            ApiError::Apply { .. } | ApiError::State(_) | ApiError::RolloutState { .. } => {
+                StatusCode::INTERNAL_SERVER_ERROR
+            }
+        }
+    }
+
+    /// A stored rollout could not be read.
+    fn state(name: &str) -> impl FnOnce(StoreError) -> ApiError + '_ {
+        move |source| ApiError::RolloutState {
+            name: name.to_string(),
+            source,
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut resp = (self.status(), Json(json!({ "error": self.to_string() }))).into_response();
+        if matches!(self, ApiError::Unauthorized) {
+            resp.headers_mut()
+                .insert(header::WWW_AUTHENTICATE, "Bearer".parse().expect("header"));
+        }
+        resp
+    }
+}
+
+pub(super) fn routes(daemon: Arc<Daemon>) -> Router {
+    let mutating = Router::new()
+        .route("/api/v1/apply", post(apply))
+        .route("/api/v1/rollouts/{name}/{command}", post(command))
+        .route("/api/v1/rollouts/{name}", axum::routing::delete(delete))
+        .route("/api/v1/alertmanager", post(super::alerts::alertmanager))
+        .route_layer(middleware::from_fn_with_state(
+            daemon.clone(),
+            require_token,
+        ));
+    Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/metrics", get(metrics))
+        .route("/api/v1/rollouts", get(list))
+        .route("/api/v1/rollouts/{name}", get(one))
+        .route("/api/v1/rollouts/{name}/history", get(history))
+        .merge(mutating)
+        .with_state(daemon)
+}
+
+async fn require_token(State(d): State<Arc<Daemon>>, req: Request, next: Next) -> Response {
+    let given = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    match given {
+        Some(token) if constant_time_eq(token.as_bytes(), d.token.as_bytes()) => {
+            next.run(req).await
+        }
+        _ => ApiError::Unauthorized.into_response(),
+    }
+}
+
+/// Compares without stopping at the first difference, so timing does not leak the token.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+#[derive(Deserialize)]
+struct ApplyRequest {
+    /// The documents, a file each: Rollouts and the MetricTemplates they use.
+    files: Vec<SourceFile>,
+    /// Start a new run even if the document is unchanged (retry a failed release).
+    #[serde(default)]
+    restart: bool,
+}
+
+#[derive(Deserialize)]
+struct SourceFile {
+    file: String,
+    text: String,
+}
+
+async fn apply(
+    State(d): State<Arc<Daemon>>,
+    Json(req): Json<ApplyRequest>,
+) -> Result<Response, ApiError> {
+    let files: Vec<(String, String)> = req.files.into_iter().map(|f| (f.file, f.text)).collect();
+    let names = files
+        .iter()
+        .map(|f| f.0.as_str())
+        .collect::<Vec<_>>()
+        .join(", ");
+    let set = documents::load(&files)?;
+    set.require_runnable()?;
+    // Canaries are placed by the Placement documents among the files.
+    let rollouts = set.placed_rollouts(None)?;
+    if rollouts.is_empty() {
+        return Err(ApiError::NoRollout(names));
+    }
+    // Everything is checked before anything changes: a bad document leaves running rollouts be.
+    for r in &rollouts {
+        crate::check(r, Runner::Serve).map_err(|source| ApiError::Unrunnable {
+            files: names.clone(),
+            name: r.metadata.name.clone(),
+            source,
+        })?;
+    }
+    d.router_conflicts(&rollouts).map_err(ApiError::Conflict)?;
+    let mut applied = Vec::new();
+    for rollout in rollouts {
+        let name = rollout.metadata.name.clone();
+        let action = d
+            .apply_one(rollout, req.restart)
+            .await
+            .map_err(|source| ApiError::Apply {
+                name: name.clone(),
+                source,
+            })?;
+        applied.push(json!({"name": name, "action": action}));
+    }
+    Ok(Json(json!({"applied": applied, "warnings": set.warnings})).into_response())
+}
+
+/// A rollout's status as the API shows it: the stored one, said to be held when its last
+/// step could not be saved.
+fn shown_status(d: &Daemon, rollout: &Rollout, status: &Status) -> serde_json::Value {
+    let held = d
+        .held
+        .lock()
+        .expect("held")
+        .get(&rollout.metadata.name)
+        .cloned();
+    status_json(rollout, status, held.as_ref())
+}
+
+async fn list(State(d): State<Arc<Daemon>>) -> Result<Response, ApiError> {
+    let all = d.store.all()?;
+    Ok(Json(
+        all.iter()
+            .map(|s| match s {
+                Ok(s) => shown_status(&d, &s.rollout, &s.status),
+                Err(bad) => json!({
+                    "name": bad.name,
+                    "phase": "Unknown",
+                    "message": format!("its stored state cannot be read: {}", bad.error),
+                }),
+            })
+            .collect::<Vec<_>>(),
+    )
+    .into_response())
+}
+
+async fn one(State(d): State<Arc<Daemon>>, Path(name): Path<String>) -> Result<Response, ApiError> {
+    let stored = d
+        .store
+        .get(&name)
+        .map_err(ApiError::state(&name))?
+        .ok_or_else(|| ApiError::NoSuchRollout(name.clone()))?;
+    Ok(Json(shown_status(&d, &stored.rollout, &stored.status)).into_response())
+}
+
+async fn history(
+    State(d): State<Arc<Daemon>>,
+    Path(name): Path<String>,
+) -> Result<Response, ApiError> {
+    let events = d.store.history(&name).map_err(ApiError::state(&name))?;
+    if events.is_empty() {
+        return Err(ApiError::NoSuchRollout(name));
+    }
+    Ok(Json(
+        events
+            .iter()
+            .map(|(run, e)| event_json(&name, Some(*run), e))
+            .collect::<Vec<_>>(),
+    )
+    .into_response())
+}
+
+async fn command(
+    State(d): State<Arc<Daemon>>,
+    Path((name, command)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    let input = match command.as_str() {
+        "promote" => Input::Promote,
+        "abort" => Input::Abort {
+            reason: "requested through the API".into(),
+        },
+        "pause" => Input::Pause,
+        "resume" => Input::Resume,
+        other => return Err(ApiError::UnknownCommand(other.to_string())),
+    };
+    let stored = d
+        .store
+        .get(&name)
+        .map_err(ApiError::state(&name))?
+        .ok_or_else(|| ApiError::NoSuchRollout(name.clone()))?;
+    let phase = stored.status.phase;
+    if phase.is_final() {
+        return Err(ApiError::Finished { name, phase });
+    }
+    let control = d
+        .running
+        .lock()
+        .expect("running")
+        .get(&name)
+        .map(|r| r.control.clone());
+    match control {
+        Some(control) if control.send(input).await.is_ok() => Ok((
+            StatusCode::ACCEPTED,
+            Json(json!({"name": name, "command": command})),
+        )
+            .into_response()),
+        _ => Err(ApiError::NotRunning { name, phase }),
+    }
+}
+
+/// Forgets a finished rollout: its document, state and history; nothing keeps its routers
+/// from then on (they stay as the rollout left them). A rollout still under way must be
+/// aborted (or promoted) first: deleting it would leave its canary with nobody watching.
+async fn delete(
+    State(d): State<Arc<Daemon>>,
+    Path(name): Path<String>,
+) -> Result<Response, ApiError> {
+    let stored = d
+        .store
+        .get(&name)
+        .map_err(ApiError::state(&name))?
+        .ok_or_else(|| ApiError::NoSuchRollout(name.clone()))?;
+    if !stored.status.phase.is_final() {
+        return Err(ApiError::Unfinished {
+            name,
+            phase: stored.status.phase,
+            weight: stored.status.canary_weight,
+        });
+    }
+    let running = d.running.lock().expect("running").remove(&name);
+    // Nothing keeps its traffic from now on: another rollout may take its routers. One that
+    // is not running (its resume failed) is released as its document says.
+    let traffic = match running {
+        Some(r) => {
+            r.task.abort();
+            Ok(r.traffic)
+        }
+        None => traffic::open(&stored.rollout, Runner::Serve, &owner(&name, &d.controller))
+            .map(Arc::from),
+    };
+    let released = match traffic {
+        Ok(traffic) => traffic.release().await.map_err(|e| e.to_string()),
+        Err(e) => Err(e.to_string()),
+    };
+    if let Err(e) = released {
+        tracing::warn!(rollout = %name, "deleted, but its routers were not all freed: {e}");
+    }
+    d.hosted.forget(&name).await;
+    d.telemetry.forget(&name);
+    d.store.delete(&name).map_err(ApiError::state(&name))?;
+    Ok(Json(json!({"deleted": name})).into_response())
+}
+
+async fn metrics(State(d): State<Arc<Daemon>>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        d.telemetry.encode(),
+    )
+        .into_response()
+}

@@ -1,0 +1,118 @@
+//! `coalmine serve`: many rollouts, their state in SQLite, an HTTP API for the `apply`,
+//! `status`, `promote`, `abort`, `pause`, `resume` and `history` clients.
+//!
+//! Mutating calls need the daemon's bearer token; reads are open. A restart on the same state
+//! file resumes every unfinished rollout from its persisted phase and weight. Alertmanager's
+//! webhook (`POST /api/v1/alertmanager`, same token) rolls back the rollouts whose
+//! `rollbackOnAlerts` match a firing alert; `/metrics` shows every rollout to Prometheus.
+//!
+//! By concern: [`api`] (the HTTP API and its one error type), [`supervision`] (running and
+//! keeping rollouts), [`alerts`] (Alertmanager's receiver), [`hosted`] (the processes and
+//! routers `serve` runs itself).
+
+mod alerts;
+mod api;
+mod hosted;
+mod supervision;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use crate::driver::now_ms;
+use crate::lock::{LockError, StateLock};
+use crate::state::sqlite::{Opened, Store, StoreError};
+use crate::telemetry::Telemetry;
+
+pub use hosted::{HostedRouter, RouterHost};
+
+pub struct DaemonConfig {
+    pub api: SocketAddr,
+    pub state: PathBuf,
+    pub token: String,
+    /// Runs the routers rollouts ask `serve` to host (`spec.router`); without one such
+    /// rollouts are refused.
+    pub router_host: Option<Arc<dyn RouterHost>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Locked(#[from] LockError),
+    /// The cause is in the message, not a `source`: shown once however it is printed.
+    #[error("cannot listen on {addr}: {cause}")]
+    Listen {
+        addr: SocketAddr,
+        cause: std::io::Error,
+    },
+}
+
+struct Daemon {
+    store: Store,
+    /// How this daemon names itself to the routers it drives (with each rollout's name).
+    controller: String,
+    held: supervision::HeldSteps,
+    token: String,
+    running: Mutex<HashMap<String, supervision::Running>>,
+    hosted: hosted::Hosted,
+    telemetry: Arc<Telemetry>,
+}
+
+/// Runs the daemon until `shutdown` resolves. Unfinished rollouts keep their state on disk and
+/// resume when the daemon starts again; shutting down does not roll anything back.
+pub async fn serve(
+    config: DaemonConfig,
+    ready: impl FnOnce(SocketAddr),
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), DaemonError> {
+    // Before anything is read: a second daemon on this file must not even start.
+    let since = crate::time::rfc3339(now_ms());
+    let holder = |api: SocketAddr| format!("pid {}, api {api}, since {since}", std::process::id());
+    let mut lock = StateLock::acquire(&config.state, &holder(config.api))?;
+    let (store, opened) = Store::open(&config.state)?;
+    if opened == Opened::Created {
+        tracing::warn!(state = %config.state.display(), "created a new, empty state file");
+    }
+    let controller = format!(
+        "coalmine serve {} on {}",
+        store.controller_id()?,
+        crate::host_name()
+    );
+    let daemon = Arc::new(Daemon {
+        store,
+        controller,
+        held: Arc::new(Mutex::new(HashMap::new())),
+        token: config.token,
+        running: Mutex::new(HashMap::new()),
+        hosted: hosted::Hosted::new(config.router_host),
+        telemetry: Arc::new(Telemetry::default()),
+    });
+    daemon.resume_all().await?;
+    let listener = tokio::net::TcpListener::bind(config.api)
+        .await
+        .map_err(|cause| DaemonError::Listen {
+            addr: config.api,
+            cause,
+        })?;
+    let addr = listener.local_addr().map_err(|cause| DaemonError::Listen {
+        addr: config.api,
+        cause,
+    })?;
+    // The address actually bound (the configured one may be port 0).
+    let _ = lock.describe(&holder(addr));
+    ready(addr);
+    let served = axum::serve(listener, api::routes(daemon.clone()))
+        .with_graceful_shutdown(shutdown)
+        .await;
+    for (_, running) in daemon.running.lock().expect("running").drain() {
+        running.task.abort();
+    }
+    daemon.hosted.shut_down();
+    served.map_err(|cause| DaemonError::Listen {
+        addr: config.api,
+        cause,
+    })
+}

@@ -1,0 +1,341 @@
+//! Running and keeping rollouts: one task per rollout — its driver while the run goes on, then
+//! the keeper of its routers — its steps saved to the state file, started on `apply` and resumed
+//! when the daemon starts.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::mpsc;
+
+use coalmine_rollout::{Event, EventLevel, Input, Phase, Status, TrafficFault};
+use coalmine_spec::rollout::Rollout;
+use coalmine_spec::Weight;
+
+use super::hosted::StartError;
+use super::Daemon;
+use crate::driver::{now_ms, Driver, Seams};
+use crate::report::Held;
+use crate::state::sqlite::{Store, StoreError};
+use crate::state::{StateError, StateStore};
+use crate::telemetry::Telemetry;
+use crate::traffic::{owner, TrafficBackend};
+use crate::{BoxFuture, Runner, Unrunnable};
+
+/// A rollout's task: its driver while the run goes on, then the keeper of its routers.
+pub(super) struct Running {
+    pub(super) run: i64,
+    /// When this run began: alerts that started firing before it are about an earlier run.
+    pub(super) started_ms: u64,
+    /// The running spec (its `rollbackOnAlerts`, its routers).
+    pub(super) rollout: Arc<Rollout>,
+    pub(super) control: mpsc::Sender<Input>,
+    /// What carries its traffic (released when the rollout is deleted).
+    pub(super) traffic: Arc<dyn TrafficBackend>,
+    pub(super) task: tokio::task::JoinHandle<()>,
+}
+
+/// Rollouts holding because a step could not be saved, by name: shown in their status.
+pub(super) type HeldSteps = Arc<Mutex<HashMap<String, Held>>>;
+
+/// Why an apply did not start a run; the running rollout is untouched either way.
+#[derive(Debug, thiserror::Error)]
+pub(super) enum ApplyError {
+    /// The rollout cannot run as things stand (its routers are not Coalmine routers, or are
+    /// driven by someone else): the user's to fix.
+    #[error(transparent)]
+    Refused(#[from] TrafficFault),
+    /// Its versions or hosted router did not start, or the driver refused it.
+    #[error(transparent)]
+    Start(#[from] SpawnError),
+    #[error(transparent)]
+    State(#[from] StoreError),
+    #[error("the new run could not be saved, the old one goes on: {0}")]
+    NotSaved(StoreError),
+}
+
+/// Why a rollout's driver could not be made.
+#[derive(Debug, thiserror::Error)]
+pub(super) enum SpawnError {
+    #[error(transparent)]
+    Start(#[from] StartError),
+    #[error(transparent)]
+    Driver(#[from] Unrunnable),
+    #[error(transparent)]
+    State(#[from] StateError),
+    #[error("the state file holds no step of run {0}")]
+    NothingSaved(i64),
+}
+
+/// One run of one rollout in the state file: every step saved there, held (and shown so) while
+/// saving fails.
+struct RunState {
+    store: Store,
+    held: HeldSteps,
+    name: String,
+    run: i64,
+    telemetry: Arc<Telemetry>,
+    /// Whether this run's outcome has been counted (a resumed run may have ended before).
+    counted: bool,
+}
+
+impl RunState {
+    fn save_now(&mut self, status: &Status, events: &[Event]) -> Result<(), StateError> {
+        if let Err(e) = self.store.record(&self.name, self.run, status, events) {
+            let reason = e.to_string();
+            let mut held = self.held.lock().expect("held");
+            let since_ms = held.get(&self.name).map_or_else(now_ms, |h| h.since_ms);
+            if held.get(&self.name).is_none_or(|h| h.reason != reason) {
+                tracing::error!(rollout = %self.name, "cannot save the rollout's state: {reason}");
+            }
+            held.insert(self.name.clone(), Held { since_ms, reason });
+            self.telemetry.unsaved(&self.name, true);
+            return Err(StateError::new(e));
+        }
+        if self.held.lock().expect("held").remove(&self.name).is_some() {
+            self.telemetry.unsaved(&self.name, false);
+        }
+        self.telemetry.observe(&self.name, status);
+        if let (Some(outcome), false) = (status.outcome, self.counted) {
+            let seconds = now_ms().saturating_sub(status.started_ms) as f64 / 1000.0;
+            self.telemetry.finished(&self.name, outcome, seconds);
+            self.counted = true;
+        }
+        for e in events {
+            let weight = e.weight.percent();
+            tracing::info!(rollout = %self.name, phase = e.phase.as_str(), weight_percent = weight, "{}", e.message);
+        }
+        Ok(())
+    }
+}
+
+impl StateStore for RunState {
+    fn save<'a>(
+        &'a mut self,
+        status: &'a Status,
+        events: &'a [Event],
+    ) -> BoxFuture<'a, Result<(), StateError>> {
+        Box::pin(std::future::ready(self.save_now(status, events)))
+    }
+
+    /// The status of this run, unless a newer run replaced it.
+    fn load(&self) -> BoxFuture<'_, Result<Option<Status>, StateError>> {
+        let stored = self.store.get(&self.name).map_err(StateError::new);
+        Box::pin(std::future::ready(stored.map(|stored| {
+            stored.filter(|s| s.run == self.run).map(|s| s.status)
+        })))
+    }
+}
+
+/// The routers a rollout drives, as comparable names: admin URLs, and hosted routers' traffic
+/// addresses.
+pub(super) fn router_keys(r: &Rollout) -> Vec<String> {
+    let mut keys: Vec<String> = r.spec.routers.iter().map(|u| u.to_string()).collect();
+    if let Some(hosted) = &r.spec.router {
+        keys.push(format!("hosted router on {}", hosted.listen));
+    }
+    keys
+}
+
+/// A router another rollout already carries.
+#[derive(Debug, thiserror::Error)]
+#[error("{name}: router {key} already carries rollout {owner:?} ({phase}); one router carries one rollout: give {name:?} its own router, or delete {owner:?} first (`coalmine delete {owner}`)")]
+pub(super) struct RouterTaken {
+    name: String,
+    key: String,
+    owner: String,
+    phase: String,
+}
+
+impl Daemon {
+    /// One router carries one rollout: a rollout whose routers another rollout already drives
+    /// (running or finished, whose routers it keeps) is refused, naming that rollout.
+    pub(super) fn router_conflicts(&self, incoming: &[Rollout]) -> Result<(), ConflictError> {
+        let stored = self.store.all()?;
+        let mut owners: Vec<(String, String, String)> = stored
+            .into_iter()
+            .flatten()
+            .flat_map(|s| {
+                let name = s.rollout.metadata.name.clone();
+                let phase = s.status.phase.as_str().to_string();
+                router_keys(&s.rollout)
+                    .into_iter()
+                    .map(move |k| (k, name.clone(), phase.clone()))
+            })
+            .collect();
+        for r in incoming {
+            let name = &r.metadata.name;
+            for key in router_keys(r) {
+                if let Some((_, owner, phase)) = owners
+                    .iter()
+                    .find(|(k, owner, _)| *k == key && owner != name)
+                {
+                    return Err(RouterTaken {
+                        name: name.clone(),
+                        key,
+                        owner: owner.clone(),
+                        phase: phase.clone(),
+                    }
+                    .into());
+                }
+            }
+            owners.extend(
+                router_keys(r)
+                    .into_iter()
+                    .map(|k| (k, name.clone(), "in this apply".to_string())),
+            );
+        }
+        Ok(())
+    }
+
+    pub(super) async fn resume_all(self: &Arc<Self>) -> Result<(), StoreError> {
+        for stored in self.store.all()? {
+            let stored = match stored {
+                Ok(s) => s,
+                Err(bad) => {
+                    tracing::error!(rollout = %bad.name, "cannot read this rollout's stored state, so it is not resumed (the others are): {}", bad.error);
+                    continue;
+                }
+            };
+            self.telemetry
+                .observe(&stored.rollout.metadata.name, &stored.status);
+            let name = stored.rollout.metadata.name.clone();
+            tracing::info!(rollout = %name, phase = stored.status.phase.as_str(), "resuming");
+            // Finished rollouts too: their routers are kept as they left them.
+            if let Err(e) = self.resume(stored.rollout, stored.run).await {
+                tracing::error!(rollout = %name, "cannot resume: {e}");
+            }
+        }
+        Ok(())
+    }
+
+    /// Starts a new run of `rollout` (or says why it is left as it is).
+    pub(super) async fn apply_one(
+        self: &Arc<Self>,
+        rollout: Rollout,
+        restart: bool,
+    ) -> Result<&'static str, ApplyError> {
+        let name = rollout.metadata.name.clone();
+        let existing = self.store.get(&name)?;
+        let action = match &existing {
+            Some(old) if old.rollout == rollout && !restart => {
+                return Ok(match old.status.phase {
+                    Phase::Failed => "unchanged (its last run was rolled back: `coalmine apply --restart` runs it again)",
+                    Phase::Succeeded => "unchanged (already promoted: `coalmine apply --restart` runs it again)",
+                    _ => "unchanged",
+                })
+            }
+            Some(old) if !old.status.phase.is_final() => "restarted",
+            Some(_) => "started",
+            None => "created",
+        };
+        // Started (processes ready) and saved before the old run stops: a failure leaves the
+        // old run be.
+        let driver = self.driver(&rollout, None).await?;
+        driver.claim().await?;
+        let message = match action {
+            "restarted" => "New revision applied: analysis restarted from the beginning",
+            _ => "Rollout applied",
+        };
+        let event = Event {
+            time_ms: now_ms(),
+            level: EventLevel::Info,
+            phase: Phase::Initializing,
+            weight: Weight::ZERO,
+            message: message.into(),
+        };
+        let run = self
+            .store
+            .start_run(&rollout, driver.status(), &[event])
+            .map_err(ApplyError::NotSaved)?;
+        if let Some(old) = self.running.lock().expect("running").remove(&name) {
+            old.task.abort();
+        }
+        let state = self.run_state(&name, run, driver.status().outcome.is_some());
+        self.launch(rollout, driver, state);
+        Ok(action)
+    }
+
+    /// A driver for the rollout, with its versions ready and its hosted router (if any)
+    /// started and added.
+    async fn driver(
+        &self,
+        rollout: &Rollout,
+        status: Option<Status>,
+    ) -> Result<Driver, SpawnError> {
+        let effective = self.hosted.start(rollout).await?;
+        let owner = owner(&rollout.metadata.name, &self.controller);
+        let seams = Seams::open(&effective, Runner::Serve, &owner)?;
+        Ok(Driver::new(&effective, status, seams)?)
+    }
+
+    fn run_state(&self, name: &str, run: i64, counted: bool) -> RunState {
+        RunState {
+            store: self.store.clone(),
+            held: self.held.clone(),
+            name: name.to_string(),
+            run,
+            telemetry: self.telemetry.clone(),
+            counted,
+        }
+    }
+
+    /// Continues a stored run from the last step its state holds.
+    async fn resume(self: &Arc<Self>, rollout: Rollout, run: i64) -> Result<(), SpawnError> {
+        let mut state = self.run_state(&rollout.metadata.name, run, false);
+        let status = state.load().await?.ok_or(SpawnError::NothingSaved(run))?;
+        let driver = self.driver(&rollout, Some(status)).await?;
+        state.counted = driver.status().outcome.is_some();
+        self.launch(rollout, driver, state);
+        Ok(())
+    }
+
+    fn launch(self: &Arc<Self>, rollout: Rollout, mut driver: Driver, mut state: RunState) {
+        let name = rollout.metadata.name.clone();
+        let run = state.run;
+        let (control, inputs) = mpsc::channel(16);
+        let daemon = self.clone();
+        let task_name = name.clone();
+        let started_ms = driver.status().started_ms;
+        let traffic = driver.traffic();
+        let task = tokio::spawn(async move {
+            let outcome = driver.run(inputs, &mut state).await;
+            if driver.settled() {
+                if let Err(e) = daemon.store.mark_settled(&task_name, run) {
+                    tracing::error!(rollout = %task_name, "{e}");
+                }
+            }
+            tracing::info!(rollout = %task_name, ?outcome, "rollout ended");
+            let current = daemon
+                .running
+                .lock()
+                .expect("running")
+                .get(&task_name)
+                .is_some_and(|r| r.run == run);
+            if current {
+                daemon.hosted.retire(&task_name, outcome).await;
+            }
+            // From now on the task keeps the routers as the run left them.
+            driver.keep(&mut state).await;
+        });
+        self.running.lock().expect("running").insert(
+            name,
+            Running {
+                run,
+                started_ms,
+                rollout: Arc::new(rollout),
+                control,
+                traffic,
+                task,
+            },
+        );
+    }
+}
+
+/// Why an apply conflicts with what the daemon already runs.
+#[derive(Debug, thiserror::Error)]
+pub(super) enum ConflictError {
+    #[error(transparent)]
+    Taken(#[from] RouterTaken),
+    #[error(transparent)]
+    State(#[from] StoreError),
+}
