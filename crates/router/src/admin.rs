@@ -13,8 +13,8 @@ use axum::routing::get;
 use axum::{Json, Router};
 use tokio::sync::watch;
 
-use crate::proxy::Shared;
 use crate::table::{RouteTable, OWNER_HEADER};
+use crate::worker::Shared;
 
 #[derive(Clone)]
 struct Admin {

@@ -49,6 +49,16 @@ fn is_token_byte(b: u8) -> bool {
     b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
 }
 
+/// How a message body is delimited (RFC 9112 §6).
+#[derive(Debug)]
+pub(crate) enum Framing {
+    Empty,
+    Length(u64),
+    Chunked(Chunked),
+    /// Until the sender closes (responses only).
+    UntilClose,
+}
+
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) struct BadChunk;
 

@@ -16,7 +16,6 @@
 
 use std::future::Future as _;
 use std::io;
-use std::mem::MaybeUninit;
 use std::task::Poll;
 use std::time::{Duration, Instant};
 
@@ -25,16 +24,19 @@ use http::StatusCode;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use crate::dispatch::{dispatch, Dispatch};
 use crate::drain;
-use crate::framing::{content_length, head_end, tokens, BadChunk, Chunked};
-use crate::proxy::{self, Connection, IdlePool, UpstreamError};
+use crate::framing::{head_end, BadChunk, Framing};
+use crate::mirror;
 use crate::recorder::UpstreamFailure;
-use crate::route::{route, RequestView, Version};
-use crate::table::UpstreamUrl;
+use crate::rewrite::{header_slots, plain_response, response_head, RequestHead, ResponseHead};
+use crate::table::RouteTable;
+use crate::upstream::{
+    connect_tcp, count_broken_answer, count_failure, AttemptError, Attempts, ClientError,
+    ExchangeError, IdlePool, TimedOut, UpstreamError,
+};
+use crate::worker::Connection;
 
-/// Headers one head may carry on this path (hyper's default limit too); a request with more is
-/// handed to hyper, a response with more is a bad gateway.
-const MAX_HEADERS: usize = 100;
 /// A connection's read buffer to start with; it grows up to the head limit when a head needs it.
 const INITIAL_BUFFER: usize = 8 * 1024;
 /// Largest upstream response head accepted (hyper's client reads about as much).
@@ -112,16 +114,6 @@ impl Buf {
         self.end += n;
         Ok(n)
     }
-}
-
-/// How a message body is delimited (RFC 9112 §6).
-#[derive(Debug)]
-enum Framing {
-    Empty,
-    Length(u64),
-    Chunked(Chunked),
-    /// Until the sender closes (responses only).
-    UntilClose,
 }
 
 /// Moves the body bytes `buf` holds into `out`; true once the whole body has passed.
@@ -214,361 +206,52 @@ where
 }
 
 // ---------------------------------------------------------------------------------------------
-// Heads
+// Requests
 
-/// What a header means to a proxy.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Kind {
-    ContentLength,
-    TransferEncoding,
-    Connection,
-    /// Hop-by-hop (RFC 9110 §7.6.1) and dropped, Connection and Transfer-Encoding aside.
-    HopByHop,
-    Upgrade,
-    Expect,
-    ForwardedFor,
-    ForwardedProto,
-    Host,
-    Other,
-}
-
-/// Classifies a header name, case-insensitively; the length is compared first so most names
-/// are told apart in an instruction or two.
-fn kind(name: &str) -> Kind {
-    let is = |s: &str| name.eq_ignore_ascii_case(s);
-    match name.len() {
-        2 if is("te") => Kind::HopByHop,
-        4 if is("host") => Kind::Host,
-        6 if is("expect") => Kind::Expect,
-        7 if is("upgrade") => Kind::Upgrade,
-        7 if is("trailer") => Kind::HopByHop,
-        10 if is("connection") => Kind::Connection,
-        10 if is("keep-alive") => Kind::HopByHop,
-        14 if is("content-length") => Kind::ContentLength,
-        15 if is("x-forwarded-for") => Kind::ForwardedFor,
-        16 if is("proxy-connection") => Kind::HopByHop,
-        17 if is("transfer-encoding") => Kind::TransferEncoding,
-        17 if is("x-forwarded-proto") => Kind::ForwardedProto,
-        18 if is("proxy-authenticate") => Kind::HopByHop,
-        19 if is("proxy-authorization") => Kind::HopByHop,
-        _ => Kind::Other,
-    }
-}
-
-/// What a request target may hold on this path: RFC 3986's characters. Anything else (quotes,
-/// braces, spaces smuggled past a lenient parser) goes to hyper, which refuses what `http::Uri`
-/// does not take.
-fn is_uri_byte(b: u8) -> bool {
-    b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=:@/?%[]".contains(&b)
-}
-
-fn put_header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
-    out.extend_from_slice(name);
-    out.extend_from_slice(b": ");
-    out.extend_from_slice(value);
-    out.extend_from_slice(b"\r\n");
-}
-
-/// A request this path forwards, as read from its head.
-struct Request {
-    version: Version,
+/// A request this path forwards: where it goes and what its head said.
+struct Request<'t> {
+    to: Dispatch<'t>,
     framing: Framing,
     /// The client asked to close after this exchange.
     close: bool,
     head_method: bool,
     /// RFC 9110 §9.2.2: sending it twice has the effect of sending it once.
     idempotent: bool,
-    set_affinity: bool,
 }
 
-/// RFC 9110 §9.2.2's idempotent methods: the only ones a proxy may send again after the
-/// upstream could have acted on them.
-fn is_idempotent(method: &str) -> bool {
-    matches!(
-        method,
-        "GET" | "HEAD" | "OPTIONS" | "TRACE" | "PUT" | "DELETE"
-    )
-}
-
-/// Reads a complete request head and writes the upstream's into `out`; `None` hands the
-/// connection to hyper.
-fn request_head(
+/// Reads a complete request head, decides where the request goes (sending the canary its copy
+/// when asked) and writes the upstream's head into `out`; `None` hands the connection to
+/// hyper.
+fn request_head<'t>(
     head: &[u8],
     conn: &Connection,
-    table: &crate::table::RouteTable,
+    table: &'t RouteTable,
     out: &mut Vec<u8>,
-) -> Option<Request> {
-    let mut storage = [const { MaybeUninit::<httparse::Header>::uninit() }; MAX_HEADERS];
-    let mut req = httparse::Request::new(&mut []);
-    match req.parse_with_uninit_headers(head, &mut storage) {
-        Ok(httparse::Status::Complete(n)) if n == head.len() => {}
-        _ => return None,
-    }
-    let (method, path) = (req.method?, req.path?);
-    if req.version != Some(1) || !path.starts_with('/') || !path.bytes().all(is_uri_byte) {
-        return None;
-    }
-    let headers: &[httparse::Header] = req.headers;
-    let (mut length, mut chunked, mut close) = (None, false, false);
-    let (mut has_proto, mut hosts) = (false, 0);
-    // Each name is classified once; the head is written from these.
-    let mut kinds = [Kind::Other; MAX_HEADERS];
-    for (h, k) in headers.iter().zip(kinds.iter_mut()) {
-        *k = kind(h.name);
-        match *k {
-            Kind::ContentLength if length.is_none() => length = Some(content_length(h.value)?),
-            Kind::TransferEncoding if !chunked && h.value.eq_ignore_ascii_case(b"chunked") => {
-                chunked = true
-            }
-            Kind::Connection => {
-                for t in tokens(h.value) {
-                    if t.eq_ignore_ascii_case(b"close") {
-                        close = true;
-                    } else if !t.eq_ignore_ascii_case(b"keep-alive") {
-                        // Upgrade, or headers it names that must be dropped: hyper's path.
-                        return None;
-                    }
-                }
-            }
-            Kind::ForwardedProto => has_proto = true,
-            Kind::Host => hosts += 1,
-            Kind::ForwardedFor | Kind::HopByHop | Kind::Other => {}
-            // Duplicate framing headers, other codings, Upgrade and Expect.
-            _ => return None,
-        }
-    }
-    // RFC 9112 §3.2: exactly one Host; hyper's path answers 400 otherwise.
-    if hosts != 1 {
-        return None;
-    }
-    let framing = match (length, chunked) {
-        (Some(_), true) => return None,
-        (Some(0) | None, false) => Framing::Empty,
-        (Some(n), false) => Framing::Length(n),
-        (None, true) => Framing::Chunked(Chunked::new()),
-    };
-    let query = path.split_once('?').map(|(_, q)| q);
-    let view = RequestView { headers, query };
-    let decision = route(table, &view, proxy::next_random());
-    if decision.mirror {
-        let canary = table.doc.canary.clone().expect("mirror only with a canary");
-        if matches!(framing, Framing::Empty) {
-            proxy::mirror_head(&conn.worker, &conn.client, canary, || {
-                let mut parts = http::Request::new(()).into_parts().0;
-                parts.method = http::Method::from_bytes(method.as_bytes()).ok()?;
-                parts.uri = http::Uri::try_from(path).ok()?;
-                for h in headers {
-                    parts.headers.append(
-                        http::HeaderName::from_bytes(h.name.as_bytes()).ok()?,
-                        http::HeaderValue::from_bytes(h.value).ok()?,
-                    );
-                }
-                Some(parts)
-            });
+) -> Option<Request<'t>> {
+    let mut slots = header_slots();
+    let head = RequestHead::parse(head, &mut slots)?;
+    let to = dispatch(table, &head.view());
+    if let Some(canary) = to.mirror_to {
+        if matches!(head.framing, Framing::Empty) {
+            mirror::copy_to_canary(&conn.worker, &conn.client, canary, || head.to_parts());
         } else {
-            let metrics = &conn.worker.shared.metrics;
-            metrics
-                .mirror_skipped_body
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            mirror::skipped_with_body(&conn.worker);
         }
     }
-
-    out.clear();
-    out.extend_from_slice(method.as_bytes());
-    out.push(b' ');
-    out.extend_from_slice(path.as_bytes());
-    out.extend_from_slice(b" HTTP/1.1\r\n");
-    let classified = || headers.iter().zip(kinds);
-    for (h, k) in classified() {
-        if matches!(
-            k,
-            Kind::Other | Kind::Host | Kind::ContentLength | Kind::ForwardedProto
-        ) {
-            put_header(out, h.name.as_bytes(), h.value);
-        }
-    }
-    if chunked {
-        out.extend_from_slice(b"transfer-encoding: chunked\r\n");
-    }
-    out.extend_from_slice(b"x-forwarded-for: ");
-    for (h, _) in classified().filter(|(_, k)| *k == Kind::ForwardedFor) {
-        out.extend_from_slice(h.value);
-        out.extend_from_slice(b", ");
-    }
-    out.extend_from_slice(conn.client.peer_ip.as_bytes());
-    out.extend_from_slice(b"\r\n");
-    if !has_proto {
-        out.extend_from_slice(if conn.client.tls {
-            b"x-forwarded-proto: https\r\n"
-        } else {
-            b"x-forwarded-proto: http\r\n"
-        });
-    }
-    out.extend_from_slice(b"\r\n");
+    head.write_upstream(&conn.client, out);
     Some(Request {
-        version: decision.version,
-        framing,
-        close,
-        head_method: method == "HEAD",
-        idempotent: is_idempotent(method),
-        set_affinity: decision.set_affinity,
+        to,
+        close: head.close,
+        head_method: head.is_head(),
+        idempotent: head.is_idempotent(),
+        framing: head.framing,
     })
 }
 
-/// A response head as forwarded to the client.
-struct Response {
-    status: u16,
-    framing: Framing,
-    /// The upstream connection can carry another request afterwards.
-    reusable: bool,
-    /// The client connection closes after this response.
-    close: bool,
-}
-
-/// Reads a complete response head and writes the client's into `out` (after what `out`
-/// holds): hop-by-hop headers dropped, the affinity cookie and `Connection: close` added when
-/// asked.
-fn response_head(
-    head: &[u8],
-    request: &Request,
-    mut close: bool,
-    set_cookie: Option<&[u8]>,
-    out: &mut Vec<u8>,
-) -> Result<Response, &'static str> {
-    let mut storage = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut resp = httparse::Response::new(&mut storage);
-    match resp.parse(head) {
-        Ok(httparse::Status::Complete(n)) if n == head.len() => {}
-        Ok(_) => return Err("the response head did not parse"),
-        Err(e) => return Err(httparse_reason(e)),
-    }
-    let status = resp.code.ok_or("no status")?;
-    let headers: &[httparse::Header] = resp.headers;
-    let (mut length, mut coding_chunked, mut coded) = (None, false, false);
-    let mut reusable = resp.version == Some(1);
-    let mut named_by_connection = false;
-    let mut kinds = [Kind::Other; MAX_HEADERS];
-    for (h, k) in headers.iter().zip(kinds.iter_mut()) {
-        *k = kind(h.name);
-        match *k {
-            Kind::ContentLength => {
-                let n = content_length(h.value).ok_or("bad Content-Length")?;
-                if length.is_some_and(|l| l != n) {
-                    return Err("conflicting Content-Length");
-                }
-                length = Some(n);
-            }
-            Kind::TransferEncoding => {
-                coded = true;
-                coding_chunked = tokens(h.value)
-                    .last()
-                    .is_some_and(|t| t.eq_ignore_ascii_case(b"chunked"));
-            }
-            Kind::Connection => {
-                for t in tokens(h.value) {
-                    if t.eq_ignore_ascii_case(b"close") {
-                        reusable = false;
-                    } else if t.eq_ignore_ascii_case(b"keep-alive") {
-                        reusable |= resp.version == Some(0);
-                    } else {
-                        named_by_connection = true;
-                    }
-                }
-            }
-            _ => {}
-        }
-    }
-    let informational = (100..200).contains(&status);
-    if status == 101 {
-        return Err("101 Switching Protocols without an upgrade request");
-    }
-    let framing = if informational || request.head_method || status == 204 || status == 304 {
-        Framing::Empty
-    } else if coded && coding_chunked {
-        Framing::Chunked(Chunked::new())
-    } else if coded {
-        Framing::UntilClose
-    } else {
-        match length {
-            Some(0) => Framing::Empty,
-            Some(n) => Framing::Length(n),
-            None => Framing::UntilClose,
-        }
-    };
-    if matches!(framing, Framing::UntilClose) {
-        (reusable, close) = (false, true);
-    }
-    // Both framings in one response hint at response splitting: the coding wins (RFC 9112
-    // §6.3), the length is not passed on, and the connection is not trusted again.
-    if coded && length.is_some() {
-        reusable = false;
-    }
-    let classified = || headers.iter().zip(kinds);
-    let named = |name: &str| {
-        named_by_connection
-            && classified()
-                .filter(|(_, k)| *k == Kind::Connection)
-                .flat_map(|(h, _)| tokens(h.value))
-                .any(|t| t.eq_ignore_ascii_case(name.as_bytes()))
-    };
-
-    out.extend_from_slice(b"HTTP/1.1 ");
-    // httparse reads exactly three digits.
-    out.extend([status / 100, status / 10 % 10, status % 10].map(|d| b'0' + d as u8));
-    out.push(b' ');
-    out.extend_from_slice(resp.reason.unwrap_or("").as_bytes());
-    out.extend_from_slice(b"\r\n");
-    for (h, k) in classified() {
-        let keep = match k {
-            Kind::Other | Kind::Expect | Kind::ForwardedFor | Kind::ForwardedProto | Kind::Host => {
-                !named(h.name)
-            }
-            // Under a Transfer-Encoding a length means nothing (and is not sent on).
-            Kind::ContentLength => !coded,
-            Kind::TransferEncoding => true,
-            Kind::Connection | Kind::HopByHop | Kind::Upgrade => false,
-        };
-        if keep {
-            put_header(out, h.name.as_bytes(), h.value);
-        }
-    }
-    if !informational {
-        if let Some(cookie) = set_cookie {
-            put_header(out, b"set-cookie", cookie);
-        }
-        if close {
-            out.extend_from_slice(b"connection: close\r\n");
-        }
-    }
-    out.extend_from_slice(b"\r\n");
-    Ok(Response {
-        status,
-        framing,
-        reusable,
-        close,
-    })
-}
-
-fn httparse_reason(e: httparse::Error) -> &'static str {
-    match e {
-        httparse::Error::TooManyHeaders => "more than 100 response headers",
-        httparse::Error::Version => "not an HTTP/1.x response",
-        _ => "the response head did not parse",
-    }
-}
-
-/// A short plain-text answer of the router's own.
-fn plain_response(out: &mut Vec<u8>, status: StatusCode, text: &str, close: bool) {
-    use std::io::Write as _;
-    out.clear();
-    let _ = write!(
-        out,
-        "HTTP/1.1 {} {}\r\ncontent-type: text/plain\r\ncontent-length: {}\r\n{}\r\n{text}\n",
-        status.as_u16(),
-        status.canonical_reason().unwrap_or(""),
-        text.len() + 1,
-        if close { "connection: close\r\n" } else { "" },
-    );
+/// The client's chunked body is malformed: answered 400, and the connection closes (where the
+/// next request would start is unknown).
+fn bad_chunk() -> ClientError {
+    ClientError::Malformed("malformed chunked body".into())
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -603,69 +286,48 @@ fn release(upstream: u64, conn: Upstream) {
     IDLE.with(|p| p.borrow_mut().put(upstream, conn));
 }
 
-fn protocol(detail: impl Into<String>) -> UpstreamError {
-    UpstreamError::protocol(detail)
-}
-
-/// Why an exchange ended without a usable response head.
-enum Failed {
-    Upstream(UpstreamError),
-    /// A kept-alive upstream connection refused the head before taking any of it: the request
-    /// cannot have been processed, so it may go out again on a new connection.
-    NotSent,
-    /// The client's body broke off; nothing can be answered on this connection.
-    Client,
-    /// The client stopped sending its body for the idle timeout: answered 408, not counted
-    /// against the version.
-    ClientStalled,
-    /// The client's chunked body is malformed.
-    BadChunk,
-}
-
 /// Writes the whole request head (and any body that came with it). A pooled connection that
-/// fails before the kernel took a single byte is [`Failed::NotSent`]; after that, any failure
-/// is the upstream's, since it may have read the request.
-async fn send_head(up: &mut Upstream, head: &[u8], pooled: bool) -> Result<(), Failed> {
+/// fails before the kernel took a single byte has not taken the request
+/// ([`AttemptError::NotTaken`]); after that, any failure is the upstream's, since it may have
+/// read the request.
+async fn send_head(up: &mut Upstream, head: &[u8], pooled: bool) -> Result<(), AttemptError> {
+    let failed = |e: io::Error| UpstreamError::protocol(format!("write: {e}")).into();
     // Nearly always the socket takes the whole head at once: no future, no readiness dance.
     let mut written = match up.stream.try_write(head) {
         Ok(n) => n,
         Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
-        Err(_) if pooled => return Err(Failed::NotSent),
-        Err(e) => return Err(Failed::Upstream(protocol(format!("write: {e}")))),
+        Err(_) if pooled => return Err(AttemptError::NotTaken),
+        Err(e) => return Err(failed(e)),
     };
     while written < head.len() {
         match up.stream.write(&head[written..]).await {
-            Ok(0) => return Err(Failed::Upstream(protocol("write: connection closed"))),
+            Ok(0) => return Err(UpstreamError::protocol("write: connection closed").into()),
             Ok(n) => written += n,
-            Err(_) if written == 0 && pooled => return Err(Failed::NotSent),
-            Err(e) => return Err(Failed::Upstream(protocol(format!("write: {e}")))),
+            Err(_) if written == 0 && pooled => return Err(AttemptError::NotTaken),
+            Err(e) => return Err(failed(e)),
         }
     }
     Ok(())
 }
 
-fn timed_out(detail: &str) -> Failed {
-    Failed::Upstream(UpstreamError::timeout(detail))
-}
-
 /// Reads a response head on `up` and writes the client's head into `out`, forwarding any 1xx
-/// heads to the client on the way. `Ok(None)`: the connection closed before any byte came
-/// back (a kept-alive connection the upstream had just closed).
+/// heads to the client on the way. [`AttemptError::Closed`]: the connection closed before any
+/// byte came back (a kept-alive connection the upstream had just closed).
 async fn read_response<I: AsyncWrite + Unpin>(
     up: &mut Upstream,
     client: &mut I,
-    request: &Request,
+    head_method: bool,
     close: bool,
     set_cookie: Option<&[u8]>,
     max_head: usize,
     out: &mut Vec<u8>,
-) -> Result<Option<Response>, UpstreamError> {
+) -> Result<ResponseHead, AttemptError> {
     let mut got_any = false;
     loop {
         if let Some(len) = head_end(up.buf.unread()) {
             out.clear();
-            let resp = response_head(&up.buf.unread()[..len], request, close, set_cookie, out)
-                .map_err(protocol)?;
+            let resp = response_head(&up.buf.unread()[..len], head_method, close, set_cookie, out)
+                .map_err(UpstreamError::protocol)?;
             up.buf.consume(len);
             if (100..200).contains(&resp.status) {
                 // Flushed: over TLS an early hint would otherwise wait for the final answer.
@@ -673,19 +335,23 @@ async fn read_response<I: AsyncWrite + Unpin>(
                     Ok(()) => client.flush().await,
                     Err(e) => Err(e),
                 };
-                sent.map_err(|e| protocol(format!("client: {e}")))?;
+                sent.map_err(|e| UpstreamError::protocol(format!("client: {e}")))?;
                 continue;
             }
-            return Ok(Some(resp));
+            return Ok(resp);
         }
         if up.buf.unread().len() >= max_head {
-            return Err(protocol("response head too large"));
+            return Err(UpstreamError::protocol("response head too large").into());
         }
         match up.buf.fill(&mut up.stream, max_head).await {
-            Ok(0) | Err(_) if !got_any => return Ok(None),
-            Ok(0) => return Err(protocol("upstream closed the connection mid-head")),
+            Ok(0) | Err(_) if !got_any => return Err(AttemptError::Closed),
+            Ok(0) => {
+                return Err(
+                    UpstreamError::protocol("upstream closed the connection mid-head").into(),
+                )
+            }
             Ok(_) => got_any = true,
-            Err(e) => return Err(protocol(format!("read: {e}"))),
+            Err(e) => return Err(UpstreamError::protocol(format!("read: {e}")).into()),
         }
     }
 }
@@ -833,22 +499,11 @@ where
     buf.consume(head_len);
     let body_done = match take_body(buf, &mut request.framing, upstream_out) {
         Ok(done) => done,
-        Err(BadChunk) => return bad_chunk(io, client_out).await,
+        Err(BadChunk) => return refuse(io, client_out, bad_chunk()).await,
     };
     let _in_flight = worker.recorder.enter();
-    let target: &UpstreamUrl = match request.version {
-        Version::Stable => &table.doc.stable,
-        Version::Canary => table
-            .doc
-            .canary
-            .as_ref()
-            .expect("canary routed only if set"),
-    };
-    let set_cookie = if request.set_affinity {
-        proxy::affinity_set_cookie(&table)
-    } else {
-        None
-    };
+    let (version, target) = (request.to.version, request.to.target);
+    let set_cookie = request.to.affinity_cookie(&table);
     let timeout = options.response_timeout;
     let request_stalls = Stalls {
         // A client that stops sending its body: the client's failure. An upstream that stops
@@ -856,20 +511,22 @@ where
         source: options.client_stall_timeout,
         sink: timeout,
     };
-    // A kept-alive connection may turn out closed: the request goes out again on a new one
-    // only if it cannot have been processed (no byte of it was taken), or if it is idempotent
-    // and whole in `upstream_out`, as RFC 9110 §9.2.2 allows.
-    let mut fresh_only = false;
+    // A kept-alive connection may turn out closed: the retry-once rule ([`Attempts`]) says
+    // whether the request goes out again on a new one (whole at hand means: in `upstream_out`).
+    let mut attempts = Attempts::default();
     let result = loop {
-        let pooled_conn = (!fresh_only).then(|| checkout(target.id())).flatten();
+        let pooled_conn = attempts
+            .may_reuse()
+            .then(|| checkout(target.id()))
+            .flatten();
         let (mut up, pooled) = match pooled_conn {
             Some(up) => (up, true),
-            None => match proxy::connect_tcp(target, options.connect_timeout).await {
+            None => match connect_tcp(target, options.connect_timeout).await {
                 Ok(stream) => {
                     let buf = Buf::new(INITIAL_BUFFER);
                     (Upstream { stream, buf }, false)
                 }
-                Err(e) => break Err(Failed::Upstream(e)),
+                Err(e) => break Err(ExchangeError::from(e)),
             },
         };
         let close = request.close || guard.is_draining();
@@ -881,18 +538,18 @@ where
                 let read = read_response(
                     &mut up,
                     io,
-                    &request,
+                    request.head_method,
                     close,
                     cookie,
                     MAX_RESPONSE_HEAD,
                     client_out,
                 );
-                read.await.map_err(Failed::Upstream)
+                read.await
             };
             let deadline = started.checked_add(timeout);
             crate::timer::timeout_at(deadline, exchange)
                 .await
-                .unwrap_or_else(|| Err(timed_out("no response head within the response timeout")))
+                .unwrap_or_else(|| Err(UpstreamError::timed_out(TimedOut::Answer).into()))
         } else {
             // Boxed: rare, and its state would otherwise size every request's future.
             let streamed = StreamedRequest {
@@ -908,41 +565,18 @@ where
             Box::pin(streamed.send(&mut up, io, buf, client_out)).await
         };
         match read {
-            Ok(Some(resp)) => break Ok((up, resp)),
-            Err(Failed::NotSent) => {
-                worker.recorder.record_retry(request.version);
-                fresh_only = true;
-            }
-            Ok(None) if pooled && body_done && request.idempotent => {
-                worker.recorder.record_retry(request.version);
-                fresh_only = true;
-            }
-            Ok(None) => {
-                break Err(Failed::Upstream(protocol(
-                    "upstream closed the connection before answering",
-                )))
-            }
-            Err(e) => break Err(e),
+            Ok(resp) => break Ok((up, resp)),
+            Err(e) => match attempts.after(pooled, e, body_done && request.idempotent) {
+                Ok(()) => worker.recorder.record_retry(version),
+                Err(e) => break Err(e),
+            },
         }
     };
     let (mut up, mut resp) = match result {
         Ok(r) => r,
-        Err(Failed::Client) => return Next::Close,
-        Err(Failed::ClientStalled) => {
-            plain_response(
-                client_out,
-                StatusCode::REQUEST_TIMEOUT,
-                "request body not received in time",
-                true,
-            );
-            let _ = io.write_all(client_out).await;
-            return Next::Close;
-        }
-        Err(Failed::BadChunk) => return bad_chunk(io, client_out).await,
-        Err(Failed::NotSent) => unreachable!("retried above"),
-        Err(Failed::Upstream(e)) => {
-            let (status, text) =
-                proxy::record_upstream_failure(worker, request.version, target, &e, started);
+        Err(ExchangeError::Client(e)) => return refuse(io, client_out, e).await,
+        Err(ExchangeError::Upstream(e)) => {
+            let (status, text) = count_failure(&worker.recorder, version, target, &e, started);
             // A body the upstream never took may still be on its way: close after answering.
             let close = request.close || !body_done || guard.is_draining();
             plain_response(client_out, status, &text, close);
@@ -980,24 +614,20 @@ where
     };
     match body {
         Ok(()) => {
-            worker
-                .recorder
-                .record(request.version, resp.status, head_elapsed);
+            worker.recorder.record(version, resp.status, head_elapsed);
         }
         Err(Broken::Sink | Broken::SinkStalled) => {
-            worker
-                .recorder
-                .record(request.version, resp.status, head_elapsed);
+            worker.recorder.record(version, resp.status, head_elapsed);
             return Next::Close;
         }
         Err(broken @ (Broken::Source | Broken::SourceStalled | Broken::BadChunk)) => {
-            let (failure, detail) = match broken {
-                Broken::SourceStalled => (UpstreamFailure::Timeout, "the body stalled"),
-                Broken::BadChunk => (UpstreamFailure::Protocol, "malformed chunked body"),
-                _ => (UpstreamFailure::Body, "the body broke off"),
+            let e = match broken {
+                Broken::SourceStalled => UpstreamError::timed_out(TimedOut::AnswerBody),
+                Broken::BadChunk => UpstreamError::protocol("malformed chunked body"),
+                _ => UpstreamError::new(UpstreamFailure::Body, "the body broke off"),
             };
-            let e = UpstreamError::new(failure, detail);
-            proxy::record_broken_body(worker, request.version, target, &e, head_elapsed);
+            count_broken_answer(&worker.recorder, version, e.failure, head_elapsed);
+            tracing::debug!(version = version.as_str(), upstream = %target, "upstream broke its answer: {}", e.detail);
             return Next::Close;
         }
     }
@@ -1013,8 +643,8 @@ where
 }
 
 /// A request whose body is still arriving from the client, on its way upstream.
-struct StreamedRequest<'a> {
-    request: &'a mut Request,
+struct StreamedRequest<'a, 't> {
+    request: &'a mut Request<'t>,
     upstream_out: &'a [u8],
     pooled: bool,
     started: Instant,
@@ -1024,7 +654,7 @@ struct StreamedRequest<'a> {
     cookie: Option<&'a [u8]>,
 }
 
-impl StreamedRequest<'_> {
+impl StreamedRequest<'_, '_> {
     /// Sends the head and streams the body, then reads the answer. The upstream is timed from
     /// the end of the request: a slow upload is the client's business, not the version's.
     async fn send<I>(
@@ -1033,14 +663,14 @@ impl StreamedRequest<'_> {
         io: &mut I,
         buf: &mut Buf,
         client_out: &mut Vec<u8>,
-    ) -> Result<Option<Response>, Failed>
+    ) -> Result<ResponseHead, AttemptError>
     where
         I: AsyncRead + AsyncWrite + Unpin,
     {
         let head = send_head(up, self.upstream_out, self.pooled);
         crate::timer::timeout_at(self.started.checked_add(self.timeout), head)
             .await
-            .unwrap_or_else(|| Err(timed_out("the upstream did not take the request head")))?;
+            .unwrap_or_else(|| Err(UpstreamError::timed_out(TimedOut::RequestHead).into()))?;
         let body = stream_body(
             io,
             buf,
@@ -1049,19 +679,21 @@ impl StreamedRequest<'_> {
             &mut self.request.framing,
             self.stalls,
         );
-        body.await.map_err(|broken| match broken {
-            Broken::Source => Failed::Client,
-            Broken::SourceStalled => Failed::ClientStalled,
-            Broken::BadChunk => Failed::BadChunk,
-            Broken::Sink => Failed::Upstream(protocol("the upstream stopped reading the body")),
-            Broken::SinkStalled => {
-                timed_out("the upstream took none of the body for the response timeout")
+        body.await.map_err(|broken| -> AttemptError {
+            match broken {
+                Broken::Source => ClientError::Gone.into(),
+                Broken::SourceStalled => ClientError::Stalled.into(),
+                Broken::BadChunk => bad_chunk().into(),
+                Broken::Sink => {
+                    UpstreamError::protocol("the upstream stopped reading the body").into()
+                }
+                Broken::SinkStalled => UpstreamError::timed_out(TimedOut::RequestBody).into(),
             }
         })?;
         let read = read_response(
             up,
             io,
-            self.request,
+            self.request.head_method,
             self.close,
             self.cookie,
             MAX_RESPONSE_HEAD,
@@ -1069,19 +701,421 @@ impl StreamedRequest<'_> {
         );
         crate::timer::timeout_at(Instant::now().checked_add(self.timeout), read)
             .await
-            .unwrap_or_else(|| {
-                Err(UpstreamError::timeout(
-                    "no response head within the response timeout after the request",
-                ))
-            })
-            .map_err(Failed::Upstream)
+            .unwrap_or_else(|| Err(UpstreamError::timed_out(TimedOut::AnswerAfterRequest).into()))
     }
 }
 
-/// Answers a malformed chunked request body: 400, and the connection closes (where the next
-/// request would start is unknown).
-async fn bad_chunk<I: AsyncWrite + Unpin>(io: &mut I, out: &mut Vec<u8>) -> Next {
-    plain_response(out, StatusCode::BAD_REQUEST, "malformed chunked body", true);
-    let _ = io.write_all(out).await;
+/// Ends an exchange that failed on the client's account: told what it can be told (nothing
+/// if it is gone), never counted against a version; the connection closes.
+async fn refuse<I: AsyncWrite + Unpin>(io: &mut I, out: &mut Vec<u8>, e: ClientError) -> Next {
+    if let Some((status, text)) = e.answer() {
+        plain_response(out, status, text, true);
+        let _ = io.write_all(out).await;
+    }
     Next::Close
+}
+
+/// The fast path driven in-process: the client over `tokio::io::duplex`, upstreams scripted on
+/// 127.0.0.1 in this process, all on the test's single-threaded runtime like a worker's.
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+    use std::sync::Arc;
+
+    use arc_swap::ArcSwap;
+    use tokio::io::DuplexStream;
+    use tokio::net::TcpListener;
+    use tokio::sync::mpsc;
+
+    use super::*;
+    use crate::drain::Drain;
+    use crate::framing::HeadFlags;
+    use crate::recorder::Metrics;
+    use crate::route::Version;
+    use crate::table::{RoutesDoc, UpstreamUrl};
+    use crate::worker::{ClientInfo, ProxyOptions, Shared, Worker};
+
+    const LIMIT: Duration = Duration::from_secs(10);
+
+    /// What a scripted upstream does with a request.
+    enum Reply {
+        /// Answers with these bytes and keeps the connection.
+        Keep(&'static [u8]),
+        /// Answers with these bytes and closes the connection.
+        Close(&'static [u8]),
+        /// Closes the connection without a word.
+        Drop,
+    }
+
+    /// What a scripted upstream does with the `n`th request (from 0) on its `c`th connection.
+    type Script = fn(c: usize, n: usize) -> Reply;
+
+    struct Upstream {
+        url: UpstreamUrl,
+        /// Every request head (and body) it read, as text.
+        requests: mpsc::UnboundedReceiver<String>,
+        accepted: Arc<AtomicUsize>,
+    }
+
+    fn content_length(head: &str) -> usize {
+        head.lines()
+            .find_map(|l| {
+                let (name, value) = l.split_once(':')?;
+                name.eq_ignore_ascii_case("content-length")
+                    .then(|| value.trim().parse().ok())?
+            })
+            .unwrap_or(0)
+    }
+
+    /// Reads one message (head and `Content-Length` body) from `io`, after what `buf` holds;
+    /// `None` at the end of the stream.
+    async fn read_message<R: AsyncRead + Unpin>(
+        io: &mut R,
+        buf: &mut Vec<u8>,
+    ) -> Option<(String, Vec<u8>)> {
+        let mut chunk = [0u8; 4096];
+        let end = loop {
+            if let Some(end) = head_end(buf) {
+                break end;
+            }
+            match io.read(&mut chunk).await {
+                Ok(0) | Err(_) => return None,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        };
+        let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+        buf.drain(..end);
+        let want = content_length(&head);
+        while buf.len() < want {
+            match io.read(&mut chunk).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+        let body = buf.drain(..want.min(buf.len())).collect();
+        Some((head, body))
+    }
+
+    async fn upstream(script: Script) -> Upstream {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url =
+            UpstreamUrl::parse(&format!("http://{}", listener.local_addr().unwrap())).unwrap();
+        let (tx, requests) = mpsc::unbounded_channel();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let count = accepted.clone();
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                let c = count.fetch_add(1, SeqCst);
+                let tx = tx.clone();
+                tokio::spawn(async move {
+                    let mut buf = Vec::new();
+                    for n in 0.. {
+                        let Some((head, body)) = read_message(&mut stream, &mut buf).await else {
+                            return;
+                        };
+                        let _ = tx.send(head + &String::from_utf8_lossy(&body));
+                        let (answer, keep) = match script(c, n) {
+                            Reply::Keep(answer) => (answer, true),
+                            Reply::Close(answer) => (answer, false),
+                            Reply::Drop => return,
+                        };
+                        if stream.write_all(answer).await.is_err() || !keep {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        Upstream {
+            url,
+            requests,
+            accepted,
+        }
+    }
+
+    fn connection(routes: RoutesDoc) -> Arc<Connection> {
+        let shared = Arc::new(Shared {
+            table: ArcSwap::from_pointee(RouteTable::new(routes, 1)),
+            metrics: Arc::new(Metrics::new("test".into(), 0)),
+            options: ProxyOptions::default(),
+        });
+        Arc::new(Connection {
+            worker: Worker::new(shared),
+            client: ClientInfo::new(
+                "10.9.8.7:4000".parse().unwrap(),
+                false,
+                HeadFlags::new(1024),
+            ),
+        })
+    }
+
+    fn stable_only(url: &UpstreamUrl) -> Arc<Connection> {
+        connection(RoutesDoc::stable_only(url.clone()))
+    }
+
+    /// Serves a client connection on the fast path; the client's end, and how serving ended.
+    fn serve_client(conn: &Arc<Connection>) -> (DuplexStream, tokio::task::JoinHandle<Ended>) {
+        let (client, mut server) = tokio::io::duplex(64 * 1024);
+        let conn = conn.clone();
+        let served = tokio::spawn(async move {
+            let drain = Drain::default();
+            let mut guard = drain.enter();
+            let limits = Limits {
+                header_read_timeout: LIMIT,
+                idle_timeout: LIMIT,
+                max_header_bytes: 16 * 1024,
+            };
+            serve(&mut server, &conn, &limits, &mut guard).await
+        });
+        (client, served)
+    }
+
+    /// Sends a request and reads its answer.
+    async fn ask(client: &mut DuplexStream, request: &[u8]) -> (String, Vec<u8>) {
+        client.write_all(request).await.unwrap();
+        let mut buf = Vec::new();
+        let answer = tokio::time::timeout(LIMIT, read_message(client, &mut buf)).await;
+        answer.unwrap().expect("an answer")
+    }
+
+    fn status(head: &str) -> u16 {
+        head[9..12].parse().unwrap()
+    }
+
+    fn stats(conn: &Connection, version: Version) -> crate::recorder::VersionSnapshot {
+        let s = conn.worker.shared.metrics.snapshot();
+        let [stable, canary] = s.versions;
+        match version {
+            Version::Stable => stable,
+            Version::Canary => canary,
+        }
+    }
+
+    const OK: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: keep-alive\r\nKeep-Alive: timeout=5\r\n\r\nok";
+
+    #[tokio::test]
+    async fn a_request_goes_upstream_rewritten_and_comes_back_counted_on_kept_alive_connections() {
+        let mut up = upstream(|_, _| Reply::Keep(OK)).await;
+        let conn = stable_only(&up.url);
+        let (mut client, served) = serve_client(&conn);
+        let get = b"GET /a?b=1 HTTP/1.1\r\nHost: shop\r\nConnection: keep-alive\r\nX-Forwarded-For: 10.0.0.1\r\n\r\n";
+        for _ in 0..3 {
+            let (head, body) = ask(&mut client, get).await;
+            assert_eq!((status(&head), body.as_slice()), (200, &b"ok"[..]));
+            assert_eq!(
+                head, "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n",
+                "hop-by-hop headers cross"
+            );
+            assert_eq!(
+                up.requests.recv().await.unwrap(),
+                "GET /a?b=1 HTTP/1.1\r\nHost: shop\r\nx-forwarded-for: 10.0.0.1, 10.9.8.7\r\nx-forwarded-proto: http\r\n\r\n"
+            );
+        }
+        assert_eq!(
+            up.accepted.load(SeqCst),
+            1,
+            "one upstream connection, kept alive"
+        );
+        let stable = stats(&conn, Version::Stable);
+        assert_eq!(stable.statuses[&200], 3);
+        assert_eq!(stable.latency.len(), 3);
+        drop(client);
+        assert!(matches!(served.await.unwrap(), Ended::Closed));
+    }
+
+    /// Answers a connection's first request, and closes it without a word when the next one
+    /// arrives: an upstream's idle timeout striking just as the router reuses the connection.
+    fn drop_second(_: usize, n: usize) -> Reply {
+        match n {
+            0 => Reply::Keep(OK),
+            _ => Reply::Drop,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_connection_closed_under_the_routers_feet_costs_an_idempotent_request_nothing_and_a_post_its_answer(
+    ) {
+        let up = upstream(drop_second).await;
+        let conn = stable_only(&up.url);
+        let (mut client, _served) = serve_client(&conn);
+        let get = b"GET / HTTP/1.1\r\nHost: a\r\n\r\n";
+        assert_eq!(status(&ask(&mut client, get).await.0), 200);
+        // Sent on the kept-alive connection, which closes: again, once, on a new connection.
+        assert_eq!(status(&ask(&mut client, get).await.0), 200);
+        assert_eq!(up.accepted.load(SeqCst), 2);
+        // The upstream may have acted on a POST it read: never sent twice, the version's 502.
+        let post = b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\nhello";
+        let (head, body) = ask(&mut client, post).await;
+        assert_eq!(status(&head), 502);
+        assert_eq!(
+            String::from_utf8(body).unwrap(),
+            format!(
+                "stable upstream {}: upstream closed the connection before answering\n",
+                up.url
+            )
+        );
+        assert_eq!(up.accepted.load(SeqCst), 2, "the POST went out once");
+        let stable = stats(&conn, Version::Stable);
+        assert_eq!((stable.statuses[&200], stable.statuses[&502]), (2, 1));
+        assert_eq!(stable.retries, 1);
+        assert_eq!(stable.failures[UpstreamFailure::Protocol as usize], 1);
+    }
+
+    #[tokio::test]
+    async fn the_first_request_the_fast_path_does_not_take_goes_to_hyper_with_every_byte_read() {
+        let mut up = upstream(|_, _| Reply::Keep(OK)).await;
+        let conn = stable_only(&up.url);
+        let (mut client, served) = serve_client(&conn);
+        let upgrade = b"GET /ws HTTP/1.1\r\nHost: a\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\nafter";
+        let mut pipelined = b"GET /1 HTTP/1.1\r\nHost: a\r\n\r\n".to_vec();
+        pipelined.extend_from_slice(upgrade);
+        client.write_all(&pipelined).await.unwrap();
+        let mut buf = Vec::new();
+        let (head, _) = read_message(&mut client, &mut buf).await.unwrap();
+        assert_eq!(status(&head), 200, "the first is the fast path's");
+        assert!(up.requests.recv().await.unwrap().starts_with("GET /1 "));
+        match served.await.unwrap() {
+            Ended::Handoff { read } => assert_eq!(read.as_ref(), &upgrade[..]),
+            Ended::Closed => panic!("closed instead of handed over"),
+        }
+        assert_eq!(stats(&conn, Version::Stable).statuses[&200], 1);
+
+        let (mut client, served) = serve_client(&conn);
+        let http10 = b"GET / HTTP/1.0\r\n\r\n";
+        client.write_all(http10).await.unwrap();
+        match served.await.unwrap() {
+            Ended::Handoff { read } => assert_eq!(read.as_ref(), &http10[..]),
+            Ended::Closed => panic!("closed instead of handed over"),
+        }
+    }
+
+    #[tokio::test]
+    async fn an_answer_the_upstream_breaks_off_is_the_versions_502_and_the_client_connection_closes(
+    ) {
+        let up = upstream(|_, _| Reply::Close(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc"))
+            .await;
+        let conn = stable_only(&up.url);
+        let (mut client, served) = serve_client(&conn);
+        client
+            .write_all(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+            .await
+            .unwrap();
+        let mut seen = Vec::new();
+        tokio::time::timeout(LIMIT, client.read_to_end(&mut seen))
+            .await
+            .unwrap()
+            .unwrap();
+        let seen = String::from_utf8(seen).unwrap();
+        assert_eq!(
+            seen, "HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc",
+            "then the end"
+        );
+        assert!(matches!(served.await.unwrap(), Ended::Closed));
+        let stable = stats(&conn, Version::Stable);
+        assert_eq!(
+            stable.statuses.get(&200),
+            None,
+            "the client never got a whole 200"
+        );
+        assert_eq!(stable.statuses[&502], 1);
+        assert_eq!(stable.failures[UpstreamFailure::Body as usize], 1);
+    }
+
+    #[tokio::test]
+    async fn the_clients_failures_are_answered_and_never_counted_against_a_version() {
+        let up = upstream(|_, _| Reply::Keep(OK)).await;
+        let conn = stable_only(&up.url);
+        let (mut client, served) = serve_client(&conn);
+        let bad = b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n";
+        let (head, body) = ask(&mut client, bad).await;
+        assert_eq!(status(&head), 400);
+        assert!(head.contains("connection: close"), "{head}");
+        assert_eq!(body, b"malformed chunked body\n");
+        assert!(matches!(served.await.unwrap(), Ended::Closed));
+
+        // A body that breaks off after its head went upstream: nobody to answer.
+        let (mut client, served) = serve_client(&conn);
+        client
+            .write_all(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 100\r\n\r\npart")
+            .await
+            .unwrap();
+        client.shutdown().await.unwrap();
+        let mut seen = Vec::new();
+        client.read_to_end(&mut seen).await.unwrap();
+        assert_eq!(seen, b"", "nothing to answer a client that left");
+        assert!(matches!(served.await.unwrap(), Ended::Closed));
+
+        let stable = stats(&conn, Version::Stable);
+        assert!(stable.statuses.is_empty(), "{:?}", stable.statuses);
+        assert_eq!(stable.failures, [0; 4]);
+    }
+
+    #[tokio::test]
+    async fn an_upstream_that_cannot_be_reached_is_its_versions_502_and_the_client_may_go_on() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url =
+            UpstreamUrl::parse(&format!("http://{}", listener.local_addr().unwrap())).unwrap();
+        drop(listener);
+        let conn = stable_only(&url);
+        let (mut client, _served) = serve_client(&conn);
+        let get = b"GET / HTTP/1.1\r\nHost: a\r\n\r\n";
+        for _ in 0..2 {
+            let (head, body) = ask(&mut client, get).await;
+            assert_eq!(status(&head), 502);
+            assert!(!head.contains("connection: close"), "{head}");
+            let body = String::from_utf8(body).unwrap();
+            assert!(
+                body.starts_with(&format!("stable upstream {url}: connect: ")),
+                "{body}"
+            );
+        }
+        let stable = stats(&conn, Version::Stable);
+        assert_eq!(stable.statuses[&502], 2);
+        assert_eq!(stable.failures[UpstreamFailure::Connect as usize], 2);
+    }
+
+    #[tokio::test]
+    async fn a_mirrored_request_reaches_the_canary_as_a_marked_copy_counted_apart() {
+        let mut stable = upstream(|_, _| Reply::Keep(OK)).await;
+        let mut canary = upstream(|_, _| {
+            Reply::Keep(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n")
+        })
+        .await;
+        let mut routes = RoutesDoc::stable_only(stable.url.clone());
+        routes.canary = Some(canary.url.clone());
+        routes.mirror = crate::table::Weight::FULL;
+        let conn = connection(routes);
+        let (mut client, _served) = serve_client(&conn);
+        let (head, _) = ask(&mut client, b"GET /m HTTP/1.1\r\nHost: a\r\n\r\n").await;
+        assert_eq!(status(&head), 200, "the client gets stable's answer");
+        assert!(stable.requests.recv().await.unwrap().starts_with("GET /m "));
+        let copy = canary.requests.recv().await.unwrap();
+        assert!(copy.starts_with("GET /m HTTP/1.1\r\n"), "{copy}");
+        assert!(copy.contains("x-coalmine-mirror: true\r\n"), "{copy}");
+        assert!(copy.contains("x-forwarded-for: 10.9.8.7\r\n"), "{copy}");
+        // The copy's answer is counted once the mirror task has read it.
+        let metrics = &conn.worker.shared.metrics;
+        for _ in 0..1000 {
+            if metrics.snapshot().mirror.statuses.contains_key(&503) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        let s = metrics.snapshot();
+        assert_eq!(s.mirror.statuses.get(&503), Some(&1));
+        assert!(
+            s.versions[Version::Canary.index()].statuses.is_empty(),
+            "a copy is not a canary request"
+        );
+
+        // A request with a body is not copied: it would have to be buffered whole.
+        let post = b"POST /m HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\n\r\nhi";
+        assert_eq!(status(&ask(&mut client, post).await.0), 200);
+        assert_eq!(
+            metrics
+                .mirror_skipped_body
+                .load(std::sync::atomic::Ordering::Relaxed),
+            1
+        );
+    }
 }

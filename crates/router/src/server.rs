@@ -21,9 +21,10 @@ use crate::admin;
 use crate::drain::{self, Drain};
 use crate::framing::{HeadFlags, Watched};
 use crate::http1;
-use crate::proxy::{handle, ClientInfo, Connection, ProxyOptions, Shared, Worker};
+use crate::hyper_path::handle;
 use crate::recorder::Metrics;
 use crate::table::{RouteTable, RoutesDoc};
+use crate::worker::{ClientInfo, Connection, ProxyOptions, Shared, Worker};
 
 /// Everything `coalmine proxy` needs to run.
 #[derive(Clone, Debug)]
@@ -240,7 +241,7 @@ fn run_worker(
         .event_interval(EVENT_INTERVAL)
         .build()
         .expect("a single-threaded tokio runtime");
-    crate::proxy::set_max_idle(config.proxy.max_idle_per_upstream);
+    crate::upstream::set_max_idle(config.proxy.max_idle_per_upstream);
     // The worker's requests arm two timeouts each; the coarse timer's tick is a small fraction
     // of the shorter one, so neither fires noticeably late.
     let tick = (config
@@ -282,7 +283,7 @@ fn run_worker(
                         let _ = stream.set_nodelay(true);
                         serve(stream, peer, &worker, &builder, &limits, &drain, tls.clone());
                     }
-                    Err(e) if crate::proxy::is_local_exhaustion(&e) => {
+                    Err(e) if crate::upstream::is_local_exhaustion(&e) => {
                         // The pending connection stays queued and the error would come back at
                         // once: pause accepting (nginx waits 500 ms) while the connections
                         // already open keep being served.

@@ -1,7 +1,7 @@
 //! The failure-origin test: its arithmetic by hand, its agreement with the exact beta-binomial
 //! mixture, its false-alarm rate over whole A/A rollouts, and how fast it catches bad canaries.
 
-mod common;
+use crate::common;
 
 use coalmine_judge::sequential::counts::{Batch, BatchError, CountsConfig, CountsTest};
 use common::{median, three_sigma_limit, Rng};

@@ -5,7 +5,7 @@
 //! A panic in a connection task is caught by tokio (the process stays up, the connection just
 //! closes), so the router's stderr is checked for one too.
 
-mod common;
+use crate::common;
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpStream};

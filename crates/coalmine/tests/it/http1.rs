@@ -2,7 +2,7 @@
 //! exactly the framing under test (chunked with trailers, 1xx, HEAD, 204, read-until-close, a
 //! kept-alive connection closed under the router's feet). All on 127.0.0.1.
 
-mod common;
+use crate::common;
 
 use std::io::{Read, Write};
 use std::net::TcpListener;

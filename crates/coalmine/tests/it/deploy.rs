@@ -3,7 +3,7 @@
 //! Debian's `promtool` (package `prometheus`, which scripts/test installs) and, when it is there,
 //! `amtool` (package `prometheus-alertmanager`).
 
-mod common;
+use crate::common;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;

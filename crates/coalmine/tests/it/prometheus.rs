@@ -2,7 +2,7 @@
 //! second, the seed's queries through MetricTemplates, Alertmanager calling `coalmine serve`,
 //! and providers that are down, slow or answering garbage.
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 

@@ -1,7 +1,7 @@
 //! The latency test: the band's constant, its bounds by hand, false alarms over A/A rollouts and
 //! how fast a slower canary is caught.
 
-mod common;
+use crate::common;
 
 use coalmine_judge::sequential::dkw::{alpha_for_c, c_for_alpha, TimeUniformDkw};
 use coalmine_judge::sequential::quantiles::{LatencyConfig, LatencyHistogram, LatencyTest};

@@ -2,7 +2,7 @@
 //! that upload slowly or stall, a process out of file descriptors, idle HTTP/2 connections.
 //! Real `coalmine` processes on 127.0.0.1; raw sockets where the exact bytes matter.
 
-mod common;
+use crate::common;
 
 use std::io::Write;
 use std::net::TcpStream;

@@ -1,6 +1,6 @@
 //! Bad input is refused with exit code 2 and a message naming the flag or field.
 
-mod common;
+use crate::common;
 
 use std::process::Command;
 

@@ -2,7 +2,7 @@
 //! called with Flagger's webhook payload and the seed's own `hey` command, and driven by
 //! `coalmine run` from the seed's Canary.
 
-mod common;
+use crate::common;
 
 use std::convert::Infallible;
 use std::sync::{Arc, Mutex};

@@ -4,7 +4,7 @@
 //! unreadable or empty state file, stale alerts and secrets in addresses. Real `coalmine`
 //! processes on 127.0.0.1; the full disk is a tmpfs in a private mount namespace.
 
-mod common;
+use crate::common;
 
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};

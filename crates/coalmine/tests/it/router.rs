@@ -1,6 +1,6 @@
 //! The router end to end: real `coalmine proxy` and `coalmine upstream` processes on 127.0.0.1.
 
-mod common;
+use crate::common;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;

@@ -2,7 +2,7 @@
 //! other tools' documents with Coalmine's equivalent, every mistake at once; and the names,
 //! numbers, regexes and ports that every command refuses the same way.
 
-mod common;
+use crate::common;
 
 use std::io::Write;
 use std::process::{Command, Stdio};

@@ -1,7 +1,7 @@
 //! `coalmine run` end to end: real router and upstream processes on 127.0.0.1, real traffic,
 //! the controller moving weights through the router's admin API.
 
-mod common;
+use crate::common;
 
 use std::convert::Infallible;
 use std::process::Command;

@@ -1,6 +1,6 @@
 //! `coalmine serve` and its clients: durable state, the token, kill -9 and resume.
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

@@ -1,0 +1,17 @@
+//! Every integration test of the `coalmine` binary in one test binary: one link instead of
+//! one per file, and one run. `cargo test -p coalmine --test it faults::` runs one module.
+
+mod common;
+
+mod check;
+mod cli;
+mod daemon_faults;
+mod deploy;
+mod faults;
+mod http1;
+mod loadtester;
+mod malformed;
+mod prometheus;
+mod rollout;
+mod router;
+mod serve;

@@ -1,0 +1,165 @@
+//! Where one request goes: the routing decision, drawn with this worker's random generator and
+//! applied to the table in force — which version, which upstream, whether a copy goes to the
+//! canary, whether to answer with the affinity cookie. Both request paths dispatch here.
+
+use std::cell::Cell;
+
+use http::HeaderValue;
+
+use crate::route::{route, Headers, RequestView, Version};
+use crate::table::{RouteTable, UpstreamUrl};
+
+thread_local! {
+    static RNG: Cell<u64> = Cell::new(seed_from_thread());
+}
+
+fn seed_from_thread() -> u64 {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    let stack = &t as *const u64 as u64;
+    xxhash_rust::xxh3::xxh3_64_with_seed(&t.to_le_bytes(), stack) | 1
+}
+
+/// wyrand: fast, good enough for traffic splitting, one per thread.
+fn next_random() -> u64 {
+    RNG.with(|s| {
+        let x = s.get().wrapping_add(0xa076_1d64_78bd_642f);
+        s.set(x);
+        let m = u128::from(x) * u128::from(x ^ 0xe703_7ed1_a0b4_28db);
+        ((m >> 64) as u64) ^ (m as u64)
+    })
+}
+
+/// Where one request goes, borrowed from the table it was decided on.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Dispatch<'t> {
+    pub(crate) version: Version,
+    /// That version's upstream.
+    pub(crate) target: &'t UpstreamUrl,
+    /// The canary, when a copy of this stable-bound request goes to it too.
+    pub(crate) mirror_to: Option<&'t UpstreamUrl>,
+    /// Answer with the affinity cookie, pinning this user to the canary.
+    pub(crate) set_affinity: bool,
+}
+
+/// Decides where a request goes.
+pub(crate) fn dispatch<'t, H: Headers + ?Sized>(
+    table: &'t RouteTable,
+    request: &RequestView<'_, H>,
+) -> Dispatch<'t> {
+    dispatch_with(table, request, next_random())
+}
+
+fn dispatch_with<'t, H: Headers + ?Sized>(
+    table: &'t RouteTable,
+    request: &RequestView<'_, H>,
+    random: u64,
+) -> Dispatch<'t> {
+    let decision = route(table, request, random);
+    let doc = &table.doc;
+    let target = match decision.version {
+        Version::Stable => &doc.stable,
+        Version::Canary => doc
+            .canary
+            .as_ref()
+            .expect("route() picks canary only if set"),
+    };
+    let mirror_to = if decision.mirror {
+        Some(
+            doc.canary
+                .as_ref()
+                .expect("route() mirrors only with a canary"),
+        )
+    } else {
+        None
+    };
+    Dispatch {
+        version: decision.version,
+        target,
+        mirror_to,
+        set_affinity: decision.set_affinity,
+    }
+}
+
+impl Dispatch<'_> {
+    /// The `Set-Cookie` value pinning this user to the canary, when the decision asks for one.
+    pub(crate) fn affinity_cookie(&self, table: &RouteTable) -> Option<HeaderValue> {
+        if !self.set_affinity {
+            return None;
+        }
+        let aff = table.doc.affinity.as_ref()?;
+        HeaderValue::from_str(&format!(
+            "{}={}; Max-Age={}; Path=/",
+            aff.cookie_name, table.affinity_token, aff.max_age
+        ))
+        .ok()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::table::RoutesDoc;
+
+    fn table(extra: serde_json::Value) -> RouteTable {
+        let mut doc = serde_json::json!({
+            "stable": "http://127.0.0.1:1", "canary": "http://127.0.0.1:2", "canaryWeight": 5
+        });
+        for (k, v) in extra.as_object().unwrap() {
+            doc[k] = v.clone();
+        }
+        RouteTable::new(serde_json::from_value::<RoutesDoc>(doc).unwrap(), 1)
+    }
+
+    fn go(t: &RouteTable, random: u64) -> Dispatch<'_> {
+        let headers = http::HeaderMap::new();
+        let view = RequestView {
+            headers: &headers,
+            query: None,
+        };
+        dispatch_with(t, &view, random)
+    }
+
+    #[test]
+    fn the_decision_picks_the_versions_upstream_and_the_mirror_target() {
+        let t = table(serde_json::json!({"mirror": 100}));
+        let d = go(&t, 1);
+        assert_eq!(
+            (d.version, d.target.as_str(), d.mirror_to),
+            (Version::Canary, "http://127.0.0.1:2", None)
+        );
+        let d = go(&t, 9_000);
+        assert_eq!(
+            (d.version, d.target.as_str()),
+            (Version::Stable, "http://127.0.0.1:1")
+        );
+        assert_eq!(d.mirror_to.map(|u| u.as_str()), Some("http://127.0.0.1:2"));
+    }
+
+    #[test]
+    fn the_affinity_cookie_pins_this_canary_for_its_lifetime() {
+        let t = table(serde_json::json!({"affinity": {"cookieName": "pin", "maxAge": 60}}));
+        let d = go(&t, 1);
+        assert_eq!(
+            d.affinity_cookie(&t).unwrap(),
+            format!("pin={}; Max-Age=60; Path=/", t.affinity_token).as_str()
+        );
+        assert_eq!(
+            go(&t, 9_000).affinity_cookie(&t),
+            None,
+            "stable is not pinned"
+        );
+    }
+
+    #[test]
+    fn random_values_spread_over_buckets() {
+        let n = 100_000;
+        let canary = (0..n)
+            .filter(|_| (next_random() & 0xffff_ffff) % 10_000 < 500)
+            .count();
+        // 5 % of 100,000 is 5,000 with a standard deviation of about 69.
+        assert!((4_700..=5_300).contains(&canary), "{canary}");
+    }
+}

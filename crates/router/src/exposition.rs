@@ -1,0 +1,359 @@
+//! How the counts are shown: the `/stats` document (the contract's [`StatsDoc`]) and the
+//! Prometheus text exposition. Both read one [`Snapshot`], summed over workers on each scrape.
+
+use std::fmt::Write as _;
+use std::sync::atomic::Ordering::Relaxed;
+
+use coalmine_contract::{Latency, LocalStats, MirrorStats, StatsDoc, VersionStats};
+use hdrhistogram::Histogram;
+
+use crate::recorder::{
+    Metrics, Snapshot, UpstreamFailure, VersionSnapshot, HDR_SIGFIG, LATENCY_BUCKETS,
+};
+use crate::route::Version;
+
+impl VersionSnapshot {
+    fn stats(&self) -> VersionStats {
+        VersionStats {
+            requests: self.count,
+            statuses: self.statuses.clone(),
+            failures: UpstreamFailure::ALL
+                .iter()
+                .map(|f| (f.as_str().to_string(), self.failures[*f as usize]))
+                .collect(),
+            retries: self.retries,
+            latency: latency_doc(&self.latency, self.sum_micros),
+        }
+    }
+}
+
+/// A histogram as `/stats` shows it: hdrhistogram buckets as `[microseconds, count]` pairs.
+fn latency_doc(latency: &Histogram<u64>, sum_micros: u64) -> Latency {
+    Latency {
+        unit: "microseconds".to_string(),
+        significant_digits: HDR_SIGFIG,
+        sum_micros,
+        counts: latency
+            .iter_recorded()
+            .map(|it| {
+                (
+                    latency.highest_equivalent(it.value_iterated_to()),
+                    it.count_at_value(),
+                )
+            })
+            .collect(),
+    }
+}
+
+impl Snapshot {
+    pub fn stats_doc(&self, metrics: &Metrics, generation: u64) -> StatsDoc {
+        let m = &self.mirror;
+        StatsDoc {
+            instance: metrics.instance.clone(),
+            started_unix_ms: metrics.started_unix_ms,
+            generation,
+            stable: self.versions[0].stats(),
+            canary: self.versions[1].stats(),
+            mirror: MirrorStats {
+                requests: m.requests,
+                statuses: m.statuses.clone(),
+                failed: m.failed,
+                dropped: m.dropped,
+                skipped_with_body: m.skipped_with_body,
+                latency: latency_doc(&m.latency, 0),
+            },
+            router: LocalStats {
+                local_failures: self
+                    .local_failures
+                    .iter()
+                    .map(|(reason, n)| (reason.to_string(), *n))
+                    .collect(),
+                accept_errors: self.accept_errors,
+            },
+        }
+    }
+
+    /// The Prometheus text exposition (format 0.0.4). The two seed metrics carry exactly the
+    /// labels the seed's PromQL uses; everything of the router's own is `coalmine_router_*`.
+    pub fn prometheus_text(&self, metrics: &Metrics, weight_ratio: f64, generation: u64) -> String {
+        let mut out = Exposition::default();
+        out.family(
+            "http_requests_total",
+            "HTTP requests answered, by version and status code.",
+            "counter",
+        );
+        for version in Version::ALL {
+            for (status, n) in &self.versions[version.index()].statuses {
+                let status = status.to_string();
+                out.sample(
+                    "http_requests_total",
+                    &[("version", version.as_str()), ("status", &status)],
+                    *n,
+                );
+            }
+        }
+        out.family(
+            "http_request_duration_seconds",
+            "Time from receiving a request to receiving the upstream's response head.",
+            "histogram",
+        );
+        for version in Version::ALL {
+            let v = &self.versions[version.index()];
+            let mut cumulative = 0;
+            for (bound, n) in LATENCY_BUCKETS.iter().zip(v.buckets) {
+                cumulative += n;
+                let le = bound.to_string();
+                out.sample(
+                    "http_request_duration_seconds_bucket",
+                    &[("version", version.as_str()), ("le", &le)],
+                    cumulative,
+                );
+            }
+            let labels = [("version", version.as_str())];
+            out.sample(
+                "http_request_duration_seconds_bucket",
+                &[labels[0], ("le", "+Inf")],
+                v.count,
+            );
+            out.sample(
+                "http_request_duration_seconds_sum",
+                &labels,
+                v.sum_micros as f64 / 1e6,
+            );
+            out.sample("http_request_duration_seconds_count", &labels, v.count);
+        }
+        out.family(
+            "coalmine_router_upstream_failures_total",
+            "Requests the upstream failed, by kind: connect, timeout and protocol were answered 502/504 by the router; body broke off after its head (counted as 502).",
+            "counter",
+        );
+        for version in Version::ALL {
+            for f in UpstreamFailure::ALL {
+                let n = self.versions[version.index()].failures[f as usize];
+                out.sample(
+                    "coalmine_router_upstream_failures_total",
+                    &[("version", version.as_str()), ("kind", f.as_str())],
+                    n,
+                );
+            }
+        }
+        out.family(
+            "coalmine_router_upstream_retries_total",
+            "Requests sent again on a new upstream connection after a kept-alive one failed them before any answer (only requests that cannot have been processed, or idempotent ones).",
+            "counter",
+        );
+        for version in Version::ALL {
+            out.sample(
+                "coalmine_router_upstream_retries_total",
+                &[("version", version.as_str())],
+                self.versions[version.index()].retries,
+            );
+        }
+        out.family(
+            "coalmine_router_local_failures_total",
+            "Requests the router failed on its own account (out of descriptors, memory or local ports), never counted against a version.",
+            "counter",
+        );
+        for (reason, n) in &self.local_failures {
+            out.sample(
+                "coalmine_router_local_failures_total",
+                &[("reason", reason)],
+                *n,
+            );
+        }
+        out.family(
+            "coalmine_router_accept_errors_total",
+            "Client connections the listener could not accept for want of descriptors or memory.",
+            "counter",
+        );
+        out.sample(
+            "coalmine_router_accept_errors_total",
+            &[],
+            self.accept_errors,
+        );
+        out.family(
+            "coalmine_router_mirror_requests_total",
+            "Mirrored copies answered by the canary, by status code.",
+            "counter",
+        );
+        for (status, n) in &self.mirror.statuses {
+            out.sample(
+                "coalmine_router_mirror_requests_total",
+                &[("status", &status.to_string())],
+                *n,
+            );
+        }
+        out.family(
+            "coalmine_router_mirror_failures_total",
+            "Mirrored copies that got no response.",
+            "counter",
+        );
+        out.sample(
+            "coalmine_router_mirror_failures_total",
+            &[],
+            self.mirror.failed,
+        );
+        out.family(
+            "coalmine_router_mirror_dropped_total",
+            "Requests not mirrored, by reason: the concurrency limit was reached, or they had a body.",
+            "counter",
+        );
+        out.sample(
+            "coalmine_router_mirror_dropped_total",
+            &[("reason", "concurrency")],
+            self.mirror.dropped,
+        );
+        out.sample(
+            "coalmine_router_mirror_dropped_total",
+            &[("reason", "body")],
+            self.mirror.skipped_with_body,
+        );
+        out.family(
+            "coalmine_router_canary_weight_ratio",
+            "Share of unmatched traffic sent to the canary (0 to 1).",
+            "gauge",
+        );
+        out.sample("coalmine_router_canary_weight_ratio", &[], weight_ratio);
+        out.family(
+            "coalmine_router_route_generation",
+            "Generation of the route table in force.",
+            "gauge",
+        );
+        out.sample("coalmine_router_route_generation", &[], generation);
+        out.family(
+            "coalmine_router_route_swaps_total",
+            "Route tables swapped in through the admin API.",
+            "counter",
+        );
+        out.sample(
+            "coalmine_router_route_swaps_total",
+            &[],
+            metrics.route_swaps.load(Relaxed),
+        );
+        out.family(
+            "coalmine_router_connections_accepted_total",
+            "Client connections accepted.",
+            "counter",
+        );
+        out.sample(
+            "coalmine_router_connections_accepted_total",
+            &[],
+            metrics.connections_accepted.load(Relaxed),
+        );
+        out.family(
+            "coalmine_router_requests_in_flight",
+            "Requests being proxied right now.",
+            "gauge",
+        );
+        out.sample("coalmine_router_requests_in_flight", &[], self.in_flight);
+        out.text
+    }
+}
+
+/// Writes the Prometheus text format. Kept here rather than in prometheus-client because that
+/// crate only writes OpenMetrics, whose counter families (`# TYPE x counter` over `x_total`)
+/// Debian's promtool 2.42 rejects in `promtool check metrics`.
+#[derive(Default)]
+pub struct Exposition {
+    pub text: String,
+}
+
+impl Exposition {
+    pub fn family(&mut self, name: &str, help: &str, kind: &str) {
+        let _ = writeln!(self.text, "# HELP {name} {help}\n# TYPE {name} {kind}");
+    }
+
+    pub fn sample(&mut self, name: &str, labels: &[(&str, &str)], value: impl Into<SampleValue>) {
+        self.text.push_str(name);
+        if !labels.is_empty() {
+            self.text.push('{');
+            for (i, (k, v)) in labels.iter().enumerate() {
+                if i > 0 {
+                    self.text.push(',');
+                }
+                let _ = write!(self.text, "{k}=\"");
+                for ch in v.chars() {
+                    match ch {
+                        '\\' => self.text.push_str("\\\\"),
+                        '"' => self.text.push_str("\\\""),
+                        '\n' => self.text.push_str("\\n"),
+                        c => self.text.push(c),
+                    }
+                }
+                self.text.push('"');
+            }
+            self.text.push('}');
+        }
+        let _ = match value.into() {
+            SampleValue::Int(n) => writeln!(self.text, " {n}"),
+            SampleValue::Float(f) if f.is_nan() => writeln!(self.text, " NaN"),
+            SampleValue::Float(f) => writeln!(self.text, " {f}"),
+        };
+    }
+}
+
+pub enum SampleValue {
+    Int(i128),
+    Float(f64),
+}
+
+impl From<u64> for SampleValue {
+    fn from(v: u64) -> Self {
+        SampleValue::Int(v.into())
+    }
+}
+impl From<i64> for SampleValue {
+    fn from(v: i64) -> Self {
+        SampleValue::Int(v.into())
+    }
+}
+impl From<f64> for SampleValue {
+    fn from(v: f64) -> Self {
+        SampleValue::Float(v)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn snapshot_sums_workers_and_exposes_seed_metric_names() {
+        let m = Metrics::new("i".into(), 0);
+        let (a, b) = (m.new_recorder(), m.new_recorder());
+        a.record(Version::Stable, 200, Duration::from_millis(3));
+        b.record(Version::Stable, 200, Duration::from_millis(30));
+        b.record(Version::Canary, 502, Duration::from_micros(200));
+        b.record_failure(Version::Canary, UpstreamFailure::Connect);
+        let s = m.snapshot();
+        let text = s.prometheus_text(&m, 0.05, 3);
+        assert!(text.contains("http_requests_total{version=\"stable\",status=\"200\"} 2\n"));
+        assert!(text.contains("http_requests_total{version=\"canary\",status=\"502\"} 1\n"));
+        assert!(text
+            .contains("http_request_duration_seconds_bucket{version=\"stable\",le=\"0.005\"} 1\n"));
+        assert!(text
+            .contains("http_request_duration_seconds_bucket{version=\"stable\",le=\"0.05\"} 2\n"));
+        assert!(text.contains("http_request_duration_seconds_count{version=\"canary\"} 1\n"));
+        assert!(text.contains(
+            "coalmine_router_upstream_failures_total{version=\"canary\",kind=\"connect\"} 1\n"
+        ));
+        let doc = s.stats_doc(&m, 3);
+        assert_eq!(doc.stable.requests, 2);
+        assert_eq!(doc.canary.failures["connect"], 1);
+        assert_eq!(
+            doc.stable.latency.counts.iter().map(|c| c.1).sum::<u64>(),
+            2
+        );
+        let max = doc.stable.latency.counts.iter().map(|c| c.0).max().unwrap();
+        assert!((29_700..=30_300).contains(&max), "{max}");
+    }
+
+    #[test]
+    fn label_values_are_escaped() {
+        let mut out = Exposition::default();
+        out.sample("x", &[("reason", "a\"b\\c\nd")], 1u64);
+        out.sample("y", &[], f64::NAN);
+        assert_eq!(out.text, "x{reason=\"a\\\"b\\\\c\\nd\"} 1\ny NaN\n");
+    }
+}

@@ -1,0 +1,659 @@
+//! hyper's request path: HTTP/2, upgrades, and the HTTP/1 requests the fast path ([`crate::http1`])
+//! hands over. One request in, one upstream request out over hyper's HTTP/1 client, the answer
+//! streamed back and counted when its body has passed. Its upstream connections are pooled per
+//! worker thread (each worker is a single-threaded runtime, so the pool needs no lock); the
+//! rules both paths share are [`crate::upstream`]'s, [`crate::dispatch`]'s and
+//! [`crate::rewrite`]'s.
+
+use std::cell::RefCell;
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::header::{self, HeaderValue};
+use http::{Request, Response, StatusCode, Version as HttpVersion};
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use hyper::client::conn::http1::SendRequest;
+use hyper_util::rt::TokioIo;
+
+use crate::dispatch::dispatch;
+use crate::mirror;
+use crate::recorder::{Recorder, UpstreamFailure};
+use crate::rewrite::{is_upgrade, strip_hop_by_hop, upstream_parts};
+use crate::route::{RequestView, Version};
+use crate::table::UpstreamUrl;
+use crate::upstream::{
+    connect_tcp, count_broken_answer, count_failure, AttemptError, Attempts, ClientError,
+    ExchangeError, IdlePool, TimedOut, UpstreamError,
+};
+use crate::worker::{ClientInfo, Connection, ProxyOptions, Worker};
+
+// ---------------------------------------------------------------------------------------------
+// Bodies
+
+/// The body sent upstream: the client's own, streamed (with its progress watched), or nothing.
+pub enum UpstreamBody {
+    Client {
+        body: Incoming,
+        progress: Arc<BodyProgress>,
+    },
+    Empty,
+}
+
+/// How far a streamed request body has got, so the upstream is timed from the end of the
+/// request and a stalled client is told apart from an upstream that stopped reading.
+pub struct BodyProgress {
+    origin: Instant,
+    /// One of the `WAITING_*` / `SENT` states.
+    state: std::sync::atomic::AtomicU8,
+    /// Microseconds after `origin` when `state` last changed.
+    since_micros: std::sync::atomic::AtomicU64,
+}
+
+/// The upstream side has the last frame and has not asked for another.
+const WAITING_FOR_UPSTREAM: u8 = 0;
+/// Asked for the next frame, the client has not sent it.
+const WAITING_FOR_CLIENT: u8 = 1;
+/// The whole body has gone upstream.
+const SENT: u8 = 2;
+
+/// What a request body's progress says at some moment.
+enum BodyVerdict {
+    /// Look again at this instant.
+    Until(Instant),
+    Expired(ExchangeError),
+}
+
+impl BodyProgress {
+    fn new() -> Arc<Self> {
+        Arc::new(BodyProgress {
+            origin: Instant::now(),
+            state: std::sync::atomic::AtomicU8::new(WAITING_FOR_UPSTREAM),
+            since_micros: AtomicU64::new(0),
+        })
+    }
+
+    fn set(&self, state: u8) {
+        if self.state.load(Relaxed) != state {
+            let micros = self.origin.elapsed().as_micros() as u64;
+            self.since_micros.store(micros, Relaxed);
+            self.state.store(state, Relaxed);
+        }
+    }
+
+    fn verdict(&self, now: Instant, options: &ProxyOptions) -> BodyVerdict {
+        let since = self.origin + Duration::from_micros(self.since_micros.load(Relaxed));
+        let (limit, expired): (Duration, fn() -> ExchangeError) = match self.state.load(Relaxed) {
+            WAITING_FOR_CLIENT => (options.client_stall_timeout, || ClientError::Stalled.into()),
+            SENT => (options.response_timeout, || {
+                UpstreamError::timed_out(TimedOut::AnswerAfterRequest).into()
+            }),
+            _ => (options.response_timeout, || {
+                UpstreamError::timed_out(TimedOut::RequestBody).into()
+            }),
+        };
+        match since.checked_add(limit) {
+            Some(deadline) if deadline <= now => BodyVerdict::Expired(expired()),
+            Some(deadline) => BodyVerdict::Until(deadline),
+            None => BodyVerdict::Until(now + Duration::from_secs(86_400)),
+        }
+    }
+}
+
+impl Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match self.get_mut() {
+            UpstreamBody::Client { body, progress } => {
+                let polled = Pin::new(&mut *body).poll_frame(cx);
+                progress.set(match &polled {
+                    Poll::Pending => WAITING_FOR_CLIENT,
+                    Poll::Ready(None) => SENT,
+                    Poll::Ready(Some(_)) if body.is_end_stream() => SENT,
+                    Poll::Ready(Some(_)) => WAITING_FOR_UPSTREAM,
+                });
+                polled
+            }
+            UpstreamBody::Empty => Poll::Ready(None),
+        }
+    }
+    fn is_end_stream(&self) -> bool {
+        match self {
+            UpstreamBody::Client { body, .. } => body.is_end_stream(),
+            UpstreamBody::Empty => true,
+        }
+    }
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            UpstreamBody::Client { body, .. } => body.size_hint(),
+            UpstreamBody::Empty => SizeHint::with_exact(0),
+        }
+    }
+}
+
+/// An answer to count once its body has passed: the client may yet see it break off.
+pub struct PendingRecord {
+    recorder: Arc<Recorder>,
+    version: Version,
+    status: u16,
+    head_elapsed: Duration,
+}
+
+impl PendingRecord {
+    /// The upstream's answer reached the client whole, or the client went away: the status
+    /// stands.
+    fn answered(self) {
+        self.recorder
+            .record(self.version, self.status, self.head_elapsed);
+    }
+
+    /// The upstream broke its answer off (or stalled) after the head: the client saw a
+    /// failure, the version's, counted as a 502.
+    fn broken(self, failure: UpstreamFailure) {
+        count_broken_answer(&self.recorder, self.version, failure, self.head_elapsed);
+    }
+}
+
+/// The body sent to the client: the upstream's, streamed, holding its pooled connection until
+/// the last byte so the connection goes back to the pool only when it is free again, and
+/// counting the answer when it ends.
+pub enum ClientBody {
+    Upstream {
+        body: Incoming,
+        conn: Option<PooledConn>,
+        record: Option<PendingRecord>,
+        /// Armed while waiting for the upstream's next frame.
+        stall: Option<crate::timer::Sleep>,
+        stall_limit: Duration,
+    },
+    Full(Option<Bytes>),
+}
+
+impl ClientBody {
+    pub fn text(s: impl Into<Bytes>) -> Self {
+        ClientBody::Full(Some(s.into()))
+    }
+
+    pub(crate) fn upstream(
+        body: Incoming,
+        conn: Option<PooledConn>,
+        record: Option<PendingRecord>,
+        stall_limit: Duration,
+    ) -> Self {
+        ClientBody::Upstream {
+            body,
+            conn,
+            record,
+            stall: None,
+            stall_limit,
+        }
+    }
+}
+
+impl Body for ClientBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match self.get_mut() {
+            ClientBody::Upstream {
+                body,
+                conn,
+                record,
+                stall,
+                stall_limit,
+            } => {
+                let polled = Pin::new(&mut *body).poll_frame(cx);
+                match &polled {
+                    Poll::Pending => {
+                        let limit = Instant::now().checked_add(*stall_limit);
+                        let timer = match (stall.as_mut(), limit) {
+                            (Some(t), _) => t,
+                            (None, Some(deadline)) => {
+                                stall.insert(crate::timer::Sleep::until(deadline))
+                            }
+                            (None, None) => return Poll::Pending,
+                        };
+                        if Pin::new(timer).poll(cx).is_ready() {
+                            // The upstream sent nothing for the response timeout: end the
+                            // answer here; hyper closes the client's connection.
+                            if let Some(r) = record.take() {
+                                r.broken(UpstreamFailure::Timeout);
+                            }
+                            conn.take();
+                            return Poll::Ready(None);
+                        }
+                        return Poll::Pending;
+                    }
+                    Poll::Ready(Some(Err(_))) => {
+                        if let Some(r) = record.take() {
+                            r.broken(UpstreamFailure::Body);
+                        }
+                    }
+                    Poll::Ready(Some(Ok(_))) => {
+                        if let (Some(t), Some(deadline)) =
+                            (stall.as_mut(), Instant::now().checked_add(*stall_limit))
+                        {
+                            t.reset(deadline);
+                        }
+                    }
+                    Poll::Ready(None) => {}
+                }
+                if matches!(polled, Poll::Ready(None)) || body.is_end_stream() {
+                    if let Some(r) = record.take() {
+                        r.answered();
+                    }
+                    if let Some(c) = conn.take() {
+                        c.release();
+                    }
+                }
+                polled
+            }
+            ClientBody::Full(b) => Poll::Ready(b.take().map(|d| Ok(Frame::data(d)))),
+        }
+    }
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ClientBody::Upstream { body, .. } => body.is_end_stream(),
+            ClientBody::Full(b) => b.is_none(),
+        }
+    }
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ClientBody::Upstream { body, .. } => body.size_hint(),
+            ClientBody::Full(Some(b)) => SizeHint::with_exact(b.len() as u64),
+            ClientBody::Full(None) => SizeHint::with_exact(0),
+        }
+    }
+}
+
+impl Drop for ClientBody {
+    fn drop(&mut self) {
+        // A body with nothing left to read (HEAD, 204, Content-Length: 0, or fully streamed)
+        // leaves its connection reusable; one dropped half-way does not. An answer not yet
+        // counted was either whole or left by its client: its status stands.
+        if let ClientBody::Upstream {
+            body, conn, record, ..
+        } = self
+        {
+            if let Some(r) = record.take() {
+                r.answered();
+            }
+            if body.is_end_stream() {
+                if let Some(c) = conn.take() {
+                    c.release();
+                }
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// hyper's upstream connections
+
+type Sender = SendRequest<UpstreamBody>;
+
+thread_local! {
+    static SENDERS: RefCell<IdlePool<Sender>> = const { RefCell::new(IdlePool::new()) };
+}
+
+/// A pooled upstream connection on loan to one exchange.
+pub struct PooledConn {
+    upstream: u64,
+    sender: Sender,
+}
+
+impl PooledConn {
+    fn release(self) {
+        if !self.sender.is_closed() {
+            SENDERS.with(|p| p.borrow_mut().put(self.upstream, self.sender));
+        }
+    }
+}
+
+fn checkout(upstream: u64) -> Option<Sender> {
+    SENDERS.with(|p| p.borrow_mut().take(upstream, |s| !s.is_closed()))
+}
+
+async fn connect(
+    upstream: &UpstreamUrl,
+    timeout: Duration,
+    upgrades: bool,
+) -> Result<Sender, UpstreamError> {
+    let stream = connect_tcp(upstream, timeout).await?;
+    let (sender, conn) = hyper::client::conn::http1::Builder::new()
+        // One buffer per request: a plain send, where a vectored write of one or two slices
+        // takes the kernel's longer writev path.
+        .writev(false)
+        .handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| UpstreamError::new(UpstreamFailure::Connect, format!("handshake: {e}")))?;
+    if upgrades {
+        tokio::spawn(async move {
+            let _ = conn.with_upgrades().await;
+        });
+    } else {
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+    }
+    Ok(sender)
+}
+
+/// Sends on a pooled connection, or a new one, by the retry-once rule ([`Attempts`]): a
+/// request a stale pooled connection never took (hyper hands it back unsent, or the connection
+/// is closed before it is sent) goes out again on a new connection, and `resent` hears of it.
+pub(crate) async fn exchange(
+    upstream: &UpstreamUrl,
+    mut req: Request<UpstreamBody>,
+    options: &ProxyOptions,
+    mut resent: impl FnMut(),
+) -> Result<(Response<Incoming>, PooledConn), ExchangeError> {
+    let mut attempts = Attempts::default();
+    loop {
+        let pooled = attempts
+            .may_reuse()
+            .then(|| checkout(upstream.id()))
+            .flatten();
+        let reused = pooled.is_some();
+        let mut sender = match pooled {
+            Some(s) => s,
+            // Boxed: the connect future is large and rarely needed, and unboxed it would
+            // size (and make every move of) the request future.
+            None => Box::pin(connect(upstream, options.connect_timeout, false)).await?,
+        };
+        let failed = if sender.ready().await.is_err() {
+            AttemptError::NotTaken
+        } else {
+            match sender.try_send_request(req).await {
+                Ok(resp) => {
+                    return Ok((
+                        resp,
+                        PooledConn {
+                            upstream: upstream.id(),
+                            sender,
+                        },
+                    ))
+                }
+                Err(mut e) => match e.take_message() {
+                    Some(unsent) if reused => {
+                        req = unsent;
+                        AttemptError::NotTaken
+                    }
+                    // The only body hyper sends for us is the client's.
+                    _ if e.error().is_user() => {
+                        let why = std::error::Error::source(e.error())
+                            .map_or_else(|| e.error().to_string(), ToString::to_string);
+                        let why = format!("request body: {why}");
+                        return Err(ClientError::Malformed(why.into()).into());
+                    }
+                    _ => return Err(UpstreamError::protocol(e.error().to_string()).into()),
+                },
+            }
+        };
+        // hyper cannot tell a connection closed before answering from one that broke: only a
+        // request it never sent goes out again.
+        attempts.after(reused, failed, false)?;
+        resent();
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Answers of the router's own
+
+fn error_response(status: StatusCode, text: &str, close: bool) -> Response<ClientBody> {
+    let mut resp = Response::new(ClientBody::text(format!("{text}\n")));
+    *resp.status_mut() = status;
+    resp.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    if close {
+        resp.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    resp
+}
+
+/// Requests whose framing is ambiguous are refused, never guessed at (request smuggling).
+/// hyper itself rejects conflicting Content-Length values and a Transfer-Encoding that does not
+/// end in chunked; what it resolves silently is checked here.
+fn framing_error(req: &Request<Incoming>, client: &ClientInfo) -> Option<&'static str> {
+    if req.version() >= HttpVersion::HTTP_2 {
+        return None;
+    }
+    let both_in_head = client.head.take_both_framing_headers();
+    if req.version() == HttpVersion::HTTP_11
+        && req.headers().get_all(header::HOST).iter().count() != 1
+    {
+        // RFC 9112 §3.2: a server must refuse an HTTP/1.1 request without exactly one Host.
+        return Some("an HTTP/1.1 request needs exactly one Host header");
+    }
+    let mut encodings = req.headers().get_all(header::TRANSFER_ENCODING).iter();
+    match (encodings.next(), encodings.next()) {
+        (Some(_), Some(_)) => Some("several Transfer-Encoding headers"),
+        (Some(_), None) if both_in_head => Some("both Transfer-Encoding and Content-Length"),
+        _ => None,
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The request path
+
+/// Serves one client request. Never fails: upstream trouble becomes a 502/504 counted against
+/// the version that caused it, so a dead canary shows as canary errors.
+pub async fn handle(
+    conn: Arc<Connection>,
+    req: Request<Incoming>,
+) -> Result<Response<ClientBody>, Infallible> {
+    let started = Instant::now();
+    let (worker, client) = (&conn.worker, &conn.client);
+    let shared = &*worker.shared;
+    let _in_flight = worker.recorder.enter();
+    if let Some(why) = framing_error(&req, client) {
+        return Ok(error_response(StatusCode::BAD_REQUEST, why, true));
+    }
+    // The table is held (one reference count) rather than the upstream URL cloned (two
+    // strings) for the life of the request.
+    let table = shared.table.load_full();
+    let to = dispatch(
+        &table,
+        &RequestView {
+            headers: req.headers(),
+            query: req.uri().query(),
+        },
+    );
+    let (version, target) = (to.version, to.target);
+    let affinity_cookie = to.affinity_cookie(&table);
+    if let Some(canary) = to.mirror_to {
+        mirror(worker, &req, client, canary);
+    }
+    let upgrade = is_upgrade(&req);
+    if upgrade {
+        // Boxed for the same reason as a new upstream connection in `exchange`.
+        return Ok(Box::pin(proxy_upgrade(worker, client, req, version, target, started)).await);
+    }
+    let (mut parts, body) = req.into_parts();
+    upstream_parts(&mut parts, client, false);
+    let options = &shared.options;
+    let (body, progress) = if body.is_end_stream() {
+        (UpstreamBody::Empty, None)
+    } else {
+        let progress = BodyProgress::new();
+        let body = UpstreamBody::Client {
+            body,
+            progress: progress.clone(),
+        };
+        (body, Some(progress))
+    };
+    let upstream_req = Request::from_parts(parts, body);
+    let sent = exchange(target, upstream_req, options, || {
+        worker.recorder.record_retry(version)
+    });
+    let result = match progress {
+        // The request is complete already: one timer from its start.
+        None => crate::timer::timeout_at(started.checked_add(options.response_timeout), sent)
+            .await
+            .unwrap_or_else(|| Err(UpstreamError::timed_out(TimedOut::Answer).into())),
+        // The upstream is timed from the end of the request, not its start.
+        Some(progress) => answered_in_time(sent, &progress, options).await,
+    };
+    match result {
+        Ok((resp, conn)) => {
+            let (mut parts, body) = resp.into_parts();
+            let record = PendingRecord {
+                recorder: worker.recorder.clone(),
+                version,
+                status: parts.status.as_u16(),
+                head_elapsed: started.elapsed(),
+            };
+            strip_hop_by_hop(&mut parts.headers);
+            if let Some(c) = affinity_cookie {
+                parts.headers.append(header::SET_COOKIE, c);
+            }
+            let body =
+                ClientBody::upstream(body, Some(conn), Some(record), options.response_timeout);
+            Ok(Response::from_parts(parts, body))
+        }
+        Err(ExchangeError::Client(e)) => {
+            // hyper reports a body that broke off as malformed; it still has a client to tell.
+            let (status, text) = e
+                .answer()
+                .unwrap_or((StatusCode::BAD_REQUEST, "request body broke off"));
+            Ok(error_response(status, text, true))
+        }
+        Err(ExchangeError::Upstream(e)) => Ok(upstream_failed(worker, version, target, e, started)),
+    }
+}
+
+/// Waits for `sent` while a request body streams: the client may stall for the client stall
+/// timeout, the upstream may take no body for the response timeout, and once the whole body
+/// has gone the answer must come within the response timeout.
+async fn answered_in_time<T>(
+    sent: impl Future<Output = Result<T, ExchangeError>>,
+    progress: &BodyProgress,
+    options: &ProxyOptions,
+) -> Result<T, ExchangeError> {
+    let mut sent = std::pin::pin!(sent);
+    let first = match progress.verdict(Instant::now(), options) {
+        BodyVerdict::Until(at) => at,
+        BodyVerdict::Expired(e) => return Err(e),
+    };
+    let mut timer = crate::timer::Sleep::until(first);
+    std::future::poll_fn(|cx| {
+        if let Poll::Ready(v) = sent.as_mut().poll(cx) {
+            return Poll::Ready(v);
+        }
+        while Pin::new(&mut timer).poll(cx).is_ready() {
+            match progress.verdict(Instant::now(), options) {
+                BodyVerdict::Expired(e) => return Poll::Ready(Err(e)),
+                BodyVerdict::Until(at) => timer.reset(at),
+            }
+        }
+        Poll::Pending
+    })
+    .await
+}
+
+fn upstream_failed(
+    worker: &Worker,
+    version: Version,
+    target: &UpstreamUrl,
+    e: UpstreamError,
+    started: Instant,
+) -> Response<ClientBody> {
+    let (status, text) = count_failure(&worker.recorder, version, target, &e, started);
+    error_response(status, &text, false)
+}
+
+/// WebSocket and other `Upgrade` requests: a dedicated upstream connection; after a 101 the
+/// two sides are spliced byte for byte until either closes.
+async fn proxy_upgrade(
+    worker: &Worker,
+    client: &ClientInfo,
+    mut req: Request<Incoming>,
+    version: Version,
+    target: &UpstreamUrl,
+    started: Instant,
+) -> Response<ClientBody> {
+    let options = &worker.shared.options;
+    let client_upgrade = hyper::upgrade::on(&mut req);
+    let (mut parts, body) = req.into_parts();
+    upstream_parts(&mut parts, client, true);
+    let body = if body.is_end_stream() {
+        UpstreamBody::Empty
+    } else {
+        UpstreamBody::Client {
+            body,
+            progress: BodyProgress::new(),
+        }
+    };
+    let sent = async {
+        let mut sender = connect(target, options.connect_timeout, true).await?;
+        sender
+            .send_request(Request::from_parts(parts, body))
+            .await
+            .map_err(|e| UpstreamError::protocol(e.to_string()))
+    };
+    let result = match tokio::time::timeout(options.response_timeout, sent).await {
+        Ok(r) => r,
+        Err(_) => Err(UpstreamError::timed_out(TimedOut::Answer)),
+    };
+    let mut resp = match result {
+        Ok(r) => r,
+        Err(e) => return upstream_failed(worker, version, target, e, started),
+    };
+    if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+        worker
+            .recorder
+            .record(version, resp.status().as_u16(), started.elapsed());
+        let upstream_upgrade = hyper::upgrade::on(&mut resp);
+        tokio::spawn(async move {
+            let (Ok(c), Ok(u)) = (client_upgrade.await, upstream_upgrade.await) else {
+                return;
+            };
+            let _ = tokio::io::copy_bidirectional(&mut TokioIo::new(c), &mut TokioIo::new(u)).await;
+        });
+        let (parts, _) = resp.into_parts();
+        return Response::from_parts(parts, ClientBody::Full(None));
+    }
+    let (mut parts, body) = resp.into_parts();
+    strip_hop_by_hop(&mut parts.headers);
+    let record = PendingRecord {
+        recorder: worker.recorder.clone(),
+        version,
+        status: parts.status.as_u16(),
+        head_elapsed: started.elapsed(),
+    };
+    let body = ClientBody::upstream(body, None, Some(record), options.response_timeout);
+    Response::from_parts(parts, body)
+}
+
+/// A copy of a stable-bound request for the canary (see [`crate::mirror`]): only one without
+/// a body or an upgrade.
+fn mirror(worker: &Worker, req: &Request<Incoming>, client: &ClientInfo, canary: &UpstreamUrl) {
+    if !req.body().is_end_stream() || is_upgrade(req) {
+        mirror::skipped_with_body(worker);
+        return;
+    }
+    mirror::copy_to_canary(worker, client, canary, || {
+        let mut copy = Request::new(());
+        *copy.method_mut() = req.method().clone();
+        *copy.uri_mut() = req.uri().clone();
+        *copy.version_mut() = req.version();
+        *copy.headers_mut() = req.headers().clone();
+        Some(copy.into_parts().0)
+    });
+}

@@ -1,0 +1,70 @@
+//! Mirroring: a copy of a stable-bound request goes to the canary, fire-and-forget. The user's
+//! answer never waits for it, copies beyond the worker's concurrency limit are dropped, and the
+//! canary's answers are counted apart (they judge a dark launch). Only requests without a body
+//! are copied: a body would have to be buffered whole. Both request paths mirror through here.
+
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::Instant;
+
+use http::{HeaderValue, Request};
+
+use crate::hyper_path::{exchange, ClientBody, UpstreamBody};
+use crate::rewrite::upstream_parts;
+use crate::table::UpstreamUrl;
+use crate::worker::{ClientInfo, Worker};
+
+/// Sends a copy of a bodyless request head (made by `copy` only once a slot is free) to the
+/// canary.
+pub(crate) fn copy_to_canary(
+    worker: &Worker,
+    client: &ClientInfo,
+    canary: &UpstreamUrl,
+    copy: impl FnOnce() -> Option<http::request::Parts>,
+) {
+    let metrics = &worker.shared.metrics;
+    let Ok(permit) = worker.mirror_slots.clone().try_acquire_owned() else {
+        metrics.mirror_dropped.fetch_add(1, Relaxed);
+        return;
+    };
+    let Some(mut parts) = copy() else {
+        return;
+    };
+    upstream_parts(&mut parts, client, false);
+    parts
+        .headers
+        .insert("x-coalmine-mirror", HeaderValue::from_static("true"));
+    let request = Request::from_parts(parts, UpstreamBody::Empty);
+    let recorder = worker.recorder.clone();
+    let options = worker.shared.options.clone();
+    let canary = canary.clone();
+    tokio::spawn(async move {
+        let _permit = permit;
+        let started = Instant::now();
+        let sent = tokio::time::timeout(
+            options.response_timeout,
+            exchange(&canary, request, &options, || {}),
+        );
+        match sent.await {
+            Ok(Ok((resp, conn))) => {
+                recorder.record_mirror(Some((resp.status().as_u16(), started.elapsed())));
+                let body = ClientBody::upstream(
+                    resp.into_body(),
+                    Some(conn),
+                    None,
+                    options.response_timeout,
+                );
+                let _ = http_body_util::BodyExt::collect(body).await;
+            }
+            _ => recorder.record_mirror(None),
+        }
+    });
+}
+
+/// A request picked for mirroring that is not copied because it carries a body.
+pub(crate) fn skipped_with_body(worker: &Worker) {
+    worker
+        .shared
+        .metrics
+        .mirror_skipped_body
+        .fetch_add(1, Relaxed);
+}

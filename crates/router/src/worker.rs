@@ -1,0 +1,92 @@
+//! What the request paths run on: the options and state every worker shares, one worker
+//! thread's handle (its recorder and mirror slots), and one client connection's facts.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use http::HeaderValue;
+use tokio::sync::Semaphore;
+
+use crate::framing::HeadFlags;
+use crate::recorder::{Metrics, Recorder};
+use crate::table::RouteTable;
+
+/// Limits and timeouts of the proxy path.
+#[derive(Clone, Debug)]
+pub struct ProxyOptions {
+    pub connect_timeout: Duration,
+    /// Time allowed until the upstream's response head arrives.
+    pub response_timeout: Duration,
+    /// Mirrored copies in flight per worker; more are dropped, never queued.
+    pub mirror_concurrency: usize,
+    /// Idle upstream connections kept per upstream per worker.
+    pub max_idle_per_upstream: usize,
+    /// How long a client may stall mid-body (sending a request or taking a response) before
+    /// the router gives up on it: the client's failure, never the version's.
+    pub client_stall_timeout: Duration,
+}
+
+impl Default for ProxyOptions {
+    fn default() -> Self {
+        ProxyOptions {
+            connect_timeout: Duration::from_secs(2),
+            response_timeout: Duration::from_secs(30),
+            mirror_concurrency: 64,
+            max_idle_per_upstream: 256,
+            client_stall_timeout: Duration::from_secs(75),
+        }
+    }
+}
+
+/// State every worker shares.
+pub struct Shared {
+    pub table: ArcSwap<RouteTable>,
+    pub metrics: Arc<Metrics>,
+    pub options: ProxyOptions,
+}
+
+/// One worker thread's handle on the proxy.
+#[derive(Clone)]
+pub struct Worker {
+    pub shared: Arc<Shared>,
+    pub recorder: Arc<Recorder>,
+    pub(crate) mirror_slots: Arc<Semaphore>,
+}
+
+impl Worker {
+    pub fn new(shared: Arc<Shared>) -> Self {
+        let recorder = shared.metrics.new_recorder();
+        let mirror_slots = Arc::new(Semaphore::new(shared.options.mirror_concurrency));
+        Worker {
+            shared,
+            recorder,
+            mirror_slots,
+        }
+    }
+}
+
+/// One client connection: its worker and what is known of the client.
+pub struct Connection {
+    pub worker: Worker,
+    pub client: ClientInfo,
+}
+
+/// Per-connection facts the proxy adds to forwarded requests.
+#[derive(Clone)]
+pub struct ClientInfo {
+    pub tls: bool,
+    /// What the raw request head carried (see [`crate::framing`]).
+    pub head: HeadFlags,
+    /// The peer's IP as a header value, made once per connection.
+    pub peer_ip: HeaderValue,
+}
+
+impl ClientInfo {
+    pub fn new(peer: SocketAddr, tls: bool, head: HeadFlags) -> Self {
+        let peer_ip =
+            HeaderValue::from_str(&peer.ip().to_string()).expect("an IP is a header value");
+        ClientInfo { tls, head, peer_ip }
+    }
+}
