@@ -101,17 +101,7 @@ impl Dispatch<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::table::RoutesDoc;
-
-    fn table(extra: serde_json::Value) -> RouteTable {
-        let mut doc = serde_json::json!({
-            "stable": "http://127.0.0.1:1", "canary": "http://127.0.0.1:2", "canaryWeight": 5
-        });
-        for (k, v) in extra.as_object().unwrap() {
-            doc[k] = v.clone();
-        }
-        RouteTable::new(serde_json::from_value::<RoutesDoc>(doc).unwrap(), 1)
-    }
+    use crate::route::tests::table;
 
     fn go(t: &RouteTable, random: u64) -> Dispatch<'_> {
         let headers = http::HeaderMap::new();

@@ -316,16 +316,10 @@ impl From<f64> for SampleValue {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
 
     #[test]
     fn snapshot_sums_workers_and_exposes_seed_metric_names() {
-        let m = Metrics::new("i".into(), 0);
-        let (a, b) = (m.new_recorder(), m.new_recorder());
-        a.record(Version::Stable, 200, Duration::from_millis(3));
-        b.record(Version::Stable, 200, Duration::from_millis(30));
-        b.record(Version::Canary, 502, Duration::from_micros(200));
-        b.record_failure(Version::Canary, UpstreamFailure::Connect);
+        let (m, _a, _b) = crate::recorder::two_workers_recorded();
         let s = m.snapshot();
         let text = s.prometheus_text(&m, 0.05, 3);
         assert!(text.contains("http_requests_total{version=\"stable\",status=\"200\"} 2\n"));

@@ -185,9 +185,20 @@ pub fn cookie<'a, H: Headers + ?Sized>(headers: &'a H, name: &str) -> Option<&'a
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::table::{RoutesDoc, Weight};
+
+    /// A table with stable, canary at 5 % and the fields of `extra` (JSON, as `PUT /routes`).
+    pub(crate) fn table(extra: serde_json::Value) -> RouteTable {
+        let mut doc = serde_json::json!({
+            "stable": "http://127.0.0.1:1", "canary": "http://127.0.0.1:2", "canaryWeight": 5
+        });
+        for (k, v) in extra.as_object().unwrap() {
+            doc[k] = v.clone();
+        }
+        RouteTable::new(serde_json::from_value::<RoutesDoc>(doc).unwrap(), 1)
+    }
 
     #[test]
     fn preview_rules_reach_the_canary_at_weight_zero_and_nothing_without_one() {
@@ -211,16 +222,6 @@ mod tests {
             query: None,
         };
         assert_eq!(route(&t, &view, 0).version, Version::Stable);
-    }
-
-    fn table(extra: serde_json::Value) -> RouteTable {
-        let mut doc = serde_json::json!({
-            "stable": "http://127.0.0.1:1", "canary": "http://127.0.0.1:2", "canaryWeight": 5
-        });
-        for (k, v) in extra.as_object().unwrap() {
-            doc[k] = v.clone();
-        }
-        RouteTable::new(serde_json::from_value::<RoutesDoc>(doc).unwrap(), 1)
     }
 
     fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
