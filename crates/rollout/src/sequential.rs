@@ -32,6 +32,9 @@ pub struct Observation {
 pub struct SequentialPlan {
     pub alpha: f64,
     pub latency_tolerance: f64,
+    /// Plans saved before the floor existed compare ratios alone, as they did.
+    #[serde(default)]
+    pub latency_min_difference_ms: f64,
     pub quantiles: Vec<f64>,
 }
 
@@ -40,6 +43,7 @@ impl SequentialPlan {
         s.enabled.then(|| SequentialPlan {
             alpha: s.alpha,
             latency_tolerance: s.latency_tolerance,
+            latency_min_difference_ms: s.latency_min_difference.0.as_secs_f64() * 1000.0,
             quantiles: s.quantiles.clone(),
         })
     }
@@ -85,6 +89,7 @@ impl SequentialState {
             latency: LatencyTest::new(LatencyConfig {
                 alpha: half,
                 tolerance: plan.latency_tolerance,
+                min_difference_ms: plan.latency_min_difference_ms,
                 quantiles: plan.quantiles.clone(),
                 ..LatencyConfig::default()
             })
@@ -133,12 +138,14 @@ impl SequentialState {
                 .max_by(|a, b| a.ratio_lower.total_cmp(&b.ratio_lower))?;
             let ms = |v: Option<f64>| v.map_or("-".into(), |v| format!("{v:.1} ms"));
             return Some(format!(
-                "Sequential test: the canary is slower than stable at p{} ({} vs {}; at least {:.2}× with confidence, tolerance {:.0} %)",
+                "Sequential test: the canary is slower than stable at p{} ({} vs {}; at least {:.2}× and {} slower with confidence, tolerance {:.0} % and {})",
                 quantile_name(worst.quantile),
                 ms(worst.canary_ms),
                 ms(worst.stable_ms),
                 worst.ratio_lower,
+                ms(worst.difference_lower_ms),
                 100.0 * e.tolerance,
+                ms(Some(e.min_difference_ms)),
             ));
         }
         None

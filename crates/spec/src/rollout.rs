@@ -334,6 +334,10 @@ pub struct Sequential {
     /// regression.
     #[serde(default = "default_latency_tolerance")]
     pub latency_tolerance: f64,
+    /// And slower by more than this (default 1ms): below it, how a latency was measured
+    /// (a mirrored copy, a cold connection) matters as much as the version, and no user notices.
+    #[serde(default = "default_latency_min_difference")]
+    pub latency_min_difference: Dur,
     /// The latency quantiles compared.
     #[serde(default = "default_quantiles")]
     pub quantiles: Vec<f64>,
@@ -345,6 +349,7 @@ impl Default for Sequential {
             enabled: true,
             alpha: default_alpha(),
             latency_tolerance: default_latency_tolerance(),
+            latency_min_difference: default_latency_min_difference(),
             quantiles: default_quantiles(),
         }
     }
@@ -358,6 +363,9 @@ fn default_alpha() -> f64 {
 }
 fn default_latency_tolerance() -> f64 {
     0.1
+}
+fn default_latency_min_difference() -> Dur {
+    Dur(std::time::Duration::from_millis(1))
 }
 fn default_quantiles() -> Vec<f64> {
     vec![0.5, 0.95, 0.99]

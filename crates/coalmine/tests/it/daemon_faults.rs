@@ -381,13 +381,19 @@ async fn a_router_restarted_with_its_old_command_line_gets_the_promotion_back() 
     }
     let body = client().get(format!("http://{listen}/")).text_body().await;
     assert_eq!(body.trim(), "v2");
-    let messages = history_messages(&daemon, "checkout");
-    assert!(
-        messages
+    // The event is saved once the routes are back (the put-back restores what was recorded).
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let messages = history_messages(&daemon, "checkout");
+        if messages
             .iter()
-            .any(|m| m.contains("had lost this rollout's final routes")),
-        "{messages:#?}"
-    );
+            .any(|m| m.contains("had lost this rollout's final routes"))
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{messages:#?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     drop(again);
 }
 

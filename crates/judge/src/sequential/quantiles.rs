@@ -244,6 +244,11 @@ pub struct LatencyConfig {
     pub alpha: f64,
     /// Relative: 0.1 means "worse by more than 10 %".
     pub tolerance: f64,
+    /// Absolute, in milliseconds: a regression must also be slower by more than this. Below a
+    /// millisecond, the two versions' latencies differ by how they were measured (a mirrored
+    /// copy goes through another client than a user's request) as much as by the versions, and
+    /// no user notices; 0 compares ratios alone.
+    pub min_difference_ms: f64,
     /// The quantiles compared, each in (0, 1).
     pub quantiles: Vec<f64>,
     /// t_min: samples an arm needs before its band is used. At α = 0.01 the band is wider than
@@ -258,6 +263,7 @@ impl Default for LatencyConfig {
         LatencyConfig {
             alpha: 0.01,
             tolerance: 0.1,
+            min_difference_ms: 0.0,
             quantiles: vec![0.5, 0.95, 0.99],
             min_samples: 20,
             band_scale: DEFAULT_A,
@@ -284,7 +290,10 @@ pub struct QuantileEvidence {
     pub ratio_lower: f64,
     /// canary_upper / stable_lower: `None` when unbounded.
     pub ratio_upper: Option<f64>,
-    /// ratio_lower > 1 + tolerance.
+    /// canary_lower − stable_upper: how much slower, at least, with confidence (`None` when
+    /// either bound is missing).
+    pub difference_lower_ms: Option<f64>,
+    /// ratio_lower > 1 + tolerance and difference_lower_ms > min_difference_ms.
     pub regression: bool,
 }
 
@@ -294,6 +303,7 @@ pub struct QuantileEvidence {
 pub struct LatencyEvidence {
     pub alpha: f64,
     pub tolerance: f64,
+    pub min_difference_ms: f64,
     pub canary_samples: u64,
     pub stable_samples: u64,
     /// Band half-widths εₜ at α/2 (`None` below min_samples).
@@ -332,6 +342,12 @@ impl LatencyTest {
             return Err(ConfigError(format!(
                 "tolerance: must be a nonnegative number, got {}",
                 config.tolerance
+            )));
+        }
+        if !(config.min_difference_ms.is_finite() && config.min_difference_ms >= 0.0) {
+            return Err(ConfigError(format!(
+                "minDifferenceMs: must be a nonnegative number, got {}",
+                config.min_difference_ms
             )));
         }
         if config.quantiles.is_empty() {
@@ -423,18 +439,24 @@ impl LatencyTest {
         if ec.is_none() || es.is_none() {
             return false;
         }
-        let limit = 1.0 + self.config.tolerance;
         self.config.quantiles.iter().any(|&p| {
             let (lower, _) = self.canary.quantile_bounds(p, ec);
             let (_, upper) = self.stable.quantile_bounds(p, es);
-            ratio_lower(lower, upper) > limit
+            self.regression(lower, upper)
         })
+    }
+
+    /// Both bounds clear: slower by more than the relative tolerance and the absolute floor.
+    /// (Each only gets harder as the bands widen, so rejection stays monotone in C.)
+    fn regression(&self, canary_lower: Option<f64>, stable_upper: Option<f64>) -> bool {
+        ratio_lower(canary_lower, stable_upper) > 1.0 + self.config.tolerance
+            && difference_lower(canary_lower, stable_upper)
+                .is_some_and(|d| d > self.config.min_difference_ms)
     }
 
     /// Per-quantile bounds and the verdict at the configured α.
     pub fn evidence(&self) -> LatencyEvidence {
         let (ec, es) = self.epsilons(self.c_alpha);
-        let limit = 1.0 + self.config.tolerance;
         let quantiles = self
             .config
             .quantiles
@@ -457,17 +479,19 @@ impl LatencyTest {
                         _ => None,
                     },
                     ratio_lower: lower,
+                    difference_lower_ms: difference_lower(cl, su),
                     ratio_upper: match (cu, sl) {
                         (Some(u), Some(l)) if l > 0.0 => Some(u / l),
                         _ => None,
                     },
-                    regression: lower > limit,
+                    regression: self.regression(cl, su),
                 }
             })
             .collect();
         LatencyEvidence {
             alpha: self.config.alpha,
             tolerance: self.config.tolerance,
+            min_difference_ms: self.config.min_difference_ms,
             canary_samples: self.canary.count(),
             stable_samples: self.stable.count(),
             canary_epsilon: ec,
@@ -486,6 +510,10 @@ fn ratio_lower(canary_lower: Option<f64>, stable_upper: Option<f64>) -> f64 {
         (Some(l), Some(u)) if u > 0.0 => l / u,
         _ => 0.0,
     }
+}
+
+fn difference_lower(canary_lower: Option<f64>, stable_upper: Option<f64>) -> Option<f64> {
+    Some(canary_lower? - stable_upper?)
 }
 
 impl Default for LatencyTest {
