@@ -7,6 +7,7 @@ mod output;
 mod daemon_cmd;
 mod demo;
 mod loadtester;
+mod operator_cmd;
 mod proxy_cmd;
 mod rollout_cmd;
 mod simulate_cmd;
@@ -60,6 +61,8 @@ enum Command {
     Upstream(upstream::UpstreamArgs),
     /// Run Flagger's load-test webhook: `hey` commands from Canary webhooks, run natively
     Loadtester(loadtester::LoadtesterArgs),
+    /// Print Coalmine's Kubernetes custom resource definitions (`coalmine crd | kubectl apply -f -`)
+    Crd(operator_cmd::CrdArgs),
 }
 
 /// Input the user must fix: reported as such and exits 2.
@@ -98,6 +101,7 @@ fn main() -> ExitCode {
         Command::Upstream(args) => upstream::run(args).map(|()| ExitCode::SUCCESS),
         Command::Loadtester(args) => loadtester::run(args).map(|()| ExitCode::SUCCESS),
         Command::Check(args) => rollout_cmd::check(args),
+        Command::Crd(args) => operator_cmd::crd(args),
         Command::Convert(args) => rollout_cmd::convert(args),
         Command::Run(args) => rollout_cmd::run(args),
         Command::Simulate(args) => simulate_cmd::run(args),

@@ -12,6 +12,24 @@ use crate::Invalid;
 #[serde(try_from = "f64", into = "f64")]
 pub struct Weight(u32);
 
+/// In a CRD: the percentage as written, bounded as [`Weight::from_percent`] checks it.
+impl schemars::JsonSchema for Weight {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "Weight".into()
+    }
+    fn inline_schema() -> bool {
+        true
+    }
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({
+            "type": "number",
+            "minimum": 0,
+            "maximum": 100,
+            "description": "A percentage (0 to 100, at most two decimals)."
+        })
+    }
+}
+
 impl Weight {
     pub const ZERO: Weight = Weight(0);
     pub const FULL: Weight = Weight(10_000);

@@ -12,6 +12,23 @@ use serde::{Deserialize, Serialize};
 #[serde(try_from = "String", into = "String")]
 pub struct Dur(pub Duration);
 
+/// In a CRD: Go-style text, as Flagger's CRD writes its intervals.
+impl schemars::JsonSchema for Dur {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "Duration".into()
+    }
+    fn inline_schema() -> bool {
+        true
+    }
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({
+            "type": "string",
+            "pattern": r"^(([0-9]+(\.[0-9]*)?|\.[0-9]+)(ns|us|µs|ms|s|m|h))+$|^[0-9]+(\.[0-9]+)?$",
+            "description": "A duration: 500ms, 30s, 1m, 1h30m; a bare number is seconds."
+        })
+    }
+}
+
 /// Parses `1h`, `1m30s`, `250ms`, `1.5s`; a bare number is seconds.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let s = text.trim();

@@ -6,6 +6,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::duration::Dur;
@@ -122,7 +123,7 @@ fn optional_socket_address<'de, D: serde::Deserializer<'de>>(
 }
 
 /// An `http://host:port` address (a router's admin API, a webhook, an upstream).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(try_from = "String", into = "String")]
 pub struct HttpUrl(String);
 
@@ -262,7 +263,7 @@ impl From<Target> for RawTarget {
 }
 
 /// `spec.analysis`: Flagger's fields with Flagger's meanings, plus Coalmine's own.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Analysis {
     /// How often the analysis runs. No 10-second floor (Flagger has one).
@@ -321,7 +322,7 @@ pub struct Analysis {
 /// `analysis.sequential`: canary against stable, continuously, with sequential tests whose
 /// false-rollback rate stays below `alpha` however often they look. A rejection rolls back at
 /// once, between ticks.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Sequential {
     #[serde(default = "yes")]
@@ -394,7 +395,7 @@ fn is_default<T: Default + PartialEq>(v: &T) -> bool {
     *v == T::default()
 }
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum NoDataRule {
     #[default]
@@ -402,7 +403,7 @@ pub enum NoDataRule {
     Fail,
 }
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum FailureCounting {
     #[default]
@@ -412,7 +413,7 @@ pub enum FailureCounting {
 
 /// Flagger's HTTPMatchRequest as Coalmine's router can apply it: every header and query
 /// parameter listed must match. `sourceLabels` needs a mesh and is reported, not applied.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct HttpMatch {
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
@@ -423,7 +424,7 @@ pub struct HttpMatch {
     pub source_labels: BTreeMap<String, String>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "lowercase", deny_unknown_fields)]
 pub enum StringMatch {
     Exact(String),
@@ -440,7 +441,7 @@ fn regex_pattern<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Er
     Ok(pattern)
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct MetricCheck {
     pub name: String,
@@ -506,7 +507,7 @@ pub const BUILTINS: [&str; 3] = [
     BUILTIN_KAYENTA_SCORE,
 ];
 
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ThresholdRange {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -515,7 +516,7 @@ pub struct ThresholdRange {
     pub max: Option<f64>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TemplateRef {
     pub name: String,
@@ -523,7 +524,7 @@ pub struct TemplateRef {
     pub namespace: Option<String>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct AlertNotification {
     pub name: String,
@@ -532,7 +533,7 @@ pub struct AlertNotification {
     pub provider_ref: TemplateRef,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct SessionAffinity {
     pub cookie_name: String,
@@ -556,7 +557,7 @@ pub struct SessionAffinity {
     pub secure: Option<bool>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Webhook {
     pub name: String,
@@ -612,6 +613,21 @@ impl HookKind {
             HookKind::Rollback => "rollback",
             HookKind::Event => "event",
         }
+    }
+}
+
+/// In a CRD: one of the webhook type names (empty means `rollout`, as in Flagger).
+impl schemars::JsonSchema for HookKind {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "HookKind".into()
+    }
+    fn inline_schema() -> bool {
+        true
+    }
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        let mut names: Vec<&str> = vec![""];
+        names.extend(HookKind::ALL.iter().map(|k| k.as_str()));
+        schemars::json_schema!({ "type": "string", "enum": names })
     }
 }
 

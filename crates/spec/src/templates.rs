@@ -8,6 +8,7 @@
 
 use std::collections::BTreeMap;
 
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::duration::Dur;
@@ -34,7 +35,7 @@ pub struct MetricTemplateSpec {
     pub query: String,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Provider {
     /// `prometheus` or `web` (Coalmine). Flagger's other types parse but cannot run here.
@@ -45,11 +46,13 @@ pub struct Provider {
     pub address: Option<String>,
     /// Flagger writes each header's values as a list; a single string is read as one value.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(schema_with = "any_value_map")]
     pub headers: BTreeMap<String, HeaderValues>,
     #[serde(default, skip_serializing_if = "crate::rollout::is_false")]
     pub insecure_skip_verify: bool,
     /// Flagger's Kubernetes secret with credentials: there is no cluster to read it from here.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "any_object")]
     pub secret_ref: Option<serde_json::Value>,
     /// Coalmine: how long one query may take (default 5s); a slower answer fails the check.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -60,6 +63,18 @@ pub struct Provider {
     /// Coalmine, `web` only: the POST body (placeholders allowed).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub body: Option<String>,
+}
+
+/// A CRD's schema must be structural: a value that is a string or a list is kept as written.
+fn any_value_map(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({
+        "type": "object",
+        "additionalProperties": { "x-kubernetes-preserve-unknown-fields": true }
+    })
+}
+
+fn any_object(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({ "type": "object", "x-kubernetes-preserve-unknown-fields": true })
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -78,7 +93,7 @@ impl HeaderValues {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "UPPERCASE")]
 pub enum WebMethod {
     Get,

@@ -1,0 +1,142 @@
+//! `coalmine.dev/v1alpha1` `Rollout`: what a Flagger `Canary` says (the workload, its service,
+//! the provider, the analysis), with Coalmine's whole analysis — the sequential judges, `noData`,
+//! `failureCounting`, `rollbackOnAlerts` — which a Canary cannot carry: Flagger's CRD prunes
+//! fields it does not declare.
+
+use coalmine_spec::rollout::Analysis;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::{CustomResource, CustomResourceExt};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::status::RolloutStatus;
+
+// Each printcolumn repeats `type_ = ...`: clippy reads the columns as one attribute list.
+#[allow(clippy::duplicated_attributes)]
+#[derive(CustomResource, Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[kube(
+    group = "coalmine.dev",
+    version = "v1alpha1",
+    kind = "Rollout",
+    namespaced,
+    status = "RolloutStatus",
+    shortname = "cmro",
+    category = "coalmine",
+    doc = "A canary release of a Deployment or DaemonSet, judged by Coalmine: Flagger's Canary fields with Coalmine's analysis.",
+    printcolumn(name = "Status", type_ = "string", json_path = ".status.phase"),
+    printcolumn(name = "Weight", type_ = "number", json_path = ".status.canaryWeight"),
+    printcolumn(
+        name = "FailedChecks",
+        type_ = "integer",
+        json_path = ".status.failedChecks",
+        priority = "1"
+    ),
+    printcolumn(
+        name = "Interval",
+        type_ = "string",
+        json_path = ".spec.analysis.interval",
+        priority = "1"
+    ),
+    printcolumn(
+        name = "LastTransitionTime",
+        type_ = "string",
+        json_path = ".status.lastTransitionTime"
+    )
+)]
+#[serde(rename_all = "camelCase")]
+pub struct RolloutSpec {
+    /// The workload whose new versions are rolled out; it stays the user's (Coalmine runs a
+    /// `<name>-primary` copy of it), as with Flagger's `targetRef`.
+    pub target_ref: WorkloadRef,
+    /// Its HorizontalPodAutoscaler (autoscaling/v2): the primary gets a copy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub autoscaler_ref: Option<WorkloadRef>,
+    /// The Services Coalmine creates: `<name>`, `<name>-primary`, `<name>-canary`.
+    pub service: ServicePort,
+    /// How traffic is split between the versions.
+    #[serde(default)]
+    pub provider: TrafficProvider,
+    /// Provider `coalmine`: the Service in front of the Coalmine routers, and their admin port.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub routers: Option<RoutersRef>,
+    /// The Prometheus that inline `query` checks use (Flagger's `metricsServer`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics_server: Option<String>,
+    /// How long a workload may take to become ready before the run fails (default 600).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress_deadline_seconds: Option<u32>,
+    /// Promote as soon as the canary is ready, without analysis.
+    #[serde(default)]
+    pub skip_analysis: bool,
+    /// Freeze the rollout where it is (no ticks, no changes).
+    #[serde(default)]
+    pub suspend: bool,
+    /// On deletion, route everything back to the target and scale it up again.
+    #[serde(default)]
+    pub revert_on_deletion: bool,
+    pub analysis: Analysis,
+}
+
+/// A workload or autoscaler in the Rollout's namespace.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkloadRef {
+    /// `apps/v1` (Deployment, DaemonSet) or `autoscaling/v2` (HorizontalPodAutoscaler).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_version: Option<String>,
+    pub kind: String,
+    pub name: String,
+}
+
+/// The port the Services expose, as in Flagger's `service`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ServicePort {
+    /// The apex Service's name (default: the target's name).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    pub port: u16,
+    /// The container port: a number or a named port (default: `port`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_port: Option<k8s_openapi::apimachinery::pkg::util::intstr::IntOrString>,
+    /// The Service port's name (default `http`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port_name: Option<String>,
+}
+
+/// How traffic reaches the versions.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum TrafficProvider {
+    /// The apex Service selects both versions; the weight is the canary's share of replicas.
+    #[default]
+    Kubernetes,
+    /// Coalmine routers in the cluster, driven through their admin API.
+    Coalmine,
+}
+
+/// Where the Coalmine routers' admin APIs are: a Service in the Rollout's namespace.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RoutersRef {
+    pub service: String,
+    /// The admin port (default 9090).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub admin_port: Option<u16>,
+}
+
+/// Coalmine's CRDs, as the API server takes them.
+pub fn crds() -> Vec<CustomResourceDefinition> {
+    vec![Rollout::crd()]
+}
+
+/// [`crds`] as a YAML stream (what `coalmine crd` prints and `deploy/kubernetes/` holds).
+pub fn crds_yaml() -> String {
+    crds()
+        .iter()
+        .map(|crd| {
+            let text = serde_saphyr::to_string(crd).expect("a CRD serializes");
+            format!("---\n{text}")
+        })
+        .collect()
+}
