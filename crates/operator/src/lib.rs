@@ -11,3 +11,4 @@
 
 pub mod crd;
 pub mod status;
+pub mod workload;
