@@ -10,5 +10,6 @@
 //! CRD committed under `deploy/kubernetes/` is their output, kept equal by a test.
 
 pub mod crd;
+pub mod flagger;
 pub mod status;
 pub mod workload;

@@ -1,0 +1,101 @@
+//! Flagger's resources (`flagger.app/v1beta1` `Canary`, `MetricTemplate`, `AlertProvider`) as
+//! the operator watches them.
+//!
+//! The spec is kept as the API server returned it and read into Coalmine's types per object, in
+//! reconcile: a Canary Coalmine cannot run (the CRD allows it, Coalmine cannot act on it) then
+//! gets a condition and an Event naming the field, while the watch — which every other Canary
+//! shares — never fails to decode. The CRDs themselves are Flagger's (`deploy/kubernetes/crds/`).
+
+use std::borrow::Cow;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::NamespaceResourceScope;
+use serde::{Deserialize, Serialize};
+
+use crate::status::CanaryStatus;
+
+pub const GROUP: &str = "flagger.app";
+pub const VERSION: &str = "v1beta1";
+
+/// Declares one Flagger kind: its metadata, the spec as written and (for a Canary) its status.
+macro_rules! flagger_resource {
+    ($name:ident, $kind:literal, $plural:literal, $status:ty) => {
+        #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+        pub struct $name {
+            pub metadata: ObjectMeta,
+            #[serde(default)]
+            pub spec: serde_json::Value,
+            #[serde(default, skip_serializing_if = "Option::is_none")]
+            pub status: Option<$status>,
+        }
+
+        impl kube::Resource for $name {
+            type DynamicType = ();
+            type Scope = NamespaceResourceScope;
+
+            fn kind(_: &()) -> Cow<'_, str> {
+                $kind.into()
+            }
+            fn group(_: &()) -> Cow<'_, str> {
+                GROUP.into()
+            }
+            fn version(_: &()) -> Cow<'_, str> {
+                VERSION.into()
+            }
+            fn plural(_: &()) -> Cow<'_, str> {
+                $plural.into()
+            }
+            fn meta(&self) -> &ObjectMeta {
+                &self.metadata
+            }
+            fn meta_mut(&mut self) -> &mut ObjectMeta {
+                &mut self.metadata
+            }
+        }
+    };
+}
+
+flagger_resource!(Canary, "Canary", "canaries", CanaryStatus);
+flagger_resource!(
+    MetricTemplate,
+    "MetricTemplate",
+    "metrictemplates",
+    serde_json::Value
+);
+flagger_resource!(
+    AlertProvider,
+    "AlertProvider",
+    "alertproviders",
+    serde_json::Value
+);
+
+impl Canary {
+    /// The spec read as Coalmine reads a Canary file, or the first field it cannot use: a
+    /// value of the wrong shape, or fields that do not go together (`stepWeights` that fall).
+    pub fn read_spec(&self) -> Result<coalmine_spec::flagger::CanarySpec, SpecFieldError> {
+        let spec: coalmine_spec::flagger::CanarySpec = serde_path_to_error::deserialize(&self.spec)
+            .map_err(|e| {
+                let path = e.path().to_string();
+                SpecFieldError {
+                    field: if path == "." {
+                        "spec".into()
+                    } else {
+                        format!("spec.{path}")
+                    },
+                    message: e.inner().to_string(),
+                }
+            })?;
+        coalmine_spec::documents::check_analysis(&spec.analysis, "spec.analysis")
+            .map_err(|(field, message)| SpecFieldError { field, message })?;
+        Ok(spec)
+    }
+}
+
+/// A field of a resource's spec that Coalmine cannot act on.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {message}")]
+pub struct SpecFieldError {
+    /// The field's path, `spec.analysis.metrics[0].templateRef`.
+    pub field: String,
+    pub message: String,
+}

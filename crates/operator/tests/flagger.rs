@@ -1,0 +1,43 @@
+//! Flagger's Canary as the operator reads it from the API server: the seed's reads; one Coalmine
+//! cannot run is refused with the field's path, not with a failed watch.
+
+use coalmine_operator::flagger::Canary;
+
+const SEED: &str = include_str!("fixtures/flagger-payment-service.yaml");
+
+fn canary(edit: impl FnOnce(&mut serde_json::Value)) -> Canary {
+    let mut object: serde_json::Value = serde_saphyr::from_str(SEED).unwrap();
+    edit(&mut object);
+    serde_json::from_value(object).unwrap()
+}
+
+#[test]
+fn the_seeds_canary_reads() {
+    let spec = canary(|_| {}).read_spec().unwrap();
+    assert_eq!(spec.target_ref.name, "payment-service");
+    assert_eq!(spec.analysis.threshold, Some(3));
+    assert_eq!(spec.analysis.metrics.len(), 2);
+    assert_eq!(spec.analysis.webhooks[0].name, "load-test");
+}
+
+#[test]
+fn a_canary_coalmine_cannot_run_names_the_field() {
+    let err = canary(|o| o["spec"]["analysis"]["threshold"] = "three".into())
+        .read_spec()
+        .unwrap_err();
+    assert_eq!(err.field, "spec.analysis.threshold", "{err}");
+    let err = canary(|o| {
+        o["spec"]["analysis"]["stepWeight"] = serde_json::Value::Null;
+        o["spec"]["analysis"]["maxWeight"] = serde_json::Value::Null;
+        o["spec"]["analysis"]["stepWeights"] = serde_json::json!([10, 5]);
+    })
+    .read_spec()
+    .unwrap_err();
+    assert_eq!(err.field, "spec.analysis.stepWeights[1]", "{err}");
+    assert!(err.message.contains("must rise"), "{err}");
+    let err = canary(|o| o["spec"]["targetRef"] = serde_json::json!({"kind": "Deployment"}))
+        .read_spec()
+        .unwrap_err();
+    assert_eq!(err.field, "spec.targetRef", "{err}");
+    assert!(err.message.contains("name"), "{err}");
+}
