@@ -11,5 +11,6 @@
 
 pub mod crd;
 pub mod flagger;
+pub mod leader;
 pub mod status;
 pub mod workload;
