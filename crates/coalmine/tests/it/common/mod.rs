@@ -372,6 +372,54 @@ pub fn messages(run: &RunResult) -> Vec<String> {
         .collect()
 }
 
+/// The canary weights a run advanced to, in order.
+pub fn canary_weights(run: &RunResult) -> Vec<f64> {
+    run.lines
+        .iter()
+        .filter(|l| {
+            l["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("Advance canary weight"))
+        })
+        .map(|l| l["canaryWeight"].as_f64().unwrap())
+        .collect()
+}
+
+/// The text of the `/metrics` page under `base`.
+pub async fn metrics_text(base: &str) -> String {
+    client().get(format!("{base}/metrics")).text_body().await
+}
+
+/// A self-signed certificate for `localhost` and its key, written to a scratch directory for a
+/// router to serve TLS with.
+pub struct SelfSigned {
+    pub certified: rcgen::CertifiedKey<rcgen::KeyPair>,
+    cert_path: String,
+    key_path: String,
+    _dir: TempDir,
+}
+
+pub fn self_signed(test: &str) -> SelfSigned {
+    let certified = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    let dir = TempDir::new(test);
+    let path = |name: &str, text: &str| dir.write(name, text).to_string_lossy().into_owned();
+    let cert_path = path("cert.pem", &certified.cert.pem());
+    let key_path = path("key.pem", &certified.signing_key.serialize_pem());
+    SelfSigned {
+        certified,
+        cert_path,
+        key_path,
+        _dir: dir,
+    }
+}
+
+impl SelfSigned {
+    /// `--tls-cert` and `--tls-key` for a router.
+    pub fn router_flags(&self) -> [&str; 4] {
+        ["--tls-cert", &self.cert_path, "--tls-key", &self.key_path]
+    }
+}
+
 /// A fresh directory under the system temp dir, removed (recursively) on drop.
 pub struct TempDir {
     pub path: PathBuf,
