@@ -229,20 +229,35 @@ pub fn rollout_yaml(
     canary: &Upstream,
     analysis: &str,
 ) -> String {
+    rollout_yaml_at(name, [&router.admin, &stable.url, &canary.url], analysis)
+}
+
+/// [`rollout_yaml`] at addresses given as text: `[router admin, stable URL, canary URL]`.
+pub fn rollout_yaml_at(name: &str, [router, stable, canary]: [&str; 3], analysis: &str) -> String {
     format!(
         "apiVersion: coalmine.dev/v1alpha1
 kind: Rollout
 metadata:
   name: {name}
 spec:
-  routers: [{}]
-  stable: {{url: {}}}
-  canary: {{url: {}}}
+  routers: [{router}]
+  stable: {{url: {stable}}}
+  canary: {{url: {canary}}}
   analysis:
-{analysis}",
-        router.admin, stable.url, canary.url
+{analysis}"
     )
 }
+
+/// Placement flags at addresses nothing needs to listen on, for commands that refuse or
+/// convert a Canary before reaching its routers and versions.
+pub const IDLE_PLACEMENT: [&str; 6] = [
+    "--router",
+    "http://127.0.0.1:9901",
+    "--stable",
+    "http://127.0.0.1:9001",
+    "--canary",
+    "http://127.0.0.1:9002",
+];
 
 /// A rollout document in a scratch directory of its own, removed when dropped; derefs to its
 /// path.
