@@ -4,34 +4,19 @@
 
 use crate::common;
 
-use std::io::Write;
 use std::process::{Command, Stdio};
 
 use common::*;
 
 /// Runs the binary; returns (exit code, stdout, stderr).
 fn coalmine(args: &[&str], stdin: Option<&str>) -> (i32, String, String) {
-    let mut child = Command::new(BIN)
-        .args(args)
-        .env("COALMINE_LOG", "warn")
-        .stdin(if stdin.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    if let Some(text) = stdin {
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(text.as_bytes())
-            .unwrap();
+    let mut command = Command::new(BIN);
+    command.args(args).env("COALMINE_LOG", "warn");
+    let out = match stdin {
+        Some(text) => output_with_stdin(&mut command, text.as_bytes()),
+        None => command.stdin(Stdio::null()).output(),
     }
-    let out = child.wait_with_output().unwrap();
+    .unwrap();
     (
         out.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&out.stdout).into_owned(),

@@ -7,13 +7,7 @@ use std::process::Command;
 use common::*;
 
 fn run(args: &[&str]) -> (i32, String) {
-    let out = Command::new(BIN).args(args).output().unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.code().unwrap_or(-1), text)
+    code_and_printed(&Command::new(BIN).args(args).output().unwrap())
 }
 
 /// A proxy config file in a scratch directory (removed with the returned `TempDir`).

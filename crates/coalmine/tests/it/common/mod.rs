@@ -9,10 +9,10 @@ pub mod stub;
 pub mod tinydisk;
 
 use std::fs;
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Write};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -433,6 +433,31 @@ impl SelfSigned {
     pub fn router_flags(&self) -> [&str; 4] {
         ["--tls-cert", &self.cert_path, "--tls-key", &self.key_path]
     }
+}
+
+/// What a finished command printed: its stdout, then its stderr.
+pub fn printed(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// A finished command's exit code (-1 when a signal ended it) and what it printed.
+pub fn code_and_printed(out: &Output) -> (i32, String) {
+    (out.status.code().unwrap_or(-1), printed(out))
+}
+
+/// Runs `command` with `input` on its stdin, keeping what it prints.
+pub fn output_with_stdin(command: &mut Command, input: &[u8]) -> std::io::Result<Output> {
+    let mut child = command
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    child.stdin.take().unwrap().write_all(input)?;
+    child.wait_with_output()
 }
 
 /// A fresh directory under the system temp dir, removed (recursively) on drop.
