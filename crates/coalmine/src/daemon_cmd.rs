@@ -329,46 +329,40 @@ pub struct CommandArgs {
     pub api: ApiArgs,
 }
 
+impl CommandArgs {
+    /// `method` on the daemon's `/api/v1/rollouts/NAME` followed by `then`; the answer.
+    fn call(&self, method: reqwest::Method, then: &str) -> anyhow::Result<serde_json::Value> {
+        let path = format!("/api/v1/rollouts/{}{then}", self.name);
+        Client::new(&self.api)?.call(method, &path, None)
+    }
+
+    /// Shows the daemon's answer to an action: as it is, or as `NAME: done`.
+    fn report(&self, answer: &serde_json::Value, done: &str) -> ExitCode {
+        match self.api.output {
+            OutputFormat::Json => outln!("{answer}"),
+            OutputFormat::Text => outln!("{}: {done}", self.name),
+        }
+        ExitCode::SUCCESS
+    }
+}
+
 /// Forgets a finished rollout on the daemon.
 pub fn delete(args: CommandArgs) -> anyhow::Result<ExitCode> {
-    let client = Client::new(&args.api)?;
-    let result = client.call(
-        reqwest::Method::DELETE,
-        &format!("/api/v1/rollouts/{}", args.name),
-        None,
-    )?;
-    match args.api.output {
-        OutputFormat::Json => outln!("{result}"),
-        OutputFormat::Text => outln!(
-            "{}: deleted (its routers stay as it left them, and nothing keeps them now)",
-            args.name
-        ),
-    }
-    Ok(ExitCode::SUCCESS)
+    let answer = args.call(reqwest::Method::DELETE, "")?;
+    Ok(args.report(
+        &answer,
+        "deleted (its routers stay as it left them, and nothing keeps them now)",
+    ))
 }
 
 /// `promote`, `abort`, `pause`, `resume`.
 pub fn command(verb: &str, args: CommandArgs) -> anyhow::Result<ExitCode> {
-    let client = Client::new(&args.api)?;
-    let result = client.call(
-        reqwest::Method::POST,
-        &format!("/api/v1/rollouts/{}/{verb}", args.name),
-        None,
-    )?;
-    match args.api.output {
-        OutputFormat::Json => outln!("{result}"),
-        OutputFormat::Text => outln!("{}: {verb} sent", args.name),
-    }
-    Ok(ExitCode::SUCCESS)
+    let answer = args.call(reqwest::Method::POST, &format!("/{verb}"))?;
+    Ok(args.report(&answer, &format!("{verb} sent")))
 }
 
 pub fn history(args: CommandArgs) -> anyhow::Result<ExitCode> {
-    let client = Client::new(&args.api)?;
-    let events = client.call(
-        reqwest::Method::GET,
-        &format!("/api/v1/rollouts/{}/history", args.name),
-        None,
-    )?;
+    let events = args.call(reqwest::Method::GET, "/history")?;
     for e in events.as_array().into_iter().flatten() {
         if crate::output::stdout_closed() {
             break;

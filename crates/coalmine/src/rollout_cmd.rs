@@ -345,49 +345,10 @@ pub fn pick<'a>(set: &'a DocumentSet, name: Option<&str>) -> anyhow::Result<&'a 
     Ok(&chosen.doc)
 }
 
-/// The rollout a command runs: a Rollout as written, a Canary placed by its Placement document
-/// or the flags.
-fn pick_rollout(
-    set: &DocumentSet,
-    name: Option<&str>,
-    placement: &PlacementArgs,
-) -> anyhow::Result<Rollout> {
-    let chosen = pick(set, name)?.name().to_string();
-    let flags = placement.placement()?;
-    let placed = set
-        .placed_rollouts(flags.as_ref())
-        .map_err(|e| BadInput(e.to_string()))?;
-    Ok(placed
-        .into_iter()
-        .find(|r| r.metadata.name == chosen)
-        .expect("every rollout of the files is placed"))
-}
-
+/// The one rollout `convert` and `run` act on: the files, `--name` among them, and where a
+/// Canary's traffic goes. Each command gives `files` its own help.
 #[derive(Args, Debug)]
-pub struct ConvertArgs {
-    /// A file with a Flagger Canary, and files with the MetricTemplates it uses (their queries
-    /// are written into the Rollout); directories (their *.yaml and *.yml files) and - for
-    /// stdin work too
-    #[arg(required = true)]
-    pub files: Vec<String>,
-    #[arg(long)]
-    pub name: Option<String>,
-    #[command(flatten)]
-    pub placement: PlacementArgs,
-}
-
-pub fn convert(args: ConvertArgs) -> anyhow::Result<ExitCode> {
-    let set = load(&args.files)?;
-    let rollout = pick_rollout(&set, args.name.as_deref(), &args.placement)?;
-    crate::output::text(&serde_saphyr::to_string(&rollout)?);
-    Ok(ExitCode::SUCCESS)
-}
-
-#[derive(Args, Debug)]
-pub struct RunArgs {
-    /// A file with the Rollout (or a Flagger Canary plus --router/--stable/--canary), and files
-    /// with the MetricTemplates its metrics refer to; directories (their *.yaml and *.yml
-    /// files) and - for stdin work too
+pub struct RolloutChoice {
     #[arg(required = true)]
     pub files: Vec<String>,
     /// Which rollout, when the file has several
@@ -395,18 +356,63 @@ pub struct RunArgs {
     pub name: Option<String>,
     #[command(flatten)]
     pub placement: PlacementArgs,
+}
+
+impl RolloutChoice {
+    /// The rollout to act on: a Rollout as written, a Canary placed by its Placement document
+    /// or the flags.
+    fn pick(&self, set: &DocumentSet) -> anyhow::Result<Rollout> {
+        let chosen = pick(set, self.name.as_deref())?.name().to_string();
+        let flags = self.placement.placement()?;
+        let placed = set
+            .placed_rollouts(flags.as_ref())
+            .map_err(|e| BadInput(e.to_string()))?;
+        Ok(placed
+            .into_iter()
+            .find(|r| r.metadata.name == chosen)
+            .expect("every rollout of the files is placed"))
+    }
+}
+
+#[derive(Args, Debug)]
+#[command(mut_arg("files", |a| a.help(
+    "A file with a Flagger Canary, and files with the MetricTemplates it uses (their queries \
+     are written into the Rollout); directories (their *.yaml and *.yml files) and - for \
+     stdin work too"
+)))]
+pub struct ConvertArgs {
+    #[command(flatten)]
+    pub rollout: RolloutChoice,
+}
+
+pub fn convert(args: ConvertArgs) -> anyhow::Result<ExitCode> {
+    let set = load(&args.rollout.files)?;
+    let rollout = args.rollout.pick(&set)?;
+    crate::output::text(&serde_saphyr::to_string(&rollout)?);
+    Ok(ExitCode::SUCCESS)
+}
+
+#[derive(Args, Debug)]
+#[command(mut_arg("files", |a| a.help(
+    "A file with the Rollout (or a Flagger Canary plus --router/--stable/--canary), and files \
+     with the MetricTemplates its metrics refer to; directories (their *.yaml and *.yml \
+     files) and - for stdin work too"
+)))]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub rollout: RolloutChoice,
     /// `json`: one JSON object per event, then the final status
     #[arg(long, value_enum, default_value_t)]
     pub output: OutputFormat,
 }
 
 pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
-    let set = load(&args.files)?;
+    let set = load(&args.rollout.files)?;
     let missing = set.missing_templates();
     if !missing.is_empty() {
         return Err(spec_errors(missing));
     }
-    let rollout = pick_rollout(&set, args.name.as_deref(), &args.placement)?;
+    let rollout = args.rollout.pick(&set)?;
     let controller = format!(
         "coalmine run, pid {} on {}",
         std::process::id(),
@@ -415,7 +421,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let owner = owner(&rollout.metadata.name, &controller);
     let mut driver = Seams::open(&rollout, Runner::Run, &owner)
         .and_then(|seams| Driver::new(&rollout, None, seams))
-        .map_err(|e| BadInput(format!("{}: {e}", args.files[0])))?;
+        .map_err(|e| BadInput(format!("{}: {e}", args.rollout.files[0])))?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;

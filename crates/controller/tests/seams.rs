@@ -189,16 +189,34 @@ fn seams(traffic: &Arc<FakeTraffic>, canary_failures_per_mille: u64) -> Seams {
     }
 }
 
+/// A rollout (see [`rollout`]) before its start: its fake traffic backend and its store, both
+/// empty.
+fn start(sequential: bool) -> (Rollout, Arc<FakeTraffic>, FakeStore) {
+    (
+        rollout(sequential),
+        Arc::new(FakeTraffic::default()),
+        FakeStore::default(),
+    )
+}
+
 /// How often `message` was said.
 fn count(events: &[String], message: &str) -> usize {
     events.iter().filter(|e| *e == message).count()
 }
 
+/// The traffic changes of a promotion of [`rollout`], each made once.
+const PROMOTION_TRAFFIC: [&str; 6] = [
+    "stable only",
+    "canary 0%",
+    "canary 10%",
+    "canary 20%",
+    "canary 50%",
+    "promoted",
+];
+
 #[tokio::test(start_paused = true)]
 async fn a_healthy_canary_is_promoted_through_the_seams_on_flaggers_timeline() {
-    let rollout = rollout(true);
-    let traffic = Arc::new(FakeTraffic::default());
-    let mut store = FakeStore::default();
+    let (rollout, traffic, mut store) = start(true);
     let mut driver = Driver::new(&rollout, None, seams(&traffic, 0)).expect("no routers needed");
     driver.claim().await.unwrap();
     let (_control, inputs) = mpsc::channel(1);
@@ -207,17 +225,7 @@ async fn a_healthy_canary_is_promoted_through_the_seams_on_flaggers_timeline() {
 
     assert_eq!(outcome, Outcome::Promoted);
     assert!(driver.settled());
-    assert_eq!(
-        traffic.changes(),
-        [
-            "stable only",
-            "canary 0%",
-            "canary 10%",
-            "canary 20%",
-            "canary 50%",
-            "promoted"
-        ]
-    );
+    assert_eq!(traffic.changes(), PROMOTION_TRAFFIC);
     let status = driver.status();
     assert_eq!(status.phase, Phase::Succeeded);
     // T0 initialise, T1..T3 10, 20 and 50 %, T4 promoting, T5 finalising, T6 succeeded.
@@ -229,9 +237,7 @@ async fn a_healthy_canary_is_promoted_through_the_seams_on_flaggers_timeline() {
 
 #[tokio::test(start_paused = true)]
 async fn a_failing_canary_is_rolled_back_by_its_threshold_checks() {
-    let rollout = rollout(false);
-    let traffic = Arc::new(FakeTraffic::default());
-    let mut store = FakeStore::default();
+    let (rollout, traffic, mut store) = start(false);
     let mut driver = Driver::new(&rollout, None, seams(&traffic, 200)).unwrap();
     let (_control, inputs) = mpsc::channel(1);
 
@@ -258,9 +264,7 @@ async fn a_failing_canary_is_rolled_back_by_its_threshold_checks() {
 
 #[tokio::test(start_paused = true)]
 async fn a_driver_dropped_mid_rollout_resumes_from_its_store_at_the_same_step() {
-    let rollout = rollout(true);
-    let traffic = Arc::new(FakeTraffic::default());
-    let mut store = FakeStore::default();
+    let (rollout, traffic, mut store) = start(true);
 
     // The controller dies two and a half minutes in: at 20 %, between two ticks.
     let mut first = Driver::new(&rollout, None, seams(&traffic, 0)).unwrap();
@@ -288,17 +292,7 @@ async fn a_driver_dropped_mid_rollout_resumes_from_its_store_at_the_same_step() 
     assert_eq!(resumed.started_ms, saved.started_ms);
     assert!(resumed.canary_weight >= saved.canary_weight, "{resumed:?}");
     // Nothing was done twice: every traffic change and every event happened once.
-    assert_eq!(
-        traffic.changes(),
-        [
-            "stable only",
-            "canary 0%",
-            "canary 10%",
-            "canary 20%",
-            "canary 50%",
-            "promoted"
-        ]
-    );
+    assert_eq!(traffic.changes(), PROMOTION_TRAFFIC);
     let events = store.events();
     for message in [
         "Initialization done",

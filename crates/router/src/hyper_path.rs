@@ -37,13 +37,87 @@ use crate::worker::{ClientInfo, Connection, ProxyOptions, Worker};
 // ---------------------------------------------------------------------------------------------
 // Bodies
 
+/// A body relayed through hyper's path: a hyper [`Incoming`] streamed through `S`, which sees
+/// every poll, or bytes already at hand.
+pub enum Relayed<S> {
+    Streamed(S),
+    Full(Option<Bytes>),
+}
+
+/// What polling a body for its next frame gives.
+type PolledFrame = Poll<Option<Result<Frame<Bytes>, hyper::Error>>>;
+
+/// An [`Incoming`] body with something watching it as it is polled.
+pub trait WatchedIncoming: Unpin {
+    fn incoming(&self) -> &Incoming;
+    fn poll_watched(&mut self, cx: &mut Context<'_>) -> PolledFrame;
+}
+
+impl<S: WatchedIncoming> Body for Relayed<S> {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> PolledFrame {
+        match self.get_mut() {
+            Relayed::Streamed(s) => s.poll_watched(cx),
+            Relayed::Full(b) => Poll::Ready(b.take().map(|d| Ok(Frame::data(d)))),
+        }
+    }
+    fn is_end_stream(&self) -> bool {
+        match self {
+            Relayed::Streamed(s) => s.incoming().is_end_stream(),
+            Relayed::Full(b) => b.is_none(),
+        }
+    }
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            Relayed::Streamed(s) => s.incoming().size_hint(),
+            Relayed::Full(Some(b)) => SizeHint::with_exact(b.len() as u64),
+            Relayed::Full(None) => SizeHint::with_exact(0),
+        }
+    }
+}
+
 /// The body sent upstream: the client's own, streamed (with its progress watched), or nothing.
-pub enum UpstreamBody {
-    Client {
-        body: Incoming,
-        progress: Arc<BodyProgress>,
-    },
-    Empty,
+pub type UpstreamBody = Relayed<ClientUpload>;
+
+/// The client's request body on its way upstream.
+pub struct ClientUpload {
+    body: Incoming,
+    progress: Arc<BodyProgress>,
+}
+
+impl UpstreamBody {
+    /// The client's body to send upstream, and its progress; nothing for a body that has
+    /// already ended.
+    fn from_client(body: Incoming) -> (Self, Option<Arc<BodyProgress>>) {
+        if body.is_end_stream() {
+            return (Relayed::Full(None), None);
+        }
+        let progress = BodyProgress::new();
+        let upload = ClientUpload {
+            body,
+            progress: progress.clone(),
+        };
+        (Relayed::Streamed(upload), Some(progress))
+    }
+}
+
+impl WatchedIncoming for ClientUpload {
+    fn incoming(&self) -> &Incoming {
+        &self.body
+    }
+
+    fn poll_watched(&mut self, cx: &mut Context<'_>) -> PolledFrame {
+        let polled = Pin::new(&mut self.body).poll_frame(cx);
+        self.progress.set(match &polled {
+            Poll::Pending => WAITING_FOR_CLIENT,
+            Poll::Ready(None) => SENT,
+            Poll::Ready(Some(_)) if self.body.is_end_stream() => SENT,
+            Poll::Ready(Some(_)) => WAITING_FOR_UPSTREAM,
+        });
+        polled
+    }
 }
 
 /// How far a streamed request body has got, so the upstream is timed from the end of the
@@ -106,42 +180,6 @@ impl BodyProgress {
     }
 }
 
-impl Body for UpstreamBody {
-    type Data = Bytes;
-    type Error = hyper::Error;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        match self.get_mut() {
-            UpstreamBody::Client { body, progress } => {
-                let polled = Pin::new(&mut *body).poll_frame(cx);
-                progress.set(match &polled {
-                    Poll::Pending => WAITING_FOR_CLIENT,
-                    Poll::Ready(None) => SENT,
-                    Poll::Ready(Some(_)) if body.is_end_stream() => SENT,
-                    Poll::Ready(Some(_)) => WAITING_FOR_UPSTREAM,
-                });
-                polled
-            }
-            UpstreamBody::Empty => Poll::Ready(None),
-        }
-    }
-    fn is_end_stream(&self) -> bool {
-        match self {
-            UpstreamBody::Client { body, .. } => body.is_end_stream(),
-            UpstreamBody::Empty => true,
-        }
-    }
-    fn size_hint(&self) -> SizeHint {
-        match self {
-            UpstreamBody::Client { body, .. } => body.size_hint(),
-            UpstreamBody::Empty => SizeHint::with_exact(0),
-        }
-    }
-}
-
 /// An answer to count once its body has passed: the client may yet see it break off.
 pub struct PendingRecord {
     recorder: Arc<Recorder>,
@@ -165,24 +203,24 @@ impl PendingRecord {
     }
 }
 
-/// The body sent to the client: the upstream's, streamed, holding its pooled connection until
+/// The body sent to the client: the upstream's, streamed, or a text of the router's own.
+pub type ClientBody = Relayed<UpstreamAnswer>;
+
+/// The upstream's answer body on its way to the client, holding its pooled connection until
 /// the last byte so the connection goes back to the pool only when it is free again, and
 /// counting the answer when it ends.
-pub enum ClientBody {
-    Upstream {
-        body: Incoming,
-        conn: Option<PooledConn>,
-        record: Option<PendingRecord>,
-        /// Armed while waiting for the upstream's next frame.
-        stall: Option<crate::timer::Sleep>,
-        stall_limit: Duration,
-    },
-    Full(Option<Bytes>),
+pub struct UpstreamAnswer {
+    body: Incoming,
+    conn: Option<PooledConn>,
+    record: Option<PendingRecord>,
+    /// Armed while waiting for the upstream's next frame.
+    stall: Option<crate::timer::Sleep>,
+    stall_limit: Duration,
 }
 
 impl ClientBody {
     pub fn text(s: impl Into<Bytes>) -> Self {
-        ClientBody::Full(Some(s.into()))
+        Relayed::Full(Some(s.into()))
     }
 
     pub(crate) fn upstream(
@@ -191,112 +229,86 @@ impl ClientBody {
         record: Option<PendingRecord>,
         stall_limit: Duration,
     ) -> Self {
-        ClientBody::Upstream {
+        Relayed::Streamed(UpstreamAnswer {
             body,
             conn,
             record,
             stall: None,
             stall_limit,
-        }
+        })
     }
 }
 
-impl Body for ClientBody {
-    type Data = Bytes;
-    type Error = hyper::Error;
+impl WatchedIncoming for UpstreamAnswer {
+    fn incoming(&self) -> &Incoming {
+        &self.body
+    }
 
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        match self.get_mut() {
-            ClientBody::Upstream {
-                body,
-                conn,
-                record,
-                stall,
-                stall_limit,
-            } => {
-                let polled = Pin::new(&mut *body).poll_frame(cx);
-                match &polled {
-                    Poll::Pending => {
-                        let limit = Instant::now().checked_add(*stall_limit);
-                        let timer = match (stall.as_mut(), limit) {
-                            (Some(t), _) => t,
-                            (None, Some(deadline)) => {
-                                stall.insert(crate::timer::Sleep::until(deadline))
-                            }
-                            (None, None) => return Poll::Pending,
-                        };
-                        if Pin::new(timer).poll(cx).is_ready() {
-                            // The upstream sent nothing for the response timeout: end the
-                            // answer here; hyper closes the client's connection.
-                            if let Some(r) = record.take() {
-                                r.broken(UpstreamFailure::Timeout);
-                            }
-                            conn.take();
-                            return Poll::Ready(None);
-                        }
-                        return Poll::Pending;
-                    }
-                    Poll::Ready(Some(Err(_))) => {
-                        if let Some(r) = record.take() {
-                            r.broken(UpstreamFailure::Body);
-                        }
-                    }
-                    Poll::Ready(Some(Ok(_))) => {
-                        if let (Some(t), Some(deadline)) =
-                            (stall.as_mut(), Instant::now().checked_add(*stall_limit))
-                        {
-                            t.reset(deadline);
-                        }
-                    }
-                    Poll::Ready(None) => {}
-                }
-                if matches!(polled, Poll::Ready(None)) || body.is_end_stream() {
+    fn poll_watched(&mut self, cx: &mut Context<'_>) -> PolledFrame {
+        let UpstreamAnswer {
+            body,
+            conn,
+            record,
+            stall,
+            stall_limit,
+        } = self;
+        let polled = Pin::new(&mut *body).poll_frame(cx);
+        match &polled {
+            Poll::Pending => {
+                let limit = Instant::now().checked_add(*stall_limit);
+                let timer = match (stall.as_mut(), limit) {
+                    (Some(t), _) => t,
+                    (None, Some(deadline)) => stall.insert(crate::timer::Sleep::until(deadline)),
+                    (None, None) => return Poll::Pending,
+                };
+                if Pin::new(timer).poll(cx).is_ready() {
+                    // The upstream sent nothing for the response timeout: end the
+                    // answer here; hyper closes the client's connection.
                     if let Some(r) = record.take() {
-                        r.answered();
+                        r.broken(UpstreamFailure::Timeout);
                     }
-                    if let Some(c) = conn.take() {
-                        c.release();
-                    }
+                    conn.take();
+                    return Poll::Ready(None);
                 }
-                polled
+                return Poll::Pending;
             }
-            ClientBody::Full(b) => Poll::Ready(b.take().map(|d| Ok(Frame::data(d)))),
+            Poll::Ready(Some(Err(_))) => {
+                if let Some(r) = record.take() {
+                    r.broken(UpstreamFailure::Body);
+                }
+            }
+            Poll::Ready(Some(Ok(_))) => {
+                if let (Some(t), Some(deadline)) =
+                    (stall.as_mut(), Instant::now().checked_add(*stall_limit))
+                {
+                    t.reset(deadline);
+                }
+            }
+            Poll::Ready(None) => {}
         }
-    }
-    fn is_end_stream(&self) -> bool {
-        match self {
-            ClientBody::Upstream { body, .. } => body.is_end_stream(),
-            ClientBody::Full(b) => b.is_none(),
+        if matches!(polled, Poll::Ready(None)) || body.is_end_stream() {
+            if let Some(r) = record.take() {
+                r.answered();
+            }
+            if let Some(c) = conn.take() {
+                c.release();
+            }
         }
-    }
-    fn size_hint(&self) -> SizeHint {
-        match self {
-            ClientBody::Upstream { body, .. } => body.size_hint(),
-            ClientBody::Full(Some(b)) => SizeHint::with_exact(b.len() as u64),
-            ClientBody::Full(None) => SizeHint::with_exact(0),
-        }
+        polled
     }
 }
 
-impl Drop for ClientBody {
+impl Drop for UpstreamAnswer {
     fn drop(&mut self) {
         // A body with nothing left to read (HEAD, 204, Content-Length: 0, or fully streamed)
         // leaves its connection reusable; one dropped half-way does not. An answer not yet
         // counted was either whole or left by its client: its status stands.
-        if let ClientBody::Upstream {
-            body, conn, record, ..
-        } = self
-        {
-            if let Some(r) = record.take() {
-                r.answered();
-            }
-            if body.is_end_stream() {
-                if let Some(c) = conn.take() {
-                    c.release();
-                }
+        if let Some(r) = self.record.take() {
+            r.answered();
+        }
+        if self.body.is_end_stream() {
+            if let Some(c) = self.conn.take() {
+                c.release();
             }
         }
     }
@@ -488,16 +500,7 @@ pub async fn handle(
     let (mut parts, body) = req.into_parts();
     upstream_parts(&mut parts, client, false);
     let options = &shared.options;
-    let (body, progress) = if body.is_end_stream() {
-        (UpstreamBody::Empty, None)
-    } else {
-        let progress = BodyProgress::new();
-        let body = UpstreamBody::Client {
-            body,
-            progress: progress.clone(),
-        };
-        (body, Some(progress))
-    };
+    let (body, progress) = UpstreamBody::from_client(body);
     let upstream_req = Request::from_parts(parts, body);
     let sent = exchange(target, upstream_req, options, || {
         worker.recorder.record_retry(version)
@@ -592,14 +595,7 @@ async fn proxy_upgrade(
     let client_upgrade = hyper::upgrade::on(&mut req);
     let (mut parts, body) = req.into_parts();
     upstream_parts(&mut parts, client, true);
-    let body = if body.is_end_stream() {
-        UpstreamBody::Empty
-    } else {
-        UpstreamBody::Client {
-            body,
-            progress: BodyProgress::new(),
-        }
-    };
+    let (body, _) = UpstreamBody::from_client(body);
     let sent = async {
         let mut sender = connect(target, options.connect_timeout, true).await?;
         sender

@@ -33,7 +33,7 @@ pub(crate) fn copy_to_canary(
     parts
         .headers
         .insert("x-coalmine-mirror", HeaderValue::from_static("true"));
-    let request = Request::from_parts(parts, UpstreamBody::Empty);
+    let request = Request::from_parts(parts, UpstreamBody::Full(None));
     let recorder = worker.recorder.clone();
     let options = worker.shared.options.clone();
     let canary = canary.clone();

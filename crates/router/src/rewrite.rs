@@ -709,16 +709,17 @@ mod tests {
         Ok((String::from_utf8(out).unwrap(), r))
     }
 
+    /// [`answer`] to a GET, the client's connection staying open, no affinity cookie.
+    fn plain_answer(head: &str) -> (String, ResponseHead) {
+        answer(head, false, false, None).unwrap()
+    }
+
     #[test]
     fn a_response_head_comes_back_without_hop_by_hop_headers_or_the_ones_connection_names() {
-        let (head, r) = answer(
+        let (head, r) = plain_answer(
             "HTTP/1.1 200 OK\r\nConnection: keep-alive, x-internal\r\nX-Internal: 1\r\n\
              Keep-Alive: timeout=5\r\nContent-Length: 2\r\nX-Kept: 1\r\n\r\n",
-            false,
-            false,
-            None,
-        )
-        .unwrap();
+        );
         assert_eq!(
             head,
             "HTTP/1.1 200 OK\r\nContent-Length: 2\r\nX-Kept: 1\r\n\r\n"
@@ -764,18 +765,14 @@ mod tests {
         assert!(head.contains("Content-Length: 100"));
         assert!(matches!(r.framing, Framing::Empty) && r.reusable);
         // No length: until the upstream closes, so both connections close.
-        let (head, r) = answer("HTTP/1.1 200 OK\r\n\r\n", false, false, None).unwrap();
+        let (head, r) = plain_answer("HTTP/1.1 200 OK\r\n\r\n");
         assert!(head.ends_with("connection: close\r\n\r\n"), "{head}");
         assert!(matches!(r.framing, Framing::UntilClose) && !r.reusable && r.close);
         // Both framings: the coding wins, the length is not passed on, the connection is not
         // trusted again.
-        let (head, r) = answer(
+        let (head, r) = plain_answer(
             "HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n",
-            false,
-            false,
-            None,
-        )
-        .unwrap();
+        );
         assert_eq!(
             head,
             "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
@@ -783,13 +780,9 @@ mod tests {
         assert!(matches!(r.framing, Framing::Chunked(_)) && !r.reusable && !r.close);
         // HTTP/1.0 lasts only when it says keep-alive.
         let http10 = |extra: &str| {
-            answer(
-                &format!("HTTP/1.0 200 OK\r\nContent-Length: 0\r\n{extra}\r\n"),
-                false,
-                false,
-                None,
-            )
-            .unwrap()
+            plain_answer(&format!(
+                "HTTP/1.0 200 OK\r\nContent-Length: 0\r\n{extra}\r\n"
+            ))
             .1
             .reusable
         };

@@ -20,10 +20,9 @@ fn example(path: &str) -> String {
     std::fs::read_to_string(full).unwrap()
 }
 
-/// The analysis of the example rollout (the seed's steps, Flagger's tutorial thresholds).
-fn rollout() -> (Analysis, u64) {
-    let set = coalmine_spec::documents::load(&[("rollout.yaml".into(), example("rollout.yaml"))])
-        .unwrap();
+/// The analysis of an example rollout, and its progress deadline.
+fn rollout(file: &str) -> (Analysis, u64) {
+    let set = coalmine_spec::documents::load(&[(file.into(), example(file))]).unwrap();
     match &set.documents[0].doc {
         coalmine_spec::documents::Document::Rollout(r) => {
             (r.spec.analysis.clone(), r.spec.progress_deadline_seconds)
@@ -36,14 +35,21 @@ fn scenario(name: &str) -> Scenario {
     parse_scenario(name, &example(name)).unwrap()
 }
 
+/// `n` runs of the example rollout (the seed's steps, Flagger's tutorial thresholds) judged as
+/// `semantics` says, on the scenario `name`, from `seed`.
 fn runs(name: &str, semantics: Semantics, n: usize, seed: u64) -> Vec<RunResult> {
-    let (analysis, deadline) = rollout();
+    let (analysis, deadline) = rollout("rollout.yaml");
     let (analysis, _) = simulated_analysis(&analysis, semantics);
+    simulate(&analysis, deadline, name, n, seed)
+}
+
+/// `n` runs of `analysis` on the scenario `name`, from `seed`.
+fn simulate(analysis: &Analysis, deadline: u64, name: &str, n: usize, seed: u64) -> Vec<RunResult> {
     let scenario = scenario(name);
     (0..n)
         .map(|i| {
             run_once(
-                &analysis,
+                analysis,
                 deadline,
                 &scenario,
                 &mut Rng::for_run(seed, i as u64),
@@ -132,31 +138,9 @@ fn runs_are_reproducible_from_their_seed() {
 
 #[test]
 fn the_kayenta_option_catches_what_thresholds_miss_and_spares_an_identical_canary() {
-    let kayenta = |name: &str, n: usize, seed: u64| {
-        let set = coalmine_spec::documents::load(&[(
-            "rollout-kayenta.yaml".into(),
-            example("rollout-kayenta.yaml"),
-        )])
-        .unwrap();
-        let (analysis, deadline) = match &set.documents[0].doc {
-            coalmine_spec::documents::Document::Rollout(r) => {
-                (r.spec.analysis.clone(), r.spec.progress_deadline_seconds)
-            }
-            _ => unreachable!(),
-        };
-        let scenario = scenario(name);
-        let results: Vec<RunResult> = (0..n)
-            .map(|i| {
-                run_once(
-                    &analysis,
-                    deadline,
-                    &scenario,
-                    &mut Rng::for_run(seed, i as u64),
-                )
-            })
-            .collect();
-        summarize(&results)
-    };
+    let (analysis, deadline) = rollout("rollout-kayenta.yaml");
+    let kayenta =
+        |name: &str, n: usize, seed: u64| summarize(&simulate(&analysis, deadline, name, n, seed));
     // +50 % latency: Flagger's p99 < 500 ms never fails; Kayenta's rank test does, every window.
     let slow = kayenta("latency-plus-50pct.yaml", 30, 21);
     assert_eq!(slow.rolled_back, 30, "{slow:?}");

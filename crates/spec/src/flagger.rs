@@ -220,22 +220,20 @@ mod tests {
         .into_iter()
         .map(|(k, v)| (k.to_string(), HostPort::try_from(v.to_string()).unwrap()))
         .collect();
-        assert_eq!(
-            map_host("http://flagger-loadtester/", &hosts),
-            "http://127.0.0.1:8089/"
-        );
-        assert_eq!(
-            map_host("http://flagger-loadtester.test:80/", &hosts),
-            "http://flagger-loadtester.test:80/"
-        );
-        assert_eq!(
-            map_host("http://u:p@prometheus:9090/api?x=1", &hosts),
-            "http://u:p@127.0.0.1:19090/api?x=1"
-        );
-        assert_eq!(
-            map_host("http://prometheus:9091", &hosts),
-            "http://prometheus:9091"
-        );
+        for (url, mapped) in [
+            ("http://flagger-loadtester/", "http://127.0.0.1:8089/"),
+            (
+                "http://flagger-loadtester.test:80/",
+                "http://flagger-loadtester.test:80/",
+            ),
+            (
+                "http://u:p@prometheus:9090/api?x=1",
+                "http://u:p@127.0.0.1:19090/api?x=1",
+            ),
+            ("http://prometheus:9091", "http://prometheus:9091"),
+        ] {
+            assert_eq!(map_host(url, &hosts), mapped, "{url}");
+        }
         assert!(HostPort::try_from("127.0.0.1".to_string()).is_err());
         assert!(HostPort::try_from("h:99999".to_string()).is_err());
     }

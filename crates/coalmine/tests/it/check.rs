@@ -4,34 +4,19 @@
 
 use crate::common;
 
-use std::io::Write;
 use std::process::{Command, Stdio};
 
 use common::*;
 
 /// Runs the binary; returns (exit code, stdout, stderr).
 fn coalmine(args: &[&str], stdin: Option<&str>) -> (i32, String, String) {
-    let mut child = Command::new(BIN)
-        .args(args)
-        .env("COALMINE_LOG", "warn")
-        .stdin(if stdin.is_some() {
-            Stdio::piped()
-        } else {
-            Stdio::null()
-        })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    if let Some(text) = stdin {
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(text.as_bytes())
-            .unwrap();
+    let mut command = Command::new(BIN);
+    command.args(args).env("COALMINE_LOG", "warn");
+    let out = match stdin {
+        Some(text) => output_with_stdin(&mut command, text.as_bytes()),
+        None => command.stdin(Stdio::null()).output(),
     }
-    let out = child.wait_with_output().unwrap();
+    .unwrap();
     (
         out.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -43,22 +28,24 @@ fn seed_dir() -> String {
     format!("{}/../../tests/fixtures/seed", env!("CARGO_MANIFEST_DIR"))
 }
 
+/// A Rollout at the addresses of [`IDLE_PLACEMENT`].
 fn rollout(name: &str) -> String {
-    format!(
-        "apiVersion: coalmine.dev/v1alpha1
-kind: Rollout
-metadata:
-  name: {name}
-spec:
-  routers: [http://127.0.0.1:9901]
-  stable: {{url: http://127.0.0.1:9001}}
-  canary: {{url: http://127.0.0.1:9002}}
-  analysis:
-    interval: 1s
+    rollout_yaml_at(
+        name,
+        [IDLE_PLACEMENT[1], IDLE_PLACEMENT[3], IDLE_PLACEMENT[5]],
+        "    interval: 1s
     threshold: 2
     stepWeights: [10, 50]
-"
+",
     )
+}
+
+/// `coalmine check FILE` exits 2 and says `says` on stderr.
+#[track_caller]
+fn assert_check_refuses(file: &std::path::Path, says: &str) {
+    let (code, _, err) = coalmine(&["check", file.to_str().unwrap()], None);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains(says), "{err}");
 }
 
 const CANARY: &str = "apiVersion: flagger.app/v1beta1
@@ -278,18 +265,10 @@ fn every_command_that_loads_documents_refuses_a_bad_name_with_exit_2() {
             &CANARY.replace("  name: web-app\nspec", &format!("  name: {name}\nspec")),
         );
         let canary = canary.to_str().unwrap();
-        let placement = [
-            "--router",
-            "http://127.0.0.1:9901",
-            "--stable",
-            "http://127.0.0.1:9001",
-            "--canary",
-            "http://127.0.0.1:9002",
-        ];
         let mut convert = vec!["convert", canary];
-        convert.extend(placement);
+        convert.extend(IDLE_PLACEMENT);
         let mut run_canary = vec!["run", canary];
-        run_canary.extend(placement);
+        run_canary.extend(IDLE_PLACEMENT);
         for (args, line) in [
             (vec!["check", file], 4),
             (vec!["run", file], 4),
@@ -359,13 +338,9 @@ fn ports_out_of_range_are_refused_in_flags_and_documents() {
         "r.yaml",
         &rollout("web").replace("127.0.0.1:9002", "127.0.0.1:99999"),
     );
-    let (code, _, err) = coalmine(&["check", file.to_str().unwrap()], None);
-    assert_eq!(code, 2, "{err}");
-    assert!(
-        err.contains(
-            "r.yaml:8:17: spec.canary.url: \"http://127.0.0.1:99999\": port 99999 is out of range"
-        ),
-        "{err}"
+    assert_check_refuses(
+        &file,
+        "r.yaml:8:17: spec.canary.url: \"http://127.0.0.1:99999\": port 99999 is out of range",
     );
 }
 
@@ -418,11 +393,9 @@ fn a_bad_regex_is_shown_as_the_user_wrote_it() {
             "    stepWeights: [10, 50]\n    match:\n      - headers: {user-id: {regex: '^(1|2'}}\n",
         ),
     );
-    let (code, _, err) = coalmine(&["check", file.to_str().unwrap()], None);
-    assert_eq!(code, 2, "{err}");
-    assert!(
-        err.contains("r.yaml:14:36: spec.analysis.match[0].headers.user-id.regex: invalid regex \"^(1|2\": unclosed group"),
-        "{err}"
+    assert_check_refuses(
+        &file,
+        "r.yaml:14:36: spec.analysis.match[0].headers.user-id.regex: invalid regex \"^(1|2\": unclosed group",
     );
 }
 
@@ -488,16 +461,14 @@ spec:
     );
     let (code, _, stderr) = coalmine(
         &[
-            "convert",
-            canary.to_str().unwrap(),
-            orphan.to_str().unwrap(),
-            "--router",
-            "http://127.0.0.1:9901",
-            "--stable",
-            "http://127.0.0.1:9001",
-            "--canary",
-            "http://127.0.0.1:9002",
-        ],
+            &[
+                "convert",
+                canary.to_str().unwrap(),
+                orphan.to_str().unwrap(),
+            ][..],
+            &IDLE_PLACEMENT,
+        ]
+        .concat(),
         None,
     );
     assert_eq!(code, 2, "{stderr}");
@@ -506,7 +477,5 @@ spec:
         "bad.yaml",
         &placement.replace("127.0.0.1:8089", "127.0.0.1"),
     );
-    let (code, _, stderr) = coalmine(&["check", bad.to_str().unwrap()], None);
-    assert_eq!(code, 2, "{stderr}");
-    assert!(stderr.contains("bad.yaml:10:"), "{stderr}");
+    assert_check_refuses(&bad, "bad.yaml:10:");
 }

@@ -7,13 +7,7 @@ use std::process::Command;
 use common::*;
 
 fn run(args: &[&str]) -> (i32, String) {
-    let out = Command::new(BIN).args(args).output().unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.code().unwrap_or(-1), text)
+    code_and_printed(&Command::new(BIN).args(args).output().unwrap())
 }
 
 /// A proxy config file in a scratch directory (removed with the returned `TempDir`).
@@ -221,16 +215,8 @@ fn check_names_an_unknown_flagger_field_with_its_nearest_neighbour() {
 
 #[test]
 fn convert_turns_the_seed_canary_into_a_rollout_that_check_accepts() {
-    let (code, yaml) = run(&[
-        "convert",
-        &fixture("seed/flagger-payment-service.yaml"),
-        "--router",
-        "http://127.0.0.1:9901",
-        "--stable",
-        "http://127.0.0.1:9001",
-        "--canary",
-        "http://127.0.0.1:9002",
-    ]);
+    let seed = fixture("seed/flagger-payment-service.yaml");
+    let (code, yaml) = run(&[&["convert", seed.as_str()][..], &IDLE_PLACEMENT].concat());
     assert_eq!(code, 0, "{yaml}");
     assert!(yaml.contains("kind: Rollout"), "{yaml}");
     assert!(yaml.contains("stepWeight: 10"), "{yaml}");

@@ -129,10 +129,7 @@ async fn with_the_state_disk_full_nothing_moves_and_after_a_restart_nothing_repe
         s["message"].as_str().unwrap().contains("cannot be saved"),
         "{s:#}"
     );
-    let metrics = client()
-        .get(format!("{}/metrics", daemon.api))
-        .text_body()
-        .await;
+    let metrics = metrics_text(&daemon.api).await;
     assert!(
         metrics.contains("coalmine_rollout_state_unsaved{rollout=\"checkout\"} 1"),
         "{metrics}"
@@ -479,10 +476,7 @@ async fn secrets_in_provider_addresses_are_never_shown() {
             .get(format!("{}/api/v1/rollouts/secret/history", daemon.api))
             .text_body()
             .await,
-        client()
-            .get(format!("{}/metrics", daemon.api))
-            .text_body()
-            .await,
+        metrics_text(&daemon.api).await,
         daemon.proc.stderr(),
     ];
     for shown in everything {

@@ -12,7 +12,7 @@ use std::process::Command;
 
 use serde_json::Value;
 
-use common::TempDir;
+use common::{printed, TempDir};
 
 /// Every metric the routers and the daemon export that the rules and the dashboard may read.
 const KNOWN_METRICS: &[&str] = &[
@@ -81,20 +81,16 @@ fn run_ok(tool: &Path, args: &[&str], dir: &Path) -> String {
         .current_dir(dir)
         .output()
         .unwrap_or_else(|e| panic!("running {}: {e}", tool.display()));
-    let printed = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let text = printed(&out);
     assert!(
         out.status.success(),
-        "`{} {}` (in {}) failed with {}:\n{printed}",
+        "`{} {}` (in {}) failed with {}:\n{text}",
         tool.display(),
         args.join(" "),
         dir.display(),
         out.status
     );
-    printed
+    text
 }
 
 /// A fresh directory under the system's temporary directory, removed on drop.
@@ -425,9 +421,8 @@ fn dashboard_queries_are_valid_promql() {
         .unwrap();
     assert!(
         out.status.success(),
-        "a dashboard query is not valid PromQL:\n{}{}\nrules checked:\n{rules}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
+        "a dashboard query is not valid PromQL:\n{}\nrules checked:\n{rules}",
+        printed(&out)
     );
 }
 
@@ -632,8 +627,7 @@ tests:
         .unwrap();
     assert!(
         out.status.success(),
-        "dashboard queries computed unexpected values:\n{}{}\ntest file:\n{tests}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
+        "dashboard queries computed unexpected values:\n{}\ntest file:\n{tests}",
+        printed(&out)
     );
 }

@@ -167,8 +167,29 @@ async fn an_answer_broken_off_mid_body_counts_as_the_versions_failure() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_slow_upload_is_timed_from_the_end_of_the_request_and_a_stalled_one_is_the_clients() {
+/// An HTTP/2 connection (prior knowledge, no TLS) to the router, driven in the background.
+async fn h2c<B>(r: &Router) -> hyper::client::conn::http2::SendRequest<B>
+where
+    B: hyper::body::Body + Send + Unpin + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let tcp = tokio::net::TcpStream::connect(r.base.trim_start_matches("http://"))
+        .await
+        .unwrap();
+    let (sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tcp),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    sender
+}
+
+/// A router over a plain upstream whose answers time out 1 s after the request has ended, and
+/// whose clients may stall an upload for 2 s (the idle timeout).
+fn upload_timing_router() -> (Upstream, Router) {
     let s = upstream("stable", &[]);
     let r = router(&[
         "--stable",
@@ -178,6 +199,12 @@ async fn a_slow_upload_is_timed_from_the_end_of_the_request_and_a_stalled_one_is
         "--idle-timeout",
         "2s",
     ]);
+    (s, r)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_upload_is_timed_from_the_end_of_the_request_and_a_stalled_one_is_the_clients() {
+    let (_s, r) = upload_timing_router();
     // Half the body, 1.5 s of silence (longer than the response timeout, shorter than the
     // stall limit), then the rest: the upstream answers at once after that.
     let mut c = Conn::open(&r);
@@ -209,25 +236,8 @@ async fn a_slow_upload_is_timed_from_the_end_of_the_request_and_a_stalled_one_is
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_http2_upload_is_the_clients_business_too() {
     use http_body_util::BodyExt;
-    let s = upstream("stable", &[]);
-    let r = router(&[
-        "--stable",
-        &s.url,
-        "--response-timeout",
-        "1s",
-        "--idle-timeout",
-        "2s",
-    ]);
-    let tcp = tokio::net::TcpStream::connect(r.base.trim_start_matches("http://"))
-        .await
-        .unwrap();
-    let (mut sender, conn) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(tcp),
-    )
-    .await
-    .unwrap();
-    tokio::spawn(conn);
+    let (_s, r) = upload_timing_router();
+    let mut sender = h2c(&r).await;
     // A body whose second half comes 1.5 s after the first.
     let (tx, rx) =
         tokio::sync::mpsc::channel::<Result<hyper::body::Frame<bytes::Bytes>, std::io::Error>>(2);
@@ -338,10 +348,7 @@ async fn out_of_descriptors_the_router_backs_off_keeps_serving_and_blames_itself
     assert_eq!(st["canary"]["failures"]["connect"], 0, "{st}");
     assert!(st["router"]["acceptErrors"].as_u64().unwrap() >= 1, "{st}");
     assert_eq!(st["router"]["localFailures"]["resources"], 1, "{st}");
-    let metrics = client()
-        .get(format!("{}/metrics", r.admin))
-        .text_body()
-        .await;
+    let metrics = metrics_text(&r.admin).await;
     assert!(
         metrics.contains("coalmine_router_local_failures_total{reason=\"resources\"} 1\n"),
         "{metrics}"
@@ -373,29 +380,13 @@ const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00
 async fn idle_http2_connections_are_closed_h2c_and_tls() {
     use tokio::io::AsyncWriteExt;
     let s = upstream("stable", &[]);
-    let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
-    let dir = TempDir::new("h2-idle");
-    let cert_path = dir.write("cert.pem", &cert.cert.pem());
-    let key_path = dir.write("key.pem", &cert.signing_key.serialize_pem());
+    let cert = self_signed("h2-idle");
     let timeouts = ["--header-read-timeout", "1s", "--idle-timeout", "2s"];
     let plain = router(&[&["--stable", &s.url][..], &timeouts].concat());
-    let tls = router(
-        &[
-            &[
-                "--stable",
-                &s.url,
-                "--tls-cert",
-                cert_path.to_str().unwrap(),
-                "--tls-key",
-                key_path.to_str().unwrap(),
-            ][..],
-            &timeouts,
-        ]
-        .concat(),
-    );
+    let tls = router(&[&["--stable", &s.url][..], &cert.router_flags(), &timeouts].concat());
     let tls_connector = {
         let mut roots = rustls::RootCertStore::empty();
-        roots.add(cert.cert.der().clone()).unwrap();
+        roots.add(cert.certified.cert.der().clone()).unwrap();
         let mut config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
             rustls::crypto::ring::default_provider(),
         ))
@@ -526,16 +517,7 @@ async fn a_long_answer_on_a_hyper_served_connection_is_not_cut_as_idle() {
         old.send(b"GET /download HTTP/1.0\r\nhost: shop\r\n\r\n");
         old.try_answer(false)
     });
-    let tcp = tokio::net::TcpStream::connect(r.base.trim_start_matches("http://"))
-        .await
-        .unwrap();
-    let (mut sender, conn) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(tcp),
-    )
-    .await
-    .unwrap();
-    tokio::spawn(conn);
+    let mut sender = h2c(&r).await;
     let resp = sender
         .send_request(
             hyper::Request::get(format!("{}/download", r.base))

@@ -125,10 +125,7 @@ async fn router_requests(r: &Router) -> u64 {
 
 /// The value of one series on the loadtester's `/metrics`.
 async fn metric(lt: &Loadtester, series: &str) -> u64 {
-    let text = client()
-        .get(format!("{}/metrics", lt.url))
-        .text_body()
-        .await;
+    let text = metrics_text(&lt.url).await;
     text.lines()
         .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
         .unwrap_or_else(|| panic!("no {series} in {text}"))
@@ -227,10 +224,7 @@ async fn the_seeds_command_sends_its_rate_to_the_mapped_address() {
     assert_eq!(run["canary"], "payment-service.default");
     assert!(run["latencyMs"]["p99"].as_f64().unwrap() > 0.0, "{run}");
 
-    let metrics = client()
-        .get(format!("{}/metrics", lt.url))
-        .text_body()
-        .await;
+    let metrics = metrics_text(&lt.url).await;
     assert!(
         metrics.contains(&format!(
             "coalmine_loadtester_requests_total{{code=\"200\"}} {received}\n"
@@ -449,10 +443,7 @@ async fn the_same_command_for_the_same_canary_runs_once_at_a_time_as_in_flagger(
     assert_eq!(all.len(), 4, "{all:#?}");
     let sent: u64 = all.iter().map(|r| r["requests"].as_u64().unwrap()).sum();
     assert_eq!(router_requests(&router).await, sent);
-    let metrics = client()
-        .get(format!("{}/metrics", lt.url))
-        .text_body()
-        .await;
+    let metrics = metrics_text(&lt.url).await;
     assert!(
         metrics.contains("coalmine_loadtester_commands_total{result=\"skipped\"} 1\n"),
         "{metrics}"
@@ -560,45 +551,63 @@ fn loadtester_host(lt: &Loadtester) -> String {
     )
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn coalmine_run_promotes_the_seeds_canary_on_load_from_the_loadtester_alone() {
+/// The seed's payment-service before a release: v1 serving behind a router, v2 ready.
+struct SeedService {
+    v1: Upstream,
+    v2: Upstream,
+    router: Router,
+}
+
+fn seed_service() -> SeedService {
     let v1 = upstream("v1", &[]);
     let v2 = upstream("v2", &[]);
     let router = router(&["--stable", &v1.url]);
-    let mapping = format!(
-        "payment-service:8080={}",
-        router.base.trim_start_matches("http://")
-    );
-    let lt = loadtester(&["--resolve", &mapping]);
-    let dir = TempDir::new("loadtester-seed");
-    let file = dir.write("canary.yaml", &seed_canary_for_test("2s"));
-    let run = coalmine_run(
-        file.to_str().unwrap(),
-        &[
-            "--router",
-            &router.admin,
-            "--stable",
-            &v1.url,
-            "--canary",
-            &v2.url,
-            "--resolve",
-            &loadtester_host(&lt),
-        ],
-    )
-    .await;
+    SeedService { v1, v2, router }
+}
+
+impl SeedService {
+    /// `--resolve payment-service:8080=ADDR`: the seed's load test reaches the router.
+    fn mapping(&self) -> String {
+        format!(
+            "payment-service:8080={}",
+            self.router.base.trim_start_matches("http://")
+        )
+    }
+
+    /// `coalmine run` of the seed's Canary, analysed every `interval`, placed on this service
+    /// by the flags, its webhook host resolved to `lt`.
+    async fn run(&self, lt: &Loadtester, interval: &str) -> RunResult {
+        let dir = TempDir::new("loadtester-seed");
+        let file = dir.write("canary.yaml", &seed_canary_for_test(interval));
+        coalmine_run(
+            file.to_str().unwrap(),
+            &[
+                "--router",
+                &self.router.admin,
+                "--stable",
+                &self.v1.url,
+                "--canary",
+                &self.v2.url,
+                "--resolve",
+                &loadtester_host(lt),
+            ],
+        )
+        .await
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn coalmine_run_promotes_the_seeds_canary_on_load_from_the_loadtester_alone() {
+    let service = seed_service();
+    let lt = loadtester(&["--resolve", &service.mapping()]);
+    let run = service.run(&lt, "2s").await;
     let msgs = messages(&run);
     assert_eq!(run.code, 0, "{msgs:#?}\n{}", run.stderr);
-    let weights: Vec<f64> = run
-        .lines
-        .iter()
-        .filter(|l| {
-            l["message"]
-                .as_str()
-                .is_some_and(|m| m.starts_with("Advance canary weight"))
-        })
-        .map(|l| l["canaryWeight"].as_f64().unwrap())
-        .collect();
-    assert_eq!(weights, vec![10.0, 20.0, 30.0, 40.0, 50.0], "{msgs:#?}");
+    assert_eq!(
+        canary_weights(&run),
+        vec![10.0, 20.0, 30.0, 40.0, 50.0],
+        "{msgs:#?}"
+    );
     assert!(
         !msgs.iter().any(|m| m.contains("rollout webhook")),
         "the load-test hook passed every time: {msgs:#?}"
@@ -617,7 +626,7 @@ async fn coalmine_run_promotes_the_seeds_canary_on_load_from_the_loadtester_alon
     .await;
     assert!(skipped >= 4, "{skipped} calls de-duplicated");
     // No other traffic was sent: what the canary was judged on came from the loadtester.
-    let st = stats(&router).await;
+    let st = stats(&service.router).await;
     let canary = st["canary"]["requests"].as_u64().unwrap();
     assert!(canary > 0, "{st}");
     assert_eq!(st["canary"]["statuses"]["200"], canary, "{st}");
@@ -625,26 +634,9 @@ async fn coalmine_run_promotes_the_seeds_canary_on_load_from_the_loadtester_alon
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_a_mapping_the_seeds_rollout_fails_and_says_which_one_is_missing() {
-    let v1 = upstream("v1", &[]);
-    let v2 = upstream("v2", &[]);
-    let router = router(&["--stable", &v1.url]);
+    let service = seed_service();
     let lt = loadtester(&[]);
-    let dir = TempDir::new("loadtester-unmapped");
-    let file = dir.write("canary.yaml", &seed_canary_for_test("500ms"));
-    let run = coalmine_run(
-        file.to_str().unwrap(),
-        &[
-            "--router",
-            &router.admin,
-            "--stable",
-            &v1.url,
-            "--canary",
-            &v2.url,
-            "--resolve",
-            &loadtester_host(&lt),
-        ],
-    )
-    .await;
+    let run = service.run(&lt, "500ms").await;
     let msgs = messages(&run).join("\n");
     assert_eq!(run.code, 1, "{msgs}\n{}", run.stderr);
     assert!(
@@ -895,14 +887,9 @@ fn help_and_a_bad_resolve_flag() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_daemon_applies_the_seeds_canary_with_a_placement_document() {
     use common::daemon::*;
-    let v1 = upstream("v1", &[]);
-    let v2 = upstream("v2", &[]);
-    let router = router(&["--stable", &v1.url]);
-    let mapping = format!(
-        "payment-service:8080={}",
-        router.base.trim_start_matches("http://")
-    );
-    let lt = loadtester(&["--resolve", &mapping]);
+    let service = seed_service();
+    let SeedService { v1, v2, router } = &service;
+    let lt = loadtester(&["--resolve", &service.mapping()]);
     let dir = scratch("placement");
     let canary = dir.join("canary.yaml");
     std::fs::write(&canary, seed_canary_for_test("1s")).unwrap();

@@ -449,20 +449,14 @@ async fn a_firing_alert_through_alertmanager_rolls_back_the_matching_rollout_at_
     assert_eq!(routes["canary"], serde_json::Value::Null, "{routes}");
 
     // The daemon's own metrics, as the same Prometheus scraped them.
-    s.prometheus
-        .wait_until(
-            r#"coalmine_rollout_phase{rollout="payment-service",phase="Failed"}"#,
-            |v| v == 1.0,
-            Duration::from_secs(20),
-        )
-        .await;
-    s.prometheus
-        .wait_until(
-            r#"coalmine_rollout_outcomes_total{rollout="payment-service",outcome="rolled_back"}"#,
-            |v| v == 1.0,
-            Duration::from_secs(20),
-        )
-        .await;
+    for series in [
+        r#"coalmine_rollout_phase{rollout="payment-service",phase="Failed"}"#,
+        r#"coalmine_rollout_outcomes_total{rollout="payment-service",outcome="rolled_back"}"#,
+    ] {
+        s.prometheus
+            .wait_until(series, |v| v == 1.0, Duration::from_secs(20))
+            .await;
+    }
     let weight = s
         .prometheus
         .value(r#"max_over_time(coalmine_rollout_weight{rollout="payment-service"}[1m])"#)

@@ -139,17 +139,7 @@ async fn a_healthy_canary_is_promoted_and_becomes_stable() {
     for phase in ["Progressing", "Promoting", "Finalising", "Succeeded"] {
         assert!(phases.contains(&phase), "{phases:?}");
     }
-    let weights: Vec<f64> = run
-        .lines
-        .iter()
-        .filter(|l| {
-            l["message"]
-                .as_str()
-                .is_some_and(|m| m.starts_with("Advance canary weight"))
-        })
-        .map(|l| l["canaryWeight"].as_f64().unwrap())
-        .collect();
-    assert_eq!(weights, vec![20.0, 50.0]);
+    assert_eq!(canary_weights(&run), vec![20.0, 50.0]);
     let routes = get_json(&format!("{}/routes", router.admin)).await;
     assert_eq!(
         routes["stable"],

@@ -389,7 +389,7 @@ async fn dead_canary_answers_502_counted_as_canary_5xx() {
     assert_eq!(st["canary"]["statuses"]["502"], 20);
     assert_eq!(st["canary"]["failures"]["connect"], 20);
     assert_eq!(st["stable"]["requests"], 0);
-    let metrics = cl.get(format!("{}/metrics", r.admin)).text_body().await;
+    let metrics = metrics_text(&r.admin).await;
     assert!(
         metrics.contains("http_requests_total{version=\"canary\",status=\"502\"} 20\n"),
         "{metrics}"
@@ -454,10 +454,7 @@ async fn metrics_pass_promtool_check_metrics() {
     );
     let r = split_router(&s, &c, &["--canary-weight", "50", "--mirror", "10"]);
     bodies(&format!("{}/", r.base), 200, 4).await;
-    let text = client()
-        .get(format!("{}/metrics", r.admin))
-        .text_body()
-        .await;
+    let text = metrics_text(&r.admin).await;
     for needle in [
         "http_requests_total{version=\"canary\",status=\"500\"}",
         "http_requests_total{version=\"stable\",status=\"200\"}",
@@ -467,25 +464,15 @@ async fn metrics_pass_promtool_check_metrics() {
     ] {
         assert!(text.contains(needle), "missing {needle}");
     }
-    let mut promtool = std::process::Command::new("promtool")
-        .args(["check", "metrics"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("promtool (scripts/test installs Debian's prometheus package)");
-    promtool
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(text.as_bytes())
-        .unwrap();
-    let out = promtool.wait_with_output().unwrap();
+    let out = output_with_stdin(
+        std::process::Command::new("promtool").args(["check", "metrics"]),
+        text.as_bytes(),
+    )
+    .expect("promtool (scripts/test installs Debian's prometheus package)");
     assert!(
         out.status.success() && out.stdout.is_empty() && out.stderr.is_empty(),
-        "promtool check metrics: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
+        "promtool check metrics: {}",
+        printed(&out)
     );
 }
 
@@ -618,21 +605,10 @@ async fn several_threads_share_one_port_and_one_route_table() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_negotiates_h2_and_http11_through_alpn() {
     let s = upstream("stable", &[]);
-    let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
-    let dir = TempDir::new("tls");
-    let (cert_path, key_path) = (dir.join("cert.pem"), dir.join("key.pem"));
-    std::fs::write(&cert_path, cert.cert.pem()).unwrap();
-    std::fs::write(&key_path, cert.signing_key.serialize_pem()).unwrap();
-    let r = router(&[
-        "--stable",
-        &s.url,
-        "--tls-cert",
-        cert_path.to_str().unwrap(),
-        "--tls-key",
-        key_path.to_str().unwrap(),
-    ]);
+    let cert = self_signed("tls");
+    let r = router(&[&["--stable", &s.url][..], &cert.router_flags()].concat());
     let addr: std::net::SocketAddr = r.base.trim_start_matches("http://").parse().unwrap();
-    let root = reqwest::Certificate::from_pem(cert.cert.pem().as_bytes()).unwrap();
+    let root = reqwest::Certificate::from_pem(cert.certified.cert.pem().as_bytes()).unwrap();
     for h1 in [false, true] {
         let mut b = reqwest::Client::builder()
             .add_root_certificate(root.clone())

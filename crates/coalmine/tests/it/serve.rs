@@ -319,39 +319,13 @@ async fn apply_refuses_bad_names_and_two_rollouts_of_one_name_on_both_sides() {
     assert_eq!((code, out.trim()), (0, "[]"), "nothing was applied");
 
     // `apply -` sends what it read from stdin, named `<stdin>`.
-    let (code, out) = std::process::Command::new(BIN)
+    let mut apply = std::process::Command::new(BIN);
+    apply
         .args(["apply", "-", "--api", &daemon.api])
-        .env("COALMINE_TOKEN", TOKEN)
-        .stdin(std::process::Stdio::piped())
-        .output_with_stdin(good.as_bytes());
+        .env("COALMINE_TOKEN", TOKEN);
+    let (code, out) = code_and_printed(&output_with_stdin(&mut apply, good.as_bytes()).unwrap());
     assert_eq!(code, 0, "{out}");
     assert_eq!(status(&daemon, "checkout")["name"], "checkout");
-}
-
-/// Runs a command with `input` on its stdin; returns (exit code, stdout + stderr).
-trait OutputWithStdin {
-    fn output_with_stdin(&mut self, input: &[u8]) -> (i32, String);
-}
-
-impl OutputWithStdin for std::process::Command {
-    fn output_with_stdin(&mut self, input: &[u8]) -> (i32, String) {
-        use std::io::Write;
-        let mut child = self
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        child.stdin.take().unwrap().write_all(input).unwrap();
-        let out = child.wait_with_output().unwrap();
-        (
-            out.status.code().unwrap_or(-1),
-            format!(
-                "{}{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            ),
-        )
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

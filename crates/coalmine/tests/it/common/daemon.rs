@@ -62,15 +62,7 @@ pub fn cli(daemon: &Daemon, args: &[&str], token: Option<&str>) -> (i32, String)
     if let Some(t) = token {
         cmd.env("COALMINE_TOKEN", t);
     }
-    let out = cmd.output().unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
+    super::code_and_printed(&cmd.output().unwrap())
 }
 
 pub fn status(daemon: &Daemon, name: &str) -> serde_json::Value {

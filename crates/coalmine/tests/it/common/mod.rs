@@ -9,10 +9,10 @@ pub mod stub;
 pub mod tinydisk;
 
 use std::fs;
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Write};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -229,20 +229,35 @@ pub fn rollout_yaml(
     canary: &Upstream,
     analysis: &str,
 ) -> String {
+    rollout_yaml_at(name, [&router.admin, &stable.url, &canary.url], analysis)
+}
+
+/// [`rollout_yaml`] at addresses given as text: `[router admin, stable URL, canary URL]`.
+pub fn rollout_yaml_at(name: &str, [router, stable, canary]: [&str; 3], analysis: &str) -> String {
     format!(
         "apiVersion: coalmine.dev/v1alpha1
 kind: Rollout
 metadata:
   name: {name}
 spec:
-  routers: [{}]
-  stable: {{url: {}}}
-  canary: {{url: {}}}
+  routers: [{router}]
+  stable: {{url: {stable}}}
+  canary: {{url: {canary}}}
   analysis:
-{analysis}",
-        router.admin, stable.url, canary.url
+{analysis}"
     )
 }
+
+/// Placement flags at addresses nothing needs to listen on, for commands that refuse or
+/// convert a Canary before reaching its routers and versions.
+pub const IDLE_PLACEMENT: [&str; 6] = [
+    "--router",
+    "http://127.0.0.1:9901",
+    "--stable",
+    "http://127.0.0.1:9001",
+    "--canary",
+    "http://127.0.0.1:9002",
+];
 
 /// A rollout document in a scratch directory of its own, removed when dropped; derefs to its
 /// path.
@@ -370,6 +385,79 @@ pub fn messages(run: &RunResult) -> Vec<String> {
                 .map(|m| format!("{} {}", l["phase"], m))
         })
         .collect()
+}
+
+/// The canary weights a run advanced to, in order.
+pub fn canary_weights(run: &RunResult) -> Vec<f64> {
+    run.lines
+        .iter()
+        .filter(|l| {
+            l["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with("Advance canary weight"))
+        })
+        .map(|l| l["canaryWeight"].as_f64().unwrap())
+        .collect()
+}
+
+/// The text of the `/metrics` page under `base`.
+pub async fn metrics_text(base: &str) -> String {
+    client().get(format!("{base}/metrics")).text_body().await
+}
+
+/// A self-signed certificate for `localhost` and its key, written to a scratch directory for a
+/// router to serve TLS with.
+pub struct SelfSigned {
+    pub certified: rcgen::CertifiedKey<rcgen::KeyPair>,
+    cert_path: String,
+    key_path: String,
+    _dir: TempDir,
+}
+
+pub fn self_signed(test: &str) -> SelfSigned {
+    let certified = rcgen::generate_simple_self_signed(vec!["localhost".to_string()]).unwrap();
+    let dir = TempDir::new(test);
+    let path = |name: &str, text: &str| dir.write(name, text).to_string_lossy().into_owned();
+    let cert_path = path("cert.pem", &certified.cert.pem());
+    let key_path = path("key.pem", &certified.signing_key.serialize_pem());
+    SelfSigned {
+        certified,
+        cert_path,
+        key_path,
+        _dir: dir,
+    }
+}
+
+impl SelfSigned {
+    /// `--tls-cert` and `--tls-key` for a router.
+    pub fn router_flags(&self) -> [&str; 4] {
+        ["--tls-cert", &self.cert_path, "--tls-key", &self.key_path]
+    }
+}
+
+/// What a finished command printed: its stdout, then its stderr.
+pub fn printed(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// A finished command's exit code (-1 when a signal ended it) and what it printed.
+pub fn code_and_printed(out: &Output) -> (i32, String) {
+    (out.status.code().unwrap_or(-1), printed(out))
+}
+
+/// Runs `command` with `input` on its stdin, keeping what it prints.
+pub fn output_with_stdin(command: &mut Command, input: &[u8]) -> std::io::Result<Output> {
+    let mut child = command
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    child.stdin.take().unwrap().write_all(input)?;
+    child.wait_with_output()
 }
 
 /// A fresh directory under the system temp dir, removed (recursively) on drop.

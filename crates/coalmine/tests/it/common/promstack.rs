@@ -79,14 +79,8 @@ impl Default for PrometheusSetup {
 }
 
 /// A running `prometheus` (Debian package `prometheus`).
-pub struct Prometheus {
-    /// `http://127.0.0.1:PORT`
-    pub url: String,
-    /// Time from spawning the process to `/-/ready` answering 200.
-    pub ready_after: Duration,
-    server: Server,
-    http: reqwest::Client,
-}
+pub type Prometheus = Server<PrometheusKind>;
+pub enum PrometheusKind {}
 
 impl Prometheus {
     /// Writes the config and rule files, starts Prometheus and waits until it is ready.
@@ -106,39 +100,17 @@ impl Prometheus {
             rule_paths.push(path.to_str().unwrap().to_string());
         }
         let config = prometheus_config(&setup, &rule_paths);
-        let config_path = dir.path.join("prometheus.yml");
-        // JSON is YAML: serde_json does the quoting.
-        fs::write(&config_path, serde_json::to_string_pretty(&config).unwrap()).unwrap();
-        let storage = dir.path.join("data");
-        let server = Server::start("prometheus", &bin, dir, |listen| {
-            vec![
-                format!("--config.file={}", config_path.display()),
-                format!("--storage.tsdb.path={}", storage.display()),
-                format!("--web.listen-address={listen}"),
-                "--log.level=warn".to_string(),
-                // Alerts that fire before the Alertmanager is discovered are dropped, and only
-                // resent after this delay (default 1m).
-                "--rules.alert.resend-delay=1s".to_string(),
-                // Not needed: --rules.alert.for-grace-period only applies when restoring `for`
-                // state after a restart, never with a fresh TSDB.
-            ]
-        });
-        Prometheus {
-            url: format!("http://{}", server.listen),
-            ready_after: server.ready_after,
-            server,
-            http: http_client(),
-        }
-    }
-
-    /// `host:port` Prometheus listens on.
-    pub fn address(&self) -> String {
-        self.server.listen.clone()
-    }
-
-    /// Everything Prometheus has logged so far (warnings and errors).
-    pub fn log(&self) -> String {
-        self.server.log()
+        Server::spawn(
+            "prometheus",
+            &bin,
+            dir,
+            &config,
+            "--storage.tsdb.path",
+            // Alerts that fire before the Alertmanager is discovered are dropped, and only
+            // resent after this delay (default 1m). Not needed: --rules.alert.for-grace-period
+            // only applies when restoring `for` state after a restart, never with a fresh TSDB.
+            &["--rules.alert.resend-delay=1s"],
+        )
     }
 
     /// Instant query (`GET /api/v1/query`); returns the `data` object
@@ -195,22 +167,14 @@ impl Prometheus {
     /// Polls [`Prometheus::value`] every 250 ms until `ok(value)`; returns that value.
     /// Panics after `timeout` with the last answer.
     pub async fn wait_until(&self, expr: &str, ok: impl Fn(f64) -> bool, timeout: Duration) -> f64 {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let v = self.value(expr).await;
-            if let Some(v) = v {
-                if ok(v) {
-                    return v;
-                }
+        let ok = &ok;
+        self.poll(timeout, Duration::from_millis(250), || async move {
+            match self.value(expr).await {
+                Some(v) if ok(v) => Ok(v),
+                v => Err(format!("{expr:?} still {v:?} after {timeout:?}")),
             }
-            if Instant::now() >= deadline {
-                panic!(
-                    "{expr:?} still {v:?} after {timeout:?}\nprometheus log:\n{}",
-                    self.log()
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(250)).await;
-        }
+        })
+        .await
     }
 
     /// `GET /api/v1/targets`: the `data` object (`activeTargets`, `droppedTargets`).
@@ -221,24 +185,20 @@ impl Prometheus {
 
     /// Waits until at least `n` active targets have health `up`; returns the active targets.
     pub async fn wait_for_targets_up(&self, n: usize, timeout: Duration) -> Vec<Value> {
-        let deadline = Instant::now() + timeout;
-        loop {
+        self.poll(timeout, Duration::from_millis(200), || async move {
             let active = self.targets().await["activeTargets"]
                 .as_array()
                 .cloned()
                 .unwrap_or_default();
             if active.iter().filter(|t| t["health"] == "up").count() >= n {
-                return active;
+                return Ok(active);
             }
-            if Instant::now() >= deadline {
-                panic!(
-                    "fewer than {n} targets up after {timeout:?}: {}\nprometheus log:\n{}",
-                    Value::Array(active),
-                    self.log()
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
+            Err(format!(
+                "fewer than {n} targets up after {timeout:?}: {}",
+                Value::Array(active)
+            ))
+        })
+        .await
     }
 
     /// `GET /api/v1/alerts`: every active alert, pending or firing.
@@ -259,23 +219,39 @@ impl Prometheus {
 
     /// Waits until an alert named `alertname` fires; returns it.
     pub async fn wait_for_firing(&self, alertname: &str, timeout: Duration) -> Value {
-        let deadline = Instant::now() + timeout;
-        loop {
+        self.poll(timeout, Duration::from_millis(200), || async move {
             let alerts = self.alerts().await;
             if let Some(a) = alerts
                 .iter()
                 .find(|a| a["labels"]["alertname"] == alertname && a["state"] == "firing")
             {
-                return a.clone();
+                return Ok(a.clone());
             }
+            Err(format!(
+                "{alertname} not firing after {timeout:?}: {}",
+                Value::Array(alerts)
+            ))
+        })
+        .await
+    }
+
+    /// Looks every `every` until `look` finds what it looks for; after `timeout`, panics with
+    /// what the last look saw and Prometheus's log.
+    async fn poll<T, F, Look>(&self, timeout: Duration, every: Duration, look: Look) -> T
+    where
+        F: std::future::Future<Output = Result<T, String>>,
+        Look: Fn() -> F,
+    {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let seen = match look().await {
+                Ok(found) => return found,
+                Err(seen) => seen,
+            };
             if Instant::now() >= deadline {
-                panic!(
-                    "{alertname} not firing after {timeout:?}: {}\nprometheus log:\n{}",
-                    Value::Array(alerts),
-                    self.log()
-                );
+                panic!("{seen}\nprometheus log:\n{}", self.log());
             }
-            tokio::time::sleep(Duration::from_millis(200)).await;
+            tokio::time::sleep(every).await;
         }
     }
 }
@@ -329,15 +305,9 @@ fn prometheus_config(setup: &PrometheusSetup, rule_paths: &[String]) -> Value {
 }
 
 /// A running `prometheus-alertmanager` (Debian package `prometheus-alertmanager`) with one
-/// webhook receiver, clustering off.
-pub struct Alertmanager {
-    /// `http://127.0.0.1:PORT`
-    pub url: String,
-    /// Time from spawning the process to `/-/ready` answering 200.
-    pub ready_after: Duration,
-    server: Server,
-    http: reqwest::Client,
-}
+/// webhook receiver, clustering off; its address is for [`PrometheusSetup::alertmanager`].
+pub type Alertmanager = Server<AlertmanagerKind>;
+pub enum AlertmanagerKind {}
 
 impl Alertmanager {
     /// One route (grouped by `alertname`, group_wait 0s, group_interval 1s, repeat_interval 1h)
@@ -361,35 +331,15 @@ impl Alertmanager {
             },
             "receivers": [{"name": "webhook", "webhook_configs": [webhook]}],
         });
-        let config_path = dir.path.join("alertmanager.yml");
-        fs::write(&config_path, serde_json::to_string_pretty(&config).unwrap()).unwrap();
-        let storage = dir.path.join("data");
-        let server = Server::start("prometheus-alertmanager", &bin, dir, |listen| {
-            vec![
-                format!("--config.file={}", config_path.display()),
-                format!("--storage.path={}", storage.display()),
-                format!("--web.listen-address={listen}"),
-                // Empty: no cluster listener, no gossip, no settle wait before notifying.
-                "--cluster.listen-address=".to_string(),
-                "--log.level=warn".to_string(),
-            ]
-        });
-        Alertmanager {
-            url: format!("http://{}", server.listen),
-            ready_after: server.ready_after,
-            server,
-            http: http_client(),
-        }
-    }
-
-    /// `host:port`, for [`PrometheusSetup::alertmanager`].
-    pub fn address(&self) -> String {
-        self.server.listen.clone()
-    }
-
-    /// Everything Alertmanager has logged so far (warnings and errors).
-    pub fn log(&self) -> String {
-        self.server.log()
+        Server::spawn(
+            "prometheus-alertmanager",
+            &bin,
+            dir,
+            &config,
+            "--storage.path",
+            // Empty: no cluster listener, no gossip, no settle wait before notifying.
+            &["--cluster.listen-address="],
+        )
     }
 
     /// `GET /api/v2/alerts`: the alerts Alertmanager holds.
@@ -404,19 +354,47 @@ impl Alertmanager {
 }
 
 /// A child process on 127.0.0.1 with its temp dir; killed, reaped and cleaned up on drop.
-struct Server {
+/// `K` says which server it is, and so what it answers (see [`Prometheus`], [`Alertmanager`]).
+pub struct Server<K> {
+    /// `http://127.0.0.1:PORT`
+    pub url: String,
+    /// Time from spawning the process to `/-/ready` answering 200.
+    pub ready_after: Duration,
     child: Child,
     listen: String,
-    ready_after: Duration,
     log_path: PathBuf,
+    http: reqwest::Client,
     // Dropped after `child` is killed (see Drop).
     dir: TempDir,
+    kind: std::marker::PhantomData<K>,
 }
 
-impl Server {
-    /// Spawns `bin` with `args(listen)` on a free port and waits for `/-/ready`; retries with
-    /// another port when the chosen one was taken meanwhile.
-    fn start(name: &str, bin: &Path, dir: TempDir, args: impl Fn(&str) -> Vec<String>) -> Server {
+impl<K> Server<K> {
+    /// Writes `config` to `{name}.yml` in `dir` and `bin`'s storage (`storage_flag`) to
+    /// `dir/data`, spawns `bin` on a free port with those and `flags`, and waits for
+    /// `/-/ready`; retries with another port when the chosen one was taken meanwhile.
+    fn spawn(
+        name: &str,
+        bin: &Path,
+        dir: TempDir,
+        config: &Value,
+        storage_flag: &str,
+        flags: &[&str],
+    ) -> Server<K> {
+        let config_path = dir.path.join(format!("{name}.yml"));
+        // JSON is YAML: serde_json does the quoting.
+        fs::write(&config_path, serde_json::to_string_pretty(config).unwrap()).unwrap();
+        let storage = dir.path.join("data");
+        let args = |listen: &str| {
+            let mut args = vec![
+                format!("--config.file={}", config_path.display()),
+                format!("{storage_flag}={}", storage.display()),
+                format!("--web.listen-address={listen}"),
+                "--log.level=warn".to_string(),
+            ];
+            args.extend(flags.iter().map(|f| f.to_string()));
+            args
+        };
         let log_path = dir.path.join(format!("{name}.log"));
         for attempt in 1..=3 {
             let listen = format!("127.0.0.1:{}", free_port());
@@ -434,11 +412,14 @@ impl Server {
             loop {
                 if http_status(&listen, "/-/ready") == Some(200) {
                     return Server {
+                        url: format!("http://{listen}"),
+                        ready_after: spawned.elapsed(),
                         child,
                         listen,
-                        ready_after: spawned.elapsed(),
                         log_path,
+                        http: http_client(),
                         dir,
+                        kind: std::marker::PhantomData,
                     };
                 }
                 if let Some(status) = child.try_wait().unwrap() {
@@ -466,12 +447,18 @@ impl Server {
         unreachable!("the last attempt panics")
     }
 
-    fn log(&self) -> String {
+    /// `host:port` the server listens on.
+    pub fn address(&self) -> String {
+        self.listen.clone()
+    }
+
+    /// Everything the server has logged so far (warnings and errors).
+    pub fn log(&self) -> String {
         fs::read_to_string(&self.log_path).unwrap_or_default()
     }
 }
 
-impl Drop for Server {
+impl<K> Drop for Server<K> {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
