@@ -584,14 +584,9 @@ async fn a_bad_state_file_is_refused_and_a_bad_row_is_named_while_the_others_run
     // A new state file is announced.
     let dir = scratch("badrow");
     let daemon = serve(&dir);
-    assert!(
-        daemon
-            .proc
-            .stderr()
-            .contains("created a new, empty state file"),
-        "{}",
-        daemon.proc.stderr()
-    );
+    daemon
+        .proc
+        .wait_for_stderr("created a new, empty state file");
     // Two rollouts, one of whose rows gets damaged while the daemon is down.
     let (v1, v2) = (upstream("v1", &[]), upstream("v2", &[]));
     let (r1, r2) = (
@@ -626,11 +621,7 @@ async fn a_bad_state_file_is_refused_and_a_bad_row_is_named_while_the_others_run
         .find(|r| r["name"] == "bad")
         .unwrap();
     assert_eq!(bad_row["phase"], "Unknown", "{all:#}");
-    assert!(
-        daemon.proc.stderr().contains("bad"),
-        "{}",
-        daemon.proc.stderr()
-    );
+    daemon.proc.wait_for_stderr("bad");
     // The good one goes on to its end.
     let (code, out) = cli(&daemon, &["status", "good", "--watch"], None);
     assert_eq!(code, 0, "{out}");

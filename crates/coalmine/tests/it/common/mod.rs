@@ -89,6 +89,21 @@ impl Proc {
         self.stderr.lock().unwrap().clone()
     }
 
+    /// Waits (up to 10 s) until the process has written `needle` to stderr: its lines reach
+    /// the test through a reader thread, after the process may already have gone on.
+    #[track_caller]
+    pub fn wait_for_stderr(&self, needle: &str) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !self.stderr().contains(needle) {
+            assert!(
+                Instant::now() < deadline,
+                "no {needle:?} on stderr:\n{}",
+                self.stderr()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     pub fn addr(&self, key: &str) -> SocketAddr {
         self.ready
             .split_whitespace()
