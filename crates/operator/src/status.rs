@@ -6,22 +6,7 @@ use std::collections::BTreeMap;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-/// Flagger's phases, with Flagger's names (`pkg/apis/flagger/v1beta1/status.go`).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
-pub enum Phase {
-    #[default]
-    Initializing,
-    Initialized,
-    Waiting,
-    Progressing,
-    WaitingPromotion,
-    Promoting,
-    Finalising,
-    Succeeded,
-    Failed,
-    Terminating,
-    Terminated,
-}
+pub use coalmine_rollout::Phase;
 
 /// Flagger's `CanaryStatus`, field for field: what `kubectl get canaries`, `kubectl wait
 /// --for=condition=promoted` and Flagger's Grafana boards read.

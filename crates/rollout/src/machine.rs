@@ -7,8 +7,9 @@ use coalmine_spec::Weight;
 
 use crate::plan::{Plan, Strategy};
 
-/// Flagger's canary phases, same names, same order.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+/// Flagger's canary phases, same names, same order (a Canary's `status.phase` is one of these;
+/// Flagger's `Terminating`/`Terminated`, its `revertOnDeletion` finalizer path, are not yet).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, schemars::JsonSchema)]
 pub enum Phase {
     Initializing,
     Initialized,
