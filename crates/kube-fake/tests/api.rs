@@ -8,6 +8,7 @@ use futures::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace};
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{
     Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams, WatchEvent,
     WatchParams,
@@ -303,6 +304,18 @@ async fn status_is_a_subresource_and_generation_counts_spec_changes() {
     let containers = merged.spec.unwrap().template.spec.unwrap().containers;
     let names: Vec<&str> = containers.iter().map(|c| c.name.as_str()).collect();
     assert_eq!(names, ["web", "proxy"]);
+
+    // The scale subresource reads and writes spec.replicas.
+    let scale = api.get_scale("web").await.unwrap();
+    assert_eq!(scale.spec.unwrap().replicas, Some(3));
+    let five = json!({"spec": {"replicas": 5}});
+    api.patch_scale("web", &PatchParams::default(), &Patch::Merge(&five))
+        .await
+        .unwrap();
+    assert_eq!(
+        api.get("web").await.unwrap().spec.unwrap().replicas,
+        Some(5)
+    );
 }
 
 #[tokio::test]
@@ -665,6 +678,120 @@ async fn flagger_crds_install_and_canaries_are_validated_pruned_and_defaulted() 
         "{}",
         err.message
     );
+
+    // Defaults from the schema are filled in.
+    let mut gateway = payment_canary();
+    gateway.metadata.name = Some("gateway".into());
+    gateway.data["spec"]["service"]["gatewayRefs"] =
+        json!([{"name": "public", "namespace": "istio-system"}]);
+    let stored = api.create(&PostParams::default(), &gateway).await.unwrap();
+    assert_eq!(
+        stored.data["spec"]["service"]["gatewayRefs"][0],
+        json!({"name": "public", "namespace": "istio-system", "group": "gateway.networking.k8s.io", "kind": "Gateway"})
+    );
+
+    // Deleting the CRD stops serving canaries.
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    crds.delete("canaries.flagger.app", &DeleteParams::default())
+        .await
+        .unwrap();
+    let gone = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            if let Err(kube::Error::Api(status)) = api.list(&ListParams::default()).await {
+                break status.code;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await
+    .expect("canaries stop being served within 30 s");
+    assert_eq!(gone, 404);
+}
+
+#[tokio::test]
+async fn gateway_api_and_istio_crds_install_and_default_their_objects() {
+    let cluster = TestCluster::start().await.unwrap();
+    let client = cluster.client();
+    for crds in [
+        include_str!("../../../tests/fixtures/crds/gateway-api/gatewayclasses.yaml"),
+        include_str!("../../../tests/fixtures/crds/gateway-api/gateways.yaml"),
+        include_str!("../../../tests/fixtures/crds/gateway-api/httproutes.yaml"),
+        include_str!("../../../tests/fixtures/crds/gateway-api/grpcroutes.yaml"),
+        include_str!("../../../tests/fixtures/crds/gateway-api/referencegrants.yaml"),
+        include_str!("../../../tests/fixtures/crds/istio/networking.yaml"),
+    ] {
+        install_crds(&client, crds).await.unwrap();
+    }
+    let ns = namespace(&client, "routes").await;
+    let gvk = GroupVersionKind::gvk("gateway.networking.k8s.io", "v1", "HTTPRoute");
+    let resource = ApiResource::from_gvk_with_plural(&gvk, "httproutes");
+    let routes: Api<DynamicObject> = Api::namespaced_with(client.clone(), &ns, &resource);
+    let route: DynamicObject = serde_json::from_value(json!({
+        "apiVersion": "gateway.networking.k8s.io/v1",
+        "kind": "HTTPRoute",
+        "metadata": {"name": "web"},
+        "spec": {
+            "parentRefs": [{"name": "public"}],
+            "rules": [{"backendRefs": [{"name": "web-primary", "port": 80, "weight": 90}]}]
+        }
+    }))
+    .unwrap();
+    let stored = routes.create(&PostParams::default(), &route).await.unwrap();
+    let rule = &stored.data["spec"]["rules"][0];
+    assert_eq!(
+        rule["matches"],
+        json!([{"path": {"type": "PathPrefix", "value": "/"}}])
+    );
+    assert_eq!(stored.data["spec"]["parentRefs"][0]["kind"], "Gateway");
+
+    let mut bad = route.clone();
+    bad.metadata.name = Some("bad".into());
+    bad.data["spec"]["rules"][0]["backendRefs"][0]["weight"] = json!(-1);
+    let err = api_error(routes.create(&PostParams::default(), &bad).await);
+    assert_eq!(err.code, 422);
+    assert!(
+        err.message.contains("spec.rules[0].backendRefs[0].weight"),
+        "{}",
+        err.message
+    );
+}
+
+#[tokio::test]
+async fn the_streaming_list_watcher_gets_the_initial_objects_then_changes() {
+    let cluster = TestCluster::start().await.unwrap();
+    let client = cluster.client();
+    let ns = namespace(&client, "streaming").await;
+    let api: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
+    api.create(&PostParams::default(), &config_map("first", &[]))
+        .await
+        .unwrap();
+    let mut stream = watcher(api.clone(), watcher::Config::default().streaming_lists()).boxed();
+    let mut seen = Vec::new();
+    while !seen.contains(&"done".to_string()) {
+        let event = tokio::time::timeout(Duration::from_secs(10), stream.next())
+            .await
+            .unwrap()
+            .unwrap();
+        match event.unwrap() {
+            watcher::Event::Init => seen.push("init".to_string()),
+            watcher::Event::InitApply(cm) => seen.push(cm.metadata.name.unwrap()),
+            watcher::Event::InitDone => seen.push("done".to_string()),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    // kube's streaming-list watcher starts with the objects (it emits no `Init`).
+    assert_eq!(seen, ["first", "done"]);
+    api.create(&PostParams::default(), &config_map("second", &[]))
+        .await
+        .unwrap();
+    match tokio::time::timeout(Duration::from_secs(10), stream.next())
+        .await
+        .unwrap()
+        .unwrap()
+    {
+        Ok(watcher::Event::Apply(cm)) => assert_eq!(cm.metadata.name.as_deref(), Some("second")),
+        other => panic!("unexpected {other:?}"),
+    }
 }
 
 #[tokio::test]
