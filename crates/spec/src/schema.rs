@@ -3,7 +3,13 @@
 //! them, so that what passes here is what `kubectl apply` accepts (within the limits below), and a
 //! mistake is reported at its line and column with the path of the field.
 //!
-//! Checked, because the CRD uses it:
+//! The same checker serves any CRD's schema on JSON objects ([`CrdSchema`]: the fake API server
+//! in `coalmine-kube-fake` prunes, defaults and validates custom resources with it), so there is
+//! one reading of CRD schemas in Coalmine. A [`Violation`] keeps the broken [`Rule`] apart from
+//! its wording: Coalmine's messages below, and the API server's ([`Violation::api_message`]).
+//!
+//! Checked, because the CRDs use it (also `nullable`, `minItems`, `min/maxProperties`,
+//! `exclusiveMinimum/Maximum`, `multipleOf`, `allOf` and non-string `enum`s, for other CRDs):
 //! - `type` (`object`, `array`, `string`, `integer`, `number`, `boolean`) and
 //!   `x-kubernetes-int-or-string`; an integer field also takes a whole float such as `80.0`;
 //! - unknown fields, with the nearest known name as a suggestion, except under
@@ -16,17 +22,19 @@
 //! Deliberately not checked:
 //! - `format`: the API server ignores the unknown `url` and `string`, `date-time` only appears
 //!   under `status`, and `int32` is not range-checked;
-//! - `x-kubernetes-validations`: CEL rules (one, on `service.mirror[].backendRef.port`);
+//! - `x-kubernetes-validations`: CEL rules (one, on `service.mirror[].backendRef.port`), for
+//!   Flagger documents and for JSON objects alike;
 //! - the contents of `metadata`: the API server validates those as ObjectMeta, not by the CRD;
-//! - `default`: defaulting never turns a valid document into an invalid one;
+//! - `default` when checking a Flagger document: defaulting never turns a valid document into an
+//!   invalid one ([`CrdSchema::apply_defaults`] applies defaults to JSON objects);
 //! - YAML that Go's YAML 1.1 parser forgives but YAML 1.2 does not, such as a quoted string
 //!   continued on a line indented no deeper than its key, is reported as a syntax error.
 //!
 //! As in Kubernetes, a field set to `null` counts as absent. The first mistake in document order
-//! is reported; what a mapping lacks (`required`, `oneOf`) is reported after its contents, since
-//! a misspelt key usually explains a missing one. Loading the CRD panics on a schema keyword this
-//! module does not know, so a CRD update that starts using one fails the tests instead of being
-//! silently ignored.
+//! is reported (the API server lists every one); what a mapping lacks (`required`, `oneOf`) is
+//! reported after its contents, since a misspelt key usually explains a missing one. Loading a CRD
+//! fails on a schema keyword this module does not know (for Flagger's embedded CRDs, a panic), so a
+//! CRD update that starts using one fails the tests instead of being silently ignored.
 
 use std::fmt;
 use std::sync::OnceLock;
@@ -40,7 +48,7 @@ use crate::SpecError;
 /// Flagger's CRDs, as published in `artifacts/flagger/crd.yaml`, except that the continuation
 /// lines of the `apiVersion` and `kind` descriptions are indented two more spaces: YAML 1.2, which
 /// serde-saphyr follows, wants them indented past their key, and Go's YAML 1.1 parser does not.
-const FLAGGER_CRDS: &str = include_str!("../schema/flagger-crds.yaml");
+pub const FLAGGER_CRDS: &str = include_str!("../schema/flagger-crds.yaml");
 /// The only version the CRDs serve, and the `apiVersion` documents of that version carry.
 const VERSION: &str = "v1beta1";
 const API_VERSION: &str = "flagger.app/v1beta1";
@@ -80,9 +88,16 @@ impl fmt::Display for FlaggerKind {
 /// `file` only names the document in the error, whose lines and columns count from `text`.
 pub fn validate_flagger(file: &str, text: &str, kind: FlaggerKind) -> Result<(), SpecError> {
     let doc = parse_document(file, text)?;
-    let checker = Checker { file };
-    checker.check_identity(&doc, kind)?;
-    checker.check(schema_for(kind), &doc, "", Fields::Closed)
+    Checker
+        .check_identity(&doc, kind)
+        .and_then(|()| Checker.check(schema_for(kind), &doc, "", Fields::Closed))
+        .map_err(|v| SpecError {
+            file: file.to_owned(),
+            line: v.at.line(),
+            column: v.at.column(),
+            message: v.rule.to_string(),
+            field: v.field,
+        })
 }
 
 /// Where `field`, a path as in [`SpecError::field`] (`spec.analysis.metrics[1].name`), is written
@@ -243,6 +258,63 @@ impl Node {
         self.field(name).is_some()
     }
 
+    fn to_json(&self) -> serde_json::Value {
+        use serde_json::Value;
+        match self {
+            Node::Null => Value::Null,
+            Node::Bool(b) => Value::Bool(*b),
+            Node::Int(i) => i64::try_from(*i)
+                .map(Value::from)
+                .or_else(|_| u64::try_from(*i).map(Value::from))
+                .unwrap_or_else(|_| Value::from(*i as f64)),
+            Node::Float(f) => Value::from(*f),
+            Node::Str(s) => Value::String(s.clone()),
+            Node::Seq(items) => Value::Array(items.iter().map(|i| i.value.to_json()).collect()),
+            Node::Map(entries) => Value::Object(
+                entries
+                    .iter()
+                    .map(|(k, v)| (k.value.clone(), v.value.to_json()))
+                    .collect(),
+            ),
+        }
+    }
+
+    /// A JSON value as a tree of nodes with no location, so the checker can read it.
+    fn from_json(value: &serde_json::Value) -> Spanned<Node> {
+        use serde_json::Value;
+        let unplaced = |node| Spanned::new(node, Location::UNKNOWN, Location::UNKNOWN);
+        unplaced(match value {
+            Value::Null => Node::Null,
+            Value::Bool(b) => Node::Bool(*b),
+            Value::Number(n) => match (n.as_i64(), n.as_u64()) {
+                (Some(i), _) => Node::Int(i.into()),
+                (None, Some(u)) => Node::Int(u.into()),
+                _ => Node::Float(n.as_f64().unwrap_or(f64::NAN)),
+            },
+            Value::String(s) => Node::Str(s.clone()),
+            Value::Array(items) => Node::Seq(items.iter().map(Node::from_json).collect()),
+            Value::Object(entries) => Node::Map(
+                entries
+                    .iter()
+                    .map(|(k, v)| (unplaced_key(k), Node::from_json(v)))
+                    .collect(),
+            ),
+        })
+    }
+
+    /// The JSON type name the API server's messages use.
+    fn type_name(&self) -> &'static str {
+        match self {
+            Node::Null => "null",
+            Node::Bool(_) => "boolean",
+            Node::Int(_) => "integer",
+            Node::Float(_) => "number",
+            Node::Str(_) => "string",
+            Node::Seq(_) => "array",
+            Node::Map(_) => "object",
+        }
+    }
+
     /// What a type error says was found: `string "abc"`, `integer 5`, `object`.
     fn describe(&self) -> String {
         const MAX_CHARS: usize = 40;
@@ -260,6 +332,10 @@ impl Node {
             Node::Map(_) => "object".into(),
         }
     }
+}
+
+fn unplaced_key(key: &str) -> Spanned<String> {
+    Spanned::new(key.to_owned(), Location::UNKNOWN, Location::UNKNOWN)
 }
 
 impl<'de> Deserialize<'de> for Node {
@@ -394,29 +470,44 @@ impl Type {
     }
 }
 
-/// The part of an OpenAPI schema that the Flagger CRDs use.
+/// The part of an OpenAPI schema that CRDs use.
 #[derive(Debug, Default)]
 struct Schema {
-    /// `None` in the branches of `oneOf`/`anyOf`/`not`, which only constrain fields.
+    /// `None` in the branches of `oneOf`/`anyOf`/`allOf`/`not`, which only constrain fields.
     ty: Option<Type>,
     int_or_string: bool,
+    nullable: bool,
     /// In CRD order, which is also the order an "expected one of" message lists them in.
     properties: Vec<(String, Schema)>,
     additional_properties: Option<Box<Schema>>,
     preserve_unknown_fields: bool,
+    /// `x-kubernetes-embedded-resource`: `apiVersion`, `kind` and `metadata` are kept unpruned.
+    embedded_resource: bool,
     required: Vec<String>,
     items: Option<Box<Schema>>,
+    min_items: Option<usize>,
     max_items: Option<usize>,
-    /// Every enum in the CRDs lists strings.
-    enum_values: Vec<String>,
+    min_properties: Option<usize>,
+    max_properties: Option<usize>,
+    enum_values: Vec<serde_json::Value>,
     pattern: Option<regex::Regex>,
     min_length: Option<usize>,
     max_length: Option<usize>,
     minimum: Option<f64>,
+    exclusive_minimum: bool,
     maximum: Option<f64>,
+    exclusive_maximum: bool,
+    multiple_of: Option<f64>,
     one_of: Vec<Schema>,
     any_of: Vec<Schema>,
+    all_of: Vec<Schema>,
     not: Option<Box<Schema>>,
+    default: Option<serde_json::Value>,
+    /// `x-kubernetes-list-type` (`atomic`, `set`, `map`) and, for `map`, its keys.
+    list_type: Option<String>,
+    list_map_keys: Vec<String>,
+    /// `x-kubernetes-map-type` (`atomic`, `granular`).
+    map_type: Option<String>,
 }
 
 impl Schema {
@@ -457,10 +548,15 @@ fn load_schemas(crds: &str) -> Vec<(FlaggerKind, Schema)> {
     docs.iter()
         .map(|crd| {
             let spec = get(crd, "spec");
-            let kind_name = str_of(get(get(spec, "names"), "kind"), "spec.names.kind");
+            let kind_name = get(get(spec, "names"), "kind")
+                .as_str()
+                .expect("flagger-crds.yaml: spec.names.kind is not a string");
             let kind = FlaggerKind::from_kind(kind_name)
                 .unwrap_or_else(|| panic!("flagger-crds.yaml: unexpected CRD kind {kind_name}"));
-            let version = seq_of(get(spec, "versions"), "spec.versions")
+            let Node::Seq(versions) = get(spec, "versions") else {
+                panic!("flagger-crds.yaml: spec.versions is not a list");
+            };
+            let version = versions
                 .iter()
                 .map(|v| &v.value)
                 .find(|v| {
@@ -468,15 +564,11 @@ fn load_schemas(crds: &str) -> Vec<(FlaggerKind, Schema)> {
                         && matches!(v.field("served").map(|s| &s.value), Some(Node::Bool(true)))
                 })
                 .unwrap_or_else(|| panic!("flagger-crds.yaml: {kind} does not serve {VERSION}"));
-            let mut schema = parse_schema(
+            let mut schema = object_schema(
                 get(get(version, "schema"), "openAPIV3Schema"),
                 kind.as_str(),
-            );
-            // The API server validates metadata as ObjectMeta itself; the CRD only says "object".
-            if let Some((_, metadata)) = schema.properties.iter_mut().find(|(n, _)| n == "metadata")
-            {
-                metadata.preserve_unknown_fields = true;
-            }
+            )
+            .unwrap_or_else(|e| panic!("flagger-crds.yaml: {e}"));
             // The API server needs these to pick the schema at all.
             schema
                 .required
@@ -486,65 +578,247 @@ fn load_schemas(crds: &str) -> Vec<(FlaggerKind, Schema)> {
         .collect()
 }
 
+// ---------------------------------------------------------------------------------------------
+// Any CRD's schema, for JSON objects
+
+/// One version's `openAPIV3Schema` of any CustomResourceDefinition, to treat a JSON object the
+/// way the API server's structural-schema handling does before it stores it: [`prune`]
+/// unknown fields, [`apply_defaults`], then [`validate`]. Checks the same rules, with the same
+/// code, as [`validate_flagger`] (see the module documentation for what is not checked).
+///
+/// [`prune`]: CrdSchema::prune
+/// [`apply_defaults`]: CrdSchema::apply_defaults
+/// [`validate`]: CrdSchema::validate
+#[derive(Debug)]
+pub struct CrdSchema {
+    root: Schema,
+}
+
+impl CrdSchema {
+    /// Loads `openAPIV3Schema`; an error names the keyword or value this module cannot use.
+    pub fn from_openapi(openapi: &serde_json::Value) -> Result<Self, String> {
+        let node = Node::from_json(openapi);
+        let mut root = object_schema(&node.value, "openAPIV3Schema")?;
+        // Every object has these, whether or not the CRD lists them.
+        for implicit in ["apiVersion", "kind", "metadata"] {
+            if root.property(implicit).is_none() {
+                let schema = Schema {
+                    ty: Some(if implicit == "metadata" {
+                        Type::Object
+                    } else {
+                        Type::String
+                    }),
+                    preserve_unknown_fields: implicit == "metadata",
+                    ..Schema::default()
+                };
+                root.properties.push((implicit.to_owned(), schema));
+            }
+        }
+        Ok(Self { root })
+    }
+
+    /// The schema of a top-level field (`status`), if the CRD declares one.
+    pub fn declares(&self, field: &str) -> bool {
+        self.root.property(field).is_some()
+    }
+
+    /// Checks `object`; the first violation in document order.
+    pub fn validate(&self, object: &serde_json::Value) -> Result<(), Violation> {
+        Checker.check(&self.root, &Node::from_json(object), "", Fields::Closed)
+    }
+
+    /// Removes the fields the schema does not declare, as the API server prunes them, and
+    /// returns their paths (`spec.colour`). `apiVersion`, `kind` and
+    /// `metadata` are never pruned here: the API server handles those as ObjectMeta.
+    pub fn prune(&self, object: &mut serde_json::Value) -> Vec<String> {
+        let mut pruned = Vec::new();
+        if let serde_json::Value::Object(fields) = object {
+            for (name, value) in fields.iter_mut() {
+                if let Some(sub) = self.root.property(name).filter(|_| name != "metadata") {
+                    prune(sub, value, name, &mut pruned);
+                }
+            }
+            let root = &self.root;
+            fields.retain(|name, _| {
+                let keep = matches!(name.as_str(), "apiVersion" | "kind" | "metadata")
+                    || root.property(name).is_some()
+                    || root.preserve_unknown_fields;
+                if !keep {
+                    pruned.push(join("", name));
+                }
+                keep
+            });
+        }
+        pruned
+    }
+
+    /// Fills in `default`s where a field is absent, or `null` and not nullable; a `null` that
+    /// has no default and is not nullable is dropped, as the API server does.
+    pub fn apply_defaults(&self, object: &mut serde_json::Value) {
+        apply_defaults(&self.root, object);
+    }
+
+    /// `x-kubernetes-list-type` and `x-kubernetes-list-map-keys` of the list at `path`
+    /// (field names; list items are stepped over with `[]`), for server-side apply.
+    pub fn list_type_at(&self, path: &[&str]) -> Option<(&str, &[String])> {
+        let mut at = &self.root;
+        for step in path {
+            at = if *step == "[]" {
+                at.items.as_deref()?
+            } else {
+                at.property(step).or(at.additional_properties.as_deref())?
+            };
+        }
+        at.list_type
+            .as_deref()
+            .map(|ty| (ty, at.list_map_keys.as_slice()))
+    }
+}
+
+fn prune(schema: &Schema, value: &mut serde_json::Value, path: &str, pruned: &mut Vec<String>) {
+    match value {
+        serde_json::Value::Object(fields) => {
+            let open = schema.preserve_unknown_fields;
+            let embedded = schema.embedded_resource;
+            fields.retain(|name, _| {
+                let keep = open
+                    || schema.property(name).is_some()
+                    || schema.additional_properties.is_some()
+                    || (embedded && matches!(name.as_str(), "apiVersion" | "kind" | "metadata"));
+                if !keep {
+                    pruned.push(join(path, name));
+                }
+                keep
+            });
+            for (name, sub_value) in fields.iter_mut() {
+                let sub = schema
+                    .property(name)
+                    .or(schema.additional_properties.as_deref());
+                if let Some(sub) = sub {
+                    prune(sub, sub_value, &join(path, name), pruned);
+                }
+            }
+        }
+        serde_json::Value::Array(items) => {
+            if let Some(item_schema) = &schema.items {
+                for (i, item) in items.iter_mut().enumerate() {
+                    prune(item_schema, item, &format!("{path}[{i}]"), pruned);
+                }
+            }
+        }
+        _ => {}
+    }
+}
+
+fn apply_defaults(schema: &Schema, value: &mut serde_json::Value) {
+    match value {
+        serde_json::Value::Object(fields) => {
+            for (name, sub) in &schema.properties {
+                let absent = fields
+                    .get(name)
+                    .is_none_or(|v| v.is_null() && !sub.nullable);
+                if !absent {
+                    continue;
+                }
+                match &sub.default {
+                    Some(default) => {
+                        fields.insert(name.clone(), default.clone());
+                    }
+                    None if fields.get(name).is_some_and(|v| v.is_null()) => {
+                        fields.remove(name);
+                    }
+                    None => {}
+                }
+            }
+            for (name, sub_value) in fields.iter_mut() {
+                let sub = schema
+                    .property(name)
+                    .or(schema.additional_properties.as_deref());
+                if let Some(sub) = sub {
+                    apply_defaults(sub, sub_value);
+                }
+            }
+        }
+        serde_json::Value::Array(items) => {
+            if let Some(item_schema) = &schema.items {
+                for item in items {
+                    apply_defaults(item_schema, item);
+                }
+            }
+        }
+        _ => {}
+    }
+}
+
+/// The schema of a whole object (a CRD version's `openAPIV3Schema`).
+fn object_schema(node: &Node, at: &str) -> Result<Schema, String> {
+    let mut schema = parse_schema(node, at)?;
+    // The API server validates metadata as ObjectMeta itself; the CRD only says "object".
+    if let Some((_, metadata)) = schema.properties.iter_mut().find(|(n, _)| n == "metadata") {
+        metadata.preserve_unknown_fields = true;
+    }
+    Ok(schema)
+}
+
 fn get<'a>(node: &'a Node, name: &str) -> &'a Node {
     node.field(name)
         .map(|v| &v.value)
         .unwrap_or_else(|| panic!("flagger-crds.yaml: no `{name}`"))
 }
 
-fn str_of<'a>(node: &'a Node, at: &str) -> &'a str {
-    node.as_str()
-        .unwrap_or_else(|| panic!("flagger-crds.yaml: {at} is not a string"))
+fn str_of<'a>(node: &'a Node, at: &str) -> Result<&'a str, String> {
+    node.as_str().ok_or_else(|| format!("{at} is not a string"))
 }
 
-fn seq_of<'a>(node: &'a Node, at: &str) -> &'a [Spanned<Node>] {
+fn seq_of<'a>(node: &'a Node, at: &str) -> Result<&'a [Spanned<Node>], String> {
     match node {
-        Node::Seq(items) => items,
-        _ => panic!("flagger-crds.yaml: {at} is not a list"),
+        Node::Seq(items) => Ok(items),
+        _ => Err(format!("{at} is not a list")),
     }
 }
 
-fn strings_of(node: &Node, at: &str) -> Vec<String> {
-    seq_of(node, at)
+fn strings_of(node: &Node, at: &str) -> Result<Vec<String>, String> {
+    seq_of(node, at)?
         .iter()
-        .map(|s| str_of(&s.value, at).to_owned())
+        .map(|s| str_of(&s.value, at).map(str::to_owned))
         .collect()
 }
 
-fn number_of(node: &Node, at: &str) -> f64 {
+fn number_of(node: &Node, at: &str) -> Result<f64, String> {
     match *node {
-        Node::Int(i) => i as f64,
-        Node::Float(f) => f,
-        _ => panic!("flagger-crds.yaml: {at} is not a number"),
+        Node::Int(i) => Ok(i as f64),
+        Node::Float(f) => Ok(f),
+        _ => Err(format!("{at} is not a number")),
     }
 }
 
-fn count_of(node: &Node, at: &str) -> usize {
+fn count_of(node: &Node, at: &str) -> Result<usize, String> {
     match *node {
         Node::Int(i) => usize::try_from(i).ok(),
         _ => None,
     }
-    .unwrap_or_else(|| panic!("flagger-crds.yaml: {at} is not a count"))
+    .ok_or_else(|| format!("{at} is not a count"))
 }
 
-fn flag_of(node: &Node, at: &str) -> bool {
+fn flag_of(node: &Node, at: &str) -> Result<bool, String> {
     match *node {
-        Node::Bool(b) => b,
-        _ => panic!("flagger-crds.yaml: {at} is not a boolean"),
+        Node::Bool(b) => Ok(b),
+        _ => Err(format!("{at} is not a boolean")),
     }
 }
 
-fn branches_of(node: &Node, at: &str) -> Vec<Schema> {
-    seq_of(node, at)
+fn branches_of(node: &Node, at: &str) -> Result<Vec<Schema>, String> {
+    seq_of(node, at)?
         .iter()
         .map(|branch| parse_schema(&branch.value, at))
         .collect()
 }
 
-/// `at` names the schema in panics, e.g. `Canary.spec.analysis`.
-fn parse_schema(node: &Node, at: &str) -> Schema {
+/// `at` names the schema in errors, e.g. `Canary.spec.analysis`. A keyword this module does not
+/// know is an error, so that a CRD using one is refused rather than silently half-checked.
+fn parse_schema(node: &Node, at: &str) -> Result<Schema, String> {
     let Node::Map(entries) = node else {
-        panic!("flagger-crds.yaml: {at} is not a schema");
+        return Err(format!("{at} is not a schema"));
     };
     let mut schema = Schema::default();
     for (key, value) in entries {
@@ -552,105 +826,436 @@ fn parse_schema(node: &Node, at: &str) -> Schema {
         let value = &value.value;
         match key.value.as_str() {
             "type" => {
-                let name = str_of(value, &here);
-                schema.ty =
-                    Some(Type::parse(name).unwrap_or_else(|| {
-                        panic!("flagger-crds.yaml: {here}: unknown type {name}")
-                    }));
+                let name = str_of(value, &here)?;
+                let ty = Type::parse(name).ok_or_else(|| format!("{here}: unknown type {name}"))?;
+                schema.ty = Some(ty);
             }
-            "x-kubernetes-int-or-string" => schema.int_or_string = flag_of(value, &here),
+            "x-kubernetes-int-or-string" => schema.int_or_string = flag_of(value, &here)?,
             "x-kubernetes-preserve-unknown-fields" => {
-                schema.preserve_unknown_fields = flag_of(value, &here);
+                schema.preserve_unknown_fields = flag_of(value, &here)?;
             }
+            "x-kubernetes-embedded-resource" => schema.embedded_resource = flag_of(value, &here)?,
+            "nullable" => schema.nullable = flag_of(value, &here)?,
             "properties" => {
                 let Node::Map(properties) = value else {
-                    panic!("flagger-crds.yaml: {here} is not a mapping");
+                    return Err(format!("{here} is not a mapping"));
                 };
                 schema.properties = properties
                     .iter()
                     .map(|(name, sub)| {
-                        let sub = parse_schema(&sub.value, &format!("{at}.{}", name.value));
-                        (name.value.clone(), sub)
+                        let sub = parse_schema(&sub.value, &format!("{at}.{}", name.value))?;
+                        Ok((name.value.clone(), sub))
                     })
+                    .collect::<Result<_, String>>()?;
+            }
+            // `additionalProperties: true|false` says nothing a structural schema does not.
+            "additionalProperties" if matches!(value, Node::Bool(_)) => {}
+            "additionalProperties" => {
+                schema.additional_properties = Some(Box::new(parse_schema(value, &here)?));
+            }
+            "required" => schema.required = strings_of(value, &here)?,
+            "items" => schema.items = Some(Box::new(parse_schema(value, &format!("{at}[]"))?)),
+            "minItems" => schema.min_items = Some(count_of(value, &here)?),
+            "maxItems" => schema.max_items = Some(count_of(value, &here)?),
+            "minProperties" => schema.min_properties = Some(count_of(value, &here)?),
+            "maxProperties" => schema.max_properties = Some(count_of(value, &here)?),
+            "enum" => {
+                schema.enum_values = seq_of(value, &here)?
+                    .iter()
+                    .map(|v| v.value.to_json())
                     .collect();
             }
-            "additionalProperties" => {
-                schema.additional_properties = Some(Box::new(parse_schema(value, &here)));
-            }
-            "required" => schema.required = strings_of(value, &here),
-            "items" => schema.items = Some(Box::new(parse_schema(value, &format!("{at}[]")))),
-            "maxItems" => schema.max_items = Some(count_of(value, &here)),
-            "enum" => schema.enum_values = strings_of(value, &here),
             "pattern" => {
-                let source = str_of(value, &here);
-                schema.pattern = Some(regex::Regex::new(source).unwrap_or_else(|e| {
-                    panic!("flagger-crds.yaml: {here}: unsupported pattern {source:?}: {e}")
-                }));
+                let source = str_of(value, &here)?;
+                let pattern = regex::Regex::new(source)
+                    .map_err(|e| format!("{here}: unsupported pattern {source:?}: {e}"))?;
+                schema.pattern = Some(pattern);
             }
-            "minLength" => schema.min_length = Some(count_of(value, &here)),
-            "maxLength" => schema.max_length = Some(count_of(value, &here)),
-            "minimum" => schema.minimum = Some(number_of(value, &here)),
-            "maximum" => schema.maximum = Some(number_of(value, &here)),
-            "oneOf" => schema.one_of = branches_of(value, &here),
-            "anyOf" => schema.any_of = branches_of(value, &here),
-            "not" => schema.not = Some(Box::new(parse_schema(value, &here))),
+            "minLength" => schema.min_length = Some(count_of(value, &here)?),
+            "maxLength" => schema.max_length = Some(count_of(value, &here)?),
+            "minimum" => schema.minimum = Some(number_of(value, &here)?),
+            "maximum" => schema.maximum = Some(number_of(value, &here)?),
+            "exclusiveMinimum" => schema.exclusive_minimum = flag_of(value, &here)?,
+            "exclusiveMaximum" => schema.exclusive_maximum = flag_of(value, &here)?,
+            "multipleOf" => schema.multiple_of = Some(number_of(value, &here)?),
+            "oneOf" => schema.one_of = branches_of(value, &here)?,
+            "anyOf" => schema.any_of = branches_of(value, &here)?,
+            "allOf" => schema.all_of = branches_of(value, &here)?,
+            "not" => schema.not = Some(Box::new(parse_schema(value, &here)?)),
+            "default" => schema.default = Some(value.to_json()),
+            "x-kubernetes-list-type" => schema.list_type = Some(str_of(value, &here)?.to_owned()),
+            "x-kubernetes-list-map-keys" => schema.list_map_keys = strings_of(value, &here)?,
+            "x-kubernetes-map-type" => schema.map_type = Some(str_of(value, &here)?.to_owned()),
             // See the module documentation for why these are not checked.
-            "description" | "default" | "format" | "x-kubernetes-validations" => {}
-            other => panic!("flagger-crds.yaml: {at}: unsupported schema keyword `{other}`"),
+            "description"
+            | "format"
+            | "title"
+            | "example"
+            | "externalDocs"
+            | "uniqueItems"
+            | "x-kubernetes-validations" => {}
+            other => return Err(format!("{at}: unsupported schema keyword `{other}`")),
         }
     }
-    schema
+    Ok(schema)
 }
 
 // ---------------------------------------------------------------------------------------------
 // Checking a document
 
+/// A rule of the schema that a document breaks, at `field` (`spec.analysis.interval`; for a
+/// missing field, the missing field itself). What the rule was and what was found are kept apart
+/// from any wording, so that Coalmine's messages (`Display`) and the API server's
+/// ([`Violation::api_message`]) come from the same check.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Violation {
+    pub field: String,
+    pub rule: Rule,
+    at: Location,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Rule {
+    /// `found` describes the value (`string "abc"`); `found_type` is its JSON type name.
+    Type {
+        expected: &'static str,
+        found: String,
+        found_type: &'static str,
+        quote_hint: bool,
+    },
+    UnknownField {
+        name: String,
+        message: String,
+    },
+    Required {
+        name: String,
+    },
+    Enum {
+        value: serde_json::Value,
+        allowed: Vec<serde_json::Value>,
+    },
+    Pattern {
+        value: String,
+        pattern: String,
+    },
+    MinLength {
+        value: String,
+        min: usize,
+    },
+    MaxLength {
+        value: String,
+        max: usize,
+    },
+    MinItems {
+        count: usize,
+        min: usize,
+    },
+    MaxItems {
+        count: usize,
+        max: usize,
+    },
+    MinProperties {
+        count: usize,
+        min: usize,
+    },
+    MaxProperties {
+        count: usize,
+        max: usize,
+    },
+    Minimum {
+        value: f64,
+        min: f64,
+        exclusive: bool,
+    },
+    Maximum {
+        value: f64,
+        max: f64,
+        exclusive: bool,
+    },
+    MultipleOf {
+        value: f64,
+        factor: f64,
+    },
+    /// `object` is the path of the value the `oneOf` is on; `message` names the fields that
+    /// tell its forms apart (Coalmine reports at the clashing field).
+    OneOf {
+        object: String,
+        matched: usize,
+        message: String,
+    },
+    AnyOf,
+    Not,
+    /// `apiVersion` or `kind` names another type.
+    Identity {
+        expected: String,
+        found: String,
+    },
+}
+
+impl fmt::Display for Rule {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Rule::Type {
+                expected,
+                found,
+                quote_hint,
+                ..
+            } => {
+                write!(f, "expected {expected}, found {found}")?;
+                if *quote_hint {
+                    f.write_str("; put it in quotes to make it a string")?;
+                }
+                Ok(())
+            }
+            Rule::UnknownField { message, .. } | Rule::OneOf { message, .. } => {
+                f.write_str(message)
+            }
+            Rule::Required { name } => write!(f, "missing required field `{name}`"),
+            Rule::Enum { value, allowed } => match value.as_str() {
+                Some(text) if allowed.iter().all(|a| a.is_string()) => {
+                    let allowed: Vec<String> = allowed
+                        .iter()
+                        .filter_map(|a| a.as_str().map(str::to_owned))
+                        .collect();
+                    f.write_str(&unsupported_value_message(text, &allowed))
+                }
+                _ => write!(
+                    f,
+                    "unsupported value {value}; supported values: {}",
+                    json_list(allowed)
+                ),
+            },
+            Rule::Pattern { value, pattern } => {
+                write!(f, "{value:?} does not match the pattern {pattern}")
+            }
+            Rule::MinLength { value, min } => write!(
+                f,
+                "must have at least {}, found {}",
+                counted(*min, "character"),
+                value.chars().count()
+            ),
+            Rule::MaxLength { value, max } => write!(
+                f,
+                "must have at most {}, found {}",
+                counted(*max, "character"),
+                value.chars().count()
+            ),
+            Rule::MinItems { count, min } => write!(
+                f,
+                "must have at least {}, found {count}",
+                counted(*min, "item")
+            ),
+            Rule::MaxItems { count, max } => {
+                write!(
+                    f,
+                    "must have at most {}, found {count}",
+                    counted(*max, "item")
+                )
+            }
+            Rule::MinProperties { count, min } => write!(
+                f,
+                "must have at least {}, found {count}",
+                counted(*min, "field")
+            ),
+            Rule::MaxProperties { count, max } => write!(
+                f,
+                "must have at most {}, found {count}",
+                counted(*max, "field")
+            ),
+            Rule::Minimum {
+                value,
+                min,
+                exclusive: false,
+            } => write!(f, "must be at least {min}, found {value}"),
+            Rule::Minimum { value, min, .. } => {
+                write!(f, "must be greater than {min}, found {value}")
+            }
+            Rule::Maximum {
+                value,
+                max,
+                exclusive: false,
+            } => write!(f, "must be at most {max}, found {value}"),
+            Rule::Maximum { value, max, .. } => write!(f, "must be less than {max}, found {value}"),
+            Rule::MultipleOf { value, factor } => {
+                write!(f, "must be a multiple of {factor}, found {value}")
+            }
+            // In the Flagger CRDs, `anyOf` and `not` only appear inside `oneOf` branches, so
+            // these generic messages are never the one a Flagger user sees.
+            Rule::AnyOf => f.write_str("matches none of the allowed forms"),
+            Rule::Not => f.write_str("matches a forbidden form"),
+            Rule::Identity { expected, found } => write!(f, "expected {expected:?}, found {found}"),
+        }
+    }
+}
+
+impl Violation {
+    /// The field the API server names for this violation: where Coalmine points at the field
+    /// that clashes inside a `oneOf`, the API server names the object the `oneOf` is on.
+    pub fn api_field(&self) -> &str {
+        match &self.rule {
+            Rule::OneOf { object, .. } => object,
+            _ => &self.field,
+        }
+    }
+
+    /// The `reason` of the API server's `StatusCause` (`FieldValueInvalid`, ...).
+    pub fn api_reason(&self) -> &'static str {
+        match self.rule {
+            Rule::Required { .. } => "FieldValueRequired",
+            Rule::Enum { .. } => "FieldValueNotSupported",
+            Rule::MaxLength { .. } => "FieldValueTooLong",
+            Rule::MaxItems { .. } => "FieldValueTooMany",
+            Rule::UnknownField { .. } => "FieldValueNotFound",
+            _ => "FieldValueInvalid",
+        }
+    }
+
+    /// The message the Kubernetes API server gives for this violation (kube-openapi's wording,
+    /// as apiextensions-apiserver turns it into a field error), without the leading field path:
+    /// `Invalid value: "1x": spec.analysis.interval in body should match '^[0-9]+(m|s)'`.
+    pub fn api_message(&self) -> String {
+        let field = self.api_field();
+        let invalid = |value: &dyn fmt::Display, detail: String| {
+            format!("Invalid value: {value}: {field} in body {detail}")
+        };
+        let quoted = |s: &str| serde_json::Value::from(s).to_string();
+        match &self.rule {
+            Rule::Type {
+                expected,
+                found_type,
+                ..
+            } => {
+                let expected = if *expected == "integer or string" {
+                    "integer,string"
+                } else {
+                    expected
+                };
+                invalid(
+                    &quoted(found_type),
+                    format!("must be of type {expected}: {}", quoted(found_type)),
+                )
+            }
+            Rule::UnknownField { name, .. } => format!("Not found: {}", quoted(name)),
+            Rule::Required { .. } => "Required value".to_owned(),
+            Rule::Enum { value, allowed } => {
+                format!(
+                    "Unsupported value: {value}: supported values: {}",
+                    json_list(allowed)
+                )
+            }
+            Rule::Pattern { value, pattern } => {
+                invalid(&quoted(value), format!("should match '{pattern}'"))
+            }
+            Rule::MinLength { value, min } => invalid(
+                &quoted(value),
+                format!("should be at least {min} chars long"),
+            ),
+            Rule::MaxLength { max, .. } => format!("Too long: may not be more than {max} bytes"),
+            Rule::MinItems { count, min } => {
+                invalid(count, format!("should have at least {min} items"))
+            }
+            Rule::MaxItems { count, max } => {
+                format!("Too many: {count}: must have at most {max} items")
+            }
+            Rule::MinProperties { count, min } => {
+                invalid(count, format!("should have at least {min} properties"))
+            }
+            Rule::MaxProperties { count, max } => {
+                invalid(count, format!("should have at most {max} properties"))
+            }
+            Rule::Minimum {
+                value,
+                min,
+                exclusive,
+            } => {
+                let or_equal = if *exclusive { "" } else { " or equal to" };
+                invalid(value, format!("should be greater than{or_equal} {min}"))
+            }
+            Rule::Maximum {
+                value,
+                max,
+                exclusive,
+            } => {
+                let or_equal = if *exclusive { "" } else { " or equal to" };
+                invalid(value, format!("should be less than{or_equal} {max}"))
+            }
+            Rule::MultipleOf { value, factor } => {
+                invalid(value, format!("should be a multiple of {factor}"))
+            }
+            Rule::OneOf { matched, .. } => {
+                let found = if *matched == 0 {
+                    "Found none valid".to_owned()
+                } else {
+                    format!("Found {matched} valid alternatives")
+                };
+                invalid(
+                    &quoted("object"),
+                    format!("must validate one and only one schema (oneOf). {found}"),
+                )
+            }
+            Rule::AnyOf => invalid(
+                &quoted("object"),
+                "must validate at least one schema (anyOf)".to_owned(),
+            ),
+            Rule::Not => invalid(
+                &quoted("object"),
+                "must not validate the schema (not)".to_owned(),
+            ),
+            Rule::Identity { expected, found } => {
+                format!("Invalid value: {found}: must be {}", quoted(expected))
+            }
+        }
+    }
+}
+
+fn json_list(values: &[serde_json::Value]) -> String {
+    values
+        .iter()
+        .map(|v| v.to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// Whether fields a schema does not list are mistakes. They are in the schema proper; the
-/// branches of `oneOf`/`anyOf`/`not` only test the fields they name, as in Kubernetes.
+/// branches of `oneOf`/`anyOf`/`allOf`/`not` only test the fields they name, as in Kubernetes.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Fields {
     Closed,
     Open,
 }
 
-struct Checker<'a> {
-    file: &'a str,
+type Checked = Result<(), Violation>;
+
+struct Checker;
+
+fn violation(at: &Location, field: &str, rule: Rule) -> Violation {
+    Violation {
+        field: field.to_owned(),
+        rule,
+        at: *at,
+    }
 }
 
-impl Checker<'_> {
-    fn error(&self, at: &Location, field: &str, message: impl Into<String>) -> SpecError {
-        SpecError {
-            file: self.file.to_owned(),
-            line: at.line(),
-            column: at.column(),
-            field: field.to_owned(),
-            message: message.into(),
-        }
-    }
-
+impl Checker {
     /// `apiVersion` and `kind` say which schema applies, so they must say this one; checked
     /// first, as checking a document against another kind's schema explains nothing. (That they
     /// are there at all is checked with the rest, so that a misspelt key gets its suggestion.)
-    fn check_identity(&self, doc: &Spanned<Node>, kind: FlaggerKind) -> Result<(), SpecError> {
+    fn check_identity(&self, doc: &Spanned<Node>, kind: FlaggerKind) -> Checked {
         for (field, expected) in [("apiVersion", API_VERSION), ("kind", kind.as_str())] {
             if let Some(value) = doc.value.field(field) {
                 if value.value.as_str() != Some(expected) {
-                    let found = value.value.describe();
-                    let message = format!("expected {expected:?}, found {found}");
-                    return Err(self.error(&value.referenced, field, message));
+                    let rule = Rule::Identity {
+                        expected: expected.to_owned(),
+                        found: value.value.describe(),
+                    };
+                    return Err(violation(&value.referenced, field, rule));
                 }
             }
         }
         Ok(())
     }
 
-    fn check(
-        &self,
-        schema: &Schema,
-        node: &Spanned<Node>,
-        path: &str,
-        fields: Fields,
-    ) -> Result<(), SpecError> {
+    fn check(&self, schema: &Schema, node: &Spanned<Node>, path: &str, fields: Fields) -> Checked {
         self.check_type(schema, node, path)?;
         match &node.value {
             Node::Map(entries) => self.check_map(schema, node, entries, path, fields)?,
@@ -660,15 +1265,11 @@ impl Checker<'_> {
             Node::Float(f) => self.check_number(schema, node, *f, path)?,
             Node::Null | Node::Bool(_) => {}
         }
+        self.check_enum(schema, node, path)?;
         self.check_junctions(schema, node, path)
     }
 
-    fn check_type(
-        &self,
-        schema: &Schema,
-        node: &Spanned<Node>,
-        path: &str,
-    ) -> Result<(), SpecError> {
+    fn check_type(&self, schema: &Schema, node: &Spanned<Node>, path: &str) -> Checked {
         // JSON has one number type; the API server takes `80.0` where an integer is due.
         let whole = |f: f64| f.fract() == 0.0;
         let ok = if schema.int_or_string {
@@ -680,6 +1281,7 @@ impl Checker<'_> {
         } else {
             match (&node.value, schema.ty) {
                 (_, None) => true,
+                (Node::Null, Some(_)) => schema.nullable,
                 (Node::Map(_), Some(Type::Object))
                 | (Node::Seq(_), Some(Type::Array))
                 | (Node::Str(_), Some(Type::String))
@@ -693,13 +1295,14 @@ impl Checker<'_> {
         if ok {
             return Ok(());
         }
-        let found = node.value.describe();
-        let mut message = format!("expected {}, found {found}", schema.expected());
         let scalar = matches!(node.value, Node::Bool(_) | Node::Int(_) | Node::Float(_));
-        if scalar && (schema.ty == Some(Type::String) || schema.int_or_string) {
-            message.push_str("; put it in quotes to make it a string");
-        }
-        Err(self.error(&node.referenced, path, message))
+        let rule = Rule::Type {
+            expected: schema.expected(),
+            found: node.value.describe(),
+            found_type: node.value.type_name(),
+            quote_hint: scalar && (schema.ty == Some(Type::String) || schema.int_or_string),
+        };
+        Err(violation(&node.referenced, path, rule))
     }
 
     fn check_map(
@@ -709,7 +1312,7 @@ impl Checker<'_> {
         entries: &[(Spanned<String>, Spanned<Node>)],
         path: &str,
         fields: Fields,
-    ) -> Result<(), SpecError> {
+    ) -> Checked {
         for (key, value) in entries {
             let field = join(path, &key.value);
             let sub = schema
@@ -722,14 +1325,28 @@ impl Checker<'_> {
                     || schema.preserve_unknown_fields
                     || schema.ty != Some(Type::Object) => {}
                 None => {
-                    let message = unknown_field_message(&key.value, schema);
-                    return Err(self.error(&key.referenced, &field, message));
+                    let rule = Rule::UnknownField {
+                        name: key.value.clone(),
+                        message: unknown_field_message(&key.value, schema),
+                    };
+                    return Err(violation(&key.referenced, &field, rule));
                 }
             }
         }
         if let Some(missing) = schema.required.iter().find(|r| !node.value.has_field(r)) {
-            let message = format!("missing required field `{missing}`");
-            return Err(self.error(&node.referenced, &join(path, missing), message));
+            let rule = Rule::Required {
+                name: missing.clone(),
+            };
+            return Err(violation(&node.referenced, &join(path, missing), rule));
+        }
+        let count = entries.len();
+        if let Some(min) = schema.min_properties.filter(|min| count < *min) {
+            let rule = Rule::MinProperties { count, min };
+            return Err(violation(&node.referenced, path, rule));
+        }
+        if let Some(max) = schema.max_properties.filter(|max| count > *max) {
+            let rule = Rule::MaxProperties { count, max };
+            return Err(violation(&node.referenced, path, rule));
         }
         Ok(())
     }
@@ -741,14 +1358,15 @@ impl Checker<'_> {
         items: &[Spanned<Node>],
         path: &str,
         fields: Fields,
-    ) -> Result<(), SpecError> {
-        if let Some(max) = schema.max_items.filter(|max| items.len() > *max) {
-            let message = format!(
-                "must have at most {}, found {}",
-                counted(max, "item"),
-                items.len()
-            );
-            return Err(self.error(&node.referenced, path, message));
+    ) -> Checked {
+        let count = items.len();
+        if let Some(max) = schema.max_items.filter(|max| count > *max) {
+            let rule = Rule::MaxItems { count, max };
+            return Err(violation(&node.referenced, path, rule));
+        }
+        if let Some(min) = schema.min_items.filter(|min| count < *min) {
+            let rule = Rule::MinItems { count, min };
+            return Err(violation(&node.referenced, path, rule));
         }
         let Some(item_schema) = &schema.items else {
             return Ok(());
@@ -759,35 +1377,50 @@ impl Checker<'_> {
         Ok(())
     }
 
-    fn check_str(
-        &self,
-        schema: &Schema,
-        node: &Spanned<Node>,
-        text: &str,
-        path: &str,
-    ) -> Result<(), SpecError> {
-        let fail = |message: String| Err(self.error(&node.referenced, path, message));
-        if !schema.enum_values.is_empty() && !schema.enum_values.iter().any(|v| v == text) {
-            return fail(unsupported_value_message(text, &schema.enum_values));
+    fn check_enum(&self, schema: &Schema, node: &Spanned<Node>, path: &str) -> Checked {
+        if schema.enum_values.is_empty() || node.value.is_null() {
+            return Ok(());
+        }
+        let value = node.value.to_json();
+        if schema
+            .enum_values
+            .iter()
+            .any(|allowed| same_json(allowed, &value))
+        {
+            return Ok(());
+        }
+        let rule = Rule::Enum {
+            value,
+            allowed: schema.enum_values.clone(),
+        };
+        Err(violation(&node.referenced, path, rule))
+    }
+
+    fn check_str(&self, schema: &Schema, node: &Spanned<Node>, text: &str, path: &str) -> Checked {
+        let fail = |rule: Rule| Err(violation(&node.referenced, path, rule));
+        // An enum says everything a pattern or length would; its message is the useful one
+        // (`check_enum`, next).
+        if !schema.enum_values.is_empty() {
+            return Ok(());
         }
         if let Some(pattern) = schema.pattern.as_ref().filter(|p| !p.is_match(text)) {
-            return fail(format!(
-                "{text:?} does not match the pattern {}",
-                pattern.as_str()
-            ));
+            return fail(Rule::Pattern {
+                value: text.to_owned(),
+                pattern: pattern.as_str().to_owned(),
+            });
         }
         let chars = text.chars().count();
         if let Some(min) = schema.min_length.filter(|min| chars < *min) {
-            return fail(format!(
-                "must have at least {}, found {chars}",
-                counted(min, "character")
-            ));
+            return fail(Rule::MinLength {
+                value: text.to_owned(),
+                min,
+            });
         }
         if let Some(max) = schema.max_length.filter(|max| chars > *max) {
-            return fail(format!(
-                "must have at most {}, found {chars}",
-                counted(max, "character")
-            ));
+            return fail(Rule::MaxLength {
+                value: text.to_owned(),
+                max,
+            });
         }
         Ok(())
     }
@@ -798,13 +1431,32 @@ impl Checker<'_> {
         node: &Spanned<Node>,
         value: f64,
         path: &str,
-    ) -> Result<(), SpecError> {
-        let fail = |message: String| Err(self.error(&node.referenced, path, message));
-        if let Some(min) = schema.minimum.filter(|min| value < *min) {
-            return fail(format!("must be at least {min}, found {value}"));
+    ) -> Checked {
+        let fail = |rule: Rule| Err(violation(&node.referenced, path, rule));
+        if let Some(min) = schema.minimum {
+            let exclusive = schema.exclusive_minimum;
+            if value < min || (exclusive && value == min) {
+                return fail(Rule::Minimum {
+                    value,
+                    min,
+                    exclusive,
+                });
+            }
         }
-        if let Some(max) = schema.maximum.filter(|max| value > *max) {
-            return fail(format!("must be at most {max}, found {value}"));
+        if let Some(max) = schema.maximum {
+            let exclusive = schema.exclusive_maximum;
+            if value > max || (exclusive && value == max) {
+                return fail(Rule::Maximum {
+                    value,
+                    max,
+                    exclusive,
+                });
+            }
+        }
+        if let Some(factor) = schema.multiple_of.filter(|f| *f != 0.0) {
+            if (value / factor).fract() != 0.0 {
+                return fail(Rule::MultipleOf { value, factor });
+            }
         }
         Ok(())
     }
@@ -813,23 +1465,19 @@ impl Checker<'_> {
         self.check(schema, node, path, Fields::Open).is_ok()
     }
 
-    fn check_junctions(
-        &self,
-        schema: &Schema,
-        node: &Spanned<Node>,
-        path: &str,
-    ) -> Result<(), SpecError> {
+    fn check_junctions(&self, schema: &Schema, node: &Spanned<Node>, path: &str) -> Checked {
         if !schema.one_of.is_empty() {
             self.check_one_of(&schema.one_of, node, path)?;
         }
-        // In the CRDs, `anyOf` and `not` only appear inside `oneOf` branches, so these generic
-        // messages are never the one a user sees.
+        for branch in &schema.all_of {
+            self.check(branch, node, path, Fields::Open)?;
+        }
         if !schema.any_of.is_empty() && !schema.any_of.iter().any(|b| self.matches(b, node, path)) {
-            return Err(self.error(&node.referenced, path, "matches none of the allowed forms"));
+            return Err(violation(&node.referenced, path, Rule::AnyOf));
         }
         if let Some(not) = &schema.not {
             if self.matches(not, node, path) {
-                return Err(self.error(&node.referenced, path, "matches a forbidden form"));
+                return Err(violation(&node.referenced, path, Rule::Not));
             }
         }
         Ok(())
@@ -838,13 +1486,8 @@ impl Checker<'_> {
     /// The CRDs use `oneOf` over mappings to say which fields go together, each branch
     /// requiring some fields (`interval`, `threshold` and one of `iterations`, `stepWeight`,
     /// `stepWeights`). The message names fields rather than branches.
-    fn check_one_of(
-        &self,
-        branches: &[Schema],
-        node: &Spanned<Node>,
-        path: &str,
-    ) -> Result<(), SpecError> {
-        let results: Vec<Result<(), SpecError>> = branches
+    fn check_one_of(&self, branches: &[Schema], node: &Spanned<Node>, path: &str) -> Checked {
+        let results: Vec<Checked> = branches
             .iter()
             .map(|branch| self.check(branch, node, path, Fields::Open))
             .collect();
@@ -852,9 +1495,14 @@ impl Checker<'_> {
         if matched == 1 {
             return Ok(());
         }
+        let one_of = |message: String| Rule::OneOf {
+            object: path.to_owned(),
+            matched,
+            message,
+        };
         let Node::Map(entries) = &node.value else {
             let message = format!("expected exactly one of {} allowed forms", branches.len());
-            return Err(self.error(&node.referenced, path, message));
+            return Err(violation(&node.referenced, path, one_of(message)));
         };
 
         // Fields every branch requires are simply required; the others tell branches apart.
@@ -882,8 +1530,10 @@ impl Checker<'_> {
 
         if matched == 0 {
             if let Some(missing) = common.iter().find(|r| !node.value.has_field(r)) {
-                let message = format!("missing required field `{missing}`");
-                return Err(self.error(&node.referenced, &join(path, missing), message));
+                let rule = Rule::Required {
+                    name: (*missing).to_owned(),
+                };
+                return Err(violation(&node.referenced, &join(path, missing), rule));
             }
             // A branch whose fields are all there failed on something deeper: say what.
             let chosen = branches.iter().zip(&results).find(|(branch, _)| {
@@ -894,7 +1544,7 @@ impl Checker<'_> {
                 return Err(deeper.clone());
             }
             let message = format!("missing one of {choice_list}");
-            return Err(self.error(&node.referenced, path, message));
+            return Err(violation(&node.referenced, path, one_of(message)));
         }
 
         // More than one branch fits: the fields that tell them apart clash.
@@ -911,13 +1561,22 @@ impl Checker<'_> {
                     last.value,
                     backticked(&earlier)
                 );
-                Err(self.error(&last.referenced, &join(path, &last.value), message))
+                let field = join(path, &last.value);
+                Err(violation(&last.referenced, &field, one_of(message)))
             }
             _ => {
                 let message = format!("set only one of {choice_list}");
-                Err(self.error(&node.referenced, path, message))
+                Err(violation(&node.referenced, path, one_of(message)))
             }
         }
+    }
+}
+
+/// JSON equality with numbers compared by value (`80` is `80.0`), as the API server does.
+fn same_json(a: &serde_json::Value, b: &serde_json::Value) -> bool {
+    match (a, b) {
+        (serde_json::Value::Number(x), serde_json::Value::Number(y)) => x.as_f64() == y.as_f64(),
+        _ => a == b,
     }
 }
 
@@ -1463,5 +2122,165 @@ spec:
         assert_eq!(err.message, "missing one of `address`, `secretRef`");
         let err = provider("  address: https://x\n  secretRef:\n    name: s\n").unwrap_err();
         assert_eq!(err.field, "spec.secretRef");
+    }
+
+    /// Every version schema of the CRDs in a multi-document YAML text.
+    fn crd_schemas(text: &str) -> Vec<(String, CrdSchema)> {
+        let docs: Vec<serde_json::Value> = serde_saphyr::from_multiple(text).unwrap();
+        let mut schemas = Vec::new();
+        for crd in docs.iter().filter(|d| !d.is_null()) {
+            let kind = crd["spec"]["names"]["kind"].as_str().unwrap();
+            for version in crd["spec"]["versions"].as_array().unwrap() {
+                let at = format!("{kind}/{}", version["name"]);
+                let schema = CrdSchema::from_openapi(&version["schema"]["openAPIV3Schema"])
+                    .unwrap_or_else(|e| panic!("{at}: {e}"));
+                schemas.push((at, schema));
+            }
+        }
+        schemas
+    }
+
+    #[test]
+    fn the_gateway_api_istio_and_flagger_crds_load_for_json_objects() {
+        let mut loaded = 0;
+        for text in [
+            FLAGGER_CRDS,
+            include_str!("../../../tests/fixtures/crds/gateway-api/gateways.yaml"),
+            include_str!("../../../tests/fixtures/crds/gateway-api/httproutes.yaml"),
+            include_str!("../../../tests/fixtures/crds/gateway-api/grpcroutes.yaml"),
+            include_str!("../../../tests/fixtures/crds/gateway-api/gatewayclasses.yaml"),
+            include_str!("../../../tests/fixtures/crds/gateway-api/referencegrants.yaml"),
+            include_str!("../../../tests/fixtures/crds/istio/networking.yaml"),
+        ] {
+            loaded += crd_schemas(text).len();
+        }
+        assert!(loaded >= 12, "{loaded}");
+    }
+
+    fn canary_schema() -> CrdSchema {
+        crd_schemas(FLAGGER_CRDS)
+            .into_iter()
+            .find(|(at, _)| at.starts_with("Canary/"))
+            .unwrap()
+            .1
+    }
+
+    fn payment_json() -> serde_json::Value {
+        serde_saphyr::from_str(PAYMENT).unwrap()
+    }
+
+    #[test]
+    fn a_json_object_is_checked_with_the_same_rules_and_api_server_wording() {
+        let schema = canary_schema();
+        let mut canary = payment_json();
+        assert_eq!(schema.validate(&canary), Ok(()));
+
+        canary["spec"]["analysis"]["interval"] = "1x".into();
+        let v = schema.validate(&canary).unwrap_err();
+        assert_eq!(v.api_field(), "spec.analysis.interval");
+        assert_eq!(v.api_reason(), "FieldValueInvalid");
+        assert_eq!(
+            v.api_message(),
+            "Invalid value: \"1x\": spec.analysis.interval in body should match '^[0-9]+(m|s)'"
+        );
+        // The same violation, in Coalmine's words.
+        assert_eq!(
+            v.rule.to_string(),
+            "\"1x\" does not match the pattern ^[0-9]+(m|s)"
+        );
+
+        let mut canary = payment_json();
+        canary["spec"]["analysis"]["threshold"] = "lots".into();
+        let v = schema.validate(&canary).unwrap_err();
+        assert_eq!(
+            v.api_message(),
+            "Invalid value: \"string\": spec.analysis.threshold in body must be of type number: \"string\""
+        );
+
+        let mut canary = payment_json();
+        canary["spec"].as_object_mut().unwrap().remove("targetRef");
+        let v = schema.validate(&canary).unwrap_err();
+        assert_eq!(
+            (v.api_field(), v.api_reason()),
+            ("spec.targetRef", "FieldValueRequired")
+        );
+        assert_eq!(v.api_message(), "Required value");
+
+        let mut canary = payment_json();
+        canary["spec"]["provider"] = "envoy".into();
+        let v = schema.validate(&canary).unwrap_err();
+        assert_eq!(v.api_reason(), "FieldValueNotSupported");
+        assert!(
+            v.api_message()
+                .starts_with("Unsupported value: \"envoy\": supported values: \"apisix\""),
+            "{}",
+            v.api_message()
+        );
+
+        let mut canary = payment_json();
+        canary["spec"]["analysis"]["iterations"] = 10.into();
+        let v = schema.validate(&canary).unwrap_err();
+        assert_eq!(v.api_field(), "spec.analysis");
+        assert_eq!(
+            v.api_message(),
+            "Invalid value: \"object\": spec.analysis in body must validate one and only one \
+             schema (oneOf). Found 2 valid alternatives"
+        );
+    }
+
+    #[test]
+    fn unknown_fields_are_pruned_and_defaults_filled_in_as_the_api_server_does() {
+        let schema = CrdSchema::from_openapi(&serde_json::json!({
+            "type": "object",
+            "properties": {
+                "metadata": {"type": "object"},
+                "spec": {
+                    "type": "object",
+                    "properties": {
+                        "replicas": {"type": "integer", "default": 1},
+                        "strategy": {
+                            "type": "object",
+                            "default": {},
+                            "properties": {"kind": {"type": "string", "default": "Canary"}}
+                        },
+                        "labels": {"type": "object", "additionalProperties": {"type": "string"}},
+                        "extra": {"type": "object", "x-kubernetes-preserve-unknown-fields": true},
+                        "steps": {"type": "array", "items": {
+                            "type": "object", "properties": {"weight": {"type": "integer"}}
+                        }}
+                    }
+                }
+            }
+        }))
+        .unwrap();
+        let mut object = serde_json::json!({
+            "apiVersion": "x/v1", "kind": "X", "metadata": {"name": "a", "anything": 1},
+            "colour": "red",
+            "spec": {
+                "replicas": null,
+                "labels": {"a": "b"},
+                "extra": {"free": {"form": true}},
+                "steps": [{"weight": 5, "colour": "blue"}],
+                "colour": "green"
+            }
+        });
+        let mut pruned = schema.prune(&mut object);
+        pruned.sort();
+        assert_eq!(pruned, ["colour", "spec.colour", "spec.steps[0].colour"]);
+        schema.apply_defaults(&mut object);
+        assert_eq!(
+            object,
+            serde_json::json!({
+                "apiVersion": "x/v1", "kind": "X", "metadata": {"name": "a", "anything": 1},
+                "spec": {
+                    "replicas": 1,
+                    "strategy": {"kind": "Canary"},
+                    "labels": {"a": "b"},
+                    "extra": {"free": {"form": true}},
+                    "steps": [{"weight": 5}]
+                }
+            })
+        );
+        assert_eq!(schema.validate(&object), Ok(()));
     }
 }
