@@ -12,5 +12,6 @@
 pub mod crd;
 pub mod flagger;
 pub mod leader;
+pub mod seams;
 pub mod status;
 pub mod workload;

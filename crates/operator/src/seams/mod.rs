@@ -1,0 +1,9 @@
+//! Kubernetes implementations of the controller's seams (`coalmine_controller::traffic`,
+//! `state`, `targets`, `observations`). They live here, not beside the others in the
+//! controller, so that the controller and its tests build without a Kubernetes client; the
+//! operator chooses them for the resources it runs (a store or backend is chosen by what runs
+//! the rollout, not by its document).
+//!
+//! - [`replicas`]: provider `kubernetes` with weights — the canary's share of replicas.
+
+pub mod replicas;

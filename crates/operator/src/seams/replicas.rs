@@ -1,0 +1,362 @@
+//! Provider `kubernetes` with weights: the traffic backend that splits by replicas, as the seed
+//! does by hand (19 stable pods and 1 canary pod behind one Service are 5 %). Flagger offers no
+//! weights for this provider (fluxcd/flagger#508).
+//!
+//! The apex Service selects `coalmine.dev/service: <apex>`, a label the primary's pods get from
+//! Coalmine and the target's pods from the user's template (the template stays the user's: one
+//! label, added once, in Git). The canary's share is its replicas among all: the primary keeps
+//! its size and the target (the canary) gets the fewest replicas that reach the weight
+//! ([`replica_split`]), so a rollback only removes canary pods. Promotion copies the target's
+//! template to the primary, holds until the primary has rolled out, then scales the canary to 0.
+//!
+//! A rollout claims its target with the `coalmine.dev/owner` annotation (written against the
+//! `resourceVersion` read, so of two controllers one wins); another owner's claim is refused.
+
+use std::collections::BTreeMap;
+
+use coalmine_controller::traffic::TrafficBackend;
+use coalmine_controller::BoxFuture;
+use coalmine_rollout::{Traffic, TrafficFault};
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
+use kube::api::{Api, Patch, PatchParams, PostParams};
+
+use crate::workload::{
+    primary_deployment, primary_name, readiness, replica_split, services, Readiness,
+    ServicePortSpec,
+};
+
+/// The label the apex Service selects, on both versions' pods.
+pub const SERVICE_LABEL: &str = "coalmine.dev/service";
+/// Who drives a target: `<rollout> (<controller>)`.
+pub const OWNER_ANNOTATION: &str = "coalmine.dev/owner";
+/// The field manager of every object Coalmine writes.
+pub const FIELD_MANAGER: &str = "coalmine";
+
+/// What the backend works on: the user's target, the primary Coalmine runs beside it, the
+/// apex Service.
+pub struct ReplicaRatio {
+    deployments: Api<Deployment>,
+    services: Api<Service>,
+    target: String,
+    apex: String,
+    owner: String,
+    /// The rollout (Canary or Rollout) that owns the primary.
+    owner_reference: OwnerReference,
+    /// `canaryReadyThreshold` / `primaryReadyThreshold` (%), `progressDeadlineSeconds`.
+    primary_ready_threshold: u32,
+    progress_deadline_seconds: u64,
+}
+
+/// How the backend is set up for one rollout.
+pub struct ReplicaRatioSpec {
+    pub namespace: String,
+    pub target: String,
+    pub apex: String,
+    pub owner: String,
+    pub owner_reference: OwnerReference,
+    pub primary_ready_threshold: u32,
+    pub progress_deadline_seconds: u64,
+}
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
+/// A kube error as the rollout sees it: the API server's own refusals (not found, forbidden,
+/// invalid) will not heal by waiting; anything else (no answer, overload, a conflict with a
+/// concurrent write) is held and tried again.
+fn fault(what: &str, e: kube::Error) -> TrafficFault {
+    match &e {
+        kube::Error::Api(status)
+            if (400..500).contains(&status.code) && ![408, 409, 429].contains(&status.code) =>
+        {
+            TrafficFault::Refused(format!("{what}: {}", status.message))
+        }
+        _ => TrafficFault::Unreachable(format!("{what}: {e}")),
+    }
+}
+
+impl ReplicaRatio {
+    pub fn new(client: kube::Client, spec: ReplicaRatioSpec) -> ReplicaRatio {
+        ReplicaRatio {
+            deployments: Api::namespaced(client.clone(), &spec.namespace),
+            services: Api::namespaced(client, &spec.namespace),
+            target: spec.target,
+            apex: spec.apex,
+            owner: spec.owner,
+            owner_reference: spec.owner_reference,
+            primary_ready_threshold: spec.primary_ready_threshold,
+            progress_deadline_seconds: spec.progress_deadline_seconds,
+        }
+    }
+
+    async fn target(&self) -> Result<Deployment, TrafficFault> {
+        self.deployments
+            .get(&self.target)
+            .await
+            .map_err(|e| fault(&format!("Deployment {}", self.target), e))
+    }
+
+    /// The target's pods must carry the apex's label, or the apex would not reach them.
+    fn check_label(&self, target: &Deployment) -> Result<(), TrafficFault> {
+        let labels = target
+            .spec
+            .as_ref()
+            .and_then(|s| s.template.metadata.as_ref())
+            .and_then(|m| m.labels.as_ref());
+        match labels.and_then(|l| l.get(SERVICE_LABEL)) {
+            Some(v) if *v == self.apex => Ok(()),
+            found => Err(TrafficFault::Refused(format!(
+                "Deployment {}: spec.template.metadata.labels needs {SERVICE_LABEL}: {} (found {}): provider kubernetes splits by replicas behind Service {}, which selects that label on both versions' pods",
+                self.target,
+                self.apex,
+                found.map_or("none".into(), |v| format!("{v:?}")),
+                self.apex
+            ))),
+        }
+    }
+
+    async fn scale_target(&self, replicas: i32) -> Result<(), TrafficFault> {
+        let patch = serde_json::json!({ "spec": { "replicas": replicas } });
+        self.deployments
+            .patch_scale(&self.target, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+            .map(|_| ())
+            .map_err(|e| fault(&format!("scaling Deployment {}", self.target), e))
+    }
+
+    /// The apex selects both versions by the shared label.
+    async fn select_both(&self) -> Result<(), TrafficFault> {
+        let patch = serde_json::json!({
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": { "name": self.apex },
+            "spec": { "selector": { SERVICE_LABEL: self.apex } },
+        });
+        self.services
+            .patch(
+                &self.apex,
+                &PatchParams::apply(FIELD_MANAGER).force(),
+                &Patch::Apply(&patch),
+            )
+            .await
+            .map(|_| ())
+            .map_err(|e| fault(&format!("Service {}", self.apex), e))
+    }
+
+    /// The primary as it must be: the target's template with the apex's label.
+    async fn apply_primary(
+        &self,
+        target: &Deployment,
+        replicas: Option<i32>,
+    ) -> Result<Deployment, TrafficFault> {
+        let mut primary = primary_deployment(target, &self.owner_reference, replicas)
+            .map_err(|e| TrafficFault::Refused(e.to_string()))?;
+        primary
+            .spec
+            .as_mut()
+            .and_then(|s| s.template.metadata.as_mut())
+            .and_then(|m| m.labels.as_mut())
+            .map(|l| l.insert(SERVICE_LABEL.to_string(), self.apex.clone()));
+        let mut object = serde_json::to_value(&primary).expect("a Deployment serializes");
+        object["apiVersion"] = "apps/v1".into();
+        object["kind"] = "Deployment".into();
+        let name = primary_name(&self.target);
+        self.deployments
+            .patch(
+                &name,
+                &PatchParams::apply(FIELD_MANAGER).force(),
+                &Patch::Apply(&object),
+            )
+            .await
+            .map_err(|e| fault(&format!("Deployment {name}"), e))
+    }
+
+    /// The weight's split: the primary as it is, the canary beside it.
+    async fn split(&self, traffic: &Traffic) -> Result<Vec<String>, TrafficFault> {
+        let target = self.target().await?;
+        self.check_label(&target)?;
+        let primary = self.primary().await?;
+        let primary_replicas = primary.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
+        let wanted = if traffic.canary {
+            replica_split(primary_replicas, traffic.canary_weight).canary
+        } else {
+            0
+        };
+        let mut changed = Vec::new();
+        let current = target.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
+        if current != wanted {
+            self.scale_target(wanted).await?;
+            changed.push(format!(
+                "Deployment {} replicas {current} → {wanted}",
+                self.target
+            ));
+        }
+        self.select_both().await?;
+        Ok(changed)
+    }
+
+    async fn primary(&self) -> Result<Deployment, TrafficFault> {
+        let name = primary_name(&self.target);
+        self.deployments
+            .get(&name)
+            .await
+            .map_err(|e| fault(&format!("Deployment {name}"), e))
+    }
+
+    /// Flagger's initialisation: the primary (the target's template and size) and the three
+    /// Services, the apex selecting both versions by the shared label; once the primary is
+    /// ready, the target (the canary) is scaled to 0. Holds (`Unreachable`) until then.
+    pub async fn initialize(&self, port: &ServicePortSpec) -> Result<(), TrafficFault> {
+        let target = self.target().await?;
+        self.check_label(&target)?;
+        let existing = self.deployments.get_opt(&primary_name(&self.target)).await;
+        let existing = existing.map_err(|e| fault("Deployment primary", e))?;
+        // The primary's size, once it exists, is its own (or its autoscaler's).
+        let replicas = match &existing {
+            Some(p) => p.spec.as_ref().and_then(|s| s.replicas),
+            None => target.spec.as_ref().and_then(|s| s.replicas),
+        };
+        let primary = match existing {
+            Some(p) => p,
+            None => self.apply_primary(&target, replicas).await?,
+        };
+        for service in services(&target, &self.owner_reference, port)
+            .map_err(|e| TrafficFault::Refused(e.to_string()))?
+        {
+            let name = service.metadata.name.clone().unwrap_or_default();
+            let mut object = serde_json::to_value(&service).expect("a Service serializes");
+            object["apiVersion"] = "v1".into();
+            object["kind"] = "Service".into();
+            if name == self.apex {
+                object["spec"]["selector"] = serde_json::json!({ SERVICE_LABEL: self.apex });
+            }
+            self.services
+                .patch(
+                    &name,
+                    &PatchParams::apply(FIELD_MANAGER).force(),
+                    &Patch::Apply(&object),
+                )
+                .await
+                .map_err(|e| fault(&format!("Service {name}"), e))?;
+        }
+        self.hold_until_ready(&primary)?;
+        if target.spec.as_ref().and_then(|s| s.replicas) != Some(0) {
+            self.scale_target(0).await?;
+        }
+        Ok(())
+    }
+
+    fn hold_until_ready(&self, workload: &Deployment) -> Result<(), TrafficFault> {
+        match readiness(
+            workload,
+            self.primary_ready_threshold,
+            self.progress_deadline_seconds,
+            unix_now(),
+        ) {
+            Readiness::Ready => Ok(()),
+            Readiness::Waiting(why) => Err(TrafficFault::Unreachable(why)),
+            Readiness::Failed(why) => Err(TrafficFault::Refused(why)),
+        }
+    }
+
+    /// Promotion: the primary runs the target's template, then the canary goes.
+    async fn promote(&self) -> Result<Vec<String>, TrafficFault> {
+        let target = self.target().await?;
+        // Its size stays: an apply without `replicas` would drop the field Coalmine owns.
+        let size = self.primary().await?.spec.and_then(|s| s.replicas);
+        let primary = self.apply_primary(&target, size).await?;
+        self.hold_until_ready(&primary)?;
+        let current = target.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
+        let mut changed = Vec::new();
+        if current != 0 {
+            self.scale_target(0).await?;
+            changed.push(format!("Deployment {} replicas {current} → 0", self.target));
+        }
+        Ok(changed)
+    }
+
+    async fn set_owner(&self, owner: Option<&str>) -> Result<(), TrafficFault> {
+        let target = self.target().await?;
+        let held = target
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(OWNER_ANNOTATION))
+            .cloned();
+        match (&held, owner) {
+            (Some(other), Some(_)) if *other != self.owner => {
+                return Err(TrafficFault::Refused(format!(
+                    "Deployment {} is driven by {other}; one rollout at a time",
+                    self.target
+                )))
+            }
+            (Some(_), Some(_)) | (None, None) => return Ok(()),
+            (Some(other), None) if *other != self.owner => return Ok(()),
+            _ => {}
+        }
+        let mut updated = target.clone();
+        let annotations = updated
+            .metadata
+            .annotations
+            .get_or_insert_with(BTreeMap::new);
+        match owner {
+            Some(o) => annotations.insert(OWNER_ANNOTATION.into(), o.into()),
+            None => annotations.remove(OWNER_ANNOTATION),
+        };
+        // Written against the resourceVersion read: a concurrent claim makes this a 409.
+        match self
+            .deployments
+            .replace(&self.target, &PostParams::default(), &updated)
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(kube::Error::Api(status)) if status.code == 409 => {
+                Err(TrafficFault::Refused(format!(
+                    "Deployment {} was claimed by another controller at the same moment",
+                    self.target
+                )))
+            }
+            Err(e) => Err(fault(&format!("Deployment {}", self.target), e)),
+        }
+    }
+}
+
+impl TrafficBackend for ReplicaRatio {
+    fn claim(&self) -> BoxFuture<'_, Result<(), TrafficFault>> {
+        Box::pin(async move {
+            self.check_label(&self.target().await?)?;
+            self.set_owner(Some(&self.owner)).await
+        })
+    }
+
+    fn apply<'a>(&'a self, traffic: &'a Traffic) -> BoxFuture<'a, Result<(), TrafficFault>> {
+        Box::pin(async move { self.reconcile(traffic).await.map(|_| ()) })
+    }
+
+    fn reconcile<'a>(
+        &'a self,
+        traffic: &'a Traffic,
+    ) -> BoxFuture<'a, Result<Vec<String>, TrafficFault>> {
+        Box::pin(async move {
+            if traffic.apply_match || traffic.mirror_weight.basis_points() > 0 {
+                return Err(TrafficFault::Refused(
+                    "provider kubernetes splits by replicas: it cannot match headers or mirror requests (use provider coalmine)".into(),
+                ));
+            }
+            if traffic.promoted {
+                self.promote().await
+            } else {
+                self.split(traffic).await
+            }
+        })
+    }
+
+    fn release(&self) -> BoxFuture<'_, Result<(), TrafficFault>> {
+        Box::pin(async move { self.set_owner(None).await })
+    }
+}

@@ -1,0 +1,270 @@
+//! Provider `kubernetes` with weights against an API server (real with `KUBEBUILDER_ASSETS`, else
+//! the fake): the seed's 19:1, promotion through the primary, claims, and what it refuses.
+//! There is no kubelet: the test marks workloads ready by writing their status, as envtest
+//! users do.
+
+use coalmine_controller::traffic::TrafficBackend;
+use coalmine_kube_fake::TestCluster;
+use coalmine_operator::seams::replicas::{ReplicaRatio, ReplicaRatioSpec, SERVICE_LABEL};
+use coalmine_operator::workload::ServicePortSpec;
+use coalmine_rollout::{Traffic, TrafficFault};
+use coalmine_spec::Weight;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{Namespace, Service};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
+use kube::api::{Api, Patch, PatchParams, PostParams};
+use serde_json::json;
+
+const DEPLOYMENT: &str = include_str!("fixtures/payment-service-deployment.yaml");
+
+struct Setup {
+    _cluster: TestCluster,
+    client: kube::Client,
+    deployments: Api<Deployment>,
+}
+
+async fn setup(with_label: bool) -> Setup {
+    let cluster = TestCluster::start().await.unwrap();
+    let client = cluster.client();
+    let ns: Namespace = serde_json::from_value(json!({"metadata": {"name": "shop"}})).unwrap();
+    Api::<Namespace>::all(client.clone())
+        .create(&PostParams::default(), &ns)
+        .await
+        .unwrap();
+    let mut target: Deployment = serde_saphyr::from_str(DEPLOYMENT).unwrap();
+    if with_label {
+        let labels = target
+            .spec
+            .as_mut()
+            .unwrap()
+            .template
+            .metadata
+            .as_mut()
+            .unwrap();
+        labels
+            .labels
+            .as_mut()
+            .unwrap()
+            .insert(SERVICE_LABEL.into(), "payment-service".into());
+    }
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), "shop");
+    deployments
+        .create(&PostParams::default(), &target)
+        .await
+        .unwrap();
+    Setup {
+        _cluster: cluster,
+        client,
+        deployments,
+    }
+}
+
+fn backend(setup: &Setup, controller: &str) -> ReplicaRatio {
+    ReplicaRatio::new(
+        setup.client.clone(),
+        ReplicaRatioSpec {
+            namespace: "shop".into(),
+            target: "payment-service".into(),
+            apex: "payment-service".into(),
+            owner: format!("payment-service ({controller})"),
+            owner_reference: OwnerReference {
+                api_version: "flagger.app/v1beta1".into(),
+                kind: "Canary".into(),
+                name: "payment-service".into(),
+                uid: "8d0c5a52-1b7e-4c55-9a0e-2f7d1c9e0a11".into(),
+                controller: Some(true),
+                block_owner_deletion: Some(true),
+            },
+            primary_ready_threshold: 100,
+            progress_deadline_seconds: 600,
+        },
+    )
+}
+
+/// What the deployment controller and kubelet would report once every replica runs.
+async fn mark_ready(deployments: &Api<Deployment>, name: &str) {
+    let d = deployments.get(name).await.unwrap();
+    let n = d.spec.as_ref().unwrap().replicas.unwrap_or(1);
+    let status = json!({"status": {
+        "observedGeneration": d.metadata.generation.unwrap(),
+        "replicas": n, "updatedReplicas": n, "readyReplicas": n, "availableReplicas": n,
+    }});
+    deployments
+        .patch_status(name, &PatchParams::default(), &Patch::Merge(&status))
+        .await
+        .unwrap();
+}
+
+async fn replicas(deployments: &Api<Deployment>, name: &str) -> i32 {
+    deployments
+        .get(name)
+        .await
+        .unwrap()
+        .spec
+        .unwrap()
+        .replicas
+        .unwrap()
+}
+
+fn weighted(percent: f64) -> Traffic {
+    Traffic {
+        promoted: false,
+        canary: percent > 0.0,
+        canary_weight: Weight::from_percent(percent).unwrap(),
+        apply_match: false,
+        mirror_weight: Weight::ZERO,
+    }
+}
+
+fn port() -> ServicePortSpec {
+    ServicePortSpec {
+        name: None,
+        port: 80,
+        target_port: None,
+        port_name: None,
+    }
+}
+
+#[tokio::test]
+async fn the_seeds_nineteen_to_one_then_promotion_through_the_primary() {
+    let setup = setup(true).await;
+    let d = &setup.deployments;
+    let backend = backend(&setup, "operator-a");
+    // Initialisation waits for the primary, then leaves the canary at 0.
+    let held = backend.initialize(&port()).await.unwrap_err();
+    assert!(
+        matches!(&held, TrafficFault::Unreachable(w) if w.contains("payment-service-primary")),
+        "{held:?}"
+    );
+    assert_eq!(
+        replicas(d, "payment-service").await,
+        19,
+        "the target serves until the primary does"
+    );
+    mark_ready(d, "payment-service-primary").await;
+    backend.initialize(&port()).await.unwrap();
+    assert_eq!(replicas(d, "payment-service-primary").await, 19);
+    assert_eq!(replicas(d, "payment-service").await, 0);
+    let services: Api<Service> = Api::namespaced(setup.client.clone(), "shop");
+    let selector = |s: Service| serde_json::to_value(s.spec.unwrap().selector).unwrap();
+    assert_eq!(
+        selector(services.get("payment-service").await.unwrap()),
+        json!({SERVICE_LABEL: "payment-service"})
+    );
+    assert_eq!(
+        selector(services.get("payment-service-canary").await.unwrap()),
+        json!({"app": "payment-service"})
+    );
+    // The weights as replicas beside the 19 primary pods.
+    backend.claim().await.unwrap();
+    for (weight, canary) in [(5.0, 1), (25.0, 7), (50.0, 19), (0.0, 0)] {
+        backend.apply(&weighted(weight)).await.unwrap();
+        assert_eq!(
+            replicas(d, "payment-service").await,
+            canary,
+            "at {weight} %"
+        );
+        assert_eq!(
+            replicas(d, "payment-service-primary").await,
+            19,
+            "the primary keeps its size"
+        );
+    }
+    // Someone scales the canary by hand: put right, and said.
+    backend.apply(&weighted(5.0)).await.unwrap();
+    d.patch_scale(
+        "payment-service",
+        &PatchParams::default(),
+        &Patch::Merge(&json!({"spec": {"replicas": 5}})),
+    )
+    .await
+    .unwrap();
+    let corrected = backend.reconcile(&weighted(5.0)).await.unwrap();
+    assert_eq!(corrected, ["Deployment payment-service replicas 5 → 1"]);
+    assert_eq!(replicas(d, "payment-service").await, 1);
+    assert!(
+        backend.reconcile(&weighted(5.0)).await.unwrap().is_empty(),
+        "idempotent"
+    );
+    // A new image (kubectl set image), then promotion: the primary rolls out first.
+    let image = json!({"spec": {"template": {"spec": {"containers": [
+        {"name": "payment-service", "image": "registry.example/payment-service:2.0.0"}]}}}});
+    d.patch(
+        "payment-service",
+        &PatchParams::default(),
+        &Patch::Strategic(&image),
+    )
+    .await
+    .unwrap();
+    let promoted = Traffic {
+        promoted: true,
+        ..weighted(5.0)
+    };
+    let held = backend.apply(&promoted).await.unwrap_err();
+    assert!(matches!(held, TrafficFault::Unreachable(_)), "{held:?}");
+    assert_eq!(
+        replicas(d, "payment-service").await,
+        1,
+        "the canary serves until the primary does"
+    );
+    let primary = d.get("payment-service-primary").await.unwrap();
+    let containers = &primary
+        .spec
+        .as_ref()
+        .unwrap()
+        .template
+        .spec
+        .as_ref()
+        .unwrap()
+        .containers;
+    assert_eq!(
+        containers[0].image.as_deref(),
+        Some("registry.example/payment-service:2.0.0")
+    );
+    assert_eq!(
+        primary.spec.unwrap().replicas,
+        Some(19),
+        "promotion keeps the primary's size"
+    );
+    mark_ready(d, "payment-service-primary").await;
+    backend.apply(&promoted).await.unwrap();
+    assert_eq!(replicas(d, "payment-service").await, 0);
+    backend.release().await.unwrap();
+}
+
+#[tokio::test]
+async fn one_rollout_at_a_time_and_what_replicas_cannot_do() {
+    let setup = setup(true).await;
+    let first = backend(&setup, "operator-a");
+    first.claim().await.unwrap();
+    first.claim().await.unwrap();
+    let second = backend(&setup, "operator-b");
+    let refused = second.claim().await.unwrap_err();
+    assert!(
+        matches!(&refused, TrafficFault::Refused(w) if w.contains("payment-service (operator-a)")),
+        "{refused:?}"
+    );
+    // Releasing frees it for the next.
+    first.release().await.unwrap();
+    second.claim().await.unwrap();
+    let matched = Traffic {
+        apply_match: true,
+        ..weighted(10.0)
+    };
+    let refused = second.apply(&matched).await.unwrap_err();
+    assert!(
+        matches!(&refused, TrafficFault::Refused(w) if w.contains("provider coalmine")),
+        "{refused:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_target_whose_pods_lack_the_apex_label_is_refused_naming_the_field() {
+    let setup = setup(false).await;
+    let refused = backend(&setup, "operator-a").claim().await.unwrap_err();
+    let TrafficFault::Refused(why) = refused else {
+        panic!("{refused:?}")
+    };
+    assert!(why.contains("spec.template.metadata.labels"), "{why}");
+    assert!(why.contains(SERVICE_LABEL), "{why}");
+}
