@@ -140,3 +140,41 @@ pub fn crds_yaml() -> String {
         })
         .collect()
 }
+
+impl Rollout {
+    /// The rollout as Coalmine's controller runs it: the analysis and its settings; where the
+    /// traffic goes is the operator's business (its traffic backend), not the document's.
+    pub fn to_document(&self) -> coalmine_spec::rollout::Rollout {
+        let spec = &self.spec;
+        coalmine_spec::rollout::Rollout {
+            api_version: coalmine_spec::rollout::API_VERSION.to_string(),
+            kind: "Rollout".to_string(),
+            metadata: coalmine_spec::rollout::Metadata {
+                name: self.metadata.name.clone().unwrap_or_default(),
+                namespace: self.metadata.namespace.clone(),
+                labels: self.metadata.labels.clone().unwrap_or_default(),
+                annotations: Default::default(),
+            },
+            spec: coalmine_spec::rollout::RolloutSpec {
+                routers: Vec::new(),
+                router: None,
+                service: Some(
+                    spec.service
+                        .name
+                        .clone()
+                        .unwrap_or_else(|| spec.target_ref.name.clone()),
+                ),
+                stable: None,
+                canary: None,
+                progress_deadline_seconds: spec.progress_deadline_seconds.map_or(
+                    coalmine_spec::rollout::DEFAULT_PROGRESS_DEADLINE_SECONDS,
+                    u64::from,
+                ),
+                skip_analysis: spec.skip_analysis,
+                suspend: spec.suspend,
+                preview: Vec::new(),
+                analysis: spec.analysis.clone(),
+            },
+        }
+    }
+}

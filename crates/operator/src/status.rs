@@ -80,19 +80,17 @@ pub struct RolloutStatus {
     pub state: Option<serde_json::Value>,
 }
 
-/// One metric check's last reading against its bounds.
+/// One metric check's last reading, as `coalmine status --output json` shows it.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct CheckReading {
     pub name: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub value: Option<f64>,
+    /// `pass`, `fail` or `inconclusive`.
+    pub verdict: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub min: Option<f64>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub max: Option<f64>,
-    /// `Passed`, `Failed` or `NoData`.
-    pub result: String,
+    pub reason: Option<String>,
     /// RFC 3339.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub time: Option<String>,

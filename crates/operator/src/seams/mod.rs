@@ -5,5 +5,7 @@
 //! the rollout, not by its document).
 //!
 //! - [`replicas`]: provider `kubernetes` with weights — the canary's share of replicas.
+//! - [`status_store`]: the state store in a `Rollout`'s status, with Kubernetes Events.
 
 pub mod replicas;
+pub mod status_store;

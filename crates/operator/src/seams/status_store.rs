@@ -1,0 +1,162 @@
+//! The state store on Kubernetes: a `Rollout`'s own `status`. Each step is one write of the
+//! whole status — Flagger's fields, each check's reading, the judges' evidence and the machine's
+//! state — through the status subresource, before the step is carried out; an operator that
+//! starts (a restart, a new leader) resumes from it. Then the step's events become Kubernetes
+//! Events on the Rollout, as Flagger writes them (reason `Synced`; a failed Event never undoes a
+//! saved step).
+
+use coalmine_controller::report::status_json;
+use coalmine_controller::state::{StateError, StateStore};
+use coalmine_controller::BoxFuture;
+use coalmine_rollout::{Event, EventLevel, Status};
+use k8s_openapi::api::core::v1::ObjectReference;
+use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::events::{Event as KubeEvent, EventType, Recorder, Reporter};
+use kube::Resource;
+
+use crate::crd::Rollout;
+use crate::seams::replicas::FIELD_MANAGER;
+use crate::status::RolloutStatus;
+
+/// Why the status could not be written or read.
+#[derive(Debug, thiserror::Error)]
+pub enum StatusStoreError {
+    #[error("writing the status of Rollout {name}: {source}")]
+    Write { name: String, source: kube::Error },
+    #[error("reading Rollout {name}: {source}")]
+    Read { name: String, source: kube::Error },
+    #[error("Rollout {name}'s status.state is not a state this operator reads: {source}")]
+    Unreadable {
+        name: String,
+        source: serde_json::Error,
+    },
+}
+
+/// One Rollout's status, read and written through the API server.
+pub struct RolloutStatusStore {
+    api: Api<Rollout>,
+    name: String,
+    /// The rollout as the driver runs it (its status reads like `coalmine status`'s).
+    document: coalmine_spec::rollout::Rollout,
+    /// The `metadata.generation` the driver runs.
+    generation: Option<i64>,
+    recorder: Recorder,
+    reference: ObjectReference,
+}
+
+impl RolloutStatusStore {
+    /// `instance` names this operator replica in the Events it writes.
+    pub fn new(
+        client: kube::Client,
+        rollout: &Rollout,
+        document: coalmine_spec::rollout::Rollout,
+        instance: &str,
+    ) -> RolloutStatusStore {
+        let namespace = rollout.metadata.namespace.clone().unwrap_or_default();
+        RolloutStatusStore {
+            api: Api::namespaced(client.clone(), &namespace),
+            name: rollout.metadata.name.clone().unwrap_or_default(),
+            document,
+            generation: rollout.metadata.generation,
+            recorder: Recorder::new(
+                client,
+                Reporter {
+                    controller: "coalmine".into(),
+                    instance: Some(instance.into()),
+                },
+            ),
+            reference: rollout.object_ref(&()),
+        }
+    }
+
+    /// The status a step writes: what `coalmine status --output json` says, in the Rollout's
+    /// status fields, with the machine's state to resume from.
+    pub fn status_of(&self, status: &Status) -> Result<RolloutStatus, serde_json::Error> {
+        let shown = status_json(&self.document, status, None);
+        Ok(RolloutStatus {
+            canary: serde_json::from_value(shown.clone())?,
+            observed_generation: self.generation,
+            effective_weight: None,
+            checks: serde_json::from_value(shown["metrics"].clone())?,
+            sequential: Some(shown["sequential"].clone()).filter(|s| !s.is_null()),
+            state: Some(serde_json::to_value(status)?),
+        })
+    }
+
+    async fn write(&self, status: &Status) -> Result<(), StatusStoreError> {
+        let name = self.name.clone();
+        let object = self
+            .status_of(status)
+            .map_err(|source| StatusStoreError::Unreadable {
+                name: name.clone(),
+                source,
+            })?;
+        let patch = serde_json::json!({
+            "apiVersion": "coalmine.dev/v1alpha1",
+            "kind": "Rollout",
+            "metadata": { "name": self.name },
+            "status": object,
+        });
+        self.api
+            .patch_status(
+                &self.name,
+                &PatchParams::apply(FIELD_MANAGER).force(),
+                &Patch::Apply(&patch),
+            )
+            .await
+            .map(|_| ())
+            .map_err(|source| StatusStoreError::Write { name, source })
+    }
+
+    async fn publish(&self, events: &[Event]) {
+        for event in events {
+            let event = KubeEvent {
+                type_: match event.level {
+                    EventLevel::Info => EventType::Normal,
+                    EventLevel::Warning => EventType::Warning,
+                },
+                reason: "Synced".into(),
+                note: Some(event.message.clone()),
+                action: event.phase.as_str().into(),
+                secondary: None,
+            };
+            if let Err(e) = self.recorder.publish(&event, &self.reference).await {
+                tracing::warn!(rollout = %self.name, error = %e, "an Event was not written");
+            }
+        }
+    }
+}
+
+impl StateStore for RolloutStatusStore {
+    fn save<'a>(
+        &'a mut self,
+        status: &'a Status,
+        events: &'a [Event],
+    ) -> BoxFuture<'a, Result<(), StateError>> {
+        Box::pin(async move {
+            self.write(status).await.map_err(StateError::new)?;
+            self.publish(events).await;
+            Ok(())
+        })
+    }
+
+    fn load(&self) -> BoxFuture<'_, Result<Option<Status>, StateError>> {
+        Box::pin(async move {
+            let rollout = self.api.get(&self.name).await.map_err(|source| {
+                StateError::new(StatusStoreError::Read {
+                    name: self.name.clone(),
+                    source,
+                })
+            })?;
+            let Some(state) = rollout.status.and_then(|s| s.state) else {
+                return Ok(None);
+            };
+            serde_json::from_value(state).map(Some).map_err(|source| {
+                StateError::new(StatusStoreError::Unreadable {
+                    name: self.name.clone(),
+                    source,
+                })
+            })
+        })
+    }
+}
