@@ -6,12 +6,22 @@
 //! - [`status`]: the status both resources carry: Flagger's `CanaryStatus` fields, so
 //!   `kubectl get`, `kubectl wait` and Flagger's dashboards keep working, plus Coalmine's.
 //!
+//! - [`flagger`]: Flagger's `Canary`, `MetricTemplate`, `AlertProvider` as watched, their spec
+//!   read per object (a Canary Coalmine cannot run gets the field's path, the watch goes on).
+//! - [`workload`]: the objects a rollout runs on, built as Flagger builds them, and Flagger's
+//!   readiness rules. Pure.
+//! - [`next`]: Flagger's change detection — initialise, start, resume, restart, adopt. Pure.
+//! - [`leader`]: one leader among the replicas through a Lease (a pure rule and its edge).
+//! - [`seams`]: the Kubernetes implementations of the controller's seams (replica-ratio traffic,
+//!   the state store in a Rollout's status).
+//!
 //! Architecture invariant: the types here are the only declaration of the resources' shape; the
 //! CRD committed under `deploy/kubernetes/` is their output, kept equal by a test.
 
 pub mod crd;
 pub mod flagger;
 pub mod leader;
+pub mod next;
 pub mod seams;
 pub mod status;
 pub mod workload;

@@ -1,0 +1,149 @@
+//! What the operator does about one rollout when it looks at it: Flagger's change detection
+//! (`pkg/canary/spec.go`, `pkg/controller/scheduler.go`) as a pure rule over what the cluster
+//! shows — no IO, no clock.
+
+/// What the operator saw of one rollout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Seen<'a> {
+    /// Whether `<target>-primary` exists.
+    pub primary_exists: bool,
+    /// The digest of the target's pod template and tracked configs now.
+    pub spec_hash: &'a str,
+    /// `status.lastAppliedSpec` and `status.lastPromotedSpec`.
+    pub last_applied: Option<&'a str>,
+    pub last_promoted: Option<&'a str>,
+    /// A run's saved state exists and has not ended (`status.state` without an outcome).
+    pub unfinished_run: bool,
+    /// This operator is driving the rollout now.
+    pub driving: bool,
+}
+
+/// The operator's next move.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Next {
+    /// No primary yet: create it and the Services, then scale the target to 0 (Flagger's
+    /// `Initializing` → `Initialized`); the current template counts as promoted.
+    Initialize,
+    /// A run was under way when its operator went (a restart, another leader): drive it on
+    /// from its saved state.
+    Resume,
+    /// A new revision: start a run for it.
+    Start,
+    /// A new revision while a run is under way (or saved unfinished): stop that run, its traffic
+    /// back on the primary, then look again (Flagger restarts its analysis on a new revision).
+    Restart,
+    /// The template is back at the promoted revision (a manual rollback): record it as applied,
+    /// start nothing.
+    Adopt,
+    /// Nothing to do.
+    Idle,
+}
+
+pub fn next(seen: &Seen<'_>) -> Next {
+    if !seen.primary_exists {
+        return Next::Initialize;
+    }
+    let changed = seen.last_applied != Some(seen.spec_hash);
+    if seen.driving {
+        return if changed { Next::Restart } else { Next::Idle };
+    }
+    if seen.unfinished_run && !changed {
+        return Next::Resume;
+    }
+    if !changed {
+        return Next::Idle;
+    }
+    if seen.unfinished_run {
+        // The revision changed while nobody drove the run: that run's canary must still be
+        // taken off (never leave traffic on a canary nobody watches), then the new revision
+        // is looked at again.
+        return Next::Restart;
+    }
+    if seen.last_promoted == Some(seen.spec_hash) {
+        return Next::Adopt;
+    }
+    Next::Start
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn seen(hash: &'static str) -> Seen<'static> {
+        Seen {
+            primary_exists: true,
+            spec_hash: hash,
+            last_applied: Some("v1"),
+            last_promoted: Some("v1"),
+            unfinished_run: false,
+            driving: false,
+        }
+    }
+
+    #[test]
+    fn flaggers_change_detection() {
+        let cases = [
+            (
+                Seen {
+                    primary_exists: false,
+                    ..seen("v1")
+                },
+                Next::Initialize,
+            ),
+            (seen("v1"), Next::Idle),
+            (seen("v2"), Next::Start),
+            (
+                Seen {
+                    driving: true,
+                    last_applied: Some("v2"),
+                    ..seen("v2")
+                },
+                Next::Idle,
+            ),
+            (
+                Seen {
+                    driving: true,
+                    last_applied: Some("v2"),
+                    ..seen("v3")
+                },
+                Next::Restart,
+            ),
+            (
+                Seen {
+                    unfinished_run: true,
+                    last_applied: Some("v2"),
+                    ..seen("v2")
+                },
+                Next::Resume,
+            ),
+            (
+                Seen {
+                    unfinished_run: true,
+                    last_applied: Some("v2"),
+                    ..seen("v3")
+                },
+                Next::Restart,
+            ),
+            // `kubectl rollout undo` back to the promoted template starts nothing...
+            (
+                Seen {
+                    last_applied: Some("v2"),
+                    ..seen("v1")
+                },
+                Next::Adopt,
+            ),
+            // ...but an unfinished run of the abandoned revision is stopped first.
+            (
+                Seen {
+                    unfinished_run: true,
+                    last_applied: Some("v2"),
+                    ..seen("v1")
+                },
+                Next::Restart,
+            ),
+        ];
+        for (seen, expected) in cases {
+            assert_eq!(next(&seen), expected, "{seen:?}");
+        }
+    }
+}
