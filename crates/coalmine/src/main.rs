@@ -61,6 +61,8 @@ enum Command {
     Upstream(upstream::UpstreamArgs),
     /// Run Flagger's load-test webhook: `hey` commands from Canary webhooks, run natively
     Loadtester(loadtester::LoadtesterArgs),
+    /// Run the Kubernetes operator: lead through a Lease, run the cluster's Rollouts
+    Operator(operator_cmd::OperatorArgs),
     /// Print Coalmine's Kubernetes custom resource definitions (`coalmine crd | kubectl apply -f -`)
     Crd(operator_cmd::CrdArgs),
 }
@@ -81,9 +83,11 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     // The demo and `run` talk to people through their own output; logs are for servers.
     let default_level = match cli.command {
-        Command::Proxy(_) | Command::Upstream(_) | Command::Serve(_) | Command::Loadtester(_) => {
-            "info"
-        }
+        Command::Proxy(_)
+        | Command::Upstream(_)
+        | Command::Serve(_)
+        | Command::Loadtester(_)
+        | Command::Operator(_) => "info",
         _ => "warn",
     };
     tracing_subscriber::fmt()
@@ -102,6 +106,7 @@ fn main() -> ExitCode {
         Command::Loadtester(args) => loadtester::run(args).map(|()| ExitCode::SUCCESS),
         Command::Check(args) => rollout_cmd::check(args),
         Command::Crd(args) => operator_cmd::crd(args),
+        Command::Operator(args) => operator_cmd::operator(args),
         Command::Convert(args) => rollout_cmd::convert(args),
         Command::Run(args) => rollout_cmd::run(args),
         Command::Simulate(args) => simulate_cmd::run(args),

@@ -28,3 +28,63 @@ pub fn crd(args: CrdArgs) -> anyhow::Result<ExitCode> {
     crate::output::text(&text);
     Ok(ExitCode::SUCCESS)
 }
+
+#[derive(Args)]
+pub struct OperatorArgs {
+    /// The kubeconfig to use (default: as kubectl: $KUBECONFIG, ~/.kube/config, or the pod's
+    /// service account inside a cluster)
+    #[arg(long, value_name = "FILE")]
+    pub kubeconfig: Option<std::path::PathBuf>,
+    /// Watch one namespace (default: all)
+    #[arg(long, short = 'n')]
+    pub namespace: Option<String>,
+    /// This replica's name in the Lease and in Events (default: $POD_NAME, else host and pid)
+    #[arg(long, env = "POD_NAME")]
+    pub identity: Option<String>,
+    /// Where the leader Lease lives
+    #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
+    pub lease_namespace: String,
+    #[arg(long, default_value = "coalmine-operator")]
+    pub lease_name: String,
+}
+
+pub fn operator(args: OperatorArgs) -> anyhow::Result<ExitCode> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async move {
+        let config = match &args.kubeconfig {
+            Some(path) => {
+                let file = kube::config::Kubeconfig::read_from(path).map_err(|e| {
+                    crate::BadInput(format!("--kubeconfig {}: {e}", path.display()))
+                })?;
+                kube::Config::from_custom_kubeconfig(file, &Default::default())
+                    .await
+                    .map_err(|e| crate::BadInput(format!("--kubeconfig {}: {e}", path.display())))?
+            }
+            None => kube::Config::infer().await?,
+        };
+        let client = kube::Client::try_from(config)?;
+        let identity = args.identity.unwrap_or_else(|| {
+            let host = std::fs::read_to_string("/etc/hostname").unwrap_or_default();
+            format!("{}-{}", host.trim(), std::process::id())
+        });
+        crate::outln!(
+            "coalmine operator: identity={identity} lease={}/{}",
+            args.lease_namespace,
+            args.lease_name
+        );
+        coalmine_operator::run::run(
+            client,
+            coalmine_operator::run::Settings {
+                namespace: args.namespace,
+                identity,
+                lease_namespace: args.lease_namespace,
+                lease_name: args.lease_name,
+                timings: Default::default(),
+            },
+        )
+        .await?;
+        Ok(ExitCode::SUCCESS)
+    })
+}

@@ -22,6 +22,7 @@ pub mod crd;
 pub mod flagger;
 pub mod leader;
 pub mod next;
+pub mod run;
 pub mod seams;
 pub mod status;
 pub mod workload;

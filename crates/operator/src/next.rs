@@ -21,7 +21,8 @@ pub struct Seen<'a> {
 /// The operator's next move.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Next {
-    /// No primary yet: create it and the Services, then scale the target to 0 (Flagger's
+    /// No primary yet, or not yet recorded as ready: create it and the Services, then scale
+    /// the target to 0 (Flagger's
     /// `Initializing` → `Initialized`); the current template counts as promoted.
     Initialize,
     /// A run was under way when its operator went (a restart, another leader): drive it on
@@ -40,7 +41,9 @@ pub enum Next {
 }
 
 pub fn next(seen: &Seen<'_>) -> Next {
-    if !seen.primary_exists {
+    // Initialised once the primary exists *and* that was recorded: a primary created by an
+    // initialisation still waiting for it to be ready is not yet a baseline to compare with.
+    if !seen.primary_exists || seen.last_applied.is_none() {
         return Next::Initialize;
     }
     let changed = seen.last_applied != Some(seen.spec_hash);
@@ -86,6 +89,14 @@ mod tests {
             (
                 Seen {
                     primary_exists: false,
+                    ..seen("v1")
+                },
+                Next::Initialize,
+            ),
+            (
+                Seen {
+                    last_applied: None,
+                    last_promoted: None,
                     ..seen("v1")
                 },
                 Next::Initialize,

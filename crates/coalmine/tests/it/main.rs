@@ -11,6 +11,7 @@ mod faults;
 mod http1;
 mod loadtester;
 mod malformed;
+mod operator;
 mod prometheus;
 mod rollout;
 mod router;

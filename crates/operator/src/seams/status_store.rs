@@ -42,6 +42,10 @@ pub struct RolloutStatusStore {
     generation: Option<i64>,
     recorder: Recorder,
     reference: ObjectReference,
+    /// Flagger's `lastAppliedSpec` / `lastPromotedSpec`: the revision this run is for, and the
+    /// last one promoted (the run's own once it promotes).
+    last_applied_spec: Option<String>,
+    last_promoted_spec: Option<String>,
 }
 
 impl RolloutStatusStore {
@@ -66,15 +70,32 @@ impl RolloutStatusStore {
                 },
             ),
             reference: rollout.object_ref(&()),
+            last_applied_spec: None,
+            last_promoted_spec: None,
         }
+    }
+
+    /// The revisions every write reports: the one this run is for, the last promoted.
+    pub fn with_specs(mut self, applied: &str, promoted: Option<&str>) -> Self {
+        self.last_applied_spec = Some(applied.to_string());
+        self.last_promoted_spec = promoted.map(str::to_string);
+        self
+    }
+
+    /// The run's revision is now the promoted one (written with the next save).
+    pub fn promoted(&mut self) {
+        self.last_promoted_spec = self.last_applied_spec.clone();
     }
 
     /// The status a step writes: what `coalmine status --output json` says, in the Rollout's
     /// status fields, with the machine's state to resume from.
     pub fn status_of(&self, status: &Status) -> Result<RolloutStatus, serde_json::Error> {
         let shown = status_json(&self.document, status, None);
+        let mut canary: crate::status::CanaryStatus = serde_json::from_value(shown.clone())?;
+        canary.last_applied_spec = self.last_applied_spec.clone();
+        canary.last_promoted_spec = self.last_promoted_spec.clone();
         Ok(RolloutStatus {
-            canary: serde_json::from_value(shown.clone())?,
+            canary,
             observed_generation: self.generation,
             effective_weight: None,
             checks: serde_json::from_value(shown["metrics"].clone())?,

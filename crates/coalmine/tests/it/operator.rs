@@ -1,0 +1,186 @@
+//! `coalmine operator` end to end against an API server (the real one when `KUBEBUILDER_ASSETS`
+//! names envtest's binaries, else the in-repo fake): the user's Deployment and a Rollout, an
+//! image change, and the release goes 0 → 10 → 50 % by replicas, then through the primary to
+//! `Succeeded`. No kubelet: the test marks workloads ready by writing their status.
+
+use std::time::{Duration, Instant};
+
+use coalmine_kube_fake::{install_crds, TestCluster};
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::Namespace;
+use kube::api::{Api, ApiResource, DynamicObject, Patch, PatchParams, PostParams};
+use serde_json::json;
+
+use crate::common::Proc;
+
+const CRDS: &str = include_str!("../../../../deploy/kubernetes/crds/coalmine.yaml");
+
+const DEPLOYMENT: &str = "
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: payment-service, namespace: shop}
+spec:
+  replicas: 9
+  selector: {matchLabels: {app: payment-service}}
+  template:
+    metadata:
+      labels: {app: payment-service, coalmine.dev/service: payment-service}
+    spec:
+      containers:
+        - {name: payment-service, image: 'registry.example/payment-service:1.0.0'}
+";
+
+const ROLLOUT: &str = "
+apiVersion: coalmine.dev/v1alpha1
+kind: Rollout
+metadata: {name: payment-service, namespace: shop}
+spec:
+  targetRef: {apiVersion: apps/v1, kind: Deployment, name: payment-service}
+  service: {port: 80}
+  analysis:
+    interval: 1s
+    threshold: 2
+    stepWeights: [10, 50]
+";
+
+/// The deployment controller and kubelet's part: every Deployment whose spec the status has
+/// not caught up with reports all its replicas ready.
+async fn kubelet(deployments: &Api<Deployment>) {
+    for d in deployments.list(&Default::default()).await.unwrap().items {
+        let generation = d.metadata.generation.unwrap_or(0);
+        let n = d.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
+        let status = d.status.clone().unwrap_or_default();
+        if status.observed_generation == Some(generation) && status.available_replicas == Some(n) {
+            continue;
+        }
+        let patch = json!({"status": {"observedGeneration": generation, "replicas": n,
+            "updatedReplicas": n, "readyReplicas": n, "availableReplicas": n}});
+        deployments
+            .patch_status(
+                d.metadata.name.as_deref().unwrap(),
+                &PatchParams::default(),
+                &Patch::Merge(&patch),
+            )
+            .await
+            .unwrap();
+    }
+}
+
+async fn replicas(deployments: &Api<Deployment>, name: &str) -> Option<i32> {
+    deployments.get_opt(name).await.unwrap()?.spec?.replicas
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_image_rolls_out_by_replicas_and_is_promoted_through_the_primary() {
+    let cluster = TestCluster::start().await.unwrap();
+    let client = cluster.client();
+    let ns: Namespace = serde_json::from_value(json!({"metadata": {"name": "shop"}})).unwrap();
+    Api::<Namespace>::all(client.clone())
+        .create(&PostParams::default(), &ns)
+        .await
+        .unwrap();
+    install_crds(&client, CRDS).await.unwrap();
+    let deployments: Api<Deployment> = Api::namespaced(client.clone(), "shop");
+    let target: Deployment = serde_json::from_str(&yaml_to_json(DEPLOYMENT)).unwrap();
+    deployments
+        .create(&PostParams::default(), &target)
+        .await
+        .unwrap();
+    let rollouts: Api<DynamicObject> = Api::namespaced_with(
+        client.clone(),
+        "shop",
+        &ApiResource::from_gvk_with_plural(
+            &kube::api::GroupVersionKind::gvk("coalmine.dev", "v1alpha1", "Rollout"),
+            "rollouts",
+        ),
+    );
+    let rollout: DynamicObject = serde_json::from_str(&yaml_to_json(ROLLOUT)).unwrap();
+    rollouts
+        .create(&PostParams::default(), &rollout)
+        .await
+        .unwrap();
+
+    let kubeconfig = cluster.kubeconfig().to_str().unwrap().to_string();
+    let args = [
+        "operator",
+        "--kubeconfig",
+        &kubeconfig,
+        "--identity",
+        "operator-a",
+        "--lease-namespace",
+        "shop",
+    ];
+    let operator = Proc::spawn(&args);
+    let status = |name: &'static str| {
+        let rollouts = rollouts.clone();
+        async move {
+            let r = rollouts.get(name).await.unwrap();
+            r.data["status"].clone()
+        }
+    };
+    // Watch the release: the weights it went through, and its end.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut canary_sizes = Vec::new();
+    let mut changed_image = false;
+    loop {
+        assert!(
+            Instant::now() < deadline,
+            "no promotion within 60 s: {:#}\n{}",
+            status("payment-service").await,
+            operator.stderr()
+        );
+        kubelet(&deployments).await;
+        let s = status("payment-service").await;
+        if !changed_image && s["phase"] == "Initialized" {
+            assert_eq!(
+                replicas(&deployments, "payment-service-primary").await,
+                Some(9)
+            );
+            assert_eq!(replicas(&deployments, "payment-service").await, Some(0));
+            // kubectl set image
+            let image = json!({"spec": {"template": {"spec": {"containers": [
+                {"name": "payment-service", "image": "registry.example/payment-service:2.0.0"}]}}}});
+            deployments
+                .patch(
+                    "payment-service",
+                    &PatchParams::default(),
+                    &Patch::Strategic(&image),
+                )
+                .await
+                .unwrap();
+            changed_image = true;
+        }
+        if let Some(n) = replicas(&deployments, "payment-service").await {
+            if canary_sizes.last() != Some(&n) {
+                canary_sizes.push(n);
+            }
+        }
+        if changed_image && s["phase"] == "Succeeded" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // 10 % of 10 pods is 1 canary beside 9; 50 % is 9 beside 9; then the canary goes.
+    assert!(
+        canary_sizes.contains(&1) && canary_sizes.contains(&9),
+        "{canary_sizes:?}"
+    );
+    assert_eq!(canary_sizes.last(), Some(&0), "{canary_sizes:?}");
+    let primary = deployments.get("payment-service-primary").await.unwrap();
+    let image = primary.spec.unwrap().template.spec.unwrap().containers[0]
+        .image
+        .clone();
+    assert_eq!(
+        image.as_deref(),
+        Some("registry.example/payment-service:2.0.0")
+    );
+    let s = status("payment-service").await;
+    assert_eq!(s["conditions"][0]["status"], "True", "{s:#}");
+    assert_eq!(s["lastAppliedSpec"], s["lastPromotedSpec"], "{s:#}");
+    drop(operator);
+}
+
+fn yaml_to_json(yaml: &str) -> String {
+    let value: serde_json::Value = serde_saphyr::from_str(yaml).unwrap();
+    value.to_string()
+}

@@ -1,0 +1,384 @@
+//! `coalmine operator`: leads through the Lease, watches Rollouts (kube-runtime's controller: a
+//! watch and a cache, no polling lists) and drives each run with the controller's own driver
+//! through the Kubernetes seams. A replica that loses the lease stops at once (the process ends
+//! and is restarted as a follower): two operators never drive one release.
+//!
+//! This first cut runs `coalmine.dev` Rollouts with provider `kubernetes`; Flagger's Canary,
+//! provider `coalmine`, config tracking and the HPA come next.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use coalmine_controller::driver::{Driver, Seams};
+use coalmine_controller::observations::{ObservationSource, ObserveError, Sample};
+use coalmine_controller::state::StateStore;
+use coalmine_controller::time::Clock;
+use coalmine_controller::traffic::TrafficBackend;
+use coalmine_controller::BoxFuture;
+use coalmine_rollout::{Outcome, Status, TrafficFault};
+use futures::StreamExt;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::runtime::{watcher, Controller};
+use kube::Resource;
+use tokio::task::JoinHandle;
+
+use crate::crd::{Rollout, TrafficProvider};
+use crate::leader::{Elector, LeaseTimings};
+use crate::next::{next, Next, Seen};
+use crate::seams::replicas::{ReplicaRatio, ReplicaRatioSpec};
+use crate::seams::status_store::RolloutStatusStore;
+use crate::workload::{primary_name, spec_hash, ServicePortSpec, DEFAULT_READY_THRESHOLD};
+
+/// How one operator replica runs.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Watch one namespace, or all.
+    pub namespace: Option<String>,
+    /// This replica's name in the Lease and in Events (the pod's name in a cluster).
+    pub identity: String,
+    pub lease_namespace: String,
+    pub lease_name: String,
+    pub timings: LeaseTimings,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum OperatorError {
+    #[error("lost the lease to {0}: stopping so that one operator drives each release")]
+    LostLease(String),
+    #[error("the lease could not be renewed for {0:?}: stopping so that one operator drives each release")]
+    RenewalFailed(Duration),
+}
+
+/// Why one reconcile did not finish (it is retried).
+#[derive(Debug, thiserror::Error)]
+pub enum ReconcileError {
+    #[error("{0}")]
+    Kube(#[from] kube::Error),
+    #[error("{0}")]
+    Traffic(#[from] TrafficFault),
+    #[error("{field}: {message}")]
+    Invalid { field: String, message: String },
+}
+
+/// What the reconciler shares: the client, and the runs it drives.
+struct Context {
+    client: kube::Client,
+    identity: String,
+    runs: Mutex<HashMap<String, JoinHandle<()>>>,
+}
+
+/// Provider `kubernetes` has no per-version counts of its own (they come from Prometheus with
+/// the traffic issue): the built-in metrics are refused for it, and the judges see none.
+struct NoCounts;
+
+impl ObservationSource for NoCounts {
+    fn sample(&mut self) -> BoxFuture<'_, Result<Sample, ObserveError>> {
+        Box::pin(async { Ok(Sample::default()) })
+    }
+}
+
+/// Leads, then reconciles until the lease is lost (an error) or the watch ends.
+pub async fn run(client: kube::Client, settings: Settings) -> Result<(), OperatorError> {
+    let elector = Elector::new(
+        client.clone(),
+        &settings.lease_namespace,
+        &settings.lease_name,
+        &settings.identity,
+        settings.timings,
+    );
+    loop {
+        match elector.try_once(Timestamp::now()).await {
+            Ok(None) => break,
+            Ok(Some(holder)) => tracing::info!(%holder, "another replica leads; waiting"),
+            Err(e) => tracing::warn!(error = %e, "could not reach the lease"),
+        }
+        tokio::time::sleep(settings.timings.retry_period).await;
+    }
+    tracing::info!(identity = %settings.identity, "leading");
+    let context = Arc::new(Context {
+        client: client.clone(),
+        identity: settings.identity.clone(),
+        runs: Mutex::new(HashMap::new()),
+    });
+    let rollouts: Api<Rollout> = match &settings.namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    };
+    let reconciling = Controller::new(rollouts, watcher::Config::default())
+        .run(reconcile, error_policy, context)
+        .for_each(|_| futures::future::ready(()));
+    tokio::select! {
+        () = reconciling => Ok(()),
+        lost = keep_leading(&elector) => Err(lost),
+    }
+}
+
+/// Renews the lease; returns when it is lost or could not be renewed within the deadline.
+async fn keep_leading(elector: &Elector) -> OperatorError {
+    let timings = elector.timings();
+    let mut renewed = tokio::time::Instant::now();
+    loop {
+        tokio::time::sleep(timings.retry_period).await;
+        match elector.try_once(Timestamp::now()).await {
+            Ok(None) => renewed = tokio::time::Instant::now(),
+            Ok(Some(holder)) => return OperatorError::LostLease(holder),
+            Err(e) => tracing::warn!(error = %e, "the lease was not renewed"),
+        }
+        if renewed.elapsed() > timings.renew_deadline {
+            return OperatorError::RenewalFailed(timings.renew_deadline);
+        }
+    }
+}
+
+fn error_policy(_: Arc<Rollout>, error: &ReconcileError, _: Arc<Context>) -> Action {
+    tracing::warn!(%error, "reconcile failed; trying again");
+    Action::requeue(Duration::from_secs(5))
+}
+
+fn key(rollout: &Rollout) -> String {
+    format!(
+        "{}/{}",
+        rollout.metadata.namespace.as_deref().unwrap_or_default(),
+        rollout.metadata.name.as_deref().unwrap_or_default()
+    )
+}
+
+fn backend(context: &Context, rollout: &Rollout) -> ReplicaRatio {
+    let spec = &rollout.spec;
+    let namespace = rollout.metadata.namespace.clone().unwrap_or_default();
+    let name = rollout.metadata.name.clone().unwrap_or_default();
+    ReplicaRatio::new(
+        context.client.clone(),
+        ReplicaRatioSpec {
+            namespace,
+            target: spec.target_ref.name.clone(),
+            apex: spec
+                .service
+                .name
+                .clone()
+                .unwrap_or_else(|| spec.target_ref.name.clone()),
+            owner: coalmine_controller::traffic::owner(&name, &context.identity),
+            owner_reference: rollout
+                .controller_owner_ref(&())
+                .expect("a Rollout from the API server has a name and uid"),
+            primary_ready_threshold: spec
+                .analysis
+                .primary_ready_threshold
+                .unwrap_or(DEFAULT_READY_THRESHOLD),
+            progress_deadline_seconds: u64::from(spec.progress_deadline_seconds.unwrap_or(600)),
+        },
+    )
+}
+
+/// What Coalmine cannot run, named by field.
+fn check(rollout: &Rollout) -> Result<(), ReconcileError> {
+    if rollout.spec.provider != TrafficProvider::Kubernetes {
+        return Err(ReconcileError::Invalid {
+            field: "spec.provider".into(),
+            message: "this operator runs provider kubernetes so far".into(),
+        });
+    }
+    if let Some((i, m)) = rollout
+        .spec
+        .analysis
+        .metrics
+        .iter()
+        .enumerate()
+        .find(|(_, m)| m.is_builtin())
+    {
+        return Err(ReconcileError::Invalid {
+            field: format!("spec.analysis.metrics[{i}]"),
+            message: format!(
+                "{:?} is counted by Coalmine's routers; provider kubernetes has no per-version counts: give it a templateRef (Prometheus) or use provider coalmine",
+                m.name
+            ),
+        });
+    }
+    coalmine_spec::documents::check_analysis(&rollout.spec.analysis, "spec.analysis")
+        .map_err(|(field, message)| ReconcileError::Invalid { field, message })
+}
+
+async fn write_status(
+    client: &kube::Client,
+    rollout: &Rollout,
+    status: serde_json::Value,
+) -> Result<(), ReconcileError> {
+    let api: Api<Rollout> = Api::namespaced(
+        client.clone(),
+        rollout.metadata.namespace.as_deref().unwrap_or_default(),
+    );
+    let name = rollout.metadata.name.clone().unwrap_or_default();
+    let patch = serde_json::json!({ "status": status });
+    api.patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await?;
+    Ok(())
+}
+
+async fn reconcile(cached: Arc<Rollout>, context: Arc<Context>) -> Result<Action, ReconcileError> {
+    // Decided on the object as it is now, not as the watch cache last saw it: a status this
+    // operator just wrote (Initialized, a run's end) may not be in the cache yet, and a stale
+    // one would start a run for a revision already applied.
+    let rollouts: Api<Rollout> = Api::namespaced(
+        context.client.clone(),
+        cached.metadata.namespace.as_deref().unwrap_or_default(),
+    );
+    let Some(rollout) = rollouts
+        .get_opt(cached.metadata.name.as_deref().unwrap_or_default())
+        .await?
+    else {
+        return Ok(Action::await_change());
+    };
+    let key = key(&rollout);
+    if let Err(ReconcileError::Invalid { field, message }) = check(&rollout) {
+        let condition = serde_json::json!([{
+            "type": "Promoted", "status": "Unknown", "reason": "Invalid",
+            "message": format!("{field}: {message}"),
+        }]);
+        write_status(
+            &context.client,
+            &rollout,
+            serde_json::json!({"conditions": condition}),
+        )
+        .await?;
+        return Ok(Action::await_change());
+    }
+    let namespace = rollout.metadata.namespace.clone().unwrap_or_default();
+    let deployments: Api<Deployment> = Api::namespaced(context.client.clone(), &namespace);
+    let target_name = &rollout.spec.target_ref.name;
+    let target = deployments.get(target_name).await?;
+    let template = target
+        .spec
+        .as_ref()
+        .map(|s| s.template.clone())
+        .unwrap_or_default();
+    let hash = spec_hash(&template, &Default::default());
+    let primary_exists = deployments
+        .get_opt(&primary_name(target_name))
+        .await?
+        .is_some();
+    let status = rollout.status.clone().unwrap_or_default();
+    let saved: Option<Status> = status
+        .state
+        .clone()
+        .and_then(|s| serde_json::from_value(s).ok());
+    let driving = context
+        .runs
+        .lock()
+        .expect("runs lock")
+        .get(&key)
+        .is_some_and(|h| !h.is_finished());
+    let seen = Seen {
+        primary_exists,
+        spec_hash: &hash,
+        last_applied: status.canary.last_applied_spec.as_deref(),
+        last_promoted: status.canary.last_promoted_spec.as_deref(),
+        unfinished_run: saved.as_ref().is_some_and(|s| s.outcome.is_none()),
+        driving,
+    };
+    let backend = backend(&context, &rollout);
+    let decision = next(&seen);
+    tracing::debug!(rollout = %key, ?seen, ?decision, "reconciling");
+    match decision {
+        Next::Initialize => {
+            let port = ServicePortSpec {
+                name: rollout.spec.service.name.clone(),
+                port: i32::from(rollout.spec.service.port),
+                target_port: rollout.spec.service.target_port.clone(),
+                port_name: rollout.spec.service.port_name.clone(),
+            };
+            match backend.initialize(&port).await {
+                Ok(()) => {
+                    write_status(
+                        &context.client,
+                        &rollout,
+                        serde_json::json!({
+                            "phase": "Initialized", "canaryWeight": 0,
+                            "lastAppliedSpec": hash, "lastPromotedSpec": hash,
+                            "conditions": [{"type": "Promoted", "status": "True", "reason": "Initialized",
+                                "message": "Deployment initialization completed."}],
+                        }),
+                    )
+                    .await?;
+                }
+                Err(TrafficFault::Unreachable(why)) => {
+                    tracing::info!(rollout = %key, %why, "initialising");
+                    return Ok(Action::requeue(Duration::from_secs(1)));
+                }
+                Err(refused) => return Err(refused.into()),
+            }
+        }
+        Next::Start | Next::Resume => {
+            let resume = decision == Next::Resume;
+            backend.claim().await?;
+            let document = rollout.to_document();
+            let store = RolloutStatusStore::new(
+                context.client.clone(),
+                &rollout,
+                document.clone(),
+                &context.identity,
+            )
+            .with_specs(&hash, status.canary.last_promoted_spec.as_deref());
+            let seams = Seams {
+                traffic: Arc::new(backend),
+                observations: Box::new(NoCounts),
+                clock: Clock::Wall,
+            };
+            let mut driver = Driver::new(&document, if resume { saved } else { None }, seams)
+                .map_err(|u| ReconcileError::Invalid {
+                    field: format!("spec.{}", u.field),
+                    message: u.message,
+                })?;
+            let task_key = key.clone();
+            let handle = tokio::spawn(async move {
+                let mut store = store;
+                // Commands (promote, abort) come with the API issue; the channel stays open.
+                let (_commands, control) = tokio::sync::mpsc::channel(8);
+                let outcome = driver.run(control, &mut store).await;
+                tracing::info!(rollout = %task_key, ?outcome, "run ended");
+                if outcome == Outcome::Promoted {
+                    store.promoted();
+                    let _ = store.save(driver.status(), &[]).await;
+                }
+                let _ = driver.release().await;
+            });
+            context.runs.lock().expect("runs lock").insert(key, handle);
+        }
+        Next::Restart => {
+            if let Some(handle) = context.runs.lock().expect("runs lock").remove(&key) {
+                handle.abort();
+            }
+            // The old run's canary off before anything else.
+            backend
+                .apply(&coalmine_rollout::Traffic {
+                    promoted: false,
+                    canary: false,
+                    canary_weight: coalmine_spec::Weight::ZERO,
+                    apply_match: false,
+                    mirror_weight: coalmine_spec::Weight::ZERO,
+                })
+                .await?;
+            write_status(
+                &context.client,
+                &rollout,
+                serde_json::json!({"state": null, "canaryWeight": 0}),
+            )
+            .await?;
+            return Ok(Action::requeue(Duration::from_millis(100)));
+        }
+        Next::Adopt => {
+            write_status(
+                &context.client,
+                &rollout,
+                serde_json::json!({"lastAppliedSpec": hash}),
+            )
+            .await?;
+        }
+        Next::Idle => {}
+    }
+    // No watch on Deployments yet: a new revision is seen within this (Flagger polls per tick).
+    Ok(Action::requeue(Duration::from_secs(2)))
+}
