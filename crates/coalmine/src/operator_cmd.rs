@@ -44,6 +44,7 @@ pub struct OperatorArgs {
     /// Where the leader Lease lives
     #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
     pub lease_namespace: String,
+    /// The leader Lease's name (replicas with the same one elect one leader)
     #[arg(long, default_value = "coalmine-operator")]
     pub lease_name: String,
 }

@@ -12,11 +12,10 @@ use std::time::Duration;
 
 use coalmine_controller::driver::{Driver, Seams};
 use coalmine_controller::observations::{ObservationSource, ObserveError, Sample};
-use coalmine_controller::state::StateStore;
 use coalmine_controller::time::Clock;
 use coalmine_controller::traffic::TrafficBackend;
 use coalmine_controller::BoxFuture;
-use coalmine_rollout::{Outcome, Status, TrafficFault};
+use coalmine_rollout::{Status, TrafficFault};
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::jiff::Timestamp;
@@ -339,10 +338,6 @@ async fn reconcile(cached: Arc<Rollout>, context: Arc<Context>) -> Result<Action
                 let (_commands, control) = tokio::sync::mpsc::channel(8);
                 let outcome = driver.run(control, &mut store).await;
                 tracing::info!(rollout = %task_key, ?outcome, "run ended");
-                if outcome == Outcome::Promoted {
-                    store.promoted();
-                    let _ = store.save(driver.status(), &[]).await;
-                }
                 let _ = driver.release().await;
             });
             context.runs.lock().expect("runs lock").insert(key, handle);

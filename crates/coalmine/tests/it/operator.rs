@@ -11,7 +11,7 @@ use k8s_openapi::api::core::v1::Namespace;
 use kube::api::{Api, ApiResource, DynamicObject, Patch, PatchParams, PostParams};
 use serde_json::json;
 
-use crate::common::Proc;
+use crate::common::{upstream, Proc};
 
 const CRDS: &str = include_str!("../../../../deploy/kubernetes/crds/coalmine.yaml");
 
@@ -40,7 +40,6 @@ spec:
   analysis:
     interval: 1s
     threshold: 2
-    stepWeights: [10, 50]
 ";
 
 /// The deployment controller and kubelet's part: every Deployment whose spec the status has
@@ -70,114 +69,173 @@ async fn replicas(deployments: &Api<Deployment>, name: &str) -> Option<i32> {
     deployments.get_opt(name).await.unwrap()?.spec?.replicas
 }
 
+/// A cluster with Coalmine's CRD, the user's Deployment and a Rollout with `analysis`, and an
+/// operator watching it.
+struct Release {
+    _cluster: TestCluster,
+    deployments: Api<Deployment>,
+    rollouts: Api<DynamicObject>,
+    operator: Proc,
+}
+
+impl Release {
+    async fn start(analysis: &str) -> Release {
+        let cluster = TestCluster::start().await.unwrap();
+        let client = cluster.client();
+        let ns: Namespace = serde_json::from_value(json!({"metadata": {"name": "shop"}})).unwrap();
+        Api::<Namespace>::all(client.clone())
+            .create(&PostParams::default(), &ns)
+            .await
+            .unwrap();
+        install_crds(&client, CRDS).await.unwrap();
+        let deployments: Api<Deployment> = Api::namespaced(client.clone(), "shop");
+        let target: Deployment = serde_json::from_str(&yaml_to_json(DEPLOYMENT)).unwrap();
+        deployments
+            .create(&PostParams::default(), &target)
+            .await
+            .unwrap();
+        let rollouts: Api<DynamicObject> = Api::namespaced_with(
+            client.clone(),
+            "shop",
+            &ApiResource::from_gvk_with_plural(
+                &kube::api::GroupVersionKind::gvk("coalmine.dev", "v1alpha1", "Rollout"),
+                "rollouts",
+            ),
+        );
+        let rollout: DynamicObject =
+            serde_json::from_str(&yaml_to_json(&format!("{ROLLOUT}{analysis}"))).unwrap();
+        rollouts
+            .create(&PostParams::default(), &rollout)
+            .await
+            .unwrap();
+        let kubeconfig = cluster.kubeconfig().to_str().unwrap().to_string();
+        let operator = Proc::spawn(&[
+            "operator",
+            "--kubeconfig",
+            &kubeconfig,
+            "--identity",
+            "operator-a",
+            "--lease-namespace",
+            "shop",
+        ]);
+        Release {
+            _cluster: cluster,
+            deployments,
+            rollouts,
+            operator,
+        }
+    }
+
+    async fn status(&self) -> serde_json::Value {
+        self.rollouts.get("payment-service").await.unwrap().data["status"].clone()
+    }
+
+    /// Plays kubelet until the release ends (`Succeeded` or `Failed`) after a new image;
+    /// returns the canary sizes it went through from the new image on.
+    async fn new_image_until_done(&self) -> Vec<i32> {
+        let deployments = &self.deployments;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut canary_sizes = Vec::new();
+        let mut changed_image = false;
+        loop {
+            let s = self.status().await;
+            assert!(
+                Instant::now() < deadline,
+                "not done within 60 s: {s:#}\n{}",
+                self.operator.stderr()
+            );
+            kubelet(deployments).await;
+            if !changed_image && s["phase"] == "Initialized" {
+                assert_eq!(
+                    replicas(deployments, "payment-service-primary").await,
+                    Some(9)
+                );
+                assert_eq!(replicas(deployments, "payment-service").await, Some(0));
+                // kubectl set image
+                let image = json!({"spec": {"template": {"spec": {"containers": [
+                    {"name": "payment-service", "image": "registry.example/payment-service:2.0.0"}]}}}});
+                deployments
+                    .patch(
+                        "payment-service",
+                        &PatchParams::default(),
+                        &Patch::Strategic(&image),
+                    )
+                    .await
+                    .unwrap();
+                changed_image = true;
+            }
+            if let Some(n) = replicas(deployments, "payment-service")
+                .await
+                .filter(|_| changed_image)
+            {
+                if canary_sizes.last() != Some(&n) {
+                    canary_sizes.push(n);
+                }
+            }
+            if changed_image && (s["phase"] == "Succeeded" || s["phase"] == "Failed") {
+                return canary_sizes;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    async fn primary_image(&self) -> Option<String> {
+        let primary = self
+            .deployments
+            .get("payment-service-primary")
+            .await
+            .unwrap();
+        primary.spec.unwrap().template.spec.unwrap().containers[0]
+            .image
+            .clone()
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_new_image_rolls_out_by_replicas_and_is_promoted_through_the_primary() {
-    let cluster = TestCluster::start().await.unwrap();
-    let client = cluster.client();
-    let ns: Namespace = serde_json::from_value(json!({"metadata": {"name": "shop"}})).unwrap();
-    Api::<Namespace>::all(client.clone())
-        .create(&PostParams::default(), &ns)
-        .await
-        .unwrap();
-    install_crds(&client, CRDS).await.unwrap();
-    let deployments: Api<Deployment> = Api::namespaced(client.clone(), "shop");
-    let target: Deployment = serde_json::from_str(&yaml_to_json(DEPLOYMENT)).unwrap();
-    deployments
-        .create(&PostParams::default(), &target)
-        .await
-        .unwrap();
-    let rollouts: Api<DynamicObject> = Api::namespaced_with(
-        client.clone(),
-        "shop",
-        &ApiResource::from_gvk_with_plural(
-            &kube::api::GroupVersionKind::gvk("coalmine.dev", "v1alpha1", "Rollout"),
-            "rollouts",
-        ),
-    );
-    let rollout: DynamicObject = serde_json::from_str(&yaml_to_json(ROLLOUT)).unwrap();
-    rollouts
-        .create(&PostParams::default(), &rollout)
-        .await
-        .unwrap();
-
-    let kubeconfig = cluster.kubeconfig().to_str().unwrap().to_string();
-    let args = [
-        "operator",
-        "--kubeconfig",
-        &kubeconfig,
-        "--identity",
-        "operator-a",
-        "--lease-namespace",
-        "shop",
-    ];
-    let operator = Proc::spawn(&args);
-    let status = |name: &'static str| {
-        let rollouts = rollouts.clone();
-        async move {
-            let r = rollouts.get(name).await.unwrap();
-            r.data["status"].clone()
-        }
-    };
-    // Watch the release: the weights it went through, and its end.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let mut canary_sizes = Vec::new();
-    let mut changed_image = false;
-    loop {
-        assert!(
-            Instant::now() < deadline,
-            "no promotion within 60 s: {:#}\n{}",
-            status("payment-service").await,
-            operator.stderr()
-        );
-        kubelet(&deployments).await;
-        let s = status("payment-service").await;
-        if !changed_image && s["phase"] == "Initialized" {
-            assert_eq!(
-                replicas(&deployments, "payment-service-primary").await,
-                Some(9)
-            );
-            assert_eq!(replicas(&deployments, "payment-service").await, Some(0));
-            // kubectl set image
-            let image = json!({"spec": {"template": {"spec": {"containers": [
-                {"name": "payment-service", "image": "registry.example/payment-service:2.0.0"}]}}}});
-            deployments
-                .patch(
-                    "payment-service",
-                    &PatchParams::default(),
-                    &Patch::Strategic(&image),
-                )
-                .await
-                .unwrap();
-            changed_image = true;
-        }
-        if let Some(n) = replicas(&deployments, "payment-service").await {
-            if canary_sizes.last() != Some(&n) {
-                canary_sizes.push(n);
-            }
-        }
-        if changed_image && s["phase"] == "Succeeded" {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let release = Release::start("    stepWeights: [10, 50]\n").await;
+    let canary_sizes = release.new_image_until_done().await;
     // 10 % of 10 pods is 1 canary beside 9; 50 % is 9 beside 9; then the canary goes.
     assert!(
         canary_sizes.contains(&1) && canary_sizes.contains(&9),
         "{canary_sizes:?}"
     );
     assert_eq!(canary_sizes.last(), Some(&0), "{canary_sizes:?}");
-    let primary = deployments.get("payment-service-primary").await.unwrap();
-    let image = primary.spec.unwrap().template.spec.unwrap().containers[0]
-        .image
-        .clone();
     assert_eq!(
-        image.as_deref(),
+        release.primary_image().await.as_deref(),
         Some("registry.example/payment-service:2.0.0")
     );
-    let s = status("payment-service").await;
+    let s = release.status().await;
+    assert_eq!(s["phase"], "Succeeded", "{s:#}");
     assert_eq!(s["conditions"][0]["status"], "True", "{s:#}");
     assert_eq!(s["lastAppliedSpec"], s["lastPromotedSpec"], "{s:#}");
-    drop(operator);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_canary_failing_its_checks_is_rolled_back_to_the_primary() {
+    // The rollout webhook is the failing check: a gate answering 500.
+    let gate = upstream("gate", &["--error-rate", "1"]);
+    let release = Release::start(&format!(
+        "    stepWeights: [10, 50]\n    webhooks:\n      - {{name: smoke, type: rollout, url: '{}/'}}\n",
+        gate.url
+    ))
+    .await;
+    let canary_sizes = release.new_image_until_done().await;
+    let s = release.status().await;
+    assert_eq!(s["phase"], "Failed", "{s:#}");
+    assert_eq!(s["conditions"][0]["status"], "False", "{s:#}");
+    // The canary got its first step and went; the primary never ran the new image.
+    assert!(canary_sizes.contains(&1), "{canary_sizes:?}");
+    assert!(
+        !canary_sizes.contains(&9),
+        "it never reached 50 %: {canary_sizes:?}"
+    );
+    assert_eq!(canary_sizes.last(), Some(&0), "{canary_sizes:?}");
+    assert_eq!(
+        release.primary_image().await.as_deref(),
+        Some("registry.example/payment-service:1.0.0")
+    );
+    assert_ne!(s["lastAppliedSpec"], s["lastPromotedSpec"], "{s:#}");
 }
 
 fn yaml_to_json(yaml: &str) -> String {

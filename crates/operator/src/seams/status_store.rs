@@ -8,7 +8,7 @@
 use coalmine_controller::report::status_json;
 use coalmine_controller::state::{StateError, StateStore};
 use coalmine_controller::BoxFuture;
-use coalmine_rollout::{Event, EventLevel, Status};
+use coalmine_rollout::{Event, EventLevel, Outcome, Status};
 use k8s_openapi::api::core::v1::ObjectReference;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::events::{Event as KubeEvent, EventType, Recorder, Reporter};
@@ -43,7 +43,7 @@ pub struct RolloutStatusStore {
     recorder: Recorder,
     reference: ObjectReference,
     /// Flagger's `lastAppliedSpec` / `lastPromotedSpec`: the revision this run is for, and the
-    /// last one promoted (the run's own once it promotes).
+    /// last one promoted before it (the run's own in the step that promotes).
     last_applied_spec: Option<String>,
     last_promoted_spec: Option<String>,
 }
@@ -82,18 +82,19 @@ impl RolloutStatusStore {
         self
     }
 
-    /// The run's revision is now the promoted one (written with the next save).
-    pub fn promoted(&mut self) {
-        self.last_promoted_spec = self.last_applied_spec.clone();
-    }
-
     /// The status a step writes: what `coalmine status --output json` says, in the Rollout's
     /// status fields, with the machine's state to resume from.
     pub fn status_of(&self, status: &Status) -> Result<RolloutStatus, serde_json::Error> {
         let shown = status_json(&self.document, status, None);
         let mut canary: crate::status::CanaryStatus = serde_json::from_value(shown.clone())?;
         canary.last_applied_spec = self.last_applied_spec.clone();
-        canary.last_promoted_spec = self.last_promoted_spec.clone();
+        // In the same write as the promotion: a reader never sees `Succeeded` with the
+        // previous revision still recorded as the promoted one.
+        canary.last_promoted_spec = if status.outcome == Some(Outcome::Promoted) {
+            self.last_applied_spec.clone()
+        } else {
+            self.last_promoted_spec.clone()
+        };
         Ok(RolloutStatus {
             canary,
             observed_generation: self.generation,
