@@ -66,7 +66,12 @@ pub enum ReconcileError {
 /// What the reconciler shares: the client, and the runs it drives.
 struct Context {
     client: kube::Client,
+    /// This replica, in Events.
     identity: String,
+    /// The operator as a whole, in the claims on what it drives: its lease, which every replica
+    /// shares, so the replica that takes over drives on what the dead one claimed, while
+    /// another operator (another lease) is refused.
+    controller: String,
     runs: Mutex<HashMap<String, JoinHandle<()>>>,
 }
 
@@ -101,6 +106,10 @@ pub async fn run(client: kube::Client, settings: Settings) -> Result<(), Operato
     let context = Arc::new(Context {
         client: client.clone(),
         identity: settings.identity.clone(),
+        controller: format!(
+            "coalmine operator, lease {}/{}",
+            settings.lease_namespace, settings.lease_name
+        ),
         runs: Mutex::new(HashMap::new()),
     });
     let rollouts: Api<Rollout> = match &settings.namespace {
@@ -160,7 +169,7 @@ fn backend(context: &Context, rollout: &Rollout) -> ReplicaRatio {
                 .name
                 .clone()
                 .unwrap_or_else(|| spec.target_ref.name.clone()),
-            owner: coalmine_controller::traffic::owner(&name, &context.identity),
+            owner: coalmine_controller::traffic::owner(&name, &context.controller),
             owner_reference: rollout
                 .controller_owner_ref(&())
                 .expect("a Rollout from the API server has a name and uid"),

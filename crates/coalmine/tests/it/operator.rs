@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use coalmine_kube_fake::{install_crds, TestCluster};
 use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Namespace;
 use kube::api::{Api, ApiResource, DynamicObject, Patch, PatchParams, PostParams};
 use serde_json::json;
@@ -72,7 +73,7 @@ async fn replicas(deployments: &Api<Deployment>, name: &str) -> Option<i32> {
 /// A cluster with Coalmine's CRD, the user's Deployment and a Rollout with `analysis`, and an
 /// operator watching it.
 struct Release {
-    _cluster: TestCluster,
+    cluster: TestCluster,
     deployments: Api<Deployment>,
     rollouts: Api<DynamicObject>,
     operator: Proc,
@@ -108,22 +109,24 @@ impl Release {
             .create(&PostParams::default(), &rollout)
             .await
             .unwrap();
-        let kubeconfig = cluster.kubeconfig().to_str().unwrap().to_string();
-        let operator = Proc::spawn(&[
-            "operator",
-            "--kubeconfig",
-            &kubeconfig,
-            "--identity",
-            "operator-a",
-            "--lease-namespace",
-            "shop",
-        ]);
+        let operator = operator(&cluster, "operator-a");
         Release {
-            _cluster: cluster,
+            cluster,
             deployments,
             rollouts,
             operator,
         }
+    }
+
+    /// The leader Lease's holder.
+    async fn leader(&self) -> Option<String> {
+        let leases: Api<Lease> = Api::namespaced(self.cluster.client(), "shop");
+        leases
+            .get_opt("coalmine-operator")
+            .await
+            .unwrap()?
+            .spec?
+            .holder_identity
     }
 
     async fn status(&self) -> serde_json::Value {
@@ -179,6 +182,20 @@ impl Release {
         }
     }
 
+    /// The traffic follows the recorded step (recorded first, then carried out): waits up to
+    /// 10 s for the canary to have `n` replicas.
+    async fn canary_settles_at(&self, n: i32) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while replicas(&self.deployments, "payment-service").await != Some(n) {
+            assert!(
+                Instant::now() < deadline,
+                "the canary stayed at {:?} replicas",
+                replicas(&self.deployments, "payment-service").await
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     async fn primary_image(&self) -> Option<String> {
         let primary = self
             .deployments
@@ -200,7 +217,7 @@ async fn a_new_image_rolls_out_by_replicas_and_is_promoted_through_the_primary()
         canary_sizes.contains(&1) && canary_sizes.contains(&9),
         "{canary_sizes:?}"
     );
-    assert_eq!(canary_sizes.last(), Some(&0), "{canary_sizes:?}");
+    release.canary_settles_at(0).await;
     assert_eq!(
         release.primary_image().await.as_deref(),
         Some("registry.example/payment-service:2.0.0")
@@ -230,12 +247,105 @@ async fn a_canary_failing_its_checks_is_rolled_back_to_the_primary() {
         !canary_sizes.contains(&9),
         "it never reached 50 %: {canary_sizes:?}"
     );
-    assert_eq!(canary_sizes.last(), Some(&0), "{canary_sizes:?}");
+    release.canary_settles_at(0).await;
     assert_eq!(
         release.primary_image().await.as_deref(),
         Some("registry.example/payment-service:1.0.0")
     );
     assert_ne!(s["lastAppliedSpec"], s["lastPromotedSpec"], "{s:#}");
+}
+
+fn operator(cluster: &TestCluster, identity: &str) -> Proc {
+    let kubeconfig = cluster.kubeconfig().to_str().unwrap().to_string();
+    Proc::spawn(&[
+        "operator",
+        "--kubeconfig",
+        &kubeconfig,
+        "--identity",
+        identity,
+        "--lease-namespace",
+        "shop",
+    ])
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn when_the_leader_dies_mid_release_the_other_replica_resumes_it_where_it_was() {
+    let mut release = Release::start("    stepWeights: [10, 20, 30, 40, 50, 60]\n").await;
+    let standby = operator(&release.cluster, "operator-b");
+    let deployments = release.deployments.clone();
+    // Until the leader is known and the release is at 30 %.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut changed_image = false;
+    loop {
+        assert!(Instant::now() < deadline, "{:#}", release.status().await);
+        kubelet(&deployments).await;
+        let s = release.status().await;
+        if !changed_image && s["phase"] == "Initialized" {
+            let image = json!({"spec": {"template": {"spec": {"containers": [
+                {"name": "payment-service", "image": "registry.example/payment-service:2.0.0"}]}}}});
+            deployments
+                .patch(
+                    "payment-service",
+                    &PatchParams::default(),
+                    &Patch::Strategic(&image),
+                )
+                .await
+                .unwrap();
+            changed_image = true;
+        }
+        if changed_image && s["canaryWeight"].as_f64().unwrap_or(0.0) >= 30.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(release.leader().await.as_deref(), Some("operator-a"));
+    let weight_at_death = release.status().await["canaryWeight"].as_f64().unwrap();
+    release.operator.child.kill().unwrap();
+    release.operator.child.wait().unwrap();
+    let died = Instant::now();
+    // The standby takes the lease once it expires, and goes on from the saved step.
+    let mut took_over = None;
+    let mut weights_after = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let s = release.status().await;
+        assert!(Instant::now() < deadline, "{s:#}\n{}", standby.stderr());
+        kubelet(&deployments).await;
+        if took_over.is_none() && release.leader().await.as_deref() == Some("operator-b") {
+            took_over = Some(died.elapsed());
+        }
+        let w = s["canaryWeight"].as_f64().unwrap_or(0.0);
+        if weights_after.last() != Some(&w) {
+            weights_after.push(w);
+        }
+        if s["phase"] == "Succeeded" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let took_over = took_over.expect("operator-b took the lease");
+    eprintln!(
+        "failover: lease taken {:.1} s after the leader died; weights after: {weights_after:?}",
+        took_over.as_secs_f64()
+    );
+    // By the lease's terms: 8 s after the last renewal, tried every 2 s.
+    assert!(took_over <= Duration::from_secs(12), "{took_over:?}");
+    // Resumed, not restarted: no step below the one it died at until promotion.
+    let before_promotion: Vec<f64> = weights_after
+        .iter()
+        .copied()
+        .take_while(|w| *w > 0.0)
+        .collect();
+    assert!(
+        before_promotion
+            .first()
+            .is_some_and(|w| *w >= weight_at_death),
+        "died at {weight_at_death} %, then {weights_after:?}"
+    );
+    assert_eq!(
+        release.primary_image().await.as_deref(),
+        Some("registry.example/payment-service:2.0.0")
+    );
 }
 
 fn yaml_to_json(yaml: &str) -> String {
