@@ -44,6 +44,9 @@ pub struct OperatorArgs {
     /// Where the leader Lease lives
     #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
     pub lease_namespace: String,
+    /// Where `/healthz`, `/readyz` and `/metrics` are served
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:9092")]
+    pub listen: std::net::SocketAddr,
     /// The leader Lease's name (replicas with the same one elect one leader)
     #[arg(long, default_value = "coalmine-operator")]
     pub lease_name: String,
@@ -70,8 +73,14 @@ pub fn operator(args: OperatorArgs) -> anyhow::Result<ExitCode> {
             let host = std::fs::read_to_string("/etc/hostname").unwrap_or_default();
             format!("{}-{}", host.trim(), std::process::id())
         });
+        let listener = tokio::net::TcpListener::bind(args.listen)
+            .await
+            .map_err(|e| crate::BadInput(format!("--listen {}: {e}", args.listen)))?;
+        let listen = listener.local_addr()?;
+        let health = std::sync::Arc::new(coalmine_operator::health::Health::default());
+        tokio::spawn(coalmine_operator::health::serve(listener, health.clone()));
         crate::outln!(
-            "coalmine operator: identity={identity} lease={}/{}",
+            "coalmine operator: listen={listen} identity={identity} lease={}/{}",
             args.lease_namespace,
             args.lease_name
         );
@@ -83,6 +92,7 @@ pub fn operator(args: OperatorArgs) -> anyhow::Result<ExitCode> {
                 lease_namespace: args.lease_namespace,
                 lease_name: args.lease_name,
                 timings: Default::default(),
+                health,
             },
         )
         .await?;

@@ -20,6 +20,7 @@
 
 pub mod crd;
 pub mod flagger;
+pub mod health;
 pub mod leader;
 pub mod next;
 pub mod run;

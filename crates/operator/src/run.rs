@@ -7,6 +7,7 @@
 //! provider `coalmine`, config tracking and the HPA come next.
 
 use std::collections::HashMap;
+use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -26,6 +27,7 @@ use kube::Resource;
 use tokio::task::JoinHandle;
 
 use crate::crd::{Rollout, TrafficProvider};
+use crate::health::Health;
 use crate::leader::{Elector, LeaseTimings};
 use crate::next::{next, Next, Seen};
 use crate::seams::replicas::{ReplicaRatio, ReplicaRatioSpec};
@@ -42,6 +44,8 @@ pub struct Settings {
     pub lease_namespace: String,
     pub lease_name: String,
     pub timings: LeaseTimings,
+    /// What `/healthz`, `/readyz` and `/metrics` report (see [`crate::health`]).
+    pub health: Arc<Health>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -66,6 +70,7 @@ pub enum ReconcileError {
 /// What the reconciler shares: the client, and the runs it drives.
 struct Context {
     client: kube::Client,
+    health: Arc<Health>,
     /// This replica, in Events.
     identity: String,
     /// The operator as a whole, in the claims on what it drives: its lease, which every replica
@@ -94,8 +99,11 @@ pub async fn run(client: kube::Client, settings: Settings) -> Result<(), Operato
         &settings.identity,
         settings.timings,
     );
+    let health = settings.health.clone();
     loop {
-        match elector.try_once(Timestamp::now()).await {
+        let tried = elector.try_once(Timestamp::now()).await;
+        health.api_reachable.store(tried.is_ok(), Relaxed);
+        match tried {
             Ok(None) => break,
             Ok(Some(holder)) => tracing::info!(%holder, "another replica leads; waiting"),
             Err(e) => tracing::warn!(error = %e, "could not reach the lease"),
@@ -103,8 +111,10 @@ pub async fn run(client: kube::Client, settings: Settings) -> Result<(), Operato
         tokio::time::sleep(settings.timings.retry_period).await;
     }
     tracing::info!(identity = %settings.identity, "leading");
+    health.leading.store(true, Relaxed);
     let context = Arc::new(Context {
         client: client.clone(),
+        health: health.clone(),
         identity: settings.identity.clone(),
         controller: format!(
             "coalmine operator, lease {}/{}",
@@ -119,10 +129,12 @@ pub async fn run(client: kube::Client, settings: Settings) -> Result<(), Operato
     let reconciling = Controller::new(rollouts, watcher::Config::default())
         .run(reconcile, error_policy, context)
         .for_each(|_| futures::future::ready(()));
-    tokio::select! {
+    let ended = tokio::select! {
         () = reconciling => Ok(()),
         lost = keep_leading(&elector) => Err(lost),
-    }
+    };
+    health.leading.store(false, Relaxed);
+    ended
 }
 
 /// Renews the lease; returns when it is lost or could not be renewed within the deadline.
@@ -349,7 +361,10 @@ async fn reconcile(cached: Arc<Rollout>, context: Arc<Context>) -> Result<Action
                 tracing::info!(rollout = %task_key, ?outcome, "run ended");
                 let _ = driver.release().await;
             });
-            context.runs.lock().expect("runs lock").insert(key, handle);
+            let mut runs = context.runs.lock().expect("runs lock");
+            runs.insert(key, handle);
+            runs.retain(|_, h| !h.is_finished());
+            context.health.runs.store(runs.len() as i64, Relaxed);
         }
         Next::Restart => {
             if let Some(handle) = context.runs.lock().expect("runs lock").remove(&key) {

@@ -265,7 +265,15 @@ fn operator(cluster: &TestCluster, identity: &str) -> Proc {
         identity,
         "--lease-namespace",
         "shop",
+        "--listen",
+        "127.0.0.1:0",
     ])
+}
+
+/// The `coalmine_operator_leader` gauge an operator serves.
+async fn leads(operator: &Proc) -> bool {
+    let text = crate::common::metrics_text(&format!("http://{}", operator.addr("listen"))).await;
+    text.lines().any(|l| l == "coalmine_operator_leader 1")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -299,6 +307,17 @@ async fn when_the_leader_dies_mid_release_the_other_replica_resumes_it_where_it_
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert_eq!(release.leader().await.as_deref(), Some("operator-a"));
+    assert!(leads(&release.operator).await && !leads(&standby).await);
+    let ready = crate::common::client()
+        .get(format!("http://{}/readyz", standby.addr("listen")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        ready.status(),
+        200,
+        "a standby is ready (it reaches the API server)"
+    );
     let weight_at_death = release.status().await["canaryWeight"].as_f64().unwrap();
     release.operator.child.kill().unwrap();
     release.operator.child.wait().unwrap();
@@ -324,6 +343,7 @@ async fn when_the_leader_dies_mid_release_the_other_replica_resumes_it_where_it_
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let took_over = took_over.expect("operator-b took the lease");
+    assert!(leads(&standby).await);
     eprintln!(
         "failover: lease taken {:.1} s after the leader died; weights after: {weights_after:?}",
         took_over.as_secs_f64()
