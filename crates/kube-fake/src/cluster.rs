@@ -119,6 +119,21 @@ impl TestCluster {
         self.client.clone()
     }
 
+    /// Creates a namespace (tests put their objects in one of their own).
+    pub async fn create_namespace(&self, name: &str) -> Result<(), ClusterError> {
+        let namespace: k8s_openapi::api::core::v1::Namespace =
+            serde_json::from_value(serde_json::json!({ "metadata": { "name": name } }))
+                .expect("a namespace object");
+        Api::all(self.client.clone())
+            .create(&kube::api::PostParams::default(), &namespace)
+            .await
+            .map(|_| ())
+            .map_err(|source| ClusterError::Kube {
+                what: format!("creating namespace {name}"),
+                source: Box::new(source),
+            })
+    }
+
     /// Another admin client of its own (its own connections), e.g. for a second contender.
     pub async fn new_client(&self) -> Result<kube::Client, ClusterError> {
         client_for(&self.kubeconfig).await

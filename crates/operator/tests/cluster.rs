@@ -1,45 +1,18 @@
 //! The operator's resources and its Lease against an API server: the real one when
 //! `KUBEBUILDER_ASSETS` names envtest's binaries, else the in-repo fake (the same tests).
 
-use coalmine_kube_fake::{install_crds, TestCluster};
+mod common;
+
+use coalmine_kube_fake::install_crds;
 use coalmine_operator::crd::{crds_yaml, Rollout};
 use coalmine_operator::leader::{Elector, LeaseTimings};
-use k8s_openapi::api::core::v1::Namespace;
+use common::{shop, ROLLOUT};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, ApiResource, DynamicObject, PostParams};
 
-const ROLLOUT: &str = "
-apiVersion: coalmine.dev/v1alpha1
-kind: Rollout
-metadata: {name: payment-service, namespace: shop}
-spec:
-  targetRef: {apiVersion: apps/v1, kind: Deployment, name: payment-service}
-  service: {port: 8080}
-  analysis:
-    interval: 30s
-    threshold: 3
-    stepWeights: [5, 10, 25, 50]
-    noData: fail
-    sequential: {alpha: 0.02, latencyMinDifference: 2ms}
-    metrics:
-      - {name: request-success-rate, thresholdRange: {min: 99.5}, interval: 1m}
-";
-
-async fn cluster_with_namespace(namespace: &str) -> TestCluster {
-    let cluster = TestCluster::start().await.unwrap();
-    let namespaces: Api<Namespace> = Api::all(cluster.client());
-    let ns: Namespace =
-        serde_json::from_value(serde_json::json!({"metadata": {"name": namespace}})).unwrap();
-    namespaces
-        .create(&PostParams::default(), &ns)
-        .await
-        .unwrap();
-    cluster
-}
-
 #[tokio::test]
 async fn the_api_server_takes_coalmines_crd_and_keeps_every_field_of_a_rollout() {
-    let cluster = cluster_with_namespace("shop").await;
+    let cluster = shop().await;
     let installed = install_crds(&cluster.client(), &crds_yaml()).await.unwrap();
     assert_eq!(installed, ["rollouts.coalmine.dev"]);
     let api: Api<Rollout> = Api::namespaced(cluster.client(), "shop");
@@ -72,10 +45,9 @@ async fn the_api_server_takes_coalmines_crd_and_keeps_every_field_of_a_rollout()
 
 #[tokio::test]
 async fn of_two_operators_one_leads_and_the_other_takes_over_only_when_the_lease_expires() {
-    let cluster = cluster_with_namespace("coalmine-system").await;
+    let cluster = shop().await;
     let timings = LeaseTimings::default();
-    let elector =
-        |client, who| Elector::new(client, "coalmine-system", "coalmine-operator", who, timings);
+    let elector = |client, who| Elector::new(client, "shop", "coalmine-operator", who, timings);
     let a = elector(cluster.client(), "operator-a");
     let b = elector(cluster.new_client().await.unwrap(), "operator-b");
     let t0 = Timestamp::now();

@@ -1,7 +1,10 @@
 //! The CRD under `deploy/kubernetes/` is the output of the Rust types, and those types read
 //! what users write.
 
-use coalmine_operator::crd::{crds_yaml, RolloutSpec, TrafficProvider};
+mod common;
+
+use coalmine_operator::crd::{crds_yaml, Rollout, TrafficProvider};
+use common::ROLLOUT;
 
 const COMMITTED: &str = include_str!("../../../deploy/kubernetes/crds/coalmine.yaml");
 
@@ -15,20 +18,7 @@ fn the_committed_crd_is_the_generated_one() {
 
 #[test]
 fn a_rollout_with_coalmines_analysis_reads_into_the_types() {
-    let text = "
-targetRef: {apiVersion: apps/v1, kind: Deployment, name: payment-service}
-service: {port: 80, targetPort: 8080}
-analysis:
-  interval: 30s
-  threshold: 3
-  stepWeights: [5, 10, 25, 50]
-  noData: fail
-  sequential: {alpha: 0.02, latencyMinDifference: 2ms}
-  metrics:
-    - name: request-success-rate
-      thresholdRange: {min: 99}
-";
-    let spec: RolloutSpec = serde_saphyr::from_str(text).unwrap();
+    let spec = serde_saphyr::from_str::<Rollout>(ROLLOUT).unwrap().spec;
     assert_eq!(spec.provider, TrafficProvider::Kubernetes);
     assert_eq!(spec.target_ref.name, "payment-service");
     assert_eq!(spec.analysis.step_weights.len(), 4);

@@ -3,19 +3,19 @@
 //! There is no kubelet: the test marks workloads ready by writing their status, as envtest
 //! users do.
 
+mod common;
+
 use coalmine_controller::traffic::TrafficBackend;
 use coalmine_kube_fake::TestCluster;
 use coalmine_operator::seams::replicas::{ReplicaRatio, ReplicaRatioSpec, SERVICE_LABEL};
 use coalmine_operator::workload::ServicePortSpec;
 use coalmine_rollout::{Traffic, TrafficFault};
 use coalmine_spec::Weight;
+use common::{canary_owner, shop, DEPLOYMENT};
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{Namespace, Service};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
+use k8s_openapi::api::core::v1::Service;
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use serde_json::json;
-
-const DEPLOYMENT: &str = include_str!("fixtures/payment-service-deployment.yaml");
 
 struct Setup {
     _cluster: TestCluster,
@@ -24,13 +24,8 @@ struct Setup {
 }
 
 async fn setup(with_label: bool) -> Setup {
-    let cluster = TestCluster::start().await.unwrap();
+    let cluster = shop().await;
     let client = cluster.client();
-    let ns: Namespace = serde_json::from_value(json!({"metadata": {"name": "shop"}})).unwrap();
-    Api::<Namespace>::all(client.clone())
-        .create(&PostParams::default(), &ns)
-        .await
-        .unwrap();
     let mut target: Deployment = serde_saphyr::from_str(DEPLOYMENT).unwrap();
     if with_label {
         let labels = target
@@ -67,14 +62,7 @@ fn backend(setup: &Setup, controller: &str) -> ReplicaRatio {
             target: "payment-service".into(),
             apex: "payment-service".into(),
             owner: format!("payment-service ({controller})"),
-            owner_reference: OwnerReference {
-                api_version: "flagger.app/v1beta1".into(),
-                kind: "Canary".into(),
-                name: "payment-service".into(),
-                uid: "8d0c5a52-1b7e-4c55-9a0e-2f7d1c9e0a11".into(),
-                controller: Some(true),
-                block_owner_deletion: Some(true),
-            },
+            owner_reference: canary_owner(),
             primary_ready_threshold: 100,
             progress_deadline_seconds: 600,
         },

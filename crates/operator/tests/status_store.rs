@@ -3,39 +3,20 @@
 //! that cannot be written is an error (the driver holds), never a silent loss.
 
 use coalmine_controller::state::StateStore;
-use coalmine_kube_fake::{install_crds, TestCluster};
+mod common;
+
+use coalmine_kube_fake::install_crds;
 use coalmine_operator::crd::{crds_yaml, Rollout};
 use coalmine_operator::seams::status_store::RolloutStatusStore;
 use coalmine_rollout::{Event, EventLevel, Machine, Phase, Plan};
-use k8s_openapi::api::core::v1::Namespace;
+use common::{shop, ROLLOUT};
 use k8s_openapi::api::events::v1::Event as KubeEvent;
 use kube::api::{Api, DeleteParams, ListParams, PostParams};
-use serde_json::json;
-
-const ROLLOUT: &str = "
-apiVersion: coalmine.dev/v1alpha1
-kind: Rollout
-metadata: {name: payment-service, namespace: shop}
-spec:
-  targetRef: {apiVersion: apps/v1, kind: Deployment, name: payment-service}
-  service: {port: 8080}
-  analysis:
-    interval: 30s
-    threshold: 3
-    stepWeights: [5, 10, 25, 50]
-    metrics:
-      - {name: request-success-rate, thresholdRange: {min: 99.5}, interval: 1m}
-";
 
 #[tokio::test]
 async fn a_step_is_written_whole_read_back_and_told_as_events() {
-    let cluster = TestCluster::start().await.unwrap();
+    let cluster = shop().await;
     let client = cluster.client();
-    let ns: Namespace = serde_json::from_value(json!({"metadata": {"name": "shop"}})).unwrap();
-    Api::<Namespace>::all(client.clone())
-        .create(&PostParams::default(), &ns)
-        .await
-        .unwrap();
     install_crds(&client, &crds_yaml()).await.unwrap();
     let api: Api<Rollout> = Api::namespaced(client.clone(), "shop");
     let rollout: Rollout = serde_saphyr::from_str(ROLLOUT).unwrap();

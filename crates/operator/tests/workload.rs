@@ -1,6 +1,10 @@
 //! The objects a rollout runs on, built as Flagger builds them, from a user's Deployment.
 
+mod common;
+
 use std::collections::BTreeMap;
+
+use common::{canary_owner, DEPLOYMENT};
 
 use coalmine_operator::workload::{
     primary_autoscaler, primary_deployment, readiness, replica_split, services, spec_hash,
@@ -9,25 +13,11 @@ use coalmine_operator::workload::{
 use coalmine_spec::Weight;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use serde_json::json;
 
-const DEPLOYMENT: &str = include_str!("fixtures/payment-service-deployment.yaml");
-
 fn target() -> Deployment {
     serde_saphyr::from_str(DEPLOYMENT).unwrap()
-}
-
-fn owner() -> OwnerReference {
-    OwnerReference {
-        api_version: "flagger.app/v1beta1".into(),
-        kind: "Canary".into(),
-        name: "payment-service".into(),
-        uid: "8d0c5a52-1b7e-4c55-9a0e-2f7d1c9e0a11".into(),
-        controller: Some(true),
-        block_owner_deletion: Some(true),
-    }
 }
 
 fn json_of<T: serde::Serialize>(v: &T) -> serde_json::Value {
@@ -37,7 +27,7 @@ fn json_of<T: serde::Serialize>(v: &T) -> serde_json::Value {
 #[test]
 fn the_primary_is_the_targets_template_selecting_its_own_pods() {
     let target = target();
-    let primary = json_of(&primary_deployment(&target, &owner(), Some(19)).unwrap());
+    let primary = json_of(&primary_deployment(&target, &canary_owner(), Some(19)).unwrap());
     let original = json_of(&target);
     assert_eq!(primary["metadata"]["name"], "payment-service-primary");
     assert_eq!(primary["metadata"]["namespace"], "shop");
@@ -92,7 +82,7 @@ fn a_deployment_without_a_selector_label_is_refused_by_name() {
     let mut target = target();
     let spec = target.spec.as_mut().unwrap();
     spec.selector.match_labels = Some(BTreeMap::from([("tier".into(), "web".into())]));
-    let err = primary_deployment(&target, &owner(), None).unwrap_err();
+    let err = primary_deployment(&target, &canary_owner(), None).unwrap_err();
     assert_eq!(
         err,
         WorkloadError::NoSelectorLabel {
@@ -110,7 +100,7 @@ fn apex_and_primary_services_select_the_primary_and_canary_the_target() {
         target_port: Some(IntOrString::String("http".into())),
         port_name: None,
     };
-    let [apex, primary, canary] = services(&target(), &owner(), &port)
+    let [apex, primary, canary] = services(&target(), &canary_owner(), &port)
         .unwrap()
         .map(|s| json_of(&s));
     assert_eq!(apex["metadata"]["name"], "payment-service");
@@ -137,7 +127,7 @@ fn apex_and_primary_services_select_the_primary_and_canary_the_target() {
         name: Some("payments".into()),
         ..port
     };
-    let [apex, _, canary] = services(&target(), &owner(), &named)
+    let [apex, _, canary] = services(&target(), &canary_owner(), &named)
         .unwrap()
         .map(|s| json_of(&s));
     assert_eq!(apex["metadata"]["name"], "payments");
@@ -157,7 +147,7 @@ fn the_primary_autoscaler_scales_the_primary() {
     .unwrap();
     let copy = json_of(&primary_autoscaler(
         &hpa,
-        &owner(),
+        &canary_owner(),
         "payment-service-primary",
     ));
     assert_eq!(copy["metadata"]["name"], "payment-service-primary");

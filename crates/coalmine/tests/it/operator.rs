@@ -8,7 +8,6 @@ use std::time::{Duration, Instant};
 use coalmine_kube_fake::{install_crds, TestCluster};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::Namespace;
 use kube::api::{Api, ApiResource, DynamicObject, Patch, PatchParams, PostParams};
 use serde_json::json;
 
@@ -31,17 +30,22 @@ spec:
         - {name: payment-service, image: 'registry.example/payment-service:1.0.0'}
 ";
 
-const ROLLOUT: &str = "
-apiVersion: coalmine.dev/v1alpha1
-kind: Rollout
-metadata: {name: payment-service, namespace: shop}
-spec:
-  targetRef: {apiVersion: apps/v1, kind: Deployment, name: payment-service}
-  service: {port: 80}
-  analysis:
-    interval: 1s
-    threshold: 2
-";
+/// The operator tests' Rollout (the seed's release), its analysis replaced by each test's.
+const ROLLOUT: &str = include_str!("../../../operator/tests/fixtures/payment-service-rollout.yaml");
+
+/// `kubectl set image deployment/payment-service payment-service=…:2.0.0`.
+async fn set_new_image(deployments: &Api<Deployment>) {
+    let image = json!({"spec": {"template": {"spec": {"containers": [
+        {"name": "payment-service", "image": "registry.example/payment-service:2.0.0"}]}}}});
+    deployments
+        .patch(
+            "payment-service",
+            &PatchParams::default(),
+            &Patch::Strategic(&image),
+        )
+        .await
+        .unwrap();
+}
 
 /// The deployment controller and kubelet's part: every Deployment whose spec the status has
 /// not caught up with reports all its replicas ready.
@@ -82,15 +86,11 @@ struct Release {
 impl Release {
     async fn start(analysis: &str) -> Release {
         let cluster = TestCluster::start().await.unwrap();
+        cluster.create_namespace("shop").await.unwrap();
         let client = cluster.client();
-        let ns: Namespace = serde_json::from_value(json!({"metadata": {"name": "shop"}})).unwrap();
-        Api::<Namespace>::all(client.clone())
-            .create(&PostParams::default(), &ns)
-            .await
-            .unwrap();
         install_crds(&client, CRDS).await.unwrap();
         let deployments: Api<Deployment> = Api::namespaced(client.clone(), "shop");
-        let target: Deployment = serde_json::from_str(&yaml_to_json(DEPLOYMENT)).unwrap();
+        let target: Deployment = serde_saphyr::from_str(DEPLOYMENT).unwrap();
         deployments
             .create(&PostParams::default(), &target)
             .await
@@ -103,8 +103,15 @@ impl Release {
                 "rollouts",
             ),
         );
-        let rollout: DynamicObject =
-            serde_json::from_str(&yaml_to_json(&format!("{ROLLOUT}{analysis}"))).unwrap();
+        let mut rollout: serde_json::Value = serde_saphyr::from_str(ROLLOUT).unwrap();
+        // A 1-second interval, two failed checks roll back, and the test's steps and checks.
+        let analysis: String = analysis
+            .lines()
+            .map(|l| format!("{}\n", l.strip_prefix("    ").unwrap_or(l)))
+            .collect();
+        let analysis = format!("interval: 1s\nthreshold: 2\n{analysis}");
+        rollout["spec"]["analysis"] = serde_saphyr::from_str(&analysis).unwrap();
+        let rollout: DynamicObject = serde_json::from_value(rollout).unwrap();
         rollouts
             .create(&PostParams::default(), &rollout)
             .await
@@ -154,17 +161,7 @@ impl Release {
                     Some(9)
                 );
                 assert_eq!(replicas(deployments, "payment-service").await, Some(0));
-                // kubectl set image
-                let image = json!({"spec": {"template": {"spec": {"containers": [
-                    {"name": "payment-service", "image": "registry.example/payment-service:2.0.0"}]}}}});
-                deployments
-                    .patch(
-                        "payment-service",
-                        &PatchParams::default(),
-                        &Patch::Strategic(&image),
-                    )
-                    .await
-                    .unwrap();
+                set_new_image(deployments).await;
                 changed_image = true;
             }
             if let Some(n) = replicas(deployments, "payment-service")
@@ -289,16 +286,7 @@ async fn when_the_leader_dies_mid_release_the_other_replica_resumes_it_where_it_
         kubelet(&deployments).await;
         let s = release.status().await;
         if !changed_image && s["phase"] == "Initialized" {
-            let image = json!({"spec": {"template": {"spec": {"containers": [
-                {"name": "payment-service", "image": "registry.example/payment-service:2.0.0"}]}}}});
-            deployments
-                .patch(
-                    "payment-service",
-                    &PatchParams::default(),
-                    &Patch::Strategic(&image),
-                )
-                .await
-                .unwrap();
+            set_new_image(&deployments).await;
             changed_image = true;
         }
         if changed_image && s["canaryWeight"].as_f64().unwrap_or(0.0) >= 30.0 {
@@ -366,9 +354,4 @@ async fn when_the_leader_dies_mid_release_the_other_replica_resumes_it_where_it_
         release.primary_image().await.as_deref(),
         Some("registry.example/payment-service:2.0.0")
     );
-}
-
-fn yaml_to_json(yaml: &str) -> String {
-    let value: serde_json::Value = serde_saphyr::from_str(yaml).unwrap();
-    value.to_string()
 }
