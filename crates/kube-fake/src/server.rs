@@ -315,11 +315,7 @@ async fn dispatch(
         }
         (&Method::POST, false) => {
             let body = request.json_body()?;
-            let (object, warnings) = {
-                let mut store = shared.lock();
-                create(&mut store, &target, body, request)?
-            };
-            notify(shared);
+            let (object, warnings) = write(shared, |store| create(store, &target, body, request))?;
             Ok(with_warnings(
                 json_response(StatusCode::CREATED, &object),
                 &warnings,
@@ -327,42 +323,36 @@ async fn dispatch(
         }
         (&Method::PUT, true) => {
             let body = request.json_body()?;
-            let (object, warnings) = {
-                let mut store = shared.lock();
-                update(&mut store, &target, body, request)?
-            };
-            notify(shared);
+            let (object, warnings) = write(shared, |store| update(store, &target, body, request))?;
             Ok(with_warnings(
                 json_response(StatusCode::OK, &object),
                 &warnings,
             ))
         }
         (&Method::PATCH, true) => {
-            let (code, object, warnings) = {
-                let mut store = shared.lock();
-                patch(&mut store, &target, request)?
-            };
-            notify(shared);
+            let (code, object, warnings) = write(shared, |store| patch(store, &target, request))?;
             Ok(with_warnings(json_response(code, &object), &warnings))
         }
         (&Method::DELETE, true) => {
-            let response = {
-                let mut store = shared.lock();
-                delete(&mut store, &target, request)?
-            };
-            notify(shared);
+            let response = write(shared, |store| delete(store, &target, request))?;
             Ok(json_response(StatusCode::OK, &response))
         }
         (&Method::DELETE, false) => {
-            let response = {
-                let mut store = shared.lock();
-                delete_collection(&mut store, &target, request)?
-            };
-            notify(shared);
+            let response = write(shared, |store| delete_collection(store, &target, request))?;
             Ok(json_response(StatusCode::OK, &response))
         }
         _ => Err(ApiError::method_not_allowed(method.as_str())),
     }
+}
+
+/// A change under the store's lock, then watchers woken (a failed change wakes nobody).
+fn write<T>(
+    shared: &Shared,
+    change: impl FnOnce(&mut Store) -> Result<T, ApiError>,
+) -> Result<T, ApiError> {
+    let done = change(&mut shared.lock())?;
+    notify(shared);
+    Ok(done)
 }
 
 fn notify(shared: &Shared) {
