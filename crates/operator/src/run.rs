@@ -185,6 +185,10 @@ fn backend(context: &Context, rollout: &Rollout) -> ReplicaRatio {
             owner_reference: rollout
                 .controller_owner_ref(&())
                 .expect("a Rollout from the API server has a name and uid"),
+            canary_ready_threshold: spec
+                .analysis
+                .canary_ready_threshold
+                .unwrap_or(DEFAULT_READY_THRESHOLD),
             primary_ready_threshold: spec
                 .analysis
                 .primary_ready_threshold

@@ -63,6 +63,7 @@ fn backend(setup: &Setup, controller: &str) -> ReplicaRatio {
             apex: "payment-service".into(),
             owner: format!("payment-service ({controller})"),
             owner_reference: canary_owner(),
+            canary_ready_threshold: 100,
             primary_ready_threshold: 100,
             progress_deadline_seconds: 600,
         },
@@ -146,20 +147,30 @@ async fn the_seeds_nineteen_to_one_then_promotion_through_the_primary() {
     // The weights as replicas beside the 19 primary pods.
     backend.claim().await.unwrap();
     for (weight, canary) in [(5.0, 1), (25.0, 7), (50.0, 19), (0.0, 0)] {
-        backend.apply(&weighted(weight)).await.unwrap();
+        let applied = backend.apply(&weighted(weight)).await;
         assert_eq!(
             replicas(d, "payment-service").await,
             canary,
             "at {weight} %"
         );
+        if canary > 0 {
+            // Held until the canary's pods run: no analysis of a canary nobody reaches.
+            assert!(
+                matches!(&applied, Err(TrafficFault::Unreachable(w)) if w.contains("payment-service")),
+                "{applied:?}"
+            );
+            mark_ready(d, "payment-service").await;
+            backend.apply(&weighted(weight)).await.unwrap();
+        } else {
+            applied.unwrap();
+        }
         assert_eq!(
             replicas(d, "payment-service-primary").await,
             19,
             "the primary keeps its size"
         );
     }
-    // Someone scales the canary by hand: put right, and said.
-    backend.apply(&weighted(5.0)).await.unwrap();
+    // Someone scales the canary up by hand after a rollback: put right, and said.
     d.patch_scale(
         "payment-service",
         &PatchParams::default(),
@@ -167,13 +178,38 @@ async fn the_seeds_nineteen_to_one_then_promotion_through_the_primary() {
     )
     .await
     .unwrap();
-    let corrected = backend.reconcile(&weighted(5.0)).await.unwrap();
-    assert_eq!(corrected, ["Deployment payment-service replicas 5 → 1"]);
-    assert_eq!(replicas(d, "payment-service").await, 1);
+    let corrected = backend.reconcile(&weighted(0.0)).await.unwrap();
+    assert_eq!(corrected, ["Deployment payment-service replicas 5 → 0"]);
+    assert_eq!(replicas(d, "payment-service").await, 0);
     assert!(
-        backend.reconcile(&weighted(5.0)).await.unwrap().is_empty(),
+        backend.reconcile(&weighted(0.0)).await.unwrap().is_empty(),
         "idempotent"
     );
+    // A canary whose rollout the deployment controller gave up on is rolled back.
+    let _ = backend.apply(&weighted(5.0)).await;
+    let generation = d.get("payment-service").await.unwrap().metadata.generation;
+    let stuck = json!({"status": {"observedGeneration": generation, "conditions": [{"type": "Progressing", "status": "False",
+        "reason": "ProgressDeadlineExceeded", "message": "ReplicaSet has timed out progressing."}]}});
+    d.patch_status(
+        "payment-service",
+        &PatchParams::default(),
+        &Patch::Merge(&stuck),
+    )
+    .await
+    .unwrap();
+    let refused = backend.apply(&weighted(5.0)).await.unwrap_err();
+    assert!(
+        matches!(&refused, TrafficFault::Refused(w) if w.contains("timed out")),
+        "{refused:?}"
+    );
+    mark_ready(d, "payment-service").await;
+    d.patch_status(
+        "payment-service",
+        &PatchParams::default(),
+        &Patch::Merge(&json!({"status": {"conditions": []}})),
+    )
+    .await
+    .unwrap();
     // A new image (kubectl set image), then promotion: the primary rolls out first.
     let image = json!({"spec": {"template": {"spec": {"containers": [
         {"name": "payment-service", "image": "registry.example/payment-service:2.0.0"}]}}}});

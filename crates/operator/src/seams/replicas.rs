@@ -45,6 +45,7 @@ pub struct ReplicaRatio {
     /// The rollout (Canary or Rollout) that owns the primary.
     owner_reference: OwnerReference,
     /// `canaryReadyThreshold` / `primaryReadyThreshold` (%), `progressDeadlineSeconds`.
+    canary_ready_threshold: u32,
     primary_ready_threshold: u32,
     progress_deadline_seconds: u64,
 }
@@ -56,6 +57,7 @@ pub struct ReplicaRatioSpec {
     pub apex: String,
     pub owner: String,
     pub owner_reference: OwnerReference,
+    pub canary_ready_threshold: u32,
     pub primary_ready_threshold: u32,
     pub progress_deadline_seconds: u64,
 }
@@ -89,6 +91,7 @@ impl ReplicaRatio {
             apex: spec.apex,
             owner: spec.owner,
             owner_reference: spec.owner_reference,
+            canary_ready_threshold: spec.canary_ready_threshold,
             primary_ready_threshold: spec.primary_ready_threshold,
             progress_deadline_seconds: spec.progress_deadline_seconds,
         }
@@ -197,6 +200,11 @@ impl ReplicaRatio {
             ));
         }
         self.select_both().await?;
+        if wanted > 0 {
+            // A canary that does not run is not analysed: the checks would judge the primary
+            // alone and promote a version no request reached (Flagger checks each tick too).
+            self.hold_until_ready(&self.target().await?, self.canary_ready_threshold)?;
+        }
         Ok(changed)
     }
 
@@ -244,17 +252,18 @@ impl ReplicaRatio {
                 .await
                 .map_err(|e| fault(&format!("Service {name}"), e))?;
         }
-        self.hold_until_ready(&primary)?;
+        self.hold_until_ready(&primary, self.primary_ready_threshold)?;
         if target.spec.as_ref().and_then(|s| s.replicas) != Some(0) {
             self.scale_target(0).await?;
         }
         Ok(())
     }
 
-    fn hold_until_ready(&self, workload: &Deployment) -> Result<(), TrafficFault> {
+    /// Ready, or hold (the tick waits, up to the progress deadline), or fail (roll back).
+    fn hold_until_ready(&self, workload: &Deployment, threshold: u32) -> Result<(), TrafficFault> {
         match readiness(
             workload,
-            self.primary_ready_threshold,
+            threshold,
             self.progress_deadline_seconds,
             unix_now(),
         ) {
@@ -270,7 +279,7 @@ impl ReplicaRatio {
         // Its size stays: an apply without `replicas` would drop the field Coalmine owns.
         let size = self.primary().await?.spec.and_then(|s| s.replicas);
         let primary = self.apply_primary(&target, size).await?;
-        self.hold_until_ready(&primary)?;
+        self.hold_until_ready(&primary, self.primary_ready_threshold)?;
         let current = target.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
         let mut changed = Vec::new();
         if current != 0 {
