@@ -22,6 +22,7 @@ use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::Action;
+use kube::runtime::events::{Event as KubeEvent, EventType, Recorder, Reporter};
 use kube::runtime::{watcher, Controller};
 use kube::Resource;
 use tokio::task::JoinHandle;
@@ -70,6 +71,8 @@ pub enum ReconcileError {
 /// What the reconciler shares: the client, and the runs it drives.
 struct Context {
     client: kube::Client,
+    /// Events about rollouts the reconciler (not a run) has to say something of.
+    recorder: Recorder,
     health: Arc<Health>,
     /// This replica, in Events.
     identity: String,
@@ -114,6 +117,13 @@ pub async fn run(client: kube::Client, settings: Settings) -> Result<(), Operato
     health.leading.store(true, Relaxed);
     let context = Arc::new(Context {
         client: client.clone(),
+        recorder: Recorder::new(
+            client.clone(),
+            Reporter {
+                controller: "coalmine".into(),
+                instance: Some(settings.identity.clone()),
+            },
+        ),
         health: health.clone(),
         identity: settings.identity.clone(),
         controller: format!(
@@ -258,9 +268,11 @@ async fn reconcile(cached: Arc<Rollout>, context: Arc<Context>) -> Result<Action
     };
     let key = key(&rollout);
     if let Err(ReconcileError::Invalid { field, message }) = check(&rollout) {
+        // Said where kubectl shows it (a condition, an Event); other rollouts go on, and this
+        // one is looked at again when it changes.
+        let said = format!("{field}: {message}");
         let condition = serde_json::json!([{
-            "type": "Promoted", "status": "Unknown", "reason": "Invalid",
-            "message": format!("{field}: {message}"),
+            "type": "Promoted", "status": "Unknown", "reason": "InvalidSpec", "message": said,
         }]);
         write_status(
             &context.client,
@@ -268,6 +280,20 @@ async fn reconcile(cached: Arc<Rollout>, context: Arc<Context>) -> Result<Action
             serde_json::json!({"conditions": condition}),
         )
         .await?;
+        let event = KubeEvent {
+            type_: EventType::Warning,
+            reason: "InvalidSpec".into(),
+            note: Some(said),
+            action: "Reconcile".into(),
+            secondary: None,
+        };
+        if let Err(e) = context
+            .recorder
+            .publish(&event, &rollout.object_ref(&()))
+            .await
+        {
+            tracing::warn!(rollout = %key, error = %e, "an Event was not written");
+        }
         return Ok(Action::await_change());
     }
     let namespace = rollout.metadata.namespace.clone().unwrap_or_default();

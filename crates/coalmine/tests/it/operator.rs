@@ -355,3 +355,57 @@ async fn when_the_leader_dies_mid_release_the_other_replica_resumes_it_where_it_
         Some("registry.example/payment-service:2.0.0")
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rollout_coalmine_cannot_run_is_told_by_field_and_the_others_go_on() {
+    let release = Release::start("    stepWeights: [10, 50]\n").await;
+    // Valid for the CRD; not runnable here: provider kubernetes has no per-version counts.
+    let mut bad: serde_json::Value = serde_saphyr::from_str(ROLLOUT).unwrap();
+    bad["metadata"]["name"] = "checkout".into();
+    bad["spec"]["targetRef"]["name"] = "checkout".into();
+    let bad: DynamicObject = serde_json::from_value(bad).unwrap();
+    release
+        .rollouts
+        .create(&PostParams::default(), &bad)
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        kubelet(&release.deployments).await;
+        let checkout = release.rollouts.get("checkout").await.unwrap().data["status"].clone();
+        let said = checkout["conditions"][0]["message"]
+            .as_str()
+            .unwrap_or("")
+            .to_string();
+        if said.starts_with("spec.analysis.metrics[0]")
+            && release.status().await["phase"] == "Initialized"
+        {
+            assert_eq!(checkout["conditions"][0]["reason"], "InvalidSpec");
+            assert!(said.contains("request-success-rate"), "{said}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{checkout:#}\n{}",
+            release.operator.stderr()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let events: Api<k8s_openapi::api::events::v1::Event> =
+        Api::namespaced(release.cluster.client(), "shop");
+    let told: Vec<_> = events
+        .list(&Default::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("checkout"))
+        .collect();
+    assert_eq!(told.len(), 1, "{told:#?}");
+    assert_eq!(told[0].type_.as_deref(), Some("Warning"));
+    assert!(told[0]
+        .note
+        .as_deref()
+        .unwrap()
+        .starts_with("spec.analysis.metrics[0]"));
+}
