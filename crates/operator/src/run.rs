@@ -93,6 +93,43 @@ impl ObservationSource for NoCounts {
     }
 }
 
+/// Everything on the primary.
+const NO_CANARY: coalmine_rollout::Traffic = coalmine_rollout::Traffic {
+    promoted: false,
+    canary: false,
+    canary_weight: coalmine_spec::Weight::ZERO,
+    apply_match: false,
+    mirror_weight: coalmine_spec::Weight::ZERO,
+};
+
+/// Returns once the rollout is gone (deleted, or deleted and created again: another uid). An
+/// API server that does not answer is not a deletion.
+async fn deleted(rollouts: &Api<Rollout>, name: &str, uid: Option<&str>) {
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        match rollouts.get_opt(name).await {
+            Ok(None) => return,
+            Ok(Some(now)) if now.metadata.uid.as_deref() != uid => return,
+            _ => {}
+        }
+    }
+}
+
+/// Puts all traffic on the primary, trying for a while if the API server does not answer.
+async fn take_canary_off(traffic: &dyn TrafficBackend) {
+    for attempt in 0..30 {
+        match traffic.apply(&NO_CANARY).await {
+            Ok(()) => return,
+            Err(TrafficFault::Refused(e)) => {
+                tracing::error!(error = %e, "the canary could not be taken off");
+                return;
+            }
+            Err(e) => tracing::warn!(attempt, error = %e, "the canary is not off yet"),
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
 /// Leads, then reconciles until the lease is lost (an error) or the watch ends.
 pub async fn run(client: kube::Client, settings: Settings) -> Result<(), OperatorError> {
     let elector = Elector::new(
@@ -383,13 +420,32 @@ async fn reconcile(cached: Arc<Rollout>, context: Arc<Context>) -> Result<Action
                     message: u.message,
                 })?;
             let task_key = key.clone();
+            let rollouts: Api<Rollout> = Api::namespaced(context.client.clone(), &namespace);
+            let (name, uid) = (
+                rollout.metadata.name.clone().unwrap_or_default(),
+                rollout.metadata.uid.clone(),
+            );
             let handle = tokio::spawn(async move {
                 let mut store = store;
                 // Commands (promote, abort) come with the API issue; the channel stays open.
                 let (_commands, control) = tokio::sync::mpsc::channel(8);
-                let outcome = driver.run(control, &mut store).await;
-                tracing::info!(rollout = %task_key, ?outcome, "run ended");
-                let _ = driver.release().await;
+                let traffic = driver.traffic();
+                let outcome = tokio::select! {
+                    outcome = driver.run(control, &mut store) => Some(outcome),
+                    () = deleted(&rollouts, &name, uid.as_deref()) => None,
+                };
+                match outcome {
+                    Some(outcome) => {
+                        tracing::info!(rollout = %task_key, ?outcome, "run ended");
+                        let _ = driver.release().await;
+                    }
+                    None => {
+                        // Nobody watches this canary any more: its traffic goes.
+                        tracing::warn!(rollout = %task_key, "deleted mid-run: taking the canary off");
+                        take_canary_off(traffic.as_ref()).await;
+                        let _ = traffic.release().await;
+                    }
+                }
             });
             let mut runs = context.runs.lock().expect("runs lock");
             runs.insert(key, handle);
@@ -401,15 +457,7 @@ async fn reconcile(cached: Arc<Rollout>, context: Arc<Context>) -> Result<Action
                 handle.abort();
             }
             // The old run's canary off before anything else.
-            backend
-                .apply(&coalmine_rollout::Traffic {
-                    promoted: false,
-                    canary: false,
-                    canary_weight: coalmine_spec::Weight::ZERO,
-                    apply_match: false,
-                    mirror_weight: coalmine_spec::Weight::ZERO,
-                })
-                .await?;
+            backend.apply(&NO_CANARY).await?;
             write_status(
                 &context.client,
                 &rollout,

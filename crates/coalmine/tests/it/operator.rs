@@ -409,3 +409,37 @@ async fn a_rollout_coalmine_cannot_run_is_told_by_field_and_the_others_go_on() {
         .unwrap()
         .starts_with("spec.analysis.metrics[0]"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rollout_deleted_mid_release_takes_its_canary_off() {
+    let release = Release::start("    stepWeights: [10, 20, 30, 40, 50, 60]\n").await;
+    let deployments = &release.deployments;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut changed_image = false;
+    loop {
+        assert!(Instant::now() < deadline, "{:#}", release.status().await);
+        kubelet(deployments).await;
+        let s = release.status().await;
+        if !changed_image && s["phase"] == "Initialized" {
+            set_new_image(deployments).await;
+            changed_image = true;
+        }
+        if changed_image && s["canaryWeight"].as_f64().unwrap_or(0.0) >= 20.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(replicas(deployments, "payment-service").await > Some(0));
+    release
+        .rollouts
+        .delete("payment-service", &Default::default())
+        .await
+        .unwrap();
+    // Nobody watches the canary any more: it goes, and the primary serves as it did.
+    release.canary_settles_at(0).await;
+    assert_eq!(
+        release.primary_image().await.as_deref(),
+        Some("registry.example/payment-service:1.0.0")
+    );
+    release.operator.wait_for_stderr("deleted mid-run");
+}
