@@ -313,21 +313,22 @@ async fn dispatch(
             };
             Ok(json_response(StatusCode::OK, &object))
         }
-        (&Method::POST, false) => {
+        (&Method::POST, false) | (&Method::PUT, true) => {
             let body = request.json_body()?;
-            let (object, warnings) = write(shared, |store| create(store, &target, body, request))?;
-            Ok(with_warnings(
-                json_response(StatusCode::CREATED, &object),
-                &warnings,
-            ))
-        }
-        (&Method::PUT, true) => {
-            let body = request.json_body()?;
-            let (object, warnings) = write(shared, |store| update(store, &target, body, request))?;
-            Ok(with_warnings(
-                json_response(StatusCode::OK, &object),
-                &warnings,
-            ))
+            let creating = method == Method::POST;
+            let (object, warnings) = write(shared, |store| {
+                if creating {
+                    create(store, &target, body, request)
+                } else {
+                    update(store, &target, body, request)
+                }
+            })?;
+            let code = if creating {
+                StatusCode::CREATED
+            } else {
+                StatusCode::OK
+            };
+            Ok(with_warnings(json_response(code, &object), &warnings))
         }
         (&Method::PATCH, true) => {
             let (code, object, warnings) = write(shared, |store| patch(store, &target, request))?;
