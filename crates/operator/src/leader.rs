@@ -1,6 +1,7 @@
 //! One leader among the operator's replicas, through a `coordination.k8s.io/v1` Lease, as
 //! client-go's leader election does it: the holder renews the lease before it expires; another
-//! replica takes it only once it has expired by the holder's own terms; every write carries the
+//! replica takes it only once it has gone a lease duration without a renewal *it saw* (its own
+//! clock, not the holder's: skew between nodes cannot depose a live leader); every write carries the
 //! `resourceVersion` it read, so of two replicas racing for it the API server accepts one (the
 //! other gets 409 Conflict). A leader that cannot renew within its deadline stops leading before
 //! the lease can expire — two operators never drive one release.
@@ -48,7 +49,10 @@ pub enum Decision {
     Wait { holder: String, until: Timestamp },
 }
 
-/// The rule, on the lease as read (`None`: there is none) at `now`.
+/// The rule, on the lease as read (`None`: there is none) at `now`. `unchanged_since` is when
+/// this replica first saw the lease's current record (holder and renew time): as in client-go,
+/// a lease expires a duration after *this replica* last saw it change, never by comparing the
+/// holder's clock with ours, so a holder whose clock runs behind is not deposed while it renews.
 pub fn decide(
     current: Option<&Lease>,
     name: &str,
@@ -56,6 +60,7 @@ pub fn decide(
     identity: &str,
     timings: LeaseTimings,
     now: Timestamp,
+    unchanged_since: Timestamp,
 ) -> Decision {
     let duration_secs = i32::try_from(timings.lease_duration.as_secs().max(1)).unwrap_or(i32::MAX);
     let Some(lease) = current else {
@@ -78,16 +83,12 @@ pub fn decide(
     let spec = lease.spec.clone().unwrap_or_default();
     let holder = spec.holder_identity.clone().unwrap_or_default();
     let ours = holder == identity;
-    // The holder's own terms: its renew time plus the duration it wrote.
+    // The holder's terms (the duration it wrote), counted on our clock from when we saw its
+    // last renewal.
     let held_for = Duration::from_secs(
         u64::try_from(spec.lease_duration_seconds.unwrap_or(duration_secs)).unwrap_or(0),
     );
-    let renewed = spec
-        .renew_time
-        .as_ref()
-        .or(spec.acquire_time.as_ref())
-        .map(|t| t.0);
-    let expires = renewed.and_then(|t| t.checked_add(held_for).ok());
+    let expires = unchanged_since.checked_add(held_for).ok();
     let free = holder.is_empty() || expires.is_none_or(|e| e <= now);
     if !ours && !free {
         return Decision::Wait {
@@ -119,6 +120,8 @@ pub struct Elector {
     namespace: String,
     identity: String,
     timings: LeaseTimings,
+    /// The lease record (holder, renew time) last seen, and when it was first seen so.
+    observed: std::sync::Mutex<Option<(String, Timestamp)>>,
 }
 
 /// Why a try did not end with us holding the lease.
@@ -146,6 +149,23 @@ impl Elector {
             namespace: namespace.to_string(),
             identity: identity.to_string(),
             timings,
+            observed: std::sync::Mutex::new(None),
+        }
+    }
+
+    /// When this replica first saw the lease as it is now (`now` if it just changed).
+    fn unchanged_since(&self, lease: Option<&Lease>, now: Timestamp) -> Timestamp {
+        let record = lease
+            .and_then(|l| l.spec.as_ref())
+            .map(|s| format!("{:?}|{:?}", s.holder_identity, s.renew_time))
+            .unwrap_or_default();
+        let mut observed = self.observed.lock().expect("observed lock");
+        match observed.as_ref() {
+            Some((seen, since)) if *seen == record => *since,
+            _ => {
+                *observed = Some((record, now));
+                now
+            }
         }
     }
 
@@ -172,6 +192,7 @@ impl Elector {
             &self.identity,
             self.timings,
             now,
+            self.unchanged_since(current.as_ref(), now),
         );
         let written = match decision {
             Decision::Wait { holder, .. } => return Ok(Some(holder)),
@@ -239,7 +260,8 @@ mod tests {
         Timestamp::from_second(T0 + secs).unwrap()
     }
 
-    fn decide_at(current: Option<&Lease>, who: &str, secs: i64) -> Decision {
+    /// At `secs`, having seen the lease as it is since `seen`.
+    fn decide_seen(current: Option<&Lease>, who: &str, secs: i64, seen: i64) -> Decision {
         decide(
             current,
             "coalmine-operator",
@@ -247,7 +269,12 @@ mod tests {
             who,
             LeaseTimings::default(),
             at(secs),
+            at(seen),
         )
+    }
+
+    fn decide_at(current: Option<&Lease>, who: &str, secs: i64) -> Decision {
+        decide_seen(current, who, secs, secs)
     }
 
     fn held(decision: Decision) -> Lease {
@@ -275,16 +302,24 @@ mod tests {
     }
 
     #[test]
-    fn another_replica_waits_until_the_lease_expires_by_the_holders_terms() {
+    fn another_replica_waits_a_lease_duration_after_it_last_saw_a_renewal() {
         let lease = held(decide_at(None, "a", 0));
         assert_eq!(
-            decide_at(Some(&lease), "b", 7),
+            decide_seen(Some(&lease), "b", 7, 0),
             Decision::Wait {
                 holder: "a".into(),
                 until: at(8)
             }
         );
-        let taken = held(decide_at(Some(&lease), "b", 8)).spec.unwrap();
+        // The holder's clock is not ours: a renewal stamped an hour ago (its clock behind),
+        // just seen, holds the lease a full duration.
+        let mut skewed = lease.clone();
+        skewed.spec.as_mut().unwrap().renew_time = Some(MicroTime(at(-3600)));
+        assert!(matches!(
+            decide_seen(Some(&skewed), "b", 7, 7),
+            Decision::Wait { .. }
+        ));
+        let taken = held(decide_seen(Some(&lease), "b", 8, 0)).spec.unwrap();
         assert_eq!(taken.holder_identity.as_deref(), Some("b"));
         assert_eq!(taken.acquire_time, Some(MicroTime(at(8))));
         assert_eq!(taken.lease_transitions, Some(1));

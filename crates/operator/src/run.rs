@@ -184,18 +184,27 @@ pub async fn run(client: kube::Client, settings: Settings) -> Result<(), Operato
     ended
 }
 
-/// Renews the lease; returns when it is lost or could not be renewed within the deadline.
+/// Renews the lease; returns when it is lost or was not renewed within the renew deadline. A
+/// renewal that hangs counts as failed once the deadline passes (it is cut off then), so this
+/// replica stops before the lease can expire for the others — never two leaders.
 async fn keep_leading(elector: &Elector) -> OperatorError {
     let timings = elector.timings();
     let mut renewed = tokio::time::Instant::now();
     loop {
-        tokio::time::sleep(timings.retry_period).await;
-        match elector.try_once(Timestamp::now()).await {
-            Ok(None) => renewed = tokio::time::Instant::now(),
-            Ok(Some(holder)) => return OperatorError::LostLease(holder),
-            Err(e) => tracing::warn!(error = %e, "the lease was not renewed"),
+        let deadline = renewed + timings.renew_deadline;
+        tokio::time::sleep_until(
+            (tokio::time::Instant::now() + timings.retry_period).min(deadline),
+        )
+        .await;
+        // Counted from when the request left: the lease says "renewed" from about then.
+        let sent = tokio::time::Instant::now();
+        match tokio::time::timeout_at(deadline, elector.try_once(Timestamp::now())).await {
+            Ok(Ok(None)) => renewed = sent,
+            Ok(Ok(Some(holder))) => return OperatorError::LostLease(holder),
+            Ok(Err(e)) => tracing::warn!(error = %e, "the lease was not renewed"),
+            Err(_) => tracing::warn!("the lease renewal did not answer in time"),
         }
-        if renewed.elapsed() > timings.renew_deadline {
+        if tokio::time::Instant::now() >= renewed + timings.renew_deadline {
             return OperatorError::RenewalFailed(timings.renew_deadline);
         }
     }
@@ -478,4 +487,31 @@ async fn reconcile(cached: Arc<Rollout>, context: Arc<Context>) -> Result<Action
     }
     // No watch on Deployments yet: a new revision is seen within this (Flagger polls per tick).
     Ok(Action::requeue(Duration::from_secs(2)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_renewal_that_hangs_stops_the_leader_within_the_renew_deadline() {
+        // An API server that takes the connection and never answers.
+        let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}", silent.local_addr().unwrap());
+        let client = kube::Client::try_from(kube::Config::new(url.parse().unwrap())).unwrap();
+        let timings = LeaseTimings::default();
+        let elector = Elector::new(client, "shop", "coalmine-operator", "operator-a", timings);
+        let started = tokio::time::Instant::now();
+        let stopped = keep_leading(&elector).await;
+        assert!(
+            matches!(stopped, OperatorError::RenewalFailed(_)),
+            "{stopped}"
+        );
+        // Before the lease (8 s) can have expired for the others.
+        assert!(
+            started.elapsed() <= timings.renew_deadline,
+            "{:?}",
+            started.elapsed()
+        );
+    }
 }

@@ -74,15 +74,19 @@ async fn of_two_operators_one_leads_and_the_other_takes_over_only_when_the_lease
         other.try_once(at(10)).await.unwrap(),
         Some(leader_name.clone())
     );
-    // The leader dies (no more renewals): the other takes over once 8 s have passed since the
-    // last renewal, not before.
-    assert_eq!(other.try_once(at(11)).await.unwrap(), None);
+    // The leader dies (no more renewals): the other takes over once 8 s have passed since it
+    // saw the last renewal (at 10 s, on its own clock), not before.
     assert_eq!(
-        leader.try_once(at(12)).await.unwrap(),
+        other.try_once(at(17)).await.unwrap(),
+        Some(leader_name.clone())
+    );
+    assert_eq!(other.try_once(at(18)).await.unwrap(), None);
+    assert_eq!(
+        leader.try_once(at(19)).await.unwrap(),
         Some(other_name.to_string()),
         "the old leader sees the new one and does not lead"
     );
     // A clean shutdown gives the lease up at once.
     other.release().await.unwrap();
-    assert_eq!(leader.try_once(at(13)).await.unwrap(), None);
+    assert_eq!(leader.try_once(at(20)).await.unwrap(), None);
 }
