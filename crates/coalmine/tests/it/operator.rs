@@ -443,3 +443,23 @@ async fn a_rollout_deleted_mid_release_takes_its_canary_off() {
     );
     release.operator.wait_for_stderr("deleted mid-run");
 }
+
+#[test]
+fn an_unreadable_kubeconfig_is_bad_input_named_by_flag() {
+    let out = std::process::Command::new(crate::common::BIN)
+        .args([
+            "operator",
+            "--kubeconfig",
+            "/nonexistent/kubeconfig",
+            "--listen",
+            "127.0.0.1:0",
+        ])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("--kubeconfig /nonexistent/kubeconfig"),
+        "{stderr}"
+    );
+}
