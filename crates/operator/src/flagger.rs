@@ -12,6 +12,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::NamespaceResourceScope;
 use serde::{Deserialize, Serialize};
 
+use crate::crd::{RolloutSpec, ServicePort, TrafficProvider, WorkloadRef};
 use crate::status::CanaryStatus;
 
 pub const GROUP: &str = "flagger.app";
@@ -88,6 +89,75 @@ impl Canary {
         coalmine_spec::documents::check_analysis(&spec.analysis, "spec.analysis")
             .map_err(|(field, message)| SpecFieldError { field, message })?;
         Ok(spec)
+    }
+}
+
+/// The Kubernetes side of a Canary's spec — what Coalmine's spec crate leaves alone because a
+/// file run has no cluster: the workload, its autoscaler, the Services' port, the provider.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct CanaryWorkload {
+    target_ref: WorkloadRef,
+    #[serde(default)]
+    autoscaler_ref: Option<WorkloadRef>,
+    #[serde(default)]
+    service: Option<ServicePort>,
+    #[serde(default)]
+    provider: Option<String>,
+    #[serde(default)]
+    revert_on_deletion: bool,
+}
+
+impl Canary {
+    /// The Canary as the `Rollout` the operator runs for it: the same workload, Services and
+    /// analysis. Flagger's providers other than `kubernetes` come with the traffic issue; until
+    /// then such a Canary is refused by field, never run on the wrong traffic.
+    pub fn to_rollout_spec(&self) -> Result<RolloutSpec, SpecFieldError> {
+        let read = self.read_spec()?;
+        let workload: CanaryWorkload =
+            serde_path_to_error::deserialize(&self.spec).map_err(|e| SpecFieldError {
+                field: format!("spec.{}", e.path()),
+                message: e.inner().to_string(),
+            })?;
+        let provider = match workload.provider.as_deref() {
+            None | Some("kubernetes") => TrafficProvider::Kubernetes,
+            Some(other) => {
+                return Err(SpecFieldError {
+                    field: "spec.provider".into(),
+                    message: format!(
+                        "provider {other:?} is not one this operator drives; it drives kubernetes (Services and replicas)"
+                    ),
+                })
+            }
+        };
+        if workload.target_ref.kind != "Deployment" {
+            return Err(SpecFieldError {
+                field: "spec.targetRef.kind".into(),
+                message: format!(
+                    "{:?}: this operator rolls out Deployments",
+                    workload.target_ref.kind
+                ),
+            });
+        }
+        let service = workload.service.ok_or_else(|| SpecFieldError {
+            field: "spec.service".into(),
+            message: "the Services Coalmine creates need a port: add service.port".into(),
+        })?;
+        Ok(RolloutSpec {
+            target_ref: workload.target_ref,
+            autoscaler_ref: workload.autoscaler_ref,
+            service,
+            provider,
+            routers: None,
+            metrics_server: read.metrics_server,
+            progress_deadline_seconds: read
+                .progress_deadline_seconds
+                .map(|s| u32::try_from(s).unwrap_or(u32::MAX)),
+            skip_analysis: read.skip_analysis,
+            suspend: read.suspend,
+            revert_on_deletion: workload.revert_on_deletion,
+            analysis: read.analysis,
+        })
     }
 }
 

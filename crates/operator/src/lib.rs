@@ -8,6 +8,9 @@
 //!
 //! - [`flagger`]: Flagger's `Canary`, `MetricTemplate`, `AlertProvider` as watched, their spec
 //!   read per object (a Canary Coalmine cannot run gets the field's path, the watch goes on).
+//! - [`canaries`]: a Canary runs as the Rollout it describes (owned by it); the Rollout's
+//!   status is mirrored onto the Canary in Flagger's fields, its Events go to the Canary.
+//! - [`templates`]: checks resolved from the cluster's MetricTemplates (and their Secrets).
 //! - [`workload`]: the objects a rollout runs on, built as Flagger builds them, and Flagger's
 //!   readiness rules. Pure.
 //! - [`next`]: Flagger's change detection — initialise, start, resume, restart, adopt. Pure.
@@ -18,6 +21,7 @@
 //! Architecture invariant: the types here are the only declaration of the resources' shape; the
 //! CRD committed under `deploy/kubernetes/` is their output, kept equal by a test.
 
+pub mod canaries;
 pub mod crd;
 pub mod flagger;
 pub mod health;
@@ -26,4 +30,5 @@ pub mod next;
 pub mod run;
 pub mod seams;
 pub mod status;
+pub mod templates;
 pub mod workload;

@@ -19,8 +19,9 @@ use coalmine_controller::BoxFuture;
 use coalmine_rollout::{Status, TrafficFault};
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::ObjectReference;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Api, Patch, PatchParams};
+use kube::api::{Api, ListParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event as KubeEvent, EventType, Recorder, Reporter};
 use kube::runtime::{watcher, Controller};
@@ -28,11 +29,13 @@ use kube::Resource;
 use tokio::task::JoinHandle;
 
 use crate::crd::{Rollout, TrafficProvider};
+use crate::flagger::Canary;
 use crate::health::Health;
 use crate::leader::{Elector, LeaseTimings};
 use crate::next::{next, Next, Seen};
 use crate::seams::replicas::{ReplicaRatio, ReplicaRatioSpec};
 use crate::seams::status_store::RolloutStatusStore;
+use crate::templates::ResolveError;
 use crate::workload::{primary_name, spec_hash, ServicePortSpec, DEFAULT_READY_THRESHOLD};
 
 /// How one operator replica runs.
@@ -66,11 +69,13 @@ pub enum ReconcileError {
     Traffic(#[from] TrafficFault),
     #[error("{field}: {message}")]
     Invalid { field: String, message: String },
+    #[error("{0}")]
+    Json(#[from] serde_json::Error),
 }
 
-/// What the reconciler shares: the client, and the runs it drives.
-struct Context {
-    client: kube::Client,
+/// What the reconcilers share: the client, and the runs they drive.
+pub(crate) struct Context {
+    pub(crate) client: kube::Client,
     /// Events about rollouts the reconciler (not a run) has to say something of.
     recorder: Recorder,
     health: Arc<Health>,
@@ -173,11 +178,32 @@ pub async fn run(client: kube::Client, settings: Settings) -> Result<(), Operato
         Some(ns) => Api::namespaced(client.clone(), ns),
         None => Api::all(client.clone()),
     };
-    let reconciling = Controller::new(rollouts, watcher::Config::default())
-        .run(reconcile, error_policy, context)
+    let canaries: Api<Canary> = match &settings.namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    };
+    // A cluster without Flagger's CRD runs Rollouts only (said once, not retried forever).
+    let canaries = match canaries.list(&ListParams::default().limit(1)).await {
+        Err(kube::Error::Api(e)) if e.code == 404 => {
+            tracing::warn!("Flagger's Canary CRD is not installed: watching Rollouts only (install deploy/kubernetes/crds/flagger.yaml and restart to run Canaries)");
+            None
+        }
+        _ => Some(canaries),
+    };
+    let rollouts_reconciled = Controller::new(rollouts, watcher::Config::default())
+        .run(reconcile, error_policy, context.clone())
         .for_each(|_| futures::future::ready(()));
+    let canaries_reconciled = async {
+        if let Some(api) = canaries {
+            Controller::new(api, watcher::Config::default())
+                .run(crate::canaries::reconcile, error_policy, context)
+                .for_each(|_| futures::future::ready(()))
+                .await;
+        }
+    };
+    let reconciling = futures::future::join(rollouts_reconciled, canaries_reconciled);
     let ended = tokio::select! {
-        () = reconciling => Ok(()),
+        _ = reconciling => Ok(()),
         lost = keep_leading(&elector) => Err(lost),
     };
     health.leading.store(false, Relaxed);
@@ -210,7 +236,7 @@ async fn keep_leading(elector: &Elector) -> OperatorError {
     }
 }
 
-fn error_policy(_: Arc<Rollout>, error: &ReconcileError, _: Arc<Context>) -> Action {
+fn error_policy<K>(_: Arc<K>, error: &ReconcileError, _: Arc<Context>) -> Action {
     tracing::warn!(%error, "reconcile failed; trying again");
     Action::requeue(Duration::from_secs(5))
 }
@@ -262,6 +288,15 @@ fn check(rollout: &Rollout) -> Result<(), ReconcileError> {
             message: "this operator runs provider kubernetes so far".into(),
         });
     }
+    if rollout.spec.target_ref.kind != "Deployment" {
+        return Err(ReconcileError::Invalid {
+            field: "spec.targetRef.kind".into(),
+            message: format!(
+                "{:?}: this operator rolls out Deployments",
+                rollout.spec.target_ref.kind
+            ),
+        });
+    }
     if let Some((i, m)) = rollout
         .spec
         .analysis
@@ -295,6 +330,51 @@ async fn write_status(
     let patch = serde_json::json!({ "status": status });
     api.patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch))
         .await?;
+    crate::canaries::mirror_status(client, rollout, &status).await?;
+    Ok(())
+}
+
+/// Flagger's `Promoted` condition saying why Coalmine cannot run a spec.
+fn invalid_condition(said: &str) -> serde_json::Value {
+    serde_json::json!([{
+        "type": "Promoted", "status": "Unknown", "reason": "InvalidSpec", "message": said,
+    }])
+}
+
+/// A Warning Event `InvalidSpec` on what the user wrote (a Canary, a Rollout).
+async fn warn_invalid(context: &Context, regarding: &ObjectReference, said: String) {
+    let event = KubeEvent {
+        type_: EventType::Warning,
+        reason: "InvalidSpec".into(),
+        note: Some(said),
+        action: "Reconcile".into(),
+        secondary: None,
+    };
+    if let Err(e) = context.recorder.publish(&event, regarding).await {
+        tracing::warn!(error = %e, "an Event was not written");
+    }
+}
+
+/// Says where kubectl shows it (a condition on `object`, an Event regarding it) why Coalmine
+/// cannot run it; other rollouts go on.
+pub(crate) async fn say_invalid<K>(
+    context: &Context,
+    api: &Api<K>,
+    object: &K,
+    regarding: ObjectReference,
+    said: String,
+) -> Result<(), ReconcileError>
+where
+    K: Resource + Clone + std::fmt::Debug + serde::de::DeserializeOwned,
+{
+    let patch = serde_json::json!({"status": {"conditions": invalid_condition(&said)}});
+    api.patch_status(
+        object.meta().name.as_deref().unwrap_or_default(),
+        &PatchParams::default(),
+        &Patch::Merge(&patch),
+    )
+    .await?;
+    warn_invalid(context, &regarding, said).await;
     Ok(())
 }
 
@@ -312,36 +392,41 @@ async fn reconcile(cached: Arc<Rollout>, context: Arc<Context>) -> Result<Action
     else {
         return Ok(Action::await_change());
     };
-    let key = key(&rollout);
-    if let Err(ReconcileError::Invalid { field, message }) = check(&rollout) {
-        // Said where kubectl shows it (a condition, an Event); other rollouts go on, and this
-        // one is looked at again when it changes.
-        let said = format!("{field}: {message}");
-        let condition = serde_json::json!([{
-            "type": "Promoted", "status": "Unknown", "reason": "InvalidSpec", "message": said,
-        }]);
-        write_status(
-            &context.client,
-            &rollout,
-            serde_json::json!({"conditions": condition}),
-        )
-        .await?;
-        let event = KubeEvent {
-            type_: EventType::Warning,
-            reason: "InvalidSpec".into(),
-            note: Some(said),
-            action: "Reconcile".into(),
-            secondary: None,
-        };
-        if let Err(e) = context
-            .recorder
-            .publish(&event, &rollout.object_ref(&()))
-            .await
-        {
-            tracing::warn!(rollout = %key, error = %e, "an Event was not written");
-        }
+    if crate::canaries::orphaned(&context.client, &rollout).await? {
+        // Its Canary is gone: so is the Rollout made for it (its run sees that and takes the
+        // canary off), garbage collector or not.
+        tracing::info!(rollout = %key(&rollout), "its Canary is gone: deleting it");
+        rollouts
+            .delete(
+                rollout.metadata.name.as_deref().unwrap_or_default(),
+                &Default::default(),
+            )
+            .await?;
         return Ok(Action::await_change());
     }
+    match drive(&rollout, &context).await {
+        Err(ReconcileError::Invalid { field, message }) => {
+            // Said where kubectl shows it (a condition, an Event); other rollouts go on, and
+            // this one is looked at again when it (or a template it names) changes.
+            let said = format!("{field}: {message}");
+            write_status(
+                &context.client,
+                &rollout,
+                serde_json::json!({"conditions": invalid_condition(&said)}),
+            )
+            .await?;
+            warn_invalid(&context, &crate::canaries::regarding(&rollout), said).await;
+            Ok(Action::requeue(Duration::from_secs(30)))
+        }
+        other => other,
+    }
+}
+
+/// Initialises, starts, resumes or restarts the rollout's run, as its state says.
+async fn drive(rollout: &Rollout, context: &Arc<Context>) -> Result<Action, ReconcileError> {
+    let rollout = rollout.clone();
+    let key = key(&rollout);
+    check(&rollout)?;
     let namespace = rollout.metadata.namespace.clone().unwrap_or_default();
     let deployments: Api<Deployment> = Api::namespaced(context.client.clone(), &namespace);
     let target_name = &rollout.spec.target_ref.name;
@@ -375,7 +460,7 @@ async fn reconcile(cached: Arc<Rollout>, context: Arc<Context>) -> Result<Action
         unfinished_run: saved.as_ref().is_some_and(|s| s.outcome.is_none()),
         driving,
     };
-    let backend = backend(&context, &rollout);
+    let backend = backend(context, &rollout);
     let decision = next(&seen);
     tracing::debug!(rollout = %key, ?seen, ?decision, "reconciling");
     match decision {
@@ -409,8 +494,26 @@ async fn reconcile(cached: Arc<Rollout>, context: Arc<Context>) -> Result<Action
         }
         Next::Start | Next::Resume => {
             let resume = decision == Next::Resume;
+            let mut document = rollout.to_document();
+            let subject = crate::templates::Subject {
+                name: &document.metadata.name,
+                namespace: &namespace,
+                target: target_name,
+                service: document.spec.service.as_deref().unwrap_or(target_name),
+                metrics_server: rollout.spec.metrics_server.as_deref(),
+            };
+            let mut analysis = document.spec.analysis.clone();
+            crate::templates::resolve_metrics(&context.client, &subject, &mut analysis)
+                .await
+                .map_err(|e| match e {
+                    ResolveError::Invalid(e) => ReconcileError::Invalid {
+                        field: e.field,
+                        message: e.message,
+                    },
+                    ResolveError::Kube(e) => ReconcileError::Kube(e),
+                })?;
+            document.spec.analysis = analysis;
             backend.claim().await?;
-            let document = rollout.to_document();
             let store = RolloutStatusStore::new(
                 context.client.clone(),
                 &rollout,

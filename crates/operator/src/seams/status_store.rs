@@ -2,7 +2,8 @@
 //! whole status — Flagger's fields, each check's reading, the judges' evidence and the machine's
 //! state — through the status subresource, before the step is carried out; an operator that
 //! starts (a restart, a new leader) resumes from it. Then the step's events become Kubernetes
-//! Events on the Rollout, as Flagger writes them (reason `Synced`; a failed Event never undoes a
+//! Events on the Rollout (on the Canary it was made for, whose status gets Flagger's fields in the
+//! same step), as Flagger writes them (reason `Synced`; a failed Event never undoes a
 //! saved step).
 
 use coalmine_controller::report::status_json;
@@ -12,7 +13,6 @@ use coalmine_rollout::{Event, EventLevel, Outcome, Status};
 use k8s_openapi::api::core::v1::ObjectReference;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::events::{Event as KubeEvent, EventType, Recorder, Reporter};
-use kube::Resource;
 
 use crate::crd::Rollout;
 use crate::seams::replicas::FIELD_MANAGER;
@@ -23,6 +23,8 @@ use crate::status::RolloutStatus;
 pub enum StatusStoreError {
     #[error("writing the status of Rollout {name}: {source}")]
     Write { name: String, source: kube::Error },
+    #[error("writing the status of the Canary behind Rollout {name}: {source}")]
+    Mirror { name: String, source: kube::Error },
     #[error("reading Rollout {name}: {source}")]
     Read { name: String, source: kube::Error },
     #[error("Rollout {name}'s status.state is not a state this operator reads: {source}")]
@@ -34,6 +36,9 @@ pub enum StatusStoreError {
 
 /// One Rollout's status, read and written through the API server.
 pub struct RolloutStatusStore {
+    client: kube::Client,
+    /// The Rollout as the run started (its name, and the Canary it may be made for).
+    rollout: Rollout,
     api: Api<Rollout>,
     name: String,
     /// The rollout as the driver runs it (its status reads like `coalmine status`'s).
@@ -58,6 +63,8 @@ impl RolloutStatusStore {
     ) -> RolloutStatusStore {
         let namespace = rollout.metadata.namespace.clone().unwrap_or_default();
         RolloutStatusStore {
+            client: client.clone(),
+            rollout: rollout.clone(),
             api: Api::namespaced(client.clone(), &namespace),
             name: rollout.metadata.name.clone().unwrap_or_default(),
             document,
@@ -69,7 +76,7 @@ impl RolloutStatusStore {
                     instance: Some(instance.into()),
                 },
             ),
-            reference: rollout.object_ref(&()),
+            reference: crate::canaries::regarding(rollout),
             last_applied_spec: None,
             last_promoted_spec: None,
         }
@@ -126,8 +133,14 @@ impl RolloutStatusStore {
                 &Patch::Apply(&patch),
             )
             .await
-            .map(|_| ())
-            .map_err(|source| StatusStoreError::Write { name, source })
+            .map_err(|source| StatusStoreError::Write {
+                name: name.clone(),
+                source,
+            })?;
+        // The Canary's view in the same step: a step is carried out only once both say it.
+        crate::canaries::mirror_status(&self.client, &self.rollout, &patch["status"])
+            .await
+            .map_err(|source| StatusStoreError::Mirror { name, source })
     }
 
     async fn publish(&self, events: &[Event]) {
