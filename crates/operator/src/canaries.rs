@@ -98,21 +98,32 @@ pub async fn mirror_status(
         .map(|_| ())
 }
 
-/// Whether the Canary behind `rollout` is gone (deleted, or deleted and made again: another
-/// uid). Then the Rollout goes too — whether or not a garbage collector runs — and its run
-/// takes the canary off.
-pub async fn orphaned(client: &kube::Client, rollout: &Rollout) -> Result<bool, kube::Error> {
+/// What a Rollout was written from.
+pub enum Origin {
+    /// The user wrote the Rollout.
+    Itself,
+    /// A Canary, still there.
+    Canary(Box<Canary>),
+    /// A Canary now gone (deleted, or deleted and made again: another uid). Then the Rollout
+    /// goes too — whether or not a garbage collector runs — and its run takes the canary off.
+    Gone,
+}
+
+/// Where `rollout` comes from, read now.
+pub async fn origin(client: &kube::Client, rollout: &Rollout) -> Result<Origin, kube::Error> {
     let Some(owner) = owning_canary(rollout) else {
-        return Ok(false);
+        return Ok(Origin::Itself);
     };
     let canaries: Api<Canary> = Api::namespaced(
         client.clone(),
         rollout.metadata.namespace.as_deref().unwrap_or_default(),
     );
-    Ok(canaries
-        .get_opt(&owner.name)
-        .await?
-        .is_none_or(|c| c.metadata.uid.as_deref() != Some(owner.uid.as_str())))
+    Ok(match canaries.get_opt(&owner.name).await? {
+        Some(c) if c.metadata.uid.as_deref() == Some(owner.uid.as_str()) => {
+            Origin::Canary(Box::new(c))
+        }
+        _ => Origin::Gone,
+    })
 }
 
 pub(crate) async fn reconcile(

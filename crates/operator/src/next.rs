@@ -14,8 +14,10 @@ pub struct Seen<'a> {
     pub last_promoted: Option<&'a str>,
     /// A run's saved state exists and has not ended (`status.state` without an outcome).
     pub unfinished_run: bool,
-    /// This operator is driving the rollout now.
-    pub driving: bool,
+    /// The revision (spec hash) of the run this operator is driving now, if any. Its own
+    /// record, not the status: a run that has just started has not written its revision yet,
+    /// and reading the old one from the status would restart it (and lose it).
+    pub driving: Option<&'a str>,
 }
 
 /// The operator's next move.
@@ -47,8 +49,12 @@ pub fn next(seen: &Seen<'_>) -> Next {
         return Next::Initialize;
     }
     let changed = seen.last_applied != Some(seen.spec_hash);
-    if seen.driving {
-        return if changed { Next::Restart } else { Next::Idle };
+    if let Some(revision) = seen.driving {
+        return if revision != seen.spec_hash {
+            Next::Restart
+        } else {
+            Next::Idle
+        };
     }
     if seen.unfinished_run && !changed {
         return Next::Resume;
@@ -79,7 +85,7 @@ mod tests {
             last_applied: Some("v1"),
             last_promoted: Some("v1"),
             unfinished_run: false,
-            driving: false,
+            driving: None,
         }
     }
 
@@ -105,7 +111,7 @@ mod tests {
             (seen("v2"), Next::Start),
             (
                 Seen {
-                    driving: true,
+                    driving: Some("v2"),
                     last_applied: Some("v2"),
                     ..seen("v2")
                 },
@@ -113,11 +119,20 @@ mod tests {
             ),
             (
                 Seen {
-                    driving: true,
+                    driving: Some("v2"),
                     last_applied: Some("v2"),
                     ..seen("v3")
                 },
                 Next::Restart,
+            ),
+            // A run just started has not written its revision to the status yet: it goes on.
+            (
+                Seen {
+                    driving: Some("v2"),
+                    last_applied: Some("v1"),
+                    ..seen("v2")
+                },
+                Next::Idle,
             ),
             (
                 Seen {

@@ -16,7 +16,7 @@ use coalmine_controller::observations::{ObservationSource, ObserveError, Sample}
 use coalmine_controller::time::Clock;
 use coalmine_controller::traffic::TrafficBackend;
 use coalmine_controller::BoxFuture;
-use coalmine_rollout::{Status, TrafficFault};
+use coalmine_rollout::{Input, Status, TrafficFault};
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::ObjectReference;
@@ -24,15 +24,18 @@ use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, ListParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event as KubeEvent, EventType, Recorder, Reporter};
+use kube::runtime::reflector::ObjectRef;
 use kube::runtime::{watcher, Controller};
 use kube::Resource;
 use tokio::task::JoinHandle;
 
+use crate::canaries::Origin;
 use crate::crd::{Rollout, TrafficProvider};
 use crate::flagger::Canary;
 use crate::health::Health;
 use crate::leader::{Elector, LeaseTimings};
 use crate::next::{next, Next, Seen};
+use crate::requests::{removal, request_of, Request, REQUEST_ANNOTATION};
 use crate::seams::replicas::{ReplicaRatio, ReplicaRatioSpec};
 use crate::seams::status_store::RolloutStatusStore;
 use crate::templates::ResolveError;
@@ -85,7 +88,17 @@ pub(crate) struct Context {
     /// shares, so the replica that takes over drives on what the dead one claimed, while
     /// another operator (another lease) is refused.
     controller: String,
-    runs: Mutex<HashMap<String, JoinHandle<()>>>,
+    runs: Mutex<HashMap<String, Run>>,
+}
+
+/// One release being driven: its task, and the way to tell it what users ask.
+struct Run {
+    task: JoinHandle<()>,
+    commands: tokio::sync::mpsc::Sender<Input>,
+    /// Whether it was last told to pause (`spec.suspend`).
+    suspended: bool,
+    /// The revision (spec hash) it is for.
+    revision: String,
 }
 
 /// Provider `kubernetes` has no per-version counts of its own (they come from Prometheus with
@@ -190,7 +203,40 @@ pub async fn run(client: kube::Client, settings: Settings) -> Result<(), Operato
         }
         _ => Some(canaries),
     };
-    let rollouts_reconciled = Controller::new(rollouts, watcher::Config::default())
+    // A rollout is looked at when it changes, when its workloads do (a new revision, a
+    // readiness), and when its Canary does (a request); else every interval or so.
+    let controller = Controller::new(rollouts, watcher::Config::default());
+    let cached = controller.store();
+    let deployments: Api<Deployment> = match &settings.namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    };
+    let mut controller =
+        controller.watches(deployments, watcher::Config::default(), move |deployment| {
+            let name = deployment.metadata.name.clone().unwrap_or_default();
+            let namespace = deployment.metadata.namespace.clone();
+            cached
+                .state()
+                .into_iter()
+                .filter(|r| {
+                    r.metadata.namespace == namespace
+                        && (r.spec.target_ref.name == name
+                            || primary_name(&r.spec.target_ref.name) == name)
+                })
+                .map(|r| ObjectRef::from_obj(r.as_ref()))
+                .collect::<Vec<_>>()
+        });
+    if let Some(api) = &canaries {
+        controller = controller.watches(api.clone(), watcher::Config::default(), |canary| {
+            let name = canary.metadata.name.clone().unwrap_or_default();
+            let reference = ObjectRef::<Rollout>::new(&name);
+            Some(match &canary.metadata.namespace {
+                Some(ns) => reference.within(ns),
+                None => reference,
+            })
+        });
+    }
+    let rollouts_reconciled = controller
         .run(reconcile, error_policy, context.clone())
         .for_each(|_| futures::future::ready(()));
     let canaries_reconciled = async {
@@ -392,7 +438,8 @@ async fn reconcile(cached: Arc<Rollout>, context: Arc<Context>) -> Result<Action
     else {
         return Ok(Action::await_change());
     };
-    if crate::canaries::orphaned(&context.client, &rollout).await? {
+    let origin = crate::canaries::origin(&context.client, &rollout).await?;
+    if let Origin::Gone = origin {
         // Its Canary is gone: so is the Rollout made for it (its run sees that and takes the
         // canary off), garbage collector or not.
         tracing::info!(rollout = %key(&rollout), "its Canary is gone: deleting it");
@@ -404,7 +451,7 @@ async fn reconcile(cached: Arc<Rollout>, context: Arc<Context>) -> Result<Action
             .await?;
         return Ok(Action::await_change());
     }
-    match drive(&rollout, &context).await {
+    match drive(&rollout, &origin, &context).await {
         Err(ReconcileError::Invalid { field, message }) => {
             // Said where kubectl shows it (a condition, an Event); other rollouts go on, and
             // this one is looked at again when it (or a template it names) changes.
@@ -422,8 +469,97 @@ async fn reconcile(cached: Arc<Rollout>, context: Arc<Context>) -> Result<Action
     }
 }
 
+/// Tells the run what users ask: `spec.suspend` pauses and resumes it; a `coalmine.dev/request`
+/// annotation (on the Canary, or on a Rollout the user wrote) promotes or aborts it, once, and
+/// is then removed. With no run in progress a request is told so and removed.
+async fn carry_out_requests(
+    context: &Context,
+    rollout: &Rollout,
+    origin: &Origin,
+    key: &str,
+    driving: bool,
+) -> Result<(), ReconcileError> {
+    let mut inputs = Vec::new();
+    let sender = match context.runs.lock().expect("runs lock").get_mut(key) {
+        Some(run) if driving => {
+            if run.suspended != rollout.spec.suspend {
+                run.suspended = rollout.spec.suspend;
+                inputs.push(if run.suspended {
+                    Input::Pause
+                } else {
+                    Input::Resume
+                });
+            }
+            Some(run.commands.clone())
+        }
+        _ => None,
+    };
+    let (meta, written) = match origin {
+        Origin::Canary(canary) => (&canary.metadata, "Canary"),
+        _ => (&rollout.metadata, "Rollout"),
+    };
+    let request = request_of(meta);
+    let name = meta.name.clone().unwrap_or_default();
+    let namespace = meta.namespace.clone().unwrap_or_default();
+    if let Some((request, by)) = &request {
+        let who = format!(
+            "the {REQUEST_ANNOTATION} annotation on {written} {namespace}/{name}{}",
+            by.as_ref()
+                .map(|m| format!(" (written by {m})"))
+                .unwrap_or_default()
+        );
+        match request {
+            Request::Promote => inputs.push(Input::Promote),
+            Request::Abort => inputs.push(Input::Abort {
+                reason: format!("requested through {who}"),
+            }),
+            Request::Unknown(value) => {
+                warn_invalid(
+                    context,
+                    &crate::canaries::regarding(rollout),
+                    format!("metadata.annotations.{REQUEST_ANNOTATION}: {value:?} is not a request: use promote or abort"),
+                )
+                .await;
+            }
+        }
+    }
+    let mut delivered = sender.is_some();
+    if let Some(sender) = sender {
+        for input in inputs {
+            delivered &= sender.send(input).await.is_ok();
+        }
+    }
+    if request.is_some() {
+        if !delivered {
+            warn_invalid(
+                context,
+                &crate::canaries::regarding(rollout),
+                format!("metadata.annotations.{REQUEST_ANNOTATION}: no release of {namespace}/{name} is in progress"),
+            )
+            .await;
+        }
+        // Removed once handed over: the run records it in the step it takes.
+        let patch = Patch::Merge(removal());
+        match origin {
+            Origin::Canary(_) => {
+                let api: Api<Canary> = Api::namespaced(context.client.clone(), &namespace);
+                api.patch(&name, &PatchParams::default(), &patch).await?;
+            }
+            _ => {
+                let api: Api<Rollout> = Api::namespaced(context.client.clone(), &namespace);
+                api.patch(&name, &PatchParams::default(), &patch).await?;
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Initialises, starts, resumes or restarts the rollout's run, as its state says.
-async fn drive(rollout: &Rollout, context: &Arc<Context>) -> Result<Action, ReconcileError> {
+async fn drive(
+    rollout: &Rollout,
+    origin: &Origin,
+    context: &Arc<Context>,
+) -> Result<Action, ReconcileError> {
     let rollout = rollout.clone();
     let key = key(&rollout);
     check(&rollout)?;
@@ -451,14 +587,16 @@ async fn drive(rollout: &Rollout, context: &Arc<Context>) -> Result<Action, Reco
         .lock()
         .expect("runs lock")
         .get(&key)
-        .is_some_and(|h| !h.is_finished());
+        .filter(|run| !run.task.is_finished())
+        .map(|run| run.revision.clone());
+    carry_out_requests(context, &rollout, origin, &key, driving.is_some()).await?;
     let seen = Seen {
         primary_exists,
         spec_hash: &hash,
         last_applied: status.canary.last_applied_spec.as_deref(),
         last_promoted: status.canary.last_promoted_spec.as_deref(),
         unfinished_run: saved.as_ref().is_some_and(|s| s.outcome.is_none()),
-        driving,
+        driving: driving.as_deref(),
     };
     let backend = backend(context, &rollout);
     let decision = next(&seen);
@@ -520,14 +658,17 @@ async fn drive(rollout: &Rollout, context: &Arc<Context>) -> Result<Action, Reco
                 document.clone(),
                 &context.identity,
             )
-            .with_specs(&hash, status.canary.last_promoted_spec.as_deref());
+            .with_specs(&hash, status.canary.last_promoted_spec.as_deref())
+            .with_replica_split(&primary_name(target_name));
             let seams = Seams {
                 traffic: Arc::new(backend),
                 observations: Box::new(NoCounts),
                 clock: Clock::Wall,
             };
-            let mut driver = Driver::new(&document, if resume { saved } else { None }, seams)
-                .map_err(|u| ReconcileError::Invalid {
+            let saved = if resume { saved } else { None };
+            let suspended = saved.as_ref().map_or(rollout.spec.suspend, |s| s.paused);
+            let mut driver =
+                Driver::new(&document, saved, seams).map_err(|u| ReconcileError::Invalid {
                     field: format!("spec.{}", u.field),
                     message: u.message,
                 })?;
@@ -537,10 +678,9 @@ async fn drive(rollout: &Rollout, context: &Arc<Context>) -> Result<Action, Reco
                 rollout.metadata.name.clone().unwrap_or_default(),
                 rollout.metadata.uid.clone(),
             );
-            let handle = tokio::spawn(async move {
+            let (commands, control) = tokio::sync::mpsc::channel(8);
+            let task = tokio::spawn(async move {
                 let mut store = store;
-                // Commands (promote, abort) come with the API issue; the channel stays open.
-                let (_commands, control) = tokio::sync::mpsc::channel(8);
                 let traffic = driver.traffic();
                 let outcome = tokio::select! {
                     outcome = driver.run(control, &mut store) => Some(outcome),
@@ -560,13 +700,21 @@ async fn drive(rollout: &Rollout, context: &Arc<Context>) -> Result<Action, Reco
                 }
             });
             let mut runs = context.runs.lock().expect("runs lock");
-            runs.insert(key, handle);
-            runs.retain(|_, h| !h.is_finished());
+            runs.insert(
+                key,
+                Run {
+                    task,
+                    commands,
+                    suspended,
+                    revision: hash.clone(),
+                },
+            );
+            runs.retain(|_, run| !run.task.is_finished());
             context.health.runs.store(runs.len() as i64, Relaxed);
         }
         Next::Restart => {
-            if let Some(handle) = context.runs.lock().expect("runs lock").remove(&key) {
-                handle.abort();
+            if let Some(run) = context.runs.lock().expect("runs lock").remove(&key) {
+                run.task.abort();
             }
             // The old run's canary off before anything else.
             backend.apply(&NO_CANARY).await?;
@@ -588,8 +736,16 @@ async fn drive(rollout: &Rollout, context: &Arc<Context>) -> Result<Action, Reco
         }
         Next::Idle => {}
     }
-    // No watch on Deployments yet: a new revision is seen within this (Flagger polls per tick).
-    Ok(Action::requeue(Duration::from_secs(2)))
+    // Workloads and Canaries are watched; this catches what is not (a tracked config), about
+    // once an interval like Flagger's tick, neither hammering the API server nor sleeping long.
+    Ok(Action::requeue(
+        rollout
+            .spec
+            .analysis
+            .interval
+            .0
+            .clamp(Duration::from_secs(5), Duration::from_secs(60)),
+    ))
 }
 
 #[cfg(test)]

@@ -211,9 +211,16 @@ impl Release {
     /// Plays kubelet until the release ends (`Succeeded` or `Failed`) after a new image;
     /// returns the canary sizes it went through from the new image on.
     async fn new_image_until_done(&self) -> Vec<i32> {
+        self.new_image_until_done_weighing().await.0
+    }
+
+    /// [`Self::new_image_until_done`], with the (`canaryWeight`, `effectiveWeight`) pairs the
+    /// status went through.
+    async fn new_image_until_done_weighing(&self) -> (Vec<i32>, Vec<(f64, Option<f64>)>) {
         let deployments = &self.deployments;
         let deadline = Instant::now() + Duration::from_secs(60);
         let mut canary_sizes = Vec::new();
+        let mut weights = Vec::new();
         let mut changed_image = false;
         loop {
             let s = self.status().await;
@@ -223,6 +230,13 @@ impl Release {
                 self.operator.stderr()
             );
             kubelet(deployments).await;
+            let weight = (
+                s["canaryWeight"].as_f64().unwrap_or(0.0),
+                s["effectiveWeight"].as_f64(),
+            );
+            if changed_image && weights.last() != Some(&weight) {
+                weights.push(weight);
+            }
             if !changed_image && s["phase"] == "Initialized" {
                 assert_eq!(
                     replicas(deployments, "payment-service-primary").await,
@@ -241,7 +255,7 @@ impl Release {
                 }
             }
             if changed_image && (s["phase"] == "Succeeded" || s["phase"] == "Failed") {
-                return canary_sizes;
+                return (canary_sizes, weights);
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
@@ -275,13 +289,16 @@ impl Release {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_new_image_rolls_out_by_replicas_and_is_promoted_through_the_primary() {
-    let release = Release::start("    stepWeights: [10, 50]\n").await;
-    let canary_sizes = release.new_image_until_done().await;
-    // 10 % of 10 pods is 1 canary beside 9; 50 % is 9 beside 9; then the canary goes.
+    let release = Release::start("    stepWeights: [5, 50]\n").await;
+    let (canary_sizes, weights) = release.new_image_until_done_weighing().await;
+    // 5 % beside 9 pods takes 1 canary (10 % of the pods); 50 % is 9 beside 9; then the
+    // canary goes. The status says the share whole replicas give.
     assert!(
         canary_sizes.contains(&1) && canary_sizes.contains(&9),
         "{canary_sizes:?}"
     );
+    assert!(weights.contains(&(5.0, Some(10.0))), "{weights:?}");
+    assert!(weights.contains(&(50.0, Some(50.0))), "{weights:?}");
     release.canary_settles_at(0).await;
     assert_eq!(
         release.primary_image().await.as_deref(),
@@ -676,6 +693,146 @@ async fn a_canary_coalmine_cannot_run_is_told_on_the_canary_and_changes_nothing(
     assert_eq!(
         rollout_after.metadata.generation,
         rollout_before.metadata.generation
+    );
+}
+
+/// `kubectl annotate canary/payment-service coalmine.dev/request=<value>`.
+async fn request(release: &Release, value: &str) {
+    let patch = json!({"metadata": {"annotations": {"coalmine.dev/request": value}}});
+    let by_kubectl = PatchParams {
+        field_manager: Some("kubectl-annotate".into()),
+        ..PatchParams::default()
+    };
+    release
+        .written
+        .patch("payment-service", &by_kubectl, &Patch::Merge(&patch))
+        .await
+        .unwrap();
+}
+
+/// Waits up to 10 s for the request annotation to be carried out and removed.
+async fn request_removed(release: &Release) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let canary = release.written.get("payment-service").await.unwrap();
+        let annotations = canary.metadata.annotations.unwrap_or_default();
+        if !annotations.contains_key("coalmine.dev/request") {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{}", release.operator.stderr());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Plays kubelet until the Canary's weight reaches `weight` %; returns its status.
+async fn until_weight(release: &Release, weight: f64) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        kubelet(&release.deployments).await;
+        let s = release.status().await;
+        if s["canaryWeight"].as_f64().unwrap_or(0.0) >= weight {
+            return s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{s:#}\n{}",
+            release.operator.stderr()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_canary_is_suspended_aborted_and_promoted_from_kubectl() {
+    let release = Release::start_as(
+        "Canary",
+        "    stepWeights: [10, 20, 30, 40, 50, 60, 70, 80]\n",
+    )
+    .await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while release.status().await["phase"] != "Initialized" {
+        assert!(Instant::now() < deadline, "{:#}", release.status().await);
+        kubelet(&release.deployments).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Nothing to promote yet: told, and the annotation goes.
+    request(&release, "promote").await;
+    request_removed(&release).await;
+    let told: Vec<String> = release
+        .events("payment-service")
+        .await
+        .into_iter()
+        .filter_map(|e| e.note)
+        .collect();
+    assert!(
+        told.iter()
+            .any(|n| n.contains("no release of shop/payment-service is in progress")),
+        "{told:#?}"
+    );
+
+    // `spec.suspend` holds the release where it is; clearing it goes on.
+    set_new_image(&release.deployments).await;
+    let at = until_weight(&release, 20.0).await["canaryWeight"].clone();
+    let suspend = |on: bool| json!({"spec": {"suspend": on}});
+    release
+        .written
+        .patch(
+            "payment-service",
+            &PatchParams::default(),
+            &Patch::Merge(&suspend(true)),
+        )
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let held = release.status().await["canaryWeight"].clone();
+    assert!(
+        held.as_f64() <= Some(at.as_f64().unwrap() + 10.0),
+        "{at} then {held}"
+    );
+    // Three intervals suspended: not a step more.
+    for _ in 0..30 {
+        kubelet(&release.deployments).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(release.status().await["canaryWeight"], held);
+    release
+        .written
+        .patch(
+            "payment-service",
+            &PatchParams::default(),
+            &Patch::Merge(&suspend(false)),
+        )
+        .await
+        .unwrap();
+    until_weight(&release, held.as_f64().unwrap() + 10.0).await;
+
+    // Abort: rolled back at once, the reason naming who asked.
+    request(&release, "abort").await;
+    request_removed(&release).await;
+    let s = release.until_ended(&json!(null)).await;
+    assert_eq!(s["phase"], "Failed", "{s:#}");
+    assert!(s["canaryWeight"].as_f64() < Some(80.0), "{s:#}");
+    release.canary_settles_at(0).await;
+    let told: Vec<String> = release
+        .events("payment-service")
+        .await
+        .into_iter()
+        .filter_map(|e| e.note)
+        .collect();
+    assert!(
+        told.iter().any(|n| n.contains("coalmine.dev/request annotation on Canary shop/payment-service (written by kubectl-annotate)")),
+        "{told:#?}"
+    );
+
+    // Promote: the next release skips its remaining steps.
+    set_image(&release.deployments, "3.0.0").await;
+    until_weight(&release, 10.0).await;
+    request(&release, "promote").await;
+    let s = release.until_ended(&s["lastAppliedSpec"]).await;
+    assert_eq!(s["phase"], "Succeeded", "{s:#}");
+    assert_eq!(
+        release.primary_image().await.as_deref(),
+        Some("registry.example/payment-service:3.0.0")
     );
 }
 

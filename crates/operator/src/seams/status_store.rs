@@ -14,9 +14,13 @@ use k8s_openapi::api::core::v1::ObjectReference;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::events::{Event as KubeEvent, EventType, Recorder, Reporter};
 
+use coalmine_spec::Weight;
+use k8s_openapi::api::apps::v1::Deployment;
+
 use crate::crd::Rollout;
 use crate::seams::replicas::FIELD_MANAGER;
 use crate::status::RolloutStatus;
+use crate::workload::replica_split;
 
 /// Why the status could not be written or read.
 #[derive(Debug, thiserror::Error)]
@@ -25,7 +29,7 @@ pub enum StatusStoreError {
     Write { name: String, source: kube::Error },
     #[error("writing the status of the Canary behind Rollout {name}: {source}")]
     Mirror { name: String, source: kube::Error },
-    #[error("reading Rollout {name}: {source}")]
+    #[error("reading {name}: {source}")]
     Read { name: String, source: kube::Error },
     #[error("Rollout {name}'s status.state is not a state this operator reads: {source}")]
     Unreadable {
@@ -51,6 +55,9 @@ pub struct RolloutStatusStore {
     /// last one promoted before it (the run's own in the step that promotes).
     last_applied_spec: Option<String>,
     last_promoted_spec: Option<String>,
+    /// Provider `kubernetes`: the primary Deployment whose size the weight is split against,
+    /// so the status says the share whole replicas give (`effectiveWeight`).
+    split_against: Option<(Api<Deployment>, String)>,
 }
 
 impl RolloutStatusStore {
@@ -79,6 +86,7 @@ impl RolloutStatusStore {
             reference: crate::canaries::regarding(rollout),
             last_applied_spec: None,
             last_promoted_spec: None,
+            split_against: None,
         }
     }
 
@@ -87,6 +95,46 @@ impl RolloutStatusStore {
         self.last_applied_spec = Some(applied.to_string());
         self.last_promoted_spec = promoted.map(str::to_string);
         self
+    }
+
+    /// Provider `kubernetes`: the weight is carried out in whole replicas beside the primary
+    /// Deployment `primary`; each write says the share that gives.
+    pub fn with_replica_split(mut self, primary: &str) -> Self {
+        self.split_against = Some((
+            Api::namespaced(
+                self.client.clone(),
+                self.rollout
+                    .metadata
+                    .namespace
+                    .as_deref()
+                    .unwrap_or_default(),
+            ),
+            primary.to_string(),
+        ));
+        self
+    }
+
+    /// The share of pods the canary gets for `status`'s weight, with the primary as it is now.
+    async fn effective_weight(&self, status: &Status) -> Result<Option<f64>, StatusStoreError> {
+        let Some((deployments, primary)) = &self.split_against else {
+            return Ok(None);
+        };
+        if status.promoted || status.canary_weight == Weight::ZERO {
+            return Ok(Some(0.0));
+        }
+        let size = deployments
+            .get(primary)
+            .await
+            .map_err(|source| StatusStoreError::Read {
+                name: primary.clone(),
+                source,
+            })?
+            .spec
+            .and_then(|s| s.replicas)
+            .unwrap_or(1);
+        Ok(Some(
+            replica_split(size, status.canary_weight).effective_percent,
+        ))
     }
 
     /// The status a step writes: what `coalmine status --output json` says, in the Rollout's
@@ -114,12 +162,13 @@ impl RolloutStatusStore {
 
     async fn write(&self, status: &Status) -> Result<(), StatusStoreError> {
         let name = self.name.clone();
-        let object = self
+        let mut object = self
             .status_of(status)
             .map_err(|source| StatusStoreError::Unreadable {
                 name: name.clone(),
                 source,
             })?;
+        object.effective_weight = self.effective_weight(status).await?;
         let patch = serde_json::json!({
             "apiVersion": "coalmine.dev/v1alpha1",
             "kind": "Rollout",
@@ -179,7 +228,7 @@ impl StateStore for RolloutStatusStore {
         Box::pin(async move {
             let rollout = self.api.get(&self.name).await.map_err(|source| {
                 StateError::new(StatusStoreError::Read {
-                    name: self.name.clone(),
+                    name: format!("Rollout {}", self.name),
                     source,
                 })
             })?;
