@@ -38,6 +38,9 @@ pub(crate) struct Shared {
     /// The latest resourceVersion, for watches to wake on.
     changes: watch::Sender<u64>,
     shutdown: watch::Sender<bool>,
+    /// `apiserver_request_total` by verb, resource and subresource, served at `/metrics` as
+    /// the real API server does (benchmarks count an operator's requests with it).
+    requests: Mutex<std::collections::BTreeMap<(String, String, String), u64>>,
 }
 
 impl Shared {
@@ -69,6 +72,7 @@ impl FakeApiServer {
             store: Mutex::new(store),
             changes: watch::channel(0).0,
             shutdown: watch::channel(false).0,
+            requests: Mutex::new(Default::default()),
         });
         let app = axum::Router::new()
             .fallback(handle)
@@ -221,6 +225,7 @@ async fn route(shared: &Arc<Shared>, path: &str, request: &Request) -> Result<Re
             }))
         }
         ["healthz" | "readyz" | "livez"] => return Ok((StatusCode::OK, "ok").into_response()),
+        ["metrics"] => return Ok((StatusCode::OK, request_metrics(shared)).into_response()),
         ["api"] => {
             return ok(json!({
                 "kind": "APIVersions", "versions": ["v1"],
@@ -246,7 +251,56 @@ async fn route(shared: &Arc<Shared>, path: &str, request: &Request) -> Result<Re
             .map_or(Err(ApiError::no_route()), ok);
     }
     let target = resolve(shared, group, version, rest)?;
+    count(shared, &target, request);
     dispatch(shared, target, request).await
+}
+
+/// The real API server's verb for a request: LIST and WATCH for collections, APPLY for a
+/// server-side apply.
+fn verb_of(target: &Target, request: &Request) -> &'static str {
+    match (&request.method, target.name.is_some()) {
+        (&Method::GET, false) if request.flag("watch") => "WATCH",
+        (&Method::GET, false) => "LIST",
+        (&Method::GET, true) => "GET",
+        (&Method::POST, _) => "POST",
+        (&Method::PUT, _) => "PUT",
+        (&Method::PATCH, _) if content_type(request) == "application/apply-patch+yaml" => "APPLY",
+        (&Method::PATCH, _) => "PATCH",
+        (&Method::DELETE, _) => "DELETE",
+        _ => "OTHER",
+    }
+}
+
+fn count(shared: &Shared, target: &Target, request: &Request) {
+    let key = (
+        verb_of(target, request).to_string(),
+        target.rt.plural.clone(),
+        target.sub.clone().unwrap_or_default(),
+    );
+    *shared
+        .requests
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .entry(key)
+        .or_default() += 1;
+}
+
+/// `apiserver_request_total` in Prometheus' text format.
+fn request_metrics(shared: &Shared) -> String {
+    let mut text = String::from(
+        "# HELP apiserver_request_total Counter of apiserver requests broken out for each verb, resource and subresource.\n# TYPE apiserver_request_total counter\n",
+    );
+    for ((verb, resource, sub), n) in shared
+        .requests
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .iter()
+    {
+        text.push_str(&format!(
+            "apiserver_request_total{{resource=\"{resource}\",subresource=\"{sub}\",verb=\"{verb}\"}} {n}\n"
+        ));
+    }
+    text
 }
 
 fn resolve(shared: &Shared, group: &str, version: &str, rest: &[&str]) -> Result<Target, ApiError> {

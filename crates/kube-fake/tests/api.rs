@@ -822,3 +822,35 @@ async fn a_finalizer_holds_deletion_until_it_is_removed() {
         .unwrap();
     assert_eq!(api_error(api.get("held").await).code, 404);
 }
+
+/// The sum of `apiserver_request_total` over the series with these labels.
+async fn requests_counted(client: &kube::Client, resource: &str, verb: &str) -> f64 {
+    let request = http::Request::get("/metrics").body(Vec::new()).unwrap();
+    let text = client.request_text(request).await.unwrap();
+    text.lines()
+        .filter(|l| l.starts_with("apiserver_request_total{"))
+        .filter(|l| {
+            l.contains(&format!("resource=\"{resource}\""))
+                && l.contains(&format!("verb=\"{verb}\""))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[tokio::test]
+async fn requests_are_counted_at_metrics_as_the_real_server_counts_them() {
+    let cluster = TestCluster::start().await.unwrap();
+    let client = cluster.client();
+    let ns = namespace(&client, "counted").await;
+    let maps: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
+    let lists_before = requests_counted(&client, "configmaps", "LIST").await;
+    for _ in 0..3 {
+        maps.list(&ListParams::default()).await.unwrap();
+    }
+    let map = json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "m"}});
+    maps.patch("m", &PatchParams::apply("counter"), &Patch::Apply(&map))
+        .await
+        .unwrap();
+    assert!(requests_counted(&client, "configmaps", "LIST").await >= lists_before + 3.0);
+    assert!(requests_counted(&client, "configmaps", "APPLY").await >= 1.0);
+}
