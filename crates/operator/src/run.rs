@@ -3,10 +3,11 @@
 //! through the Kubernetes seams. A replica that loses the lease stops at once (the process ends
 //! and is restarted as a follower): two operators never drive one release.
 //!
-//! This first cut runs `coalmine.dev` Rollouts with provider `kubernetes`; Flagger's Canary,
-//! provider `coalmine`, config tracking and the HPA come next.
+//! It runs `coalmine.dev` Rollouts (and Flagger's Canaries, as Rollouts) with provider
+//! `kubernetes`, tracking the target's ConfigMaps and Secrets and copying its autoscaler as
+//! Flagger does; provider `coalmine` comes next.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -33,6 +34,7 @@ use crate::flagger::Canary;
 use crate::health::Health;
 use crate::leader::{Elector, LeaseTimings};
 use crate::next::{next, Next, Seen};
+use crate::seams::configs::ConfigTracker;
 use crate::seams::replicas::{ReplicaRatio, ReplicaRatioSpec};
 use crate::seams::status_store::RolloutStatusStore;
 use crate::templates::ResolveError;
@@ -258,6 +260,7 @@ fn backend(context: &Context, rollout: &Rollout) -> ReplicaRatio {
         ReplicaRatioSpec {
             namespace,
             target: spec.target_ref.name.clone(),
+            autoscaler: spec.autoscaler_ref.as_ref().map(|a| a.name.clone()),
             apex: spec
                 .service
                 .name
@@ -296,6 +299,17 @@ fn check(rollout: &Rollout) -> Result<(), ReconcileError> {
                 rollout.spec.target_ref.kind
             ),
         });
+    }
+    if let Some(autoscaler) = &rollout.spec.autoscaler_ref {
+        if autoscaler.kind != "HorizontalPodAutoscaler" {
+            return Err(ReconcileError::Invalid {
+                field: "spec.autoscalerRef.kind".into(),
+                message: format!(
+                    "{:?}: this operator copies HorizontalPodAutoscalers (autoscaling/v2)",
+                    autoscaler.kind
+                ),
+            });
+        }
     }
     if let Some((i, m)) = rollout
         .spec
@@ -422,6 +436,20 @@ async fn reconcile(cached: Arc<Rollout>, context: Arc<Context>) -> Result<Action
     }
 }
 
+/// `status.trackedConfigs` becoming `now`, as a merge patch: the keys no longer tracked are
+/// removed (a merge patch would keep them).
+fn tracked_configs_patch(
+    before: &BTreeMap<String, String>,
+    now: &BTreeMap<String, String>,
+) -> serde_json::Value {
+    let mut patch: serde_json::Map<String, serde_json::Value> = before
+        .keys()
+        .map(|k| (k.clone(), serde_json::Value::Null))
+        .collect();
+    patch.extend(now.iter().map(|(k, v)| (k.clone(), v.clone().into())));
+    patch.into()
+}
+
 /// Initialises, starts, resumes or restarts the rollout's run, as its state says.
 async fn drive(rollout: &Rollout, context: &Arc<Context>) -> Result<Action, ReconcileError> {
     let rollout = rollout.clone();
@@ -436,12 +464,24 @@ async fn drive(rollout: &Rollout, context: &Arc<Context>) -> Result<Action, Reco
         .as_ref()
         .map(|s| s.template.clone())
         .unwrap_or_default();
-    let hash = spec_hash(&template, &Default::default());
+    // The configs are part of the revision: an edit of one starts a run like a new image.
+    let tracker = ConfigTracker::new(context.client.clone(), &namespace);
+    let tracked = match tracker.read(&template).await {
+        Ok(tracked) => tracked.hashes(),
+        Err(TrafficFault::Unreachable(why)) => {
+            // A required config is missing: nothing can be judged (or started) without it.
+            tracing::info!(rollout = %key, %why, "holding");
+            return Ok(Action::requeue(Duration::from_secs(2)));
+        }
+        Err(refused) => return Err(refused.into()),
+    };
+    let hash = spec_hash(&template, &tracked);
     let primary_exists = deployments
         .get_opt(&primary_name(target_name))
         .await?
         .is_some();
     let status = rollout.status.clone().unwrap_or_default();
+    let tracked_configs = tracked_configs_patch(&status.canary.tracked_configs, &tracked);
     let saved: Option<Status> = status
         .state
         .clone()
@@ -479,6 +519,7 @@ async fn drive(rollout: &Rollout, context: &Arc<Context>) -> Result<Action, Reco
                         serde_json::json!({
                             "phase": "Initialized", "canaryWeight": 0,
                             "lastAppliedSpec": hash, "lastPromotedSpec": hash,
+                            "trackedConfigs": tracked_configs,
                             "conditions": [{"type": "Promoted", "status": "True", "reason": "Initialized",
                                 "message": "Deployment initialization completed."}],
                         }),
@@ -514,6 +555,13 @@ async fn drive(rollout: &Rollout, context: &Arc<Context>) -> Result<Action, Reco
                 })?;
             document.spec.analysis = analysis;
             backend.claim().await?;
+            // The configs this run is for (the run's own writes carry the rest).
+            write_status(
+                &context.client,
+                &rollout,
+                serde_json::json!({ "trackedConfigs": tracked_configs }),
+            )
+            .await?;
             let store = RolloutStatusStore::new(
                 context.client.clone(),
                 &rollout,
@@ -582,7 +630,7 @@ async fn drive(rollout: &Rollout, context: &Arc<Context>) -> Result<Action, Reco
             write_status(
                 &context.client,
                 &rollout,
-                serde_json::json!({"lastAppliedSpec": hash}),
+                serde_json::json!({"lastAppliedSpec": hash, "trackedConfigs": tracked_configs}),
             )
             .await?;
         }
