@@ -644,6 +644,40 @@ async fn drive(rollout: &Rollout, context: &Arc<Context>) -> Result<Action, Reco
 mod tests {
     use super::*;
 
+    #[test]
+    fn tracked_configs_no_longer_read_are_removed_from_the_status() {
+        let before = BTreeMap::from([
+            ("configmap/payment-config".to_string(), "a1".to_string()),
+            ("secret/payment-db".to_string(), "b2".to_string()),
+        ]);
+        let now = BTreeMap::from([("configmap/payment-config".to_string(), "c3".to_string())]);
+        // A merge patch (RFC 7386) removes a key only when told to with null.
+        assert_eq!(
+            tracked_configs_patch(&before, &now),
+            serde_json::json!({"configmap/payment-config": "c3", "secret/payment-db": null})
+        );
+    }
+
+    #[test]
+    fn an_autoscaler_other_than_an_hpa_is_refused_by_field() {
+        let mut rollout: Rollout = serde_saphyr::from_str(include_str!(
+            "../tests/fixtures/payment-service-rollout.yaml"
+        ))
+        .unwrap();
+        rollout.spec.analysis.metrics.clear();
+        check(&rollout).unwrap();
+        rollout.spec.autoscaler_ref = Some(crate::crd::WorkloadRef {
+            api_version: Some("keda.sh/v1alpha1".into()),
+            kind: "ScaledObject".into(),
+            name: "payment-service".into(),
+        });
+        let refused = check(&rollout).unwrap_err();
+        assert!(
+            matches!(&refused, ReconcileError::Invalid { field, message } if field == "spec.autoscalerRef.kind" && message.contains("ScaledObject")),
+            "{refused}"
+        );
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_renewal_that_hangs_stops_the_leader_within_the_renew_deadline() {
         // An API server that takes the connection and never answers.
