@@ -147,6 +147,9 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[rank.min(sorted.len() - 1)]
 }
 
+/// When a Canary's weight changed, and to what.
+type Steps = Vec<(Instant, f64)>;
+
 struct Operator(Child);
 
 impl Drop for Operator {
@@ -216,7 +219,7 @@ async fn main() {
     tokio::spawn(kubelet(deployments.clone()));
 
     // Each Canary's weight changes, with when they were seen.
-    let steps: Arc<Mutex<HashMap<String, Vec<(Instant, f64)>>>> = Default::default();
+    let steps: Arc<Mutex<HashMap<String, Steps>>> = Default::default();
     let phases: Arc<Mutex<HashMap<String, String>>> = Default::default();
     {
         let (steps, phases) = (steps.clone(), phases.clone());

@@ -14,6 +14,8 @@
 //! - [`templates`]: checks resolved from the cluster's MetricTemplates (and their Secrets).
 //! - [`workload`]: the objects a rollout runs on, built as Flagger builds them, and Flagger's
 //!   readiness rules. Pure.
+//! - [`configs`]: the ConfigMaps and Secrets a target's pods read, tracked as Flagger does (a
+//!   change of their data is a new revision; the primary runs on `-primary` copies). Pure.
 //! - [`next`]: Flagger's change detection — initialise, start, resume, restart, adopt. Pure.
 //! - [`leader`]: one leader among the replicas through a Lease (a pure rule and its edge).
 //! - [`seams`]: the Kubernetes implementations of the controller's seams (replica-ratio traffic,
@@ -23,6 +25,7 @@
 //! CRD committed under `deploy/kubernetes/` is their output, kept equal by a test.
 
 pub mod canaries;
+pub mod configs;
 pub mod crd;
 pub mod flagger;
 pub mod health;

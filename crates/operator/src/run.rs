@@ -3,10 +3,11 @@
 //! through the Kubernetes seams. A replica that loses the lease stops at once (the process ends
 //! and is restarted as a follower): two operators never drive one release.
 //!
-//! This first cut runs `coalmine.dev` Rollouts with provider `kubernetes`; Flagger's Canary,
-//! provider `coalmine`, config tracking and the HPA come next.
+//! It runs `coalmine.dev` Rollouts (and Flagger's Canaries, as Rollouts) with provider
+//! `kubernetes`, tracking the target's ConfigMaps and Secrets and copying its autoscaler as
+//! Flagger does; provider `coalmine` comes next.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -36,6 +37,7 @@ use crate::health::Health;
 use crate::leader::{Elector, LeaseTimings};
 use crate::next::{next, Next, Seen};
 use crate::requests::{removal, request_of, Request, REQUEST_ANNOTATION};
+use crate::seams::configs::ConfigTracker;
 use crate::seams::replicas::{ReplicaRatio, ReplicaRatioSpec};
 use crate::seams::status_store::RolloutStatusStore;
 use crate::templates::ResolveError;
@@ -304,6 +306,7 @@ fn backend(context: &Context, rollout: &Rollout) -> ReplicaRatio {
         ReplicaRatioSpec {
             namespace,
             target: spec.target_ref.name.clone(),
+            autoscaler: spec.autoscaler_ref.as_ref().map(|a| a.name.clone()),
             apex: spec
                 .service
                 .name
@@ -342,6 +345,17 @@ fn check(rollout: &Rollout) -> Result<(), ReconcileError> {
                 rollout.spec.target_ref.kind
             ),
         });
+    }
+    if let Some(autoscaler) = &rollout.spec.autoscaler_ref {
+        if autoscaler.kind != "HorizontalPodAutoscaler" {
+            return Err(ReconcileError::Invalid {
+                field: "spec.autoscalerRef.kind".into(),
+                message: format!(
+                    "{:?}: this operator copies HorizontalPodAutoscalers (autoscaling/v2)",
+                    autoscaler.kind
+                ),
+            });
+        }
     }
     if let Some((i, m)) = rollout
         .spec
@@ -554,6 +568,20 @@ async fn carry_out_requests(
     Ok(())
 }
 
+/// `status.trackedConfigs` becoming `now`, as a merge patch: the keys no longer tracked are
+/// removed (a merge patch would keep them).
+fn tracked_configs_patch(
+    before: &BTreeMap<String, String>,
+    now: &BTreeMap<String, String>,
+) -> serde_json::Value {
+    let mut patch: serde_json::Map<String, serde_json::Value> = before
+        .keys()
+        .map(|k| (k.clone(), serde_json::Value::Null))
+        .collect();
+    patch.extend(now.iter().map(|(k, v)| (k.clone(), v.clone().into())));
+    patch.into()
+}
+
 /// Initialises, starts, resumes or restarts the rollout's run, as its state says.
 async fn drive(
     rollout: &Rollout,
@@ -572,12 +600,24 @@ async fn drive(
         .as_ref()
         .map(|s| s.template.clone())
         .unwrap_or_default();
-    let hash = spec_hash(&template, &Default::default());
+    // The configs are part of the revision: an edit of one starts a run like a new image.
+    let tracker = ConfigTracker::new(context.client.clone(), &namespace);
+    let tracked = match tracker.read(&template).await {
+        Ok(tracked) => tracked.hashes(),
+        Err(TrafficFault::Unreachable(why)) => {
+            // A required config is missing: nothing can be judged (or started) without it.
+            tracing::info!(rollout = %key, %why, "holding");
+            return Ok(Action::requeue(Duration::from_secs(2)));
+        }
+        Err(refused) => return Err(refused.into()),
+    };
+    let hash = spec_hash(&template, &tracked);
     let primary_exists = deployments
         .get_opt(&primary_name(target_name))
         .await?
         .is_some();
     let status = rollout.status.clone().unwrap_or_default();
+    let tracked_configs = tracked_configs_patch(&status.canary.tracked_configs, &tracked);
     let saved: Option<Status> = status
         .state
         .clone()
@@ -617,6 +657,7 @@ async fn drive(
                         serde_json::json!({
                             "phase": "Initialized", "canaryWeight": 0,
                             "lastAppliedSpec": hash, "lastPromotedSpec": hash,
+                            "trackedConfigs": tracked_configs,
                             "conditions": [{"type": "Promoted", "status": "True", "reason": "Initialized",
                                 "message": "Deployment initialization completed."}],
                         }),
@@ -652,6 +693,13 @@ async fn drive(
                 })?;
             document.spec.analysis = analysis;
             backend.claim().await?;
+            // The configs this run is for (the run's own writes carry the rest).
+            write_status(
+                &context.client,
+                &rollout,
+                serde_json::json!({ "trackedConfigs": tracked_configs }),
+            )
+            .await?;
             let store = RolloutStatusStore::new(
                 context.client.clone(),
                 &rollout,
@@ -730,7 +778,7 @@ async fn drive(
             write_status(
                 &context.client,
                 &rollout,
-                serde_json::json!({"lastAppliedSpec": hash}),
+                serde_json::json!({"lastAppliedSpec": hash, "trackedConfigs": tracked_configs}),
             )
             .await?;
         }
@@ -751,6 +799,40 @@ async fn drive(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tracked_configs_no_longer_read_are_removed_from_the_status() {
+        let before = BTreeMap::from([
+            ("configmap/payment-config".to_string(), "a1".to_string()),
+            ("secret/payment-db".to_string(), "b2".to_string()),
+        ]);
+        let now = BTreeMap::from([("configmap/payment-config".to_string(), "c3".to_string())]);
+        // A merge patch (RFC 7386) removes a key only when told to with null.
+        assert_eq!(
+            tracked_configs_patch(&before, &now),
+            serde_json::json!({"configmap/payment-config": "c3", "secret/payment-db": null})
+        );
+    }
+
+    #[test]
+    fn an_autoscaler_other_than_an_hpa_is_refused_by_field() {
+        let mut rollout: Rollout = serde_saphyr::from_str(include_str!(
+            "../tests/fixtures/payment-service-rollout.yaml"
+        ))
+        .unwrap();
+        rollout.spec.analysis.metrics.clear();
+        check(&rollout).unwrap();
+        rollout.spec.autoscaler_ref = Some(crate::crd::WorkloadRef {
+            api_version: Some("keda.sh/v1alpha1".into()),
+            kind: "ScaledObject".into(),
+            name: "payment-service".into(),
+        });
+        let refused = check(&rollout).unwrap_err();
+        assert!(
+            matches!(&refused, ReconcileError::Invalid { field, message } if field == "spec.autoscalerRef.kind" && message.contains("ScaledObject")),
+            "{refused}"
+        );
+    }
 
     #[tokio::test(start_paused = true)]
     async fn a_renewal_that_hangs_stops_the_leader_within_the_renew_deadline() {

@@ -5,13 +5,15 @@
 //! - the target Deployment `<name>` stays the user's: its pods are the canary, and Coalmine only
 //!   ever changes its `replicas`;
 //! - `<name>-primary` is a copy of its pod template with the selector label's value rewritten to
-//!   `<value>-primary` (also in affinity and topology-spread selectors), owned by the rollout;
+//!   `<value>-primary` (also in affinity and topology-spread selectors) and its tracked
+//!   ConfigMaps and Secrets replaced by their `-primary` copies ([`crate::configs`]), owned by
+//!   the rollout;
 //! - Services `<svc>` and `<svc>-primary` select the primary, `<svc>-canary` the target;
 //! - `<hpa>-primary` copies the target's autoscaler for the primary.
 //!
 //! Pure: objects in, objects out, the time as a value. Applying them is the caller's.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use coalmine_spec::Weight;
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec};
@@ -19,6 +21,8 @@ use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
 use k8s_openapi::api::core::v1::{PodTemplateSpec, Service, ServicePort, ServiceSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+
+use crate::configs::{point_at_primary_copies, ConfigRef};
 
 /// The labels Flagger looks for, in order, to find the one that selects the target's pods
 /// (its `-selector-labels` default).
@@ -79,12 +83,14 @@ fn name_of(meta: &ObjectMeta) -> String {
     meta.name.clone().unwrap_or_default()
 }
 
-/// `<name>-primary`: the target's pod template, selecting `<value>-primary`, owned by `owner`.
-/// `replicas` is the primary's size (the target's, or what its autoscaler says).
+/// `<name>-primary`: the target's pod template, selecting `<value>-primary` and reading the
+/// `-primary` copies of the `tracked` configs, owned by `owner`. `replicas` is the primary's
+/// size (the target's, or what its autoscaler says).
 pub fn primary_deployment(
     target: &Deployment,
     owner: &OwnerReference,
     replicas: Option<i32>,
+    tracked: &BTreeSet<ConfigRef>,
 ) -> Result<Deployment, WorkloadError> {
     let label = SelectorLabel::of(target)?;
     let name = name_of(&target.metadata);
@@ -92,7 +98,8 @@ pub fn primary_deployment(
         .spec
         .as_ref()
         .ok_or(WorkloadError::NoTemplate { name: name.clone() })?;
-    let template = primary_template(&spec.template, &label);
+    let mut template = primary_template(&spec.template, &label);
+    point_at_primary_copies(&mut template, tracked);
     Ok(Deployment {
         metadata: ObjectMeta {
             name: Some(primary_name(&name)),

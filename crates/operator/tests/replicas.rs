@@ -7,13 +7,15 @@ mod common;
 
 use coalmine_controller::traffic::TrafficBackend;
 use coalmine_kube_fake::TestCluster;
+use coalmine_operator::configs::TRACKING_ANNOTATION;
 use coalmine_operator::seams::replicas::{ReplicaRatio, ReplicaRatioSpec, SERVICE_LABEL};
 use coalmine_operator::workload::ServicePortSpec;
 use coalmine_rollout::{Traffic, TrafficFault};
 use coalmine_spec::Weight;
 use common::{canary_owner, shop, DEPLOYMENT};
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
+use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use serde_json::json;
 
@@ -23,9 +25,8 @@ struct Setup {
     deployments: Api<Deployment>,
 }
 
+/// The seed's Deployment (with the apex's label on its pods, or not) and the ConfigMap it mounts.
 async fn setup(with_label: bool) -> Setup {
-    let cluster = shop().await;
-    let client = cluster.client();
     let mut target: Deployment = serde_saphyr::from_str(DEPLOYMENT).unwrap();
     if with_label {
         let labels = target
@@ -42,6 +43,20 @@ async fn setup(with_label: bool) -> Setup {
             .unwrap()
             .insert(SERVICE_LABEL.into(), "payment-service".into());
     }
+    setup_with(target).await
+}
+
+async fn setup_with(target: Deployment) -> Setup {
+    let cluster = shop().await;
+    let client = cluster.client();
+    let config_maps: Api<ConfigMap> = Api::namespaced(client.clone(), "shop");
+    config_maps
+        .create(
+            &PostParams::default(),
+            &config_map("payment-config", json!({"mode": "v1"})),
+        )
+        .await
+        .unwrap();
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), "shop");
     deployments
         .create(&PostParams::default(), &target)
@@ -54,20 +69,27 @@ async fn setup(with_label: bool) -> Setup {
     }
 }
 
+fn config_map(name: &str, data: serde_json::Value) -> ConfigMap {
+    serde_json::from_value(json!({"metadata": {"name": name, "namespace": "shop"}, "data": data}))
+        .unwrap()
+}
+
 fn backend(setup: &Setup, controller: &str) -> ReplicaRatio {
-    ReplicaRatio::new(
-        setup.client.clone(),
-        ReplicaRatioSpec {
-            namespace: "shop".into(),
-            target: "payment-service".into(),
-            apex: "payment-service".into(),
-            owner: format!("payment-service ({controller})"),
-            owner_reference: canary_owner(),
-            canary_ready_threshold: 100,
-            primary_ready_threshold: 100,
-            progress_deadline_seconds: 600,
-        },
-    )
+    ReplicaRatio::new(setup.client.clone(), backend_spec(controller))
+}
+
+fn backend_spec(controller: &str) -> ReplicaRatioSpec {
+    ReplicaRatioSpec {
+        namespace: "shop".into(),
+        target: "payment-service".into(),
+        autoscaler: None,
+        apex: "payment-service".into(),
+        owner: format!("payment-service ({controller})"),
+        owner_reference: canary_owner(),
+        canary_ready_threshold: 100,
+        primary_ready_threshold: 100,
+        progress_deadline_seconds: 600,
+    }
 }
 
 /// What the deployment controller and kubelet would report once every replica runs.
@@ -291,4 +313,230 @@ async fn a_target_whose_pods_lack_the_apex_label_is_refused_naming_the_field() {
     };
     assert!(why.contains("spec.template.metadata.labels"), "{why}");
     assert!(why.contains(SERVICE_LABEL), "{why}");
+}
+
+/// The seed's Deployment reading, besides its mounted ConfigMap, a Secret (`env`, in an init
+/// container) and a ConfigMap whose tracking is switched off (`envFrom`).
+fn target_reading_configs() -> Deployment {
+    let mut target: serde_json::Value = serde_saphyr::from_str(DEPLOYMENT).unwrap();
+    let pod = &mut target["spec"]["template"];
+    pod["metadata"]["labels"][SERVICE_LABEL] = "payment-service".into();
+    pod["spec"]["initContainers"] = json!([{
+        "name": "migrate", "image": "registry.example/payment-migrate:1.0.0",
+        "env": [{"name": "DB_PASSWORD", "valueFrom": {"secretKeyRef": {"name": "payment-db", "key": "password"}}}],
+    }]);
+    pod["spec"]["containers"][0]["envFrom"] = json!([{"configMapRef": {"name": "cluster-info"}}]);
+    serde_json::from_value(target).unwrap()
+}
+
+fn primary_pod(primary: &Deployment) -> serde_json::Value {
+    serde_json::to_value(&primary.spec.as_ref().unwrap().template.spec).unwrap()
+}
+
+#[tokio::test]
+async fn tracked_configs_are_copied_for_the_primary_at_initialisation_and_refreshed_at_promotion() {
+    let setup = setup_with(target_reading_configs()).await;
+    let d = &setup.deployments;
+    let config_maps: Api<ConfigMap> = Api::namespaced(setup.client.clone(), "shop");
+    let secrets: Api<Secret> = Api::namespaced(setup.client.clone(), "shop");
+    let mut untracked = config_map("cluster-info", json!({"region": "eu-west-1"}));
+    untracked.metadata.annotations = Some([(TRACKING_ANNOTATION.into(), "disabled".into())].into());
+    config_maps
+        .create(&PostParams::default(), &untracked)
+        .await
+        .unwrap();
+    let backend = backend(&setup, "operator-a");
+
+    // The Secret the init container needs does not exist yet: nothing is made, and it is named
+    // (not its data: there is none to show yet, and there never will be).
+    let held = backend.initialize(&port()).await.unwrap_err();
+    assert!(
+        matches!(&held, TrafficFault::Unreachable(w) if w.contains("Secret payment-db")),
+        "{held:?}"
+    );
+    assert!(d
+        .get_opt("payment-service-primary")
+        .await
+        .unwrap()
+        .is_none());
+
+    let secret: Secret = serde_json::from_value(json!({
+        "metadata": {"name": "payment-db", "namespace": "shop"},
+        "type": "Opaque", "data": {"password": "aHVudGVyMg=="},
+    }))
+    .unwrap();
+    secrets
+        .create(&PostParams::default(), &secret)
+        .await
+        .unwrap();
+    let _ = backend.initialize(&port()).await;
+    mark_ready(d, "payment-service-primary").await;
+    backend.initialize(&port()).await.unwrap();
+
+    // The copies, owned like the primary.
+    let config_copy = config_maps.get("payment-config-primary").await.unwrap();
+    assert_eq!(
+        config_copy.data,
+        config_map("payment-config", json!({"mode": "v1"})).data
+    );
+    assert_eq!(
+        config_copy.metadata.owner_references,
+        Some(vec![canary_owner()])
+    );
+    let secret_copy = secrets.get("payment-db-primary").await.unwrap();
+    assert_eq!(secret_copy.data, secret.data);
+    assert_eq!(secret_copy.type_.as_deref(), Some("Opaque"));
+    assert_eq!(
+        secret_copy.metadata.owner_references,
+        Some(vec![canary_owner()])
+    );
+    assert!(
+        config_maps
+            .get_opt("cluster-info-primary")
+            .await
+            .unwrap()
+            .is_none(),
+        "tracking switched off: not copied"
+    );
+    // The primary reads the copies; the target (the canary) the originals.
+    let pod = primary_pod(&d.get("payment-service-primary").await.unwrap());
+    assert_eq!(
+        pod["volumes"][0]["configMap"]["name"],
+        "payment-config-primary"
+    );
+    assert_eq!(
+        pod["initContainers"][0]["env"][0]["valueFrom"]["secretKeyRef"]["name"],
+        "payment-db-primary"
+    );
+    assert_eq!(
+        pod["containers"][0]["envFrom"][0]["configMapRef"]["name"],
+        "cluster-info"
+    );
+    let canary_pod = primary_pod(&d.get("payment-service").await.unwrap());
+    assert_eq!(
+        canary_pod["volumes"][0]["configMap"]["name"],
+        "payment-config"
+    );
+
+    // An edit reaches the canary's pods only, until promotion.
+    let mut edited = config_maps.get("payment-config").await.unwrap();
+    edited.data = config_map("payment-config", json!({"mode": "v2", "retries": "3"})).data;
+    config_maps
+        .replace("payment-config", &PostParams::default(), &edited)
+        .await
+        .unwrap();
+    backend.claim().await.unwrap();
+    let _ = backend.apply(&weighted(5.0)).await;
+    mark_ready(d, "payment-service").await;
+    backend.apply(&weighted(5.0)).await.unwrap();
+    let data = |cm: ConfigMap| serde_json::to_value(cm.data).unwrap();
+    assert_eq!(
+        data(config_maps.get("payment-config-primary").await.unwrap()),
+        json!({"mode": "v1"})
+    );
+    let promoted = Traffic {
+        promoted: true,
+        ..weighted(5.0)
+    };
+    let _ = backend.apply(&promoted).await;
+    assert_eq!(
+        data(config_maps.get("payment-config-primary").await.unwrap()),
+        json!({"mode": "v2", "retries": "3"})
+    );
+    // A key the original drops goes from the copy at the next promotion.
+    let mut edited = config_maps.get("payment-config").await.unwrap();
+    edited.data = config_map("payment-config", json!({"mode": "v3"})).data;
+    config_maps
+        .replace("payment-config", &PostParams::default(), &edited)
+        .await
+        .unwrap();
+    let _ = backend.apply(&promoted).await;
+    assert_eq!(
+        data(config_maps.get("payment-config-primary").await.unwrap()),
+        json!({"mode": "v3"})
+    );
+    mark_ready(d, "payment-service-primary").await;
+    backend.apply(&promoted).await.unwrap();
+    let pod = primary_pod(&d.get("payment-service-primary").await.unwrap());
+    assert_eq!(
+        pod["volumes"][0]["configMap"]["name"], "payment-config-primary",
+        "promotion keeps the primary on the copies"
+    );
+}
+
+fn autoscaler(max: i32) -> HorizontalPodAutoscaler {
+    serde_json::from_value(json!({
+        "metadata": {"name": "payment-service", "namespace": "shop"},
+        "spec": {
+            "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": "payment-service"},
+            "minReplicas": 2, "maxReplicas": max,
+            "metrics": [{"type": "Resource", "resource": {"name": "cpu", "target": {"type": "Utilization", "averageUtilization": 80}}}],
+        },
+    }))
+    .unwrap()
+}
+
+#[tokio::test]
+async fn the_primary_gets_a_copy_of_the_autoscaler_made_at_initialisation_updated_at_promotion() {
+    let setup = setup(true).await;
+    let d = &setup.deployments;
+    let hpas: Api<HorizontalPodAutoscaler> = Api::namespaced(setup.client.clone(), "shop");
+    let backend = ReplicaRatio::new(
+        setup.client.clone(),
+        ReplicaRatioSpec {
+            autoscaler: Some("payment-service".into()),
+            ..backend_spec("operator-a")
+        },
+    );
+    // The autoscaler it names does not exist: held, by field, before anything is made.
+    let held = backend.initialize(&port()).await.unwrap_err();
+    assert!(
+        matches!(&held, TrafficFault::Unreachable(w) if w.starts_with("spec.autoscalerRef") && w.contains("payment-service")),
+        "{held:?}"
+    );
+    assert!(d
+        .get_opt("payment-service-primary")
+        .await
+        .unwrap()
+        .is_none());
+
+    hpas.create(&PostParams::default(), &autoscaler(10))
+        .await
+        .unwrap();
+    let _ = backend.initialize(&port()).await;
+    let copy = hpas.get("payment-service-primary").await.unwrap();
+    let spec = copy.spec.as_ref().unwrap();
+    assert_eq!(spec.scale_target_ref.name, "payment-service-primary");
+    assert_eq!(spec.scale_target_ref.kind, "Deployment");
+    assert_eq!((spec.min_replicas, spec.max_replicas), (Some(2), 10));
+    assert_eq!(spec.metrics, autoscaler(10).spec.unwrap().metrics);
+    assert_eq!(copy.metadata.owner_references, Some(vec![canary_owner()]));
+
+    // The user's autoscaler changes: the primary's follows at promotion, not before.
+    let mut changed = hpas.get("payment-service").await.unwrap();
+    changed.spec.as_mut().unwrap().max_replicas = 30;
+    hpas.replace("payment-service", &PostParams::default(), &changed)
+        .await
+        .unwrap();
+    mark_ready(d, "payment-service-primary").await;
+    backend.initialize(&port()).await.unwrap();
+    let max = |h: HorizontalPodAutoscaler| h.spec.unwrap().max_replicas;
+    assert_eq!(max(hpas.get("payment-service-primary").await.unwrap()), 10);
+    // The autoscaler sizes the primary; promotion leaves that size alone.
+    d.patch_scale(
+        "payment-service-primary",
+        &PatchParams::default(),
+        &Patch::Merge(&json!({"spec": {"replicas": 4}})),
+    )
+    .await
+    .unwrap();
+    mark_ready(d, "payment-service-primary").await;
+    backend.claim().await.unwrap();
+    let promoted = Traffic {
+        promoted: true,
+        ..weighted(5.0)
+    };
+    let _ = backend.apply(&promoted).await;
+    assert_eq!(max(hpas.get("payment-service-primary").await.unwrap()), 30);
+    assert_eq!(replicas(d, "payment-service-primary").await, 4);
 }

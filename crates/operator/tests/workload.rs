@@ -27,7 +27,9 @@ fn json_of<T: serde::Serialize>(v: &T) -> serde_json::Value {
 #[test]
 fn the_primary_is_the_targets_template_selecting_its_own_pods() {
     let target = target();
-    let primary = json_of(&primary_deployment(&target, &canary_owner(), Some(19)).unwrap());
+    let primary = json_of(
+        &primary_deployment(&target, &canary_owner(), Some(19), &Default::default()).unwrap(),
+    );
     let original = json_of(&target);
     assert_eq!(primary["metadata"]["name"], "payment-service-primary");
     assert_eq!(primary["metadata"]["namespace"], "shop");
@@ -82,7 +84,7 @@ fn a_deployment_without_a_selector_label_is_refused_by_name() {
     let mut target = target();
     let spec = target.spec.as_mut().unwrap();
     spec.selector.match_labels = Some(BTreeMap::from([("tier".into(), "web".into())]));
-    let err = primary_deployment(&target, &canary_owner(), None).unwrap_err();
+    let err = primary_deployment(&target, &canary_owner(), None, &Default::default()).unwrap_err();
     assert_eq!(
         err,
         WorkloadError::NoSelectorLabel {
@@ -141,7 +143,8 @@ fn the_primary_autoscaler_scales_the_primary() {
         "spec": {
             "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": "payment-service"},
             "minReplicas": 2, "maxReplicas": 10,
-            "metrics": [{"type": "Resource", "resource": {"name": "cpu", "target": {"type": "Utilization", "averageUtilization": 80}}}]
+            "metrics": [{"type": "Resource", "resource": {"name": "cpu", "target": {"type": "Utilization", "averageUtilization": 80}}}],
+            "behavior": {"scaleDown": {"stabilizationWindowSeconds": 300}}
         }
     }))
     .unwrap();
@@ -155,8 +158,16 @@ fn the_primary_autoscaler_scales_the_primary() {
         copy["spec"]["scaleTargetRef"]["name"],
         "payment-service-primary"
     );
+    // As Flagger's `hpa_reconciler.go`: the target's kind and API version, the bounds, metrics
+    // and behaviour; owned like the primary.
+    assert_eq!(copy["spec"]["scaleTargetRef"]["kind"], "Deployment");
+    assert_eq!(copy["spec"]["scaleTargetRef"]["apiVersion"], "apps/v1");
     assert_eq!(copy["spec"]["minReplicas"], 2);
+    assert_eq!(copy["spec"]["maxReplicas"], 10);
     assert_eq!(copy["spec"]["metrics"], json_of(&hpa)["spec"]["metrics"]);
+    assert_eq!(copy["spec"]["behavior"], json_of(&hpa)["spec"]["behavior"]);
+    assert_eq!(copy["metadata"]["namespace"], "shop");
+    assert_eq!(copy["metadata"]["ownerReferences"][0]["kind"], "Canary");
 }
 
 #[test]

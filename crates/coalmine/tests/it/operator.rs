@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use coalmine_kube_fake::{install_crds, TestCluster};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::ConfigMap;
 use kube::api::{Api, ApiResource, DynamicObject, Patch, PatchParams, PostParams};
 use serde_json::json;
 
@@ -28,7 +29,19 @@ spec:
       labels: {app: payment-service, coalmine.dev/service: payment-service}
     spec:
       containers:
-        - {name: payment-service, image: 'registry.example/payment-service:1.0.0'}
+        - name: payment-service
+          image: 'registry.example/payment-service:1.0.0'
+          volumeMounts: [{name: config, mountPath: /etc/payment}]
+      volumes:
+        - {name: config, configMap: {name: payment-config}}
+";
+
+/// The ConfigMap the Deployment mounts.
+const CONFIG_MAP: &str = "
+apiVersion: v1
+kind: ConfigMap
+metadata: {name: payment-config, namespace: shop}
+data: {mode: v1}
 ";
 
 /// The operator tests' Rollout (the seed's release), its analysis replaced by each test's.
@@ -114,6 +127,14 @@ impl Release {
         let client = cluster.client();
         install_crds(&client, CRDS).await.unwrap();
         install_crds(&client, FLAGGER_CRDS).await.unwrap();
+        let config_maps: Api<ConfigMap> = Api::namespaced(client.clone(), "shop");
+        config_maps
+            .create(
+                &PostParams::default(),
+                &serde_saphyr::from_str(CONFIG_MAP).unwrap(),
+            )
+            .await
+            .unwrap();
         let deployments: Api<Deployment> = Api::namespaced(client.clone(), "shop");
         let target: Deployment = serde_saphyr::from_str(DEPLOYMENT).unwrap();
         deployments
@@ -172,6 +193,24 @@ impl Release {
     /// The status of what the user wrote.
     async fn status(&self) -> serde_json::Value {
         self.written.get("payment-service").await.unwrap().data["status"].clone()
+    }
+
+    /// Plays kubelet until the release is initialised; returns its status then.
+    async fn until_initialized(&self) -> serde_json::Value {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            kubelet(&self.deployments).await;
+            let s = self.status().await;
+            if s["phase"] == "Initialized" {
+                return s;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "not initialised within 30 s: {s:#}\n{}",
+                self.operator.stderr()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 
     /// Plays kubelet until the phase is `Succeeded` or `Failed` with `lastAppliedSpec` not
@@ -335,6 +374,73 @@ async fn a_canary_failing_its_checks_is_rolled_back_to_the_primary() {
         Some("registry.example/payment-service:1.0.0")
     );
     assert_ne!(s["lastAppliedSpec"], s["lastPromotedSpec"], "{s:#}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edited_config_map_is_a_new_revision_analysed_then_promoted_to_the_primarys_copy() {
+    let release = Release::start("    stepWeights: [10, 50]\n").await;
+    let config_maps: Api<ConfigMap> = Api::namespaced(release.cluster.client(), "shop");
+    let mode = |cm: ConfigMap| cm.data.unwrap_or_default().get("mode").cloned();
+    let initialized = release.until_initialized().await;
+    // The primary runs on a copy; the status tracks the original.
+    assert_eq!(
+        mode(config_maps.get("payment-config-primary").await.unwrap()).as_deref(),
+        Some("v1")
+    );
+    let primary = release
+        .deployments
+        .get("payment-service-primary")
+        .await
+        .unwrap();
+    let volumes = primary
+        .spec
+        .unwrap()
+        .template
+        .spec
+        .unwrap()
+        .volumes
+        .unwrap();
+    assert_eq!(
+        volumes[0].config_map.as_ref().unwrap().name,
+        "payment-config-primary"
+    );
+    let tracked_before = initialized["trackedConfigs"]["configmap/payment-config"].clone();
+    assert!(tracked_before.is_string(), "{initialized:#}");
+
+    // `kubectl edit configmap payment-config`: no new image, still a new revision.
+    let mut edited = config_maps.get("payment-config").await.unwrap();
+    edited.data = Some([("mode".to_string(), "v2".to_string())].into());
+    config_maps
+        .replace("payment-config", &PostParams::default(), &edited)
+        .await
+        .unwrap();
+    let s = release.until_ended(&initialized["lastAppliedSpec"]).await;
+    assert_eq!(
+        s["phase"],
+        "Succeeded",
+        "{s:#}\n{}",
+        release.operator.stderr()
+    );
+    assert_eq!(s["lastAppliedSpec"], s["lastPromotedSpec"], "{s:#}");
+    assert_ne!(
+        s["lastAppliedSpec"], initialized["lastAppliedSpec"],
+        "{s:#}"
+    );
+    let tracked_after = &s["trackedConfigs"]["configmap/payment-config"];
+    assert!(
+        tracked_after.is_string() && *tracked_after != tracked_before,
+        "{s:#}"
+    );
+    release.canary_settles_at(0).await;
+    // Promoted: the primary's copy has the new data, and its image is as it was.
+    assert_eq!(
+        mode(config_maps.get("payment-config-primary").await.unwrap()).as_deref(),
+        Some("v2")
+    );
+    assert_eq!(
+        release.primary_image().await.as_deref(),
+        Some("registry.example/payment-service:1.0.0")
+    );
 }
 
 fn operator(cluster: &TestCluster, identity: &str) -> Proc {
@@ -638,12 +744,7 @@ async fn a_canary_coalmine_cannot_run_is_told_on_the_canary_and_changes_nothing(
     // Valid for Flagger's CRD (provider istio): not one this operator drives yet.
     let release = Release::start_as("Canary", "    stepWeights: [10, 50]\n").await;
     let mut canary = release.written.get("payment-service").await.unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while release.status().await["phase"] != "Initialized" {
-        assert!(Instant::now() < deadline, "{:#}", release.status().await);
-        kubelet(&release.deployments).await;
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    release.until_initialized().await;
     let rollout_before = release.rollouts.get("payment-service").await.unwrap();
     canary = release
         .written

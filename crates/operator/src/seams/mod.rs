@@ -5,7 +5,9 @@
 //! the rollout, not by its document).
 //!
 //! - [`replicas`]: provider `kubernetes` with weights — the canary's share of replicas.
+//! - [`configs`]: the target's ConfigMaps and Secrets read, and their `-primary` copies written.
 //! - [`status_store`]: the state store in a `Rollout`'s status, with Kubernetes Events.
 
+pub mod configs;
 pub mod replicas;
 pub mod status_store;

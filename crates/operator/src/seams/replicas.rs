@@ -9,6 +9,12 @@
 //! ([`replica_split`]), so a rollback only removes canary pods. Promotion copies the target's
 //! template to the primary, holds until the primary has rolled out, then scales the canary to 0.
 //!
+//! As Flagger does, initialisation and promotion also copy the target's tracked ConfigMaps and
+//! Secrets to `<name>-primary` (the primary's template reads the copies; [`crate::configs`]),
+//! and copy its HorizontalPodAutoscaler (`autoscalerRef`) to `<hpa>-primary`, scaling the
+//! primary: made at initialisation, brought up to date at promotion. The primary's size stays
+//! its own (or its autoscaler's): promotion never copies `replicas`.
+//!
 //! A rollout claims its target with the `coalmine.dev/owner` annotation (written against the
 //! `resourceVersion` read, so of two controllers one wins); another owner's claim is refused.
 
@@ -18,13 +24,16 @@ use coalmine_controller::traffic::TrafficBackend;
 use coalmine_controller::BoxFuture;
 use coalmine_rollout::{Traffic, TrafficFault};
 use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::api::{Api, Patch, PatchParams, PostParams};
 
+use crate::configs::TrackedConfigs;
+use crate::seams::configs::ConfigTracker;
 use crate::workload::{
-    primary_deployment, primary_name, readiness, replica_split, services, Readiness,
-    ServicePortSpec,
+    primary_autoscaler, primary_deployment, primary_name, readiness, replica_split, services,
+    Readiness, ServicePortSpec,
 };
 
 /// The label the apex Service selects, on both versions' pods.
@@ -39,7 +48,11 @@ pub const FIELD_MANAGER: &str = "coalmine";
 pub struct ReplicaRatio {
     deployments: Api<Deployment>,
     services: Api<Service>,
+    autoscalers: Api<HorizontalPodAutoscaler>,
+    configs: ConfigTracker,
     target: String,
+    /// The target's HorizontalPodAutoscaler (`autoscalerRef`), copied for the primary.
+    autoscaler: Option<String>,
     apex: String,
     owner: String,
     /// The rollout (Canary or Rollout) that owns the primary.
@@ -54,6 +67,8 @@ pub struct ReplicaRatio {
 pub struct ReplicaRatioSpec {
     pub namespace: String,
     pub target: String,
+    /// `autoscalerRef.name` (a HorizontalPodAutoscaler, autoscaling/v2).
+    pub autoscaler: Option<String>,
     pub apex: String,
     pub owner: String,
     pub owner_reference: OwnerReference,
@@ -71,7 +86,7 @@ fn unix_now() -> i64 {
 /// A kube error as the rollout sees it: the API server's own refusals (not found, forbidden,
 /// invalid) will not heal by waiting; anything else (no answer, overload, a conflict with a
 /// concurrent write) is held and tried again.
-fn fault(what: &str, e: kube::Error) -> TrafficFault {
+pub(crate) fn fault(what: &str, e: kube::Error) -> TrafficFault {
     match &e {
         kube::Error::Api(status)
             if (400..500).contains(&status.code) && ![408, 409, 429].contains(&status.code) =>
@@ -86,8 +101,11 @@ impl ReplicaRatio {
     pub fn new(client: kube::Client, spec: ReplicaRatioSpec) -> ReplicaRatio {
         ReplicaRatio {
             deployments: Api::namespaced(client.clone(), &spec.namespace),
-            services: Api::namespaced(client, &spec.namespace),
+            services: Api::namespaced(client.clone(), &spec.namespace),
+            autoscalers: Api::namespaced(client.clone(), &spec.namespace),
+            configs: ConfigTracker::new(client, &spec.namespace),
             target: spec.target,
+            autoscaler: spec.autoscaler,
             apex: spec.apex,
             owner: spec.owner,
             owner_reference: spec.owner_reference,
@@ -151,14 +169,21 @@ impl ReplicaRatio {
             .map_err(|e| fault(&format!("Service {}", self.apex), e))
     }
 
-    /// The primary as it must be: the target's template with the apex's label.
+    /// The primary as it must be: the target's template with the apex's label, reading the
+    /// copies of `tracked`.
     async fn apply_primary(
         &self,
         target: &Deployment,
         replicas: Option<i32>,
+        tracked: &TrackedConfigs,
     ) -> Result<Deployment, TrafficFault> {
-        let mut primary = primary_deployment(target, &self.owner_reference, replicas)
-            .map_err(|e| TrafficFault::Refused(e.to_string()))?;
+        let mut primary = primary_deployment(
+            target,
+            &self.owner_reference,
+            replicas,
+            &tracked.references(),
+        )
+        .map_err(|e| TrafficFault::Refused(e.to_string()))?;
         primary
             .spec
             .as_mut()
@@ -177,6 +202,57 @@ impl ReplicaRatio {
             )
             .await
             .map_err(|e| fault(&format!("Deployment {name}"), e))
+    }
+
+    /// The tracked ConfigMaps and Secrets the target's pods read now.
+    async fn tracked_configs(&self, target: &Deployment) -> Result<TrackedConfigs, TrafficFault> {
+        let template = target
+            .spec
+            .as_ref()
+            .map(|s| s.template.clone())
+            .unwrap_or_default();
+        self.configs.read(&template).await
+    }
+
+    /// The target's autoscaler, if the rollout names one; one that does not exist holds,
+    /// naming the field (it may yet be created).
+    async fn target_autoscaler(&self) -> Result<Option<HorizontalPodAutoscaler>, TrafficFault> {
+        let Some(name) = &self.autoscaler else {
+            return Ok(None);
+        };
+        let found = self
+            .autoscalers
+            .get_opt(name)
+            .await
+            .map_err(|e| fault(&format!("HorizontalPodAutoscaler {name}"), e))?;
+        match found {
+            Some(hpa) => Ok(Some(hpa)),
+            None => Err(TrafficFault::Unreachable(format!(
+                "spec.autoscalerRef: HorizontalPodAutoscaler {name} does not exist"
+            ))),
+        }
+    }
+
+    /// `<hpa>-primary`: the target's autoscaler's bounds, metrics and behaviour, scaling the
+    /// primary.
+    async fn apply_primary_autoscaler(
+        &self,
+        hpa: &HorizontalPodAutoscaler,
+    ) -> Result<(), TrafficFault> {
+        let copy = primary_autoscaler(hpa, &self.owner_reference, &primary_name(&self.target));
+        let name = copy.metadata.name.clone().unwrap_or_default();
+        let mut body = serde_json::to_value(&copy).expect("an autoscaler serializes");
+        body["apiVersion"] = "autoscaling/v2".into();
+        body["kind"] = "HorizontalPodAutoscaler".into();
+        self.autoscalers
+            .patch(
+                &name,
+                &PatchParams::apply(FIELD_MANAGER).force(),
+                &Patch::Apply(&body),
+            )
+            .await
+            .map(|_| ())
+            .map_err(|e| fault(&format!("HorizontalPodAutoscaler {name}"), e))
     }
 
     /// The weight's split: the primary as it is, the canary beside it.
@@ -216,12 +292,16 @@ impl ReplicaRatio {
             .map_err(|e| fault(&format!("Deployment {name}"), e))
     }
 
-    /// Flagger's initialisation: the primary (the target's template and size) and the three
-    /// Services, the apex selecting both versions by the shared label; once the primary is
-    /// ready, the target (the canary) is scaled to 0. Holds (`Unreachable`) until then.
+    /// Flagger's initialisation: the primary (the target's template and size, reading copies
+    /// of the tracked configs), its autoscaler, and the three Services, the apex selecting
+    /// both versions by the shared label; once the primary is ready, the target (the canary)
+    /// is scaled to 0. Holds (`Unreachable`) until then, and, before making anything, while a
+    /// required config or the autoscaler does not exist.
     pub async fn initialize(&self, port: &ServicePortSpec) -> Result<(), TrafficFault> {
         let target = self.target().await?;
         self.check_label(&target)?;
+        let autoscaler = self.target_autoscaler().await?;
+        let tracked = self.tracked_configs(&target).await?;
         let existing = self.deployments.get_opt(&primary_name(&self.target)).await;
         let existing = existing.map_err(|e| fault("Deployment primary", e))?;
         // The primary's size, once it exists, is its own (or its autoscaler's).
@@ -231,8 +311,25 @@ impl ReplicaRatio {
         };
         let primary = match existing {
             Some(p) => p,
-            None => self.apply_primary(&target, replicas).await?,
+            None => {
+                // The copies first: the primary's pods read them. Made with the primary only,
+                // as Flagger: after that they change at promotion, never unanalysed.
+                self.configs
+                    .copy_to_primary(&tracked, &self.owner_reference)
+                    .await?;
+                self.apply_primary(&target, replicas, &tracked).await?
+            }
         };
+        if let Some(hpa) = &autoscaler {
+            // Made if missing; brought up to date at promotion only (Flagger's `init`).
+            let name = primary_name(hpa.metadata.name.as_deref().unwrap_or_default());
+            let existing = self.autoscalers.get_opt(&name).await;
+            let existing =
+                existing.map_err(|e| fault(&format!("HorizontalPodAutoscaler {name}"), e))?;
+            if existing.is_none() {
+                self.apply_primary_autoscaler(hpa).await?;
+            }
+        }
         for service in services(&target, &self.owner_reference, port)
             .map_err(|e| TrafficFault::Refused(e.to_string()))?
         {
@@ -273,12 +370,21 @@ impl ReplicaRatio {
         }
     }
 
-    /// Promotion: the primary runs the target's template, then the canary goes.
+    /// Promotion: the primary runs the target's template and configs (and its autoscaler's
+    /// settings), then the canary goes.
     async fn promote(&self) -> Result<Vec<String>, TrafficFault> {
         let target = self.target().await?;
+        let autoscaler = self.target_autoscaler().await?;
+        let tracked = self.tracked_configs(&target).await?;
+        self.configs
+            .copy_to_primary(&tracked, &self.owner_reference)
+            .await?;
         // Its size stays: an apply without `replicas` would drop the field Coalmine owns.
         let size = self.primary().await?.spec.and_then(|s| s.replicas);
-        let primary = self.apply_primary(&target, size).await?;
+        let primary = self.apply_primary(&target, size, &tracked).await?;
+        if let Some(hpa) = &autoscaler {
+            self.apply_primary_autoscaler(hpa).await?;
+        }
         self.hold_until_ready(&primary, self.primary_ready_threshold)?;
         let current = target.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
         let mut changed = Vec::new();
