@@ -719,6 +719,20 @@ async fn a_flagger_canary_runs_as_under_flagger_and_its_metric_template_decides(
         release.primary_image().await.as_deref(),
         Some("registry.example/payment-service:2.0.0")
     );
+    // `kubectl describe canary` says which check failed and why it went back.
+    let warnings: Vec<String> = release
+        .events("payment-service")
+        .await
+        .into_iter()
+        .filter(|e| e.type_.as_deref() == Some("Warning"))
+        .filter_map(|e| e.note)
+        .collect();
+    eprintln!("the rolled-back Canary's Warning Events: {warnings:#?}");
+    assert!(
+        warnings.iter().any(|n| n.contains("error-rate"))
+            && warnings.iter().any(|n| n.starts_with("Rolling back")),
+        "{warnings:#?}"
+    );
 
     // The Canary deleted: the Rollout made for it goes too.
     release
