@@ -25,7 +25,7 @@ use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, ListParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event as KubeEvent, EventType, Recorder, Reporter};
-use kube::runtime::reflector::ObjectRef;
+use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::{watcher, Controller};
 use kube::Resource;
 use tokio::task::JoinHandle;
@@ -91,6 +91,8 @@ pub(crate) struct Context {
     /// another operator (another lease) is refused.
     controller: String,
     runs: Mutex<HashMap<String, Run>>,
+    /// The Rollouts as the controller's watch last saw them.
+    cache: std::sync::OnceLock<Store<Rollout>>,
 }
 
 /// One release being driven: its task, and the way to tell it what users ask.
@@ -122,11 +124,21 @@ const NO_CANARY: coalmine_rollout::Traffic = coalmine_rollout::Traffic {
     mirror_weight: coalmine_spec::Weight::ZERO,
 };
 
-/// Returns once the rollout is gone (deleted, or deleted and created again: another uid). An
-/// API server that does not answer is not a deletion.
-async fn deleted(rollouts: &Api<Rollout>, name: &str, uid: Option<&str>) {
+/// Returns once the rollout is gone (deleted, or deleted and created again: another uid). Looked
+/// up in the watch cache every second — no request — and confirmed by a read before it counts:
+/// an API server that does not answer, or a cache still filling, is not a deletion.
+async fn deleted(cache: Store<Rollout>, rollouts: &Api<Rollout>, name: &str, uid: Option<&str>) {
+    let namespace = rollouts.namespace().map(str::to_string);
+    let reference = match &namespace {
+        Some(ns) => ObjectRef::<Rollout>::new(name).within(ns),
+        None => ObjectRef::new(name),
+    };
     loop {
         tokio::time::sleep(Duration::from_secs(1)).await;
+        let cached = cache.get(&reference);
+        if cached.is_some_and(|r| r.metadata.uid.as_deref() == uid) {
+            continue;
+        }
         match rollouts.get_opt(name).await {
             Ok(None) => return,
             Ok(Some(now)) if now.metadata.uid.as_deref() != uid => return,
@@ -188,6 +200,7 @@ pub async fn run(client: kube::Client, settings: Settings) -> Result<(), Operato
             settings.lease_namespace, settings.lease_name
         ),
         runs: Mutex::new(HashMap::new()),
+        cache: std::sync::OnceLock::new(),
     });
     let rollouts: Api<Rollout> = match &settings.namespace {
         Some(ns) => Api::namespaced(client.clone(), ns),
@@ -209,6 +222,7 @@ pub async fn run(client: kube::Client, settings: Settings) -> Result<(), Operato
     // readiness), and when its Canary does (a request); else every interval or so.
     let controller = Controller::new(rollouts, watcher::Config::default());
     let cached = controller.store();
+    let _ = context.cache.set(cached.clone());
     let deployments: Api<Deployment> = match &settings.namespace {
         Some(ns) => Api::namespaced(client.clone(), ns),
         None => Api::all(client.clone()),
@@ -727,12 +741,17 @@ async fn drive(
                 rollout.metadata.uid.clone(),
             );
             let (commands, control) = tokio::sync::mpsc::channel(8);
+            let cache = context
+                .cache
+                .get()
+                .cloned()
+                .expect("the cache is set before the controller runs");
             let task = tokio::spawn(async move {
                 let mut store = store;
                 let traffic = driver.traffic();
                 let outcome = tokio::select! {
                     outcome = driver.run(control, &mut store) => Some(outcome),
-                    () = deleted(&rollouts, &name, uid.as_deref()) => None,
+                    () = deleted(cache, &rollouts, &name, uid.as_deref()) => None,
                 };
                 match outcome {
                     Some(outcome) => {
