@@ -256,7 +256,7 @@ async fn main() {
                 "bench",
             ])
             .args(["--lease-namespace", NAMESPACE, "--listen", "127.0.0.1:0"])
-            .env("RUST_LOG", "warn")
+            .env("COALMINE_LOG", "warn")
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()

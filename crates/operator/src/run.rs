@@ -18,16 +18,18 @@ use coalmine_controller::time::Clock;
 use coalmine_controller::traffic::TrafficBackend;
 use coalmine_controller::BoxFuture;
 use coalmine_rollout::{Input, Status, TrafficFault};
-use futures::StreamExt;
+use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::ObjectReference;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, ListParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event as KubeEvent, EventType, Recorder, Reporter};
-use kube::runtime::reflector::{ObjectRef, Store};
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::WatchStreamExt;
 use kube::runtime::{watcher, Controller};
 use kube::Resource;
+use std::hash::{Hash, Hasher};
 use tokio::task::JoinHandle;
 
 use crate::canaries::Origin;
@@ -218,32 +220,41 @@ pub async fn run(client: kube::Client, settings: Settings) -> Result<(), Operato
         }
         _ => Some(canaries),
     };
-    // A rollout is looked at when it changes, when its workloads do (a new revision, a
-    // readiness), and when its Canary does (a request); else every interval or so.
-    let controller = Controller::new(rollouts, watcher::Config::default());
-    let cached = controller.store();
+    // A rollout is looked at when a user changes it, its workloads (a new revision) or its
+    // Canary (a request, a deletion); else every interval or so. Not on the status writes the
+    // runs make every step: each would cost a reconcile's reads.
+    let (cached, writer) = reflector::store();
     let _ = context.cache.set(cached.clone());
+    let rollout_changes = changed_by_users(
+        watcher(rollouts, watcher::Config::default())
+            .default_backoff()
+            .reflect(writer),
+    );
+    let controller = Controller::for_stream(rollout_changes, cached.clone());
     let deployments: Api<Deployment> = match &settings.namespace {
         Some(ns) => Api::namespaced(client.clone(), ns),
         None => Api::all(client.clone()),
     };
-    let mut controller =
-        controller.watches(deployments, watcher::Config::default(), move |deployment| {
-            let name = deployment.metadata.name.clone().unwrap_or_default();
-            let namespace = deployment.metadata.namespace.clone();
-            cached
-                .state()
-                .into_iter()
-                .filter(|r| {
-                    r.metadata.namespace == namespace
-                        && (r.spec.target_ref.name == name
-                            || primary_name(&r.spec.target_ref.name) == name)
-                })
-                .map(|r| ObjectRef::from_obj(r.as_ref()))
-                .collect::<Vec<_>>()
-        });
+    let deployment_changes =
+        changed_by_users(watcher(deployments, watcher::Config::default()).default_backoff());
+    let mut controller = controller.watches_stream(deployment_changes, move |deployment| {
+        let name = deployment.metadata.name.clone().unwrap_or_default();
+        let namespace = deployment.metadata.namespace.clone();
+        cached
+            .state()
+            .into_iter()
+            .filter(|r| {
+                r.metadata.namespace == namespace
+                    && (r.spec.target_ref.name == name
+                        || primary_name(&r.spec.target_ref.name) == name)
+            })
+            .map(|r| ObjectRef::from_obj(r.as_ref()))
+            .collect::<Vec<_>>()
+    });
     if let Some(api) = &canaries {
-        controller = controller.watches(api.clone(), watcher::Config::default(), |canary| {
+        let canary_changes =
+            changed_by_users(watcher(api.clone(), watcher::Config::default()).default_backoff());
+        controller = controller.watches_stream(canary_changes, |canary| {
             let name = canary.metadata.name.clone().unwrap_or_default();
             let reference = ObjectRef::<Rollout>::new(&name);
             Some(match &canary.metadata.namespace {
@@ -257,7 +268,13 @@ pub async fn run(client: kube::Client, settings: Settings) -> Result<(), Operato
         .for_each(|_| futures::future::ready(()));
     let canaries_reconciled = async {
         if let Some(api) = canaries {
-            Controller::new(api, watcher::Config::default())
+            let (cached, writer) = reflector::store();
+            let changes = changed_by_users(
+                watcher(api, watcher::Config::default())
+                    .default_backoff()
+                    .reflect(writer),
+            );
+            Controller::for_stream(changes, cached)
                 .run(crate::canaries::reconcile, error_policy, context)
                 .for_each(|_| futures::future::ready(()))
                 .await;
@@ -270,6 +287,41 @@ pub async fn run(client: kube::Client, settings: Settings) -> Result<(), Operato
     };
     health.leading.store(false, Relaxed);
     ended
+}
+
+/// The objects of a watch that a user changed (their spec — the generation — or their
+/// annotations, where requests are written) or deleted; not the status writes, which the
+/// operator itself makes every step.
+fn changed_by_users<K>(
+    events: impl futures::Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send + 'static,
+) -> impl futures::Stream<Item = Result<K, watcher::Error>> + Send + 'static
+where
+    K: Resource + Send + 'static,
+{
+    let mut seen: HashMap<(Option<String>, Option<String>), u64> = HashMap::new();
+    events.try_filter_map(move |event| {
+        let changed = match event {
+            watcher::Event::Apply(object) | watcher::Event::InitApply(object) => {
+                let meta = object.meta();
+                let mut hasher = std::collections::hash_map::DefaultHasher::new();
+                (
+                    meta.uid.as_ref(),
+                    meta.generation,
+                    meta.annotations.as_ref(),
+                )
+                    .hash(&mut hasher);
+                let key = (meta.namespace.clone(), meta.name.clone());
+                (seen.insert(key, hasher.finish()) != Some(hasher.finish())).then_some(object)
+            }
+            watcher::Event::Delete(object) => {
+                let meta = object.meta();
+                seen.remove(&(meta.namespace.clone(), meta.name.clone()));
+                Some(object)
+            }
+            watcher::Event::Init | watcher::Event::InitDone => None,
+        };
+        futures::future::ready(Ok(changed))
+    })
 }
 
 /// Renews the lease; returns when it is lost or was not renewed within the renew deadline. A

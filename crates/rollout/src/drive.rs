@@ -76,7 +76,8 @@ pub struct NotSaved<E> {
 impl Machine {
     /// Hands the machine `input` and everything it leads to — answers to the questions it
     /// asks, a rollback when the traffic is refused — until it needs nothing more from outside.
-    /// Every step is saved before anything of it is carried out; at the first step that cannot
+    /// Every step that changes the status is saved before anything of it is carried out (one
+    /// that changes nothing is not saved again); at the first step that cannot
     /// be saved the machine is put back as it was before that step, and the loop stops.
     pub async fn drive<W: World>(
         &mut self,
@@ -94,10 +95,15 @@ impl Machine {
                     _ => None,
                 })
                 .collect();
-            if let Err(error) = world.save(self.status(), &events).await {
-                let before = before.expect("a world whose saves cannot fail did not save");
-                self.undo(before);
-                return Err(NotSaved { input, error });
+            // A step that changed nothing (an empty sample, a repeated command) has nothing to
+            // record: a store on an API server or a disk is not written once a second for it.
+            let unchanged = events.is_empty() && before.as_ref() == Some(self.status());
+            if !unchanged {
+                if let Err(error) = world.save(self.status(), &events).await {
+                    let before = before.expect("a world whose saves cannot fail did not save");
+                    self.undo(before);
+                    return Err(NotSaved { input, error });
+                }
             }
             let routed = world.route(self).await;
             // Once the rollout has ended there is nothing left to roll back: a backend that

@@ -650,6 +650,10 @@ impl Machine {
         if !analysing || self.status.outcome.is_some() || self.status.paused {
             return;
         }
+        // A sample without a request tells the judges nothing; it is not a step to record.
+        if observation.canary.requests == 0 && observation.stable.requests == 0 {
+            return;
+        }
         let state = self
             .status
             .sequential

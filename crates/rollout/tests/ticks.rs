@@ -578,3 +578,70 @@ fn the_driving_loop_rolls_back_once_when_the_traffic_is_refused_after_a_step() {
     // The step that was refused, then the rollback, whose final traffic is refused too.
     assert_eq!(world.routed, 2);
 }
+
+/// A store that counts what it is asked to write (as the daemon's SQLite file and the
+/// operator's status subresource are).
+struct CountingStore {
+    now: u64,
+    saves: usize,
+}
+
+impl World for CountingStore {
+    type Unsaved = String;
+
+    fn now(&self) -> u64 {
+        self.now
+    }
+
+    fn save(
+        &mut self,
+        _: &coalmine_rollout::Status,
+        _: &[Event],
+    ) -> impl Future<Output = Result<(), String>> {
+        self.saves += 1;
+        ready(Ok(()))
+    }
+
+    fn answer(&mut self, machine: &Machine, question: Question) -> impl Future<Output = Input> {
+        ready(match question {
+            Question::Hooks(kind) => Input::Hooks {
+                kind,
+                results: Vec::new(),
+            },
+            Question::Analysis => Input::Analysis {
+                readings: vec![Reading::Value { value: 100.0 }; machine.plan().checks.len()],
+            },
+        })
+    }
+}
+
+#[test]
+fn a_step_that_changes_nothing_is_not_written_again() {
+    let plan = Plan::new(
+        &analysis("interval: 1m\nstepWeights: [10, 50]\n"),
+        600,
+        false,
+    );
+    let mut machine = Machine::new(plan, 0);
+    let mut store = CountingStore { now: 0, saves: 0 };
+    let drive = |machine: &mut Machine, store: &mut CountingStore, input: Input| {
+        machine.drive_now(input, store).expect("saved");
+    };
+    drive(&mut machine, &mut store, Input::Tick { traffic: Ok(()) });
+    assert_eq!(machine.status().phase, Phase::Progressing);
+    let after_start = store.saves;
+    assert!(after_start >= 1);
+    // A second's sample with no requests in it, sixty times: nothing to record.
+    for second in 1..=60 {
+        store.now = second * 1000;
+        drive(&mut machine, &mut store, Input::Observe(Default::default()));
+    }
+    assert_eq!(store.saves, after_start, "empty samples were written");
+    // A resume of a rollout that is not paused changes nothing either.
+    drive(&mut machine, &mut store, Input::Resume);
+    assert_eq!(store.saves, after_start);
+    // The next step is written.
+    store.now = MINUTE;
+    drive(&mut machine, &mut store, Input::Tick { traffic: Ok(()) });
+    assert!(store.saves > after_start);
+}

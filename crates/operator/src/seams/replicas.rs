@@ -395,7 +395,23 @@ impl ReplicaRatio {
         Ok(changed)
     }
 
+    /// Claims the target (or lets it go). Written against the resourceVersion read; another
+    /// write in between (a status update, an autoscaler) is a 409, and the claim is looked at
+    /// again on what is there now — only another owner's annotation refuses it.
     async fn set_owner(&self, owner: Option<&str>) -> Result<(), TrafficFault> {
+        for _ in 0..5 {
+            if self.try_set_owner(owner).await? {
+                return Ok(());
+            }
+        }
+        Err(TrafficFault::Unreachable(format!(
+            "Deployment {} kept changing while it was being claimed",
+            self.target
+        )))
+    }
+
+    /// `Ok(false)`: the target changed since it was read; try again.
+    async fn try_set_owner(&self, owner: Option<&str>) -> Result<bool, TrafficFault> {
         let target = self.target().await?;
         let held = target
             .metadata
@@ -410,8 +426,8 @@ impl ReplicaRatio {
                     self.target
                 )))
             }
-            (Some(_), Some(_)) | (None, None) => return Ok(()),
-            (Some(other), None) if *other != self.owner => return Ok(()),
+            (Some(_), Some(_)) | (None, None) => return Ok(true),
+            (Some(other), None) if *other != self.owner => return Ok(true),
             _ => {}
         }
         let mut updated = target.clone();
@@ -423,19 +439,13 @@ impl ReplicaRatio {
             Some(o) => annotations.insert(OWNER_ANNOTATION.into(), o.into()),
             None => annotations.remove(OWNER_ANNOTATION),
         };
-        // Written against the resourceVersion read: a concurrent claim makes this a 409.
         match self
             .deployments
             .replace(&self.target, &PostParams::default(), &updated)
             .await
         {
-            Ok(_) => Ok(()),
-            Err(kube::Error::Api(status)) if status.code == 409 => {
-                Err(TrafficFault::Refused(format!(
-                    "Deployment {} was claimed by another controller at the same moment",
-                    self.target
-                )))
-            }
+            Ok(_) => Ok(true),
+            Err(kube::Error::Api(status)) if status.code == 409 => Ok(false),
             Err(e) => Err(fault(&format!("Deployment {}", self.target), e)),
         }
     }
