@@ -50,6 +50,16 @@ pub struct OperatorArgs {
     /// The leader Lease's name (replicas with the same one elect one leader)
     #[arg(long, default_value = "coalmine-operator")]
     pub lease_name: String,
+    /// The provider of Flagger Canaries that name none (as Flagger's -mesh-provider):
+    /// `kubernetes` splits by replicas, `coalmine` drives Coalmine's routers in the cluster
+    #[arg(long, value_enum, default_value_t = Provider::Kubernetes)]
+    pub provider: Provider,
+}
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+pub enum Provider {
+    Kubernetes,
+    Coalmine,
 }
 
 pub fn operator(args: OperatorArgs) -> anyhow::Result<ExitCode> {
@@ -93,6 +103,10 @@ pub fn operator(args: OperatorArgs) -> anyhow::Result<ExitCode> {
                 lease_name: args.lease_name,
                 timings: Default::default(),
                 health,
+                default_provider: match args.provider {
+                    Provider::Kubernetes => coalmine_operator::crd::TrafficProvider::Kubernetes,
+                    Provider::Coalmine => coalmine_operator::crd::TrafficProvider::Coalmine,
+                },
             },
         )
         .await?;

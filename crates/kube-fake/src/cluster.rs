@@ -267,7 +267,10 @@ impl TestCluster {
                     at("sa.key").display()
                 ),
                 format!("--service-account-issuer=https://127.0.0.1:{secure}/"),
-                "--service-cluster-ip-range=10.0.0.0/24".into(),
+                format!(
+                    "--service-cluster-ip-range={}",
+                    crate::builtins::SERVICE_CIDR
+                ),
                 "--allow-privileged=true".into(),
                 "--authorization-mode=RBAC".into(),
                 // No controller manager issues service-account tokens (envtest does the same).

@@ -9,6 +9,7 @@
 //! Deployment controller, no kubelet. Tests mark workloads ready by writing their status.
 
 mod apply;
+pub mod builtins;
 mod clock;
 pub mod cluster;
 mod crd;
@@ -19,5 +20,6 @@ mod selector;
 mod server;
 mod store;
 
+pub use builtins::SERVICE_CIDR;
 pub use cluster::{install_crds, ClusterError, TestCluster};
 pub use server::FakeApiServer;

@@ -883,6 +883,7 @@ fn create_object(
             &now,
         );
     }
+    crate::builtins::admit_create(store, rt, &subject, &mut object)?;
     if dry_run {
         return Ok(object);
     }
@@ -1091,6 +1092,9 @@ fn commit(
     }
     if target.rt.crd.is_none() && target.rt.plural == "customresourcedefinitions" {
         crd::admit(&mut new, &subject)?;
+    }
+    if part_of(target) != Part::Status {
+        crate::builtins::admit_update(&target.rt, &subject, old, &mut new)?;
     }
     new["metadata"]["resourceVersion"] = old["metadata"]["resourceVersion"].clone();
     if new == *old || dry_run {

@@ -854,3 +854,99 @@ async fn requests_are_counted_at_metrics_as_the_real_server_counts_them() {
     assert!(requests_counted(&client, "configmaps", "LIST").await >= lists_before + 3.0);
     assert!(requests_counted(&client, "configmaps", "APPLY").await >= 1.0);
 }
+
+#[tokio::test]
+async fn a_service_gets_a_cluster_ip_of_the_range_and_keeps_it() {
+    let cluster = TestCluster::start().await.unwrap();
+    let client = cluster.client();
+    let ns = namespace(&client, "services").await;
+    let services: Api<k8s_openapi::api::core::v1::Service> = Api::namespaced(client, &ns);
+    let applied = json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "web-app-primary"},
+        "spec": {"selector": {"app": "web-app-primary"}, "ports": [{"name": "http", "port": 80}]}});
+    let apply = PatchParams::apply("coalmine").force();
+    let created = services
+        .patch("web-app-primary", &apply, &Patch::Apply(&applied))
+        .await
+        .unwrap();
+    let spec = created.spec.unwrap();
+    let ip: std::net::Ipv4Addr = spec.cluster_ip.clone().unwrap().parse().unwrap();
+    assert_eq!(
+        ip.octets()[..3],
+        [10, 231, 128],
+        "{ip} not in {}",
+        coalmine_kube_fake::SERVICE_CIDR
+    );
+    assert_eq!(spec.cluster_ips, Some(vec![ip.to_string()]));
+    assert_eq!(spec.type_.as_deref(), Some("ClusterIP"));
+    let port = &spec.ports.unwrap()[0];
+    assert_eq!(port.protocol.as_deref(), Some("TCP"));
+    assert_eq!(
+        port.target_port,
+        Some(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(80))
+    );
+    // The same apply again (no clusterIP in it) and a replace without one keep the address.
+    let again = services
+        .patch("web-app-primary", &apply, &Patch::Apply(&applied))
+        .await
+        .unwrap();
+    assert_eq!(again.spec.unwrap().cluster_ip, Some(ip.to_string()));
+    let other = services
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": "web-app-canary"},
+                "spec": {"ports": [{"port": 80}]}}))
+            .unwrap(),
+        )
+        .await
+        .unwrap();
+    let other_ip = other.spec.unwrap().cluster_ip.unwrap();
+    assert_ne!(other_ip, ip.to_string(), "two Services, one address");
+    let refused = api_error(
+        services
+            .patch(
+                "web-app-primary",
+                &PatchParams::default(),
+                &Patch::Merge(json!({"spec": {"clusterIP": other_ip, "clusterIPs": [other_ip]}})),
+            )
+            .await,
+    );
+    assert_eq!(refused.code, 422, "{refused:?}");
+    assert!(
+        refused.message.contains("spec.clusterIPs[0]"),
+        "{}",
+        refused.message
+    );
+}
+
+#[tokio::test]
+async fn an_endpoint_slice_may_not_point_at_loopback() {
+    let cluster = TestCluster::start().await.unwrap();
+    let client = cluster.client();
+    let ns = namespace(&client, "slices").await;
+    let slices: Api<k8s_openapi::api::discovery::v1::EndpointSlice> = Api::namespaced(client, &ns);
+    let slice = |address: &str| {
+        serde_json::from_value(json!({
+            "metadata": {"name": "coalmine-router-1", "labels": {"kubernetes.io/service-name": "coalmine-router"}},
+            "addressType": "IPv4",
+            "endpoints": [{"addresses": [address]}],
+            "ports": [{"name": "admin", "port": 9090, "protocol": "TCP"}],
+        }))
+        .unwrap()
+    };
+    let refused = api_error(
+        slices
+            .create(&PostParams::default(), &slice("127.0.0.1"))
+            .await,
+    );
+    assert_eq!(refused.code, 422, "{refused:?}");
+    assert!(
+        refused.message.contains("endpoints[0].addresses[0]")
+            && refused.message.contains("may not be in the loopback range"),
+        "{}",
+        refused.message
+    );
+    slices
+        .create(&PostParams::default(), &slice("10.231.0.1"))
+        .await
+        .unwrap();
+}

@@ -23,7 +23,7 @@ use kube::Resource;
 use crate::crd::Rollout;
 use crate::flagger::{Canary, GROUP, VERSION};
 use crate::run::{say_invalid, Context, ReconcileError};
-use crate::seams::replicas::FIELD_MANAGER;
+use crate::seams::workloads::FIELD_MANAGER;
 
 /// The status fields a Canary declares (Flagger's `CanaryStatus`); anything else would be pruned.
 const FLAGGER_STATUS_FIELDS: [&str; 9] = [
@@ -150,7 +150,7 @@ pub(crate) async fn reconcile(
             return Ok(Action::await_change());
         }
     }
-    let spec = match canary.to_rollout_spec() {
+    let spec = match canary.to_rollout_spec(context.default_provider) {
         Ok(spec) => spec,
         Err(e) => {
             // The Rollout as it was (a run in progress goes on): a bad edit changes nothing.

@@ -56,7 +56,8 @@ pub struct RolloutSpec {
     /// How traffic is split between the versions.
     #[serde(default)]
     pub provider: TrafficProvider,
-    /// Provider `coalmine`: the Service in front of the Coalmine routers, and their admin port.
+    /// Provider `coalmine`: the Service in front of the Coalmine routers, and their admin port
+    /// (default: Service `coalmine-router`, its port named `admin`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub routers: Option<RoutersRef>,
     /// The Prometheus that inline `query` checks use (Flagger's `metricsServer`).
@@ -115,14 +116,28 @@ pub enum TrafficProvider {
     Coalmine,
 }
 
-/// Where the Coalmine routers' admin APIs are: a Service in the Rollout's namespace.
+/// Where the Coalmine routers' admin APIs are: a Service in the Rollout's namespace, whose
+/// EndpointSlices list the router pods.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct RoutersRef {
     pub service: String,
-    /// The admin port (default 9090).
+    /// The Service's port for the routers' admin API (default: its port named `admin`, or its
+    /// only port).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub admin_port: Option<u16>,
+}
+
+/// The routers' Service when a rollout names none.
+pub const DEFAULT_ROUTERS_SERVICE: &str = "coalmine-router";
+
+impl Default for RoutersRef {
+    fn default() -> RoutersRef {
+        RoutersRef {
+            service: DEFAULT_ROUTERS_SERVICE.into(),
+            admin_port: None,
+        }
+    }
 }
 
 /// Coalmine's CRDs, as the API server takes them.

@@ -12,7 +12,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::NamespaceResourceScope;
 use serde::{Deserialize, Serialize};
 
-use crate::crd::{RolloutSpec, ServicePort, TrafficProvider, WorkloadRef};
+use crate::crd::{RolloutSpec, RoutersRef, ServicePort, TrafficProvider, WorkloadRef};
 use crate::status::CanaryStatus;
 
 pub const GROUP: &str = "flagger.app";
@@ -110,9 +110,14 @@ struct CanaryWorkload {
 
 impl Canary {
     /// The Canary as the `Rollout` the operator runs for it: the same workload, Services and
-    /// analysis. Flagger's providers other than `kubernetes` come with the traffic issue; until
-    /// then such a Canary is refused by field, never run on the wrong traffic.
-    pub fn to_rollout_spec(&self) -> Result<RolloutSpec, SpecFieldError> {
+    /// analysis; without `spec.provider`, `default_provider` (the operator's `--provider`, as
+    /// Flagger's `-mesh-provider`). Flagger's providers other than `kubernetes` and `coalmine`
+    /// come with the traffic issue; until then such a Canary is refused by field, never run on
+    /// the wrong traffic.
+    pub fn to_rollout_spec(
+        &self,
+        default_provider: TrafficProvider,
+    ) -> Result<RolloutSpec, SpecFieldError> {
         let read = self.read_spec()?;
         let workload: CanaryWorkload =
             serde_path_to_error::deserialize(&self.spec).map_err(|e| SpecFieldError {
@@ -120,16 +125,19 @@ impl Canary {
                 message: e.inner().to_string(),
             })?;
         let provider = match workload.provider.as_deref() {
-            None | Some("kubernetes") => TrafficProvider::Kubernetes,
+            None => default_provider,
+            Some("kubernetes") => TrafficProvider::Kubernetes,
+            Some("coalmine") => TrafficProvider::Coalmine,
             Some(other) => {
                 return Err(SpecFieldError {
                     field: "spec.provider".into(),
                     message: format!(
-                        "provider {other:?} is not one this operator drives; it drives kubernetes (Services and replicas)"
+                        "provider {other:?} is not one this operator drives; it drives kubernetes (Services and replicas) and coalmine (Coalmine's routers)"
                     ),
                 })
             }
         };
+        let routers = self.routers()?;
         if workload.target_ref.kind != "Deployment" {
             return Err(SpecFieldError {
                 field: "spec.targetRef.kind".into(),
@@ -148,7 +156,7 @@ impl Canary {
             autoscaler_ref: workload.autoscaler_ref,
             service,
             provider,
-            routers: None,
+            routers,
             metrics_server: read.metrics_server,
             progress_deadline_seconds: read
                 .progress_deadline_seconds
@@ -158,6 +166,48 @@ impl Canary {
             revert_on_deletion: workload.revert_on_deletion,
             analysis: read.analysis,
         })
+    }
+}
+
+/// Where a Canary's routers are (provider `coalmine`): Flagger's Canary has no field for it.
+pub const ROUTERS_ANNOTATION: &str = "coalmine.dev/routers";
+
+impl Canary {
+    /// The `coalmine.dev/routers` annotation: `<service>` or `<service>:<admin port>`.
+    fn routers(&self) -> Result<Option<RoutersRef>, SpecFieldError> {
+        let Some(value) = self
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(ROUTERS_ANNOTATION))
+        else {
+            return Ok(None);
+        };
+        let (service, port) = match value.split_once(':') {
+            Some((service, port)) => (service, Some(port)),
+            None => (value.as_str(), None),
+        };
+        let admin_port = port
+            .map(|p| p.parse::<u16>())
+            .transpose()
+            .ok()
+            .flatten()
+            .filter(|p| *p > 0);
+        if coalmine_spec::names::check_name(service, coalmine_spec::names::NameRule::Rollout)
+            .is_err()
+            || (port.is_some() && admin_port.is_none())
+        {
+            return Err(SpecFieldError {
+                field: format!("metadata.annotations.{ROUTERS_ANNOTATION}"),
+                message: format!(
+                    "{value:?}: write the routers' Service as <name> or <name>:<admin port>"
+                ),
+            });
+        }
+        Ok(Some(RoutersRef {
+            service: service.to_string(),
+            admin_port,
+        }))
     }
 }
 

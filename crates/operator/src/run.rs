@@ -4,8 +4,8 @@
 //! and is restarted as a follower): two operators never drive one release.
 //!
 //! It runs `coalmine.dev` Rollouts (and Flagger's Canaries, as Rollouts) with provider
-//! `kubernetes`, tracking the target's ConfigMaps and Secrets and copying its autoscaler as
-//! Flagger does; provider `coalmine` comes next.
+//! `kubernetes` (replicas) or `coalmine` (Coalmine's routers in the cluster), tracking the
+//! target's ConfigMaps and Secrets and copying its autoscaler as Flagger does.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::Ordering::Relaxed;
@@ -18,6 +18,7 @@ use coalmine_controller::time::Clock;
 use coalmine_controller::traffic::TrafficBackend;
 use coalmine_controller::BoxFuture;
 use coalmine_rollout::{Input, Status, TrafficFault};
+use coalmine_spec::rollout::Target;
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::ObjectReference;
@@ -40,8 +41,10 @@ use crate::leader::{Elector, LeaseTimings};
 use crate::next::{next, Next, Seen};
 use crate::requests::{removal, request_of, Request, REQUEST_ANNOTATION};
 use crate::seams::configs::ConfigTracker;
-use crate::seams::replicas::{ReplicaRatio, ReplicaRatioSpec};
+use crate::seams::replicas::ReplicaRatio;
+use crate::seams::routers::{locate, CoalmineRouters, LocateError};
 use crate::seams::status_store::RolloutStatusStore;
+use crate::seams::workloads::{Apex, Workloads, WorkloadsSpec};
 use crate::templates::ResolveError;
 use crate::workload::{primary_name, spec_hash, ServicePortSpec, DEFAULT_READY_THRESHOLD};
 
@@ -57,6 +60,8 @@ pub struct Settings {
     pub timings: LeaseTimings,
     /// What `/healthz`, `/readyz` and `/metrics` report (see [`crate::health`]).
     pub health: Arc<Health>,
+    /// The provider of Canaries that name none (Flagger's `-mesh-provider`).
+    pub default_provider: TrafficProvider,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -95,6 +100,8 @@ pub(crate) struct Context {
     runs: Mutex<HashMap<String, Run>>,
     /// The Rollouts as the controller's watch last saw them.
     cache: std::sync::OnceLock<Store<Rollout>>,
+    /// The provider of Canaries that name none.
+    pub(crate) default_provider: TrafficProvider,
 }
 
 /// One release being driven: its task, and the way to tell it what users ask.
@@ -203,6 +210,7 @@ pub async fn run(client: kube::Client, settings: Settings) -> Result<(), Operato
         ),
         runs: Mutex::new(HashMap::new()),
         cache: std::sync::OnceLock::new(),
+        default_provider: settings.default_provider,
     });
     let rollouts: Api<Rollout> = match &settings.namespace {
         Some(ns) => Api::namespaced(client.clone(), ns),
@@ -363,46 +371,118 @@ fn key(rollout: &Rollout) -> String {
     )
 }
 
-fn backend(context: &Context, rollout: &Rollout) -> ReplicaRatio {
+/// The apex Service's name.
+fn apex(rollout: &Rollout) -> String {
+    rollout
+        .spec
+        .service
+        .name
+        .clone()
+        .unwrap_or_else(|| rollout.spec.target_ref.name.clone())
+}
+
+/// The rollout's workloads as its provider runs them.
+fn workloads(context: &Context, rollout: &Rollout) -> Workloads {
+    let apex_selects = match rollout.spec.provider {
+        TrafficProvider::Kubernetes => Apex::BothVersions,
+        TrafficProvider::Coalmine => Apex::Primary,
+    };
+    Workloads::new(
+        context.client.clone(),
+        workloads_spec(context, rollout),
+        apex_selects,
+    )
+}
+
+fn workloads_spec(context: &Context, rollout: &Rollout) -> WorkloadsSpec {
     let spec = &rollout.spec;
     let namespace = rollout.metadata.namespace.clone().unwrap_or_default();
     let name = rollout.metadata.name.clone().unwrap_or_default();
-    ReplicaRatio::new(
-        context.client.clone(),
-        ReplicaRatioSpec {
-            namespace,
-            target: spec.target_ref.name.clone(),
-            autoscaler: spec.autoscaler_ref.as_ref().map(|a| a.name.clone()),
-            apex: spec
-                .service
-                .name
-                .clone()
-                .unwrap_or_else(|| spec.target_ref.name.clone()),
-            owner: coalmine_controller::traffic::owner(&name, &context.controller),
-            owner_reference: rollout
-                .controller_owner_ref(&())
-                .expect("a Rollout from the API server has a name and uid"),
-            canary_ready_threshold: spec
-                .analysis
-                .canary_ready_threshold
-                .unwrap_or(DEFAULT_READY_THRESHOLD),
-            primary_ready_threshold: spec
-                .analysis
-                .primary_ready_threshold
-                .unwrap_or(DEFAULT_READY_THRESHOLD),
-            progress_deadline_seconds: u64::from(spec.progress_deadline_seconds.unwrap_or(600)),
-        },
-    )
+    WorkloadsSpec {
+        namespace,
+        target: spec.target_ref.name.clone(),
+        autoscaler: spec.autoscaler_ref.as_ref().map(|a| a.name.clone()),
+        apex: apex(rollout),
+        owner: coalmine_controller::traffic::owner(&name, &context.controller),
+        owner_reference: rollout
+            .controller_owner_ref(&())
+            .expect("a Rollout from the API server has a name and uid"),
+        canary_ready_threshold: spec
+            .analysis
+            .canary_ready_threshold
+            .unwrap_or(DEFAULT_READY_THRESHOLD),
+        primary_ready_threshold: spec
+            .analysis
+            .primary_ready_threshold
+            .unwrap_or(DEFAULT_READY_THRESHOLD),
+        progress_deadline_seconds: u64::from(spec.progress_deadline_seconds.unwrap_or(600)),
+    }
+}
+
+/// The traffic backend and the counts of the rollout's provider. For provider `coalmine`, the
+/// document learns where the routers and the versions are (found now: a run drives the routers
+/// that were ready when it started).
+async fn seams_of(
+    context: &Context,
+    rollout: &Rollout,
+    document: &mut coalmine_spec::rollout::Rollout,
+) -> Result<(Arc<dyn TrafficBackend>, Box<dyn ObservationSource>), ReconcileError> {
+    match rollout.spec.provider {
+        TrafficProvider::Kubernetes => Ok((
+            Arc::new(ReplicaRatio::new(
+                context.client.clone(),
+                workloads_spec(context, rollout),
+            )),
+            Box::new(NoCounts),
+        )),
+        TrafficProvider::Coalmine => {
+            let namespace = rollout.metadata.namespace.clone().unwrap_or_default();
+            let routers = rollout.spec.routers.clone().unwrap_or_default();
+            let located = locate(
+                &context.client,
+                &namespace,
+                &routers,
+                &apex(rollout),
+                rollout.spec.service.port,
+            )
+            .await
+            .map_err(|e| match e {
+                LocateError::Invalid { field, message } => {
+                    ReconcileError::Invalid { field, message }
+                }
+                LocateError::Waiting(why) => TrafficFault::Unreachable(why).into(),
+                LocateError::Kube(e) => e.into(),
+            })?;
+            document.spec.routers = located.admins;
+            document.spec.stable = Some(Target::Url(located.primary));
+            document.spec.canary = Some(Target::Url(located.canary));
+            let name = rollout.metadata.name.clone().unwrap_or_default();
+            let owner = coalmine_controller::traffic::owner(&name, &context.controller);
+            let unrunnable = |u: coalmine_controller::Unrunnable| ReconcileError::Invalid {
+                field: format!("spec.{}", u.field),
+                message: u.message,
+            };
+            let routers = coalmine_controller::traffic::open(
+                document,
+                coalmine_controller::Runner::Run,
+                &owner,
+            )
+            .map_err(unrunnable)?;
+            let observations =
+                coalmine_controller::observations::open(document).map_err(unrunnable)?;
+            Ok((
+                Arc::new(CoalmineRouters::new(
+                    workloads(context, rollout),
+                    routers.into(),
+                )),
+                observations,
+            ))
+        }
+    }
 }
 
 /// What Coalmine cannot run, named by field.
 fn check(rollout: &Rollout) -> Result<(), ReconcileError> {
-    if rollout.spec.provider != TrafficProvider::Kubernetes {
-        return Err(ReconcileError::Invalid {
-            field: "spec.provider".into(),
-            message: "this operator runs provider kubernetes so far".into(),
-        });
-    }
     if rollout.spec.target_ref.kind != "Deployment" {
         return Err(ReconcileError::Invalid {
             field: "spec.targetRef.kind".into(),
@@ -423,14 +503,14 @@ fn check(rollout: &Rollout) -> Result<(), ReconcileError> {
             });
         }
     }
-    if let Some((i, m)) = rollout
+    let builtin = rollout
         .spec
         .analysis
         .metrics
         .iter()
         .enumerate()
-        .find(|(_, m)| m.is_builtin())
-    {
+        .find(|(_, m)| m.is_builtin());
+    if let (TrafficProvider::Kubernetes, Some((i, m))) = (rollout.spec.provider, builtin) {
         return Err(ReconcileError::Invalid {
             field: format!("spec.analysis.metrics[{i}]"),
             message: format!(
@@ -704,7 +784,6 @@ async fn drive(
         unfinished_run: saved.as_ref().is_some_and(|s| s.outcome.is_none()),
         driving: driving.as_deref(),
     };
-    let backend = backend(context, &rollout);
     let decision = next(&seen);
     tracing::debug!(rollout = %key, ?seen, ?decision, "reconciling");
     match decision {
@@ -715,7 +794,7 @@ async fn drive(
                 target_port: rollout.spec.service.target_port.clone(),
                 port_name: rollout.spec.service.port_name.clone(),
             };
-            match backend.initialize(&port).await {
+            match workloads(context, &rollout).initialize(&port).await {
                 Ok(()) => {
                     write_status(
                         &context.client,
@@ -758,7 +837,8 @@ async fn drive(
                     ResolveError::Kube(e) => ReconcileError::Kube(e),
                 })?;
             document.spec.analysis = analysis;
-            backend.claim().await?;
+            let (traffic, observations) = seams_of(context, &rollout, &mut document).await?;
+            traffic.claim().await?;
             // The configs this run is for (the run's own writes carry the rest).
             write_status(
                 &context.client,
@@ -772,11 +852,15 @@ async fn drive(
                 document.clone(),
                 &context.identity,
             )
-            .with_specs(&hash, status.canary.last_promoted_spec.as_deref())
-            .with_replica_split(&primary_name(target_name));
+            .with_specs(&hash, status.canary.last_promoted_spec.as_deref());
+            let store = match rollout.spec.provider {
+                // The weight in force is the replicas'.
+                TrafficProvider::Kubernetes => store.with_replica_split(&primary_name(target_name)),
+                TrafficProvider::Coalmine => store,
+            };
             let seams = Seams {
-                traffic: Arc::new(backend),
-                observations: Box::new(NoCounts),
+                traffic,
+                observations,
                 clock: Clock::Wall,
             };
             let saved = if resume { saved } else { None };
@@ -836,7 +920,8 @@ async fn drive(
                 run.task.abort();
             }
             // The old run's canary off before anything else.
-            backend.apply(&NO_CANARY).await?;
+            let (traffic, _) = seams_of(context, &rollout, &mut rollout.to_document()).await?;
+            traffic.apply(&NO_CANARY).await?;
             write_status(
                 &context.client,
                 &rollout,

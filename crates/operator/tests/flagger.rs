@@ -41,3 +41,47 @@ fn a_canary_coalmine_cannot_run_names_the_field() {
     assert_eq!(err.field, "spec.targetRef", "{err}");
     assert!(err.message.contains("name"), "{err}");
 }
+
+#[test]
+fn a_canary_without_a_provider_takes_the_operators_and_names_its_routers_by_annotation() {
+    use coalmine_operator::crd::{RoutersRef, TrafficProvider};
+    // The seed names no provider: Flagger would take its -mesh-provider, Coalmine its --provider.
+    let seed = canary(|_| {});
+    for default in [TrafficProvider::Kubernetes, TrafficProvider::Coalmine] {
+        assert_eq!(seed.to_rollout_spec(default).unwrap().provider, default);
+    }
+    let written = canary(|o| o["spec"]["provider"] = "kubernetes".into());
+    assert_eq!(
+        written
+            .to_rollout_spec(TrafficProvider::Coalmine)
+            .unwrap()
+            .provider,
+        TrafficProvider::Kubernetes
+    );
+    let annotated = canary(|o| {
+        o["metadata"]["annotations"] = serde_json::json!({"coalmine.dev/routers": "edge:9901"})
+    });
+    assert_eq!(
+        annotated
+            .to_rollout_spec(TrafficProvider::Coalmine)
+            .unwrap()
+            .routers,
+        Some(RoutersRef {
+            service: "edge".into(),
+            admin_port: Some(9901)
+        })
+    );
+    let err = canary(|o| {
+        o["metadata"]["annotations"] = serde_json::json!({"coalmine.dev/routers": "Edge:x"})
+    })
+    .to_rollout_spec(TrafficProvider::Coalmine)
+    .unwrap_err();
+    assert_eq!(
+        err.field, "metadata.annotations.coalmine.dev/routers",
+        "{err}"
+    );
+    let err = canary(|o| o["spec"]["provider"] = "linkerd".into())
+        .to_rollout_spec(TrafficProvider::Coalmine)
+        .unwrap_err();
+    assert_eq!(err.field, "spec.provider", "{err}");
+}

@@ -8,7 +8,8 @@ mod common;
 use coalmine_controller::traffic::TrafficBackend;
 use coalmine_kube_fake::TestCluster;
 use coalmine_operator::configs::TRACKING_ANNOTATION;
-use coalmine_operator::seams::replicas::{ReplicaRatio, ReplicaRatioSpec, SERVICE_LABEL};
+use coalmine_operator::seams::replicas::ReplicaRatio;
+use coalmine_operator::seams::workloads::{WorkloadsSpec, SERVICE_LABEL};
 use coalmine_operator::workload::ServicePortSpec;
 use coalmine_rollout::{Traffic, TrafficFault};
 use coalmine_spec::Weight;
@@ -78,8 +79,8 @@ fn backend(setup: &Setup, controller: &str) -> ReplicaRatio {
     ReplicaRatio::new(setup.client.clone(), backend_spec(controller))
 }
 
-fn backend_spec(controller: &str) -> ReplicaRatioSpec {
-    ReplicaRatioSpec {
+fn backend_spec(controller: &str) -> WorkloadsSpec {
+    WorkloadsSpec {
         namespace: "shop".into(),
         target: "payment-service".into(),
         autoscaler: None,
@@ -483,7 +484,7 @@ async fn the_primary_gets_a_copy_of_the_autoscaler_made_at_initialisation_update
     let hpas: Api<HorizontalPodAutoscaler> = Api::namespaced(setup.client.clone(), "shop");
     let backend = ReplicaRatio::new(
         setup.client.clone(),
-        ReplicaRatioSpec {
+        WorkloadsSpec {
             autoscaler: Some("payment-service".into()),
             ..backend_spec("operator-a")
         },

@@ -68,7 +68,7 @@ async fn set_image(deployments: &Api<Deployment>, version: &str) {
 
 /// The deployment controller and kubelet's part: every Deployment whose spec the status has
 /// not caught up with reports all its replicas ready.
-async fn kubelet(deployments: &Api<Deployment>) {
+pub(crate) async fn kubelet(deployments: &Api<Deployment>) {
     for d in deployments.list(&Default::default()).await.unwrap().items {
         let generation = d.metadata.generation.unwrap_or(0);
         let n = d.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);

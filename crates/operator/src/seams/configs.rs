@@ -6,7 +6,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::api::{Api, Patch, PatchParams};
 
 use crate::configs::{references, ConfigKind, ConfigObject, TrackedConfigs};
-use crate::seams::replicas::{fault, FIELD_MANAGER};
+use crate::seams::workloads::{fault, FIELD_MANAGER};
 use coalmine_rollout::TrafficFault;
 
 /// The ConfigMaps and Secrets of one namespace.

@@ -4,10 +4,16 @@
 //! operator chooses them for the resources it runs (a store or backend is chosen by what runs
 //! the rollout, not by its document).
 //!
+//! - [`workloads`]: Flagger's object model both providers run on — the primary, the Services,
+//!   the copies of configs and autoscaler, the canary's size, the claim on the target.
 //! - [`replicas`]: provider `kubernetes` with weights — the canary's share of replicas.
+//! - [`routers`]: provider `coalmine` — Coalmine routers in the cluster weigh, found through a
+//!   Service; their `/stats` count both versions.
 //! - [`configs`]: the target's ConfigMaps and Secrets read, and their `-primary` copies written.
 //! - [`status_store`]: the state store in a `Rollout`'s status, with Kubernetes Events.
 
 pub mod configs;
 pub mod replicas;
+pub mod routers;
 pub mod status_store;
+pub mod workloads;

@@ -18,7 +18,7 @@ use coalmine_spec::Weight;
 use k8s_openapi::api::apps::v1::Deployment;
 
 use crate::crd::Rollout;
-use crate::seams::replicas::FIELD_MANAGER;
+use crate::seams::workloads::FIELD_MANAGER;
 use crate::status::RolloutStatus;
 use crate::workload::replica_split;
 

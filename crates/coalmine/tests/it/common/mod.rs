@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod daemon;
+pub mod netns;
 pub mod promstack;
 pub mod raw;
 pub mod stub;

@@ -1,0 +1,150 @@
+//! A network of stand-in pods: a network namespace (made with `unshare --net`, kept alive by a
+//! holder process, so it goes when the holder goes — also when a test is killed, after the
+//! holder's 10-minute sleep at most) joined to this one by a veth pair with a /30 of its own in
+//! 10.231.0.0/17. Addresses given to the namespace (`route_here`) are routed to it from here, as
+//! kube-proxy makes a Service's cluster IP reach its pods. Nothing leaves the machine: every
+//! address is on the pair. Needs root (CAP_NET_ADMIN) and iproute2.
+
+use std::io::{BufRead, BufReader};
+use std::net::Ipv4Addr;
+use std::process::{Child, Command, Stdio};
+
+use super::{Proc, BIN};
+
+pub struct PodNetwork {
+    holder: Child,
+    /// The veth's end in this namespace, and its address.
+    host_link: String,
+    pub host_ip: Ipv4Addr,
+    /// The veth's end in the pods' namespace, and its address.
+    pod_link: String,
+    pub pod_ip: Ipv4Addr,
+}
+
+fn ip(args: &[&str]) {
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .expect("ip (iproute2)");
+    assert!(
+        out.status.success(),
+        "ip {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+impl PodNetwork {
+    pub fn create() -> PodNetwork {
+        let mut holder = Command::new("unshare")
+            .args(["--net", "sh", "-c", "echo ready && exec sleep 600"])
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("unshare (util-linux)");
+        let mut line = String::new();
+        BufReader::new(holder.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert_eq!(line.trim(), "ready", "could not make a network namespace");
+        let pid = holder.id();
+        // A /30 per holder: tests (and a leftover of a killed one) never share addresses.
+        let slot = pid % 8192;
+        let base = u32::from(Ipv4Addr::new(10, 231, 0, 0)) + slot * 4;
+        let (host_ip, pod_ip) = (Ipv4Addr::from(base + 1), Ipv4Addr::from(base + 2));
+        let (host_link, pod_link) = (format!("cmh{pid}"), format!("cmp{pid}"));
+        let network = PodNetwork {
+            holder,
+            host_link,
+            host_ip,
+            pod_link,
+            pod_ip,
+        };
+        ip(&[
+            "link",
+            "add",
+            &network.host_link,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &network.pod_link,
+            "netns",
+            &pid.to_string(),
+        ]);
+        ip(&[
+            "addr",
+            "add",
+            &format!("{host_ip}/30"),
+            "dev",
+            &network.host_link,
+        ]);
+        ip(&["link", "set", &network.host_link, "up"]);
+        network.inside(&["link", "set", "lo", "up"]);
+        network.inside(&[
+            "addr",
+            "add",
+            &format!("{pod_ip}/30"),
+            "dev",
+            &network.pod_link,
+        ]);
+        network.inside(&["link", "set", &network.pod_link, "up"]);
+        network
+    }
+
+    /// `ip ARGS` inside the pods' namespace.
+    fn inside(&self, args: &[&str]) {
+        let pid = self.holder.id().to_string();
+        let out = Command::new("nsenter")
+            .args(["--target", &pid, "--net", "ip"])
+            .args(args)
+            .output()
+            .expect("nsenter (util-linux)");
+        assert!(
+            out.status.success(),
+            "ip {} in the pods' namespace: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// Gives the pods' namespace `address` (a Service's cluster IP) and routes it there from
+    /// here.
+    pub fn route_here(&self, address: Ipv4Addr) {
+        self.inside(&[
+            "addr",
+            "add",
+            &format!("{address}/32"),
+            "dev",
+            &self.pod_link,
+        ]);
+        ip(&[
+            "route",
+            "replace",
+            &format!("{address}/32"),
+            "via",
+            &self.pod_ip.to_string(),
+            "dev",
+            &self.host_link,
+        ]);
+    }
+
+    /// Starts `coalmine ARGS` inside the pods' namespace.
+    pub fn spawn(&self, args: &[&str]) -> Proc {
+        let pid = self.holder.id().to_string();
+        let mut command = Command::new("nsenter");
+        command.args(["--target", &pid, "--net", BIN]).args(args);
+        Proc::spawn_command(command, args)
+    }
+}
+
+impl Drop for PodNetwork {
+    fn drop(&mut self) {
+        // The namespace goes with its holder, the veth pair (and its routes) with it.
+        let _ = self.holder.kill();
+        let _ = self.holder.wait();
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.host_link])
+            .stderr(Stdio::null())
+            .status();
+    }
+}

@@ -1,0 +1,344 @@
+//! Provider `coalmine` end to end: the seed's `web-app` Canary (`tests/fixtures/seed/
+//! flagger-web-app.yaml`, written for Flagger) run by `coalmine operator --provider coalmine`,
+//! with real requests through a real router to real upstream processes standing in for the
+//! pods. The router runs here (data on 127.0.0.1); the stand-ins run in a network namespace the
+//! test makes, listening on the cluster IPs the API server gave the `-primary` and `-canary`
+//! Services, which the test routes to them as kube-proxy would. The operator finds the router
+//! through a Service and its EndpointSlice (an address on the test's veth: the API server
+//! refuses loopback endpoints), like any router pod in a cluster.
+
+use std::net::Ipv4Addr;
+use std::time::{Duration, Instant};
+
+use coalmine_kube_fake::{install_crds, TestCluster};
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::api::{Api, ApiResource, DynamicObject, Patch, PatchParams, PostParams};
+use serde_json::json;
+
+use crate::common::netns::PodNetwork;
+use crate::common::{client, get_json, users, Proc, Router};
+use crate::operator::kubelet;
+
+const CRDS: &str = include_str!("../../../../deploy/kubernetes/crds/coalmine.yaml");
+const FLAGGER_CRDS: &str = include_str!("../../../../deploy/kubernetes/crds/flagger.yaml");
+/// The seed's Canary, as the user wrote it for Flagger.
+const WEB_APP_CANARY: &str = include_str!("../../../../tests/fixtures/seed/flagger-web-app.yaml");
+
+const WEB_APP: &str = "
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: web-app, namespace: shop}
+spec:
+  replicas: 4
+  selector: {matchLabels: {app: web-app}}
+  template:
+    metadata: {labels: {app: web-app}}
+    spec:
+      containers: [{name: web-app, image: 'registry.example/web-app:1.0.0'}]
+";
+
+/// `kubectl set image deployment/web-app web-app=…:<version>`.
+async fn set_image(deployments: &Api<Deployment>, version: &str) {
+    let image = json!({"spec": {"template": {"spec": {"containers": [
+        {"name": "web-app", "image": format!("registry.example/web-app:{version}")}]}}}});
+    deployments
+        .patch(
+            "web-app",
+            &PatchParams::default(),
+            &Patch::Strategic(&image),
+        )
+        .await
+        .unwrap();
+}
+
+async fn cluster_ip(services: &Api<Service>, name: &str) -> Ipv4Addr {
+    let service = services.get(name).await.unwrap();
+    service.spec.unwrap().cluster_ip.unwrap().parse().unwrap()
+}
+
+/// The router's routes as its admin API serves them.
+async fn routes(router: &Router) -> serde_json::Value {
+    get_json(&format!("{}/routes", router.admin)).await
+}
+
+/// Which stand-in answered each of `n` requests through the router.
+async fn answered_by(router: &Router, n: usize) -> Vec<String> {
+    let c = client();
+    let mut names = Vec::new();
+    for _ in 0..n {
+        let r = c.get(format!("{}/", router.base)).send().await.unwrap();
+        names.push(
+            r.headers()
+                .get("x-upstream")
+                .map(|v| v.to_str().unwrap().to_string())
+                .unwrap_or_else(|| format!("status {}", r.status())),
+        );
+    }
+    names
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_seeds_canary_on_coalmine_routers_is_promoted_then_a_bad_release_rolls_back_on_real_errors(
+) {
+    let pods = PodNetwork::create();
+    let cluster = TestCluster::start().await.unwrap();
+    cluster.create_namespace("shop").await.unwrap();
+    let kube = cluster.client();
+    install_crds(&kube, CRDS).await.unwrap();
+    install_crds(&kube, FLAGGER_CRDS).await.unwrap();
+    let deployments: Api<Deployment> = Api::namespaced(kube.clone(), "shop");
+    deployments
+        .create(
+            &PostParams::default(),
+            &serde_saphyr::from_str(WEB_APP).unwrap(),
+        )
+        .await
+        .unwrap();
+    // The seed's Canary unchanged but for its interval: 1 s, not 1 m (ten steps of a minute
+    // would make a ten-minute test). Its checks are the built-in ones, over the routers' counts.
+    let mut canary: serde_json::Value = serde_saphyr::from_str(WEB_APP_CANARY).unwrap();
+    canary["metadata"]["namespace"] = "shop".into();
+    canary["spec"]["analysis"]["interval"] = "1s".into();
+    let canaries: Api<DynamicObject> = Api::namespaced_with(
+        kube.clone(),
+        "shop",
+        &ApiResource::from_gvk_with_plural(
+            &kube::api::GroupVersionKind::gvk("flagger.app", "v1beta1", "Canary"),
+            "canaries",
+        ),
+    );
+    canaries
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(canary).unwrap(),
+        )
+        .await
+        .unwrap();
+    let kubeconfig = cluster.kubeconfig().to_str().unwrap().to_string();
+    let operator = Proc::spawn(&[
+        "operator",
+        "--kubeconfig",
+        &kubeconfig,
+        "--identity",
+        "operator-a",
+        "--lease-namespace",
+        "shop",
+        "--listen",
+        "127.0.0.1:0",
+        "--provider",
+        "coalmine",
+    ]);
+    let status = || async { canaries.get("web-app").await.unwrap().data["status"].clone() };
+
+    // Initialised as under Flagger: the primary, the Services (the apex on the primary).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while status().await["phase"] != "Initialized" {
+        assert!(
+            Instant::now() < deadline,
+            "not initialised: {:#}\n{}",
+            status().await,
+            operator.stderr()
+        );
+        kubelet(&deployments).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let services: Api<Service> = Api::namespaced(kube.clone(), "shop");
+    let apex = services.get("web-app").await.unwrap();
+    assert_eq!(
+        apex.spec.unwrap().selector.unwrap()["app"],
+        "web-app-primary",
+        "the apex selects the primary; the routers weigh"
+    );
+    // kube-proxy's part: each version's cluster IP reaches its stand-in pod.
+    let primary_ip = cluster_ip(&services, "web-app-primary").await;
+    let canary_ip = cluster_ip(&services, "web-app-canary").await;
+    pods.route_here(primary_ip);
+    pods.route_here(canary_ip);
+    let _primary = pods.spawn(&[
+        "upstream",
+        "--listen",
+        &format!("{primary_ip}:80"),
+        "--name",
+        "primary",
+    ]);
+    let mut canary_pod = pods.spawn(&[
+        "upstream",
+        "--listen",
+        &format!("{canary_ip}:80"),
+        "--name",
+        "canary-2.0.0",
+    ]);
+    // A router pod, started for the service, found through its Service's EndpointSlice.
+    let router = {
+        let proc = Proc::spawn(&[
+            "proxy",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin",
+            &format!("{}:0", pods.host_ip),
+            "--stable",
+            &format!("http://{primary_ip}:80"),
+        ]);
+        let base = format!("http://{}", proc.addr("listen"));
+        let admin = format!("http://{}", proc.addr("admin"));
+        Router { proc, base, admin }
+    };
+    let admin_port = router.proc.addr("admin").port();
+    services
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": "coalmine-router"},
+                "spec": {"ports": [{"name": "http", "port": 80}, {"name": "admin", "port": 9090, "targetPort": admin_port}]}}))
+            .unwrap(),
+        )
+        .await
+        .unwrap();
+    let slices: Api<EndpointSlice> = Api::namespaced(kube.clone(), "shop");
+    slices
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({
+                "metadata": {"name": "coalmine-router-1", "labels": {"kubernetes.io/service-name": "coalmine-router"}},
+                "addressType": "IPv4",
+                "endpoints": [{"addresses": [pods.host_ip.to_string()], "conditions": {"ready": true}}],
+                "ports": [{"name": "admin", "port": admin_port, "protocol": "TCP"}],
+            }))
+            .unwrap(),
+        )
+        .await
+        .unwrap();
+
+    // A good release under real traffic: stepped 5 → 50 % by the routers, promoted.
+    let traffic = users(&router, 4);
+    set_image(&deployments, "2.0.0").await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut weights = Vec::new();
+    let s = loop {
+        kubelet(&deployments).await;
+        let s = status().await;
+        let w = s["canaryWeight"].as_f64().unwrap_or(0.0);
+        if weights.last() != Some(&w) {
+            weights.push(w);
+        }
+        if s["phase"] == "Succeeded" || s["phase"] == "Failed" {
+            break s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not done within 60 s: {s:#}\n{}",
+            operator.stderr()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let (ok, failed) = traffic.stop().await;
+    assert_eq!(s["phase"], "Succeeded", "{s:#}\n{}", operator.stderr());
+    assert!(
+        weights.contains(&5.0) && weights.contains(&50.0),
+        "the seed's steps: {weights:?}"
+    );
+    assert_eq!(
+        failed, 0,
+        "users saw failures during a good release ({ok} ok)"
+    );
+    let primary = deployments.get("web-app-primary").await.unwrap();
+    assert_eq!(
+        primary.spec.unwrap().template.spec.unwrap().containers[0]
+            .image
+            .as_deref(),
+        Some("registry.example/web-app:2.0.0")
+    );
+    // The router carried the canary's share, and everything is back on the primary.
+    let stats = get_json(&format!("{}/stats", router.admin)).await;
+    let canary_requests = stats["canary"]["requests"].as_u64().unwrap_or(0);
+    assert!(
+        canary_requests > 0,
+        "no request reached the canary: {stats:#}"
+    );
+    let table = routes(&router).await;
+    assert_eq!(table["canaryWeight"].as_f64(), Some(0.0), "{table:#}");
+    assert_eq!(
+        deployments
+            .get("web-app")
+            .await
+            .unwrap()
+            .spec
+            .unwrap()
+            .replicas,
+        Some(0),
+        "the canary scaled to 0 after promotion"
+    );
+
+    // A bad release: its pods answer 500. Rolled back on the routers' real counts.
+    drop(canary_pod);
+    canary_pod = pods.spawn(&[
+        "upstream",
+        "--listen",
+        &format!("{canary_ip}:80"),
+        "--name",
+        "canary-3.0.0",
+        "--error-rate",
+        "1",
+    ]);
+    let traffic = users(&router, 4);
+    set_image(&deployments, "3.0.0").await;
+    let started = Instant::now();
+    let applied = s["lastAppliedSpec"].clone();
+    let s = loop {
+        kubelet(&deployments).await;
+        let s = status().await;
+        if s["lastAppliedSpec"] != applied && (s["phase"] == "Failed" || s["phase"] == "Succeeded")
+        {
+            break s;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "not done within 60 s: {s:#}\n{}",
+            operator.stderr()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let rolled_back_in = started.elapsed();
+    let (ok, failed) = traffic.stop().await;
+    assert_eq!(s["phase"], "Failed", "{s:#}\n{}", operator.stderr());
+    eprintln!(
+        "bad release rolled back in {:.1} s; users saw {failed} failures of {}",
+        rolled_back_in.as_secs_f64(),
+        ok + failed
+    );
+    // Everything on the primary again: the routers' table, and every real request.
+    let table = routes(&router).await;
+    assert_eq!(table["canaryWeight"].as_f64(), Some(0.0), "{table:#}");
+    let answered = answered_by(&router, 50).await;
+    assert!(
+        answered.iter().all(|n| n == "primary"),
+        "after the rollback: {answered:?}"
+    );
+    let primary = deployments.get("web-app-primary").await.unwrap();
+    assert_eq!(
+        primary.spec.unwrap().template.spec.unwrap().containers[0]
+            .image
+            .as_deref(),
+        Some("registry.example/web-app:2.0.0"),
+        "the bad image never reached the primary"
+    );
+    // `kubectl describe canary` says why: the sequential test on the routers' counts (it
+    // rejects within a second or two of failures at 5 %), or the seed's success-rate check.
+    let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(kube.clone(), "shop");
+    let warnings: Vec<String> = events
+        .list(&Default::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter(|e| e.type_.as_deref() == Some("Warning"))
+        .filter_map(|e| e.note)
+        .collect();
+    assert!(
+        warnings.iter().any(|n| n.starts_with("Rolling back")
+            && (n.contains("fails more often than stable") || n.contains("request-success-rate"))),
+        "{warnings:#?}"
+    );
+    drop(canary_pod);
+}

@@ -1,0 +1,466 @@
+//! Flagger's object model around a rollout, shared by the traffic backends that run on it: the
+//! user's target stays theirs; Coalmine runs `<name>-primary` from its template (with copies of
+//! its tracked ConfigMaps and Secrets, [`crate::configs`], and of its HorizontalPodAutoscaler,
+//! `<hpa>-primary`), and the apex, `-primary` and `-canary` Services. The canary is the target
+//! itself, scaled from 0 while it is analysed and back to 0 after. Promotion copies the target's
+//! template to the primary and holds until the primary has rolled out. The primary's size stays
+//! its own (or its autoscaler's): promotion never copies `replicas`.
+//!
+//! Which pods the apex Service selects is the backend's: both versions' for provider
+//! `kubernetes` (the weight is a replica ratio, [`crate::seams::replicas`]); the primary's, as
+//! under Flagger with a mesh, for provider `coalmine` (the routers weigh,
+//! [`crate::seams::routers`]).
+//!
+//! A rollout claims its target with the `coalmine.dev/owner` annotation (written against the
+//! `resourceVersion` read, so of two controllers one wins); another owner's claim is refused.
+
+use std::collections::BTreeMap;
+
+use coalmine_rollout::TrafficFault;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
+use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
+use kube::api::{Api, Patch, PatchParams, PostParams};
+
+use crate::configs::TrackedConfigs;
+use crate::seams::configs::ConfigTracker;
+use crate::workload::{
+    primary_autoscaler, primary_deployment, primary_name, readiness, services, Readiness,
+    ServicePortSpec,
+};
+
+/// The label the apex Service selects, on both versions' pods.
+pub const SERVICE_LABEL: &str = "coalmine.dev/service";
+/// Who drives a target: `<rollout> (<controller>)`.
+pub const OWNER_ANNOTATION: &str = "coalmine.dev/owner";
+/// The field manager of every object Coalmine writes.
+pub const FIELD_MANAGER: &str = "coalmine";
+
+/// Which pods the apex Service selects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Apex {
+    /// Both versions', by [`SERVICE_LABEL`] (provider `kubernetes`: the weight is the canary's
+    /// share of replicas, and the target's pods must carry the label).
+    BothVersions,
+    /// The primary's (Flagger's apex): something in front of the Services weighs.
+    Primary,
+}
+
+/// What a rollout works on: the user's target, the primary Coalmine runs beside it, the
+/// Services.
+pub struct Workloads {
+    deployments: Api<Deployment>,
+    services: Api<Service>,
+    autoscalers: Api<HorizontalPodAutoscaler>,
+    configs: ConfigTracker,
+    target: String,
+    /// The target's HorizontalPodAutoscaler (`autoscalerRef`), copied for the primary.
+    autoscaler: Option<String>,
+    apex: String,
+    owner: String,
+    /// The rollout (Canary or Rollout) that owns the primary.
+    owner_reference: OwnerReference,
+    /// `canaryReadyThreshold` / `primaryReadyThreshold` (%), `progressDeadlineSeconds`.
+    canary_ready_threshold: u32,
+    primary_ready_threshold: u32,
+    progress_deadline_seconds: u64,
+    apex_selects: Apex,
+}
+
+/// How the workloads of one rollout are set up.
+pub struct WorkloadsSpec {
+    pub namespace: String,
+    pub target: String,
+    /// `autoscalerRef.name` (a HorizontalPodAutoscaler, autoscaling/v2).
+    pub autoscaler: Option<String>,
+    pub apex: String,
+    pub owner: String,
+    pub owner_reference: OwnerReference,
+    pub canary_ready_threshold: u32,
+    pub primary_ready_threshold: u32,
+    pub progress_deadline_seconds: u64,
+}
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
+/// A kube error as the rollout sees it: the API server's own refusals (not found, forbidden,
+/// invalid) will not heal by waiting; anything else (no answer, overload, a conflict with a
+/// concurrent write) is held and tried again.
+pub(crate) fn fault(what: &str, e: kube::Error) -> TrafficFault {
+    match &e {
+        kube::Error::Api(status)
+            if (400..500).contains(&status.code) && ![408, 409, 429].contains(&status.code) =>
+        {
+            TrafficFault::Refused(format!("{what}: {}", status.message))
+        }
+        _ => TrafficFault::Unreachable(format!("{what}: {e}")),
+    }
+}
+
+impl Workloads {
+    pub fn new(client: kube::Client, spec: WorkloadsSpec, apex_selects: Apex) -> Workloads {
+        Workloads {
+            deployments: Api::namespaced(client.clone(), &spec.namespace),
+            services: Api::namespaced(client.clone(), &spec.namespace),
+            autoscalers: Api::namespaced(client.clone(), &spec.namespace),
+            configs: ConfigTracker::new(client, &spec.namespace),
+            target: spec.target,
+            autoscaler: spec.autoscaler,
+            apex: spec.apex,
+            owner: spec.owner,
+            owner_reference: spec.owner_reference,
+            canary_ready_threshold: spec.canary_ready_threshold,
+            primary_ready_threshold: spec.primary_ready_threshold,
+            progress_deadline_seconds: spec.progress_deadline_seconds,
+            apex_selects,
+        }
+    }
+
+    pub(crate) async fn target(&self) -> Result<Deployment, TrafficFault> {
+        self.deployments
+            .get(&self.target)
+            .await
+            .map_err(|e| fault(&format!("Deployment {}", self.target), e))
+    }
+
+    /// The target's pods must carry the apex's label, or the apex would not reach them.
+    pub(crate) fn check_label(&self, target: &Deployment) -> Result<(), TrafficFault> {
+        if self.apex_selects == Apex::Primary {
+            return Ok(());
+        }
+        let labels = target
+            .spec
+            .as_ref()
+            .and_then(|s| s.template.metadata.as_ref())
+            .and_then(|m| m.labels.as_ref());
+        match labels.and_then(|l| l.get(SERVICE_LABEL)) {
+            Some(v) if *v == self.apex => Ok(()),
+            found => Err(TrafficFault::Refused(format!(
+                "Deployment {}: spec.template.metadata.labels needs {SERVICE_LABEL}: {} (found {}): provider kubernetes splits by replicas behind Service {}, which selects that label on both versions' pods",
+                self.target,
+                self.apex,
+                found.map_or("none".into(), |v| format!("{v:?}")),
+                self.apex
+            ))),
+        }
+    }
+
+    async fn scale_target(&self, replicas: i32) -> Result<(), TrafficFault> {
+        let patch = serde_json::json!({ "spec": { "replicas": replicas } });
+        self.deployments
+            .patch_scale(&self.target, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+            .map(|_| ())
+            .map_err(|e| fault(&format!("scaling Deployment {}", self.target), e))
+    }
+
+    /// The apex selects both versions by the shared label.
+    pub(crate) async fn select_both(&self) -> Result<(), TrafficFault> {
+        let patch = serde_json::json!({
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": { "name": self.apex },
+            "spec": { "selector": { SERVICE_LABEL: self.apex } },
+        });
+        self.services
+            .patch(
+                &self.apex,
+                &PatchParams::apply(FIELD_MANAGER).force(),
+                &Patch::Apply(&patch),
+            )
+            .await
+            .map(|_| ())
+            .map_err(|e| fault(&format!("Service {}", self.apex), e))
+    }
+
+    /// The primary as it must be: the target's template with the apex's label, reading the
+    /// copies of `tracked`.
+    async fn apply_primary(
+        &self,
+        target: &Deployment,
+        replicas: Option<i32>,
+        tracked: &TrackedConfigs,
+    ) -> Result<Deployment, TrafficFault> {
+        let mut primary = primary_deployment(
+            target,
+            &self.owner_reference,
+            replicas,
+            &tracked.references(),
+        )
+        .map_err(|e| TrafficFault::Refused(e.to_string()))?;
+        if self.apex_selects == Apex::BothVersions {
+            primary
+                .spec
+                .as_mut()
+                .and_then(|s| s.template.metadata.as_mut())
+                .and_then(|m| m.labels.as_mut())
+                .map(|l| l.insert(SERVICE_LABEL.to_string(), self.apex.clone()));
+        }
+        let mut object = serde_json::to_value(&primary).expect("a Deployment serializes");
+        object["apiVersion"] = "apps/v1".into();
+        object["kind"] = "Deployment".into();
+        let name = primary_name(&self.target);
+        self.deployments
+            .patch(
+                &name,
+                &PatchParams::apply(FIELD_MANAGER).force(),
+                &Patch::Apply(&object),
+            )
+            .await
+            .map_err(|e| fault(&format!("Deployment {name}"), e))
+    }
+
+    /// The tracked ConfigMaps and Secrets the target's pods read now.
+    async fn tracked_configs(&self, target: &Deployment) -> Result<TrackedConfigs, TrafficFault> {
+        let template = target
+            .spec
+            .as_ref()
+            .map(|s| s.template.clone())
+            .unwrap_or_default();
+        self.configs.read(&template).await
+    }
+
+    /// The target's autoscaler, if the rollout names one; one that does not exist holds,
+    /// naming the field (it may yet be created).
+    async fn target_autoscaler(&self) -> Result<Option<HorizontalPodAutoscaler>, TrafficFault> {
+        let Some(name) = &self.autoscaler else {
+            return Ok(None);
+        };
+        let found = self
+            .autoscalers
+            .get_opt(name)
+            .await
+            .map_err(|e| fault(&format!("HorizontalPodAutoscaler {name}"), e))?;
+        match found {
+            Some(hpa) => Ok(Some(hpa)),
+            None => Err(TrafficFault::Unreachable(format!(
+                "spec.autoscalerRef: HorizontalPodAutoscaler {name} does not exist"
+            ))),
+        }
+    }
+
+    /// `<hpa>-primary`: the target's autoscaler's bounds, metrics and behaviour, scaling the
+    /// primary.
+    async fn apply_primary_autoscaler(
+        &self,
+        hpa: &HorizontalPodAutoscaler,
+    ) -> Result<(), TrafficFault> {
+        let copy = primary_autoscaler(hpa, &self.owner_reference, &primary_name(&self.target));
+        let name = copy.metadata.name.clone().unwrap_or_default();
+        let mut body = serde_json::to_value(&copy).expect("an autoscaler serializes");
+        body["apiVersion"] = "autoscaling/v2".into();
+        body["kind"] = "HorizontalPodAutoscaler".into();
+        self.autoscalers
+            .patch(
+                &name,
+                &PatchParams::apply(FIELD_MANAGER).force(),
+                &Patch::Apply(&body),
+            )
+            .await
+            .map(|_| ())
+            .map_err(|e| fault(&format!("HorizontalPodAutoscaler {name}"), e))
+    }
+
+    /// Scales the canary (the target, as read) to `wanted` replicas; says so if it changed.
+    pub(crate) async fn scale_canary(
+        &self,
+        target: &Deployment,
+        wanted: i32,
+    ) -> Result<Option<String>, TrafficFault> {
+        let current = target.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
+        if current == wanted {
+            return Ok(None);
+        }
+        self.scale_target(wanted).await?;
+        Ok(Some(format!(
+            "Deployment {} replicas {current} → {wanted}",
+            self.target
+        )))
+    }
+
+    /// Holds until the canary (the target) is ready, after a change of its size.
+    pub(crate) async fn hold_until_canary_ready(&self) -> Result<(), TrafficFault> {
+        self.hold_until_ready(&self.target().await?, self.canary_ready_threshold)
+    }
+
+    pub(crate) async fn primary(&self) -> Result<Deployment, TrafficFault> {
+        let name = primary_name(&self.target);
+        self.deployments
+            .get(&name)
+            .await
+            .map_err(|e| fault(&format!("Deployment {name}"), e))
+    }
+
+    /// Flagger's initialisation: the primary (the target's template and size, reading copies
+    /// of the tracked configs), its autoscaler, and the three Services, the apex selecting
+    /// both versions by the shared label; once the primary is ready, the target (the canary)
+    /// is scaled to 0. Holds (`Unreachable`) until then, and, before making anything, while a
+    /// required config or the autoscaler does not exist.
+    pub async fn initialize(&self, port: &ServicePortSpec) -> Result<(), TrafficFault> {
+        let target = self.target().await?;
+        self.check_label(&target)?;
+        let autoscaler = self.target_autoscaler().await?;
+        let tracked = self.tracked_configs(&target).await?;
+        let existing = self.deployments.get_opt(&primary_name(&self.target)).await;
+        let existing = existing.map_err(|e| fault("Deployment primary", e))?;
+        // The primary's size, once it exists, is its own (or its autoscaler's).
+        let replicas = match &existing {
+            Some(p) => p.spec.as_ref().and_then(|s| s.replicas),
+            None => target.spec.as_ref().and_then(|s| s.replicas),
+        };
+        let primary = match existing {
+            Some(p) => p,
+            None => {
+                // The copies first: the primary's pods read them. Made with the primary only,
+                // as Flagger: after that they change at promotion, never unanalysed.
+                self.configs
+                    .copy_to_primary(&tracked, &self.owner_reference)
+                    .await?;
+                self.apply_primary(&target, replicas, &tracked).await?
+            }
+        };
+        if let Some(hpa) = &autoscaler {
+            // Made if missing; brought up to date at promotion only (Flagger's `init`).
+            let name = primary_name(hpa.metadata.name.as_deref().unwrap_or_default());
+            let existing = self.autoscalers.get_opt(&name).await;
+            let existing =
+                existing.map_err(|e| fault(&format!("HorizontalPodAutoscaler {name}"), e))?;
+            if existing.is_none() {
+                self.apply_primary_autoscaler(hpa).await?;
+            }
+        }
+        for service in services(&target, &self.owner_reference, port)
+            .map_err(|e| TrafficFault::Refused(e.to_string()))?
+        {
+            let name = service.metadata.name.clone().unwrap_or_default();
+            let mut object = serde_json::to_value(&service).expect("a Service serializes");
+            object["apiVersion"] = "v1".into();
+            object["kind"] = "Service".into();
+            if name == self.apex && self.apex_selects == Apex::BothVersions {
+                object["spec"]["selector"] = serde_json::json!({ SERVICE_LABEL: self.apex });
+            }
+            self.services
+                .patch(
+                    &name,
+                    &PatchParams::apply(FIELD_MANAGER).force(),
+                    &Patch::Apply(&object),
+                )
+                .await
+                .map_err(|e| fault(&format!("Service {name}"), e))?;
+        }
+        self.hold_until_ready(&primary, self.primary_ready_threshold)?;
+        if target.spec.as_ref().and_then(|s| s.replicas) != Some(0) {
+            self.scale_target(0).await?;
+        }
+        Ok(())
+    }
+
+    /// Ready, or hold (the tick waits, up to the progress deadline), or fail (roll back).
+    pub(crate) fn hold_until_ready(
+        &self,
+        workload: &Deployment,
+        threshold: u32,
+    ) -> Result<(), TrafficFault> {
+        match readiness(
+            workload,
+            threshold,
+            self.progress_deadline_seconds,
+            unix_now(),
+        ) {
+            Readiness::Ready => Ok(()),
+            Readiness::Waiting(why) => Err(TrafficFault::Unreachable(why)),
+            Readiness::Failed(why) => Err(TrafficFault::Refused(why)),
+        }
+    }
+
+    /// Promotion's first half: the primary runs the target's template and configs (and its
+    /// autoscaler's settings); holds until it has rolled out. The canary is the caller's to
+    /// take off then.
+    pub(crate) async fn promote_primary(&self) -> Result<Deployment, TrafficFault> {
+        let target = self.target().await?;
+        let autoscaler = self.target_autoscaler().await?;
+        let tracked = self.tracked_configs(&target).await?;
+        self.configs
+            .copy_to_primary(&tracked, &self.owner_reference)
+            .await?;
+        // Its size stays: an apply without `replicas` would drop the field Coalmine owns.
+        let size = self.primary().await?.spec.and_then(|s| s.replicas);
+        let primary = self.apply_primary(&target, size, &tracked).await?;
+        if let Some(hpa) = &autoscaler {
+            self.apply_primary_autoscaler(hpa).await?;
+        }
+        self.hold_until_ready(&primary, self.primary_ready_threshold)?;
+        Ok(target)
+    }
+
+    /// Claims the target for this rollout's owner; another owner's claim refuses it.
+    pub(crate) async fn claim(&self) -> Result<(), TrafficFault> {
+        self.check_label(&self.target().await?)?;
+        self.set_owner(Some(&self.owner)).await
+    }
+
+    /// Lets the target go.
+    pub(crate) async fn release(&self) -> Result<(), TrafficFault> {
+        self.set_owner(None).await
+    }
+
+    /// Claims the target (or lets it go). Written against the resourceVersion read; another
+    /// write in between (a status update, an autoscaler) is a 409, and the claim is looked at
+    /// again on what is there now — only another owner's annotation refuses it.
+    async fn set_owner(&self, owner: Option<&str>) -> Result<(), TrafficFault> {
+        for _ in 0..5 {
+            if self.try_set_owner(owner).await? {
+                return Ok(());
+            }
+        }
+        Err(TrafficFault::Unreachable(format!(
+            "Deployment {} kept changing while it was being claimed",
+            self.target
+        )))
+    }
+
+    /// `Ok(false)`: the target changed since it was read; try again.
+    async fn try_set_owner(&self, owner: Option<&str>) -> Result<bool, TrafficFault> {
+        let target = self.target().await?;
+        let held = target
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(OWNER_ANNOTATION))
+            .cloned();
+        match (&held, owner) {
+            (Some(other), Some(_)) if *other != self.owner => {
+                return Err(TrafficFault::Refused(format!(
+                    "Deployment {} is driven by {other}; one rollout at a time",
+                    self.target
+                )))
+            }
+            (Some(_), Some(_)) | (None, None) => return Ok(true),
+            (Some(other), None) if *other != self.owner => return Ok(true),
+            _ => {}
+        }
+        let mut updated = target.clone();
+        let annotations = updated
+            .metadata
+            .annotations
+            .get_or_insert_with(BTreeMap::new);
+        match owner {
+            Some(o) => annotations.insert(OWNER_ANNOTATION.into(), o.into()),
+            None => annotations.remove(OWNER_ANNOTATION),
+        };
+        match self
+            .deployments
+            .replace(&self.target, &PostParams::default(), &updated)
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(kube::Error::Api(status)) if status.code == 409 => Ok(false),
+            Err(e) => Err(fault(&format!("Deployment {}", self.target), e)),
+        }
+    }
+}
