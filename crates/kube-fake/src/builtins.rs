@@ -1,6 +1,6 @@
 //! What the API server does to some built-in objects besides storing them, where the operator
-//! or its tests depend on it: a Service gets a cluster IP from the service range (and keeps it),
-//! an EndpointSlice's addresses are checked as the API server checks them.
+//! or its tests depend on it: a Service gets a cluster IP from the service range (and keeps it)
+//! and needs a port, an EndpointSlice's addresses are checked as the API server checks them.
 
 use std::net::{IpAddr, Ipv4Addr};
 
@@ -35,6 +35,7 @@ pub fn admit_create(
 ) -> Result<(), ApiError> {
     if is(rt, "", "services") {
         default_service(store, rt, subject, object)?;
+        check_ports(rt, subject, object)?;
     }
     if is(rt, "discovery.k8s.io", "endpointslices") {
         check_endpoint_slice(rt, subject, object)?;
@@ -74,11 +75,31 @@ pub fn admit_update(
             _ => {}
         }
         default_ports(new);
+        check_ports(rt, subject, new)?;
     }
     if is(rt, "discovery.k8s.io", "endpointslices") {
         check_endpoint_slice(rt, subject, new)?;
     }
     Ok(())
+}
+
+/// A Service needs a port, unless it is headless or an ExternalName.
+fn check_ports(rt: &ResourceType, subject: &Subject, service: &Value) -> Result<(), ApiError> {
+    let spec = &service["spec"];
+    let exempt = spec["type"] == "ExternalName" || spec["clusterIP"] == "None";
+    let has_ports = spec["ports"].as_array().is_some_and(|p| !p.is_empty());
+    if exempt || has_ports {
+        return Ok(());
+    }
+    Err(ApiError::invalid(
+        &rt.kind,
+        subject,
+        vec![Cause {
+            reason: "FieldValueRequired",
+            field: "spec.ports".into(),
+            message: "Required value".into(),
+        }],
+    ))
 }
 
 fn default_ports(service: &mut Value) {

@@ -916,6 +916,21 @@ async fn a_service_gets_a_cluster_ip_of_the_range_and_keeps_it() {
         "{}",
         refused.message
     );
+    // An apply of the selector alone by the manager that set the ports drops them (server-side
+    // apply removes the fields a manager no longer applies): a Service without ports is refused.
+    let selector_only = json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "web-app-primary"},
+        "spec": {"selector": {"app": "web-app"}}});
+    let refused = api_error(
+        services
+            .patch("web-app-primary", &apply, &Patch::Apply(&selector_only))
+            .await,
+    );
+    assert_eq!(refused.code, 422, "{refused:?}");
+    assert!(
+        refused.message.contains("spec.ports"),
+        "{}",
+        refused.message
+    );
 }
 
 #[tokio::test]

@@ -402,7 +402,12 @@ fn workloads_spec(context: &Context, rollout: &Rollout) -> WorkloadsSpec {
         namespace,
         target: spec.target_ref.name.clone(),
         autoscaler: spec.autoscaler_ref.as_ref().map(|a| a.name.clone()),
-        apex: apex(rollout),
+        port: ServicePortSpec {
+            name: spec.service.name.clone(),
+            port: i32::from(spec.service.port),
+            target_port: spec.service.target_port.clone(),
+            port_name: spec.service.port_name.clone(),
+        },
         owner: coalmine_controller::traffic::owner(&name, &context.controller),
         owner_reference: rollout
             .controller_owner_ref(&())
@@ -787,16 +792,9 @@ async fn drive(
     let decision = next(&seen);
     tracing::debug!(rollout = %key, ?seen, ?decision, "reconciling");
     match decision {
-        Next::Initialize => {
-            let port = ServicePortSpec {
-                name: rollout.spec.service.name.clone(),
-                port: i32::from(rollout.spec.service.port),
-                target_port: rollout.spec.service.target_port.clone(),
-                port_name: rollout.spec.service.port_name.clone(),
-            };
-            match workloads(context, &rollout).initialize(&port).await {
-                Ok(()) => {
-                    write_status(
+        Next::Initialize => match workloads(context, &rollout).initialize().await {
+            Ok(()) => {
+                write_status(
                         &context.client,
                         &rollout,
                         serde_json::json!({
@@ -808,14 +806,13 @@ async fn drive(
                         }),
                     )
                     .await?;
-                }
-                Err(TrafficFault::Unreachable(why)) => {
-                    tracing::info!(rollout = %key, %why, "initialising");
-                    return Ok(Action::requeue(Duration::from_secs(1)));
-                }
-                Err(refused) => return Err(refused.into()),
             }
-        }
+            Err(TrafficFault::Unreachable(why)) => {
+                tracing::info!(rollout = %key, %why, "initialising");
+                return Ok(Action::requeue(Duration::from_secs(1)));
+            }
+            Err(refused) => return Err(refused.into()),
+        },
         Next::Start | Next::Resume => {
             let resume = decision == Next::Resume;
             let mut document = rollout.to_document();

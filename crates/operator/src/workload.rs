@@ -313,6 +313,57 @@ pub fn replica_split(primary: i32, weight: Weight) -> ReplicaSplit {
     }
 }
 
+/// Which pods the apex Service selects under provider `kubernetes`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ApexTo {
+    /// The primary's (by the selector label's `-primary` value): Flagger's apex, and where it
+    /// points whenever the canary gets no share (before the first step, blue/green iterations,
+    /// after the release).
+    Primary,
+    /// Both versions' (by `coalmine.dev/service`): the weight is the canary's share of pods.
+    BothVersions,
+    /// The canary's (by the selector label's own value): blue/green's switch, everything on the
+    /// new version at full size.
+    Canary,
+}
+
+/// Provider `kubernetes`: how many canary pods, and which pods the apex selects.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ReplicaPlan {
+    pub canary: i32,
+    pub apex: ApexTo,
+    /// The canary's share of the apex's requests, in %.
+    pub effective_percent: f64,
+}
+
+/// Provider `kubernetes`: the canary at `weight` beside `primary` primary pods. No weight: one
+/// canary pod (Flagger's scale from zero) for the webhooks and load tests, which reach it
+/// through `-canary`, while the apex keeps to the primary. A share: [`replica_split`] behind an
+/// apex selecting both. Everything: as many canary pods as the primary has, and the apex on
+/// them alone.
+pub fn replica_plan(primary: i32, weight: Weight) -> ReplicaPlan {
+    if weight == Weight::ZERO {
+        ReplicaPlan {
+            canary: 1,
+            apex: ApexTo::Primary,
+            effective_percent: 0.0,
+        }
+    } else if weight >= Weight::FULL {
+        ReplicaPlan {
+            canary: primary.max(1),
+            apex: ApexTo::Canary,
+            effective_percent: 100.0,
+        }
+    } else {
+        let split = replica_split(primary, weight);
+        ReplicaPlan {
+            canary: split.canary,
+            apex: ApexTo::BothVersions,
+            effective_percent: split.effective_percent,
+        }
+    }
+}
+
 /// Whether a Deployment is ready, after Flagger's rules (`pkg/canary/deployment_ready.go`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Readiness {

@@ -84,7 +84,7 @@ fn backend_spec(controller: &str) -> WorkloadsSpec {
         namespace: "shop".into(),
         target: "payment-service".into(),
         autoscaler: None,
-        apex: "payment-service".into(),
+        port: port(),
         owner: format!("payment-service ({controller})"),
         owner_reference: canary_owner(),
         canary_ready_threshold: 100,
@@ -143,7 +143,7 @@ async fn the_seeds_nineteen_to_one_then_promotion_through_the_primary() {
     let d = &setup.deployments;
     let backend = backend(&setup, "operator-a");
     // Initialisation waits for the primary, then leaves the canary at 0.
-    let held = backend.initialize(&port()).await.unwrap_err();
+    let held = backend.initialize().await.unwrap_err();
     assert!(
         matches!(&held, TrafficFault::Unreachable(w) if w.contains("payment-service-primary")),
         "{held:?}"
@@ -154,14 +154,15 @@ async fn the_seeds_nineteen_to_one_then_promotion_through_the_primary() {
         "the target serves until the primary does"
     );
     mark_ready(d, "payment-service-primary").await;
-    backend.initialize(&port()).await.unwrap();
+    backend.initialize().await.unwrap();
     assert_eq!(replicas(d, "payment-service-primary").await, 19);
     assert_eq!(replicas(d, "payment-service").await, 0);
     let services: Api<Service> = Api::namespaced(setup.client.clone(), "shop");
     let selector = |s: Service| serde_json::to_value(s.spec.unwrap().selector).unwrap();
     assert_eq!(
         selector(services.get("payment-service").await.unwrap()),
-        json!({SERVICE_LABEL: "payment-service"})
+        json!({"app": "payment-service-primary"}),
+        "the apex on the primary, as Flagger's, until the canary has a share"
     );
     assert_eq!(
         selector(services.get("payment-service-canary").await.unwrap()),
@@ -191,6 +192,21 @@ async fn the_seeds_nineteen_to_one_then_promotion_through_the_primary() {
             replicas(d, "payment-service-primary").await,
             19,
             "the primary keeps its size"
+        );
+        let apex = services.get("payment-service").await.unwrap();
+        assert_eq!(
+            serde_json::to_value(&apex.spec.as_ref().unwrap().selector).unwrap(),
+            if canary > 0 {
+                json!({SERVICE_LABEL: "payment-service"})
+            } else {
+                json!({"app": "payment-service-primary"})
+            },
+            "at {weight} %"
+        );
+        assert_eq!(
+            apex.spec.unwrap().ports.unwrap()[0].port,
+            80,
+            "the apex keeps its port when its selector changes"
         );
     }
     // Someone scales the canary up by hand after a rollback: put right, and said.
@@ -350,7 +366,7 @@ async fn tracked_configs_are_copied_for_the_primary_at_initialisation_and_refres
 
     // The Secret the init container needs does not exist yet: nothing is made, and it is named
     // (not its data: there is none to show yet, and there never will be).
-    let held = backend.initialize(&port()).await.unwrap_err();
+    let held = backend.initialize().await.unwrap_err();
     assert!(
         matches!(&held, TrafficFault::Unreachable(w) if w.contains("Secret payment-db")),
         "{held:?}"
@@ -370,9 +386,9 @@ async fn tracked_configs_are_copied_for_the_primary_at_initialisation_and_refres
         .create(&PostParams::default(), &secret)
         .await
         .unwrap();
-    let _ = backend.initialize(&port()).await;
+    let _ = backend.initialize().await;
     mark_ready(d, "payment-service-primary").await;
-    backend.initialize(&port()).await.unwrap();
+    backend.initialize().await.unwrap();
 
     // The copies, owned like the primary.
     let config_copy = config_maps.get("payment-config-primary").await.unwrap();
@@ -490,7 +506,7 @@ async fn the_primary_gets_a_copy_of_the_autoscaler_made_at_initialisation_update
         },
     );
     // The autoscaler it names does not exist: held, by field, before anything is made.
-    let held = backend.initialize(&port()).await.unwrap_err();
+    let held = backend.initialize().await.unwrap_err();
     assert!(
         matches!(&held, TrafficFault::Unreachable(w) if w.starts_with("spec.autoscalerRef") && w.contains("payment-service")),
         "{held:?}"
@@ -504,7 +520,7 @@ async fn the_primary_gets_a_copy_of_the_autoscaler_made_at_initialisation_update
     hpas.create(&PostParams::default(), &autoscaler(10))
         .await
         .unwrap();
-    let _ = backend.initialize(&port()).await;
+    let _ = backend.initialize().await;
     let copy = hpas.get("payment-service-primary").await.unwrap();
     let spec = copy.spec.as_ref().unwrap();
     assert_eq!(spec.scale_target_ref.name, "payment-service-primary");
@@ -520,7 +536,7 @@ async fn the_primary_gets_a_copy_of_the_autoscaler_made_at_initialisation_update
         .await
         .unwrap();
     mark_ready(d, "payment-service-primary").await;
-    backend.initialize(&port()).await.unwrap();
+    backend.initialize().await.unwrap();
     let max = |h: HorizontalPodAutoscaler| h.spec.unwrap().max_replicas;
     assert_eq!(max(hpas.get("payment-service-primary").await.unwrap()), 10);
     // The autoscaler sizes the primary; promotion leaves that size alone.
@@ -540,4 +556,58 @@ async fn the_primary_gets_a_copy_of_the_autoscaler_made_at_initialisation_update
     let _ = backend.apply(&promoted).await;
     assert_eq!(max(hpas.get("payment-service-primary").await.unwrap()), 30);
     assert_eq!(replicas(d, "payment-service-primary").await, 4);
+}
+
+#[tokio::test]
+async fn blue_green_runs_a_dark_canary_then_switches_the_apex_to_it_whole() {
+    let setup = setup(true).await;
+    let d = &setup.deployments;
+    let backend = backend(&setup, "operator-a");
+    let _ = backend.initialize().await;
+    mark_ready(d, "payment-service-primary").await;
+    backend.initialize().await.unwrap();
+    backend.claim().await.unwrap();
+    let services: Api<Service> = Api::namespaced(setup.client.clone(), "shop");
+    let apex = || async {
+        serde_json::to_value(
+            services
+                .get("payment-service")
+                .await
+                .unwrap()
+                .spec
+                .unwrap()
+                .selector,
+        )
+        .unwrap()
+    };
+    // Blue/green's iterations: a canary with no share. One pod for the webhooks and load tests
+    // (through `-canary`), ready before the analysis; no user request reaches it.
+    let dark = Traffic {
+        canary: true,
+        ..weighted(0.0)
+    };
+    let held = backend.apply(&dark).await.unwrap_err();
+    assert!(matches!(held, TrafficFault::Unreachable(_)), "{held:?}");
+    assert_eq!(replicas(d, "payment-service").await, 1);
+    mark_ready(d, "payment-service").await;
+    backend.apply(&dark).await.unwrap();
+    assert_eq!(apex().await, json!({"app": "payment-service-primary"}));
+    // The switch: everything on the new version, at the primary's size, once it is ready —
+    // not 99 canary pods per primary pod, which a share of 100 % of pods would take.
+    let switched = weighted(100.0);
+    let held = backend.apply(&switched).await.unwrap_err();
+    assert!(matches!(held, TrafficFault::Unreachable(_)), "{held:?}");
+    assert_eq!(replicas(d, "payment-service").await, 19);
+    assert_eq!(
+        apex().await,
+        json!({"app": "payment-service-primary"}),
+        "the apex waits for the canary's pods"
+    );
+    mark_ready(d, "payment-service").await;
+    backend.apply(&switched).await.unwrap();
+    assert_eq!(apex().await, json!({"app": "payment-service"}));
+    // A rollback from there: the apex back on the primary first, then the canary goes.
+    backend.apply(&weighted(0.0)).await.unwrap();
+    assert_eq!(apex().await, json!({"app": "payment-service-primary"}));
+    assert_eq!(replicas(d, "payment-service").await, 0);
 }

@@ -2,20 +2,23 @@
 //! does by hand (19 stable pods and 1 canary pod behind one Service are 5 %). Flagger offers no
 //! weights for this provider (fluxcd/flagger#508).
 //!
-//! The apex Service selects `coalmine.dev/service: <apex>`, a label the primary's pods get from
-//! Coalmine and the target's pods from the user's template (the template stays the user's: one
-//! label, added once, in Git). The canary's share is its replicas among all: the primary keeps
-//! its size and the target (the canary) gets the fewest replicas that reach the weight
-//! ([`replica_split`]), so a rollback only removes canary pods. Promotion copies the target's
-//! template to the primary, holds until the primary has rolled out, then scales the canary to 0
-//! ([`Workloads`] does what both providers share).
+//! While the canary has a share, the apex Service selects `coalmine.dev/service: <apex>`, a label
+//! the primary's pods get from Coalmine and the target's pods from the user's template (the
+//! template stays the user's: one label, added once, in Git). The canary's share is its replicas
+//! among all: the primary keeps its size and the target (the canary) gets the fewest replicas
+//! that reach the weight ([`crate::workload::replica_split`]), so a rollback only removes canary
+//! pods. With no share (before the first step, blue/green's iterations) the canary runs one pod
+//! for the webhooks and the apex keeps to the primary; blue/green's switch puts the apex on a
+//! full-size canary alone ([`replica_plan`]). Promotion copies the target's template to the
+//! primary, holds until the primary has rolled out, points the apex at it, then scales the
+//! canary to 0 ([`Workloads`] does what both providers share).
 
 use coalmine_controller::traffic::TrafficBackend;
 use coalmine_controller::BoxFuture;
 use coalmine_rollout::{Traffic, TrafficFault};
 
 use crate::seams::workloads::{Apex, Workloads, WorkloadsSpec};
-use crate::workload::{replica_split, ServicePortSpec};
+use crate::workload::{replica_plan, ApexTo, ReplicaPlan};
 
 /// The canary's weight as its share of replicas behind the apex.
 pub struct ReplicaRatio {
@@ -29,36 +32,50 @@ impl ReplicaRatio {
         }
     }
 
-    /// Flagger's initialisation, the apex selecting both versions by the shared label.
-    pub async fn initialize(&self, port: &ServicePortSpec) -> Result<(), TrafficFault> {
-        self.workloads.initialize(port).await
+    /// Flagger's initialisation: the primary, the Services, the canary at 0.
+    pub async fn initialize(&self) -> Result<(), TrafficFault> {
+        self.workloads.initialize().await
     }
 
-    /// The weight's split: the primary as it is, the canary beside it.
+    /// The weight carried out ([`replica_plan`]): more canary pods start and are ready before
+    /// the apex sends them requests; fewer go only once the apex no longer does.
     async fn split(&self, traffic: &Traffic) -> Result<Vec<String>, TrafficFault> {
         let workloads = &self.workloads;
         let target = workloads.target().await?;
         workloads.check_label(&target)?;
         let primary = workloads.primary().await?;
         let primary_replicas = primary.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
-        let wanted = if traffic.canary {
-            replica_split(primary_replicas, traffic.canary_weight).canary
+        let plan = if traffic.canary {
+            replica_plan(primary_replicas, traffic.canary_weight)
         } else {
-            0
+            ReplicaPlan {
+                canary: 0,
+                apex: ApexTo::Primary,
+                effective_percent: 0.0,
+            }
         };
-        let changed = workloads.scale_canary(&target, wanted).await?;
-        workloads.select_both().await?;
-        if wanted > 0 {
+        let current = target.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
+        let mut changed = Vec::new();
+        if plan.canary > current {
+            changed.extend(workloads.scale_canary(&target, plan.canary).await?);
+        }
+        if plan.canary > 0 {
             // A canary that does not run is not analysed: the checks would judge the primary
             // alone and promote a version no request reached (Flagger checks each tick too).
             workloads.hold_until_canary_ready().await?;
         }
-        Ok(changed.into_iter().collect())
+        workloads.select(&target, plan.apex).await?;
+        if plan.canary < current {
+            changed.extend(workloads.scale_canary(&target, plan.canary).await?);
+        }
+        Ok(changed)
     }
 
-    /// Promotion: the primary runs the target's template and configs, then the canary goes.
+    /// Promotion: the primary runs the target's template and configs, the apex goes back to
+    /// it, then the canary goes.
     async fn promote(&self) -> Result<Vec<String>, TrafficFault> {
         let target = self.workloads.promote_primary().await?;
+        self.workloads.select(&target, ApexTo::Primary).await?;
         let changed = self.workloads.scale_canary(&target, 0).await?;
         Ok(changed.into_iter().collect())
     }

@@ -20,7 +20,7 @@ use k8s_openapi::api::apps::v1::Deployment;
 use crate::crd::Rollout;
 use crate::seams::workloads::FIELD_MANAGER;
 use crate::status::RolloutStatus;
-use crate::workload::replica_split;
+use crate::workload::replica_plan;
 
 /// Why the status could not be written or read.
 #[derive(Debug, thiserror::Error)]
@@ -133,7 +133,7 @@ impl RolloutStatusStore {
             .and_then(|s| s.replicas)
             .unwrap_or(1);
         Ok(Some(
-            replica_split(size, status.canary_weight).effective_percent,
+            replica_plan(size, status.canary_weight).effective_percent,
         ))
     }
 

@@ -6,10 +6,9 @@
 //! template to the primary and holds until the primary has rolled out. The primary's size stays
 //! its own (or its autoscaler's): promotion never copies `replicas`.
 //!
-//! Which pods the apex Service selects is the backend's: both versions' for provider
-//! `kubernetes` (the weight is a replica ratio, [`crate::seams::replicas`]); the primary's, as
-//! under Flagger with a mesh, for provider `coalmine` (the routers weigh,
-//! [`crate::seams::routers`]).
+//! The apex Service selects the primary's pods, as Flagger's does. Under provider `kubernetes`
+//! it selects both versions' while the canary has a share ([`crate::seams::replicas`]: the weight
+//! is a replica ratio); under provider `coalmine` the routers weigh ([`crate::seams::routers`]).
 //!
 //! A rollout claims its target with the `coalmine.dev/owner` annotation (written against the
 //! `resourceVersion` read, so of two controllers one wins); another owner's claim is refused.
@@ -26,8 +25,8 @@ use kube::api::{Api, Patch, PatchParams, PostParams};
 use crate::configs::TrackedConfigs;
 use crate::seams::configs::ConfigTracker;
 use crate::workload::{
-    primary_autoscaler, primary_deployment, primary_name, readiness, services, Readiness,
-    ServicePortSpec,
+    primary_autoscaler, primary_deployment, primary_name, readiness, services, ApexTo, Readiness,
+    SelectorLabel, ServicePortSpec,
 };
 
 /// The label the apex Service selects, on both versions' pods.
@@ -37,13 +36,13 @@ pub const OWNER_ANNOTATION: &str = "coalmine.dev/owner";
 /// The field manager of every object Coalmine writes.
 pub const FIELD_MANAGER: &str = "coalmine";
 
-/// Which pods the apex Service selects.
+/// Whether the apex Service ever selects both versions.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Apex {
-    /// Both versions', by [`SERVICE_LABEL`] (provider `kubernetes`: the weight is the canary's
-    /// share of replicas, and the target's pods must carry the label).
+    /// At times both versions', by [`SERVICE_LABEL`] (provider `kubernetes`: the weight is the
+    /// canary's share of replicas, and both versions' pods must carry the label).
     BothVersions,
-    /// The primary's (Flagger's apex): something in front of the Services weighs.
+    /// The primary's only (Flagger's apex): something in front of the Services weighs.
     Primary,
 }
 
@@ -58,6 +57,7 @@ pub struct Workloads {
     /// The target's HorizontalPodAutoscaler (`autoscalerRef`), copied for the primary.
     autoscaler: Option<String>,
     apex: String,
+    port: ServicePortSpec,
     owner: String,
     /// The rollout (Canary or Rollout) that owns the primary.
     owner_reference: OwnerReference,
@@ -74,7 +74,8 @@ pub struct WorkloadsSpec {
     pub target: String,
     /// `autoscalerRef.name` (a HorizontalPodAutoscaler, autoscaling/v2).
     pub autoscaler: Option<String>,
-    pub apex: String,
+    /// The Services' port (and the apex's name: `name`, else the target's).
+    pub port: ServicePortSpec,
     pub owner: String,
     pub owner_reference: OwnerReference,
     pub canary_ready_threshold: u32,
@@ -104,6 +105,11 @@ pub(crate) fn fault(what: &str, e: kube::Error) -> TrafficFault {
 
 impl Workloads {
     pub fn new(client: kube::Client, spec: WorkloadsSpec, apex_selects: Apex) -> Workloads {
+        let apex = spec
+            .port
+            .name
+            .clone()
+            .unwrap_or_else(|| spec.target.clone());
         Workloads {
             deployments: Api::namespaced(client.clone(), &spec.namespace),
             services: Api::namespaced(client.clone(), &spec.namespace),
@@ -111,7 +117,8 @@ impl Workloads {
             configs: ConfigTracker::new(client, &spec.namespace),
             target: spec.target,
             autoscaler: spec.autoscaler,
-            apex: spec.apex,
+            apex,
+            port: spec.port,
             owner: spec.owner,
             owner_reference: spec.owner_reference,
             canary_ready_threshold: spec.canary_ready_threshold,
@@ -159,23 +166,42 @@ impl Workloads {
             .map_err(|e| fault(&format!("scaling Deployment {}", self.target), e))
     }
 
-    /// The apex selects both versions by the shared label.
-    pub(crate) async fn select_both(&self) -> Result<(), TrafficFault> {
-        let patch = serde_json::json!({
-            "apiVersion": "v1",
-            "kind": "Service",
-            "metadata": { "name": self.apex },
-            "spec": { "selector": { SERVICE_LABEL: self.apex } },
-        });
+    /// Points the apex at the primary's pods, both versions' (by the shared label), or the
+    /// canary's (the target, as read, gives the selector label).
+    /// The whole apex Service is applied each time: an apply of the selector alone would drop
+    /// the other fields this field manager set (its ports), as server-side apply does.
+    pub(crate) async fn select(&self, target: &Deployment, to: ApexTo) -> Result<(), TrafficFault> {
+        let refused = |e: crate::workload::WorkloadError| TrafficFault::Refused(e.to_string());
+        let label = SelectorLabel::of(target).map_err(refused)?;
+        let selector = match to {
+            ApexTo::Primary => BTreeMap::from([(label.key, primary_name(&label.value))]),
+            ApexTo::BothVersions => {
+                BTreeMap::from([(SERVICE_LABEL.to_string(), self.apex.clone())])
+            }
+            ApexTo::Canary => BTreeMap::from([(label.key, label.value)]),
+        };
+        let [mut apex, ..] =
+            services(target, &self.owner_reference, &self.port).map_err(refused)?;
+        if let Some(spec) = apex.spec.as_mut() {
+            spec.selector = Some(selector);
+        }
+        self.apply_service(apex).await
+    }
+
+    async fn apply_service(&self, service: Service) -> Result<(), TrafficFault> {
+        let name = service.metadata.name.clone().unwrap_or_default();
+        let mut object = serde_json::to_value(&service).expect("a Service serializes");
+        object["apiVersion"] = "v1".into();
+        object["kind"] = "Service".into();
         self.services
             .patch(
-                &self.apex,
+                &name,
                 &PatchParams::apply(FIELD_MANAGER).force(),
-                &Patch::Apply(&patch),
+                &Patch::Apply(&object),
             )
             .await
             .map(|_| ())
-            .map_err(|e| fault(&format!("Service {}", self.apex), e))
+            .map_err(|e| fault(&format!("Service {name}"), e))
     }
 
     /// The primary as it must be: the target's template with the apex's label, reading the
@@ -298,10 +324,10 @@ impl Workloads {
 
     /// Flagger's initialisation: the primary (the target's template and size, reading copies
     /// of the tracked configs), its autoscaler, and the three Services, the apex selecting
-    /// both versions by the shared label; once the primary is ready, the target (the canary)
+    /// the primary; once the primary is ready, the target (the canary)
     /// is scaled to 0. Holds (`Unreachable`) until then, and, before making anything, while a
     /// required config or the autoscaler does not exist.
-    pub async fn initialize(&self, port: &ServicePortSpec) -> Result<(), TrafficFault> {
+    pub async fn initialize(&self) -> Result<(), TrafficFault> {
         let target = self.target().await?;
         self.check_label(&target)?;
         let autoscaler = self.target_autoscaler().await?;
@@ -334,24 +360,10 @@ impl Workloads {
                 self.apply_primary_autoscaler(hpa).await?;
             }
         }
-        for service in services(&target, &self.owner_reference, port)
+        for service in services(&target, &self.owner_reference, &self.port)
             .map_err(|e| TrafficFault::Refused(e.to_string()))?
         {
-            let name = service.metadata.name.clone().unwrap_or_default();
-            let mut object = serde_json::to_value(&service).expect("a Service serializes");
-            object["apiVersion"] = "v1".into();
-            object["kind"] = "Service".into();
-            if name == self.apex && self.apex_selects == Apex::BothVersions {
-                object["spec"]["selector"] = serde_json::json!({ SERVICE_LABEL: self.apex });
-            }
-            self.services
-                .patch(
-                    &name,
-                    &PatchParams::apply(FIELD_MANAGER).force(),
-                    &Patch::Apply(&object),
-                )
-                .await
-                .map_err(|e| fault(&format!("Service {name}"), e))?;
+            self.apply_service(service).await?;
         }
         self.hold_until_ready(&primary, self.primary_ready_threshold)?;
         if target.spec.as_ref().and_then(|s| s.replicas) != Some(0) {
