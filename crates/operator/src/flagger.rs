@@ -110,10 +110,11 @@ struct CanaryWorkload {
 
 impl Canary {
     /// The Canary as the `Rollout` the operator runs for it: the same workload, Services and
-    /// analysis; without `spec.provider`, `default_provider` (the operator's `--provider`, as
-    /// Flagger's `-mesh-provider`). Flagger's providers other than `kubernetes` and `coalmine`
-    /// come with the traffic issue; until then such a Canary is refused by field, never run on
-    /// the wrong traffic.
+    /// analysis. Without `spec.provider`: Coalmine's routers if the Canary names them
+    /// (`coalmine.dev/routers`), else `default_provider` (the operator's `--provider`, as
+    /// Flagger's `-mesh-provider`). Flagger's providers other than `kubernetes` come with the
+    /// traffic issue; until then such a Canary is refused by field, never run on the wrong
+    /// traffic.
     pub fn to_rollout_spec(
         &self,
         default_provider: TrafficProvider,
@@ -124,25 +125,27 @@ impl Canary {
                 field: format!("spec.{}", e.path()),
                 message: e.inner().to_string(),
             })?;
+        // Flagger's CRD has no `coalmine` among its providers: a Canary that names its routers
+        // (the annotation) runs on them.
+        let routers = self.routers()?;
         let provider = match workload.provider.as_deref() {
+            None if routers.is_some() => TrafficProvider::Coalmine,
             None => default_provider,
             Some("kubernetes") => TrafficProvider::Kubernetes,
-            Some("coalmine") => TrafficProvider::Coalmine,
             Some(other) => {
                 return Err(SpecFieldError {
                     field: "spec.provider".into(),
                     message: format!(
-                        "provider {other:?} is not one this operator drives; it drives kubernetes (Services and replicas) and coalmine (Coalmine's routers)"
+                        "provider {other:?} is not one this operator drives; it drives kubernetes (Services and replicas) and Coalmine's routers (leave spec.provider out and annotate the Canary {ROUTERS_ANNOTATION}: <their Service>, or run the operator with --provider coalmine)"
                     ),
                 })
             }
         };
-        let routers = self.routers()?;
-        if workload.target_ref.kind != "Deployment" {
+        if !["Deployment", "DaemonSet"].contains(&workload.target_ref.kind.as_str()) {
             return Err(SpecFieldError {
                 field: "spec.targetRef.kind".into(),
                 message: format!(
-                    "{:?}: this operator rolls out Deployments",
+                    "{:?}: this operator rolls out Deployments and DaemonSets",
                     workload.target_ref.kind
                 ),
             });

@@ -20,7 +20,7 @@ use coalmine_controller::BoxFuture;
 use coalmine_rollout::{Input, Status, TrafficFault};
 use coalmine_spec::rollout::Target;
 use futures::{StreamExt, TryStreamExt};
-use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
 use k8s_openapi::api::core::v1::ObjectReference;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, ListParams, Patch, PatchParams};
@@ -46,7 +46,9 @@ use crate::seams::routers::{locate, CoalmineRouters, LocateError};
 use crate::seams::status_store::RolloutStatusStore;
 use crate::seams::workloads::{Apex, Workloads, WorkloadsSpec};
 use crate::templates::ResolveError;
-use crate::workload::{primary_name, spec_hash, ServicePortSpec, DEFAULT_READY_THRESHOLD};
+use crate::workload::{
+    primary_name, spec_hash, ServicePortSpec, Workload, DEFAULT_READY_THRESHOLD,
+};
 
 /// How one operator replica runs.
 #[derive(Debug, Clone)]
@@ -243,22 +245,17 @@ pub async fn run(client: kube::Client, settings: Settings) -> Result<(), Operato
         Some(ns) => Api::namespaced(client.clone(), ns),
         None => Api::all(client.clone()),
     };
+    let daemon_sets: Api<DaemonSet> = match &settings.namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    };
     let deployment_changes =
         changed_by_users(watcher(deployments, watcher::Config::default()).default_backoff());
-    let mut controller = controller.watches_stream(deployment_changes, move |deployment| {
-        let name = deployment.metadata.name.clone().unwrap_or_default();
-        let namespace = deployment.metadata.namespace.clone();
-        cached
-            .state()
-            .into_iter()
-            .filter(|r| {
-                r.metadata.namespace == namespace
-                    && (r.spec.target_ref.name == name
-                        || primary_name(&r.spec.target_ref.name) == name)
-            })
-            .map(|r| ObjectRef::from_obj(r.as_ref()))
-            .collect::<Vec<_>>()
-    });
+    let daemon_set_changes =
+        changed_by_users(watcher(daemon_sets, watcher::Config::default()).default_backoff());
+    let mut controller = controller
+        .watches_stream(deployment_changes, rollouts_of_workload(cached.clone()))
+        .watches_stream(daemon_set_changes, rollouts_of_workload(cached));
     if let Some(api) = &canaries {
         let canary_changes =
             changed_by_users(watcher(api.clone(), watcher::Config::default()).default_backoff());
@@ -295,6 +292,27 @@ pub async fn run(client: kube::Client, settings: Settings) -> Result<(), Operato
     };
     health.leading.store(false, Relaxed);
     ended
+}
+
+/// The rollouts whose target (or primary) a workload is.
+fn rollouts_of_workload<W: Workload>(
+    cached: Store<Rollout>,
+) -> impl Fn(W) -> Vec<ObjectRef<Rollout>> + Send + Sync + 'static {
+    move |workload| {
+        let name = workload.meta().name.clone().unwrap_or_default();
+        let namespace = workload.meta().namespace.clone();
+        cached
+            .state()
+            .into_iter()
+            .filter(|r| {
+                r.metadata.namespace == namespace
+                    && r.spec.target_ref.kind == W::KIND
+                    && (r.spec.target_ref.name == name
+                        || primary_name(&r.spec.target_ref.name) == name)
+            })
+            .map(|r| ObjectRef::from_obj(r.as_ref()))
+            .collect()
+    }
 }
 
 /// The objects of a watch that a user changed (their spec — the generation — or their
@@ -381,8 +399,13 @@ fn apex(rollout: &Rollout) -> String {
         .unwrap_or_else(|| rollout.spec.target_ref.name.clone())
 }
 
-/// The rollout's workloads as its provider runs them.
-fn workloads(context: &Context, rollout: &Rollout) -> Workloads {
+/// Whether the rollout's target is a DaemonSet (else a Deployment: [`check`] refuses others).
+fn targets_daemon_set(rollout: &Rollout) -> bool {
+    rollout.spec.target_ref.kind == "DaemonSet"
+}
+
+/// The rollout's workloads (of kind `W`) as its provider runs them.
+fn workloads<W: Workload>(context: &Context, rollout: &Rollout) -> Workloads<W> {
     let apex_selects = match rollout.spec.provider {
         TrafficProvider::Kubernetes => Apex::BothVersions,
         TrafficProvider::Coalmine => Apex::Primary,
@@ -422,6 +445,28 @@ fn workloads_spec(context: &Context, rollout: &Rollout) -> WorkloadsSpec {
             .unwrap_or(DEFAULT_READY_THRESHOLD),
         progress_deadline_seconds: u64::from(spec.progress_deadline_seconds.unwrap_or(600)),
     }
+}
+
+/// Flagger's initialisation of the rollout's workloads.
+async fn initialize(context: &Context, rollout: &Rollout) -> Result<(), TrafficFault> {
+    if targets_daemon_set(rollout) {
+        workloads::<DaemonSet>(context, rollout).initialize().await
+    } else {
+        workloads::<Deployment>(context, rollout).initialize().await
+    }
+}
+
+/// The target's pod template as its revision (as the user wrote it), and whether its primary
+/// exists.
+async fn target_of<W: Workload>(
+    client: &kube::Client,
+    namespace: &str,
+    name: &str,
+) -> Result<(k8s_openapi::api::core::v1::PodTemplateSpec, bool), kube::Error> {
+    let api: Api<W> = Api::namespaced(client.clone(), namespace);
+    let target = api.get(name).await?;
+    let primary_exists = api.get_opt(&primary_name(name)).await?.is_some();
+    Ok((target.revision_template(), primary_exists))
 }
 
 /// The traffic backend and the counts of the rollout's provider. For provider `coalmine`, the
@@ -475,27 +520,48 @@ async fn seams_of(
             .map_err(unrunnable)?;
             let observations =
                 coalmine_controller::observations::open(document).map_err(unrunnable)?;
-            Ok((
+            let traffic: Arc<dyn TrafficBackend> = if targets_daemon_set(rollout) {
                 Arc::new(CoalmineRouters::new(
-                    workloads(context, rollout),
+                    workloads::<DaemonSet>(context, rollout),
                     routers.into(),
-                )),
-                observations,
-            ))
+                ))
+            } else {
+                Arc::new(CoalmineRouters::new(
+                    workloads::<Deployment>(context, rollout),
+                    routers.into(),
+                ))
+            };
+            Ok((traffic, observations))
         }
     }
 }
 
 /// What Coalmine cannot run, named by field.
 fn check(rollout: &Rollout) -> Result<(), ReconcileError> {
-    if rollout.spec.target_ref.kind != "Deployment" {
-        return Err(ReconcileError::Invalid {
-            field: "spec.targetRef.kind".into(),
-            message: format!(
-                "{:?}: this operator rolls out Deployments",
-                rollout.spec.target_ref.kind
-            ),
-        });
+    let invalid = |field: &str, message: String| ReconcileError::Invalid {
+        field: field.into(),
+        message,
+    };
+    match (rollout.spec.target_ref.kind.as_str(), rollout.spec.provider) {
+        ("Deployment", _) | ("DaemonSet", TrafficProvider::Coalmine) => {}
+        ("DaemonSet", TrafficProvider::Kubernetes) => {
+            return Err(invalid(
+                "spec.provider",
+                "provider kubernetes weighs by replicas, and a DaemonSet runs one pod per node: use provider coalmine".into(),
+            ))
+        }
+        (other, _) => {
+            return Err(invalid(
+                "spec.targetRef.kind",
+                format!("{other:?}: this operator rolls out Deployments and DaemonSets"),
+            ))
+        }
+    }
+    if targets_daemon_set(rollout) && rollout.spec.autoscaler_ref.is_some() {
+        return Err(invalid(
+            "spec.autoscalerRef",
+            "a DaemonSet is not autoscaled: it runs one pod per node".into(),
+        ));
     }
     if let Some(autoscaler) = &rollout.spec.autoscaler_ref {
         if autoscaler.kind != "HorizontalPodAutoscaler" {
@@ -743,14 +809,12 @@ async fn drive(
     let key = key(&rollout);
     check(&rollout)?;
     let namespace = rollout.metadata.namespace.clone().unwrap_or_default();
-    let deployments: Api<Deployment> = Api::namespaced(context.client.clone(), &namespace);
     let target_name = &rollout.spec.target_ref.name;
-    let target = deployments.get(target_name).await?;
-    let template = target
-        .spec
-        .as_ref()
-        .map(|s| s.template.clone())
-        .unwrap_or_default();
+    let (template, primary_exists) = if targets_daemon_set(&rollout) {
+        target_of::<DaemonSet>(&context.client, &namespace, target_name).await?
+    } else {
+        target_of::<Deployment>(&context.client, &namespace, target_name).await?
+    };
     // The configs are part of the revision: an edit of one starts a run like a new image.
     let tracker = ConfigTracker::new(context.client.clone(), &namespace);
     let tracked = match tracker.read(&template).await {
@@ -763,10 +827,6 @@ async fn drive(
         Err(refused) => return Err(refused.into()),
     };
     let hash = spec_hash(&template, &tracked);
-    let primary_exists = deployments
-        .get_opt(&primary_name(target_name))
-        .await?
-        .is_some();
     let status = rollout.status.clone().unwrap_or_default();
     let tracked_configs = tracked_configs_patch(&status.canary.tracked_configs, &tracked);
     let saved: Option<Status> = status
@@ -792,7 +852,7 @@ async fn drive(
     let decision = next(&seen);
     tracing::debug!(rollout = %key, ?seen, ?decision, "reconciling");
     match decision {
-        Next::Initialize => match workloads(context, &rollout).initialize().await {
+        Next::Initialize => match initialize(context, &rollout).await {
             Ok(()) => {
                 write_status(
                         &context.client,

@@ -2,8 +2,10 @@
 //! dashboards and queries keep working (`pkg/canary/deployment_controller.go`,
 //! `pkg/router/kubernetes_default.go`, `pkg/canary/hpa_reconciler.go`):
 //!
-//! - the target Deployment `<name>` stays the user's: its pods are the canary, and Coalmine only
-//!   ever changes its `replicas`;
+//! - the target (a Deployment or a DaemonSet, [`Workload`]) `<name>` stays the user's: its pods
+//!   are the canary, and Coalmine only ever changes its size — a Deployment's `replicas`, a
+//!   DaemonSet's parking node selector (Flagger's `flagger.app/scale-to-zero`, which matches no
+//!   node);
 //! - `<name>-primary` is a copy of its pod template with the selector label's value rewritten to
 //!   `<value>-primary` (also in affinity and topology-spread selectors) and its tracked
 //!   ConfigMaps and Secrets replaced by their `-primary` copies ([`crate::configs`]), owned by
@@ -16,11 +18,12 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use coalmine_spec::Weight;
-use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec};
+use k8s_openapi::api::apps::v1::{DaemonSet, DaemonSetSpec, Deployment, DeploymentSpec};
 use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
 use k8s_openapi::api::core::v1::{PodTemplateSpec, Service, ServicePort, ServiceSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use k8s_openapi::NamespaceResourceScope;
 
 use crate::configs::{point_at_primary_copies, ConfigRef};
 
@@ -33,10 +36,170 @@ pub const DEFAULT_READY_THRESHOLD: u32 = 100;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum WorkloadError {
-    #[error("Deployment {name:?} has no selector label among {SELECTOR_LABELS:?} in spec.selector.matchLabels")]
-    NoSelectorLabel { name: String },
-    #[error("Deployment {name:?} has no pod template")]
-    NoTemplate { name: String },
+    #[error("{kind} {name:?} has no selector label among {SELECTOR_LABELS:?} in spec.selector.matchLabels")]
+    NoSelectorLabel { kind: &'static str, name: String },
+    #[error("{kind} {name:?} has no pod template")]
+    NoTemplate { kind: &'static str, name: String },
+}
+
+/// The node selector that parks a DaemonSet: no node has the label, so it runs no pod
+/// (Flagger's, so a DaemonSet Flagger parked reads the same).
+pub const PARKING_NODE_SELECTOR: (&str, &str) = ("flagger.app/scale-to-zero", "true");
+
+/// What a rollout's target can be: Flagger's `targetRef` kinds. The canary is the target
+/// itself; the primary is a copy of its kind.
+pub trait Workload:
+    kube::Resource<DynamicType = (), Scope = NamespaceResourceScope>
+    + Clone
+    + serde::Serialize
+    + serde::de::DeserializeOwned
+    + std::fmt::Debug
+    + Send
+    + Sync
+    + 'static
+{
+    const KIND: &'static str;
+    fn template(&self) -> Option<&PodTemplateSpec>;
+    fn match_labels(&self) -> Option<&BTreeMap<String, String>>;
+    /// The size it asks for (a DaemonSet: none).
+    fn replicas(&self) -> Option<i32>;
+    /// This kind's spec around `template`, selecting `selector`, with this one's settings.
+    fn with_template(
+        &self,
+        metadata: ObjectMeta,
+        selector: LabelSelector,
+        template: PodTemplateSpec,
+        replicas: Option<i32>,
+    ) -> Self;
+    /// How many pods the canary runs as Coalmine sized it: a Deployment's replicas; a
+    /// DaemonSet's 0 when parked, else 1 (one on every node).
+    fn canary_size(&self) -> i32;
+    /// The patch that gives the canary `size`, and whether it goes to the `scale` subresource.
+    fn size_patch(size: i32) -> (serde_json::Value, bool);
+    /// The pods a canary needs to carry `weight` beside `primary` (never more than the primary
+    /// has, at least one).
+    fn canary_capacity(primary: &Self, weight: Weight) -> i32;
+    /// The pod template as the user wrote it: what a revision is, and what the primary runs (a
+    /// DaemonSet's parking selector is Coalmine's, not the user's).
+    fn revision_template(&self) -> PodTemplateSpec {
+        self.template().cloned().unwrap_or_default()
+    }
+    /// Whether it runs its pods (Flagger's rules for the kind).
+    fn readiness(&self, threshold_pct: u32, deadline_seconds: u64, now: i64) -> Readiness;
+}
+
+impl Workload for Deployment {
+    const KIND: &'static str = "Deployment";
+    fn template(&self) -> Option<&PodTemplateSpec> {
+        self.spec.as_ref().map(|s| &s.template)
+    }
+    fn match_labels(&self) -> Option<&BTreeMap<String, String>> {
+        self.spec.as_ref()?.selector.match_labels.as_ref()
+    }
+    fn replicas(&self) -> Option<i32> {
+        self.spec.as_ref()?.replicas
+    }
+    fn with_template(
+        &self,
+        metadata: ObjectMeta,
+        selector: LabelSelector,
+        template: PodTemplateSpec,
+        replicas: Option<i32>,
+    ) -> Deployment {
+        let spec = self.spec.clone().unwrap_or_default();
+        Deployment {
+            metadata,
+            spec: Some(DeploymentSpec {
+                replicas,
+                selector,
+                template,
+                progress_deadline_seconds: spec.progress_deadline_seconds,
+                min_ready_seconds: spec.min_ready_seconds,
+                revision_history_limit: spec.revision_history_limit,
+                strategy: spec.strategy,
+                paused: None,
+            }),
+            status: None,
+        }
+    }
+    fn canary_size(&self) -> i32 {
+        self.replicas().unwrap_or(1)
+    }
+    fn size_patch(size: i32) -> (serde_json::Value, bool) {
+        (serde_json::json!({ "spec": { "replicas": size } }), true)
+    }
+    fn canary_capacity(primary: &Deployment, weight: Weight) -> i32 {
+        let primary = primary.replicas().unwrap_or(1);
+        replica_split(primary, weight).canary.min(primary).max(1)
+    }
+    fn readiness(&self, threshold_pct: u32, deadline_seconds: u64, now: i64) -> Readiness {
+        readiness(self, threshold_pct, deadline_seconds, now)
+    }
+}
+
+impl Workload for DaemonSet {
+    const KIND: &'static str = "DaemonSet";
+    fn template(&self) -> Option<&PodTemplateSpec> {
+        self.spec.as_ref().map(|s| &s.template)
+    }
+    fn match_labels(&self) -> Option<&BTreeMap<String, String>> {
+        self.spec.as_ref()?.selector.match_labels.as_ref()
+    }
+    fn replicas(&self) -> Option<i32> {
+        None
+    }
+    fn with_template(
+        &self,
+        metadata: ObjectMeta,
+        selector: LabelSelector,
+        template: PodTemplateSpec,
+        _replicas: Option<i32>,
+    ) -> DaemonSet {
+        let spec = self.spec.clone().unwrap_or_default();
+        DaemonSet {
+            metadata,
+            spec: Some(DaemonSetSpec {
+                selector,
+                template,
+                min_ready_seconds: spec.min_ready_seconds,
+                revision_history_limit: spec.revision_history_limit,
+                update_strategy: spec.update_strategy,
+            }),
+            status: None,
+        }
+    }
+    fn canary_size(&self) -> i32 {
+        let parked = self
+            .template()
+            .and_then(|t| t.spec.as_ref())
+            .and_then(|s| s.node_selector.as_ref())
+            .is_some_and(|n| n.contains_key(PARKING_NODE_SELECTOR.0));
+        i32::from(!parked)
+    }
+    fn size_patch(size: i32) -> (serde_json::Value, bool) {
+        let value = (size == 0).then_some(PARKING_NODE_SELECTOR.1);
+        let patch = serde_json::json!({ "spec": { "template": { "spec": { "nodeSelector": {
+            PARKING_NODE_SELECTOR.0: value } } } } });
+        (patch, false)
+    }
+    fn canary_capacity(_primary: &DaemonSet, _weight: Weight) -> i32 {
+        1
+    }
+    fn revision_template(&self) -> PodTemplateSpec {
+        let mut template = self.template().cloned().unwrap_or_default();
+        if let Some(pod) = template.spec.as_mut() {
+            if let Some(selector) = pod.node_selector.as_mut() {
+                selector.remove(PARKING_NODE_SELECTOR.0);
+                if selector.is_empty() {
+                    pod.node_selector = None;
+                }
+            }
+        }
+        template
+    }
+    fn readiness(&self, threshold_pct: u32, _deadline_seconds: u64, _now: i64) -> Readiness {
+        daemon_set_readiness(self, threshold_pct)
+    }
 }
 
 /// The label that selects a workload's pods and its value: `app=payment-service`.
@@ -47,11 +210,8 @@ pub struct SelectorLabel {
 }
 
 impl SelectorLabel {
-    pub fn of(target: &Deployment) -> Result<Self, WorkloadError> {
-        let labels = target
-            .spec
-            .as_ref()
-            .and_then(|s| s.selector.match_labels.as_ref());
+    pub fn of<W: Workload>(target: &W) -> Result<Self, WorkloadError> {
+        let labels = target.match_labels();
         SELECTOR_LABELS
             .iter()
             .find_map(|key| {
@@ -61,7 +221,8 @@ impl SelectorLabel {
                 })
             })
             .ok_or_else(|| WorkloadError::NoSelectorLabel {
-                name: name_of(&target.metadata),
+                kind: W::KIND,
+                name: name_of(target.meta()),
             })
     }
 
@@ -83,46 +244,38 @@ fn name_of(meta: &ObjectMeta) -> String {
     meta.name.clone().unwrap_or_default()
 }
 
-/// `<name>-primary`: the target's pod template, selecting `<value>-primary` and reading the
-/// `-primary` copies of the `tracked` configs, owned by `owner`. `replicas` is the primary's
-/// size (the target's, or what its autoscaler says).
-pub fn primary_deployment(
-    target: &Deployment,
+/// `<name>-primary`, of the target's kind: the target's pod template (as the user wrote it),
+/// selecting `<value>-primary` and reading the `-primary` copies of the `tracked` configs, owned
+/// by `owner`. `replicas` is the primary's size (the target's, or what its autoscaler says; a
+/// DaemonSet has none).
+pub fn primary_workload<W: Workload>(
+    target: &W,
     owner: &OwnerReference,
     replicas: Option<i32>,
     tracked: &BTreeSet<ConfigRef>,
-) -> Result<Deployment, WorkloadError> {
+) -> Result<W, WorkloadError> {
     let label = SelectorLabel::of(target)?;
-    let name = name_of(&target.metadata);
-    let spec = target
-        .spec
-        .as_ref()
-        .ok_or(WorkloadError::NoTemplate { name: name.clone() })?;
-    let mut template = primary_template(&spec.template, &label);
+    let name = name_of(target.meta());
+    if target.template().is_none() {
+        return Err(WorkloadError::NoTemplate {
+            kind: W::KIND,
+            name,
+        });
+    }
+    let mut template = primary_template(&target.revision_template(), &label);
     point_at_primary_copies(&mut template, tracked);
-    Ok(Deployment {
-        metadata: ObjectMeta {
-            name: Some(primary_name(&name)),
-            namespace: target.metadata.namespace.clone(),
-            labels: Some(label.selecting(label.primary_value())),
-            owner_references: Some(vec![owner.clone()]),
-            ..ObjectMeta::default()
-        },
-        spec: Some(DeploymentSpec {
-            replicas,
-            selector: LabelSelector {
-                match_labels: Some(label.selecting(label.primary_value())),
-                match_expressions: None,
-            },
-            template,
-            progress_deadline_seconds: spec.progress_deadline_seconds,
-            min_ready_seconds: spec.min_ready_seconds,
-            revision_history_limit: spec.revision_history_limit,
-            strategy: spec.strategy.clone(),
-            paused: None,
-        }),
-        status: None,
-    })
+    let metadata = ObjectMeta {
+        name: Some(primary_name(&name)),
+        namespace: target.meta().namespace.clone(),
+        labels: Some(label.selecting(label.primary_value())),
+        owner_references: Some(vec![owner.clone()]),
+        ..ObjectMeta::default()
+    };
+    let selector = LabelSelector {
+        match_labels: Some(label.selecting(label.primary_value())),
+        match_expressions: None,
+    };
+    Ok(target.with_template(metadata, selector, template, replicas))
 }
 
 /// The target's pod template for the primary: the selector label's value becomes
@@ -197,20 +350,17 @@ pub struct ServicePortSpec {
 }
 
 /// `<svc>` and `<svc>-primary` select the primary's pods; `<svc>-canary` selects the target's.
-pub fn services(
-    target: &Deployment,
+pub fn services<W: Workload>(
+    target: &W,
     owner: &OwnerReference,
     port: &ServicePortSpec,
 ) -> Result<[Service; 3], WorkloadError> {
     let label = SelectorLabel::of(target)?;
-    let apex = port
-        .name
-        .clone()
-        .unwrap_or_else(|| name_of(&target.metadata));
+    let apex = port.name.clone().unwrap_or_else(|| name_of(target.meta()));
     let service = |name: String, selects: String| Service {
         metadata: ObjectMeta {
             name: Some(name),
-            namespace: target.metadata.namespace.clone(),
+            namespace: target.meta().namespace.clone(),
             labels: Some(label.selecting(selects.clone())),
             owner_references: Some(vec![owner.clone()]),
             ..ObjectMeta::default()
@@ -446,4 +596,33 @@ pub fn readiness(
         }
     }
     Readiness::Waiting(why)
+}
+
+/// Whether a DaemonSet runs its pods, after Flagger's rules (`pkg/canary/daemonset_ready.go`):
+/// every scheduled pod updated, and `threshold_pct` of them available. A parked DaemonSet
+/// schedules none, and is ready.
+pub fn daemon_set_readiness(daemon_set: &DaemonSet, threshold_pct: u32) -> Readiness {
+    let name = name_of(&daemon_set.metadata);
+    let status = daemon_set.status.clone().unwrap_or_default();
+    let generation = daemon_set.metadata.generation.unwrap_or(0);
+    if status.observed_generation.unwrap_or(0) < generation {
+        return Readiness::Waiting(format!(
+            "waiting for rollout of {name} to start (generation {generation} not observed yet)"
+        ));
+    }
+    let desired = status.desired_number_scheduled;
+    let updated = status.updated_number_scheduled.unwrap_or(0);
+    let available = status.number_available.unwrap_or(0);
+    let needed = (i64::from(desired) * i64::from(threshold_pct) / 100) as i32;
+    if updated < desired {
+        Readiness::Waiting(format!(
+            "waiting for rollout of {name}: {updated} of {desired} scheduled pods are updated"
+        ))
+    } else if available < needed {
+        Readiness::Waiting(format!(
+            "waiting for rollout of {name}: {available} of {needed} updated pods are available"
+        ))
+    } else {
+        Readiness::Ready
+    }
 }

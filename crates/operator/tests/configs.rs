@@ -9,7 +9,7 @@ use coalmine_operator::configs::{
     point_at_primary_copies, references, ConfigError, ConfigObject, ConfigRef, Need,
     TrackedConfigs, TRACKING_ANNOTATION,
 };
-use coalmine_operator::workload::primary_deployment;
+use coalmine_operator::workload::primary_workload;
 use common::{canary_owner, DEPLOYMENT};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, PodTemplateSpec, Secret};
@@ -125,10 +125,10 @@ fn the_primary_template_reads_the_copies_of_tracked_configs_only() {
 }
 
 #[test]
-fn the_primary_deployment_reads_the_copies_and_the_target_keeps_the_originals() {
+fn the_primary_workload_reads_the_copies_and_the_target_keeps_the_originals() {
     let target: Deployment = serde_saphyr::from_str(DEPLOYMENT).unwrap();
     let tracked = BTreeSet::from([ConfigRef::config_map("payment-config")]);
-    let primary = primary_deployment(&target, &canary_owner(), Some(19), &tracked).unwrap();
+    let primary = primary_workload(&target, &canary_owner(), Some(19), &tracked).unwrap();
     let volume = |d: &Deployment| {
         serde_json::to_value(&d.spec.as_ref().unwrap().template.spec).unwrap()["volumes"][0]
             ["configMap"]["name"]

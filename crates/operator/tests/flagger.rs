@@ -43,7 +43,7 @@ fn a_canary_coalmine_cannot_run_names_the_field() {
 }
 
 #[test]
-fn a_canary_without_a_provider_takes_the_operators_and_names_its_routers_by_annotation() {
+fn a_canary_without_a_provider_takes_the_operators_or_the_routers_it_names() {
     use coalmine_operator::crd::{RoutersRef, TrafficProvider};
     // The seed names no provider: Flagger would take its -mesh-provider, Coalmine its --provider.
     let seed = canary(|_| {});
@@ -58,14 +58,15 @@ fn a_canary_without_a_provider_takes_the_operators_and_names_its_routers_by_anno
             .provider,
         TrafficProvider::Kubernetes
     );
+    // Flagger's CRD allows no `provider: coalmine`: naming the routers is choosing them.
     let annotated = canary(|o| {
         o["metadata"]["annotations"] = serde_json::json!({"coalmine.dev/routers": "edge:9901"})
-    });
+    })
+    .to_rollout_spec(TrafficProvider::Kubernetes)
+    .unwrap();
+    assert_eq!(annotated.provider, TrafficProvider::Coalmine);
     assert_eq!(
-        annotated
-            .to_rollout_spec(TrafficProvider::Coalmine)
-            .unwrap()
-            .routers,
+        annotated.routers,
         Some(RoutersRef {
             service: "edge".into(),
             admin_port: Some(9901)
@@ -84,4 +85,5 @@ fn a_canary_without_a_provider_takes_the_operators_and_names_its_routers_by_anno
         .to_rollout_spec(TrafficProvider::Coalmine)
         .unwrap_err();
     assert_eq!(err.field, "spec.provider", "{err}");
+    assert!(err.message.contains("coalmine.dev/routers"), "{err}");
 }

@@ -7,8 +7,8 @@ use std::collections::BTreeMap;
 use common::{canary_owner, DEPLOYMENT};
 
 use coalmine_operator::workload::{
-    primary_autoscaler, primary_deployment, readiness, replica_split, services, spec_hash,
-    Readiness, ServicePortSpec, WorkloadError,
+    primary_autoscaler, primary_workload, readiness, replica_split, services, spec_hash, Readiness,
+    ServicePortSpec, WorkloadError,
 };
 use coalmine_spec::Weight;
 use k8s_openapi::api::apps::v1::Deployment;
@@ -28,7 +28,7 @@ fn json_of<T: serde::Serialize>(v: &T) -> serde_json::Value {
 fn the_primary_is_the_targets_template_selecting_its_own_pods() {
     let target = target();
     let primary = json_of(
-        &primary_deployment(&target, &canary_owner(), Some(19), &Default::default()).unwrap(),
+        &primary_workload(&target, &canary_owner(), Some(19), &Default::default()).unwrap(),
     );
     let original = json_of(&target);
     assert_eq!(primary["metadata"]["name"], "payment-service-primary");
@@ -84,10 +84,11 @@ fn a_deployment_without_a_selector_label_is_refused_by_name() {
     let mut target = target();
     let spec = target.spec.as_mut().unwrap();
     spec.selector.match_labels = Some(BTreeMap::from([("tier".into(), "web".into())]));
-    let err = primary_deployment(&target, &canary_owner(), None, &Default::default()).unwrap_err();
+    let err = primary_workload(&target, &canary_owner(), None, &Default::default()).unwrap_err();
     assert_eq!(
         err,
         WorkloadError::NoSelectorLabel {
+            kind: "Deployment",
             name: "payment-service".into()
         }
     );
@@ -284,4 +285,95 @@ fn readiness_follows_flaggers_rules() {
         readiness(&short_since(30), 100, 600, now),
         Readiness::Waiting(_)
     ));
+}
+
+#[test]
+fn a_daemon_set_is_parked_by_a_node_selector_that_is_not_part_of_its_revision() {
+    use coalmine_operator::workload::{daemon_set_readiness, Workload};
+    use k8s_openapi::api::apps::v1::DaemonSet;
+    let agent: DaemonSet = serde_json::from_value(json!({
+        "metadata": {"name": "node-agent", "namespace": "shop", "generation": 2},
+        "spec": {"selector": {"matchLabels": {"app": "node-agent"}},
+            "template": {"metadata": {"labels": {"app": "node-agent"}},
+                "spec": {"nodeSelector": {"kubernetes.io/os": "linux"}, "containers": [{"name": "agent", "image": "agent:1"}]}}},
+    }))
+    .unwrap();
+    assert_eq!(agent.canary_size(), 1);
+    let mut parked = agent.clone();
+    let (patch, to_scale) = DaemonSet::size_patch(0);
+    assert!(!to_scale, "a DaemonSet has no scale subresource");
+    parked
+        .spec
+        .as_mut()
+        .unwrap()
+        .template
+        .spec
+        .as_mut()
+        .unwrap()
+        .node_selector
+        .as_mut()
+        .unwrap()
+        .insert(
+            "flagger.app/scale-to-zero".into(),
+            patch["spec"]["template"]["spec"]["nodeSelector"]["flagger.app/scale-to-zero"]
+                .as_str()
+                .unwrap()
+                .into(),
+        );
+    assert_eq!(parked.canary_size(), 0);
+    // Parking and unparking change no revision; the user's own node selector stays.
+    let configs = BTreeMap::new();
+    assert_eq!(
+        spec_hash(&parked.revision_template(), &configs),
+        spec_hash(&agent.revision_template(), &configs)
+    );
+    // The primary runs where the user said, never parked, selecting its own pods.
+    let primary = primary_workload(&parked, &canary_owner(), None, &Default::default()).unwrap();
+    let pod = primary
+        .spec
+        .as_ref()
+        .unwrap()
+        .template
+        .spec
+        .as_ref()
+        .unwrap();
+    assert_eq!(
+        pod.node_selector,
+        Some(BTreeMap::from([(
+            "kubernetes.io/os".to_string(),
+            "linux".to_string()
+        )]))
+    );
+    assert_eq!(primary.metadata.name.as_deref(), Some("node-agent-primary"));
+    // Ready when every scheduled pod is updated and enough are available.
+    let with = |status: serde_json::Value| {
+        let mut ds = agent.clone();
+        ds.status = Some(serde_json::from_value(status).unwrap());
+        ds
+    };
+    let rolling = with(
+        json!({"observedGeneration": 2, "currentNumberScheduled": 3, "desiredNumberScheduled": 3,
+        "numberMisscheduled": 0, "numberReady": 1, "updatedNumberScheduled": 1, "numberAvailable": 1}),
+    );
+    assert!(
+        matches!(daemon_set_readiness(&rolling, 100), Readiness::Waiting(w) if w.contains("1 of 3 scheduled pods are updated")),
+        "{:?}",
+        daemon_set_readiness(&rolling, 100)
+    );
+    let half = with(
+        json!({"observedGeneration": 2, "currentNumberScheduled": 4, "desiredNumberScheduled": 4,
+        "numberMisscheduled": 0, "numberReady": 2, "updatedNumberScheduled": 4, "numberAvailable": 2}),
+    );
+    assert!(matches!(
+        daemon_set_readiness(&half, 100),
+        Readiness::Waiting(_)
+    ));
+    assert_eq!(daemon_set_readiness(&half, 50), Readiness::Ready);
+    let stale = with(
+        json!({"observedGeneration": 1, "currentNumberScheduled": 3, "desiredNumberScheduled": 3,
+        "numberMisscheduled": 0, "numberReady": 3, "updatedNumberScheduled": 3, "numberAvailable": 3}),
+    );
+    assert!(
+        matches!(daemon_set_readiness(&stale, 100), Readiness::Waiting(w) if w.contains("not observed"))
+    );
 }

@@ -11,7 +11,7 @@ use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
 use coalmine_kube_fake::{install_crds, TestCluster};
-use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::{Api, ApiResource, DynamicObject, Patch, PatchParams, PostParams};
@@ -79,15 +79,94 @@ async fn answered_by(router: &Router, n: usize) -> Vec<String> {
     names
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_seeds_canary_on_coalmine_routers_is_promoted_then_a_bad_release_rolls_back_on_real_errors(
-) {
-    let pods = PodNetwork::create();
+/// A cluster with Coalmine's and Flagger's CRDs and namespace `shop`.
+async fn cluster() -> TestCluster {
     let cluster = TestCluster::start().await.unwrap();
     cluster.create_namespace("shop").await.unwrap();
     let kube = cluster.client();
     install_crds(&kube, CRDS).await.unwrap();
     install_crds(&kube, FLAGGER_CRDS).await.unwrap();
+    cluster
+}
+
+fn canaries(kube: &kube::Client) -> Api<DynamicObject> {
+    Api::namespaced_with(
+        kube.clone(),
+        "shop",
+        &ApiResource::from_gvk_with_plural(
+            &kube::api::GroupVersionKind::gvk("flagger.app", "v1beta1", "Canary"),
+            "canaries",
+        ),
+    )
+}
+
+/// `coalmine operator` on the cluster, with `extra` flags.
+fn operator(cluster: &TestCluster, extra: &[&str]) -> Proc {
+    let kubeconfig = cluster.kubeconfig().to_str().unwrap().to_string();
+    let mut args = vec![
+        "operator",
+        "--kubeconfig",
+        &kubeconfig,
+        "--identity",
+        "operator-a",
+        "--lease-namespace",
+        "shop",
+        "--listen",
+        "127.0.0.1:0",
+    ];
+    args.extend_from_slice(extra);
+    Proc::spawn(&args)
+}
+
+/// A router pod for the service (its admin API on the pods' network), found through the
+/// `coalmine-router` Service and its EndpointSlice, sending everything to `primary` until the
+/// operator says otherwise.
+async fn router_pod(kube: &kube::Client, pods: &PodNetwork, primary: Ipv4Addr) -> Router {
+    let proc = Proc::spawn(&[
+        "proxy",
+        "--listen",
+        "127.0.0.1:0",
+        "--admin",
+        &format!("{}:0", pods.host_ip),
+        "--stable",
+        &format!("http://{primary}:80"),
+    ]);
+    let base = format!("http://{}", proc.addr("listen"));
+    let admin = format!("http://{}", proc.addr("admin"));
+    let admin_port = proc.addr("admin").port();
+    let services: Api<Service> = Api::namespaced(kube.clone(), "shop");
+    services
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": "coalmine-router"},
+                "spec": {"ports": [{"name": "http", "port": 80}, {"name": "admin", "port": 9090, "targetPort": admin_port}]}}))
+            .unwrap(),
+        )
+        .await
+        .unwrap();
+    let slices: Api<EndpointSlice> = Api::namespaced(kube.clone(), "shop");
+    slices
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({
+                "metadata": {"name": "coalmine-router-1", "labels": {"kubernetes.io/service-name": "coalmine-router"}},
+                "addressType": "IPv4",
+                "endpoints": [{"addresses": [pods.host_ip.to_string()], "conditions": {"ready": true}}],
+                "ports": [{"name": "admin", "port": admin_port, "protocol": "TCP"}],
+            }))
+            .unwrap(),
+        )
+        .await
+        .unwrap();
+    Router { proc, base, admin }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_seeds_canary_on_coalmine_routers_is_promoted_then_a_bad_release_rolls_back_on_real_errors(
+) {
+    let pods = PodNetwork::create();
+    let cluster = cluster().await;
+    let kube = cluster.client();
     let deployments: Api<Deployment> = Api::namespaced(kube.clone(), "shop");
     deployments
         .create(
@@ -101,14 +180,7 @@ async fn the_seeds_canary_on_coalmine_routers_is_promoted_then_a_bad_release_rol
     let mut canary: serde_json::Value = serde_saphyr::from_str(WEB_APP_CANARY).unwrap();
     canary["metadata"]["namespace"] = "shop".into();
     canary["spec"]["analysis"]["interval"] = "1s".into();
-    let canaries: Api<DynamicObject> = Api::namespaced_with(
-        kube.clone(),
-        "shop",
-        &ApiResource::from_gvk_with_plural(
-            &kube::api::GroupVersionKind::gvk("flagger.app", "v1beta1", "Canary"),
-            "canaries",
-        ),
-    );
+    let canaries = canaries(&kube);
     canaries
         .create(
             &PostParams::default(),
@@ -116,20 +188,7 @@ async fn the_seeds_canary_on_coalmine_routers_is_promoted_then_a_bad_release_rol
         )
         .await
         .unwrap();
-    let kubeconfig = cluster.kubeconfig().to_str().unwrap().to_string();
-    let operator = Proc::spawn(&[
-        "operator",
-        "--kubeconfig",
-        &kubeconfig,
-        "--identity",
-        "operator-a",
-        "--lease-namespace",
-        "shop",
-        "--listen",
-        "127.0.0.1:0",
-        "--provider",
-        "coalmine",
-    ]);
+    let operator = operator(&cluster, &["--provider", "coalmine"]);
     let status = || async { canaries.get("web-app").await.unwrap().data["status"].clone() };
 
     // Initialised as under Flagger: the primary, the Services (the apex on the primary).
@@ -171,44 +230,7 @@ async fn the_seeds_canary_on_coalmine_routers_is_promoted_then_a_bad_release_rol
         "canary-2.0.0",
     ]);
     // A router pod, started for the service, found through its Service's EndpointSlice.
-    let router = {
-        let proc = Proc::spawn(&[
-            "proxy",
-            "--listen",
-            "127.0.0.1:0",
-            "--admin",
-            &format!("{}:0", pods.host_ip),
-            "--stable",
-            &format!("http://{primary_ip}:80"),
-        ]);
-        let base = format!("http://{}", proc.addr("listen"));
-        let admin = format!("http://{}", proc.addr("admin"));
-        Router { proc, base, admin }
-    };
-    let admin_port = router.proc.addr("admin").port();
-    services
-        .create(
-            &PostParams::default(),
-            &serde_json::from_value(json!({"metadata": {"name": "coalmine-router"},
-                "spec": {"ports": [{"name": "http", "port": 80}, {"name": "admin", "port": 9090, "targetPort": admin_port}]}}))
-            .unwrap(),
-        )
-        .await
-        .unwrap();
-    let slices: Api<EndpointSlice> = Api::namespaced(kube.clone(), "shop");
-    slices
-        .create(
-            &PostParams::default(),
-            &serde_json::from_value(json!({
-                "metadata": {"name": "coalmine-router-1", "labels": {"kubernetes.io/service-name": "coalmine-router"}},
-                "addressType": "IPv4",
-                "endpoints": [{"addresses": [pods.host_ip.to_string()], "conditions": {"ready": true}}],
-                "ports": [{"name": "admin", "port": admin_port, "protocol": "TCP"}],
-            }))
-            .unwrap(),
-        )
-        .await
-        .unwrap();
+    let router = router_pod(&kube, &pods, primary_ip).await;
 
     // A good release under real traffic: stepped 5 → 50 % by the routers, promoted.
     let traffic = users(&router, 4);
@@ -341,4 +363,216 @@ async fn the_seeds_canary_on_coalmine_routers_is_promoted_then_a_bad_release_rol
         "{warnings:#?}"
     );
     drop(canary_pod);
+}
+
+/// A node agent, one pod per node.
+const NODE_AGENT: &str = "
+apiVersion: apps/v1
+kind: DaemonSet
+metadata: {name: node-agent, namespace: shop}
+spec:
+  selector: {matchLabels: {app: node-agent}}
+  template:
+    metadata: {labels: {app: node-agent}}
+    spec:
+      containers: [{name: node-agent, image: 'registry.example/node-agent:1.0.0'}]
+";
+
+const NODE_AGENT_CANARY: &str = "
+apiVersion: flagger.app/v1beta1
+kind: Canary
+metadata:
+  name: node-agent
+  namespace: shop
+  # Flagger's CRD allows no `provider: coalmine`: naming the routers chooses them.
+  annotations: {coalmine.dev/routers: coalmine-router}
+spec:
+  targetRef: {apiVersion: apps/v1, kind: DaemonSet, name: node-agent}
+  service: {port: 80}
+  analysis:
+    interval: 1s
+    threshold: 2
+    stepWeights: [10, 50]
+    metrics:
+      - {name: request-success-rate, thresholdRange: {min: 99}, interval: 1m}
+";
+
+/// The DaemonSet controller and kubelet's part on a 3-node cluster: every DaemonSet runs its
+/// pods on the 3 nodes, none where it is parked.
+async fn daemon_kubelet(daemon_sets: &Api<DaemonSet>) {
+    for ds in daemon_sets.list(&Default::default()).await.unwrap().items {
+        let parked = ds
+            .spec
+            .as_ref()
+            .and_then(|s| s.template.spec.as_ref())
+            .and_then(|s| s.node_selector.as_ref())
+            .is_some_and(|n| n.contains_key("flagger.app/scale-to-zero"));
+        let n = if parked { 0 } else { 3 };
+        let generation = ds.metadata.generation.unwrap_or(0);
+        let status = ds.status.clone().unwrap_or_default();
+        if status.observed_generation == Some(generation) && status.desired_number_scheduled == n {
+            continue;
+        }
+        let patch = json!({"status": {"observedGeneration": generation, "currentNumberScheduled": n,
+            "desiredNumberScheduled": n, "numberMisscheduled": 0, "numberReady": n,
+            "updatedNumberScheduled": n, "numberAvailable": n}});
+        daemon_sets
+            .patch_status(
+                ds.metadata.name.as_deref().unwrap(),
+                &PatchParams::default(),
+                &Patch::Merge(&patch),
+            )
+            .await
+            .unwrap();
+    }
+}
+
+fn parked(ds: &DaemonSet) -> bool {
+    ds.spec
+        .as_ref()
+        .unwrap()
+        .template
+        .spec
+        .as_ref()
+        .unwrap()
+        .node_selector
+        .as_ref()
+        .is_some_and(|n| n.get("flagger.app/scale-to-zero").map(String::as_str) == Some("true"))
+}
+
+fn image(ds: &DaemonSet) -> Option<String> {
+    ds.spec
+        .as_ref()
+        .unwrap()
+        .template
+        .spec
+        .as_ref()
+        .unwrap()
+        .containers[0]
+        .image
+        .clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_daemon_set_is_parked_analysed_on_every_node_and_promoted_through_its_primary() {
+    let pods = PodNetwork::create();
+    let cluster = cluster().await;
+    let kube = cluster.client();
+    let daemon_sets: Api<DaemonSet> = Api::namespaced(kube.clone(), "shop");
+    daemon_sets
+        .create(
+            &PostParams::default(),
+            &serde_saphyr::from_str(NODE_AGENT).unwrap(),
+        )
+        .await
+        .unwrap();
+    let canaries = canaries(&kube);
+    canaries
+        .create(
+            &PostParams::default(),
+            &serde_saphyr::from_str(NODE_AGENT_CANARY).unwrap(),
+        )
+        .await
+        .unwrap();
+    // The Canary names its routers: the operator's default provider (kubernetes) does not apply.
+    let operator = operator(&cluster, &[]);
+    let status = || async { canaries.get("node-agent").await.unwrap().data["status"].clone() };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while status().await["phase"] != "Initialized" {
+        assert!(
+            Instant::now() < deadline,
+            "not initialised: {:#}\n{}",
+            status().await,
+            operator.stderr()
+        );
+        daemon_kubelet(&daemon_sets).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // As Flagger: the primary runs the template on every node; the target is parked.
+    let primary = daemon_sets.get("node-agent-primary").await.unwrap();
+    assert!(!parked(&primary), "the primary runs everywhere");
+    assert_eq!(
+        primary
+            .spec
+            .as_ref()
+            .unwrap()
+            .selector
+            .match_labels
+            .as_ref()
+            .unwrap()["app"],
+        "node-agent-primary"
+    );
+    assert!(parked(&daemon_sets.get("node-agent").await.unwrap()));
+    let services: Api<Service> = Api::namespaced(kube.clone(), "shop");
+    let primary_ip = cluster_ip(&services, "node-agent-primary").await;
+    let canary_ip = cluster_ip(&services, "node-agent-canary").await;
+    pods.route_here(primary_ip);
+    pods.route_here(canary_ip);
+    let _primary_pod = pods.spawn(&[
+        "upstream",
+        "--listen",
+        &format!("{primary_ip}:80"),
+        "--name",
+        "primary",
+    ]);
+    let _canary_pod = pods.spawn(&[
+        "upstream",
+        "--listen",
+        &format!("{canary_ip}:80"),
+        "--name",
+        "canary",
+    ]);
+    let router = router_pod(&kube, &pods, primary_ip).await;
+
+    // A new image: the canary runs on every node while the routers send it 10 %, then 50 %.
+    let traffic = users(&router, 4);
+    let patch = json!({"spec": {"template": {"spec": {"containers": [
+        {"name": "node-agent", "image": "registry.example/node-agent:2.0.0"}]}}}});
+    daemon_sets
+        .patch(
+            "node-agent",
+            &PatchParams::default(),
+            &Patch::Strategic(&patch),
+        )
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut ran_unparked = false;
+    let s = loop {
+        daemon_kubelet(&daemon_sets).await;
+        let s = status().await;
+        ran_unparked |= !parked(&daemon_sets.get("node-agent").await.unwrap());
+        if s["phase"] == "Succeeded" || s["phase"] == "Failed" {
+            break s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not done within 60 s: {s:#}\n{}",
+            operator.stderr()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let (ok, failed) = traffic.stop().await;
+    assert_eq!(s["phase"], "Succeeded", "{s:#}\n{}", operator.stderr());
+    assert!(ran_unparked, "the canary never ran");
+    assert_eq!(failed, 0, "{ok} ok");
+    let stats = get_json(&format!("{}/stats", router.admin)).await;
+    assert!(stats["canary"]["requests"].as_u64() > Some(0), "{stats:#}");
+    assert_eq!(
+        image(&daemon_sets.get("node-agent-primary").await.unwrap()).as_deref(),
+        Some("registry.example/node-agent:2.0.0")
+    );
+    assert!(
+        parked(&daemon_sets.get("node-agent").await.unwrap()),
+        "parked again"
+    );
+    // Parking is Coalmine's own edit of the template: not a new revision to analyse.
+    let applied = s["lastAppliedSpec"].clone();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let s = status().await;
+    assert_eq!(
+        (&s["phase"], &s["lastAppliedSpec"]),
+        (&json!("Succeeded"), &applied),
+        "{s:#}"
+    );
 }

@@ -17,12 +17,14 @@ use coalmine_controller::traffic::TrafficBackend;
 use coalmine_controller::BoxFuture;
 use coalmine_rollout::{Traffic, TrafficFault};
 
+use k8s_openapi::api::apps::v1::Deployment;
+
 use crate::seams::workloads::{Apex, Workloads, WorkloadsSpec};
-use crate::workload::{replica_plan, ApexTo, ReplicaPlan};
+use crate::workload::{replica_plan, ApexTo, ReplicaPlan, Workload};
 
 /// The canary's weight as its share of replicas behind the apex.
 pub struct ReplicaRatio {
-    workloads: Workloads,
+    workloads: Workloads<Deployment>,
 }
 
 impl ReplicaRatio {
@@ -44,7 +46,7 @@ impl ReplicaRatio {
         let target = workloads.target().await?;
         workloads.check_label(&target)?;
         let primary = workloads.primary().await?;
-        let primary_replicas = primary.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
+        let primary_replicas = primary.replicas().unwrap_or(1);
         let plan = if traffic.canary {
             replica_plan(primary_replicas, traffic.canary_weight)
         } else {
@@ -54,7 +56,7 @@ impl ReplicaRatio {
                 effective_percent: 0.0,
             }
         };
-        let current = target.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
+        let current = target.canary_size();
         let mut changed = Vec::new();
         if plan.canary > current {
             changed.extend(workloads.scale_canary(&target, plan.canary).await?);

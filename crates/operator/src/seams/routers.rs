@@ -24,7 +24,7 @@ use kube::api::{Api, ListParams};
 
 use crate::crd::RoutersRef;
 use crate::seams::workloads::Workloads;
-use crate::workload::replica_split;
+use crate::workload::Workload;
 
 /// The label an EndpointSlice carries naming its Service.
 const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
@@ -190,16 +190,16 @@ pub async fn locate(
     })
 }
 
-/// The routers weigh; the workloads run the versions.
-pub struct CoalmineRouters {
-    workloads: Workloads,
+/// The routers weigh; the workloads (Deployments or DaemonSets) run the versions.
+pub struct CoalmineRouters<W: Workload> {
+    workloads: Workloads<W>,
     /// The controller's routers backend, its stable upstream the primary's Service and its
     /// canary the canary's.
     routers: Arc<dyn TrafficBackend>,
 }
 
-impl CoalmineRouters {
-    pub fn new(workloads: Workloads, routers: Arc<dyn TrafficBackend>) -> CoalmineRouters {
+impl<W: Workload> CoalmineRouters<W> {
+    pub fn new(workloads: Workloads<W>, routers: Arc<dyn TrafficBackend>) -> CoalmineRouters<W> {
         CoalmineRouters { workloads, routers }
     }
 
@@ -208,14 +208,11 @@ impl CoalmineRouters {
     async fn analyse(&self, traffic: &Traffic) -> Result<Vec<String>, TrafficFault> {
         let target = self.workloads.target().await?;
         let primary = self.workloads.primary().await?;
-        let primary_replicas = primary.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
         // Pods in proportion to the weight, as many per request as the primary's; never more
         // than the primary has (100 % on the canary needs the primary's capacity, not more),
-        // and one at least (a header match or a mirror at weight 0 still reaches it).
-        let wanted = replica_split(primary_replicas, traffic.canary_weight)
-            .canary
-            .min(primary_replicas)
-            .max(1);
+        // and one at least (a header match or a mirror at weight 0 still reaches it). A
+        // DaemonSet's canary runs on every node.
+        let wanted = W::canary_capacity(&primary, traffic.canary_weight);
         let mut changed: Vec<String> = self
             .workloads
             .scale_canary(&target, wanted)
@@ -236,7 +233,7 @@ impl CoalmineRouters {
     }
 }
 
-impl TrafficBackend for CoalmineRouters {
+impl<W: Workload> TrafficBackend for CoalmineRouters<W> {
     fn claim(&self) -> BoxFuture<'_, Result<(), TrafficFault>> {
         Box::pin(async move {
             self.workloads.claim().await?;

@@ -16,7 +16,6 @@
 use std::collections::BTreeMap;
 
 use coalmine_rollout::TrafficFault;
-use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
@@ -25,8 +24,8 @@ use kube::api::{Api, Patch, PatchParams, PostParams};
 use crate::configs::TrackedConfigs;
 use crate::seams::configs::ConfigTracker;
 use crate::workload::{
-    primary_autoscaler, primary_deployment, primary_name, readiness, services, ApexTo, Readiness,
-    SelectorLabel, ServicePortSpec,
+    primary_autoscaler, primary_name, primary_workload, services, ApexTo, Readiness, SelectorLabel,
+    ServicePortSpec, Workload,
 };
 
 /// The label the apex Service selects, on both versions' pods.
@@ -46,10 +45,10 @@ pub enum Apex {
     Primary,
 }
 
-/// What a rollout works on: the user's target, the primary Coalmine runs beside it, the
-/// Services.
-pub struct Workloads {
-    deployments: Api<Deployment>,
+/// What a rollout works on: the user's target (a Deployment or DaemonSet, `W`), the primary
+/// Coalmine runs beside it, the Services.
+pub struct Workloads<W: Workload> {
+    workloads: Api<W>,
     services: Api<Service>,
     autoscalers: Api<HorizontalPodAutoscaler>,
     configs: ConfigTracker,
@@ -103,15 +102,15 @@ pub(crate) fn fault(what: &str, e: kube::Error) -> TrafficFault {
     }
 }
 
-impl Workloads {
-    pub fn new(client: kube::Client, spec: WorkloadsSpec, apex_selects: Apex) -> Workloads {
+impl<W: Workload> Workloads<W> {
+    pub fn new(client: kube::Client, spec: WorkloadsSpec, apex_selects: Apex) -> Workloads<W> {
         let apex = spec
             .port
             .name
             .clone()
             .unwrap_or_else(|| spec.target.clone());
         Workloads {
-            deployments: Api::namespaced(client.clone(), &spec.namespace),
+            workloads: Api::namespaced(client.clone(), &spec.namespace),
             services: Api::namespaced(client.clone(), &spec.namespace),
             autoscalers: Api::namespaced(client.clone(), &spec.namespace),
             configs: ConfigTracker::new(client, &spec.namespace),
@@ -128,27 +127,27 @@ impl Workloads {
         }
     }
 
-    pub(crate) async fn target(&self) -> Result<Deployment, TrafficFault> {
-        self.deployments
+    pub(crate) async fn target(&self) -> Result<W, TrafficFault> {
+        self.workloads
             .get(&self.target)
             .await
-            .map_err(|e| fault(&format!("Deployment {}", self.target), e))
+            .map_err(|e| fault(&format!("{} {}", W::KIND, self.target), e))
     }
 
     /// The target's pods must carry the apex's label, or the apex would not reach them.
-    pub(crate) fn check_label(&self, target: &Deployment) -> Result<(), TrafficFault> {
+    pub(crate) fn check_label(&self, target: &W) -> Result<(), TrafficFault> {
         if self.apex_selects == Apex::Primary {
             return Ok(());
         }
         let labels = target
-            .spec
-            .as_ref()
-            .and_then(|s| s.template.metadata.as_ref())
+            .template()
+            .and_then(|t| t.metadata.as_ref())
             .and_then(|m| m.labels.as_ref());
         match labels.and_then(|l| l.get(SERVICE_LABEL)) {
             Some(v) if *v == self.apex => Ok(()),
             found => Err(TrafficFault::Refused(format!(
-                "Deployment {}: spec.template.metadata.labels needs {SERVICE_LABEL}: {} (found {}): provider kubernetes splits by replicas behind Service {}, which selects that label on both versions' pods",
+                "{} {}: spec.template.metadata.labels needs {SERVICE_LABEL}: {} (found {}): provider kubernetes splits by replicas behind Service {}, which selects that label on both versions' pods",
+                W::KIND,
                 self.target,
                 self.apex,
                 found.map_or("none".into(), |v| format!("{v:?}")),
@@ -157,20 +156,28 @@ impl Workloads {
         }
     }
 
-    async fn scale_target(&self, replicas: i32) -> Result<(), TrafficFault> {
-        let patch = serde_json::json!({ "spec": { "replicas": replicas } });
-        self.deployments
-            .patch_scale(&self.target, &PatchParams::default(), &Patch::Merge(&patch))
-            .await
-            .map(|_| ())
-            .map_err(|e| fault(&format!("scaling Deployment {}", self.target), e))
+    async fn scale_target(&self, size: i32) -> Result<(), TrafficFault> {
+        let (patch, scale) = W::size_patch(size);
+        let params = PatchParams::default();
+        let patched = if scale {
+            self.workloads
+                .patch_scale(&self.target, &params, &Patch::Merge(&patch))
+                .await
+                .map(|_| ())
+        } else {
+            self.workloads
+                .patch(&self.target, &params, &Patch::Merge(&patch))
+                .await
+                .map(|_| ())
+        };
+        patched.map_err(|e| fault(&format!("scaling {} {}", W::KIND, self.target), e))
     }
 
     /// Points the apex at the primary's pods, both versions' (by the shared label), or the
     /// canary's (the target, as read, gives the selector label).
     /// The whole apex Service is applied each time: an apply of the selector alone would drop
     /// the other fields this field manager set (its ports), as server-side apply does.
-    pub(crate) async fn select(&self, target: &Deployment, to: ApexTo) -> Result<(), TrafficFault> {
+    pub(crate) async fn select(&self, target: &W, to: ApexTo) -> Result<(), TrafficFault> {
         let refused = |e: crate::workload::WorkloadError| TrafficFault::Refused(e.to_string());
         let label = SelectorLabel::of(target).map_err(refused)?;
         let selector = match to {
@@ -208,47 +215,38 @@ impl Workloads {
     /// copies of `tracked`.
     async fn apply_primary(
         &self,
-        target: &Deployment,
+        target: &W,
         replicas: Option<i32>,
         tracked: &TrackedConfigs,
-    ) -> Result<Deployment, TrafficFault> {
-        let mut primary = primary_deployment(
+    ) -> Result<W, TrafficFault> {
+        let primary = primary_workload(
             target,
             &self.owner_reference,
             replicas,
             &tracked.references(),
         )
         .map_err(|e| TrafficFault::Refused(e.to_string()))?;
+        let mut object = serde_json::to_value(&primary).expect("a workload serializes");
         if self.apex_selects == Apex::BothVersions {
-            primary
-                .spec
-                .as_mut()
-                .and_then(|s| s.template.metadata.as_mut())
-                .and_then(|m| m.labels.as_mut())
-                .map(|l| l.insert(SERVICE_LABEL.to_string(), self.apex.clone()));
+            object["spec"]["template"]["metadata"]["labels"][SERVICE_LABEL] =
+                self.apex.clone().into();
         }
-        let mut object = serde_json::to_value(&primary).expect("a Deployment serializes");
-        object["apiVersion"] = "apps/v1".into();
-        object["kind"] = "Deployment".into();
+        object["apiVersion"] = W::api_version(&()).into();
+        object["kind"] = W::KIND.into();
         let name = primary_name(&self.target);
-        self.deployments
+        self.workloads
             .patch(
                 &name,
                 &PatchParams::apply(FIELD_MANAGER).force(),
                 &Patch::Apply(&object),
             )
             .await
-            .map_err(|e| fault(&format!("Deployment {name}"), e))
+            .map_err(|e| fault(&format!("{} {name}", W::KIND), e))
     }
 
     /// The tracked ConfigMaps and Secrets the target's pods read now.
-    async fn tracked_configs(&self, target: &Deployment) -> Result<TrackedConfigs, TrafficFault> {
-        let template = target
-            .spec
-            .as_ref()
-            .map(|s| s.template.clone())
-            .unwrap_or_default();
-        self.configs.read(&template).await
+    async fn tracked_configs(&self, target: &W) -> Result<TrackedConfigs, TrafficFault> {
+        self.configs.read(&target.revision_template()).await
     }
 
     /// The target's autoscaler, if the rollout names one; one that does not exist holds,
@@ -295,16 +293,17 @@ impl Workloads {
     /// Scales the canary (the target, as read) to `wanted` replicas; says so if it changed.
     pub(crate) async fn scale_canary(
         &self,
-        target: &Deployment,
+        target: &W,
         wanted: i32,
     ) -> Result<Option<String>, TrafficFault> {
-        let current = target.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
+        let current = target.canary_size();
         if current == wanted {
             return Ok(None);
         }
         self.scale_target(wanted).await?;
         Ok(Some(format!(
-            "Deployment {} replicas {current} → {wanted}",
+            "{} {} replicas {current} → {wanted}",
+            W::KIND,
             self.target
         )))
     }
@@ -314,12 +313,12 @@ impl Workloads {
         self.hold_until_ready(&self.target().await?, self.canary_ready_threshold)
     }
 
-    pub(crate) async fn primary(&self) -> Result<Deployment, TrafficFault> {
+    pub(crate) async fn primary(&self) -> Result<W, TrafficFault> {
         let name = primary_name(&self.target);
-        self.deployments
+        self.workloads
             .get(&name)
             .await
-            .map_err(|e| fault(&format!("Deployment {name}"), e))
+            .map_err(|e| fault(&format!("{} {name}", W::KIND), e))
     }
 
     /// Flagger's initialisation: the primary (the target's template and size, reading copies
@@ -332,12 +331,12 @@ impl Workloads {
         self.check_label(&target)?;
         let autoscaler = self.target_autoscaler().await?;
         let tracked = self.tracked_configs(&target).await?;
-        let existing = self.deployments.get_opt(&primary_name(&self.target)).await;
-        let existing = existing.map_err(|e| fault("Deployment primary", e))?;
+        let existing = self.workloads.get_opt(&primary_name(&self.target)).await;
+        let existing = existing.map_err(|e| fault(&format!("{} primary", W::KIND), e))?;
         // The primary's size, once it exists, is its own (or its autoscaler's).
         let replicas = match &existing {
-            Some(p) => p.spec.as_ref().and_then(|s| s.replicas),
-            None => target.spec.as_ref().and_then(|s| s.replicas),
+            Some(p) => p.replicas(),
+            None => target.replicas(),
         };
         let primary = match existing {
             Some(p) => p,
@@ -366,7 +365,7 @@ impl Workloads {
             self.apply_service(service).await?;
         }
         self.hold_until_ready(&primary, self.primary_ready_threshold)?;
-        if target.spec.as_ref().and_then(|s| s.replicas) != Some(0) {
+        if target.canary_size() != 0 {
             self.scale_target(0).await?;
         }
         Ok(())
@@ -375,15 +374,10 @@ impl Workloads {
     /// Ready, or hold (the tick waits, up to the progress deadline), or fail (roll back).
     pub(crate) fn hold_until_ready(
         &self,
-        workload: &Deployment,
+        workload: &W,
         threshold: u32,
     ) -> Result<(), TrafficFault> {
-        match readiness(
-            workload,
-            threshold,
-            self.progress_deadline_seconds,
-            unix_now(),
-        ) {
+        match workload.readiness(threshold, self.progress_deadline_seconds, unix_now()) {
             Readiness::Ready => Ok(()),
             Readiness::Waiting(why) => Err(TrafficFault::Unreachable(why)),
             Readiness::Failed(why) => Err(TrafficFault::Refused(why)),
@@ -393,7 +387,7 @@ impl Workloads {
     /// Promotion's first half: the primary runs the target's template and configs (and its
     /// autoscaler's settings); holds until it has rolled out. The canary is the caller's to
     /// take off then.
-    pub(crate) async fn promote_primary(&self) -> Result<Deployment, TrafficFault> {
+    pub(crate) async fn promote_primary(&self) -> Result<W, TrafficFault> {
         let target = self.target().await?;
         let autoscaler = self.target_autoscaler().await?;
         let tracked = self.tracked_configs(&target).await?;
@@ -401,7 +395,7 @@ impl Workloads {
             .copy_to_primary(&tracked, &self.owner_reference)
             .await?;
         // Its size stays: an apply without `replicas` would drop the field Coalmine owns.
-        let size = self.primary().await?.spec.and_then(|s| s.replicas);
+        let size = self.primary().await?.replicas();
         let primary = self.apply_primary(&target, size, &tracked).await?;
         if let Some(hpa) = &autoscaler {
             self.apply_primary_autoscaler(hpa).await?;
@@ -431,7 +425,8 @@ impl Workloads {
             }
         }
         Err(TrafficFault::Unreachable(format!(
-            "Deployment {} kept changing while it was being claimed",
+            "{} {} kept changing while it was being claimed",
+            W::KIND,
             self.target
         )))
     }
@@ -440,7 +435,7 @@ impl Workloads {
     async fn try_set_owner(&self, owner: Option<&str>) -> Result<bool, TrafficFault> {
         let target = self.target().await?;
         let held = target
-            .metadata
+            .meta()
             .annotations
             .as_ref()
             .and_then(|a| a.get(OWNER_ANNOTATION))
@@ -448,7 +443,8 @@ impl Workloads {
         match (&held, owner) {
             (Some(other), Some(_)) if *other != self.owner => {
                 return Err(TrafficFault::Refused(format!(
-                    "Deployment {} is driven by {other}; one rollout at a time",
+                    "{} {} is driven by {other}; one rollout at a time",
+                    W::KIND,
                     self.target
                 )))
             }
@@ -458,7 +454,7 @@ impl Workloads {
         }
         let mut updated = target.clone();
         let annotations = updated
-            .metadata
+            .meta_mut()
             .annotations
             .get_or_insert_with(BTreeMap::new);
         match owner {
@@ -466,13 +462,13 @@ impl Workloads {
             None => annotations.remove(OWNER_ANNOTATION),
         };
         match self
-            .deployments
+            .workloads
             .replace(&self.target, &PostParams::default(), &updated)
             .await
         {
             Ok(_) => Ok(true),
             Err(kube::Error::Api(status)) if status.code == 409 => Ok(false),
-            Err(e) => Err(fault(&format!("Deployment {}", self.target), e)),
+            Err(e) => Err(fault(&format!("{} {}", W::KIND, self.target), e)),
         }
     }
 }
