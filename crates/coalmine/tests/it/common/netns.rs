@@ -4,6 +4,9 @@
 //! 10.231.0.0/17. Addresses given to the namespace (`route_here`) are routed to it from here, as
 //! kube-proxy makes a Service's cluster IP reach its pods. Nothing leaves the machine: every
 //! address is on the pair. Needs root (CAP_NET_ADMIN) and iproute2.
+//!
+//! One pod network at a time on the machine (a file lock, held while it lives): routes to cluster
+//! IPs are machine-wide, and every test cluster gives out the same first addresses of its range.
 
 use std::io::{BufRead, BufReader};
 use std::net::Ipv4Addr;
@@ -12,6 +15,8 @@ use std::process::{Child, Command, Stdio};
 use super::{Proc, BIN};
 
 pub struct PodNetwork {
+    /// Dropped last: the routes are gone by then.
+    _one_at_a_time: std::fs::File,
     holder: Child,
     /// The veth's end in this namespace, and its address.
     host_link: String,
@@ -36,6 +41,13 @@ fn ip(args: &[&str]) {
 
 impl PodNetwork {
     pub fn create() -> PodNetwork {
+        let lock = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(std::env::temp_dir().join("coalmine-test-pod-network.lock"))
+            .unwrap();
+        lock.lock().unwrap();
         let mut holder = Command::new("unshare")
             .args(["--net", "sh", "-c", "echo ready && exec sleep 600"])
             .stdout(Stdio::piped())
@@ -53,6 +65,7 @@ impl PodNetwork {
         let (host_ip, pod_ip) = (Ipv4Addr::from(base + 1), Ipv4Addr::from(base + 2));
         let (host_link, pod_link) = (format!("cmh{pid}"), format!("cmp{pid}"));
         let network = PodNetwork {
+            _one_at_a_time: lock,
             holder,
             host_link,
             host_ip,
