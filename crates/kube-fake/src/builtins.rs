@@ -12,10 +12,11 @@ use crate::store::Store;
 
 /// The service range of every test cluster, fake or real (`--service-cluster-ip-range`). A
 /// range of its own, not a common LAN's, so a test can route it to stand-ins for pods in a
-/// network namespace without shadowing a real network.
-pub const SERVICE_CIDR: &str = "10.231.128.0/24";
+/// network namespace without shadowing a real network; large enough for the benchmarks'
+/// thousands of Services (three per Canary).
+pub const SERVICE_CIDR: &str = "10.231.128.0/17";
 const SERVICE_BASE: Ipv4Addr = Ipv4Addr::new(10, 231, 128, 0);
-const SERVICE_PREFIX: u32 = 24;
+const SERVICE_PREFIX: u32 = 17;
 
 fn is(rt: &ResourceType, group: &str, plural: &str) -> bool {
     rt.crd.is_none() && rt.group == group && rt.plural == plural
@@ -153,7 +154,7 @@ fn default_service(
             }],
         )
     };
-    let taken: Vec<Ipv4Addr> = store
+    let taken: std::collections::HashSet<Ipv4Addr> = store
         .objects
         .iter()
         .filter(|((group, plural, _, _), _)| group.is_empty() && plural == "services")
