@@ -136,6 +136,10 @@ pub(crate) async fn reconcile(
     let Some(canary) = canaries.get_opt(&name).await? else {
         return Ok(Action::await_change());
     };
+    if canary.metadata.deletion_timestamp.is_some() {
+        // Being deleted: its Rollout stays as it is (a revert, if asked for, runs on it).
+        return Ok(Action::await_change());
+    }
     let owner = canary
         .controller_owner_ref(&())
         .expect("a Canary from the API server has a name and uid");

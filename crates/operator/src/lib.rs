@@ -32,6 +32,7 @@ pub mod health;
 pub mod leader;
 pub mod next;
 pub mod requests;
+pub mod revert;
 pub mod run;
 pub mod seams;
 pub mod status;

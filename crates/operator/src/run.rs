@@ -334,6 +334,7 @@ where
                     meta.uid.as_ref(),
                     meta.generation,
                     meta.annotations.as_ref(),
+                    meta.deletion_timestamp.is_some(),
                 )
                     .hash(&mut hasher);
                 let key = (meta.namespace.clone(), meta.name.clone());
@@ -620,9 +621,20 @@ fn invalid_condition(said: &str) -> serde_json::Value {
 
 /// A Warning Event `InvalidSpec` on what the user wrote (a Canary, a Rollout).
 async fn warn_invalid(context: &Context, regarding: &ObjectReference, said: String) {
+    tell(context, regarding, EventType::Warning, "InvalidSpec", said).await;
+}
+
+/// An Event from the reconciler (not a run) on what the user wrote.
+async fn tell(
+    context: &Context,
+    regarding: &ObjectReference,
+    type_: EventType,
+    reason: &str,
+    said: String,
+) {
     let event = KubeEvent {
-        type_: EventType::Warning,
-        reason: "InvalidSpec".into(),
+        type_,
+        reason: reason.into(),
         note: Some(said),
         action: "Reconcile".into(),
         secondary: None,
@@ -682,6 +694,22 @@ async fn reconcile(cached: Arc<Rollout>, context: Arc<Context>) -> Result<Action
             .await?;
         return Ok(Action::await_change());
     }
+    let written = match &origin {
+        Origin::Canary(canary) => &canary.metadata,
+        _ => &rollout.metadata,
+    };
+    if written.deletion_timestamp.is_some() {
+        if crate::revert::holds(written) {
+            return revert_then_let_go(&rollout, &origin, &context).await;
+        }
+        return Ok(Action::await_change());
+    }
+    if let Some(finalizers) =
+        crate::revert::finalizers_for(written, rollout.spec.revert_on_deletion)
+    {
+        let patch = Patch::Merge(crate::revert::finalizers_patch(written, finalizers));
+        patch_written(&context.client, &rollout, &origin, &patch).await?;
+    }
     match drive(&rollout, &origin, &context).await {
         Err(ReconcileError::Invalid { field, message }) => {
             // Said where kubectl shows it (a condition, an Event); other rollouts go on, and
@@ -698,6 +726,130 @@ async fn reconcile(cached: Arc<Rollout>, context: Arc<Context>) -> Result<Action
         }
         other => other,
     }
+}
+
+/// Patches what the user wrote: the Canary, or the Rollout.
+async fn patch_written(
+    client: &kube::Client,
+    rollout: &Rollout,
+    origin: &Origin,
+    patch: &Patch<serde_json::Value>,
+) -> Result<(), kube::Error> {
+    let namespace = rollout.metadata.namespace.as_deref().unwrap_or_default();
+    match origin {
+        Origin::Canary(canary) => {
+            let api: Api<Canary> = Api::namespaced(client.clone(), namespace);
+            let name = canary.metadata.name.as_deref().unwrap_or_default();
+            api.patch(name, &PatchParams::default(), patch).await?;
+        }
+        _ => {
+            let api: Api<Rollout> = Api::namespaced(client.clone(), namespace);
+            let name = rollout.metadata.name.as_deref().unwrap_or_default();
+            api.patch(name, &PatchParams::default(), patch).await?;
+        }
+    }
+    Ok(())
+}
+
+/// `revertOnDeletion` ([`crate::revert`]): the run stops, the service is put back as it was
+/// before Coalmine, then the finalizer goes and the deletion proceeds. Held (tried again) while
+/// the target is not serving yet; a revert that cannot finish is told in an Event, which says
+/// how to delete without it.
+async fn revert_then_let_go(
+    rollout: &Rollout,
+    origin: &Origin,
+    context: &Arc<Context>,
+) -> Result<Action, ReconcileError> {
+    let key = key(rollout);
+    // Nothing else moves traffic while the service is put back.
+    if let Some(run) = context.runs.lock().expect("runs lock").remove(&key) {
+        run.task.abort();
+    }
+    let reverted = if targets_daemon_set(rollout) {
+        revert_workloads::<DaemonSet>(context, rollout).await
+    } else {
+        revert_workloads::<Deployment>(context, rollout).await
+    };
+    let regarding = crate::canaries::regarding(rollout);
+    match reverted {
+        Ok(()) => {
+            let written = match origin {
+                Origin::Canary(canary) => &canary.metadata,
+                _ => &rollout.metadata,
+            };
+            let finalizers = crate::revert::finalizers_for(written, false).unwrap_or_default();
+            let patch = Patch::Merge(crate::revert::finalizers_patch(written, finalizers));
+            patch_written(&context.client, rollout, origin, &patch).await?;
+            let said = format!(
+                "Reverted on deletion: {} {} serves, Service {} selects it",
+                rollout.spec.target_ref.kind,
+                rollout.spec.target_ref.name,
+                apex(rollout)
+            );
+            tell(context, &regarding, EventType::Normal, "Reverted", said).await;
+            Ok(Action::await_change())
+        }
+        Err(TrafficFault::Unreachable(why)) => {
+            tracing::info!(rollout = %key, %why, "reverting on deletion");
+            Ok(Action::requeue(Duration::from_secs(1)))
+        }
+        Err(TrafficFault::Refused(why)) => {
+            let said = format!(
+                "revertOnDeletion cannot finish: {why}; the deletion waits (remove the finalizer {} to delete without reverting)",
+                crate::revert::REVERT_FINALIZER
+            );
+            tell(
+                context,
+                &regarding,
+                EventType::Warning,
+                "RevertFailed",
+                said,
+            )
+            .await;
+            Ok(Action::requeue(Duration::from_secs(10)))
+        }
+    }
+}
+
+/// The workloads reverted, then Coalmine's routers (provider `coalmine`) sent to the apex,
+/// which now selects the target, and let go.
+async fn revert_workloads<W: Workload>(
+    context: &Context,
+    rollout: &Rollout,
+) -> Result<(), TrafficFault> {
+    workloads::<W>(context, rollout).revert().await?;
+    if rollout.spec.provider != TrafficProvider::Coalmine {
+        return Ok(());
+    }
+    let namespace = rollout.metadata.namespace.clone().unwrap_or_default();
+    let routers = rollout.spec.routers.clone().unwrap_or_default();
+    let located = async {
+        let admins =
+            crate::seams::routers::find_routers(&context.client, &namespace, &routers).await?;
+        let apex_url = crate::seams::routers::service_url(
+            &context.client,
+            &namespace,
+            &apex(rollout),
+            rollout.spec.service.port,
+        )
+        .await?;
+        Ok::<_, LocateError>((admins, apex_url))
+    };
+    let (admins, apex_url) = located.await.map_err(|e| match e {
+        LocateError::Waiting(why) => TrafficFault::Unreachable(why),
+        other => TrafficFault::Refused(other.to_string()),
+    })?;
+    let mut document = rollout.to_document();
+    document.spec.routers = admins;
+    document.spec.stable = Some(Target::Url(apex_url.clone()));
+    document.spec.canary = Some(Target::Url(apex_url));
+    let name = rollout.metadata.name.clone().unwrap_or_default();
+    let owner = coalmine_controller::traffic::owner(&name, &context.controller);
+    let routers =
+        coalmine_controller::traffic::open(&document, coalmine_controller::Runner::Run, &owner)
+            .map_err(|u| TrafficFault::Refused(format!("spec.{}: {}", u.field, u.message)))?;
+    routers.apply(&NO_CANARY).await?;
+    routers.release().await
 }
 
 /// Tells the run what users ask: `spec.suspend` pauses and resumes it; a `coalmine.dev/request`

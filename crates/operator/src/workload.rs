@@ -79,6 +79,8 @@ pub trait Workload:
     /// The pods a canary needs to carry `weight` beside `primary` (never more than the primary
     /// has, at least one).
     fn canary_capacity(primary: &Self, weight: Weight) -> i32;
+    /// The size that serves everything `like` serves (its replicas; a DaemonSet: unparked).
+    fn serving_size(like: &Self) -> i32;
     /// The pod template as the user wrote it: what a revision is, and what the primary runs (a
     /// DaemonSet's parking selector is Coalmine's, not the user's).
     fn revision_template(&self) -> PodTemplateSpec {
@@ -132,6 +134,9 @@ impl Workload for Deployment {
         let primary = primary.replicas().unwrap_or(1);
         replica_split(primary, weight).canary.min(primary).max(1)
     }
+    fn serving_size(like: &Deployment) -> i32 {
+        like.replicas().unwrap_or(1).max(1)
+    }
     fn readiness(&self, threshold_pct: u32, deadline_seconds: u64, now: i64) -> Readiness {
         readiness(self, threshold_pct, deadline_seconds, now)
     }
@@ -183,6 +188,9 @@ impl Workload for DaemonSet {
         (patch, false)
     }
     fn canary_capacity(_primary: &DaemonSet, _weight: Weight) -> i32 {
+        1
+    }
+    fn serving_size(_like: &DaemonSet) -> i32 {
         1
     }
     fn revision_template(&self) -> PodTemplateSpec {

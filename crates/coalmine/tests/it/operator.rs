@@ -626,6 +626,86 @@ async fn a_rollout_deleted_mid_release_takes_its_canary_off() {
     release.operator.wait_for_stderr("deleted mid-run");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_canary_deleted_mid_release_with_revert_on_deletion_leaves_its_target_serving() {
+    let release = Release::start_as("Canary", "    stepWeights: [10, 20, 30, 40, 50, 60]\n").await;
+    release
+        .written
+        .patch(
+            "payment-service",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"revertOnDeletion": true}})),
+        )
+        .await
+        .unwrap();
+    let deployments = &release.deployments;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut changed_image = false;
+    loop {
+        assert!(Instant::now() < deadline, "{:#}", release.status().await);
+        kubelet(deployments).await;
+        let s = release.status().await;
+        if !changed_image && s["phase"] == "Initialized" {
+            set_new_image(deployments).await;
+            changed_image = true;
+        }
+        if changed_image && s["canaryWeight"].as_f64().unwrap_or(0.0) >= 20.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let canary = release.written.get("payment-service").await.unwrap();
+    assert_eq!(
+        canary.metadata.finalizers,
+        Some(vec!["coalmine.dev/revert-on-deletion".to_string()]),
+        "the deletion will wait for the revert"
+    );
+    release
+        .written
+        .delete("payment-service", &Default::default())
+        .await
+        .unwrap();
+    // The deletion waits until the target serves again, then completes.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while release
+        .written
+        .get_opt("payment-service")
+        .await
+        .unwrap()
+        .is_some()
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the Canary was never let go:\n{}",
+            release.operator.stderr()
+        );
+        kubelet(deployments).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // As before Coalmine: the target at full size (the primary's 9), the apex on its pods and
+    // no longer owned by the release (the garbage collector takes the primary, not the apex).
+    assert_eq!(replicas(deployments, "payment-service").await, Some(9));
+    let services: Api<k8s_openapi::api::core::v1::Service> =
+        Api::namespaced(release.cluster.client(), "shop");
+    let apex = services.get("payment-service").await.unwrap();
+    assert_eq!(apex.metadata.owner_references.unwrap_or_default(), vec![]);
+    let selector = apex.spec.unwrap().selector.unwrap();
+    assert_eq!(
+        serde_json::to_value(&selector).unwrap(),
+        json!({"app": "payment-service"})
+    );
+    let told: Vec<String> = release
+        .events("payment-service")
+        .await
+        .into_iter()
+        .filter_map(|e| e.note)
+        .collect();
+    assert!(
+        told.iter().any(|n| n.starts_with("Reverted on deletion")),
+        "{told:#?}"
+    );
+}
+
 /// Flagger's MetricTemplate `error-rate`, asking the test's Prometheus `query`.
 fn error_rate_template(prometheus: &str, query: &str) -> DynamicObject {
     serde_json::from_value(json!({

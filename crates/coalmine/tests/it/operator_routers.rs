@@ -575,4 +575,57 @@ async fn a_daemon_set_is_parked_analysed_on_every_node_and_promoted_through_its_
         (&json!("Succeeded"), &applied),
         "{s:#}"
     );
+
+    // Deleted with revertOnDeletion: the target runs everywhere again, the apex selects it, and
+    // the routers send everything there before the Canary goes.
+    canaries
+        .patch(
+            "node-agent",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"revertOnDeletion": true}})),
+        )
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while canaries
+        .get("node-agent")
+        .await
+        .unwrap()
+        .metadata
+        .finalizers
+        .is_none()
+    {
+        assert!(
+            Instant::now() < deadline,
+            "no finalizer\n{}",
+            operator.stderr()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let apex_ip = cluster_ip(&services, "node-agent").await;
+    pods.route_here(apex_ip);
+    let _target_pod = pods.spawn(&[
+        "upstream",
+        "--listen",
+        &format!("{apex_ip}:80"),
+        "--name",
+        "target",
+    ]);
+    canaries
+        .delete("node-agent", &Default::default())
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while canaries.get_opt("node-agent").await.unwrap().is_some() {
+        assert!(
+            Instant::now() < deadline,
+            "the Canary was never let go\n{}",
+            operator.stderr()
+        );
+        daemon_kubelet(&daemon_sets).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(!parked(&daemon_sets.get("node-agent").await.unwrap()));
+    let answered = answered_by(&router, 20).await;
+    assert!(answered.iter().all(|n| n == "target"), "{answered:?}");
 }

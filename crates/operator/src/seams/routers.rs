@@ -69,6 +69,19 @@ pub async fn locate(
     apex: &str,
     port: u16,
 ) -> Result<Located, LocateError> {
+    Ok(Located {
+        admins: find_routers(client, namespace, routers).await?,
+        primary: service_url(client, namespace, &format!("{apex}-primary"), port).await?,
+        canary: service_url(client, namespace, &format!("{apex}-canary"), port).await?,
+    })
+}
+
+/// Each ready router pod's admin API behind `routers` (a Service in `namespace`).
+pub async fn find_routers(
+    client: &kube::Client,
+    namespace: &str,
+    routers: &RoutersRef,
+) -> Result<Vec<HttpUrl>, LocateError> {
     let services: Api<Service> = Api::namespaced(client.clone(), namespace);
     let invalid = |field: &str, message: String| LocateError::Invalid {
         field: format!("spec.routers.{field}"),
@@ -160,34 +173,34 @@ pub async fn locate(
             if port_name.is_empty() { "unnamed" } else { &port_name }
         )));
     }
-    let version = |suffix: &'static str| {
-        let services = services.clone();
-        let name = format!("{apex}-{suffix}");
-        async move {
-            let service = services.get_opt(&name).await?.ok_or_else(|| {
-                LocateError::Waiting(format!("Service {namespace}/{name} is not made yet"))
-            })?;
-            let ip = service
-                .spec
-                .and_then(|s| s.cluster_ip)
-                .filter(|ip| !ip.is_empty() && ip != "None")
-                .ok_or_else(|| {
-                    LocateError::Waiting(format!("Service {namespace}/{name} has no cluster IP"))
-                })?;
-            let host = if ip.contains(':') {
-                format!("[{ip}]")
-            } else {
-                ip
-            };
-            HttpUrl::parse(&format!("http://{host}:{port}"))
-                .map_err(|e| LocateError::Waiting(format!("Service {namespace}/{name}: {e}")))
-        }
+    Ok(admins)
+}
+
+/// Service `name` as the routers reach it: its cluster IP on `port`.
+pub async fn service_url(
+    client: &kube::Client,
+    namespace: &str,
+    name: &str,
+    port: u16,
+) -> Result<HttpUrl, LocateError> {
+    let services: Api<Service> = Api::namespaced(client.clone(), namespace);
+    let service = services.get_opt(name).await?.ok_or_else(|| {
+        LocateError::Waiting(format!("Service {namespace}/{name} is not made yet"))
+    })?;
+    let ip = service
+        .spec
+        .and_then(|s| s.cluster_ip)
+        .filter(|ip| !ip.is_empty() && ip != "None")
+        .ok_or_else(|| {
+            LocateError::Waiting(format!("Service {namespace}/{name} has no cluster IP"))
+        })?;
+    let host = if ip.contains(':') {
+        format!("[{ip}]")
+    } else {
+        ip
     };
-    Ok(Located {
-        admins,
-        primary: version("primary").await?,
-        canary: version("canary").await?,
-    })
+    HttpUrl::parse(&format!("http://{host}:{port}"))
+        .map_err(|e| LocateError::Waiting(format!("Service {namespace}/{name}: {e}")))
 }
 
 /// The routers weigh; the workloads (Deployments or DaemonSets) run the versions.

@@ -410,6 +410,30 @@ impl<W: Workload> Workloads<W> {
         self.set_owner(Some(&self.owner)).await
     }
 
+    /// `revertOnDeletion`: the service as it was before Coalmine — the target at the primary's
+    /// size (a DaemonSet unparked) and, once it is ready (`Unreachable` until then), the apex
+    /// Service selecting it and no longer owned by the rollout, so that it outlives it (the
+    /// primary and the other Services go with the rollout). The target is let go.
+    pub async fn revert(&self) -> Result<(), TrafficFault> {
+        let target = self.target().await?;
+        let size = match self.workloads.get_opt(&primary_name(&self.target)).await {
+            Ok(primary) => W::serving_size(primary.as_ref().unwrap_or(&target)),
+            Err(e) => return Err(fault(&format!("{} primary", W::KIND), e)),
+        };
+        self.scale_canary(&target, size).await?;
+        self.hold_until_ready(&self.target().await?, self.primary_ready_threshold)?;
+        let refused = |e: crate::workload::WorkloadError| TrafficFault::Refused(e.to_string());
+        let label = SelectorLabel::of(&target).map_err(refused)?;
+        let [mut apex, ..] =
+            services(&target, &self.owner_reference, &self.port).map_err(refused)?;
+        apex.metadata.owner_references = None;
+        if let Some(spec) = apex.spec.as_mut() {
+            spec.selector = Some(BTreeMap::from([(label.key, label.value)]));
+        }
+        self.apply_service(apex).await?;
+        self.release().await
+    }
+
     /// Lets the target go.
     pub(crate) async fn release(&self) -> Result<(), TrafficFault> {
         self.set_owner(None).await
