@@ -394,15 +394,15 @@ impl Machine {
                 self.ask_or(now, HookKind::ConfirmRollout, out, Self::start_progressing)
             }
             Phase::Progressing | Phase::WaitingPromotion => match traffic {
-                Err(reason) => self.stall(now, &format!("routers: {reason}"), out),
+                Err(reason) => self.stall(now, &format!("traffic: {reason}"), out),
                 Ok(()) => self.ask_or(now, HookKind::Rollback, out, Self::analyse_or_gate),
             },
             Phase::Promoting => match traffic {
-                Err(reason) => self.stall(now, &format!("routers: {reason}"), out),
+                Err(reason) => self.stall(now, &format!("traffic: {reason}"), out),
                 Ok(()) => self.promoting_step(now, out),
             },
             Phase::Finalising => match traffic {
-                Err(reason) => self.stall(now, &format!("routers: {reason}"), out),
+                Err(reason) => self.stall(now, &format!("traffic: {reason}"), out),
                 Ok(()) => {
                     self.enter(now, Phase::Succeeded);
                     self.status.outcome = Some(Outcome::Promoted);

@@ -268,7 +268,7 @@ async fn an_unreachable_router_holds_the_rollout_and_rolls_back_at_the_deadline(
     let run = run.await.unwrap();
     assert_eq!(run.code, 1, "{:#?}", messages(&run));
     let msgs = messages(&run).join("\n");
-    assert!(msgs.contains("Holding weight: routers:"), "{msgs}");
+    assert!(msgs.contains("Holding weight: traffic:"), "{msgs}");
     assert!(msgs.contains("progressDeadlineSeconds"), "{msgs}");
     assert_eq!(run.lines.last().unwrap()["routersUpdated"], false);
 }
