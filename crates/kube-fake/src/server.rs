@@ -1007,6 +1007,22 @@ fn merge_parts(
     admit_custom(target, new, request)
 }
 
+/// Whether `new` is `old` but for the times in `metadata.managedFields`.
+fn unchanged_but_field_times(old: &Value, new: &Value) -> bool {
+    let without_times = |object: &Value| {
+        let mut object = object.clone();
+        if let Some(entries) = object["metadata"]["managedFields"].as_array_mut() {
+            for entry in entries {
+                if let Some(entry) = entry.as_object_mut() {
+                    entry.remove("time");
+                }
+            }
+        }
+        object
+    };
+    new == old || without_times(old) == without_times(new)
+}
+
 /// Stores an update of `old` to `new`: identity and server-set metadata kept, generation bumped
 /// when content changed, managedFields recorded (unless `applied` already did), finalizer rules;
 /// an object being deleted whose finalizers are now empty is deleted.
@@ -1097,7 +1113,12 @@ fn commit(
         crate::builtins::admit_update(&target.rt, &subject, old, &mut new)?;
     }
     new["metadata"]["resourceVersion"] = old["metadata"]["resourceVersion"].clone();
-    if new == *old || dry_run {
+    if unchanged_but_field_times(old, &new) {
+        // The API server drops a write that changes nothing but managedFields' timestamps (a
+        // repeated apply): no new resourceVersion, no watch event.
+        return Ok(old.clone());
+    }
+    if dry_run {
         return Ok(new);
     }
     let namespace = target.namespace.clone().unwrap_or_default();

@@ -965,3 +965,36 @@ async fn an_endpoint_slice_may_not_point_at_loopback() {
         .await
         .unwrap();
 }
+
+#[tokio::test]
+async fn an_apply_that_changes_nothing_is_not_a_new_version() {
+    let cluster = TestCluster::start().await.unwrap();
+    let client = cluster.client();
+    let ns = namespace(&client, "noop").await;
+    let api: Api<ConfigMap> = Api::namespaced(client, &ns);
+    let applied = json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "a"}, "data": {"k": "v"}});
+    let apply = PatchParams::apply("coalmine").force();
+    let first = api
+        .patch("a", &apply, &Patch::Apply(&applied))
+        .await
+        .unwrap();
+    // A second later (managedFields' times have a resolution of a second).
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let again = api
+        .patch("a", &apply, &Patch::Apply(&applied))
+        .await
+        .unwrap();
+    assert_eq!(
+        again.metadata.resource_version, first.metadata.resource_version,
+        "a repeated apply is dropped, not written (watchers see nothing)"
+    );
+    let changed = json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "a"}, "data": {"k": "w"}});
+    let changed = api
+        .patch("a", &apply, &Patch::Apply(&changed))
+        .await
+        .unwrap();
+    assert_ne!(
+        changed.metadata.resource_version,
+        first.metadata.resource_version
+    );
+}

@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use coalmine_kube_fake::{install_crds, TestCluster};
-use futures::TryStreamExt;
+use futures::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
 use kube::api::{
     Api, ApiResource, DynamicObject, GroupVersionKind, Patch, PatchParams, PostParams,
@@ -95,10 +95,14 @@ async fn api_requests(client: &kube::Client) -> BTreeMap<String, f64> {
 /// Marks every Deployment whose status lags its spec as fully ready (kubelet's and the
 /// deployment controller's part), for as long as the bench runs.
 async fn kubelet(deployments: Api<Deployment>) {
-    let stream = watcher(deployments.clone(), watcher::Config::default()).applied_objects();
+    // Relists after an expired watch (410) as any client does, and goes on.
+    let stream = watcher(deployments.clone(), watcher::Config::default())
+        .default_backoff()
+        .applied_objects();
     own();
     let mut stream = std::pin::pin!(stream);
-    while let Ok(Some(d)) = stream.try_next().await {
+    while let Some(d) = stream.next().await {
+        let Ok(d) = d else { continue };
         let generation = d.metadata.generation.unwrap_or(0);
         let n = d.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
         let status = d.status.clone().unwrap_or_default();
@@ -226,9 +230,12 @@ async fn main() {
         let canaries = canaries.clone();
         own();
         tokio::spawn(async move {
-            let stream = watcher(canaries, watcher::Config::default()).applied_objects();
+            let stream = watcher(canaries, watcher::Config::default())
+                .default_backoff()
+                .applied_objects();
             let mut stream = std::pin::pin!(stream);
-            while let Ok(Some(c)) = stream.try_next().await {
+            while let Some(c) = stream.next().await {
+                let Ok(c) = c else { continue };
                 let name = c.metadata.name.clone().unwrap_or_default();
                 let status = &c.data["status"];
                 phases.lock().unwrap().insert(

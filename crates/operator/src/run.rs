@@ -249,10 +249,12 @@ pub async fn run(client: kube::Client, settings: Settings) -> Result<(), Operato
         Some(ns) => Api::namespaced(client.clone(), ns),
         None => Api::all(client.clone()),
     };
-    let deployment_changes =
-        changed_by_users(watcher(deployments, watcher::Config::default()).default_backoff());
-    let daemon_set_changes =
-        changed_by_users(watcher(daemon_sets, watcher::Config::default()).default_backoff());
+    let deployment_changes = changed_by_users_or_rolled_out(
+        watcher(deployments, watcher::Config::default()).default_backoff(),
+    );
+    let daemon_set_changes = changed_by_users_or_rolled_out(
+        watcher(daemon_sets, watcher::Config::default()).default_backoff(),
+    );
     let mut controller = controller
         .watches_stream(deployment_changes, rollouts_of_workload(cached.clone()))
         .watches_stream(daemon_set_changes, rollouts_of_workload(cached));
@@ -324,6 +326,25 @@ fn changed_by_users<K>(
 where
     K: Resource + Send + 'static,
 {
+    changed(events, |_| [0; 4])
+}
+
+/// The workloads a user changed, and those whose rollout moved (readiness, from their
+/// status): a primary that becomes ready lets its initialisation go on without polling.
+fn changed_by_users_or_rolled_out<W: Workload>(
+    events: impl futures::Stream<Item = Result<watcher::Event<W>, watcher::Error>> + Send + 'static,
+) -> impl futures::Stream<Item = Result<W, watcher::Error>> + Send + 'static {
+    changed(events, W::rollout_progress)
+}
+
+/// The objects of a watch whose uid, generation, annotations, deletion or `also` changed.
+fn changed<K>(
+    events: impl futures::Stream<Item = Result<watcher::Event<K>, watcher::Error>> + Send + 'static,
+    also: impl Fn(&K) -> [i64; 4] + Send + 'static,
+) -> impl futures::Stream<Item = Result<K, watcher::Error>> + Send + 'static
+where
+    K: Resource + Send + 'static,
+{
     let mut seen: HashMap<(Option<String>, Option<String>), u64> = HashMap::new();
     events.try_filter_map(move |event| {
         let changed = match event {
@@ -335,6 +356,7 @@ where
                     meta.generation,
                     meta.annotations.as_ref(),
                     meta.deletion_timestamp.is_some(),
+                    also(&object),
                 )
                     .hash(&mut hasher);
                 let key = (meta.namespace.clone(), meta.name.clone());
@@ -1020,8 +1042,9 @@ async fn drive(
                     .await?;
             }
             Err(TrafficFault::Unreachable(why)) => {
+                // The primary's readiness is watched: its change wakes this sooner.
                 tracing::info!(rollout = %key, %why, "initialising");
-                return Ok(Action::requeue(Duration::from_secs(1)));
+                return Ok(Action::requeue(Duration::from_secs(5)));
             }
             Err(refused) => return Err(refused.into()),
         },

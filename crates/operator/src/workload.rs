@@ -88,6 +88,9 @@ pub trait Workload:
     }
     /// Whether it runs its pods (Flagger's rules for the kind).
     fn readiness(&self, threshold_pct: u32, deadline_seconds: u64, now: i64) -> Readiness;
+    /// What [`Workload::readiness`] reads of the status, as numbers: when they change, it
+    /// may have.
+    fn rollout_progress(&self) -> [i64; 4];
 }
 
 impl Workload for Deployment {
@@ -139,6 +142,15 @@ impl Workload for Deployment {
     }
     fn readiness(&self, threshold_pct: u32, deadline_seconds: u64, now: i64) -> Readiness {
         readiness(self, threshold_pct, deadline_seconds, now)
+    }
+    fn rollout_progress(&self) -> [i64; 4] {
+        let s = self.status.clone().unwrap_or_default();
+        [
+            s.observed_generation.unwrap_or(0),
+            i64::from(s.updated_replicas.unwrap_or(0)),
+            i64::from(s.available_replicas.unwrap_or(0)),
+            i64::from(s.replicas.unwrap_or(0)),
+        ]
     }
 }
 
@@ -207,6 +219,15 @@ impl Workload for DaemonSet {
     }
     fn readiness(&self, threshold_pct: u32, _deadline_seconds: u64, _now: i64) -> Readiness {
         daemon_set_readiness(self, threshold_pct)
+    }
+    fn rollout_progress(&self) -> [i64; 4] {
+        let s = self.status.clone().unwrap_or_default();
+        [
+            s.observed_generation.unwrap_or(0),
+            i64::from(s.desired_number_scheduled),
+            i64::from(s.updated_number_scheduled.unwrap_or(0)),
+            i64::from(s.number_available.unwrap_or(0)),
+        ]
     }
 }
 
