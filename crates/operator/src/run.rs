@@ -235,9 +235,16 @@ pub async fn run(client: kube::Client, settings: Settings) -> Result<(), Operato
     // runs make every step: each would cost a reconcile's reads.
     let (cached, writer) = reflector::store();
     let _ = context.cache.set(cached.clone());
+    // The cache keeps what the mappers and the deletion check read (names, targets, uid), not
+    // the status (the machine's state, the evidence) nor managedFields: every decision reads
+    // the Rollout afresh, and a thousand statuses are most of an operator's memory.
     let rollout_changes = changed_by_users(
         watcher(rollouts, watcher::Config::default())
             .default_backoff()
+            .modify(|rollout| {
+                rollout.status = None;
+                rollout.metadata.managed_fields = None;
+            })
             .reflect(writer),
     );
     let controller = Controller::for_stream(rollout_changes, cached.clone());
@@ -276,9 +283,14 @@ pub async fn run(client: kube::Client, settings: Settings) -> Result<(), Operato
     let canaries_reconciled = async {
         if let Some(api) = canaries {
             let (cached, writer) = reflector::store();
+            // As the Rollouts' cache: the reconciler reads each Canary afresh.
             let changes = changed_by_users(
                 watcher(api, watcher::Config::default())
                     .default_backoff()
+                    .modify(|canary| {
+                        canary.status = None;
+                        canary.metadata.managed_fields = None;
+                    })
                     .reflect(writer),
             );
             Controller::for_stream(changes, cached)
