@@ -1082,6 +1082,25 @@ async fn drive(
                 })?;
             document.spec.analysis = analysis;
             let (traffic, observations) = seams_of(context, &rollout, &mut document).await?;
+            if !resume {
+                let regarding = crate::canaries::regarding(&rollout);
+                let warnings = crate::templates::alert_warnings(
+                    &context.client,
+                    &namespace,
+                    &document.spec.analysis,
+                )
+                .await?;
+                for said in warnings {
+                    tell(
+                        context,
+                        &regarding,
+                        EventType::Warning,
+                        "AlertNotSent",
+                        said,
+                    )
+                    .await;
+                }
+            }
             traffic.claim().await?;
             // The configs this run is for (the run's own writes carry the rest).
             write_status(

@@ -190,3 +190,37 @@ async fn with_credentials(
     }
     Ok(())
 }
+
+/// What a rollout's `analysis.alerts` will not do, said once when a run starts (a Warning Event
+/// each): an alert whose AlertProvider does not exist, and — until notifications land (issue
+/// 15) — that no AlertProvider is sent to yet. A notification never holds a release.
+pub async fn alert_warnings(
+    client: &kube::Client,
+    namespace: &str,
+    analysis: &Analysis,
+) -> Result<Vec<String>, kube::Error> {
+    let mut warnings = Vec::new();
+    for (i, alert) in analysis.alerts.iter().enumerate() {
+        let reference = &alert.provider_ref;
+        let at = reference.namespace.as_deref().unwrap_or(namespace);
+        let providers: Api<crate::flagger::AlertProvider> = Api::namespaced(client.clone(), at);
+        let found = match providers.get_opt(&reference.name).await {
+            Ok(found) => found.is_some(),
+            // Flagger's CRD not installed: no AlertProvider exists.
+            Err(kube::Error::Api(e)) if e.code == 404 => false,
+            Err(e) => return Err(e),
+        };
+        warnings.push(if found {
+            format!(
+                "spec.analysis.alerts[{i}]: alert {:?} through AlertProvider {at}/{} is not sent: Coalmine does not send to AlertProviders yet (use an `event` webhook)",
+                alert.name, reference.name
+            )
+        } else {
+            format!(
+                "spec.analysis.alerts[{i}].providerRef: AlertProvider {at}/{} does not exist: alert {:?} is not sent",
+                reference.name, alert.name
+            )
+        });
+    }
+    Ok(warnings)
+}

@@ -706,6 +706,31 @@ async fn a_canary_deleted_mid_release_with_revert_on_deletion_leaves_its_target_
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_canarys_alerts_that_will_not_be_sent_are_said_and_hold_nothing() {
+    let release = Release::start_as(
+        "Canary",
+        "    stepWeights: [50]\n    alerts:\n      - {name: on-call, severity: error, providerRef: {name: slack}}\n",
+    )
+    .await;
+    release.new_image_until_done().await;
+    let s = release.status().await;
+    assert_eq!(s["phase"], "Succeeded", "{s:#}");
+    let warnings: Vec<String> = release
+        .events("payment-service")
+        .await
+        .into_iter()
+        .filter(|e| e.type_.as_deref() == Some("Warning"))
+        .filter_map(|e| e.note)
+        .collect();
+    assert!(
+        warnings.iter().any(|n| n.starts_with(
+            "spec.analysis.alerts[0].providerRef: AlertProvider shop/slack does not exist"
+        )),
+        "{warnings:#?}"
+    );
+}
+
 /// Flagger's MetricTemplate `error-rate`, asking the test's Prometheus `query`.
 fn error_rate_template(prometheus: &str, query: &str) -> DynamicObject {
     serde_json::from_value(json!({
