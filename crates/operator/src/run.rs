@@ -1150,11 +1150,24 @@ async fn drive(
                 let traffic = driver.traffic();
                 let outcome = tokio::select! {
                     outcome = driver.run(control, &mut store) => Some(outcome),
-                    () = deleted(cache, &rollouts, &name, uid.as_deref()) => None,
+                    () = deleted(cache.clone(), &rollouts, &name, uid.as_deref()) => None,
                 };
                 match outcome {
                     Some(outcome) => {
                         tracing::info!(rollout = %task_key, ?outcome, "run ended");
+                        // The final traffic must land: a router or an API server out of reach
+                        // at the end would keep the canary's share (and its pods) with nobody
+                        // watching. Tried until it lands, is refused, or the rollout goes.
+                        while let Err(TrafficFault::Unreachable(why)) = driver.settle_once().await {
+                            tracing::warn!(rollout = %task_key, %why, "the final traffic is not carried yet: trying again");
+                            tokio::select! {
+                                () = tokio::time::sleep(Duration::from_secs(2)) => {}
+                                () = deleted(cache.clone(), &rollouts, &name, uid.as_deref()) => {
+                                    take_canary_off(driver.traffic().as_ref()).await;
+                                    break;
+                                }
+                            }
+                        }
                         let _ = driver.release().await;
                     }
                     None => {

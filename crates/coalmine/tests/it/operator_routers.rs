@@ -629,3 +629,127 @@ async fn a_daemon_set_is_parked_analysed_on_every_node_and_promoted_through_its_
     let answered = answered_by(&router, 20).await;
     assert!(answered.iter().all(|n| n == "target"), "{answered:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rollback_the_router_missed_lands_when_it_is_back_and_the_canary_pods_go() {
+    let pods = PodNetwork::create();
+    let cluster = cluster().await;
+    let kube = cluster.client();
+    let deployments: Api<Deployment> = Api::namespaced(kube.clone(), "shop");
+    deployments
+        .create(
+            &PostParams::default(),
+            &serde_saphyr::from_str(WEB_APP).unwrap(),
+        )
+        .await
+        .unwrap();
+    // The seed's Canary, 1 s interval, and a 2 s progress deadline: a router out of reach for
+    // longer rolls the release back.
+    let mut canary: serde_json::Value = serde_saphyr::from_str(WEB_APP_CANARY).unwrap();
+    canary["metadata"]["namespace"] = "shop".into();
+    canary["spec"]["analysis"]["interval"] = "1s".into();
+    canary["spec"]["progressDeadlineSeconds"] = 2.into();
+    let canaries = canaries(&kube);
+    canaries
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(canary).unwrap(),
+        )
+        .await
+        .unwrap();
+    let operator = operator(&cluster, &["--provider", "coalmine"]);
+    let status = || async { canaries.get("web-app").await.unwrap().data["status"].clone() };
+    let until = |what: &'static str, done: fn(&serde_json::Value) -> bool| {
+        let (status, deployments, operator) = (&status, &deployments, &operator);
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            loop {
+                kubelet(deployments).await;
+                let s = status().await;
+                if done(&s) {
+                    return;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "not {what} within 30 s: {s:#}\n{}",
+                    operator.stderr()
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    until("initialised", |s| s["phase"] == "Initialized").await;
+    let services: Api<Service> = Api::namespaced(kube.clone(), "shop");
+    let primary_ip = cluster_ip(&services, "web-app-primary").await;
+    let canary_ip = cluster_ip(&services, "web-app-canary").await;
+    pods.route_here(primary_ip);
+    pods.route_here(canary_ip);
+    let _primary = pods.spawn(&[
+        "upstream",
+        "--listen",
+        &format!("{primary_ip}:80"),
+        "--name",
+        "primary",
+    ]);
+    let _canary = pods.spawn(&[
+        "upstream",
+        "--listen",
+        &format!("{canary_ip}:80"),
+        "--name",
+        "canary",
+    ]);
+    let router = router_pod(&kube, &pods, primary_ip).await;
+    let admin = router.proc.addr("admin");
+    let traffic = users(&router, 2);
+    set_image(&deployments, "2.0.0").await;
+    until("at 10 %", |s| s["canaryWeight"].as_f64() >= Some(10.0)).await;
+
+    // The router goes away mid-analysis: held, then rolled back at the deadline — a rollback
+    // no router can be told of yet.
+    drop(router);
+    traffic.stop().await;
+    until("rolled back", |s| s["phase"] == "Failed").await;
+    assert!(
+        deployments
+            .get("web-app")
+            .await
+            .unwrap()
+            .spec
+            .unwrap()
+            .replicas
+            > Some(0),
+        "the canary's pods stay until the routers are off them"
+    );
+    // Past the driver's own retries of the final routes (10 × 0.5 s).
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    let back = Proc::spawn(&[
+        "proxy",
+        "--listen",
+        "127.0.0.1:0",
+        "--admin",
+        &admin.to_string(),
+        "--stable",
+        &format!("http://{primary_ip}:80"),
+    ]);
+    let back_admin = format!("http://{}", back.addr("admin"));
+    // Once it is back, the rollback lands: everything on the primary, the canary's pods gone.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while deployments
+        .get("web-app")
+        .await
+        .unwrap()
+        .spec
+        .unwrap()
+        .replicas
+        != Some(0)
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the canary's pods were left running after a rollback the router missed\n{}",
+            operator.stderr()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let table = get_json(&format!("{back_admin}/routes")).await;
+    assert_eq!(table["canaryWeight"].as_f64(), Some(0.0), "{table:#}");
+}
