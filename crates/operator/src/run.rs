@@ -1266,6 +1266,30 @@ mod tests {
         );
     }
 
+    #[test]
+    fn a_daemon_set_under_provider_kubernetes_is_refused_by_field() {
+        let mut rollout: Rollout = serde_saphyr::from_str(include_str!(
+            "../tests/fixtures/payment-service-rollout.yaml"
+        ))
+        .unwrap();
+        rollout.spec.analysis.metrics.clear();
+        rollout.spec.autoscaler_ref = None;
+        rollout.spec.target_ref.kind = "DaemonSet".into();
+        let refused = check(&rollout).unwrap_err();
+        assert!(
+            matches!(&refused, ReconcileError::Invalid { field, message } if field == "spec.provider" && message.contains("one pod per node")),
+            "{refused}"
+        );
+        rollout.spec.provider = TrafficProvider::Coalmine;
+        check(&rollout).unwrap();
+        rollout.spec.target_ref.kind = "StatefulSet".into();
+        let refused = check(&rollout).unwrap_err();
+        assert!(
+            matches!(&refused, ReconcileError::Invalid { field, .. } if field == "spec.targetRef.kind"),
+            "{refused}"
+        );
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_renewal_that_hangs_stops_the_leader_within_the_renew_deadline() {
         // An API server that takes the connection and never answers.

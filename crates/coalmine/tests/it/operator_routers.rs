@@ -161,11 +161,13 @@ async fn router_pod(kube: &kube::Client, pods: &PodNetwork, primary: Ipv4Addr) -
     Router { proc, base, admin }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_seeds_canary_on_coalmine_routers_is_promoted_then_a_bad_release_rolls_back_on_real_errors(
-) {
-    let pods = PodNetwork::create();
-    let cluster = cluster().await;
+/// The seed's `web-app` Deployment and Canary, as written but for its interval — 1 s, not 1 m
+/// (ten steps of a minute would make a ten-minute test) — and `edit`; an operator with
+/// `--provider coalmine`, played kubelet to until the Canary is initialised.
+async fn seed_web_app(
+    cluster: &TestCluster,
+    edit: impl FnOnce(&mut serde_json::Value),
+) -> (Api<Deployment>, Api<DynamicObject>, Proc) {
     let kube = cluster.client();
     let deployments: Api<Deployment> = Api::namespaced(kube.clone(), "shop");
     deployments
@@ -175,11 +177,10 @@ async fn the_seeds_canary_on_coalmine_routers_is_promoted_then_a_bad_release_rol
         )
         .await
         .unwrap();
-    // The seed's Canary unchanged but for its interval: 1 s, not 1 m (ten steps of a minute
-    // would make a ten-minute test). Its checks are the built-in ones, over the routers' counts.
     let mut canary: serde_json::Value = serde_saphyr::from_str(WEB_APP_CANARY).unwrap();
     canary["metadata"]["namespace"] = "shop".into();
     canary["spec"]["analysis"]["interval"] = "1s".into();
+    edit(&mut canary);
     let canaries = canaries(&kube);
     canaries
         .create(
@@ -188,21 +189,48 @@ async fn the_seeds_canary_on_coalmine_routers_is_promoted_then_a_bad_release_rol
         )
         .await
         .unwrap();
-    let operator = operator(&cluster, &["--provider", "coalmine"]);
-    let status = || async { canaries.get("web-app").await.unwrap().data["status"].clone() };
+    let operator = operator(cluster, &["--provider", "coalmine"]);
+    until(&canaries, &deployments, &operator, "initialised", |s| {
+        s["phase"] == "Initialized"
+    })
+    .await;
+    (deployments, canaries, operator)
+}
 
-    // Initialised as under Flagger: the primary, the Services (the apex on the primary).
+/// Plays kubelet until the `web-app` Canary's status is `done` (30 s at most).
+async fn until(
+    canaries: &Api<DynamicObject>,
+    deployments: &Api<Deployment>,
+    operator: &Proc,
+    what: &str,
+    done: fn(&serde_json::Value) -> bool,
+) {
     let deadline = Instant::now() + Duration::from_secs(30);
-    while status().await["phase"] != "Initialized" {
+    loop {
+        kubelet(deployments).await;
+        let s = canaries.get("web-app").await.unwrap().data["status"].clone();
+        if done(&s) {
+            return;
+        }
         assert!(
             Instant::now() < deadline,
-            "not initialised: {:#}\n{}",
-            status().await,
+            "not {what} within 30 s: {s:#}\n{}",
             operator.stderr()
         );
-        kubelet(&deployments).await;
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_seeds_canary_on_coalmine_routers_is_promoted_then_a_bad_release_rolls_back_on_real_errors(
+) {
+    let pods = PodNetwork::create();
+    let cluster = cluster().await;
+    let kube = cluster.client();
+    // Its checks are the built-in ones, over the routers' counts. Initialised as under Flagger:
+    // the primary, the Services (the apex on the primary).
+    let (deployments, canaries, operator) = seed_web_app(&cluster, |_| {}).await;
+    let status = || async { canaries.get("web-app").await.unwrap().data["status"].clone() };
     let services: Api<Service> = Api::namespaced(kube.clone(), "shop");
     let apex = services.get("web-app").await.unwrap();
     assert_eq!(
@@ -635,50 +663,11 @@ async fn a_rollback_the_router_missed_lands_when_it_is_back_and_the_canary_pods_
     let pods = PodNetwork::create();
     let cluster = cluster().await;
     let kube = cluster.client();
-    let deployments: Api<Deployment> = Api::namespaced(kube.clone(), "shop");
-    deployments
-        .create(
-            &PostParams::default(),
-            &serde_saphyr::from_str(WEB_APP).unwrap(),
-        )
-        .await
-        .unwrap();
-    // The seed's Canary, 1 s interval, and a 2 s progress deadline: a router out of reach for
-    // longer rolls the release back.
-    let mut canary: serde_json::Value = serde_saphyr::from_str(WEB_APP_CANARY).unwrap();
-    canary["metadata"]["namespace"] = "shop".into();
-    canary["spec"]["analysis"]["interval"] = "1s".into();
-    canary["spec"]["progressDeadlineSeconds"] = 2.into();
-    let canaries = canaries(&kube);
-    canaries
-        .create(
-            &PostParams::default(),
-            &serde_json::from_value(canary).unwrap(),
-        )
-        .await
-        .unwrap();
-    let operator = operator(&cluster, &["--provider", "coalmine"]);
-    let status = || async { canaries.get("web-app").await.unwrap().data["status"].clone() };
-    let until = |what: &'static str, done: fn(&serde_json::Value) -> bool| {
-        let (status, deployments, operator) = (&status, &deployments, &operator);
-        async move {
-            let deadline = Instant::now() + Duration::from_secs(30);
-            loop {
-                kubelet(deployments).await;
-                let s = status().await;
-                if done(&s) {
-                    return;
-                }
-                assert!(
-                    Instant::now() < deadline,
-                    "not {what} within 30 s: {s:#}\n{}",
-                    operator.stderr()
-                );
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        }
-    };
-    until("initialised", |s| s["phase"] == "Initialized").await;
+    // A 2 s progress deadline: a router out of reach for longer rolls the release back.
+    let (deployments, canaries, operator) = seed_web_app(&cluster, |canary| {
+        canary["spec"]["progressDeadlineSeconds"] = 2.into();
+    })
+    .await;
     let services: Api<Service> = Api::namespaced(kube.clone(), "shop");
     let primary_ip = cluster_ip(&services, "web-app-primary").await;
     let canary_ip = cluster_ip(&services, "web-app-canary").await;
@@ -702,13 +691,19 @@ async fn a_rollback_the_router_missed_lands_when_it_is_back_and_the_canary_pods_
     let admin = router.proc.addr("admin");
     let traffic = users(&router, 2);
     set_image(&deployments, "2.0.0").await;
-    until("at 10 %", |s| s["canaryWeight"].as_f64() >= Some(10.0)).await;
+    until(&canaries, &deployments, &operator, "at 10 %", |s| {
+        s["canaryWeight"].as_f64() >= Some(10.0)
+    })
+    .await;
 
     // The router goes away mid-analysis: held, then rolled back at the deadline — a rollback
     // no router can be told of yet.
     drop(router);
     traffic.stop().await;
-    until("rolled back", |s| s["phase"] == "Failed").await;
+    until(&canaries, &deployments, &operator, "rolled back", |s| {
+        s["phase"] == "Failed"
+    })
+    .await;
     assert!(
         deployments
             .get("web-app")
