@@ -25,7 +25,7 @@ use k8s_openapi::api::core::v1::ObjectReference;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, ListParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
-use kube::runtime::events::{Event as KubeEvent, EventType, Recorder, Reporter};
+use kube::runtime::events::{Event as KubeEvent, EventType, Reporter};
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::WatchStreamExt;
 use kube::runtime::{watcher, Controller};
@@ -35,6 +35,7 @@ use tokio::task::JoinHandle;
 
 use crate::canaries::Origin;
 use crate::crd::{Rollout, TrafficProvider};
+use crate::events::Recorder;
 use crate::flagger::Canary;
 use crate::health::Health;
 use crate::leader::{Elector, LeaseTimings};
