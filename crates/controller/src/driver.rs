@@ -388,6 +388,11 @@ impl Driver {
     pub fn settled(&self) -> bool {
         self.edge.applied == Some(self.machine.traffic())
     }
+
+    /// The traffic the machine wants carried: after `run` returns, the rollout's final traffic.
+    pub fn wanted_traffic(&self) -> Traffic {
+        self.machine.traffic()
+    }
 }
 
 impl Edge {

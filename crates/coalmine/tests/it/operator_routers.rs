@@ -959,6 +959,83 @@ async fn a_router_killed_mid_analysis_and_started_again_gets_its_routes_back_and
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_router_that_stays_down_holds_the_release_until_the_deadline_then_the_rollback_lands_when_it_is_back(
+) {
+    let app = WebApp::initialized(&["--provider", "coalmine"], |canary| {
+        canary["spec"]["progressDeadlineSeconds"] = 5.into();
+    })
+    .await;
+    let mut router = router_pod(&app.kube, &app.pods, app.primary_ip).await;
+    let traffic = users(&router, 2);
+    app.release("2.0.0").await;
+    app.until("at 10 %", 30, |s| {
+        s["canaryWeight"].as_f64().unwrap_or(0.0) >= 10.0
+    })
+    .await;
+    router.proc.child.kill().unwrap();
+    router.proc.child.wait().unwrap();
+    let killed = Instant::now();
+    app.until_said(
+        "Warning",
+        &["Holding weight: traffic: ", admin_address(&router)],
+        10,
+    )
+    .await;
+    let held_from = killed.elapsed();
+    let s = app
+        .until("ended", 30, |s| {
+            s["phase"] == "Failed" || s["phase"] == "Succeeded"
+        })
+        .await;
+    let rolled_back_in = killed.elapsed();
+    assert_eq!(s["phase"], "Failed", "{s:#}");
+    app.until_said("Warning", &["Rolling back", "progressDeadlineSeconds"], 5)
+        .await;
+    // Down past the run's own retries of its last route change: said, and the canary keeps
+    // its pods while a router that may still send it requests is out of reach.
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    app.until_said(
+        "Warning",
+        &["Final traffic not in place yet", admin_address(&router)],
+        1,
+    )
+    .await;
+    assert!(app.canary_replicas().await > 0);
+
+    start_again(&mut router, app.primary_ip);
+    let restarted = Instant::now();
+    // The rollback finishes: the router driven to the primary and let go, then the canary's
+    // pods go.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let table = routes(&router).await;
+        let replicas = app.canary_replicas().await;
+        if table["canary"].is_null() && table["owner"].is_null() && replicas == 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the rollback never finished: canary at {replicas} replicas, routes {table:#}\n{}",
+            app.operator.stderr()
+        );
+        kubelet(&app.deployments).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let finished_in = restarted.elapsed();
+    app.until_said("Normal", &["Final traffic in place"], 5)
+        .await;
+    let answered = answered_by(&router, 50).await;
+    assert!(answered.iter().all(|n| n == "primary"), "{answered:?}");
+    traffic.stop().await;
+    eprintln!(
+        "router down: held from {:.1} s, rolled back {:.1} s after the kill; finished {:.1} s after the router came back",
+        held_from.as_secs_f64(),
+        rolled_back_in.as_secs_f64(),
+        finished_in.as_secs_f64()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_operator_killed_mid_analysis_and_started_again_resumes_at_the_step_it_was_on() {
     let mut app = WebApp::initialized(&["--provider", "coalmine"], |_| {}).await;
     let router = router_pod(&app.kube, &app.pods, app.primary_ip).await;
