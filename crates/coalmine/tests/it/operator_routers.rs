@@ -1036,6 +1036,91 @@ async fn a_router_that_stays_down_holds_the_release_until_the_deadline_then_the_
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_router_cut_off_from_the_operator_gets_the_rollback_once_reachable_and_the_canary_keeps_its_pods_until_then(
+) {
+    let app = WebApp::initialized(&["--provider", "coalmine"], |canary| {
+        canary["spec"]["progressDeadlineSeconds"] = 5.into();
+    })
+    .await;
+    // Two router pods; one on a node the operator is about to lose (its own address).
+    let steady = router_process(
+        "127.0.0.1:0",
+        &format!("{}:0", app.pods.host_ip),
+        app.primary_ip,
+    );
+    let port = steady.proc.addr("admin").port();
+    let node = app.pods.address_here(0);
+    let cut_off = router_process("127.0.0.1:0", &format!("{node}:{port}"), app.primary_ip);
+    routers_service(
+        &app.kube,
+        "coalmine-router",
+        port,
+        &[(app.pods.host_ip, Ready::Yes), (node, Ready::Yes)],
+    )
+    .await;
+    let traffic = users(&cut_off, 2);
+    app.release("2.0.0").await;
+    app.until("at 10 %", 30, |s| {
+        s["canaryWeight"].as_f64().unwrap_or(0.0) >= 10.0
+    })
+    .await;
+    app.pods.cut_off(node);
+    let cut = Instant::now();
+    app.until_said(
+        "Warning",
+        &["Holding weight: traffic: ", admin_address(&cut_off)],
+        20,
+    )
+    .await;
+    let held_from = cut.elapsed();
+    let s = app
+        .until("ended", 30, |s| {
+            s["phase"] == "Failed" || s["phase"] == "Succeeded"
+        })
+        .await;
+    let rolled_back_in = cut.elapsed();
+    assert_eq!(s["phase"], "Failed", "{s:#}");
+    // The rollback reached the router it could; users still go through the other, which still
+    // sends the canary its share: the canary keeps its pods.
+    until_routes(&steady, "rolled back", 5, |t| t["canary"].is_null()).await;
+    let answered = answered_by(&cut_off, 100).await;
+    assert!(answered.iter().any(|n| n == "canary"), "{answered:?}");
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    assert!(
+        app.canary_replicas().await > 0,
+        "the canary lost its pods while a router still sends it requests"
+    );
+
+    app.pods.reconnect(node);
+    let reconnected = Instant::now();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let table = routes(&cut_off).await;
+        let replicas = app.canary_replicas().await;
+        if table["canary"].is_null() && table["owner"].is_null() && replicas == 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the rollback never reached the router: canary at {replicas} replicas, routes {table:#}\n{}",
+            app.operator.stderr()
+        );
+        kubelet(&app.deployments).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let finished_in = reconnected.elapsed();
+    let answered = answered_by(&cut_off, 50).await;
+    assert!(answered.iter().all(|n| n == "primary"), "{answered:?}");
+    traffic.stop().await;
+    eprintln!(
+        "router cut off: held from {:.1} s, rolled back {:.1} s after the cut; the rollback reached it {:.1} s after it was reachable again",
+        held_from.as_secs_f64(),
+        rolled_back_in.as_secs_f64(),
+        finished_in.as_secs_f64()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_operator_killed_mid_analysis_and_started_again_resumes_at_the_step_it_was_on() {
     let mut app = WebApp::initialized(&["--provider", "coalmine"], |_| {}).await;
     let router = router_pod(&app.kube, &app.pods, app.primary_ip).await;
