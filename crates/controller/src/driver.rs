@@ -389,13 +389,9 @@ impl Driver {
         self.edge.applied == Some(self.machine.traffic())
     }
 
-    /// Tries once more to make the backend carry the final traffic (after `run` returns, when
-    /// [`Driver::settled`] is false): `Ok` once it does, `Unreachable` to try again later.
-    pub async fn settle_once(&mut self) -> Result<(), TrafficFault> {
-        if self.settled() {
-            return Ok(());
-        }
-        self.edge.apply_traffic(&self.machine.traffic(), true).await
+    /// The traffic the machine wants carried: after `run` returns, the rollout's final traffic.
+    pub fn wanted_traffic(&self) -> Traffic {
+        self.machine.traffic()
     }
 }
 

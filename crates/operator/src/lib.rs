@@ -10,6 +10,7 @@
 //!   read per object (a Canary Coalmine cannot run gets the field's path, the watch goes on).
 //! - [`canaries`]: a Canary runs as the Rollout it describes (owned by it); the Rollout's
 //!   status is mirrored onto the Canary in Flagger's fields, its Events go to the Canary.
+//! - [`events`]: Kubernetes Events, one per message (a repeat counted on it).
 //! - [`requests`]: promote and abort through a `coalmine.dev/request` annotation. Pure.
 //! - [`templates`]: checks resolved from the cluster's MetricTemplates (and their Secrets).
 //! - [`workload`]: the objects a rollout runs on, built as Flagger builds them, and Flagger's
@@ -27,6 +28,7 @@
 pub mod canaries;
 pub mod configs;
 pub mod crd;
+pub mod events;
 pub mod flagger;
 pub mod health;
 pub mod leader;

@@ -14,10 +14,11 @@ use std::time::Duration;
 
 use coalmine_controller::driver::{Driver, Seams};
 use coalmine_controller::observations::{ObservationSource, ObserveError, Sample};
+use coalmine_controller::state::StateStore;
 use coalmine_controller::time::Clock;
 use coalmine_controller::traffic::TrafficBackend;
 use coalmine_controller::BoxFuture;
-use coalmine_rollout::{Input, Status, TrafficFault};
+use coalmine_rollout::{EventLevel, Input, Status, TrafficFault};
 use coalmine_spec::rollout::Target;
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
@@ -25,7 +26,7 @@ use k8s_openapi::api::core::v1::ObjectReference;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, ListParams, Patch, PatchParams};
 use kube::runtime::controller::Action;
-use kube::runtime::events::{Event as KubeEvent, EventType, Recorder, Reporter};
+use kube::runtime::events::{Event as KubeEvent, EventType, Reporter};
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::WatchStreamExt;
 use kube::runtime::{watcher, Controller};
@@ -35,6 +36,7 @@ use tokio::task::JoinHandle;
 
 use crate::canaries::Origin;
 use crate::crd::{Rollout, TrafficProvider};
+use crate::events::Recorder;
 use crate::flagger::Canary;
 use crate::health::Health;
 use crate::leader::{Elector, LeaseTimings};
@@ -170,6 +172,66 @@ async fn take_canary_off(traffic: &dyn TrafficBackend) {
             Err(e) => tracing::warn!(attempt, error = %e, "the canary is not off yet"),
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+/// The longest wait between two tries of a finished run's final traffic.
+const SETTLE_RETRY_MAX: Duration = Duration::from_secs(10);
+
+/// Carries a finished run's final traffic (its rollback's or its promotion's) until it lands,
+/// once the driver's own retries have not made it: a router out of reach may be cut off rather
+/// than dead, still sending the canary its share, and the canary keeps its pods until no router
+/// does. The routers are found afresh each try (a router pod replaced meanwhile is its
+/// successor). Ends when the traffic lands or is refused, or with the run's task (a new
+/// revision restarts the run; a deletion takes the canary off). Returns the backend it landed
+/// on, to let go.
+async fn settle(
+    context: &Context,
+    rollout: &Rollout,
+    traffic: coalmine_rollout::Traffic,
+    status: &Status,
+    store: &mut RolloutStatusStore,
+) -> Option<Arc<dyn TrafficBackend>> {
+    let tell = |level, message: String| coalmine_rollout::Event {
+        time_ms: coalmine_controller::driver::now_ms(),
+        level,
+        phase: status.phase,
+        weight: status.canary_weight,
+        message,
+    };
+    let mut wait = Duration::from_secs(1);
+    let mut told = false;
+    loop {
+        let tried = async {
+            let (backend, _) = seams_of(context, rollout, &mut rollout.to_document()).await?;
+            backend.apply(&traffic).await?;
+            Ok::<_, ReconcileError>(backend)
+        }
+        .await;
+        let why = match tried {
+            Ok(backend) => {
+                if told {
+                    let said = "Final traffic in place".to_string();
+                    let _ = store.save(status, &[tell(EventLevel::Info, said)]).await;
+                }
+                return Some(backend);
+            }
+            Err(ReconcileError::Traffic(TrafficFault::Refused(why))) => {
+                tracing::error!(rollout = %key(rollout), %why, "final traffic refused");
+                return None;
+            }
+            Err(other) => other.to_string(),
+        };
+        if !told {
+            let said = format!(
+                "Final traffic not in place yet ({why}): trying again until it is; the canary keeps its pods until then"
+            );
+            let _ = store.save(status, &[tell(EventLevel::Warning, said)]).await;
+            told = true;
+        }
+        tracing::warn!(rollout = %key(rollout), %why, "final traffic not in place yet");
+        tokio::time::sleep(wait).await;
+        wait = (wait * 2).min(SETTLE_RETRY_MAX);
     }
 }
 
@@ -1145,30 +1207,30 @@ async fn drive(
                 .get()
                 .cloned()
                 .expect("the cache is set before the controller runs");
+            let (task_context, task_rollout) = (context.clone(), rollout.clone());
             let task = tokio::spawn(async move {
                 let mut store = store;
                 let traffic = driver.traffic();
+                let ended = async {
+                    let outcome = driver.run(control, &mut store).await;
+                    let settled_on = if driver.settled() {
+                        traffic.clone()
+                    } else {
+                        let (wanted, status) = (driver.wanted_traffic(), driver.status().clone());
+                        settle(&task_context, &task_rollout, wanted, &status, &mut store)
+                            .await
+                            .unwrap_or_else(|| traffic.clone())
+                    };
+                    (outcome, settled_on)
+                };
                 let outcome = tokio::select! {
-                    outcome = driver.run(control, &mut store) => Some(outcome),
-                    () = deleted(cache.clone(), &rollouts, &name, uid.as_deref()) => None,
+                    ended = ended => Some(ended),
+                    () = deleted(cache, &rollouts, &name, uid.as_deref()) => None,
                 };
                 match outcome {
-                    Some(outcome) => {
+                    Some((outcome, settled_on)) => {
                         tracing::info!(rollout = %task_key, ?outcome, "run ended");
-                        // The final traffic must land: a router or an API server out of reach
-                        // at the end would keep the canary's share (and its pods) with nobody
-                        // watching. Tried until it lands, is refused, or the rollout goes.
-                        while let Err(TrafficFault::Unreachable(why)) = driver.settle_once().await {
-                            tracing::warn!(rollout = %task_key, %why, "the final traffic is not carried yet: trying again");
-                            tokio::select! {
-                                () = tokio::time::sleep(Duration::from_secs(2)) => {}
-                                () = deleted(cache.clone(), &rollouts, &name, uid.as_deref()) => {
-                                    take_canary_off(driver.traffic().as_ref()).await;
-                                    break;
-                                }
-                            }
-                        }
-                        let _ = driver.release().await;
+                        let _ = settled_on.release().await;
                     }
                     None => {
                         // Nobody watches this canary any more: its traffic goes.

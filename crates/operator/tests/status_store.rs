@@ -84,3 +84,59 @@ async fn a_step_is_written_whole_read_back_and_told_as_events() {
     let err = store.save(&status, &[]).await.unwrap_err();
     assert!(err.to_string().contains("payment-service"), "{err}");
 }
+
+#[tokio::test]
+async fn each_message_of_a_phase_is_its_own_event_and_a_repeat_counts_on_it() {
+    let cluster = shop().await;
+    let client = cluster.client();
+    install_crds(&client, &crds_yaml()).await.unwrap();
+    let api: Api<Rollout> = Api::namespaced(client.clone(), "shop");
+    let rollout: Rollout = serde_saphyr::from_str(ROLLOUT).unwrap();
+    let rollout = api.create(&PostParams::default(), &rollout).await.unwrap();
+    let document = rollout.to_document();
+    let mut store =
+        RolloutStatusStore::new(client.clone(), &rollout, document.clone(), "operator-a");
+    let spec = &document.spec;
+    let plan = Plan::new(&spec.analysis, spec.progress_deadline_seconds, false);
+    let status = Machine::new(plan, 1_800_000_000_000).status().clone();
+    // The steps of one phase, as a run tells them; the hold said twice.
+    let said = [
+        "Advance canary weight 10",
+        "Advance canary weight 20",
+        "Holding weight: traffic: canary not ready",
+        "Holding weight: traffic: canary not ready",
+    ];
+    for message in said {
+        let event = Event {
+            time_ms: 1_800_000_000_000,
+            level: EventLevel::Info,
+            phase: Phase::Progressing,
+            weight: coalmine_spec::Weight::ZERO,
+            message: message.into(),
+        };
+        store.save(&status, &[event]).await.unwrap();
+    }
+
+    // `kubectl describe` lists each message, the repeated one once with its count.
+    let events: Api<KubeEvent> = Api::namespaced(client.clone(), "shop");
+    let mut told: Vec<(String, i32)> = events
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .map(|e| {
+            let count = e.series.map_or(1, |s| s.count);
+            (e.note.unwrap_or_default(), count)
+        })
+        .collect();
+    told.sort();
+    assert_eq!(
+        told,
+        [
+            ("Advance canary weight 10".to_string(), 1),
+            ("Advance canary weight 20".to_string(), 1),
+            ("Holding weight: traffic: canary not ready".to_string(), 2),
+        ]
+    );
+}

@@ -18,7 +18,7 @@ use kube::api::{Api, ApiResource, DynamicObject, Patch, PatchParams, PostParams}
 use serde_json::json;
 
 use crate::common::netns::PodNetwork;
-use crate::common::{client, get_json, users, Proc, Router};
+use crate::common::{client, get_json, stats, users, Proc, Router};
 use crate::operator::kubelet;
 
 const CRDS: &str = include_str!("../../../../deploy/kubernetes/crds/coalmine.yaml");
@@ -122,43 +122,94 @@ fn operator(cluster: &TestCluster, extra: &[&str]) -> Proc {
 /// `coalmine-router` Service and its EndpointSlice, sending everything to `primary` until the
 /// operator says otherwise.
 async fn router_pod(kube: &kube::Client, pods: &PodNetwork, primary: Ipv4Addr) -> Router {
+    let router = router_process("127.0.0.1:0", &format!("{}:0", pods.host_ip), primary);
+    let admin_port = router.proc.addr("admin").port();
+    routers_service(
+        kube,
+        "coalmine-router",
+        admin_port,
+        &[(pods.host_ip, Ready::Yes)],
+    )
+    .await;
+    router
+}
+
+/// `coalmine proxy` as a router pod runs it: data on `listen`, its admin API on `admin` (the
+/// pod's address), everything to `primary` until the operator says otherwise.
+fn router_process(listen: &str, admin: &str, primary: Ipv4Addr) -> Router {
     let proc = Proc::spawn(&[
         "proxy",
         "--listen",
-        "127.0.0.1:0",
+        listen,
         "--admin",
-        &format!("{}:0", pods.host_ip),
+        admin,
         "--stable",
         &format!("http://{primary}:80"),
     ]);
     let base = format!("http://{}", proc.addr("listen"));
     let admin = format!("http://{}", proc.addr("admin"));
-    let admin_port = proc.addr("admin").port();
+    Router { proc, base, admin }
+}
+
+/// The router's container restarted: its process again with its original command line, on
+/// the same addresses (so it starts with everything on the primary, driven by nobody).
+fn start_again(router: &mut Router, primary: Ipv4Addr) {
+    let _ = router.proc.child.kill();
+    let _ = router.proc.child.wait();
+    let again = router_process(
+        router.base.trim_start_matches("http://"),
+        router.admin.trim_start_matches("http://"),
+        primary,
+    );
+    router.proc = again.proc;
+}
+
+/// An EndpointSlice endpoint's `conditions.ready`.
+#[derive(Clone, Copy)]
+enum Ready {
+    Yes,
+    No,
+}
+
+/// Service `name` for router pods whose admin API listens on `admin_port`, and its
+/// EndpointSlice listing `endpoints`, as the endpoint controller writes them.
+async fn routers_service(
+    kube: &kube::Client,
+    name: &str,
+    admin_port: u16,
+    endpoints: &[(Ipv4Addr, Ready)],
+) {
     let services: Api<Service> = Api::namespaced(kube.clone(), "shop");
     services
         .create(
             &PostParams::default(),
-            &serde_json::from_value(json!({"metadata": {"name": "coalmine-router"},
+            &serde_json::from_value(json!({"metadata": {"name": name},
                 "spec": {"ports": [{"name": "http", "port": 80}, {"name": "admin", "port": 9090, "targetPort": admin_port}]}}))
             .unwrap(),
         )
         .await
         .unwrap();
+    let endpoints: Vec<serde_json::Value> = endpoints
+        .iter()
+        .map(|(address, ready)| {
+            json!({"addresses": [address.to_string()],
+                "conditions": {"ready": matches!(ready, Ready::Yes)}})
+        })
+        .collect();
     let slices: Api<EndpointSlice> = Api::namespaced(kube.clone(), "shop");
     slices
         .create(
             &PostParams::default(),
             &serde_json::from_value(json!({
-                "metadata": {"name": "coalmine-router-1", "labels": {"kubernetes.io/service-name": "coalmine-router"}},
+                "metadata": {"name": format!("{name}-1"), "labels": {"kubernetes.io/service-name": name}},
                 "addressType": "IPv4",
-                "endpoints": [{"addresses": [pods.host_ip.to_string()], "conditions": {"ready": true}}],
+                "endpoints": endpoints,
                 "ports": [{"name": "admin", "port": admin_port, "protocol": "TCP"}],
             }))
             .unwrap(),
         )
         .await
         .unwrap();
-    Router { proc, base, admin }
 }
 
 /// The seed's `web-app` Deployment and Canary, as written but for its interval — 1 s, not 1 m
@@ -658,93 +709,645 @@ async fn a_daemon_set_is_parked_analysed_on_every_node_and_promoted_through_its_
     assert!(answered.iter().all(|n| n == "target"), "{answered:?}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_rollback_the_router_missed_lands_when_it_is_back_and_the_canary_pods_go() {
-    let pods = PodNetwork::create();
-    let cluster = cluster().await;
-    let kube = cluster.client();
-    // A 2 s progress deadline: a router out of reach for longer rolls the release back.
-    let (deployments, canaries, operator) = seed_web_app(&cluster, |canary| {
-        canary["spec"]["progressDeadlineSeconds"] = 2.into();
-    })
-    .await;
-    let services: Api<Service> = Api::namespaced(kube.clone(), "shop");
-    let primary_ip = cluster_ip(&services, "web-app-primary").await;
-    let canary_ip = cluster_ip(&services, "web-app-canary").await;
-    pods.route_here(primary_ip);
-    pods.route_here(canary_ip);
-    let _primary = pods.spawn(&[
-        "upstream",
-        "--listen",
-        &format!("{primary_ip}:80"),
-        "--name",
-        "primary",
-    ]);
-    let _canary = pods.spawn(&[
-        "upstream",
-        "--listen",
-        &format!("{canary_ip}:80"),
-        "--name",
-        "canary",
-    ]);
-    let router = router_pod(&kube, &pods, primary_ip).await;
-    let admin = router.proc.addr("admin");
-    let traffic = users(&router, 2);
-    set_image(&deployments, "2.0.0").await;
-    until(&canaries, &deployments, &operator, "at 10 %", |s| {
-        s["canaryWeight"].as_f64() >= Some(10.0)
-    })
-    .await;
+/// The seed's web-app as the fault tests start from it: the Deployment and its Canary (the
+/// seed's with a 1 s interval, then `edit`ed) initialised by an operator run with
+/// `operator_flags`, and the versions' stand-in pods on their cluster IPs. The routers are each
+/// test's own.
+struct WebApp {
+    operator: Proc,
+    operator_flags: Vec<String>,
+    kube: kube::Client,
+    deployments: Api<Deployment>,
+    canaries: Api<DynamicObject>,
+    primary_ip: Ipv4Addr,
+    _stand_ins: Vec<Proc>,
+    cluster: TestCluster,
+    /// Dropped last: the stand-ins and routers live on it.
+    pods: PodNetwork,
+}
 
-    // The router goes away mid-analysis: held, then rolled back at the deadline — a rollback
-    // no router can be told of yet.
-    drop(router);
-    traffic.stop().await;
-    until(&canaries, &deployments, &operator, "rolled back", |s| {
-        s["phase"] == "Failed"
-    })
-    .await;
-    assert!(
+impl WebApp {
+    async fn initialized(
+        operator_flags: &[&str],
+        edit: impl FnOnce(&mut serde_json::Value),
+    ) -> WebApp {
+        let pods = PodNetwork::create();
+        let cluster = cluster().await;
+        let kube = cluster.client();
+        let deployments: Api<Deployment> = Api::namespaced(kube.clone(), "shop");
         deployments
-            .get("web-app")
+            .create(
+                &PostParams::default(),
+                &serde_saphyr::from_str(WEB_APP).unwrap(),
+            )
+            .await
+            .unwrap();
+        let mut canary: serde_json::Value = serde_saphyr::from_str(WEB_APP_CANARY).unwrap();
+        canary["metadata"]["namespace"] = "shop".into();
+        canary["spec"]["analysis"]["interval"] = "1s".into();
+        edit(&mut canary);
+        let canaries = canaries(&kube);
+        canaries
+            .create(
+                &PostParams::default(),
+                &serde_json::from_value(canary).unwrap(),
+            )
+            .await
+            .unwrap();
+        let operator = operator(&cluster, operator_flags);
+        let services: Api<Service> = Api::namespaced(kube.clone(), "shop");
+        let mut app = WebApp {
+            operator,
+            operator_flags: operator_flags.iter().map(|f| f.to_string()).collect(),
+            kube,
+            deployments,
+            canaries,
+            primary_ip: Ipv4Addr::UNSPECIFIED,
+            _stand_ins: Vec::new(),
+            cluster,
+            pods,
+        };
+        app.until("initialised", 30, |s| s["phase"] == "Initialized")
+            .await;
+        // kube-proxy's part: each version's cluster IP reaches its stand-in pod.
+        let primary_ip = cluster_ip(&services, "web-app-primary").await;
+        let canary_ip = cluster_ip(&services, "web-app-canary").await;
+        app.pods.route_here(primary_ip);
+        app.pods.route_here(canary_ip);
+        let stand_in = |ip: Ipv4Addr, name: &str| {
+            app.pods
+                .spawn(&["upstream", "--listen", &format!("{ip}:80"), "--name", name])
+        };
+        app._stand_ins = vec![
+            stand_in(primary_ip, "primary"),
+            stand_in(canary_ip, "canary"),
+        ];
+        app.primary_ip = primary_ip;
+        app
+    }
+
+    async fn status(&self) -> serde_json::Value {
+        self.canaries.get("web-app").await.unwrap().data["status"].clone()
+    }
+
+    /// `kubectl set image` to `version`: a new revision.
+    async fn release(&self, version: &str) {
+        set_image(&self.deployments, version).await;
+    }
+
+    /// The Canary's status once `done` says so, the Deployments' readiness reported meanwhile
+    /// as kubelet would; fails after `seconds`, saying `what` was awaited.
+    async fn until(
+        &self,
+        what: &str,
+        seconds: u64,
+        mut done: impl FnMut(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        let deadline = Instant::now() + Duration::from_secs(seconds);
+        loop {
+            kubelet(&self.deployments).await;
+            let s = self.status().await;
+            if done(&s) {
+                return s;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "not {what} within {seconds} s: {s:#}\n{}",
+                self.operator.stderr()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// The notes of the Events of `type_` (`Normal`, `Warning`), as `kubectl describe` lists
+    /// them.
+    async fn said(&self, type_: &str) -> Vec<String> {
+        let events: Api<k8s_openapi::api::events::v1::Event> =
+            Api::namespaced(self.kube.clone(), "shop");
+        events
+            .list(&Default::default())
             .await
             .unwrap()
-            .spec
-            .unwrap()
-            .replicas
-            > Some(0),
-        "the canary's pods stay until the routers are off them"
-    );
-    // Past the driver's own retries of the final routes (10 × 0.5 s).
-    tokio::time::sleep(Duration::from_secs(7)).await;
-    let back = Proc::spawn(&[
-        "proxy",
-        "--listen",
-        "127.0.0.1:0",
-        "--admin",
-        &admin.to_string(),
-        "--stable",
-        &format!("http://{primary_ip}:80"),
-    ]);
-    let back_admin = format!("http://{}", back.addr("admin"));
-    // Once it is back, the rollback lands: everything on the primary, the canary's pods gone.
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while deployments
-        .get("web-app")
-        .await
-        .unwrap()
-        .spec
-        .unwrap()
-        .replicas
-        != Some(0)
-    {
+            .items
+            .into_iter()
+            .filter(|e| e.type_.as_deref() == Some(type_))
+            .filter_map(|e| e.note)
+            .collect()
+    }
+
+    /// Waits up to `seconds` for an Event of `type_` whose note holds every one of `words`.
+    async fn until_said(&self, type_: &str, words: &[&str], seconds: u64) -> String {
+        let deadline = Instant::now() + Duration::from_secs(seconds);
+        loop {
+            kubelet(&self.deployments).await;
+            let said = self.said(type_).await;
+            if let Some(note) = said.iter().find(|n| words.iter().all(|w| n.contains(w))) {
+                return note.clone();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no {type_} Event saying {words:?} within {seconds} s: {said:#?}\n{}",
+                self.operator.stderr()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// The canary Deployment's size (`web-app`: Flagger runs the canary on the target).
+    async fn canary_replicas(&self) -> i32 {
+        let target = self.deployments.get("web-app").await.unwrap();
+        target.spec.unwrap().replicas.unwrap_or(1)
+    }
+
+    /// `coalmine operator` killed: SIGKILL, nothing of it runs on.
+    fn kill_operator(&mut self) {
+        self.operator.child.kill().unwrap();
+        self.operator.child.wait().unwrap();
+    }
+
+    /// The operator's container started again, with the same flags (and identity).
+    fn start_operator(&mut self) {
+        let flags: Vec<&str> = self.operator_flags.iter().map(String::as_str).collect();
+        self.operator = operator(&self.cluster, &flags);
+    }
+}
+
+/// `host:port` of a router's admin API, as the operator's words name it.
+fn admin_address(router: &Router) -> &str {
+    router.admin.trim_start_matches("http://")
+}
+
+/// The share of `n` requests through `router` that the canary answered, and the canary weight
+/// (percent) the router's table carried throughout: measured again (up to 10 times) while the
+/// weight moves under it.
+async fn canary_share(router: &Router, n: usize) -> (f64, f64) {
+    for _ in 0..10 {
+        let before = routes(router).await["canaryWeight"].as_f64().unwrap_or(0.0);
+        let answered = answered_by(router, n).await;
+        let after = routes(router).await["canaryWeight"].as_f64().unwrap_or(0.0);
+        if before == after {
+            let canary = answered.iter().filter(|a| *a == "canary").count();
+            return (canary as f64 / n as f64, before);
+        }
+    }
+    panic!("the canary weight moved under each of 10 measurements");
+}
+
+/// Until the router's table says `done`, at most `seconds`.
+async fn until_routes(
+    router: &Router,
+    what: &str,
+    seconds: u64,
+    done: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(seconds);
+    loop {
+        let table = routes(router).await;
+        if done(&table) {
+            return table;
+        }
         assert!(
             Instant::now() < deadline,
-            "the canary's pods were left running after a rollback the router missed\n{}",
-            operator.stderr()
+            "the router's routes not {what} within {seconds} s: {table:#}"
         );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_router_killed_mid_analysis_and_started_again_gets_its_routes_back_and_the_release_goes_on(
+) {
+    let app = WebApp::initialized(&["--provider", "coalmine"], |canary| {
+        // Steps of 10 % up to 50: long enough to kill the router at one and see it put back.
+        canary["spec"]["analysis"]["stepWeight"] = 10.into();
+    })
+    .await;
+    let mut router = router_pod(&app.kube, &app.pods, app.primary_ip).await;
+    let traffic = users(&router, 2);
+    app.release("2.0.0").await;
+    app.until("at 20 %", 30, |s| {
+        s["canaryWeight"].as_f64().unwrap_or(0.0) >= 20.0
+    })
+    .await;
+    router.proc.child.kill().unwrap();
+    router.proc.child.wait().unwrap();
+    // Held where it was, and `kubectl describe` says which router.
+    app.until_said(
+        "Warning",
+        &["Holding weight: traffic: ", admin_address(&router)],
+        10,
+    )
+    .await;
+    let held_at = app.status().await["canaryWeight"].as_f64().unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let s = app.status().await;
+    assert_eq!(
+        (s["phase"].as_str(), s["canaryWeight"].as_f64()),
+        (Some("Progressing"), Some(held_at)),
+        "held while the router is down"
+    );
+
+    start_again(&mut router, app.primary_ip);
+    let restarted = Instant::now();
+    let table = until_routes(&router, "put back", 10, |t| t["canary"].is_string()).await;
+    let put_back_in = restarted.elapsed();
+    assert!(
+        table["canaryWeight"].as_f64() >= Some(held_at),
+        "put back at the weight it held: {table:#}"
+    );
+    // Users' requests through it reach the canary at about its weight again.
+    let (share, weight) = canary_share(&router, 300).await;
+    assert!(
+        (share - weight / 100.0).abs() < 0.1,
+        "{share:.2} of requests on the canary at {weight} %"
+    );
+
+    // On from the step it held at, not from the start, to the promotion.
+    let mut weights = Vec::new();
+    let s = app
+        .until("done", 40, |s| {
+            let w = s["canaryWeight"].as_f64().unwrap_or(0.0);
+            if weights.last() != Some(&w) {
+                weights.push(w);
+            }
+            s["phase"] == "Succeeded" || s["phase"] == "Failed"
+        })
+        .await;
+    traffic.stop().await;
+    assert_eq!(s["phase"], "Succeeded", "{s:#}\n{}", app.operator.stderr());
+    let before_promotion: Vec<f64> = weights.iter().copied().take_while(|w| *w > 0.0).collect();
+    assert!(
+        before_promotion.iter().all(|w| *w >= held_at),
+        "held at {held_at} %, then {weights:?}"
+    );
+    eprintln!(
+        "router restarted: routes put back {:.1} s after it came back, at {weight} % ({share:.2} of requests on the canary); then {weights:?}",
+        put_back_in.as_secs_f64()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_router_that_stays_down_holds_the_release_until_the_deadline_then_the_rollback_lands_when_it_is_back(
+) {
+    let app = WebApp::initialized(&["--provider", "coalmine"], |canary| {
+        canary["spec"]["progressDeadlineSeconds"] = 5.into();
+    })
+    .await;
+    let mut router = router_pod(&app.kube, &app.pods, app.primary_ip).await;
+    let traffic = users(&router, 2);
+    app.release("2.0.0").await;
+    app.until("at 10 %", 30, |s| {
+        s["canaryWeight"].as_f64().unwrap_or(0.0) >= 10.0
+    })
+    .await;
+    router.proc.child.kill().unwrap();
+    router.proc.child.wait().unwrap();
+    let killed = Instant::now();
+    app.until_said(
+        "Warning",
+        &["Holding weight: traffic: ", admin_address(&router)],
+        10,
+    )
+    .await;
+    let held_from = killed.elapsed();
+    let s = app
+        .until("ended", 30, |s| {
+            s["phase"] == "Failed" || s["phase"] == "Succeeded"
+        })
+        .await;
+    let rolled_back_in = killed.elapsed();
+    assert_eq!(s["phase"], "Failed", "{s:#}");
+    app.until_said("Warning", &["Rolling back", "progressDeadlineSeconds"], 5)
+        .await;
+    // Down past the run's own retries of its last route change: said, and the canary keeps
+    // its pods while a router that may still send it requests is out of reach.
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    app.until_said(
+        "Warning",
+        &["Final traffic not in place yet", admin_address(&router)],
+        1,
+    )
+    .await;
+    assert!(app.canary_replicas().await > 0);
+
+    start_again(&mut router, app.primary_ip);
+    let restarted = Instant::now();
+    // The rollback finishes: the router driven to the primary and let go, then the canary's
+    // pods go.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let table = routes(&router).await;
+        let replicas = app.canary_replicas().await;
+        if table["canary"].is_null() && table["owner"].is_null() && replicas == 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the rollback never finished: canary at {replicas} replicas, routes {table:#}\n{}",
+            app.operator.stderr()
+        );
+        kubelet(&app.deployments).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let finished_in = restarted.elapsed();
+    app.until_said("Normal", &["Final traffic in place"], 5)
+        .await;
+    let answered = answered_by(&router, 50).await;
+    assert!(answered.iter().all(|n| n == "primary"), "{answered:?}");
+    traffic.stop().await;
+    eprintln!(
+        "router down: held from {:.1} s, rolled back {:.1} s after the kill; finished {:.1} s after the router came back",
+        held_from.as_secs_f64(),
+        rolled_back_in.as_secs_f64(),
+        finished_in.as_secs_f64()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_router_cut_off_from_the_operator_gets_the_rollback_once_reachable_and_the_canary_keeps_its_pods_until_then(
+) {
+    let app = WebApp::initialized(&["--provider", "coalmine"], |canary| {
+        canary["spec"]["progressDeadlineSeconds"] = 5.into();
+    })
+    .await;
+    // Two router pods; one on a node the operator is about to lose (its own address).
+    let steady = router_process(
+        "127.0.0.1:0",
+        &format!("{}:0", app.pods.host_ip),
+        app.primary_ip,
+    );
+    let port = steady.proc.addr("admin").port();
+    let node = app.pods.address_here(0);
+    let cut_off = router_process("127.0.0.1:0", &format!("{node}:{port}"), app.primary_ip);
+    routers_service(
+        &app.kube,
+        "coalmine-router",
+        port,
+        &[(app.pods.host_ip, Ready::Yes), (node, Ready::Yes)],
+    )
+    .await;
+    let traffic = users(&cut_off, 2);
+    app.release("2.0.0").await;
+    app.until("at 10 %", 30, |s| {
+        s["canaryWeight"].as_f64().unwrap_or(0.0) >= 10.0
+    })
+    .await;
+    app.pods.cut_off(node);
+    let cut = Instant::now();
+    app.until_said(
+        "Warning",
+        &["Holding weight: traffic: ", admin_address(&cut_off)],
+        20,
+    )
+    .await;
+    let held_from = cut.elapsed();
+    let s = app
+        .until("ended", 30, |s| {
+            s["phase"] == "Failed" || s["phase"] == "Succeeded"
+        })
+        .await;
+    let rolled_back_in = cut.elapsed();
+    assert_eq!(s["phase"], "Failed", "{s:#}");
+    // The rollback reached the router it could; users still go through the other, which still
+    // sends the canary its share: the canary keeps its pods.
+    until_routes(&steady, "rolled back", 5, |t| t["canary"].is_null()).await;
+    let answered = answered_by(&cut_off, 100).await;
+    assert!(answered.iter().any(|n| n == "canary"), "{answered:?}");
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    assert!(
+        app.canary_replicas().await > 0,
+        "the canary lost its pods while a router still sends it requests"
+    );
+
+    app.pods.reconnect(node);
+    let reconnected = Instant::now();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let table = routes(&cut_off).await;
+        let replicas = app.canary_replicas().await;
+        if table["canary"].is_null() && table["owner"].is_null() && replicas == 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the rollback never reached the router: canary at {replicas} replicas, routes {table:#}\n{}",
+            app.operator.stderr()
+        );
+        kubelet(&app.deployments).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let finished_in = reconnected.elapsed();
+    let answered = answered_by(&cut_off, 50).await;
+    assert!(answered.iter().all(|n| n == "primary"), "{answered:?}");
+    traffic.stop().await;
+    eprintln!(
+        "router cut off: held from {:.1} s, rolled back {:.1} s after the cut; the rollback reached it {:.1} s after it was reachable again",
+        held_from.as_secs_f64(),
+        rolled_back_in.as_secs_f64(),
+        finished_in.as_secs_f64()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_killed_mid_analysis_and_started_again_resumes_at_the_step_it_was_on() {
+    let mut app = WebApp::initialized(&["--provider", "coalmine"], |_| {}).await;
+    let router = router_pod(&app.kube, &app.pods, app.primary_ip).await;
+    let traffic = users(&router, 2);
+    app.release("2.0.0").await;
+    app.until("at 20 %", 30, |s| {
+        s["canaryWeight"].as_f64().unwrap_or(0.0) >= 20.0
+    })
+    .await;
+    app.kill_operator();
+    let weight_at_death = app.status().await["canaryWeight"].as_f64().unwrap();
+    let canary_requests = stats(&router).await["canary"]["requests"]
+        .as_u64()
+        .unwrap_or(0);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        app.status().await["canaryWeight"].as_f64(),
+        Some(weight_at_death),
+        "nothing drives the release meanwhile"
+    );
+
+    app.start_operator();
+    let started = Instant::now();
+    let mut weights = Vec::new();
+    let mut resumed_in = None;
+    let s = app
+        .until("done", 40, |s| {
+            let w = s["canaryWeight"].as_f64().unwrap_or(0.0);
+            if weights.last() != Some(&w) {
+                weights.push(w);
+            }
+            if w != weight_at_death && resumed_in.is_none() {
+                resumed_in = Some(started.elapsed());
+            }
+            s["phase"] == "Succeeded" || s["phase"] == "Failed"
+        })
+        .await;
+    let (ok, failed) = traffic.stop().await;
+    assert_eq!(s["phase"], "Succeeded", "{s:#}\n{}", app.operator.stderr());
+    let before_promotion: Vec<f64> = weights.iter().copied().take_while(|w| *w > 0.0).collect();
+    assert!(
+        before_promotion.first() == Some(&weight_at_death)
+            && before_promotion.iter().all(|w| *w >= weight_at_death),
+        "died at {weight_at_death} %, then {weights:?}"
+    );
+    // The new operator found the router and drove it: the canary kept getting requests, and
+    // users saw nothing of the operator's death.
+    let after = stats(&router).await["canary"]["requests"]
+        .as_u64()
+        .unwrap_or(0);
+    assert!(after > canary_requests, "{canary_requests} → {after}");
+    assert_eq!(failed, 0, "{ok} ok");
+    assert_eq!(routes(&router).await["canaryWeight"].as_f64(), Some(0.0));
+    eprintln!(
+        "operator restarted at {weight_at_death} %: next step {:.1} s after it started; then {weights:?}",
+        resumed_in.unwrap_or_default().as_secs_f64()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routers_listed_not_ready_are_left_alone_and_a_ready_one_that_does_not_answer_holds_the_release(
+) {
+    let app = WebApp::initialized(&["--provider", "coalmine"], |_| {}).await;
+    // Three router pods behind one Service, their admin APIs on one port: one serving, one
+    // not ready (a router that must not be touched), one listed ready that does not answer yet.
+    let serving = router_process(
+        "127.0.0.1:0",
+        &format!("{}:0", app.pods.host_ip),
+        app.primary_ip,
+    );
+    let port = serving.proc.addr("admin").port();
+    let not_ready_ip = app.pods.address_here(0);
+    let not_ready = router_process(
+        "127.0.0.1:0",
+        &format!("{not_ready_ip}:{port}"),
+        app.primary_ip,
+    );
+    let not_ready_table = routes(&not_ready).await;
+    let late_ip = app.pods.address_here(1);
+    let late = format!("{late_ip}:{port}");
+    routers_service(
+        &app.kube,
+        "coalmine-router",
+        port,
+        &[
+            (app.pods.host_ip, Ready::Yes),
+            (not_ready_ip, Ready::No),
+            (late_ip, Ready::Yes),
+        ],
+    )
+    .await;
+    let traffic = users(&serving, 2);
+    app.release("2.0.0").await;
+    app.until_said("Warning", &["Holding weight: traffic: ", &late], 15)
+        .await;
+    // Held, not rolled back, and not moved on while one router has not taken the step.
+    let mut weights = Vec::new();
+    let hold = Instant::now();
+    while hold.elapsed() < Duration::from_secs(3) {
+        let s = app.status().await;
+        weights.push(s["canaryWeight"].as_f64().unwrap_or(0.0));
+        assert_eq!(s["phase"], "Progressing", "{s:#}");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let table = get_json(&format!("{back_admin}/routes")).await;
-    assert_eq!(table["canaryWeight"].as_f64(), Some(0.0), "{table:#}");
+    assert!(weights.iter().all(|w| *w == 0.0), "{weights:?}");
+
+    // The late router answers: the release goes on over both ready routers.
+    let late_router = router_process("127.0.0.1:0", &late, app.primary_ip);
+    let s = app
+        .until("done", 40, |s| {
+            s["phase"] == "Succeeded" || s["phase"] == "Failed"
+        })
+        .await;
+    let (ok, failed) = traffic.stop().await;
+    assert_eq!(s["phase"], "Succeeded", "{s:#}\n{}", app.operator.stderr());
+    assert_eq!(failed, 0, "{ok} ok");
+    for router in [&serving, &late_router] {
+        let table = routes(router).await;
+        assert!(
+            table["canary"].is_null() && table["owner"].is_null(),
+            "{table:#}"
+        );
+    }
+    assert_eq!(
+        routes(&not_ready).await,
+        not_ready_table,
+        "the router listed not ready was driven"
+    );
+    let not_ready_address = format!("{not_ready_ip}:{port}");
+    for type_ in ["Normal", "Warning"] {
+        let said = app.said(type_).await;
+        assert!(
+            !said.iter().any(|n| n.contains(&not_ready_address)),
+            "{said:#?}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_canary_naming_a_routers_service_that_does_not_exist_is_told_so_and_runs_once_it_does() {
+    // Provider coalmine chosen by the annotation, naming a Service nobody made.
+    let app = WebApp::initialized(&[], |canary| {
+        canary["metadata"]["annotations"] = json!({"coalmine.dev/routers": "nope"});
+        canary["spec"]["analysis"]["stepWeight"] = 25.into();
+    })
+    .await;
+    app.release("2.0.0").await;
+    let s = app
+        .until("told invalid", 15, |s| {
+            s["conditions"][0]["reason"] == "InvalidSpec"
+        })
+        .await;
+    let said = s["conditions"][0]["message"].as_str().unwrap().to_string();
+    assert!(
+        said.starts_with("spec.routers.service: ") && said.contains("nope"),
+        "{said}"
+    );
+    app.until_said("Warning", &["spec.routers.service", "nope"], 5)
+        .await;
+    // Nothing moves: no canary pods, no weight.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let s = app.status().await;
+    assert_eq!(
+        (s["phase"].as_str(), s["canaryWeight"].as_f64()),
+        (Some("Initialized"), Some(0.0)),
+        "{s:#}"
+    );
+    assert_eq!(app.canary_replicas().await, 0);
+
+    // The routers are deployed: the release runs.
+    let router = router_process(
+        "127.0.0.1:0",
+        &format!("{}:0", app.pods.host_ip),
+        app.primary_ip,
+    );
+    let admin_port = router.proc.addr("admin").port();
+    routers_service(
+        &app.kube,
+        "nope",
+        admin_port,
+        &[(app.pods.host_ip, Ready::Yes)],
+    )
+    .await;
+    let created = Instant::now();
+    let traffic = users(&router, 2);
+    app.until("progressing", 40, |s| s["phase"] != "Initialized")
+        .await;
+    let started_in = created.elapsed();
+    let s = app
+        .until("done", 30, |s| {
+            s["phase"] == "Succeeded" || s["phase"] == "Failed"
+        })
+        .await;
+    traffic.stop().await;
+    assert_eq!(s["phase"], "Succeeded", "{s:#}\n{}", app.operator.stderr());
+    assert_ne!(s["conditions"][0]["reason"], "InvalidSpec", "{s:#}");
+    assert!(stats(&router).await["canary"]["requests"].as_u64() > Some(0));
+    eprintln!(
+        "routers Service created: the release started {:.1} s later",
+        started_in.as_secs_f64()
+    );
 }

@@ -28,7 +28,8 @@ pub trait TrafficBackend: Send + Sync {
     fn apply<'a>(&'a self, traffic: &'a Traffic) -> BoxFuture<'a, Result<(), TrafficFault>>;
 
     /// Checks that the backend still carries `traffic` and puts it back where it was lost (a
-    /// router restarted with its old command line); names what it put right.
+    /// router restarted with its old command line); names what it put right. Like `apply`, it
+    /// succeeds only once all of the backend carries `traffic`.
     fn reconcile<'a>(
         &'a self,
         traffic: &'a Traffic,

@@ -515,7 +515,9 @@ impl RouterSet {
     }
 
     /// Puts the patch back on every router whose table no longer carries it (a router
-    /// restarted with its old command line, say). Returns the routers put right.
+    /// restarted with its old command line, say). Returns the routers put right; fails while
+    /// any router does not carry it (one out of reach), even when others were put right: until
+    /// every router carries it, the traffic is not what the rollout says.
     async fn reconcile(&self, patch: &RoutesPatch) -> Result<Vec<HttpUrl>, TrafficFault> {
         let mut corrected = Vec::new();
         let mut failed = None;
@@ -537,8 +539,14 @@ impl RouterSet {
             }
         }
         match failed {
-            Some(e) if corrected.is_empty() => Err(e),
-            _ => Ok(corrected),
+            Some(e) => {
+                if !corrected.is_empty() {
+                    let put_right: Vec<String> = corrected.iter().map(ToString::to_string).collect();
+                    tracing::warn!("routes put back on {}; not on every router: {e}", put_right.join(", "));
+                }
+                Err(e)
+            }
+            None => Ok(corrected),
         }
     }
 }

@@ -12,12 +12,13 @@ use coalmine_controller::BoxFuture;
 use coalmine_rollout::{Event, EventLevel, Outcome, Status};
 use k8s_openapi::api::core::v1::ObjectReference;
 use kube::api::{Api, Patch, PatchParams};
-use kube::runtime::events::{Event as KubeEvent, EventType, Recorder, Reporter};
+use kube::runtime::events::{Event as KubeEvent, EventType, Reporter};
 
 use coalmine_spec::Weight;
 use k8s_openapi::api::apps::v1::Deployment;
 
 use crate::crd::Rollout;
+use crate::events::Recorder;
 use crate::seams::workloads::FIELD_MANAGER;
 use crate::status::RolloutStatus;
 use crate::workload::replica_plan;

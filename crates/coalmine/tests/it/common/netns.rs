@@ -1,7 +1,9 @@
 //! A network of stand-in pods: a network namespace (made with `unshare --net`, kept alive by a
 //! holder process, so it goes when the holder goes — also when a test is killed, after the
-//! holder's 10-minute sleep at most) joined to this one by a veth pair with a /30 of its own in
-//! 10.231.0.0/17. Addresses given to the namespace (`route_here`) are routed to it from here, as
+//! holder's 10-minute sleep at most) joined to this one by a veth pair with a /29 of its own in
+//! 10.231.0.0/17: a /30 for the pair, and spare addresses on this side for more router pods
+//! ([`PodNetwork::address_here`]), which a test can cut off and reconnect like a partitioned
+//! node. Addresses given to the namespace (`route_here`) are routed to it from here, as
 //! kube-proxy makes a Service's cluster IP reach its pods. Nothing leaves the machine: every
 //! address is on the pair. Needs root (CAP_NET_ADMIN) and iproute2.
 //!
@@ -24,7 +26,12 @@ pub struct PodNetwork {
     /// The veth's end in the pods' namespace, and its address.
     pod_link: String,
     pub pod_ip: Ipv4Addr,
+    /// The first of the /29's four spare addresses.
+    spare: Ipv4Addr,
 }
+
+/// How many spare addresses a pod network has on this side.
+const SPARES: u32 = 4;
 
 fn ip(args: &[&str]) {
     let out = Command::new("ip")
@@ -59,10 +66,11 @@ impl PodNetwork {
             .unwrap();
         assert_eq!(line.trim(), "ready", "could not make a network namespace");
         let pid = holder.id();
-        // A /30 per holder: tests (and a leftover of a killed one) never share addresses.
-        let slot = pid % 8192;
-        let base = u32::from(Ipv4Addr::new(10, 231, 0, 0)) + slot * 4;
+        // A /29 per holder: tests (and a leftover of a killed one) never share addresses.
+        let slot = pid % 4096;
+        let base = u32::from(Ipv4Addr::new(10, 231, 0, 0)) + slot * 8;
         let (host_ip, pod_ip) = (Ipv4Addr::from(base + 1), Ipv4Addr::from(base + 2));
+        let spare = Ipv4Addr::from(base + 4);
         let (host_link, pod_link) = (format!("cmh{pid}"), format!("cmp{pid}"));
         let network = PodNetwork {
             _one_at_a_time: lock,
@@ -71,6 +79,7 @@ impl PodNetwork {
             host_ip,
             pod_link,
             pod_ip,
+            spare,
         };
         ip(&[
             "link",
@@ -141,6 +150,48 @@ impl PodNetwork {
         ]);
     }
 
+    /// Spare address `i` (of 4) of this network, given to this side: another router pod's
+    /// address, for a Service's EndpointSlice to list beside `host_ip`.
+    pub fn address_here(&self, i: u32) -> Ipv4Addr {
+        assert!(i < SPARES, "a pod network has {SPARES} spare addresses");
+        let address = Ipv4Addr::from(u32::from(self.spare) + i);
+        ip(&[
+            "addr",
+            "replace",
+            &format!("{address}/32"),
+            "dev",
+            &self.host_link,
+        ]);
+        address
+    }
+
+    /// Cuts `address` (from [`PodNetwork::address_here`]) off, as a partition would: connecting
+    /// to it fails (no route to host), while what listens on it keeps its sockets and state.
+    pub fn cut_off(&self, address: Ipv4Addr) {
+        // The unreachable route first: once the address is no longer local, nothing to it may
+        // take the default route off the machine.
+        ip(&["route", "add", "unreachable", &format!("{address}/32")]);
+        ip(&[
+            "addr",
+            "del",
+            &format!("{address}/32"),
+            "dev",
+            &self.host_link,
+        ]);
+    }
+
+    /// Undoes [`PodNetwork::cut_off`]: what listens on `address` is reached again.
+    pub fn reconnect(&self, address: Ipv4Addr) {
+        ip(&[
+            "addr",
+            "add",
+            &format!("{address}/32"),
+            "dev",
+            &self.host_link,
+        ]);
+        ip(&["route", "del", "unreachable", &format!("{address}/32")]);
+    }
+
     /// Starts `coalmine ARGS` inside the pods' namespace.
     pub fn spawn(&self, args: &[&str]) -> Proc {
         let pid = self.holder.id().to_string();
@@ -159,5 +210,13 @@ impl Drop for PodNetwork {
             .args(["link", "del", &self.host_link])
             .stderr(Stdio::null())
             .status();
+        // A spare address still cut off: its route is not the link's.
+        for i in 0..SPARES {
+            let address = Ipv4Addr::from(u32::from(self.spare) + i);
+            let _ = Command::new("ip")
+                .args(["route", "del", "unreachable", &format!("{address}/32")])
+                .stderr(Stdio::null())
+                .status();
+        }
     }
 }
