@@ -102,10 +102,22 @@ pub(crate) struct Context {
     /// another operator (another lease) is refused.
     controller: String,
     runs: Mutex<HashMap<String, Run>>,
+    /// Finished runs whose final traffic this process has put in place, or is putting: one
+    /// whose operator went before it landed (a router out of reach at the end, then a restart
+    /// or another leader) is settled again by the next reconcile.
+    finals: Mutex<HashMap<String, FinalTraffic>>,
     /// The Rollouts as the controller's watch last saw them.
     cache: std::sync::OnceLock<Store<Rollout>>,
     /// The provider of Canaries that name none.
     pub(crate) default_provider: TrafficProvider,
+}
+
+/// Where a finished run's final traffic stands in this process.
+enum FinalTraffic {
+    /// A task is carrying it (until it lands, is refused, or the rollout goes).
+    Settling(JoinHandle<()>),
+    /// In place (or refused, said in an Event): nothing more to do for this run.
+    Landed,
 }
 
 /// One release being driven: its task, and the way to tell it what users ask.
@@ -235,6 +247,70 @@ async fn settle(
     }
 }
 
+/// Drops what this process knew of a run's final traffic: a new run is starting.
+fn forget_final(context: &Context, key: &str) {
+    if let Some(FinalTraffic::Settling(task)) =
+        context.finals.lock().expect("finals lock").remove(key)
+    {
+        task.abort();
+    }
+}
+
+/// A finished run's final traffic, put in place once by this process unless its own run did:
+/// the operator that ran it may have gone while a router was out of reach (a restart, another
+/// leader), and the canary must not keep a share, or its pods, with nobody watching. Everything
+/// goes to the primary: the final traffic of a rollback, and of a promotion (the primary then
+/// runs the promoted revision; its template is not touched here).
+fn settle_unless_landed(context: &Arc<Context>, rollout: &Rollout, key: &str, status: &Status) {
+    let mut finals = context.finals.lock().expect("finals lock");
+    let needed = match finals.get(key) {
+        Some(FinalTraffic::Landed) => false,
+        Some(FinalTraffic::Settling(task)) => task.is_finished(),
+        None => true,
+    };
+    if !needed {
+        return;
+    }
+    let Some(cache) = context.cache.get().cloned() else {
+        return;
+    };
+    let (task_context, task_rollout, task_key, status) = (
+        context.clone(),
+        rollout.clone(),
+        key.to_string(),
+        status.clone(),
+    );
+    let task = tokio::spawn(async move {
+        let namespace = task_rollout.metadata.namespace.clone().unwrap_or_default();
+        let rollouts: Api<Rollout> = Api::namespaced(task_context.client.clone(), &namespace);
+        let name = task_rollout.metadata.name.clone().unwrap_or_default();
+        let uid = task_rollout.metadata.uid.clone();
+        let mut store = RolloutStatusStore::new(
+            task_context.client.clone(),
+            &task_rollout,
+            task_rollout.to_document(),
+            &task_context.identity,
+        );
+        let settled =
+            async { settle(&task_context, &task_rollout, NO_CANARY, &status, &mut store).await };
+        tokio::select! {
+            landed = settled => {
+                tracing::info!(rollout = %task_key, "a finished run's final traffic is in place");
+                task_context
+                    .finals
+                    .lock()
+                    .expect("finals lock")
+                    .insert(task_key, FinalTraffic::Landed);
+                if let Some(backend) = landed {
+                    let _ = backend.release().await;
+                }
+            }
+            () = deleted(cache, &rollouts, &name, uid.as_deref()) => {}
+        }
+    });
+    finals.insert(key.to_string(), FinalTraffic::Settling(task));
+}
+
 /// Leads, then reconciles until the lease is lost (an error) or the watch ends.
 pub async fn run(client: kube::Client, settings: Settings) -> Result<(), OperatorError> {
     let elector = Elector::new(
@@ -273,6 +349,7 @@ pub async fn run(client: kube::Client, settings: Settings) -> Result<(), Operato
             settings.lease_namespace, settings.lease_name
         ),
         runs: Mutex::new(HashMap::new()),
+        finals: Mutex::new(HashMap::new()),
         cache: std::sync::OnceLock::new(),
         default_provider: settings.default_provider,
     });
@@ -1124,6 +1201,7 @@ async fn drive(
         },
         Next::Start | Next::Resume => {
             let resume = decision == Next::Resume;
+            forget_final(context, &key);
             let mut document = rollout.to_document();
             let subject = crate::templates::Subject {
                 name: &document.metadata.name,
@@ -1230,6 +1308,11 @@ async fn drive(
                 match outcome {
                     Some((outcome, settled_on)) => {
                         tracing::info!(rollout = %task_key, ?outcome, "run ended");
+                        task_context
+                            .finals
+                            .lock()
+                            .expect("finals lock")
+                            .insert(task_key.clone(), FinalTraffic::Landed);
                         let _ = settled_on.release().await;
                     }
                     None => {
@@ -1257,6 +1340,7 @@ async fn drive(
             if let Some(run) = context.runs.lock().expect("runs lock").remove(&key) {
                 run.task.abort();
             }
+            forget_final(context, &key);
             // The old run's canary off before anything else.
             let (traffic, _) = seams_of(context, &rollout, &mut rollout.to_document()).await?;
             traffic.apply(&NO_CANARY).await?;
@@ -1276,7 +1360,12 @@ async fn drive(
             )
             .await?;
         }
-        Next::Idle => {}
+        Next::Idle => {
+            let finished = saved.as_ref().filter(|s| s.outcome.is_some());
+            if let (Some(finished), None) = (finished, &driving) {
+                settle_unless_landed(context, &rollout, &key, finished);
+            }
+        }
     }
     // Workloads and Canaries are watched; this catches what is not (a tracked config), about
     // once an interval like Flagger's tick, neither hammering the API server nor sleeping long.

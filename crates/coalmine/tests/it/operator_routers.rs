@@ -1064,6 +1064,57 @@ async fn a_router_that_stays_down_holds_the_release_until_the_deadline_then_the_
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rollback_still_landing_when_the_operator_restarts_is_carried_by_the_next_one() {
+    let mut app = WebApp::initialized(&["--provider", "coalmine"], |canary| {
+        canary["spec"]["progressDeadlineSeconds"] = 3.into();
+    })
+    .await;
+    let mut router = router_pod(&app.kube, &app.pods, app.primary_ip).await;
+    let traffic = users(&router, 2);
+    app.release("2.0.0").await;
+    app.until("at 10 %", 30, |s| {
+        s["canaryWeight"].as_f64().unwrap_or(0.0) >= 10.0
+    })
+    .await;
+    router.proc.child.kill().unwrap();
+    router.proc.child.wait().unwrap();
+    traffic.stop().await;
+    app.until("rolled back", 30, |s| s["phase"] == "Failed")
+        .await;
+    app.until_said("Warning", &["Final traffic not in place yet"], 15)
+        .await;
+    // The operator goes while its rollback is still landing, and a new one starts: the run is
+    // over (Failed), but its final traffic is not in place.
+    app.kill_operator();
+    assert!(app.canary_replicas().await > 0);
+    app.start_operator();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    start_again(&mut router, app.primary_ip);
+    let restarted = Instant::now();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let table = routes(&router).await;
+        let replicas = app.canary_replicas().await;
+        if table["canary"].is_null() && table["owner"].is_null() && replicas == 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the new operator left the canary at {replicas} replicas, routes {table:#}\n{}",
+            app.operator.stderr()
+        );
+        kubelet(&app.deployments).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let answered = answered_by(&router, 50).await;
+    assert!(answered.iter().all(|n| n == "primary"), "{answered:?}");
+    eprintln!(
+        "operator restarted mid-rollback: finished {:.1} s after the router came back",
+        restarted.elapsed().as_secs_f64()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_router_cut_off_from_the_operator_gets_the_rollback_once_reachable_and_the_canary_keeps_its_pods_until_then(
 ) {
     let app = WebApp::initialized(&["--provider", "coalmine"], |canary| {
