@@ -19,6 +19,10 @@ pub mod writer;
 use std::net::IpAddr;
 use std::path::Path;
 
+use coalmine_contract::{GeoField, MatchRule, Subject};
+
+use crate::route::Headers;
+
 pub use mmdb::{Database, OpenError};
 
 /// A short ASCII code (a country's ISO 3166-1 alpha-2 code, a region's ISO 3166-2 code such as
@@ -87,25 +91,24 @@ pub struct Location {
 /// what they saw), as Envoy's `xff_num_trusted_hops` reads it. With 0, or when the header has
 /// fewer entries than that or a garbled one, the connection's peer is the client: a client can
 /// write any `X-Forwarded-For` it likes, so only hops the user vouches for are believed.
-pub fn client_address<'a>(
+pub fn client_address<'a, I: Iterator<Item = &'a [u8]>>(
     peer: IpAddr,
-    forwarded_for: impl DoubleEndedIterator<Item = &'a [u8]>,
+    forwarded_for: impl Fn() -> I,
     trusted_hops: u8,
 ) -> IpAddr {
     if trusted_hops == 0 {
         return peer;
     }
-    let mut seen = 0u8;
     // Several X-Forwarded-For fields are one comma-separated list, in order.
-    for field in forwarded_for.rev() {
-        for entry in field.rsplit(|&b| b == b',') {
-            seen += 1;
-            if seen == trusted_hops {
-                return parse_forwarded(entry).unwrap_or(peer);
-            }
-        }
+    let entries = || forwarded_for().flat_map(|field| field.split(|&b| b == b','));
+    let count = entries().count();
+    match count.checked_sub(usize::from(trusted_hops)) {
+        Some(index) => entries()
+            .nth(index)
+            .and_then(parse_forwarded)
+            .unwrap_or(peer),
+        None => peer,
     }
-    peer
 }
 
 /// One `X-Forwarded-For` entry: an address, trimmed; IPv6 may be bracketed (some proxies write
@@ -131,34 +134,67 @@ pub struct Geo {
     pub region_header: Option<String>,
 }
 
+impl std::fmt::Debug for Geo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Geo")
+            .field(
+                "database",
+                &self.database.as_ref().map(|d| d.database_type.as_str()),
+            )
+            .field("trusted_hops", &self.trusted_hops)
+            .field("country_header", &self.country_header)
+            .field("region_header", &self.region_header)
+            .finish()
+    }
+}
+
 impl Geo {
     pub fn with_database(mut self, path: &Path) -> Result<Geo, OpenError> {
         self.database = Some(Database::open(path)?);
         Ok(self)
     }
 
-    /// Whether any source is configured: a match on geography needs one.
-    pub fn is_configured(&self) -> bool {
-        self.database.is_some() || self.country_header.is_some()
+    /// Why these rules cannot be served here: a rule reads a country or region that no
+    /// configured source gives (it would never hold, silently).
+    pub fn unserved<'r>(&self, rules: impl IntoIterator<Item = &'r MatchRule>) -> Option<String> {
+        let serves = |field: GeoField| match field {
+            GeoField::Country => self.database.is_some() || self.country_header.is_some(),
+            GeoField::Region => self.database.is_some() || self.region_header.is_some(),
+        };
+        let field = rules
+            .into_iter()
+            .flat_map(|rule| &rule.all)
+            .find_map(|c| match c.subject {
+                Subject::Geo(field) if !serves(field) => Some(field),
+                _ => None,
+            })?;
+        let flag = match field {
+            GeoField::Country => "--geo-country-header",
+            GeoField::Region => "--geo-region-header",
+        };
+        Some(format!(
+            "a match rule reads the client's {}, but this router has no source for it: start it with --geoip-db FILE (a MaxMind DB) or {flag} NAME (a CDN's header)",
+            field.as_str()
+        ))
     }
 
     /// The client's location: the CDN's headers when configured and present (the CDN saw the
     /// client; the router may see only the CDN), else the database at the client's address.
-    pub fn locate<'a>(
-        &self,
-        client: IpAddr,
-        header: impl Fn(&str) -> Option<&'a [u8]>,
-    ) -> Location {
+    pub fn locate<H: Headers + ?Sized>(&self, client: IpAddr, headers: &H) -> Location {
+        fn first<'a, H: Headers + ?Sized>(headers: &'a H, name: &'a str) -> Option<&'a [u8]> {
+            headers.values(name).next()
+        }
+        let header = |name| first(headers, name);
         if let Some(country) = self
             .country_header
             .as_deref()
-            .and_then(&header)
+            .and_then(header)
             .and_then(|v| Code::new(v.trim_ascii()))
         {
             let region = self
                 .region_header
                 .as_deref()
-                .and_then(&header)
+                .and_then(header)
                 .map(<[u8]>::trim_ascii)
                 .and_then(|r| {
                     if r.contains(&b'-') {
@@ -192,27 +228,27 @@ mod tests {
     fn the_client_is_the_hop_the_user_trusts_counted_from_the_right() {
         let peer = ip("10.0.0.9");
         let xff: [&[u8]; 2] = [b"203.0.113.7, 198.51.100.2", b"192.0.2.1"];
-        assert_eq!(client_address(peer, xff.iter().copied(), 0), peer);
+        assert_eq!(client_address(peer, || xff.iter().copied(), 0), peer);
         assert_eq!(
-            client_address(peer, xff.iter().copied(), 1),
+            client_address(peer, || xff.iter().copied(), 1),
             ip("192.0.2.1")
         );
         assert_eq!(
-            client_address(peer, xff.iter().copied(), 2),
+            client_address(peer, || xff.iter().copied(), 2),
             ip("198.51.100.2")
         );
         assert_eq!(
-            client_address(peer, xff.iter().copied(), 3),
+            client_address(peer, || xff.iter().copied(), 3),
             ip("203.0.113.7")
         );
         // Fewer entries than trusted hops: the chain is not what the user said; the peer.
-        assert_eq!(client_address(peer, xff.iter().copied(), 4), peer);
+        assert_eq!(client_address(peer, || xff.iter().copied(), 4), peer);
         // A garbled entry is not believed.
         let bad: [&[u8]; 1] = [b"somewhere, 192.0.2.1"];
-        assert_eq!(client_address(peer, bad.iter().copied(), 2), peer);
+        assert_eq!(client_address(peer, || bad.iter().copied(), 2), peer);
         let v6: [&[u8]; 1] = [b"[2001:db8::1]"];
         assert_eq!(
-            client_address(peer, v6.iter().copied(), 1),
+            client_address(peer, || v6.iter().copied(), 1),
             ip("2001:db8::1")
         );
     }
@@ -224,18 +260,14 @@ mod tests {
             region_header: Some("cloudfront-viewer-country-region".into()),
             ..Geo::default()
         };
-        let headers = |name: &str| -> Option<&'static [u8]> {
-            match name {
-                "cloudfront-viewer-country" => Some(b"US"),
-                "cloudfront-viewer-country-region" => Some(b" CA "),
-                _ => None,
-            }
-        };
-        let at = geo.locate(IpAddr::V4(Ipv4Addr::LOCALHOST), headers);
+        let mut headers = http::HeaderMap::new();
+        headers.insert("cloudfront-viewer-country", "US".parse().unwrap());
+        headers.insert("cloudfront-viewer-country-region", " CA ".parse().unwrap());
+        let at = geo.locate(IpAddr::V4(Ipv4Addr::LOCALHOST), &headers);
         assert_eq!(at.country.unwrap().as_str(), "US");
         assert_eq!(at.region.unwrap().as_str(), "US-CA");
         // No header, no database: nowhere.
-        let at = geo.locate(IpAddr::V4(Ipv4Addr::LOCALHOST), |_| None);
+        let at = geo.locate(IpAddr::V4(Ipv4Addr::LOCALHOST), &http::HeaderMap::new());
         assert_eq!(at, Location::default());
     }
 
