@@ -7,6 +7,7 @@ use std::time::Duration;
 use clap::Args;
 use serde::Deserialize;
 
+use coalmine_router::geo::Geo;
 use coalmine_router::table::{Affinity, HeaderName};
 use coalmine_router::{
     MatchRule, ProxyOptions, RouterConfig, RoutesDoc, StickyKey, TlsFiles, UpstreamUrl, Weight,
@@ -33,7 +34,8 @@ pub struct ProxyArgs {
     #[arg(long, value_name = "PCT", value_parser = parse_weight)]
     pub canary_weight: Option<Weight>,
     /// Send matching requests to the canary whatever the weight (repeatable; any match wins):
-    /// NAME=VALUE (header), NAME~REGEX (header, whole value), cookie:NAME=VALUE, query:NAME=VALUE
+    /// NAME=VALUE (header), NAME~REGEX (header, whole value), cookie:NAME=VALUE, query:NAME=VALUE,
+    /// geo:country=DE, geo:region~US-(CA|WA) (the client's location: --geoip-db or a CDN header)
     #[arg(long = "match", value_name = "RULE", value_parser = MatchRule::parse_flag)]
     pub matches: Vec<MatchRule>,
     /// Send matching requests to the canary whenever there is one, even at weight 0 (a
@@ -64,6 +66,21 @@ pub struct ProxyArgs {
     /// PEM private key for --tls-cert
     #[arg(long, value_name = "FILE", requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
+    /// MaxMind-format database (GeoIP2/GeoLite2 Country or City, DB-IP lite, …) giving the
+    /// client's country and region for geo: match rules
+    #[arg(long, value_name = "FILE")]
+    pub geoip_db: Option<PathBuf>,
+    /// Proxies in front of this router whose X-Forwarded-For entries are trusted: the client is
+    /// the address this many entries from the right (0: the connection's peer) [default: 0]
+    #[arg(long, value_name = "N")]
+    pub geo_trusted_hops: Option<u8>,
+    /// Header a CDN sets with the client's country (cf-ipcountry, cloudfront-viewer-country);
+    /// trusted over the database when present
+    #[arg(long, value_name = "NAME")]
+    pub geo_country_header: Option<String>,
+    /// Header a CDN sets with the client's region (ISO 3166-2 US-CA, or CA beside the country)
+    #[arg(long, value_name = "NAME")]
+    pub geo_region_header: Option<String>,
     /// Upstream connect timeout [default: 2s]
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     pub connect_timeout: Option<Duration>,
@@ -115,6 +132,18 @@ struct ProxyFile {
     header_read_timeout: Option<Dur>,
     idle_timeout: Option<Dur>,
     drain_timeout: Option<Dur>,
+    #[serde(default)]
+    geo: GeoFile,
+}
+
+/// The config file's `geo` block: where clients are, for `geo:` match rules.
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct GeoFile {
+    database: Option<PathBuf>,
+    trusted_hops: Option<u8>,
+    country_header: Option<String>,
+    region_header: Option<String>,
 }
 
 fn sticky(header: Option<String>, cookie: Option<String>) -> Result<Option<StickyKey>, BadInput> {
@@ -187,6 +216,18 @@ pub fn router_config(args: ProxyArgs) -> Result<RouterConfig, BadInput> {
         (None, None) => None,
         _ => return Err(BadInput("tlsCert and tlsKey go together".into())),
     };
+    let geo = geography(
+        GeoFile {
+            database: args.geoip_db,
+            trusted_hops: args.geo_trusted_hops,
+            country_header: args.geo_country_header,
+            region_header: args.geo_region_header,
+        },
+        file.geo,
+    )?;
+    if let Some(why) = geo.unserved(routes.matches.iter().chain(&routes.preview)) {
+        return Err(BadInput(why));
+    }
     let dur = |flag: Option<Duration>, file: Option<Dur>, default: u64| {
         flag.or(file.map(|d| d.0))
             .unwrap_or(Duration::from_secs(default))
@@ -206,6 +247,7 @@ pub fn router_config(args: ProxyArgs) -> Result<RouterConfig, BadInput> {
         proxy: ProxyOptions {
             connect_timeout: dur(args.connect_timeout, file.connect_timeout, 2),
             response_timeout: dur(args.response_timeout, file.response_timeout, 30),
+            geo: std::sync::Arc::new(geo),
             ..ProxyOptions::default()
         },
         header_read_timeout: dur(args.header_read_timeout, file.header_read_timeout, 10),
@@ -213,6 +255,34 @@ pub fn router_config(args: ProxyArgs) -> Result<RouterConfig, BadInput> {
         idle_timeout: dur(args.idle_timeout, file.idle_timeout, 75),
         drain_timeout: dur(args.drain_timeout, file.drain_timeout, 30),
     })
+}
+
+/// The geography sources: flags over the file's `geo` block, the database opened (a file that
+/// is not a MaxMind DB is bad input, said now rather than as rules that never hold).
+fn geography(flags: GeoFile, file: GeoFile) -> Result<Geo, BadInput> {
+    let header = |flag: Option<String>, file: Option<String>, what: &str| {
+        flag.or(file)
+            .map(|name| {
+                HeaderName::parse(&name)
+                    .map(|n| n.as_str().to_string())
+                    .map_err(|_| {
+                        BadInput(format!(
+                            "--geo-{what}-header: {name:?} is not a header name"
+                        ))
+                    })
+            })
+            .transpose()
+    };
+    let mut geo = Geo::default();
+    geo.trusted_hops = flags.trusted_hops.or(file.trusted_hops).unwrap_or(0);
+    geo.country_header = header(flags.country_header, file.country_header, "country")?;
+    geo.region_header = header(flags.region_header, file.region_header, "region")?;
+    if let Some(path) = flags.database.or(file.database) {
+        geo = geo
+            .with_database(&path)
+            .map_err(|e| BadInput(format!("--geoip-db: {e}")))?;
+    }
+    Ok(geo)
 }
 
 /// Runs the router until SIGTERM or SIGINT, then drains and returns.

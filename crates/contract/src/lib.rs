@@ -17,7 +17,7 @@ pub mod routes;
 pub mod stats;
 pub mod weight;
 
-pub use matching::{Condition, HeaderName, MatchRule, StrMatch, Subject};
+pub use matching::{Condition, GeoField, HeaderName, MatchRule, StrMatch, Subject};
 pub use routes::{
     url_port, Affinity, RoutesDoc, RoutesPatch, ServedRoutes, StickyKey, UpstreamUrl, OWNER_HEADER,
 };

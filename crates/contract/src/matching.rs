@@ -116,6 +116,47 @@ pub enum Subject {
     Header(HeaderName),
     Cookie(String),
     Query(String),
+    /// Where the client is, as the router's geography sources say (a GeoIP database at the
+    /// client's address, or a CDN's header).
+    Geo(GeoField),
+}
+
+/// What is known of where a client is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GeoField {
+    /// ISO 3166-1 alpha-2, upper case: `DE`.
+    Country,
+    /// ISO 3166-2: the country, `-`, the subdivision: `US-CA`.
+    Region,
+}
+
+impl GeoField {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            GeoField::Country => "country",
+            GeoField::Region => "region",
+        }
+    }
+
+    fn parse(name: &str) -> Result<GeoField, Invalid> {
+        match name {
+            "country" => Ok(GeoField::Country),
+            "region" => Ok(GeoField::Region),
+            other => Err(Invalid(format!(
+                "geo:{other}: a geography match reads country (ISO 3166-1: DE) or region (ISO 3166-2: US-CA)"
+            ))),
+        }
+    }
+}
+
+impl MatchRule {
+    /// Whether any condition reads the client's location: such a rule needs a router with a
+    /// geography source.
+    pub fn reads_geography(&self) -> bool {
+        self.all
+            .iter()
+            .any(|c| matches!(c.subject, Subject::Geo(_)))
+    }
 }
 
 impl Subject {
@@ -141,12 +182,14 @@ pub struct MatchRule {
 
 impl MatchRule {
     /// The command-line syntax: `NAME=VALUE` (header exact), `NAME~REGEX` (header regex),
-    /// `cookie:NAME=VALUE`, `query:NAME=VALUE`.
+    /// `cookie:NAME=VALUE`, `query:NAME=VALUE`, `geo:country=DE`, `geo:region~US-(CA|WA)`.
     pub fn parse_flag(text: &str) -> Result<Self, Invalid> {
         let (subject_kind, rest) = if let Some(r) = text.strip_prefix("cookie:") {
             ("cookie", r)
         } else if let Some(r) = text.strip_prefix("query:") {
             ("query", r)
+        } else if let Some(r) = text.strip_prefix("geo:") {
+            ("geo", r)
         } else {
             ("header", text)
         };
@@ -156,12 +199,12 @@ impl MatchRule {
             (Some(i), t) if t.is_none_or(|t| i < t) => {
                 (&rest[..i], StrMatch::Exact(rest[i + 1..].to_string()))
             }
-            (_, Some(i)) if subject_kind == "header" => {
+            (_, Some(i)) if matches!(subject_kind, "header" | "geo") => {
                 (&rest[..i], StrMatch::regex(&rest[i + 1..])?)
             }
             _ => {
                 return Err(Invalid(format!(
-                "{text:?}: expected NAME=VALUE, NAME~REGEX, cookie:NAME=VALUE or query:NAME=VALUE"
+                "{text:?}: expected NAME=VALUE, NAME~REGEX, cookie:NAME=VALUE, query:NAME=VALUE or geo:country=CODE"
             )))
             }
         };
@@ -182,6 +225,7 @@ fn subject(kind: &str, name: &str) -> Result<Subject, Invalid> {
     match kind {
         "header" => HeaderName::parse(name).map(Subject::Header),
         "cookie" => Ok(Subject::Cookie(name.to_string())),
+        "geo" => GeoField::parse(name).map(Subject::Geo),
         _ => Ok(Subject::Query(name.to_string())),
     }
 }
@@ -205,6 +249,9 @@ struct RawCondition {
     cookie: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     query: Option<String>,
+    /// `country` or `region`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    geo: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     exact: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -218,11 +265,16 @@ struct RawCondition {
 impl TryFrom<RawCondition> for Condition {
     type Error = Invalid;
     fn try_from(raw: RawCondition) -> Result<Self, Invalid> {
-        let subject = match (raw.header, raw.cookie, raw.query) {
-            (Some(n), None, None) => subject("header", &n)?,
-            (None, Some(n), None) => subject("cookie", &n)?,
-            (None, None, Some(n)) => subject("query", &n)?,
-            _ => return Err("a match condition names exactly one of header, cookie, query".into()),
+        let subject = match (raw.header, raw.cookie, raw.query, raw.geo) {
+            (Some(n), None, None, None) => subject("header", &n)?,
+            (None, Some(n), None, None) => subject("cookie", &n)?,
+            (None, None, Some(n), None) => subject("query", &n)?,
+            (None, None, None, Some(n)) => subject("geo", &n)?,
+            _ => {
+                return Err(
+                    "a match condition names exactly one of header, cookie, query, geo".into(),
+                )
+            }
         };
         let test = match (raw.exact, raw.prefix, raw.suffix, raw.regex) {
             (Some(v), None, None, None) => StrMatch::Exact(v),
@@ -246,6 +298,7 @@ impl From<&Condition> for RawCondition {
             Subject::Header(n) => raw.header = Some(n.as_str().to_string()),
             Subject::Cookie(n) => raw.cookie = Some(n.clone()),
             Subject::Query(n) => raw.query = Some(n.clone()),
+            Subject::Geo(field) => raw.geo = Some(field.as_str().to_string()),
         }
         let (kind, value) = c.test.pattern();
         match kind {

@@ -96,6 +96,14 @@ async fn put_routes(State(a): State<Admin>, headers: HeaderMap, body: Bytes) -> 
         Ok(doc) => doc,
         Err(e) => return bad_request(e.to_string()),
     };
+    if let Some(why) = a
+        .shared
+        .options
+        .geo
+        .unserved(doc.matches.iter().chain(&doc.preview))
+    {
+        return bad_request(why);
+    }
     if doc == current.doc {
         return Json(current.to_json()).into_response();
     }

@@ -108,6 +108,7 @@ mod tests {
         let view = RequestView {
             headers: &headers,
             query: None,
+            client: None,
         };
         dispatch_with(t, &view, random)
     }

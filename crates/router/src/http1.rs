@@ -230,7 +230,10 @@ fn request_head<'t>(
 ) -> Option<Request<'t>> {
     let mut slots = header_slots();
     let head = RequestHead::parse(head, &mut slots)?;
-    let to = dispatch(table, &head.view());
+    let to = dispatch(
+        table,
+        &head.view(&conn.client, &conn.worker.shared.options.geo),
+    );
     if let Some(canary) = to.mirror_to {
         if matches!(head.framing, Framing::Empty) {
             mirror::copy_to_canary(&conn.worker, &conn.client, canary, || head.to_parts());

@@ -485,6 +485,7 @@ pub async fn handle(
         &RequestView {
             headers: req.headers(),
             query: req.uri().query(),
+            client: Some((client.peer, &shared.options.geo)),
         },
     );
     let (version, target) = (to.version, to.target);

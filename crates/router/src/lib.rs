@@ -15,6 +15,7 @@ mod dispatch;
 mod drain;
 pub mod exposition;
 mod framing;
+pub mod geo;
 mod http1;
 mod hyper_path;
 mod mirror;

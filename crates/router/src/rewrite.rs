@@ -13,6 +13,7 @@ use http::header::{self, Entry, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, StatusCode, Uri, Version as HttpVersion};
 
 use crate::framing::{content_length, tokens, Chunked, Framing};
+use crate::geo::Geo;
 use crate::route::RequestView;
 use crate::worker::ClientInfo;
 
@@ -165,10 +166,15 @@ impl<'s, 'h> RequestHead<'s, 'h> {
     }
 
     /// What the routing decision reads of the request.
-    pub(crate) fn view(&self) -> RequestView<'_, [httparse::Header<'h>]> {
+    pub(crate) fn view<'a>(
+        &'a self,
+        client: &ClientInfo,
+        geo: &'a Geo,
+    ) -> RequestView<'a, [httparse::Header<'h>]> {
         RequestView {
             headers: self.headers,
             query: self.path.split_once('?').map(|(_, q)| q),
+            client: Some((client.peer, geo)),
         }
     }
 
@@ -684,7 +690,9 @@ mod tests {
         let mut slots = header_slots();
         let text = b"HEAD /p?x=1&y=2 HTTP/1.1\r\nHost: a\r\nCookie: c=1\r\n\r\n";
         let head = RequestHead::parse(text, &mut slots).unwrap();
-        assert_eq!(head.view().query, Some("x=1&y=2"));
+        let client = client(false);
+        let geo = Geo::default();
+        assert_eq!(head.view(&client, &geo).query, Some("x=1&y=2"));
         assert!(head.is_head() && head.is_idempotent());
         let parts = head.to_parts().unwrap();
         assert_eq!(

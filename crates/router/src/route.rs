@@ -7,7 +7,9 @@ use http::HeaderMap;
 use serde::Serialize;
 use xxhash_rust::xxh3::xxh3_64_with_seed;
 
+use crate::geo::{client_address, Geo, Location};
 use crate::table::{RouteTable, StickyKey, Subject};
+use coalmine_contract::GeoField;
 
 /// Sticky keys hash into this many buckets; a weight in basis points is a bucket threshold.
 pub const BUCKETS: u64 = 10_000;
@@ -92,6 +94,25 @@ fn text(value: &[u8]) -> Option<&str> {
 pub struct RequestView<'a, H: Headers + ?Sized = HeaderMap> {
     pub headers: &'a H,
     pub query: Option<&'a str>,
+    /// The connection's peer and the router's geography sources: where the client is, read
+    /// only when a rule asks.
+    pub client: Option<(std::net::IpAddr, &'a Geo)>,
+}
+
+impl<H: Headers + ?Sized> RequestView<'_, H> {
+    /// Where the client is: the geography sources at the client's address (the
+    /// `X-Forwarded-For` hop the user trusts, else the peer) or at a CDN's headers.
+    fn location(&self) -> Location {
+        let Some((peer, geo)) = self.client else {
+            return Location::default();
+        };
+        let client = client_address(
+            peer,
+            || self.headers.values("x-forwarded-for"),
+            geo.trusted_hops,
+        );
+        geo.locate(client, self.headers)
+    }
 }
 
 /// Decides where one request goes. `random` is a uniformly random 64-bit value for this request.
@@ -169,6 +190,14 @@ fn condition_holds<H: Headers + ?Sized>(
             url::form_urlencoded::parse(q.as_bytes())
                 .any(|(k, v)| k == name.as_str() && c.test.matches(&v))
         }),
+        Subject::Geo(field) => {
+            let at = req.location();
+            let code = match field {
+                GeoField::Country => at.country,
+                GeoField::Region => at.region,
+            };
+            code.is_some_and(|code| c.test.matches(code.as_str()))
+        }
     }
 }
 
@@ -207,6 +236,7 @@ pub(crate) mod tests {
         let view = RequestView {
             headers: &h,
             query: None,
+            client: None,
         };
         let d = route(&t, &view, 0);
         assert_eq!((d.version, d.reason), (Version::Canary, Reason::Preview));
@@ -214,12 +244,14 @@ pub(crate) mod tests {
         let view = RequestView {
             headers: &plain,
             query: None,
+            client: None,
         };
         assert_eq!(route(&t, &view, 0).version, Version::Stable);
         let t = table(serde_json::json!({"canary": null, "preview": ["x-preview=true"]}));
         let view = RequestView {
             headers: &h,
             query: None,
+            client: None,
         };
         assert_eq!(route(&t, &view, 0).version, Version::Stable);
     }
@@ -241,6 +273,7 @@ pub(crate) mod tests {
             &RequestView {
                 headers: h,
                 query: q,
+                client: None,
             },
             random,
         )

@@ -10,6 +10,7 @@ use http::HeaderValue;
 use tokio::sync::Semaphore;
 
 use crate::framing::HeadFlags;
+use crate::geo::Geo;
 use crate::recorder::{Metrics, Recorder};
 use crate::table::RouteTable;
 
@@ -26,6 +27,8 @@ pub struct ProxyOptions {
     /// How long a client may stall mid-body (sending a request or taking a response) before
     /// the router gives up on it: the client's failure, never the version's.
     pub client_stall_timeout: Duration,
+    /// Where clients are, for rules that match on geography.
+    pub geo: Arc<Geo>,
 }
 
 impl Default for ProxyOptions {
@@ -36,6 +39,7 @@ impl Default for ProxyOptions {
             mirror_concurrency: 64,
             max_idle_per_upstream: 256,
             client_stall_timeout: Duration::from_secs(75),
+            geo: Arc::new(Geo::default()),
         }
     }
 }
@@ -81,12 +85,18 @@ pub struct ClientInfo {
     pub head: HeadFlags,
     /// The peer's IP as a header value, made once per connection.
     pub peer_ip: HeaderValue,
+    pub peer: std::net::IpAddr,
 }
 
 impl ClientInfo {
     pub fn new(peer: SocketAddr, tls: bool, head: HeadFlags) -> Self {
         let peer_ip =
             HeaderValue::from_str(&peer.ip().to_string()).expect("an IP is a header value");
-        ClientInfo { tls, head, peer_ip }
+        ClientInfo {
+            tls,
+            head,
+            peer_ip,
+            peer: peer.ip(),
+        }
     }
 }
