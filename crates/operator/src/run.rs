@@ -22,9 +22,10 @@ use coalmine_rollout::{EventLevel, Input, Status, TrafficFault};
 use coalmine_spec::rollout::Target;
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
-use k8s_openapi::api::core::v1::ObjectReference;
+use k8s_openapi::api::core::v1::{ObjectReference, Service};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, ListParams, Patch, PatchParams};
+use kube::core::PartialObjectMeta;
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event as KubeEvent, EventType, Reporter};
 use kube::runtime::reflector::{self, ObjectRef, Store};
@@ -401,9 +402,24 @@ pub async fn run(client: kube::Client, settings: Settings) -> Result<(), Operato
     let daemon_set_changes = changed_by_users_or_rolled_out(
         watcher(daemon_sets, watcher::Config::default()).default_backoff(),
     );
+    // Provider coalmine's routers Service, made (or deleted) after its rollout: looked at at
+    // once rather than at the next requeue. Only metadata is watched (names, not specs).
+    let services: Api<PartialObjectMeta<Service>> = match &settings.namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    };
+    let service_changes = changed_by_users(
+        watcher(services, watcher::Config::default())
+            .default_backoff()
+            .modify(|service| {
+                service.metadata.managed_fields = None;
+                service.metadata.annotations = None;
+            }),
+    );
     let mut controller = controller
         .watches_stream(deployment_changes, rollouts_of_workload(cached.clone()))
-        .watches_stream(daemon_set_changes, rollouts_of_workload(cached));
+        .watches_stream(daemon_set_changes, rollouts_of_workload(cached.clone()))
+        .watches_stream(service_changes, rollouts_routed_by(cached));
     if let Some(api) = &canaries {
         let canary_changes =
             changed_by_users(watcher(api.clone(), watcher::Config::default()).default_backoff());
@@ -445,6 +461,26 @@ pub async fn run(client: kube::Client, settings: Settings) -> Result<(), Operato
     };
     health.leading.store(false, Relaxed);
     ended
+}
+
+/// The rollouts of provider coalmine whose routers a Service is.
+fn rollouts_routed_by(
+    cached: Store<Rollout>,
+) -> impl Fn(PartialObjectMeta<Service>) -> Vec<ObjectRef<Rollout>> + Send + Sync + 'static {
+    move |service| {
+        let name = service.metadata.name.clone().unwrap_or_default();
+        let namespace = service.metadata.namespace.clone();
+        cached
+            .state()
+            .into_iter()
+            .filter(|r| {
+                r.metadata.namespace == namespace
+                    && r.spec.provider == TrafficProvider::Coalmine
+                    && r.spec.routers.clone().unwrap_or_default().service == name
+            })
+            .map(|r| ObjectRef::from_obj(r.as_ref()))
+            .collect()
+    }
 }
 
 /// The rollouts whose target (or primary) a workload is.

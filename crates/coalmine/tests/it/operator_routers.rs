@@ -1388,6 +1388,12 @@ async fn a_canary_naming_a_routers_service_that_does_not_exist_is_told_so_and_ru
     app.until("progressing", 40, |s| s["phase"] != "Initialized")
         .await;
     let started_in = created.elapsed();
+    // The Service is watched: not left for the next look at an invalid rollout (30 s).
+    assert!(
+        started_in < Duration::from_secs(10),
+        "started {:.1} s after the routers Service was made",
+        started_in.as_secs_f64()
+    );
     let s = app
         .until("done", 30, |s| {
             s["phase"] == "Succeeded" || s["phase"] == "Failed"
