@@ -166,9 +166,19 @@ impl<'s, 'h> RequestHead<'s, 'h> {
 
     /// What the routing decision reads of the request.
     pub(crate) fn view(&self) -> RequestView<'_, [httparse::Header<'h>]> {
+        let (path, query) = match self.path.split_once('?') {
+            Some((path, query)) => (path, Some(query)),
+            None => (self.path, None),
+        };
         RequestView {
             headers: self.headers,
-            query: self.path.split_once('?').map(|(_, q)| q),
+            query,
+            host: self
+                .headers
+                .iter()
+                .find(|h| h.name.eq_ignore_ascii_case("host"))
+                .map(|h| h.value),
+            path: path.as_bytes(),
         }
     }
 

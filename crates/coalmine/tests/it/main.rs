@@ -17,3 +17,4 @@ mod prometheus;
 mod rollout;
 mod router;
 mod serve;
+mod services;
