@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::daemon::*;
+use common::promstack::*;
 use common::*;
 
 /// Answers by body (the upstream's name), per host, of requests sent until stopped.
@@ -276,4 +277,370 @@ async fn two_rollouts_on_two_services_of_one_router_are_promoted_side_by_side() 
         Some(not_found)
     );
     assert_eq!(all["services"]["shop"]["stable"], shop_stats["stable"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_seeds_promql_with_a_service_matcher_reads_one_service_of_a_router() {
+    let dir = TempDir::new("services-promql");
+    let (checkout1, checkout2) = (
+        upstream("checkout-v1", &[]),
+        upstream("checkout-v2", &["--error-rate", "0.5", "--seed", "7"]),
+    );
+    let (cart1, cart2) = (upstream("cart-v1", &[]), upstream("cart-v2", &[]));
+    let config = dir.write(
+        "router.yaml",
+        &format!(
+            "services:
+  - service: checkout
+    hosts: [checkout.test]
+    stable: {}
+    canary: {}
+    canaryWeight: 50
+  - service: cart
+    hosts: [cart.test]
+    stable: {}
+    canary: {}
+    canaryWeight: 50
+",
+            checkout1.url, checkout2.url, cart1.url, cart2.url
+        ),
+    );
+    let router = router(&["--config", config.to_str().unwrap()]);
+    // No `service` target label: the router's own label names each series' service.
+    let scrape = vec![ScrapeTarget::new("coalmine-router", &router.admin)];
+    let prometheus = tokio::task::spawn_blocking(move || {
+        Prometheus::start(PrometheusSetup {
+            scrape,
+            ..PrometheusSetup::default()
+        })
+    })
+    .await
+    .unwrap();
+    prometheus
+        .wait_for_targets_up(1, Duration::from_secs(20))
+        .await;
+    // Users of both services until Prometheus has seen their counts rise (a rate needs a
+    // series' two scrapes, and a series that first appears already counted has risen by none).
+    let (stop, seen): (_, Seen) = (Arc::new(AtomicBool::new(false)), Default::default());
+    let users = users_of(
+        &router,
+        &[("checkout.test", "/"), ("cart.test", "/")],
+        &stop,
+        &seen,
+    );
+    let total = |service: &str| format!("sum(http_requests_total{{service=\"{service}\"}})");
+    for service in ["checkout", "cart"] {
+        prometheus
+            .wait_until(&total(service), |n| n >= 200.0, Duration::from_secs(30))
+            .await;
+    }
+    // The seed's query, with a service matcher: checkout's failing canary is seen, and only it.
+    let errors = |service: &str| {
+        format!("rate(http_requests_total{{service=\"{service}\",status=~\"5..\",version=\"canary\"}}[5m])")
+    };
+    // (A rate needs two scrapes of the series.)
+    prometheus
+        .wait_until(
+            &format!("sum({})", errors("checkout")),
+            |r| r > 0.0,
+            Duration::from_secs(20),
+        )
+        .await;
+    stop.store(true, Relaxed);
+    for u in users {
+        u.await.unwrap();
+    }
+    let failing = prometheus.query_vector(&errors("checkout")).await;
+    assert_eq!(failing.len(), 1, "{failing:?}");
+    assert_eq!(failing[0].labels["service"], "checkout");
+    assert_eq!(failing[0].labels["status"], "500");
+    assert!(failing[0].value > 0.0, "{failing:?}");
+    assert!(prometheus.query_vector(&errors("cart")).await.is_empty());
+    // Its 5xx ratio: about half of ~100 canary requests (binomial: 0.5 ± 4 × 0.05).
+    let ratio = prometheus
+        .value(&format!(
+            "sum({}) / sum(rate(http_requests_total{{service=\"checkout\",version=\"canary\"}}[5m]))",
+            errors("checkout")
+        ))
+        .await
+        .unwrap();
+    assert!((0.3..=0.7).contains(&ratio), "{ratio}");
+    // Every per-version series carries its service.
+    for metric in [
+        "http_request_duration_seconds_count",
+        "coalmine_router_upstream_failures_total",
+        "coalmine_router_upstream_retries_total",
+    ] {
+        let samples = prometheus.query_vector(metric).await;
+        assert!(!samples.is_empty(), "{metric}");
+        assert!(
+            samples
+                .iter()
+                .all(|s| ["checkout", "cart"].contains(&s.labels["service"].as_str())),
+            "{metric}: {samples:?}"
+        );
+    }
+}
+
+/// The body a request with this Host gets.
+async fn answer(router: &Router, host: &str) -> String {
+    let resp = client()
+        .get(format!("{}/", router.base))
+        .header("host", host)
+        .send()
+        .await
+        .unwrap();
+    format!(
+        "{} {}",
+        resp.status().as_u16(),
+        resp.text().await.unwrap().trim()
+    )
+}
+
+/// `PUT /routes/{service}` (on behalf of `owner`, if given): the status and the JSON answer.
+async fn put_service(
+    router: &Router,
+    service: &str,
+    owner: Option<&str>,
+    body: serde_json::Value,
+) -> (u16, serde_json::Value) {
+    let mut put = client().put(format!("{}/routes/{service}", router.admin));
+    if let Some(owner) = owner {
+        put = put.header("x-coalmine-owner", owner);
+    }
+    let resp = put.json(&body).send().await.unwrap();
+    (resp.status().as_u16(), resp.json().await.unwrap())
+}
+
+async fn delete_service(router: &Router, service: &str, owner: Option<&str>) -> u16 {
+    let mut delete = client().delete(format!("{}/routes/{service}", router.admin));
+    if let Some(owner) = owner {
+        delete = delete.header("x-coalmine-owner", owner);
+    }
+    delete.send().await.unwrap().status().as_u16()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_api_adds_changes_and_deletes_services_and_refuses_what_is_wrong() {
+    let (v1, v2) = (upstream("v1", &[]), upstream("v2", &[]));
+    let router = router(&["--stable", &v1.url]);
+    let routes = get_json(&format!("{}/routes", router.admin)).await;
+    assert_eq!(
+        routes["stable"],
+        v1.url.as_str(),
+        "the default service at the top"
+    );
+    assert_eq!(routes["services"].as_array().unwrap().len(), 1);
+    assert_eq!(routes["services"][0]["service"], "default");
+
+    // A new service from a whole document, at the end of the table.
+    let (status, cart) = put_service(
+        &router,
+        "cart",
+        None,
+        serde_json::json!({"stable": v2.url, "hosts": ["cart.test"]}),
+    )
+    .await;
+    assert_eq!(status, 200, "{cart}");
+    assert_eq!(
+        (cart["service"].as_str(), cart["generation"].as_u64()),
+        (Some("cart"), Some(2))
+    );
+    assert_eq!(answer(&router, "Cart.Test").await, "200 v2");
+    assert_eq!(
+        answer(&router, "shop.test").await,
+        "200 v1",
+        "the default takes the rest"
+    );
+    // A partial document keeps the rest of the service.
+    let (status, cart) = put_service(
+        &router,
+        "cart",
+        None,
+        serde_json::json!({"canaryWeight": 10}),
+    )
+    .await;
+    assert_eq!(status, 200, "{cart}");
+    assert_eq!(cart["hosts"], serde_json::json!(["cart.test"]));
+
+    // Owners are per service: one controller's claim on cart leaves the default free.
+    let (status, _) = put_service(
+        &router,
+        "cart",
+        Some("ctl-a"),
+        serde_json::json!({"owner": "ctl-a"}),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let (status, refused) = put_service(
+        &router,
+        "cart",
+        Some("ctl-b"),
+        serde_json::json!({"canaryWeight": 50}),
+    )
+    .await;
+    assert_eq!(status, 409, "{refused}");
+    assert_eq!(
+        (refused["owner"].as_str(), refused["service"].as_str()),
+        (Some("ctl-a"), Some("cart"))
+    );
+    assert!(
+        refused["error"]
+            .as_str()
+            .unwrap()
+            .contains("PUT /routes/cart"),
+        "{refused}"
+    );
+    assert_eq!(delete_service(&router, "cart", Some("ctl-b")).await, 409);
+    let (status, _) = put_service(
+        &router,
+        "default",
+        Some("ctl-b"),
+        serde_json::json!({"owner": "ctl-b"}),
+    )
+    .await;
+    assert_eq!(
+        status, 200,
+        "another service is another controller's to drive"
+    );
+
+    // Refusals change nothing.
+    let before = get_json(&format!("{}/routes", router.admin)).await;
+    for (service, owner, body, status, says) in [
+        (
+            "new",
+            Some("ctl-a"),
+            serde_json::json!({"stable": v1.url}),
+            404,
+            "no service \"new\"",
+        ),
+        (
+            "Bad!",
+            None,
+            serde_json::json!({"stable": v1.url}),
+            400,
+            "not a service name",
+        ),
+        (
+            "x",
+            None,
+            serde_json::json!({"service": "y", "stable": v1.url}),
+            400,
+            "the path names service \"x\"",
+        ),
+        (
+            "x",
+            None,
+            serde_json::json!({"canaryWeight": 5}),
+            400,
+            "stable",
+        ),
+        (
+            "x",
+            None,
+            serde_json::json!({"stable": v1.url, "hosts": ["x.test:80"]}),
+            400,
+            "hosts[0]",
+        ),
+        (
+            "x",
+            None,
+            serde_json::json!({"stable": v1.url, "paths": ["x"]}),
+            400,
+            "paths[0]",
+        ),
+    ] {
+        let (got, answer) = put_service(&router, service, owner, body).await;
+        assert_eq!(got, status, "{service}: {answer}");
+        let error = answer["error"].as_str().unwrap();
+        assert!(error.contains(says), "{service}: {error}");
+    }
+    assert_eq!(get_json(&format!("{}/routes", router.admin)).await, before);
+
+    // Deleted, a service's requests go to the next service that takes them; its counts stay.
+    assert_eq!(delete_service(&router, "cart", Some("ctl-a")).await, 200);
+    assert_eq!(answer(&router, "cart.test").await, "200 v1");
+    let gone = client()
+        .get(format!("{}/routes/cart", router.admin))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(gone.status(), 404);
+    let counted = get_json(&format!("{}/stats/cart", router.admin)).await;
+    assert_eq!(counted["stable"]["requests"], 1);
+    // With no service left, every request is the router's 404, no version's.
+    assert_eq!(delete_service(&router, "default", None).await, 200);
+    assert!(answer(&router, "cart.test")
+        .await
+        .starts_with("404 coalmine router: no service"));
+    let routes = get_json(&format!("{}/routes", router.admin)).await;
+    assert_eq!(routes["services"], serde_json::json!([]));
+    assert!(routes.get("stable").is_none(), "{routes}");
+    let stats = get_json(&format!("{}/stats", router.admin)).await;
+    assert_eq!(stats["router"]["localFailures"]["no_service"], 1);
+}
+
+#[test]
+fn a_config_file_names_each_service_once_and_route_flags_need_the_default_service() {
+    let dir = TempDir::new("services-config");
+    let proxy = |args: &[&str]| {
+        let mut cmd = std::process::Command::new(BIN);
+        cmd.args(["proxy", "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
+            .args(args);
+        code_and_printed(&cmd.output().unwrap())
+    };
+    let twice = dir.write(
+        "twice.yaml",
+        "stable: http://127.0.0.1:1
+services:
+  - service: cart
+    stable: http://127.0.0.1:2
+  - service: default
+    stable: http://127.0.0.1:3
+",
+    );
+    let (code, out) = proxy(&["--config", twice.to_str().unwrap()]);
+    assert_eq!(code, 2, "{out}");
+    assert!(
+        out.contains(
+            "twice.yaml: services[2].service: \"default\" is already the name of services[0]"
+        ) && out.contains("the top-level routes are service \"default\""),
+        "{out}"
+    );
+    let bad_host = dir.write(
+        "host.yaml",
+        "services:
+  - service: cart
+    hosts: [cart.test, 'cart test']
+    stable: http://127.0.0.1:2
+",
+    );
+    let (code, out) = proxy(&["--config", bad_host.to_str().unwrap()]);
+    assert_eq!(code, 2, "{out}");
+    assert!(
+        out.contains("host.yaml:3:") && out.contains("not a host name"),
+        "{out}"
+    );
+    let (code, out) = proxy(&[
+        "--config",
+        bad_host.to_str().unwrap(),
+        "--canary",
+        "http://127.0.0.1:4",
+    ]);
+    assert_eq!(code, 2, "{out}");
+    let no_stable = dir.write(
+        "no-stable.yaml",
+        "services:\n  - service: cart\n    stable: http://127.0.0.1:2\n",
+    );
+    let (code, out) = proxy(&[
+        "--config",
+        no_stable.to_str().unwrap(),
+        "--canary",
+        "http://127.0.0.1:4",
+    ]);
+    assert_eq!(code, 2, "{out}");
+    assert!(
+        out.contains("canary sets the default service's routes, which needs --stable"),
+        "{out}"
+    );
 }
