@@ -578,6 +578,38 @@ async fn the_admin_api_adds_changes_and_deletes_services_and_refuses_what_is_wro
     assert!(routes.get("stable").is_none(), "{routes}");
     let stats = get_json(&format!("{}/stats", router.admin)).await;
     assert_eq!(stats["router"]["localFailures"]["no_service"], 1);
+
+    // A rollout for a service the router lacks is refused before anything moves, naming the
+    // services it has; the controller adds none.
+    let (status, _) = put_service(
+        &router,
+        "shop",
+        None,
+        serde_json::json!({"stable": v1.url, "hosts": ["shop.test"]}),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let steps = "    interval: 1s\n    stepWeights: [50]\n";
+    for (yaml, says) in [
+        (
+            rollout_yaml("shop", &router, &v1, &v2, steps),
+            "has no service \"default\" (its services: shop): name the rollout's with spec.routerService",
+        ),
+        (
+            rollout_yaml("shop", &router, &v1, &v2, steps)
+                .replace("spec:\n", "spec:\n  routerService: cart\n"),
+            "this router has no service \"cart\"",
+        ),
+    ] {
+        let file = write_rollout("services-missing", &yaml);
+        let run = coalmine_run(&file, &[]).await;
+        assert_ne!(run.code, 0, "{}", run.stderr);
+        let said = format!("{}{}", run.stderr, messages(&run).join("\n"));
+        assert!(said.contains(says), "{said}");
+    }
+    let routes = get_json(&format!("{}/routes", router.admin)).await;
+    assert_eq!(routes["services"].as_array().unwrap().len(), 1, "{routes}");
+    assert!(routes["services"][0]["canary"].is_null(), "{routes}");
 }
 
 #[test]

@@ -9,7 +9,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use coalmine_contract::{StatsDoc, VersionStats};
+use coalmine_contract::{StatsDoc, VersionStats, DEFAULT_SERVICE};
 use coalmine_judge::Counts;
 use coalmine_rollout::Observation;
 use coalmine_spec::rollout::{HttpUrl, Rollout};
@@ -51,7 +51,13 @@ impl RouterStats {
     async fn read(&self) -> Result<Vec<StatsDoc>, ObserveError> {
         let mut out = Vec::with_capacity(self.admins.len());
         for admin in &self.admins {
-            let url = format!("{admin}/stats/{}", self.service);
+            // The default service's are `/stats`, as routers served them before they had
+            // services (see `traffic::routers::routes_path`).
+            let url = if self.service == DEFAULT_SERVICE {
+                format!("{admin}/stats")
+            } else {
+                format!("{admin}/stats/{}", self.service)
+            };
             let resp = self
                 .client
                 .get(&url)

@@ -15,7 +15,9 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use coalmine_contract::routes::{DEFAULT_AFFINITY_MAX_AGE, DEFAULT_NAME as UNCLAIMED};
+use coalmine_contract::routes::{
+    DEFAULT_AFFINITY_MAX_AGE, DEFAULT_NAME as UNCLAIMED, DEFAULT_SERVICE,
+};
 use coalmine_contract::{
     Affinity, Condition, Invalid, MatchRule, RoutesDoc, RoutesPatch, ServedRoutes, StrMatch,
     Subject, UpstreamUrl, OWNER_HEADER,
@@ -335,9 +337,15 @@ fn refuse_another_rollouts_canary(
     Ok(())
 }
 
-/// The path of a service's routes on a router's admin API.
+/// The path of a service's routes on a router's admin API. The default service's is `/routes`,
+/// which routers served before they had services: a controller upgraded before its routers
+/// keeps driving them.
 pub fn routes_path(service: &str) -> String {
-    format!("/routes/{service}")
+    if service == DEFAULT_SERVICE {
+        "/routes".to_string()
+    } else {
+        format!("/routes/{service}")
+    }
 }
 
 /// The URL of a service's routes on a router.
@@ -405,8 +413,26 @@ impl RouterSet {
                 )));
             }
         }
+        // `GET /routes` of a router whose table has no default service: its services, no
+        // default's fields.
+        let services: Option<Vec<String>> = json.as_ref().and_then(|j| {
+            let listed = j.get("services")?.as_array()?;
+            Some(
+                listed
+                    .iter()
+                    .filter_map(|s| s["service"].as_str().map(str::to_string))
+                    .collect(),
+            )
+        });
         match json.and_then(ServedRoutes::from_json) {
             Some(served) if status.is_success() => Ok(served.doc),
+            None if status.is_success() && services.is_some() => {
+                Err(TrafficFault::Refused(format!(
+                    "{admin} has no service {:?} (its services: {}): name the rollout's with spec.routerService",
+                    self.service,
+                    services.unwrap_or_default().join(", ")
+                )))
+            }
             _ => Err(TrafficFault::Refused(format!(
                 "{admin} is not a Coalmine router's admin API: {} {} (is it the traffic port? give the router's --admin address)",
                 routes_path(&self.service),
