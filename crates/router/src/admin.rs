@@ -151,7 +151,6 @@ fn change_service(a: &Admin, service: &str, headers: &HeaderMap, body: &[u8]) ->
     };
     let _writer = a.writer.lock().expect("admin writer lock");
     let current = a.shared.table.load_full();
-    let mut docs = current.docs();
     let doc = match current.service(service) {
         Some(existing) => {
             if let Some(refused) = refused_for_another_owner(existing, writer) {
@@ -182,6 +181,7 @@ fn change_service(a: &Admin, service: &str, headers: &HeaderMap, body: &[u8]) ->
             doc.service
         ));
     }
+    let mut docs = current.docs();
     match docs.iter_mut().find(|d| d.service == service) {
         Some(slot) => *slot = doc,
         None => docs.push(doc),
@@ -275,7 +275,7 @@ async fn service_stats(State(a): State<Admin>, Path(service): Path<String>) -> R
     let table = a.shared.table.load();
     let m = &a.shared.metrics;
     let in_table = table.service(&service).is_some();
-    let snapshot = m.snapshot(in_table.then_some(service.as_str()));
+    let snapshot = m.service_snapshot(&service, in_table);
     if !snapshot.services.contains_key(&service) {
         return no_such_service(&service);
     }

@@ -346,14 +346,30 @@ impl Metrics {
     /// Sums the workers' counters: every service that counted something, and each of
     /// `services` (the table's) even if it has not, at zero.
     pub fn snapshot<'a>(&self, services: impl IntoIterator<Item = &'a str>) -> Snapshot {
+        self.sum(services, |_| true)
+    }
+
+    /// Sums the workers' counters of one service only (`/stats/{service}`, read every second
+    /// by each rollout's controller: the other services' histograms are not summed for it);
+    /// at zero if `at_zero` and it has counted nothing.
+    pub fn service_snapshot(&self, service: &str, at_zero: bool) -> Snapshot {
+        self.sum(at_zero.then_some(service), |name| name == service)
+    }
+
+    fn sum<'a>(
+        &self,
+        at_zero: impl IntoIterator<Item = &'a str>,
+        wanted: impl Fn(&str) -> bool,
+    ) -> Snapshot {
         let recorders = self.recorders.lock().expect("recorder list").clone();
-        let names = self
-            .service_names
-            .lock()
-            .expect("service names")
-            .names
-            .clone();
-        let mut snapshots: BTreeMap<String, ServiceSnapshot> = services
+        let names: Vec<(ServiceId, String)> = {
+            let known = self.service_names.lock().expect("service names");
+            let ids = known.names.iter().enumerate();
+            ids.filter(|(_, name)| wanted(name))
+                .map(|(i, name)| (ServiceId(i as u32), name.clone()))
+                .collect()
+        };
+        let mut snapshots: BTreeMap<String, ServiceSnapshot> = at_zero
             .into_iter()
             .map(|s| (s.to_string(), ServiceSnapshot::new()))
             .collect();
@@ -365,8 +381,7 @@ impl Metrics {
                 *n += c.load(Relaxed);
             }
         }
-        for (i, name) in names.iter().enumerate() {
-            let id = ServiceId(i as u32);
+        for (id, name) in names {
             for counters in recorders.iter().filter_map(|r| r.counted(id)) {
                 snapshots
                     .entry(name.clone())
@@ -545,6 +560,12 @@ mod tests {
         assert_eq!(s.services["cart"].versions[1].count, 0);
         assert_eq!(s.services["idle"].versions[0].count, 0);
         assert_eq!(s.services.len(), 3);
+        // One service alone: only its counts are summed.
+        let cart = m.service_snapshot("cart", false);
+        assert_eq!(cart.services.keys().collect::<Vec<_>>(), ["cart"]);
+        assert_eq!(cart.services["cart"].versions[0].count, 1);
+        assert!(m.service_snapshot("idle", false).services.is_empty());
+        assert_eq!(m.service_snapshot("idle", true).services.len(), 1);
     }
 
     #[test]

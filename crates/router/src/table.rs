@@ -73,10 +73,8 @@ impl RouteTable {
         let services = docs
             .into_iter()
             .map(|doc| {
-                Ok(ServiceTable::new(
-                    doc.clone(),
-                    metrics.service_id(&doc.service)?,
-                ))
+                let id = metrics.service_id(&doc.service)?;
+                Ok(ServiceTable::new(doc, id))
             })
             .collect::<Result<Vec<_>, Invalid>>()?;
         let index = Selector::new(&services);

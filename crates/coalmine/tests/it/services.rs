@@ -54,6 +54,8 @@ fn users_of(
         .collect()
 }
 
+/// A rollout of `service` on `router`, its canary climbing `steps` every second, judged on
+/// its success rate.
 fn rollout(
     name: &str,
     service: &str,
@@ -62,18 +64,8 @@ fn rollout(
     canary: &Upstream,
     steps: &str,
 ) -> String {
-    format!(
-        "apiVersion: coalmine.dev/v1alpha1
-kind: Rollout
-metadata:
-  name: {name}
-spec:
-  routers: [{}]
-  routerService: {service}
-  stable: {{url: {}}}
-  canary: {{url: {}}}
-  analysis:
-    interval: 1s
+    let analysis = format!(
+        "    interval: 1s
     threshold: 2
     stepWeights: {steps}
     sequential: {{enabled: false}}
@@ -81,9 +73,10 @@ spec:
       - name: request-success-rate
         thresholdRange: {{min: 99}}
         interval: 5s
-",
-        router.admin, stable.url, canary.url
-    )
+"
+    );
+    rollout_yaml(name, router, stable, canary, &analysis)
+        .replace("spec:\n", &format!("spec:\n  routerService: {service}\n"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
