@@ -42,7 +42,14 @@ pub struct ServiceTable {
 
 impl ServiceTable {
     pub fn new(doc: RoutesDoc, id: ServiceId) -> Self {
-        let salt = xxh3_64(doc.name.as_bytes());
+        // Unnamed routes are salted by their service, so two services' sticky users are not
+        // the same users (the default service's salt is what it always was).
+        let salted_by = if doc.name == coalmine_contract::routes::DEFAULT_NAME {
+            &doc.service
+        } else {
+            &doc.name
+        };
+        let salt = xxh3_64(salted_by.as_bytes());
         let affinity_token = match &doc.canary {
             Some(c) => format!("{:016x}", xxh3_64(c.as_str().as_bytes())),
             None => String::new(),
@@ -123,8 +130,11 @@ impl RouteTable {
                 })
                 .map(|c| &self.services[c.service])
         };
+        let by_host = !index.exact.is_empty() || !index.wildcard.is_empty();
         let mut buf = [0u8; coalmine_contract::routes::MAX_HOST_LEN];
-        if let Some(host) = req.host.and_then(|h| normalized_host(h, &mut buf)) {
+        // A table whose services name no host (the single-service forms) skips the host.
+        let host = req.host.filter(|_| by_host);
+        if let Some(host) = host.and_then(|h| normalized_host(h, &mut buf)) {
             if let Some(found) = index.exact.get(host).and_then(|c| takes(c)) {
                 return Some(found);
             }
@@ -348,6 +358,26 @@ mod tests {
             Some("wild")
         );
         assert_eq!(pick(&t, Some("shop.test"), "/", &[]), Some("any"));
+    }
+
+    #[test]
+    fn unnamed_services_salt_their_sticky_buckets_apart() {
+        let t = table(json!([
+            {"service": "default"}, {"service": "a"}, {"service": "b"},
+            {"service": "c", "name": "checkout"}
+        ]));
+        let salts: Vec<u64> = t.services.iter().map(|s| s.salt).collect();
+        assert_eq!(
+            salts[0],
+            xxh3_64(b"default"),
+            "the single-service form's salt"
+        );
+        assert_ne!(salts[1], salts[2]);
+        assert_eq!(
+            salts[3],
+            xxh3_64(b"checkout"),
+            "a named route (a rollout's) keeps its name's"
+        );
     }
 
     #[test]
