@@ -688,6 +688,13 @@ mod tests {
     }
 
     #[test]
+    fn the_default_service_is_driven_where_routers_before_services_had_their_routes() {
+        let admin = HttpUrl::parse("http://127.0.0.1:9901").unwrap();
+        assert_eq!(routes_url(&admin, "default"), "http://127.0.0.1:9901/routes");
+        assert_eq!(routes_url(&admin, "cart"), "http://127.0.0.1:9901/routes/cart");
+    }
+
+    #[test]
     fn a_match_the_router_would_refuse_is_the_rollouts_error_naming_the_rule() {
         let analysis: Analysis = serde_json::from_value(json!({
             "match": [{"headers": {"x-a": {"exact": "1"}}}, {"headers": {"bad header": {"exact": "1"}}}]
