@@ -8,7 +8,7 @@ use clap::Args;
 use serde::Deserialize;
 
 use coalmine_router::geo::Geo;
-use coalmine_router::table::{Affinity, HeaderName};
+use coalmine_router::table::{Affinity, HeaderName, DEFAULT_SERVICE};
 use coalmine_router::{
     MatchRule, ProxyOptions, RouterConfig, RoutesDoc, StickyKey, TlsFiles, UpstreamUrl, Weight,
 };
@@ -106,10 +106,14 @@ fn parse_weight(s: &str) -> Result<Weight, String> {
     Weight::from_percent(pct).map_err(String::from)
 }
 
-/// The config file. Every field is optional so a file may hold just the routes.
+/// The config file. Every field is optional so a file may hold just the routes. The route
+/// fields at the top (`stable`, `canary`, ...) are the default service's, as the flags are;
+/// `services` lists more, each with its own selectors and routes.
 #[derive(Deserialize, Default)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 struct ProxyFile {
+    #[serde(default, deserialize_with = "coalmine_router::table::services_list")]
+    services: Vec<RoutesDoc>,
     name: Option<String>,
     listen: Option<SocketAddr>,
     admin: Option<SocketAddr>,
@@ -161,6 +165,81 @@ fn sticky(header: Option<String>, cookie: Option<String>) -> Result<Option<Stick
     }
 }
 
+/// The default service: the route flags over the file's top-level route fields; `None` when
+/// neither gives a stable upstream (then every route flag is a mistake).
+fn default_service(args: &ProxyArgs, file: &ProxyFile) -> Result<Option<RoutesDoc>, BadInput> {
+    let Some(stable) = args.stable.clone().or(file.stable.clone()) else {
+        let given = [
+            (args.canary.is_some() || file.canary.is_some(), "canary"),
+            (
+                args.canary_weight.is_some() || file.canary_weight.is_some(),
+                "canaryWeight",
+            ),
+            (
+                !args.matches.is_empty() || !file.matches.is_empty(),
+                "match",
+            ),
+            (
+                !args.previews.is_empty() || !file.preview.is_empty(),
+                "preview",
+            ),
+            (args.mirror.is_some() || file.mirror.is_some(), "mirror"),
+            (
+                args.affinity_cookie.is_some() || file.affinity_cookie.is_some(),
+                "affinityCookie",
+            ),
+            (
+                args.sticky_header.is_some()
+                    || args.sticky_cookie.is_some()
+                    || file.sticky_header.is_some()
+                    || file.sticky_cookie.is_some(),
+                "stickyHeader/stickyCookie",
+            ),
+        ];
+        if let Some((_, field)) = given.iter().find(|(set, _)| *set) {
+            return Err(BadInput(format!(
+                "{field} sets the default service's routes, which needs --stable (or `stable` in the --config file); a service in `services` has its own"
+            )));
+        }
+        return Ok(None);
+    };
+    let (sh, sc) = if args.sticky_header.is_some() || args.sticky_cookie.is_some() {
+        (args.sticky_header.clone(), args.sticky_cookie.clone())
+    } else {
+        (file.sticky_header.clone(), file.sticky_cookie.clone())
+    };
+    let mut routes = RoutesDoc::stable_only(stable);
+    if let Some(name) = &file.name {
+        routes.name = name.clone();
+    }
+    routes.canary = args.canary.clone().or(file.canary.clone());
+    routes.canary_weight = args
+        .canary_weight
+        .or(file.canary_weight)
+        .unwrap_or(Weight::ZERO);
+    routes.matches = if args.matches.is_empty() {
+        file.matches.clone()
+    } else {
+        args.matches.clone()
+    };
+    routes.preview = if args.previews.is_empty() {
+        file.preview.clone()
+    } else {
+        args.previews.clone()
+    };
+    routes.sticky = sticky(sh, sc)?;
+    routes.affinity = args
+        .affinity_cookie
+        .clone()
+        .or(file.affinity_cookie.clone())
+        .map(|cookie_name| Affinity {
+            cookie_name,
+            max_age: 86_400,
+        });
+    routes.mirror = args.mirror.or(file.mirror).unwrap_or(Weight::ZERO);
+    Ok(Some(routes))
+}
+
 /// Merges the file (if any) under the flags and checks what is required.
 pub fn router_config(args: ProxyArgs) -> Result<RouterConfig, BadInput> {
     let file = match &args.config {
@@ -172,42 +251,24 @@ pub fn router_config(args: ProxyArgs) -> Result<RouterConfig, BadInput> {
         }
         None => ProxyFile::default(),
     };
-    let stable = args.stable.or(file.stable).ok_or_else(|| {
-        BadInput("--stable is required (or `stable` in the --config file)".into())
-    })?;
-    let (sh, sc) = if args.sticky_header.is_some() || args.sticky_cookie.is_some() {
-        (args.sticky_header, args.sticky_cookie)
-    } else {
-        (file.sticky_header, file.sticky_cookie)
-    };
-    let mut routes = RoutesDoc::stable_only(stable);
-    if let Some(name) = file.name {
-        routes.name = name;
+    let routes = default_service(&args, &file)?
+        .into_iter()
+        .chain(file.services)
+        .collect::<Vec<_>>();
+    if routes.is_empty() {
+        return Err(BadInput(
+            "--stable is required (or `stable` or `services` in the --config file)".into(),
+        ));
     }
-    routes.canary = args.canary.or(file.canary);
-    routes.canary_weight = args
-        .canary_weight
-        .or(file.canary_weight)
-        .unwrap_or(Weight::ZERO);
-    routes.matches = if args.matches.is_empty() {
-        file.matches
-    } else {
-        args.matches
-    };
-    routes.preview = if args.previews.is_empty() {
-        file.preview
-    } else {
-        args.previews
-    };
-    routes.sticky = sticky(sh, sc)?;
-    routes.affinity = args
-        .affinity_cookie
-        .or(file.affinity_cookie)
-        .map(|cookie_name| Affinity {
-            cookie_name,
-            max_age: 86_400,
-        });
-    routes.mirror = args.mirror.or(file.mirror).unwrap_or(Weight::ZERO);
+    coalmine_router::table::check_services(&routes).map_err(|e| {
+        BadInput(match &args.config {
+            Some(path) => format!(
+                "{}: {e} (the top-level routes are service {DEFAULT_SERVICE:?})",
+                path.display()
+            ),
+            None => e.to_string(),
+        })
+    })?;
     let tls = match (
         args.tls_cert.or(file.tls_cert),
         args.tls_key.or(file.tls_key),
@@ -225,8 +286,10 @@ pub fn router_config(args: ProxyArgs) -> Result<RouterConfig, BadInput> {
         },
         file.geo,
     )?;
-    if let Some(why) = geo.unserved(routes.matches.iter().chain(&routes.preview)) {
-        return Err(BadInput(why));
+    for doc in &routes {
+        if let Some(why) = geo.unserved(doc.matches.iter().chain(&doc.preview)) {
+            return Err(BadInput(format!("service {}: {why}", doc.service)));
+        }
     }
     let dur = |flag: Option<Duration>, file: Option<Dur>, default: u64| {
         flag.or(file.map(|d| d.0))
@@ -295,13 +358,24 @@ pub fn run(args: ProxyArgs) -> anyhow::Result<()> {
         handle.listen,
         handle.admin
     );
-    let t = handle.table();
-    tracing::info!(
-        stable = %t.doc.stable,
-        canary = t.doc.canary.as_ref().map(|c| c.to_string()).unwrap_or_default(),
-        canary_weight = t.doc.canary_weight.percent(),
-        "routing"
-    );
+    // Each service when they are few; a count when a table is large.
+    let table = handle.table();
+    if table.services.len() > 10 {
+        tracing::info!(services = table.services.len(), "routing");
+    }
+    for s in table
+        .services
+        .iter()
+        .take_while(|_| table.services.len() <= 10)
+    {
+        tracing::info!(
+            service = s.doc.service,
+            stable = %s.doc.stable,
+            canary = s.doc.canary.as_ref().map(|c| c.to_string()).unwrap_or_default(),
+            canary_weight = s.doc.canary_weight.percent(),
+            "routing"
+        );
+    }
     crate::wait_for_termination();
     tracing::info!("draining");
     handle.shutdown();

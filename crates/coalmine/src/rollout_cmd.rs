@@ -248,6 +248,9 @@ pub struct PlacementArgs {
     /// Admin address of a Coalmine router carrying the service (repeatable)
     #[arg(long = "router")]
     pub routers: Vec<String>,
+    /// The routers' service the Canary drives (its /routes/SERVICE) [default: default]
+    #[arg(long, value_name = "SERVICE")]
+    pub router_service: Option<String>,
     /// URL of the version serving now
     #[arg(long)]
     pub stable: Option<String>,
@@ -265,6 +268,7 @@ impl PlacementArgs {
     /// The placement the flags give, if any flag is given.
     pub fn placement(&self) -> anyhow::Result<Option<Placement>> {
         if self.routers.is_empty()
+            && self.router_service.is_none()
             && self.stable.is_none()
             && self.canary.is_none()
             && self.resolve.is_empty()
@@ -298,9 +302,14 @@ impl PlacementArgs {
                 .map_err(|e| BadInput(format!("--resolve {mapping:?}: {e}")))?;
             hosts.insert(host.to_string(), to);
         }
+        if let Some(service) = &self.router_service {
+            coalmine_spec::check_service_name(service)
+                .map_err(|e| BadInput(format!("--router-service: {e}")))?;
+        }
         Ok(Some(Placement {
             routers,
             router: None,
+            router_service: self.router_service.clone(),
             stable: Some(Target::Url(url("stable", &self.stable)?)),
             canary: Some(Target::Url(url("canary", &self.canary)?)),
             hosts,

@@ -1,9 +1,11 @@
 //! The contract between Coalmine's router and whatever drives it, declared once for both sides.
 //!
 //! - [`weight`]: [`Weight`], a traffic share in exact basis points.
-//! - [`routes`]: the route document — what `PUT /routes` takes ([`RoutesDoc`] whole, or a
-//!   [`RoutesPatch`] of the fields a controller owns) and what `GET /routes` answers
-//!   ([`ServedRoutes`]) — and the [`OWNER_HEADER`] a controller signs its changes with.
+//! - [`routes`]: the route document of one service — which requests it takes (hosts, path
+//!   prefixes, headers) and where they go; what `PUT /routes/{service}` takes ([`RoutesDoc`]
+//!   whole, or a [`RoutesPatch`] of the fields a controller owns) and what `GET /routes`
+//!   answers ([`ServedRoutes`]) — and the [`OWNER_HEADER`] a controller signs its changes with.
+//!   A router's table is a list of services; the single-service forms are [`DEFAULT_SERVICE`].
 //! - [`matching`]: match rules ([`MatchRule`]): which requests reach the canary whatever the
 //!   weight.
 //! - [`stats`]: the `/stats` document ([`StatsDoc`]), counters a controller turns into readings.
@@ -19,9 +21,10 @@ pub mod weight;
 
 pub use matching::{Condition, GeoField, HeaderName, MatchRule, StrMatch, Subject};
 pub use routes::{
-    url_port, Affinity, RoutesDoc, RoutesPatch, ServedRoutes, StickyKey, UpstreamUrl, OWNER_HEADER,
+    check_service_name, check_services, services_list, url_port, Affinity, HostPattern, PathPrefix,
+    RoutesDoc, RoutesPatch, ServedRoutes, StickyKey, UpstreamUrl, DEFAULT_SERVICE, OWNER_HEADER,
 };
-pub use stats::{Latency, LocalStats, MirrorStats, StatsDoc, VersionStats};
+pub use stats::{Latency, LocalStats, MirrorStats, ServiceStats, StatsDoc, VersionStats};
 pub use weight::Weight;
 
 /// A value the contract does not accept, with the reason in words (the value quoted).

@@ -199,10 +199,189 @@ fn default_name() -> String {
     DEFAULT_NAME.to_string()
 }
 
-/// The route table as users write and read it.
+/// The service a router carries when none is named: what `--stable`/`--canary`, the config
+/// file's top-level route fields, `PUT /routes` and a rollout without `routerService` mean.
+pub const DEFAULT_SERVICE: &str = "default";
+
+fn default_service() -> String {
+    DEFAULT_SERVICE.to_string()
+}
+
+/// Longest service name: a DNS label's, so a name fits a URL path segment and a metric label.
+const MAX_SERVICE_NAME_LEN: usize = 63;
+
+/// A service name: 1 to 63 ASCII letters, digits, `-`, `_` or `.`, starting with a letter or
+/// digit (it is a path segment of `/routes/{service}` and a `service` label value).
+pub fn check_service_name(name: &str) -> Result<(), Invalid> {
+    let ok = |b: u8| b.is_ascii_alphanumeric() || b"-_.".contains(&b);
+    if name.is_empty()
+        || name.len() > MAX_SERVICE_NAME_LEN
+        || !name.as_bytes()[0].is_ascii_alphanumeric()
+        || !name.bytes().all(ok)
+    {
+        return Err(Invalid(format!(
+            "{name:?} is not a service name (1 to {MAX_SERVICE_NAME_LEN} letters, digits, '-', '_' or '.', starting with a letter or digit)"
+        )));
+    }
+    Ok(())
+}
+
+fn service_name<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    let name = String::deserialize(d)?;
+    check_service_name(&name).map_err(serde::de::Error::custom)?;
+    Ok(name)
+}
+
+/// A host a service answers for: an exact name (`shop.example.com`) or a wildcard
+/// (`*.example.com`: any name ending in `.example.com`, however many labels before it, but not
+/// `example.com` itself — Gateway API's rule). Kept lowercase; matched without case, without
+/// the port and a trailing dot of the request's `Host` (or HTTP/2 `:authority`).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct HostPattern(String);
+
+/// Longest host name (RFC 1035).
+pub const MAX_HOST_LEN: usize = 253;
+
+impl HostPattern {
+    pub fn parse(text: &str) -> Result<Self, Invalid> {
+        let lower = text.to_ascii_lowercase();
+        let name = lower.strip_prefix("*.").unwrap_or(&lower);
+        let label_ok = |l: &str| {
+            !l.is_empty()
+                && l.len() <= 63
+                && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+        };
+        if name.is_empty() || lower.len() > MAX_HOST_LEN || !name.split('.').all(label_ok) {
+            return Err(Invalid(format!(
+                "{text:?} is not a host name (letters, digits and '-' in dot-separated labels, no port; `*.` in front for a wildcard)"
+            )));
+        }
+        Ok(HostPattern(lower))
+    }
+
+    /// The name as written, lowercase (`*.example.com` for a wildcard).
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// For a wildcard, the suffix a matching host ends with, dot included (`.example.com`).
+    pub fn wildcard_suffix(&self) -> Option<&str> {
+        self.0.strip_prefix('*')
+    }
+}
+
+impl TryFrom<String> for HostPattern {
+    type Error = Invalid;
+    fn try_from(s: String) -> Result<Self, Invalid> {
+        HostPattern::parse(&s)
+    }
+}
+
+impl From<HostPattern> for String {
+    fn from(h: HostPattern) -> String {
+        h.0
+    }
+}
+
+/// A path prefix a service answers for, matched by whole segments as Gateway API's
+/// `PathPrefix`: `/api` takes `/api`, `/api/` and `/api/v1`, not `/apis`. A trailing `/` is
+/// dropped (`/api/` is `/api`); `/` takes every path. Compared with case, undecoded.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct PathPrefix(String);
+
+impl PathPrefix {
+    pub fn parse(text: &str) -> Result<Self, Invalid> {
+        if !text.starts_with('/') || text.contains(['?', '#']) || text.contains("//") {
+            return Err(Invalid(format!(
+                "{text:?} is not a path prefix (it starts with '/', has no '?', '#' or empty segment)"
+            )));
+        }
+        let trimmed = text.trim_end_matches('/');
+        Ok(PathPrefix(if trimmed.is_empty() {
+            "/".to_string()
+        } else {
+            trimmed.to_string()
+        }))
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// Whether `path` (a request's path, without its query) is under this prefix, segment by
+    /// segment.
+    pub fn matches(&self, path: &[u8]) -> bool {
+        let prefix = self.0.as_bytes();
+        prefix == b"/"
+            || (path.starts_with(prefix)
+                && (path.len() == prefix.len() || path[prefix.len()] == b'/'))
+    }
+}
+
+impl TryFrom<String> for PathPrefix {
+    type Error = Invalid;
+    fn try_from(s: String) -> Result<Self, Invalid> {
+        PathPrefix::parse(&s)
+    }
+}
+
+impl From<PathPrefix> for String {
+    fn from(p: PathPrefix) -> String {
+        p.0
+    }
+}
+
+/// A service's header selectors: rules on headers only (a rule on a cookie or the query
+/// selects a version, not a service).
+fn header_rules<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<MatchRule>, D::Error> {
+    let rules = Vec::<MatchRule>::deserialize(d)?;
+    for rule in &rules {
+        if let Some(c) = rule
+            .all
+            .iter()
+            .find(|c| !matches!(c.subject, crate::Subject::Header(_)))
+        {
+            let what = match &c.subject {
+                crate::Subject::Cookie(n) => format!("cookie {n:?}"),
+                crate::Subject::Query(n) => format!("query parameter {n:?}"),
+                crate::Subject::Geo(field) => format!("client's {}", field.as_str()),
+                crate::Subject::Header(_) => unreachable!(),
+            };
+            return Err(serde::de::Error::custom(format!(
+                "a service is selected by headers only, not by a {what} (put it in match to choose a version)"
+            )));
+        }
+    }
+    Ok(rules)
+}
+
+/// One service's routes as users write and read them: which requests it takes (`hosts`,
+/// `paths`, `headers`; none of a kind means any) and where they go. A router's table is a list
+/// of these; the single-service forms (`--stable`, `PUT /routes`) are the one named
+/// [`DEFAULT_SERVICE`].
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct RoutesDoc {
+    /// The service's name: `/routes/{service}`, `/stats/{service}`, the `service` label.
+    #[serde(default = "default_service", deserialize_with = "service_name")]
+    pub service: String,
+    /// Host names (exact or `*.` wildcard) this service answers for; none: every host.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hosts: Vec<HostPattern>,
+    /// Path prefixes this service answers for; none: every path.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub paths: Vec<PathPrefix>,
+    /// Header rules that must all hold for this service to take a request.
+    #[serde(
+        default,
+        deserialize_with = "header_rules",
+        skip_serializing_if = "Vec::is_empty"
+    )]
+    pub headers: Vec<MatchRule>,
     /// Names the route; salts the sticky hash, so two services do not pick the same users.
     #[serde(default = "default_name")]
     pub name: String,
@@ -234,6 +413,10 @@ impl RoutesDoc {
     /// A table sending everything to stable: the starting point when only `--stable` is known.
     pub fn stable_only(stable: UpstreamUrl) -> Self {
         RoutesDoc {
+            service: default_service(),
+            hosts: Vec::new(),
+            paths: Vec::new(),
+            headers: Vec::new(),
             name: default_name(),
             stable,
             canary: None,
@@ -263,7 +446,23 @@ impl RoutesDoc {
             }
             target.insert(key.clone(), value.clone());
         }
-        let json = serde_json::to_string(&merged).map_err(|e| e.to_string())?;
+        RoutesDoc::from_json_value(&merged)
+    }
+
+    /// A new service from a whole document (`PUT /routes/{service}` of a service the router
+    /// does not have): `service` is the path's; a different one in the body is an error.
+    pub fn created(service: &str, doc: &serde_json::Value) -> Result<RoutesDoc, Invalid> {
+        let serde_json::Value::Object(fields) = doc else {
+            return Err("the route document must be a JSON object".into());
+        };
+        let mut fields = fields.clone();
+        fields.remove(GENERATION);
+        fields.entry("service").or_insert_with(|| service.into());
+        RoutesDoc::from_json_value(&serde_json::Value::Object(fields))
+    }
+
+    fn from_json_value(value: &serde_json::Value) -> Result<RoutesDoc, Invalid> {
+        let json = serde_json::to_string(value).map_err(|e| e.to_string())?;
         let mut de = serde_json::Deserializer::from_str(&json);
         serde_path_to_error::deserialize(&mut de).map_err(|e| {
             let path = e.path().to_string();
@@ -277,6 +476,30 @@ impl RoutesDoc {
         })
     }
 }
+
+/// Checks a whole table: every service named once. (Each service checked itself while it was
+/// read.)
+pub fn check_services(services: &[RoutesDoc]) -> Result<(), Invalid> {
+    for (i, doc) in services.iter().enumerate() {
+        if let Some(first) = services[..i].iter().position(|d| d.service == doc.service) {
+            return Err(Invalid(format!(
+                "services[{i}].service: {:?} is already the name of services[{first}]; each service is named once",
+                doc.service
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// A table's services as a config file lists them, checked whole (see [`check_services`]).
+pub fn services_list<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<RoutesDoc>, D::Error> {
+    let services = Vec::<RoutesDoc>::deserialize(d)?;
+    check_services(&services).map_err(serde::de::Error::custom)?;
+    Ok(services)
+}
+
+/// The key of `GET /routes`' answer listing every service.
+pub const SERVICES: &str = "services";
 
 /// What `GET /routes` and `PUT /routes` answer: the document in force and its generation
 /// (bumped by every swap; lets clients tell which table served them).
@@ -294,9 +517,24 @@ impl ServedRoutes {
         v
     }
 
-    /// Reads an answer; `None` unless it is a route document with its generation.
+    /// `GET /routes`: the whole table — every service in `services`, in table order — and, for
+    /// readers of the single-service form, the default service's fields at the top (absent
+    /// when the table has no default service).
+    pub fn table_json(services: &[RoutesDoc], generation: u64) -> serde_json::Value {
+        let mut v = match services.iter().find(|d| d.service == DEFAULT_SERVICE) {
+            Some(default) => ServedRoutes::json(default, generation),
+            None => serde_json::json!({ GENERATION: generation }),
+        };
+        v[SERVICES] = serde_json::to_value(services).expect("route documents serialize");
+        v
+    }
+
+    /// Reads an answer (of `/routes/{service}`, or the default service's of `/routes`); `None`
+    /// unless it is a route document with its generation.
     pub fn from_json(mut value: serde_json::Value) -> Option<ServedRoutes> {
-        let generation = value.as_object_mut()?.remove(GENERATION)?.as_u64()?;
+        let fields = value.as_object_mut()?;
+        fields.remove(SERVICES);
+        let generation = fields.remove(GENERATION)?.as_u64()?;
         let doc = serde_json::from_value(value).ok()?;
         Some(ServedRoutes { doc, generation })
     }
@@ -465,6 +703,96 @@ mod tests {
         let bare = serde_json::to_value(&doc).unwrap();
         assert!(ServedRoutes::from_json(bare).is_none());
         assert!(ServedRoutes::from_json(json!({"status": "ok", "generation": 1})).is_none());
+    }
+
+    #[test]
+    fn services_are_selected_by_checked_hosts_paths_and_header_rules() {
+        let doc: RoutesDoc = serde_json::from_value(json!({
+            "service": "checkout", "stable": "http://127.0.0.1:1",
+            "hosts": ["Shop.Example.com", "*.shop.example.com"],
+            "paths": ["/checkout/", "/"], "headers": ["x-tenant=blue"]
+        }))
+        .unwrap();
+        assert_eq!(doc.hosts[0].as_str(), "shop.example.com");
+        assert_eq!(doc.hosts[1].wildcard_suffix(), Some(".shop.example.com"));
+        assert_eq!(doc.hosts[0].wildcard_suffix(), None);
+        assert_eq!(doc.paths[0].as_str(), "/checkout");
+        assert!(doc.paths[0].matches(b"/checkout"));
+        assert!(doc.paths[0].matches(b"/checkout/pay"));
+        assert!(!doc.paths[0].matches(b"/checkouts"));
+        assert!(!doc.paths[0].matches(b"/"));
+        assert!(doc.paths[1].matches(b"/anything"));
+        let back: RoutesDoc = serde_json::from_value(serde_json::to_value(&doc).unwrap()).unwrap();
+        assert_eq!(back, doc);
+
+        let err = |extra: serde_json::Value| {
+            let mut v = json!({"stable": "http://127.0.0.1:1"});
+            for (k, x) in extra.as_object().unwrap() {
+                v[k] = x.clone();
+            }
+            serde_json::from_value::<RoutesDoc>(v)
+                .unwrap_err()
+                .to_string()
+        };
+        assert!(err(json!({"hosts": ["shop.example.com:8080"]})).contains("no port"));
+        assert!(err(json!({"hosts": ["a.*.com"]})).contains("not a host name"));
+        assert!(err(json!({"paths": ["api"]})).contains("starts with '/'"));
+        assert!(err(json!({"headers": ["cookie:a=b"]})).contains("headers only"));
+        assert!(err(json!({"service": "a/b"})).contains("not a service name"));
+        assert!(err(json!({"service": ""})).contains("not a service name"));
+        // A document without selectors is the default service, taking every request.
+        let plain: RoutesDoc =
+            serde_json::from_value(json!({"stable": "http://127.0.0.1:1"})).unwrap();
+        assert_eq!(plain.service, DEFAULT_SERVICE);
+        let shown = serde_json::to_value(&plain).unwrap();
+        assert!(shown.get("hosts").is_none(), "{shown}");
+    }
+
+    #[test]
+    fn a_table_names_each_service_once_and_shows_the_default_at_the_top() {
+        let doc = |service: &str| RoutesDoc {
+            service: service.into(),
+            ..RoutesDoc::stable_only(UpstreamUrl::parse("http://127.0.0.1:1").unwrap())
+        };
+        let table = [doc("default"), doc("cart"), doc("checkout")];
+        check_services(&table).unwrap();
+        let e = check_services(&[doc("cart"), doc("a"), doc("cart")])
+            .unwrap_err()
+            .0;
+        assert!(
+            e.starts_with("services[2].service: \"cart\" is already the name of services[0]"),
+            "{e}"
+        );
+
+        let json = ServedRoutes::table_json(&table, 7);
+        assert_eq!(json["stable"], "http://127.0.0.1:1");
+        assert_eq!(json["services"][2]["service"], "checkout");
+        let served = ServedRoutes::from_json(json).unwrap();
+        assert_eq!((served.doc, served.generation), (doc("default"), 7));
+        // Without a default service, the answer is no single service's.
+        let json = ServedRoutes::table_json(&table[1..], 7);
+        assert!(json.get("stable").is_none());
+        assert!(ServedRoutes::from_json(json).is_none());
+    }
+
+    #[test]
+    fn a_created_service_takes_its_name_from_the_path_unless_the_body_differs() {
+        let created = RoutesDoc::created(
+            "cart",
+            &json!({"stable": "http://127.0.0.1:1", "generation": 3}),
+        )
+        .unwrap();
+        assert_eq!(created.service, "cart");
+        let other = RoutesDoc::created(
+            "cart",
+            &json!({"stable": "http://127.0.0.1:1", "service": "x"}),
+        )
+        .unwrap();
+        assert_eq!(other.service, "x", "the caller compares it with the path");
+        let e = RoutesDoc::created("cart", &json!({"canaryWeight": 5}))
+            .unwrap_err()
+            .0;
+        assert!(e.contains("stable"), "{e}");
     }
 
     #[test]

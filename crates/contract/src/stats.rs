@@ -2,6 +2,9 @@
 //! latency histogram. Counters never reset while the router lives, so a reader takes the
 //! difference of two documents, and notices a restart by `instance` and `startedUnixMs`.
 //!
+//! Counts are per service (`/stats/{service}`); `/stats` answers the default service's, with
+//! every service's in `services`.
+//!
 //! A reader needs only the counts it judges on (`instance`, `startedUnixMs`, and per version
 //! `requests`, `statuses`, `latency.counts`); every other field defaults when absent, so a
 //! controller reads an older router's document too.
@@ -21,6 +24,10 @@ pub struct StatsDoc {
     /// The route table's generation when the counters were read.
     #[serde(default)]
     pub generation: u64,
+    /// The service these counts are of (`/stats/{service}`; `/stats` shows the default
+    /// service's at the top).
+    #[serde(default = "default_service")]
+    pub service: String,
     pub stable: VersionStats,
     pub canary: VersionStats,
     /// The canary's answers to mirrored copies: what it would have answered, never seen by
@@ -30,6 +37,23 @@ pub struct StatsDoc {
     /// What the router failed on its own account: never a version's failure.
     #[serde(default)]
     pub router: LocalStats,
+    /// `GET /stats` only: every service's counts, by name.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub services: BTreeMap<String, ServiceStats>,
+}
+
+fn default_service() -> String {
+    crate::DEFAULT_SERVICE.to_string()
+}
+
+/// One service's counts in `GET /stats`' `services`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ServiceStats {
+    pub stable: VersionStats,
+    pub canary: VersionStats,
+    #[serde(default)]
+    pub mirror: MirrorStats,
 }
 
 /// One version's answers.

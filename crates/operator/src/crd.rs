@@ -173,6 +173,7 @@ impl Rollout {
             spec: coalmine_spec::rollout::RolloutSpec {
                 routers: Vec::new(),
                 router: None,
+                router_service: None,
                 service: Some(
                     spec.service
                         .name

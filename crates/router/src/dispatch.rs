@@ -1,13 +1,16 @@
-//! Where one request goes: the routing decision, drawn with this worker's random generator and
-//! applied to the table in force — which version, which upstream, whether a copy goes to the
-//! canary, whether to answer with the affinity cookie. Both request paths dispatch here.
+//! Where one request goes: its service (the table's selection), then the routing decision,
+//! drawn with this worker's random generator and applied to that service's routes — which
+//! version, which upstream, whether a copy goes to the canary, whether to answer with the
+//! affinity cookie. Both request paths dispatch here; a request no service takes is `None`
+//! (answered 404, the router's).
 
 use std::cell::Cell;
 
 use http::HeaderValue;
 
+use crate::recorder::ServiceId;
 use crate::route::{route, Headers, RequestView, Version};
-use crate::table::{RouteTable, UpstreamUrl};
+use crate::table::{RouteTable, ServiceTable, UpstreamUrl};
 
 thread_local! {
     static RNG: Cell<u64> = Cell::new(seed_from_thread());
@@ -35,6 +38,8 @@ fn next_random() -> u64 {
 /// Where one request goes, borrowed from the table it was decided on.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Dispatch<'t> {
+    /// The service that took the request.
+    pub(crate) service: &'t ServiceTable,
     pub(crate) version: Version,
     /// That version's upstream.
     pub(crate) target: &'t UpstreamUrl,
@@ -44,21 +49,22 @@ pub(crate) struct Dispatch<'t> {
     pub(crate) set_affinity: bool,
 }
 
-/// Decides where a request goes.
+/// Decides where a request goes; `None` when no service takes it.
 pub(crate) fn dispatch<'t, H: Headers + ?Sized>(
     table: &'t RouteTable,
     request: &RequestView<'_, H>,
-) -> Dispatch<'t> {
-    dispatch_with(table, request, next_random())
+) -> Option<Dispatch<'t>> {
+    let service = table.select(request)?;
+    Some(dispatch_with(service, request, next_random()))
 }
 
 fn dispatch_with<'t, H: Headers + ?Sized>(
-    table: &'t RouteTable,
+    service: &'t ServiceTable,
     request: &RequestView<'_, H>,
     random: u64,
 ) -> Dispatch<'t> {
-    let decision = route(table, request, random);
-    let doc = &table.doc;
+    let decision = route(service, request, random);
+    let doc = &service.doc;
     let target = match decision.version {
         Version::Stable => &doc.stable,
         Version::Canary => doc
@@ -76,6 +82,7 @@ fn dispatch_with<'t, H: Headers + ?Sized>(
         None
     };
     Dispatch {
+        service,
         version: decision.version,
         target,
         mirror_to,
@@ -84,15 +91,20 @@ fn dispatch_with<'t, H: Headers + ?Sized>(
 }
 
 impl Dispatch<'_> {
+    /// Where the service's counters are.
+    pub(crate) fn counters(&self) -> ServiceId {
+        self.service.id
+    }
+
     /// The `Set-Cookie` value pinning this user to the canary, when the decision asks for one.
-    pub(crate) fn affinity_cookie(&self, table: &RouteTable) -> Option<HeaderValue> {
+    pub(crate) fn affinity_cookie(&self) -> Option<HeaderValue> {
         if !self.set_affinity {
             return None;
         }
-        let aff = table.doc.affinity.as_ref()?;
+        let aff = self.service.doc.affinity.as_ref()?;
         HeaderValue::from_str(&format!(
             "{}={}; Max-Age={}; Path=/",
-            aff.cookie_name, table.affinity_token, aff.max_age
+            aff.cookie_name, self.service.affinity_token, aff.max_age
         ))
         .ok()
     }
@@ -103,12 +115,14 @@ mod tests {
     use super::*;
     use crate::route::tests::table;
 
-    fn go(t: &RouteTable, random: u64) -> Dispatch<'_> {
+    fn go(t: &ServiceTable, random: u64) -> Dispatch<'_> {
         let headers = http::HeaderMap::new();
         let view = RequestView {
             headers: &headers,
             query: None,
             client: None,
+            host: None,
+            path: b"/",
         };
         dispatch_with(t, &view, random)
     }
@@ -134,11 +148,11 @@ mod tests {
         let t = table(serde_json::json!({"affinity": {"cookieName": "pin", "maxAge": 60}}));
         let d = go(&t, 1);
         assert_eq!(
-            d.affinity_cookie(&t).unwrap(),
+            d.affinity_cookie().unwrap(),
             format!("pin={}; Max-Age=60; Path=/", t.affinity_token).as_str()
         );
         assert_eq!(
-            go(&t, 9_000).affinity_cookie(&t),
+            go(&t, 9_000).affinity_cookie(),
             None,
             "stable is not pinned"
         );

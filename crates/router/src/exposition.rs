@@ -4,13 +4,15 @@
 use std::fmt::Write as _;
 use std::sync::atomic::Ordering::Relaxed;
 
-use coalmine_contract::{Latency, LocalStats, MirrorStats, StatsDoc, VersionStats};
+use coalmine_contract::{Latency, LocalStats, MirrorStats, ServiceStats, StatsDoc, VersionStats};
 use hdrhistogram::Histogram;
 
 use crate::recorder::{
-    Metrics, Snapshot, UpstreamFailure, VersionSnapshot, HDR_SIGFIG, LATENCY_BUCKETS,
+    Metrics, ServiceSnapshot, Snapshot, UpstreamFailure, VersionSnapshot, HDR_SIGFIG,
+    LATENCY_BUCKETS,
 };
 use crate::route::Version;
+use crate::table::RouteTable;
 
 impl VersionSnapshot {
     fn stats(&self) -> VersionStats {
@@ -45,23 +47,52 @@ fn latency_doc(latency: &Histogram<u64>, sum_micros: u64) -> Latency {
     }
 }
 
+impl crate::recorder::MirrorSnapshot {
+    fn stats(&self) -> MirrorStats {
+        MirrorStats {
+            requests: self.requests,
+            statuses: self.statuses.clone(),
+            failed: self.failed,
+            dropped: self.dropped,
+            skipped_with_body: self.skipped_with_body,
+            latency: latency_doc(&self.latency, 0),
+        }
+    }
+}
+
+impl ServiceSnapshot {
+    fn stats(&self) -> ServiceStats {
+        ServiceStats {
+            stable: self.versions[0].stats(),
+            canary: self.versions[1].stats(),
+            mirror: self.mirror.stats(),
+        }
+    }
+}
+
 impl Snapshot {
-    pub fn stats_doc(&self, metrics: &Metrics, generation: u64) -> StatsDoc {
-        let m = &self.mirror;
+    /// `/stats/{service}` (`all`: `/stats`, the service's counts at the top and every
+    /// service's in `services`). A service without counts shows zeros.
+    pub fn stats_doc(
+        &self,
+        metrics: &Metrics,
+        generation: u64,
+        service: &str,
+        all: bool,
+    ) -> StatsDoc {
+        let counts = self
+            .services
+            .get(service)
+            .map(ServiceSnapshot::stats)
+            .unwrap_or_default();
         StatsDoc {
             instance: metrics.instance.clone(),
             started_unix_ms: metrics.started_unix_ms,
             generation,
-            stable: self.versions[0].stats(),
-            canary: self.versions[1].stats(),
-            mirror: MirrorStats {
-                requests: m.requests,
-                statuses: m.statuses.clone(),
-                failed: m.failed,
-                dropped: m.dropped,
-                skipped_with_body: m.skipped_with_body,
-                latency: latency_doc(&m.latency, 0),
-            },
+            service: service.to_string(),
+            stable: counts.stable,
+            canary: counts.canary,
+            mirror: counts.mirror,
             router: LocalStats {
                 local_failures: self
                     .local_failures
@@ -70,24 +101,44 @@ impl Snapshot {
                     .collect(),
                 accept_errors: self.accept_errors,
             },
+            services: if all {
+                self.services
+                    .iter()
+                    .map(|(name, s)| (name.clone(), s.stats()))
+                    .collect()
+            } else {
+                Default::default()
+            },
         }
     }
 
     /// The Prometheus text exposition (format 0.0.4). The two seed metrics carry exactly the
-    /// labels the seed's PromQL uses; everything of the router's own is `coalmine_router_*`.
-    pub fn prometheus_text(&self, metrics: &Metrics, weight_ratio: f64, generation: u64) -> String {
+    /// labels the seed's PromQL uses (`service`, `version`, `status`); everything of the
+    /// router's own is `coalmine_router_*`. Every per-version series carries its service.
+    pub fn prometheus_text(&self, metrics: &Metrics, table: &RouteTable) -> String {
         let mut out = Exposition::default();
+        let versions = || {
+            self.services.iter().flat_map(|(service, s)| {
+                Version::ALL
+                    .into_iter()
+                    .map(move |v| (service.as_str(), v, &s.versions[v.index()]))
+            })
+        };
         out.family(
             "http_requests_total",
-            "HTTP requests answered, by version and status code.",
+            "HTTP requests answered, by service, version and status code.",
             "counter",
         );
-        for version in Version::ALL {
-            for (status, n) in &self.versions[version.index()].statuses {
+        for (service, version, v) in versions() {
+            for (status, n) in &v.statuses {
                 let status = status.to_string();
                 out.sample(
                     "http_requests_total",
-                    &[("version", version.as_str()), ("status", &status)],
+                    &[
+                        ("service", service),
+                        ("version", version.as_str()),
+                        ("status", &status),
+                    ],
                     *n,
                 );
             }
@@ -97,22 +148,21 @@ impl Snapshot {
             "Time from receiving a request to receiving the upstream's response head.",
             "histogram",
         );
-        for version in Version::ALL {
-            let v = &self.versions[version.index()];
+        for (service, version, v) in versions() {
+            let labels = [("service", service), ("version", version.as_str())];
             let mut cumulative = 0;
             for (bound, n) in LATENCY_BUCKETS.iter().zip(v.buckets) {
                 cumulative += n;
                 let le = bound.to_string();
                 out.sample(
                     "http_request_duration_seconds_bucket",
-                    &[("version", version.as_str()), ("le", &le)],
+                    &[labels[0], labels[1], ("le", &le)],
                     cumulative,
                 );
             }
-            let labels = [("version", version.as_str())];
             out.sample(
                 "http_request_duration_seconds_bucket",
-                &[labels[0], ("le", "+Inf")],
+                &[labels[0], labels[1], ("le", "+Inf")],
                 v.count,
             );
             out.sample(
@@ -127,13 +177,16 @@ impl Snapshot {
             "Requests the upstream failed, by kind: connect, timeout and protocol were answered 502/504 by the router; body broke off after its head (counted as 502).",
             "counter",
         );
-        for version in Version::ALL {
+        for (service, version, v) in versions() {
             for f in UpstreamFailure::ALL {
-                let n = self.versions[version.index()].failures[f as usize];
                 out.sample(
                     "coalmine_router_upstream_failures_total",
-                    &[("version", version.as_str()), ("kind", f.as_str())],
-                    n,
+                    &[
+                        ("service", service),
+                        ("version", version.as_str()),
+                        ("kind", f.as_str()),
+                    ],
+                    v.failures[f as usize],
                 );
             }
         }
@@ -142,11 +195,11 @@ impl Snapshot {
             "Requests sent again on a new upstream connection after a kept-alive one failed them before any answer (only requests that cannot have been processed, or idempotent ones).",
             "counter",
         );
-        for version in Version::ALL {
+        for (service, version, v) in versions() {
             out.sample(
                 "coalmine_router_upstream_retries_total",
-                &[("version", version.as_str())],
-                self.versions[version.index()].retries,
+                &[("service", service), ("version", version.as_str())],
+                v.retries,
             );
         }
         out.family(
@@ -173,53 +226,71 @@ impl Snapshot {
         );
         out.family(
             "coalmine_router_mirror_requests_total",
-            "Mirrored copies answered by the canary, by status code.",
+            "Mirrored copies answered by the canary, by service and status code.",
             "counter",
         );
-        for (status, n) in &self.mirror.statuses {
-            out.sample(
-                "coalmine_router_mirror_requests_total",
-                &[("status", &status.to_string())],
-                *n,
-            );
+        for (service, s) in &self.services {
+            for (status, n) in &s.mirror.statuses {
+                out.sample(
+                    "coalmine_router_mirror_requests_total",
+                    &[("service", service), ("status", &status.to_string())],
+                    *n,
+                );
+            }
         }
         out.family(
             "coalmine_router_mirror_failures_total",
             "Mirrored copies that got no response.",
             "counter",
         );
-        out.sample(
-            "coalmine_router_mirror_failures_total",
-            &[],
-            self.mirror.failed,
-        );
+        for (service, s) in &self.services {
+            out.sample(
+                "coalmine_router_mirror_failures_total",
+                &[("service", service)],
+                s.mirror.failed,
+            );
+        }
         out.family(
             "coalmine_router_mirror_dropped_total",
             "Requests not mirrored, by reason: the concurrency limit was reached, or they had a body.",
             "counter",
         );
-        out.sample(
-            "coalmine_router_mirror_dropped_total",
-            &[("reason", "concurrency")],
-            self.mirror.dropped,
-        );
-        out.sample(
-            "coalmine_router_mirror_dropped_total",
-            &[("reason", "body")],
-            self.mirror.skipped_with_body,
-        );
+        for (service, s) in &self.services {
+            out.sample(
+                "coalmine_router_mirror_dropped_total",
+                &[("service", service), ("reason", "concurrency")],
+                s.mirror.dropped,
+            );
+            out.sample(
+                "coalmine_router_mirror_dropped_total",
+                &[("service", service), ("reason", "body")],
+                s.mirror.skipped_with_body,
+            );
+        }
         out.family(
             "coalmine_router_canary_weight_ratio",
-            "Share of unmatched traffic sent to the canary (0 to 1).",
+            "Share of unmatched traffic sent to the canary (0 to 1), by service.",
             "gauge",
         );
-        out.sample("coalmine_router_canary_weight_ratio", &[], weight_ratio);
+        for service in &table.services {
+            let doc = &service.doc;
+            let ratio = if doc.canary.is_some() {
+                doc.canary_weight.percent() / 100.0
+            } else {
+                0.0
+            };
+            out.sample(
+                "coalmine_router_canary_weight_ratio",
+                &[("service", &doc.service)],
+                ratio,
+            );
+        }
         out.family(
             "coalmine_router_route_generation",
             "Generation of the route table in force.",
             "gauge",
         );
-        out.sample("coalmine_router_route_generation", &[], generation);
+        out.sample("coalmine_router_route_generation", &[], table.generation);
         out.family(
             "coalmine_router_route_swaps_total",
             "Route tables swapped in through the admin API.",
@@ -318,21 +389,38 @@ mod tests {
     use super::*;
 
     #[test]
-    fn snapshot_sums_workers_and_exposes_seed_metric_names() {
+    fn snapshot_sums_workers_and_exposes_seed_metric_names_per_service() {
         let (m, _a, _b) = crate::recorder::two_workers_recorded();
-        let s = m.snapshot();
-        let text = s.prometheus_text(&m, 0.05, 3);
-        assert!(text.contains("http_requests_total{version=\"stable\",status=\"200\"} 2\n"));
-        assert!(text.contains("http_requests_total{version=\"canary\",status=\"502\"} 1\n"));
-        assert!(text
-            .contains("http_request_duration_seconds_bucket{version=\"stable\",le=\"0.005\"} 1\n"));
-        assert!(text
-            .contains("http_request_duration_seconds_bucket{version=\"stable\",le=\"0.05\"} 2\n"));
-        assert!(text.contains("http_request_duration_seconds_count{version=\"canary\"} 1\n"));
-        assert!(text.contains(
-            "coalmine_router_upstream_failures_total{version=\"canary\",kind=\"connect\"} 1\n"
-        ));
-        let doc = s.stats_doc(&m, 3);
+        let docs = ["default", "cart", "idle"]
+            .iter()
+            .map(|s| {
+                serde_json::from_value(serde_json::json!({
+                    "service": s, "stable": "http://127.0.0.1:1", "canary": "http://127.0.0.1:2",
+                    "canaryWeight": 5
+                }))
+                .unwrap()
+            })
+            .collect();
+        let table = RouteTable::new(docs, 3, &m).unwrap();
+        let s = m.snapshot(table.services.iter().map(|s| s.doc.service.as_str()));
+        let text = s.prometheus_text(&m, &table);
+        for line in [
+            "http_requests_total{service=\"default\",version=\"stable\",status=\"200\"} 2\n",
+            "http_requests_total{service=\"default\",version=\"canary\",status=\"502\"} 1\n",
+            "http_requests_total{service=\"cart\",version=\"stable\",status=\"200\"} 1\n",
+            "http_request_duration_seconds_bucket{service=\"default\",version=\"stable\",le=\"0.005\"} 1\n",
+            "http_request_duration_seconds_bucket{service=\"default\",version=\"stable\",le=\"0.05\"} 2\n",
+            "http_request_duration_seconds_count{service=\"default\",version=\"canary\"} 1\n",
+            // A service of the table with no requests yet shows zeros, so rates start at once.
+            "http_request_duration_seconds_count{service=\"idle\",version=\"canary\"} 0\n",
+            "coalmine_router_upstream_failures_total{service=\"default\",version=\"canary\",kind=\"connect\"} 1\n",
+            "coalmine_router_canary_weight_ratio{service=\"cart\"} 0.05\n",
+            "coalmine_router_route_generation 3\n",
+        ] {
+            assert!(text.contains(line), "{line} not in\n{text}");
+        }
+        let doc = s.stats_doc(&m, 3, "default", false);
+        assert_eq!(doc.service, "default");
         assert_eq!(doc.stable.requests, 2);
         assert_eq!(doc.canary.failures["connect"], 1);
         assert_eq!(
@@ -341,6 +429,13 @@ mod tests {
         );
         let max = doc.stable.latency.counts.iter().map(|c| c.0).max().unwrap();
         assert!((29_700..=30_300).contains(&max), "{max}");
+        assert!(doc.services.is_empty());
+        let cart = s.stats_doc(&m, 3, "cart", false);
+        assert_eq!((cart.stable.requests, cart.canary.requests), (1, 0));
+        let all = s.stats_doc(&m, 3, "default", true);
+        assert_eq!(all.stable, doc.stable);
+        assert_eq!(all.services["cart"].stable.requests, 1);
+        assert_eq!(all.services["idle"].stable.requests, 0);
     }
 
     #[test]

@@ -28,7 +28,7 @@ use crate::dispatch::{dispatch, Dispatch};
 use crate::drain;
 use crate::framing::{head_end, BadChunk, Framing};
 use crate::mirror;
-use crate::recorder::UpstreamFailure;
+use crate::recorder::{LocalFailure, UpstreamFailure, NO_SERVICE};
 use crate::rewrite::{header_slots, plain_response, response_head, RequestHead, ResponseHead};
 use crate::table::RouteTable;
 use crate::upstream::{
@@ -219,6 +219,16 @@ struct Request<'t> {
     idempotent: bool,
 }
 
+/// What the fast path makes of a request head.
+enum Routed<'t> {
+    To(Request<'t>),
+    /// No service takes it: answered 404, the connection kept only if nothing follows the
+    /// head (a body is not read).
+    NoService {
+        close: bool,
+    },
+}
+
 /// Reads a complete request head, decides where the request goes (sending the canary its copy
 /// when asked) and writes the upstream's head into `out`; `None` hands the connection to
 /// hyper.
@@ -227,28 +237,32 @@ fn request_head<'t>(
     conn: &Connection,
     table: &'t RouteTable,
     out: &mut Vec<u8>,
-) -> Option<Request<'t>> {
+) -> Option<Routed<'t>> {
     let mut slots = header_slots();
     let head = RequestHead::parse(head, &mut slots)?;
-    let to = dispatch(
+    let Some(to) = dispatch(
         table,
         &head.view(&conn.client, &conn.worker.shared.options.geo),
-    );
+    ) else {
+        let close = head.close || !matches!(head.framing, Framing::Empty);
+        return Some(Routed::NoService { close });
+    };
     if let Some(canary) = to.mirror_to {
+        let (worker, client) = (&conn.worker, &conn.client);
         if matches!(head.framing, Framing::Empty) {
-            mirror::copy_to_canary(&conn.worker, &conn.client, canary, || head.to_parts());
+            mirror::copy_to_canary(worker, client, to.counters(), canary, || head.to_parts());
         } else {
-            mirror::skipped_with_body(&conn.worker);
+            mirror::skipped_with_body(worker, to.counters());
         }
     }
     head.write_upstream(&conn.client, out);
-    Some(Request {
+    Some(Routed::To(Request {
         to,
         close: head.close,
         head_method: head.is_head(),
         idempotent: head.is_idempotent(),
         framing: head.framing,
-    })
+    }))
 }
 
 /// The client's chunked body is malformed: answered 400, and the connection closes (where the
@@ -495,9 +509,21 @@ where
     let shared = &*worker.shared;
     let options = &shared.options;
     let table = shared.table.load_full();
-    let Some(mut request) = request_head(&buf.unread()[..head_len], conn, &table, upstream_out)
-    else {
-        return Next::Handoff;
+    let mut request = match request_head(&buf.unread()[..head_len], conn, &table, upstream_out) {
+        None => return Next::Handoff,
+        Some(Routed::To(request)) => request,
+        Some(Routed::NoService { close }) => {
+            buf.consume(head_len);
+            worker
+                .recorder
+                .record_local_failure(LocalFailure::NoService);
+            let close = close || guard.is_draining();
+            plain_response(client_out, StatusCode::NOT_FOUND, NO_SERVICE, close);
+            if io.write_all(client_out).await.is_err() || io.flush().await.is_err() || close {
+                return Next::Close;
+            }
+            return Next::KeepAlive;
+        }
     };
     buf.consume(head_len);
     let body_done = match take_body(buf, &mut request.framing, upstream_out) {
@@ -505,8 +531,8 @@ where
         Err(BadChunk) => return refuse(io, client_out, bad_chunk()).await,
     };
     let _in_flight = worker.recorder.enter();
-    let (version, target) = (request.to.version, request.to.target);
-    let set_cookie = request.to.affinity_cookie(&table);
+    let (service, version, target) = (request.to.counters(), request.to.version, request.to.target);
+    let set_cookie = request.to.affinity_cookie();
     let timeout = options.response_timeout;
     let request_stalls = Stalls {
         // A client that stops sending its body: the client's failure. An upstream that stops
@@ -570,7 +596,7 @@ where
         match read {
             Ok(resp) => break Ok((up, resp)),
             Err(e) => match attempts.after(pooled, e, body_done && request.idempotent) {
-                Ok(()) => worker.recorder.record_retry(version),
+                Ok(()) => worker.recorder.record_retry(service, version),
                 Err(e) => break Err(e),
             },
         }
@@ -579,7 +605,8 @@ where
         Ok(r) => r,
         Err(ExchangeError::Client(e)) => return refuse(io, client_out, e).await,
         Err(ExchangeError::Upstream(e)) => {
-            let (status, text) = count_failure(&worker.recorder, version, target, &e, started);
+            let (status, text) =
+                count_failure(&worker.recorder, service, version, target, &e, started);
             // A body the upstream never took may still be on its way: close after answering.
             let close = request.close || !body_done || guard.is_draining();
             plain_response(client_out, status, &text, close);
@@ -617,10 +644,14 @@ where
     };
     match body {
         Ok(()) => {
-            worker.recorder.record(version, resp.status, head_elapsed);
+            worker
+                .recorder
+                .record(service, version, resp.status, head_elapsed);
         }
         Err(Broken::Sink | Broken::SinkStalled) => {
-            worker.recorder.record(version, resp.status, head_elapsed);
+            worker
+                .recorder
+                .record(service, version, resp.status, head_elapsed);
             return Next::Close;
         }
         Err(broken @ (Broken::Source | Broken::SourceStalled | Broken::BadChunk)) => {
@@ -629,7 +660,7 @@ where
                 Broken::BadChunk => UpstreamError::protocol("malformed chunked body"),
                 _ => UpstreamError::new(UpstreamFailure::Body, "the body broke off"),
             };
-            count_broken_answer(&worker.recorder, version, e.failure, head_elapsed);
+            count_broken_answer(&worker.recorder, service, version, e.failure, head_elapsed);
             tracing::debug!(version = version.as_str(), upstream = %target, "upstream broke its answer: {}", e.detail);
             return Next::Close;
         }
@@ -837,9 +868,14 @@ mod tests {
     }
 
     fn connection(routes: RoutesDoc) -> Arc<Connection> {
+        services(vec![routes])
+    }
+
+    fn services(routes: Vec<RoutesDoc>) -> Arc<Connection> {
+        let metrics = Arc::new(Metrics::new("test".into(), 0));
         let shared = Arc::new(Shared {
-            table: ArcSwap::from_pointee(RouteTable::new(routes, 1)),
-            metrics: Arc::new(Metrics::new("test".into(), 0)),
+            table: ArcSwap::from_pointee(RouteTable::new(routes, 1, &metrics).unwrap()),
+            metrics,
             options: ProxyOptions::default(),
         });
         Arc::new(Connection {
@@ -886,8 +922,16 @@ mod tests {
     }
 
     fn stats(conn: &Connection, version: Version) -> crate::recorder::VersionSnapshot {
-        let s = conn.worker.shared.metrics.snapshot();
-        let [stable, canary] = s.versions;
+        service_stats(conn, "default", version)
+    }
+
+    fn service_stats(
+        conn: &Connection,
+        service: &str,
+        version: Version,
+    ) -> crate::recorder::VersionSnapshot {
+        let mut s = conn.worker.shared.metrics.snapshot([service]);
+        let [stable, canary] = s.services.remove(service).unwrap().versions;
         match version {
             Version::Stable => stable,
             Version::Canary => canary,
@@ -1099,12 +1143,16 @@ mod tests {
         // The copy's answer is counted once the mirror task has read it.
         let metrics = &conn.worker.shared.metrics;
         for _ in 0..1000 {
-            if metrics.snapshot().mirror.statuses.contains_key(&503) {
+            if metrics.snapshot([]).services["default"]
+                .mirror
+                .statuses
+                .contains_key(&503)
+            {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
-        let s = metrics.snapshot();
+        let s = metrics.snapshot([]).services.remove("default").unwrap();
         assert_eq!(s.mirror.statuses.get(&503), Some(&1));
         assert!(
             s.versions[Version::Canary.index()].statuses.is_empty(),
@@ -1114,11 +1162,67 @@ mod tests {
         // A request with a body is not copied: it would have to be buffered whole.
         let post = b"POST /m HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\n\r\nhi";
         assert_eq!(status(&ask(&mut client, post).await.0), 200);
+        let s = metrics.snapshot([]).services.remove("default").unwrap();
+        assert_eq!(s.mirror.skipped_with_body, 1);
+    }
+
+    #[tokio::test]
+    async fn each_host_reaches_its_service_and_an_unknown_one_gets_the_routers_404() {
+        let mut shop = upstream(|_, _| Reply::Keep(OK)).await;
+        let mut api = upstream(|_, _| Reply::Keep(OK)).await;
+        let doc = |service: &str, url: &UpstreamUrl, selector: serde_json::Value| {
+            let mut doc = selector;
+            doc["service"] = service.into();
+            doc["stable"] = url.as_str().into();
+            serde_json::from_value::<RoutesDoc>(doc).unwrap()
+        };
+        let conn = services(vec![
+            doc(
+                "shop",
+                &shop.url,
+                serde_json::json!({"hosts": ["shop.test"]}),
+            ),
+            doc(
+                "api",
+                &api.url,
+                serde_json::json!({"hosts": ["*.test"], "paths": ["/api"]}),
+            ),
+        ]);
+        let (mut client, _served) = serve_client(&conn);
+        let (head, _) = ask(
+            &mut client,
+            b"GET /x HTTP/1.1\r\nHost: Shop.Test:8080\r\n\r\n",
+        )
+        .await;
+        assert_eq!(status(&head), 200);
+        assert!(shop.requests.recv().await.unwrap().starts_with("GET /x "));
+        let (head, _) = ask(&mut client, b"GET /api/v1 HTTP/1.1\r\nHost: a.test\r\n\r\n").await;
+        assert_eq!(status(&head), 200);
+        assert!(api
+            .requests
+            .recv()
+            .await
+            .unwrap()
+            .starts_with("GET /api/v1 "));
+        // No service: 404 from the router, the connection kept, no version's count.
+        let (head, body) = ask(&mut client, b"GET /x HTTP/1.1\r\nHost: a.test\r\n\r\n").await;
+        assert_eq!(status(&head), 404, "{head}");
+        assert!(String::from_utf8_lossy(&body).contains("no service"));
+        let (head, _) = ask(&mut client, b"GET /y HTTP/1.1\r\nHost: shop.test\r\n\r\n").await;
+        assert_eq!(status(&head), 200, "the connection goes on after a 404");
         assert_eq!(
-            metrics
-                .mirror_skipped_body
-                .load(std::sync::atomic::Ordering::Relaxed),
+            service_stats(&conn, "shop", Version::Stable).statuses[&200],
+            2
+        );
+        assert_eq!(
+            service_stats(&conn, "api", Version::Stable).statuses[&200],
             1
         );
+        let s = conn.worker.shared.metrics.snapshot([]);
+        assert_eq!(s.local_failures["no_service"], 1);
+        // A 404 with a body closes: the body is not read.
+        let post = b"POST /x HTTP/1.1\r\nHost: nowhere\r\nContent-Length: 2\r\n\r\nhi";
+        let (head, _) = ask(&mut client, post).await;
+        assert!(head.contains("connection: close"), "{head}");
     }
 }

@@ -24,7 +24,7 @@ use hyper_util::rt::TokioIo;
 
 use crate::dispatch::dispatch;
 use crate::mirror;
-use crate::recorder::{Recorder, UpstreamFailure};
+use crate::recorder::{LocalFailure, Recorder, ServiceId, UpstreamFailure, NO_SERVICE};
 use crate::rewrite::{is_upgrade, strip_hop_by_hop, upstream_parts};
 use crate::route::{RequestView, Version};
 use crate::table::UpstreamUrl;
@@ -183,6 +183,7 @@ impl BodyProgress {
 /// An answer to count once its body has passed: the client may yet see it break off.
 pub struct PendingRecord {
     recorder: Arc<Recorder>,
+    service: ServiceId,
     version: Version,
     status: u16,
     head_elapsed: Duration,
@@ -193,13 +194,19 @@ impl PendingRecord {
     /// stands.
     fn answered(self) {
         self.recorder
-            .record(self.version, self.status, self.head_elapsed);
+            .record(self.service, self.version, self.status, self.head_elapsed);
     }
 
     /// The upstream broke its answer off (or stalled) after the head: the client saw a
     /// failure, the version's, counted as a 502.
     fn broken(self, failure: UpstreamFailure) {
-        count_broken_answer(&self.recorder, self.version, failure, self.head_elapsed);
+        count_broken_answer(
+            &self.recorder,
+            self.service,
+            self.version,
+            failure,
+            self.head_elapsed,
+        );
     }
 }
 
@@ -480,23 +487,36 @@ pub async fn handle(
     // The table is held (one reference count) rather than the upstream URL cloned (two
     // strings) for the life of the request.
     let table = shared.table.load_full();
-    let to = dispatch(
+    let host = req
+        .uri()
+        .authority()
+        .map(|a| a.as_str().as_bytes())
+        .or_else(|| req.headers().get(header::HOST).map(|h| h.as_bytes()));
+    let Some(to) = dispatch(
         &table,
         &RequestView {
             headers: req.headers(),
             query: req.uri().query(),
             client: Some((client.peer, &shared.options.geo)),
+            host,
+            path: req.uri().path().as_bytes(),
         },
-    );
-    let (version, target) = (to.version, to.target);
-    let affinity_cookie = to.affinity_cookie(&table);
+    ) else {
+        worker
+            .recorder
+            .record_local_failure(LocalFailure::NoService);
+        return Ok(error_response(StatusCode::NOT_FOUND, NO_SERVICE, false));
+    };
+    let (service, version, target) = (to.counters(), to.version, to.target);
+    let affinity_cookie = to.affinity_cookie();
     if let Some(canary) = to.mirror_to {
-        mirror(worker, &req, client, canary);
+        mirror(worker, &req, client, service, canary);
     }
     let upgrade = is_upgrade(&req);
     if upgrade {
         // Boxed for the same reason as a new upstream connection in `exchange`.
-        return Ok(Box::pin(proxy_upgrade(worker, client, req, version, target, started)).await);
+        let at = (service, version);
+        return Ok(Box::pin(proxy_upgrade(worker, client, req, at, target, started)).await);
     }
     let (mut parts, body) = req.into_parts();
     upstream_parts(&mut parts, client, false);
@@ -504,7 +524,7 @@ pub async fn handle(
     let (body, progress) = UpstreamBody::from_client(body);
     let upstream_req = Request::from_parts(parts, body);
     let sent = exchange(target, upstream_req, options, || {
-        worker.recorder.record_retry(version)
+        worker.recorder.record_retry(service, version)
     });
     let result = match progress {
         // The request is complete already: one timer from its start.
@@ -519,6 +539,7 @@ pub async fn handle(
             let (mut parts, body) = resp.into_parts();
             let record = PendingRecord {
                 recorder: worker.recorder.clone(),
+                service,
                 version,
                 status: parts.status.as_u16(),
                 head_elapsed: started.elapsed(),
@@ -538,7 +559,13 @@ pub async fn handle(
                 .unwrap_or((StatusCode::BAD_REQUEST, "request body broke off"));
             Ok(error_response(status, text, true))
         }
-        Err(ExchangeError::Upstream(e)) => Ok(upstream_failed(worker, version, target, e, started)),
+        Err(ExchangeError::Upstream(e)) => Ok(upstream_failed(
+            worker,
+            (service, version),
+            target,
+            e,
+            started,
+        )),
     }
 }
 
@@ -573,12 +600,12 @@ async fn answered_in_time<T>(
 
 fn upstream_failed(
     worker: &Worker,
-    version: Version,
+    (service, version): (ServiceId, Version),
     target: &UpstreamUrl,
     e: UpstreamError,
     started: Instant,
 ) -> Response<ClientBody> {
-    let (status, text) = count_failure(&worker.recorder, version, target, &e, started);
+    let (status, text) = count_failure(&worker.recorder, service, version, target, &e, started);
     error_response(status, &text, false)
 }
 
@@ -588,7 +615,7 @@ async fn proxy_upgrade(
     worker: &Worker,
     client: &ClientInfo,
     mut req: Request<Incoming>,
-    version: Version,
+    (service, version): (ServiceId, Version),
     target: &UpstreamUrl,
     started: Instant,
 ) -> Response<ClientBody> {
@@ -610,12 +637,12 @@ async fn proxy_upgrade(
     };
     let mut resp = match result {
         Ok(r) => r,
-        Err(e) => return upstream_failed(worker, version, target, e, started),
+        Err(e) => return upstream_failed(worker, (service, version), target, e, started),
     };
     if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
         worker
             .recorder
-            .record(version, resp.status().as_u16(), started.elapsed());
+            .record(service, version, resp.status().as_u16(), started.elapsed());
         let upstream_upgrade = hyper::upgrade::on(&mut resp);
         tokio::spawn(async move {
             let (Ok(c), Ok(u)) = (client_upgrade.await, upstream_upgrade.await) else {
@@ -630,6 +657,7 @@ async fn proxy_upgrade(
     strip_hop_by_hop(&mut parts.headers);
     let record = PendingRecord {
         recorder: worker.recorder.clone(),
+        service,
         version,
         status: parts.status.as_u16(),
         head_elapsed: started.elapsed(),
@@ -640,12 +668,18 @@ async fn proxy_upgrade(
 
 /// A copy of a stable-bound request for the canary (see [`crate::mirror`]): only one without
 /// a body or an upgrade.
-fn mirror(worker: &Worker, req: &Request<Incoming>, client: &ClientInfo, canary: &UpstreamUrl) {
+fn mirror(
+    worker: &Worker,
+    req: &Request<Incoming>,
+    client: &ClientInfo,
+    service: ServiceId,
+    canary: &UpstreamUrl,
+) {
     if !req.body().is_end_stream() || is_upgrade(req) {
-        mirror::skipped_with_body(worker);
+        mirror::skipped_with_body(worker, service);
         return;
     }
-    mirror::copy_to_canary(worker, client, canary, || {
+    mirror::copy_to_canary(worker, client, service, canary, || {
         let mut copy = Request::new(());
         *copy.method_mut() = req.method().clone();
         *copy.uri_mut() = req.uri().clone();

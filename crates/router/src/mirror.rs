@@ -3,12 +3,12 @@
 //! canary's answers are counted apart (they judge a dark launch). Only requests without a body
 //! are copied: a body would have to be buffered whole. Both request paths mirror through here.
 
-use std::sync::atomic::Ordering::Relaxed;
 use std::time::Instant;
 
 use http::{HeaderValue, Request};
 
 use crate::hyper_path::{exchange, ClientBody, UpstreamBody};
+use crate::recorder::ServiceId;
 use crate::rewrite::upstream_parts;
 use crate::table::UpstreamUrl;
 use crate::worker::{ClientInfo, Worker};
@@ -18,12 +18,12 @@ use crate::worker::{ClientInfo, Worker};
 pub(crate) fn copy_to_canary(
     worker: &Worker,
     client: &ClientInfo,
+    service: ServiceId,
     canary: &UpstreamUrl,
     copy: impl FnOnce() -> Option<http::request::Parts>,
 ) {
-    let metrics = &worker.shared.metrics;
     let Ok(permit) = worker.mirror_slots.clone().try_acquire_owned() else {
-        metrics.mirror_dropped.fetch_add(1, Relaxed);
+        worker.recorder.record_mirror_dropped(service);
         return;
     };
     let Some(mut parts) = copy() else {
@@ -46,7 +46,7 @@ pub(crate) fn copy_to_canary(
         );
         match sent.await {
             Ok(Ok((resp, conn))) => {
-                recorder.record_mirror(Some((resp.status().as_u16(), started.elapsed())));
+                recorder.record_mirror(service, Some((resp.status().as_u16(), started.elapsed())));
                 let body = ClientBody::upstream(
                     resp.into_body(),
                     Some(conn),
@@ -55,16 +55,12 @@ pub(crate) fn copy_to_canary(
                 );
                 let _ = http_body_util::BodyExt::collect(body).await;
             }
-            _ => recorder.record_mirror(None),
+            _ => recorder.record_mirror(service, None),
         }
     });
 }
 
 /// A request picked for mirroring that is not copied because it carries a body.
-pub(crate) fn skipped_with_body(worker: &Worker) {
-    worker
-        .shared
-        .metrics
-        .mirror_skipped_body
-        .fetch_add(1, Relaxed);
+pub(crate) fn skipped_with_body(worker: &Worker, service: ServiceId) {
+    worker.recorder.record_mirror_skipped_body(service);
 }

@@ -5,9 +5,9 @@
 //! scrape sums them into a [`Snapshot`]. Counters never reset while the process lives, so
 //! readers take differences between two snapshots (and notice a restart by `instance`).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use hdrhistogram::Histogram;
@@ -56,20 +56,27 @@ impl UpstreamFailure {
     }
 }
 
+/// What a request no service takes is answered (404), on both paths.
+pub(crate) const NO_SERVICE: &str =
+    "coalmine router: no service of this router takes this host and path";
+
 /// Why the router failed a request on its own account, before any version could answer it:
 /// never counted against a version.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum LocalFailure {
     /// Out of file descriptors, memory or local ports for a new upstream connection.
     Resources,
+    /// No service of the route table takes the request (its host, path and headers): 404.
+    NoService,
 }
 
 impl LocalFailure {
-    pub(crate) const ALL: [LocalFailure; 1] = [LocalFailure::Resources];
+    pub(crate) const ALL: [LocalFailure; 2] = [LocalFailure::Resources, LocalFailure::NoService];
 
     pub fn as_str(self) -> &'static str {
         match self {
             LocalFailure::Resources => "resources",
+            LocalFailure::NoService => "no_service",
         }
     }
 }
@@ -90,6 +97,12 @@ fn new_hdr() -> Histogram<u64> {
     Histogram::new_with_bounds(1, HDR_MAX_MICROS, HDR_SIGFIG).expect("static histogram bounds")
 }
 
+/// A snapshot's histogram: small until counts are added (it grows to fit them), so the zeros
+/// of a table's idle services cost little on each scrape.
+fn empty_hdr() -> Histogram<u64> {
+    Histogram::new(HDR_SIGFIG).expect("static histogram precision")
+}
+
 impl VersionCounters {
     fn new() -> Self {
         VersionCounters {
@@ -104,14 +117,55 @@ impl VersionCounters {
     }
 }
 
-/// One worker's counters. Only that worker's thread writes them (scrapes only read), so an
-/// increment is a plain load and store: no locked read-modify-write on the hot path.
-pub struct Recorder {
+/// Where a service's counters are in every worker's recorder: given by name once per process
+/// ([`Metrics::service_id`]), so a service keeps its counts across table swaps (and a service
+/// deleted and added again goes on from where it was).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ServiceId(u32);
+
+/// One service's counters on one worker.
+struct ServiceCounters {
     versions: [VersionCounters; 2],
     mirror_status: Box<[AtomicU64]>,
     mirror_failures: AtomicU64,
     /// Mirrored copies' latency until their response head, like `versions`' own.
     mirror_latency: Mutex<Histogram<u64>>,
+    /// Copies not sent because the worker's mirror concurrency limit was reached.
+    mirror_dropped: AtomicU64,
+    /// Requests picked for mirroring but not copied because they carried a body.
+    mirror_skipped_body: AtomicU64,
+}
+
+impl ServiceCounters {
+    fn new() -> Self {
+        ServiceCounters {
+            versions: [VersionCounters::new(), VersionCounters::new()],
+            mirror_status: (0..500).map(|_| AtomicU64::new(0)).collect(),
+            mirror_failures: AtomicU64::new(0),
+            mirror_latency: Mutex::new(new_hdr()),
+            mirror_dropped: AtomicU64::new(0),
+            mirror_skipped_body: AtomicU64::new(0),
+        }
+    }
+}
+
+/// Service slots per chunk of a recorder's service table.
+const SLOTS_PER_CHUNK: usize = 64;
+/// Services a router can count over its life (names ever put in its table).
+pub const MAX_SERVICES: usize = 64 * 1024;
+
+/// [`SLOTS_PER_CHUNK`] services' counters on one worker, each made on first use.
+type ServiceChunk = Box<[OnceLock<Box<ServiceCounters>>]>;
+
+/// One worker's counters. Only that worker's thread writes them (scrapes only read), so an
+/// increment is a plain load and store: no locked read-modify-write on the hot path.
+///
+/// A service's counters (some 60 KiB with their histograms) are made on its first request on
+/// this worker, so a table of a thousand services costs only what its services use: the
+/// slots are two levels of `OnceLock`s (chunks of 64), which after their first use are one
+/// acquire load each, no lock and no allocation.
+pub struct Recorder {
+    services: Box<[OnceLock<ServiceChunk>]>,
     local_failures: [AtomicU64; LocalFailure::ALL.len()],
     /// Requests this worker is proxying right now.
     in_flight: AtomicI64,
@@ -128,13 +182,29 @@ fn status_index(status: u16) -> usize {
 impl Recorder {
     fn new() -> Self {
         Recorder {
-            versions: [VersionCounters::new(), VersionCounters::new()],
-            mirror_status: (0..500).map(|_| AtomicU64::new(0)).collect(),
-            mirror_failures: AtomicU64::new(0),
-            mirror_latency: Mutex::new(new_hdr()),
+            services: (0..MAX_SERVICES / SLOTS_PER_CHUNK)
+                .map(|_| OnceLock::new())
+                .collect(),
             local_failures: Default::default(),
             in_flight: AtomicI64::new(0),
         }
+    }
+
+    /// A service's counters on this worker, made on first use.
+    fn service(&self, id: ServiceId) -> &ServiceCounters {
+        let id = id.0 as usize;
+        self.services[id / SLOTS_PER_CHUNK]
+            .get_or_init(|| (0..SLOTS_PER_CHUNK).map(|_| OnceLock::new()).collect())
+            [id % SLOTS_PER_CHUNK]
+            .get_or_init(|| Box::new(ServiceCounters::new()))
+    }
+
+    /// A service's counters on this worker, if it has counted anything here.
+    fn counted(&self, id: ServiceId) -> Option<&ServiceCounters> {
+        let id = id.0 as usize;
+        self.services[id / SLOTS_PER_CHUNK].get()?[id % SLOTS_PER_CHUNK]
+            .get()
+            .map(|b| &**b)
     }
 
     /// Counts a request in flight until the guard drops.
@@ -146,8 +216,8 @@ impl Recorder {
 
     /// Records one answered request: status (the router's own 502/504 included) and the time
     /// until the response head.
-    pub fn record(&self, version: Version, status: u16, elapsed: Duration) {
-        let v = &self.versions[version.index()];
+    pub fn record(&self, service: ServiceId, version: Version, status: u16, elapsed: Duration) {
+        let v = &self.service(service).versions[version.index()];
         bump(&v.status[status_index(status)], 1);
         let secs = elapsed.as_secs_f64();
         if let Some(i) = LATENCY_BUCKETS.iter().position(|&b| secs <= b) {
@@ -161,15 +231,15 @@ impl Recorder {
         }
     }
 
-    pub fn record_failure(&self, version: Version, failure: UpstreamFailure) {
+    pub fn record_failure(&self, service: ServiceId, version: Version, failure: UpstreamFailure) {
         bump(
-            &self.versions[version.index()].failures[failure as usize],
+            &self.service(service).versions[version.index()].failures[failure as usize],
             1,
         );
     }
 
-    pub fn record_retry(&self, version: Version) {
-        bump(&self.versions[version.index()].retries, 1);
+    pub fn record_retry(&self, service: ServiceId, version: Version) {
+        bump(&self.service(service).versions[version.index()].retries, 1);
     }
 
     pub fn record_local_failure(&self, failure: LocalFailure) {
@@ -178,17 +248,28 @@ impl Recorder {
 
     /// A mirrored copy's outcome and the time until its response head; `None` when it never
     /// got a response.
-    pub fn record_mirror(&self, answer: Option<(u16, Duration)>) {
+    pub fn record_mirror(&self, service: ServiceId, answer: Option<(u16, Duration)>) {
+        let s = self.service(service);
         match answer {
-            Some((s, elapsed)) => {
-                bump(&self.mirror_status[status_index(s)], 1);
+            Some((status, elapsed)) => {
+                bump(&s.mirror_status[status_index(status)], 1);
                 let micros = elapsed.as_micros().min(u128::from(u64::MAX)) as u64;
-                if let Ok(mut h) = self.mirror_latency.lock() {
+                if let Ok(mut h) = s.mirror_latency.lock() {
                     h.saturating_record(micros.max(1));
                 }
             }
-            None => bump(&self.mirror_failures, 1),
+            None => bump(&s.mirror_failures, 1),
         }
+    }
+
+    /// A copy not sent: the worker's mirror concurrency limit was reached.
+    pub fn record_mirror_dropped(&self, service: ServiceId) {
+        bump(&self.service(service).mirror_dropped, 1);
+    }
+
+    /// A request picked for mirroring but not copied because it carries a body.
+    pub fn record_mirror_skipped_body(&self, service: ServiceId) {
+        bump(&self.service(service).mirror_skipped_body, 1);
     }
 }
 
@@ -204,9 +285,9 @@ impl Drop for InFlight<'_> {
 /// Router-wide numbers and the per-worker recorders.
 pub struct Metrics {
     recorders: Mutex<Vec<Arc<Recorder>>>,
+    /// Every service name ever in the table; a name's index is its [`ServiceId`].
+    service_names: Mutex<ServiceNames>,
     pub route_swaps: AtomicU64,
-    pub mirror_dropped: AtomicU64,
-    pub mirror_skipped_body: AtomicU64,
     pub connections_accepted: AtomicU64,
     /// Accepts that failed for want of descriptors or memory (the listener backs off).
     pub accept_errors: AtomicU64,
@@ -215,13 +296,18 @@ pub struct Metrics {
     pub started_unix_ms: u64,
 }
 
+#[derive(Default)]
+struct ServiceNames {
+    ids: HashMap<String, ServiceId>,
+    names: Vec<String>,
+}
+
 impl Metrics {
     pub fn new(instance: String, started_unix_ms: u64) -> Self {
         Metrics {
             recorders: Mutex::new(Vec::new()),
+            service_names: Mutex::new(ServiceNames::default()),
             route_swaps: AtomicU64::new(0),
-            mirror_dropped: AtomicU64::new(0),
-            mirror_skipped_body: AtomicU64::new(0),
             connections_accepted: AtomicU64::new(0),
             accept_errors: AtomicU64::new(0),
             instance,
@@ -239,40 +325,110 @@ impl Metrics {
         r
     }
 
-    pub fn snapshot(&self) -> Snapshot {
+    /// The counters' slot of a service, the same for a name as long as the process lives.
+    /// Fails only when [`MAX_SERVICES`] names have been used.
+    pub fn service_id(&self, name: &str) -> Result<ServiceId, coalmine_contract::Invalid> {
+        let mut known = self.service_names.lock().expect("service names");
+        if let Some(id) = known.ids.get(name) {
+            return Ok(*id);
+        }
+        if known.names.len() >= MAX_SERVICES {
+            return Err(coalmine_contract::Invalid(format!(
+                "service {name:?}: this router has counted {MAX_SERVICES} services since it started, its most; restart it to count new ones"
+            )));
+        }
+        let id = ServiceId(known.names.len() as u32);
+        known.names.push(name.to_string());
+        known.ids.insert(name.to_string(), id);
+        Ok(id)
+    }
+
+    /// Sums the workers' counters: every service that counted something, and each of
+    /// `services` (the table's) even if it has not, at zero.
+    pub fn snapshot<'a>(&self, services: impl IntoIterator<Item = &'a str>) -> Snapshot {
+        self.sum(services, |_| true)
+    }
+
+    /// Sums the workers' counters of one service only (`/stats/{service}`, read every second
+    /// by each rollout's controller: the other services' histograms are not summed for it);
+    /// at zero if `at_zero` and it has counted nothing.
+    pub fn service_snapshot(&self, service: &str, at_zero: bool) -> Snapshot {
+        self.sum(at_zero.then_some(service), |name| name == service)
+    }
+
+    fn sum<'a>(
+        &self,
+        at_zero: impl IntoIterator<Item = &'a str>,
+        wanted: impl Fn(&str) -> bool,
+    ) -> Snapshot {
         let recorders = self.recorders.lock().expect("recorder list").clone();
-        let mut versions = [VersionSnapshot::new(), VersionSnapshot::new()];
-        let mut mirror = MirrorSnapshot::new();
+        let names: Vec<(ServiceId, String)> = {
+            let known = self.service_names.lock().expect("service names");
+            let ids = known.names.iter().enumerate();
+            ids.filter(|(_, name)| wanted(name))
+                .map(|(i, name)| (ServiceId(i as u32), name.clone()))
+                .collect()
+        };
+        let mut snapshots: BTreeMap<String, ServiceSnapshot> = at_zero
+            .into_iter()
+            .map(|s| (s.to_string(), ServiceSnapshot::new()))
+            .collect();
         let mut in_flight = 0;
         let mut local_failures = [0; LocalFailure::ALL.len()];
         for r in &recorders {
             in_flight += r.in_flight.load(Relaxed);
-            for (snap, v) in versions.iter_mut().zip(&r.versions) {
-                snap.add(v);
-            }
-            add_statuses(&mut mirror.statuses, &r.mirror_status);
-            mirror.failed += r.mirror_failures.load(Relaxed);
-            if let Ok(h) = r.mirror_latency.lock() {
-                let _ = mirror.latency.add(&*h);
-            }
             for (n, c) in local_failures.iter_mut().zip(&r.local_failures) {
                 *n += c.load(Relaxed);
+            }
+        }
+        for (id, name) in names {
+            for counters in recorders.iter().filter_map(|r| r.counted(id)) {
+                snapshots
+                    .entry(name.clone())
+                    .or_insert_with(ServiceSnapshot::new)
+                    .add(counters);
             }
         }
         let local_failures = LocalFailure::ALL
             .iter()
             .map(|f| (f.as_str(), local_failures[*f as usize]))
             .collect();
-        mirror.requests = mirror.statuses.values().sum::<u64>() + mirror.failed;
-        mirror.dropped = self.mirror_dropped.load(Relaxed);
-        mirror.skipped_with_body = self.mirror_skipped_body.load(Relaxed);
         Snapshot {
-            versions,
-            mirror,
+            services: snapshots,
             in_flight,
             local_failures,
             accept_errors: self.accept_errors.load(Relaxed),
         }
+    }
+}
+
+/// One service's counts, summed over workers.
+pub struct ServiceSnapshot {
+    pub versions: [VersionSnapshot; 2],
+    pub mirror: MirrorSnapshot,
+}
+
+impl ServiceSnapshot {
+    fn new() -> Self {
+        ServiceSnapshot {
+            versions: [VersionSnapshot::new(), VersionSnapshot::new()],
+            mirror: MirrorSnapshot::new(),
+        }
+    }
+
+    fn add(&mut self, c: &ServiceCounters) {
+        for (snap, v) in self.versions.iter_mut().zip(&c.versions) {
+            snap.add(v);
+        }
+        let m = &mut self.mirror;
+        add_statuses(&mut m.statuses, &c.mirror_status);
+        m.failed += c.mirror_failures.load(Relaxed);
+        m.dropped += c.mirror_dropped.load(Relaxed);
+        m.skipped_with_body += c.mirror_skipped_body.load(Relaxed);
+        if let Ok(h) = c.mirror_latency.lock() {
+            let _ = m.latency.add(&*h);
+        }
+        m.requests = m.statuses.values().sum::<u64>() + m.failed;
     }
 }
 
@@ -305,7 +461,7 @@ impl VersionSnapshot {
             sum_micros: 0,
             failures: [0; UpstreamFailure::ALL.len()],
             retries: 0,
-            latency: new_hdr(),
+            latency: empty_hdr(),
         }
     }
 
@@ -348,14 +504,14 @@ impl MirrorSnapshot {
             failed: 0,
             dropped: 0,
             skipped_with_body: 0,
-            latency: new_hdr(),
+            latency: empty_hdr(),
         }
     }
 }
 
 pub struct Snapshot {
-    pub versions: [VersionSnapshot; 2],
-    pub mirror: MirrorSnapshot,
+    /// Per service, by name.
+    pub services: BTreeMap<String, ServiceSnapshot>,
     /// Requests being proxied, summed over workers.
     pub in_flight: i64,
     /// Requests the router failed on its own account, by reason.
@@ -364,16 +520,20 @@ pub struct Snapshot {
     pub accept_errors: u64,
 }
 
-/// Two workers' recorders with stable 200 in 3 ms and in 30 ms, canary 502 in 0.2 ms and one
-/// canary connect failure: the fixture of the counting and the exposition tests.
+/// Two workers' recorders with the default service's stable 200 in 3 ms and in 30 ms, canary
+/// 502 in 0.2 ms and one canary connect failure, and service `cart`'s stable 200 in 1 ms: the
+/// fixture of the counting and the exposition tests.
 #[cfg(test)]
 pub(crate) fn two_workers_recorded() -> (Metrics, Arc<Recorder>, Arc<Recorder>) {
     let m = Metrics::new("i".into(), 0);
     let (a, b) = (m.new_recorder(), m.new_recorder());
-    a.record(Version::Stable, 200, Duration::from_millis(3));
-    b.record(Version::Stable, 200, Duration::from_millis(30));
-    b.record(Version::Canary, 502, Duration::from_micros(200));
-    b.record_failure(Version::Canary, UpstreamFailure::Connect);
+    let default = m.service_id("default").unwrap();
+    let cart = m.service_id("cart").unwrap();
+    a.record(default, Version::Stable, 200, Duration::from_millis(3));
+    b.record(default, Version::Stable, 200, Duration::from_millis(30));
+    b.record(default, Version::Canary, 502, Duration::from_micros(200));
+    b.record_failure(default, Version::Canary, UpstreamFailure::Connect);
+    a.record(cart, Version::Stable, 200, Duration::from_millis(1));
     (m, a, b)
 }
 
@@ -382,16 +542,44 @@ mod tests {
     use super::*;
 
     #[test]
-    fn snapshot_sums_workers_and_counts_requests_in_flight() {
+    fn snapshot_sums_workers_per_service_and_counts_requests_in_flight() {
         let (m, a, b) = two_workers_recorded();
         let busy = (a.enter(), b.enter(), b.enter());
-        assert_eq!(m.snapshot().in_flight, 3);
+        assert_eq!(m.snapshot([]).in_flight, 3);
         drop(busy);
-        let s = m.snapshot();
+        let s = m.snapshot(["default", "idle"]);
         assert_eq!(s.in_flight, 0);
-        assert_eq!(s.versions[0].statuses[&200], 2);
-        assert_eq!(s.versions[1].failures[0], 1);
-        assert_eq!(s.versions[0].buckets.iter().sum::<u64>(), 2);
-        assert_eq!(s.versions[0].latency.len(), 2);
+        let default = &s.services["default"];
+        assert_eq!(default.versions[0].statuses[&200], 2);
+        assert_eq!(default.versions[1].failures[0], 1);
+        assert_eq!(default.versions[0].buckets.iter().sum::<u64>(), 2);
+        assert_eq!(default.versions[0].latency.len(), 2);
+        // Another service's counts are its own, and a service of the table that counted
+        // nothing is there at zero.
+        assert_eq!(s.services["cart"].versions[0].statuses[&200], 1);
+        assert_eq!(s.services["cart"].versions[1].count, 0);
+        assert_eq!(s.services["idle"].versions[0].count, 0);
+        assert_eq!(s.services.len(), 3);
+        // One service alone: only its counts are summed.
+        let cart = m.service_snapshot("cart", false);
+        assert_eq!(cart.services.keys().collect::<Vec<_>>(), ["cart"]);
+        assert_eq!(cart.services["cart"].versions[0].count, 1);
+        assert!(m.service_snapshot("idle", false).services.is_empty());
+        assert_eq!(m.service_snapshot("idle", true).services.len(), 1);
+    }
+
+    #[test]
+    fn a_name_keeps_its_counters_slot() {
+        let m = Metrics::new("i".into(), 0);
+        let a = m.service_id("a").unwrap();
+        let b = m.service_id("b").unwrap();
+        assert_ne!(a, b);
+        assert_eq!(m.service_id("a").unwrap(), a);
+        // Far slots land in their own chunk.
+        let r = m.new_recorder();
+        let far = ServiceId(MAX_SERVICES as u32 - 1);
+        r.record(far, Version::Canary, 200, Duration::from_millis(1));
+        assert!(r.counted(far).is_some());
+        assert!(r.counted(a).is_none());
     }
 }

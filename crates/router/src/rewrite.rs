@@ -171,10 +171,20 @@ impl<'s, 'h> RequestHead<'s, 'h> {
         client: &ClientInfo,
         geo: &'a Geo,
     ) -> RequestView<'a, [httparse::Header<'h>]> {
+        let (path, query) = match self.path.split_once('?') {
+            Some((path, query)) => (path, Some(query)),
+            None => (self.path, None),
+        };
         RequestView {
             headers: self.headers,
-            query: self.path.split_once('?').map(|(_, q)| q),
+            query,
             client: Some((client.peer, geo)),
+            host: self
+                .headers
+                .iter()
+                .find(|h| h.name.eq_ignore_ascii_case("host"))
+                .map(|h| h.value),
+            path: path.as_bytes(),
         }
     }
 

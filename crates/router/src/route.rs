@@ -1,4 +1,7 @@
-//! The routing decision: a pure function of the route table and the request's parts.
+//! The routing decision within a service: a pure function of the service's routes and the
+//! request's parts. (Which service takes a request is [`RouteTable::select`], just before.)
+//!
+//! [`RouteTable::select`]: crate::table::RouteTable::select
 //!
 //! Architecture invariant: nothing here does IO, reads the clock or draws random numbers; the
 //! caller passes the randomness in, so tests can replay any decision.
@@ -8,7 +11,7 @@ use serde::Serialize;
 use xxhash_rust::xxh3::xxh3_64_with_seed;
 
 use crate::geo::{client_address, Geo, Location};
-use crate::table::{RouteTable, StickyKey, Subject};
+use crate::table::{ServiceTable, StickyKey, Subject};
 use coalmine_contract::GeoField;
 
 /// Sticky keys hash into this many buckets; a weight in basis points is a bucket threshold.
@@ -97,6 +100,10 @@ pub struct RequestView<'a, H: Headers + ?Sized = HeaderMap> {
     /// The connection's peer and the router's geography sources: where the client is, read
     /// only when a rule asks.
     pub client: Option<(std::net::IpAddr, &'a Geo)>,
+    /// The `Host` header's value, or HTTP/2's `:authority` (port included, any case).
+    pub host: Option<&'a [u8]>,
+    /// The path, without the query.
+    pub path: &'a [u8],
 }
 
 impl<H: Headers + ?Sized> RequestView<'_, H> {
@@ -117,7 +124,7 @@ impl<H: Headers + ?Sized> RequestView<'_, H> {
 
 /// Decides where one request goes. `random` is a uniformly random 64-bit value for this request.
 pub fn route<H: Headers + ?Sized>(
-    table: &RouteTable,
+    table: &ServiceTable,
     req: &RequestView<'_, H>,
     random: u64,
 ) -> Decision {
@@ -176,7 +183,7 @@ pub fn sticky_bucket(key: &[u8], salt: u64) -> u64 {
     xxh3_64_with_seed(key, salt) % BUCKETS
 }
 
-fn condition_holds<H: Headers + ?Sized>(
+pub(crate) fn condition_holds<H: Headers + ?Sized>(
     c: &crate::table::Condition,
     req: &RequestView<'_, H>,
 ) -> bool {
@@ -218,15 +225,19 @@ pub(crate) mod tests {
     use super::*;
     use crate::table::{RoutesDoc, Weight};
 
-    /// A table with stable, canary at 5 % and the fields of `extra` (JSON, as `PUT /routes`).
-    pub(crate) fn table(extra: serde_json::Value) -> RouteTable {
+    /// A service with stable, canary at 5 % and the fields of `extra` (JSON, as `PUT /routes`).
+    pub(crate) fn table(extra: serde_json::Value) -> ServiceTable {
         let mut doc = serde_json::json!({
             "stable": "http://127.0.0.1:1", "canary": "http://127.0.0.1:2", "canaryWeight": 5
         });
         for (k, v) in extra.as_object().unwrap() {
             doc[k] = v.clone();
         }
-        RouteTable::new(serde_json::from_value::<RoutesDoc>(doc).unwrap(), 1)
+        let metrics = crate::recorder::Metrics::new("i".into(), 0);
+        ServiceTable::new(
+            serde_json::from_value::<RoutesDoc>(doc).unwrap(),
+            metrics.service_id("default").unwrap(),
+        )
     }
 
     #[test]
@@ -237,6 +248,8 @@ pub(crate) mod tests {
             headers: &h,
             query: None,
             client: None,
+            host: None,
+            path: b"/",
         };
         let d = route(&t, &view, 0);
         assert_eq!((d.version, d.reason), (Version::Canary, Reason::Preview));
@@ -245,6 +258,8 @@ pub(crate) mod tests {
             headers: &plain,
             query: None,
             client: None,
+            host: None,
+            path: b"/",
         };
         assert_eq!(route(&t, &view, 0).version, Version::Stable);
         let t = table(serde_json::json!({"canary": null, "preview": ["x-preview=true"]}));
@@ -252,6 +267,8 @@ pub(crate) mod tests {
             headers: &h,
             query: None,
             client: None,
+            host: None,
+            path: b"/",
         };
         assert_eq!(route(&t, &view, 0).version, Version::Stable);
     }
@@ -267,13 +284,15 @@ pub(crate) mod tests {
         h
     }
 
-    fn go(t: &RouteTable, h: &HeaderMap, q: Option<&str>, random: u64) -> Decision {
+    fn go(t: &ServiceTable, h: &HeaderMap, q: Option<&str>, random: u64) -> Decision {
         route(
             t,
             &RequestView {
                 headers: h,
                 query: q,
                 client: None,
+                host: None,
+                path: b"/",
             },
             random,
         )

@@ -32,7 +32,8 @@ pub struct RouterConfig {
     pub listen: SocketAddr,
     pub admin: SocketAddr,
     pub threads: usize,
-    pub routes: RoutesDoc,
+    /// The route table: its services, in precedence's last tie-break order.
+    pub routes: Vec<RoutesDoc>,
     pub tls: Option<TlsFiles>,
     pub proxy: ProxyOptions,
     /// Time a client has to send a complete request head.
@@ -59,7 +60,7 @@ impl RouterConfig {
             listen,
             admin,
             threads: 1,
-            routes,
+            routes: vec![routes],
             tls: None,
             proxy: ProxyOptions::default(),
             header_read_timeout: Duration::from_secs(10),
@@ -77,6 +78,8 @@ pub enum StartError {
     Bind { addr: SocketAddr, cause: io::Error },
     #[error("TLS: {0}")]
     Tls(String),
+    #[error("route table: {0}")]
+    Routes(#[from] crate::table::Invalid),
     #[error("cannot start a thread: {0}")]
     Thread(io::Error),
 }
@@ -185,9 +188,11 @@ pub fn start(config: RouterConfig) -> Result<RouterHandle, StartError> {
         "{:016x}",
         xxhash_rust::xxh3::xxh3_64(&now.as_nanos().to_le_bytes())
     );
+    let metrics = Arc::new(Metrics::new(instance, now.as_millis() as u64));
+    let table = RouteTable::new(config.routes.clone(), 1, &metrics)?;
     let shared = Arc::new(Shared {
-        table: ArcSwap::from_pointee(RouteTable::new(config.routes.clone(), 1)),
-        metrics: Arc::new(Metrics::new(instance, now.as_millis() as u64)),
+        table: ArcSwap::from_pointee(table),
+        metrics,
         options: ProxyOptions {
             client_stall_timeout: config.idle_timeout,
             ..config.proxy.clone()

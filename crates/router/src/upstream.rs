@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use http::StatusCode;
 use tokio::net::TcpStream;
 
-use crate::recorder::{LocalFailure, Recorder, UpstreamFailure};
+use crate::recorder::{LocalFailure, Recorder, ServiceId, UpstreamFailure};
 use crate::route::Version;
 use crate::table::UpstreamUrl;
 
@@ -302,6 +302,7 @@ impl Attempts {
 /// router's and answered 503: the version never saw the request.
 pub(crate) fn count_failure(
     recorder: &Recorder,
+    service: ServiceId,
     version: Version,
     target: &UpstreamUrl,
     e: &UpstreamError,
@@ -313,8 +314,8 @@ pub(crate) fn count_failure(
         tracing::warn!(version = version.as_str(), upstream = %target, "{}", e.detail);
         return (status, format!("coalmine router: {}", e.detail));
     }
-    recorder.record(version, status.as_u16(), started.elapsed());
-    recorder.record_failure(version, e.failure);
+    recorder.record(service, version, status.as_u16(), started.elapsed());
+    recorder.record_failure(service, version, e.failure);
     tracing::debug!(version = version.as_str(), upstream = %target, "upstream failed: {}", e.detail);
     (
         status,
@@ -326,12 +327,18 @@ pub(crate) fn count_failure(
 /// stalled): a failure the client saw, so the version's, as a 502 timed to the head.
 pub(crate) fn count_broken_answer(
     recorder: &Recorder,
+    service: ServiceId,
     version: Version,
     failure: UpstreamFailure,
     head_elapsed: Duration,
 ) {
-    recorder.record(version, StatusCode::BAD_GATEWAY.as_u16(), head_elapsed);
-    recorder.record_failure(version, failure);
+    recorder.record(
+        service,
+        version,
+        StatusCode::BAD_GATEWAY.as_u16(),
+        head_elapsed,
+    );
+    recorder.record_failure(service, version, failure);
 }
 
 #[cfg(test)]
@@ -417,10 +424,12 @@ mod tests {
     fn a_failure_counts_against_its_version_and_the_routers_own_against_nobody() {
         let metrics = crate::recorder::Metrics::new("i".into(), 0);
         let recorder = metrics.new_recorder();
+        let service = metrics.service_id("default").unwrap();
         let target = UpstreamUrl::parse("http://127.0.0.1:1").unwrap();
         let started = Instant::now();
         let e = UpstreamError::new(UpstreamFailure::Connect, "connect: refused");
-        let (status, text) = count_failure(&recorder, Version::Canary, &target, &e, started);
+        let (status, text) =
+            count_failure(&recorder, service, Version::Canary, &target, &e, started);
         assert_eq!(status, StatusCode::BAD_GATEWAY);
         assert_eq!(text, "canary upstream http://127.0.0.1:1: connect: refused");
         let local = UpstreamError {
@@ -430,22 +439,31 @@ mod tests {
                 "the router cannot open a connection",
             )
         };
-        let (status, text) = count_failure(&recorder, Version::Canary, &target, &local, started);
+        let (status, text) = count_failure(
+            &recorder,
+            service,
+            Version::Canary,
+            &target,
+            &local,
+            started,
+        );
         assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(text, "coalmine router: the router cannot open a connection");
         count_broken_answer(
             &recorder,
+            service,
             Version::Stable,
             UpstreamFailure::Body,
             Duration::ZERO,
         );
-        let s = metrics.snapshot();
+        let all = metrics.snapshot([]);
+        let s = &all.services["default"];
         assert_eq!(
             s.versions[1].statuses[&502], 1,
             "the router's own is not the canary's"
         );
         assert_eq!(s.versions[1].failures[UpstreamFailure::Connect as usize], 1);
-        assert_eq!(s.local_failures["resources"], 1);
+        assert_eq!(all.local_failures["resources"], 1);
         assert_eq!(s.versions[0].statuses[&502], 1);
         assert_eq!(s.versions[0].failures[UpstreamFailure::Body as usize], 1);
     }

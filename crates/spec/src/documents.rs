@@ -41,8 +41,9 @@ impl<T> Located<T> {
 
 #[derive(Debug, Clone)]
 pub enum Document {
-    Rollout(Rollout),
-    Canary(Canary),
+    /// Boxed, as `Canary`: the two large kinds.
+    Rollout(Box<Rollout>),
+    Canary(Box<Canary>),
     MetricTemplate(MetricTemplate),
     /// Flagger's notification provider: valid, not acted on.
     AlertProvider(Metadata),
@@ -237,7 +238,7 @@ impl DocumentSet {
         let mut out = Vec::new();
         for located in self.rollouts() {
             match &located.doc {
-                Document::Rollout(r) => out.push(r.clone()),
+                Document::Rollout(r) => out.push((**r).clone()),
                 Document::Canary(c) => {
                     let placement = placements.iter().find_map(|p| match &p.doc {
                         Document::Placement(doc) if key(&doc.metadata) == key(&c.metadata) => {
@@ -620,7 +621,7 @@ fn parse_document(file: &str, first_line: u64, text: &str) -> Result<Parsed, Spe
             let rollout: Rollout = parse_yaml(file, text)?;
             named(&rollout.metadata, NameRule::Rollout)?;
             check_analysis(&rollout.spec.analysis, "spec.analysis").map_err(|(f, m)| at(&f, m))?;
-            Document::Rollout(rollout)
+            Document::Rollout(Box::new(rollout))
         }
         (FLAGGER_API_VERSION, kind) => {
             let Some(flagger_kind) = FlaggerKind::from_kind(kind) else {
@@ -633,7 +634,7 @@ fn parse_document(file: &str, first_line: u64, text: &str) -> Result<Parsed, Spe
                     named(&canary.metadata, NameRule::Rollout)?;
                     check_analysis(&canary.spec.analysis, "spec.analysis")
                         .map_err(|(f, m)| at(&f, m))?;
-                    Document::Canary(canary)
+                    Document::Canary(Box::new(canary))
                 }
                 FlaggerKind::MetricTemplate => {
                     let template: MetricTemplate = parse_yaml(file, text)?;

@@ -70,6 +70,13 @@ pub struct Placement {
     /// A router `coalmine serve` runs itself for this rollout.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub router: Option<HostedRouter>,
+    /// As a Rollout's `spec.routerService`.
+    #[serde(
+        default,
+        deserialize_with = "crate::rollout::router_service",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub router_service: Option<String>,
     pub stable: Option<Target>,
     pub canary: Option<Target>,
     /// Host names in the Canary's webhook and metric addresses, and the `host:port` that
@@ -191,6 +198,7 @@ impl Canary {
             spec: RolloutSpec {
                 routers: placement.routers,
                 router: placement.router,
+                router_service: placement.router_service,
                 service: Some(self.service_name().to_string()),
                 stable: placement.stable,
                 canary: placement.canary,

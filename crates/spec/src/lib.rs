@@ -17,6 +17,6 @@ pub mod templates;
 mod yaml;
 
 /// A traffic share: one weight type from the documents through the rollout to the router.
-pub use coalmine_contract::Weight;
+pub use coalmine_contract::{check_service_name, Weight};
 pub use duration::{format_duration, parse_duration, Dur};
 pub use yaml::{parse_yaml, SpecError};

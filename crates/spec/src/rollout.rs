@@ -58,6 +58,14 @@ pub struct RolloutSpec {
     /// A router `coalmine serve` runs itself for this rollout (one process for everything).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub router: Option<HostedRouter>,
+    /// Which service of the routers' route tables this rollout drives (`/routes/{service}`,
+    /// `/stats/{service}`); default: the routers' default service.
+    #[serde(
+        default,
+        deserialize_with = "router_service",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub router_service: Option<String>,
     /// The name metric templates see as `{{ service }}` and `{{ target }}` (default: the
     /// rollout's name).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -79,6 +87,24 @@ pub struct RolloutSpec {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub preview: Vec<HttpMatch>,
     pub analysis: Analysis,
+}
+
+/// A service name the routers take (see `coalmine_contract::check_service_name`).
+pub(crate) fn router_service<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<String>, D::Error> {
+    let name = String::deserialize(d)?;
+    coalmine_contract::check_service_name(&name).map_err(serde::de::Error::custom)?;
+    Ok(Some(name))
+}
+
+impl RolloutSpec {
+    /// The routers' service this rollout drives: `routerService`, or the default service.
+    pub fn router_service(&self) -> &str {
+        self.router_service
+            .as_deref()
+            .unwrap_or(coalmine_contract::DEFAULT_SERVICE)
+    }
 }
 
 fn default_deadline() -> u64 {

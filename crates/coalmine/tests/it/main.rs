@@ -18,3 +18,4 @@ mod prometheus;
 mod rollout;
 mod router;
 mod serve;
+mod services;

@@ -391,7 +391,9 @@ async fn dead_canary_answers_502_counted_as_canary_5xx() {
     assert_eq!(st["stable"]["requests"], 0);
     let metrics = metrics_text(&r.admin).await;
     assert!(
-        metrics.contains("http_requests_total{version=\"canary\",status=\"502\"} 20\n"),
+        metrics.contains(
+            "http_requests_total{service=\"default\",version=\"canary\",status=\"502\"} 20\n"
+        ),
         "{metrics}"
     );
 }
@@ -456,11 +458,11 @@ async fn metrics_pass_promtool_check_metrics() {
     bodies(&format!("{}/", r.base), 200, 4).await;
     let text = metrics_text(&r.admin).await;
     for needle in [
-        "http_requests_total{version=\"canary\",status=\"500\"}",
-        "http_requests_total{version=\"stable\",status=\"200\"}",
-        "http_request_duration_seconds_bucket{version=\"canary\",le=\"+Inf\"}",
-        "http_request_duration_seconds_sum{version=\"stable\"}",
-        "coalmine_router_canary_weight_ratio 0.5",
+        "http_requests_total{service=\"default\",version=\"canary\",status=\"500\"}",
+        "http_requests_total{service=\"default\",version=\"stable\",status=\"200\"}",
+        "http_request_duration_seconds_bucket{service=\"default\",version=\"canary\",le=\"+Inf\"}",
+        "http_request_duration_seconds_sum{service=\"default\",version=\"stable\"}",
+        "coalmine_router_canary_weight_ratio{service=\"default\"} 0.5",
     ] {
         assert!(text.contains(needle), "missing {needle}");
     }

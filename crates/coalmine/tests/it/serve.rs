@@ -236,6 +236,7 @@ metadata:
   name: checkout
 spec:
   router: {{listen: '{listen}'}}
+  routerService: checkout     # its hosted router's one service is named so
   stable: {}
   canary: {}
   analysis:

@@ -186,6 +186,8 @@ impl Hosted {
         let stable = UpstreamUrl::parse(stable.as_str()).map_err(HostError::Stable)?;
         let mut routes = RoutesDoc::stable_only(stable);
         routes.name = name.clone();
+        // Its own router's one service, taking every request: the one the rollout drives.
+        routes.service = rollout.spec.router_service().to_string();
         let router = host
             .start(
                 listen.parse().map_err(HostError::Listen)?,

@@ -126,19 +126,25 @@ impl StateStore for RunState {
     }
 }
 
-/// The routers a rollout drives, as comparable names: admin URLs, and hosted routers' traffic
-/// addresses.
+/// The routers' services a rollout drives, as comparable names: the service on each admin URL,
+/// and hosted routers' traffic addresses (a hosted router is the rollout's own).
 pub(super) fn router_keys(r: &Rollout) -> Vec<String> {
-    let mut keys: Vec<String> = r.spec.routers.iter().map(|u| u.to_string()).collect();
+    let service = r.spec.router_service();
+    let mut keys: Vec<String> = r
+        .spec
+        .routers
+        .iter()
+        .map(|u| format!("service {service:?} of router {u}"))
+        .collect();
     if let Some(hosted) = &r.spec.router {
         keys.push(format!("hosted router on {}", hosted.listen));
     }
     keys
 }
 
-/// A router another rollout already carries.
+/// A router's service another rollout already carries.
 #[derive(Debug, thiserror::Error)]
-#[error("{name}: router {key} already carries rollout {owner:?} ({phase}); one router carries one rollout: give {name:?} its own router, or delete {owner:?} first (`coalmine delete {owner}`)")]
+#[error("{name}: {key} already carries rollout {owner:?} ({phase}); one service of a router carries one rollout: give {name:?} its own service (spec.routerService) or router, or delete {owner:?} first (`coalmine delete {owner}`)")]
 pub(super) struct RouterTaken {
     name: String,
     key: String,
@@ -147,8 +153,9 @@ pub(super) struct RouterTaken {
 }
 
 impl Daemon {
-    /// One router carries one rollout: a rollout whose routers another rollout already drives
-    /// (running or finished, whose routers it keeps) is refused, naming that rollout.
+    /// One service of a router carries one rollout: a rollout whose service another rollout
+    /// already drives on one of its routers (running or finished, whose routers it keeps) is
+    /// refused, naming the service and that rollout.
     pub(super) fn router_conflicts(&self, incoming: &[Rollout]) -> Result<(), ConflictError> {
         let stored = self.store.all()?;
         let mut owners: Vec<(String, String, String)> = stored

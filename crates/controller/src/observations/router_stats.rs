@@ -1,5 +1,6 @@
-//! The routers' own counters (`GET /stats`) as an observation source: each sample is every
-//! router's counters, and a step is the difference from the sample before, summed over routers.
+//! The routers' own counters of the rollout's service (`GET /stats/{service}`) as an observation
+//! source: each sample is every router's counters, and a step is the difference from the sample
+//! before, summed over routers.
 //! A router that restarted in between (another start time) counts from zero; one whose
 //! `instance` changed is reported as restarted, so the driver puts its routes back at once.
 //! The canary's answers to mirrored copies count as its own (Flagger's dark launch judges a
@@ -8,7 +9,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use coalmine_contract::{StatsDoc, VersionStats};
+use coalmine_contract::{StatsDoc, VersionStats, DEFAULT_SERVICE};
 use coalmine_judge::Counts;
 use coalmine_rollout::Observation;
 use coalmine_spec::rollout::{HttpUrl, Rollout};
@@ -26,6 +27,7 @@ fn takes(rollout: &Rollout) -> bool {
 fn open(rollout: &Rollout) -> Result<Box<dyn ObservationSource>, Unrunnable> {
     Ok(Box::new(RouterStats {
         admins: rollout.spec.routers.clone(),
+        service: rollout.spec.router_service().to_string(),
         client: reqwest::Client::builder()
             .timeout(Duration::from_secs(5))
             .connect_timeout(Duration::from_secs(2))
@@ -37,30 +39,39 @@ fn open(rollout: &Rollout) -> Result<Box<dyn ObservationSource>, Unrunnable> {
 
 struct RouterStats {
     admins: Vec<HttpUrl>,
+    /// The routers' service the rollout drives.
+    service: String,
     client: reqwest::Client,
     counters: Counters,
 }
 
 impl RouterStats {
-    /// Every router's `/stats`, in the order of `admins`, mirrored answers counted as the
+    /// Every router's `/stats/{service}`, in the order of `admins`, mirrored answers counted as the
     /// canary's.
     async fn read(&self) -> Result<Vec<StatsDoc>, ObserveError> {
         let mut out = Vec::with_capacity(self.admins.len());
         for admin in &self.admins {
+            // The default service's are `/stats`, as routers served them before they had
+            // services (see `traffic::routers::routes_path`).
+            let url = if self.service == DEFAULT_SERVICE {
+                format!("{admin}/stats")
+            } else {
+                format!("{admin}/stats/{}", self.service)
+            };
             let resp = self
                 .client
-                .get(format!("{admin}/stats"))
+                .get(&url)
                 .send()
                 .await
                 .map_err(|e| ObserveError::Unreachable(format!("{admin}: {}", reqwest_reason(&e))))?;
             if !resp.status().is_success() {
                 return Err(ObserveError::Unreadable(format!(
-                    "{admin}/stats answered {}",
+                    "{url} answered {}",
                     resp.status()
                 )));
             }
             let stats = resp.json::<StatsDoc>().await.map_err(|e| {
-                ObserveError::Unreadable(format!("{admin}/stats is not a stats document: {e}"))
+                ObserveError::Unreadable(format!("{url} is not a stats document: {e}"))
             })?;
             out.push(with_mirror_as_canary(stats));
         }

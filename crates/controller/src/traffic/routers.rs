@@ -1,7 +1,9 @@
-//! The traffic backend for Coalmine's own routers: their admin API (`GET`/`PUT /routes`). A
-//! rollout uses them when it lists their admin addresses (`spec.routers`), or, under `serve`,
-//! has one hosted (`spec.router`). Their counters (`GET /stats`) are an observation source
-//! ([`crate::observations::router_stats`]).
+//! The traffic backend for Coalmine's own routers: their admin API (`GET`/`PUT
+//! /routes/{service}`, the service the rollout names in `spec.routerService`, else the default
+//! one). A rollout uses them when it lists their admin addresses (`spec.routers`), or, under
+//! `serve`, has one hosted (`spec.router`). Their counters (`GET /stats/{service}`) are an
+//! observation source ([`crate::observations::router_stats`]). Rollouts on different services
+//! of one router run side by side; two on one service never do (the router's owner check).
 //!
 //! A rollout owns only some fields of a router's table: its name, the two upstreams and the
 //! canary's weight, plus `match`, `affinity` and `mirror` when its document sets them. It sends
@@ -13,7 +15,9 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use coalmine_contract::routes::{DEFAULT_AFFINITY_MAX_AGE, DEFAULT_NAME as UNCLAIMED};
+use coalmine_contract::routes::{
+    DEFAULT_AFFINITY_MAX_AGE, DEFAULT_NAME as UNCLAIMED, DEFAULT_SERVICE,
+};
 use coalmine_contract::{
     Affinity, Condition, Invalid, MatchRule, RoutesDoc, RoutesPatch, ServedRoutes, StrMatch,
     Subject, UpstreamUrl, OWNER_HEADER,
@@ -81,7 +85,11 @@ fn open(rollout: &Rollout, owner: &str) -> Result<Box<dyn TrafficBackend>, Unrun
         &spec.preview,
     )?;
     Ok(Box::new(Routers {
-        routers: RouterSet::new(spec.routers.clone(), owner.to_string()),
+        routers: RouterSet::new(
+            spec.routers.clone(),
+            spec.router_service().to_string(),
+            owner.to_string(),
+        ),
         upstreams,
     }))
 }
@@ -280,6 +288,8 @@ fn router_rule(m: &HttpMatch) -> Option<Result<MatchRule, Invalid>> {
 #[derive(Debug, Clone)]
 struct RouterSet {
     admins: Vec<HttpUrl>,
+    /// The service of their tables the rollout drives.
+    service: String,
     client: reqwest::Client,
     /// Who drives them (see [`super::owner`]): every route change is sent as theirs, and a
     /// router another controller drives refuses it.
@@ -327,6 +337,22 @@ fn refuse_another_rollouts_canary(
     Ok(())
 }
 
+/// The path of a service's routes on a router's admin API. The default service's is `/routes`,
+/// which routers served before they had services: a controller upgraded before its routers
+/// keeps driving them.
+pub fn routes_path(service: &str) -> String {
+    if service == DEFAULT_SERVICE {
+        "/routes".to_string()
+    } else {
+        format!("/routes/{service}")
+    }
+}
+
+/// The URL of a service's routes on a router.
+pub fn routes_url(admin: &HttpUrl, service: &str) -> String {
+    format!("{admin}{}", routes_path(service))
+}
+
 /// What an answer that is not a route table looks like, for the error message.
 fn describe_answer(status: reqwest::StatusCode, content_type: &str, body: &str) -> String {
     let cut = body.char_indices().nth(80).map_or(body.len(), |(i, _)| i);
@@ -343,7 +369,7 @@ fn describe_answer(status: reqwest::StatusCode, content_type: &str, body: &str) 
 }
 
 impl RouterSet {
-    fn new(admins: Vec<HttpUrl>, owner: String) -> RouterSet {
+    fn new(admins: Vec<HttpUrl>, service: String, owner: String) -> RouterSet {
         let client = reqwest::Client::builder()
             .timeout(Duration::from_secs(5))
             .connect_timeout(Duration::from_secs(2))
@@ -351,9 +377,15 @@ impl RouterSet {
             .expect("a TLS-less client always builds");
         RouterSet {
             admins,
+            service,
             client,
             owner,
         }
+    }
+
+    /// The service's routes on a router.
+    fn routes_url(&self, admin: &HttpUrl) -> String {
+        routes_url(admin, &self.service)
     }
 
     /// Reads an answer that must be a route table (`GET` or `PUT /routes`).
@@ -381,10 +413,29 @@ impl RouterSet {
                 )));
             }
         }
+        // `GET /routes` of a router whose table has no default service: its services, no
+        // default's fields.
+        let services: Option<Vec<String>> = json.as_ref().and_then(|j| {
+            let listed = j.get("services")?.as_array()?;
+            Some(
+                listed
+                    .iter()
+                    .filter_map(|s| s["service"].as_str().map(str::to_string))
+                    .collect(),
+            )
+        });
         match json.and_then(ServedRoutes::from_json) {
             Some(served) if status.is_success() => Ok(served.doc),
+            None if status.is_success() && services.is_some() => {
+                Err(TrafficFault::Refused(format!(
+                    "{admin} has no service {:?} (its services: {}): name the rollout's with spec.routerService",
+                    self.service,
+                    services.unwrap_or_default().join(", ")
+                )))
+            }
             _ => Err(TrafficFault::Refused(format!(
-                "{admin} is not a Coalmine router's admin API: /routes {} (is it the traffic port? give the router's --admin address)",
+                "{admin} is not a Coalmine router's admin API: {} {} (is it the traffic port? give the router's --admin address)",
+                routes_path(&self.service),
                 describe_answer(status, &content_type, &body)
             ))),
         }
@@ -393,7 +444,7 @@ impl RouterSet {
     async fn get_table(&self, admin: &HttpUrl) -> Result<RoutesDoc, TrafficFault> {
         let resp = self
             .client
-            .get(format!("{admin}/routes"))
+            .get(self.routes_url(admin))
             .send()
             .await
             .map_err(|e| TrafficFault::Unreachable(format!("{admin}: {}", reqwest_reason(&e))))?;
@@ -420,7 +471,7 @@ impl RouterSet {
     ) -> Result<RoutesDoc, TrafficFault> {
         let resp = self
             .client
-            .put(format!("{admin}/routes"))
+            .put(self.routes_url(admin))
             .header(OWNER_HEADER, owner)
             .json(patch)
             .send()
@@ -489,8 +540,10 @@ impl RouterSet {
                     continue;
                 }
                 return Err(TrafficFault::Refused(format!(
-                    "{admin} is driven by {}: one router carries one rollout; finish or abort that rollout first (if its controller is gone, free the router: curl -X PUT {admin}/routes -H 'content-type: application/json' -d '{{\"owner\": null}}')",
-                    describe_owner(owner)
+                    "{admin}: service {:?} is driven by {}: one service carries one rollout; finish or abort that rollout first (if its controller is gone, free the service: curl -X PUT {} -H 'content-type: application/json' -d '{{\"owner\": null}}')",
+                    self.service,
+                    describe_owner(owner),
+                    self.routes_url(admin)
                 )));
             }
             refuse_another_rollouts_canary(&table, admin, rollout)?;
@@ -632,6 +685,13 @@ mod tests {
             json!({"name": "checkout", "stable": "http://127.0.0.1:9002", "canary": null,
                    "canaryWeight": 0.0, "match": [], "preview": [], "affinity": null})
         );
+    }
+
+    #[test]
+    fn the_default_service_is_driven_where_routers_before_services_had_their_routes() {
+        let admin = HttpUrl::parse("http://127.0.0.1:9901").unwrap();
+        assert_eq!(routes_url(&admin, "default"), "http://127.0.0.1:9901/routes");
+        assert_eq!(routes_url(&admin, "cart"), "http://127.0.0.1:9901/routes/cart");
     }
 
     #[test]
