@@ -81,6 +81,18 @@ fn a_canary_without_a_provider_takes_the_operators_or_the_routers_it_names() {
         err.field, "metadata.annotations.coalmine.dev/routers",
         "{err}"
     );
+    // Flagger's providers this operator drives, by Flagger's names.
+    for (name, provider) in [
+        ("istio", TrafficProvider::Istio),
+        ("gatewayapi:v1", TrafficProvider::GatewayApi),
+        ("gatewayapi:v1beta1", TrafficProvider::GatewayApiV1beta1),
+        ("nginx", TrafficProvider::Nginx),
+    ] {
+        let spec = canary(|o| o["spec"]["provider"] = name.into())
+            .to_rollout_spec(TrafficProvider::Kubernetes)
+            .unwrap();
+        assert_eq!(spec.provider, provider, "{name}");
+    }
     let err = canary(|o| o["spec"]["provider"] = "linkerd".into())
         .to_rollout_spec(TrafficProvider::Coalmine)
         .unwrap_err();

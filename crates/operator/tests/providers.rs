@@ -1,0 +1,171 @@
+//! Provider `istio` writes the seed's routes: the seed's Canary (`tests/fixtures/seed/
+//! flagger-web-app.yaml`) with `provider: istio` and the `analysis.match` of each of the seed's
+//! hand-written VirtualServices gives the same routes, the same match and the same weights. The
+//! seed routes to subsets `stable`/`canary` of one host; Coalmine (as Flagger) routes to the
+//! hosts `web-app-primary`/`web-app-canary`, so destinations are compared mapped: subset stable
+//! and host web-app-primary are the primary, subset canary and host web-app-canary the canary.
+
+use coalmine_operator::crd::{Rollout, TrafficProvider};
+use coalmine_operator::flagger::Canary;
+use coalmine_operator::seams::istio::virtual_service;
+use coalmine_operator::seams::routed::RouteSpec;
+use coalmine_rollout::Traffic;
+use coalmine_spec::Weight;
+use serde_json::{json, Value};
+
+const WEB_APP: &str = include_str!("../../../tests/fixtures/seed/flagger-web-app.yaml");
+const HEADER: &str = include_str!("../../../tests/fixtures/seed/istio-header.yaml");
+const USER: &str = include_str!("../../../tests/fixtures/seed/istio-user.yaml");
+const WEIGHTED: &str = include_str!("../../../tests/fixtures/seed/istio-weighted.yaml");
+
+/// The seed's Canary with `provider: istio` and `edit` to its analysis, as the operator runs it.
+fn seed_routes(edit: impl FnOnce(&mut Value)) -> RouteSpec {
+    let mut object: Value = serde_saphyr::from_str(WEB_APP).unwrap();
+    object["spec"]["provider"] = "istio".into();
+    edit(&mut object["spec"]["analysis"]);
+    let canary: Canary = serde_json::from_value(object).unwrap();
+    let spec = canary.to_rollout_spec(TrafficProvider::Kubernetes).unwrap();
+    assert_eq!(spec.provider, TrafficProvider::Istio);
+    let mut rollout = Rollout::new("web-app", spec);
+    rollout.metadata.namespace = Some("shop".into());
+    RouteSpec::of(&rollout, None)
+}
+
+/// A VirtualService's `http` routes as (match, destinations with a share), each destination
+/// named `primary` or `canary`; a lone destination without a weight has all of it.
+fn routes(service: &Value) -> Vec<(Value, Vec<(String, i64)>)> {
+    let version = |d: &Value| -> String {
+        let d = &d["destination"];
+        match (d["host"].as_str().unwrap(), d["subset"].as_str()) {
+            (_, Some("stable")) | ("web-app-primary", None) => "primary".into(),
+            (_, Some("canary")) | ("web-app-canary", None) => "canary".into(),
+            other => panic!("destination {other:?}"),
+        }
+    };
+    service["spec"]["http"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|route| {
+            let destinations = route["route"].as_array().unwrap();
+            let shares = destinations
+                .iter()
+                .map(|d| {
+                    let weight = d["weight"].as_i64().unwrap_or(if destinations.len() == 1 {
+                        100
+                    } else {
+                        0
+                    });
+                    (version(d), weight)
+                })
+                .filter(|(_, w)| *w > 0)
+                .collect();
+            (route["match"].clone(), shares)
+        })
+        .collect()
+}
+
+fn seed(text: &str) -> Value {
+    // istio-weighted.yaml holds the DestinationRule too: the VirtualService is the first.
+    serde_saphyr::from_multiple::<Value>(text)
+        .unwrap()
+        .into_iter()
+        .next()
+        .unwrap()
+}
+
+/// The analysis of a run at `weight` %, its match applied (the rollout machine's `Traffic` while
+/// it analyses a Canary with `match`).
+fn analysing(weight: f64) -> Traffic {
+    Traffic {
+        promoted: false,
+        canary: true,
+        canary_weight: Weight::from_percent(weight).unwrap(),
+        apply_match: true,
+        mirror_weight: Weight::ZERO,
+    }
+}
+
+#[test]
+fn the_seeds_header_route_is_what_an_ab_canary_on_istio_writes() {
+    // A/B testing: `iterations` with the header; the matched requests go to the canary.
+    let spec = seed_routes(|a| {
+        a["iterations"] = 10.into();
+        a["match"] = json!([{"headers": {"x-canary": {"exact": "true"}}}]);
+    });
+    let written = virtual_service(&spec, &analysing(0.0), None);
+    assert_eq!(routes(&written), routes(&seed(HEADER)), "{written:#}");
+    assert_eq!(written["spec"]["hosts"], json!(["web-app"]));
+    assert_eq!(written["spec"]["gateways"], json!(["mesh"]));
+}
+
+#[test]
+fn the_seeds_user_route_is_what_an_ab_canary_matching_user_ids_writes() {
+    let spec = seed_routes(|a| {
+        a["iterations"] = 10.into();
+        a["match"] = json!([{"headers": {"user-id": {"regex": "^(1|2|3|4|5)$"}}}]);
+    });
+    let written = virtual_service(&spec, &analysing(0.0), None);
+    assert_eq!(routes(&written), routes(&seed(USER)), "{written:#}");
+}
+
+#[test]
+fn the_seeds_weighted_routes_are_what_the_seeds_canary_writes_at_its_first_step() {
+    // The seed's stepWeight 5 with its header: the header to the canary, the rest 95/5.
+    let spec = seed_routes(|a| a["match"] = json!([{"headers": {"canary": {"exact": "true"}}}]));
+    let written = virtual_service(&spec, &analysing(5.0), None);
+    let expected = routes(&seed(WEIGHTED));
+    assert_eq!(routes(&written), expected, "{written:#}");
+    assert_eq!(
+        expected[1].1,
+        vec![("primary".into(), 95), ("canary".into(), 5)]
+    );
+    // Outside an analysis the match is gone and everything is on the primary (Flagger's
+    // initial route: primary 100, canary 0).
+    let idle = virtual_service(
+        &spec,
+        &coalmine_operator::seams::routed::ALL_ON_PRIMARY,
+        None,
+    );
+    assert_eq!(
+        routes(&idle),
+        vec![(Value::Null, vec![("primary".into(), 100)])],
+        "{idle:#}"
+    );
+}
+
+#[test]
+fn session_affinity_adds_flaggers_sticky_route_and_cookie_while_the_canary_has_a_share() {
+    let spec = seed_routes(|a| a["sessionAffinity"] = json!({"cookieName": "flagger-cookie"}));
+    let written = virtual_service(&spec, &analysing(10.0), None);
+    let http = &written["spec"]["http"];
+    assert_eq!(http[0]["name"], "sticky-route", "{written:#}");
+    let regex = http[0]["match"][0]["headers"]["Cookie"]["regex"]
+        .as_str()
+        .unwrap();
+    assert!(regex.starts_with(".*flagger-cookie.*"), "{regex}");
+    let set_cookie = http[1]["route"][1]["headers"]["response"]["add"]["Set-Cookie"]
+        .as_str()
+        .unwrap();
+    assert!(
+        set_cookie.starts_with("flagger-cookie=") && set_cookie.ends_with("; Max-Age=86400"),
+        "{set_cookie}"
+    );
+    // The cookie set is the one the sticky route matches.
+    let value = set_cookie
+        .trim_start_matches("flagger-cookie=")
+        .split(';')
+        .next()
+        .unwrap();
+    assert!(regex.contains(value), "{regex} / {set_cookie}");
+    let idle = virtual_service(
+        &spec,
+        &coalmine_operator::seams::routed::ALL_ON_PRIMARY,
+        None,
+    );
+    assert_eq!(
+        idle["spec"]["http"].as_array().unwrap().len(),
+        1,
+        "{idle:#}"
+    );
+}
