@@ -169,3 +169,124 @@ fn session_affinity_adds_flaggers_sticky_route_and_cookie_while_the_canary_has_a
         "{idle:#}"
     );
 }
+
+/// Every shape the route objects take — idle, weighted with a match of each kind, mirrored,
+/// with session affinity — is accepted by the real CRDs (Istio 1.29, Gateway API v1.6.1
+/// standard channel, `tests/fixtures/crds/`), which the test cluster validates against.
+#[tokio::test]
+async fn every_route_object_shape_is_accepted_by_the_providers_crds() {
+    use coalmine_kube_fake::{install_crds, TestCluster};
+    use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind, Patch, PatchParams};
+
+    const ISTIO: &str = include_str!("../../../tests/fixtures/crds/istio/networking.yaml");
+    const HTTPROUTES: &str =
+        include_str!("../../../tests/fixtures/crds/gateway-api/httproutes.yaml");
+    let cluster = TestCluster::start().await.unwrap();
+    cluster.create_namespace("shop").await.unwrap();
+    let client = cluster.client();
+    install_crds(&client, ISTIO).await.unwrap();
+    install_crds(&client, HTTPROUTES).await.unwrap();
+    let mut spec = seed_routes(|a| {
+        a["match"] = json!([
+            {"headers": {"x-canary": {"exact": "true"}, "x-user": {"prefix": "beta-"}},
+             "queryParams": {"canary": {"regex": "on|yes"}}},
+            {"headers": {"x-region": {"suffix": ".eu"}}},
+        ]);
+        a["sessionAffinity"] = json!({"cookieName": "canary", "maxAge": 600});
+    });
+    spec.hosts = vec!["web.example.com".into()];
+    spec.gateway_refs = vec![serde_json::from_value(
+        json!({"name": "public", "namespace": "gateways", "sectionName": "https"}),
+    )
+    .unwrap()];
+    let mirrored = Traffic {
+        mirror_weight: Weight::from_percent(50.0).unwrap(),
+        ..analysing(0.0)
+    };
+    let shapes = [
+        coalmine_operator::seams::routed::ALL_ON_PRIMARY,
+        analysing(5.0),
+        analysing(100.0),
+        mirrored,
+    ];
+    let api = |group: &str, version: &str, kind: &str, plural: &str| -> Api<DynamicObject> {
+        Api::namespaced_with(
+            client.clone(),
+            "shop",
+            &ApiResource::from_gvk_with_plural(
+                &GroupVersionKind::gvk(group, version, kind),
+                plural,
+            ),
+        )
+    };
+    let apply = |api: Api<DynamicObject>, object: Value| async move {
+        let name = object["metadata"]["name"].as_str().unwrap().to_string();
+        api.patch(
+            &name,
+            &PatchParams::apply("coalmine").force(),
+            &Patch::Apply(&object),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}: {object:#}"))
+    };
+    for traffic in &shapes {
+        let service = virtual_service(&spec, traffic, None);
+        let read = apply(
+            api(
+                "networking.istio.io",
+                "v1",
+                "VirtualService",
+                "virtualservices",
+            ),
+            service.clone(),
+        )
+        .await;
+        assert_eq!(read.data["spec"]["http"], service["spec"]["http"]);
+        for host in ["web-app-primary", "web-app-canary"] {
+            apply(
+                api(
+                    "networking.istio.io",
+                    "v1",
+                    "DestinationRule",
+                    "destinationrules",
+                ),
+                coalmine_operator::seams::istio::destination_rule(&spec, host, None),
+            )
+            .await;
+        }
+        for version in ["v1", "v1beta1"] {
+            let route =
+                coalmine_operator::seams::gateway_api::http_route(&spec, version, traffic, None);
+            let read = apply(
+                api(
+                    "gateway.networking.k8s.io",
+                    version,
+                    "HTTPRoute",
+                    "httproutes",
+                ),
+                route.clone(),
+            )
+            .await;
+            assert_eq!(
+                read.data["spec"]["rules"].as_array().unwrap().len(),
+                route["spec"]["rules"].as_array().unwrap().len()
+            );
+        }
+    }
+    // The mirror and the sticky cookie are there to be accepted.
+    let route = coalmine_operator::seams::gateway_api::http_route(&spec, "v1", &mirrored, None);
+    let rules = route["spec"]["rules"].as_array().unwrap();
+    assert_eq!(
+        rules.last().unwrap()["filters"][0]["requestMirror"]["percent"],
+        50,
+        "{route:#}"
+    );
+    let route =
+        coalmine_operator::seams::gateway_api::http_route(&spec, "v1", &analysing(5.0), None);
+    let sticky = &route["spec"]["rules"][0];
+    assert_eq!(
+        sticky["matches"][0]["headers"][0]["name"], "Cookie",
+        "{route:#}"
+    );
+    assert_eq!(sticky["backendRefs"][1]["weight"], 100, "{route:#}");
+}
