@@ -77,8 +77,10 @@ fn istio() -> Case {
             json!({
                 "apiVersion": "networking.istio.io/v1", "kind": "VirtualService",
                 "metadata": {"name": "web-app", "namespace": "shop", "annotations": {"team": "web"}},
-                "spec": {"hosts": ["web-app"], "exportTo": ["."],
-                    "http": [{"timeout": "5s", "route": [{"destination": {"host": "web-app"}}]}]},
+                "spec": {"hosts": ["web-app"], "exportTo": ["."], "http": [
+                    {"match": [{"uri": {"prefix": "/admin"}}], "route": [{"destination": {"host": "admin"}}]},
+                    {"timeout": "5s", "route": [{"destination": {"host": "web-app"}}]},
+                ]},
             }),
         ),
         canary: |spec| {
@@ -90,7 +92,11 @@ fn istio() -> Case {
             http.last().unwrap()["route"][1]["weight"].as_i64().unwrap()
         },
         expected: |w, analysing| {
-            let mut http = Vec::new();
+            // The user's own route stays, ahead of Coalmine's.
+            let mut http = vec![json!({
+                "match": [{"uri": {"prefix": "/admin"}}],
+                "route": [{"destination": {"host": "admin"}}],
+            })];
             if analysing {
                 http.push(json!({
                     "match": [{"headers": {"x-canary": {"exact": "true"}}}],
@@ -137,8 +143,11 @@ fn gateway_api() -> Case {
             json!({
                 "apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
                 "metadata": {"name": "web-app", "namespace": "shop", "annotations": {"team": "web"}},
-                "spec": {"parentRefs": [{"name": "public", "namespace": "gateways"}],
-                    "rules": [{"timeouts": {"request": "5s"}, "backendRefs": [{"name": "web-app", "port": 80}]}]},
+                "spec": {"parentRefs": [{"name": "public", "namespace": "gateways"}], "rules": [
+                    {"matches": [{"path": {"type": "PathPrefix", "value": "/admin"}}],
+                     "backendRefs": [{"name": "admin", "port": 8080}]},
+                    {"timeouts": {"request": "5s"}, "backendRefs": [{"name": "web-app", "port": 80}]},
+                ]},
             }),
         ),
         canary: |spec| {
@@ -158,7 +167,11 @@ fn gateway_api() -> Case {
         },
         expected: |w, analysing| {
             let any_path = json!({"type": "PathPrefix", "value": "/"});
-            let mut rules = Vec::new();
+            // The user's own rule stays, ahead of Coalmine's (as the API server defaulted it).
+            let mut rules = vec![json!({
+                "matches": [{"path": {"type": "PathPrefix", "value": "/admin"}}],
+                "backendRefs": [{"group": "", "kind": "Service", "name": "admin", "port": 8080, "weight": 1}],
+            })];
             if analysing {
                 rules.push(json!({
                     "matches": [

@@ -7,9 +7,10 @@
 //! parameters, as `HTTPRouteMatch`es under the rule's path) go to the canary in a rule of their
 //! own, the rest are weighed; mirroring is a `RequestMirror` filter on the weighted rule; session
 //! affinity is Flagger's — a `Set-Cookie` response header on the canary's backend and a rule
-//! before the others sending requests that carry the cookie to the canary. What a user added to
-//! the rules (timeouts, other filters) is carried onto the rules Coalmine writes: `rules` is one
-//! atomic list for server-side apply.
+//! before the others sending requests that carry the cookie to the canary. `rules` is one atomic
+//! list for server-side apply: a user's rules to other backends stay ahead of Coalmine's, and
+//! what they added to their rule to this service (a timeout, filters) is carried onto Coalmine's
+//! ([`merge_routes`]).
 
 use coalmine_controller::traffic::TrafficBackend;
 use coalmine_controller::BoxFuture;
@@ -29,9 +30,7 @@ use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind};
 use serde_json::{json, Value};
 
 use crate::seams::istio::regex_escape;
-use crate::seams::routed::{
-    apply_route_object, carried_fields, carry_onto, read_object, RouteSpec,
-};
+use crate::seams::routed::{apply_route_object, merge_routes, read_object, RouteSpec};
 
 const GROUP: &str = "gateway.networking.k8s.io";
 /// The fields of an HTTPRoute rule that Coalmine sets (its `filters` are carried but for the
@@ -235,11 +234,25 @@ pub fn http_route(
         hostnames: (!spec.hosts.is_empty()).then(|| spec.hosts.clone()),
         rules: None,
     };
-    let mut rules: Vec<Value> = rules
+    let rules: Vec<Value> = rules
         .into_iter()
         .map(|r| serde_json::to_value(r).expect("an HTTPRoute rule serializes"))
         .collect();
-    carry_user_rule_fields(&mut rules, existing);
+    let mut rules = merge_routes(
+        spec,
+        existing,
+        &["spec", "rules"],
+        OWNED_RULE_FIELDS,
+        |rule| {
+            let backends = rule["backendRefs"].as_array().into_iter().flatten();
+            backends
+                .filter_map(|b| b["name"].as_str())
+                .map(str::to_string)
+                .collect()
+        },
+        rules,
+    );
+    carry_user_filters(spec, &mut rules, existing);
     let mut body = serde_json::to_value(route).expect("an HTTPRoute serializes");
     body["rules"] = rules.into();
     json!({
@@ -250,17 +263,22 @@ pub fn http_route(
     })
 }
 
-/// A user's fields on the rules (a timeout) onto Coalmine's, and their filters before
-/// Coalmine's mirror.
-fn carry_user_rule_fields(rules: &mut [Value], existing: Option<&DynamicObject>) {
-    carry_onto(
-        rules,
-        &carried_fields(existing, &["spec", "rules"], OWNED_RULE_FIELDS),
-    );
+/// The filters a user put on their rule to this service (a header modifier) onto Coalmine's
+/// rules, before Coalmine's mirror; their own rules keep theirs.
+fn carry_user_filters(spec: &RouteSpec, rules: &mut [Value], existing: Option<&DynamicObject>) {
+    let services = [spec.apex.clone(), spec.primary(), spec.canary()];
+    let to_service = |rule: &Value| {
+        rule["backendRefs"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|b| services.iter().any(|s| b["name"] == s.as_str()))
+    };
     let theirs: Vec<Value> = existing
         .and_then(|o| o.data["spec"]["rules"].as_array())
         .into_iter()
         .flatten()
+        .filter(|r| to_service(r))
         .flat_map(|r| r["filters"].as_array().cloned().unwrap_or_default())
         .filter(|f| f["type"] != "RequestMirror")
         .fold(Vec::new(), |mut unique, f| {
@@ -272,9 +290,13 @@ fn carry_user_rule_fields(rules: &mut [Value], existing: Option<&DynamicObject>)
     if theirs.is_empty() {
         return;
     }
-    for rule in rules {
+    for rule in rules.iter_mut().filter(|r| to_service(r)) {
         let mut filters = theirs.clone();
-        filters.extend(rule["filters"].as_array().cloned().unwrap_or_default());
+        for f in rule["filters"].as_array().cloned().unwrap_or_default() {
+            if !filters.contains(&f) {
+                filters.push(f);
+            }
+        }
         rule["filters"] = filters.into();
     }
 }

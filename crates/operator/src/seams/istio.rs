@@ -11,9 +11,10 @@
 //! a canary response sets the cookie, and a `sticky-route` sends a request carrying it to the
 //! canary.
 //!
-//! The VirtualService may be the user's own: Coalmine applies only its fields, and carries onto
-//! its routes whatever else the user wrote on theirs (a timeout, retries), since Istio's CRD makes
-//! `http` one atomic list.
+//! The VirtualService may be the user's own: Coalmine applies only its fields; since Istio's CRD
+//! makes `http` one atomic list, the user's routes to other services stay ahead of Coalmine's,
+//! and what they wrote on their route to this service (a timeout, retries) is carried onto
+//! Coalmine's ([`merge_routes`]).
 
 use coalmine_controller::traffic::TrafficBackend;
 use coalmine_controller::BoxFuture;
@@ -22,9 +23,7 @@ use coalmine_spec::rollout::{HttpMatch, StringMatch};
 use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind};
 use serde_json::{json, Value};
 
-use crate::seams::routed::{
-    apply_route_object, carried_fields, carry_onto, read_object, RouteSpec,
-};
+use crate::seams::routed::{apply_route_object, merge_routes, read_object, RouteSpec};
 
 const GROUP: &str = "networking.istio.io";
 const VERSION: &str = "v1";
@@ -176,9 +175,20 @@ pub fn virtual_service(
         weighted["mirrorPercentage"] = json!({"value": percent});
     }
     routes.push(weighted);
-    carry_onto(
-        &mut routes,
-        &carried_fields(existing, &["spec", "http"], OWNED_ROUTE_FIELDS),
+    let routes = merge_routes(
+        spec,
+        existing,
+        &["spec", "http"],
+        OWNED_ROUTE_FIELDS,
+        |route| {
+            let hosts = route["route"].as_array().into_iter().flatten();
+            hosts
+                .chain(std::iter::once(&route["mirror"]))
+                .filter_map(|d| d["destination"]["host"].as_str().or(d["host"].as_str()))
+                .map(str::to_string)
+                .collect()
+        },
+        routes,
     );
     json!({
         "apiVersion": format!("{GROUP}/{VERSION}"),

@@ -250,41 +250,49 @@ impl RouteSpec {
     }
 }
 
-/// The keys of `existing`'s list items at `path` that Coalmine does not own, gathered across
-/// them (the first one found wins): lists in these CRDs are atomic for server-side apply, so
-/// whoever applies one owns all of it, and what a user added to a route (a timeout, retries)
-/// would be lost unless it is carried onto the routes Coalmine writes.
-pub fn carried_fields(
+/// Coalmine's `routes` (the list at `path`: a VirtualService's `http`, an HTTPRoute's `rules`)
+/// merged with what a user wrote in the same list of `existing`. These lists are atomic for
+/// server-side apply — whoever applies one owns all of it — so what is the user's is carried:
+/// their own routes (none of whose destinations, `destinations` of a route, is one of the
+/// rollout's Services) stay as they are, ahead of Coalmine's (which match everything else); and
+/// the fields they added to routes to the rollout's Services that Coalmine does not set (not
+/// `owned`: a timeout, retries) go onto Coalmine's routes.
+pub fn merge_routes(
+    spec: &RouteSpec,
     existing: Option<&DynamicObject>,
     path: &[&str],
     owned: &[&str],
-) -> BTreeMap<String, serde_json::Value> {
+    destinations: fn(&serde_json::Value) -> Vec<String>,
+    mut routes: Vec<serde_json::Value>,
+) -> Vec<serde_json::Value> {
+    let services = [spec.apex.clone(), spec.primary(), spec.canary()];
+    let mut theirs = Vec::new();
     let mut carried = BTreeMap::new();
-    let Some(mut at) = existing.map(|o| &o.data) else {
-        return carried;
-    };
-    for key in path {
-        at = &at[*key];
-    }
-    for item in at.as_array().into_iter().flatten() {
-        for (key, value) in item.as_object().into_iter().flatten() {
-            if !owned.contains(&key.as_str()) {
-                carried.entry(key.clone()).or_insert_with(|| value.clone());
+    if let Some(mut at) = existing.map(|o| &o.data) {
+        for key in path {
+            at = &at[*key];
+        }
+        for route in at.as_array().into_iter().flatten() {
+            if !destinations(route).iter().any(|d| services.contains(d)) {
+                theirs.push(route.clone());
+                continue;
+            }
+            for (key, value) in route.as_object().into_iter().flatten() {
+                if !owned.contains(&key.as_str()) {
+                    carried.entry(key.clone()).or_insert_with(|| value.clone());
+                }
             }
         }
     }
-    carried
-}
-
-/// Adds `carried` to every item of the list `items`.
-pub fn carry_onto(items: &mut [serde_json::Value], carried: &BTreeMap<String, serde_json::Value>) {
-    for item in items {
-        if let Some(map) = item.as_object_mut() {
-            for (key, value) in carried {
+    for route in &mut routes {
+        if let Some(map) = route.as_object_mut() {
+            for (key, value) in &carried {
                 map.entry(key.clone()).or_insert_with(|| value.clone());
             }
         }
     }
+    theirs.extend(routes);
+    theirs
 }
 
 /// Reads `name` (none if it does not exist yet).
