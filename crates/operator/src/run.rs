@@ -551,28 +551,28 @@ async fn initialize(context: &Context, rollout: &Rollout) -> Result<(), TrafficF
             .initialize()
             .await?;
     }
-    match route_objects(context, rollout, None) {
+    match route_objects(context, rollout, RouteSpec::of(rollout, None)) {
         Some(routes) => routes.apply(&ALL_ON_PRIMARY).await,
         None => Ok(()),
     }
 }
 
-/// The route objects a rollout's provider writes (none for `kubernetes` and `coalmine`).
+/// The route objects a rollout's provider writes, saying `spec` (none for `kubernetes` and
+/// `coalmine`).
 fn route_objects(
     context: &Context,
     rollout: &Rollout,
-    revision: Option<&str>,
+    spec: RouteSpec,
 ) -> Option<Arc<dyn TrafficBackend>> {
     let client = &context.client;
-    let spec = || RouteSpec::of(rollout, revision);
     Some(match rollout.spec.provider {
         TrafficProvider::Kubernetes | TrafficProvider::Coalmine => return None,
-        TrafficProvider::Istio => Arc::new(IstioRoutes::new(client, spec())),
-        TrafficProvider::GatewayApi => Arc::new(GatewayApiRoutes::new(client, "v1", spec())),
+        TrafficProvider::Istio => Arc::new(IstioRoutes::new(client, spec)),
+        TrafficProvider::GatewayApi => Arc::new(GatewayApiRoutes::new(client, "v1", spec)),
         TrafficProvider::GatewayApiV1beta1 => {
-            Arc::new(GatewayApiRoutes::new(client, "v1beta1", spec()))
+            Arc::new(GatewayApiRoutes::new(client, "v1beta1", spec))
         }
-        TrafficProvider::Nginx => Arc::new(NginxCanaryIngress::new(client, spec())),
+        TrafficProvider::Nginx => Arc::new(NginxCanaryIngress::new(client, spec)),
     })
 }
 
@@ -617,7 +617,7 @@ async fn seams_of(
     document: &mut coalmine_spec::rollout::Rollout,
     revision: Option<&str>,
 ) -> Result<(Arc<dyn TrafficBackend>, Box<dyn ObservationSource>), ReconcileError> {
-    if let Some(routes) = route_objects(context, rollout, revision) {
+    if let Some(routes) = route_objects(context, rollout, RouteSpec::of(rollout, revision)) {
         // Their counts come from Prometheus (the template checks) until an observation source
         // reads them for the sequential judges and the built-in checks.
         return Ok((routed(context, rollout, routes), Box::new(NoCounts)));
@@ -973,13 +973,21 @@ async fn revert_then_let_go(
     }
 }
 
-/// The workloads reverted, then Coalmine's routers (provider `coalmine`) sent to the apex,
-/// which now selects the target, and let go.
+/// The workloads reverted, then the route objects (providers `istio`, `gatewayapi`, `nginx`) or
+/// Coalmine's routers (provider `coalmine`) sent to the apex, which now selects the target, and
+/// let go.
 async fn revert_workloads<W: Workload>(
     context: &Context,
     rollout: &Rollout,
 ) -> Result<(), TrafficFault> {
     workloads::<W>(context, rollout).revert().await?;
+    let reverted = RouteSpec {
+        reverted: true,
+        ..RouteSpec::of(rollout, None)
+    };
+    if let Some(routes) = route_objects(context, rollout, reverted) {
+        return routes.apply(&ALL_ON_PRIMARY).await;
+    }
     if rollout.spec.provider != TrafficProvider::Coalmine {
         return Ok(());
     }

@@ -15,7 +15,7 @@ use serde_json::{json, Value};
 
 use crate::common::upstream;
 use crate::operator::kubelet;
-use crate::operator_routers::{canaries, cluster, seed_web_app, set_image};
+use crate::operator_routers::{canaries, cluster, seed_web_app, set_image, until};
 
 const ISTIO_CRDS: &str = include_str!("../../../../tests/fixtures/crds/istio/networking.yaml");
 const HTTPROUTE_CRD: &str =
@@ -425,8 +425,8 @@ async fn the_seeds_canary_steps_to_succeeded_then_fails_on(case: Case) {
         bad.object_weights
     );
     eprintln!(
-        "provider {}: two releases in {:.1} s",
-        case.flag,
+        "{}: two releases in {:.1} s",
+        case.object.0.kind,
         started.elapsed().as_secs_f64()
     );
 }
@@ -444,4 +444,71 @@ async fn gateway_api_http_route_steps_as_flaggers_then_rolls_back() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nginx_canary_ingress_steps_as_flaggers_then_rolls_back() {
     the_seeds_canary_steps_to_succeeded_then_fails_on(nginx()).await;
+}
+
+/// `revertOnDeletion` on Istio: the Canary deleted mid-release leaves its target serving behind
+/// the apex, and the user's VirtualService sending everything there (the `-primary` and
+/// `-canary` Services it routed to go with the release), their own route and timeout kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_istio_canary_deleted_mid_release_with_revert_on_deletion_routes_everything_to_its_target(
+) {
+    let case = istio();
+    let cluster = cluster().await;
+    let kube = cluster.client();
+    for crds in case.crds {
+        install_crds(&kube, crds).await.unwrap();
+    }
+    let services: Api<DynamicObject> =
+        Api::namespaced_with(kube.clone(), "shop", &case.user_object.0);
+    services
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(case.user_object.1.clone()).unwrap(),
+        )
+        .await
+        .unwrap();
+    let (deployments, canaries, operator) = seed_web_app(&cluster, case.flag, |canary| {
+        (case.canary)(&mut canary["spec"]);
+        canary["spec"]["analysis"]["metrics"] = json!([]);
+        canary["spec"]["revertOnDeletion"] = true.into();
+    })
+    .await;
+    set_image(&deployments, "2.0.0").await;
+    until(&canaries, &deployments, &operator, "at 10 %", |s| {
+        s["canaryWeight"].as_f64() >= Some(10.0)
+    })
+    .await;
+    canaries
+        .delete("web-app", &Default::default())
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while canaries.get_opt("web-app").await.unwrap().is_some() {
+        assert!(
+            Instant::now() < deadline,
+            "the Canary was never let go:\n{}",
+            operator.stderr()
+        );
+        kubelet(&deployments).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let service = services.get("web-app").await.unwrap();
+    assert_eq!(
+        service.data["spec"]["http"],
+        json!([
+            {"match": [{"uri": {"prefix": "/admin"}}], "route": [{"destination": {"host": "admin"}}]},
+            {"route": [{"destination": {"host": "web-app"}, "weight": 100}], "timeout": "5s"},
+        ]),
+        "{:#}",
+        service.data
+    );
+    let target: k8s_openapi::api::apps::v1::Deployment = Api::namespaced(kube.clone(), "shop")
+        .get("web-app")
+        .await
+        .unwrap();
+    assert_eq!(
+        target.spec.unwrap().replicas,
+        Some(4),
+        "the target serves at full size"
+    );
 }

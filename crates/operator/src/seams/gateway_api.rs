@@ -210,10 +210,14 @@ pub fn http_route(
     });
     rules.push(HttpRouteRules {
         matches: Some(vec![any_path()]),
-        backend_refs: Some(vec![
-            backend(spec, primary.clone(), primary_weight as i32),
-            canary_backend,
-        ]),
+        backend_refs: Some(if spec.reverted {
+            vec![backend(spec, primary.clone(), 100)]
+        } else {
+            vec![
+                backend(spec, primary.clone(), primary_weight as i32),
+                canary_backend,
+            ]
+        }),
         filters: mirror.map(|m| vec![m]),
         ..Default::default()
     });

@@ -63,7 +63,8 @@ impl IstioRoutes {
 
     async fn put(&self, traffic: &Traffic) -> Result<Vec<String>, TrafficFault> {
         let mut changed = Vec::new();
-        for host in [self.spec.primary(), self.spec.canary()] {
+        let hosts = [format!("{}-primary", self.spec.apex), self.spec.canary()];
+        for host in hosts.into_iter().filter(|_| !self.spec.reverted) {
             let before = read_object(&self.destination_rules, "DestinationRule", &host).await?;
             let rule = destination_rule(&self.spec, &host, before.as_ref());
             changed.extend(
@@ -168,7 +169,11 @@ pub fn virtual_service(
             json!({"response": {"add": {"Set-Cookie": affinity.set_cookie()}}});
     }
     let mut weighted = json!({
-        "route": [destination(&primary, primary_weight), canary_destination],
+        "route": if spec.reverted {
+            json!([destination(&primary, 100)])
+        } else {
+            json!([destination(&primary, primary_weight), canary_destination])
+        },
     });
     if let Some(percent) = RouteSpec::mirror_percent(traffic) {
         weighted["mirror"] = json!({"host": canary});

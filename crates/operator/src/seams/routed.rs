@@ -139,6 +139,10 @@ pub struct RouteSpec {
     pub matches: Vec<HttpMatch>,
     /// `analysis.sessionAffinity`, with this run's cookie.
     pub affinity: Option<Affinity>,
+    /// `revertOnDeletion`: the rollout is going and its target serves again behind the apex;
+    /// the routes send everything to the apex Service alone (the `-primary` and `-canary` ones
+    /// go with the rollout).
+    pub reverted: bool,
 }
 
 /// Flagger's session affinity: a response from the canary sets a cookie, and a request
@@ -197,11 +201,17 @@ impl RouteSpec {
                 value: format!("{run:016x}"),
                 max_age: a.max_age.unwrap_or(DEFAULT_AFFINITY_MAX_AGE),
             }),
+            reverted: false,
         }
     }
 
+    /// Where the stable share goes: the primary's Service (the apex's, once reverted).
     pub fn primary(&self) -> String {
-        format!("{}-primary", self.apex)
+        if self.reverted {
+            self.apex.clone()
+        } else {
+            format!("{}-primary", self.apex)
+        }
     }
 
     pub fn canary(&self) -> String {
