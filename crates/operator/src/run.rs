@@ -1428,6 +1428,54 @@ mod tests {
         );
     }
 
+    /// The field a refused rollout names.
+    fn refused_field(rollout: &Rollout) -> String {
+        match check(rollout) {
+            Err(ReconcileError::Invalid { field, .. }) => field,
+            other => panic!("not refused by field: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn what_a_provider_cannot_route_is_refused_by_field() {
+        let mut rollout: Rollout = serde_saphyr::from_str(include_str!(
+            "../tests/fixtures/payment-service-rollout.yaml"
+        ))
+        .unwrap();
+        // The built-in checks need per-version counts, which only Coalmine's routers give.
+        rollout.spec.provider = TrafficProvider::Istio;
+        assert_eq!(refused_field(&rollout), "spec.analysis.metrics[0]");
+        rollout.spec.analysis.metrics.clear();
+        check(&rollout).unwrap();
+        // Gateway API attaches the HTTPRoute to Gateways.
+        rollout.spec.provider = TrafficProvider::GatewayApi;
+        assert_eq!(refused_field(&rollout), "spec.service.gatewayRefs");
+        rollout.spec.service.gateway_refs =
+            vec![serde_json::from_value(serde_json::json!({"name": "public"})).unwrap()];
+        check(&rollout).unwrap();
+        // NGINX copies an Ingress, matches one header and cannot mirror.
+        rollout.spec.provider = TrafficProvider::Nginx;
+        assert_eq!(refused_field(&rollout), "spec.ingressRef");
+        rollout.spec.ingress_ref = Some(crate::crd::WorkloadRef {
+            api_version: None,
+            kind: "Ingress".into(),
+            name: "web".into(),
+        });
+        check(&rollout).unwrap();
+        rollout.spec.analysis.match_ = serde_json::from_value(serde_json::json!([
+            {"headers": {"x-canary": {"exact": "true"}, "x-beta": {"exact": "1"}}}
+        ]))
+        .unwrap();
+        assert_eq!(refused_field(&rollout), "spec.analysis.match");
+        rollout.spec.analysis.match_ = serde_json::from_value(serde_json::json!([
+            {"headers": {"x-canary": {"exact": "true"}, "cookie": {"exact": "canary"}}}
+        ]))
+        .unwrap();
+        check(&rollout).unwrap();
+        rollout.spec.analysis.mirror = true;
+        assert_eq!(refused_field(&rollout), "spec.analysis.mirror");
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_renewal_that_hangs_stops_the_leader_within_the_renew_deadline() {
         // An API server that takes the connection and never answers.
