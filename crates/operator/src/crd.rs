@@ -117,6 +117,24 @@ pub struct ServicePort {
     /// Provider `gatewayapi`: the Gateways the HTTPRoute attaches to (its parentRefs).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub gateway_refs: Vec<GatewayRef>,
+    /// Providers `istio` (each route's `timeout`) and `gatewayapi` (each rule's request timeout),
+    /// as Flagger's `service.timeout`: `30s`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<String>,
+    /// Provider `istio`: each route's `retries` (Istio's HTTPRetry), as written.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "any_object")]
+    pub retries: Option<serde_json::Value>,
+    /// Provider `istio`: the DestinationRules' `trafficPolicy` (Istio's TrafficPolicy: TLS mode,
+    /// load balancer, connection pool), as written.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "any_object")]
+    pub traffic_policy: Option<serde_json::Value>,
+}
+
+/// A structural schema for an object kept as written (its own CRD validates it).
+fn any_object(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({ "type": "object", "x-kubernetes-preserve-unknown-fields": true })
 }
 
 /// A Gateway an HTTPRoute attaches to (Gateway API's ParentReference, as Flagger's

@@ -199,6 +199,12 @@ async fn every_route_object_shape_is_accepted_by_the_providers_crds() {
         json!({"name": "public", "namespace": "gateways", "sectionName": "https"}),
     )
     .unwrap()];
+    // Flagger's service fields Istio and Gateway API carry.
+    spec.timeout = Some("30s".into());
+    spec.retries = Some(
+        json!({"attempts": 3, "perTryTimeout": "5s", "retryOn": "gateway-error,connect-failure"}),
+    );
+    spec.traffic_policy = Some(json!({"tls": {"mode": "ISTIO_MUTUAL"}}));
     let mirrored = Traffic {
         mirror_weight: Weight::from_percent(50.0).unwrap(),
         ..analysing(0.0)
@@ -242,8 +248,12 @@ async fn every_route_object_shape_is_accepted_by_the_providers_crds() {
         )
         .await;
         assert_eq!(read.data["spec"]["http"], service["spec"]["http"]);
+        for route in read.data["spec"]["http"].as_array().unwrap() {
+            assert_eq!(route["timeout"], "30s", "{route:#}");
+            assert_eq!(route["retries"]["attempts"], 3, "{route:#}");
+        }
         for host in ["web-app-primary", "web-app-canary"] {
-            apply(
+            let rule = apply(
                 api(
                     "networking.istio.io",
                     "v1",
@@ -253,6 +263,10 @@ async fn every_route_object_shape_is_accepted_by_the_providers_crds() {
                 coalmine_operator::seams::istio::destination_rule(&spec, host, None),
             )
             .await;
+            assert_eq!(
+                rule.data["spec"]["trafficPolicy"]["tls"]["mode"],
+                "ISTIO_MUTUAL"
+            );
         }
         for version in ["v1", "v1beta1"] {
             let route =
@@ -267,9 +281,14 @@ async fn every_route_object_shape_is_accepted_by_the_providers_crds() {
                 route.clone(),
             )
             .await;
+            let rules = read.data["spec"]["rules"].as_array().unwrap();
             assert_eq!(
-                read.data["spec"]["rules"].as_array().unwrap().len(),
+                rules.len(),
                 route["spec"]["rules"].as_array().unwrap().len()
+            );
+            assert!(
+                rules.iter().all(|r| r["timeouts"]["request"] == "30s"),
+                "{rules:#?}"
             );
         }
     }
@@ -289,4 +308,41 @@ async fn every_route_object_shape_is_accepted_by_the_providers_crds() {
         "{route:#}"
     );
     assert_eq!(sticky["backendRefs"][1]["weight"], 100, "{route:#}");
+}
+
+/// Flagger's own Istio example (`tests/fixtures/flagger/istio-canary.yaml`): its gateways,
+/// hosts, timeout and traffic policy are where Flagger puts them.
+#[test]
+fn flaggers_istio_example_keeps_its_gateways_hosts_timeout_and_traffic_policy() {
+    const EXAMPLE: &str = include_str!("../../../tests/fixtures/flagger/istio-canary.yaml");
+    let canary: Canary = serde_saphyr::from_str(EXAMPLE).unwrap();
+    let mut rollout = Rollout::new(
+        "podinfo",
+        canary.to_rollout_spec(TrafficProvider::Kubernetes).unwrap(),
+    );
+    rollout.metadata.namespace = Some("test".into());
+    let spec = RouteSpec::of(&rollout, None);
+    let written = virtual_service(&spec, &analysing(5.0), None);
+    assert_eq!(
+        written["spec"]["gateways"],
+        json!(["istio-system/public-gateway", "mesh"])
+    );
+    assert_eq!(
+        written["spec"]["hosts"],
+        json!(["app.example.com", "podinfo"])
+    );
+    let route = &written["spec"]["http"][0];
+    assert_eq!(route["timeout"], "30s", "{written:#}");
+    assert_eq!(
+        route["route"],
+        json!([
+            {"destination": {"host": "podinfo-primary"}, "weight": 95},
+            {"destination": {"host": "podinfo-canary"}, "weight": 5},
+        ])
+    );
+    let rule = coalmine_operator::seams::istio::destination_rule(&spec, "podinfo-canary", None);
+    assert_eq!(
+        rule["spec"],
+        json!({"host": "podinfo-canary", "trafficPolicy": {"tls": {"mode": "DISABLE"}}})
+    );
 }

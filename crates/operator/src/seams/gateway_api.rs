@@ -240,7 +240,14 @@ pub fn http_route(
     };
     let rules: Vec<Value> = rules
         .into_iter()
-        .map(|r| serde_json::to_value(r).expect("an HTTPRoute rule serializes"))
+        .map(|r| {
+            let mut rule = serde_json::to_value(r).expect("an HTTPRoute rule serializes");
+            // Flagger's `service.timeout`, on every rule.
+            if let Some(timeout) = &spec.timeout {
+                rule["timeouts"] = json!({"request": timeout});
+            }
+            rule
+        })
         .collect();
     let mut rules = merge_routes(
         spec,

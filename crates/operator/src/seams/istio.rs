@@ -117,11 +117,15 @@ impl TrafficBackend for IstioRoutes {
 
 /// The DestinationRule for `host` (`<apex>-primary` or `<apex>-canary`), as Flagger's.
 pub fn destination_rule(spec: &RouteSpec, host: &str, existing: Option<&DynamicObject>) -> Value {
+    let mut rule = json!({"host": host});
+    if let Some(policy) = &spec.traffic_policy {
+        rule["trafficPolicy"] = policy.clone();
+    }
     json!({
         "apiVersion": format!("{GROUP}/{VERSION}"),
         "kind": "DestinationRule",
         "metadata": spec.metadata(host, existing),
-        "spec": {"host": host},
+        "spec": rule,
     })
 }
 
@@ -180,6 +184,15 @@ pub fn virtual_service(
         weighted["mirrorPercentage"] = json!({"value": percent});
     }
     routes.push(weighted);
+    // Flagger's `service.timeout` and `service.retries`, on every route.
+    for route in &mut routes {
+        if let Some(timeout) = &spec.timeout {
+            route["timeout"] = timeout.clone().into();
+        }
+        if let Some(retries) = &spec.retries {
+            route["retries"] = retries.clone();
+        }
+    }
     let routes = merge_routes(
         spec,
         existing,

@@ -130,6 +130,11 @@ pub struct RouteSpec {
     pub hosts: Vec<String>,
     /// `service.gateways` (Istio; none: `mesh`).
     pub gateways: Vec<String>,
+    /// `service.timeout`, `service.retries` (Istio) and `service.trafficPolicy` (Istio's
+    /// DestinationRules), as Flagger puts them on every route.
+    pub timeout: Option<String>,
+    pub retries: Option<serde_json::Value>,
+    pub traffic_policy: Option<serde_json::Value>,
     /// `service.gatewayRefs` (Gateway API): the HTTPRoute's parentRefs.
     pub gateway_refs: Vec<crate::crd::GatewayRef>,
     /// `ingressRef.name` (NGINX): the user's Ingress the canary Ingress is copied from.
@@ -192,6 +197,9 @@ impl RouteSpec {
             port: i32::from(spec.service.port),
             hosts: spec.service.hosts.clone(),
             gateways: spec.service.gateways.clone(),
+            timeout: spec.service.timeout.clone(),
+            retries: spec.service.retries.clone(),
+            traffic_policy: spec.service.traffic_policy.clone(),
             gateway_refs: spec.service.gateway_refs.clone(),
             ingress: spec.ingress_ref.as_ref().map(|r| r.name.clone()),
             owner_reference: rollout.controller_owner_ref(&()).unwrap_or_default(),
