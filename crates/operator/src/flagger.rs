@@ -176,6 +176,36 @@ impl Canary {
     }
 }
 
+/// The fields of Flagger's `spec.service` this operator applies; the others are named by
+/// [`Canary::ignored_service_fields`].
+const APPLIED_SERVICE_FIELDS: &[&str] = &[
+    "name",
+    "port",
+    "targetPort",
+    "portName",
+    "hosts",
+    "gateways",
+    "gatewayRefs",
+    "timeout",
+    "retries",
+    "trafficPolicy",
+];
+
+impl Canary {
+    /// The fields of `spec.service` the Canary sets that this operator does not apply (Istio's
+    /// `rewrite`, `headers`, `corsPolicy`, a service-level `match`, …), by path: the routes are
+    /// written without them, which the user must be told.
+    pub fn ignored_service_fields(&self) -> Vec<String> {
+        self.spec["service"]
+            .as_object()
+            .into_iter()
+            .flatten()
+            .filter(|(k, v)| !APPLIED_SERVICE_FIELDS.contains(&k.as_str()) && !v.is_null())
+            .map(|(k, _)| format!("spec.service.{k}"))
+            .collect()
+    }
+}
+
 /// Where a Canary's routers are (provider `coalmine`): Flagger's Canary has no field for it.
 pub const ROUTERS_ANNOTATION: &str = "coalmine.dev/routers";
 

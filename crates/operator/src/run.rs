@@ -787,7 +787,7 @@ async fn warn_invalid(context: &Context, regarding: &ObjectReference, said: Stri
 }
 
 /// An Event from the reconciler (not a run) on what the user wrote.
-async fn tell(
+pub(crate) async fn tell(
     context: &Context,
     regarding: &ObjectReference,
     type_: EventType,

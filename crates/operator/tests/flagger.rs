@@ -99,3 +99,24 @@ fn a_canary_without_a_provider_takes_the_operators_or_the_routers_it_names() {
     assert_eq!(err.field, "spec.provider", "{err}");
     assert!(err.message.contains("coalmine.dev/routers"), "{err}");
 }
+
+#[test]
+fn the_service_fields_coalmine_does_not_apply_are_named() {
+    // Flagger's Istio example: its URI match, rewrite and port discovery are not applied.
+    let example: Canary = serde_saphyr::from_str(include_str!(
+        "../../../tests/fixtures/flagger/istio-canary.yaml"
+    ))
+    .unwrap();
+    let mut ignored = example.ignored_service_fields();
+    ignored.sort();
+    assert_eq!(
+        ignored,
+        [
+            "spec.service.match",
+            "spec.service.portDiscovery",
+            "spec.service.rewrite"
+        ]
+    );
+    // The seed's Canary sets only a port: nothing to say.
+    assert!(canary(|_| {}).ignored_service_fields().is_empty());
+}

@@ -471,8 +471,31 @@ async fn an_istio_canary_deleted_mid_release_with_revert_on_deletion_routes_ever
         (case.canary)(&mut canary["spec"]);
         canary["spec"]["analysis"]["metrics"] = json!([]);
         canary["spec"]["revertOnDeletion"] = true.into();
+        // Flagger's URI rewrite, which this operator does not apply: the user is told.
+        canary["spec"]["service"]["rewrite"] = json!({"uri": "/"});
     })
     .await;
+    let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(kube.clone(), "shop");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let notes: Vec<String> = events
+            .list(&Default::default())
+            .await
+            .unwrap()
+            .items
+            .into_iter()
+            .filter(|e| e.type_.as_deref() == Some("Warning"))
+            .filter_map(|e| e.note)
+            .collect();
+        if notes
+            .iter()
+            .any(|n| n.starts_with("spec.service.rewrite: not applied"))
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "not told: {notes:#?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     set_image(&deployments, "2.0.0").await;
     until(&canaries, &deployments, &operator, "at 10 %", |s| {
         s["canaryWeight"].as_f64() >= Some(10.0)
