@@ -3,6 +3,7 @@
 use std::process::ExitCode;
 
 use clap::Args;
+use coalmine_operator::crd::TrafficProvider;
 
 use crate::rollout_cmd::OutputFormat;
 
@@ -51,15 +52,17 @@ pub struct OperatorArgs {
     #[arg(long, default_value = "coalmine-operator")]
     pub lease_name: String,
     /// The provider of Flagger Canaries that name none (as Flagger's -mesh-provider):
-    /// `kubernetes` splits by replicas, `coalmine` drives Coalmine's routers in the cluster
-    #[arg(long, value_enum, default_value_t = Provider::Kubernetes)]
-    pub provider: Provider,
+    /// `kubernetes` splits by replicas, `coalmine` drives Coalmine's routers in the cluster,
+    /// `istio`, `gatewayapi:v1` (or `gatewayapi:v1beta1`) and `nginx` write Flagger's
+    /// VirtualService, HTTPRoute or canary Ingress
+    #[arg(long, default_value = "kubernetes", value_parser = provider)]
+    pub provider: TrafficProvider,
 }
 
-#[derive(Clone, Copy, Debug, clap::ValueEnum)]
-pub enum Provider {
-    Kubernetes,
-    Coalmine,
+fn provider(name: &str) -> Result<TrafficProvider, String> {
+    TrafficProvider::from_name(name).ok_or_else(|| {
+        format!("{name:?}: one of kubernetes, coalmine, istio, gatewayapi:v1, gatewayapi:v1beta1, nginx")
+    })
 }
 
 pub fn operator(args: OperatorArgs) -> anyhow::Result<ExitCode> {
@@ -103,10 +106,7 @@ pub fn operator(args: OperatorArgs) -> anyhow::Result<ExitCode> {
                 lease_name: args.lease_name,
                 timings: Default::default(),
                 health,
-                default_provider: match args.provider {
-                    Provider::Kubernetes => coalmine_operator::crd::TrafficProvider::Kubernetes,
-                    Provider::Coalmine => coalmine_operator::crd::TrafficProvider::Coalmine,
-                },
+                default_provider: args.provider,
             },
         )
         .await?;

@@ -135,6 +135,13 @@ const BUILTINS: &[Builtin] = &[
         &["hpa"],
     )),
     builtin("coordination.k8s.io/v1", "leases", "Lease", true, &[]),
+    with_status(builtin(
+        "networking.k8s.io/v1",
+        "ingresses",
+        "Ingress",
+        true,
+        &["ing"],
+    )),
     builtin("events.k8s.io/v1", "events", "Event", true, &["ev"]),
     builtin(
         "discovery.k8s.io/v1",

@@ -998,3 +998,44 @@ async fn an_apply_that_changes_nothing_is_not_a_new_version() {
         first.metadata.resource_version
     );
 }
+
+/// The NGINX provider copies a user's Ingress (networking.k8s.io/v1) to a canary Ingress: both
+/// are served, and an apply of the copy's annotations leaves the user's own annotations on it.
+#[tokio::test]
+async fn ingresses_are_served_and_applied_annotation_by_annotation() {
+    let cluster = TestCluster::start().await.unwrap();
+    let client = cluster.client();
+    let ns = namespace(&client, "ingresses").await;
+    let ingresses: Api<k8s_openapi::api::networking::v1::Ingress> =
+        Api::namespaced(client.clone(), &ns);
+    let ingress = serde_json::from_value(json!({
+        "metadata": {"name": "web-app-canary", "annotations": {"team": "web"}},
+        "spec": {"rules": [{"host": "web.example.com", "http": {"paths": [{"path": "/", "pathType": "Prefix",
+            "backend": {"service": {"name": "web-app-canary", "port": {"number": 80}}}}]}}]},
+    }))
+    .unwrap();
+    ingresses
+        .create(&PostParams::default(), &ingress)
+        .await
+        .unwrap();
+    let apply = json!({
+        "apiVersion": "networking.k8s.io/v1", "kind": "Ingress",
+        "metadata": {"name": "web-app-canary",
+            "annotations": {"nginx.ingress.kubernetes.io/canary-weight": "10"}},
+    });
+    let applied = ingresses
+        .patch(
+            "web-app-canary",
+            &PatchParams::apply("coalmine").force(),
+            &Patch::Apply(&apply),
+        )
+        .await
+        .unwrap();
+    let annotations = applied.metadata.annotations.unwrap();
+    assert_eq!(annotations["team"], "web");
+    assert_eq!(
+        annotations["nginx.ingress.kubernetes.io/canary-weight"],
+        "10"
+    );
+    assert!(applied.spec.unwrap().rules.is_some(), "the spec stays");
+}

@@ -199,5 +199,20 @@ pub(crate) async fn reconcile(
         )
         .await?;
     tracing::info!(canary = %format!("{namespace}/{name}"), "Rollout written from the Canary");
+    let ignored = canary.ignored_service_fields();
+    if !ignored.is_empty() {
+        crate::run::tell(
+            &context,
+            &canary.object_ref(&()),
+            kube::runtime::events::EventType::Warning,
+            "FieldNotApplied",
+            format!(
+                "{}: not applied by this operator; the routes are written without {}",
+                ignored.join(", "),
+                if ignored.len() == 1 { "it" } else { "them" }
+            ),
+        )
+        .await;
+    }
     Ok(Action::await_change())
 }

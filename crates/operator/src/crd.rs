@@ -60,6 +60,10 @@ pub struct RolloutSpec {
     /// (default: Service `coalmine-router`, its port named `admin`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub routers: Option<RoutersRef>,
+    /// Provider `nginx`: the user's Ingress (networking.k8s.io/v1) whose backend is the apex
+    /// Service; Coalmine writes `<name>-canary` beside it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ingress_ref: Option<WorkloadRef>,
     /// The Prometheus that inline `query` checks use (Flagger's `metricsServer`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub metrics_server: Option<String>,
@@ -103,6 +107,52 @@ pub struct ServicePort {
     /// The Service port's name (default `http`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub port_name: Option<String>,
+    /// Providers `istio` (the VirtualService's hosts, the apex added) and `gatewayapi` (the
+    /// HTTPRoute's hostnames).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hosts: Vec<String>,
+    /// Provider `istio`: the VirtualService's gateways (default `mesh`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub gateways: Vec<String>,
+    /// Provider `gatewayapi`: the Gateways the HTTPRoute attaches to (its parentRefs).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub gateway_refs: Vec<GatewayRef>,
+    /// Providers `istio` (each route's `timeout`) and `gatewayapi` (each rule's request timeout),
+    /// as Flagger's `service.timeout`: `30s`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<String>,
+    /// Provider `istio`: each route's `retries` (Istio's HTTPRetry), as written.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "any_object")]
+    pub retries: Option<serde_json::Value>,
+    /// Provider `istio`: the DestinationRules' `trafficPolicy` (Istio's TrafficPolicy: TLS mode,
+    /// load balancer, connection pool), as written.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "any_object")]
+    pub traffic_policy: Option<serde_json::Value>,
+}
+
+/// A structural schema for an object kept as written (its own CRD validates it).
+fn any_object(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({ "type": "object", "x-kubernetes-preserve-unknown-fields": true })
+}
+
+/// A Gateway an HTTPRoute attaches to (Gateway API's ParentReference, as Flagger's
+/// `service.gatewayRefs`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct GatewayRef {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub section_name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<i32>,
 }
 
 /// How traffic reaches the versions.
@@ -114,6 +164,51 @@ pub enum TrafficProvider {
     Kubernetes,
     /// Coalmine routers in the cluster, driven through their admin API.
     Coalmine,
+    /// Istio: a VirtualService weighing `<apex>-primary` and `<apex>-canary`, and their
+    /// DestinationRules, as Flagger writes them.
+    Istio,
+    /// Gateway API (`gateway.networking.k8s.io/v1`): an HTTPRoute's backendRefs' weights.
+    #[serde(rename = "gatewayapi:v1")]
+    GatewayApi,
+    /// The same HTTPRoute at `gateway.networking.k8s.io/v1beta1`.
+    #[serde(rename = "gatewayapi:v1beta1")]
+    GatewayApiV1beta1,
+    /// NGINX ingress: a canary Ingress copied from `ingressRef`, weighed by annotations.
+    Nginx,
+}
+
+impl TrafficProvider {
+    /// As Flagger's `provider` names it.
+    pub fn name(self) -> &'static str {
+        match self {
+            TrafficProvider::Kubernetes => "kubernetes",
+            TrafficProvider::Coalmine => "coalmine",
+            TrafficProvider::Istio => "istio",
+            TrafficProvider::GatewayApi => "gatewayapi:v1",
+            TrafficProvider::GatewayApiV1beta1 => "gatewayapi:v1beta1",
+            TrafficProvider::Nginx => "nginx",
+        }
+    }
+
+    /// The provider Flagger's `provider` (or `-mesh-provider`) names, if this operator drives it.
+    pub fn from_name(name: &str) -> Option<TrafficProvider> {
+        [
+            TrafficProvider::Kubernetes,
+            TrafficProvider::Coalmine,
+            TrafficProvider::Istio,
+            TrafficProvider::GatewayApi,
+            TrafficProvider::GatewayApiV1beta1,
+            TrafficProvider::Nginx,
+        ]
+        .into_iter()
+        .find(|p| p.name() == name)
+    }
+
+    /// Whether the operator has per-version counts for the built-in checks under this provider
+    /// (only Coalmine's routers count today; the others' come from Prometheus).
+    pub fn counts_versions(self) -> bool {
+        self == TrafficProvider::Coalmine
+    }
 }
 
 /// Where the Coalmine routers' admin APIs are: a Service in the Rollout's namespace, whose

@@ -106,15 +106,16 @@ struct CanaryWorkload {
     provider: Option<String>,
     #[serde(default)]
     revert_on_deletion: bool,
+    #[serde(default)]
+    ingress_ref: Option<WorkloadRef>,
 }
 
 impl Canary {
     /// The Canary as the `Rollout` the operator runs for it: the same workload, Services and
     /// analysis. Without `spec.provider`: Coalmine's routers if the Canary names them
     /// (`coalmine.dev/routers`), else `default_provider` (the operator's `--provider`, as
-    /// Flagger's `-mesh-provider`). Flagger's providers other than `kubernetes` come with the
-    /// traffic issue; until then such a Canary is refused by field, never run on the wrong
-    /// traffic.
+    /// Flagger's `-mesh-provider`). A provider this operator does not drive is refused by
+    /// field, never run on the wrong traffic.
     pub fn to_rollout_spec(
         &self,
         default_provider: TrafficProvider,
@@ -131,15 +132,17 @@ impl Canary {
         let provider = match workload.provider.as_deref() {
             None if routers.is_some() => TrafficProvider::Coalmine,
             None => default_provider,
-            Some("kubernetes") => TrafficProvider::Kubernetes,
-            Some(other) => {
-                return Err(SpecFieldError {
-                    field: "spec.provider".into(),
-                    message: format!(
-                        "provider {other:?} is not one this operator drives; it drives kubernetes (Services and replicas) and Coalmine's routers (leave spec.provider out and annotate the Canary {ROUTERS_ANNOTATION}: <their Service>, or run the operator with --provider coalmine)"
-                    ),
-                })
-            }
+            Some(name) => match TrafficProvider::from_name(name) {
+                Some(provider) => provider,
+                None => {
+                    return Err(SpecFieldError {
+                        field: "spec.provider".into(),
+                        message: format!(
+                            "provider {name:?} is not one this operator drives; it drives kubernetes (Services and replicas), istio, gatewayapi:v1, gatewayapi:v1beta1, nginx, and Coalmine's routers (leave spec.provider out and annotate the Canary {ROUTERS_ANNOTATION}: <their Service>, or run the operator with --provider coalmine)"
+                        ),
+                    })
+                }
+            },
         };
         if !["Deployment", "DaemonSet"].contains(&workload.target_ref.kind.as_str()) {
             return Err(SpecFieldError {
@@ -167,8 +170,39 @@ impl Canary {
             skip_analysis: read.skip_analysis,
             suspend: read.suspend,
             revert_on_deletion: workload.revert_on_deletion,
+            ingress_ref: workload.ingress_ref,
             analysis: read.analysis,
         })
+    }
+}
+
+/// The fields of Flagger's `spec.service` this operator applies; the others are named by
+/// [`Canary::ignored_service_fields`].
+const APPLIED_SERVICE_FIELDS: &[&str] = &[
+    "name",
+    "port",
+    "targetPort",
+    "portName",
+    "hosts",
+    "gateways",
+    "gatewayRefs",
+    "timeout",
+    "retries",
+    "trafficPolicy",
+];
+
+impl Canary {
+    /// The fields of `spec.service` the Canary sets that this operator does not apply (Istio's
+    /// `rewrite`, `headers`, `corsPolicy`, a service-level `match`, …), by path: the routes are
+    /// written without them, which the user must be told.
+    pub fn ignored_service_fields(&self) -> Vec<String> {
+        self.spec["service"]
+            .as_object()
+            .into_iter()
+            .flatten()
+            .filter(|(k, v)| !APPLIED_SERVICE_FIELDS.contains(&k.as_str()) && !v.is_null())
+            .map(|(k, _)| format!("spec.service.{k}"))
+            .collect()
     }
 }
 

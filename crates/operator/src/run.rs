@@ -44,8 +44,12 @@ use crate::leader::{Elector, LeaseTimings};
 use crate::next::{next, Next, Seen};
 use crate::requests::{removal, request_of, Request, REQUEST_ANNOTATION};
 use crate::seams::configs::ConfigTracker;
+use crate::seams::gateway_api::GatewayApiRoutes;
+use crate::seams::ingress::NginxCanaryIngress;
+use crate::seams::istio::IstioRoutes;
 use crate::seams::replicas::ReplicaRatio;
-use crate::seams::routers::{locate, CoalmineRouters, LocateError};
+use crate::seams::routed::{RouteSpec, Routed, ALL_ON_PRIMARY};
+use crate::seams::routers::{locate, LocateError};
 use crate::seams::status_store::RolloutStatusStore;
 use crate::seams::workloads::{Apex, Workloads, WorkloadsSpec};
 use crate::templates::ResolveError;
@@ -141,15 +145,6 @@ impl ObservationSource for NoCounts {
     }
 }
 
-/// Everything on the primary.
-const NO_CANARY: coalmine_rollout::Traffic = coalmine_rollout::Traffic {
-    promoted: false,
-    canary: false,
-    canary_weight: coalmine_spec::Weight::ZERO,
-    apply_match: false,
-    mirror_weight: coalmine_spec::Weight::ZERO,
-};
-
 /// Returns once the rollout is gone (deleted, or deleted and created again: another uid). Looked
 /// up in the watch cache every second — no request — and confirmed by a read before it counts:
 /// an API server that does not answer, or a cache still filling, is not a deletion.
@@ -176,7 +171,7 @@ async fn deleted(cache: Store<Rollout>, rollouts: &Api<Rollout>, name: &str, uid
 /// Puts all traffic on the primary, trying for a while if the API server does not answer.
 async fn take_canary_off(traffic: &dyn TrafficBackend) {
     for attempt in 0..30 {
-        match traffic.apply(&NO_CANARY).await {
+        match traffic.apply(&ALL_ON_PRIMARY).await {
             Ok(()) => return,
             Err(TrafficFault::Refused(e)) => {
                 tracing::error!(error = %e, "the canary could not be taken off");
@@ -216,7 +211,7 @@ async fn settle(
     let mut told = false;
     loop {
         let tried = async {
-            let (backend, _) = seams_of(context, rollout, &mut rollout.to_document()).await?;
+            let (backend, _) = seams_of(context, rollout, &mut rollout.to_document(), None).await?;
             backend.apply(&traffic).await?;
             Ok::<_, ReconcileError>(backend)
         }
@@ -618,7 +613,7 @@ fn targets_daemon_set(rollout: &Rollout) -> bool {
 fn workloads<W: Workload>(context: &Context, rollout: &Rollout) -> Workloads<W> {
     let apex_selects = match rollout.spec.provider {
         TrafficProvider::Kubernetes => Apex::BothVersions,
-        TrafficProvider::Coalmine => Apex::Primary,
+        _ => Apex::Primary,
     };
     Workloads::new(
         context.client.clone(),
@@ -657,12 +652,59 @@ fn workloads_spec(context: &Context, rollout: &Rollout) -> WorkloadsSpec {
     }
 }
 
-/// Flagger's initialisation of the rollout's workloads.
+/// Flagger's initialisation of the rollout's workloads, then of its route objects (everything
+/// on the primary), if its provider writes any.
 async fn initialize(context: &Context, rollout: &Rollout) -> Result<(), TrafficFault> {
     if targets_daemon_set(rollout) {
-        workloads::<DaemonSet>(context, rollout).initialize().await
+        workloads::<DaemonSet>(context, rollout)
+            .initialize()
+            .await?;
     } else {
-        workloads::<Deployment>(context, rollout).initialize().await
+        workloads::<Deployment>(context, rollout)
+            .initialize()
+            .await?;
+    }
+    match route_objects(context, rollout, RouteSpec::of(rollout, None)) {
+        Some(routes) => routes.apply(&ALL_ON_PRIMARY).await,
+        None => Ok(()),
+    }
+}
+
+/// The route objects a rollout's provider writes, saying `spec` (none for `kubernetes` and
+/// `coalmine`).
+fn route_objects(
+    context: &Context,
+    rollout: &Rollout,
+    spec: RouteSpec,
+) -> Option<Arc<dyn TrafficBackend>> {
+    let client = &context.client;
+    Some(match rollout.spec.provider {
+        TrafficProvider::Kubernetes | TrafficProvider::Coalmine => return None,
+        TrafficProvider::Istio => Arc::new(IstioRoutes::new(client, spec)),
+        TrafficProvider::GatewayApi => Arc::new(GatewayApiRoutes::new(client, "v1", spec)),
+        TrafficProvider::GatewayApiV1beta1 => {
+            Arc::new(GatewayApiRoutes::new(client, "v1beta1", spec))
+        }
+        TrafficProvider::Nginx => Arc::new(NginxCanaryIngress::new(client, spec)),
+    })
+}
+
+/// The rollout's workloads, weighed by `routes`.
+fn routed(
+    context: &Context,
+    rollout: &Rollout,
+    routes: Arc<dyn TrafficBackend>,
+) -> Arc<dyn TrafficBackend> {
+    if targets_daemon_set(rollout) {
+        Arc::new(Routed::new(
+            workloads::<DaemonSet>(context, rollout),
+            routes,
+        ))
+    } else {
+        Arc::new(Routed::new(
+            workloads::<Deployment>(context, rollout),
+            routes,
+        ))
     }
 }
 
@@ -681,12 +723,18 @@ async fn target_of<W: Workload>(
 
 /// The traffic backend and the counts of the rollout's provider. For provider `coalmine`, the
 /// document learns where the routers and the versions are (found now: a run drives the routers
-/// that were ready when it started).
+/// that were ready when it started). `revision` is the run's (its session cookie).
 async fn seams_of(
     context: &Context,
     rollout: &Rollout,
     document: &mut coalmine_spec::rollout::Rollout,
+    revision: Option<&str>,
 ) -> Result<(Arc<dyn TrafficBackend>, Box<dyn ObservationSource>), ReconcileError> {
+    if let Some(routes) = route_objects(context, rollout, RouteSpec::of(rollout, revision)) {
+        // Their counts come from Prometheus (the template checks) until an observation source
+        // reads them for the sequential judges and the built-in checks.
+        return Ok((routed(context, rollout, routes), Box::new(NoCounts)));
+    }
     match rollout.spec.provider {
         TrafficProvider::Kubernetes => Ok((
             Arc::new(ReplicaRatio::new(
@@ -730,19 +778,9 @@ async fn seams_of(
             .map_err(unrunnable)?;
             let observations =
                 coalmine_controller::observations::open(document).map_err(unrunnable)?;
-            let traffic: Arc<dyn TrafficBackend> = if targets_daemon_set(rollout) {
-                Arc::new(CoalmineRouters::new(
-                    workloads::<DaemonSet>(context, rollout),
-                    routers.into(),
-                ))
-            } else {
-                Arc::new(CoalmineRouters::new(
-                    workloads::<Deployment>(context, rollout),
-                    routers.into(),
-                ))
-            };
-            Ok((traffic, observations))
+            Ok((routed(context, rollout, routers.into()), observations))
         }
+        _ => unreachable!("route_objects covers the other providers"),
     }
 }
 
@@ -753,13 +791,13 @@ fn check(rollout: &Rollout) -> Result<(), ReconcileError> {
         message,
     };
     match (rollout.spec.target_ref.kind.as_str(), rollout.spec.provider) {
-        ("Deployment", _) | ("DaemonSet", TrafficProvider::Coalmine) => {}
         ("DaemonSet", TrafficProvider::Kubernetes) => {
             return Err(invalid(
                 "spec.provider",
                 "provider kubernetes weighs by replicas, and a DaemonSet runs one pod per node: use provider coalmine".into(),
             ))
         }
+        ("Deployment" | "DaemonSet", _) => {}
         (other, _) => {
             return Err(invalid(
                 "spec.targetRef.kind",
@@ -791,17 +829,45 @@ fn check(rollout: &Rollout) -> Result<(), ReconcileError> {
         .iter()
         .enumerate()
         .find(|(_, m)| m.is_builtin());
-    if let (TrafficProvider::Kubernetes, Some((i, m))) = (rollout.spec.provider, builtin) {
+    if let (false, Some((i, m))) = (rollout.spec.provider.counts_versions(), builtin) {
         return Err(ReconcileError::Invalid {
             field: format!("spec.analysis.metrics[{i}]"),
             message: format!(
-                "{:?} is counted by Coalmine's routers; provider kubernetes has no per-version counts: give it a templateRef (Prometheus) or use provider coalmine",
-                m.name
+                "{:?} is counted by Coalmine's routers; provider {} has no per-version counts in this operator yet: give it a templateRef (Prometheus) or use provider coalmine",
+                m.name,
+                rollout.spec.provider.name()
             ),
         });
     }
+    check_routes(rollout)?;
     coalmine_spec::documents::check_analysis(&rollout.spec.analysis, "spec.analysis")
         .map_err(|(field, message)| ReconcileError::Invalid { field, message })
+}
+
+/// What the rollout's provider cannot route, named by field.
+fn check_routes(rollout: &Rollout) -> Result<(), ReconcileError> {
+    let spec = &rollout.spec;
+    let routes = || RouteSpec::of(rollout, None);
+    let unsupported = match spec.provider {
+        TrafficProvider::GatewayApi | TrafficProvider::GatewayApiV1beta1 => {
+            crate::seams::gateway_api::unsupported(&routes())
+        }
+        TrafficProvider::Nginx => match &spec.ingress_ref {
+            Some(r) if r.kind != "Ingress" => Some((
+                "spec.ingressRef.kind".into(),
+                format!(
+                    "{:?}: provider nginx copies an Ingress (networking.k8s.io/v1)",
+                    r.kind
+                ),
+            )),
+            _ => crate::seams::ingress::unsupported(&routes(), &spec.analysis),
+        },
+        _ => None,
+    };
+    match unsupported {
+        Some((field, message)) => Err(ReconcileError::Invalid { field, message }),
+        None => Ok(()),
+    }
 }
 
 async fn write_status(
@@ -834,7 +900,7 @@ async fn warn_invalid(context: &Context, regarding: &ObjectReference, said: Stri
 }
 
 /// An Event from the reconciler (not a run) on what the user wrote.
-async fn tell(
+pub(crate) async fn tell(
     context: &Context,
     regarding: &ObjectReference,
     type_: EventType,
@@ -1020,13 +1086,21 @@ async fn revert_then_let_go(
     }
 }
 
-/// The workloads reverted, then Coalmine's routers (provider `coalmine`) sent to the apex,
-/// which now selects the target, and let go.
+/// The workloads reverted, then the route objects (providers `istio`, `gatewayapi`, `nginx`) or
+/// Coalmine's routers (provider `coalmine`) sent to the apex, which now selects the target, and
+/// let go.
 async fn revert_workloads<W: Workload>(
     context: &Context,
     rollout: &Rollout,
 ) -> Result<(), TrafficFault> {
     workloads::<W>(context, rollout).revert().await?;
+    let reverted = RouteSpec {
+        reverted: true,
+        ..RouteSpec::of(rollout, None)
+    };
+    if let Some(routes) = route_objects(context, rollout, reverted) {
+        return routes.apply(&ALL_ON_PRIMARY).await;
+    }
     if rollout.spec.provider != TrafficProvider::Coalmine {
         return Ok(());
     }
@@ -1057,7 +1131,7 @@ async fn revert_workloads<W: Workload>(
     let routers =
         coalmine_controller::traffic::open(&document, coalmine_controller::Runner::Run, &owner)
             .map_err(|u| TrafficFault::Refused(format!("spec.{}: {}", u.field, u.message)))?;
-    routers.apply(&NO_CANARY).await?;
+    routers.apply(&ALL_ON_PRIMARY).await?;
     routers.release().await
 }
 
@@ -1257,7 +1331,8 @@ async fn drive(
                     ResolveError::Kube(e) => ReconcileError::Kube(e),
                 })?;
             document.spec.analysis = analysis;
-            let (traffic, observations) = seams_of(context, &rollout, &mut document).await?;
+            let (traffic, observations) =
+                seams_of(context, &rollout, &mut document, Some(&hash)).await?;
             if !resume {
                 let regarding = crate::canaries::regarding(&rollout);
                 let warnings = crate::templates::alert_warnings(
@@ -1295,7 +1370,7 @@ async fn drive(
             let store = match rollout.spec.provider {
                 // The weight in force is the replicas'.
                 TrafficProvider::Kubernetes => store.with_replica_split(&primary_name(target_name)),
-                TrafficProvider::Coalmine => store,
+                _ => store,
             };
             let seams = Seams {
                 traffic,
@@ -1378,8 +1453,9 @@ async fn drive(
             }
             forget_final(context, &key);
             // The old run's canary off before anything else.
-            let (traffic, _) = seams_of(context, &rollout, &mut rollout.to_document()).await?;
-            traffic.apply(&NO_CANARY).await?;
+            let (traffic, _) =
+                seams_of(context, &rollout, &mut rollout.to_document(), None).await?;
+            traffic.apply(&ALL_ON_PRIMARY).await?;
             write_status(
                 &context.client,
                 &rollout,
@@ -1475,6 +1551,54 @@ mod tests {
             matches!(&refused, ReconcileError::Invalid { field, .. } if field == "spec.targetRef.kind"),
             "{refused}"
         );
+    }
+
+    /// The field a refused rollout names.
+    fn refused_field(rollout: &Rollout) -> String {
+        match check(rollout) {
+            Err(ReconcileError::Invalid { field, .. }) => field,
+            other => panic!("not refused by field: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn what_a_provider_cannot_route_is_refused_by_field() {
+        let mut rollout: Rollout = serde_saphyr::from_str(include_str!(
+            "../tests/fixtures/payment-service-rollout.yaml"
+        ))
+        .unwrap();
+        // The built-in checks need per-version counts, which only Coalmine's routers give.
+        rollout.spec.provider = TrafficProvider::Istio;
+        assert_eq!(refused_field(&rollout), "spec.analysis.metrics[0]");
+        rollout.spec.analysis.metrics.clear();
+        check(&rollout).unwrap();
+        // Gateway API attaches the HTTPRoute to Gateways.
+        rollout.spec.provider = TrafficProvider::GatewayApi;
+        assert_eq!(refused_field(&rollout), "spec.service.gatewayRefs");
+        rollout.spec.service.gateway_refs =
+            vec![serde_json::from_value(serde_json::json!({"name": "public"})).unwrap()];
+        check(&rollout).unwrap();
+        // NGINX copies an Ingress, matches one header and cannot mirror.
+        rollout.spec.provider = TrafficProvider::Nginx;
+        assert_eq!(refused_field(&rollout), "spec.ingressRef");
+        rollout.spec.ingress_ref = Some(crate::crd::WorkloadRef {
+            api_version: None,
+            kind: "Ingress".into(),
+            name: "web".into(),
+        });
+        check(&rollout).unwrap();
+        rollout.spec.analysis.match_ = serde_json::from_value(serde_json::json!([
+            {"headers": {"x-canary": {"exact": "true"}, "x-beta": {"exact": "1"}}}
+        ]))
+        .unwrap();
+        assert_eq!(refused_field(&rollout), "spec.analysis.match");
+        rollout.spec.analysis.match_ = serde_json::from_value(serde_json::json!([
+            {"headers": {"x-canary": {"exact": "true"}, "cookie": {"exact": "canary"}}}
+        ]))
+        .unwrap();
+        check(&rollout).unwrap();
+        rollout.spec.analysis.mirror = true;
+        assert_eq!(refused_field(&rollout), "spec.analysis.mirror");
     }
 
     #[tokio::test(start_paused = true)]

@@ -81,9 +81,42 @@ fn a_canary_without_a_provider_takes_the_operators_or_the_routers_it_names() {
         err.field, "metadata.annotations.coalmine.dev/routers",
         "{err}"
     );
+    // Flagger's providers this operator drives, by Flagger's names.
+    for (name, provider) in [
+        ("istio", TrafficProvider::Istio),
+        ("gatewayapi:v1", TrafficProvider::GatewayApi),
+        ("gatewayapi:v1beta1", TrafficProvider::GatewayApiV1beta1),
+        ("nginx", TrafficProvider::Nginx),
+    ] {
+        let spec = canary(|o| o["spec"]["provider"] = name.into())
+            .to_rollout_spec(TrafficProvider::Kubernetes)
+            .unwrap();
+        assert_eq!(spec.provider, provider, "{name}");
+    }
     let err = canary(|o| o["spec"]["provider"] = "linkerd".into())
         .to_rollout_spec(TrafficProvider::Coalmine)
         .unwrap_err();
     assert_eq!(err.field, "spec.provider", "{err}");
     assert!(err.message.contains("coalmine.dev/routers"), "{err}");
+}
+
+#[test]
+fn the_service_fields_coalmine_does_not_apply_are_named() {
+    // Flagger's Istio example: its URI match, rewrite and port discovery are not applied.
+    let example: Canary = serde_saphyr::from_str(include_str!(
+        "../../../tests/fixtures/flagger/istio-canary.yaml"
+    ))
+    .unwrap();
+    let mut ignored = example.ignored_service_fields();
+    ignored.sort();
+    assert_eq!(
+        ignored,
+        [
+            "spec.service.match",
+            "spec.service.portDiscovery",
+            "spec.service.rewrite"
+        ]
+    );
+    // The seed's Canary sets only a port: nothing to say.
+    assert!(canary(|_| {}).ignored_service_fields().is_empty());
 }

@@ -13,6 +13,7 @@ mod http1;
 mod loadtester;
 mod malformed;
 mod operator;
+mod operator_providers;
 mod operator_routers;
 mod prometheus;
 mod rollout;

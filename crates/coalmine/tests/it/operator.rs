@@ -860,7 +860,7 @@ async fn a_flagger_canary_runs_as_under_flagger_and_its_metric_template_decides(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_canary_coalmine_cannot_run_is_told_on_the_canary_and_changes_nothing() {
-    // Valid for Flagger's CRD (provider istio): not one this operator drives yet.
+    // Valid for Flagger's CRD (provider linkerd): not one this operator drives.
     let release = Release::start_as("Canary", "    stepWeights: [10, 50]\n").await;
     let mut canary = release.written.get("payment-service").await.unwrap();
     release.until_initialized().await;
@@ -870,7 +870,7 @@ async fn a_canary_coalmine_cannot_run_is_told_on_the_canary_and_changes_nothing(
         .get("payment-service")
         .await
         .unwrap_or(canary);
-    canary.data["spec"]["provider"] = "istio".into();
+    canary.data["spec"]["provider"] = "linkerd".into();
     release
         .written
         .replace("payment-service", &PostParams::default(), &canary)
@@ -894,7 +894,7 @@ async fn a_canary_coalmine_cannot_run_is_told_on_the_canary_and_changes_nothing(
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
-    assert!(said.contains("istio"), "{said}");
+    assert!(said.contains("linkerd"), "{said}");
     let warned: Vec<_> = release
         .events("payment-service")
         .await

@@ -40,7 +40,7 @@ spec:
 ";
 
 /// `kubectl set image deployment/web-app web-app=…:<version>`.
-async fn set_image(deployments: &Api<Deployment>, version: &str) {
+pub(crate) async fn set_image(deployments: &Api<Deployment>, version: &str) {
     let image = json!({"spec": {"template": {"spec": {"containers": [
         {"name": "web-app", "image": format!("registry.example/web-app:{version}")}]}}}});
     deployments
@@ -80,7 +80,7 @@ async fn answered_by(router: &Router, n: usize) -> Vec<String> {
 }
 
 /// A cluster with Coalmine's and Flagger's CRDs and namespace `shop`.
-async fn cluster() -> TestCluster {
+pub(crate) async fn cluster() -> TestCluster {
     let cluster = TestCluster::start().await.unwrap();
     cluster.create_namespace("shop").await.unwrap();
     let kube = cluster.client();
@@ -89,7 +89,7 @@ async fn cluster() -> TestCluster {
     cluster
 }
 
-fn canaries(kube: &kube::Client) -> Api<DynamicObject> {
+pub(crate) fn canaries(kube: &kube::Client) -> Api<DynamicObject> {
     Api::namespaced_with(
         kube.clone(),
         "shop",
@@ -214,9 +214,10 @@ async fn routers_service(
 
 /// The seed's `web-app` Deployment and Canary, as written but for its interval — 1 s, not 1 m
 /// (ten steps of a minute would make a ten-minute test) — and `edit`; an operator with
-/// `--provider coalmine`, played kubelet to until the Canary is initialised.
-async fn seed_web_app(
+/// `--provider <provider>`, played kubelet to until the Canary is initialised.
+pub(crate) async fn seed_web_app(
     cluster: &TestCluster,
+    provider: &str,
     edit: impl FnOnce(&mut serde_json::Value),
 ) -> (Api<Deployment>, Api<DynamicObject>, Proc) {
     let kube = cluster.client();
@@ -240,7 +241,7 @@ async fn seed_web_app(
         )
         .await
         .unwrap();
-    let operator = operator(cluster, &["--provider", "coalmine"]);
+    let operator = operator(cluster, &["--provider", provider]);
     until(&canaries, &deployments, &operator, "initialised", |s| {
         s["phase"] == "Initialized"
     })
@@ -249,7 +250,7 @@ async fn seed_web_app(
 }
 
 /// Plays kubelet until the `web-app` Canary's status is `done` (30 s at most).
-async fn until(
+pub(crate) async fn until(
     canaries: &Api<DynamicObject>,
     deployments: &Api<Deployment>,
     operator: &Proc,
@@ -280,7 +281,7 @@ async fn the_seeds_canary_on_coalmine_routers_is_promoted_then_a_bad_release_rol
     let kube = cluster.client();
     // Its checks are the built-in ones, over the routers' counts. Initialised as under Flagger:
     // the primary, the Services (the apex on the primary).
-    let (deployments, canaries, operator) = seed_web_app(&cluster, |_| {}).await;
+    let (deployments, canaries, operator) = seed_web_app(&cluster, "coalmine", |_| {}).await;
     let status = || async { canaries.get("web-app").await.unwrap().data["status"].clone() };
     let services: Api<Service> = Api::namespaced(kube.clone(), "shop");
     let apex = services.get("web-app").await.unwrap();

@@ -5,38 +5,18 @@
 //! kube-proxy spreads each version's share over its pods); their `/stats` are the observation
 //! source, so the built-in checks and the sequential judges work as off Kubernetes.
 //!
-//! The workloads are Flagger's ([`Workloads`], the apex selecting the primary): the canary is
-//! scaled from 0 to carry its share — as many pods as its weight needs beside the primary's, at
-//! least one — and is ready before the routers send it more; a rollback routes everything to the
-//! primary, then scales the canary to 0. Promotion runs the new version on the primary, waits for
-//! it, routes everything to it, then scales the canary to 0.
+//! The workloads are Flagger's, and the routers weigh in front of them as any provider's objects
+//! do ([`crate::seams::routed::Routed`]: the canary scaled and ready before it gets its share).
 
-use std::sync::Arc;
-
-use coalmine_controller::traffic::TrafficBackend;
-use coalmine_controller::BoxFuture;
-use coalmine_rollout::{Traffic, TrafficFault};
 use coalmine_spec::rollout::HttpUrl;
-use coalmine_spec::Weight;
 use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::{Api, ListParams};
 
 use crate::crd::RoutersRef;
-use crate::seams::workloads::Workloads;
-use crate::workload::Workload;
 
 /// The label an EndpointSlice carries naming its Service.
 const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
-
-/// Everything on the primary: what the routers carry outside a canary's analysis.
-const ALL_ON_PRIMARY: Traffic = Traffic {
-    promoted: false,
-    canary: false,
-    canary_weight: Weight::ZERO,
-    apply_match: false,
-    mirror_weight: Weight::ZERO,
-};
 
 /// Where a rollout's routers and versions are.
 #[derive(Debug, Clone, PartialEq)]
@@ -201,85 +181,4 @@ pub async fn service_url(
     };
     HttpUrl::parse(&format!("http://{host}:{port}"))
         .map_err(|e| LocateError::Waiting(format!("Service {namespace}/{name}: {e}")))
-}
-
-/// The routers weigh; the workloads (Deployments or DaemonSets) run the versions.
-pub struct CoalmineRouters<W: Workload> {
-    workloads: Workloads<W>,
-    /// The controller's routers backend, its stable upstream the primary's Service and its
-    /// canary the canary's.
-    routers: Arc<dyn TrafficBackend>,
-}
-
-impl<W: Workload> CoalmineRouters<W> {
-    pub fn new(workloads: Workloads<W>, routers: Arc<dyn TrafficBackend>) -> CoalmineRouters<W> {
-        CoalmineRouters { workloads, routers }
-    }
-
-    /// Capacity first, then traffic: the canary runs enough pods for its share before the
-    /// routers send it that share.
-    async fn analyse(&self, traffic: &Traffic) -> Result<Vec<String>, TrafficFault> {
-        let target = self.workloads.target().await?;
-        let primary = self.workloads.primary().await?;
-        // Pods in proportion to the weight, as many per request as the primary's; never more
-        // than the primary has (100 % on the canary needs the primary's capacity, not more),
-        // and one at least (a header match or a mirror at weight 0 still reaches it). A
-        // DaemonSet's canary runs on every node.
-        let wanted = W::canary_capacity(&primary, traffic.canary_weight);
-        let mut changed: Vec<String> = self
-            .workloads
-            .scale_canary(&target, wanted)
-            .await?
-            .into_iter()
-            .collect();
-        self.workloads.hold_until_canary_ready().await?;
-        changed.extend(self.routers.reconcile(traffic).await?);
-        Ok(changed)
-    }
-
-    /// Everything back on the primary, then the canary's pods go.
-    async fn all_on_primary(&self) -> Result<Vec<String>, TrafficFault> {
-        let mut changed = self.routers.reconcile(&ALL_ON_PRIMARY).await?;
-        let target = self.workloads.target().await?;
-        changed.extend(self.workloads.scale_canary(&target, 0).await?);
-        Ok(changed)
-    }
-}
-
-impl<W: Workload> TrafficBackend for CoalmineRouters<W> {
-    fn claim(&self) -> BoxFuture<'_, Result<(), TrafficFault>> {
-        Box::pin(async move {
-            self.workloads.claim().await?;
-            self.routers.claim().await
-        })
-    }
-
-    fn apply<'a>(&'a self, traffic: &'a Traffic) -> BoxFuture<'a, Result<(), TrafficFault>> {
-        Box::pin(async move { self.reconcile(traffic).await.map(|_| ()) })
-    }
-
-    fn reconcile<'a>(
-        &'a self,
-        traffic: &'a Traffic,
-    ) -> BoxFuture<'a, Result<Vec<String>, TrafficFault>> {
-        Box::pin(async move {
-            if traffic.promoted {
-                // The canary keeps its share until the primary runs the new version.
-                self.workloads.promote_primary().await?;
-                self.all_on_primary().await
-            } else if traffic.canary {
-                self.analyse(traffic).await
-            } else {
-                self.all_on_primary().await
-            }
-        })
-    }
-
-    fn release(&self) -> BoxFuture<'_, Result<(), TrafficFault>> {
-        Box::pin(async move {
-            let routers = self.routers.release().await;
-            self.workloads.release().await?;
-            routers
-        })
-    }
 }
