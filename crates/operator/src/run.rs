@@ -287,8 +287,16 @@ fn settle_unless_landed(context: &Arc<Context>, rollout: &Rollout, key: &str, st
             task_rollout.to_document(),
             &task_context.identity,
         );
-        let settled =
-            async { settle(&task_context, &task_rollout, NO_CANARY, &status, &mut store).await };
+        let settled = async {
+            settle(
+                &task_context,
+                &task_rollout,
+                ALL_ON_PRIMARY,
+                &status,
+                &mut store,
+            )
+            .await
+        };
         tokio::select! {
             landed = settled => {
                 tracing::info!(rollout = %task_key, "a finished run's final traffic is in place");
