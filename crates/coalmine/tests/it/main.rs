@@ -11,6 +11,7 @@ mod faults;
 mod http1;
 mod loadtester;
 mod malformed;
+mod mesh_metrics;
 mod operator;
 mod operator_routers;
 mod prometheus;
