@@ -17,12 +17,15 @@
 //! (plus the scrape's own duration) behind the traffic, at most one interval. Detection is
 //! delayed by as much; [`PrometheusSource::lag`] says how far behind the last step was. A step
 //! shorter than the scrape interval may hold no scrape at all (zero counts) and the next one two:
-//! the sum over steps is right, a single step is not a rate.
+//! the sum over steps is right, a single step is not a rate. The versions' pods are scraped at
+//! different moments, so a step may hold one version's requests alone, which tells the
+//! sequential judge nothing (it compares the versions within a step): such a step is held until
+//! the other version's series advance too, at most [`PAIRING_HOLD_SECS`].
 //!
-//! **Latency.** The histogram's buckets are all Prometheus knows: each step's bucket counts are
-//! spread evenly over their bucket (at most [`SPREAD_POINTS`] points), so a quantile read from the
-//! counts is `histogram_quantile()`'s linear interpolation to within a [`SPREAD_POINTS`]th of the
-//! bucket.
+//! **Latency.** The histogram's buckets are all Prometheus knows: each step's count in a bucket
+//! is spread evenly over the bucket (one latency per point up to [`SPREAD_POINTS`]), so a
+//! quantile read from the counts is `histogram_quantile()`'s linear interpolation to within the
+//! bucket's width over the smallest step count in it.
 //!
 //! **Built-in checks.** On a provider like these, `request-success-rate` and `request-duration`
 //! are read by the queries Flagger's observer runs ([`flagger_builtin_query`]): the same
@@ -44,8 +47,13 @@ use super::{ObservationSource, ObserveError, Sample};
 use crate::providers::{Providers, QueryError};
 use crate::{BoxFuture, Unrunnable};
 
-/// How many points one bucket's count of one step is spread over.
-pub const SPREAD_POINTS: u64 = 32;
+/// How many points one bucket's count of one step is spread over, at most: a count up to this
+/// is one latency per point, where `histogram_quantile()` would interpolate each rank. The
+/// points of steps with as many latencies coincide, so a window holds few more.
+pub const SPREAD_POINTS: u64 = 256;
+
+/// How long a step holding one version's requests alone waits for the other's.
+pub const PAIRING_HOLD_SECS: f64 = 30.0;
 
 /// How far back the first sample looks for each series' last value: Prometheus' own lookback
 /// (an instant query sees a series as long as it has a sample this recent).
@@ -399,6 +407,7 @@ pub struct PrometheusSource {
     server: Provider,
     series: MeshSeries,
     counters: SeriesCounters,
+    pairing: Pairing,
     /// When the last sample was asked (unix seconds); `None` before the first.
     asked_at: Option<f64>,
     lag: Option<Duration>,
@@ -418,6 +427,7 @@ impl PrometheusSource {
             server: server.clone(),
             series,
             counters: SeriesCounters::default(),
+            pairing: Pairing::default(),
             asked_at: None,
             lag: None,
         })
@@ -479,8 +489,9 @@ impl ObservationSource for PrometheusSource {
             }
             let requests = self.counters.advance(requests);
             let buckets = self.counters.advance(buckets);
+            let step = step_counts(&self.series, &requests, &buckets);
             Ok(Sample {
-                counts: step_counts(&self.series, &requests, &buckets),
+                counts: self.pairing.step(step, now),
                 restarted: false,
             })
         })
@@ -591,6 +602,30 @@ impl SeriesCounters {
     }
 }
 
+/// Steps held while only one version's series advanced.
+#[derive(Debug, Default)]
+struct Pairing {
+    held: Observation,
+    /// When holding began (unix seconds).
+    since: Option<f64>,
+}
+
+impl Pairing {
+    /// The counts to hand on at `now`: the held ones and this step's, once both versions have
+    /// requests in them (or neither has, or they were held for [`PAIRING_HOLD_SECS`]).
+    fn step(&mut self, counts: Observation, now: f64) -> Observation {
+        self.held.canary.add(&counts.canary);
+        self.held.stable.add(&counts.stable);
+        let one_sided = (self.held.canary.requests == 0) != (self.held.stable.requests == 0);
+        let since = *self.since.get_or_insert(now);
+        if one_sided && now - since < PAIRING_HOLD_SECS {
+            return Observation::default();
+        }
+        self.since = None;
+        std::mem::take(&mut self.held)
+    }
+}
+
 /// Both versions' counts from their series' increases over one step.
 fn step_counts(
     series: &MeshSeries,
@@ -666,8 +701,9 @@ fn spread(latency: &mut BTreeMap<u64, u64>, low: f64, high: f64, n: u64) {
     let points = n.min(SPREAD_POINTS);
     for j in 0..points {
         let at = low + (high - low) * (j + 1) as f64 / points as f64;
-        // Up to each point, its share of `n` (rounded down): remainders spread evenly too.
-        let share = n * (j + 1) / points - n * j / points;
+        // Up to each point, its share of `n` (rounded): remainders spread evenly too.
+        let upto = |k: u64| (n * k + points / 2) / points;
+        let share = upto(j + 1) - upto(j);
         *latency.entry(at.round() as u64).or_default() += share;
     }
 }
@@ -716,6 +752,25 @@ mod tests {
             c.advance(vec![raw(&late, &[(99.5, 70.0), (104.0, 72.0)])])[0].1,
             2.0
         );
+    }
+
+    #[test]
+    fn a_step_with_one_versions_requests_waits_for_the_others() {
+        let counts = |canary: u64, stable: u64| {
+            let mut o = Observation::default();
+            o.canary.requests = canary;
+            o.stable.requests = stable;
+            o
+        };
+        let mut p = Pairing::default();
+        // The canary's pods were scraped in this step, the primary's not yet.
+        assert_eq!(p.step(counts(10, 0), 0.0), Observation::default());
+        assert_eq!(p.step(counts(0, 0), 1.0), Observation::default());
+        assert_eq!(p.step(counts(5, 40), 2.0), counts(15, 40));
+        assert_eq!(p.step(counts(0, 0), 3.0), Observation::default());
+        // A version without traffic holds the other's no longer than PAIRING_HOLD_SECS.
+        assert_eq!(p.step(counts(0, 7), 4.0), Observation::default());
+        assert_eq!(p.step(counts(0, 3), 4.0 + PAIRING_HOLD_SECS), counts(0, 10));
     }
 
     #[test]
