@@ -410,7 +410,8 @@ pub struct PrometheusSource {
     pairing: Pairing,
     /// When the last sample was asked (unix seconds); `None` before the first.
     asked_at: Option<f64>,
-    lag: Option<Duration>,
+    /// The newest scrape of the request counter the last sample saw (unix seconds).
+    newest: Option<f64>,
 }
 
 impl PrometheusSource {
@@ -429,14 +430,22 @@ impl PrometheusSource {
             counters: SeriesCounters::default(),
             pairing: Pairing::default(),
             asked_at: None,
-            lag: None,
+            newest: None,
         })
     }
 
     /// How far behind the traffic the last sample's counts were: its time minus the newest
     /// scrape of the request counter it saw. `None` before a sample that saw one.
     pub fn lag(&self) -> Option<Duration> {
-        self.lag
+        Some(Duration::from_secs_f64(
+            (self.asked_at? - self.newest?).max(0.0),
+        ))
+    }
+
+    /// The newest scrape of the request counter the last sample saw (unix seconds): its
+    /// version's counts reach up to it.
+    pub fn counted_up_to(&self) -> Option<f64> {
+        self.newest
     }
 
     /// Raw samples of `selector` since the last sample (the last five minutes' for the
@@ -478,7 +487,7 @@ impl ObservationSource for PrometheusSource {
                 .iter()
                 .filter_map(|s| s.samples.last().map(|(t, _)| *t))
                 .fold(None, |m: Option<f64>, t| Some(m.map_or(t, |m| m.max(t))));
-            self.lag = newest.map(|t| Duration::from_secs_f64((now - t).max(0.0)));
+            self.newest = newest;
             let first = self.asked_at.replace(now).is_none();
             if first {
                 self.counters.since = now;
