@@ -15,7 +15,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use coalmine_controller::observations::prometheus::{
     flagger_builtin_query, with_builtin_queries, MeshSeries, PrometheusSource,
 };
-use coalmine_controller::observations::ObservationSource;
+use coalmine_controller::observations::{ObservationSource, ObserveError};
 use coalmine_controller::providers::Providers;
 use coalmine_judge::{Batch, CountsTest, Reading};
 use coalmine_rollout::Observation;
@@ -742,6 +742,16 @@ async fn versions_scraped_apart_reach_the_judge_together() {
         );
         total.canary.add(&o.canary);
         total.stable.add(&o.stable);
+    }
+    // A query Prometheus refuses (matchers that do not parse) is no sample, said as
+    // Prometheus said it, and blames no version.
+    let mut refused =
+        PrometheusSource::new(&server, MeshSeries::coalmine(r#"service=~"("#)).unwrap();
+    match refused.sample().await {
+        Err(ObserveError::Unreadable(reason)) => {
+            assert!(reason.contains("bad_data"), "{reason}")
+        }
+        other => panic!("expected Unreadable, got {other:?}"),
     }
     let totals = judge.totals();
     println!(
