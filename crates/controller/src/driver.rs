@@ -419,7 +419,7 @@ impl Edge {
                     .map(|(check, planned)| {
                         check.is_builtin().then(|| match &fresh {
                             Err(reason) => Reading::NoData {
-                                reason: format!("router stats unavailable: {reason}"),
+                                reason: format!("counts unavailable: {reason}"),
                             },
                             Ok(()) => self.window.reading(planned),
                         })

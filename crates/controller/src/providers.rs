@@ -26,15 +26,26 @@ pub struct Providers {
 
 impl Providers {
     pub fn new(checks: &[MetricCheck]) -> Providers {
-        let insecure = checks
-            .iter()
-            .any(|c| c.provider.as_ref().is_some_and(|p| p.insecure_skip_verify))
-            .then(|| {
-                reqwest::Client::builder()
-                    .danger_accept_invalid_certs(true)
-                    .build()
-                    .unwrap_or_default()
-            });
+        Self::with_insecure(
+            checks
+                .iter()
+                .any(|c| c.provider.as_ref().is_some_and(|p| p.insecure_skip_verify)),
+        )
+    }
+
+    /// The clients for asking one provider (a Prometheus that the traffic provider's series are
+    /// read from).
+    pub fn for_provider(provider: &Provider) -> Providers {
+        Self::with_insecure(provider.insecure_skip_verify)
+    }
+
+    fn with_insecure(insecure: bool) -> Providers {
+        let insecure = insecure.then(|| {
+            reqwest::Client::builder()
+                .danger_accept_invalid_certs(true)
+                .build()
+                .unwrap_or_default()
+        });
         Providers {
             client: reqwest::Client::new(),
             insecure,
@@ -49,6 +60,50 @@ impl Providers {
                 check.name
             ));
         };
+        let origin = provider_name(provider);
+        let (status, body) = match self.ask(provider, query, None).await {
+            Ok(answer) => answer,
+            Err(Unanswered::Unsupported(reason)) => return error(reason),
+            Err(Unanswered::NoAnswer(reason)) => return error(format!("{origin}: {reason}")),
+        };
+        let reading = match provider.kind.as_str() {
+            PROMETHEUS => prometheus_reading(status, &body),
+            _ => web_reading(status, &body, query),
+        };
+        with_origin(reading, &origin)
+    }
+
+    /// Prometheus' answer to the instant query `query` evaluated at unix time `at` (several
+    /// queries at one time read one moment), whatever its type: the answer's `data`
+    /// (`resultType` and `result`). The reasons name the provider, its address redacted.
+    pub async fn prometheus_data(
+        &self,
+        provider: &Provider,
+        query: &str,
+        at: f64,
+    ) -> Result<Value, QueryError> {
+        let origin = provider_name(provider);
+        let (status, body) = self
+            .ask(provider, query, Some(at))
+            .await
+            .map_err(|e| match e {
+                Unanswered::Unsupported(reason) => QueryError::Failed(reason),
+                Unanswered::NoAnswer(reason) => {
+                    QueryError::Unreachable(format!("{origin}: {reason}"))
+                }
+            })?;
+        prometheus_answer(status, &body)
+            .map_err(|reason| QueryError::Failed(format!("{origin}: {reason}")))
+    }
+
+    /// Sends `provider` its query (a Prometheus one evaluated at unix time `at`, or now): the
+    /// answer's status and body, whatever they are.
+    async fn ask(
+        &self,
+        provider: &Provider,
+        query: &str,
+        at: Option<f64>,
+    ) -> Result<(u16, Vec<u8>), Unanswered> {
         let client = match (&self.insecure, provider.insecure_skip_verify) {
             (Some(insecure), true) => insecure,
             _ => &self.client,
@@ -62,46 +117,60 @@ impl Providers {
             PROMETHEUS => client
                 .get(format!("{}/api/v1/query", address.trim_end_matches('/')))
                 // Prometheus stops evaluating when its own timeout passes, sparing it the work.
-                .query(&[
-                    ("query", query.as_str()),
-                    ("timeout", &prometheus_seconds(timeout)),
-                ]),
+                .query(&[("query", query), ("timeout", &prometheus_seconds(timeout))])
+                .query(&Vec::from_iter(at.map(|at| ("time", format!("{at:.3}"))))),
             WEB => match provider.method.unwrap_or(WebMethod::Get) {
                 WebMethod::Get => client.get(address),
                 WebMethod::Post => client
                     .post(address)
                     .body(provider.body.clone().unwrap_or_default()),
             },
-            other => return error(format!("provider type {other:?} is not supported")),
+            other => {
+                return Err(Unanswered::Unsupported(format!(
+                    "provider type {other:?} is not supported"
+                )))
+            }
         };
         let request = with_headers(request, provider).timeout(timeout);
-        let origin = provider_name(provider);
         let response = match request.send().await {
             Ok(r) => r,
             Err(e) if e.is_timeout() => {
-                return error(format!(
-                    "{origin}: no answer within {} (the provider's timeout)",
+                return Err(Unanswered::NoAnswer(format!(
+                    "no answer within {} (the provider's timeout)",
                     coalmine_spec::format_duration(timeout)
-                ))
+                )))
             }
-            Err(e) => return error(format!("{origin}: {}", reqwest_reason(&e))),
+            Err(e) => return Err(Unanswered::NoAnswer(reqwest_reason(&e))),
         };
         let status = response.status().as_u16();
-        let body = match response.bytes().await {
-            Ok(b) => b,
-            Err(e) => {
-                return error(format!(
-                    "{origin}: reading the answer failed: {}",
-                    reqwest_reason(&e)
-                ))
-            }
-        };
-        let reading = match provider.kind.as_str() {
-            PROMETHEUS => prometheus_reading(status, &body),
-            _ => web_reading(status, &body, query),
-        };
-        with_origin(reading, &origin)
+        match response.bytes().await {
+            Ok(body) => Ok((status, body.to_vec())),
+            Err(e) => Err(Unanswered::NoAnswer(format!(
+                "reading the answer failed: {}",
+                reqwest_reason(&e)
+            ))),
+        }
     }
+}
+
+/// Why a provider's answer could not be had.
+enum Unanswered {
+    /// A provider type Coalmine cannot ask.
+    Unsupported(String),
+    /// Asked, and no (whole) answer came.
+    NoAnswer(String),
+}
+
+/// Why a Prometheus query gave no data to read. The reasons name the provider (address
+/// redacted).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum QueryError {
+    /// No answer: refused, unreachable, timed out, broken off.
+    #[error("{0}")]
+    Unreachable(String),
+    /// An answer that is not a successful Prometheus answer.
+    #[error("{0}")]
+    Failed(String),
 }
 
 fn error(reason: String) -> Reading {
@@ -159,18 +228,10 @@ fn quote(body: &[u8]) -> String {
 /// value; no series or NaN is no data (nothing was measured, e.g. 0/0 with no canary traffic);
 /// anything else is an error.
 pub fn prometheus_reading(status: u16, body: &[u8]) -> Reading {
-    let Ok(doc) = serde_json::from_slice::<Value>(body) else {
-        return error(format!(
-            "HTTP {status}, and the answer is not Prometheus' JSON: {}",
-            quote(body)
-        ));
+    let data = match prometheus_answer(status, body) {
+        Ok(data) => data,
+        Err(reason) => return error(reason),
     };
-    if doc["status"] != "success" {
-        let kind = doc["errorType"].as_str().unwrap_or("unknown");
-        let message = doc["error"].as_str().unwrap_or("no message");
-        return error(format!("query failed (HTTP {status}, {kind}): {message}"));
-    }
-    let data = &doc["data"];
     let sample = match (data["resultType"].as_str(), &data["result"]) {
         (Some("vector"), Value::Array(series)) => match series.as_slice() {
             [] => {
@@ -208,6 +269,22 @@ pub fn prometheus_reading(status: u16, body: &[u8]) -> Reading {
         Some(value) => Reading::Value { value },
         None => error(format!("the sample {sample} has no numeric value")),
     }
+}
+
+/// The `data` of a successful Prometheus answer, or why the answer is not one.
+fn prometheus_answer(status: u16, body: &[u8]) -> Result<Value, String> {
+    let Ok(mut doc) = serde_json::from_slice::<Value>(body) else {
+        return Err(format!(
+            "HTTP {status}, and the answer is not Prometheus' JSON: {}",
+            quote(body)
+        ));
+    };
+    if doc["status"] != "success" {
+        let kind = doc["errorType"].as_str().unwrap_or("unknown");
+        let message = doc["error"].as_str().unwrap_or("no message");
+        return Err(format!("query failed (HTTP {status}, {kind}): {message}"));
+    }
+    Ok(doc["data"].take())
 }
 
 /// Reads a `web` provider's answer: a 2xx JSON document in which the JSONPath `path` selects

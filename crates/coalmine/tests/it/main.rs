@@ -12,6 +12,7 @@ mod geography;
 mod http1;
 mod loadtester;
 mod malformed;
+mod mesh_metrics;
 mod operator;
 mod operator_providers;
 mod operator_routers;

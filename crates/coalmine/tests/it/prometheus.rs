@@ -66,20 +66,13 @@ async fn stack(
         ScrapeTarget::new("coalmine-router", &router.admin).label("service", "payment-service")
     ];
     scrape.extend(extra_scrape);
-    let targets = scrape.len();
-    let prometheus = tokio::task::spawn_blocking(move || {
-        Prometheus::start(PrometheusSetup {
-            scrape,
-            rule_files: rules,
-            alertmanager,
-            ..PrometheusSetup::default()
-        })
+    let prometheus = Prometheus::start_scraping(PrometheusSetup {
+        scrape,
+        rule_files: rules,
+        alertmanager,
+        ..PrometheusSetup::default()
     })
-    .await
-    .unwrap();
-    prometheus
-        .wait_for_targets_up(targets, Duration::from_secs(30))
-        .await;
+    .await;
     Stack {
         stable,
         canary,

@@ -1,10 +1,12 @@
 //! The observation source seam: both versions' counts (requests, 5xx, latency histogram) step by
 //! step — what the sequential judges see every step and the built-in metrics read over their
-//! windows. Today the routers' own counters ([`router_stats`]); Prometheus next.
+//! windows: the routers' own counters ([`router_stats`]), or a traffic provider's series in
+//! Prometheus ([`prometheus`]).
 //!
-//! A source is found for a rollout by its registration in [`SOURCES`]: the first that takes the
-//! rollout is used. A new source is a file here that defines its `REGISTERED` value, and its
-//! name in the `implementations!` line below.
+//! A source is found for a rollout document by its registration in [`SOURCES`]: the first that
+//! takes the rollout is used. A new source is a file here that defines its `REGISTERED` value,
+//! and its name in the `implementations!` line below. [`prometheus`] is opened by the operator
+//! instead, which knows the Canary's traffic provider (a rollout document names no mesh).
 
 use coalmine_rollout::Observation;
 use coalmine_spec::rollout::Rollout;
@@ -12,6 +14,7 @@ use coalmine_spec::rollout::Rollout;
 use crate::{BoxFuture, Unrunnable};
 
 crate::implementations!(SOURCES: Registration = [router_stats]);
+pub mod prometheus;
 
 /// One step's counts, and whether the traffic backend was seen to restart during it.
 #[derive(Debug, Clone, Default, PartialEq)]

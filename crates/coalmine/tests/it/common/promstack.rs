@@ -113,6 +113,19 @@ impl Prometheus {
         )
     }
 
+    /// [`Prometheus::start`] off the async runtime's threads, then waits until every scrape
+    /// target is up (scraped once).
+    pub async fn start_scraping(setup: PrometheusSetup) -> Prometheus {
+        let targets = setup.scrape.len();
+        let prometheus = tokio::task::spawn_blocking(move || Prometheus::start(setup))
+            .await
+            .unwrap();
+        prometheus
+            .wait_for_targets_up(targets, Duration::from_secs(30))
+            .await;
+        prometheus
+    }
+
     /// Instant query (`GET /api/v1/query`); returns the `data` object
     /// (`{"resultType": ..., "result": ...}`). Panics on an error answer.
     pub async fn query(&self, expr: &str) -> Value {
