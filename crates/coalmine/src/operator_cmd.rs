@@ -57,6 +57,11 @@ pub struct OperatorArgs {
     /// VirtualService, HTTPRoute or canary Ingress
     #[arg(long, default_value = "kubernetes", value_parser = provider)]
     pub provider: TrafficProvider,
+    /// The Prometheus that scrapes the mesh or ingress (as Flagger's -metrics-server): under
+    /// providers istio, gatewayapi and nginx the versions' counts (for the built-in checks and
+    /// the sequential judges) come from its series; a Canary's spec.metricsServer wins
+    #[arg(long, value_name = "URL", default_value = "http://prometheus:9090")]
+    pub metrics_server: String,
 }
 
 fn provider(name: &str) -> Result<TrafficProvider, String> {
@@ -107,6 +112,7 @@ pub fn operator(args: OperatorArgs) -> anyhow::Result<ExitCode> {
                 timings: Default::default(),
                 health,
                 default_provider: args.provider,
+                metrics_server: args.metrics_server,
             },
         )
         .await?;

@@ -204,10 +204,11 @@ impl TrafficProvider {
         .find(|p| p.name() == name)
     }
 
-    /// Whether the operator has per-version counts for the built-in checks under this provider
-    /// (only Coalmine's routers count today; the others' come from Prometheus).
+    /// Whether the operator has per-version counts for the built-in checks under this provider:
+    /// Coalmine's routers count, a mesh's or ingress's series in Prometheus do; replicas behind
+    /// one Service have no per-version series of their own.
     pub fn counts_versions(self) -> bool {
-        self == TrafficProvider::Coalmine
+        self != TrafficProvider::Kubernetes
     }
 }
 

@@ -71,6 +71,8 @@ pub struct Settings {
     pub health: Arc<Health>,
     /// The provider of Canaries that name none (Flagger's `-mesh-provider`).
     pub default_provider: TrafficProvider,
+    /// The Prometheus of rollouts that name none (Flagger's `-metrics-server`).
+    pub metrics_server: String,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -115,6 +117,8 @@ pub(crate) struct Context {
     cache: std::sync::OnceLock<Store<Rollout>>,
     /// The provider of Canaries that name none.
     pub(crate) default_provider: TrafficProvider,
+    /// The Prometheus of rollouts that name none.
+    pub(crate) metrics_server: String,
 }
 
 /// Where a finished run's final traffic stands in this process.
@@ -356,6 +360,7 @@ pub async fn run(client: kube::Client, settings: Settings) -> Result<(), Operato
         finals: Mutex::new(HashMap::new()),
         cache: std::sync::OnceLock::new(),
         default_provider: settings.default_provider,
+        metrics_server: settings.metrics_server.clone(),
     });
     let rollouts: Api<Rollout> = match &settings.namespace {
         Some(ns) => Api::namespaced(client.clone(), ns),
@@ -729,6 +734,43 @@ async fn target_of<W: Workload>(
     Ok((target.revision_template(), primary_exists))
 }
 
+/// The versions' counts under a mesh or ingress provider: its own series in the rollout's
+/// Prometheus (`spec.metricsServer`, else `--metrics-server`), named as Flagger's observers name
+/// them; the built-in checks are Flagger's queries on them, so they read what Flagger would.
+fn mesh_counts(
+    context: &Context,
+    rollout: &Rollout,
+    document: &mut coalmine_spec::rollout::Rollout,
+) -> Result<Box<dyn ObservationSource>, ReconcileError> {
+    use coalmine_controller::observations::prometheus::{self, MeshSeries};
+    let namespace = rollout.metadata.namespace.clone().unwrap_or_default();
+    let target = &rollout.spec.target_ref.name;
+    let series = match rollout.spec.provider {
+        TrafficProvider::Istio => MeshSeries::istio(&namespace, target),
+        TrafficProvider::Nginx => {
+            let ingress = rollout.spec.ingress_ref.as_ref().map(|i| i.name.as_str());
+            MeshSeries::nginx(&namespace, ingress.unwrap_or_default())
+        }
+        _ => MeshSeries::gateway_api(&namespace, &apex(rollout)),
+    };
+    let server = coalmine_spec::templates::Provider {
+        kind: "prometheus".into(),
+        address: Some(
+            rollout
+                .spec
+                .metrics_server
+                .clone()
+                .unwrap_or_else(|| context.metrics_server.clone()),
+        ),
+        ..Default::default()
+    };
+    prometheus::with_builtin_queries(&mut document.spec.analysis.metrics, &server, &series);
+    prometheus::open(&server, series).map_err(|u| ReconcileError::Invalid {
+        field: format!("spec.{}", u.field),
+        message: u.message,
+    })
+}
+
 /// The traffic backend and the counts of the rollout's provider. For provider `coalmine`, the
 /// document learns where the routers and the versions are (found now: a run drives the routers
 /// that were ready when it started). `revision` is the run's (its session cookie).
@@ -739,9 +781,8 @@ async fn seams_of(
     revision: Option<&str>,
 ) -> Result<(Arc<dyn TrafficBackend>, Box<dyn ObservationSource>), ReconcileError> {
     if let Some(routes) = route_objects(context, rollout, RouteSpec::of(rollout, revision)) {
-        // Their counts come from Prometheus (the template checks) until an observation source
-        // reads them for the sequential judges and the built-in checks.
-        return Ok((routed(context, rollout, routes), Box::new(NoCounts)));
+        let counts = mesh_counts(context, rollout, document)?;
+        return Ok((routed(context, rollout, routes), counts));
     }
     match rollout.spec.provider {
         TrafficProvider::Kubernetes => Ok((
@@ -841,7 +882,7 @@ fn check(rollout: &Rollout) -> Result<(), ReconcileError> {
         return Err(ReconcileError::Invalid {
             field: format!("spec.analysis.metrics[{i}]"),
             message: format!(
-                "{:?} is counted by Coalmine's routers; provider {} has no per-version counts in this operator yet: give it a templateRef (Prometheus) or use provider coalmine",
+                "{:?} needs each version's requests, which provider {} cannot tell apart (one Service in front of both): give it a templateRef (Prometheus), or use provider coalmine, istio, gatewayapi:v1 or nginx",
                 m.name,
                 rollout.spec.provider.name()
             ),
@@ -1575,9 +1616,12 @@ mod tests {
             "../tests/fixtures/payment-service-rollout.yaml"
         ))
         .unwrap();
-        // The built-in checks need per-version counts, which only Coalmine's routers give.
-        rollout.spec.provider = TrafficProvider::Istio;
+        // The built-in checks need per-version counts: Coalmine's routers and a mesh's series
+        // in Prometheus give them; replicas behind one Service do not.
+        rollout.spec.provider = TrafficProvider::Kubernetes;
         assert_eq!(refused_field(&rollout), "spec.analysis.metrics[0]");
+        rollout.spec.provider = TrafficProvider::Istio;
+        check(&rollout).unwrap();
         rollout.spec.analysis.metrics.clear();
         check(&rollout).unwrap();
         // Gateway API attaches the HTTPRoute to Gateways.

@@ -36,7 +36,7 @@ const CHECK_WINDOW: Duration = Duration::from_secs(8);
 
 /// One version's traffic: requests a second and the share answered 503.
 #[derive(Clone, Copy, Debug)]
-struct Rates {
+pub(crate) struct Rates {
     rps: f64,
     failing: f64,
 }
@@ -54,7 +54,7 @@ const PRIMARY: Rates = Rates {
     rps: 4000.0,
     failing: 0.001,
 };
-const FAILING_CANARY: Rates = Rates {
+pub(crate) const FAILING_CANARY: Rates = Rates {
     rps: 1000.0,
     failing: 0.05,
 };
@@ -99,14 +99,15 @@ const COALMINE_BUCKETS_S: [f64; 21] = [
 ];
 
 #[derive(Clone, Copy, Debug, PartialEq)]
-enum Kind {
+pub(crate) enum Kind {
     Istio,
     Nginx,
     Envoy,
     Coalmine,
 }
 
-const NAMESPACE: &str = "test";
+/// The seed's namespace, as the operator tests use it.
+const NAMESPACE: &str = "shop";
 
 /// Which of a release's versions a series is.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -162,7 +163,7 @@ impl Kind {
                         &ENVOY_BUCKETS_MS,
                         1.0,
                         format!(
-                            r#"reporter="destination",source_workload="loadtester",source_workload_namespace="{NAMESPACE}",source_principal="spiffe://cluster.local/ns/test/sa/default",destination_workload="{workload}",destination_workload_namespace="{NAMESPACE}",destination_service="{release}.{NAMESPACE}.svc.cluster.local",destination_service_name="{release}",destination_service_namespace="{NAMESPACE}",destination_version="unknown",request_protocol="http",connection_security_policy="mutual_tls""#
+                            r#"reporter="destination",source_workload="loadtester",source_workload_namespace="{NAMESPACE}",source_principal="spiffe://cluster.local/ns/{NAMESPACE}/sa/default",destination_workload="{workload}",destination_workload_namespace="{NAMESPACE}",destination_service="{release}.{NAMESPACE}.svc.cluster.local",destination_service_name="{release}",destination_service_namespace="{NAMESPACE}",destination_version="unknown",request_protocol="http",connection_security_policy="mutual_tls""#
                         ),
                     )
                 }
@@ -296,7 +297,7 @@ impl Families {
     }
 }
 
-fn unix_now() -> f64 {
+pub(crate) fn unix_now() -> f64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap()
@@ -306,9 +307,9 @@ fn unix_now() -> f64 {
 /// What a release's exporter counts from: when its versions started (unix seconds; the canary
 /// again when it restarts).
 #[derive(Clone)]
-struct Clocks {
-    primary_since: f64,
-    canary_since: Arc<Mutex<f64>>,
+pub(crate) struct Clocks {
+    pub(crate) primary_since: f64,
+    pub(crate) canary_since: Arc<Mutex<f64>>,
 }
 
 impl Clocks {
@@ -320,7 +321,7 @@ impl Clocks {
 }
 
 /// An exporter of one release (primary and canary at the rates given) on 127.0.0.1.
-fn exporter(kind: Kind, release: &'static str, canary: Rates, clocks: Clocks) -> String {
+pub(crate) fn exporter(kind: Kind, release: &'static str, canary: Rates, clocks: Clocks) -> String {
     exporter_of(
         kind,
         release,

@@ -13,9 +13,13 @@ use coalmine_kube_fake::install_crds;
 use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind, PostParams};
 use serde_json::{json, Value};
 
+use crate::common::promstack::{Prometheus, PrometheusSetup, ScrapeTarget};
 use crate::common::upstream;
+use crate::mesh_metrics::{exporter, unix_now, Clocks, Kind, FAILING_CANARY};
 use crate::operator::kubelet;
-use crate::operator_routers::{canaries, cluster, seed_web_app, set_image, until};
+use crate::operator_routers::{
+    canaries, cluster, seed_web_app, seed_web_app_with, set_image, until,
+};
 
 const ISTIO_CRDS: &str = include_str!("../../../../tests/fixtures/crds/istio/networking.yaml");
 const HTTPROUTE_CRD: &str =
@@ -533,5 +537,65 @@ async fn an_istio_canary_deleted_mid_release_with_revert_on_deletion_routes_ever
         target.spec.unwrap().replicas,
         Some(4),
         "the target serves at full size"
+    );
+}
+
+/// The seed's own checks (request-success-rate ≥ 99 %, request-duration ≤ 500 ms) and the
+/// sequential judges under provider istio, counted from Istio's own series in a real Prometheus
+/// (an exporter writes them as the sidecars do: `web-app-primary` answering 503 to 0.1 % of
+/// 4,000 requests a second, the canary `web-app` to 5 % of 1,000): the release is rolled back,
+/// and the reason is the evidence from those series.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_istio_canary_failing_5_percent_is_rolled_back_on_istios_own_series() {
+    let cluster = cluster().await;
+    let kube = cluster.client();
+    install_crds(&kube, ISTIO_CRDS).await.unwrap();
+    let since = unix_now();
+    let clocks = Clocks {
+        primary_since: since,
+        canary_since: std::sync::Arc::new(std::sync::Mutex::new(since)),
+    };
+    let sidecars = exporter(Kind::Istio, "web-app", FAILING_CANARY, clocks);
+    let prometheus = Prometheus::start_scraping(PrometheusSetup {
+        scrape: vec![ScrapeTarget::new("istio-sidecars", &sidecars)],
+        ..PrometheusSetup::default()
+    })
+    .await;
+    let flags = [
+        "--provider",
+        "istio",
+        "--metrics-server",
+        prometheus.url.as_str(),
+    ];
+    let (deployments, canaries, operator) = seed_web_app_with(&cluster, &flags, |canary| {
+        (istio().canary)(&mut canary["spec"]);
+    })
+    .await;
+    let released = Instant::now();
+    set_image(&deployments, "2.0.0").await;
+    until(&canaries, &deployments, &operator, "rolled back", |s| {
+        s["phase"] == "Failed"
+    })
+    .await;
+    let took = released.elapsed();
+    let rollouts: Api<DynamicObject> = Api::namespaced_with(
+        kube.clone(),
+        "shop",
+        &resource("coalmine.dev", "v1alpha1", "Rollout", "rollouts"),
+    );
+    let status = rollouts.get("web-app").await.unwrap().data["status"].clone();
+    // The judge's words: the failures it counted from Istio's series, canary against primary.
+    let said = status["conditions"][0]["message"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(
+        said.contains("Bayes factor") && said.contains(" vs "),
+        "rolled back for another reason: {status:#}\n{}",
+        operator.stderr()
+    );
+    eprintln!("{said}");
+    eprintln!(
+        "istio, counted from Prometheus: rolled back {:.1} s after the release",
+        took.as_secs_f64()
     );
 }

@@ -220,6 +220,15 @@ pub(crate) async fn seed_web_app(
     provider: &str,
     edit: impl FnOnce(&mut serde_json::Value),
 ) -> (Api<Deployment>, Api<DynamicObject>, Proc) {
+    seed_web_app_with(cluster, &["--provider", provider], edit).await
+}
+
+/// [`seed_web_app`] with the operator's `flags`.
+pub(crate) async fn seed_web_app_with(
+    cluster: &TestCluster,
+    flags: &[&str],
+    edit: impl FnOnce(&mut serde_json::Value),
+) -> (Api<Deployment>, Api<DynamicObject>, Proc) {
     let kube = cluster.client();
     let deployments: Api<Deployment> = Api::namespaced(kube.clone(), "shop");
     deployments
@@ -241,7 +250,7 @@ pub(crate) async fn seed_web_app(
         )
         .await
         .unwrap();
-    let operator = operator(cluster, &["--provider", provider]);
+    let operator = operator(cluster, flags);
     until(&canaries, &deployments, &operator, "initialised", |s| {
         s["phase"] == "Initialized"
     })
