@@ -139,8 +139,8 @@ struct Run {
     revision: String,
 }
 
-/// Provider `kubernetes` has no per-version counts of its own (they come from Prometheus with
-/// the traffic issue): the built-in metrics are refused for it, and the judges see none.
+/// Provider `kubernetes` has no per-version counts (one Service in front of both versions): the
+/// built-in metrics are refused for it, and the judges see none.
 struct NoCounts;
 
 impl ObservationSource for NoCounts {
