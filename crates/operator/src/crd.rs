@@ -222,6 +222,11 @@ pub struct RoutersRef {
     /// only port).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub admin_port: Option<u16>,
+    /// The service of the routers' route table this rollout drives (their `/routes/{service}`,
+    /// the `service` label): one router fleet carries many rollouts, each on its own service
+    /// (default: `default`, the routers' single-service table).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub route_service: Option<String>,
 }
 
 /// The routers' Service when a rollout names none.
@@ -232,6 +237,7 @@ impl Default for RoutersRef {
         RoutersRef {
             service: DEFAULT_ROUTERS_SERVICE.into(),
             admin_port: None,
+            route_service: None,
         }
     }
 }
@@ -269,7 +275,7 @@ impl Rollout {
             spec: coalmine_spec::rollout::RolloutSpec {
                 routers: Vec::new(),
                 router: None,
-                router_service: None,
+                router_service: spec.routers.as_ref().and_then(|r| r.route_service.clone()),
                 service: Some(
                     spec.service
                         .name

@@ -208,17 +208,24 @@ impl Canary {
 
 /// Where a Canary's routers are (provider `coalmine`): Flagger's Canary has no field for it.
 pub const ROUTERS_ANNOTATION: &str = "coalmine.dev/routers";
+/// Which service of the routers' route table a Canary drives (`/routes/{service}`).
+pub const ROUTER_SERVICE_ANNOTATION: &str = "coalmine.dev/router-service";
 
 impl Canary {
     /// The `coalmine.dev/routers` annotation: `<service>` or `<service>:<admin port>`.
     fn routers(&self) -> Result<Option<RoutersRef>, SpecFieldError> {
+        let route_service = self.route_service()?;
         let Some(value) = self
             .metadata
             .annotations
             .as_ref()
             .and_then(|a| a.get(ROUTERS_ANNOTATION))
         else {
-            return Ok(None);
+            // A route table service alone: the default routers Service carries it.
+            return Ok(route_service.map(|route_service| RoutersRef {
+                route_service: Some(route_service),
+                ..RoutersRef::default()
+            }));
         };
         let (service, port) = match value.split_once(':') {
             Some((service, port)) => (service, Some(port)),
@@ -244,7 +251,28 @@ impl Canary {
         Ok(Some(RoutersRef {
             service: service.to_string(),
             admin_port,
+            route_service,
         }))
+    }
+
+    /// The `coalmine.dev/router-service` annotation: the route table service the Canary drives.
+    fn route_service(&self) -> Result<Option<String>, SpecFieldError> {
+        let Some(name) = self
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(ROUTER_SERVICE_ANNOTATION))
+        else {
+            return Ok(None);
+        };
+        coalmine_spec::names::check_name(name, coalmine_spec::names::NameRule::Rollout)
+            .map_err(|_| SpecFieldError {
+                field: format!("metadata.annotations.{ROUTER_SERVICE_ANNOTATION}"),
+                message: format!(
+                    "{name:?}: a route table service is a DNS-1123 label, as the routers' config names it"
+                ),
+            })?;
+        Ok(Some(name.clone()))
     }
 }
 

@@ -69,8 +69,35 @@ fn a_canary_without_a_provider_takes_the_operators_or_the_routers_it_names() {
         annotated.routers,
         Some(RoutersRef {
             service: "edge".into(),
-            admin_port: Some(9901)
+            admin_port: Some(9901),
+            route_service: None,
         })
+    );
+    // One router fleet, many Canaries: each drives its own service of the routers' table, and
+    // the document the run drives says which.
+    let on_service = canary(|o| {
+        o["metadata"]["annotations"] =
+            serde_json::json!({"coalmine.dev/router-service": "checkout"})
+    })
+    .to_rollout_spec(TrafficProvider::Kubernetes)
+    .unwrap();
+    assert_eq!(on_service.provider, TrafficProvider::Coalmine);
+    let routers = on_service.routers.clone().unwrap();
+    assert_eq!(
+        (routers.service.as_str(), routers.route_service.as_deref()),
+        ("coalmine-router", Some("checkout"))
+    );
+    let rollout = coalmine_operator::crd::Rollout::new("web-app", on_service);
+    assert_eq!(rollout.to_document().spec.router_service(), "checkout");
+    let err = canary(|o| {
+        o["metadata"]["annotations"] =
+            serde_json::json!({"coalmine.dev/router-service": "Check Out"})
+    })
+    .to_rollout_spec(TrafficProvider::Coalmine)
+    .unwrap_err();
+    assert_eq!(
+        err.field, "metadata.annotations.coalmine.dev/router-service",
+        "{err}"
     );
     let err = canary(|o| {
         o["metadata"]["annotations"] = serde_json::json!({"coalmine.dev/routers": "Edge:x"})
