@@ -48,7 +48,7 @@ use crate::seams::gateway_api::GatewayApiRoutes;
 use crate::seams::ingress::NginxCanaryIngress;
 use crate::seams::istio::IstioRoutes;
 use crate::seams::replicas::ReplicaRatio;
-use crate::seams::routed::{RouteSpec, Routed, ALL_ON_PRIMARY};
+use crate::seams::routed::{ObjectsBackend, RouteSpec, Routed, ALL_ON_PRIMARY};
 use crate::seams::routers::{locate, LocateError};
 use crate::seams::status_store::RolloutStatusStore;
 use crate::seams::workloads::{Apex, Workloads, WorkloadsSpec};
@@ -232,6 +232,12 @@ async fn settle(
                 tracing::error!(rollout = %key(rollout), %why, "final traffic refused");
                 return None;
             }
+            // Nothing to carry it to (the routers' Service is gone, say): trying again would
+            // not change that; the rollout's next run says what to fix.
+            Err(ReconcileError::Invalid { field, message }) => {
+                tracing::error!(rollout = %key(rollout), %field, %message, "final traffic has nowhere to go");
+                return None;
+            }
             Err(other) => other.to_string(),
         };
         if !told {
@@ -285,12 +291,18 @@ fn settle_unless_landed(context: &Arc<Context>, rollout: &Rollout, key: &str, st
         let rollouts: Api<Rollout> = Api::namespaced(task_context.client.clone(), &namespace);
         let name = task_rollout.metadata.name.clone().unwrap_or_default();
         let uid = task_rollout.metadata.uid.clone();
+        // Its Events are said with the finished run's status, which keeps the revisions it
+        // recorded: a write without them would read as a new revision, and start it.
+        let recorded = task_rollout.status.clone().unwrap_or_default().canary;
         let mut store = RolloutStatusStore::new(
             task_context.client.clone(),
             &task_rollout,
             task_rollout.to_document(),
             &task_context.identity,
         );
+        if let Some(applied) = &recorded.last_applied_spec {
+            store = store.with_specs(applied, recorded.last_promoted_spec.as_deref());
+        }
         let settled = async {
             settle(
                 &task_context,
@@ -693,12 +705,14 @@ fn route_objects(
     let client = &context.client;
     Some(match rollout.spec.provider {
         TrafficProvider::Kubernetes | TrafficProvider::Coalmine => return None,
-        TrafficProvider::Istio => Arc::new(IstioRoutes::new(client, spec)),
-        TrafficProvider::GatewayApi => Arc::new(GatewayApiRoutes::new(client, "v1", spec)),
-        TrafficProvider::GatewayApiV1beta1 => {
-            Arc::new(GatewayApiRoutes::new(client, "v1beta1", spec))
+        TrafficProvider::Istio => Arc::new(ObjectsBackend(IstioRoutes::new(client, spec))),
+        TrafficProvider::GatewayApi => {
+            Arc::new(ObjectsBackend(GatewayApiRoutes::new(client, "v1", spec)))
         }
-        TrafficProvider::Nginx => Arc::new(NginxCanaryIngress::new(client, spec)),
+        TrafficProvider::GatewayApiV1beta1 => Arc::new(ObjectsBackend(GatewayApiRoutes::new(
+            client, "v1beta1", spec,
+        ))),
+        TrafficProvider::Nginx => Arc::new(ObjectsBackend(NginxCanaryIngress::new(client, spec))),
     })
 }
 

@@ -744,27 +744,8 @@ impl WebApp {
         let pods = PodNetwork::create();
         let cluster = cluster().await;
         let kube = cluster.client();
-        let deployments: Api<Deployment> = Api::namespaced(kube.clone(), "shop");
-        deployments
-            .create(
-                &PostParams::default(),
-                &serde_saphyr::from_str(WEB_APP).unwrap(),
-            )
-            .await
-            .unwrap();
-        let mut canary: serde_json::Value = serde_saphyr::from_str(WEB_APP_CANARY).unwrap();
-        canary["metadata"]["namespace"] = "shop".into();
-        canary["spec"]["analysis"]["interval"] = "1s".into();
-        edit(&mut canary);
-        let canaries = canaries(&kube);
-        canaries
-            .create(
-                &PostParams::default(),
-                &serde_json::from_value(canary).unwrap(),
-            )
-            .await
-            .unwrap();
-        let operator = operator(&cluster, operator_flags);
+        let (deployments, canaries, operator) =
+            seed_web_app_with(&cluster, operator_flags, edit).await;
         let services: Api<Service> = Api::namespaced(kube.clone(), "shop");
         let mut app = WebApp {
             operator,
@@ -777,8 +758,6 @@ impl WebApp {
             cluster,
             pods,
         };
-        app.until("initialised", 30, |s| s["phase"] == "Initialized")
-            .await;
         // kube-proxy's part: each version's cluster IP reaches its stand-in pod.
         let primary_ip = cluster_ip(&services, "web-app-primary").await;
         let canary_ip = cluster_ip(&services, "web-app-canary").await;
@@ -1089,7 +1068,8 @@ async fn a_rollback_still_landing_when_the_operator_restarts_is_carried_by_the_n
     router.proc.child.kill().unwrap();
     router.proc.child.wait().unwrap();
     traffic.stop().await;
-    app.until("rolled back", 30, |s| s["phase"] == "Failed")
+    let failed = app
+        .until("rolled back", 30, |s| s["phase"] == "Failed")
         .await;
     app.until_said("Warning", &["Final traffic not in place yet"], 15)
         .await;
@@ -1118,6 +1098,19 @@ async fn a_rollback_still_landing_when_the_operator_restarts_is_carried_by_the_n
     }
     let answered = answered_by(&router, 50).await;
     assert!(answered.iter().all(|n| n == "primary"), "{answered:?}");
+    // The release stays what it was: rolled back, its revision recorded (not run again).
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let s = app.status().await;
+    assert_eq!(
+        (&s["phase"], &s["lastAppliedSpec"], &s["lastPromotedSpec"]),
+        (
+            &failed["phase"],
+            &failed["lastAppliedSpec"],
+            &failed["lastPromotedSpec"]
+        ),
+        "{s:#}"
+    );
+    assert_eq!(app.canary_replicas().await, 0);
     eprintln!(
         "operator restarted mid-rollback: finished {:.1} s after the router came back",
         restarted.elapsed().as_secs_f64()

@@ -12,7 +12,6 @@
 //! what they added to their rule to this service (a timeout, filters) is carried onto Coalmine's
 //! ([`merge_routes`]).
 
-use coalmine_controller::traffic::TrafficBackend;
 use coalmine_controller::BoxFuture;
 use coalmine_rollout::{Traffic, TrafficFault};
 use coalmine_spec::rollout::{HttpMatch, StringMatch};
@@ -30,7 +29,9 @@ use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind};
 use serde_json::{json, Value};
 
 use crate::seams::istio::regex_escape;
-use crate::seams::routed::{apply_route_object, merge_routes, read_object, RouteSpec};
+use crate::seams::routed::{
+    apply_route_object, merge_routes, read_object, RouteObjects, RouteSpec,
+};
 
 const GROUP: &str = "gateway.networking.k8s.io";
 /// The fields of an HTTPRoute rule that Coalmine sets (its `filters` are carried but for the
@@ -60,7 +61,7 @@ impl GatewayApiRoutes {
         }
     }
 
-    async fn put(&self, traffic: &Traffic) -> Result<Vec<String>, TrafficFault> {
+    async fn write(&self, traffic: &Traffic) -> Result<Vec<String>, TrafficFault> {
         let before = read_object(&self.routes, "HTTPRoute", &self.spec.apex).await?;
         let route = http_route(&self.spec, self.version, traffic, before.as_ref());
         Ok(
@@ -72,26 +73,9 @@ impl GatewayApiRoutes {
     }
 }
 
-impl TrafficBackend for GatewayApiRoutes {
-    /// The target's claim ([`crate::seams::workloads::Workloads::claim`]) is the rollout's.
-    fn claim(&self) -> BoxFuture<'_, Result<(), TrafficFault>> {
-        Box::pin(async { Ok(()) })
-    }
-
-    fn apply<'a>(&'a self, traffic: &'a Traffic) -> BoxFuture<'a, Result<(), TrafficFault>> {
-        Box::pin(async move { self.put(traffic).await.map(|_| ()) })
-    }
-
-    fn reconcile<'a>(
-        &'a self,
-        traffic: &'a Traffic,
-    ) -> BoxFuture<'a, Result<Vec<String>, TrafficFault>> {
-        Box::pin(self.put(traffic))
-    }
-
-    /// The HTTPRoute keeps the final traffic.
-    fn release(&self) -> BoxFuture<'_, Result<(), TrafficFault>> {
-        Box::pin(async { Ok(()) })
+impl RouteObjects for GatewayApiRoutes {
+    fn put<'a>(&'a self, traffic: &'a Traffic) -> BoxFuture<'a, Result<Vec<String>, TrafficFault>> {
+        Box::pin(self.write(traffic))
     }
 }
 

@@ -12,7 +12,6 @@
 
 use std::collections::BTreeMap;
 
-use coalmine_controller::traffic::TrafficBackend;
 use coalmine_controller::BoxFuture;
 use coalmine_rollout::{Traffic, TrafficFault};
 use coalmine_spec::rollout::{Analysis, StringMatch};
@@ -21,7 +20,7 @@ use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind};
 use serde_json::{json, Value};
 
 use crate::seams::istio::regex_escape;
-use crate::seams::routed::{apply_route_object, read_object, RouteSpec};
+use crate::seams::routed::{apply_route_object, read_object, RouteObjects, RouteSpec};
 use crate::seams::workloads::fault;
 
 /// NGINX's canary annotations' prefix.
@@ -50,7 +49,7 @@ impl NginxCanaryIngress {
         }
     }
 
-    async fn put(&self, traffic: &Traffic) -> Result<Vec<String>, TrafficFault> {
+    async fn write(&self, traffic: &Traffic) -> Result<Vec<String>, TrafficFault> {
         let name = self.spec.ingress.clone().unwrap_or_default();
         let theirs = self
             .ingresses
@@ -76,26 +75,9 @@ impl NginxCanaryIngress {
     }
 }
 
-impl TrafficBackend for NginxCanaryIngress {
-    /// The target's claim ([`crate::seams::workloads::Workloads::claim`]) is the rollout's.
-    fn claim(&self) -> BoxFuture<'_, Result<(), TrafficFault>> {
-        Box::pin(async { Ok(()) })
-    }
-
-    fn apply<'a>(&'a self, traffic: &'a Traffic) -> BoxFuture<'a, Result<(), TrafficFault>> {
-        Box::pin(async move { self.put(traffic).await.map(|_| ()) })
-    }
-
-    fn reconcile<'a>(
-        &'a self,
-        traffic: &'a Traffic,
-    ) -> BoxFuture<'a, Result<Vec<String>, TrafficFault>> {
-        Box::pin(self.put(traffic))
-    }
-
-    /// The canary Ingress keeps the final traffic.
-    fn release(&self) -> BoxFuture<'_, Result<(), TrafficFault>> {
-        Box::pin(async { Ok(()) })
+impl RouteObjects for NginxCanaryIngress {
+    fn put<'a>(&'a self, traffic: &'a Traffic) -> BoxFuture<'a, Result<Vec<String>, TrafficFault>> {
+        Box::pin(self.write(traffic))
     }
 }
 

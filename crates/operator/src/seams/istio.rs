@@ -16,14 +16,15 @@
 //! and what they wrote on their route to this service (a timeout, retries) is carried onto
 //! Coalmine's ([`merge_routes`]).
 
-use coalmine_controller::traffic::TrafficBackend;
 use coalmine_controller::BoxFuture;
 use coalmine_rollout::{Traffic, TrafficFault};
 use coalmine_spec::rollout::{HttpMatch, StringMatch};
 use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind};
 use serde_json::{json, Value};
 
-use crate::seams::routed::{apply_route_object, merge_routes, read_object, RouteSpec};
+use crate::seams::routed::{
+    apply_route_object, merge_routes, read_object, RouteObjects, RouteSpec,
+};
 
 const GROUP: &str = "networking.istio.io";
 const VERSION: &str = "v1";
@@ -61,7 +62,7 @@ impl IstioRoutes {
         }
     }
 
-    async fn put(&self, traffic: &Traffic) -> Result<Vec<String>, TrafficFault> {
+    async fn write(&self, traffic: &Traffic) -> Result<Vec<String>, TrafficFault> {
         let mut changed = Vec::new();
         let hosts = [format!("{}-primary", self.spec.apex), self.spec.canary()];
         for host in hosts.into_iter().filter(|_| !self.spec.reverted) {
@@ -92,26 +93,9 @@ impl IstioRoutes {
     }
 }
 
-impl TrafficBackend for IstioRoutes {
-    /// The target's claim ([`crate::seams::workloads::Workloads::claim`]) is the rollout's.
-    fn claim(&self) -> BoxFuture<'_, Result<(), TrafficFault>> {
-        Box::pin(async { Ok(()) })
-    }
-
-    fn apply<'a>(&'a self, traffic: &'a Traffic) -> BoxFuture<'a, Result<(), TrafficFault>> {
-        Box::pin(async move { self.put(traffic).await.map(|_| ()) })
-    }
-
-    fn reconcile<'a>(
-        &'a self,
-        traffic: &'a Traffic,
-    ) -> BoxFuture<'a, Result<Vec<String>, TrafficFault>> {
-        Box::pin(self.put(traffic))
-    }
-
-    /// The objects keep the final traffic.
-    fn release(&self) -> BoxFuture<'_, Result<(), TrafficFault>> {
-        Box::pin(async { Ok(()) })
+impl RouteObjects for IstioRoutes {
+    fn put<'a>(&'a self, traffic: &'a Traffic) -> BoxFuture<'a, Result<Vec<String>, TrafficFault>> {
+        Box::pin(self.write(traffic))
     }
 }
 

@@ -36,6 +36,38 @@ pub const ALL_ON_PRIMARY: Traffic = Traffic {
     mirror_weight: Weight::ZERO,
 };
 
+/// A provider's route objects (a VirtualService and its DestinationRules, an HTTPRoute, a canary
+/// Ingress), written whole from the traffic; `put` answers what it changed.
+pub trait RouteObjects: Send + Sync + 'static {
+    fn put<'a>(&'a self, traffic: &'a Traffic) -> BoxFuture<'a, Result<Vec<String>, TrafficFault>>;
+}
+
+/// Route objects as a traffic backend. Nothing to claim (the target's claim,
+/// [`Workloads::claim`], is the rollout's) and nothing to let go (the objects keep the final
+/// traffic).
+pub struct ObjectsBackend<R: RouteObjects>(pub R);
+
+impl<R: RouteObjects> TrafficBackend for ObjectsBackend<R> {
+    fn claim(&self) -> BoxFuture<'_, Result<(), TrafficFault>> {
+        Box::pin(async { Ok(()) })
+    }
+
+    fn apply<'a>(&'a self, traffic: &'a Traffic) -> BoxFuture<'a, Result<(), TrafficFault>> {
+        Box::pin(async move { self.0.put(traffic).await.map(|_| ()) })
+    }
+
+    fn reconcile<'a>(
+        &'a self,
+        traffic: &'a Traffic,
+    ) -> BoxFuture<'a, Result<Vec<String>, TrafficFault>> {
+        self.0.put(traffic)
+    }
+
+    fn release(&self) -> BoxFuture<'_, Result<(), TrafficFault>> {
+        Box::pin(async { Ok(()) })
+    }
+}
+
 /// The workloads (Deployments or DaemonSets) run the versions; `routes` weighs.
 pub struct Routed<W: Workload> {
     workloads: Workloads<W>,
