@@ -296,7 +296,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
         };
         let v1 = start_upstream("payment-service-v1", 0.0).await?;
         let v2 = start_upstream("payment-service-v2", v2_error_rate).await?;
-        let mut routes = RoutesDoc::stable_only(v1.clone());
+        let mut routes = RoutesDoc::stable_only(v1.clone().into());
         routes.name = "payment-service".into();
         let router = coalmine_router::start(RouterConfig::embedded(
             "127.0.0.1:0".parse()?,

@@ -208,11 +208,11 @@ fn default_service(args: &ProxyArgs, file: &ProxyFile) -> Result<Option<RoutesDo
     } else {
         (file.sticky_header.clone(), file.sticky_cookie.clone())
     };
-    let mut routes = RoutesDoc::stable_only(stable);
+    let mut routes = RoutesDoc::stable_only(stable.into());
     if let Some(name) = &file.name {
         routes.name = name.clone();
     }
-    routes.canary = args.canary.clone().or(file.canary.clone());
+    routes.canary = args.canary.clone().or(file.canary.clone()).map(Into::into);
     routes.canary_weight = args
         .canary_weight
         .or(file.canary_weight)

@@ -2,7 +2,7 @@
 //!
 //! - [`weight`]: [`Weight`], a traffic share in exact basis points.
 //! - [`routes`]: the route document of one service — which requests it takes (hosts, path
-//!   prefixes, headers) and where they go; what `PUT /routes/{service}` takes ([`RoutesDoc`]
+//!   prefixes, exact paths or regexes, headers) and where they go; what `PUT /routes/{service}` takes ([`RoutesDoc`]
 //!   whole, or a [`RoutesPatch`] of the fields a controller owns) and what `GET /routes`
 //!   answers ([`ServedRoutes`]) — and the [`OWNER_HEADER`] a controller signs its changes with.
 //!   A router's table is a list of services; the single-service forms are [`DEFAULT_SERVICE`].
@@ -21,8 +21,9 @@ pub mod weight;
 
 pub use matching::{Condition, GeoField, HeaderName, MatchRule, StrMatch, Subject};
 pub use routes::{
-    check_service_name, check_services, services_list, url_port, Affinity, HostPattern, PathPrefix,
-    RoutesDoc, RoutesPatch, ServedRoutes, StickyKey, UpstreamUrl, DEFAULT_SERVICE, OWNER_HEADER,
+    check_service_name, check_services, services_list, url_port, Affinity, Endpoints,
+    HeaderChanges, HeaderValueSpec, HostPattern, PathMatch, PathPrefix, RoutesDoc, RoutesPatch,
+    ServedRoutes, StickyKey, UpstreamUrl, DEFAULT_SERVICE, OWNER_HEADER,
 };
 pub use stats::{Latency, LocalStats, MirrorStats, ServiceStats, StatsDoc, VersionStats};
 pub use weight::Weight;

@@ -131,6 +131,182 @@ impl fmt::Display for UpstreamUrl {
     }
 }
 
+/// Where one version's requests go: one upstream, or several — a version running as many pods,
+/// as the router finds them in EndpointSlices in Gateway API mode — each request to one of them
+/// at random. Written as one URL or a list of URLs. None (`[]`): the version has no endpoint
+/// ready, and its requests are answered 503 (counted as its own, `no_endpoints`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Endpoints(Vec<UpstreamUrl>);
+
+impl Endpoints {
+    pub fn new(urls: Vec<UpstreamUrl>) -> Endpoints {
+        Endpoints(urls)
+    }
+
+    pub fn urls(&self) -> &[UpstreamUrl] {
+        &self.0
+    }
+
+    /// The endpoint a request goes to, from the caller's random bits; `None` when there is none.
+    pub fn pick(&self, random: u64) -> Option<&UpstreamUrl> {
+        match self.0.len() {
+            0 => None,
+            1 => Some(&self.0[0]),
+            // Multiply-shift: unbiased enough for a handful of endpoints, no division.
+            n => Some(&self.0[((u128::from(random) * n as u128) >> 64) as usize]),
+        }
+    }
+}
+
+impl From<UpstreamUrl> for Endpoints {
+    fn from(url: UpstreamUrl) -> Endpoints {
+        Endpoints(vec![url])
+    }
+}
+
+impl fmt::Display for Endpoints {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, url) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str(", ")?;
+            }
+            f.write_str(url.as_str())?;
+        }
+        Ok(())
+    }
+}
+
+impl Serialize for Endpoints {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self.0.as_slice() {
+            [one] => one.serialize(s),
+            many => many.serialize(s),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Endpoints {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Written {
+            One(String),
+            Many(Vec<String>),
+        }
+        let urls = match Written::deserialize(d).map_err(|e: D::Error| {
+            // A missing field keeps serde's own words (it names the field).
+            let said = e.to_string();
+            serde::de::Error::custom(if said.starts_with("missing field") {
+                said
+            } else {
+                "an upstream is a URL (http://host:port) or a list of them".to_string()
+            })
+        })? {
+            Written::One(url) => vec![url],
+            Written::Many(urls) => urls,
+        };
+        urls.iter()
+            .map(|u| UpstreamUrl::parse(u))
+            .collect::<Result<Vec<_>, _>>()
+            .map(Endpoints)
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+/// A header's new value, as a route's `requestHeaders` sets or adds it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HeaderValueSpec {
+    pub name: HeaderName,
+    #[serde(deserialize_with = "header_value")]
+    pub value: String,
+}
+
+fn header_value<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    let value = String::deserialize(d)?;
+    // RFC 9110 field-value: visible ASCII, spaces and tabs inside; no line breaks or NULs.
+    if value
+        .bytes()
+        .any(|b| b == b'\r' || b == b'\n' || b == 0 || b == 0x7f)
+        || value.starts_with([' ', '\t'])
+        || value.ends_with([' ', '\t'])
+    {
+        return Err(serde::de::Error::custom(format!(
+            "{value:?} is not a header value (no line breaks, NULs or surrounding spaces)"
+        )));
+    }
+    Ok(value)
+}
+
+/// Changes to the request's headers on its way upstream (Gateway API's `RequestHeaderModifier`):
+/// `set` replaces every field of that name, `add` appends one, `remove` drops every field of
+/// that name. Applied after the router's own (`X-Forwarded-For`); hop-by-hop headers and `Host`
+/// are the router's and cannot be named.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HeaderChanges {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub set: Vec<HeaderValueSpec>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub add: Vec<HeaderValueSpec>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub remove: Vec<HeaderName>,
+}
+
+/// Headers a route may not change: the connection's own (hop-by-hop), its framing and `Host`.
+const ROUTERS_HEADERS: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "transfer-encoding",
+    "te",
+    "trailer",
+    "upgrade",
+    "content-length",
+    "host",
+];
+
+impl HeaderChanges {
+    pub fn is_empty(&self) -> bool {
+        self.set.is_empty() && self.add.is_empty() && self.remove.is_empty()
+    }
+
+    /// Whether a field of this name (lowercase) is dropped from the client's request: it is
+    /// set anew or removed.
+    pub fn drops(&self, name: &[u8]) -> bool {
+        self.set
+            .iter()
+            .any(|h| h.name.as_str().as_bytes().eq_ignore_ascii_case(name))
+            || self
+                .remove
+                .iter()
+                .any(|h| h.as_str().as_bytes().eq_ignore_ascii_case(name))
+    }
+
+    /// The fields to write after the client's (those kept): every `set`, then every `add`.
+    pub fn appended(&self) -> impl Iterator<Item = &HeaderValueSpec> {
+        self.set.iter().chain(&self.add)
+    }
+
+    fn check(&self) -> Result<(), Invalid> {
+        let names = self.set.iter().chain(&self.add).map(|h| &h.name);
+        for name in names.chain(&self.remove) {
+            if ROUTERS_HEADERS.contains(&name.as_str()) {
+                return Err(Invalid(format!(
+                    "{name:?} is the router's to write (framing, connection or Host); a route cannot change it"
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn header_changes<'de, D: serde::Deserializer<'de>>(d: D) -> Result<HeaderChanges, D::Error> {
+    let changes = HeaderChanges::deserialize(d)?;
+    changes.check().map_err(serde::de::Error::custom)?;
+    Ok(changes)
+}
+
 /// Where the sticky key comes from: the same key always lands in the same bucket.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(try_from = "RawSticky", into = "RawSticky")]
@@ -335,6 +511,118 @@ impl From<PathPrefix> for String {
     }
 }
 
+/// Which paths a service takes: a prefix (written as a plain path: `/api`), an exact path
+/// (`{exact: /api/v1/users}`), or a whole-path regex (`{regex: "/v[0-9]+/.*"}`). Compared with
+/// the request's path as sent (without its query), with case. Precedence (Gateway API's): an
+/// exact path over any prefix, a longer prefix over a shorter, and a regex after every prefix.
+#[derive(Clone, Debug)]
+pub enum PathMatch {
+    Prefix(PathPrefix),
+    Exact(String),
+    Regex(regex::Regex),
+}
+
+impl PathMatch {
+    pub fn matches(&self, path: &[u8]) -> bool {
+        match self {
+            PathMatch::Prefix(p) => p.matches(path),
+            PathMatch::Exact(e) => e.as_bytes() == path,
+            PathMatch::Regex(r) => std::str::from_utf8(path).is_ok_and(|p| r.is_match(p)),
+        }
+    }
+
+    /// Orders paths by precedence, most specific first: exact paths (longer first), then
+    /// prefixes (longer first), then regexes; no path at all (`None`) comes last.
+    pub fn precedence(path: Option<&PathMatch>) -> (u8, std::cmp::Reverse<usize>) {
+        match path {
+            Some(PathMatch::Exact(e)) => (0, std::cmp::Reverse(e.len())),
+            Some(PathMatch::Prefix(p)) if p.as_str() != "/" => {
+                (1, std::cmp::Reverse(p.as_str().len()))
+            }
+            Some(PathMatch::Regex(_)) => (2, std::cmp::Reverse(0)),
+            Some(PathMatch::Prefix(_)) | None => (3, std::cmp::Reverse(0)),
+        }
+    }
+}
+
+impl PartialEq for PathMatch {
+    fn eq(&self, other: &Self) -> bool {
+        match (self, other) {
+            (PathMatch::Prefix(a), PathMatch::Prefix(b)) => a == b,
+            (PathMatch::Exact(a), PathMatch::Exact(b)) => a == b,
+            (PathMatch::Regex(a), PathMatch::Regex(b)) => a.as_str() == b.as_str(),
+            _ => false,
+        }
+    }
+}
+
+impl From<PathPrefix> for PathMatch {
+    fn from(p: PathPrefix) -> PathMatch {
+        PathMatch::Prefix(p)
+    }
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(untagged)]
+enum WrittenPath {
+    Prefix(String),
+    Other(OtherPath),
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+enum OtherPath {
+    Exact(String),
+    Regex(String),
+}
+
+/// The pattern as written (the compiled regex is anchored).
+fn written_regex(r: &regex::Regex) -> &str {
+    let s = r.as_str();
+    s.strip_prefix("^(?:")
+        .and_then(|s| s.strip_suffix(")$"))
+        .unwrap_or(s)
+}
+
+impl Serialize for PathMatch {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            PathMatch::Prefix(p) => WrittenPath::Prefix(p.as_str().to_string()),
+            PathMatch::Exact(e) => WrittenPath::Other(OtherPath::Exact(e.clone())),
+            PathMatch::Regex(r) => {
+                WrittenPath::Other(OtherPath::Regex(written_regex(r).to_string()))
+            }
+        }
+        .serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for PathMatch {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let written = WrittenPath::deserialize(d).map_err(|_| {
+            serde::de::Error::custom(
+                "a path is a prefix (\"/api\"), {exact: \"/api/v1\"} or {regex: \"/v[0-9]+/.*\"}",
+            )
+        })?;
+        match written {
+            WrittenPath::Prefix(p) => PathPrefix::parse(&p).map(PathMatch::Prefix),
+            WrittenPath::Other(OtherPath::Exact(e)) => {
+                if !e.starts_with('/') || e.contains(['?', '#']) {
+                    Err(Invalid(format!(
+                        "{e:?} is not an exact path (it starts with '/', has no '?' or '#')"
+                    )))
+                } else {
+                    Ok(PathMatch::Exact(e))
+                }
+            }
+            WrittenPath::Other(OtherPath::Regex(r)) => {
+                crate::matching::whole_value_regex(&r).map(PathMatch::Regex)
+            }
+        }
+        .map_err(serde::de::Error::custom)
+    }
+}
+
 /// A service's header selectors: rules on headers only (a rule on a cookie or the query
 /// selects a version, not a service).
 fn header_rules<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<MatchRule>, D::Error> {
@@ -372,9 +660,9 @@ pub struct RoutesDoc {
     /// Host names (exact or `*.` wildcard) this service answers for; none: every host.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub hosts: Vec<HostPattern>,
-    /// Path prefixes this service answers for; none: every path.
+    /// Paths this service answers for (prefixes, exact paths, regexes); none: every path.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub paths: Vec<PathPrefix>,
+    pub paths: Vec<PathMatch>,
     /// Header rules that must all hold for this service to take a request.
     #[serde(
         default,
@@ -385,9 +673,9 @@ pub struct RoutesDoc {
     /// Names the route; salts the sticky hash, so two services do not pick the same users.
     #[serde(default = "default_name")]
     pub name: String,
-    pub stable: UpstreamUrl,
+    pub stable: Endpoints,
     #[serde(default)]
-    pub canary: Option<UpstreamUrl>,
+    pub canary: Option<Endpoints>,
     #[serde(default)]
     pub canary_weight: Weight,
     #[serde(default, rename = "match")]
@@ -403,6 +691,13 @@ pub struct RoutesDoc {
     /// Share of stable-bound requests also copied to the canary.
     #[serde(default)]
     pub mirror: Weight,
+    /// Changes to the request's headers on the way upstream.
+    #[serde(
+        default,
+        deserialize_with = "header_changes",
+        skip_serializing_if = "HeaderChanges::is_empty"
+    )]
+    pub request_headers: HeaderChanges,
     /// The controller driving this router (a rollout and where it runs), while one does: a
     /// route change sent on behalf of another is refused (see [`OWNER_HEADER`]).
     #[serde(default)]
@@ -411,7 +706,7 @@ pub struct RoutesDoc {
 
 impl RoutesDoc {
     /// A table sending everything to stable: the starting point when only `--stable` is known.
-    pub fn stable_only(stable: UpstreamUrl) -> Self {
+    pub fn stable_only(stable: Endpoints) -> Self {
         RoutesDoc {
             service: default_service(),
             hosts: Vec::new(),
@@ -426,6 +721,7 @@ impl RoutesDoc {
             sticky: None,
             affinity: None,
             mirror: Weight::ZERO,
+            request_headers: HeaderChanges::default(),
             owner: None,
         }
     }
@@ -550,9 +846,9 @@ pub struct RoutesPatch {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub stable: Option<UpstreamUrl>,
+    pub stable: Option<Endpoints>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub canary: Option<Option<UpstreamUrl>>,
+    pub canary: Option<Option<Endpoints>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub canary_weight: Option<Weight>,
     #[serde(rename = "match", skip_serializing_if = "Option::is_none")]
@@ -632,7 +928,7 @@ mod tests {
         });
         let doc: RoutesDoc = serde_json::from_value(json).unwrap();
         assert_eq!(
-            doc.canary.as_ref().unwrap().as_str(),
+            doc.canary.as_ref().unwrap().to_string(),
             "http://localhost:9002"
         );
         assert_eq!(doc.canary_weight.basis_points(), 50);
@@ -693,7 +989,7 @@ mod tests {
 
     #[test]
     fn the_served_document_carries_its_generation() {
-        let doc = RoutesDoc::stable_only(UpstreamUrl::parse("http://127.0.0.1:1").unwrap());
+        let doc = RoutesDoc::stable_only(UpstreamUrl::parse("http://127.0.0.1:1").unwrap().into());
         let json = ServedRoutes::json(&doc, 4);
         assert_eq!(json["generation"], 4);
         assert_eq!(json["stable"], "http://127.0.0.1:1");
@@ -716,7 +1012,10 @@ mod tests {
         assert_eq!(doc.hosts[0].as_str(), "shop.example.com");
         assert_eq!(doc.hosts[1].wildcard_suffix(), Some(".shop.example.com"));
         assert_eq!(doc.hosts[0].wildcard_suffix(), None);
-        assert_eq!(doc.paths[0].as_str(), "/checkout");
+        assert_eq!(
+            doc.paths[0],
+            PathMatch::Prefix(PathPrefix::parse("/checkout").unwrap())
+        );
         assert!(doc.paths[0].matches(b"/checkout"));
         assert!(doc.paths[0].matches(b"/checkout/pay"));
         assert!(!doc.paths[0].matches(b"/checkouts"));
@@ -752,7 +1051,7 @@ mod tests {
     fn a_table_names_each_service_once_and_shows_the_default_at_the_top() {
         let doc = |service: &str| RoutesDoc {
             service: service.into(),
-            ..RoutesDoc::stable_only(UpstreamUrl::parse("http://127.0.0.1:1").unwrap())
+            ..RoutesDoc::stable_only(UpstreamUrl::parse("http://127.0.0.1:1").unwrap().into())
         };
         let table = [doc("default"), doc("cart"), doc("checkout")];
         check_services(&table).unwrap();
@@ -814,5 +1113,120 @@ mod tests {
             UpstreamUrl::parse("http://[::1]:8080").unwrap().host(),
             "::1"
         );
+    }
+
+    #[test]
+    fn a_version_is_one_upstream_or_a_list_and_reads_back_as_written() {
+        let one: RoutesDoc =
+            serde_json::from_value(json!({"stable": "http://10.0.0.1:80"})).unwrap();
+        assert_eq!(
+            serde_json::to_value(&one).unwrap()["stable"],
+            "http://10.0.0.1:80"
+        );
+        let many: RoutesDoc = serde_json::from_value(
+            json!({"stable": ["http://10.0.0.1:8080", "http://10.0.0.2:8080"], "canary": []}),
+        )
+        .unwrap();
+        assert_eq!(many.stable.urls().len(), 2);
+        assert_eq!(
+            serde_json::to_value(&many).unwrap()["stable"],
+            json!(["http://10.0.0.1:8080", "http://10.0.0.2:8080"])
+        );
+        // No endpoint: the version's requests are answered 503, nothing is picked.
+        assert_eq!(many.canary.as_ref().unwrap().pick(7), None);
+        // Every endpoint is picked, each about as often (multiply-shift over the draw).
+        let mut seen = [0u32; 2];
+        for i in 0..1000u64 {
+            let draw = i.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+            let url = many.stable.pick(draw).unwrap();
+            seen[many.stable.urls().iter().position(|u| u == url).unwrap()] += 1;
+        }
+        assert!(seen.iter().all(|n| (450..=550).contains(n)), "{seen:?}");
+        let err = serde_json::from_value::<RoutesDoc>(json!({"stable": ["http://a:1", 7]}))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("a list of them"), "{err}");
+        let err = serde_json::from_value::<RoutesDoc>(json!({"stable": ["https://a:1"]}))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("only http://"), "{err}");
+    }
+
+    #[test]
+    fn paths_are_prefixes_exact_paths_or_regexes_in_gateway_api_precedence() {
+        let doc: RoutesDoc = serde_json::from_value(json!({
+            "stable": "http://127.0.0.1:1",
+            "paths": ["/api", {"exact": "/api/v1/users"}, {"regex": "/v[0-9]+/.*"}]
+        }))
+        .unwrap();
+        let [prefix, exact, regex] = &doc.paths[..] else {
+            panic!("three paths")
+        };
+        assert!(exact.matches(b"/api/v1/users") && !exact.matches(b"/api/v1/users/1"));
+        assert!(
+            regex.matches(b"/v2/x") && !regex.matches(b"/x/v2/x"),
+            "whole path"
+        );
+        assert!(prefix.matches(b"/api/v1"));
+        let mut order = [None, Some(regex), Some(prefix), Some(exact)];
+        order.sort_by_key(|p| PathMatch::precedence(*p));
+        assert_eq!(order, [Some(exact), Some(prefix), Some(regex), None]);
+        // Written back as written.
+        assert_eq!(
+            serde_json::to_value(&doc).unwrap()["paths"],
+            json!(["/api", {"exact": "/api/v1/users"}, {"regex": "/v[0-9]+/.*"}])
+        );
+        for (bad, says) in [
+            (json!({"exact": "api"}), "not an exact path"),
+            (json!({"regex": "(a"}), "invalid regex"),
+            (json!({"glob": "/a*"}), "a path is a prefix"),
+        ] {
+            let err = serde_json::from_value::<RoutesDoc>(
+                json!({"stable": "http://127.0.0.1:1", "paths": [bad]}),
+            )
+            .unwrap_err()
+            .to_string();
+            assert!(err.contains(says), "{err}");
+        }
+    }
+
+    #[test]
+    fn request_header_changes_are_checked_and_leave_the_routers_headers_alone() {
+        let doc: RoutesDoc = serde_json::from_value(json!({
+            "stable": "http://127.0.0.1:1",
+            "requestHeaders": {"set": [{"name": "X-Env", "value": "canary"}],
+                               "add": [{"name": "x-trace", "value": "1"}],
+                               "remove": ["X-Debug"]}
+        }))
+        .unwrap();
+        let changes = &doc.request_headers;
+        assert!(changes.drops(b"x-env") && changes.drops(b"X-DEBUG") && !changes.drops(b"x-trace"));
+        let appended: Vec<_> = changes.appended().map(|h| h.name.as_str()).collect();
+        assert_eq!(appended, ["x-env", "x-trace"]);
+        for (bad, says) in [
+            (
+                json!({"set": [{"name": "Host", "value": "a"}]}),
+                "the router's to write",
+            ),
+            (
+                json!({"remove": ["transfer-encoding"]}),
+                "the router's to write",
+            ),
+            (
+                json!({"add": [{"name": "x-a", "value": "a\r\nx-b: c"}]}),
+                "not a header value",
+            ),
+            (
+                json!({"add": [{"name": "x a", "value": "a"}]}),
+                "not a valid header name",
+            ),
+        ] {
+            let err = serde_json::from_value::<RoutesDoc>(
+                json!({"stable": "http://127.0.0.1:1", "requestHeaders": bad}),
+            )
+            .unwrap_err()
+            .to_string();
+            assert!(err.contains(says), "{bad}: {err}");
+        }
     }
 }

@@ -2,8 +2,7 @@
 //! controller, health. It runs on its own thread so it answers even when workers are saturated.
 
 use std::net::TcpListener as StdListener;
-use std::sync::atomic::Ordering::Relaxed;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use axum::body::Bytes;
 use axum::extract::{Path, State};
@@ -21,8 +20,6 @@ use crate::worker::Shared;
 #[derive(Clone)]
 struct Admin {
     shared: Arc<Shared>,
-    /// Serializes read-modify-write of the table so two PUTs cannot lose each other's fields.
-    writer: Arc<Mutex<()>>,
 }
 
 pub(crate) fn run(listener: StdListener, shared: Arc<Shared>, mut stopped: watch::Receiver<bool>) {
@@ -32,10 +29,7 @@ pub(crate) fn run(listener: StdListener, shared: Arc<Shared>, mut stopped: watch
         .expect("a single-threaded tokio runtime");
     rt.block_on(async move {
         let listener = tokio::net::TcpListener::from_std(listener).expect("admin listener");
-        let app = router(Admin {
-            shared,
-            writer: Arc::new(Mutex::new(())),
-        });
+        let app = router(Admin { shared });
         let _ = axum::serve(listener, app)
             .with_graceful_shutdown(async move {
                 let _ = stopped.changed().await;
@@ -149,7 +143,10 @@ fn change_service(a: &Admin, service: &str, headers: &HeaderMap, body: &[u8]) ->
         Ok(w) => w,
         Err(e) => return bad_request(e.0),
     };
-    let _writer = a.writer.lock().expect("admin writer lock");
+    if let Some(refused) = written_elsewhere(a) {
+        return refused;
+    }
+    let _writer = a.shared.writer.lock().expect("route table writer lock");
     let current = a.shared.table.load_full();
     let doc = match current.service(service) {
         Some(existing) => {
@@ -220,7 +217,10 @@ async fn delete_service(
         Ok(w) => w,
         Err(e) => return bad_request(e.0),
     };
-    let _writer = a.writer.lock().expect("admin writer lock");
+    if let Some(refused) = written_elsewhere(&a) {
+        return refused;
+    }
+    let _writer = a.shared.writer.lock().expect("route table writer lock");
     let current = a.shared.table.load_full();
     let Some(existing) = current.service(&service) else {
         return no_such_service(&service);
@@ -244,11 +244,16 @@ async fn delete_service(
 
 /// Compiles and swaps in the next table (under the writer lock).
 fn swap(a: &Admin, current: &RouteTable, docs: Vec<RoutesDoc>) -> Result<Arc<RouteTable>, Invalid> {
-    let table = RouteTable::new(docs, current.generation + 1, &a.shared.metrics)?;
-    let table = Arc::new(table);
-    a.shared.table.store(table.clone());
-    a.shared.metrics.route_swaps.fetch_add(1, Relaxed);
-    Ok(table)
+    a.shared.swap(current, docs)
+}
+
+/// Refuses (409) a change through the API when something else writes the table.
+fn written_elsewhere(a: &Admin) -> Option<Response> {
+    let by = a.shared.options.routes_written_by.as_ref()?;
+    Some(error(
+        StatusCode::CONFLICT,
+        format!("this router's routes are written by {by}; change them there"),
+    ))
 }
 
 async fn metrics(State(a): State<Admin>) -> Response {

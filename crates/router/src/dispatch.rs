@@ -8,7 +8,13 @@ use std::cell::Cell;
 
 use http::HeaderValue;
 
-use crate::recorder::ServiceId;
+use std::time::Instant;
+
+use http::StatusCode;
+
+use crate::recorder::{
+    LocalFailure, Recorder, ServiceId, UpstreamFailure, NO_ENDPOINTS, NO_SERVICE,
+};
 use crate::route::{route, Headers, RequestView, Version};
 use crate::table::{RouteTable, ServiceTable, UpstreamUrl};
 
@@ -49,44 +55,77 @@ pub(crate) struct Dispatch<'t> {
     pub(crate) set_affinity: bool,
 }
 
-/// Decides where a request goes; `None` when no service takes it.
+/// A request the router answers itself, counted where it belongs.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Undeliverable {
+    /// No service takes it: 404, the router's own (`no_service`).
+    NoService,
+    /// The chosen version has no endpoint ready: 503, counted as that version's
+    /// (`no_endpoints`): its pods are not serving.
+    NoEndpoint(ServiceId, Version),
+}
+
+/// Decides where a request goes.
 pub(crate) fn dispatch<'t, H: Headers + ?Sized>(
     table: &'t RouteTable,
     request: &RequestView<'_, H>,
-) -> Option<Dispatch<'t>> {
-    let service = table.select(request)?;
-    Some(dispatch_with(service, request, next_random()))
+) -> Result<Dispatch<'t>, Undeliverable> {
+    let service = table.select(request).ok_or(Undeliverable::NoService)?;
+    dispatch_with(service, request, next_random(), next_random())
 }
 
 fn dispatch_with<'t, H: Headers + ?Sized>(
     service: &'t ServiceTable,
     request: &RequestView<'_, H>,
     random: u64,
-) -> Dispatch<'t> {
+    endpoint_draw: u64,
+) -> Result<Dispatch<'t>, Undeliverable> {
     let decision = route(service, request, random);
     let doc = &service.doc;
-    let target = match decision.version {
-        Version::Stable => &doc.stable,
-        Version::Canary => doc
-            .canary
+    let canary = || {
+        doc.canary
             .as_ref()
-            .expect("route() picks canary only if set"),
+            .expect("route() picks or mirrors canary only if set")
     };
+    let endpoints = match decision.version {
+        Version::Stable => &doc.stable,
+        Version::Canary => canary(),
+    };
+    let target = endpoints
+        .pick(endpoint_draw)
+        .ok_or(Undeliverable::NoEndpoint(service.id, decision.version))?;
+    // A canary without an endpoint gets no copy (there is nowhere to send it).
     let mirror_to = if decision.mirror {
-        Some(
-            doc.canary
-                .as_ref()
-                .expect("route() mirrors only with a canary"),
-        )
+        canary().pick(endpoint_draw.rotate_left(32))
     } else {
         None
     };
-    Dispatch {
+    Ok(Dispatch {
         service,
         version: decision.version,
         target,
         mirror_to,
         set_affinity: decision.set_affinity,
+    })
+}
+
+/// Counts a request the router answers itself, and what it answers: both paths' one rule.
+pub(crate) fn answer_undeliverable(
+    recorder: &Recorder,
+    why: Undeliverable,
+    started: Instant,
+) -> (StatusCode, &'static str) {
+    match why {
+        Undeliverable::NoService => {
+            recorder.record_local_failure(LocalFailure::NoService);
+            (StatusCode::NOT_FOUND, NO_SERVICE)
+        }
+        Undeliverable::NoEndpoint(service, version) => {
+            recorder.record_failure(service, version, UpstreamFailure::NoEndpoints);
+            let status = StatusCode::SERVICE_UNAVAILABLE;
+            recorder.record(service, version, status.as_u16(), started.elapsed());
+            (status, NO_ENDPOINTS)
+        }
     }
 }
 
@@ -115,16 +154,50 @@ mod tests {
     use super::*;
     use crate::route::tests::table;
 
-    fn go(t: &ServiceTable, random: u64) -> Dispatch<'_> {
-        let headers = http::HeaderMap::new();
-        let view = RequestView {
-            headers: &headers,
+    fn view(headers: &http::HeaderMap) -> RequestView<'_, http::HeaderMap> {
+        RequestView {
+            headers,
             query: None,
             client: None,
             host: None,
             path: b"/",
-        };
-        dispatch_with(t, &view, random)
+        }
+    }
+
+    fn go(t: &ServiceTable, random: u64) -> Dispatch<'_> {
+        dispatch_with(t, &view(&http::HeaderMap::new()), random, 0).unwrap()
+    }
+
+    #[test]
+    fn a_version_of_many_endpoints_spreads_its_requests_and_one_of_none_is_undeliverable() {
+        let t = table(serde_json::json!({
+            "stable": ["http://10.0.0.1:80", "http://10.0.0.2:80", "http://10.0.0.3:80"],
+            "canary": [], "canaryWeight": 50, "mirror": 100
+        }));
+        let headers = http::HeaderMap::new();
+        let mut per_endpoint = std::collections::HashMap::new();
+        let (mut no_endpoint, n) = (0, 30_000);
+        for _ in 0..n {
+            match dispatch_with(&t, &view(&headers), next_random(), next_random()) {
+                Ok(d) => {
+                    assert_eq!(d.version, Version::Stable);
+                    assert!(
+                        d.mirror_to.is_none(),
+                        "a canary without endpoints gets no copy"
+                    );
+                    *per_endpoint.entry(d.target.as_str()).or_insert(0) += 1;
+                }
+                Err(Undeliverable::NoEndpoint(_, Version::Canary)) => no_endpoint += 1,
+                Err(other) => panic!("{other:?}"),
+            }
+        }
+        // Half to the canary (none), the rest spread over three: 5,000 each, sd about 75.
+        assert!((14_600..=15_400).contains(&no_endpoint), "{no_endpoint}");
+        assert_eq!(per_endpoint.len(), 3);
+        assert!(
+            per_endpoint.values().all(|c| (4_700..=5_300).contains(c)),
+            "{per_endpoint:?}"
+        );
     }
 
     #[test]

@@ -24,11 +24,11 @@ use http::StatusCode;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::dispatch::{dispatch, Dispatch};
+use crate::dispatch::{answer_undeliverable, dispatch, Dispatch, Undeliverable};
 use crate::drain;
 use crate::framing::{head_end, BadChunk, Framing};
 use crate::mirror;
-use crate::recorder::{LocalFailure, UpstreamFailure, NO_SERVICE};
+use crate::recorder::UpstreamFailure;
 use crate::rewrite::{header_slots, plain_response, response_head, RequestHead, ResponseHead};
 use crate::table::RouteTable;
 use crate::upstream::{
@@ -222,9 +222,10 @@ struct Request<'t> {
 /// What the fast path makes of a request head.
 enum Routed<'t> {
     To(Request<'t>),
-    /// No service takes it: answered 404, the connection kept only if nothing follows the
-    /// head (a body is not read).
-    NoService {
+    /// The router answers it (no service takes it, or its version has no endpoint), the
+    /// connection kept only if nothing follows the head (a body is not read).
+    Answered {
+        why: Undeliverable,
         close: bool,
     },
 }
@@ -240,22 +241,26 @@ fn request_head<'t>(
 ) -> Option<Routed<'t>> {
     let mut slots = header_slots();
     let head = RequestHead::parse(head, &mut slots)?;
-    let Some(to) = dispatch(
+    let to = match dispatch(
         table,
         &head.view(&conn.client, &conn.worker.shared.options.geo),
-    ) else {
-        let close = head.close || !matches!(head.framing, Framing::Empty);
-        return Some(Routed::NoService { close });
+    ) {
+        Ok(to) => to,
+        Err(why) => {
+            let close = head.close || !matches!(head.framing, Framing::Empty);
+            return Some(Routed::Answered { why, close });
+        }
     };
     if let Some(canary) = to.mirror_to {
         let (worker, client) = (&conn.worker, &conn.client);
         if matches!(head.framing, Framing::Empty) {
-            mirror::copy_to_canary(worker, client, to.counters(), canary, || head.to_parts());
+            let service = (to.counters(), &to.service.doc.request_headers);
+            mirror::copy_to_canary(worker, client, service, canary, || head.to_parts());
         } else {
             mirror::skipped_with_body(worker, to.counters());
         }
     }
-    head.write_upstream(&conn.client, out);
+    head.write_upstream(&conn.client, &to.service.doc.request_headers, out);
     Some(Routed::To(Request {
         to,
         close: head.close,
@@ -512,13 +517,11 @@ where
     let mut request = match request_head(&buf.unread()[..head_len], conn, &table, upstream_out) {
         None => return Next::Handoff,
         Some(Routed::To(request)) => request,
-        Some(Routed::NoService { close }) => {
+        Some(Routed::Answered { why, close }) => {
             buf.consume(head_len);
-            worker
-                .recorder
-                .record_local_failure(LocalFailure::NoService);
+            let (status, text) = answer_undeliverable(&worker.recorder, why, started);
             let close = close || guard.is_draining();
-            plain_response(client_out, StatusCode::NOT_FOUND, NO_SERVICE, close);
+            plain_response(client_out, status, text, close);
             if io.write_all(client_out).await.is_err() || io.flush().await.is_err() || close {
                 return Next::Close;
             }
@@ -756,7 +759,6 @@ mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
     use std::sync::Arc;
 
-    use arc_swap::ArcSwap;
     use tokio::io::DuplexStream;
     use tokio::net::TcpListener;
     use tokio::sync::mpsc;
@@ -873,11 +875,8 @@ mod tests {
 
     fn services(routes: Vec<RoutesDoc>) -> Arc<Connection> {
         let metrics = Arc::new(Metrics::new("test".into(), 0));
-        let shared = Arc::new(Shared {
-            table: ArcSwap::from_pointee(RouteTable::new(routes, 1, &metrics).unwrap()),
-            metrics,
-            options: ProxyOptions::default(),
-        });
+        let table = RouteTable::new(routes, 1, &metrics).unwrap();
+        let shared = Arc::new(Shared::new(table, metrics, ProxyOptions::default()));
         Arc::new(Connection {
             worker: Worker::new(shared),
             client: ClientInfo::new(
@@ -889,7 +888,7 @@ mod tests {
     }
 
     fn stable_only(url: &UpstreamUrl) -> Arc<Connection> {
-        connection(RoutesDoc::stable_only(url.clone()))
+        connection(RoutesDoc::stable_only(url.clone().into()))
     }
 
     /// Serves a client connection on the fast path; the client's end, and how serving ended.
@@ -1094,7 +1093,7 @@ mod tests {
 
         let stable = stats(&conn, Version::Stable);
         assert!(stable.statuses.is_empty(), "{:?}", stable.statuses);
-        assert_eq!(stable.failures, [0; 4]);
+        assert_eq!(stable.failures, [0; 5]);
     }
 
     #[tokio::test]
@@ -1128,8 +1127,8 @@ mod tests {
             Reply::Keep(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n")
         })
         .await;
-        let mut routes = RoutesDoc::stable_only(stable.url.clone());
-        routes.canary = Some(canary.url.clone());
+        let mut routes = RoutesDoc::stable_only(stable.url.clone().into());
+        routes.canary = Some(canary.url.clone().into());
         routes.mirror = crate::table::Weight::FULL;
         let conn = connection(routes);
         let (mut client, _served) = serve_client(&conn);

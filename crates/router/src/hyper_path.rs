@@ -22,12 +22,12 @@ use hyper::body::Incoming;
 use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
 
-use crate::dispatch::dispatch;
+use crate::dispatch::{answer_undeliverable, dispatch};
 use crate::mirror;
-use crate::recorder::{LocalFailure, Recorder, ServiceId, UpstreamFailure, NO_SERVICE};
+use crate::recorder::{Recorder, ServiceId, UpstreamFailure};
 use crate::rewrite::{is_upgrade, strip_hop_by_hop, upstream_parts};
 use crate::route::{RequestView, Version};
-use crate::table::UpstreamUrl;
+use crate::table::{HeaderChanges, UpstreamUrl};
 use crate::upstream::{
     connect_tcp, count_broken_answer, count_failure, AttemptError, Attempts, ClientError,
     ExchangeError, IdlePool, TimedOut, UpstreamError,
@@ -492,7 +492,7 @@ pub async fn handle(
         .authority()
         .map(|a| a.as_str().as_bytes())
         .or_else(|| req.headers().get(header::HOST).map(|h| h.as_bytes()));
-    let Some(to) = dispatch(
+    let to = match dispatch(
         &table,
         &RequestView {
             headers: req.headers(),
@@ -501,25 +501,28 @@ pub async fn handle(
             host,
             path: req.uri().path().as_bytes(),
         },
-    ) else {
-        worker
-            .recorder
-            .record_local_failure(LocalFailure::NoService);
-        return Ok(error_response(StatusCode::NOT_FOUND, NO_SERVICE, false));
+    ) {
+        Ok(to) => to,
+        Err(why) => {
+            let (status, text) = answer_undeliverable(&worker.recorder, why, started);
+            return Ok(error_response(status, text, false));
+        }
     };
     let (service, version, target) = (to.counters(), to.version, to.target);
+    let changes = &to.service.doc.request_headers;
     let affinity_cookie = to.affinity_cookie();
     if let Some(canary) = to.mirror_to {
-        mirror(worker, &req, client, service, canary);
+        mirror(worker, &req, client, (service, changes), canary);
     }
     let upgrade = is_upgrade(&req);
     if upgrade {
         // Boxed for the same reason as a new upstream connection in `exchange`.
         let at = (service, version);
-        return Ok(Box::pin(proxy_upgrade(worker, client, req, at, target, started)).await);
+        let upgrade = proxy_upgrade(worker, client, req, at, (target, changes), started);
+        return Ok(Box::pin(upgrade).await);
     }
     let (mut parts, body) = req.into_parts();
-    upstream_parts(&mut parts, client, false);
+    upstream_parts(&mut parts, client, false, changes);
     let options = &shared.options;
     let (body, progress) = UpstreamBody::from_client(body);
     let upstream_req = Request::from_parts(parts, body);
@@ -616,13 +619,13 @@ async fn proxy_upgrade(
     client: &ClientInfo,
     mut req: Request<Incoming>,
     (service, version): (ServiceId, Version),
-    target: &UpstreamUrl,
+    (target, changes): (&UpstreamUrl, &HeaderChanges),
     started: Instant,
 ) -> Response<ClientBody> {
     let options = &worker.shared.options;
     let client_upgrade = hyper::upgrade::on(&mut req);
     let (mut parts, body) = req.into_parts();
-    upstream_parts(&mut parts, client, true);
+    upstream_parts(&mut parts, client, true, changes);
     let (body, _) = UpstreamBody::from_client(body);
     let sent = async {
         let mut sender = connect(target, options.connect_timeout, true).await?;
@@ -672,14 +675,14 @@ fn mirror(
     worker: &Worker,
     req: &Request<Incoming>,
     client: &ClientInfo,
-    service: ServiceId,
+    (service, changes): (ServiceId, &HeaderChanges),
     canary: &UpstreamUrl,
 ) {
     if !req.body().is_end_stream() || is_upgrade(req) {
         mirror::skipped_with_body(worker, service);
         return;
     }
-    mirror::copy_to_canary(worker, client, service, canary, || {
+    mirror::copy_to_canary(worker, client, (service, changes), canary, || {
         let mut copy = Request::new(());
         *copy.method_mut() = req.method().clone();
         *copy.uri_mut() = req.uri().clone();

@@ -10,7 +10,7 @@ use http::{HeaderValue, Request};
 use crate::hyper_path::{exchange, ClientBody, UpstreamBody};
 use crate::recorder::ServiceId;
 use crate::rewrite::upstream_parts;
-use crate::table::UpstreamUrl;
+use crate::table::{HeaderChanges, UpstreamUrl};
 use crate::worker::{ClientInfo, Worker};
 
 /// Sends a copy of a bodyless request head (made by `copy` only once a slot is free) to the
@@ -18,7 +18,7 @@ use crate::worker::{ClientInfo, Worker};
 pub(crate) fn copy_to_canary(
     worker: &Worker,
     client: &ClientInfo,
-    service: ServiceId,
+    (service, changes): (ServiceId, &HeaderChanges),
     canary: &UpstreamUrl,
     copy: impl FnOnce() -> Option<http::request::Parts>,
 ) {
@@ -29,7 +29,7 @@ pub(crate) fn copy_to_canary(
     let Some(mut parts) = copy() else {
         return;
     };
-    upstream_parts(&mut parts, client, false);
+    upstream_parts(&mut parts, client, false, changes);
     parts
         .headers
         .insert("x-coalmine-mirror", HeaderValue::from_static("true"));

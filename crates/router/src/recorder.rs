@@ -36,14 +36,18 @@ pub enum UpstreamFailure {
     Protocol,
     /// The answer broke off after its head reached the client: counted as a 502.
     Body,
+    /// The version has no endpoint ready (Gateway API mode: its Service's EndpointSlices
+    /// list none): 503.
+    NoEndpoints,
 }
 
 impl UpstreamFailure {
-    pub(crate) const ALL: [UpstreamFailure; 4] = [
+    pub(crate) const ALL: [UpstreamFailure; 5] = [
         UpstreamFailure::Connect,
         UpstreamFailure::Timeout,
         UpstreamFailure::Protocol,
         UpstreamFailure::Body,
+        UpstreamFailure::NoEndpoints,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -52,9 +56,14 @@ impl UpstreamFailure {
             UpstreamFailure::Timeout => "timeout",
             UpstreamFailure::Protocol => "protocol",
             UpstreamFailure::Body => "body",
+            UpstreamFailure::NoEndpoints => "no_endpoints",
         }
     }
 }
+
+/// What a request to a version without endpoints is answered (503), on both paths.
+pub(crate) const NO_ENDPOINTS: &str =
+    "coalmine router: the version this request was routed to has no endpoint ready";
 
 /// What a request no service takes is answered (404), on both paths.
 pub(crate) const NO_SERVICE: &str =

@@ -15,6 +15,7 @@ use http::{Request, StatusCode, Uri, Version as HttpVersion};
 use crate::framing::{content_length, tokens, Chunked, Framing};
 use crate::geo::Geo;
 use crate::route::RequestView;
+use crate::table::HeaderChanges;
 use crate::worker::ClientInfo;
 
 /// Headers one head may carry on the fast path (hyper's default limit too); a request with
@@ -190,8 +191,14 @@ impl<'s, 'h> RequestHead<'s, 'h> {
 
     /// Writes the head the upstream gets into `out` (replacing what it held): the request
     /// line as HTTP/1.1, the end-to-end headers as the client wrote them, chunked framing
-    /// said once, `x-forwarded-for` with the client appended, `x-forwarded-proto` if absent.
-    pub(crate) fn write_upstream(&self, client: &ClientInfo, out: &mut Vec<u8>) {
+    /// said once, `x-forwarded-for` with the client appended, `x-forwarded-proto` if absent;
+    /// then the route's header `changes`.
+    pub(crate) fn write_upstream(
+        &self,
+        client: &ClientInfo,
+        changes: &HeaderChanges,
+        out: &mut Vec<u8>,
+    ) {
         out.clear();
         out.extend_from_slice(self.method.as_bytes());
         out.push(b' ');
@@ -199,10 +206,14 @@ impl<'s, 'h> RequestHead<'s, 'h> {
         out.extend_from_slice(b" HTTP/1.1\r\n");
         let classified = || self.headers.iter().zip(self.kinds);
         for (h, k) in classified() {
-            if matches!(
-                k,
-                Kind::Other | Kind::Host | Kind::ContentLength | Kind::ForwardedProto
-            ) {
+            let kept = match k {
+                Kind::Other | Kind::ForwardedProto => {
+                    changes.is_empty() || !changes.drops(h.name.as_bytes())
+                }
+                Kind::Host | Kind::ContentLength => true,
+                _ => false,
+            };
+            if kept {
                 put_header(out, h.name.as_bytes(), h.value);
             }
         }
@@ -222,6 +233,9 @@ impl<'s, 'h> RequestHead<'s, 'h> {
             } else {
                 b"x-forwarded-proto: http\r\n"
             });
+        }
+        for h in changes.appended() {
+            put_header(out, h.name.as_str().as_bytes(), h.value.as_bytes());
         }
         out.extend_from_slice(b"\r\n");
     }
@@ -534,7 +548,12 @@ pub(crate) fn is_upgrade<B>(req: &Request<B>) -> bool {
 /// Turns the client's request into the upstream's: origin-form URI, HTTP/1.1, Host kept (an
 /// HTTP/2 client's `:authority` becomes Host), hop-by-hop headers dropped, the client appended
 /// to `x-forwarded-for`.
-pub(crate) fn upstream_parts(parts: &mut http::request::Parts, client: &ClientInfo, upgrade: bool) {
+pub(crate) fn upstream_parts(
+    parts: &mut http::request::Parts,
+    client: &ClientInfo,
+    upgrade: bool,
+    changes: &HeaderChanges,
+) {
     let upgrade_header = if upgrade {
         parts.headers.get(header::UPGRADE).cloned()
     } else {
@@ -587,6 +606,25 @@ pub(crate) fn upstream_parts(parts: &mut http::request::Parts, client: &ClientIn
             "http"
         }));
     }
+    if !changes.is_empty() {
+        change_headers(&mut parts.headers, changes);
+    }
+}
+
+/// A route's header changes on hyper's form of a request: what is set or removed goes, then
+/// every `set` and `add` is appended (the contract checked names and values).
+fn change_headers(headers: &mut HeaderMap, changes: &HeaderChanges) {
+    let name = |n: &crate::table::HeaderName| http::HeaderName::from_bytes(n.as_str().as_bytes());
+    for gone in changes.set.iter().map(|h| &h.name).chain(&changes.remove) {
+        if let Ok(n) = name(gone) {
+            headers.remove(n);
+        }
+    }
+    for h in changes.appended() {
+        if let (Ok(n), Ok(v)) = (name(&h.name), HeaderValue::from_str(&h.value)) {
+            headers.append(n, v);
+        }
+    }
 }
 
 #[cfg(test)]
@@ -603,7 +641,7 @@ mod tests {
         let mut slots = header_slots();
         let h = RequestHead::parse(head.as_bytes(), &mut slots)?;
         let mut out = Vec::new();
-        h.write_upstream(&client(tls), &mut out);
+        h.write_upstream(&client(tls), &HeaderChanges::default(), &mut out);
         Some((String::from_utf8(out).unwrap(), h.framing, h.close))
     }
 
@@ -912,11 +950,49 @@ mod tests {
             false,
             HeadFlags::new(1024),
         );
-        upstream_parts(&mut parts, &client, false);
+        upstream_parts(&mut parts, &client, false, &HeaderChanges::default());
         assert_eq!(parts.uri, "/a?b=1");
         assert_eq!(parts.version, HttpVersion::HTTP_11);
         assert_eq!(parts.headers[header::HOST], "example.com");
         assert_eq!(parts.headers["x-forwarded-for"], "10.0.0.1, 127.0.0.9");
         assert_eq!(parts.headers["x-forwarded-proto"], "http");
+    }
+
+    #[test]
+    fn a_routes_header_changes_are_the_same_on_both_forms() {
+        let changes: HeaderChanges = serde_json::from_value(serde_json::json!({
+            "set": [{"name": "X-Env", "value": "canary"}],
+            "add": [{"name": "x-trace", "value": "2"}],
+            "remove": ["x-debug"]
+        }))
+        .unwrap();
+        // The fast path's raw head.
+        let mut slots = header_slots();
+        let raw = "GET / HTTP/1.1\r\nHost: shop\r\nX-ENV: stable\r\nx-env: other\r\n\
+                   X-Debug: 1\r\nx-trace: 1\r\nAccept: */*\r\n\r\n";
+        let h = RequestHead::parse(raw.as_bytes(), &mut slots).unwrap();
+        let mut out = Vec::new();
+        h.write_upstream(&client(false), &changes, &mut out);
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "GET / HTTP/1.1\r\nHost: shop\r\nx-trace: 1\r\nAccept: */*\r\n\
+             x-forwarded-for: 10.1.2.3\r\nx-forwarded-proto: http\r\n\
+             x-env: canary\r\nx-trace: 2\r\n\r\n"
+        );
+        // hyper's form.
+        let mut parts = h.to_parts().unwrap();
+        upstream_parts(&mut parts, &client(false), false, &changes);
+        let values = |n: &str| -> Vec<&str> {
+            parts
+                .headers
+                .get_all(n)
+                .iter()
+                .map(|v| v.to_str().unwrap())
+                .collect()
+        };
+        assert_eq!(values("x-env"), ["canary"]);
+        assert_eq!(values("x-trace"), ["1", "2"]);
+        assert!(values("x-debug").is_empty());
+        assert_eq!(values("accept"), ["*/*"]);
     }
 }

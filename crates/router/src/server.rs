@@ -9,7 +9,6 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use arc_swap::ArcSwap;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -190,14 +189,11 @@ pub fn start(config: RouterConfig) -> Result<RouterHandle, StartError> {
     );
     let metrics = Arc::new(Metrics::new(instance, now.as_millis() as u64));
     let table = RouteTable::new(config.routes.clone(), 1, &metrics)?;
-    let shared = Arc::new(Shared {
-        table: ArcSwap::from_pointee(table),
-        metrics,
-        options: ProxyOptions {
-            client_stall_timeout: config.idle_timeout,
-            ..config.proxy.clone()
-        },
-    });
+    let options = ProxyOptions {
+        client_stall_timeout: config.idle_timeout,
+        ..config.proxy.clone()
+    };
+    let shared = Arc::new(Shared::new(table, metrics, options));
     let (stop, stopped) = watch::channel(false);
     let mut handles = Vec::new();
     for (i, listener) in listeners.into_iter().enumerate() {

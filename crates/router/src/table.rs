@@ -21,9 +21,9 @@ use std::collections::HashMap;
 use xxhash_rust::xxh3::xxh3_64;
 
 pub use coalmine_contract::{
-    check_service_name, check_services, services_list, Affinity, Condition, HeaderName,
-    HostPattern, Invalid, MatchRule, PathPrefix, RoutesDoc, ServedRoutes, StickyKey, StrMatch,
-    Subject, UpstreamUrl, Weight, DEFAULT_SERVICE, OWNER_HEADER,
+    check_service_name, check_services, services_list, Affinity, Condition, Endpoints,
+    HeaderChanges, HeaderName, HostPattern, Invalid, MatchRule, PathMatch, PathPrefix, RoutesDoc,
+    ServedRoutes, StickyKey, StrMatch, Subject, UpstreamUrl, Weight, DEFAULT_SERVICE, OWNER_HEADER,
 };
 
 use crate::recorder::{Metrics, ServiceId};
@@ -51,7 +51,7 @@ impl ServiceTable {
         };
         let salt = xxh3_64(salted_by.as_bytes());
         let affinity_token = match &doc.canary {
-            Some(c) => format!("{:016x}", xxh3_64(c.as_str().as_bytes())),
+            Some(c) => format!("{:016x}", xxh3_64(c.to_string().as_bytes())),
             None => String::new(),
         };
         ServiceTable {
@@ -176,7 +176,7 @@ fn normalized_host<'b>(host: &[u8], buf: &'b mut [u8]) -> Option<&'b [u8]> {
 struct Candidate {
     service: usize,
     /// `None`: every path.
-    path: Option<PathPrefix>,
+    path: Option<PathMatch>,
 }
 
 /// Which services may take a request, by host: built once per swap, each list in precedence
@@ -194,7 +194,7 @@ impl Selector {
         let mut index = Selector::default();
         for (i, service) in services.iter().enumerate() {
             let doc = &service.doc;
-            let paths: Vec<Option<PathPrefix>> = if doc.paths.is_empty() {
+            let paths: Vec<Option<PathMatch>> = if doc.paths.is_empty() {
                 vec![None]
             } else {
                 doc.paths.iter().cloned().map(Some).collect()
@@ -229,7 +229,7 @@ impl Selector {
         let order = |list: &mut Vec<Candidate>| {
             list.sort_by_key(|c| {
                 (
-                    Reverse(c.path.as_ref().map_or(1, |p| p.as_str().len())),
+                    PathMatch::precedence(c.path.as_ref()),
                     Reverse(conditions(c)),
                     c.service,
                 )
@@ -392,5 +392,36 @@ mod tests {
             .collect();
         let e = RouteTable::new(docs, 1, &Metrics::new("i".into(), 0)).unwrap_err();
         assert!(e.0.contains("already the name"), "{e}");
+    }
+
+    #[test]
+    fn an_exact_path_beats_prefixes_and_a_regex_comes_after_every_prefix() {
+        let t = table(json!([
+            {"service": "regex", "paths": [{"regex": "/api/v[0-9]+/users"}]},
+            {"service": "api", "paths": ["/api"]},
+            {"service": "exact", "paths": [{"exact": "/api/v1/users"}]},
+            {"service": "root", "paths": ["/"]},
+        ]));
+        assert_eq!(pick(&t, None, "/api/v1/users", &[]), Some("exact"));
+        assert_eq!(
+            pick(&t, None, "/api/v2/users", &[]),
+            Some("api"),
+            "a prefix first"
+        );
+        assert_eq!(pick(&t, None, "/v2", &[]), Some("root"));
+        let t = table(json!([
+            {"service": "root", "paths": ["/"]},
+            {"service": "regex", "paths": [{"regex": "/api/v[0-9]+/users"}]},
+        ]));
+        assert_eq!(
+            pick(&t, None, "/api/v2/users", &[]),
+            Some("regex"),
+            "over '/' alone"
+        );
+        assert_eq!(
+            pick(&t, None, "/api/v2/users/7", &[]),
+            Some("root"),
+            "whole path"
+        );
     }
 }

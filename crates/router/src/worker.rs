@@ -12,7 +12,7 @@ use tokio::sync::Semaphore;
 use crate::framing::HeadFlags;
 use crate::geo::Geo;
 use crate::recorder::{Metrics, Recorder};
-use crate::table::RouteTable;
+use crate::table::{Invalid, RouteTable, RoutesDoc};
 
 /// Limits and timeouts of the proxy path.
 #[derive(Clone, Debug)]
@@ -29,6 +29,9 @@ pub struct ProxyOptions {
     pub client_stall_timeout: Duration,
     /// Where clients are, for rules that match on geography.
     pub geo: Arc<Geo>,
+    /// Who writes the route table when it is not the admin API (Gateway API mode: "the
+    /// cluster's HTTPRoutes"): then `PUT` and `DELETE` on `/routes` are refused (409) with it.
+    pub routes_written_by: Option<String>,
 }
 
 impl Default for ProxyOptions {
@@ -40,6 +43,7 @@ impl Default for ProxyOptions {
             max_idle_per_upstream: 256,
             client_stall_timeout: Duration::from_secs(75),
             geo: Arc::new(Geo::default()),
+            routes_written_by: None,
         }
     }
 }
@@ -49,6 +53,49 @@ pub struct Shared {
     pub table: ArcSwap<RouteTable>,
     pub metrics: Arc<Metrics>,
     pub options: ProxyOptions,
+    /// Serializes read-modify-write of the table so two writers cannot lose each other's
+    /// changes.
+    pub(crate) writer: std::sync::Mutex<()>,
+}
+
+impl Shared {
+    pub fn new(table: RouteTable, metrics: Arc<Metrics>, options: ProxyOptions) -> Shared {
+        Shared {
+            table: ArcSwap::from_pointee(table),
+            metrics,
+            options,
+            writer: std::sync::Mutex::new(()),
+        }
+    }
+
+    /// Compiles and swaps in the next table; the caller holds the writer lock.
+    pub(crate) fn swap(
+        &self,
+        current: &RouteTable,
+        docs: Vec<RoutesDoc>,
+    ) -> Result<Arc<RouteTable>, Invalid> {
+        let table = Arc::new(RouteTable::new(
+            docs,
+            current.generation + 1,
+            &self.metrics,
+        )?);
+        self.table.store(table.clone());
+        self.metrics
+            .route_swaps
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Ok(table)
+    }
+
+    /// Replaces the whole table (Gateway API mode's writer), unless it already says this;
+    /// answers the table in force. Requests already routed finish where they were sent.
+    pub fn replace_routes(&self, docs: Vec<RoutesDoc>) -> Result<Arc<RouteTable>, Invalid> {
+        let _writer = self.writer.lock().expect("route table writer lock");
+        let current = self.table.load_full();
+        if current.docs() == docs {
+            return Ok(current);
+        }
+        self.swap(&current, docs)
+    }
 }
 
 /// One worker thread's handle on the proxy.

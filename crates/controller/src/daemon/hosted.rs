@@ -184,7 +184,7 @@ impl Hosted {
             return Err(HostError::NeedsUrl);
         };
         let stable = UpstreamUrl::parse(stable.as_str()).map_err(HostError::Stable)?;
-        let mut routes = RoutesDoc::stable_only(stable);
+        let mut routes = RoutesDoc::stable_only(stable.into());
         routes.name = name.clone();
         // Its own router's one service, taking every request: the one the rollout drives.
         routes.service = rollout.spec.router_service().to_string();

@@ -238,8 +238,8 @@ impl Upstreams {
         });
         RoutesPatch {
             name: Some(self.name.clone()),
-            stable: Some(stable.clone()),
-            canary: Some(canary.cloned()),
+            stable: Some(stable.clone().into()),
+            canary: Some(canary.cloned().map(Into::into)),
             canary_weight: Some(traffic.canary_weight),
             matches,
             preview,
