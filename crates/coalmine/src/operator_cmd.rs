@@ -70,23 +70,30 @@ fn provider(name: &str) -> Result<TrafficProvider, String> {
     })
 }
 
+/// A client as kubectl finds its cluster: `kubeconfig` when given, else `$KUBECONFIG`,
+/// `~/.kube/config` or the pod's service account.
+pub(crate) async fn kube_client(
+    kubeconfig: Option<&std::path::Path>,
+) -> anyhow::Result<kube::Client> {
+    let config = match kubeconfig {
+        Some(path) => {
+            let file = kube::config::Kubeconfig::read_from(path)
+                .map_err(|e| crate::BadInput(format!("--kubeconfig {}: {e}", path.display())))?;
+            kube::Config::from_custom_kubeconfig(file, &Default::default())
+                .await
+                .map_err(|e| crate::BadInput(format!("--kubeconfig {}: {e}", path.display())))?
+        }
+        None => kube::Config::infer().await?,
+    };
+    Ok(kube::Client::try_from(config)?)
+}
+
 pub fn operator(args: OperatorArgs) -> anyhow::Result<ExitCode> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
     runtime.block_on(async move {
-        let config = match &args.kubeconfig {
-            Some(path) => {
-                let file = kube::config::Kubeconfig::read_from(path).map_err(|e| {
-                    crate::BadInput(format!("--kubeconfig {}: {e}", path.display()))
-                })?;
-                kube::Config::from_custom_kubeconfig(file, &Default::default())
-                    .await
-                    .map_err(|e| crate::BadInput(format!("--kubeconfig {}: {e}", path.display())))?
-            }
-            None => kube::Config::infer().await?,
-        };
-        let client = kube::Client::try_from(config)?;
+        let client = kube_client(args.kubeconfig.as_deref()).await?;
         let identity = args.identity.unwrap_or_else(|| {
             let host = std::fs::read_to_string("/etc/hostname").unwrap_or_default();
             format!("{}-{}", host.trim(), std::process::id())

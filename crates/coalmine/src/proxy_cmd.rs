@@ -96,6 +96,22 @@ pub struct ProxyArgs {
     /// How long SIGTERM waits for in-flight requests [default: 30s]
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     pub drain_timeout: Option<Duration>,
+    /// Be a Gateway API implementation: the route table comes from the cluster's
+    /// GatewayClasses (controllerName --gateway-controller-name), their Gateways, HTTPRoutes,
+    /// Services and EndpointSlices, and their status conditions are written; no --stable
+    #[arg(long)]
+    pub kubernetes: bool,
+    /// With --kubernetes: the kubeconfig (default: as kubectl: $KUBECONFIG, ~/.kube/config,
+    /// or the pod's service account)
+    #[arg(long, value_name = "FILE", requires = "kubernetes")]
+    pub kubeconfig: Option<PathBuf>,
+    /// With --kubernetes: the controllerName of the GatewayClasses this router serves
+    #[arg(long, value_name = "NAME", requires = "kubernetes", default_value = coalmine_operator::gateway::translate::CONTROLLER_NAME)]
+    pub gateway_controller_name: String,
+    /// With --kubernetes: the address clients reach the Gateways at (its Service's IP or
+    /// host name), written to each Gateway's status.addresses
+    #[arg(long, value_name = "ADDRESS", requires = "kubernetes")]
+    pub gateway_address: Option<String>,
 }
 
 fn parse_weight(s: &str) -> Result<Weight, String> {
@@ -255,9 +271,14 @@ pub fn router_config(args: ProxyArgs) -> Result<RouterConfig, BadInput> {
         .into_iter()
         .chain(file.services)
         .collect::<Vec<_>>();
-    if routes.is_empty() {
+    if args.kubernetes && !routes.is_empty() {
         return Err(BadInput(
-            "--stable is required (or `stable` or `services` in the --config file)".into(),
+            "--kubernetes takes its routes from the cluster's HTTPRoutes; drop --stable and the --config file's routes".into(),
+        ));
+    }
+    if routes.is_empty() && !args.kubernetes {
+        return Err(BadInput(
+            "--stable is required (or `stable` or `services` in the --config file, or --kubernetes)".into(),
         ));
     }
     coalmine_router::table::check_services(&routes).map_err(|e| {
@@ -311,6 +332,9 @@ pub fn router_config(args: ProxyArgs) -> Result<RouterConfig, BadInput> {
             connect_timeout: dur(args.connect_timeout, file.connect_timeout, 2),
             response_timeout: dur(args.response_timeout, file.response_timeout, 30),
             geo: std::sync::Arc::new(geo),
+            routes_written_by: args
+                .kubernetes
+                .then(|| "the cluster's Gateway API objects (coalmine proxy --kubernetes)".into()),
             ..ProxyOptions::default()
         },
         header_read_timeout: dur(args.header_read_timeout, file.header_read_timeout, 10),
@@ -348,11 +372,53 @@ fn geography(flags: GeoFile, file: GeoFile) -> Result<Geo, BadInput> {
     Ok(geo)
 }
 
+/// Gateway API mode: a thread of its own watches the cluster and swaps the router's table. A
+/// cluster that cannot be reached at start is bad input; later, the watches retry with backoff
+/// and the last table keeps serving.
+fn program_from_cluster(
+    handle: &coalmine_router::RouterHandle,
+    kubeconfig: Option<PathBuf>,
+    settings: coalmine_operator::gateway::GatewaySettings,
+) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()?;
+    let client = runtime.block_on(crate::operator_cmd::kube_client(kubeconfig.as_deref()))?;
+    let shared = handle.shared.clone();
+    let sink: coalmine_operator::gateway::TableSink = std::sync::Arc::new(move |docs| {
+        shared
+            .replace_routes(docs)
+            .map(|table| table.generation)
+            .map_err(|e| e.to_string())
+    });
+    std::thread::Builder::new()
+        .name("gateway".into())
+        .spawn(move || {
+            if let Err(e) = runtime.block_on(coalmine_operator::gateway::run(client, settings, sink)) {
+                tracing::error!(error = %e, "Gateway API programming stopped; the last table keeps serving");
+            }
+        })?;
+    Ok(())
+}
+
 /// Runs the router until SIGTERM or SIGINT, then drains and returns.
 pub fn run(args: ProxyArgs) -> anyhow::Result<()> {
+    let gateway = args.kubernetes.then(|| {
+        (
+            args.kubeconfig.clone(),
+            coalmine_operator::gateway::GatewaySettings {
+                controller_name: args.gateway_controller_name.clone(),
+                address: args.gateway_address.clone(),
+            },
+        )
+    });
     let config = router_config(args)?;
     let threads = config.threads;
     let handle = coalmine_router::start(config)?;
+    if let Some((kubeconfig, settings)) = gateway {
+        program_from_cluster(&handle, kubeconfig, settings)?;
+    }
     outln!(
         "coalmine proxy: listen={} admin={} threads={threads}",
         handle.listen,

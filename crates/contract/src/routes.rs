@@ -623,24 +623,24 @@ impl<'de> Deserialize<'de> for PathMatch {
     }
 }
 
-/// A service's header selectors: rules on headers only (a rule on a cookie or the query
-/// selects a version, not a service).
+/// A service's selectors: rules on headers and query parameters (Gateway API's `HTTPRouteMatch`
+/// has both); a rule on a cookie or the client's place selects a version, not a service.
 fn header_rules<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<MatchRule>, D::Error> {
     let rules = Vec::<MatchRule>::deserialize(d)?;
     for rule in &rules {
-        if let Some(c) = rule
-            .all
-            .iter()
-            .find(|c| !matches!(c.subject, crate::Subject::Header(_)))
-        {
+        if let Some(c) = rule.all.iter().find(|c| {
+            !matches!(
+                c.subject,
+                crate::Subject::Header(_) | crate::Subject::Query(_)
+            )
+        }) {
             let what = match &c.subject {
                 crate::Subject::Cookie(n) => format!("cookie {n:?}"),
-                crate::Subject::Query(n) => format!("query parameter {n:?}"),
                 crate::Subject::Geo(field) => format!("client's {}", field.as_str()),
-                crate::Subject::Header(_) => unreachable!(),
+                crate::Subject::Header(_) | crate::Subject::Query(_) => unreachable!(),
             };
             return Err(serde::de::Error::custom(format!(
-                "a service is selected by headers only, not by a {what} (put it in match to choose a version)"
+                "a service is selected by headers and query parameters, not by a {what} (put it in match to choose a version)"
             )));
         }
     }
@@ -663,7 +663,7 @@ pub struct RoutesDoc {
     /// Paths this service answers for (prefixes, exact paths, regexes); none: every path.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub paths: Vec<PathMatch>,
-    /// Header rules that must all hold for this service to take a request.
+    /// Header and query-parameter rules that must all hold for this service to take a request.
     #[serde(
         default,
         deserialize_with = "header_rules",
@@ -1036,7 +1036,8 @@ mod tests {
         assert!(err(json!({"hosts": ["shop.example.com:8080"]})).contains("no port"));
         assert!(err(json!({"hosts": ["a.*.com"]})).contains("not a host name"));
         assert!(err(json!({"paths": ["api"]})).contains("starts with '/'"));
-        assert!(err(json!({"headers": ["cookie:a=b"]})).contains("headers only"));
+        assert!(err(json!({"headers": ["cookie:a=b"]}))
+            .contains("headers and query parameters, not by a cookie"));
         assert!(err(json!({"service": "a/b"})).contains("not a service name"));
         assert!(err(json!({"service": ""})).contains("not a service name"));
         // A document without selectors is the default service, taking every request.

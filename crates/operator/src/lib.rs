@@ -10,6 +10,9 @@
 //!   read per object (a Canary Coalmine cannot run gets the field's path, the watch goes on).
 //! - [`canaries`]: a Canary runs as the Rollout it describes (owned by it); the Rollout's
 //!   status is mirrored onto the Canary in Flagger's fields, its Events go to the Canary.
+//! - [`gateway`]: the router as a Gateway API implementation (`coalmine proxy --kubernetes`):
+//!   GatewayClasses, Gateways, HTTPRoutes, Services and EndpointSlices as its route table, and
+//!   their status conditions.
 //! - [`events`]: Kubernetes Events, one per message (a repeat counted on it).
 //! - [`requests`]: promote and abort through a `coalmine.dev/request` annotation. Pure.
 //! - [`templates`]: checks resolved from the cluster's MetricTemplates (and their Secrets).
@@ -30,6 +33,7 @@ pub mod configs;
 pub mod crd;
 pub mod events;
 pub mod flagger;
+pub mod gateway;
 pub mod health;
 pub mod leader;
 pub mod next;

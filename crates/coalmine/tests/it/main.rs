@@ -8,6 +8,7 @@ mod cli;
 mod daemon_faults;
 mod deploy;
 mod faults;
+mod gateway;
 mod geography;
 mod http1;
 mod loadtester;

@@ -1,0 +1,415 @@
+//! `coalmine proxy --kubernetes`: the router as a Gateway API implementation, end to end. The
+//! cluster (the real API server with `KUBEBUILDER_ASSETS`, else the in-repo fake) holds
+//! Gateway API's CRDs (`tests/fixtures/crds/gateway-api/`, v1.6.1 standard channel), a
+//! GatewayClass for `coalmine.dev/gateway`, a Gateway, an HTTPRoute in Flagger's shape, the
+//! `-primary` and `-canary` Services and their EndpointSlices. The endpoints are real upstream
+//! processes in a network namespace the test makes (the API server refuses loopback endpoint
+//! addresses); the router runs here and reaches them over the namespace's veth, by pod address,
+//! never by cluster IP.
+
+use std::net::Ipv4Addr;
+use std::time::{Duration, Instant};
+
+use coalmine_kube_fake::{install_crds, TestCluster};
+use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::api::{
+    Api, ApiResource, DynamicObject, GroupVersionKind, Patch, PatchParams, PostParams,
+};
+use serde_json::{json, Value};
+
+use crate::common::netns::PodNetwork;
+use crate::common::{client, get_json, Proc, Router};
+
+const GATEWAY_CRDS: [&str; 3] = [
+    include_str!("../../../../tests/fixtures/crds/gateway-api/gatewayclasses.yaml"),
+    include_str!("../../../../tests/fixtures/crds/gateway-api/gateways.yaml"),
+    include_str!("../../../../tests/fixtures/crds/gateway-api/httproutes.yaml"),
+];
+
+/// Second stand-in primary pod and the canary pod: addresses given to the pods' namespace.
+const PRIMARY_2: Ipv4Addr = Ipv4Addr::new(10, 232, 0, 11);
+const CANARY: Ipv4Addr = Ipv4Addr::new(10, 232, 0, 12);
+
+pub(crate) fn gateway_api(kube: &kube::Client, kind: &str, plural: &str) -> Api<DynamicObject> {
+    let resource = ApiResource::from_gvk_with_plural(
+        &GroupVersionKind::gvk("gateway.networking.k8s.io", "v1", kind),
+        plural,
+    );
+    if kind == "GatewayClass" {
+        Api::all_with(kube.clone(), &resource)
+    } else {
+        Api::namespaced_with(kube.clone(), "shop", &resource)
+    }
+}
+
+async fn create(api: &Api<DynamicObject>, object: Value) {
+    api.create(
+        &PostParams::default(),
+        &serde_json::from_value(object).unwrap(),
+    )
+    .await
+    .unwrap();
+}
+
+/// A Service with port 9898 (named `http`) in front of pods' port 8080, and its EndpointSlice
+/// listing `pods` ready.
+pub(crate) async fn service_with_pods(kube: &kube::Client, name: &str, pods: &[Ipv4Addr]) {
+    let services: Api<Service> = Api::namespaced(kube.clone(), "shop");
+    services
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({"metadata": {"name": name},
+                "spec": {"ports": [{"name": "http", "port": 9898, "targetPort": 8080}]}}))
+            .unwrap(),
+        )
+        .await
+        .unwrap();
+    set_endpoints(kube, name, pods).await;
+}
+
+/// The Service's EndpointSlice now lists `pods` (made if missing).
+pub(crate) async fn set_endpoints(kube: &kube::Client, name: &str, pods: &[Ipv4Addr]) {
+    let slices: Api<EndpointSlice> = Api::namespaced(kube.clone(), "shop");
+    let endpoints: Vec<Value> = pods
+        .iter()
+        .map(|a| json!({"addresses": [a.to_string()], "conditions": {"ready": true}}))
+        .collect();
+    let slice = json!({
+        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": {"name": format!("{name}-abcde"), "labels": {"kubernetes.io/service-name": name}},
+        "addressType": "IPv4",
+        "endpoints": endpoints,
+        "ports": [{"name": "http", "port": 8080, "protocol": "TCP"}],
+    });
+    slices
+        .patch(
+            &format!("{name}-abcde"),
+            &PatchParams::apply("test").force(),
+            &Patch::Apply(slice),
+        )
+        .await
+        .unwrap();
+}
+
+/// Flagger's HTTPRoute for `podinfo` (`pkg/router/gateway_api.go`): a header rule to the
+/// canary, and the weighted rule at `canary` %.
+fn flagger_route(canary: i64) -> Value {
+    json!({
+        "apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
+        "metadata": {"name": "podinfo", "namespace": "shop"},
+        "spec": {
+            "parentRefs": [{"name": "edge"}],
+            "hostnames": ["app.example.com"],
+            "rules": [
+                {"matches": [{"headers": [{"name": "x-canary", "value": "insider"}]}],
+                 "backendRefs": [{"name": "podinfo-primary", "port": 9898, "weight": 0},
+                                 {"name": "podinfo-canary", "port": 9898, "weight": 100}]},
+                {"matches": [{"path": {"type": "PathPrefix", "value": "/"}}],
+                 "filters": [{"type": "RequestHeaderModifier", "requestHeaderModifier": {
+                     "set": [{"name": "x-env", "value": "prod"}], "remove": ["x-debug"]}}],
+                 "backendRefs": [{"name": "podinfo-primary", "port": 9898, "weight": 100 - canary},
+                                 {"name": "podinfo-canary", "port": 9898, "weight": canary}]},
+            ],
+        },
+    })
+}
+
+/// A cluster with Gateway API's CRDs, namespace `shop`, the GatewayClass and the Gateway.
+pub(crate) async fn gateway_cluster() -> TestCluster {
+    let cluster = TestCluster::start().await.unwrap();
+    cluster.create_namespace("shop").await.unwrap();
+    let kube = cluster.client();
+    for crd in GATEWAY_CRDS {
+        install_crds(&kube, crd).await.unwrap();
+    }
+    create(
+        &gateway_api(&kube, "GatewayClass", "gatewayclasses"),
+        json!({"apiVersion": "gateway.networking.k8s.io/v1", "kind": "GatewayClass",
+               "metadata": {"name": "coalmine"}, "spec": {"controllerName": "coalmine.dev/gateway"}}),
+    )
+    .await;
+    create(
+        &gateway_api(&kube, "Gateway", "gateways"),
+        json!({"apiVersion": "gateway.networking.k8s.io/v1", "kind": "Gateway",
+               "metadata": {"name": "edge", "namespace": "shop"},
+               "spec": {"gatewayClassName": "coalmine", "listeners": [
+                   {"name": "web", "port": 80, "protocol": "HTTP", "hostname": "*.example.com"},
+                   {"name": "tls", "port": 443, "protocol": "TLS", "hostname": "*.example.com"}]}}),
+    )
+    .await;
+    cluster
+}
+
+/// `coalmine proxy --kubernetes` on the cluster.
+pub(crate) fn gateway_router(cluster: &TestCluster) -> Router {
+    let kubeconfig = cluster.kubeconfig().to_str().unwrap().to_string();
+    let proc = Proc::spawn(&[
+        "proxy",
+        "--kubernetes",
+        "--kubeconfig",
+        &kubeconfig,
+        "--listen",
+        "127.0.0.1:0",
+        "--admin",
+        "127.0.0.1:0",
+        "--gateway-address",
+        "10.96.0.80",
+    ]);
+    let base = format!("http://{}", proc.addr("listen"));
+    let admin = format!("http://{}", proc.addr("admin"));
+    Router { proc, base, admin }
+}
+
+/// Waits up to 10 s for `ok` on the object's status; answers it.
+async fn until_status(api: &Api<DynamicObject>, name: &str, ok: impl Fn(&Value) -> bool) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let status = api.get(name).await.unwrap().data["status"].clone();
+        if ok(&status) {
+            return status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{name}: status never became right: {status:#}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn condition<'v>(conditions: &'v Value, kind: &str) -> &'v Value {
+    conditions
+        .as_array()
+        .and_then(|c| c.iter().find(|c| c["type"] == kind))
+        .unwrap_or(&Value::Null)
+}
+
+fn is_true(conditions: &Value, kind: &str) -> bool {
+    condition(conditions, kind)["status"] == "True"
+}
+
+/// Which pod answered each of `n` requests for `app.example.com` (with `headers`).
+async fn answered_by(router: &Router, n: usize, headers: &[(&str, &str)]) -> Vec<String> {
+    let c = client();
+    let mut names = Vec::with_capacity(n);
+    for _ in 0..n {
+        let mut request = c
+            .get(format!("{}/", router.base))
+            .header("host", "app.example.com");
+        for (k, v) in headers {
+            request = request.header(*k, *v);
+        }
+        let r = request.send().await.unwrap();
+        names.push(
+            r.headers()
+                .get("x-upstream")
+                .map(|v| v.to_str().unwrap().to_string())
+                .unwrap_or_else(|| format!("status {}", r.status())),
+        );
+    }
+    names
+}
+
+/// Pearson's chi-square of a two-way split against `canary_share`: 1 degree of freedom, so
+/// above 10.83 happens by chance with probability 0.001.
+fn chi_square(canary: usize, total: usize, canary_share: f64) -> f64 {
+    let expected_canary = total as f64 * canary_share;
+    let expected_stable = total as f64 - expected_canary;
+    let stable = (total - canary) as f64;
+    (canary as f64 - expected_canary).powi(2) / expected_canary
+        + (stable - expected_stable).powi(2) / expected_stable
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_router_programs_itself_from_an_httproute_and_follows_a_weight_change_within_a_second()
+{
+    let pods = PodNetwork::create();
+    pods.route_here(PRIMARY_2);
+    pods.route_here(CANARY);
+    let _primary_1 = pods.spawn(&[
+        "upstream",
+        "--listen",
+        &format!("{}:8080", pods.pod_ip),
+        "--name",
+        "primary-1",
+    ]);
+    let _primary_2 = pods.spawn(&[
+        "upstream",
+        "--listen",
+        &format!("{PRIMARY_2}:8080"),
+        "--name",
+        "primary-2",
+    ]);
+    let _canary = pods.spawn(&[
+        "upstream",
+        "--listen",
+        &format!("{CANARY}:8080"),
+        "--name",
+        "canary",
+    ]);
+    let cluster = gateway_cluster().await;
+    let kube = cluster.client();
+    service_with_pods(&kube, "podinfo-primary", &[pods.pod_ip, PRIMARY_2]).await;
+    service_with_pods(&kube, "podinfo-canary", &[CANARY]).await;
+    let routes = gateway_api(&kube, "HTTPRoute", "httproutes");
+    create(&routes, flagger_route(0)).await;
+    let router = gateway_router(&cluster);
+
+    // Statuses, as the spec defines them.
+    let classes = gateway_api(&kube, "GatewayClass", "gatewayclasses");
+    until_status(&classes, "coalmine", |s| {
+        is_true(&s["conditions"], "Accepted")
+    })
+    .await;
+    let gateways = gateway_api(&kube, "Gateway", "gateways");
+    let gateway = until_status(&gateways, "edge", |s| {
+        is_true(&s["conditions"], "Programmed")
+    })
+    .await;
+    assert_eq!(
+        gateway["addresses"],
+        json!([{"type": "IPAddress", "value": "10.96.0.80"}])
+    );
+    let listeners = gateway["listeners"].as_array().unwrap();
+    assert_eq!(listeners[0]["attachedRoutes"], 1);
+    assert_eq!(
+        listeners[0]["supportedKinds"],
+        json!([{"group": "gateway.networking.k8s.io", "kind": "HTTPRoute"}])
+    );
+    assert!(is_true(&listeners[0]["conditions"], "Programmed"));
+    assert_eq!(
+        condition(&listeners[1]["conditions"], "Accepted")["reason"],
+        "UnsupportedProtocol"
+    );
+    assert_eq!(
+        condition(&gateway["conditions"], "Accepted")["reason"],
+        "ListenersNotValid"
+    );
+    let route = until_status(&routes, "podinfo", |s| !s["parents"].is_null()).await;
+    let parent = &route["parents"][0];
+    assert_eq!(parent["controllerName"], "coalmine.dev/gateway");
+    assert_eq!(parent["parentRef"]["name"], "edge");
+    assert!(is_true(&parent["conditions"], "Accepted"), "{parent:#}");
+    assert!(is_true(&parent["conditions"], "ResolvedRefs"), "{parent:#}");
+    assert!(condition(&parent["conditions"], "Accepted")["observedGeneration"].is_i64());
+
+    // Weight 0: both primary pods answer, by their own addresses; the canary never.
+    let first = answered_by(&router, 200, &[]).await;
+    let count = |names: &[String], who: &str| names.iter().filter(|n| *n == who).count();
+    assert_eq!(count(&first, "canary"), 0, "{first:?}");
+    assert!(
+        count(&first, "primary-1") > 60 && count(&first, "primary-2") > 60,
+        "{first:?}"
+    );
+    let table = get_json(&format!("{}/routes", router.admin)).await;
+    let served = serde_json::to_string(&table).unwrap();
+    assert!(
+        served.contains(&format!("http://{}:8080", pods.pod_ip)),
+        "{table:#}"
+    );
+    // The header rule takes its users to the canary at any weight.
+    let insiders = answered_by(&router, 20, &[("x-canary", "insider")]).await;
+    assert_eq!(count(&insiders, "canary"), 20, "{insiders:?}");
+    // Another host is no service's: the router's 404.
+    let other = client()
+        .get(format!("{}/", router.base))
+        .header("host", "other.test")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(other.status(), 404);
+    // The rule's RequestHeaderModifier reaches the pod.
+    let echoed: Value = client()
+        .get(format!("{}/echo", router.base))
+        .header("host", "app.example.com")
+        .header("x-env", "dev")
+        .header("x-debug", "1")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(echoed["headers"]["x-env"], "prod", "{echoed:#}");
+    assert!(echoed["headers"].get("x-debug").is_none(), "{echoed:#}");
+    // The table is the cluster's: the admin API refuses to change it.
+    let refused = client()
+        .put(format!("{}/routes", router.admin))
+        .json(&json!({"canaryWeight": 50}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 409);
+
+    // The operator's step: 20 % to the canary. Seen in the router's table within a second,
+    // and the split that follows is 20 % by chi-square.
+    let changed = Instant::now();
+    routes
+        .patch(
+            "podinfo",
+            &PatchParams::apply("flagger").force(),
+            &Patch::Apply(flagger_route(20)),
+        )
+        .await
+        .unwrap();
+    let weighed = "shop.podinfo.1.0";
+    loop {
+        let doc = get_json(&format!("{}/routes/{weighed}", router.admin)).await;
+        if doc["canaryWeight"] == json!(20.0) {
+            break;
+        }
+        assert!(
+            changed.elapsed() < Duration::from_secs(1),
+            "not programmed within 1 s: {doc:#}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let programmed_in = changed.elapsed();
+    let split = answered_by(&router, 2_000, &[]).await;
+    let canary = count(&split, "canary");
+    let chi2 = chi_square(canary, split.len(), 0.2);
+    assert!(
+        chi2 < 10.83,
+        "{canary} of 2000 on the canary at 20 %: chi-square {chi2:.2}"
+    );
+    eprintln!("weight change programmed in {programmed_in:?}; {canary} of 2000 on the canary (chi-square {chi2:.2})");
+
+    // A pod gone from the EndpointSlice gets no more requests.
+    set_endpoints(&kube, "podinfo-primary", &[PRIMARY_2]).await;
+    let deadline = Instant::now() + Duration::from_secs(1);
+    loop {
+        let doc = get_json(&format!("{}/routes/{weighed}", router.admin)).await;
+        if doc["stable"] == json!(format!("http://{PRIMARY_2}:8080")) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "endpoint removal not programmed within 1 s: {doc:#}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let after = answered_by(&router, 200, &[]).await;
+    assert_eq!(count(&after, "primary-1"), 0, "{after:?}");
+
+    // A backend that does not exist: the route says so, and the rest keeps serving.
+    let mut broken = flagger_route(20);
+    broken["spec"]["rules"][0]["backendRefs"][1]["name"] = "podinfo-missing".into();
+    routes
+        .patch(
+            "podinfo",
+            &PatchParams::apply("flagger").force(),
+            &Patch::Apply(broken),
+        )
+        .await
+        .unwrap();
+    let route = until_status(&routes, "podinfo", |s| {
+        condition(&s["parents"][0]["conditions"], "ResolvedRefs")["reason"] == "BackendNotFound"
+    })
+    .await;
+    assert!(is_true(&route["parents"][0]["conditions"], "Accepted"));
+    let still = answered_by(&router, 50, &[]).await;
+    assert!(
+        still.iter().all(|n| n == "primary-2" || n == "canary"),
+        "{still:?}"
+    );
+}

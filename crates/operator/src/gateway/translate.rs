@@ -1,0 +1,1224 @@
+//! The cluster's Gateway API objects as a route table, and the status each object earns. Pure:
+//! objects in, the router's services and the statuses out; the watcher (`gateway/mod.rs`) does
+//! the IO.
+//!
+//! - **Ours**: a `GatewayClass` whose `controllerName` is the router's, the `Gateway`s of those
+//!   classes, and the `HTTPRoute`s attached to them (a `parentRef` to one of those Gateways and
+//!   at least one of its listeners letting it in: `sectionName`/`port`, `allowedRoutes`
+//!   namespaces `Same` or `All` and kinds, hostnames intersecting).
+//! - **Services**: each rule's each match is one service of the router's table, named
+//!   `<namespace>.<route>.<rule>.<match>` (shortened by a hash when longer than a label). Its
+//!   hosts are the route's hostnames intersected with its listeners'; its path and header and
+//!   query conditions the match's; its first backend is the `stable` version and its second the
+//!   `canary`, weighed by their `weight`s (Flagger writes primary then canary), each as its
+//!   Service's ready endpoint addresses from the EndpointSlices (the pods, never the cluster
+//!   IP); `RequestHeaderModifier` becomes the service's `requestHeaders`; `RequestMirror` to
+//!   the second backend mirrors that share, to a Service of its own it becomes a canary at
+//!   weight 0 that gets the copies.
+//! - **Precedence**: the router's table order breaks the last tie as Gateway API does: the
+//!   oldest route first, then by namespace and name, then rule order.
+//! - **Refused**: what the router cannot do makes the route `Accepted=False` with
+//!   `UnsupportedValue` naming it (method matches, more than two backends per rule, filters
+//!   other than the two above), so it is never half-applied. A backend that does not resolve
+//!   (not a Service, another namespace, no such Service or port) makes `ResolvedRefs=False`
+//!   with the spec's reason, and its rule takes no requests.
+
+use std::collections::{BTreeMap, HashMap};
+
+use coalmine_contract::{
+    Condition as MatchCondition, Endpoints, HeaderChanges, HeaderName, HeaderValueSpec,
+    HostPattern, MatchRule, PathMatch, PathPrefix, RoutesDoc, StrMatch, Subject, UpstreamUrl,
+    Weight,
+};
+use gateway_api::gatewayclasses::GatewayClass;
+use gateway_api::gateways::{
+    Gateway, GatewayListeners, GatewayListenersAllowedRoutesNamespacesFrom,
+};
+use gateway_api::httproutes::{
+    HttpRoute, HttpRouteParentRefs, HttpRouteRules, HttpRouteRulesBackendRefs,
+    HttpRouteRulesFilters, HttpRouteRulesFiltersType, HttpRouteRulesMatches,
+    HttpRouteRulesMatchesHeadersType, HttpRouteRulesMatchesPathType,
+    HttpRouteRulesMatchesQueryParamsType,
+};
+use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::ResourceExt;
+
+/// The `controllerName` a GatewayClass names to be Coalmine's.
+pub const CONTROLLER_NAME: &str = "coalmine.dev/gateway";
+
+const GROUP: &str = "gateway.networking.k8s.io";
+
+/// What the router reads: the cluster's objects of the five kinds, as watched.
+#[derive(Default, Clone)]
+pub struct ClusterView {
+    pub classes: Vec<GatewayClass>,
+    pub gateways: Vec<Gateway>,
+    pub routes: Vec<HttpRoute>,
+    pub services: Vec<Service>,
+    pub slices: Vec<EndpointSlice>,
+}
+
+/// One condition as Gateway API's status writes it (its time and generation are filled in
+/// when written: [`conditions_json`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Cond {
+    pub kind: &'static str,
+    pub status: bool,
+    pub reason: &'static str,
+    pub message: String,
+}
+
+impl Cond {
+    fn yes(kind: &'static str, reason: &'static str, message: impl Into<String>) -> Cond {
+        Cond {
+            kind,
+            status: true,
+            reason,
+            message: message.into(),
+        }
+    }
+    fn no(kind: &'static str, reason: &'static str, message: impl Into<String>) -> Cond {
+        Cond {
+            kind,
+            status: false,
+            reason,
+            message: message.into(),
+        }
+    }
+}
+
+/// A listener's status.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ListenerState {
+    pub name: String,
+    pub attached_routes: i32,
+    pub supported_kinds: Vec<&'static str>,
+    pub conditions: Vec<Cond>,
+}
+
+/// An object's status as the router sees it: its namespace (empty for a class), name and
+/// generation, and its conditions.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ObjectState {
+    pub namespace: String,
+    pub name: String,
+    pub generation: i64,
+    pub conditions: Vec<Cond>,
+    /// A Gateway's listeners.
+    pub listeners: Vec<ListenerState>,
+}
+
+/// A route's status for one of its parents that is ours.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ParentState {
+    pub parent_ref: HttpRouteParentRefs,
+    pub conditions: Vec<Cond>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct RouteState {
+    pub namespace: String,
+    pub name: String,
+    pub generation: i64,
+    pub parents: Vec<ParentState>,
+}
+
+/// The route table and every status, from one view of the cluster.
+#[derive(Clone, Debug, Default)]
+pub struct Translation {
+    pub table: Vec<RoutesDoc>,
+    pub classes: Vec<ObjectState>,
+    pub gateways: Vec<ObjectState>,
+    pub routes: Vec<RouteState>,
+}
+
+/// The prefix of the router's service names for one HttpRoute: what the operator's counts
+/// select (`service=~"<prefix>\..*"`) to read a route's versions.
+pub fn route_service_prefix(namespace: &str, route: &str) -> String {
+    let full = format!("{namespace}.{route}");
+    // Room for `.<rule>.<match>` within a 63-character label.
+    if full.len() <= 48 {
+        full
+    } else {
+        let hash = xxhash_rust::xxh3::xxh3_64(full.as_bytes());
+        format!("{}.{hash:016x}", &full[..31].trim_end_matches(['.', '-']))
+    }
+}
+
+fn generation(meta: &kube::api::ObjectMeta) -> i64 {
+    meta.generation.unwrap_or(0)
+}
+
+/// Translates the cluster into a table and statuses. `controller` is the `controllerName` this
+/// router answers to.
+pub fn translate(view: &ClusterView, controller: &str) -> Translation {
+    let mut out = Translation::default();
+    let ours: Vec<&GatewayClass> = view
+        .classes
+        .iter()
+        .filter(|c| c.spec.controller_name == controller)
+        .collect();
+    for class in &ours {
+        out.classes.push(ObjectState {
+            namespace: String::new(),
+            name: class.name_any(),
+            generation: generation(&class.metadata),
+            conditions: vec![Cond::yes(
+                "Accepted",
+                "Accepted",
+                "Coalmine's router serves this class",
+            )],
+            listeners: Vec::new(),
+        });
+    }
+    let gateways: Vec<&Gateway> = view
+        .gateways
+        .iter()
+        .filter(|g| {
+            ours.iter()
+                .any(|c| c.name_any() == g.spec.gateway_class_name)
+        })
+        .collect();
+    let endpoints = EndpointIndex::new(view);
+    let mut attached: HashMap<(String, String, String), i32> = HashMap::new();
+    let mut routes: Vec<&HttpRoute> = view.routes.iter().collect();
+    // Gateway API's tie-break: the oldest route first, then namespace/name.
+    routes.sort_by_key(|r| {
+        (
+            r.metadata.creation_timestamp.as_ref().map(|t| t.0),
+            r.namespace().unwrap_or_default(),
+            r.name_any(),
+        )
+    });
+    for route in routes {
+        let namespace = route.namespace().unwrap_or_default();
+        let mut parents = Vec::new();
+        // Each accepted listener's hosts for this route (`None`: any host).
+        let mut host_sets: Vec<Option<HostPattern>> = Vec::new();
+        for parent in route.spec.parent_refs.iter().flatten() {
+            if parent.group.as_deref().unwrap_or(GROUP) != GROUP
+                || parent.kind.as_deref().unwrap_or("Gateway") != "Gateway"
+            {
+                continue;
+            }
+            let parent_ns = parent
+                .namespace
+                .clone()
+                .unwrap_or_else(|| namespace.clone());
+            let Some(gateway) = gateways.iter().find(|g| {
+                g.namespace().as_deref() == Some(&parent_ns) && g.name_any() == parent.name
+            }) else {
+                continue; // not ours: another controller's to report on
+            };
+            let (accepted, listener_hosts) = attach(route, &namespace, parent, gateway);
+            let mut counted = Vec::new();
+            for (listener, host) in listener_hosts {
+                if !counted.contains(&listener) {
+                    *attached
+                        .entry((parent_ns.clone(), parent.name.clone(), listener.clone()))
+                        .or_default() += 1;
+                    counted.push(listener);
+                }
+                host_sets.push(host);
+            }
+            parents.push((parent.clone(), accepted));
+        }
+        let hosts: Vec<HostPattern> = if host_sets.iter().any(Option::is_none) {
+            Vec::new()
+        } else {
+            let mut unique = Vec::new();
+            for h in host_sets.into_iter().flatten() {
+                if !unique.contains(&h) {
+                    unique.push(h);
+                }
+            }
+            unique
+        };
+        if parents.is_empty() {
+            continue;
+        }
+        let built = build_services(route, &namespace, &endpoints);
+        let resolved = match &built {
+            Ok((_, resolved)) => resolved.clone(),
+            Err(_) => Cond::yes("ResolvedRefs", "ResolvedRefs", ""),
+        };
+        if let Ok((services, _)) = &built {
+            if parents.iter().any(|(_, c)| c.status) {
+                for mut service in services.clone() {
+                    service.hosts = hosts.clone();
+                    out.table.push(service);
+                }
+            }
+        }
+        let parents = parents
+            .into_iter()
+            .map(|(parent_ref, accepted)| {
+                let accepted = match (&built, accepted.status) {
+                    (Err(unsupported), true) => {
+                        Cond::no("Accepted", "UnsupportedValue", unsupported.clone())
+                    }
+                    _ => accepted,
+                };
+                ParentState {
+                    parent_ref,
+                    conditions: vec![accepted, resolved.clone()],
+                }
+            })
+            .collect();
+        out.routes.push(RouteState {
+            namespace,
+            name: route.name_any(),
+            generation: generation(&route.metadata),
+            parents,
+        });
+    }
+    for gateway in gateways {
+        out.gateways.push(gateway_state(gateway, &attached));
+    }
+    out
+}
+
+/// Whether a route attaches to a Gateway through `parent`, and through which listeners with
+/// which hosts (`None`: any host).
+fn attach(
+    route: &HttpRoute,
+    namespace: &str,
+    parent: &HttpRouteParentRefs,
+    gateway: &Gateway,
+) -> (Cond, Vec<(String, Option<HostPattern>)>) {
+    let gateway_ns = gateway.namespace().unwrap_or_default();
+    let listeners: Vec<&GatewayListeners> = gateway
+        .spec
+        .listeners
+        .iter()
+        .filter(|l| parent.section_name.as_ref().is_none_or(|s| *s == l.name))
+        .filter(|l| parent.port.is_none_or(|p| p == l.port))
+        .collect();
+    if listeners.is_empty() {
+        return (
+            Cond::no(
+                "Accepted",
+                "NoMatchingParent",
+                "no listener of the Gateway has this sectionName and port",
+            ),
+            Vec::new(),
+        );
+    }
+    let allowed: Vec<&&GatewayListeners> = listeners
+        .iter()
+        .filter(|l| serves_http(l))
+        .filter(|l| {
+            let from = l
+                .allowed_routes
+                .as_ref()
+                .and_then(|a| a.namespaces.as_ref())
+                .and_then(|n| n.from.clone());
+            match from {
+                Some(GatewayListenersAllowedRoutesNamespacesFrom::All) => true,
+                None | Some(GatewayListenersAllowedRoutesNamespacesFrom::Same) => {
+                    gateway_ns == namespace
+                }
+                // Namespace selectors need the Namespaces' labels, which the router does not
+                // watch: such a listener takes no route.
+                Some(GatewayListenersAllowedRoutesNamespacesFrom::Selector) => false,
+            }
+        })
+        .filter(|l| {
+            l.allowed_routes
+                .as_ref()
+                .and_then(|a| a.kinds.as_ref())
+                .is_none_or(|kinds| {
+                    kinds.iter().any(|k| {
+                        k.kind == "HTTPRoute" && k.group.as_deref().unwrap_or(GROUP) == GROUP
+                    })
+                })
+        })
+        .collect();
+    if allowed.is_empty() {
+        return (
+            Cond::no(
+                "Accepted",
+                "NotAllowedByListeners",
+                "no listener lets this route in (protocol, allowedRoutes namespaces or kinds)",
+            ),
+            Vec::new(),
+        );
+    }
+    let route_hosts: Vec<&String> = route.spec.hostnames.iter().flatten().collect();
+    let mut hosts = Vec::new();
+    for listener in allowed {
+        let listener_host = listener.hostname.as_deref();
+        if route_hosts.is_empty() {
+            hosts.push((
+                listener.name.clone(),
+                listener_host.and_then(|h| HostPattern::parse(h).ok()),
+            ));
+            continue;
+        }
+        for h in &route_hosts {
+            if let Some(both) = intersect(listener_host, h) {
+                hosts.push((listener.name.clone(), HostPattern::parse(&both).ok()));
+            }
+        }
+    }
+    if hosts.is_empty() {
+        return (
+            Cond::no(
+                "Accepted",
+                "NoMatchingListenerHostname",
+                "none of the route's hostnames is one its listeners take",
+            ),
+            Vec::new(),
+        );
+    }
+    (Cond::yes("Accepted", "Accepted", ""), hosts)
+}
+
+fn serves_http(listener: &GatewayListeners) -> bool {
+    listener.protocol == "HTTP"
+}
+
+/// The hosts both a listener (`None`: any) and a route name take, as one pattern (the more
+/// specific of the two), or `None` when they share none.
+fn intersect(listener: Option<&str>, route: &str) -> Option<String> {
+    let Some(listener) = listener else {
+        return Some(route.to_ascii_lowercase());
+    };
+    let (l, r) = (listener.to_ascii_lowercase(), route.to_ascii_lowercase());
+    let covers = |wild: &str, name: &str| {
+        wild.strip_prefix('*')
+            .is_some_and(|suffix| name.ends_with(suffix) && name.len() > suffix.len())
+    };
+    match (l.starts_with("*."), r.starts_with("*.")) {
+        (false, false) => (l == r).then_some(r),
+        (true, false) => covers(&l, &r).then_some(r),
+        (false, true) => covers(&r, &l).then_some(l),
+        (true, true) => {
+            if covers(&l, &r) || l == r {
+                Some(r)
+            } else if covers(&r, &l) {
+                Some(l)
+            } else {
+                None
+            }
+        }
+    }
+}
+
+/// The Services' ready endpoints, by namespace, Service name and Service port.
+struct EndpointIndex<'v> {
+    services: HashMap<(String, String), &'v Service>,
+    slices: HashMap<(String, String), Vec<&'v EndpointSlice>>,
+}
+
+const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+
+impl<'v> EndpointIndex<'v> {
+    fn new(view: &'v ClusterView) -> Self {
+        let services = view
+            .services
+            .iter()
+            .map(|s| ((s.namespace().unwrap_or_default(), s.name_any()), s))
+            .collect();
+        let mut slices: HashMap<(String, String), Vec<&EndpointSlice>> = HashMap::new();
+        for slice in &view.slices {
+            if let Some(service) = slice.labels().get(SERVICE_NAME_LABEL) {
+                slices
+                    .entry((slice.namespace().unwrap_or_default(), service.clone()))
+                    .or_default()
+                    .push(slice);
+            }
+        }
+        EndpointIndex { services, slices }
+    }
+
+    /// The ready endpoints of a Service's port (by its `port`), as upstream URLs; an error is
+    /// the `ResolvedRefs` reason and message.
+    fn resolve(
+        &self,
+        namespace: &str,
+        name: &str,
+        port: Option<i32>,
+    ) -> Result<Vec<UpstreamUrl>, (&'static str, String)> {
+        let Some(service) = self
+            .services
+            .get(&(namespace.to_string(), name.to_string()))
+        else {
+            return Err((
+                "BackendNotFound",
+                format!("Service {namespace}/{name} not found"),
+            ));
+        };
+        let Some(port) = port else {
+            return Err(("UnsupportedValue", format!("backendRef {name} has no port")));
+        };
+        let ports = service.spec.iter().flat_map(|s| s.ports.iter().flatten());
+        let Some(service_port) = ports.into_iter().find(|p| p.port == port) else {
+            return Err((
+                "BackendNotFound",
+                format!("Service {namespace}/{name} has no port {port}"),
+            ));
+        };
+        let port_name = service_port.name.clone().unwrap_or_default();
+        let mut urls = Vec::new();
+        let key = (namespace.to_string(), name.to_string());
+        for slice in self.slices.get(&key).into_iter().flatten() {
+            if !matches!(slice.address_type.as_str(), "IPv4" | "IPv6") {
+                continue;
+            }
+            let Some(target) = slice
+                .ports
+                .iter()
+                .flatten()
+                .find(|p| p.name.clone().unwrap_or_default() == port_name)
+                .and_then(|p| p.port)
+            else {
+                continue;
+            };
+            for endpoint in &slice.endpoints {
+                // `ready` unset means ready (the API's documented default for consumers).
+                let ready = endpoint
+                    .conditions
+                    .as_ref()
+                    .and_then(|c| c.ready)
+                    .unwrap_or(true);
+                if !ready {
+                    continue;
+                }
+                if let Some(address) = endpoint.addresses.first() {
+                    let host = if address.contains(':') {
+                        format!("[{address}]")
+                    } else {
+                        address.clone()
+                    };
+                    if let Ok(url) = UpstreamUrl::parse(&format!("http://{host}:{target}")) {
+                        if !urls.contains(&url) {
+                            urls.push(url);
+                        }
+                    }
+                }
+            }
+        }
+        urls.sort_by(|a, b| a.as_str().cmp(b.as_str()));
+        Ok(urls)
+    }
+}
+
+/// A rule's backend resolved: its endpoints (`None`: it did not resolve) and weight.
+struct Backend {
+    endpoints: Option<Endpoints>,
+    weight: i64,
+}
+
+/// The route's services (one per rule and match), with its `ResolvedRefs`; `Err` names what
+/// the router cannot do (the route is then not accepted).
+fn build_services(
+    route: &HttpRoute,
+    namespace: &str,
+    endpoints: &EndpointIndex<'_>,
+) -> Result<(Vec<RoutesDoc>, Cond), String> {
+    let prefix = route_service_prefix(namespace, &route.name_any());
+    let mut services = Vec::new();
+    let mut unresolved: Option<(&'static str, String)> = None;
+    let mut resolve = |name: &str,
+                       ns: Option<&String>,
+                       group: Option<&String>,
+                       kind: Option<&String>,
+                       port: Option<i32>| {
+        let outcome = if group.is_some_and(|g| !g.is_empty())
+            || kind.is_some_and(|k| k != "Service")
+        {
+            Err((
+                "InvalidKind",
+                format!("backendRef {name}: only core Services are supported"),
+            ))
+        } else if ns.is_some_and(|n| n != namespace) {
+            Err((
+                "RefNotPermitted",
+                format!("backendRef {name}: a Service in another namespace needs a ReferenceGrant, which Coalmine does not read"),
+            ))
+        } else {
+            endpoints.resolve(namespace, name, port)
+        };
+        match outcome {
+            Ok(urls) => Some(Endpoints::new(urls)),
+            Err(why) => {
+                unresolved.get_or_insert(why);
+                None
+            }
+        }
+    };
+    for (i, rule) in route.spec.rules.iter().flatten().enumerate() {
+        let backends: Vec<Backend> = rule
+            .backend_refs
+            .iter()
+            .flatten()
+            .map(|b: &HttpRouteRulesBackendRefs| {
+                if b.filters.as_ref().is_some_and(|f| !f.is_empty()) {
+                    return Err(format!(
+                        "rules[{i}]: filters on a backendRef ({}) are not supported",
+                        b.name
+                    ));
+                }
+                Ok(Backend {
+                    endpoints: resolve(
+                        &b.name,
+                        b.namespace.as_ref(),
+                        b.group.as_ref(),
+                        b.kind.as_ref(),
+                        b.port,
+                    ),
+                    weight: i64::from(b.weight.unwrap_or(1)),
+                })
+            })
+            .collect::<Result<_, _>>()?;
+        if backends.len() > 2 {
+            return Err(format!(
+                "rules[{i}]: {} backendRefs; Coalmine's router weighs two versions per rule",
+                backends.len()
+            ));
+        }
+        let (changes, mirror) = filters(i, rule, &mut resolve)?;
+        let total: i64 = backends.iter().map(|b| b.weight).sum();
+        let (stable, canary, canary_weight) = match (&backends[..], mirror) {
+            // No backend, or none with weight, or one that did not resolve: the rule takes no
+            // requests (Gateway API answers such requests 500; here they fall through).
+            ([], _) => continue,
+            _ if total <= 0 => continue,
+            ([one], mirror) => {
+                let Some(stable) = one.endpoints.clone() else {
+                    continue;
+                };
+                match mirror {
+                    Some((target, share)) => (stable, Some((target, share, true)), Weight::ZERO),
+                    None => (stable, None, Weight::ZERO),
+                }
+            }
+            ([first, second], mirror) => {
+                let (Some(stable), Some(canary)) =
+                    (first.endpoints.clone(), second.endpoints.clone())
+                else {
+                    continue;
+                };
+                let bp = (second.weight * 10_000 / total) as u32;
+                let weight = Weight::from_basis_points(bp).unwrap_or(Weight::ZERO);
+                match mirror {
+                    Some((target, share)) if target == canary => {
+                        (stable, Some((canary, share, false)), weight)
+                    }
+                    Some(_) => {
+                        return Err(format!(
+                            "rules[{i}]: a RequestMirror to a Service other than the rule's second backend, beside two backends, is not supported"
+                        ))
+                    }
+                    None => (stable, Some((canary, Weight::ZERO, false)), weight),
+                }
+            }
+            _ => unreachable!("at most two backends"),
+        };
+        let matches: Vec<HttpRouteRulesMatches> = match &rule.matches {
+            Some(m) if !m.is_empty() => m.clone(),
+            _ => vec![HttpRouteRulesMatches::default()],
+        };
+        for (j, m) in matches.iter().enumerate() {
+            let (paths, selectors) = route_match(i, j, m)?;
+            let mut doc = RoutesDoc::stable_only(stable.clone());
+            doc.service = format!("{prefix}.{i}.{j}");
+            doc.name = format!("{namespace}/{}", route.name_any());
+            doc.paths = paths;
+            doc.headers = selectors;
+            doc.request_headers = changes.clone();
+            if let Some((target, mirror_share, _)) = &canary {
+                doc.canary = Some(target.clone());
+                doc.canary_weight = canary_weight;
+                doc.mirror = *mirror_share;
+            }
+            services.push(doc);
+        }
+    }
+    let resolved = match unresolved {
+        None => Cond::yes("ResolvedRefs", "ResolvedRefs", ""),
+        Some((reason, message)) => Cond::no("ResolvedRefs", reason, message),
+    };
+    Ok((services, resolved))
+}
+
+/// A rule's filters: its header changes and its mirror (the target's endpoints and share).
+#[allow(clippy::type_complexity)]
+fn filters(
+    i: usize,
+    rule: &HttpRouteRules,
+    resolve: &mut impl FnMut(
+        &str,
+        Option<&String>,
+        Option<&String>,
+        Option<&String>,
+        Option<i32>,
+    ) -> Option<Endpoints>,
+) -> Result<(HeaderChanges, Option<(Endpoints, Weight)>), String> {
+    let mut changes = HeaderChanges::default();
+    let mut mirror = None;
+    for filter in rule.filters.iter().flatten() {
+        let f: &HttpRouteRulesFilters = filter;
+        match f.r#type {
+            HttpRouteRulesFiltersType::RequestHeaderModifier => {
+                let Some(m) = &f.request_header_modifier else {
+                    continue;
+                };
+                let value = |name: &str, value: &str| -> Result<HeaderValueSpec, String> {
+                    serde_json::from_value(serde_json::json!({"name": name, "value": value}))
+                        .map_err(|e| format!("rules[{i}].filters: {e}"))
+                };
+                for s in m.set.iter().flatten() {
+                    changes.set.push(value(&s.name, &s.value)?);
+                }
+                for a in m.add.iter().flatten() {
+                    changes.add.push(value(&a.name, &a.value)?);
+                }
+                for r in m.remove.iter().flatten() {
+                    changes.remove.push(
+                        HeaderName::parse(r).map_err(|e| format!("rules[{i}].filters: {e}"))?,
+                    );
+                }
+                let checked: Result<HeaderChanges, _> =
+                    serde_json::from_value(serde_json::to_value(&changes).expect("serializes"));
+                checked.map_err(|e| format!("rules[{i}].filters: {e}"))?;
+            }
+            HttpRouteRulesFiltersType::RequestMirror => {
+                let Some(m) = &f.request_mirror else {
+                    continue;
+                };
+                if mirror.is_some() {
+                    return Err(format!("rules[{i}]: more than one RequestMirror"));
+                }
+                let b = &m.backend_ref;
+                let share = match (&m.percent, &m.fraction) {
+                    (Some(p), _) => i64::from(*p) * 100,
+                    (None, Some(f)) => {
+                        let denominator = i64::from(f.denominator.unwrap_or(100).max(1));
+                        i64::from(f.numerator) * 10_000 / denominator
+                    }
+                    (None, None) => 10_000,
+                };
+                let share = Weight::from_basis_points(share.clamp(0, 10_000) as u32)
+                    .unwrap_or(Weight::ZERO);
+                if let Some(target) = resolve(
+                    &b.name,
+                    b.namespace.as_ref(),
+                    b.group.as_ref(),
+                    b.kind.as_ref(),
+                    b.port,
+                ) {
+                    mirror = Some((target, share));
+                }
+            }
+            ref other => {
+                return Err(format!(
+                    "rules[{i}]: filter {other:?} is not supported by Coalmine's router"
+                ))
+            }
+        }
+    }
+    Ok((changes, mirror))
+}
+
+/// A match's paths and its header and query conditions.
+fn route_match(
+    i: usize,
+    j: usize,
+    m: &HttpRouteRulesMatches,
+) -> Result<(Vec<PathMatch>, Vec<MatchRule>), String> {
+    let at = format!("rules[{i}].matches[{j}]");
+    if m.method.is_some() {
+        return Err(format!("{at}.method: method matches are not supported"));
+    }
+    let path = match &m.path {
+        None => PathMatch::Prefix(PathPrefix::parse("/").expect("/ is a prefix")),
+        Some(p) => {
+            let value = p.value.clone().unwrap_or_else(|| "/".into());
+            match p
+                .r#type
+                .clone()
+                .unwrap_or(HttpRouteRulesMatchesPathType::PathPrefix)
+            {
+                HttpRouteRulesMatchesPathType::PathPrefix => PathPrefix::parse(&value)
+                    .map(PathMatch::Prefix)
+                    .map_err(|e| format!("{at}.path: {e}"))?,
+                HttpRouteRulesMatchesPathType::Exact => PathMatch::Exact(value),
+                HttpRouteRulesMatchesPathType::RegularExpression => {
+                    serde_json::from_value::<PathMatch>(serde_json::json!({ "regex": value }))
+                        .map_err(|e| format!("{at}.path: {e}"))?
+                }
+            }
+        }
+    };
+    let paths = if path == PathMatch::Prefix(PathPrefix::parse("/").expect("/ is a prefix")) {
+        Vec::new()
+    } else {
+        vec![path]
+    };
+    let mut all = Vec::new();
+    for h in m.headers.iter().flatten() {
+        let name = HeaderName::parse(&h.name).map_err(|e| format!("{at}.headers: {e}"))?;
+        let test = match h
+            .r#type
+            .clone()
+            .unwrap_or(HttpRouteRulesMatchesHeadersType::Exact)
+        {
+            HttpRouteRulesMatchesHeadersType::Exact => StrMatch::Exact(h.value.clone()),
+            HttpRouteRulesMatchesHeadersType::RegularExpression => {
+                StrMatch::regex(&h.value).map_err(|e| format!("{at}.headers: {e}"))?
+            }
+        };
+        all.push(MatchCondition {
+            subject: Subject::Header(name),
+            test,
+        });
+    }
+    for q in m.query_params.iter().flatten() {
+        let test = match q
+            .r#type
+            .clone()
+            .unwrap_or(HttpRouteRulesMatchesQueryParamsType::Exact)
+        {
+            HttpRouteRulesMatchesQueryParamsType::Exact => StrMatch::Exact(q.value.clone()),
+            HttpRouteRulesMatchesQueryParamsType::RegularExpression => {
+                StrMatch::regex(&q.value).map_err(|e| format!("{at}.queryParams: {e}"))?
+            }
+        };
+        all.push(MatchCondition {
+            subject: Subject::Query(q.name.clone()),
+            test,
+        });
+    }
+    let selectors = if all.is_empty() {
+        Vec::new()
+    } else {
+        vec![MatchRule { all }]
+    };
+    Ok((paths, selectors))
+}
+
+fn gateway_state(
+    gateway: &Gateway,
+    attached: &HashMap<(String, String, String), i32>,
+) -> ObjectState {
+    let namespace = gateway.namespace().unwrap_or_default();
+    let name = gateway.name_any();
+    let mut listeners = Vec::new();
+    let mut names: BTreeMap<&str, usize> = BTreeMap::new();
+    for l in &gateway.spec.listeners {
+        *names.entry(l.name.as_str()).or_default() += 1;
+    }
+    let mut all_ok = true;
+    for l in &gateway.spec.listeners {
+        let routes = attached
+            .get(&(namespace.clone(), name.clone(), l.name.clone()))
+            .copied()
+            .unwrap_or(0);
+        let conditions = if serves_http(l) {
+            vec![
+                Cond::yes("Accepted", "Accepted", ""),
+                Cond::yes("ResolvedRefs", "ResolvedRefs", ""),
+                Cond::yes("Programmed", "Programmed", ""),
+                Cond::no("Conflicted", "NoConflicts", ""),
+            ]
+        } else {
+            all_ok = false;
+            let why = format!(
+                "protocol {} is not served by Coalmine's Gateway (HTTP only)",
+                l.protocol
+            );
+            vec![
+                Cond::no("Accepted", "UnsupportedProtocol", why.clone()),
+                Cond::yes("ResolvedRefs", "ResolvedRefs", ""),
+                Cond::no("Programmed", "Invalid", why),
+                Cond::no("Conflicted", "NoConflicts", ""),
+            ]
+        };
+        listeners.push(ListenerState {
+            name: l.name.clone(),
+            attached_routes: routes,
+            supported_kinds: if serves_http(l) {
+                vec!["HTTPRoute"]
+            } else {
+                Vec::new()
+            },
+            conditions,
+        });
+    }
+    let conditions = if all_ok {
+        vec![
+            Cond::yes("Accepted", "Accepted", ""),
+            Cond::yes(
+                "Programmed",
+                "Programmed",
+                "the routers' tables carry this Gateway's routes",
+            ),
+        ]
+    } else {
+        vec![
+            Cond::no(
+                "Accepted",
+                "ListenersNotValid",
+                "a listener is not served (see its conditions)",
+            ),
+            Cond::yes(
+                "Programmed",
+                "Programmed",
+                "the routers' tables carry this Gateway's valid listeners' routes",
+            ),
+        ]
+    };
+    ObjectState {
+        namespace,
+        name,
+        generation: generation(&gateway.metadata),
+        conditions,
+        listeners,
+    }
+}
+
+/// Conditions as status JSON: the time of a condition whose status did not change is kept from
+/// `previous`, a changed one gets `now` (RFC 3339).
+pub fn conditions_json(
+    conditions: &[Cond],
+    previous: Option<&serde_json::Value>,
+    generation: i64,
+    now: &str,
+) -> serde_json::Value {
+    let old = |kind: &str| {
+        previous
+            .and_then(|p| p.as_array())
+            .and_then(|list| list.iter().find(|c| c["type"] == kind))
+    };
+    conditions
+        .iter()
+        .map(|c| {
+            let status = if c.status { "True" } else { "False" };
+            let since = old(c.kind)
+                .filter(|o| o["status"] == status)
+                .and_then(|o| o["lastTransitionTime"].as_str())
+                .unwrap_or(now);
+            serde_json::json!({
+                "type": c.kind,
+                "status": status,
+                "reason": c.reason,
+                "message": c.message,
+                "observedGeneration": generation,
+                "lastTransitionTime": since,
+            })
+        })
+        .collect::<Vec<_>>()
+        .into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn class() -> GatewayClass {
+        serde_json::from_value(json!({
+            "apiVersion": "gateway.networking.k8s.io/v1", "kind": "GatewayClass",
+            "metadata": {"name": "coalmine", "generation": 1},
+            "spec": {"controllerName": CONTROLLER_NAME},
+        }))
+        .unwrap()
+    }
+
+    fn gateway(listeners: serde_json::Value) -> Gateway {
+        serde_json::from_value(json!({
+            "apiVersion": "gateway.networking.k8s.io/v1", "kind": "Gateway",
+            "metadata": {"name": "edge", "namespace": "shop", "generation": 2},
+            "spec": {"gatewayClassName": "coalmine", "listeners": listeners},
+        }))
+        .unwrap()
+    }
+
+    fn http_listener() -> serde_json::Value {
+        json!([{"name": "web", "port": 80, "protocol": "HTTP", "hostname": "*.example.com"}])
+    }
+
+    fn route(name: &str, namespace: &str, spec: serde_json::Value) -> HttpRoute {
+        serde_json::from_value(json!({
+            "apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
+            "metadata": {"name": name, "namespace": namespace, "generation": 3},
+            "spec": spec,
+        }))
+        .unwrap()
+    }
+
+    fn service(name: &str) -> Service {
+        serde_json::from_value(json!({
+            "apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": name, "namespace": "shop"},
+            "spec": {"ports": [{"name": "http", "port": 9898, "targetPort": 8080}]},
+        }))
+        .unwrap()
+    }
+
+    fn slice(service: &str, addresses: &[(&str, Option<bool>)]) -> EndpointSlice {
+        serde_json::from_value(json!({
+            "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+            "metadata": {"name": format!("{service}-abc"), "namespace": "shop",
+                         "labels": {"kubernetes.io/service-name": service}},
+            "addressType": "IPv4",
+            "ports": [{"name": "http", "port": 8080}],
+            "endpoints": addresses.iter().map(|(a, ready)| json!({
+                "addresses": [a], "conditions": {"ready": ready}
+            })).collect::<Vec<_>>(),
+        }))
+        .unwrap()
+    }
+
+    /// Flagger's HTTPRoute for `podinfo` at 10 %, with a header match rule.
+    fn flagger_route() -> HttpRoute {
+        route(
+            "podinfo",
+            "shop",
+            json!({
+                "parentRefs": [{"name": "edge"}],
+                "hostnames": ["app.example.com"],
+                "rules": [
+                    {"matches": [{"headers": [{"name": "x-canary", "value": "true"}]}],
+                     "backendRefs": [{"name": "podinfo-primary", "port": 9898, "weight": 0},
+                                     {"name": "podinfo-canary", "port": 9898, "weight": 100}]},
+                    {"matches": [{"path": {"type": "PathPrefix", "value": "/"}}],
+                     "filters": [{"type": "RequestHeaderModifier",
+                                  "requestHeaderModifier": {"set": [{"name": "x-via", "value": "coalmine"}]}}],
+                     "backendRefs": [{"name": "podinfo-primary", "port": 9898, "weight": 90},
+                                     {"name": "podinfo-canary", "port": 9898, "weight": 10}]},
+                ],
+            }),
+        )
+    }
+
+    fn cluster(routes: Vec<HttpRoute>) -> ClusterView {
+        ClusterView {
+            classes: vec![class()],
+            gateways: vec![gateway(http_listener())],
+            routes,
+            services: vec![service("podinfo-primary"), service("podinfo-canary")],
+            slices: vec![
+                slice(
+                    "podinfo-primary",
+                    &[
+                        ("10.231.0.2", Some(true)),
+                        ("10.231.0.3", None),
+                        ("10.231.0.4", Some(false)),
+                    ],
+                ),
+                slice("podinfo-canary", &[("10.231.0.5", Some(true))]),
+            ],
+        }
+    }
+
+    fn urls(e: &Endpoints) -> Vec<&str> {
+        e.urls().iter().map(|u| u.as_str()).collect()
+    }
+
+    #[test]
+    fn flaggers_httproute_becomes_services_weighed_over_ready_pod_addresses() {
+        let t = translate(&cluster(vec![flagger_route()]), CONTROLLER_NAME);
+        assert_eq!(t.table.len(), 2);
+        let (matched, weighed) = (&t.table[0], &t.table[1]);
+        assert_eq!(matched.service, "shop.podinfo.0.0");
+        assert_eq!(weighed.service, "shop.podinfo.1.0");
+        // Ready (or unset) endpoints on the target port; never the cluster IP.
+        assert_eq!(
+            urls(&weighed.stable),
+            ["http://10.231.0.2:8080", "http://10.231.0.3:8080"]
+        );
+        assert_eq!(
+            urls(weighed.canary.as_ref().unwrap()),
+            ["http://10.231.0.5:8080"]
+        );
+        assert_eq!(weighed.canary_weight.basis_points(), 1_000);
+        assert_eq!(matched.canary_weight.basis_points(), 10_000);
+        assert_eq!(matched.headers.len(), 1);
+        assert_eq!(weighed.hosts[0].as_str(), "app.example.com");
+        assert_eq!(weighed.request_headers.set[0].value, "coalmine");
+        assert!(weighed.paths.is_empty(), "PathPrefix / is every path");
+        // Statuses: class, gateway (one route attached), route accepted and resolved.
+        assert_eq!(
+            t.classes[0].conditions[0],
+            Cond::yes(
+                "Accepted",
+                "Accepted",
+                "Coalmine's router serves this class"
+            )
+        );
+        assert_eq!(t.gateways[0].listeners[0].attached_routes, 1);
+        assert!(t.gateways[0].conditions.iter().all(|c| c.status));
+        let parent = &t.routes[0].parents[0];
+        assert!(
+            parent.conditions.iter().all(|c| c.status),
+            "{:?}",
+            parent.conditions
+        );
+    }
+
+    #[test]
+    fn a_route_the_listeners_do_not_take_is_not_accepted_and_routes_nothing() {
+        // Another namespace (listeners take their own by default), and a host outside
+        // `*.example.com`.
+        let elsewhere = route(
+            "other",
+            "web",
+            json!({"parentRefs": [{"name": "edge", "namespace": "shop"}],
+            "rules": [{"backendRefs": [{"name": "podinfo-primary", "port": 9898}]}]}),
+        );
+        let wrong_host = route(
+            "wrong",
+            "shop",
+            json!({"parentRefs": [{"name": "edge"}],
+            "hostnames": ["shop.test"],
+            "rules": [{"backendRefs": [{"name": "podinfo-primary", "port": 9898}]}]}),
+        );
+        let wrong_section = route(
+            "section",
+            "shop",
+            json!({"parentRefs": [{"name": "edge", "sectionName": "tls"}],
+            "rules": [{"backendRefs": [{"name": "podinfo-primary", "port": 9898}]}]}),
+        );
+        let t = translate(
+            &cluster(vec![elsewhere, wrong_host, wrong_section]),
+            CONTROLLER_NAME,
+        );
+        assert!(t.table.is_empty(), "{:?}", t.table);
+        let reasons: Vec<_> = t
+            .routes
+            .iter()
+            .map(|r| (r.name.as_str(), r.parents[0].conditions[0].reason))
+            .collect();
+        // In Gateway API's order: by namespace and name when no route is older.
+        assert_eq!(
+            reasons,
+            [
+                ("section", "NoMatchingParent"),
+                ("wrong", "NoMatchingListenerHostname"),
+                ("other", "NotAllowedByListeners")
+            ]
+        );
+        assert_eq!(t.gateways[0].listeners[0].attached_routes, 0);
+    }
+
+    #[test]
+    fn what_the_router_cannot_do_refuses_the_route_and_a_missing_backend_is_unresolved() {
+        let method = route(
+            "method",
+            "shop",
+            json!({"parentRefs": [{"name": "edge"}],
+            "rules": [{"matches": [{"method": "POST"}], "backendRefs": [{"name": "podinfo-primary", "port": 9898}]}]}),
+        );
+        let three = route(
+            "three",
+            "shop",
+            json!({"parentRefs": [{"name": "edge"}],
+            "rules": [{"backendRefs": [{"name": "a", "port": 1}, {"name": "b", "port": 1}, {"name": "c", "port": 1}]}]}),
+        );
+        let missing = route(
+            "missing",
+            "shop",
+            json!({"parentRefs": [{"name": "edge"}],
+            "rules": [{"backendRefs": [{"name": "nope", "port": 9898}]},
+                      {"matches": [{"path": {"type": "Exact", "value": "/ok"}}],
+                       "backendRefs": [{"name": "podinfo-primary", "port": 9898}]}]}),
+        );
+        let t = translate(&cluster(vec![method, three, missing]), CONTROLLER_NAME);
+        let accepted = |name: &str| {
+            t.routes.iter().find(|r| r.name == name).unwrap().parents[0]
+                .conditions
+                .clone()
+        };
+        assert_eq!(accepted("method")[0].reason, "UnsupportedValue");
+        assert!(
+            accepted("method")[0].message.contains("method"),
+            "{:?}",
+            accepted("method")
+        );
+        assert_eq!(accepted("three")[0].reason, "UnsupportedValue");
+        let missing = accepted("missing");
+        assert!(missing[0].status, "accepted: its other rule routes");
+        assert_eq!(
+            (missing[1].status, missing[1].reason),
+            (false, "BackendNotFound")
+        );
+        // Only the resolvable rule is in the table.
+        let services: Vec<_> = t.table.iter().map(|s| s.service.as_str()).collect();
+        assert_eq!(services, ["shop.missing.1.0"]);
+        assert_eq!(t.table[0].paths, [PathMatch::Exact("/ok".into())]);
+    }
+
+    #[test]
+    fn a_mirror_to_another_service_is_a_canary_at_weight_zero_that_gets_the_copies() {
+        let r = route(
+            "mirror",
+            "shop",
+            json!({"parentRefs": [{"name": "edge"}],
+            "rules": [{"filters": [{"type": "RequestMirror", "requestMirror": {
+                          "backendRef": {"name": "podinfo-canary", "port": 9898}, "percent": 25}}],
+                       "backendRefs": [{"name": "podinfo-primary", "port": 9898}]}]}),
+        );
+        let t = translate(&cluster(vec![r]), CONTROLLER_NAME);
+        let s = &t.table[0];
+        assert_eq!(s.canary_weight, Weight::ZERO);
+        assert_eq!(s.mirror.basis_points(), 2_500);
+        assert_eq!(urls(s.canary.as_ref().unwrap()), ["http://10.231.0.5:8080"]);
+    }
+
+    #[test]
+    fn hostnames_intersect_as_gateway_api_says() {
+        assert_eq!(
+            intersect(None, "a.example.com").as_deref(),
+            Some("a.example.com")
+        );
+        assert_eq!(
+            intersect(Some("*.example.com"), "a.example.com").as_deref(),
+            Some("a.example.com")
+        );
+        assert_eq!(intersect(Some("*.example.com"), "example.com"), None);
+        assert_eq!(
+            intersect(Some("a.example.com"), "*.example.com").as_deref(),
+            Some("a.example.com")
+        );
+        assert_eq!(
+            intersect(Some("*.example.com"), "*.b.example.com").as_deref(),
+            Some("*.b.example.com")
+        );
+        assert_eq!(
+            intersect(Some("*.b.example.com"), "*.example.com").as_deref(),
+            Some("*.b.example.com")
+        );
+        assert_eq!(intersect(Some("a.test"), "b.test"), None);
+    }
+
+    #[test]
+    fn a_condition_keeps_its_time_until_its_status_changes() {
+        let old = json!([{"type": "Accepted", "status": "True", "lastTransitionTime": "2026-01-01T00:00:00Z"}]);
+        let kept = conditions_json(
+            &[Cond::yes("Accepted", "Accepted", "")],
+            Some(&old),
+            4,
+            "2026-12-04T00:00:00Z",
+        );
+        assert_eq!(kept[0]["lastTransitionTime"], "2026-01-01T00:00:00Z");
+        assert_eq!(kept[0]["observedGeneration"], 4);
+        let moved = conditions_json(
+            &[Cond::no("Accepted", "NoMatchingParent", "x")],
+            Some(&old),
+            4,
+            "2026-12-04T00:00:00Z",
+        );
+        assert_eq!(moved[0]["lastTransitionTime"], "2026-12-04T00:00:00Z");
+    }
+
+    #[test]
+    fn long_names_stay_within_a_label() {
+        let p = route_service_prefix(&"n".repeat(63), &"r".repeat(253));
+        assert!(format!("{p}.12.3").len() <= 63, "{p}");
+        assert_eq!(route_service_prefix("shop", "podinfo"), "shop.podinfo");
+    }
+}
