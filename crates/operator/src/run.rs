@@ -755,6 +755,7 @@ fn mesh_counts(
     context: &Context,
     rollout: &Rollout,
     document: &mut coalmine_spec::rollout::Rollout,
+    coalmine_gateway: bool,
 ) -> Result<Box<dyn ObservationSource>, ReconcileError> {
     use coalmine_controller::observations::prometheus::{self, MeshSeries};
     let namespace = rollout.metadata.namespace.clone().unwrap_or_default();
@@ -764,6 +765,16 @@ fn mesh_counts(
         TrafficProvider::Nginx => {
             let ingress = rollout.spec.ingress_ref.as_ref().map(|i| i.name.as_str());
             MeshSeries::nginx(&namespace, ingress.unwrap_or_default())
+        }
+        // Coalmine's routers as the Gateway: their own series, the HTTPRoute's services
+        // (one per rule and match; versions in backendRefs order, primary then canary).
+        _ if coalmine_gateway => {
+            let prefix =
+                crate::gateway::translate::route_service_prefix(&namespace, &apex(rollout));
+            MeshSeries::coalmine(&format!(
+                r#"service=~"{}\\..+""#,
+                crate::seams::istio::regex_escape(&prefix).replace('\\', "\\\\")
+            ))
         }
         _ => MeshSeries::gateway_api(&namespace, &apex(rollout)),
     };
@@ -785,6 +796,38 @@ fn mesh_counts(
     })
 }
 
+/// Whether a Gateway API rollout's Gateways are Coalmine's routers (their GatewayClass names
+/// [`crate::gateway::translate::CONTROLLER_NAME`]): then its counts are the routers' own
+/// series. A Gateway or class that cannot be read is not Coalmine's (Envoy's series are read).
+async fn coalmine_gateway(context: &Context, rollout: &Rollout) -> bool {
+    use gateway_api::gatewayclasses::GatewayClass;
+    use gateway_api::gateways::Gateway;
+    if !matches!(
+        rollout.spec.provider,
+        TrafficProvider::GatewayApi | TrafficProvider::GatewayApiV1beta1
+    ) {
+        return false;
+    }
+    let namespace = rollout.metadata.namespace.clone().unwrap_or_default();
+    for reference in &rollout.spec.service.gateway_refs {
+        let ns = reference
+            .namespace
+            .clone()
+            .unwrap_or_else(|| namespace.clone());
+        let gateways: Api<Gateway> = Api::namespaced(context.client.clone(), &ns);
+        let Ok(Some(gateway)) = gateways.get_opt(&reference.name).await else {
+            continue;
+        };
+        let classes: Api<GatewayClass> = Api::all(context.client.clone());
+        if let Ok(Some(class)) = classes.get_opt(&gateway.spec.gateway_class_name).await {
+            if class.spec.controller_name == crate::gateway::translate::CONTROLLER_NAME {
+                return true;
+            }
+        }
+    }
+    false
+}
+
 /// The traffic backend and the counts of the rollout's provider. For provider `coalmine`, the
 /// document learns where the routers and the versions are (found now: a run drives the routers
 /// that were ready when it started). `revision` is the run's (its session cookie).
@@ -795,7 +838,8 @@ async fn seams_of(
     revision: Option<&str>,
 ) -> Result<(Arc<dyn TrafficBackend>, Box<dyn ObservationSource>), ReconcileError> {
     if let Some(routes) = route_objects(context, rollout, RouteSpec::of(rollout, revision)) {
-        let counts = mesh_counts(context, rollout, document)?;
+        let coalmine_gateway = coalmine_gateway(context, rollout).await;
+        let counts = mesh_counts(context, rollout, document, coalmine_gateway)?;
         return Ok((routed(context, rollout, routes), counts));
     }
     match rollout.spec.provider {

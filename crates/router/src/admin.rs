@@ -49,6 +49,7 @@ fn router(admin: Admin) -> Router {
         .route("/stats", get(stats))
         .route("/stats/{service}", get(service_stats))
         .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
         .with_state(admin)
 }
 
@@ -245,6 +246,19 @@ async fn delete_service(
 /// Compiles and swaps in the next table (under the writer lock).
 fn swap(a: &Admin, current: &RouteTable, docs: Vec<RoutesDoc>) -> Result<Arc<RouteTable>, Invalid> {
     a.shared.swap(current, docs)
+}
+
+/// Ready for traffic: 503 until a router whose table is written elsewhere (Gateway API mode)
+/// has had it written once, so a new router pod gets no user before it knows their routes.
+async fn readyz(State(a): State<Admin>) -> Response {
+    if a.shared.ready() {
+        "ok\n".into_response()
+    } else {
+        error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the route table has not been programmed yet".into(),
+        )
+    }
 }
 
 /// Refuses (409) a change through the API when something else writes the table.

@@ -56,6 +56,9 @@ pub struct Shared {
     /// Serializes read-modify-write of the table so two writers cannot lose each other's
     /// changes.
     pub(crate) writer: std::sync::Mutex<()>,
+    /// Whether the table was written once by its writer (see
+    /// [`ProxyOptions::routes_written_by`]): until then the router is not ready.
+    pub(crate) programmed: std::sync::atomic::AtomicBool,
 }
 
 impl Shared {
@@ -65,6 +68,7 @@ impl Shared {
             metrics,
             options,
             writer: std::sync::Mutex::new(()),
+            programmed: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -91,10 +95,20 @@ impl Shared {
     pub fn replace_routes(&self, docs: Vec<RoutesDoc>) -> Result<Arc<RouteTable>, Invalid> {
         let _writer = self.writer.lock().expect("route table writer lock");
         let current = self.table.load_full();
-        if current.docs() == docs {
-            return Ok(current);
-        }
-        self.swap(&current, docs)
+        let table = if current.docs() == docs {
+            current
+        } else {
+            self.swap(&current, docs)?
+        };
+        self.programmed
+            .store(true, std::sync::atomic::Ordering::Release);
+        Ok(table)
+    }
+
+    /// Ready for traffic: always, unless something else writes the table and has not yet.
+    pub fn ready(&self) -> bool {
+        self.options.routes_written_by.is_none()
+            || self.programmed.load(std::sync::atomic::Ordering::Acquire)
     }
 }
 

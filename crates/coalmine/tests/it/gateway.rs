@@ -254,6 +254,19 @@ async fn the_router_programs_itself_from_an_httproute_and_follows_a_weight_chang
     let routes = gateway_api(&kube, "HTTPRoute", "httproutes");
     create(&routes, flagger_route(0)).await;
     let router = gateway_router(&cluster);
+    // Ready only once the table is the cluster's: a new router pod gets no user before.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while client()
+        .get(format!("{}/readyz", router.admin))
+        .send()
+        .await
+        .unwrap()
+        .status()
+        != 200
+    {
+        assert!(Instant::now() < deadline, "never ready");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 
     // Statuses, as the spec defines them.
     let classes = gateway_api(&kube, "GatewayClass", "gatewayclasses");
@@ -411,5 +424,193 @@ async fn the_router_programs_itself_from_an_httproute_and_follows_a_weight_chang
     assert!(
         still.iter().all(|n| n == "primary-2" || n == "canary"),
         "{still:?}"
+    );
+}
+
+/// Requests for `app.example.com` through the router until stopped: which pod answered each.
+struct Traffic {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    task: tokio::task::JoinHandle<Vec<String>>,
+}
+
+fn traffic(router: &Router) -> Traffic {
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (base, flag) = (router.base.clone(), stop.clone());
+    let task = tokio::spawn(async move {
+        let c = client();
+        let mut seen = Vec::new();
+        while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+            let r = c
+                .get(format!("{base}/"))
+                .header("host", "app.example.com")
+                .send()
+                .await;
+            if let Ok(r) = r {
+                seen.push(
+                    r.headers()
+                        .get("x-upstream")
+                        .map(|v| v.to_str().unwrap().to_string())
+                        .unwrap_or_else(|| format!("status {}", r.status())),
+                );
+            }
+        }
+        seen
+    });
+    Traffic { stop, task }
+}
+
+impl Traffic {
+    async fn stop(self) -> Vec<String> {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.task.await.unwrap()
+    }
+}
+
+/// The seed's story without a mesh: Flagger's Canary with provider `gatewayapi:v1` on
+/// Coalmine's Gateway, run by `coalmine operator`, judged on the routers' own series in a real
+/// Prometheus that scrapes them. The canary pod fails 20 % of its requests: the release is
+/// rolled back on the sequential judge's evidence and the router, following the HTTPRoute,
+/// sends everything to the primary pods again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_canary_behind_coalmines_gateway_is_rolled_back_by_the_operator() {
+    use crate::common::promstack::{Prometheus, PrometheusSetup, ScrapeTarget};
+    use crate::operator_routers::{cluster, seed_web_app_with, set_image, until};
+
+    let pods = PodNetwork::create();
+    pods.route_here(CANARY);
+    let _primary = pods.spawn(&[
+        "upstream",
+        "--listen",
+        &format!("{}:8080", pods.pod_ip),
+        "--name",
+        "primary",
+    ]);
+    let _canary = pods.spawn(&[
+        "upstream",
+        "--listen",
+        &format!("{CANARY}:8080"),
+        "--name",
+        "canary",
+        "--error-rate",
+        "0.2",
+    ]);
+    let cluster = cluster().await;
+    let kube = cluster.client();
+    for crd in GATEWAY_CRDS {
+        install_crds(&kube, crd).await.unwrap();
+    }
+    create(
+        &gateway_api(&kube, "GatewayClass", "gatewayclasses"),
+        json!({"apiVersion": "gateway.networking.k8s.io/v1", "kind": "GatewayClass",
+               "metadata": {"name": "coalmine"}, "spec": {"controllerName": "coalmine.dev/gateway"}}),
+    )
+    .await;
+    create(
+        &gateway_api(&kube, "Gateway", "gateways"),
+        json!({"apiVersion": "gateway.networking.k8s.io/v1", "kind": "Gateway",
+               "metadata": {"name": "edge", "namespace": "shop"},
+               "spec": {"gatewayClassName": "coalmine", "listeners": [
+                   {"name": "web", "port": 80, "protocol": "HTTP"}]}}),
+    )
+    .await;
+    let router = gateway_router(&cluster);
+    let prometheus = Prometheus::start_scraping(PrometheusSetup {
+        scrape: vec![ScrapeTarget::new("coalmine-gateway", &router.admin)],
+        ..PrometheusSetup::default()
+    })
+    .await;
+    let flags = [
+        "--provider",
+        "gatewayapi:v1",
+        "--metrics-server",
+        prometheus.url.as_str(),
+    ];
+    let (deployments, canaries, operator) = seed_web_app_with(&cluster, &flags, |canary| {
+        let spec = &mut canary["spec"];
+        spec["provider"] = "gatewayapi:v1".into();
+        spec["service"]["hosts"] = json!(["app.example.com"]);
+        spec["service"]["gatewayRefs"] = json!([{"name": "edge"}]);
+    })
+    .await;
+    // The endpoints controller's part: the versions' Services list their pods.
+    set_endpoints(&kube, "web-app-primary", &[pods.pod_ip]).await;
+    set_endpoints(&kube, "web-app-canary", &[CANARY]).await;
+    let routes = gateway_api(&kube, "HTTPRoute", "httproutes");
+    let route = until_status(&routes, "web-app", |s| !s["parents"].is_null()).await;
+    assert!(
+        is_true(&route["parents"][0]["conditions"], "Accepted"),
+        "{route:#}"
+    );
+    // Users only once the router has the pods (before, the versions' requests are 503s: no
+    // endpoint, counted as theirs).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let table =
+            serde_json::to_string(&get_json(&format!("{}/routes", router.admin)).await).unwrap();
+        if table.contains(&format!("http://{}:8080", pods.pod_ip))
+            && table.contains(&format!("http://{CANARY}:8080"))
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the pods never reached the table: {table}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let users = traffic(&router);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let released = Instant::now();
+    set_image(&deployments, "2.0.0").await;
+    until(&canaries, &deployments, &operator, "rolled back", |s| {
+        s["phase"] == "Failed"
+    })
+    .await;
+    let took = released.elapsed();
+    let rollouts: Api<DynamicObject> = Api::namespaced_with(
+        kube.clone(),
+        "shop",
+        &ApiResource::from_gvk_with_plural(
+            &GroupVersionKind::gvk("coalmine.dev", "v1alpha1", "Rollout"),
+            "rollouts",
+        ),
+    );
+    let status = rollouts.get("web-app").await.unwrap().data["status"].clone();
+    let said = status["conditions"][0]["message"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        said.contains("Bayes factor") || said.contains("request-success-rate"),
+        "rolled back for another reason: {status:#}\n{}",
+        operator.stderr()
+    );
+    // The HTTPRoute is back on the primary, and so is the router within a second.
+    let weighed = routes.get("web-app").await.unwrap().data["spec"]["rules"]
+        .as_array()
+        .unwrap()
+        .last()
+        .unwrap()["backendRefs"]
+        .clone();
+    assert_eq!(weighed[0]["weight"], 100, "{weighed:#}");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let during = users.stop().await;
+    let after = answered_by(&router, 200, &[]).await;
+    assert!(after.iter().all(|n| n == "primary"), "{after:?}");
+    let canary_seen = during
+        .iter()
+        .filter(|n| *n == "canary" || n.starts_with("status"))
+        .count();
+    assert!(
+        canary_seen > 0,
+        "the canary never got traffic: {} requests",
+        during.len()
+    );
+    eprintln!("{said}");
+    eprintln!(
+        "Coalmine's gateway, counted from Prometheus: rolled back {:.1} s after the release; {} requests, {canary_seen} to the canary",
+        took.as_secs_f64(),
+        during.len()
     );
 }
