@@ -425,6 +425,25 @@ async fn the_router_programs_itself_from_an_httproute_and_follows_a_weight_chang
         still.iter().all(|n| n == "primary-2" || n == "canary"),
         "{still:?}"
     );
+
+    // The API server gone (a control-plane outage): the router keeps the last table it had and
+    // stays ready; users never see the outage.
+    drop(routes);
+    drop(kube);
+    drop(cluster);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let outage = answered_by(&router, 100, &[]).await;
+    assert!(
+        outage.iter().all(|n| n == "primary-2" || n == "canary"),
+        "{outage:?}\n{}",
+        router.proc.stderr()
+    );
+    let ready = client()
+        .get(format!("{}/readyz", router.admin))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ready.status(), 200);
 }
 
 /// Requests for `app.example.com` through the router until stopped: which pod answered each.
