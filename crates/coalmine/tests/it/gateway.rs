@@ -447,23 +447,24 @@ async fn the_router_programs_itself_from_an_httproute_and_follows_a_weight_chang
 }
 
 /// Requests for `app.example.com` through the router until stopped: which pod answered each.
-struct Traffic {
+pub(crate) struct Traffic {
     stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
     task: tokio::task::JoinHandle<Vec<String>>,
 }
 
 fn traffic(router: &Router) -> Traffic {
+    traffic_for(router, "app.example.com")
+}
+
+/// Requests for `host` through the router until stopped: which pod answered each.
+pub(crate) fn traffic_for(router: &Router, host: &str) -> Traffic {
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let (base, flag) = (router.base.clone(), stop.clone());
+    let (base, flag, host) = (router.base.clone(), stop.clone(), host.to_string());
     let task = tokio::spawn(async move {
         let c = client();
         let mut seen = Vec::new();
         while !flag.load(std::sync::atomic::Ordering::Relaxed) {
-            let r = c
-                .get(format!("{base}/"))
-                .header("host", "app.example.com")
-                .send()
-                .await;
+            let r = c.get(format!("{base}/")).header("host", &host).send().await;
             if let Ok(r) = r {
                 seen.push(
                     r.headers()
@@ -479,7 +480,7 @@ fn traffic(router: &Router) -> Traffic {
 }
 
 impl Traffic {
-    async fn stop(self) -> Vec<String> {
+    pub(crate) async fn stop(self) -> Vec<String> {
         self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
         self.task.await.unwrap()
     }

@@ -1411,3 +1411,234 @@ async fn a_canary_naming_a_routers_service_that_does_not_exist_is_told_so_and_ru
         started_in.as_secs_f64()
     );
 }
+
+/// One app of [`two_canaries_on_one_router_fleet_each_drive_their_own_service`]: its
+/// Deployment and its Canary on the routers' service `service`.
+async fn app_with_canary(kube: &kube::Client, app: &str, service: &str) {
+    let deployments: Api<Deployment> = Api::namespaced(kube.clone(), "shop");
+    deployments
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({
+                "metadata": {"name": app, "namespace": "shop"},
+                "spec": {"replicas": 2, "selector": {"matchLabels": {"app": app}},
+                    "template": {"metadata": {"labels": {"app": app}},
+                        "spec": {"containers": [{"name": app, "image": format!("registry.example/{app}:1.0.0")}]}}},
+            }))
+            .unwrap(),
+        )
+        .await
+        .unwrap();
+    canaries(kube)
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(json!({
+                "apiVersion": "flagger.app/v1beta1", "kind": "Canary",
+                "metadata": {"name": app, "namespace": "shop", "annotations": {
+                    "coalmine.dev/routers": "coalmine-router",
+                    "coalmine.dev/router-service": service}},
+                "spec": {
+                    "targetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": app},
+                    "service": {"port": 80},
+                    "analysis": {"interval": "1s", "threshold": 2, "stepWeights": [10, 50],
+                        "metrics": [{"name": "request-success-rate", "thresholdRange": {"min": 99}, "interval": "1m"}]},
+                },
+            }))
+            .unwrap(),
+        )
+        .await
+        .unwrap();
+}
+
+/// Two Canaries on one router fleet, each on its own service of the routers' table (the
+/// `coalmine.dev/router-service` annotation): released at the same time under real traffic, the
+/// good one is promoted while the bad one is rolled back, each moving only its own service —
+/// while both run, each service's owner is its own rollout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_canaries_on_one_router_fleet_each_drive_their_own_service() {
+    use crate::gateway::traffic_for;
+
+    let pods = PodNetwork::create();
+    let cluster = cluster().await;
+    let kube = cluster.client();
+    app_with_canary(&kube, "web", "web").await;
+    app_with_canary(&kube, "cart", "cart").await;
+    let deployments: Api<Deployment> = Api::namespaced(kube.clone(), "shop");
+    let canaries = canaries(&kube);
+    let operator = operator(&cluster, &["--provider", "coalmine"]);
+    let phase = |name: &'static str| {
+        let canaries = canaries.clone();
+        async move { canaries.get(name).await.unwrap().data["status"]["phase"].clone() }
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while phase("web").await != "Initialized" || phase("cart").await != "Initialized" {
+        kubelet(&deployments).await;
+        assert!(
+            Instant::now() < deadline,
+            "not initialised:\n{}",
+            operator.stderr()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Each version's stand-in on its cluster IP; the cart's new release answers 500.
+    let services: Api<Service> = Api::namespaced(kube.clone(), "shop");
+    let mut stand_ins = Vec::new();
+    let mut primaries = Vec::new();
+    for (app, error_rate) in [("web", "0"), ("cart", "1")] {
+        for (version, name, errors) in [
+            ("primary", "primary", "0"),
+            ("canary", "canary", error_rate),
+        ] {
+            let ip = cluster_ip(&services, &format!("{app}-{version}")).await;
+            pods.route_here(ip);
+            stand_ins.push(pods.spawn(&[
+                "upstream",
+                "--listen",
+                &format!("{ip}:80"),
+                "--name",
+                &format!("{app}-{name}"),
+                "--error-rate",
+                errors,
+            ]));
+            if version == "primary" {
+                primaries.push(ip);
+            }
+        }
+    }
+    // The router fleet: one router with the two services, by host.
+    let dir = crate::common::TempDir::new("two-canaries");
+    let config = dir.write(
+        "edge.yaml",
+        &format!(
+            "services:\n  - {{service: web, hosts: [web.example.com], stable: 'http://{}:80'}}\n  - {{service: cart, hosts: [cart.example.com], stable: 'http://{}:80'}}\n",
+            primaries[0], primaries[1]
+        ),
+    );
+    let proc = Proc::spawn(&[
+        "proxy",
+        "--listen",
+        "127.0.0.1:0",
+        "--admin",
+        &format!("{}:0", pods.host_ip),
+        "--config",
+        config.to_str().unwrap(),
+    ]);
+    let router = Router {
+        base: format!("http://{}", proc.addr("listen")),
+        admin: format!("http://{}", proc.addr("admin")),
+        proc,
+    };
+    let admin_port = router.proc.addr("admin").port();
+    routers_service(
+        &kube,
+        "coalmine-router",
+        admin_port,
+        &[(pods.host_ip, Ready::Yes)],
+    )
+    .await;
+
+    let web_users = traffic_for(&router, "web.example.com");
+    let cart_users = traffic_for(&router, "cart.example.com");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for app in ["web", "cart"] {
+        let image = json!({"spec": {"template": {"spec": {"containers": [
+            {"name": app, "image": format!("registry.example/{app}:2.0.0")}]}}}});
+        deployments
+            .patch(app, &PatchParams::default(), &Patch::Strategic(&image))
+            .await
+            .unwrap();
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    // Each service's owner while its rollout progresses (and the other's, at that moment).
+    let (mut web_owner, mut cart_owner) = (None, None);
+    loop {
+        kubelet(&deployments).await;
+        let (web, cart) = (phase("web").await, phase("cart").await);
+        let owner = |service: &'static str| {
+            let admin = router.admin.clone();
+            async move { get_json(&format!("{admin}/routes/{service}")).await["owner"].clone() }
+        };
+        if web == "Progressing" && web_owner.is_none() {
+            web_owner = Some(owner("web").await);
+        }
+        if cart == "Progressing" && cart_owner.is_none() {
+            cart_owner = Some(owner("cart").await);
+        }
+        let done = |p: &serde_json::Value| p == "Succeeded" || p == "Failed";
+        if done(&web) && done(&cart) {
+            assert_eq!(
+                (web.as_str(), cart.as_str()),
+                (Some("Succeeded"), Some("Failed")),
+                "{}",
+                operator.stderr()
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "web {web}, cart {cart} after 60 s:\n{}",
+            operator.stderr()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let web_seen = web_users.stop().await;
+    let cart_seen = cart_users.stop().await;
+    // Each rollout drove its own service, signed as itself.
+    let web_owner = web_owner
+        .expect("web progressed")
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let cart_owner = cart_owner
+        .expect("cart progressed")
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        web_owner.contains("web") && cart_owner.contains("cart") && web_owner != cart_owner,
+        "{web_owner} / {cart_owner}"
+    );
+    eprintln!("owners: {web_owner} / {cart_owner}");
+    // The web canary had web's users only, the cart canary cart's only.
+    assert!(
+        web_seen.iter().any(|n| n == "web-canary"),
+        "the web canary never got traffic"
+    );
+    assert!(
+        web_seen.iter().all(|n| n.starts_with("web-")),
+        "{:?}",
+        web_seen.iter().find(|n| !n.starts_with("web-"))
+    );
+    assert!(
+        cart_seen
+            .iter()
+            .all(|n| n.starts_with("cart-") || n == "status 500"),
+        "{:?}",
+        cart_seen.iter().find(|n| !n.starts_with("cart-"))
+    );
+    // Both back on their primaries: web's is the new release, cart's the old.
+    for service in ["web", "cart"] {
+        let doc = get_json(&format!("{}/routes/{service}", router.admin)).await;
+        assert_eq!(doc["canaryWeight"].as_f64(), Some(0.0), "{doc:#}");
+    }
+    let image = |name: &'static str| {
+        let deployments = deployments.clone();
+        async move {
+            deployments
+                .get(name)
+                .await
+                .unwrap()
+                .spec
+                .unwrap()
+                .template
+                .spec
+                .unwrap()
+                .containers[0]
+                .image
+                .clone()
+                .unwrap_or_default()
+        }
+    };
+    assert_eq!(image("web-primary").await, "registry.example/web:2.0.0");
+    assert_eq!(image("cart-primary").await, "registry.example/cart:1.0.0");
+}
