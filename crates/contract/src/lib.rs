@@ -21,9 +21,9 @@ pub mod weight;
 
 pub use matching::{Condition, GeoField, HeaderName, MatchRule, StrMatch, Subject};
 pub use routes::{
-    check_service_name, check_services, services_list, url_port, Affinity, Endpoints,
-    HeaderChanges, HeaderValueSpec, HostPattern, PathMatch, PathPrefix, RoutesDoc, RoutesPatch,
-    ServedRoutes, StickyKey, UpstreamUrl, DEFAULT_SERVICE, OWNER_HEADER,
+    check_service_name, check_services, services_list, url_port, Affinity, EndpointGroup,
+    Endpoints, HeaderChanges, HeaderValueSpec, HostPattern, PathMatch, PathPrefix, Picked,
+    RoutesDoc, RoutesPatch, ServedRoutes, StickyKey, UpstreamUrl, DEFAULT_SERVICE, OWNER_HEADER,
 };
 pub use stats::{Latency, LocalStats, MirrorStats, ServiceStats, StatsDoc, VersionStats};
 pub use weight::Weight;

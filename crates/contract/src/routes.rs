@@ -133,44 +133,136 @@ impl fmt::Display for UpstreamUrl {
 
 /// Where one version's requests go: one upstream, or several — a version running as many pods,
 /// as the router finds them in EndpointSlices in Gateway API mode — each request to one of them
-/// at random. Written as one URL or a list of URLs. None (`[]`): the version has no endpoint
-/// ready, and its requests are answered 503 (counted as its own, `no_endpoints`).
+/// at random. Written as one URL or a list of URLs.
+///
+/// Gateway API mode also writes weighted groups: `[{weight: 70, endpoints: [...]}, {weight: 30,
+/// endpoints: [...]}]`, a group picked by weight, then one of its endpoints. A group without
+/// endpoints (`[]`) answers its share 503, counted as the version's (`no_endpoints`: its pods
+/// are not serving); a group that is `{weight: 5, invalid: "why"}` (a backend that does not
+/// resolve) answers its share 500, counted as the router's (`invalid_backend`).
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Endpoints(Vec<UpstreamUrl>);
+pub struct Endpoints(Vec<EndpointGroup>);
+
+/// One backend of a version: its weight among the version's groups and its endpoints.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EndpointGroup {
+    pub weight: u32,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub endpoints: Vec<UpstreamUrl>,
+    /// Why this backend does not resolve (then it has no endpoints).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub invalid: Option<String>,
+}
+
+/// Where one request of a version goes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Picked<'e> {
+    Url(&'e UpstreamUrl),
+    /// The chosen backend has no endpoint ready.
+    NoEndpoint,
+    /// The chosen backend does not resolve.
+    Invalid,
+}
 
 impl Endpoints {
+    /// One backend's endpoints (none: every request 503).
     pub fn new(urls: Vec<UpstreamUrl>) -> Endpoints {
-        Endpoints(urls)
+        Endpoints(vec![EndpointGroup {
+            weight: 1,
+            endpoints: urls,
+            invalid: None,
+        }])
     }
 
-    pub fn urls(&self) -> &[UpstreamUrl] {
+    /// Weighted backends. A version of groups that all weigh 0 takes no share (as Gateway
+    /// API's backends of weight 0 take none) and answers what its first group would.
+    pub fn weighted(groups: Vec<EndpointGroup>) -> Endpoints {
+        Endpoints(groups)
+    }
+
+    pub fn groups(&self) -> &[EndpointGroup] {
         &self.0
     }
 
-    /// The endpoint a request goes to, from the caller's random bits; `None` when there is none.
-    pub fn pick(&self, random: u64) -> Option<&UpstreamUrl> {
-        match self.0.len() {
-            0 => None,
-            1 => Some(&self.0[0]),
-            // Multiply-shift: unbiased enough for a handful of endpoints, no division.
-            n => Some(&self.0[((u128::from(random) * n as u128) >> 64) as usize]),
+    /// Every endpoint of every group.
+    pub fn urls(&self) -> impl Iterator<Item = &UpstreamUrl> {
+        self.0.iter().flat_map(|g| &g.endpoints)
+    }
+
+    /// Where a request goes, from the caller's random bits: a group by weight (the high bits),
+    /// then one of its endpoints (the low bits).
+    pub fn pick(&self, random: u64) -> Picked<'_> {
+        let group = match self.0.as_slice() {
+            [] => return Picked::NoEndpoint,
+            [one] => one,
+            groups => {
+                let total: u64 = groups.iter().map(|g| u64::from(g.weight)).sum();
+                if total == 0 {
+                    &groups[0]
+                } else {
+                    let mut at = ((u128::from(random >> 32) * u128::from(total)) >> 32) as u64;
+                    groups
+                        .iter()
+                        .find(|g| {
+                            let w = u64::from(g.weight);
+                            if at < w {
+                                true
+                            } else {
+                                at -= w;
+                                false
+                            }
+                        })
+                        .unwrap_or(&groups[0])
+                }
+            }
+        };
+        if group.invalid.is_some() {
+            return Picked::Invalid;
+        }
+        match group.endpoints.len() {
+            0 => Picked::NoEndpoint,
+            1 => Picked::Url(&group.endpoints[0]),
+            // Multiply-shift over the low bits: no division.
+            n => Picked::Url(
+                &group.endpoints[((u64::from(random as u32) * n as u64) >> 32) as usize],
+            ),
+        }
+    }
+
+    /// The single-group form: one backend of weight 1, valid.
+    fn plain(&self) -> Option<&[UpstreamUrl]> {
+        match self.0.as_slice() {
+            [g] if g.weight == 1 && g.invalid.is_none() => Some(&g.endpoints),
+            _ => None,
         }
     }
 }
 
 impl From<UpstreamUrl> for Endpoints {
     fn from(url: UpstreamUrl) -> Endpoints {
-        Endpoints(vec![url])
+        Endpoints::new(vec![url])
     }
 }
 
 impl fmt::Display for Endpoints {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for (i, url) in self.0.iter().enumerate() {
+        for (i, group) in self.0.iter().enumerate() {
             if i > 0 {
-                f.write_str(", ")?;
+                f.write_str("; ")?;
             }
-            f.write_str(url.as_str())?;
+            if self.0.len() > 1 {
+                write!(f, "{}× ", group.weight)?;
+            }
+            if let Some(why) = &group.invalid {
+                write!(f, "invalid ({why})")?;
+            }
+            for (j, url) in group.endpoints.iter().enumerate() {
+                if j > 0 {
+                    f.write_str(", ")?;
+                }
+                f.write_str(url.as_str())?;
+            }
         }
         Ok(())
     }
@@ -178,9 +270,10 @@ impl fmt::Display for Endpoints {
 
 impl Serialize for Endpoints {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        match self.0.as_slice() {
-            [one] => one.serialize(s),
-            many => many.serialize(s),
+        match self.plain() {
+            Some([one]) => one.serialize(s),
+            Some(many) => many.serialize(s),
+            None => self.0.serialize(s),
         }
     }
 }
@@ -192,23 +285,26 @@ impl<'de> Deserialize<'de> for Endpoints {
         enum Written {
             One(String),
             Many(Vec<String>),
+            Groups(Vec<EndpointGroup>),
         }
-        let urls = match Written::deserialize(d).map_err(|e: D::Error| {
+        let written = Written::deserialize(d).map_err(|e: D::Error| {
             // A missing field keeps serde's own words (it names the field).
             let said = e.to_string();
             serde::de::Error::custom(if said.starts_with("missing field") {
                 said
             } else {
-                "an upstream is a URL (http://host:port) or a list of them".to_string()
+                "an upstream is a URL (http://host:port), a list of them, or weighted groups ({weight, endpoints})".to_string()
             })
-        })? {
+        })?;
+        let urls = match written {
             Written::One(url) => vec![url],
             Written::Many(urls) => urls,
+            Written::Groups(groups) => return Ok(Endpoints(groups)),
         };
         urls.iter()
             .map(|u| UpstreamUrl::parse(u))
             .collect::<Result<Vec<_>, _>>()
-            .map(Endpoints)
+            .map(Endpoints::new)
             .map_err(serde::de::Error::custom)
     }
 }
@@ -1128,21 +1224,63 @@ mod tests {
             json!({"stable": ["http://10.0.0.1:8080", "http://10.0.0.2:8080"], "canary": []}),
         )
         .unwrap();
-        assert_eq!(many.stable.urls().len(), 2);
+        assert_eq!(many.stable.urls().count(), 2);
         assert_eq!(
             serde_json::to_value(&many).unwrap()["stable"],
             json!(["http://10.0.0.1:8080", "http://10.0.0.2:8080"])
         );
         // No endpoint: the version's requests are answered 503, nothing is picked.
-        assert_eq!(many.canary.as_ref().unwrap().pick(7), None);
+        assert_eq!(many.canary.as_ref().unwrap().pick(7), Picked::NoEndpoint);
         // Every endpoint is picked, each about as often (multiply-shift over the draw).
         let mut seen = [0u32; 2];
         for i in 0..1000u64 {
             let draw = i.wrapping_mul(0x9e37_79b9_7f4a_7c15);
-            let url = many.stable.pick(draw).unwrap();
-            seen[many.stable.urls().iter().position(|u| u == url).unwrap()] += 1;
+            let Picked::Url(url) = many.stable.pick(draw) else {
+                panic!("an endpoint")
+            };
+            seen[many.stable.urls().position(|u| u == url).unwrap()] += 1;
         }
         assert!(seen.iter().all(|n| (450..=550).contains(n)), "{seen:?}");
+        // Weighted groups: 70/30/0 by weight, an invalid one's share Invalid.
+        let groups: Endpoints = serde_json::from_value(json!([
+            {"weight": 60, "endpoints": ["http://10.0.0.1:80"]},
+            {"weight": 30, "endpoints": ["http://10.0.0.2:80", "http://10.0.0.3:80"]},
+            {"weight": 0, "endpoints": ["http://10.0.0.4:80"]},
+            {"weight": 10, "invalid": "Service shop/x not found"},
+        ]))
+        .unwrap();
+        let mut counts = std::collections::HashMap::new();
+        let mut state = 1u64;
+        for _ in 0..100_000 {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            let key = match groups.pick(state ^ (state >> 29)) {
+                Picked::Url(u) => u.as_str().to_string(),
+                other => format!("{other:?}"),
+            };
+            *counts.entry(key).or_insert(0u32) += 1;
+        }
+        let share = |k: &str| f64::from(counts.get(k).copied().unwrap_or(0)) / 100_000.0;
+        assert!(
+            (share("http://10.0.0.1:80") - 0.60).abs() < 0.01,
+            "{counts:?}"
+        );
+        assert!(
+            (share("http://10.0.0.2:80") - 0.15).abs() < 0.01,
+            "{counts:?}"
+        );
+        assert!(
+            (share("http://10.0.0.3:80") - 0.15).abs() < 0.01,
+            "{counts:?}"
+        );
+        assert_eq!(share("http://10.0.0.4:80"), 0.0, "weight 0 takes nothing");
+        assert!((share("Invalid") - 0.10).abs() < 0.01, "{counts:?}");
+        // Written back as groups; the plain forms stay plain.
+        assert_eq!(
+            serde_json::to_value(&groups).unwrap()[3],
+            json!({"weight": 10, "invalid": "Service shop/x not found"})
+        );
         let err = serde_json::from_value::<RoutesDoc>(json!({"stable": ["http://a:1", 7]}))
             .unwrap_err()
             .to_string();

@@ -13,10 +13,10 @@ use std::time::Instant;
 use http::StatusCode;
 
 use crate::recorder::{
-    LocalFailure, Recorder, ServiceId, UpstreamFailure, NO_ENDPOINTS, NO_SERVICE,
+    LocalFailure, Recorder, ServiceId, UpstreamFailure, INVALID_BACKEND, NO_ENDPOINTS, NO_SERVICE,
 };
 use crate::route::{route, Headers, RequestView, Version};
-use crate::table::{RouteTable, ServiceTable, UpstreamUrl};
+use crate::table::{Picked, RouteTable, ServiceTable, UpstreamUrl};
 
 thread_local! {
     static RNG: Cell<u64> = Cell::new(seed_from_thread());
@@ -63,6 +63,8 @@ pub(crate) enum Undeliverable {
     /// The chosen version has no endpoint ready: 503, counted as that version's
     /// (`no_endpoints`): its pods are not serving.
     NoEndpoint(ServiceId, Version),
+    /// The chosen backend does not resolve: 500, the router's own (`invalid_backend`).
+    InvalidBackend,
 }
 
 /// Decides where a request goes.
@@ -91,14 +93,18 @@ fn dispatch_with<'t, H: Headers + ?Sized>(
         Version::Stable => &doc.stable,
         Version::Canary => canary(),
     };
-    let target = endpoints
-        .pick(endpoint_draw)
-        .ok_or(Undeliverable::NoEndpoint(service.id, decision.version))?;
+    let target = match endpoints.pick(endpoint_draw) {
+        Picked::Url(url) => url,
+        Picked::NoEndpoint => return Err(Undeliverable::NoEndpoint(service.id, decision.version)),
+        Picked::Invalid => return Err(Undeliverable::InvalidBackend),
+    };
     // A canary without an endpoint gets no copy (there is nowhere to send it).
-    let mirror_to = if decision.mirror {
-        canary().pick(endpoint_draw.rotate_left(32))
-    } else {
-        None
+    let mirror_to = match decision.mirror {
+        true => match canary().pick(endpoint_draw.rotate_left(32)) {
+            Picked::Url(url) => Some(url),
+            Picked::NoEndpoint | Picked::Invalid => None,
+        },
+        false => None,
     };
     Ok(Dispatch {
         service,
@@ -119,6 +125,10 @@ pub(crate) fn answer_undeliverable(
         Undeliverable::NoService => {
             recorder.record_local_failure(LocalFailure::NoService);
             (StatusCode::NOT_FOUND, NO_SERVICE)
+        }
+        Undeliverable::InvalidBackend => {
+            recorder.record_local_failure(LocalFailure::InvalidBackend);
+            (StatusCode::INTERNAL_SERVER_ERROR, INVALID_BACKEND)
         }
         Undeliverable::NoEndpoint(service, version) => {
             recorder.record_failure(service, version, UpstreamFailure::NoEndpoints);

@@ -65,6 +65,10 @@ impl UpstreamFailure {
 pub(crate) const NO_ENDPOINTS: &str =
     "coalmine router: the version this request was routed to has no endpoint ready";
 
+/// What a request weighed to a backend that does not resolve is answered (500), on both paths.
+pub(crate) const INVALID_BACKEND: &str =
+    "coalmine router: the backend this request was weighed to does not resolve";
+
 /// What a request no service takes is answered (404), on both paths.
 pub(crate) const NO_SERVICE: &str =
     "coalmine router: no service of this router takes this host and path";
@@ -77,15 +81,23 @@ pub enum LocalFailure {
     Resources,
     /// No service of the route table takes the request (its host, path and headers): 404.
     NoService,
+    /// The backend the request was weighed to does not resolve (Gateway API: a Service that
+    /// does not exist, a kind that is not a Service): 500, the configuration's fault.
+    InvalidBackend,
 }
 
 impl LocalFailure {
-    pub(crate) const ALL: [LocalFailure; 2] = [LocalFailure::Resources, LocalFailure::NoService];
+    pub(crate) const ALL: [LocalFailure; 3] = [
+        LocalFailure::Resources,
+        LocalFailure::NoService,
+        LocalFailure::InvalidBackend,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
             LocalFailure::Resources => "resources",
             LocalFailure::NoService => "no_service",
+            LocalFailure::InvalidBackend => "invalid_backend",
         }
     }
 }

@@ -22,8 +22,9 @@ use xxhash_rust::xxh3::xxh3_64;
 
 pub use coalmine_contract::{
     check_service_name, check_services, services_list, Affinity, Condition, Endpoints,
-    HeaderChanges, HeaderName, HostPattern, Invalid, MatchRule, PathMatch, PathPrefix, RoutesDoc,
-    ServedRoutes, StickyKey, StrMatch, Subject, UpstreamUrl, Weight, DEFAULT_SERVICE, OWNER_HEADER,
+    HeaderChanges, HeaderName, HostPattern, Invalid, MatchRule, PathMatch, PathPrefix, Picked,
+    RoutesDoc, ServedRoutes, StickyKey, StrMatch, Subject, UpstreamUrl, Weight, DEFAULT_SERVICE,
+    OWNER_HEADER,
 };
 
 use crate::recorder::{Metrics, ServiceId};

@@ -426,6 +426,24 @@ async fn the_router_programs_itself_from_an_httproute_and_follows_a_weight_chang
         "{still:?}"
     );
 
+    // The header rule's canary is the missing Service now: its requests get Gateway API's 500,
+    // counted as the router's (the configuration's), never as a version's.
+    let insiders = answered_by(&router, 10, &[("x-canary", "insider")]).await;
+    assert!(
+        insiders.iter().all(|n| n.starts_with("status 500")),
+        "{insiders:?}"
+    );
+    let metrics = crate::common::metrics_text(&router.admin).await;
+    assert!(
+        metrics.contains(r#"coalmine_router_local_failures_total{reason="invalid_backend"} 10"#),
+        "{}",
+        metrics
+            .lines()
+            .filter(|l| l.contains("local_failures"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+
     // The API server gone (a control-plane outage): the router keeps the last table it had and
     // stays ready; users never see the outage.
     drop(routes);

@@ -26,9 +26,9 @@
 use std::collections::{BTreeMap, HashMap};
 
 use coalmine_contract::{
-    Condition as MatchCondition, Endpoints, HeaderChanges, HeaderName, HeaderValueSpec,
-    HostPattern, MatchRule, PathMatch, PathPrefix, RoutesDoc, StrMatch, Subject, UpstreamUrl,
-    Weight,
+    Condition as MatchCondition, EndpointGroup, Endpoints, HeaderChanges, HeaderName,
+    HeaderValueSpec, HostPattern, MatchRule, PathMatch, PathPrefix, RoutesDoc, StrMatch, Subject,
+    UpstreamUrl, Weight,
 };
 use gateway_api::gatewayclasses::GatewayClass;
 use gateway_api::gateways::{
@@ -505,14 +505,29 @@ impl<'v> EndpointIndex<'v> {
     }
 }
 
-/// A rule's backend resolved: its endpoints (`None`: it did not resolve) and weight.
-struct Backend {
-    endpoints: Option<Endpoints>,
-    weight: i64,
+/// One version of a rule: a backend alone, as a group of weight 1 (a version's own weight is
+/// the service's `canaryWeight`).
+fn alone(mut group: EndpointGroup) -> Endpoints {
+    group.weight = 1;
+    Endpoints::weighted(vec![group])
+}
+
+/// Every request of the rule answered 500 (Gateway API's rule for a rule that cannot send
+/// anywhere), counted as the router's.
+fn invalid(why: &str) -> Endpoints {
+    Endpoints::weighted(vec![EndpointGroup {
+        weight: 1,
+        endpoints: Vec::new(),
+        invalid: Some(why.to_string()),
+    }])
 }
 
 /// The route's services (one per rule and match), with its `ResolvedRefs`; `Err` names what
 /// the router cannot do (the route is then not accepted).
+///
+/// A rule's first backend is the `stable` version, the others together the `canary` (weighed
+/// among themselves by their weights), so Flagger's primary/canary pair is stable/canary and a
+/// three-way split is still exact. A backend that does not resolve keeps its share, answered 500.
 fn build_services(
     route: &HttpRoute,
     namespace: &str,
@@ -525,7 +540,8 @@ fn build_services(
                        ns: Option<&String>,
                        group: Option<&String>,
                        kind: Option<&String>,
-                       port: Option<i32>| {
+                       port: Option<i32>|
+     -> Result<Vec<UpstreamUrl>, String> {
         let outcome = if group.is_some_and(|g| !g.is_empty())
             || kind.is_some_and(|k| k != "Service")
         {
@@ -541,16 +557,14 @@ fn build_services(
         } else {
             endpoints.resolve(namespace, name, port)
         };
-        match outcome {
-            Ok(urls) => Some(Endpoints::new(urls)),
-            Err(why) => {
-                unresolved.get_or_insert(why);
-                None
-            }
-        }
+        outcome.map_err(|why| {
+            let message = why.1.clone();
+            unresolved.get_or_insert(why);
+            message
+        })
     };
     for (i, rule) in route.spec.rules.iter().flatten().enumerate() {
-        let backends: Vec<Backend> = rule
+        let backends: Vec<EndpointGroup> = rule
             .backend_refs
             .iter()
             .flatten()
@@ -561,61 +575,61 @@ fn build_services(
                         b.name
                     ));
                 }
-                Ok(Backend {
-                    endpoints: resolve(
-                        &b.name,
-                        b.namespace.as_ref(),
-                        b.group.as_ref(),
-                        b.kind.as_ref(),
-                        b.port,
-                    ),
-                    weight: i64::from(b.weight.unwrap_or(1)),
+                let resolved = resolve(
+                    &b.name,
+                    b.namespace.as_ref(),
+                    b.group.as_ref(),
+                    b.kind.as_ref(),
+                    b.port,
+                );
+                let weight = u32::try_from(b.weight.unwrap_or(1)).unwrap_or(0);
+                Ok(match resolved {
+                    Ok(urls) => EndpointGroup {
+                        weight,
+                        endpoints: urls,
+                        invalid: None,
+                    },
+                    Err(why) => EndpointGroup {
+                        weight,
+                        endpoints: Vec::new(),
+                        invalid: Some(why),
+                    },
                 })
             })
             .collect::<Result<_, _>>()?;
-        if backends.len() > 2 {
-            return Err(format!(
-                "rules[{i}]: {} backendRefs; Coalmine's router weighs two versions per rule",
-                backends.len()
-            ));
-        }
         let (changes, mirror) = filters(i, rule, &mut resolve)?;
-        let total: i64 = backends.iter().map(|b| b.weight).sum();
-        let (stable, canary, canary_weight) = match (&backends[..], mirror) {
-            // No backend, or none with weight, or one that did not resolve: the rule takes no
-            // requests (Gateway API answers such requests 500; here they fall through).
-            ([], _) => continue,
-            _ if total <= 0 => continue,
-            ([one], mirror) => {
-                let Some(stable) = one.endpoints.clone() else {
-                    continue;
+        let total: u64 = backends.iter().map(|b| u64::from(b.weight)).sum();
+        let (stable, canary, canary_weight) = match backends.as_slice() {
+            [] => (invalid("the rule has no backendRefs"), None, Weight::ZERO),
+            _ if total == 0 => (invalid("every backendRef weighs 0"), None, Weight::ZERO),
+            [one] => (alone(one.clone()), None, Weight::ZERO),
+            [first, rest @ ..] => {
+                let rest_weight: u64 = rest.iter().map(|b| u64::from(b.weight)).sum();
+                let bp = u32::try_from(rest_weight * 10_000 / total).unwrap_or(10_000);
+                let canary = match rest {
+                    [one] => alone(one.clone()),
+                    many => Endpoints::weighted(many.to_vec()),
                 };
-                match mirror {
-                    Some((target, share)) => (stable, Some((target, share, true)), Weight::ZERO),
-                    None => (stable, None, Weight::ZERO),
-                }
+                (
+                    alone(first.clone()),
+                    Some(canary),
+                    Weight::from_basis_points(bp).unwrap_or(Weight::ZERO),
+                )
             }
-            ([first, second], mirror) => {
-                let (Some(stable), Some(canary)) =
-                    (first.endpoints.clone(), second.endpoints.clone())
-                else {
-                    continue;
-                };
-                let bp = (second.weight * 10_000 / total) as u32;
-                let weight = Weight::from_basis_points(bp).unwrap_or(Weight::ZERO);
-                match mirror {
-                    Some((target, share)) if target == canary => {
-                        (stable, Some((canary, share, false)), weight)
-                    }
-                    Some(_) => {
-                        return Err(format!(
-                            "rules[{i}]: a RequestMirror to a Service other than the rule's second backend, beside two backends, is not supported"
-                        ))
-                    }
-                    None => (stable, Some((canary, Weight::ZERO, false)), weight),
-                }
+        };
+        // A mirror: to a rule's only backend's twin (the canary at weight 0 getting the
+        // copies), or to its second of two.
+        let (canary, mirror_share) = match (canary, mirror) {
+            (canary, None) => (canary, Weight::ZERO),
+            (None, Some((target, share))) => (Some(target), share),
+            (Some(canary), Some((target, share))) if backends.len() == 2 && target == canary => {
+                (Some(canary), share)
             }
-            _ => unreachable!("at most two backends"),
+            (Some(_), Some(_)) => {
+                return Err(format!(
+                    "rules[{i}]: a RequestMirror to a Service other than the rule's second of two backends is not supported"
+                ))
+            }
         };
         let matches: Vec<HttpRouteRulesMatches> = match &rule.matches {
             Some(m) if !m.is_empty() => m.clone(),
@@ -629,11 +643,9 @@ fn build_services(
             doc.paths = paths;
             doc.headers = selectors;
             doc.request_headers = changes.clone();
-            if let Some((target, mirror_share, _)) = &canary {
-                doc.canary = Some(target.clone());
-                doc.canary_weight = canary_weight;
-                doc.mirror = *mirror_share;
-            }
+            doc.canary = canary.clone();
+            doc.canary_weight = canary_weight;
+            doc.mirror = mirror_share;
             services.push(doc);
         }
     }
@@ -655,7 +667,7 @@ fn filters(
         Option<&String>,
         Option<&String>,
         Option<i32>,
-    ) -> Option<Endpoints>,
+    ) -> Result<Vec<UpstreamUrl>, String>,
 ) -> Result<(HeaderChanges, Option<(Endpoints, Weight)>), String> {
     let mut changes = HeaderChanges::default();
     let mut mirror = None;
@@ -703,14 +715,15 @@ fn filters(
                 };
                 let share = Weight::from_basis_points(share.clamp(0, 10_000) as u32)
                     .unwrap_or(Weight::ZERO);
-                if let Some(target) = resolve(
+                // A mirror that does not resolve copies nothing (ResolvedRefs says why).
+                if let Ok(urls) = resolve(
                     &b.name,
                     b.namespace.as_ref(),
                     b.group.as_ref(),
                     b.kind.as_ref(),
                     b.port,
                 ) {
-                    mirror = Some((target, share));
+                    mirror = Some((Endpoints::new(urls), share));
                 }
             }
             ref other => {
@@ -1016,7 +1029,7 @@ mod tests {
     }
 
     fn urls(e: &Endpoints) -> Vec<&str> {
-        e.urls().iter().map(|u| u.as_str()).collect()
+        e.urls().map(|u| u.as_str()).collect()
     }
 
     #[test]
@@ -1106,28 +1119,23 @@ mod tests {
     }
 
     #[test]
-    fn what_the_router_cannot_do_refuses_the_route_and_a_missing_backend_is_unresolved() {
+    fn what_the_router_cannot_do_refuses_the_route_and_a_missing_backend_keeps_its_share_as_500s() {
         let method = route(
             "method",
             "shop",
             json!({"parentRefs": [{"name": "edge"}],
             "rules": [{"matches": [{"method": "POST"}], "backendRefs": [{"name": "podinfo-primary", "port": 9898}]}]}),
         );
-        let three = route(
-            "three",
-            "shop",
-            json!({"parentRefs": [{"name": "edge"}],
-            "rules": [{"backendRefs": [{"name": "a", "port": 1}, {"name": "b", "port": 1}, {"name": "c", "port": 1}]}]}),
-        );
         let missing = route(
             "missing",
             "shop",
             json!({"parentRefs": [{"name": "edge"}],
-            "rules": [{"backendRefs": [{"name": "nope", "port": 9898}]},
+            "rules": [{"backendRefs": [{"name": "podinfo-primary", "port": 9898, "weight": 3},
+                                       {"name": "nope", "port": 9898, "weight": 1}]},
                       {"matches": [{"path": {"type": "Exact", "value": "/ok"}}],
-                       "backendRefs": [{"name": "podinfo-primary", "port": 9898}]}]}),
+                       "backendRefs": [{"group": "example.com", "kind": "Thing", "name": "x"}]}]}),
         );
-        let t = translate(&cluster(vec![method, three, missing]), CONTROLLER_NAME);
+        let t = translate(&cluster(vec![method, missing]), CONTROLLER_NAME);
         let accepted = |name: &str| {
             t.routes.iter().find(|r| r.name == name).unwrap().parents[0]
                 .conditions
@@ -1139,17 +1147,39 @@ mod tests {
             "{:?}",
             accepted("method")
         );
-        assert_eq!(accepted("three")[0].reason, "UnsupportedValue");
         let missing = accepted("missing");
-        assert!(missing[0].status, "accepted: its other rule routes");
+        assert!(missing[0].status, "accepted");
         assert_eq!(
             (missing[1].status, missing[1].reason),
             (false, "BackendNotFound")
         );
-        // Only the resolvable rule is in the table.
+        // The missing Service keeps its quarter, answered 500; a rule of only an unknown kind
+        // answers everything 500.
         let services: Vec<_> = t.table.iter().map(|s| s.service.as_str()).collect();
-        assert_eq!(services, ["shop.missing.1.0"]);
-        assert_eq!(t.table[0].paths, [PathMatch::Exact("/ok".into())]);
+        assert_eq!(services, ["shop.missing.0.0", "shop.missing.1.0"]);
+        assert_eq!(t.table[0].canary_weight.basis_points(), 2_500);
+        let invalid = |e: &Endpoints| e.groups().iter().all(|g| g.invalid.is_some());
+        assert!(invalid(t.table[0].canary.as_ref().unwrap()));
+        assert!(!invalid(&t.table[0].stable));
+        assert_eq!(t.table[1].paths, [PathMatch::Exact("/ok".into())]);
+        assert!(invalid(&t.table[1].stable), "{:?}", t.table[1].stable);
+    }
+
+    #[test]
+    fn three_backends_split_exactly_by_weight_the_first_stable_the_others_the_canary() {
+        let three = route(
+            "three",
+            "shop",
+            json!({"parentRefs": [{"name": "edge"}],
+            "rules": [{"backendRefs": [{"name": "podinfo-primary", "port": 9898, "weight": 70},
+                                       {"name": "podinfo-canary", "port": 9898, "weight": 30},
+                                       {"name": "podinfo-primary", "port": 9898, "weight": 0}]}]}),
+        );
+        let t = translate(&cluster(vec![three]), CONTROLLER_NAME);
+        let s = &t.table[0];
+        assert_eq!(s.canary_weight.basis_points(), 3_000);
+        let groups = s.canary.as_ref().unwrap().groups();
+        assert_eq!(groups.iter().map(|g| g.weight).collect::<Vec<_>>(), [30, 0]);
     }
 
     #[test]
