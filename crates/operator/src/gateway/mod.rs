@@ -10,6 +10,7 @@
 
 pub mod translate;
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -73,6 +74,7 @@ impl Stores {
             routes: all(&self.routes),
             services: all(&self.services),
             slices: all(&self.slices),
+            last_accepted: HashMap::new(),
         }
     }
 }
@@ -145,9 +147,12 @@ pub async fn run(
     ready.await;
     tracing::info!(controller = %settings.controller_name, "Gateway API objects listed; programming the route table");
     let mut last_table: Option<Vec<RoutesDoc>> = None;
+    let mut last_accepted = HashMap::new();
     loop {
-        let view = stores.view();
+        let mut view = stores.view();
+        view.last_accepted = std::mem::take(&mut last_accepted);
         let translation = translate(&view, &settings.controller_name);
+        last_accepted = translation.accepted.clone();
         if last_table.as_ref() != Some(&translation.table) {
             match sink(translation.table.clone()) {
                 Ok(generation) => {

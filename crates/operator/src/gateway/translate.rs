@@ -57,6 +57,10 @@ pub struct ClusterView {
     pub routes: Vec<HttpRoute>,
     pub services: Vec<Service>,
     pub slices: Vec<EndpointSlice>,
+    /// Each route's last spec the router accepted (the watcher's memory, from
+    /// [`Translation::accepted`]): an edit the router cannot do leaves that one serving rather
+    /// than taking the route's traffic away.
+    pub last_accepted: HashMap<(String, String), HttpRoute>,
 }
 
 /// One condition as Gateway API's status writes it (its time and generation are filled in
@@ -131,6 +135,9 @@ pub struct Translation {
     pub classes: Vec<ObjectState>,
     pub gateways: Vec<ObjectState>,
     pub routes: Vec<RouteState>,
+    /// The routes serving now, by namespace and name, as accepted (see
+    /// [`ClusterView::last_accepted`]).
+    pub accepted: HashMap<(String, String), HttpRoute>,
 }
 
 /// The prefix of the router's service names for one HttpRoute: what the operator's counts
@@ -238,18 +245,32 @@ pub fn translate(view: &ClusterView, controller: &str) -> Translation {
         if parents.is_empty() {
             continue;
         }
-        let built = build_services(route, &namespace, &endpoints);
+        let key = (namespace.clone(), route.name_any());
+        let mut built = build_services(route, &namespace, &endpoints);
+        let mut serving = Some(route);
+        if let Err(unsupported) = &built {
+            // The last spec accepted keeps serving (with today's endpoints), said in the
+            // condition's message.
+            serving = view.last_accepted.get(&key);
+            if let Some(last) = serving {
+                if let Ok(services) = build_services(last, &namespace, &endpoints) {
+                    out_table_push(&mut out.table, &services.0, &hosts, &parents);
+                }
+                built = Err(format!(
+                    "{unsupported}; generation {}, the last accepted, keeps serving",
+                    generation(&last.metadata)
+                ));
+            }
+        }
         let resolved = match &built {
             Ok((_, resolved)) => resolved.clone(),
             Err(_) => Cond::yes("ResolvedRefs", "ResolvedRefs", ""),
         };
         if let Ok((services, _)) = &built {
-            if parents.iter().any(|(_, c)| c.status) {
-                for mut service in services.clone() {
-                    service.hosts = hosts.clone();
-                    out.table.push(service);
-                }
-            }
+            out_table_push(&mut out.table, services, &hosts, &parents);
+        }
+        if let Some(route) = serving.filter(|_| parents.iter().any(|(_, c)| c.status)) {
+            out.accepted.insert(key, route.clone());
         }
         let parents = parents
             .into_iter()
@@ -277,6 +298,22 @@ pub fn translate(view: &ClusterView, controller: &str) -> Translation {
         out.gateways.push(gateway_state(gateway, &attached));
     }
     out
+}
+
+/// A route's services into the table, when some parent accepted it, with its hosts.
+fn out_table_push(
+    table: &mut Vec<RoutesDoc>,
+    services: &[RoutesDoc],
+    hosts: &[HostPattern],
+    parents: &[(HttpRouteParentRefs, Cond)],
+) {
+    if parents.iter().any(|(_, c)| c.status) {
+        for service in services {
+            let mut service = service.clone();
+            service.hosts = hosts.to_vec();
+            table.push(service);
+        }
+    }
 }
 
 /// Whether a route attaches to a Gateway through `parent`, and through which listeners with
@@ -1013,6 +1050,7 @@ mod tests {
             classes: vec![class()],
             gateways: vec![gateway(http_listener())],
             routes,
+            last_accepted: HashMap::new(),
             services: vec![service("podinfo-primary"), service("podinfo-canary")],
             slices: vec![
                 slice(
@@ -1250,5 +1288,44 @@ mod tests {
         let p = route_service_prefix(&"n".repeat(63), &"r".repeat(253));
         assert!(format!("{p}.12.3").len() <= 63, "{p}");
         assert_eq!(route_service_prefix("shop", "podinfo"), "shop.podinfo");
+    }
+
+    #[test]
+    fn an_edit_the_router_cannot_do_leaves_the_last_accepted_spec_serving() {
+        let mut view = cluster(vec![flagger_route()]);
+        let first = translate(&view, CONTROLLER_NAME);
+        assert_eq!(first.table.len(), 2);
+        view.last_accepted = first.accepted.clone();
+        // An edit with a method match: not accepted, and the previous routes stay — with the
+        // endpoints as they are now.
+        let mut edited = flagger_route();
+        edited.metadata.generation = Some(4);
+        edited.spec.rules.as_mut().unwrap()[1]
+            .matches
+            .as_mut()
+            .unwrap()[0]
+            .method = Some(gateway_api::httproutes::HttpRouteRulesMatchesMethod::Post);
+        view.routes = vec![edited];
+        view.slices[1] = slice("podinfo-canary", &[("10.231.0.6", Some(true))]);
+        let second = translate(&view, CONTROLLER_NAME);
+        assert_eq!(second.table.len(), 2, "still serving");
+        assert_eq!(
+            urls(second.table[1].canary.as_ref().unwrap()),
+            ["http://10.231.0.6:8080"]
+        );
+        let accepted = &second.routes[0].parents[0].conditions[0];
+        assert_eq!(
+            (accepted.status, accepted.reason),
+            (false, "UnsupportedValue")
+        );
+        assert!(
+            accepted
+                .message
+                .contains("generation 3, the last accepted, keeps serving"),
+            "{accepted:?}"
+        );
+        // Without a last accepted spec (a router started after the edit), nothing serves it.
+        view.last_accepted.clear();
+        assert!(translate(&view, CONTROLLER_NAME).table.is_empty());
     }
 }
