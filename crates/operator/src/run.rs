@@ -955,6 +955,18 @@ fn check(rollout: &Rollout) -> Result<(), ReconcileError> {
 fn check_routes(rollout: &Rollout) -> Result<(), ReconcileError> {
     let spec = &rollout.spec;
     let routes = || RouteSpec::of(rollout, None);
+    // Only Coalmine's routers know where a client is.
+    if spec.provider != TrafficProvider::Coalmine {
+        if let Some(i) = spec.analysis.match_.iter().position(|m| !m.geo.is_empty()) {
+            return Err(ReconcileError::Invalid {
+                field: format!("spec.analysis.match[{i}].geo"),
+                message: format!(
+                    "provider {} cannot match on where the client is; only Coalmine's routers (provider coalmine) can",
+                    spec.provider.name()
+                ),
+            });
+        }
+    }
     let unsupported = match spec.provider {
         TrafficProvider::GatewayApi | TrafficProvider::GatewayApiV1beta1 => {
             crate::seams::gateway_api::unsupported(&routes())
@@ -1709,6 +1721,21 @@ mod tests {
         check(&rollout).unwrap();
         rollout.spec.analysis.mirror = true;
         assert_eq!(refused_field(&rollout), "spec.analysis.mirror");
+        // Only Coalmine's routers know where a client is.
+        rollout.spec.analysis.mirror = false;
+        rollout.spec.analysis.match_ = serde_json::from_value(serde_json::json!([
+            {"headers": {"x-canary": {"exact": "true"}}},
+            {"geo": {"country": {"exact": "DE"}}}
+        ]))
+        .unwrap();
+        for provider in [
+            TrafficProvider::Nginx,
+            TrafficProvider::Istio,
+            TrafficProvider::GatewayApi,
+        ] {
+            rollout.spec.provider = provider;
+            assert_eq!(refused_field(&rollout), "spec.analysis.match[1].geo");
+        }
     }
 
     #[tokio::test(start_paused = true)]

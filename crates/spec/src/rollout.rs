@@ -439,6 +439,9 @@ pub enum FailureCounting {
 
 /// Flagger's HTTPMatchRequest as Coalmine's router can apply it: every header and query
 /// parameter listed must match. `sourceLabels` needs a mesh and is reported, not applied.
+/// `geo` is Coalmine's: where the client is (`country`: ISO 3166-1 `DE`; `region`: ISO 3166-2
+/// `US-CA`), as the routers place clients (`--geoip-db` or a CDN's header); a router that
+/// cannot place clients refuses the rollout's routes before any traffic moves.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct HttpMatch {
@@ -448,6 +451,20 @@ pub struct HttpMatch {
     pub query_params: BTreeMap<String, StringMatch>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub source_labels: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub geo: BTreeMap<GeoKey, StringMatch>,
+}
+
+/// What a `geo` match reads of where the client is.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, JsonSchema,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum GeoKey {
+    /// ISO 3166-1 alpha-2: `DE`.
+    Country,
+    /// ISO 3166-2: `US-CA`.
+    Region,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]

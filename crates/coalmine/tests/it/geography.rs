@@ -159,3 +159,82 @@ async fn a_cdns_country_header_places_the_client_and_a_router_without_a_source_r
     assert_eq!(code, 2, "{printed}");
     assert!(printed.contains("not a MaxMind DB file"), "{printed}");
 }
+
+/// A rollout's `analysis.match` on where clients are: an A/B release for German clients only
+/// (the CDN's country header), run by `coalmine run` through the router. German clients reach
+/// the canary during the analysis, French ones never do; a router that cannot place clients
+/// refuses the rule, and the rollout is rolled back before any traffic moved.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rollout_matching_a_country_sends_that_countrys_clients_to_the_canary() {
+    let analysis = "    interval: 1s
+    threshold: 2
+    iterations: 4
+    match:
+      - geo: {country: {exact: DE}}
+";
+    let (s, c) = (upstream("stable", &[]), upstream("canary", &[]));
+    let r = common::router(&["--stable", &s.url, "--geo-country-header", "cf-ipcountry"]);
+    let file = common::write_rollout(
+        "geo-ab",
+        &common::rollout_yaml("geo-ab", &r, &s, &c, analysis),
+    );
+    let run = tokio::spawn(async move { common::coalmine_run(&file, &[]).await });
+    let from = |country: &'static str| {
+        let url = format!("{}/", r.base);
+        async move {
+            common::client()
+                .get(url)
+                .header("cf-ipcountry", country)
+                .send()
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap()
+                .trim()
+                .to_string()
+        }
+    };
+    // Wait for the analysis to apply its match, then sample both countries while it runs.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while from("DE").await != "canary" {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "German clients never reached the canary"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let mut german = Vec::new();
+    let mut french = Vec::new();
+    for _ in 0..20 {
+        german.push(from("DE").await);
+        french.push(from("FR").await);
+    }
+    let run = run.await.unwrap();
+    assert_eq!(run.code, 0, "{:#?}\n{}", common::messages(&run), run.stderr);
+    assert!(french.iter().all(|b| b == "stable"), "{french:?}");
+    // Until the promotion, every German request went to the canary.
+    let promoted_at = german
+        .iter()
+        .position(|b| b != "canary")
+        .unwrap_or(german.len());
+    assert!(promoted_at >= 10, "{german:?}");
+
+    // A router that cannot place clients refuses the rule: rolled back, traffic never moved.
+    let (s, c) = (upstream("stable", &[]), upstream("canary", &[]));
+    let blind = common::router(&["--stable", &s.url]);
+    let file = common::write_rollout(
+        "geo-blind",
+        &common::rollout_yaml("geo-blind", &blind, &s, &c, analysis),
+    );
+    let run = common::coalmine_run(&file, &[]).await;
+    assert_eq!(run.code, 1, "{:#?}\n{}", common::messages(&run), run.stderr);
+    let said = common::messages(&run).join("\n");
+    assert!(said.contains("client's country"), "{said}");
+    let table = common::get_json(&format!("{}/routes", blind.admin)).await;
+    assert!(
+        table["match"].as_array().is_none_or(|m| m.is_empty()),
+        "{table:#}"
+    );
+    assert_eq!(table["canaryWeight"].as_f64(), Some(0.0), "{table:#}");
+}

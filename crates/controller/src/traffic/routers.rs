@@ -19,11 +19,11 @@ use coalmine_contract::routes::{
     DEFAULT_AFFINITY_MAX_AGE, DEFAULT_NAME as UNCLAIMED, DEFAULT_SERVICE,
 };
 use coalmine_contract::{
-    Affinity, Condition, Invalid, MatchRule, RoutesDoc, RoutesPatch, ServedRoutes, StrMatch,
+    Affinity, Condition, GeoField, Invalid, MatchRule, RoutesDoc, RoutesPatch, ServedRoutes, StrMatch,
     Subject, UpstreamUrl, OWNER_HEADER,
 };
 use coalmine_rollout::{Traffic, TrafficFault};
-use coalmine_spec::rollout::{Analysis, HttpMatch, HttpUrl, Rollout, StringMatch, Target};
+use coalmine_spec::rollout::{Analysis, GeoKey, HttpMatch, HttpUrl, Rollout, StringMatch, Target};
 
 use super::{Registration, TrafficBackend};
 use crate::http::reqwest_reason;
@@ -253,7 +253,8 @@ impl Upstreams {
     }
 }
 
-/// Flagger's HTTPMatchRequest as a router rule: every header and query condition must hold.
+/// Flagger's HTTPMatchRequest as a router rule: every header, query and geography condition
+/// must hold.
 /// `sourceLabels` needs a mesh and is dropped (`coalmine check` warns about it).
 fn router_rule(m: &HttpMatch) -> Option<Result<MatchRule, Invalid>> {
     let test = |test: &StringMatch| match test {
@@ -274,7 +275,16 @@ fn router_rule(m: &HttpMatch) -> Option<Result<MatchRule, Invalid>> {
             test: test(t)?,
         })
     });
-    let all: Result<Vec<Condition>, Invalid> = headers.chain(queries).collect();
+    let places = m.geo.iter().map(|(key, t)| {
+        Ok(Condition {
+            subject: Subject::Geo(match key {
+                GeoKey::Country => GeoField::Country,
+                GeoKey::Region => GeoField::Region,
+            }),
+            test: test(t)?,
+        })
+    });
+    let all: Result<Vec<Condition>, Invalid> = headers.chain(queries).chain(places).collect();
     match all {
         Ok(all) if all.is_empty() => None,
         all => Some(all.map(|all| MatchRule { all })),
