@@ -19,9 +19,10 @@ use futures::StreamExt;
 use gateway_api::gatewayclasses::GatewayClass;
 use gateway_api::gateways::Gateway;
 use gateway_api::httproutes::HttpRoute;
-use k8s_openapi::api::core::v1::Service;
+use gateway_api::referencegrants::ReferenceGrant;
+use k8s_openapi::api::core::v1::{Namespace, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use kube::api::{Api, Patch, PatchParams};
+use kube::api::{Api, ListParams, Patch, PatchParams};
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::{watcher, WatchStreamExt};
 use kube::{Client, Resource, ResourceExt};
@@ -58,6 +59,10 @@ struct Stores {
     routes: Store<HttpRoute>,
     services: Store<Service>,
     slices: Store<EndpointSlice>,
+    namespaces: Store<Namespace>,
+    /// `None` when the cluster has no ReferenceGrant CRD (then no cross-namespace reference is
+    /// allowed).
+    grants: Option<Store<ReferenceGrant>>,
 }
 
 impl Stores {
@@ -74,6 +79,8 @@ impl Stores {
             routes: all(&self.routes),
             services: all(&self.services),
             slices: all(&self.slices),
+            namespaces: all(&self.namespaces),
+            grants: self.grants.as_ref().map(all).unwrap_or_default(),
             last_accepted: HashMap::new(),
         }
     }
@@ -90,8 +97,18 @@ pub async fn run(
     let (routes, routes_w) = reflector::store();
     let (services, services_w) = reflector::store();
     let (slices, slices_w) = reflector::store();
+    let (namespaces, namespaces_w) = reflector::store();
+    let grants_api = Api::<ReferenceGrant>::all(client.clone());
+    let has_grants = match grants_api.list(&ListParams::default().limit(1)).await {
+        Err(kube::Error::Api(e)) if e.code == 404 => {
+            tracing::info!("no ReferenceGrant CRD: cross-namespace backendRefs are refused");
+            false
+        }
+        _ => true,
+    };
+    let (grants, grants_w) = reflector::store();
     // Every watch's events wake the loop; what they carry is read from the stores.
-    let changes = futures::stream::select_all(vec![
+    let mut watches = vec![
         watcher(Api::<GatewayClass>::all(client.clone()), Default::default())
             .default_backoff()
             .reflect(classes_w)
@@ -122,13 +139,31 @@ pub async fn run(
         .reflect(slices_w)
         .map(|_| ())
         .boxed(),
-    ]);
+        watcher(Api::<Namespace>::all(client.clone()), Default::default())
+            .default_backoff()
+            .modify(|n| n.metadata.managed_fields = None)
+            .reflect(namespaces_w)
+            .map(|_| ())
+            .boxed(),
+    ];
+    if has_grants {
+        watches.push(
+            watcher(grants_api, Default::default())
+                .default_backoff()
+                .reflect(grants_w)
+                .map(|_| ())
+                .boxed(),
+        );
+    }
+    let changes = futures::stream::select_all(watches);
     let stores = Stores {
         classes,
         gateways,
         routes,
         services,
         slices,
+        namespaces,
+        grants: has_grants.then_some(grants),
     };
     let (wake, mut woken) = tokio::sync::mpsc::channel::<()>(1);
     let pump = tokio::spawn(async move {
@@ -143,6 +178,10 @@ pub async fn run(
         let _ = stores.routes.wait_until_ready().await;
         let _ = stores.services.wait_until_ready().await;
         let _ = stores.slices.wait_until_ready().await;
+        let _ = stores.namespaces.wait_until_ready().await;
+        if let Some(grants) = &stores.grants {
+            let _ = grants.wait_until_ready().await;
+        }
     };
     ready.await;
     tracing::info!(controller = %settings.controller_name, "Gateway API objects listed; programming the route table");

@@ -40,7 +40,8 @@ use gateway_api::httproutes::{
     HttpRouteRulesMatchesHeadersType, HttpRouteRulesMatchesPathType,
     HttpRouteRulesMatchesQueryParamsType,
 };
-use k8s_openapi::api::core::v1::Service;
+use gateway_api::referencegrants::ReferenceGrant;
+use k8s_openapi::api::core::v1::{Namespace, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::ResourceExt;
 
@@ -57,6 +58,11 @@ pub struct ClusterView {
     pub routes: Vec<HttpRoute>,
     pub services: Vec<Service>,
     pub slices: Vec<EndpointSlice>,
+    /// ReferenceGrants (none when their CRD is not installed): what lets a route reach a
+    /// Service in another namespace.
+    pub grants: Vec<ReferenceGrant>,
+    /// Namespaces, for listeners that take routes by a namespace selector.
+    pub namespaces: Vec<Namespace>,
     /// Each route's last spec the router accepted (the watcher's memory, from
     /// [`Translation::accepted`]): an edit the router cannot do leaves that one serving rather
     /// than taking the route's traffic away.
@@ -218,7 +224,8 @@ pub fn translate(view: &ClusterView, controller: &str) -> Translation {
             }) else {
                 continue; // not ours: another controller's to report on
             };
-            let (accepted, listener_hosts) = attach(route, &namespace, parent, gateway);
+            let (accepted, listener_hosts) =
+                attach(route, &namespace, parent, gateway, &view.namespaces);
             let mut counted = Vec::new();
             for (listener, host) in listener_hosts {
                 if !counted.contains(&listener) {
@@ -246,14 +253,14 @@ pub fn translate(view: &ClusterView, controller: &str) -> Translation {
             continue;
         }
         let key = (namespace.clone(), route.name_any());
-        let mut built = build_services(route, &namespace, &endpoints);
+        let mut built = build_services(route, &namespace, &endpoints, &view.grants);
         let mut serving = Some(route);
         if let Err(unsupported) = &built {
             // The last spec accepted keeps serving (with today's endpoints), said in the
             // condition's message.
             serving = view.last_accepted.get(&key);
             if let Some(last) = serving {
-                if let Ok(services) = build_services(last, &namespace, &endpoints) {
+                if let Ok(services) = build_services(last, &namespace, &endpoints, &view.grants) {
                     out_table_push(&mut out.table, &services.0, &hosts, &parents);
                 }
                 built = Err(format!(
@@ -323,6 +330,7 @@ fn attach(
     namespace: &str,
     parent: &HttpRouteParentRefs,
     gateway: &Gateway,
+    namespaces: &[Namespace],
 ) -> (Cond, Vec<(String, Option<HostPattern>)>) {
     let gateway_ns = gateway.namespace().unwrap_or_default();
     let listeners: Vec<&GatewayListeners> = gateway
@@ -356,9 +364,28 @@ fn attach(
                 None | Some(GatewayListenersAllowedRoutesNamespacesFrom::Same) => {
                     gateway_ns == namespace
                 }
-                // Namespace selectors need the Namespaces' labels, which the router does not
-                // watch: such a listener takes no route.
-                Some(GatewayListenersAllowedRoutesNamespacesFrom::Selector) => false,
+                Some(GatewayListenersAllowedRoutesNamespacesFrom::Selector) => {
+                    let selector = l
+                        .allowed_routes
+                        .as_ref()
+                        .and_then(|a| a.namespaces.as_ref())
+                        .and_then(|n| n.selector.as_ref());
+                    let labels = namespaces
+                        .iter()
+                        .find(|n| n.name_any() == namespace)
+                        .map(|n| n.labels().clone())
+                        .unwrap_or_default();
+                    selector.is_some_and(|sel| {
+                        let expressions = sel.match_expressions.iter().flatten().map(|e| {
+                            (
+                                e.key.as_str(),
+                                e.operator.as_str(),
+                                e.values.as_deref().unwrap_or_default(),
+                            )
+                        });
+                        selects(sel.match_labels.as_ref(), expressions, &labels)
+                    })
+                }
             }
         })
         .filter(|l| {
@@ -410,6 +437,50 @@ fn attach(
         );
     }
     (Cond::yes("Accepted", "Accepted", ""), hosts)
+}
+
+/// A Kubernetes label selector (`matchLabels`, `matchExpressions` with `In`, `NotIn`, `Exists`,
+/// `DoesNotExist`) against an object's labels. An unknown operator selects nothing.
+fn selects<'e>(
+    match_labels: Option<&BTreeMap<String, String>>,
+    mut expressions: impl Iterator<Item = (&'e str, &'e str, &'e [String])>,
+    labels: &BTreeMap<String, String>,
+) -> bool {
+    match_labels
+        .into_iter()
+        .flatten()
+        .all(|(k, v)| labels.get(k) == Some(v))
+        && expressions.all(|(key, operator, values)| match operator {
+            "In" => labels.get(key).is_some_and(|v| values.contains(v)),
+            "NotIn" => labels.get(key).is_none_or(|v| !values.contains(v)),
+            "Exists" => labels.contains_key(key),
+            "DoesNotExist" => !labels.contains_key(key),
+            _ => false,
+        })
+}
+
+/// Whether a ReferenceGrant in `to_namespace` lets HTTPRoutes of `from_namespace` reach the
+/// Service `name` there.
+fn granted(
+    grants: &[ReferenceGrant],
+    from_namespace: &str,
+    to_namespace: &str,
+    name: &str,
+) -> bool {
+    grants
+        .iter()
+        .filter(|g| g.namespace().as_deref() == Some(to_namespace))
+        .any(|g| {
+            g.spec
+                .from
+                .iter()
+                .any(|f| f.group == GROUP && f.kind == "HTTPRoute" && f.namespace == from_namespace)
+                && g.spec.to.iter().any(|t| {
+                    t.group.is_empty()
+                        && t.kind == "Service"
+                        && t.name.as_deref().is_none_or(|n| n == name)
+                })
+        })
 }
 
 fn serves_http(listener: &GatewayListeners) -> bool {
@@ -569,6 +640,7 @@ fn build_services(
     route: &HttpRoute,
     namespace: &str,
     endpoints: &EndpointIndex<'_>,
+    grants: &[ReferenceGrant],
 ) -> Result<(Vec<RoutesDoc>, Cond), String> {
     let prefix = route_service_prefix(namespace, &route.name_any());
     let mut services = Vec::new();
@@ -586,13 +658,16 @@ fn build_services(
                 "InvalidKind",
                 format!("backendRef {name}: only core Services are supported"),
             ))
-        } else if ns.is_some_and(|n| n != namespace) {
-            Err((
-                "RefNotPermitted",
-                format!("backendRef {name}: a Service in another namespace needs a ReferenceGrant, which Coalmine does not read"),
-            ))
         } else {
-            endpoints.resolve(namespace, name, port)
+            let target = ns.map_or(namespace, String::as_str);
+            if target != namespace && !granted(grants, namespace, target, name) {
+                Err((
+                    "RefNotPermitted",
+                    format!("backendRef {target}/{name}: no ReferenceGrant in {target} lets HTTPRoutes of {namespace} reach it"),
+                ))
+            } else {
+                endpoints.resolve(target, name, port)
+            }
         };
         outcome.map_err(|why| {
             let message = why.1.clone();
@@ -1050,6 +1125,8 @@ mod tests {
             classes: vec![class()],
             gateways: vec![gateway(http_listener())],
             routes,
+            grants: Vec::new(),
+            namespaces: Vec::new(),
             last_accepted: HashMap::new(),
             services: vec![service("podinfo-primary"), service("podinfo-canary")],
             slices: vec![
@@ -1327,5 +1404,91 @@ mod tests {
         // Without a last accepted spec (a router started after the edit), nothing serves it.
         view.last_accepted.clear();
         assert!(translate(&view, CONTROLLER_NAME).table.is_empty());
+    }
+
+    #[test]
+    fn a_service_in_another_namespace_needs_a_reference_grant_there() {
+        let cross = route(
+            "cross",
+            "shop",
+            json!({"parentRefs": [{"name": "edge"}],
+                   "rules": [{"backendRefs": [{"name": "payments", "namespace": "pay", "port": 9898}]}]}),
+        );
+        let mut view = cluster(vec![cross]);
+        let mut payments = service("payments");
+        payments.metadata.namespace = Some("pay".into());
+        view.services.push(payments);
+        let mut slice = slice("payments", &[("10.231.0.9", Some(true))]);
+        slice.metadata.namespace = Some("pay".into());
+        view.slices.push(slice);
+        let refused = translate(&view, CONTROLLER_NAME);
+        let resolved = &refused.routes[0].parents[0].conditions[1];
+        assert_eq!(
+            (resolved.status, resolved.reason),
+            (false, "RefNotPermitted")
+        );
+        assert!(
+            refused.table[0].stable.groups()[0].invalid.is_some(),
+            "500s, not the Service"
+        );
+        // A grant for another Service, or from another namespace, is not this one.
+        let grant = |from_ns: &str, to_name: Option<&str>| -> ReferenceGrant {
+            serde_json::from_value(json!({
+                "apiVersion": "gateway.networking.k8s.io/v1", "kind": "ReferenceGrant",
+                "metadata": {"name": "let-shop-in", "namespace": "pay"},
+                "spec": {"from": [{"group": "gateway.networking.k8s.io", "kind": "HTTPRoute", "namespace": from_ns}],
+                         "to": [{"group": "", "kind": "Service", "name": to_name}]},
+            }))
+            .unwrap()
+        };
+        view.grants = vec![grant("web", None), grant("shop", Some("ledger"))];
+        let still = translate(&view, CONTROLLER_NAME);
+        assert_eq!(
+            still.routes[0].parents[0].conditions[1].reason,
+            "RefNotPermitted"
+        );
+        view.grants = vec![grant("shop", Some("payments"))];
+        let granted = translate(&view, CONTROLLER_NAME);
+        assert!(granted.routes[0].parents[0].conditions[1].status);
+        assert_eq!(urls(&granted.table[0].stable), ["http://10.231.0.9:8080"]);
+    }
+
+    #[test]
+    fn a_listener_selecting_namespaces_by_label_takes_routes_of_those_only() {
+        let listeners = json!([{"name": "web", "port": 80, "protocol": "HTTP",
+            "allowedRoutes": {"namespaces": {"from": "Selector", "selector": {
+                "matchLabels": {"shared-gateway": "true"},
+                "matchExpressions": [{"key": "env", "operator": "NotIn", "values": ["dev"]}]}}}}]);
+        let routed = |namespace: &str| {
+            route(
+                namespace,
+                namespace,
+                json!({"parentRefs": [{"name": "edge", "namespace": "shop"}],
+                       "rules": [{"backendRefs": [{"name": "podinfo-primary", "port": 9898}]}]}),
+            )
+        };
+        let namespace = |name: &str, labels: serde_json::Value| -> Namespace {
+            serde_json::from_value(json!({"apiVersion": "v1", "kind": "Namespace",
+                "metadata": {"name": name, "labels": labels}}))
+            .unwrap()
+        };
+        let mut view = cluster(vec![routed("team-a"), routed("team-b"), routed("team-c")]);
+        view.gateways = vec![gateway(listeners)];
+        view.namespaces = vec![
+            namespace("team-a", json!({"shared-gateway": "true"})),
+            namespace("team-b", json!({"shared-gateway": "true", "env": "dev"})),
+            namespace("team-c", json!({})),
+        ];
+        let t = translate(&view, CONTROLLER_NAME);
+        let accepted: Vec<_> = t
+            .routes
+            .iter()
+            .map(|r| (r.name.as_str(), r.parents[0].conditions[0].status))
+            .collect();
+        assert_eq!(
+            accepted,
+            [("team-a", true), ("team-b", false), ("team-c", false)]
+        );
+        assert_eq!(t.gateways[0].listeners[0].attached_routes, 1);
     }
 }
