@@ -66,22 +66,52 @@ struct Stores {
 }
 
 impl Stores {
-    fn view(&self) -> ClusterView {
+    /// What the translation reads. Of Services and EndpointSlices only those the routes name
+    /// (as backends or mirrors) are copied: a cluster's thousands of others, and their endpoint
+    /// churn, cost nothing but the event.
+    fn view(&self, last_accepted: HashMap<(String, String), HttpRoute>) -> ClusterView {
         fn all<K: Clone + Resource>(s: &Store<K>) -> Vec<K>
         where
             K::DynamicType: std::hash::Hash + Eq + Clone,
         {
             s.state().iter().map(|k| (**k).clone()).collect()
         }
+        let routes = all(&self.routes);
+        let mut named = std::collections::HashSet::new();
+        for route in routes.iter().chain(last_accepted.values()) {
+            let namespace = route.namespace().unwrap_or_default();
+            for (name, ns) in translate::backend_names(route) {
+                named.insert((ns.unwrap_or_else(|| namespace.clone()), name));
+            }
+        }
+        let key = |ns: Option<String>, name: String| (ns.unwrap_or_default(), name);
+        let services = self
+            .services
+            .state()
+            .iter()
+            .filter(|s| named.contains(&key(s.namespace(), s.name_any())))
+            .map(|s| (**s).clone())
+            .collect();
+        let slices = self
+            .slices
+            .state()
+            .iter()
+            .filter(|s| {
+                s.labels()
+                    .get("kubernetes.io/service-name")
+                    .is_some_and(|service| named.contains(&key(s.namespace(), service.clone())))
+            })
+            .map(|s| (**s).clone())
+            .collect();
         ClusterView {
             classes: all(&self.classes),
             gateways: all(&self.gateways),
-            routes: all(&self.routes),
-            services: all(&self.services),
-            slices: all(&self.slices),
+            routes,
+            services,
+            slices,
             namespaces: all(&self.namespaces),
             grants: self.grants.as_ref().map(all).unwrap_or_default(),
-            last_accepted: HashMap::new(),
+            last_accepted,
         }
     }
 }
@@ -188,8 +218,7 @@ pub async fn run(
     let mut last_table: Option<Vec<RoutesDoc>> = None;
     let mut last_accepted = HashMap::new();
     loop {
-        let mut view = stores.view();
-        view.last_accepted = std::mem::take(&mut last_accepted);
+        let view = stores.view(std::mem::take(&mut last_accepted));
         let translation = translate(&view, &settings.controller_name);
         last_accepted = translation.accepted.clone();
         if last_table.as_ref() != Some(&translation.table) {

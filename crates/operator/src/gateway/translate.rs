@@ -159,6 +159,22 @@ pub fn route_service_prefix(namespace: &str, route: &str) -> String {
     }
 }
 
+/// The Services a route names, as backends or mirror targets, with the namespace it gives.
+pub fn backend_names(route: &HttpRoute) -> Vec<(String, Option<String>)> {
+    let mut names = Vec::new();
+    for rule in route.spec.rules.iter().flatten() {
+        for b in rule.backend_refs.iter().flatten() {
+            names.push((b.name.clone(), b.namespace.clone()));
+        }
+        for f in rule.filters.iter().flatten() {
+            if let Some(m) = &f.request_mirror {
+                names.push((m.backend_ref.name.clone(), m.backend_ref.namespace.clone()));
+            }
+        }
+    }
+    names
+}
+
 fn generation(meta: &kube::api::ObjectMeta) -> i64 {
     meta.generation.unwrap_or(0)
 }
