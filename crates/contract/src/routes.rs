@@ -719,6 +719,21 @@ impl<'de> Deserialize<'de> for PathMatch {
     }
 }
 
+/// Request methods as a service's selector: RFC 9110 tokens, compared with case (methods are
+/// case-sensitive), so `get` is refused rather than never matching.
+fn methods<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    let methods = Vec::<String>::deserialize(d)?;
+    for m in &methods {
+        let token = |b: u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b);
+        if m.is_empty() || !m.bytes().all(token) || m.bytes().any(|b| b.is_ascii_lowercase()) {
+            return Err(serde::de::Error::custom(format!(
+                "{m:?} is not a request method (an upper-case token: GET, POST, …)"
+            )));
+        }
+    }
+    Ok(methods)
+}
+
 /// A service's selectors: rules on headers and query parameters (Gateway API's `HTTPRouteMatch`
 /// has both); a rule on a cookie or the client's place selects a version, not a service.
 fn header_rules<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<MatchRule>, D::Error> {
@@ -759,6 +774,13 @@ pub struct RoutesDoc {
     /// Paths this service answers for (prefixes, exact paths, regexes); none: every path.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub paths: Vec<PathMatch>,
+    /// Request methods this service takes (`GET`, `POST`, …); none: every method.
+    #[serde(
+        default,
+        deserialize_with = "methods",
+        skip_serializing_if = "Vec::is_empty"
+    )]
+    pub methods: Vec<String>,
     /// Header and query-parameter rules that must all hold for this service to take a request.
     #[serde(
         default,
@@ -807,6 +829,7 @@ impl RoutesDoc {
             service: default_service(),
             hosts: Vec::new(),
             paths: Vec::new(),
+            methods: Vec::new(),
             headers: Vec::new(),
             name: default_name(),
             stable,

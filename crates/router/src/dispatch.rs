@@ -171,6 +171,7 @@ mod tests {
             client: None,
             host: None,
             path: b"/",
+            method: b"GET",
         }
     }
 

@@ -500,6 +500,7 @@ pub async fn handle(
             client: Some((client.peer, &shared.options.geo)),
             host,
             path: req.uri().path().as_bytes(),
+            method: req.method().as_str().as_bytes(),
         },
     ) {
         Ok(to) => to,

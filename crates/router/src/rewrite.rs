@@ -186,6 +186,7 @@ impl<'s, 'h> RequestHead<'s, 'h> {
                 .find(|h| h.name.eq_ignore_ascii_case("host"))
                 .map(|h| h.value),
             path: path.as_bytes(),
+            method: self.method.as_bytes(),
         }
     }
 

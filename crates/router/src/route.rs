@@ -104,6 +104,8 @@ pub struct RequestView<'a, H: Headers + ?Sized = HeaderMap> {
     pub host: Option<&'a [u8]>,
     /// The path, without the query.
     pub path: &'a [u8],
+    /// The request method, as sent.
+    pub method: &'a [u8],
 }
 
 impl<H: Headers + ?Sized> RequestView<'_, H> {
@@ -250,6 +252,7 @@ pub(crate) mod tests {
             client: None,
             host: None,
             path: b"/",
+            method: b"GET",
         };
         let d = route(&t, &view, 0);
         assert_eq!((d.version, d.reason), (Version::Canary, Reason::Preview));
@@ -260,6 +263,7 @@ pub(crate) mod tests {
             client: None,
             host: None,
             path: b"/",
+            method: b"GET",
         };
         assert_eq!(route(&t, &view, 0).version, Version::Stable);
         let t = table(serde_json::json!({"canary": null, "preview": ["x-preview=true"]}));
@@ -269,6 +273,7 @@ pub(crate) mod tests {
             client: None,
             host: None,
             path: b"/",
+            method: b"GET",
         };
         assert_eq!(route(&t, &view, 0).version, Version::Stable);
     }
@@ -293,6 +298,7 @@ pub(crate) mod tests {
                 client: None,
                 host: None,
                 path: b"/",
+                method: b"GET",
             },
             random,
         )

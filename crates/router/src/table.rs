@@ -7,9 +7,11 @@
 //!
 //! 1. **Host**: a service naming the request's host exactly, over one whose `*.` wildcard
 //!    matches it (the longest wildcard first), over one naming no host (it takes every host).
-//! 2. **Path**: the longest matching path prefix (by whole segments; no prefix is `/`).
-//! 3. **Headers**: more header conditions over fewer.
-//! 4. **Order**: the service written first in the table.
+//! 2. **Path**: an exact path, then the longest matching path prefix (by whole segments; no
+//!    prefix is `/`), then a path regex.
+//! 3. **Method**: a service naming methods over one that takes any.
+//! 4. **Headers**: more header and query conditions over fewer.
+//! 5. **Order**: the service written first in the table.
 //!
 //! A service whose headers do not hold does not take the request; the next one is tried. A
 //! request no service takes is answered 404 by the router and counted as the router's
@@ -122,9 +124,11 @@ impl RouteTable {
             candidates
                 .iter()
                 .find(|c| {
+                    let doc = &self.services[c.service].doc;
                     c.path.as_ref().is_none_or(|p| p.matches(req.path))
-                        && self.services[c.service]
-                            .doc
+                        && (doc.methods.is_empty()
+                            || doc.methods.iter().any(|m| m.as_bytes() == req.method))
+                        && doc
                             .headers
                             .iter()
                             .all(|rule| rule.all.iter().all(|cond| condition_holds(cond, req)))
@@ -231,6 +235,7 @@ impl Selector {
             list.sort_by_key(|c| {
                 (
                     PathMatch::precedence(c.path.as_ref()),
+                    Reverse(!services[c.service].doc.methods.is_empty()),
                     Reverse(conditions(c)),
                     c.service,
                 )
@@ -282,6 +287,7 @@ mod tests {
             query: None,
             host: host.map(str::as_bytes),
             path: path.as_bytes(),
+            method: b"GET",
         };
         t.select(&view).map(|s| s.doc.service.as_str())
     }
@@ -424,5 +430,33 @@ mod tests {
             Some("root"),
             "whole path"
         );
+    }
+
+    #[test]
+    fn a_service_naming_the_method_beats_one_taking_any_on_the_same_path() {
+        let t = table(json!([
+            {"service": "any", "paths": ["/orders"], "headers": ["x-a=1"]},
+            {"service": "writes", "paths": ["/orders"], "methods": ["POST", "PUT"]},
+        ]));
+        let pick_method = |method: &'static [u8]| {
+            let headers = http::HeaderMap::new();
+            let view = RequestView {
+                client: None,
+                headers: &headers,
+                query: None,
+                host: None,
+                path: b"/orders",
+                method,
+            };
+            t.select(&view).map(|s| s.doc.service.clone())
+        };
+        assert_eq!(pick_method(b"POST").as_deref(), Some("writes"));
+        assert_eq!(pick_method(b"GET"), None, "'any' wants its header");
+        assert!(serde_json::from_value::<RoutesDoc>(
+            json!({"stable": "http://127.0.0.1:1", "methods": ["get"]})
+        )
+        .unwrap_err()
+        .to_string()
+        .contains("upper-case token"));
     }
 }

@@ -125,6 +125,7 @@ fn choosing_a_service_and_a_version_allocates_nothing() {
             client: Some((peer, &geo)),
             host: Some(host),
             path,
+            method: b"POST",
         };
         for t in [&table, &one] {
             let s = t.select(&view).expect("every request has a service here");
@@ -139,6 +140,7 @@ fn choosing_a_service_and_a_version_allocates_nothing() {
                 client: Some((peer, &geo)),
                 host: Some(host),
                 path,
+                method: b"POST",
             };
             for t in [&table, &one] {
                 let s = t.select(&view).expect("every request has a service here");

@@ -764,11 +764,12 @@ fn build_services(
             _ => vec![HttpRouteRulesMatches::default()],
         };
         for (j, m) in matches.iter().enumerate() {
-            let (paths, selectors) = route_match(i, j, m)?;
+            let (paths, methods, selectors) = route_match(i, j, m)?;
             let mut doc = RoutesDoc::stable_only(stable.clone());
             doc.service = format!("{prefix}.{i}.{j}");
             doc.name = format!("{namespace}/{}", route.name_any());
             doc.paths = paths;
+            doc.methods = methods;
             doc.headers = selectors;
             doc.request_headers = changes.clone();
             doc.canary = canary.clone();
@@ -869,11 +870,8 @@ fn route_match(
     i: usize,
     j: usize,
     m: &HttpRouteRulesMatches,
-) -> Result<(Vec<PathMatch>, Vec<MatchRule>), String> {
+) -> Result<(Vec<PathMatch>, Vec<String>, Vec<MatchRule>), String> {
     let at = format!("rules[{i}].matches[{j}]");
-    if m.method.is_some() {
-        return Err(format!("{at}.method: method matches are not supported"));
-    }
     let path = match &m.path {
         None => PathMatch::Prefix(PathPrefix::parse("/").expect("/ is a prefix")),
         Some(p) => {
@@ -938,7 +936,17 @@ fn route_match(
     } else {
         vec![MatchRule { all }]
     };
-    Ok((paths, selectors))
+    let methods = m
+        .method
+        .iter()
+        .filter_map(|method| {
+            serde_json::to_value(method)
+                .ok()?
+                .as_str()
+                .map(str::to_string)
+        })
+        .collect();
+    Ok((paths, methods, selectors))
 }
 
 fn gateway_state(
@@ -1165,8 +1173,15 @@ mod tests {
 
     #[test]
     fn flaggers_httproute_becomes_services_weighed_over_ready_pod_addresses() {
-        let t = translate(&cluster(vec![flagger_route()]), CONTROLLER_NAME);
+        let mut with_method = flagger_route();
+        with_method.spec.rules.as_mut().unwrap()[0]
+            .matches
+            .as_mut()
+            .unwrap()[0]
+            .method = Some(gateway_api::httproutes::HttpRouteRulesMatchesMethod::Post);
+        let t = translate(&cluster(vec![with_method]), CONTROLLER_NAME);
         assert_eq!(t.table.len(), 2);
+        assert_eq!(t.table[0].methods, ["POST"]);
         let (matched, weighed) = (&t.table[0], &t.table[1]);
         assert_eq!(matched.service, "shop.podinfo.0.0");
         assert_eq!(weighed.service, "shop.podinfo.1.0");
@@ -1255,7 +1270,8 @@ mod tests {
             "method",
             "shop",
             json!({"parentRefs": [{"name": "edge"}],
-            "rules": [{"matches": [{"method": "POST"}], "backendRefs": [{"name": "podinfo-primary", "port": 9898}]}]}),
+            "rules": [{"filters": [{"type": "URLRewrite", "urlRewrite": {"hostname": "x.test"}}],
+                       "backendRefs": [{"name": "podinfo-primary", "port": 9898}]}]}),
         );
         let missing = route(
             "missing",
@@ -1274,7 +1290,7 @@ mod tests {
         };
         assert_eq!(accepted("method")[0].reason, "UnsupportedValue");
         assert!(
-            accepted("method")[0].message.contains("method"),
+            accepted("method")[0].message.contains("UrlRewrite"),
             "{:?}",
             accepted("method")
         );
@@ -1389,15 +1405,14 @@ mod tests {
         let first = translate(&view, CONTROLLER_NAME);
         assert_eq!(first.table.len(), 2);
         view.last_accepted = first.accepted.clone();
-        // An edit with a method match: not accepted, and the previous routes stay — with the
-        // endpoints as they are now.
+        // An edit with a filter the router does not have: not accepted, and the previous
+        // routes stay — with the endpoints as they are now.
         let mut edited = flagger_route();
         edited.metadata.generation = Some(4);
-        edited.spec.rules.as_mut().unwrap()[1]
-            .matches
-            .as_mut()
-            .unwrap()[0]
-            .method = Some(gateway_api::httproutes::HttpRouteRulesMatchesMethod::Post);
+        edited.spec.rules.as_mut().unwrap()[1].filters = Some(vec![serde_json::from_value(
+            json!({"type": "URLRewrite", "urlRewrite": {"hostname": "x.test"}}),
+        )
+        .unwrap()]);
         view.routes = vec![edited];
         view.slices[1] = slice("podinfo-canary", &[("10.231.0.6", Some(true))]);
         let second = translate(&view, CONTROLLER_NAME);
