@@ -764,13 +764,13 @@ fn build_services(
             _ => vec![HttpRouteRulesMatches::default()],
         };
         for (j, m) in matches.iter().enumerate() {
-            let (paths, methods, selectors) = route_match(i, j, m)?;
+            let selectors = route_match(i, j, m)?;
             let mut doc = RoutesDoc::stable_only(stable.clone());
             doc.service = format!("{prefix}.{i}.{j}");
             doc.name = format!("{namespace}/{}", route.name_any());
-            doc.paths = paths;
-            doc.methods = methods;
-            doc.headers = selectors;
+            doc.paths = selectors.paths;
+            doc.methods = selectors.methods;
+            doc.headers = selectors.rules;
             doc.request_headers = changes.clone();
             doc.canary = canary.clone();
             doc.canary_weight = canary_weight;
@@ -866,11 +866,14 @@ fn filters(
 }
 
 /// A match's paths and its header and query conditions.
-fn route_match(
-    i: usize,
-    j: usize,
-    m: &HttpRouteRulesMatches,
-) -> Result<(Vec<PathMatch>, Vec<String>, Vec<MatchRule>), String> {
+/// What one `HTTPRouteMatch` selects, as a router service's selectors.
+struct Selectors {
+    paths: Vec<PathMatch>,
+    methods: Vec<String>,
+    rules: Vec<MatchRule>,
+}
+
+fn route_match(i: usize, j: usize, m: &HttpRouteRulesMatches) -> Result<Selectors, String> {
     let at = format!("rules[{i}].matches[{j}]");
     let path = match &m.path {
         None => PathMatch::Prefix(PathPrefix::parse("/").expect("/ is a prefix")),
@@ -946,7 +949,11 @@ fn route_match(
                 .map(str::to_string)
         })
         .collect();
-    Ok((paths, methods, selectors))
+    Ok(Selectors {
+        paths,
+        methods,
+        rules: selectors,
+    })
 }
 
 fn gateway_state(
