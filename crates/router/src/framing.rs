@@ -12,6 +12,7 @@
 use std::collections::VecDeque;
 use std::io;
 use std::mem::MaybeUninit;
+use std::ops::Range;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
@@ -102,6 +103,23 @@ impl Chunked {
 
     pub(crate) fn is_done(&self) -> bool {
         self.state == ChunkState::Done
+    }
+
+    /// Decodes the next stretch of chunk data from `bytes`: how many bytes it went through
+    /// (sizes, extensions, line ends, trailers) and where in `bytes` that data is; the range
+    /// is empty when `bytes` ends before any data (or the body ends).
+    pub(crate) fn data(&mut self, bytes: &[u8]) -> Result<(usize, Range<usize>), BadChunk> {
+        let mut i = 0;
+        while i < bytes.len() && !self.is_done() {
+            if self.state == ChunkState::Data {
+                let n = (bytes.len() - i).min(usize::try_from(self.size).unwrap_or(usize::MAX));
+                self.scan(&bytes[i..i + n])?;
+                return Ok((i + n, i..i + n));
+            }
+            // The framing between data, a byte at a time: a few bytes per chunk.
+            i += self.scan(&bytes[i..i + 1])?;
+        }
+        Ok((i, i..i))
     }
 
     /// How many of `bytes` belong to the body: all of them until its end is found.
@@ -393,6 +411,36 @@ mod tests {
             assert_eq!(a + b, body.len() - 9, "split at {split}");
             assert!(c.is_done());
         }
+    }
+
+    /// Decodes `body` fed in pieces of `piece` bytes: the data, and where the body ended.
+    fn decode(body: &[u8], piece: usize) -> Result<(Vec<u8>, usize), BadChunk> {
+        let (mut c, mut data, mut at) = (Chunked::new(), Vec::new(), 0);
+        while !c.is_done() && at < body.len() {
+            let end = (at + piece).min(body.len());
+            let mut part = &body[at..end];
+            while !part.is_empty() && !c.is_done() {
+                let (n, range) = c.data(part)?;
+                data.extend_from_slice(&part[range]);
+                at += n;
+                part = &part[n..];
+            }
+        }
+        Ok((data, at))
+    }
+
+    #[test]
+    fn chunked_bodies_decode_to_their_data_however_they_arrive() {
+        let body =
+            b"5\r\nhello\r\n1a;ext=1\r\nabcdefghijklmnopqrstuvwxyz\r\n0\r\nx: 1\r\n\r\nGET /next";
+        for piece in 1..body.len() {
+            assert_eq!(
+                decode(body, piece),
+                Ok((b"helloabcdefghijklmnopqrstuvwxyz".to_vec(), body.len() - 9)),
+                "pieces of {piece}"
+            );
+        }
+        assert_eq!(decode(b"5\r\nhelloX\r\n", 64), Err(BadChunk));
     }
 
     #[test]

@@ -21,8 +21,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::StatusCode;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
 use crate::dispatch::{answer_undeliverable, dispatch, Dispatch, Undeliverable};
 use crate::drain;
@@ -32,15 +31,11 @@ use crate::recorder::UpstreamFailure;
 use crate::rewrite::{header_slots, plain_response, response_head, RequestHead, ResponseHead};
 use crate::table::RouteTable;
 use crate::upstream::{
-    connect_tcp, count_broken_answer, count_failure, AttemptError, Attempts, ClientError,
-    ExchangeError, IdlePool, TimedOut, UpstreamError,
+    checkout, connect_tcp, count_broken_answer, count_failure, read_head as read_response_head,
+    release, send_head, AttemptError, Attempts, Buf, ClientError, ExchangeError, TimedOut,
+    Upstream, UpstreamError, INITIAL_BUFFER, MAX_RESPONSE_HEAD,
 };
 use crate::worker::Connection;
-
-/// A connection's read buffer to start with; it grows up to the head limit when a head needs it.
-const INITIAL_BUFFER: usize = 8 * 1024;
-/// Largest upstream response head accepted (hyper's client reads about as much).
-const MAX_RESPONSE_HEAD: usize = 64 * 1024;
 
 /// The client-side limits of this path.
 #[derive(Clone, Debug)]
@@ -63,58 +58,6 @@ pub enum Ended {
 
 // ---------------------------------------------------------------------------------------------
 // Buffers and framing
-
-/// A read buffer: `data[start..end]` is read and not yet used.
-struct Buf {
-    data: Vec<u8>,
-    start: usize,
-    end: usize,
-}
-
-impl Buf {
-    fn new(capacity: usize) -> Self {
-        Buf {
-            data: vec![0; capacity],
-            start: 0,
-            end: 0,
-        }
-    }
-
-    fn unread(&self) -> &[u8] {
-        &self.data[self.start..self.end]
-    }
-
-    fn is_empty(&self) -> bool {
-        self.start == self.end
-    }
-
-    fn consume(&mut self, n: usize) {
-        self.start += n;
-        if self.start == self.end {
-            (self.start, self.end) = (0, 0);
-        }
-    }
-
-    /// Reads more after the unread bytes (`Ok(0)`: end of stream). Room comes from moving the
-    /// unread bytes to the front, then from growing the buffer up to `max`; `max` unread bytes
-    /// are an error.
-    async fn fill<R: AsyncRead + Unpin>(&mut self, io: &mut R, max: usize) -> io::Result<usize> {
-        if self.end == self.data.len() {
-            if self.start > 0 {
-                self.data.copy_within(self.start..self.end, 0);
-                (self.start, self.end) = (0, self.end - self.start);
-            } else if self.data.len() < max {
-                let grown = (self.data.len() * 2).min(max);
-                self.data.resize(grown, 0);
-            } else {
-                return Err(io::Error::other("read buffer full"));
-            }
-        }
-        let n = io.read(&mut self.data[self.end..]).await?;
-        self.end += n;
-        Ok(n)
-    }
-}
 
 /// Moves the body bytes `buf` holds into `out`; true once the whole body has passed.
 fn take_body(buf: &mut Buf, framing: &mut Framing, out: &mut Vec<u8>) -> Result<bool, BadChunk> {
@@ -279,59 +222,6 @@ fn bad_chunk() -> ClientError {
 // ---------------------------------------------------------------------------------------------
 // Upstream connections
 
-/// An upstream connection with its own read buffer, owned by one exchange at a time.
-struct Upstream {
-    stream: TcpStream,
-    buf: Buf,
-}
-
-thread_local! {
-    static IDLE: std::cell::RefCell<IdlePool<Upstream>> =
-        const { std::cell::RefCell::new(IdlePool::new()) };
-}
-
-impl Upstream {
-    /// False when the upstream has closed an idle connection (or sent something unasked).
-    /// Free when the socket has no event; otherwise one read, which tokio needs anyway before
-    /// it waits for the response.
-    fn still_open(&self) -> bool {
-        let mut probe = [0u8; 1];
-        matches!(self.stream.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
-    }
-}
-
-fn checkout(upstream: u64) -> Option<Upstream> {
-    IDLE.with(|p| p.borrow_mut().take(upstream, Upstream::still_open))
-}
-
-fn release(upstream: u64, conn: Upstream) {
-    IDLE.with(|p| p.borrow_mut().put(upstream, conn));
-}
-
-/// Writes the whole request head (and any body that came with it). A pooled connection that
-/// fails before the kernel took a single byte has not taken the request
-/// ([`AttemptError::NotTaken`]); after that, any failure is the upstream's, since it may have
-/// read the request.
-async fn send_head(up: &mut Upstream, head: &[u8], pooled: bool) -> Result<(), AttemptError> {
-    let failed = |e: io::Error| UpstreamError::protocol(format!("write: {e}")).into();
-    // Nearly always the socket takes the whole head at once: no future, no readiness dance.
-    let mut written = match up.stream.try_write(head) {
-        Ok(n) => n,
-        Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
-        Err(_) if pooled => return Err(AttemptError::NotTaken),
-        Err(e) => return Err(failed(e)),
-    };
-    while written < head.len() {
-        match up.stream.write(&head[written..]).await {
-            Ok(0) => return Err(UpstreamError::protocol("write: connection closed").into()),
-            Ok(n) => written += n,
-            Err(_) if written == 0 && pooled => return Err(AttemptError::NotTaken),
-            Err(e) => return Err(failed(e)),
-        }
-    }
-    Ok(())
-}
-
 /// Reads a response head on `up` and writes the client's head into `out`, forwarding any 1xx
 /// heads to the client on the way. [`AttemptError::Closed`]: the connection closed before any
 /// byte came back (a kept-alive connection the upstream had just closed).
@@ -344,37 +234,23 @@ async fn read_response<I: AsyncWrite + Unpin>(
     max_head: usize,
     out: &mut Vec<u8>,
 ) -> Result<ResponseHead, AttemptError> {
-    let mut got_any = false;
+    let mut informational = false;
     loop {
-        if let Some(len) = head_end(up.buf.unread()) {
-            out.clear();
-            let resp = response_head(&up.buf.unread()[..len], head_method, close, set_cookie, out)
-                .map_err(UpstreamError::protocol)?;
-            up.buf.consume(len);
-            if (100..200).contains(&resp.status) {
-                // Flushed: over TLS an early hint would otherwise wait for the final answer.
-                let sent = match client.write_all(out).await {
-                    Ok(()) => client.flush().await,
-                    Err(e) => Err(e),
-                };
-                sent.map_err(|e| UpstreamError::protocol(format!("client: {e}")))?;
-                continue;
-            }
+        let len = read_response_head(up, informational, max_head).await?;
+        out.clear();
+        let resp = response_head(&up.buf.unread()[..len], head_method, close, set_cookie, out)
+            .map_err(UpstreamError::protocol)?;
+        up.buf.consume(len);
+        if !(100..200).contains(&resp.status) {
             return Ok(resp);
         }
-        if up.buf.unread().len() >= max_head {
-            return Err(UpstreamError::protocol("response head too large").into());
-        }
-        match up.buf.fill(&mut up.stream, max_head).await {
-            Ok(0) | Err(_) if !got_any => return Err(AttemptError::Closed),
-            Ok(0) => {
-                return Err(
-                    UpstreamError::protocol("upstream closed the connection mid-head").into(),
-                )
-            }
-            Ok(_) => got_any = true,
-            Err(e) => return Err(UpstreamError::protocol(format!("read: {e}")).into()),
-        }
+        informational = true;
+        // Flushed: over TLS an early hint would otherwise wait for the final answer.
+        let sent = match client.write_all(out).await {
+            Ok(()) => client.flush().await,
+            Err(e) => Err(e),
+        };
+        sent.map_err(|e| UpstreamError::protocol(format!("client: {e}")))?;
     }
 }
 
@@ -554,10 +430,7 @@ where
         let (mut up, pooled) = match pooled_conn {
             Some(up) => (up, true),
             None => match connect_tcp(target, options.connect_timeout).await {
-                Ok(stream) => {
-                    let buf = Buf::new(INITIAL_BUFFER);
-                    (Upstream { stream, buf }, false)
-                }
+                Ok(stream) => (Upstream::new(stream), false),
                 Err(e) => break Err(ExchangeError::from(e)),
             },
         };
@@ -759,7 +632,7 @@ mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
     use std::sync::Arc;
 
-    use tokio::io::DuplexStream;
+    use tokio::io::{AsyncReadExt, DuplexStream};
     use tokio::net::TcpListener;
     use tokio::sync::mpsc;
 

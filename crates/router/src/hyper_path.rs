@@ -1,9 +1,12 @@
 //! hyper's request path: HTTP/2, upgrades, and the HTTP/1 requests the fast path ([`crate::http1`])
-//! hands over. One request in, one upstream request out over hyper's HTTP/1 client, the answer
-//! streamed back and counted when its body has passed. Its upstream connections are pooled per
-//! worker thread (each worker is a single-threaded runtime, so the pool needs no lock); the
-//! rules both paths share are [`crate::upstream`]'s, [`crate::dispatch`]'s and
-//! [`crate::rewrite`]'s.
+//! hands over. One request in, one upstream request out, the answer streamed back and counted
+//! when its body has passed. A request without a body goes out on an upstream connection the
+//! exchange owns, the fast path's kind ([`exchange_bodyless`], [`OwnedAnswer`]): hyper's client
+//! would send it over a channel to a connection task of its own and parse the answer in a
+//! second HTTP state machine. Requests with a body and upgrades go over hyper's HTTP/1 client.
+//! Upstream connections of both kinds are pooled per worker thread (each worker is a
+//! single-threaded runtime, so a pool needs no lock); the rules both paths share are
+//! [`crate::upstream`]'s, [`crate::dispatch`]'s and [`crate::rewrite`]'s.
 
 use std::cell::RefCell;
 use std::convert::Infallible;
@@ -23,14 +26,19 @@ use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
 
 use crate::dispatch::{answer_undeliverable, dispatch};
+use crate::framing::{BadChunk, Framing};
 use crate::mirror;
 use crate::recorder::{Recorder, ServiceId, UpstreamFailure};
-use crate::rewrite::{is_upgrade, strip_hop_by_hop, upstream_parts};
+use crate::rewrite::{
+    is_idempotent, is_upgrade, response_parts, strip_hop_by_hop, upstream_parts,
+    write_upstream_head, ResponseHead,
+};
 use crate::route::{RequestView, Version};
 use crate::table::{HeaderChanges, UpstreamUrl};
 use crate::upstream::{
-    connect_tcp, count_broken_answer, count_failure, AttemptError, Attempts, ClientError,
-    ExchangeError, IdlePool, TimedOut, UpstreamError,
+    checkout as checkout_owned, connect_tcp, count_broken_answer, count_failure, read_head,
+    release, send_head, AttemptError, Attempts, ClientError, ExchangeError, IdlePool, TimedOut,
+    Upstream, UpstreamError, MAX_RESPONSE_HEAD,
 };
 use crate::worker::{ClientInfo, Connection, ProxyOptions, Worker};
 
@@ -210,8 +218,49 @@ impl PendingRecord {
     }
 }
 
+/// What a body sent to the client fails with: hyper ends the client's stream (HTTP/2) or
+/// connection (HTTP/1) on it, so a broken answer never looks whole.
+pub type BodyError = Box<dyn std::error::Error + Send + Sync>;
+
 /// The body sent to the client: the upstream's, streamed, or a text of the router's own.
-pub type ClientBody = Relayed<UpstreamAnswer>;
+pub enum ClientBody {
+    Text(Option<Bytes>),
+    /// Read on an upstream connection of the router's own ([`OwnedAnswer`]).
+    Owned(OwnedAnswer),
+    /// Read through hyper's client (requests with a body, upgrades refused).
+    Hyper(Relayed<UpstreamAnswer>),
+}
+
+impl Body for ClientBody {
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        match self.get_mut() {
+            ClientBody::Text(b) => Poll::Ready(b.take().map(|d| Ok(Frame::data(d)))),
+            ClientBody::Owned(a) => a.poll_data(cx),
+            ClientBody::Hyper(r) => Pin::new(r).poll_frame(cx).map_err(Into::into),
+        }
+    }
+    fn is_end_stream(&self) -> bool {
+        match self {
+            ClientBody::Text(b) => b.is_none(),
+            ClientBody::Owned(a) => a.is_end_stream(),
+            ClientBody::Hyper(r) => r.is_end_stream(),
+        }
+    }
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            ClientBody::Text(Some(b)) => SizeHint::with_exact(b.len() as u64),
+            ClientBody::Text(None) => SizeHint::with_exact(0),
+            ClientBody::Owned(a) => a.size_hint(),
+            ClientBody::Hyper(r) => r.size_hint(),
+        }
+    }
+}
 
 /// The upstream's answer body on its way to the client, holding its pooled connection until
 /// the last byte so the connection goes back to the pool only when it is free again, and
@@ -227,7 +276,7 @@ pub struct UpstreamAnswer {
 
 impl ClientBody {
     pub fn text(s: impl Into<Bytes>) -> Self {
-        Relayed::Full(Some(s.into()))
+        ClientBody::Text(Some(s.into()))
     }
 
     pub(crate) fn upstream(
@@ -236,13 +285,13 @@ impl ClientBody {
         record: Option<PendingRecord>,
         stall_limit: Duration,
     ) -> Self {
-        Relayed::Streamed(UpstreamAnswer {
+        ClientBody::Hyper(Relayed::Streamed(UpstreamAnswer {
             body,
             conn,
             record,
             stall: None,
             stall_limit,
-        })
+        }))
     }
 }
 
@@ -318,6 +367,234 @@ impl Drop for UpstreamAnswer {
                 c.release();
             }
         }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Upstream connections of the router's own
+
+/// The upstream's answer body read on a connection the exchange owns (the fast path's kind,
+/// [`Upstream`]): decoded from its HTTP/1.1 framing into frames for hyper, the answer counted
+/// when it ends, the connection back in the worker's pool once the last byte is read.
+pub struct OwnedAnswer {
+    /// Gone once the body has ended (or broken off).
+    up: Option<Upstream>,
+    upstream: u64,
+    framing: Framing,
+    reusable: bool,
+    record: Option<PendingRecord>,
+    /// Armed while waiting for the upstream's next bytes.
+    stall: Option<crate::timer::Sleep>,
+    stall_limit: Duration,
+}
+
+impl OwnedAnswer {
+    pub(crate) fn new(
+        up: Upstream,
+        upstream: u64,
+        head: ResponseHead,
+        record: Option<PendingRecord>,
+        stall_limit: Duration,
+    ) -> Self {
+        let mut answer = OwnedAnswer {
+            up: Some(up),
+            upstream,
+            framing: head.framing,
+            reusable: head.reusable,
+            record,
+            stall: None,
+            stall_limit,
+        };
+        if matches!(answer.framing, Framing::Empty) {
+            answer.ended();
+        }
+        answer
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.up.is_none()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match (&self.up, &self.framing) {
+            (None, _) => SizeHint::with_exact(0),
+            (Some(_), Framing::Length(left)) => SizeHint::with_exact(*left),
+            (Some(_), _) => SizeHint::default(),
+        }
+    }
+
+    /// The whole answer has been read: counted, and its connection pooled if it can carry
+    /// another request (bytes after the answer would be a broken upstream).
+    fn ended(&mut self) {
+        if let Some(r) = self.record.take() {
+            r.answered();
+        }
+        if let Some(up) = self.up.take() {
+            if self.reusable && up.buf.is_empty() {
+                release(self.upstream, up);
+            }
+        }
+    }
+
+    /// The upstream broke its answer off (or stalled) after the head: the version's 502, and
+    /// the client's stream ends in an error rather than looking whole.
+    fn broken(&mut self, e: UpstreamError) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        if let Some(r) = self.record.take() {
+            r.broken(e.failure);
+        }
+        self.up = None;
+        Poll::Ready(Some(Err(e.detail.into())))
+    }
+
+    fn poll_data(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        loop {
+            let Some(up) = self.up.as_mut() else {
+                return Poll::Ready(None);
+            };
+            let unread = up.buf.unread();
+            let (consumed, data) = match &mut self.framing {
+                Framing::Empty => (0, 0..0),
+                Framing::Length(left) => {
+                    let n = unread
+                        .len()
+                        .min(usize::try_from(*left).unwrap_or(usize::MAX));
+                    *left -= n as u64;
+                    (n, 0..n)
+                }
+                Framing::Chunked(c) => match c.data(unread) {
+                    Ok(decoded) => decoded,
+                    Err(BadChunk) => {
+                        return self.broken(UpstreamError::protocol("malformed chunked body"))
+                    }
+                },
+                Framing::UntilClose => (unread.len(), 0..unread.len()),
+            };
+            let data = (!data.is_empty()).then(|| Bytes::copy_from_slice(&unread[data]));
+            up.buf.consume(consumed);
+            let done = match &self.framing {
+                Framing::Empty => true,
+                Framing::Length(left) => *left == 0,
+                Framing::Chunked(c) => c.is_done(),
+                Framing::UntilClose => false,
+            };
+            if done {
+                self.ended();
+            }
+            if let Some(data) = data {
+                if let (Some(t), Some(deadline)) = (
+                    self.stall.as_mut(),
+                    Instant::now().checked_add(self.stall_limit),
+                ) {
+                    t.reset(deadline);
+                }
+                return Poll::Ready(Some(Ok(Frame::data(data))));
+            }
+            if done {
+                return Poll::Ready(None);
+            }
+            if consumed > 0 {
+                // Chunk framing without data: look again at what is left.
+                continue;
+            }
+            let up = self.up.as_mut().expect("not ended");
+            let cap = up.buf.data.len();
+            match up.buf.poll_fill(cx, &mut up.stream, cap) {
+                Poll::Ready(Ok(0)) if matches!(self.framing, Framing::UntilClose) => {
+                    self.reusable = false;
+                    self.ended();
+                    return Poll::Ready(None);
+                }
+                Poll::Ready(Ok(0) | Err(_)) => {
+                    return self.broken(UpstreamError::new(
+                        UpstreamFailure::Body,
+                        "the body broke off",
+                    ))
+                }
+                Poll::Ready(Ok(_)) => continue,
+                Poll::Pending => {
+                    let limit = Instant::now().checked_add(self.stall_limit);
+                    let timer = match (self.stall.as_mut(), limit) {
+                        (Some(t), _) => t,
+                        (None, Some(deadline)) => {
+                            self.stall.insert(crate::timer::Sleep::until(deadline))
+                        }
+                        (None, None) => return Poll::Pending,
+                    };
+                    if Pin::new(timer).poll(cx).is_ready() {
+                        return self.broken(UpstreamError::timed_out(TimedOut::AnswerBody));
+                    }
+                    return Poll::Pending;
+                }
+            }
+        }
+    }
+}
+
+impl Drop for OwnedAnswer {
+    fn drop(&mut self) {
+        // An answer not yet counted was left by its client: its status stands. Its connection,
+        // half read, is not reused.
+        if let Some(r) = self.record.take() {
+            r.answered();
+        }
+    }
+}
+
+/// A bodyless request on an upstream connection of the router's own, by the retry-once rule
+/// ([`Attempts`]): the answer's head, and the connection its body is to be read from. `head`
+/// is the upstream request head ([`write_upstream_head`]); `resent` hears of a second attempt.
+pub(crate) async fn exchange_bodyless(
+    target: &UpstreamUrl,
+    head: &[u8],
+    head_method: bool,
+    idempotent: bool,
+    options: &ProxyOptions,
+    mut resent: impl FnMut(),
+) -> Result<(http::response::Parts, ResponseHead, Upstream), ExchangeError> {
+    let mut attempts = Attempts::default();
+    loop {
+        let pooled = attempts
+            .may_reuse()
+            .then(|| checkout_owned(target.id()))
+            .flatten();
+        let (mut up, reused) = match pooled {
+            Some(up) => (up, true),
+            // Boxed: the connect future is rarely needed, and unboxed it would size (and make
+            // every move of) the request future.
+            None => {
+                let stream = Box::pin(connect_tcp(target, options.connect_timeout)).await?;
+                (Upstream::new(stream), false)
+            }
+        };
+        match answer_head(&mut up, head, head_method, reused).await {
+            Ok((parts, resp)) => return Ok((parts, resp, up)),
+            // The whole request is at hand: only an idempotent one may go out after the
+            // upstream could have read it.
+            Err(e) => attempts.after(reused, e, idempotent)?,
+        }
+        resent();
+    }
+}
+
+/// One attempt: sends `head` and reads the final answer's head (hyper's client passed over
+/// informational answers too: nothing sends them on to the client).
+async fn answer_head(
+    up: &mut Upstream,
+    head: &[u8],
+    head_method: bool,
+    pooled: bool,
+) -> Result<(http::response::Parts, ResponseHead), AttemptError> {
+    send_head(up, head, pooled).await?;
+    let mut informational = false;
+    loop {
+        let len = read_head(up, informational, MAX_RESPONSE_HEAD).await?;
+        let (parts, resp) = response_parts(&up.buf.unread()[..len], head_method)
+            .map_err(UpstreamError::protocol)?;
+        up.buf.consume(len);
+        if !(100..200).contains(&resp.status) {
+            return Ok((parts, resp));
+        }
+        informational = true;
     }
 }
 
@@ -522,9 +799,84 @@ pub async fn handle(
         let upgrade = proxy_upgrade(worker, client, req, at, (target, changes), started);
         return Ok(Box::pin(upgrade).await);
     }
+    if !req.body().is_end_stream() {
+        // Boxed: rarer, and its state would otherwise size every request's future.
+        let at = (service, version);
+        let streamed = proxy_streamed(worker, client, req, at, (target, changes), started);
+        return Ok(match Box::pin(streamed).await {
+            Ok(mut resp) => {
+                if let Some(c) = affinity_cookie {
+                    resp.headers_mut().append(header::SET_COOKIE, c);
+                }
+                resp
+            }
+            Err(own) => own,
+        });
+    }
+    let options = &shared.options;
+    // The client's request is gone before the first wait: it would otherwise be part of the
+    // request's future, which hyper moves into a task of its own.
+    let (head, head_method, idempotent) = {
+        let (parts, _) = req.into_parts();
+        let mut head = Vec::with_capacity(512);
+        write_upstream_head(&parts, client, false, changes, &mut head);
+        let method = parts.method.as_str();
+        (head, method == "HEAD", is_idempotent(method))
+    };
+    let sent = exchange_bodyless(target, &head, head_method, idempotent, options, || {
+        worker.recorder.record_retry(service, version)
+    });
+    // The request is complete already: one timer from its start.
+    let result = crate::timer::timeout_at(started.checked_add(options.response_timeout), sent)
+        .await
+        .unwrap_or_else(|| Err(UpstreamError::timed_out(TimedOut::Answer).into()));
+    Ok(match result {
+        Ok((mut parts, head, up)) => {
+            let record = PendingRecord {
+                recorder: worker.recorder.clone(),
+                service,
+                version,
+                status: head.status,
+                head_elapsed: started.elapsed(),
+            };
+            if let Some(c) = affinity_cookie {
+                parts.headers.append(header::SET_COOKIE, c);
+            }
+            let body = OwnedAnswer::new(
+                up,
+                target.id(),
+                head,
+                Some(record),
+                options.response_timeout,
+            );
+            Response::from_parts(parts, ClientBody::Owned(body))
+        }
+        Err(ExchangeError::Upstream(e)) => {
+            upstream_failed(worker, (service, version), target, e, started)
+        }
+        // Nothing of a bodyless request is the client's to break.
+        Err(ExchangeError::Client(e)) => {
+            let (status, text) = e
+                .answer()
+                .unwrap_or((StatusCode::BAD_REQUEST, "bad request"));
+            error_response(status, text, true)
+        }
+    })
+}
+
+/// A request whose body streams from the client, over hyper's HTTP/1 client. `Err` holds an
+/// answer of the router's own, which takes no affinity cookie.
+async fn proxy_streamed(
+    worker: &Worker,
+    client: &ClientInfo,
+    req: Request<Incoming>,
+    (service, version): (ServiceId, Version),
+    (target, changes): (&UpstreamUrl, &HeaderChanges),
+    started: Instant,
+) -> Result<Response<ClientBody>, Response<ClientBody>> {
+    let options = &worker.shared.options;
     let (mut parts, body) = req.into_parts();
     upstream_parts(&mut parts, client, false, changes);
-    let options = &shared.options;
     let (body, progress) = UpstreamBody::from_client(body);
     let upstream_req = Request::from_parts(parts, body);
     let sent = exchange(target, upstream_req, options, || {
@@ -549,9 +901,6 @@ pub async fn handle(
                 head_elapsed: started.elapsed(),
             };
             strip_hop_by_hop(&mut parts.headers);
-            if let Some(c) = affinity_cookie {
-                parts.headers.append(header::SET_COOKIE, c);
-            }
             let body =
                 ClientBody::upstream(body, Some(conn), Some(record), options.response_timeout);
             Ok(Response::from_parts(parts, body))
@@ -561,9 +910,9 @@ pub async fn handle(
             let (status, text) = e
                 .answer()
                 .unwrap_or((StatusCode::BAD_REQUEST, "request body broke off"));
-            Ok(error_response(status, text, true))
+            Err(error_response(status, text, true))
         }
-        Err(ExchangeError::Upstream(e)) => Ok(upstream_failed(
+        Err(ExchangeError::Upstream(e)) => Err(upstream_failed(
             worker,
             (service, version),
             target,
@@ -655,7 +1004,7 @@ async fn proxy_upgrade(
             let _ = tokio::io::copy_bidirectional(&mut TokioIo::new(c), &mut TokioIo::new(u)).await;
         });
         let (parts, _) = resp.into_parts();
-        return Response::from_parts(parts, ClientBody::Full(None));
+        return Response::from_parts(parts, ClientBody::Text(None));
     }
     let (mut parts, body) = resp.into_parts();
     strip_hop_by_hop(&mut parts.headers);

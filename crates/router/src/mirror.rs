@@ -5,11 +5,11 @@
 
 use std::time::Instant;
 
-use http::{HeaderValue, Request};
+use http::HeaderValue;
 
-use crate::hyper_path::{exchange, ClientBody, UpstreamBody};
+use crate::hyper_path::{exchange_bodyless, ClientBody, OwnedAnswer};
 use crate::recorder::ServiceId;
-use crate::rewrite::upstream_parts;
+use crate::rewrite::{is_idempotent, write_upstream_head};
 use crate::table::{HeaderChanges, UpstreamUrl};
 use crate::worker::{ClientInfo, Worker};
 
@@ -29,11 +29,13 @@ pub(crate) fn copy_to_canary(
     let Some(mut parts) = copy() else {
         return;
     };
-    upstream_parts(&mut parts, client, false, changes);
     parts
         .headers
         .insert("x-coalmine-mirror", HeaderValue::from_static("true"));
-    let request = Request::from_parts(parts, UpstreamBody::Full(None));
+    let mut head = Vec::with_capacity(512);
+    write_upstream_head(&parts, client, false, changes, &mut head);
+    let head_method = parts.method == http::Method::HEAD;
+    let idempotent = is_idempotent(parts.method.as_str());
     let recorder = worker.recorder.clone();
     let options = worker.shared.options.clone();
     let canary = canary.clone();
@@ -42,18 +44,14 @@ pub(crate) fn copy_to_canary(
         let started = Instant::now();
         let sent = tokio::time::timeout(
             options.response_timeout,
-            exchange(&canary, request, &options, || {}),
+            exchange_bodyless(&canary, &head, head_method, idempotent, &options, || {}),
         );
         match sent.await {
-            Ok(Ok((resp, conn))) => {
-                recorder.record_mirror(service, Some((resp.status().as_u16(), started.elapsed())));
-                let body = ClientBody::upstream(
-                    resp.into_body(),
-                    Some(conn),
-                    None,
-                    options.response_timeout,
-                );
-                let _ = http_body_util::BodyExt::collect(body).await;
+            Ok(Ok((parts, resp, up))) => {
+                recorder.record_mirror(service, Some((parts.status.as_u16(), started.elapsed())));
+                let answer =
+                    OwnedAnswer::new(up, canary.id(), resp, None, options.response_timeout);
+                let _ = http_body_util::BodyExt::collect(ClientBody::Owned(answer)).await;
             }
             _ => recorder.record_mirror(service, None),
         }

@@ -172,8 +172,10 @@ impl<'s, 'h> RequestHead<'s, 'h> {
         client: &ClientInfo,
         geo: &'a Geo,
     ) -> RequestView<'a, [httparse::Header<'h>]> {
-        let (path, query) = match self.path.split_once('?') {
-            Some((path, query)) => (path, Some(query)),
+        // memchr's search, not `split_once`'s: whether the latter got the vectorised one
+        // varied from build to build.
+        let (path, query) = match memchr::memchr(b'?', self.path.as_bytes()) {
+            Some(i) => (&self.path[..i], Some(&self.path[i + 1..])),
             None => (self.path, None),
         };
         RequestView {
@@ -268,7 +270,7 @@ impl<'s, 'h> RequestHead<'s, 'h> {
 
 /// RFC 9110 §9.2.2's idempotent methods: the only ones a proxy may send again after the
 /// upstream could have acted on them.
-fn is_idempotent(method: &str) -> bool {
+pub(crate) fn is_idempotent(method: &str) -> bool {
     matches!(
         method,
         "GET" | "HEAD" | "OPTIONS" | "TRACE" | "PUT" | "DELETE"
@@ -286,128 +288,201 @@ pub(crate) struct ResponseHead {
     pub(crate) close: bool,
 }
 
+/// A response head read and classified: what both renderings of it start from.
+struct ParsedResponse<'s, 'h> {
+    reason: &'h str,
+    headers: &'s [httparse::Header<'h>],
+    kinds: [Kind; MAX_HEADERS],
+    /// A Transfer-Encoding came: a length means nothing and is not passed on.
+    coded: bool,
+    named_by_connection: bool,
+    head: ResponseHead,
+}
+
+impl<'h> ParsedResponse<'_, 'h> {
+    /// Reads a complete response head (to a `HEAD` request when `head_method`); `close`: the
+    /// client connection is to close after it. Inlined: each rendering then reads the fields it
+    /// needs in place, as one function did before there were two (the fast path's share).
+    #[inline(always)]
+    fn parse<'s>(
+        head: &'h [u8],
+        head_method: bool,
+        mut close: bool,
+        storage: &'s mut [httparse::Header<'h>; MAX_HEADERS],
+    ) -> Result<ParsedResponse<'s, 'h>, &'static str> {
+        let mut resp = httparse::Response::new(storage);
+        match resp.parse(head) {
+            Ok(httparse::Status::Complete(n)) if n == head.len() => {}
+            Ok(_) => return Err("the response head did not parse"),
+            Err(e) => return Err(httparse_reason(e)),
+        }
+        let status = resp.code.ok_or("no status")?;
+        let version = resp.version;
+        let reason = resp.reason.unwrap_or("");
+        let headers: &'s [httparse::Header<'h>] = resp.headers;
+        let (mut length, mut coding_chunked, mut coded) = (None, false, false);
+        let mut reusable = version == Some(1);
+        let mut named_by_connection = false;
+        let mut kinds = [Kind::Other; MAX_HEADERS];
+        for (h, k) in headers.iter().zip(kinds.iter_mut()) {
+            *k = kind(h.name);
+            match *k {
+                Kind::ContentLength => {
+                    let n = content_length(h.value).ok_or("bad Content-Length")?;
+                    if length.is_some_and(|l| l != n) {
+                        return Err("conflicting Content-Length");
+                    }
+                    length = Some(n);
+                }
+                Kind::TransferEncoding => {
+                    coded = true;
+                    coding_chunked = tokens(h.value)
+                        .last()
+                        .is_some_and(|t| t.eq_ignore_ascii_case(b"chunked"));
+                }
+                Kind::Connection => {
+                    for t in tokens(h.value) {
+                        if t.eq_ignore_ascii_case(b"close") {
+                            reusable = false;
+                        } else if t.eq_ignore_ascii_case(b"keep-alive") {
+                            reusable |= version == Some(0);
+                        } else {
+                            named_by_connection = true;
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        let informational = (100..200).contains(&status);
+        if status == 101 {
+            return Err("101 Switching Protocols without an upgrade request");
+        }
+        let framing = if informational || head_method || status == 204 || status == 304 {
+            Framing::Empty
+        } else if coded && coding_chunked {
+            Framing::Chunked(Chunked::new())
+        } else if coded {
+            Framing::UntilClose
+        } else {
+            match length {
+                Some(0) => Framing::Empty,
+                Some(n) => Framing::Length(n),
+                None => Framing::UntilClose,
+            }
+        };
+        if matches!(framing, Framing::UntilClose) {
+            (reusable, close) = (false, true);
+        }
+        // Both framings in one response hint at response splitting: the coding wins (RFC 9112
+        // §6.3), the length is not passed on, and the connection is not trusted again.
+        if coded && length.is_some() {
+            reusable = false;
+        }
+        Ok(ParsedResponse {
+            reason,
+            headers,
+            kinds,
+            coded,
+            named_by_connection,
+            head: ResponseHead {
+                status,
+                framing,
+                reusable,
+                close,
+            },
+        })
+    }
+
+    fn is_informational(&self) -> bool {
+        (100..200).contains(&self.head.status)
+    }
+
+    /// Whether a header crosses the proxy (`Transfer-Encoding` only when `coding`).
+    #[inline(always)]
+    fn keeps(&self, h: &httparse::Header<'_>, k: Kind, coding: bool) -> bool {
+        match k {
+            Kind::Other | Kind::Expect | Kind::ForwardedFor | Kind::ForwardedProto | Kind::Host => {
+                !self.named(h.name)
+            }
+            // Under a Transfer-Encoding a length means nothing (and is not sent on).
+            Kind::ContentLength => !self.coded,
+            Kind::TransferEncoding => coding,
+            Kind::Connection | Kind::HopByHop | Kind::Upgrade => false,
+        }
+    }
+
+    /// Whether `Connection` names this header (which then does not cross).
+    fn named(&self, name: &str) -> bool {
+        self.named_by_connection
+            && self
+                .headers
+                .iter()
+                .zip(self.kinds)
+                .filter(|(_, k)| *k == Kind::Connection)
+                .flat_map(|(h, _)| tokens(h.value))
+                .any(|t| t.eq_ignore_ascii_case(name.as_bytes()))
+    }
+}
+
 /// Reads a complete response head (to a `HEAD` request when `head_method`) and writes the
 /// client's into `out` (after what `out` holds): hop-by-hop headers and the ones `Connection`
 /// names dropped, the affinity cookie and `Connection: close` added when asked.
 pub(crate) fn response_head(
     head: &[u8],
     head_method: bool,
-    mut close: bool,
+    close: bool,
     set_cookie: Option<&[u8]>,
     out: &mut Vec<u8>,
 ) -> Result<ResponseHead, &'static str> {
     let mut storage = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut resp = httparse::Response::new(&mut storage);
-    match resp.parse(head) {
-        Ok(httparse::Status::Complete(n)) if n == head.len() => {}
-        Ok(_) => return Err("the response head did not parse"),
-        Err(e) => return Err(httparse_reason(e)),
-    }
-    let status = resp.code.ok_or("no status")?;
-    let headers: &[httparse::Header] = resp.headers;
-    let (mut length, mut coding_chunked, mut coded) = (None, false, false);
-    let mut reusable = resp.version == Some(1);
-    let mut named_by_connection = false;
-    let mut kinds = [Kind::Other; MAX_HEADERS];
-    for (h, k) in headers.iter().zip(kinds.iter_mut()) {
-        *k = kind(h.name);
-        match *k {
-            Kind::ContentLength => {
-                let n = content_length(h.value).ok_or("bad Content-Length")?;
-                if length.is_some_and(|l| l != n) {
-                    return Err("conflicting Content-Length");
-                }
-                length = Some(n);
-            }
-            Kind::TransferEncoding => {
-                coded = true;
-                coding_chunked = tokens(h.value)
-                    .last()
-                    .is_some_and(|t| t.eq_ignore_ascii_case(b"chunked"));
-            }
-            Kind::Connection => {
-                for t in tokens(h.value) {
-                    if t.eq_ignore_ascii_case(b"close") {
-                        reusable = false;
-                    } else if t.eq_ignore_ascii_case(b"keep-alive") {
-                        reusable |= resp.version == Some(0);
-                    } else {
-                        named_by_connection = true;
-                    }
-                }
-            }
-            _ => {}
-        }
-    }
-    let informational = (100..200).contains(&status);
-    if status == 101 {
-        return Err("101 Switching Protocols without an upgrade request");
-    }
-    let framing = if informational || head_method || status == 204 || status == 304 {
-        Framing::Empty
-    } else if coded && coding_chunked {
-        Framing::Chunked(Chunked::new())
-    } else if coded {
-        Framing::UntilClose
-    } else {
-        match length {
-            Some(0) => Framing::Empty,
-            Some(n) => Framing::Length(n),
-            None => Framing::UntilClose,
-        }
-    };
-    if matches!(framing, Framing::UntilClose) {
-        (reusable, close) = (false, true);
-    }
-    // Both framings in one response hint at response splitting: the coding wins (RFC 9112
-    // §6.3), the length is not passed on, and the connection is not trusted again.
-    if coded && length.is_some() {
-        reusable = false;
-    }
-    let classified = || headers.iter().zip(kinds);
-    let named = |name: &str| {
-        named_by_connection
-            && classified()
-                .filter(|(_, k)| *k == Kind::Connection)
-                .flat_map(|(h, _)| tokens(h.value))
-                .any(|t| t.eq_ignore_ascii_case(name.as_bytes()))
-    };
-
+    let resp = ParsedResponse::parse(head, head_method, close, &mut storage)?;
+    let status = resp.head.status;
     out.extend_from_slice(b"HTTP/1.1 ");
     // httparse reads exactly three digits.
     out.extend([status / 100, status / 10 % 10, status % 10].map(|d| b'0' + d as u8));
     out.push(b' ');
-    out.extend_from_slice(resp.reason.unwrap_or("").as_bytes());
+    out.extend_from_slice(resp.reason.as_bytes());
     out.extend_from_slice(b"\r\n");
-    for (h, k) in classified() {
-        let keep = match k {
-            Kind::Other | Kind::Expect | Kind::ForwardedFor | Kind::ForwardedProto | Kind::Host => {
-                !named(h.name)
-            }
-            // Under a Transfer-Encoding a length means nothing (and is not sent on).
-            Kind::ContentLength => !coded,
-            Kind::TransferEncoding => true,
-            Kind::Connection | Kind::HopByHop | Kind::Upgrade => false,
-        };
-        if keep {
+    // The body passes through unchanged, so its coding is said as the upstream said it.
+    for (h, k) in resp.headers.iter().zip(resp.kinds) {
+        if resp.keeps(h, k, true) {
             put_header(out, h.name.as_bytes(), h.value);
         }
     }
-    if !informational {
+    if !resp.is_informational() {
         if let Some(cookie) = set_cookie {
             put_header(out, b"set-cookie", cookie);
         }
-        if close {
+        if resp.head.close {
             out.extend_from_slice(b"connection: close\r\n");
         }
     }
     out.extend_from_slice(b"\r\n");
-    Ok(ResponseHead {
-        status,
-        framing,
-        reusable,
-        close,
-    })
+    Ok(resp.head)
+}
+
+/// Reads a complete response head (to a `HEAD` request when `head_method`) as hyper's parts,
+/// for hyper's path, which frames the body itself: the same headers cross as on the fast path,
+/// less `Transfer-Encoding` (the body is passed on decoded).
+pub(crate) fn response_parts(
+    head: &[u8],
+    head_method: bool,
+) -> Result<(http::response::Parts, ResponseHead), &'static str> {
+    let mut storage = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let resp = ParsedResponse::parse(head, head_method, false, &mut storage)?;
+    let mut parts = http::Response::new(()).into_parts().0;
+    parts.status = StatusCode::from_u16(resp.head.status).map_err(|_| "bad status")?;
+    parts.headers.reserve(resp.headers.len());
+    for (h, k) in resp.headers.iter().zip(resp.kinds) {
+        if !resp.keeps(h, k, false) {
+            continue;
+        }
+        let name = HeaderName::from_bytes(h.name.as_bytes()).map_err(|_| "bad header name")?;
+        let value = HeaderValue::from_bytes(h.value).map_err(|_| "bad header value")?;
+        parts.headers.append(name, value);
+    }
+    Ok((parts, resp.head))
 }
 
 fn httparse_reason(e: httparse::Error) -> &'static str {
@@ -626,6 +701,88 @@ fn change_headers(headers: &mut HeaderMap, changes: &HeaderChanges) {
             headers.append(n, v);
         }
     }
+}
+
+/// The upstream's request head for a client's request on hyper's path, written as bytes (what
+/// [`upstream_parts`] makes of the parts, for an upstream connection of the router's own):
+/// origin-form target, HTTP/1.1, Host kept (an HTTP/2 client's `:authority` becomes Host),
+/// hop-by-hop headers and the ones `Connection` names dropped, the client appended to
+/// `x-forwarded-for`, `x-forwarded-proto` added when absent; then the route's header
+/// `changes`, as [`upstream_parts`] makes them (what they set or remove goes, the router's own
+/// `x-forwarded-*` included; what they set and add comes last). The body's framing is the
+/// caller's: it writes `transfer-encoding: chunked` before the blank line when the length is
+/// unknown (`chunked`).
+pub(crate) fn write_upstream_head(
+    parts: &http::request::Parts,
+    client: &ClientInfo,
+    chunked: bool,
+    changes: &HeaderChanges,
+    out: &mut Vec<u8>,
+) {
+    out.clear();
+    out.extend_from_slice(parts.method.as_str().as_bytes());
+    out.push(b' ');
+    let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    out.extend_from_slice(path.as_bytes());
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    let headers = &parts.headers;
+    if !headers.contains_key(header::HOST) {
+        if let Some(authority) = parts.uri.authority() {
+            put_header(out, b"host", authority.as_str().as_bytes());
+        }
+    }
+    let names_others = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .any(|v| !names_only_hop_by_hop(v));
+    let named = |name: &HeaderName| {
+        names_others
+            && headers
+                .get_all(header::CONNECTION)
+                .iter()
+                .flat_map(|v| tokens(v.as_bytes()))
+                .any(|t| t.eq_ignore_ascii_case(name.as_str().as_bytes()))
+    };
+    let dropped = |name: &[u8]| !changes.is_empty() && changes.drops(name);
+    let mut has_proto = false;
+    for (name, value) in headers {
+        if hop_by_hop_index(name.as_str()).is_some()
+            || *name == X_FORWARDED_FOR
+            || named(name)
+            || dropped(name.as_str().as_bytes())
+        {
+            continue;
+        }
+        // Under chunked framing a length means nothing (an HTTP/2 request may carry both).
+        if chunked && *name == header::CONTENT_LENGTH {
+            continue;
+        }
+        has_proto |= *name == X_FORWARDED_PROTO;
+        put_header(out, name.as_str().as_bytes(), value.as_bytes());
+    }
+    if chunked {
+        out.extend_from_slice(b"transfer-encoding: chunked\r\n");
+    }
+    if !dropped(X_FORWARDED_FOR.as_str().as_bytes()) {
+        out.extend_from_slice(b"x-forwarded-for: ");
+        for value in headers.get_all(X_FORWARDED_FOR) {
+            out.extend_from_slice(value.as_bytes());
+            out.extend_from_slice(b", ");
+        }
+        out.extend_from_slice(client.peer_ip.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    if !has_proto && !dropped(X_FORWARDED_PROTO.as_str().as_bytes()) {
+        out.extend_from_slice(if client.tls {
+            b"x-forwarded-proto: https\r\n"
+        } else {
+            b"x-forwarded-proto: http\r\n"
+        });
+    }
+    for h in changes.appended() {
+        put_header(out, h.name.as_str().as_bytes(), h.value.as_bytes());
+    }
+    out.extend_from_slice(b"\r\n");
 }
 
 #[cfg(test)]
@@ -960,6 +1117,91 @@ mod tests {
     }
 
     #[test]
+    fn an_http2_request_goes_upstream_as_an_http11_head_by_the_same_rules() {
+        let (parts, ()) = Request::builder()
+            .method("DELETE")
+            .uri("https://shop.example/cart/1?x=%20y")
+            .version(HttpVersion::HTTP_2)
+            .header("x-forwarded-for", "10.0.0.1")
+            .header("x-forwarded-for", "10.0.0.2")
+            .header("te", "trailers")
+            .header("connection", "x-internal")
+            .header("x-internal", "1")
+            .header("accept", "*/*")
+            .body(())
+            .unwrap()
+            .into_parts();
+        let mut out = Vec::new();
+        write_upstream_head(
+            &parts,
+            &client(true),
+            false,
+            &HeaderChanges::default(),
+            &mut out,
+        );
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "DELETE /cart/1?x=%20y HTTP/1.1\r\nhost: shop.example\r\naccept: */*\r\n\
+             x-forwarded-for: 10.0.0.1, 10.0.0.2, 10.1.2.3\r\nx-forwarded-proto: https\r\n\r\n"
+        );
+        // A Host of its own is kept; a proto the client set is kept; a streamed body is chunked.
+        let (parts, ()) = Request::builder()
+            .method("POST")
+            .uri("/up")
+            .header("host", "a")
+            .header("content-length", "5")
+            .header("x-forwarded-proto", "http")
+            .body(())
+            .unwrap()
+            .into_parts();
+        let mut out = Vec::new();
+        write_upstream_head(
+            &parts,
+            &client(false),
+            true,
+            &HeaderChanges::default(),
+            &mut out,
+        );
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "POST /up HTTP/1.1\r\nhost: a\r\nx-forwarded-proto: http\r\n\
+             transfer-encoding: chunked\r\nx-forwarded-for: 10.1.2.3\r\n\r\n"
+        );
+    }
+
+    #[test]
+    fn a_response_head_for_hyper_keeps_what_the_fast_path_keeps_less_its_coding() {
+        let head =
+            "HTTP/1.1 201 Created\r\nConnection: keep-alive, x-internal\r\nX-Internal: 1\r\n\
+                    Transfer-Encoding: chunked\r\nX-Kept: 1\r\nX-Kept: 2\r\n\r\n";
+        let (parts, r) = response_parts(head.as_bytes(), false).unwrap();
+        assert_eq!(parts.status, StatusCode::CREATED);
+        let names: Vec<_> = parts
+            .headers
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.to_str().unwrap()))
+            .collect();
+        assert_eq!(names, [("x-kept", "1"), ("x-kept", "2")]);
+        assert!(matches!(r.framing, Framing::Chunked(_)));
+        assert!(r.reusable);
+        let (parts, r) =
+            response_parts(b"HTTP/1.1 200 OK\r\nContent-Length: 7\r\n\r\n", true).unwrap();
+        assert_eq!(parts.headers[header::CONTENT_LENGTH], "7");
+        assert!(
+            matches!(r.framing, Framing::Empty),
+            "an answer to HEAD has no body"
+        );
+        assert_eq!(
+            response_parts(
+                b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
+                false
+            )
+            .err(),
+            Some("conflicting Content-Length")
+        );
+    }
+
+    #[test]
     fn a_routes_header_changes_are_the_same_on_both_forms() {
         let changes: HeaderChanges = serde_json::from_value(serde_json::json!({
             "set": [{"name": "X-Env", "value": "canary"}],
@@ -975,10 +1217,37 @@ mod tests {
         let mut out = Vec::new();
         h.write_upstream(&client(false), &changes, &mut out);
         assert_eq!(
-            String::from_utf8(out).unwrap(),
+            String::from_utf8(out.clone()).unwrap(),
             "GET / HTTP/1.1\r\nHost: shop\r\nx-trace: 1\r\nAccept: */*\r\n\
              x-forwarded-for: 10.1.2.3\r\nx-forwarded-proto: http\r\n\
              x-env: canary\r\nx-trace: 2\r\n\r\n"
+        );
+        // hyper's form written as bytes (a bodyless request on an owned connection).
+        let mut written = Vec::new();
+        let parts = h.to_parts().unwrap();
+        write_upstream_head(&parts, &client(false), false, &changes, &mut written);
+        assert_eq!(
+            String::from_utf8(written).unwrap().to_ascii_lowercase(),
+            String::from_utf8(out).unwrap().to_ascii_lowercase(),
+            "the same head (names in hyper's lowercase)"
+        );
+        // Changes naming the router's own x-forwarded-* replace them there too.
+        let own: HeaderChanges = serde_json::from_value(serde_json::json!({
+            "set": [{"name": "x-forwarded-for", "value": "192.0.2.1"}],
+            "remove": ["x-forwarded-proto"]
+        }))
+        .unwrap();
+        let mut written = Vec::new();
+        write_upstream_head(&parts, &client(false), false, &own, &mut written);
+        let mut hypers = parts.clone();
+        upstream_parts(&mut hypers, &client(false), false, &own);
+        assert_eq!(hypers.headers["x-forwarded-for"], "192.0.2.1");
+        assert!(!hypers.headers.contains_key("x-forwarded-proto"));
+        assert!(
+            String::from_utf8(written)
+                .unwrap()
+                .ends_with("accept: */*\r\nx-forwarded-for: 192.0.2.1\r\n\r\n"),
+            "as hyper's form has them"
         );
         // hyper's form.
         let mut parts = h.to_parts().unwrap();

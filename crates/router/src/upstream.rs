@@ -1,15 +1,23 @@
 //! The upstream side of a request, for both request paths: the per-worker pool of idle
-//! connections, connecting, the retry-once rule, and the errors that say whose failure a
-//! request's end was — the upstream's (counted against its version), the client's (never
-//! counted) or the router's own — with the counting that follows from them.
+//! connections, the upstream connection an exchange owns (written to and read from by the
+//! request's own task, no connection task between), connecting, the retry-once rule, and the
+//! errors that say whose failure a request's end was — the upstream's (counted against its
+//! version), the client's (never counted) or the router's own — with the counting that follows
+//! from them.
 
 use std::borrow::Cow;
 use std::cell::Cell;
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
 use std::time::{Duration, Instant};
 
 use http::StatusCode;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 
+use crate::framing::head_end;
 use crate::recorder::{LocalFailure, Recorder, ServiceId, UpstreamFailure};
 use crate::route::Version;
 use crate::table::UpstreamUrl;
@@ -63,6 +71,190 @@ thread_local! {
 /// Sets how many idle connections per upstream this worker thread keeps (in each pool).
 pub fn set_max_idle(n: usize) {
     MAX_IDLE.with(|m| m.set(n));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Owned connections
+
+/// A connection's read buffer to start with; it grows up to the head limit when a head needs it.
+pub(crate) const INITIAL_BUFFER: usize = 8 * 1024;
+/// Largest upstream response head accepted (hyper's client reads about as much).
+pub(crate) const MAX_RESPONSE_HEAD: usize = 64 * 1024;
+
+/// A read buffer: `data[start..end]` is read and not yet used.
+pub(crate) struct Buf {
+    pub(crate) data: Vec<u8>,
+    start: usize,
+    end: usize,
+}
+
+impl Buf {
+    pub(crate) fn new(capacity: usize) -> Self {
+        Buf {
+            data: vec![0; capacity],
+            start: 0,
+            end: 0,
+        }
+    }
+
+    pub(crate) fn unread(&self) -> &[u8] {
+        &self.data[self.start..self.end]
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.start == self.end
+    }
+
+    pub(crate) fn consume(&mut self, n: usize) {
+        self.start += n;
+        if self.start == self.end {
+            (self.start, self.end) = (0, 0);
+        }
+    }
+
+    /// Reads more after the unread bytes (`Ok(0)`: end of stream). Room comes from moving the
+    /// unread bytes to the front, then from growing the buffer up to `max`; `max` unread bytes
+    /// are an error.
+    pub(crate) async fn fill<R: AsyncRead + Unpin>(
+        &mut self,
+        io: &mut R,
+        max: usize,
+    ) -> io::Result<usize> {
+        self.make_room(max)?;
+        let n = io.read(&mut self.data[self.end..]).await?;
+        self.end += n;
+        Ok(n)
+    }
+
+    /// Makes room like [`Buf::fill`] does, without reading.
+    #[inline]
+    fn make_room(&mut self, max: usize) -> io::Result<()> {
+        if self.end == self.data.len() {
+            if self.start > 0 {
+                self.data.copy_within(self.start..self.end, 0);
+                (self.start, self.end) = (0, self.end - self.start);
+            } else if self.data.len() < max {
+                let grown = (self.data.len() * 2).min(max);
+                self.data.resize(grown, 0);
+            } else {
+                return Err(io::Error::other("read buffer full"));
+            }
+        }
+        Ok(())
+    }
+
+    /// [`Buf::fill`] as a poll, for a body polled by hyper.
+    #[inline]
+    pub(crate) fn poll_fill<R: AsyncRead + Unpin>(
+        &mut self,
+        cx: &mut Context<'_>,
+        io: &mut R,
+        max: usize,
+    ) -> Poll<io::Result<usize>> {
+        self.make_room(max)?;
+        let mut read = ReadBuf::new(&mut self.data[self.end..]);
+        ready!(Pin::new(io).poll_read(cx, &mut read))?;
+        let n = read.filled().len();
+        self.end += n;
+        Poll::Ready(Ok(n))
+    }
+}
+
+/// An upstream connection with its own read buffer, owned by one exchange at a time.
+pub(crate) struct Upstream {
+    pub(crate) stream: TcpStream,
+    pub(crate) buf: Buf,
+}
+
+thread_local! {
+    static IDLE: std::cell::RefCell<IdlePool<Upstream>> =
+        const { std::cell::RefCell::new(IdlePool::new()) };
+}
+
+impl Upstream {
+    /// A new connection, with its read buffer.
+    pub(crate) fn new(stream: TcpStream) -> Self {
+        Upstream {
+            stream,
+            buf: Buf::new(INITIAL_BUFFER),
+        }
+    }
+
+    /// False when the upstream has closed an idle connection (or sent something unasked).
+    /// Free when the socket has no event; otherwise one read, which tokio needs anyway before
+    /// it waits for the response.
+    fn still_open(&self) -> bool {
+        let mut probe = [0u8; 1];
+        matches!(self.stream.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+    }
+}
+
+pub(crate) fn checkout(upstream: u64) -> Option<Upstream> {
+    IDLE.with(|p| p.borrow_mut().take(upstream, Upstream::still_open))
+}
+
+pub(crate) fn release(upstream: u64, conn: Upstream) {
+    IDLE.with(|p| p.borrow_mut().put(upstream, conn));
+}
+
+/// Writes the whole request head (and any body that came with it). A pooled connection that
+/// fails before the kernel took a single byte has not taken the request
+/// ([`AttemptError::NotTaken`]); after that, any failure is the upstream's, since it may have
+/// read the request.
+pub(crate) async fn send_head(
+    up: &mut Upstream,
+    head: &[u8],
+    pooled: bool,
+) -> Result<(), AttemptError> {
+    let failed = |e: io::Error| UpstreamError::protocol(format!("write: {e}")).into();
+    // Nearly always the socket takes the whole head at once: no future, no readiness dance.
+    let mut written = match up.stream.try_write(head) {
+        Ok(n) => n,
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
+        Err(_) if pooled => return Err(AttemptError::NotTaken),
+        Err(e) => return Err(failed(e)),
+    };
+    while written < head.len() {
+        match up.stream.write(&head[written..]).await {
+            Ok(0) => return Err(UpstreamError::protocol("write: connection closed").into()),
+            Ok(n) => written += n,
+            Err(_) if written == 0 && pooled => return Err(AttemptError::NotTaken),
+            Err(e) => return Err(failed(e)),
+        }
+    }
+    Ok(())
+}
+
+/// Reads until `up.buf` holds a complete response head; its length. `got_any`: bytes of this
+/// answer came already (an informational head). [`AttemptError::Closed`]: the connection
+/// closed before any byte of an answer came back (a kept-alive connection the upstream had just
+/// closed). A plain function around a poll, not an `async fn`: it costs the request's future no
+/// nested state machine.
+pub(crate) fn read_head(
+    up: &mut Upstream,
+    mut got_any: bool,
+    max_head: usize,
+) -> impl Future<Output = Result<usize, AttemptError>> + '_ {
+    std::future::poll_fn(move |cx| loop {
+        if let Some(len) = head_end(up.buf.unread()) {
+            return Poll::Ready(Ok(len));
+        }
+        if up.buf.unread().len() >= max_head {
+            return Poll::Ready(Err(
+                UpstreamError::protocol("response head too large").into()
+            ));
+        }
+        let failed = match ready!(up.buf.poll_fill(cx, &mut up.stream, max_head)) {
+            Ok(0) | Err(_) if !got_any => AttemptError::Closed,
+            Ok(0) => UpstreamError::protocol("upstream closed the connection mid-head").into(),
+            Ok(_) => {
+                got_any = true;
+                continue;
+            }
+            Err(e) => UpstreamError::protocol(format!("read: {e}")).into(),
+        };
+        return Poll::Ready(Err(failed));
+    })
 }
 
 // ---------------------------------------------------------------------------------------------
