@@ -81,16 +81,6 @@ fn raw_requests(router: &Router, method: &str, n: u64, connections: u64, tag: &s
     all
 }
 
-fn server_errors(version: &serde_json::Value) -> u64 {
-    version["statuses"]
-        .as_object()
-        .unwrap()
-        .iter()
-        .filter(|(code, _)| code.starts_with('5'))
-        .map(|(_, n)| n.as_u64().unwrap())
-        .sum()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upstream_resetting_five_percent_never_gets_a_post_twice_and_every_failure_counts() {
     // The upstream reads each whole request, then resets 5 % of connections without a word.
@@ -165,26 +155,6 @@ async fn an_answer_broken_off_mid_body_counts_as_the_versions_failure() {
         400 - tally.broken,
         "{st}"
     );
-}
-
-/// An HTTP/2 connection (prior knowledge, no TLS) to the router, driven in the background.
-async fn h2c<B>(r: &Router) -> hyper::client::conn::http2::SendRequest<B>
-where
-    B: hyper::body::Body + Send + Unpin + 'static,
-    B::Data: Send,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-{
-    let tcp = tokio::net::TcpStream::connect(r.base.trim_start_matches("http://"))
-        .await
-        .unwrap();
-    let (sender, conn) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(tcp),
-    )
-    .await
-    .unwrap();
-    tokio::spawn(conn);
-    sender
 }
 
 /// Sends `n` requests of `method` over one HTTP/2 connection, `concurrent` at a time, each with

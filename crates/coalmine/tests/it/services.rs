@@ -669,3 +669,128 @@ services:
         "{out}"
     );
 }
+
+/// `n` HTTP/2 requests of `method` to `http://{host}/x` over one connection to the router (at
+/// most 8 in flight), with `body`: each answer's status, 0 for a stream that broke.
+async fn h2_statuses(
+    router: &Router,
+    host: &str,
+    method: &str,
+    body: &'static [u8],
+    n: usize,
+) -> Vec<u16> {
+    use http_body_util::{BodyExt, Full};
+    let sender = h2c::<Full<bytes::Bytes>>(router).await;
+    let mut statuses = Vec::with_capacity(n);
+    for batch in (0..n).collect::<Vec<_>>().chunks(8) {
+        let tasks: Vec<_> = batch
+            .iter()
+            .map(|_| {
+                let mut sender = sender.clone();
+                let request = hyper::Request::builder()
+                    .method(method)
+                    .uri(format!("http://{host}/x"))
+                    .body(Full::new(bytes::Bytes::from_static(body)))
+                    .unwrap();
+                tokio::spawn(async move {
+                    let resp = sender.send_request(request).await?;
+                    let status = resp.status().as_u16();
+                    resp.into_body().collect().await?;
+                    Ok::<_, hyper::Error>(status)
+                })
+            })
+            .collect();
+        for t in tasks {
+            statuses.push(t.await.unwrap().unwrap_or(0));
+        }
+    }
+    statuses
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_requests_count_for_the_service_that_took_them_on_every_upstream_path() {
+    // HTTP/2 requests without a body go upstream on the router's own connections, those with
+    // one over hyper's client: answers, retries, failures and mirrored copies are all the
+    // service's, none the default service's. cart's stable resets 5 % of connections after
+    // reading a request (a GET on a reused connection is then sent again, once).
+    let (v1, v2, v3) = (
+        upstream("v1", &[]),
+        upstream("v2", &["--reset-rate", "0.05", "--seed", "17"]),
+        upstream("v3", &[]),
+    );
+    let router = router(&["--stable", &v1.url]);
+    let cart = serde_json::json!({
+        "stable": v2.url, "canary": v3.url, "canaryWeight": 0, "mirror": 100,
+        "hosts": ["cart.test"],
+    });
+    assert_eq!(put_service(&router, "cart", None, cart).await.0, 200);
+    let nowhere = format!("http://127.0.0.1:{}", free_port());
+    let gone = serde_json::json!({"stable": nowhere, "hosts": ["gone.test"]});
+    assert_eq!(put_service(&router, "gone", None, gone).await.0, 200);
+
+    let gets = h2_statuses(&router, "cart.test", "GET", b"", 400).await;
+    let posts = h2_statuses(&router, "cart.test", "POST", b"hello", 100).await;
+    let refused = h2_statuses(&router, "gone.test", "GET", b"", 20).await;
+    let seen = |s: &[u16], pred: fn(u16) -> bool| s.iter().filter(|c| pred(**c)).count() as u64;
+    assert_eq!(
+        seen(&gets, |c| c == 0) + seen(&posts, |c| c == 0),
+        0,
+        "no stream broke"
+    );
+    assert_eq!(seen(&refused, |c| c == 502), 20, "{refused:?}");
+
+    // Mirrored copies are counted when their answers have been read: wait (bounded) for all.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let cart = loop {
+        let st = get_json(&format!("{}/stats/cart", router.admin)).await;
+        let m = &st["mirror"];
+        let settled = ["requests", "failed", "dropped"]
+            .iter()
+            .map(|k| m[k].as_u64().unwrap_or(0))
+            .sum::<u64>();
+        if settled == 400 || Instant::now() > deadline {
+            break st;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let stable = &cart["stable"];
+    let failed = |s: &[u16]| seen(s, |c| c >= 500);
+    assert_eq!(stable["requests"], 500, "{cart}");
+    assert_eq!(
+        stable["statuses"]["200"].as_u64().unwrap_or(0),
+        seen(&gets, |c| c == 200) + seen(&posts, |c| c == 200),
+        "{cart}"
+    );
+    assert_eq!(
+        server_errors(stable),
+        failed(&gets) + failed(&posts),
+        "{cart}"
+    );
+    // P(no reset among 400 GETs) = 0.95^400 < 1e-8; after the first batch every GET starts
+    // on a reused connection, so a reset is retried.
+    assert!(stable["retries"].as_u64().unwrap() > 0, "{cart}");
+    assert_eq!(cart["canary"]["requests"], 0, "{cart}");
+    let mirror = &cart["mirror"];
+    assert_eq!(mirror["skippedWithBody"], 100, "{cart}");
+    assert_eq!(
+        mirror["requests"].as_u64().unwrap()
+            + mirror["failed"].as_u64().unwrap()
+            + mirror["dropped"].as_u64().unwrap(),
+        400,
+        "{cart}"
+    );
+    assert!(mirror["requests"].as_u64().unwrap() > 0, "{cart}");
+
+    let gone = get_json(&format!("{}/stats/gone", router.admin)).await;
+    assert_eq!(gone["stable"]["statuses"]["502"], 20, "{gone}");
+    assert_eq!(gone["stable"]["failures"]["connect"], 20, "{gone}");
+
+    // Nothing of it is the default service's.
+    let default = get_json(&format!("{}/stats/default", router.admin)).await;
+    for version in ["stable", "canary"] {
+        assert_eq!(default[version]["requests"], 0, "{default}");
+        assert_eq!(default[version]["retries"], 0, "{default}");
+    }
+    assert_eq!(default["mirror"]["requests"], 0, "{default}");
+    assert_eq!(default["mirror"]["skippedWithBody"], 0, "{default}");
+}

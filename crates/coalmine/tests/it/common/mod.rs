@@ -200,6 +200,37 @@ pub async fn stats(r: &Router) -> serde_json::Value {
     get_json(&format!("{}/stats", r.admin)).await
 }
 
+/// The 5xx answers one version of a `/stats` document counted.
+pub fn server_errors(version: &serde_json::Value) -> u64 {
+    version["statuses"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .filter(|(code, _)| code.starts_with('5'))
+        .map(|(_, n)| n.as_u64().unwrap())
+        .sum()
+}
+
+/// An HTTP/2 connection (prior knowledge, no TLS) to the router, driven in the background.
+pub async fn h2c<B>(r: &Router) -> hyper::client::conn::http2::SendRequest<B>
+where
+    B: hyper::body::Body + Send + Unpin + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let tcp = tokio::net::TcpStream::connect(r.base.trim_start_matches("http://"))
+        .await
+        .unwrap();
+    let (sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tcp),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    sender
+}
+
 pub async fn put_routes(r: &Router, doc: serde_json::Value) -> reqwest::Response {
     client()
         .put(format!("{}/routes", r.admin))
