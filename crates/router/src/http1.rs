@@ -1003,15 +1003,29 @@ mod tests {
         let mut routes = RoutesDoc::stable_only(stable.url.clone().into());
         routes.canary = Some(canary.url.clone().into());
         routes.mirror = crate::table::Weight::FULL;
+        routes.request_headers = serde_json::from_value(serde_json::json!({
+            "set": [{"name": "x-env", "value": "shop"}], "remove": ["x-debug"]
+        }))
+        .unwrap();
         let conn = connection(routes);
         let (mut client, _served) = serve_client(&conn);
-        let (head, _) = ask(&mut client, b"GET /m HTTP/1.1\r\nHost: a\r\n\r\n").await;
+        let get = b"GET /m HTTP/1.1\r\nHost: a\r\nX-Debug: 1\r\n\r\n";
+        let (head, _) = ask(&mut client, get).await;
         assert_eq!(status(&head), 200, "the client gets stable's answer");
-        assert!(stable.requests.recv().await.unwrap().starts_with("GET /m "));
+        let sent = stable.requests.recv().await.unwrap();
+        assert!(sent.starts_with("GET /m "), "{sent}");
         let copy = canary.requests.recv().await.unwrap();
         assert!(copy.starts_with("GET /m HTTP/1.1\r\n"), "{copy}");
         assert!(copy.contains("x-coalmine-mirror: true\r\n"), "{copy}");
         assert!(copy.contains("x-forwarded-for: 10.9.8.7\r\n"), "{copy}");
+        // The route's header changes: on the request and on its copy alike.
+        for request in [&sent, &copy] {
+            assert!(request.contains("x-env: shop\r\n"), "{request}");
+            assert!(
+                !request.to_ascii_lowercase().contains("x-debug"),
+                "{request}"
+            );
+        }
         // The copy's answer is counted once the mirror task has read it.
         let metrics = &conn.worker.shared.metrics;
         for _ in 0..1000 {

@@ -329,6 +329,47 @@ async fn http1_and_h2c_reach_http1_upstream_with_host_kept_and_xff_appended() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_routes_request_headers_reach_the_upstream_on_every_request_path() {
+    // HTTP/1.1 takes the fast path, HTTP/2 without a body the router's own upstream
+    // connections, HTTP/2 with a body hyper's client: the route's header changes on each.
+    let s = upstream("stable", &[]);
+    let r = router(&["--stable", &s.url]);
+    let changes = serde_json::json!({"requestHeaders": {
+        "set": [{"name": "x-env", "value": "shop"}],
+        "remove": ["x-debug"],
+    }});
+    let put = client()
+        .put(format!("{}/routes/default", r.admin))
+        .json(&changes)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(put.status(), 200);
+    let h2 = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .build()
+        .unwrap();
+    let paths = [
+        ("HTTP/1.1", client(), None),
+        ("HTTP/2 without a body", h2.clone(), None),
+        ("HTTP/2 with a body", h2, Some(vec![7u8; 1000])),
+    ];
+    for (path, cl, body) in paths {
+        let mut request = match &body {
+            Some(b) => cl.post(format!("{}/echo", r.base)).body(b.clone()),
+            None => cl.get(format!("{}/echo", r.base)),
+        };
+        request = request.header("x-env", "client").header("x-debug", "1");
+        let echo: serde_json::Value = request.send().await.unwrap().json().await.unwrap();
+        let headers = &echo["headers"];
+        assert_eq!(headers["x-env"], "shop", "{path}: {echo}");
+        assert!(headers.get("x-debug").is_none(), "{path}: {echo}");
+        assert_eq!(headers["x-forwarded-for"], "127.0.0.1", "{path}: {echo}");
+        assert_eq!(echo["bodyBytes"], body.map_or(0, |b| b.len()), "{path}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn websocket_upgrade_passes_through() {
     use futures_util::{SinkExt, StreamExt};
     use tokio_tungstenite::tungstenite::Message;
