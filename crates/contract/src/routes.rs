@@ -145,7 +145,7 @@ pub struct Endpoints(Vec<EndpointGroup>);
 
 /// One backend of a version: its weight among the version's groups and its endpoints.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct EndpointGroup {
     pub weight: u32,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -153,12 +153,22 @@ pub struct EndpointGroup {
     /// Why this backend does not resolve (then it has no endpoints).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub invalid: Option<String>,
+    /// Changes to the answers of this backend on their way to the client (Gateway API's
+    /// backendRef-level `ResponseHeaderModifier`: how Flagger sets its affinity cookie on the
+    /// canary's answers).
+    #[serde(
+        default,
+        deserialize_with = "header_changes",
+        skip_serializing_if = "HeaderChanges::is_empty"
+    )]
+    pub response_headers: HeaderChanges,
 }
 
 /// Where one request of a version goes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Picked<'e> {
-    Url(&'e UpstreamUrl),
+    /// An endpoint, and the backend it belongs to.
+    Url(&'e UpstreamUrl, &'e EndpointGroup),
     /// The chosen backend has no endpoint ready.
     NoEndpoint,
     /// The chosen backend does not resolve.
@@ -172,6 +182,7 @@ impl Endpoints {
             weight: 1,
             endpoints: urls,
             invalid: None,
+            response_headers: HeaderChanges::default(),
         }])
     }
 
@@ -222,10 +233,11 @@ impl Endpoints {
         }
         match group.endpoints.len() {
             0 => Picked::NoEndpoint,
-            1 => Picked::Url(&group.endpoints[0]),
+            1 => Picked::Url(&group.endpoints[0], group),
             // Multiply-shift over the low bits: no division.
             n => Picked::Url(
                 &group.endpoints[((u64::from(random as u32) * n as u64) >> 32) as usize],
+                group,
             ),
         }
     }
@@ -233,7 +245,9 @@ impl Endpoints {
     /// The single-group form: one backend of weight 1, valid.
     fn plain(&self) -> Option<&[UpstreamUrl]> {
         match self.0.as_slice() {
-            [g] if g.weight == 1 && g.invalid.is_none() => Some(&g.endpoints),
+            [g] if g.weight == 1 && g.invalid.is_none() && g.response_headers.is_empty() => {
+                Some(&g.endpoints)
+            }
             _ => None,
         }
     }
@@ -809,6 +823,14 @@ pub struct RoutesDoc {
     /// Share of stable-bound requests also copied to the canary.
     #[serde(default)]
     pub mirror: Weight,
+    /// Changes to the answer's headers on the way to the client (Gateway API's
+    /// `ResponseHeaderModifier`), before those of the backend that answered.
+    #[serde(
+        default,
+        deserialize_with = "header_changes",
+        skip_serializing_if = "HeaderChanges::is_empty"
+    )]
+    pub response_headers: HeaderChanges,
     /// Changes to the request's headers on the way upstream.
     #[serde(
         default,
@@ -841,6 +863,7 @@ impl RoutesDoc {
             affinity: None,
             mirror: Weight::ZERO,
             request_headers: HeaderChanges::default(),
+            response_headers: HeaderChanges::default(),
             owner: None,
         }
     }
@@ -1258,7 +1281,7 @@ mod tests {
         let mut seen = [0u32; 2];
         for i in 0..1000u64 {
             let draw = i.wrapping_mul(0x9e37_79b9_7f4a_7c15);
-            let Picked::Url(url) = many.stable.pick(draw) else {
+            let Picked::Url(url, _) = many.stable.pick(draw) else {
                 panic!("an endpoint")
             };
             seen[many.stable.urls().position(|u| u == url).unwrap()] += 1;
@@ -1279,7 +1302,7 @@ mod tests {
                 .wrapping_mul(6364136223846793005)
                 .wrapping_add(1442695040888963407);
             let key = match groups.pick(state ^ (state >> 29)) {
-                Picked::Url(u) => u.as_str().to_string(),
+                Picked::Url(u, _) => u.as_str().to_string(),
                 other => format!("{other:?}"),
             };
             *counts.entry(key).or_insert(0u32) += 1;

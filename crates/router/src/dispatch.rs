@@ -15,8 +15,9 @@ use http::StatusCode;
 use crate::recorder::{
     LocalFailure, Recorder, ServiceId, UpstreamFailure, INVALID_BACKEND, NO_ENDPOINTS, NO_SERVICE,
 };
+use crate::rewrite::AnswerChanges;
 use crate::route::{route, Headers, RequestView, Version};
-use crate::table::{Picked, RouteTable, ServiceTable, UpstreamUrl};
+use crate::table::{EndpointGroup, Picked, RouteTable, ServiceTable, UpstreamUrl};
 
 thread_local! {
     static RNG: Cell<u64> = Cell::new(seed_from_thread());
@@ -49,6 +50,8 @@ pub(crate) struct Dispatch<'t> {
     pub(crate) version: Version,
     /// That version's upstream.
     pub(crate) target: &'t UpstreamUrl,
+    /// The backend it belongs to (its answer changes).
+    pub(crate) backend: &'t EndpointGroup,
     /// The canary, when a copy of this stable-bound request goes to it too.
     pub(crate) mirror_to: Option<&'t UpstreamUrl>,
     /// Answer with the affinity cookie, pinning this user to the canary.
@@ -93,15 +96,15 @@ fn dispatch_with<'t, H: Headers + ?Sized>(
         Version::Stable => &doc.stable,
         Version::Canary => canary(),
     };
-    let target = match endpoints.pick(endpoint_draw) {
-        Picked::Url(url) => url,
+    let (target, backend) = match endpoints.pick(endpoint_draw) {
+        Picked::Url(url, backend) => (url, backend),
         Picked::NoEndpoint => return Err(Undeliverable::NoEndpoint(service.id, decision.version)),
         Picked::Invalid => return Err(Undeliverable::InvalidBackend),
     };
     // A canary without an endpoint gets no copy (there is nowhere to send it).
     let mirror_to = match decision.mirror {
         true => match canary().pick(endpoint_draw.rotate_left(32)) {
-            Picked::Url(url) => Some(url),
+            Picked::Url(url, _) => Some(url),
             Picked::NoEndpoint | Picked::Invalid => None,
         },
         false => None,
@@ -110,6 +113,7 @@ fn dispatch_with<'t, H: Headers + ?Sized>(
         service,
         version: decision.version,
         target,
+        backend,
         mirror_to,
         set_affinity: decision.set_affinity,
     })
@@ -139,10 +143,22 @@ pub(crate) fn answer_undeliverable(
     }
 }
 
-impl Dispatch<'_> {
+impl<'t> Dispatch<'t> {
     /// Where the service's counters are.
     pub(crate) fn counters(&self) -> ServiceId {
         self.service.id
+    }
+
+    /// What the answer gets on its way to the client: the affinity cookie, the route's and
+    /// then the backend's header changes.
+    pub(crate) fn answer_changes(&self) -> AnswerChanges<'t> {
+        AnswerChanges {
+            cookie: self.affinity_cookie(),
+            headers: [
+                &self.service.doc.response_headers,
+                &self.backend.response_headers,
+            ],
+        }
     }
 
     /// The `Set-Cookie` value pinning this user to the canary, when the decision asks for one.

@@ -28,7 +28,9 @@ use crate::drain;
 use crate::framing::{head_end, BadChunk, Framing};
 use crate::mirror;
 use crate::recorder::UpstreamFailure;
-use crate::rewrite::{header_slots, plain_response, response_head, RequestHead, ResponseHead};
+use crate::rewrite::{
+    header_slots, plain_response, response_head, AnswerChanges, RequestHead, ResponseHead,
+};
 use crate::table::RouteTable;
 use crate::upstream::{
     checkout, connect_tcp, count_broken_answer, count_failure, read_head as read_response_head,
@@ -230,7 +232,7 @@ async fn read_response<I: AsyncWrite + Unpin>(
     client: &mut I,
     head_method: bool,
     close: bool,
-    set_cookie: Option<&[u8]>,
+    changes: &AnswerChanges<'_>,
     max_head: usize,
     out: &mut Vec<u8>,
 ) -> Result<ResponseHead, AttemptError> {
@@ -238,7 +240,7 @@ async fn read_response<I: AsyncWrite + Unpin>(
     loop {
         let len = read_response_head(up, informational, max_head).await?;
         out.clear();
-        let resp = response_head(&up.buf.unread()[..len], head_method, close, set_cookie, out)
+        let resp = response_head(&up.buf.unread()[..len], head_method, close, changes, out)
             .map_err(UpstreamError::protocol)?;
         up.buf.consume(len);
         if !(100..200).contains(&resp.status) {
@@ -411,7 +413,7 @@ where
     };
     let _in_flight = worker.recorder.enter();
     let (service, version, target) = (request.to.counters(), request.to.version, request.to.target);
-    let set_cookie = request.to.affinity_cookie();
+    let answer_changes = request.to.answer_changes();
     let timeout = options.response_timeout;
     let request_stalls = Stalls {
         // A client that stops sending its body: the client's failure. An upstream that stops
@@ -435,7 +437,7 @@ where
             },
         };
         let close = request.close || guard.is_draining();
-        let cookie = set_cookie.as_ref().map(|c| c.as_bytes());
+        let changes = &answer_changes;
         let read = if body_done {
             // The request is complete already: one timer for the whole exchange.
             let exchange = async {
@@ -445,7 +447,7 @@ where
                     io,
                     request.head_method,
                     close,
-                    cookie,
+                    changes,
                     MAX_RESPONSE_HEAD,
                     client_out,
                 );
@@ -465,7 +467,7 @@ where
                 timeout,
                 stalls: request_stalls,
                 close,
-                cookie,
+                changes,
             };
             Box::pin(streamed.send(&mut up, io, buf, client_out)).await
         };
@@ -561,7 +563,7 @@ struct StreamedRequest<'a, 't> {
     timeout: Duration,
     stalls: Stalls,
     close: bool,
-    cookie: Option<&'a [u8]>,
+    changes: &'a AnswerChanges<'a>,
 }
 
 impl StreamedRequest<'_, '_> {
@@ -605,7 +607,7 @@ impl StreamedRequest<'_, '_> {
             io,
             self.request.head_method,
             self.close,
-            self.cookie,
+            self.changes,
             MAX_RESPONSE_HEAD,
             client_out,
         );

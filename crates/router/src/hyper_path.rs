@@ -788,7 +788,7 @@ pub async fn handle(
     };
     let (service, version, target) = (to.counters(), to.version, to.target);
     let changes = &to.service.doc.request_headers;
-    let affinity_cookie = to.affinity_cookie();
+    let answer_changes = to.answer_changes();
     if let Some(canary) = to.mirror_to {
         mirror(worker, &req, client, (service, changes), canary);
     }
@@ -805,9 +805,7 @@ pub async fn handle(
         let streamed = proxy_streamed(worker, client, req, at, (target, changes), started);
         return Ok(match Box::pin(streamed).await {
             Ok(mut resp) => {
-                if let Some(c) = affinity_cookie {
-                    resp.headers_mut().append(header::SET_COOKIE, c);
-                }
+                answer_changes.apply(resp.headers_mut());
                 resp
             }
             Err(own) => own,
@@ -839,9 +837,7 @@ pub async fn handle(
                 status: head.status,
                 head_elapsed: started.elapsed(),
             };
-            if let Some(c) = affinity_cookie {
-                parts.headers.append(header::SET_COOKIE, c);
-            }
+            answer_changes.apply(&mut parts.headers);
             let body = OwnedAnswer::new(
                 up,
                 target.id(),

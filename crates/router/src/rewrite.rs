@@ -425,14 +425,61 @@ impl<'h> ParsedResponse<'_, 'h> {
     }
 }
 
+/// What the router changes in an answer's head on its way to the client (final answers only):
+/// the affinity cookie, and the route's then the backend's header changes (a later one wins a
+/// header both set).
+#[derive(Clone, Debug)]
+pub(crate) struct AnswerChanges<'a> {
+    pub(crate) cookie: Option<HeaderValue>,
+    pub(crate) headers: [&'a HeaderChanges; 2],
+}
+
+impl AnswerChanges<'_> {
+    fn changes(&self) -> impl Iterator<Item = &HeaderChanges> {
+        self.headers.into_iter().filter(|c| !c.is_empty())
+    }
+
+    /// Whether the upstream's field of this name is dropped (set anew or removed).
+    fn drops(&self, name: &[u8]) -> bool {
+        self.changes().any(|c| c.drops(name))
+    }
+
+    /// The fields added, in the raw form: a route's, unless the backend's changes replace
+    /// them, then the backend's; then the cookie.
+    fn write_raw(&self, out: &mut Vec<u8>) {
+        let [route, backend] = self.headers;
+        for h in route.appended() {
+            if !backend.drops(h.name.as_str().as_bytes()) {
+                put_header(out, h.name.as_str().as_bytes(), h.value.as_bytes());
+            }
+        }
+        for h in backend.appended() {
+            put_header(out, h.name.as_str().as_bytes(), h.value.as_bytes());
+        }
+        if let Some(cookie) = &self.cookie {
+            put_header(out, b"set-cookie", cookie.as_bytes());
+        }
+    }
+
+    /// The same on hyper's form of an answer.
+    pub(crate) fn apply(self, headers: &mut HeaderMap) {
+        for changes in self.changes() {
+            change_headers(headers, changes);
+        }
+        if let Some(cookie) = self.cookie {
+            headers.append(header::SET_COOKIE, cookie);
+        }
+    }
+}
+
 /// Reads a complete response head (to a `HEAD` request when `head_method`) and writes the
 /// client's into `out` (after what `out` holds): hop-by-hop headers and the ones `Connection`
-/// names dropped, the affinity cookie and `Connection: close` added when asked.
+/// names dropped, the route's answer changes and `Connection: close` added when asked.
 pub(crate) fn response_head(
     head: &[u8],
     head_method: bool,
     close: bool,
-    set_cookie: Option<&[u8]>,
+    changes: &AnswerChanges<'_>,
     out: &mut Vec<u8>,
 ) -> Result<ResponseHead, &'static str> {
     let mut storage = [httparse::EMPTY_HEADER; MAX_HEADERS];
@@ -445,15 +492,14 @@ pub(crate) fn response_head(
     out.extend_from_slice(resp.reason.as_bytes());
     out.extend_from_slice(b"\r\n");
     // The body passes through unchanged, so its coding is said as the upstream said it.
+    let final_answer = !resp.is_informational();
     for (h, k) in resp.headers.iter().zip(resp.kinds) {
-        if resp.keeps(h, k, true) {
+        if resp.keeps(h, k, true) && !(final_answer && changes.drops(h.name.as_bytes())) {
             put_header(out, h.name.as_bytes(), h.value);
         }
     }
-    if !resp.is_informational() {
-        if let Some(cookie) = set_cookie {
-            put_header(out, b"set-cookie", cookie);
-        }
+    if final_answer {
+        changes.write_raw(out);
         if resp.head.close {
             out.extend_from_slice(b"connection: close\r\n");
         }
@@ -918,9 +964,56 @@ mod tests {
         close: bool,
         cookie: Option<&[u8]>,
     ) -> Result<(String, ResponseHead), &'static str> {
+        let none = HeaderChanges::default();
+        let changes = AnswerChanges {
+            cookie: cookie.map(|c| HeaderValue::from_bytes(c).unwrap()),
+            headers: [&none, &none],
+        };
         let mut out = Vec::new();
-        let r = response_head(head.as_bytes(), head_method, close, cookie, &mut out)?;
+        let r = response_head(head.as_bytes(), head_method, close, &changes, &mut out)?;
         Ok((String::from_utf8(out).unwrap(), r))
+    }
+
+    #[test]
+    fn a_routes_and_a_backends_answer_changes_are_the_same_on_both_forms() {
+        let route: HeaderChanges = serde_json::from_value(serde_json::json!({
+            "set": [{"name": "x-served-by", "value": "edge"}, {"name": "x-tier", "value": "route"}],
+            "remove": ["server"]
+        }))
+        .unwrap();
+        let backend: HeaderChanges = serde_json::from_value(serde_json::json!({
+            "set": [{"name": "x-tier", "value": "canary"}],
+            "add": [{"name": "set-cookie", "value": "flagger-cookie=abc; Max-Age=60"}]
+        }))
+        .unwrap();
+        let changes = AnswerChanges {
+            cookie: None,
+            headers: [&route, &backend],
+        };
+        let upstream =
+            "HTTP/1.1 200 OK\r\nServer: nginx\r\nX-Tier: upstream\r\nContent-Length: 0\r\n\r\n";
+        let mut out = Vec::new();
+        response_head(upstream.as_bytes(), false, false, &changes, &mut out).unwrap();
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "HTTP/1.1 200 OK\r\nContent-Length: 0\r\nx-served-by: edge\r\nx-tier: canary\r\n\
+             set-cookie: flagger-cookie=abc; Max-Age=60\r\n\r\n"
+        );
+        // hyper's form: the same headers.
+        let (mut parts, _) = response_parts(upstream.as_bytes(), false).unwrap();
+        changes.apply(&mut parts.headers);
+        let get = |n: &str| -> Vec<&str> {
+            parts
+                .headers
+                .get_all(n)
+                .iter()
+                .map(|v| v.to_str().unwrap())
+                .collect()
+        };
+        assert!(get("server").is_empty());
+        assert_eq!(get("x-tier"), ["canary"]);
+        assert_eq!(get("x-served-by"), ["edge"]);
+        assert_eq!(get("set-cookie"), ["flagger-cookie=abc; Max-Age=60"]);
     }
 
     /// [`answer`] to a GET, the client's connection staying open, no affinity cookie.

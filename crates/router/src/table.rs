@@ -23,10 +23,10 @@ use std::collections::HashMap;
 use xxhash_rust::xxh3::xxh3_64;
 
 pub use coalmine_contract::{
-    check_service_name, check_services, services_list, Affinity, Condition, Endpoints,
-    HeaderChanges, HeaderName, HostPattern, Invalid, MatchRule, PathMatch, PathPrefix, Picked,
-    RoutesDoc, ServedRoutes, StickyKey, StrMatch, Subject, UpstreamUrl, Weight, DEFAULT_SERVICE,
-    OWNER_HEADER,
+    check_service_name, check_services, services_list, Affinity, Condition, EndpointGroup,
+    Endpoints, HeaderChanges, HeaderName, HostPattern, Invalid, MatchRule, PathMatch, PathPrefix,
+    Picked, RoutesDoc, ServedRoutes, StickyKey, StrMatch, Subject, UpstreamUrl, Weight,
+    DEFAULT_SERVICE, OWNER_HEADER,
 };
 
 use crate::recorder::{Metrics, ServiceId};

@@ -107,9 +107,14 @@ fn flagger_route(canary: i64) -> Value {
                                  {"name": "podinfo-canary", "port": 9898, "weight": 100}]},
                 {"matches": [{"path": {"type": "PathPrefix", "value": "/"}}],
                  "filters": [{"type": "RequestHeaderModifier", "requestHeaderModifier": {
-                     "set": [{"name": "x-env", "value": "prod"}], "remove": ["x-debug"]}}],
+                     "set": [{"name": "x-env", "value": "prod"}], "remove": ["x-debug"]}},
+                             {"type": "ResponseHeaderModifier", "responseHeaderModifier": {
+                     "set": [{"name": "x-served-by", "value": "coalmine-gateway"}]}}],
+                 // Flagger's session affinity: its cookie on the canary's answers only.
                  "backendRefs": [{"name": "podinfo-primary", "port": 9898, "weight": 100 - canary},
-                                 {"name": "podinfo-canary", "port": 9898, "weight": canary}]},
+                                 {"name": "podinfo-canary", "port": 9898, "weight": canary, "filters": [
+                                     {"type": "ResponseHeaderModifier", "responseHeaderModifier": {
+                                         "add": [{"name": "Set-Cookie", "value": "flagger-cookie=v2; Max-Age=60"}]}}]}]},
             ],
         },
     })
@@ -378,6 +383,28 @@ async fn the_router_programs_itself_from_an_httproute_and_follows_a_weight_chang
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let programmed_in = changed.elapsed();
+    // Every answer says which gateway served it; the canary's carry Flagger's cookie, the
+    // primary's never.
+    let c = client();
+    let (mut canary_cookies, mut primary_cookies) = (0, 0);
+    for _ in 0..100 {
+        let r = c
+            .get(format!("{}/", router.base))
+            .header("host", "app.example.com")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.headers()["x-served-by"], "coalmine-gateway");
+        let cookie = r.headers().get("set-cookie").is_some();
+        match r.headers()["x-upstream"].to_str().unwrap() {
+            "canary" => canary_cookies += usize::from(cookie),
+            _ => primary_cookies += usize::from(cookie),
+        }
+    }
+    assert!(
+        canary_cookies > 0 && primary_cookies == 0,
+        "{canary_cookies} / {primary_cookies}"
+    );
     let split = answered_by(&router, 2_000, &[]).await;
     let canary = count(&split, "canary");
     let chi2 = chi_square(canary, split.len(), 0.2);

@@ -26,9 +26,8 @@
 use std::collections::{BTreeMap, HashMap};
 
 use coalmine_contract::{
-    Condition as MatchCondition, EndpointGroup, Endpoints, HeaderChanges, HeaderName,
-    HeaderValueSpec, HostPattern, MatchRule, PathMatch, PathPrefix, RoutesDoc, StrMatch, Subject,
-    UpstreamUrl, Weight,
+    Condition as MatchCondition, EndpointGroup, Endpoints, HeaderChanges, HeaderName, HostPattern,
+    MatchRule, PathMatch, PathPrefix, RoutesDoc, StrMatch, Subject, UpstreamUrl, Weight,
 };
 use gateway_api::gatewayclasses::GatewayClass;
 use gateway_api::gateways::{
@@ -36,8 +35,8 @@ use gateway_api::gateways::{
 };
 use gateway_api::httproutes::{
     HttpRoute, HttpRouteParentRefs, HttpRouteRules, HttpRouteRulesBackendRefs,
-    HttpRouteRulesFilters, HttpRouteRulesFiltersType, HttpRouteRulesMatches,
-    HttpRouteRulesMatchesHeadersType, HttpRouteRulesMatchesPathType,
+    HttpRouteRulesBackendRefsFiltersType, HttpRouteRulesFilters, HttpRouteRulesFiltersType,
+    HttpRouteRulesMatches, HttpRouteRulesMatchesHeadersType, HttpRouteRulesMatchesPathType,
     HttpRouteRulesMatchesQueryParamsType,
 };
 use gateway_api::referencegrants::ReferenceGrant;
@@ -643,6 +642,7 @@ fn invalid(why: &str) -> Endpoints {
         weight: 1,
         endpoints: Vec::new(),
         invalid: Some(why.to_string()),
+        response_headers: HeaderChanges::default(),
     }])
 }
 
@@ -697,11 +697,21 @@ fn build_services(
             .iter()
             .flatten()
             .map(|b: &HttpRouteRulesBackendRefs| {
-                if b.filters.as_ref().is_some_and(|f| !f.is_empty()) {
-                    return Err(format!(
-                        "rules[{i}]: filters on a backendRef ({}) are not supported",
-                        b.name
-                    ));
+                // A backend's own answer changes (how Flagger sets its affinity cookie on the
+                // canary's answers); its other filters the router does not have.
+                let mut answers = HeaderChanges::default();
+                for f in b.filters.iter().flatten() {
+                    match (&f.r#type, &f.response_header_modifier) {
+                        (HttpRouteRulesBackendRefsFiltersType::ResponseHeaderModifier, Some(m)) => {
+                            answers = header_modifier(&format!("rules[{i}].backendRefs"), m)?;
+                        }
+                        (other, _) => {
+                            return Err(format!(
+                                "rules[{i}]: filter {other:?} on backendRef {} is not supported by Coalmine's router",
+                                b.name
+                            ))
+                        }
+                    }
                 }
                 let resolved = resolve(
                     &b.name,
@@ -716,16 +726,22 @@ fn build_services(
                         weight,
                         endpoints: urls,
                         invalid: None,
+                        response_headers: answers,
                     },
                     Err(why) => EndpointGroup {
                         weight,
                         endpoints: Vec::new(),
                         invalid: Some(why),
+                        response_headers: answers,
                     },
                 })
             })
             .collect::<Result<_, _>>()?;
-        let (changes, mirror) = filters(i, rule, &mut resolve)?;
+        let RuleFilters {
+            requests,
+            answers,
+            mirror,
+        } = filters(i, rule, &mut resolve)?;
         let total: u64 = backends.iter().map(|b| u64::from(b.weight)).sum();
         let (stable, canary, canary_weight) = match backends.as_slice() {
             [] => (invalid("the rule has no backendRefs"), None, Weight::ZERO),
@@ -771,7 +787,8 @@ fn build_services(
             doc.paths = selectors.paths;
             doc.methods = selectors.methods;
             doc.headers = selectors.rules;
-            doc.request_headers = changes.clone();
+            doc.request_headers = requests.clone();
+            doc.response_headers = answers.clone();
             doc.canary = canary.clone();
             doc.canary_weight = canary_weight;
             doc.mirror = mirror_share;
@@ -785,8 +802,22 @@ fn build_services(
     Ok((services, resolved))
 }
 
-/// A rule's filters: its header changes and its mirror (the target's endpoints and share).
-#[allow(clippy::type_complexity)]
+/// A header modifier filter (`RequestHeaderModifier`, `ResponseHeaderModifier`, at a rule or a
+/// backendRef: all `{set, add, remove}`) as the router's changes, checked as the router checks
+/// them.
+fn header_modifier(at: &str, modifier: &impl serde::Serialize) -> Result<HeaderChanges, String> {
+    let json = serde_json::to_value(modifier).map_err(|e| format!("{at}: {e}"))?;
+    serde_json::from_value(json).map_err(|e| format!("{at}: {e}"))
+}
+
+/// A rule's filters: what it changes in requests and in answers, and its mirror (the target's
+/// endpoints and share).
+struct RuleFilters {
+    requests: HeaderChanges,
+    answers: HeaderChanges,
+    mirror: Option<(Endpoints, Weight)>,
+}
+
 fn filters(
     i: usize,
     rule: &HttpRouteRules,
@@ -797,40 +828,31 @@ fn filters(
         Option<&String>,
         Option<i32>,
     ) -> Result<Vec<UpstreamUrl>, String>,
-) -> Result<(HeaderChanges, Option<(Endpoints, Weight)>), String> {
-    let mut changes = HeaderChanges::default();
-    let mut mirror = None;
+) -> Result<RuleFilters, String> {
+    let mut out = RuleFilters {
+        requests: HeaderChanges::default(),
+        answers: HeaderChanges::default(),
+        mirror: None,
+    };
+    let at = format!("rules[{i}].filters");
     for filter in rule.filters.iter().flatten() {
         let f: &HttpRouteRulesFilters = filter;
         match f.r#type {
             HttpRouteRulesFiltersType::RequestHeaderModifier => {
-                let Some(m) = &f.request_header_modifier else {
-                    continue;
-                };
-                let value = |name: &str, value: &str| -> Result<HeaderValueSpec, String> {
-                    serde_json::from_value(serde_json::json!({"name": name, "value": value}))
-                        .map_err(|e| format!("rules[{i}].filters: {e}"))
-                };
-                for s in m.set.iter().flatten() {
-                    changes.set.push(value(&s.name, &s.value)?);
+                if let Some(m) = &f.request_header_modifier {
+                    out.requests = header_modifier(&at, m)?;
                 }
-                for a in m.add.iter().flatten() {
-                    changes.add.push(value(&a.name, &a.value)?);
+            }
+            HttpRouteRulesFiltersType::ResponseHeaderModifier => {
+                if let Some(m) = &f.response_header_modifier {
+                    out.answers = header_modifier(&at, m)?;
                 }
-                for r in m.remove.iter().flatten() {
-                    changes.remove.push(
-                        HeaderName::parse(r).map_err(|e| format!("rules[{i}].filters: {e}"))?,
-                    );
-                }
-                let checked: Result<HeaderChanges, _> =
-                    serde_json::from_value(serde_json::to_value(&changes).expect("serializes"));
-                checked.map_err(|e| format!("rules[{i}].filters: {e}"))?;
             }
             HttpRouteRulesFiltersType::RequestMirror => {
                 let Some(m) = &f.request_mirror else {
                     continue;
                 };
-                if mirror.is_some() {
+                if out.mirror.is_some() {
                     return Err(format!("rules[{i}]: more than one RequestMirror"));
                 }
                 let b = &m.backend_ref;
@@ -852,7 +874,7 @@ fn filters(
                     b.kind.as_ref(),
                     b.port,
                 ) {
-                    mirror = Some((Endpoints::new(urls), share));
+                    out.mirror = Some((Endpoints::new(urls), share));
                 }
             }
             ref other => {
@@ -862,10 +884,9 @@ fn filters(
             }
         }
     }
-    Ok((changes, mirror))
+    Ok(out)
 }
 
-/// A match's paths and its header and query conditions.
 /// What one `HTTPRouteMatch` selects, as a router service's selectors.
 struct Selectors {
     paths: Vec<PathMatch>,
@@ -1528,5 +1549,50 @@ mod tests {
             [("team-a", true), ("team-b", false), ("team-c", false)]
         );
         assert_eq!(t.gateways[0].listeners[0].attached_routes, 1);
+    }
+
+    #[test]
+    fn flaggers_session_affinity_sets_its_cookie_on_the_canarys_answers_only() {
+        // What provider gatewayapi writes for sessionAffinity (Flagger's gateway_api.go): a
+        // rule for requests carrying the cookie, and the Set-Cookie on the canary's backend.
+        let sticky = route(
+            "podinfo",
+            "shop",
+            json!({"parentRefs": [{"name": "edge"}],
+            "rules": [
+                {"matches": [{"headers": [{"name": "Cookie", "type": "RegularExpression", "value": ".*flagger-cookie=abc.*"}]}],
+                 "backendRefs": [{"name": "podinfo-primary", "port": 9898, "weight": 0},
+                                 {"name": "podinfo-canary", "port": 9898, "weight": 100}]},
+                {"filters": [{"type": "ResponseHeaderModifier",
+                              "responseHeaderModifier": {"set": [{"name": "x-route", "value": "podinfo"}]}}],
+                 "backendRefs": [{"name": "podinfo-primary", "port": 9898, "weight": 90},
+                                 {"name": "podinfo-canary", "port": 9898, "weight": 10, "filters": [
+                                     {"type": "ResponseHeaderModifier", "responseHeaderModifier": {
+                                         "add": [{"name": "Set-Cookie", "value": "flagger-cookie=abc; Max-Age=86400"}]}}]}]},
+            ]}),
+        );
+        let t = translate(&cluster(vec![sticky]), CONTROLLER_NAME);
+        assert!(
+            t.routes[0].parents[0].conditions[0].status,
+            "{:?}",
+            t.routes[0].parents[0]
+        );
+        let weighed = &t.table[1];
+        assert_eq!(weighed.response_headers.set[0].value, "podinfo");
+        let canary = &weighed.canary.as_ref().unwrap().groups()[0];
+        assert_eq!(canary.response_headers.add[0].name.as_str(), "set-cookie");
+        assert!(weighed.stable.groups()[0].response_headers.is_empty());
+        // Another backend filter is still refused by name.
+        let rewrite = route(
+            "rewrite",
+            "shop",
+            json!({"parentRefs": [{"name": "edge"}], "rules": [{"backendRefs": [
+                {"name": "podinfo-primary", "port": 9898, "filters": [
+                    {"type": "URLRewrite", "urlRewrite": {"hostname": "x.test"}}]}]}]}),
+        );
+        let t = translate(&cluster(vec![rewrite]), CONTROLLER_NAME);
+        let accepted = &t.routes[0].parents[0].conditions[0];
+        assert_eq!(accepted.reason, "UnsupportedValue");
+        assert!(accepted.message.contains("UrlRewrite"), "{accepted:?}");
     }
 }
