@@ -210,6 +210,8 @@ pub fn translate(view: &ClusterView, controller: &str) -> Translation {
         .collect();
     let endpoints = EndpointIndex::new(view);
     let mut attached: HashMap<(String, String, String), i32> = HashMap::new();
+    // Each service name in the table, with the route (`namespace/name`) it is of.
+    let mut service_owners: HashMap<String, String> = HashMap::new();
     let mut routes: Vec<&HttpRoute> = view.routes.iter().collect();
     // Gateway API's tie-break: the oldest route first, then namespace/name.
     routes.sort_by_key(|r| {
@@ -270,13 +272,16 @@ pub fn translate(view: &ClusterView, controller: &str) -> Translation {
         let key = (namespace.clone(), route.name_any());
         let mut built = build_services(route, &namespace, &endpoints, &view.grants);
         let mut serving = Some(route);
+        let mut services = Vec::new();
         if let Err(unsupported) = &built {
             // The last spec accepted keeps serving (with today's endpoints), said in the
             // condition's message.
             serving = view.last_accepted.get(&key);
             if let Some(last) = serving {
-                if let Ok(services) = build_services(last, &namespace, &endpoints, &view.grants) {
-                    out_table_push(&mut out.table, &services.0, &hosts, &parents);
+                if let Ok(last_services) =
+                    build_services(last, &namespace, &endpoints, &view.grants)
+                {
+                    services = last_services.0;
                 }
                 built = Err(format!(
                     "{unsupported}; generation {}, the last accepted, keeps serving",
@@ -284,13 +289,31 @@ pub fn translate(view: &ClusterView, controller: &str) -> Translation {
                 ));
             }
         }
+        if let Ok((built_services, _)) = &built {
+            services = built_services.clone();
+        }
+        // A service name an earlier route's services hold (a name shortened by a hash, taken
+        // by a route named that way) refuses this route alone: the router takes no table that
+        // names a service twice, and would then follow no route's change at all.
+        let accepted_somewhere = parents.iter().any(|(_, c)| c.status);
+        if accepted_somewhere {
+            if let Some(owner) = services.iter().find_map(|s| service_owners.get(&s.service)) {
+                built = Err(format!(
+                    "its service names (prefix {:?}) are already HTTPRoute {owner}'s; rename this route",
+                    route_service_prefix(&namespace, &route.name_any())
+                ));
+                services.clear();
+                serving = None;
+            }
+            for service in &services {
+                service_owners.insert(service.service.clone(), format!("{}/{}", key.0, key.1));
+            }
+        }
         let resolved = match &built {
             Ok((_, resolved)) => resolved.clone(),
             Err(_) => Cond::yes("ResolvedRefs", "ResolvedRefs", ""),
         };
-        if let Ok((services, _)) = &built {
-            out_table_push(&mut out.table, services, &hosts, &parents);
-        }
+        out_table_push(&mut out.table, &services, &hosts, &parents);
         if let Some(route) = serving.filter(|_| parents.iter().any(|(_, c)| c.status)) {
             out.accepted.insert(key, route.clone());
         }
@@ -1594,5 +1617,54 @@ mod tests {
         let accepted = &t.routes[0].parents[0].conditions[0];
         assert_eq!(accepted.reason, "UnsupportedValue");
         assert!(accepted.message.contains("UrlRewrite"), "{accepted:?}");
+    }
+
+    #[test]
+    fn a_route_whose_service_names_an_older_route_holds_is_refused_alone_and_the_table_stays_whole()
+    {
+        // A long route name is shortened to 31 characters and a hash; a route of the same
+        // namespace may be named exactly that shortened form. The table must not carry one
+        // service name twice (the router refuses such a table whole, freezing every route).
+        let long = "checkout-frontend-production-europe-west-canary";
+        let taken = route_service_prefix("shop", long);
+        assert_ne!(taken, format!("shop.{long}"), "the name is shortened");
+        let twin_name = taken.strip_prefix("shop.").unwrap();
+        let mut older = route(
+            long,
+            "shop",
+            json!({"parentRefs": [{"name": "edge"}],
+            "rules": [{"backendRefs": [{"name": "podinfo-primary", "port": 9898}]}]}),
+        );
+        older.metadata.creation_timestamp =
+            Some(serde_json::from_value(json!("2026-01-01T00:00:00Z")).unwrap());
+        let mut twin = route(
+            twin_name,
+            "shop",
+            json!({"parentRefs": [{"name": "edge"}],
+            "rules": [{"backendRefs": [{"name": "podinfo-canary", "port": 9898}]}]}),
+        );
+        twin.metadata.creation_timestamp =
+            Some(serde_json::from_value(json!("2026-02-01T00:00:00Z")).unwrap());
+        assert_eq!(route_service_prefix("shop", twin_name), taken);
+        let t = translate(&cluster(vec![twin, older]), CONTROLLER_NAME);
+        coalmine_contract::check_services(&t.table).expect("a table the router takes");
+        assert_eq!(t.table.len(), 1, "{:?}", t.table);
+        assert_eq!(t.table[0].name, format!("shop/{long}"));
+        assert_eq!(
+            urls(&t.table[0].stable),
+            ["http://10.231.0.2:8080", "http://10.231.0.3:8080"]
+        );
+        let state = |name: &str| {
+            t.routes
+                .iter()
+                .find(|r| r.name == name)
+                .map(|r| r.parents[0].conditions[0].clone())
+                .unwrap()
+        };
+        assert!(state(long).status, "{:?}", state(long));
+        let refused = state(twin_name);
+        assert!(!refused.status);
+        assert_eq!(refused.reason, "UnsupportedValue");
+        assert!(refused.message.contains(long), "{refused:?}");
     }
 }
