@@ -449,28 +449,48 @@ fn attach(
     }
     let route_hosts: Vec<&String> = route.spec.hostnames.iter().flatten().collect();
     let mut hosts = Vec::new();
+    // Names the API takes but the router cannot match (a label longer than DNS's 63
+    // characters): they take no host, never every host.
+    let mut unmatchable: Vec<String> = Vec::new();
+    let mut pattern = |name: &str| match HostPattern::parse(name) {
+        Ok(p) => Some(p),
+        Err(_) => {
+            if !unmatchable.iter().any(|u| u == name) {
+                unmatchable.push(name.to_string());
+            }
+            None
+        }
+    };
     for listener in allowed {
         let listener_host = listener.hostname.as_deref();
         if route_hosts.is_empty() {
-            hosts.push((
-                listener.name.clone(),
-                listener_host.and_then(|h| HostPattern::parse(h).ok()),
-            ));
+            match listener_host {
+                None => hosts.push((listener.name.clone(), None)),
+                Some(h) => {
+                    if let Some(p) = pattern(h) {
+                        hosts.push((listener.name.clone(), Some(p)));
+                    }
+                }
+            }
             continue;
         }
         for h in &route_hosts {
-            if let Some(both) = intersect(listener_host, h) {
-                hosts.push((listener.name.clone(), HostPattern::parse(&both).ok()));
+            if let Some(p) = intersect(listener_host, h).and_then(|both| pattern(&both)) {
+                hosts.push((listener.name.clone(), Some(p)));
             }
         }
     }
     if hosts.is_empty() {
+        let message = if unmatchable.is_empty() {
+            "none of the route's hostnames is one its listeners take".to_string()
+        } else {
+            format!(
+                "no hostname the router can match: {} (a DNS label has at most 63 characters)",
+                unmatchable.join(", ")
+            )
+        };
         return (
-            Cond::no(
-                "Accepted",
-                "NoMatchingListenerHostname",
-                "none of the route's hostnames is one its listeners take",
-            ),
+            Cond::no("Accepted", "NoMatchingListenerHostname", message),
             Vec::new(),
         );
     }
@@ -1666,5 +1686,43 @@ mod tests {
         assert!(!refused.status);
         assert_eq!(refused.reason, "UnsupportedValue");
         assert!(refused.message.contains(long), "{refused:?}");
+    }
+
+    #[test]
+    fn a_hostname_the_router_cannot_match_is_never_widened_to_every_host() {
+        // Gateway API's hostname pattern takes a label of any length; a DNS label (and the
+        // router's host match) has at most 63 characters.
+        let too_long = format!("{}.example.com", "a".repeat(64));
+        let bad_route_host = route(
+            "long-host",
+            "shop",
+            json!({"parentRefs": [{"name": "edge"}], "hostnames": [too_long],
+            "rules": [{"backendRefs": [{"name": "podinfo-canary", "port": 9898}]}]}),
+        );
+        let t = translate(&cluster(vec![bad_route_host]), CONTROLLER_NAME);
+        assert!(
+            t.table.iter().all(|s| !s.hosts.is_empty()),
+            "a route for one host must not take every host: {:?}",
+            t.table
+        );
+        let accepted = &t.routes[0].parents[0].conditions[0];
+        assert!(!accepted.status, "{accepted:?}");
+        assert!(accepted.message.contains(&too_long), "{accepted:?}");
+        // A listener's own hostname alike: its routes take none of it, not every host.
+        let mut view = cluster(vec![route(
+            "any",
+            "shop",
+            json!({"parentRefs": [{"name": "edge"}],
+            "rules": [{"backendRefs": [{"name": "podinfo-canary", "port": 9898}]}]}),
+        )]);
+        view.gateways = vec![gateway(
+            json!([{"name": "web", "port": 80, "protocol": "HTTP", "hostname": too_long}]),
+        )];
+        let t = translate(&view, CONTROLLER_NAME);
+        assert!(
+            t.table.iter().all(|s| !s.hosts.is_empty()),
+            "a listener for one host must not take every host: {:?}",
+            t.table
+        );
     }
 }
