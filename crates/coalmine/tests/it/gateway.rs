@@ -679,3 +679,32 @@ async fn a_failing_canary_behind_coalmines_gateway_is_rolled_back_by_the_operato
         during.len()
     );
 }
+
+/// A route moved from Coalmine's Gateway to another: the router takes its entry out of the
+/// route's `status.parents` (an `Accepted=True` left behind would say it still routes it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_route_moved_to_another_gateway_loses_the_routers_status_entry() {
+    let cluster = gateway_cluster().await;
+    let kube = cluster.client();
+    let routes = gateway_api(&kube, "HTTPRoute", "httproutes");
+    create(&routes, flagger_route(0)).await;
+    let _router = gateway_router(&cluster);
+    let ours = |s: &Value| {
+        s["parents"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|p| p["controllerName"] == "coalmine.dev/gateway")
+    };
+    let status = until_status(&routes, "podinfo", ours).await;
+    assert!(is_true(&status["parents"][0]["conditions"], "Accepted"));
+    routes
+        .patch(
+            "podinfo",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"parentRefs": [{"name": "elsewhere"}]}})),
+        )
+        .await
+        .unwrap();
+    until_status(&routes, "podinfo", |s| !ours(s)).await;
+}

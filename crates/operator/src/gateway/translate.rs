@@ -267,6 +267,15 @@ pub fn translate(view: &ClusterView, controller: &str) -> Translation {
             unique
         };
         if parents.is_empty() {
+            // Not (or no longer) ours: our entries in its status, if any, are taken out.
+            if has_our_status(route, controller) {
+                out.routes.push(RouteState {
+                    namespace,
+                    name: route.name_any(),
+                    generation: generation(&route.metadata),
+                    parents: Vec::new(),
+                });
+            }
             continue;
         }
         let key = (namespace.clone(), route.name_any());
@@ -343,6 +352,15 @@ pub fn translate(view: &ClusterView, controller: &str) -> Translation {
         out.gateways.push(gateway_state(gateway, &attached));
     }
     out
+}
+
+/// Whether the route's status has an entry this router (`controller`) wrote.
+fn has_our_status(route: &HttpRoute, controller: &str) -> bool {
+    route
+        .status
+        .iter()
+        .flat_map(|s| &s.parents)
+        .any(|p| p.controller_name == controller)
 }
 
 /// A route's services into the table, when some parent accepted it, with its hosts.
@@ -1724,5 +1742,38 @@ mod tests {
             "a listener for one host must not take every host: {:?}",
             t.table
         );
+    }
+
+    #[test]
+    fn a_route_that_left_our_gateways_loses_our_status_entries_and_keeps_the_others() {
+        // Moved to another implementation's Gateway: our `Accepted=True` would stay behind
+        // and say the router carries a route it no longer routes.
+        let with_status = |name: &str, parents: serde_json::Value| -> HttpRoute {
+            let mut r = route(
+                name,
+                "shop",
+                json!({"parentRefs": [{"name": "theirs"}],
+                "rules": [{"backendRefs": [{"name": "podinfo-primary", "port": 9898}]}]}),
+            );
+            r.status = serde_json::from_value(json!({ "parents": parents })).unwrap();
+            r
+        };
+        let ours = json!({"parentRef": {"name": "edge"}, "controllerName": CONTROLLER_NAME,
+            "conditions": [{"type": "Accepted", "status": "True", "reason": "Accepted", "message": "",
+                            "lastTransitionTime": "2026-01-01T00:00:00Z"}]});
+        let theirs = json!({"parentRef": {"name": "theirs"}, "controllerName": "example.net/gateway",
+            "conditions": [{"type": "Accepted", "status": "True", "reason": "Accepted", "message": "",
+                            "lastTransitionTime": "2026-01-01T00:00:00Z"}]});
+        let moved = with_status("moved", json!([ours, theirs]));
+        let never_ours = with_status("never", json!([theirs]));
+        let t = translate(&cluster(vec![moved, never_ours]), CONTROLLER_NAME);
+        assert!(t.table.is_empty());
+        let names: Vec<_> = t.routes.iter().map(|r| r.name.as_str()).collect();
+        assert_eq!(
+            names,
+            ["moved"],
+            "only a route with our entries gets a status write"
+        );
+        assert!(t.routes[0].parents.is_empty());
     }
 }
