@@ -680,6 +680,45 @@ async fn a_failing_canary_behind_coalmines_gateway_is_rolled_back_by_the_operato
     );
 }
 
+/// A cluster without Gateway API's CRDs: the router says so by name and stays unready (no
+/// Service sends it users it cannot route), then follows the CRDs once they are installed,
+/// without a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_gateway_apis_crds_the_router_says_so_stays_unready_and_recovers_once_installed() {
+    let cluster = TestCluster::start().await.unwrap();
+    let router = gateway_router(&cluster);
+    router
+        .proc
+        .wait_for_stderr("the cluster serves no GatewayClass");
+    let readyz = || async {
+        client()
+            .get(format!("{}/readyz", router.admin))
+            .send()
+            .await
+            .unwrap()
+            .status()
+    };
+    assert_ne!(
+        readyz().await,
+        200,
+        "ready without a table from the cluster"
+    );
+    let kube = cluster.client();
+    for crd in GATEWAY_CRDS {
+        install_crds(&kube, crd).await.unwrap();
+    }
+    // The watches retry with backoff (at most 30 s apart).
+    let deadline = Instant::now() + Duration::from_secs(45);
+    while readyz().await != 200 {
+        assert!(
+            Instant::now() < deadline,
+            "never ready after the CRDs were installed:\n{}",
+            router.proc.stderr()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// A route moved from Coalmine's Gateway to another: the router takes its entry out of the
 /// route's `status.parents` (an `Accepted=True` left behind would say it still routes it).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -142,23 +142,23 @@ pub async fn run(
         watcher(Api::<GatewayClass>::all(client.clone()), Default::default())
             .default_backoff()
             .reflect(classes_w)
-            .map(|_| ())
+            .map(|event| watch_event("GatewayClass", event))
             .boxed(),
         watcher(Api::<Gateway>::all(client.clone()), Default::default())
             .default_backoff()
             .reflect(gateways_w)
-            .map(|_| ())
+            .map(|event| watch_event("Gateway", event))
             .boxed(),
         watcher(Api::<HttpRoute>::all(client.clone()), Default::default())
             .default_backoff()
             .reflect(routes_w)
-            .map(|_| ())
+            .map(|event| watch_event("HTTPRoute", event))
             .boxed(),
         watcher(Api::<Service>::all(client.clone()), Default::default())
             .default_backoff()
             .modify(|s| s.metadata.managed_fields = None)
             .reflect(services_w)
-            .map(|_| ())
+            .map(|event| watch_event("Service", event))
             .boxed(),
         watcher(
             Api::<EndpointSlice>::all(client.clone()),
@@ -167,13 +167,13 @@ pub async fn run(
         .default_backoff()
         .modify(|s| s.metadata.managed_fields = None)
         .reflect(slices_w)
-        .map(|_| ())
+        .map(|event| watch_event("EndpointSlice", event))
         .boxed(),
         watcher(Api::<Namespace>::all(client.clone()), Default::default())
             .default_backoff()
             .modify(|n| n.metadata.managed_fields = None)
             .reflect(namespaces_w)
-            .map(|_| ())
+            .map(|event| watch_event("Namespace", event))
             .boxed(),
     ];
     if has_grants {
@@ -181,7 +181,7 @@ pub async fn run(
             watcher(grants_api, Default::default())
                 .default_backoff()
                 .reflect(grants_w)
-                .map(|_| ())
+                .map(|event| watch_event("ReferenceGrant", event))
                 .boxed(),
         );
     }
@@ -251,6 +251,24 @@ pub async fn run(
         kind: "Gateway API objects",
         message: "the watches ended".into(),
     })
+}
+
+/// Says why a watch failed (it retries with backoff): a kind the cluster does not serve is
+/// named as such, since then the router stays unready until its CRD is installed.
+fn watch_event<K>(kind: &'static str, event: Result<watcher::Event<K>, watcher::Error>) {
+    match event {
+        Ok(_) => {}
+        Err(watcher::Error::InitialListFailed(kube::Error::Api(e))) if e.code == 404 => {
+            tracing::error!(
+                kind,
+                "the cluster serves no {kind}: are Gateway API's CRDs (gateway.networking.k8s.io/v1) installed? \
+                 The route table is not programmed, and the router not ready, until it is listed"
+            );
+        }
+        Err(e) => {
+            tracing::warn!(kind, error = %e, "watching {kind} failed; retrying with backoff");
+        }
+    }
 }
 
 fn now() -> String {
