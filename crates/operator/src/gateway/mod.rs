@@ -219,7 +219,7 @@ pub async fn run(
     let mut last_accepted = HashMap::new();
     loop {
         let view = stores.view(std::mem::take(&mut last_accepted));
-        let translation = translate(&view, &settings.controller_name);
+        let mut translation = translate(&view, &settings.controller_name);
         last_accepted = translation.accepted.clone();
         if last_table.as_ref() != Some(&translation.table) {
             match sink(translation.table.clone()) {
@@ -231,7 +231,10 @@ pub async fn run(
                     );
                     last_table = Some(translation.table.clone());
                 }
-                Err(why) => tracing::error!(%why, "the route table was refused; the old one stays"),
+                Err(why) => {
+                    tracing::error!(%why, "the route table was refused; the old one stays");
+                    not_programmed(&mut translation, &why);
+                }
             }
         }
         write_statuses(&client, &view, &translation, &settings).await;
@@ -251,6 +254,25 @@ pub async fn run(
         kind: "Gateway API objects",
         message: "the watches ended".into(),
     })
+}
+
+/// The Gateways' `Programmed` when the router refused the table: false, saying why, since the
+/// routes' changes are not served (the router keeps the last table it took).
+fn not_programmed(translation: &mut Translation, why: &str) {
+    for gateway in &mut translation.gateways {
+        for condition in &mut gateway.conditions {
+            if condition.kind == "Programmed" {
+                *condition = translate::Cond {
+                    kind: "Programmed",
+                    status: false,
+                    reason: "Invalid",
+                    message: format!(
+                        "this router refused the route table ({why}); it serves the last one it took"
+                    ),
+                };
+            }
+        }
+    }
 }
 
 /// Says why a watch failed (it retries with backoff): a kind the cluster does not serve is
