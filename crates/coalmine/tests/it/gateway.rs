@@ -679,3 +679,71 @@ async fn a_failing_canary_behind_coalmines_gateway_is_rolled_back_by_the_operato
         during.len()
     );
 }
+
+/// A cluster without Gateway API's CRDs: the router says so by name and stays unready (no
+/// Service sends it users it cannot route), then follows the CRDs once they are installed,
+/// without a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_gateway_apis_crds_the_router_says_so_stays_unready_and_recovers_once_installed() {
+    let cluster = TestCluster::start().await.unwrap();
+    let router = gateway_router(&cluster);
+    router
+        .proc
+        .wait_for_stderr("the cluster serves no GatewayClass");
+    let readyz = || async {
+        client()
+            .get(format!("{}/readyz", router.admin))
+            .send()
+            .await
+            .unwrap()
+            .status()
+    };
+    assert_ne!(
+        readyz().await,
+        200,
+        "ready without a table from the cluster"
+    );
+    let kube = cluster.client();
+    for crd in GATEWAY_CRDS {
+        install_crds(&kube, crd).await.unwrap();
+    }
+    // The watches retry with backoff (at most 30 s apart).
+    let deadline = Instant::now() + Duration::from_secs(45);
+    while readyz().await != 200 {
+        assert!(
+            Instant::now() < deadline,
+            "never ready after the CRDs were installed:\n{}",
+            router.proc.stderr()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A route moved from Coalmine's Gateway to another: the router takes its entry out of the
+/// route's `status.parents` (an `Accepted=True` left behind would say it still routes it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_route_moved_to_another_gateway_loses_the_routers_status_entry() {
+    let cluster = gateway_cluster().await;
+    let kube = cluster.client();
+    let routes = gateway_api(&kube, "HTTPRoute", "httproutes");
+    create(&routes, flagger_route(0)).await;
+    let _router = gateway_router(&cluster);
+    let ours = |s: &Value| {
+        s["parents"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|p| p["controllerName"] == "coalmine.dev/gateway")
+    };
+    let status = until_status(&routes, "podinfo", ours).await;
+    assert!(is_true(&status["parents"][0]["conditions"], "Accepted"));
+    routes
+        .patch(
+            "podinfo",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"parentRefs": [{"name": "elsewhere"}]}})),
+        )
+        .await
+        .unwrap();
+    until_status(&routes, "podinfo", |s| !ours(s)).await;
+}

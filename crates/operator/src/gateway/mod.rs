@@ -142,23 +142,23 @@ pub async fn run(
         watcher(Api::<GatewayClass>::all(client.clone()), Default::default())
             .default_backoff()
             .reflect(classes_w)
-            .map(|_| ())
+            .map(|event| watch_event("GatewayClass", event))
             .boxed(),
         watcher(Api::<Gateway>::all(client.clone()), Default::default())
             .default_backoff()
             .reflect(gateways_w)
-            .map(|_| ())
+            .map(|event| watch_event("Gateway", event))
             .boxed(),
         watcher(Api::<HttpRoute>::all(client.clone()), Default::default())
             .default_backoff()
             .reflect(routes_w)
-            .map(|_| ())
+            .map(|event| watch_event("HTTPRoute", event))
             .boxed(),
         watcher(Api::<Service>::all(client.clone()), Default::default())
             .default_backoff()
             .modify(|s| s.metadata.managed_fields = None)
             .reflect(services_w)
-            .map(|_| ())
+            .map(|event| watch_event("Service", event))
             .boxed(),
         watcher(
             Api::<EndpointSlice>::all(client.clone()),
@@ -167,13 +167,13 @@ pub async fn run(
         .default_backoff()
         .modify(|s| s.metadata.managed_fields = None)
         .reflect(slices_w)
-        .map(|_| ())
+        .map(|event| watch_event("EndpointSlice", event))
         .boxed(),
         watcher(Api::<Namespace>::all(client.clone()), Default::default())
             .default_backoff()
             .modify(|n| n.metadata.managed_fields = None)
             .reflect(namespaces_w)
-            .map(|_| ())
+            .map(|event| watch_event("Namespace", event))
             .boxed(),
     ];
     if has_grants {
@@ -181,7 +181,7 @@ pub async fn run(
             watcher(grants_api, Default::default())
                 .default_backoff()
                 .reflect(grants_w)
-                .map(|_| ())
+                .map(|event| watch_event("ReferenceGrant", event))
                 .boxed(),
         );
     }
@@ -219,7 +219,7 @@ pub async fn run(
     let mut last_accepted = HashMap::new();
     loop {
         let view = stores.view(std::mem::take(&mut last_accepted));
-        let translation = translate(&view, &settings.controller_name);
+        let mut translation = translate(&view, &settings.controller_name);
         last_accepted = translation.accepted.clone();
         if last_table.as_ref() != Some(&translation.table) {
             match sink(translation.table.clone()) {
@@ -231,7 +231,10 @@ pub async fn run(
                     );
                     last_table = Some(translation.table.clone());
                 }
-                Err(why) => tracing::error!(%why, "the route table was refused; the old one stays"),
+                Err(why) => {
+                    tracing::error!(%why, "the route table was refused; the old one stays");
+                    not_programmed(&mut translation, &why);
+                }
             }
         }
         write_statuses(&client, &view, &translation, &settings).await;
@@ -251,6 +254,43 @@ pub async fn run(
         kind: "Gateway API objects",
         message: "the watches ended".into(),
     })
+}
+
+/// The Gateways' `Programmed` when the router refused the table: false, saying why, since the
+/// routes' changes are not served (the router keeps the last table it took).
+fn not_programmed(translation: &mut Translation, why: &str) {
+    for gateway in &mut translation.gateways {
+        for condition in &mut gateway.conditions {
+            if condition.kind == "Programmed" {
+                *condition = translate::Cond {
+                    kind: "Programmed",
+                    status: false,
+                    reason: "Invalid",
+                    message: format!(
+                        "this router refused the route table ({why}); it serves the last one it took"
+                    ),
+                };
+            }
+        }
+    }
+}
+
+/// Says why a watch failed (it retries with backoff): a kind the cluster does not serve is
+/// named as such, since then the router stays unready until its CRD is installed.
+fn watch_event<K>(kind: &'static str, event: Result<watcher::Event<K>, watcher::Error>) {
+    match event {
+        Ok(_) => {}
+        Err(watcher::Error::InitialListFailed(kube::Error::Api(e))) if e.code == 404 => {
+            tracing::error!(
+                kind,
+                "the cluster serves no {kind}: are Gateway API's CRDs (gateway.networking.k8s.io/v1) installed? \
+                 The route table is not programmed, and the router not ready, until it is listed"
+            );
+        }
+        Err(e) => {
+            tracing::warn!(kind, error = %e, "watching {kind} failed; retrying with backoff");
+        }
+    }
 }
 
 fn now() -> String {

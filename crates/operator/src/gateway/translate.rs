@@ -210,6 +210,8 @@ pub fn translate(view: &ClusterView, controller: &str) -> Translation {
         .collect();
     let endpoints = EndpointIndex::new(view);
     let mut attached: HashMap<(String, String, String), i32> = HashMap::new();
+    // Each service name in the table, with the route (`namespace/name`) it is of.
+    let mut service_owners: HashMap<String, String> = HashMap::new();
     let mut routes: Vec<&HttpRoute> = view.routes.iter().collect();
     // Gateway API's tie-break: the oldest route first, then namespace/name.
     routes.sort_by_key(|r| {
@@ -265,18 +267,30 @@ pub fn translate(view: &ClusterView, controller: &str) -> Translation {
             unique
         };
         if parents.is_empty() {
+            // Not (or no longer) ours: our entries in its status, if any, are taken out.
+            if has_our_status(route, controller) {
+                out.routes.push(RouteState {
+                    namespace,
+                    name: route.name_any(),
+                    generation: generation(&route.metadata),
+                    parents: Vec::new(),
+                });
+            }
             continue;
         }
         let key = (namespace.clone(), route.name_any());
         let mut built = build_services(route, &namespace, &endpoints, &view.grants);
         let mut serving = Some(route);
+        let mut services = Vec::new();
         if let Err(unsupported) = &built {
             // The last spec accepted keeps serving (with today's endpoints), said in the
             // condition's message.
             serving = view.last_accepted.get(&key);
             if let Some(last) = serving {
-                if let Ok(services) = build_services(last, &namespace, &endpoints, &view.grants) {
-                    out_table_push(&mut out.table, &services.0, &hosts, &parents);
+                if let Ok(last_services) =
+                    build_services(last, &namespace, &endpoints, &view.grants)
+                {
+                    services = last_services.0;
                 }
                 built = Err(format!(
                     "{unsupported}; generation {}, the last accepted, keeps serving",
@@ -284,13 +298,31 @@ pub fn translate(view: &ClusterView, controller: &str) -> Translation {
                 ));
             }
         }
+        if let Ok((built_services, _)) = &built {
+            services = built_services.clone();
+        }
+        // A service name an earlier route's services hold (a name shortened by a hash, taken
+        // by a route named that way) refuses this route alone: the router takes no table that
+        // names a service twice, and would then follow no route's change at all.
+        let accepted_somewhere = parents.iter().any(|(_, c)| c.status);
+        if accepted_somewhere {
+            if let Some(owner) = services.iter().find_map(|s| service_owners.get(&s.service)) {
+                built = Err(format!(
+                    "its service names (prefix {:?}) are already HTTPRoute {owner}'s; rename this route",
+                    route_service_prefix(&namespace, &route.name_any())
+                ));
+                services.clear();
+                serving = None;
+            }
+            for service in &services {
+                service_owners.insert(service.service.clone(), format!("{}/{}", key.0, key.1));
+            }
+        }
         let resolved = match &built {
             Ok((_, resolved)) => resolved.clone(),
             Err(_) => Cond::yes("ResolvedRefs", "ResolvedRefs", ""),
         };
-        if let Ok((services, _)) = &built {
-            out_table_push(&mut out.table, services, &hosts, &parents);
-        }
+        out_table_push(&mut out.table, &services, &hosts, &parents);
         if let Some(route) = serving.filter(|_| parents.iter().any(|(_, c)| c.status)) {
             out.accepted.insert(key, route.clone());
         }
@@ -320,6 +352,15 @@ pub fn translate(view: &ClusterView, controller: &str) -> Translation {
         out.gateways.push(gateway_state(gateway, &attached));
     }
     out
+}
+
+/// Whether the route's status has an entry this router (`controller`) wrote.
+fn has_our_status(route: &HttpRoute, controller: &str) -> bool {
+    route
+        .status
+        .iter()
+        .flat_map(|s| &s.parents)
+        .any(|p| p.controller_name == controller)
 }
 
 /// A route's services into the table, when some parent accepted it, with its hosts.
@@ -426,28 +467,48 @@ fn attach(
     }
     let route_hosts: Vec<&String> = route.spec.hostnames.iter().flatten().collect();
     let mut hosts = Vec::new();
+    // Names the API takes but the router cannot match (a label longer than DNS's 63
+    // characters): they take no host, never every host.
+    let mut unmatchable: Vec<String> = Vec::new();
+    let mut pattern = |name: &str| match HostPattern::parse(name) {
+        Ok(p) => Some(p),
+        Err(_) => {
+            if !unmatchable.iter().any(|u| u == name) {
+                unmatchable.push(name.to_string());
+            }
+            None
+        }
+    };
     for listener in allowed {
         let listener_host = listener.hostname.as_deref();
         if route_hosts.is_empty() {
-            hosts.push((
-                listener.name.clone(),
-                listener_host.and_then(|h| HostPattern::parse(h).ok()),
-            ));
+            match listener_host {
+                None => hosts.push((listener.name.clone(), None)),
+                Some(h) => {
+                    if let Some(p) = pattern(h) {
+                        hosts.push((listener.name.clone(), Some(p)));
+                    }
+                }
+            }
             continue;
         }
         for h in &route_hosts {
-            if let Some(both) = intersect(listener_host, h) {
-                hosts.push((listener.name.clone(), HostPattern::parse(&both).ok()));
+            if let Some(p) = intersect(listener_host, h).and_then(|both| pattern(&both)) {
+                hosts.push((listener.name.clone(), Some(p)));
             }
         }
     }
     if hosts.is_empty() {
+        let message = if unmatchable.is_empty() {
+            "none of the route's hostnames is one its listeners take".to_string()
+        } else {
+            format!(
+                "no hostname the router can match: {} (a DNS label has at most 63 characters)",
+                unmatchable.join(", ")
+            )
+        };
         return (
-            Cond::no(
-                "Accepted",
-                "NoMatchingListenerHostname",
-                "none of the route's hostnames is one its listeners take",
-            ),
+            Cond::no("Accepted", "NoMatchingListenerHostname", message),
             Vec::new(),
         );
     }
@@ -1594,5 +1655,125 @@ mod tests {
         let accepted = &t.routes[0].parents[0].conditions[0];
         assert_eq!(accepted.reason, "UnsupportedValue");
         assert!(accepted.message.contains("UrlRewrite"), "{accepted:?}");
+    }
+
+    #[test]
+    fn a_route_whose_service_names_an_older_route_holds_is_refused_alone_and_the_table_stays_whole()
+    {
+        // A long route name is shortened to 31 characters and a hash; a route of the same
+        // namespace may be named exactly that shortened form. The table must not carry one
+        // service name twice (the router refuses such a table whole, freezing every route).
+        let long = "checkout-frontend-production-europe-west-canary";
+        let taken = route_service_prefix("shop", long);
+        assert_ne!(taken, format!("shop.{long}"), "the name is shortened");
+        let twin_name = taken.strip_prefix("shop.").unwrap();
+        let mut older = route(
+            long,
+            "shop",
+            json!({"parentRefs": [{"name": "edge"}],
+            "rules": [{"backendRefs": [{"name": "podinfo-primary", "port": 9898}]}]}),
+        );
+        older.metadata.creation_timestamp =
+            Some(serde_json::from_value(json!("2026-01-01T00:00:00Z")).unwrap());
+        let mut twin = route(
+            twin_name,
+            "shop",
+            json!({"parentRefs": [{"name": "edge"}],
+            "rules": [{"backendRefs": [{"name": "podinfo-canary", "port": 9898}]}]}),
+        );
+        twin.metadata.creation_timestamp =
+            Some(serde_json::from_value(json!("2026-02-01T00:00:00Z")).unwrap());
+        assert_eq!(route_service_prefix("shop", twin_name), taken);
+        let t = translate(&cluster(vec![twin, older]), CONTROLLER_NAME);
+        coalmine_contract::check_services(&t.table).expect("a table the router takes");
+        assert_eq!(t.table.len(), 1, "{:?}", t.table);
+        assert_eq!(t.table[0].name, format!("shop/{long}"));
+        assert_eq!(
+            urls(&t.table[0].stable),
+            ["http://10.231.0.2:8080", "http://10.231.0.3:8080"]
+        );
+        let state = |name: &str| {
+            t.routes
+                .iter()
+                .find(|r| r.name == name)
+                .map(|r| r.parents[0].conditions[0].clone())
+                .unwrap()
+        };
+        assert!(state(long).status, "{:?}", state(long));
+        let refused = state(twin_name);
+        assert!(!refused.status);
+        assert_eq!(refused.reason, "UnsupportedValue");
+        assert!(refused.message.contains(long), "{refused:?}");
+    }
+
+    #[test]
+    fn a_hostname_the_router_cannot_match_is_never_widened_to_every_host() {
+        // Gateway API's hostname pattern takes a label of any length; a DNS label (and the
+        // router's host match) has at most 63 characters.
+        let too_long = format!("{}.example.com", "a".repeat(64));
+        let bad_route_host = route(
+            "long-host",
+            "shop",
+            json!({"parentRefs": [{"name": "edge"}], "hostnames": [too_long],
+            "rules": [{"backendRefs": [{"name": "podinfo-canary", "port": 9898}]}]}),
+        );
+        let t = translate(&cluster(vec![bad_route_host]), CONTROLLER_NAME);
+        assert!(
+            t.table.iter().all(|s| !s.hosts.is_empty()),
+            "a route for one host must not take every host: {:?}",
+            t.table
+        );
+        let accepted = &t.routes[0].parents[0].conditions[0];
+        assert!(!accepted.status, "{accepted:?}");
+        assert!(accepted.message.contains(&too_long), "{accepted:?}");
+        // A listener's own hostname alike: its routes take none of it, not every host.
+        let mut view = cluster(vec![route(
+            "any",
+            "shop",
+            json!({"parentRefs": [{"name": "edge"}],
+            "rules": [{"backendRefs": [{"name": "podinfo-canary", "port": 9898}]}]}),
+        )]);
+        view.gateways = vec![gateway(
+            json!([{"name": "web", "port": 80, "protocol": "HTTP", "hostname": too_long}]),
+        )];
+        let t = translate(&view, CONTROLLER_NAME);
+        assert!(
+            t.table.iter().all(|s| !s.hosts.is_empty()),
+            "a listener for one host must not take every host: {:?}",
+            t.table
+        );
+    }
+
+    #[test]
+    fn a_route_that_left_our_gateways_loses_our_status_entries_and_keeps_the_others() {
+        // Moved to another implementation's Gateway: our `Accepted=True` would stay behind
+        // and say the router carries a route it no longer routes.
+        let with_status = |name: &str, parents: serde_json::Value| -> HttpRoute {
+            let mut r = route(
+                name,
+                "shop",
+                json!({"parentRefs": [{"name": "theirs"}],
+                "rules": [{"backendRefs": [{"name": "podinfo-primary", "port": 9898}]}]}),
+            );
+            r.status = serde_json::from_value(json!({ "parents": parents })).unwrap();
+            r
+        };
+        let ours = json!({"parentRef": {"name": "edge"}, "controllerName": CONTROLLER_NAME,
+            "conditions": [{"type": "Accepted", "status": "True", "reason": "Accepted", "message": "",
+                            "lastTransitionTime": "2026-01-01T00:00:00Z"}]});
+        let theirs = json!({"parentRef": {"name": "theirs"}, "controllerName": "example.net/gateway",
+            "conditions": [{"type": "Accepted", "status": "True", "reason": "Accepted", "message": "",
+                            "lastTransitionTime": "2026-01-01T00:00:00Z"}]});
+        let moved = with_status("moved", json!([ours, theirs]));
+        let never_ours = with_status("never", json!([theirs]));
+        let t = translate(&cluster(vec![moved, never_ours]), CONTROLLER_NAME);
+        assert!(t.table.is_empty());
+        let names: Vec<_> = t.routes.iter().map(|r| r.name.as_str()).collect();
+        assert_eq!(
+            names,
+            ["moved"],
+            "only a route with our entries gets a status write"
+        );
+        assert!(t.routes[0].parents.is_empty());
     }
 }
