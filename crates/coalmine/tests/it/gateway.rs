@@ -19,6 +19,7 @@ use kube::api::{
 use serde_json::{json, Value};
 
 use crate::common::netns::PodNetwork;
+use crate::common::who_answered;
 use crate::common::{client, get_json, Proc, Router};
 
 const GATEWAY_CRDS: [&str; 3] = [
@@ -120,27 +121,37 @@ fn flagger_route(canary: i64) -> Value {
     })
 }
 
-/// A cluster with Gateway API's CRDs, namespace `shop`, the GatewayClass and the Gateway.
-pub(crate) async fn gateway_cluster() -> TestCluster {
-    let cluster = TestCluster::start().await.unwrap();
-    cluster.create_namespace("shop").await.unwrap();
-    let kube = cluster.client();
+/// Gateway API's CRDs, the GatewayClass `coalmine` for Coalmine's routers and its Gateway
+/// `shop/edge` with `listeners`.
+async fn install_gateway(kube: &kube::Client, listeners: Value) {
     for crd in GATEWAY_CRDS {
-        install_crds(&kube, crd).await.unwrap();
+        install_crds(kube, crd).await.unwrap();
     }
     create(
-        &gateway_api(&kube, "GatewayClass", "gatewayclasses"),
+        &gateway_api(kube, "GatewayClass", "gatewayclasses"),
         json!({"apiVersion": "gateway.networking.k8s.io/v1", "kind": "GatewayClass",
                "metadata": {"name": "coalmine"}, "spec": {"controllerName": "coalmine.dev/gateway"}}),
     )
     .await;
     create(
-        &gateway_api(&kube, "Gateway", "gateways"),
+        &gateway_api(kube, "Gateway", "gateways"),
         json!({"apiVersion": "gateway.networking.k8s.io/v1", "kind": "Gateway",
                "metadata": {"name": "edge", "namespace": "shop"},
-               "spec": {"gatewayClassName": "coalmine", "listeners": [
-                   {"name": "web", "port": 80, "protocol": "HTTP", "hostname": "*.example.com"},
-                   {"name": "tls", "port": 443, "protocol": "TLS", "hostname": "*.example.com"}]}}),
+               "spec": {"gatewayClassName": "coalmine", "listeners": listeners}}),
+    )
+    .await;
+}
+
+/// A cluster with Gateway API's CRDs, namespace `shop`, the GatewayClass and the Gateway.
+pub(crate) async fn gateway_cluster() -> TestCluster {
+    let cluster = TestCluster::start().await.unwrap();
+    cluster.create_namespace("shop").await.unwrap();
+    let kube = cluster.client();
+    install_gateway(
+        &kube,
+        json!([
+            {"name": "web", "port": 80, "protocol": "HTTP", "hostname": "*.example.com"},
+            {"name": "tls", "port": 443, "protocol": "TLS", "hostname": "*.example.com"}]),
     )
     .await;
     cluster
@@ -205,12 +216,7 @@ async fn answered_by(router: &Router, n: usize, headers: &[(&str, &str)]) -> Vec
             request = request.header(*k, *v);
         }
         let r = request.send().await.unwrap();
-        names.push(
-            r.headers()
-                .get("x-upstream")
-                .map(|v| v.to_str().unwrap().to_string())
-                .unwrap_or_else(|| format!("status {}", r.status())),
-        );
+        names.push(who_answered(&r));
     }
     names
 }
@@ -511,12 +517,7 @@ pub(crate) fn traffic_for(router: &Router, host: &str) -> Traffic {
         while !flag.load(std::sync::atomic::Ordering::Relaxed) {
             let r = c.get(format!("{base}/")).header("host", &host).send().await;
             if let Ok(r) = r {
-                seen.push(
-                    r.headers()
-                        .get("x-upstream")
-                        .map(|v| v.to_str().unwrap().to_string())
-                        .unwrap_or_else(|| format!("status {}", r.status())),
-                );
+                seen.push(who_answered(&r));
             }
         }
         seen
@@ -561,21 +562,9 @@ async fn a_failing_canary_behind_coalmines_gateway_is_rolled_back_by_the_operato
     ]);
     let cluster = cluster().await;
     let kube = cluster.client();
-    for crd in GATEWAY_CRDS {
-        install_crds(&kube, crd).await.unwrap();
-    }
-    create(
-        &gateway_api(&kube, "GatewayClass", "gatewayclasses"),
-        json!({"apiVersion": "gateway.networking.k8s.io/v1", "kind": "GatewayClass",
-               "metadata": {"name": "coalmine"}, "spec": {"controllerName": "coalmine.dev/gateway"}}),
-    )
-    .await;
-    create(
-        &gateway_api(&kube, "Gateway", "gateways"),
-        json!({"apiVersion": "gateway.networking.k8s.io/v1", "kind": "Gateway",
-               "metadata": {"name": "edge", "namespace": "shop"},
-               "spec": {"gatewayClassName": "coalmine", "listeners": [
-                   {"name": "web", "port": 80, "protocol": "HTTP"}]}}),
+    install_gateway(
+        &kube,
+        json!([{"name": "web", "port": 80, "protocol": "HTTP"}]),
     )
     .await;
     let router = gateway_router(&cluster);

@@ -18,6 +18,7 @@ use kube::api::{Api, ApiResource, DynamicObject, Patch, PatchParams, PostParams}
 use serde_json::json;
 
 use crate::common::netns::PodNetwork;
+use crate::common::who_answered;
 use crate::common::{client, get_json, stats, users, Proc, Router};
 use crate::operator::kubelet;
 
@@ -69,12 +70,7 @@ async fn answered_by(router: &Router, n: usize) -> Vec<String> {
     let mut names = Vec::new();
     for _ in 0..n {
         let r = c.get(format!("{}/", router.base)).send().await.unwrap();
-        names.push(
-            r.headers()
-                .get("x-upstream")
-                .map(|v| v.to_str().unwrap().to_string())
-                .unwrap_or_else(|| format!("status {}", r.status())),
-        );
+        names.push(who_answered(&r));
     }
     names
 }

@@ -648,38 +648,10 @@ impl<'v> EndpointIndex<'v> {
         let mut urls = Vec::new();
         let key = (namespace.to_string(), name.to_string());
         for slice in self.slices.get(&key).into_iter().flatten() {
-            if !matches!(slice.address_type.as_str(), "IPv4" | "IPv6") {
-                continue;
-            }
-            let Some(target) = slice
-                .ports
-                .iter()
-                .flatten()
-                .find(|p| p.name.clone().unwrap_or_default() == port_name)
-                .and_then(|p| p.port)
-            else {
-                continue;
-            };
-            for endpoint in &slice.endpoints {
-                // `ready` unset means ready (the API's documented default for consumers).
-                let ready = endpoint
-                    .conditions
-                    .as_ref()
-                    .and_then(|c| c.ready)
-                    .unwrap_or(true);
-                if !ready {
-                    continue;
-                }
-                if let Some(address) = endpoint.addresses.first() {
-                    let host = if address.contains(':') {
-                        format!("[{address}]")
-                    } else {
-                        address.clone()
-                    };
-                    if let Ok(url) = UpstreamUrl::parse(&format!("http://{host}:{target}")) {
-                        if !urls.contains(&url) {
-                            urls.push(url);
-                        }
+            for authority in crate::seams::routers::ready_pods(slice, &port_name) {
+                if let Ok(url) = UpstreamUrl::parse(&format!("http://{authority}")) {
+                    if !urls.contains(&url) {
+                        urls.push(url);
                     }
                 }
             }

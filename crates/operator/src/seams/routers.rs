@@ -114,32 +114,8 @@ pub async fn find_routers(
         .await?
         .items
     {
-        // An EndpointSlice's ports are the pods' ports, named as the Service's.
-        let Some(pod_port) = slice
-            .ports
-            .iter()
-            .flatten()
-            .find(|p| p.name.clone().unwrap_or_default() == port_name)
-            .and_then(|p| p.port)
-        else {
-            continue;
-        };
-        for endpoint in &slice.endpoints {
-            let ready = endpoint
-                .conditions
-                .as_ref()
-                .and_then(|c| c.ready)
-                .unwrap_or(true);
-            // kube-proxy uses an endpoint's first address; so do the routers' clients.
-            let Some(address) = endpoint.addresses.first().filter(|_| ready) else {
-                continue;
-            };
-            let host = if address.contains(':') {
-                format!("[{address}]")
-            } else {
-                address.clone()
-            };
-            if let Ok(url) = HttpUrl::parse(&format!("http://{host}:{pod_port}")) {
+        for authority in ready_pods(&slice, &port_name) {
+            if let Ok(url) = HttpUrl::parse(&format!("http://{authority}")) {
                 admins.push(url);
             }
         }
@@ -154,6 +130,38 @@ pub async fn find_routers(
         )));
     }
     Ok(admins)
+}
+
+/// The ready pods of an EndpointSlice as `host:port` (IPv6 bracketed), on the pods' port for the
+/// Service port named `port_name` (an EndpointSlice's ports are the pods', named as the
+/// Service's). An endpoint whose `ready` is unset is ready (the API's documented default for
+/// consumers); its first address is the one kube-proxy uses, so the one used here. A slice of
+/// FQDNs gives none.
+pub(crate) fn ready_pods<'s>(
+    slice: &'s EndpointSlice,
+    port_name: &str,
+) -> impl Iterator<Item = String> + 's {
+    let pod_port = slice
+        .ports
+        .iter()
+        .flatten()
+        .find(|p| p.name.as_deref().unwrap_or_default() == port_name)
+        .and_then(|p| p.port)
+        .filter(|_| matches!(slice.address_type.as_str(), "IPv4" | "IPv6"));
+    slice
+        .endpoints
+        .iter()
+        .filter(move |_| pod_port.is_some())
+        .filter(|e| e.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true))
+        .filter_map(|e| e.addresses.first())
+        .map(move |address| {
+            let port = pod_port.unwrap_or_default();
+            if address.contains(':') {
+                format!("[{address}]:{port}")
+            } else {
+                format!("{address}:{port}")
+            }
+        })
 }
 
 /// Service `name` as the routers reach it: its cluster IP on `port`.

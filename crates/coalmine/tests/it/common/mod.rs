@@ -188,6 +188,15 @@ impl Fetch for reqwest::RequestBuilder {
     }
 }
 
+/// Which `coalmine upstream` answered (its `x-upstream`), or `status N` when none did (the
+/// router's own answer).
+pub fn who_answered(r: &reqwest::Response) -> String {
+    r.headers()
+        .get("x-upstream")
+        .map(|v| v.to_str().unwrap().to_string())
+        .unwrap_or_else(|| format!("status {}", r.status()))
+}
+
 pub fn client() -> reqwest::Client {
     reqwest::Client::builder()
         .http1_only()
