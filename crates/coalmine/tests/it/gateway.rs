@@ -477,6 +477,59 @@ async fn the_router_programs_itself_from_an_httproute_and_follows_a_weight_chang
             .join("\n")
     );
 
+    // An edit the router cannot do: the last accepted spec keeps serving, here and on a router
+    // started after the edit (it reads that spec from the route's annotation).
+    let accepted = routes.get("podinfo").await.unwrap();
+    assert!(
+        accepted
+            .metadata
+            .annotations
+            .as_ref()
+            .is_some_and(|a| a.contains_key("gateway.coalmine.dev/last-accepted")),
+        "{:?}",
+        accepted.metadata.annotations
+    );
+    let mut unsupported = flagger_route(20);
+    unsupported["spec"]["rules"][1]["filters"] =
+        json!([{"type": "URLRewrite", "urlRewrite": {"hostname": "x.test"}}]);
+    routes
+        .patch(
+            "podinfo",
+            &PatchParams::apply("flagger").force(),
+            &Patch::Apply(unsupported),
+        )
+        .await
+        .unwrap();
+    until_status(&routes, "podinfo", |s| {
+        condition(&s["parents"][0]["conditions"], "Accepted")["reason"] == "UnsupportedValue"
+    })
+    .await;
+    let later = gateway_router(&cluster);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while client()
+        .get(format!("{}/readyz", later.admin))
+        .send()
+        .await
+        .unwrap()
+        .status()
+        != 200
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the later router never became ready"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for r in [&router, &later] {
+        let served = answered_by(r, 50, &[]).await;
+        assert!(
+            served.iter().all(|n| n == "primary-2" || n == "canary"),
+            "{served:?}\n{}",
+            r.proc.stderr()
+        );
+    }
+    drop(later);
+
     // The API server gone (a control-plane outage): the router keeps the last table it had and
     // stays ready; users never see the outage.
     drop(routes);

@@ -238,6 +238,7 @@ pub async fn run(
             }
         }
         write_statuses(&client, &view, &translation, &settings).await;
+        remember_accepted(&client, &view, &translation).await;
         tokio::select! {
             got = woken.recv() => {
                 if got.is_none() {
@@ -347,6 +348,32 @@ async fn write_statuses(
         if !same_status(&previous, &status) {
             let api: Api<HttpRoute> = Api::namespaced(client.clone(), &route.namespace);
             patch_status(&api, &route.name, status, "HTTPRoute").await;
+        }
+    }
+}
+
+/// Writes each route's annotation of its last accepted spec when the route's current spec is
+/// the one accepted and the annotation does not say so yet.
+async fn remember_accepted(client: &Client, view: &ClusterView, translation: &Translation) {
+    for route in &view.routes {
+        let key = (route.namespace().unwrap_or_default(), route.name_any());
+        let Some(accepted) = translation.accepted.get(&key) else {
+            continue;
+        };
+        let value = translate::remember(route);
+        let current = route.annotations().get(translate::LAST_ACCEPTED_ANNOTATION);
+        if accepted.spec != route.spec || current == Some(&value) {
+            continue;
+        }
+        let api: Api<HttpRoute> = Api::namespaced(client.clone(), &key.0);
+        let patch = Patch::Merge(json!({"metadata": {"annotations": {
+            translate::LAST_ACCEPTED_ANNOTATION: value}}}));
+        let params = PatchParams {
+            field_manager: Some("coalmine-gateway".into()),
+            ..PatchParams::default()
+        };
+        if let Err(e) = api.patch(&key.1, &params, &patch).await {
+            tracing::warn!(route = %key.1, error = %e, "could not remember the accepted spec on the route; retried at the next resync");
         }
     }
 }

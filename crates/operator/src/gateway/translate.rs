@@ -158,6 +158,32 @@ pub fn route_service_prefix(namespace: &str, route: &str) -> String {
     }
 }
 
+/// The annotation on an HTTPRoute keeping the last spec Coalmine's routers accepted (its
+/// generation and spec, JSON), so a router started after an edit it cannot do serves what the
+/// others serve rather than nothing.
+pub const LAST_ACCEPTED_ANNOTATION: &str = "gateway.coalmine.dev/last-accepted";
+
+/// The annotation's value for a route's spec as it is.
+pub fn remember(route: &HttpRoute) -> String {
+    serde_json::json!({"generation": generation(&route.metadata), "spec": route.spec}).to_string()
+}
+
+/// The route as its annotation remembers it (its spec and generation then), if it has one that
+/// reads.
+pub fn remembered(route: &HttpRoute) -> Option<HttpRoute> {
+    let text = route.annotations().get(LAST_ACCEPTED_ANNOTATION)?;
+    #[derive(serde::Deserialize)]
+    struct Remembered {
+        generation: i64,
+        spec: gateway_api::httproutes::HttpRouteSpec,
+    }
+    let r: Remembered = serde_json::from_str(text).ok()?;
+    let mut then = route.clone();
+    then.spec = r.spec;
+    then.metadata.generation = Some(r.generation);
+    Some(then)
+}
+
 /// The Services a route names, as backends or mirror targets, with the namespace it gives.
 pub fn backend_names(route: &HttpRoute) -> Vec<(String, Option<String>)> {
     let mut names = Vec::new();
@@ -282,10 +308,15 @@ pub fn translate(view: &ClusterView, controller: &str) -> Translation {
         let mut built = build_services(route, &namespace, &endpoints, &view.grants);
         let mut serving = Some(route);
         let mut services = Vec::new();
+        // What a router that never saw the route accepted reads from the route itself.
+        let from_annotation = match (&built, view.last_accepted.contains_key(&key)) {
+            (Err(_), false) => remembered(route),
+            _ => None,
+        };
         if let Err(unsupported) = &built {
             // The last spec accepted keeps serving (with today's endpoints), said in the
             // condition's message.
-            serving = view.last_accepted.get(&key);
+            serving = view.last_accepted.get(&key).or(from_annotation.as_ref());
             if let Some(last) = serving {
                 if let Ok(last_services) =
                     build_services(last, &namespace, &endpoints, &view.grants)
@@ -1747,5 +1778,47 @@ mod tests {
             "only a route with our entries gets a status write"
         );
         assert!(t.routes[0].parents.is_empty());
+    }
+
+    #[test]
+    fn a_router_that_never_saw_the_accepted_spec_reads_it_from_the_route() {
+        let accepted = flagger_route();
+        let mut edited = flagger_route();
+        edited.metadata.generation = Some(4);
+        edited.spec.rules.as_mut().unwrap()[1].filters = Some(vec![serde_json::from_value(
+            json!({"type": "URLRewrite", "urlRewrite": {"hostname": "x.test"}}),
+        )
+        .unwrap()]);
+        // No memory and no annotation: nothing serves the route.
+        assert!(translate(&cluster(vec![edited.clone()]), CONTROLLER_NAME)
+            .table
+            .is_empty());
+        // The annotation another router wrote when it accepted generation 3.
+        edited
+            .metadata
+            .annotations
+            .get_or_insert_with(Default::default)
+            .insert(LAST_ACCEPTED_ANNOTATION.into(), remember(&accepted));
+        let t = translate(&cluster(vec![edited]), CONTROLLER_NAME);
+        assert_eq!(t.table.len(), 2, "served as generation 3");
+        let message = &t.routes[0].parents[0].conditions[0].message;
+        assert!(
+            message.contains("generation 3, the last accepted, keeps serving"),
+            "{message}"
+        );
+        // A garbled annotation is no memory.
+        let mut garbled = flagger_route();
+        garbled.spec.rules.as_mut().unwrap()[1].filters = Some(vec![serde_json::from_value(
+            json!({"type": "URLRewrite", "urlRewrite": {"hostname": "x.test"}}),
+        )
+        .unwrap()]);
+        garbled
+            .metadata
+            .annotations
+            .get_or_insert_with(Default::default)
+            .insert(LAST_ACCEPTED_ANNOTATION.into(), "{not json".into());
+        assert!(translate(&cluster(vec![garbled]), CONTROLLER_NAME)
+            .table
+            .is_empty());
     }
 }
