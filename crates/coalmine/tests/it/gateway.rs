@@ -177,6 +177,38 @@ pub(crate) fn gateway_router(cluster: &TestCluster) -> Router {
     Router { proc, base, admin }
 }
 
+/// A stand-in pod: `coalmine upstream` answering as `name` on `address`:8080 in the pods'
+/// network, with `extra` flags.
+fn pod(pods: &PodNetwork, address: Ipv4Addr, name: &str, extra: &[&str]) -> Proc {
+    let listen = format!("{address}:8080");
+    let mut args = vec!["upstream", "--listen", &listen, "--name", name];
+    args.extend_from_slice(extra);
+    pods.spawn(&args)
+}
+
+/// The router's `/readyz` status.
+async fn readiness(router: &Router) -> reqwest::StatusCode {
+    client()
+        .get(format!("{}/readyz", router.admin))
+        .send()
+        .await
+        .unwrap()
+        .status()
+}
+
+/// Waits up to `within` for the router to say it is ready.
+async fn until_ready(router: &Router, within: Duration) {
+    let deadline = Instant::now() + within;
+    while readiness(router).await != 200 {
+        assert!(
+            Instant::now() < deadline,
+            "never ready:\n{}",
+            router.proc.stderr()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// Waits up to 10 s for `ok` on the object's status; answers it.
 async fn until_status(api: &Api<DynamicObject>, name: &str, ok: impl Fn(&Value) -> bool) -> Value {
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -237,27 +269,9 @@ async fn the_router_programs_itself_from_an_httproute_and_follows_a_weight_chang
     let pods = PodNetwork::create();
     pods.route_here(PRIMARY_2);
     pods.route_here(CANARY);
-    let _primary_1 = pods.spawn(&[
-        "upstream",
-        "--listen",
-        &format!("{}:8080", pods.pod_ip),
-        "--name",
-        "primary-1",
-    ]);
-    let _primary_2 = pods.spawn(&[
-        "upstream",
-        "--listen",
-        &format!("{PRIMARY_2}:8080"),
-        "--name",
-        "primary-2",
-    ]);
-    let _canary = pods.spawn(&[
-        "upstream",
-        "--listen",
-        &format!("{CANARY}:8080"),
-        "--name",
-        "canary",
-    ]);
+    let _primary_1 = pod(&pods, pods.pod_ip, "primary-1", &[]);
+    let _primary_2 = pod(&pods, PRIMARY_2, "primary-2", &[]);
+    let _canary = pod(&pods, CANARY, "canary", &[]);
     let cluster = gateway_cluster().await;
     let kube = cluster.client();
     service_with_pods(&kube, "podinfo-primary", &[pods.pod_ip, PRIMARY_2]).await;
@@ -266,18 +280,7 @@ async fn the_router_programs_itself_from_an_httproute_and_follows_a_weight_chang
     create(&routes, flagger_route(0)).await;
     let router = gateway_router(&cluster);
     // Ready only once the table is the cluster's: a new router pod gets no user before.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while client()
-        .get(format!("{}/readyz", router.admin))
-        .send()
-        .await
-        .unwrap()
-        .status()
-        != 200
-    {
-        assert!(Instant::now() < deadline, "never ready");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    until_ready(&router, Duration::from_secs(10)).await;
 
     // Statuses, as the spec defines them.
     let classes = gateway_api(&kube, "GatewayClass", "gatewayclasses");
@@ -505,21 +508,7 @@ async fn the_router_programs_itself_from_an_httproute_and_follows_a_weight_chang
     })
     .await;
     let later = gateway_router(&cluster);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while client()
-        .get(format!("{}/readyz", later.admin))
-        .send()
-        .await
-        .unwrap()
-        .status()
-        != 200
-    {
-        assert!(
-            Instant::now() < deadline,
-            "the later router never became ready"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    until_ready(&later, Duration::from_secs(10)).await;
     for r in [&router, &later] {
         let served = answered_by(r, 50, &[]).await;
         assert!(
@@ -542,12 +531,7 @@ async fn the_router_programs_itself_from_an_httproute_and_follows_a_weight_chang
         "{outage:?}\n{}",
         router.proc.stderr()
     );
-    let ready = client()
-        .get(format!("{}/readyz", router.admin))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(ready.status(), 200);
+    assert_eq!(readiness(&router).await, 200);
 }
 
 /// Requests for `app.example.com` through the router until stopped: which pod answered each.
@@ -597,22 +581,8 @@ async fn a_failing_canary_behind_coalmines_gateway_is_rolled_back_by_the_operato
 
     let pods = PodNetwork::create();
     pods.route_here(CANARY);
-    let _primary = pods.spawn(&[
-        "upstream",
-        "--listen",
-        &format!("{}:8080", pods.pod_ip),
-        "--name",
-        "primary",
-    ]);
-    let _canary = pods.spawn(&[
-        "upstream",
-        "--listen",
-        &format!("{CANARY}:8080"),
-        "--name",
-        "canary",
-        "--error-rate",
-        "0.2",
-    ]);
+    let _primary = pod(&pods, pods.pod_ip, "primary", &[]);
+    let _canary = pod(&pods, CANARY, "canary", &["--error-rate", "0.2"]);
     let cluster = cluster().await;
     let kube = cluster.client();
     install_gateway(
@@ -732,16 +702,8 @@ async fn without_gateway_apis_crds_the_router_says_so_stays_unready_and_recovers
     router
         .proc
         .wait_for_stderr("the cluster serves no GatewayClass");
-    let readyz = || async {
-        client()
-            .get(format!("{}/readyz", router.admin))
-            .send()
-            .await
-            .unwrap()
-            .status()
-    };
     assert_ne!(
-        readyz().await,
+        readiness(&router).await,
         200,
         "ready without a table from the cluster"
     );
@@ -750,15 +712,7 @@ async fn without_gateway_apis_crds_the_router_says_so_stays_unready_and_recovers
         install_crds(&kube, crd).await.unwrap();
     }
     // The watches retry with backoff (at most 30 s apart).
-    let deadline = Instant::now() + Duration::from_secs(45);
-    while readyz().await != 200 {
-        assert!(
-            Instant::now() < deadline,
-            "never ready after the CRDs were installed:\n{}",
-            router.proc.stderr()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    until_ready(&router, Duration::from_secs(45)).await;
 }
 
 /// A route moved from Coalmine's Gateway to another: the router takes its entry out of the
@@ -788,4 +742,34 @@ async fn a_route_moved_to_another_gateway_loses_the_routers_status_entry() {
         .await
         .unwrap();
     until_status(&routes, "podinfo", |s| !ours(s)).await;
+}
+
+/// `--kubernetes` takes its routes from the cluster: routes given too, or the Gateway flags
+/// without it, are bad input (exit 2) named by flag, before anything listens.
+#[test]
+fn routes_beside_kubernetes_and_gateway_flags_without_it_are_refused() {
+    let run = |args: &[&str]| {
+        crate::common::code_and_printed(
+            &std::process::Command::new(crate::common::BIN)
+                .arg("proxy")
+                .args(["--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
+                .args(args)
+                .output()
+                .unwrap(),
+        )
+    };
+    let (code, said) = run(&["--kubernetes", "--stable", "http://127.0.0.1:1"]);
+    assert_eq!(code, 2, "{said}");
+    assert!(
+        said.contains("--kubernetes takes its routes from the cluster"),
+        "{said}"
+    );
+    let (code, said) = run(&[
+        "--stable",
+        "http://127.0.0.1:1",
+        "--gateway-address",
+        "10.0.0.1",
+    ]);
+    assert_eq!(code, 2, "{said}");
+    assert!(said.contains("--kubernetes"), "{said}");
 }
