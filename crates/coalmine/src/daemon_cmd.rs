@@ -151,7 +151,15 @@ impl Client {
         let url = format!("{}{path}", self.api);
         let mut req = self.http.request(method, &url);
         if let Some(token) = &self.token {
-            req = req.bearer_auth(token);
+            // Who, for the rollout's history: the token is shared, the user and host are not.
+            let user = std::env::var("USER").unwrap_or_else(|_| "someone".into());
+            let actor = format!(
+                "{user} on {} (coalmine CLI)",
+                coalmine_controller::host_name()
+            );
+            req = req
+                .bearer_auth(token)
+                .header(coalmine_controller::daemon::ACTOR_HEADER, actor);
         }
         if let Some(body) = body {
             req = req.json(&body);
