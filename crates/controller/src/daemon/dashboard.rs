@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use axum::extract::{Path, State};
+use axum::extract::{Path, Query, State};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
@@ -55,6 +55,7 @@ async fn watch(State(d): State<Arc<Daemon>>) -> Response {
 async fn detail(
     State(d): State<Arc<Daemon>>,
     Path(name): Path<String>,
+    Query(query): Query<dashboard::DetailQuery>,
 ) -> Result<Response, ApiError> {
     let stored = d
         .store
@@ -73,8 +74,9 @@ async fn detail(
         &stored.rollout,
         stored.run,
         shown_status(&d, &stored.rollout, &stored.status),
-        d.live.points(&name, stored.run),
+        query.points.then(|| d.live.points(&name, stored.run)),
         events,
+        dashboard::document_yaml(&stored.rollout),
     ))
     .into_response())
 }

@@ -50,9 +50,9 @@
         for (const e of c.events || []) detail.events.push(e);
         detail.row = c.row;
         detailDirty = true;
-        // The status's sentences (the judges' evidence) are the server's: refresh them at
-        // most once a second.
-        refreshStatusSoon();
+        // The status (the judges' evidence) and, where a change carries none, the events are
+        // read again, at most once a second.
+        refreshSoon(!(c.events && c.events.length));
       }
     }
     schedule();
@@ -125,22 +125,28 @@
   }
 
   // ---- one rollout ----
-  let statusTimer = 0;
-  function refreshStatusSoon() {
-    if (statusTimer) return;
-    statusTimer = setTimeout(async () => {
-      statusTimer = 0;
+  let refreshTimer = 0, refreshEvents = false;
+  function refreshSoon(events) {
+    refreshEvents = refreshEvents || events;
+    if (refreshTimer) return;
+    refreshTimer = setTimeout(async () => {
+      refreshTimer = 0;
       if (!detail) return;
-      const key = detail.key;
-      const r = await fetch("/api/v1/rollouts/" + encodeURIComponent(key));
-      if (r.ok && detail && detail.key === key) { detail.status = await r.json(); detailDirty = true; schedule(); }
+      const key = detail.key, withEvents = refreshEvents;
+      refreshEvents = false;
+      const r = await fetch("/api/v1/rollouts/" + encodeURIComponent(key) + "/live?points=false");
+      if (!r.ok || !detail || detail.key !== key) return;
+      const d = await r.json();
+      detail.status = d.status; detail.checks = d.checks;
+      if (withEvents) detail.events = d.events;
+      detailDirty = true; schedule();
     }, 1000);
   }
   async function openDetail(key) {
     const r = await fetch("/api/v1/rollouts/" + encodeURIComponent(key) + "/live");
     if (!r.ok) { notice((await r.json().catch(() => ({}))).error || "cannot read " + key); location.hash = "#/"; return; }
     const d = await r.json();
-    detail = { key, run: d.run, status: d.status, points: d.points, checks: d.checks, events: d.events, row: rows.get(key) };
+    detail = { key, run: d.run, status: d.status, points: d.points || [], checks: d.checks, events: d.events, row: rows.get(key) };
     setText($("document"), d.document);
     setText($("d-service"), d.service);
     detailDirty = true;
@@ -309,11 +315,12 @@
 
   function events(d) {
     const ol = $("events");
-    if (ol.childElementCount === d.events.length) return;
+    if (ol.childElementCount === d.events.length && ol.dataset.last === (d.events.length ? d.events[d.events.length - 1].time : "")) return;
+    ol.dataset.last = d.events.length ? d.events[d.events.length - 1].time : "";
     ol.replaceChildren(...d.events.slice().reverse().map((e) => {
       const li = el("li", { class: e.level });
       li.appendChild(el("time", { datetime: e.time }, new Date(e.time).toLocaleTimeString()));
-      li.append(`${e.message} (${e.phase}, ${pct(e.canaryWeight)})`);
+      li.append(e.message + (e.phase ? ` (${e.phase}, ${pct(e.canaryWeight)})` : ""));
       return li;
     }));
   }

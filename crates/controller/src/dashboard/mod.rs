@@ -130,21 +130,35 @@ fn redacted(value: &mut Value) {
     }
 }
 
-/// The rollout's document as YAML, its secrets redacted.
-pub fn document_yaml(rollout: &Rollout) -> String {
-    let mut doc = serde_json::to_value(rollout).expect("a rollout serializes");
+/// A document as YAML, its secrets redacted.
+pub fn document_yaml<T: serde::Serialize>(document: &T) -> String {
+    let mut doc = serde_json::to_value(document).expect("a document serializes");
     redacted(&mut doc);
     serde_saphyr::to_string(&doc).unwrap_or_else(|e| format!("# cannot show the document: {e}"))
 }
 
+/// `GET /api/v1/rollouts/{key}/live?points=false` leaves the series out (a page that has it
+/// refreshes the rest).
+#[derive(Debug, serde::Deserialize)]
+pub struct DetailQuery {
+    #[serde(default = "yes")]
+    pub points: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
 /// What one rollout's page shows: its status (`report::status_json`), the series of its run
-/// (from [`Live`]), each check's threshold, the run's events and the document it runs.
+/// (from [`Live`]), each check's threshold, the run's events and the document it runs (as
+/// [`document_yaml`] shows it).
 pub fn detail_json(
     rollout: &Rollout,
     run: i64,
     status: Value,
-    points: Vec<live::Point>,
+    points: Option<Vec<live::Point>>,
     events: Vec<Value>,
+    document: String,
 ) -> Value {
     let checks: Vec<Value> = rollout
         .spec
@@ -163,7 +177,7 @@ pub fn detail_json(
         "points": points,
         "checks": checks,
         "events": events,
-        "document": document_yaml(rollout),
+        "document": document,
     })
 }
 
