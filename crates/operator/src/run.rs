@@ -1275,7 +1275,10 @@ async fn carry_out_requests(
         Some(run) if driving => {
             if run.suspended != rollout.spec.suspend {
                 run.suspended = rollout.spec.suspend;
-                let by = format!("spec.suspend on {written} {namespace}/{name}");
+                let writer = crate::requests::writer_of(meta, &["spec", "suspend"])
+                    .map(|m| format!(" (written by {m})"))
+                    .unwrap_or_default();
+                let by = format!("spec.suspend on {written} {namespace}/{name}{writer}");
                 inputs.push(if run.suspended {
                     Input::Pause { by }
                 } else {

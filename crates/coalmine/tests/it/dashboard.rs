@@ -78,8 +78,23 @@ async fn the_dashboard_follows_a_rollout_live_and_a_signed_in_user_aborts_it() {
         "first load {transferred} bytes"
     );
 
-    // One rollout's page, opened as a user would.
-    browser.click(&format!("{row} a")).await;
+    // Accessible: every field labelled, every button and chart named, the language set.
+    let unnamed = browser
+        .run(
+            "const bad = [];
+             for (const i of document.querySelectorAll('input'))
+               if (!document.querySelector('label[for=\"' + i.id + '\"]')) bad.push('input ' + i.id);
+             for (const b of document.querySelectorAll('button'))
+               if (!b.textContent.trim() && !b.getAttribute('aria-label')) bad.push('button ' + b.outerHTML);
+             if (!document.documentElement.lang) bad.push('html lang');
+             return bad;",
+            json!([]),
+        )
+        .await;
+    assert_eq!(unnamed, json!([]), "unnamed controls");
+
+    // One rollout's page, opened from the keyboard (Enter on its link).
+    browser.type_into(&format!("{row} a"), "\u{E007}").await;
     browser
         .wait_for_text("#detail-title", Duration::from_secs(5), |t| t == "checkout")
         .await;
@@ -111,6 +126,13 @@ async fn the_dashboard_follows_a_rollout_live_and_a_signed_in_user_aborts_it() {
         true,
         "the page was not reloaded"
     );
+    let charts = browser
+        .run(
+            "return [...document.querySelectorAll('.chart svg')].filter(s => s.getAttribute('role') === 'img' && s.getAttribute('aria-label')).length;",
+            json!([]),
+        )
+        .await;
+    assert_eq!(charts, 4, "each chart is an image with a name");
     // The judges' evidence is there, in words.
     let (errors, _) = browser
         .wait_for_text("#judge-errors", Duration::from_secs(5), |t| {

@@ -1202,6 +1202,29 @@ async fn any_replicas_dashboard_follows_a_canary_and_a_signed_in_abort_rolls_it_
         .as_str()
         .unwrap()
         .to_string();
+    let act = |command: &str| {
+        http.post(format!(
+            "{standby_url}/api/v1/rollouts/shop%2Fpayment-service/{command}"
+        ))
+        .header("cookie", &cookie)
+        .header("x-csrf-token", &csrf)
+        .send()
+    };
+    // Pause and resume are spec.suspend, written as alice.
+    assert_eq!(act("pause").await.unwrap().status(), 202);
+    let paused = |n: &String| n.starts_with("Paused by spec.suspend on Canary shop/payment-service (written by alice, signed in to the dashboard)");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !release
+        .events("payment-service")
+        .await
+        .into_iter()
+        .filter_map(|e| e.note)
+        .any(|n| paused(&n))
+    {
+        assert!(Instant::now() < deadline, "{}", release.operator.stderr());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(act("resume").await.unwrap().status(), 202);
     let abort = format!("{standby_url}/api/v1/rollouts/shop%2Fpayment-service/abort");
     let forged = http
         .post(&abort)
