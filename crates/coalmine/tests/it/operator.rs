@@ -1212,7 +1212,9 @@ async fn any_replicas_dashboard_follows_a_canary_and_a_signed_in_abort_rolls_it_
     };
     // Pause and resume are spec.suspend, written as alice.
     assert_eq!(act("pause").await.unwrap().status(), 202);
-    let paused = |n: &String| n.starts_with("Paused by spec.suspend on Canary shop/payment-service (written by alice, signed in to the dashboard)");
+    let paused = |n: &String| {
+        n.starts_with("Paused by spec.suspend on Canary shop/payment-service (written by alice, signed in to the dashboard)")
+    };
     let deadline = Instant::now() + Duration::from_secs(10);
     while !release
         .events("payment-service")

@@ -112,8 +112,13 @@ pub async fn serve(
     // The address actually bound (the configured one may be port 0).
     let _ = lock.describe(&holder(addr));
     ready(addr);
+    let live = daemon.live.clone();
     let served = axum::serve(listener, api::routes(daemon.clone()))
-        .with_graceful_shutdown(shutdown)
+        .with_graceful_shutdown(async move {
+            shutdown.await;
+            // Open dashboards hold streams that never end by themselves.
+            live.close();
+        })
         .await;
     for (_, running) in daemon.running.lock().expect("running").drain() {
         running.task.abort();

@@ -120,9 +120,15 @@ fn cross_site(headers: &HeaderMap) -> bool {
     let Some(origin) = headers.get(header::ORIGIN).and_then(|v| v.to_str().ok()) else {
         return false; // not a browser's cross-origin request (curl, the CLI)
     };
-    let host = headers.get(header::HOST).and_then(|v| v.to_str().ok());
-    let origin_host = origin.split_once("://").map(|(_, h)| h);
-    origin_host.is_none() || origin_host != host
+    let Some((_, origin_host)) = origin.split_once("://") else {
+        return true;
+    };
+    // Behind a proxy that rewrites Host, the host the browser saw is X-Forwarded-Host.
+    !["host", "x-forwarded-host"]
+        .into_iter()
+        .filter_map(|h| headers.get(h).and_then(|v| v.to_str().ok()))
+        .flat_map(|v| v.split(','))
+        .any(|h| h.trim().eq_ignore_ascii_case(origin_host))
 }
 
 /// The routes of signing in and out (`/api/v1/session`).

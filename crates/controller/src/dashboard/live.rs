@@ -183,6 +183,9 @@ impl Change {
 pub struct Live {
     series: Mutex<HashMap<String, Series>>,
     changes: broadcast::Sender<Arc<Change>>,
+    /// Set when the server shuts down: the pages' streams end, or a graceful shutdown would
+    /// wait for them for ever.
+    closing: tokio::sync::watch::Sender<bool>,
 }
 
 impl Default for Live {
@@ -190,6 +193,7 @@ impl Default for Live {
         Live {
             series: Mutex::new(HashMap::new()),
             changes: broadcast::channel(CHANNEL_CAPACITY).0,
+            closing: tokio::sync::watch::channel(false).0,
         }
     }
 }
@@ -197,6 +201,19 @@ impl Default for Live {
 impl Live {
     pub fn subscribe(&self) -> broadcast::Receiver<Arc<Change>> {
         self.changes.subscribe()
+    }
+
+    /// Ends every page's stream, now and from now on.
+    pub fn close(&self) {
+        self.closing.send_replace(true);
+    }
+
+    /// Resolves once [`Live::close`] has been called.
+    pub fn closed(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let mut closing = self.closing.subscribe();
+        async move {
+            let _ = closing.wait_for(|closed| *closed).await;
+        }
     }
 
     /// A saved step of run `run` of the rollout `key`: its point goes on the rollout's series

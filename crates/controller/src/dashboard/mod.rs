@@ -91,21 +91,26 @@ where
     };
     // Subscribed before the snapshot is read: a change in between is sent twice, never lost.
     let changes = live.subscribe();
+    let closed = Box::pin(live.closed());
     let first = snapshot_event();
     let stream = futures::stream::unfold(
-        (snapshot_event, changes, Some(first)),
-        |(snapshot_event, mut changes, first)| async move {
+        (snapshot_event, changes, closed, Some(first)),
+        |(snapshot_event, mut changes, mut closed, first)| async move {
             if let Some(first) = first {
-                return Some((Ok(first), (snapshot_event, changes, None)));
+                return Some((Ok(first), (snapshot_event, changes, closed, None)));
             }
-            let event = match changes.recv().await {
-                Ok(change) => SseEvent::default()
-                    .event("change")
-                    .data(change.json().to_string()),
-                Err(RecvError::Lagged(_)) => snapshot_event(),
-                Err(RecvError::Closed) => return None,
+            let event = tokio::select! {
+                // The server is shutting down: the stream ends, the page reconnects elsewhere.
+                _ = &mut closed => return None,
+                change = changes.recv() => match change {
+                    Ok(change) => SseEvent::default()
+                        .event("change")
+                        .data(change.json().to_string()),
+                    Err(RecvError::Lagged(_)) => snapshot_event(),
+                    Err(RecvError::Closed) => return None,
+                },
             };
-            Some((Ok(event), (snapshot_event, changes, None)))
+            Some((Ok(event), (snapshot_event, changes, closed, None)))
         },
     );
     Sse::new(stream).keep_alive(KeepAlive::default())
