@@ -27,6 +27,13 @@ pub struct ServeArgs {
     /// File holding the bearer token that mutating calls must present
     #[arg(long, value_name = "FILE")]
     pub token_file: PathBuf,
+    /// Serve the API and the dashboard over TLS with this certificate chain (PEM); with
+    /// --tls-key
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key (PEM) of --tls-cert
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
 }
 
 /// A token from its file (`flag` names the file in errors): trimmed, at least 16 characters.
@@ -46,6 +53,16 @@ pub(crate) fn read_token_file(path: &std::path::Path, flag: &str) -> anyhow::Res
 
 pub fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     let token = read_token_file(&args.token_file, "--token-file")?;
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => Some(
+            coalmine_router::tls_acceptor(&coalmine_router::TlsFiles {
+                cert: cert.clone(),
+                key: key.clone(),
+            })
+            .map_err(|e| BadInput(format!("--tls-cert/--tls-key: {e}")))?,
+        ),
+        _ => None,
+    };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -56,6 +73,7 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
             state: args.state.clone(),
             token,
             router_host: Some(Arc::new(InProcessRouters)),
+            tls,
         },
         |addr| {
             outln!("coalmine serve: api={addr} state={}", args.state.display());
@@ -111,6 +129,10 @@ pub struct ApiArgs {
     /// File holding the daemon's token (or set COALMINE_TOKEN)
     #[arg(long, value_name = "FILE")]
     pub token_file: Option<PathBuf>,
+    /// A CA certificate (PEM) to trust for an https:// API, besides the system's (a daemon
+    /// with its own --tls-cert)
+    #[arg(long, value_name = "FILE", env = "COALMINE_CA_FILE")]
+    pub ca_file: Option<PathBuf>,
     #[arg(long, value_enum, default_value_t)]
     pub output: OutputFormat,
 }
@@ -130,12 +152,18 @@ impl Client {
                 .ok()
                 .filter(|t| !t.is_empty()),
         };
+        let mut http = reqwest::Client::builder().timeout(Duration::from_secs(30));
+        if let Some(path) = &args.ca_file {
+            let pem = std::fs::read(path)
+                .map_err(|e| BadInput(format!("--ca-file {}: {e}", path.display())))?;
+            let ca = reqwest::Certificate::from_pem(&pem)
+                .map_err(|e| BadInput(format!("--ca-file {}: {e}", path.display())))?;
+            http = http.add_root_certificate(ca);
+        }
         Ok(Client {
             api: args.api.trim_end_matches('/').to_string(),
             token,
-            http: reqwest::Client::builder()
-                .timeout(Duration::from_secs(30))
-                .build()?,
+            http: http.build()?,
             rt: tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?,

@@ -29,6 +29,6 @@ mod upstream;
 mod worker;
 
 pub use route::{route, Decision, Reason, RequestView, Version};
-pub use server::{start, RouterConfig, RouterHandle, StartError, TlsFiles};
+pub use server::{start, tls_acceptor, RouterConfig, RouterHandle, StartError, TlsFiles};
 pub use table::{MatchRule, RouteTable, RoutesDoc, StickyKey, UpstreamUrl, Weight};
 pub use worker::ProxyOptions;

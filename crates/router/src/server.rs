@@ -120,7 +120,9 @@ fn bind(addr: SocketAddr, reuse_port: bool) -> io::Result<StdListener> {
     Ok(socket.into())
 }
 
-fn tls_acceptor(files: &TlsFiles) -> Result<tokio_rustls::TlsAcceptor, StartError> {
+/// A TLS acceptor for a certificate chain and key in PEM files (ALPN h2 and http/1.1): the
+/// router's, and `serve`'s API's.
+pub fn tls_acceptor(files: &TlsFiles) -> Result<tokio_rustls::TlsAcceptor, StartError> {
     let read = |p: &PathBuf| {
         std::fs::read(p).map_err(|e| StartError::Tls(format!("{}: {e}", p.display())))
     };

@@ -436,7 +436,7 @@ async fn idle_http2_connections_are_closed_h2c_and_tls() {
     let cert = self_signed("h2-idle");
     let timeouts = ["--header-read-timeout", "1s", "--idle-timeout", "2s"];
     let plain = router(&[&["--stable", &s.url][..], &timeouts].concat());
-    let tls = router(&[&["--stable", &s.url][..], &cert.router_flags(), &timeouts].concat());
+    let tls = router(&[&["--stable", &s.url][..], &cert.tls_flags(), &timeouts].concat());
     let tls_connector = {
         let mut roots = rustls::RootCertStore::empty();
         roots.add(cert.certified.cert.der().clone()).unwrap();

@@ -649,7 +649,7 @@ async fn several_threads_share_one_port_and_one_route_table() {
 async fn tls_negotiates_h2_and_http11_through_alpn() {
     let s = upstream("stable", &[]);
     let cert = self_signed("tls");
-    let r = router(&[&["--stable", &s.url][..], &cert.router_flags()].concat());
+    let r = router(&[&["--stable", &s.url][..], &cert.tls_flags()].concat());
     let addr: std::net::SocketAddr = r.base.trim_start_matches("http://").parse().unwrap();
     let root = reqwest::Certificate::from_pem(cert.certified.cert.pem().as_bytes()).unwrap();
     for h1 in [false, true] {

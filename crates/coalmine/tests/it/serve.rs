@@ -427,3 +427,61 @@ async fn sigterm_stops_the_daemon_even_with_a_dashboard_open() {
         "the page's stream ended: {rest:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_tls_the_api_and_dashboard_are_https_and_the_session_cookie_is_secure() {
+    let dir = scratch("tls");
+    let cert = self_signed("serve-tls");
+    let mut command = serve_command(&dir);
+    command.args(cert.tls_flags());
+    let daemon = daemon_of(Proc::spawn_command(command, &["serve"]));
+    let port = daemon.proc.addr("api").port();
+    let https = format!("https://localhost:{port}");
+    let ca = dir.write("ca.pem", &cert.certified.cert.pem());
+    let trusting = reqwest::Client::builder()
+        .add_root_certificate(
+            reqwest::Certificate::from_pem(cert.certified.cert.pem().as_bytes()).unwrap(),
+        )
+        .resolve("localhost", ([127, 0, 0, 1], port).into())
+        .build()
+        .unwrap();
+    let page = trusting.get(format!("{https}/")).send().await.unwrap();
+    assert_eq!(page.status(), 200);
+    let signed = trusting
+        .post(format!("{https}/api/v1/session"))
+        .json(&serde_json::json!({"name": "alice", "token": TOKEN}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(signed.status(), 200);
+    let cookie = signed.headers()["set-cookie"].to_str().unwrap();
+    assert!(
+        cookie.contains("HttpOnly")
+            && cookie.contains("SameSite=Strict")
+            && cookie.ends_with("; Secure"),
+        "{cookie}"
+    );
+    // Plain HTTP on the TLS port gets nothing; the CLI trusts the daemon's CA when told to.
+    let plain = client()
+        .get(format!("http://127.0.0.1:{port}/api/v1/rollouts"))
+        .send()
+        .await;
+    assert!(
+        plain.is_err() || !plain.unwrap().status().is_success(),
+        "plain HTTP is not served on the TLS port"
+    );
+    let as_cli = |ca: Option<&std::path::Path>| {
+        let mut cmd = std::process::Command::new(BIN);
+        cmd.args(["status", "--output", "json"])
+            .env("COALMINE_API", &https)
+            .env_remove("COALMINE_CA_FILE");
+        if let Some(ca) = ca {
+            cmd.args(["--ca-file", ca.to_str().unwrap()]);
+        }
+        code_and_printed(&cmd.output().unwrap())
+    };
+    let (code, out) = as_cli(Some(&ca));
+    assert_eq!((code, out.trim()), (0, "[]"), "{out}");
+    let (code, out) = as_cli(None);
+    assert_ne!(code, 0, "an unknown CA is not trusted: {out}");
+}

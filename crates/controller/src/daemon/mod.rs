@@ -16,6 +16,7 @@ mod api;
 mod dashboard;
 mod hosted;
 mod supervision;
+mod tls;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -38,6 +39,8 @@ pub struct DaemonConfig {
     /// Runs the routers rollouts ask `serve` to host (`spec.router`); without one such
     /// rollouts are refused.
     pub router_host: Option<Arc<dyn RouterHost>>,
+    /// Serve the API (and the dashboard) over TLS: its session cookie is then `Secure`.
+    pub tls: Option<tokio_rustls::TlsAcceptor>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -92,7 +95,7 @@ pub async fn serve(
         store,
         controller,
         held: Arc::new(Mutex::new(HashMap::new())),
-        gate: Arc::new(Gate::new(config.token)),
+        gate: Arc::new(Gate::new(config.token).over_tls(config.tls.is_some())),
         running: Mutex::new(HashMap::new()),
         hosted: hosted::Hosted::new(config.router_host),
         telemetry: Arc::new(Telemetry::default()),
@@ -113,13 +116,20 @@ pub async fn serve(
     let _ = lock.describe(&holder(addr));
     ready(addr);
     let live = daemon.live.clone();
-    let served = axum::serve(listener, api::routes(daemon.clone()))
-        .with_graceful_shutdown(async move {
-            shutdown.await;
-            // Open dashboards hold streams that never end by themselves.
-            live.close();
-        })
-        .await;
+    let shutdown = async move {
+        shutdown.await;
+        // Open dashboards hold streams that never end by themselves.
+        live.close();
+    };
+    let app = api::routes(daemon.clone());
+    let served = match config.tls {
+        Some(acceptor) => tls::serve(listener, acceptor, app, shutdown).await,
+        None => {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(shutdown)
+                .await
+        }
+    };
     for (_, running) in daemon.running.lock().expect("running").drain() {
         running.task.abort();
     }

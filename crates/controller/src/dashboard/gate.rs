@@ -80,6 +80,8 @@ pub struct Gate {
     /// `None`: nobody can change anything here (a read-only dashboard); `hint` says how to.
     token: Option<String>,
     hint: &'static str,
+    /// The server itself speaks TLS: session cookies are `Secure`.
+    over_tls: bool,
     sessions: Mutex<HashMap<String, Session>>,
 }
 
@@ -107,8 +109,8 @@ fn cookie_value<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
         .map(|(_, v)| v)
 }
 
-/// Whether the page was fetched over TLS: directly, or through a proxy that says so.
-fn over_tls(headers: &HeaderMap) -> bool {
+/// Whether the page was fetched over TLS through a proxy that says so.
+fn proxied_over_tls(headers: &HeaderMap) -> bool {
     headers
         .get("x-forwarded-proto")
         .and_then(|v| v.to_str().ok())
@@ -154,8 +156,15 @@ impl Gate {
         Gate {
             token: Some(token),
             hint: "",
+            over_tls: false,
             sessions: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Says the server speaks TLS itself, so its session cookies are `Secure`.
+    pub fn over_tls(mut self, over_tls: bool) -> Gate {
+        self.over_tls = over_tls;
+        self
     }
 
     /// A gate nobody passes: `hint` tells people how they change things instead.
@@ -163,6 +172,7 @@ impl Gate {
         Gate {
             token: None,
             hint,
+            over_tls: false,
             sessions: Mutex::new(HashMap::new()),
         }
     }
@@ -277,7 +287,11 @@ pub async fn sign_in(
     let mut resp = Json(json!({"signedIn": true, "name": name, "csrf": csrf})).into_response();
     resp.headers_mut().insert(
         header::SET_COOKIE,
-        session_cookie(&id, SESSION_LIFETIME_MS / 1000, over_tls(&headers)),
+        session_cookie(
+            &id,
+            SESSION_LIFETIME_MS / 1000,
+            gate.over_tls || proxied_over_tls(&headers),
+        ),
     );
     Ok(resp)
 }
@@ -309,7 +323,7 @@ pub async fn sign_out(State(gate): State<Arc<Gate>>, headers: HeaderMap) -> Resp
     let mut resp = (StatusCode::OK, Json(json!({"signedIn": false}))).into_response();
     resp.headers_mut().insert(
         header::SET_COOKIE,
-        session_cookie("", 0, over_tls(&headers)),
+        session_cookie("", 0, gate.over_tls || proxied_over_tls(&headers)),
     );
     resp
 }

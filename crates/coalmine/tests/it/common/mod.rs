@@ -486,8 +486,8 @@ pub fn self_signed(test: &str) -> SelfSigned {
 }
 
 impl SelfSigned {
-    /// `--tls-cert` and `--tls-key` for a router.
-    pub fn router_flags(&self) -> [&str; 4] {
+    /// `--tls-cert` and `--tls-key` (a router's, `serve`'s).
+    pub fn tls_flags(&self) -> [&str; 4] {
         ["--tls-cert", &self.cert_path, "--tls-key", &self.key_path]
     }
 }
