@@ -1115,14 +1115,7 @@ async fn any_replicas_dashboard_follows_a_canary_and_a_signed_in_abort_rolls_it_
     let page = http.get(format!("{leader}/")).send().await.unwrap();
     assert_eq!(page.status(), 200);
     assert!(page.text().await.unwrap().contains("/ui/app.js"));
-    let session: serde_json::Value = http
-        .get(format!("{leader}/api/v1/session"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let session = crate::common::get_json(&format!("{leader}/api/v1/session")).await;
     assert_eq!(session["readOnly"], true, "{session}");
     let refused = http
         .post(format!(

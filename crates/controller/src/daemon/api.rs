@@ -23,7 +23,7 @@ use super::supervision::{ApplyError, ConflictError};
 use super::Daemon;
 use crate::dashboard::gate::{self, Actor};
 use crate::report::{event_json, status_json};
-use crate::state::sqlite::StoreError;
+use crate::state::sqlite::{StoreError, StoredRollout};
 use crate::traffic::{self, owner};
 use crate::{Runner, Unrunnable};
 
@@ -98,6 +98,16 @@ impl ApiError {
             name: name.to_string(),
             source,
         }
+    }
+}
+
+impl Daemon {
+    /// A stored rollout by name, or the API's refusal.
+    pub(super) fn stored(&self, name: &str) -> Result<StoredRollout, ApiError> {
+        self.store
+            .get(name)
+            .map_err(ApiError::state(name))?
+            .ok_or_else(|| ApiError::NoSuchRollout(name.to_string()))
     }
 }
 
@@ -216,11 +226,7 @@ async fn list(State(d): State<Arc<Daemon>>) -> Result<Response, ApiError> {
 }
 
 async fn one(State(d): State<Arc<Daemon>>, Path(name): Path<String>) -> Result<Response, ApiError> {
-    let stored = d
-        .store
-        .get(&name)
-        .map_err(ApiError::state(&name))?
-        .ok_or_else(|| ApiError::NoSuchRollout(name.clone()))?;
+    let stored = d.stored(&name)?;
     Ok(Json(shown_status(&d, &stored.rollout, &stored.status)).into_response())
 }
 
@@ -255,11 +261,7 @@ async fn command(
         "resume" => Input::Resume { by },
         other => return Err(ApiError::UnknownCommand(other.to_string())),
     };
-    let stored = d
-        .store
-        .get(&name)
-        .map_err(ApiError::state(&name))?
-        .ok_or_else(|| ApiError::NoSuchRollout(name.clone()))?;
+    let stored = d.stored(&name)?;
     let phase = stored.status.phase;
     if phase.is_final() {
         return Err(ApiError::Finished { name, phase });
@@ -287,11 +289,7 @@ async fn delete(
     State(d): State<Arc<Daemon>>,
     Path(name): Path<String>,
 ) -> Result<Response, ApiError> {
-    let stored = d
-        .store
-        .get(&name)
-        .map_err(ApiError::state(&name))?
-        .ok_or_else(|| ApiError::NoSuchRollout(name.clone()))?;
+    let stored = d.stored(&name)?;
     if !stored.status.phase.is_final() {
         return Err(ApiError::Unfinished {
             name,

@@ -57,11 +57,7 @@ async fn detail(
     Path(name): Path<String>,
     Query(query): Query<dashboard::DetailQuery>,
 ) -> Result<Response, ApiError> {
-    let stored = d
-        .store
-        .get(&name)
-        .map_err(ApiError::state(&name))?
-        .ok_or_else(|| ApiError::NoSuchRollout(name.clone()))?;
+    let stored = d.stored(&name)?;
     let events: Vec<Value> = d
         .store
         .history(&name)
