@@ -23,6 +23,7 @@ pub mod daemon;
 pub mod driver;
 pub mod http;
 pub mod lock;
+pub mod notify;
 pub mod observations;
 pub mod providers;
 pub mod report;
