@@ -201,22 +201,16 @@ pub fn fields(status: &Status) -> Vec<(String, String)> {
     fields
 }
 
-/// One alert of a rollout, resolved: who receives what, and where.
-#[derive(Debug, Clone)]
+/// One alert of a rollout, resolved: who receives what, and where. Each has its own queue and
+/// sender, so a service that hangs delays no other's messages.
 struct Alert {
     name: String,
     severity: Severity,
     provider: Arc<AlertProviderSpec>,
+    queue: Arc<Queue>,
 }
 
-/// One message to one alert's provider.
-struct Delivery {
-    alert: String,
-    provider: Arc<AlertProviderSpec>,
-    message: Arc<Message>,
-}
-
-/// How many messages wait at most; beyond it the oldest is dropped.
+/// How many messages wait at most per alert; beyond it the oldest is dropped.
 pub const QUEUE_CAPACITY: usize = 64;
 /// How long one post may take.
 pub const POST_TIMEOUT: Duration = Duration::from_secs(5);
@@ -236,18 +230,17 @@ struct Queue {
 
 #[derive(Default)]
 struct QueueState {
-    deliveries: VecDeque<Delivery>,
+    messages: VecDeque<Arc<Message>>,
     /// The sender is posting one (taken off the queue).
     busy: bool,
     sender_started: bool,
 }
 
-/// A rollout's alerts and the queue their messages go through.
+/// A rollout's alerts and the queues their messages go through.
 pub struct Notifier {
     name: String,
     namespace: String,
     alerts: Vec<Alert>,
-    queue: Arc<Queue>,
     /// The last message queued, so a notice repeated tick after tick (a check held without
     /// data) is posted once.
     last: Option<(Severity, String, String)>,
@@ -280,9 +273,14 @@ impl Notifier {
                     name: a.name.clone(),
                     severity: a.severity.unwrap_or_default(),
                     provider: Arc::new(p.clone()),
+                    queue: Arc::default(),
                 }),
                 None => {
-                    tracing::warn!(alert = %a.name, "alert not sent: its AlertProvider {:?} was not found", a.provider_ref.name);
+                    tracing::warn!(
+                        alert = %a.name,
+                        "alert not sent: its AlertProvider {:?} was not found",
+                        a.provider_ref.name
+                    );
                     None
                 }
             })
@@ -295,13 +293,12 @@ impl Notifier {
                 .clone()
                 .unwrap_or_else(|| "default".into()),
             alerts,
-            queue: Arc::default(),
             last: None,
         }
     }
 
     /// A step was saved: queues what it is worth telling to each alert that receives it.
-    /// Never waits on the network. Needs a tokio runtime (the sender is spawned on first use).
+    /// Never waits on the network. Needs a tokio runtime (a sender is spawned on first use).
     pub fn saved(&mut self, before: Phase, status: &Status, events: &[Event]) {
         if self.alerts.is_empty() {
             return;
@@ -328,53 +325,19 @@ impl Notifier {
             weight: status.canary_weight,
             fields: fields(status),
         });
-        for alert in self
-            .alerts
-            .iter()
-            .filter(|a| a.severity.receives(notice.severity))
-        {
-            self.enqueue(Delivery {
-                alert: alert.name.clone(),
-                provider: alert.provider.clone(),
-                message: message.clone(),
-            });
-        }
-    }
-
-    fn enqueue(&self, delivery: Delivery) {
-        let start = {
-            let mut state = self.queue.waiting.lock().expect("notification queue");
-            if state.deliveries.len() >= QUEUE_CAPACITY {
-                if let Some(dropped) = state.deliveries.pop_front() {
-                    tracing::warn!(
-                        alert = %dropped.alert,
-                        "notification queue full ({QUEUE_CAPACITY}): dropped the oldest message ({:?})",
-                        dropped.message.headline
-                    );
-                }
+        for alert in &self.alerts {
+            if alert.severity.receives(notice.severity) {
+                alert.enqueue(message.clone());
             }
-            state.deliveries.push_back(delivery);
-            !std::mem::replace(&mut state.sender_started, true)
-        };
-        if start {
-            tokio::spawn(send_queued(self.queue.clone()));
         }
-        self.queue.queued.notify_one();
     }
 
     /// Waits until every queued message is sent or given up, at most `within` (`run` before it
     /// exits, so the last message is not lost with the process).
     pub async fn flush(&self, within: Duration) {
         let drained = async {
-            loop {
-                let waiting = self.queue.drained.notified();
-                {
-                    let state = self.queue.waiting.lock().expect("notification queue");
-                    if state.deliveries.is_empty() && !state.busy {
-                        return;
-                    }
-                }
-                waiting.await;
+            for alert in &self.alerts {
+                alert.queue.drained().await;
             }
         };
         let _ = tokio::time::timeout(within, drained).await;
@@ -382,24 +345,69 @@ impl Notifier {
 }
 
 impl Drop for Notifier {
-    /// Lets the sender end once it has posted what is queued.
+    /// Lets the senders end once they have posted what is queued.
     fn drop(&mut self) {
+        for alert in &self.alerts {
+            alert.queue.queued.notify_one();
+        }
+    }
+}
+
+impl Alert {
+    fn enqueue(&self, message: Arc<Message>) {
+        let start = {
+            let mut state = self.queue.waiting.lock().expect("notification queue");
+            if state.messages.len() >= QUEUE_CAPACITY {
+                if let Some(dropped) = state.messages.pop_front() {
+                    tracing::warn!(
+                        alert = %self.name,
+                        "notification queue full ({QUEUE_CAPACITY}): dropped the oldest message ({:?})",
+                        dropped.headline
+                    );
+                }
+            }
+            state.messages.push_back(message);
+            !std::mem::replace(&mut state.sender_started, true)
+        };
+        if start {
+            tokio::spawn(send_queued(
+                self.queue.clone(),
+                self.name.clone(),
+                self.provider.clone(),
+            ));
+        }
         self.queue.queued.notify_one();
     }
 }
 
-/// The sender: posts queued messages one at a time, in order, for as long as the notifier
-/// lives.
-async fn send_queued(queue: Arc<Queue>) {
+impl Queue {
+    /// Until nothing is queued or being posted.
+    async fn drained(&self) {
+        loop {
+            let waiting = self.drained.notified();
+            {
+                let state = self.waiting.lock().expect("notification queue");
+                if state.messages.is_empty() && !state.busy {
+                    return;
+                }
+            }
+            waiting.await;
+        }
+    }
+}
+
+/// An alert's sender: posts its queued messages one at a time, in order, for as long as the
+/// notifier lives.
+async fn send_queued(queue: Arc<Queue>, alert: String, provider: Arc<AlertProviderSpec>) {
     let client = reqwest::Client::new();
     loop {
         let next = {
             let mut state = queue.waiting.lock().expect("notification queue");
-            let next = state.deliveries.pop_front();
+            let next = state.messages.pop_front();
             state.busy = next.is_some();
             next
         };
-        let Some(delivery) = next else {
+        let Some(message) = next else {
             queue.drained.notify_waiters();
             if Arc::strong_count(&queue) == 1 {
                 return;
@@ -407,12 +415,17 @@ async fn send_queued(queue: Arc<Queue>) {
             queue.queued.notified().await;
             continue;
         };
-        deliver(&client, &delivery).await;
+        deliver(&client, &alert, &provider, &message).await;
     }
 }
 
 /// Posts one message, retrying with backoff; the outcome is logged, never acted on.
-async fn deliver(client: &reqwest::Client, delivery: &Delivery) {
+async fn deliver(
+    client: &reqwest::Client,
+    alert: &str,
+    provider: &AlertProviderSpec,
+    message: &Message,
+) {
     let mut backoff = FIRST_BACKOFF;
     let mut error = None;
     for attempt in 0..ATTEMPTS {
@@ -420,20 +433,20 @@ async fn deliver(client: &reqwest::Client, delivery: &Delivery) {
             tokio::time::sleep(backoff).await;
             backoff *= 2;
         }
-        match post_once(client, &delivery.provider, &delivery.message).await {
+        match post_once(client, provider, message).await {
             Ok(()) => {
-                tracing::info!(alert = %delivery.alert, "notification sent: {}", delivery.message.headline);
+                tracing::info!(alert, "notification sent: {}", message.headline);
                 return;
             }
             Err(e) => {
-                tracing::debug!(alert = %delivery.alert, attempt, "notification not sent: {e}");
+                tracing::debug!(alert, attempt, "notification not sent: {e}");
                 error = Some(e);
             }
         }
     }
     if let Some(e) = error {
         tracing::warn!(
-            alert = %delivery.alert,
+            alert,
             "notification given up after {ATTEMPTS} attempts: {e}"
         );
     }
