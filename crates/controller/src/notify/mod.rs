@@ -636,6 +636,87 @@ mod tests {
         );
     }
 
+    fn message(severity: Severity) -> Message {
+        Message {
+            name: "checkout".into(),
+            namespace: "shop".into(),
+            severity,
+            headline: "Canary failed: rolled back to stable".into(),
+            reason: "Rolling back: error-rate <5> & more".into(),
+            phase: Phase::Failed,
+            weight: Weight::ZERO,
+            fields: vec![("Bayes factor".into(), "212.0 (decides at 200)".into())],
+        }
+    }
+
+    fn provider(kind: &str) -> AlertProviderSpec {
+        coalmine_spec::parse_yaml(
+            "p.yaml",
+            &format!("type: {kind}\nchannel: releases\nusername: coalmine\naddress: x"),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn every_kind_is_posted_in_the_shape_its_service_documents() {
+        let error = message(Severity::Error);
+        let at = "https://chat.example/hook/T";
+        let slack = request(&error, &provider("slack"), at);
+        assert_eq!(slack.url, at);
+        assert_eq!(slack.body["channel"], "releases");
+        assert_eq!(slack.body["username"], "coalmine");
+        assert_eq!(
+            slack.body["text"],
+            "checkout.shop: Canary failed: rolled back to stable"
+        );
+        let attachment = &slack.body["attachments"][0];
+        assert_eq!(attachment["color"], "danger");
+        assert_eq!(attachment["author_name"], "checkout.shop");
+        assert_eq!(
+            attachment["text"],
+            "Canary failed: rolled back to stable\nRolling back: error-rate <5> & more"
+        );
+        assert_eq!(attachment["fields"][0]["title"], "Bayes factor");
+        assert_eq!(
+            request(&message(Severity::Warn), &provider("slack"), at).body["attachments"][0]
+                ["color"],
+            "warning"
+        );
+        // Rocket.Chat: Slack's payload as it is; Discord: at the Slack endpoint.
+        assert_eq!(request(&error, &provider("rocket"), at).body, slack.body);
+        let discord = request(&error, &provider("discord"), at);
+        assert_eq!(
+            (discord.url.as_str(), &discord.body),
+            ("https://chat.example/hook/T/slack", &slack.body)
+        );
+
+        let teams = request(&error, &provider("msteams"), at).body;
+        assert_eq!(teams["@type"], "MessageCard");
+        assert_eq!(teams["themeColor"], "FF0000");
+        assert_eq!(teams["sections"][0]["activitySubtitle"], "checkout.shop");
+        assert_eq!(teams["sections"][0]["facts"][0]["name"], "Bayes factor");
+        assert_eq!(
+            request(&message(Severity::Info), &provider("msteams"), at).body["themeColor"],
+            "0076D7"
+        );
+
+        let chat = request(&error, &provider("gchat"), at).body;
+        assert_eq!(chat["cards"][0]["header"]["subtitle"], "checkout.shop");
+        // Card text is HTML: the reason's own `<` and `&` are escaped.
+        assert_eq!(
+            chat["cards"][0]["sections"][0]["widgets"][0]["textParagraph"]["text"],
+            "<b>Canary failed: rolled back to stable\nRolling back: error-rate &lt;5&gt; &amp; more</b>"
+        );
+
+        let hook = request(&error, &provider("webhook"), at).body;
+        assert_eq!(hook["name"], "checkout");
+        assert_eq!(hook["namespace"], "shop");
+        assert_eq!(hook["phase"], "Failed");
+        assert_eq!(hook["severity"], "error");
+        assert_eq!(hook["canaryWeight"], 0.0);
+        assert_eq!(hook["fields"]["Bayes factor"], "212.0 (decides at 200)");
+    }
+
     #[test]
     fn an_address_comes_from_a_file_or_the_environment_when_sending() {
         let dir = std::env::temp_dir().join(format!("coalmine-notify-{}", std::process::id()));
