@@ -383,3 +383,91 @@ async fn a_receiver_that_fails_or_hangs_delays_no_step_and_a_failing_one_is_retr
         with_faults.stderr
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_reads_the_address_from_its_environment_and_never_stores_it() {
+    use common::daemon::*;
+    let (base, received) = stub(|_| (Duration::ZERO, response("200 OK", "text/plain", "ok")));
+    let dir = scratch("notify");
+    let mut command = serve_command(&dir);
+    command.env("CHECKOUT_ALERTS_URL", format!("{base}/hooks/SECRET-SERVE"));
+    let daemon = daemon_of(Proc::spawn_command(command, &["serve"]));
+    let (v1, v2) = (
+        upstream("v1", &[]),
+        upstream("v2", &["--error-rate", "0.5"]),
+    );
+    let router = router(&["--stable", &v1.url]);
+    let analysis = "    interval: 1s
+    threshold: 2
+    stepWeights: [50]
+    metrics:
+      - name: request-success-rate
+        thresholdRange: {min: 99}
+        interval: 3s
+    alerts:
+      - {name: incidents, severity: error, providerRef: {name: incidents}}
+";
+    let rollout = rollout_yaml("checkout", &router, &v1, &v2, analysis);
+    // Without its AlertProvider the rollout is refused at the reference, and nothing starts.
+    let alone = dir.write("alone.yaml", &rollout);
+    let (code, out) = cli(&daemon, &["apply", alone.to_str().unwrap()], Some(TOKEN));
+    assert_eq!(code, 2, "{out}");
+    assert!(
+        out.contains("alone.yaml:18:57:") && out.contains("spec.analysis.alerts[0].providerRef"),
+        "{out}"
+    );
+    assert_eq!(
+        cli(&daemon, &["status", "--output", "json"], None).1.trim(),
+        "[]"
+    );
+
+    let file = dir.write(
+        "rollout.yaml",
+        &(rollout + &provider("incidents", "webhook", "{env: CHECKOUT_ALERTS_URL}")),
+    );
+    let traffic = tokio::spawn({
+        let url = format!("{}/", router.base);
+        async move {
+            let c = client();
+            for _ in 0..1500 {
+                let _ = c.get(&url).send().await;
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+    });
+    let (code, out) = cli(&daemon, &["apply", file.to_str().unwrap()], Some(TOKEN));
+    assert_eq!(code, 0, "{out}");
+    let (code, out) = cli(&daemon, &["status", "checkout", "--watch"], None);
+    assert_eq!(code, 1, "{out}");
+    traffic.abort();
+    let posts = collect(&received, Duration::from_secs(3));
+    let bodies = bodies(&posts, "/hooks/SECRET-SERVE");
+    assert_eq!(bodies.len(), 1, "errors only: {bodies:#?}");
+    assert_eq!(bodies[0]["phase"], "Failed");
+    assert_eq!(bodies[0]["severity"], "error");
+    assert!(
+        bodies[0]["reason"]
+            .as_str()
+            .unwrap()
+            .starts_with("Rolling back:"),
+        "{:#}",
+        bodies[0]
+    );
+    // The state file knows where the address is, not what it is.
+    let mut stored = Vec::new();
+    for entry in std::fs::read_dir(&*dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .starts_with("state.db")
+        {
+            stored.extend(std::fs::read(&path).unwrap());
+        }
+    }
+    let stored = String::from_utf8_lossy(&stored);
+    assert!(stored.contains("CHECKOUT_ALERTS_URL"));
+    assert!(!stored.contains("SECRET-SERVE"));
+    assert!(!daemon.proc.stderr().contains("SECRET-SERVE"));
+}
