@@ -471,3 +471,66 @@ async fn serve_reads_the_address_from_its_environment_and_never_stores_it() {
     assert!(!stored.contains("SECRET-SERVE"));
     assert!(!daemon.proc.stderr().contains("SECRET-SERVE"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_step_that_cannot_be_saved_is_not_told_and_is_told_once_saved() {
+    use common::daemon::*;
+    use common::tinydisk::TinyDisk;
+    let (base, received) = stub(|_| (Duration::ZERO, response("200 OK", "text/plain", "ok")));
+    let dir = scratch("notify-unsaved");
+    let address = dir.write("incidents-url", &format!("{base}/incidents"));
+    let disk_dir = TempDir::new("notify-tinydisk");
+    let disk = TinyDisk::mount(&disk_dir.path, 4096);
+    let args = serve_args(&disk.dir.join("state.db"), &dir);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let daemon = daemon_of(disk.spawn(&args));
+    let (v1, v2) = (upstream("v1", &[]), upstream("v2", &[]));
+    let router = router(&["--stable", &v1.url]);
+    let analysis = "    interval: 1s
+    threshold: 2
+    stepWeights: [10, 20, 30, 40, 50, 60, 70, 80]
+    alerts:
+      - {name: incidents, severity: error, providerRef: {name: incidents}}
+";
+    let file = dir.write(
+        "rollout.yaml",
+        &(rollout_yaml("checkout", &router, &v1, &v2, analysis)
+            + &provider(
+                "incidents",
+                "webhook",
+                &format!("{{file: {}}}", address.display()),
+            )),
+    );
+    assert_eq!(
+        cli(&daemon, &["apply", file.to_str().unwrap()], Some(TOKEN)).0,
+        0
+    );
+    wait_for(&daemon, "checkout", Duration::from_secs(20), |s| {
+        s["canaryWeight"].as_f64().unwrap() >= 20.0
+    });
+
+    // The disk full, an abort cannot be saved: it is held, and nobody is told of a rollback
+    // that has not happened.
+    disk.fill();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let (code, out) = cli(&daemon, &["abort", "checkout"], Some(TOKEN));
+    assert_eq!(code, 0, "{out}");
+    let held = collect(&received, Duration::from_secs(3));
+    assert_eq!(held.len(), 0, "{held:#?}");
+    assert_ne!(status(&daemon, "checkout")["phase"], "Failed");
+
+    // Room again: the rollback is saved, then told, once.
+    disk.free();
+    wait_for(&daemon, "checkout", Duration::from_secs(10), |s| {
+        s["phase"] == "Failed"
+    });
+    let told = collect(&received, Duration::from_secs(3));
+    let told = bodies(&told, "/incidents");
+    assert_eq!(told.len(), 1, "{told:#?}");
+    assert_eq!(told[0]["phase"], "Failed");
+    assert!(
+        told[0]["reason"].as_str().unwrap().contains("abort"),
+        "{:#}",
+        told[0]
+    );
+}

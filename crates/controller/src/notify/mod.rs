@@ -717,6 +717,38 @@ mod tests {
         assert_eq!(hook["fields"]["Bayes factor"], "212.0 (decides at 200)");
     }
 
+    #[tokio::test]
+    async fn a_full_queue_drops_its_oldest_message_and_queueing_never_waits() {
+        // A service that takes the connection and never answers.
+        let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut provider = provider("webhook");
+        provider.address = Some(format!("http://{}/hook", silent.local_addr().unwrap()));
+        let alert = Alert {
+            name: "incidents".into(),
+            severity: Severity::Info,
+            provider: Arc::new(provider),
+            queue: Arc::default(),
+        };
+        let started = std::time::Instant::now();
+        for n in 0..QUEUE_CAPACITY + 6 {
+            let mut message = message(Severity::Error);
+            message.headline = n.to_string();
+            alert.enqueue(Arc::new(message));
+        }
+        assert!(started.elapsed() < Duration::from_millis(100));
+        let state = alert.queue.waiting.lock().unwrap();
+        assert_eq!(state.messages.len(), QUEUE_CAPACITY);
+        assert_eq!(
+            state.messages.front().unwrap().headline,
+            "6",
+            "0 to 5 dropped"
+        );
+        assert_eq!(
+            state.messages.back().unwrap().headline,
+            (QUEUE_CAPACITY + 5).to_string()
+        );
+    }
+
     #[test]
     fn an_address_comes_from_a_file_or_the_environment_when_sending() {
         let dir = std::env::temp_dir().join(format!("coalmine-notify-{}", std::process::id()));
