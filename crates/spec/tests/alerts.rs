@@ -158,3 +158,28 @@ fn an_address_written_inline_works_and_is_warned_about() {
     assert!(warning.starts_with("p.yaml:4"), "{warning}");
     assert!(!warning.contains("SECRET"), "{warning}");
 }
+
+#[test]
+fn the_example_providers_are_read_and_serve_the_alerts_the_example_names() {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../examples/notifications/alert-providers.yaml"
+    );
+    let providers = std::fs::read_to_string(path).unwrap();
+    let rollout = ROLLOUT
+        .replacen("{name: team-slack}", "{name: on-call}", 1)
+        .replacen("{name: team-slack}", "{name: releases-slack}", 1);
+    let set = load(&files(&[
+        ("r.yaml", &rollout),
+        ("alert-providers.yaml", &providers),
+    ]))
+    .unwrap();
+    set.require_runnable().unwrap();
+    assert!(set.warnings.is_empty(), "{:?}", set.warnings);
+    let alerts = rollout_of(&set).spec.analysis.alerts;
+    let kinds: Vec<AlertKind> = alerts
+        .iter()
+        .map(|a| a.provider.as_ref().unwrap().kind)
+        .collect();
+    assert_eq!(kinds, [AlertKind::MsTeams, AlertKind::Slack]);
+}
