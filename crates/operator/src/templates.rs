@@ -5,7 +5,7 @@
 //!
 //! Resolved once, when a run starts: a template edited mid-run applies from the next run.
 
-use coalmine_spec::alerts::AlertProviderSpec;
+use coalmine_spec::alerts::{AlertKind, AlertProviderSpec, SLACK_POST_MESSAGE_URL};
 use coalmine_spec::rollout::{Analysis, Metadata};
 use coalmine_spec::templates::{
     resolve_check, HeaderValues, MetricTemplate as TemplateDoc, MetricTemplateSpec, Provider,
@@ -194,7 +194,8 @@ async fn with_credentials(
 
 /// Resolves a rollout's `analysis.alerts` from the cluster, in place, as Flagger does: each
 /// `providerRef` names an `AlertProvider` (in its namespace, or the rollout's), whose spec is
-/// copied into the alert; its `secretRef` Secret gives the `address` (and `proxy`), read now and
+/// copied into the alert; its `secretRef` Secret gives the `address` (and `proxy`, and Slack's
+/// `token`: a bearer token, to Slack's `chat.postMessage` without an address), read now and
 /// held in memory only, never written back. An alert that cannot be sent (no such provider, a
 /// spec or Secret Coalmine cannot use) is left unresolved, and said in the returned warnings (a
 /// Warning Event each, when the run starts): a notification never holds a release.
@@ -257,6 +258,13 @@ pub async fn resolve_alerts(
             }
             if let Some(proxy) = text("proxy") {
                 spec.proxy = Some(proxy);
+            }
+            // Only Slack's API takes a token (as Flagger reads it).
+            if let Some(token) = text("token").filter(|_| spec.kind == AlertKind::Slack) {
+                if spec.address.is_none() {
+                    spec.address = Some(SLACK_POST_MESSAGE_URL.to_string());
+                }
+                spec.token = Some(token);
             }
         }
         if spec.address.is_none() {

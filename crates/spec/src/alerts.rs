@@ -53,7 +53,15 @@ pub struct AlertProviderSpec {
     /// `{env: NAME}`), so no document or state file holds it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub address_from: Option<AddressFrom>,
+    /// Flagger's Slack `token` (sent as a bearer token, to `chat.postMessage` unless an address
+    /// is given), from the secretRef Secret: held in memory only, never written or shown.
+    #[serde(skip)]
+    #[schemars(skip)]
+    pub token: Option<String>,
 }
+
+/// Where Slack's API takes a message from a token (Flagger's default with a token and no address).
+pub const SLACK_POST_MESSAGE_URL: &str = "https://slack.com/api/chat.postMessage";
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]

@@ -753,10 +753,16 @@ async fn a_canarys_alerts_are_posted_through_its_alert_provider_with_the_address
             ..Default::default()
         },
         data: Some(
-            [(
-                "address".to_string(),
-                k8s_openapi::ByteString(format!("{base}/services/T0/SECRET").into_bytes()),
-            )]
+            [
+                (
+                    "address".to_string(),
+                    k8s_openapi::ByteString(format!("{base}/services/T0/SECRET").into_bytes()),
+                ),
+                (
+                    "token".to_string(),
+                    k8s_openapi::ByteString(b"xoxb-SECRET-TOKEN".to_vec()),
+                ),
+            ]
             .into(),
         ),
         ..Default::default()
@@ -789,6 +795,8 @@ async fn a_canarys_alerts_are_posted_through_its_alert_provider_with_the_address
         .iter()
         .map(|r| {
             assert_eq!(r.path, "/services/T0/SECRET");
+            // Slack's token, as Flagger sends it.
+            assert_eq!(r.header("authorization"), Some("Bearer xoxb-SECRET-TOKEN"));
             let body: serde_json::Value = serde_json::from_str(&r.body).unwrap();
             assert_eq!(body["channel"], "releases");
             assert_eq!(

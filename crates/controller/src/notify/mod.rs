@@ -512,19 +512,20 @@ async fn post_once(
         }
         None => client,
     };
-    let sent = client
+    let mut request = client
         .post(&post.url)
         .timeout(POST_TIMEOUT)
-        .json(&post.body)
-        .send()
-        .await
-        .map_err(|e| {
-            SendError::Unreachable(format!(
-                "{}: {}",
-                redact::address(&post.url),
-                reqwest_reason(&e.without_url())
-            ))
-        })?;
+        .json(&post.body);
+    if let Some(token) = &provider.token {
+        request = request.bearer_auth(token);
+    }
+    let sent = request.send().await.map_err(|e| {
+        SendError::Unreachable(format!(
+            "{}: {}",
+            redact::address(&post.url),
+            reqwest_reason(&e.without_url())
+        ))
+    })?;
     let status = sent.status();
     if status.is_success() {
         Ok(())
