@@ -29,13 +29,14 @@ pub struct ServeArgs {
     pub token_file: PathBuf,
 }
 
-fn read_token(path: &std::path::Path) -> anyhow::Result<String> {
+/// A token from its file (`flag` names the file in errors): trimmed, at least 16 characters.
+pub(crate) fn read_token_file(path: &std::path::Path, flag: &str) -> anyhow::Result<String> {
     let token = std::fs::read_to_string(path)
-        .map_err(|e| BadInput(format!("--token-file {}: {e}", path.display())))?;
+        .map_err(|e| BadInput(format!("{flag} {}: {e}", path.display())))?;
     let token = token.trim().to_string();
     if token.len() < 16 {
         return Err(BadInput(format!(
-            "--token-file {}: the token must have at least 16 characters",
+            "{flag} {}: the token must have at least 16 characters",
             path.display()
         ))
         .into());
@@ -44,7 +45,7 @@ fn read_token(path: &std::path::Path) -> anyhow::Result<String> {
 }
 
 pub fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
-    let token = read_token(&args.token_file)?;
+    let token = read_token_file(&args.token_file, "--token-file")?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -124,7 +125,7 @@ struct Client {
 impl Client {
     fn new(args: &ApiArgs) -> anyhow::Result<Client> {
         let token = match &args.token_file {
-            Some(path) => Some(read_token(path)?),
+            Some(path) => Some(read_token_file(path, "--token-file")?),
             None => std::env::var("COALMINE_TOKEN")
                 .ok()
                 .filter(|t| !t.is_empty()),
@@ -151,7 +152,15 @@ impl Client {
         let url = format!("{}{path}", self.api);
         let mut req = self.http.request(method, &url);
         if let Some(token) = &self.token {
-            req = req.bearer_auth(token);
+            // Who, for the rollout's history: the token is shared, the user and host are not.
+            let user = std::env::var("USER").unwrap_or_else(|_| "someone".into());
+            let actor = format!(
+                "{user} on {} (coalmine CLI)",
+                coalmine_controller::host_name()
+            );
+            req = req
+                .bearer_auth(token)
+                .header(coalmine_controller::daemon::ACTOR_HEADER, actor);
         }
         if let Some(body) = body {
             req = req.json(&body);

@@ -45,9 +45,13 @@ pub struct OperatorArgs {
     /// Where the leader Lease lives
     #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
     pub lease_namespace: String,
-    /// Where `/healthz`, `/readyz` and `/metrics` are served
+    /// Where `/healthz`, `/readyz`, `/metrics` and the dashboard (`/`) are served
     #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:9092")]
     pub listen: std::net::SocketAddr,
+    /// File holding the token that signs people in to the dashboard's actions (promote, abort,
+    /// pause, resume); without one the dashboard only shows
+    #[arg(long, value_name = "FILE", env = "COALMINE_DASHBOARD_TOKEN_FILE")]
+    pub dashboard_token_file: Option<std::path::PathBuf>,
     /// The leader Lease's name (replicas with the same one elect one leader)
     #[arg(long, default_value = "coalmine-operator")]
     pub lease_name: String,
@@ -102,8 +106,23 @@ pub fn operator(args: OperatorArgs) -> anyhow::Result<ExitCode> {
             .await
             .map_err(|e| crate::BadInput(format!("--listen {}: {e}", args.listen)))?;
         let listen = listener.local_addr()?;
+        let gate = match &args.dashboard_token_file {
+            Some(path) => coalmine_controller::dashboard::Gate::new(
+                crate::daemon_cmd::read_token_file(path, "--dashboard-token-file")?,
+            ),
+            None => coalmine_operator::dashboard::read_only_gate(),
+        };
+        let dashboard = coalmine_operator::dashboard::Dashboard::start(
+            client.clone(),
+            args.namespace.as_deref(),
+            gate,
+        );
         let health = std::sync::Arc::new(coalmine_operator::health::Health::default());
-        tokio::spawn(coalmine_operator::health::serve(listener, health.clone()));
+        tokio::spawn(coalmine_operator::health::serve(
+            listener,
+            health.clone(),
+            dashboard.routes(),
+        ));
         crate::outln!(
             "coalmine operator: listen={listen} identity={identity} lease={}/{}",
             args.lease_namespace,

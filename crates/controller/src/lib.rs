@@ -20,6 +20,7 @@ macro_rules! implementations {
 pub(crate) use implementations;
 
 pub mod daemon;
+pub mod dashboard;
 pub mod driver;
 pub mod http;
 pub mod lock;

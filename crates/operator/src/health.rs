@@ -1,6 +1,7 @@
 //! The operator's own HTTP endpoint (`--listen`): `/healthz` (the process serves),
 //! `/readyz` (it has reached the API server: followers are ready too, so a rolling update or a
-//! drain keeps a standby), `/metrics` (whether this replica leads, the runs it drives).
+//! drain keeps a standby), `/metrics` (whether this replica leads, the runs it drives), and
+//! the dashboard at `/` (`crate::dashboard`).
 
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering::Relaxed};
 use std::sync::Arc;
@@ -42,8 +43,12 @@ impl Health {
     }
 }
 
-/// Serves until the process ends.
-pub async fn serve(listener: tokio::net::TcpListener, health: Arc<Health>) -> std::io::Result<()> {
+/// Serves until the process ends; `also` (the dashboard) beside the health routes.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    health: Arc<Health>,
+    also: axum::Router,
+) -> std::io::Result<()> {
     let ready = health.clone();
     let metrics = health.clone();
     let app = axum::Router::new()
@@ -69,6 +74,7 @@ pub async fn serve(listener: tokio::net::TcpListener, health: Arc<Health>) -> st
                     metrics.metrics(),
                 )
             }),
-        );
+        )
+        .merge(also);
     axum::serve(listener, app).await
 }

@@ -31,6 +31,7 @@
 pub mod canaries;
 pub mod configs;
 pub mod crd;
+pub mod dashboard;
 pub mod events;
 pub mod flagger;
 pub mod gateway;

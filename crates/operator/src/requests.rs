@@ -34,14 +34,20 @@ pub fn request_of(meta: &ObjectMeta) -> Option<(Request, Option<String>)> {
         "abort" => Request::Abort,
         other => Request::Unknown(other.to_string()),
     };
-    let key = format!("f:{REQUEST_ANNOTATION}");
-    let by = meta.managed_fields.iter().flatten().find_map(|entry| {
-        let fields = &entry.fields_v1.as_ref()?.0;
-        fields["f:metadata"]["f:annotations"]
-            .get(&key)
-            .and(entry.manager.clone())
-    });
+    let by = writer_of(meta, &["metadata", "annotations", REQUEST_ANNOTATION]);
     Some((request, by))
+}
+
+/// Who last wrote the field at `path` (`["spec", "suspend"]`): the field manager that owns it
+/// (`kubectl-annotate`, `kubectl-edit`, a person signed in to the dashboard), if any.
+pub fn writer_of(meta: &ObjectMeta, path: &[&str]) -> Option<String> {
+    meta.managed_fields.iter().flatten().find_map(|entry| {
+        let mut fields = &entry.fields_v1.as_ref()?.0;
+        for part in path {
+            fields = fields.get(format!("f:{part}"))?;
+        }
+        entry.manager.clone()
+    })
 }
 
 /// The merge patch that removes the request once carried out.

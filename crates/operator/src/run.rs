@@ -1265,27 +1265,31 @@ async fn carry_out_requests(
     driving: bool,
 ) -> Result<(), ReconcileError> {
     let mut inputs = Vec::new();
+    let (meta, written) = match origin {
+        Origin::Canary(canary) => (&canary.metadata, "Canary"),
+        _ => (&rollout.metadata, "Rollout"),
+    };
+    let name = meta.name.clone().unwrap_or_default();
+    let namespace = meta.namespace.clone().unwrap_or_default();
     let sender = match context.runs.lock().expect("runs lock").get_mut(key) {
         Some(run) if driving => {
             if run.suspended != rollout.spec.suspend {
                 run.suspended = rollout.spec.suspend;
+                let writer = crate::requests::writer_of(meta, &["spec", "suspend"])
+                    .map(|m| format!(" (written by {m})"))
+                    .unwrap_or_default();
+                let by = format!("spec.suspend on {written} {namespace}/{name}{writer}");
                 inputs.push(if run.suspended {
-                    Input::Pause
+                    Input::Pause { by }
                 } else {
-                    Input::Resume
+                    Input::Resume { by }
                 });
             }
             Some(run.commands.clone())
         }
         _ => None,
     };
-    let (meta, written) = match origin {
-        Origin::Canary(canary) => (&canary.metadata, "Canary"),
-        _ => (&rollout.metadata, "Rollout"),
-    };
     let request = request_of(meta);
-    let name = meta.name.clone().unwrap_or_default();
-    let namespace = meta.namespace.clone().unwrap_or_default();
     if let Some((request, by)) = &request {
         let who = format!(
             "the {REQUEST_ANNOTATION} annotation on {written} {namespace}/{name}{}",
@@ -1294,7 +1298,7 @@ async fn carry_out_requests(
                 .unwrap_or_default()
         );
         match request {
-            Request::Promote => inputs.push(Input::Promote),
+            Request::Promote => inputs.push(Input::Promote { by: who.clone() }),
             Request::Abort => inputs.push(Input::Abort {
                 reason: format!("requested through {who}"),
             }),

@@ -120,12 +120,19 @@ pub enum Input {
     Analysis {
         readings: Vec<Reading>,
     },
-    Promote,
+    /// A user's command; `by` says who, for the history ("alice, signed in to the dashboard").
+    Promote {
+        by: String,
+    },
     Abort {
         reason: String,
     },
-    Pause,
-    Resume,
+    Pause {
+        by: String,
+    },
+    Resume {
+        by: String,
+    },
     /// Something outside the analysis says the canary is bad (a firing alert, a sequential
     /// judge's verdict): roll back now, not at the next tick.
     RollBack {
@@ -340,14 +347,14 @@ impl Machine {
                     self.analysis_answered(now, readings, &mut out);
                 }
             }
-            Input::Promote => {
+            Input::Promote { by } => {
                 if !matches!(self.status.phase, Phase::Promoting | Phase::Finalising) {
                     self.status.pending = None;
                     self.enter(now, Phase::Promoting);
                     self.event(
                         now,
                         EventLevel::Info,
-                        "Promotion requested by a user",
+                        &format!("Promotion requested by {by}"),
                         &mut out,
                     );
                     self.status.next_tick_ms = Some(now);
@@ -356,16 +363,16 @@ impl Machine {
             Input::Abort { reason } => self.roll_back(now, &format!("aborted: {reason}"), &mut out),
             Input::RollBack { reason } => self.roll_back(now, &reason, &mut out),
             Input::Observe(observation) => self.observe(now, &observation, &mut out),
-            Input::Pause => {
+            Input::Pause { by } => {
                 self.status.paused = true;
-                self.event(now, EventLevel::Info, "Paused", &mut out);
+                self.event(now, EventLevel::Info, &format!("Paused by {by}"), &mut out);
             }
-            Input::Resume => {
+            Input::Resume { by } => {
                 if self.status.paused {
                     self.status.paused = false;
                     self.status.stalled_since_ms = None;
                     self.status.next_tick_ms = Some(now);
-                    self.event(now, EventLevel::Info, "Resumed", &mut out);
+                    self.event(now, EventLevel::Info, &format!("Resumed by {by}"), &mut out);
                 }
             }
         }

@@ -458,7 +458,15 @@ fn abort_and_alerts_roll_back_between_ticks_and_final_states_ignore_input() {
     assert!(actions.contains(&Action::Notify(HookKind::PostRollout)));
     assert_eq!(h.machine.status().last_transition_ms, h.now + 5_000);
     let before = h.machine.status().clone();
-    assert!(h.machine.handle(h.now + 6_000, Input::Promote).is_empty());
+    assert!(h
+        .machine
+        .handle(
+            h.now + 6_000,
+            Input::Promote {
+                by: "a test".into()
+            }
+        )
+        .is_empty());
     assert_eq!(
         *h.machine.status(),
         before,
@@ -471,12 +479,22 @@ fn pause_stops_ticks_and_resume_continues() {
     let mut h = Harness::new(TUTORIAL);
     h.tick(&mut healthy);
     h.tick(&mut healthy);
-    h.machine.handle(h.now, Input::Pause);
+    h.machine.handle(
+        h.now,
+        Input::Pause {
+            by: "a test".into(),
+        },
+    );
     for _ in 0..20 {
         h.tick(&mut healthy);
     }
     assert_eq!((h.phase(), h.weight()), (Phase::Progressing, 10));
-    h.machine.handle(h.now, Input::Resume);
+    h.machine.handle(
+        h.now,
+        Input::Resume {
+            by: "a test".into(),
+        },
+    );
     h.tick(&mut healthy);
     assert_eq!(h.weight(), 20);
 }
@@ -638,7 +656,13 @@ fn a_step_that_changes_nothing_is_not_written_again() {
     }
     assert_eq!(store.saves, after_start, "empty samples were written");
     // A resume of a rollout that is not paused changes nothing either.
-    drive(&mut machine, &mut store, Input::Resume);
+    drive(
+        &mut machine,
+        &mut store,
+        Input::Resume {
+            by: "a test".into(),
+        },
+    );
     assert_eq!(store.saves, after_start);
     // The next step is written.
     store.now = MINUTE;

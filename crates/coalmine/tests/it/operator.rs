@@ -444,8 +444,12 @@ async fn an_edited_config_map_is_a_new_revision_analysed_then_promoted_to_the_pr
 }
 
 fn operator(cluster: &TestCluster, identity: &str) -> Proc {
+    operator_with(cluster, identity, &[])
+}
+
+fn operator_with(cluster: &TestCluster, identity: &str, extra: &[&str]) -> Proc {
     let kubeconfig = cluster.kubeconfig().to_str().unwrap().to_string();
-    Proc::spawn(&[
+    let mut args = vec![
         "operator",
         "--kubeconfig",
         &kubeconfig,
@@ -455,7 +459,9 @@ fn operator(cluster: &TestCluster, identity: &str) -> Proc {
         "shop",
         "--listen",
         "127.0.0.1:0",
-    ])
+    ];
+    args.extend_from_slice(extra);
+    Proc::spawn(&args)
 }
 
 /// The `coalmine_operator_leader` gauge an operator serves.
@@ -1169,4 +1175,186 @@ fn an_unreadable_kubeconfig_is_bad_input_named_by_flag() {
         stderr.contains("--kubeconfig /nonexistent/kubeconfig"),
         "{stderr}"
     );
+}
+
+/// Reads Server-Sent Events from `resp` until one whose data satisfies `what`.
+async fn until_sse(resp: &mut reqwest::Response, within: Duration, what: impl Fn(&str) -> bool) {
+    let deadline = Instant::now() + within;
+    let mut buffer = String::new();
+    loop {
+        let chunk = tokio::time::timeout_at(deadline.into(), resp.chunk())
+            .await
+            .unwrap_or_else(|_| panic!("no such event within {within:?}: {buffer}"))
+            .unwrap()
+            .expect("the stream goes on");
+        buffer.push_str(&String::from_utf8_lossy(&chunk));
+        while let Some(end) = buffer.find("\n\n") {
+            let event: String = buffer.drain(..end + 2).collect();
+            if what(&event) {
+                return;
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn any_replicas_dashboard_follows_a_canary_and_a_signed_in_abort_rolls_it_back() {
+    let release = Release::start_as(
+        "Canary",
+        "    stepWeights: [10, 20, 30, 40, 50, 60, 70, 80]\n",
+    )
+    .await;
+    let http = crate::common::client();
+    // The leader was started without a token: its dashboard shows, and refuses actions.
+    let leader = format!("http://{}", release.operator.addr("listen"));
+    let page = http.get(format!("{leader}/")).send().await.unwrap();
+    assert_eq!(page.status(), 200);
+    assert!(page.text().await.unwrap().contains("/ui/app.js"));
+    let session: serde_json::Value = http
+        .get(format!("{leader}/api/v1/session"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(session["readOnly"], true, "{session}");
+    let refused = http
+        .post(format!(
+            "{leader}/api/v1/rollouts/shop%2Fpayment-service/abort"
+        ))
+        .bearer_auth("anything-at-all-0123456789")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 403);
+    assert!(refused.text().await.unwrap().contains("kubectl annotate"));
+
+    // A standby replica with a token: not leading, its dashboard shows the same release.
+    let dir = crate::common::TempDir::new("operator-dashboard");
+    let token_file = dir.write("token", "dashboard-token-0123456789");
+    let standby = operator_with(
+        &release.cluster,
+        "operator-b",
+        &["--dashboard-token-file", token_file.to_str().unwrap()],
+    );
+    let standby_url = format!("http://{}", standby.addr("listen"));
+    release.until_initialized().await;
+    let mut watch = http
+        .get(format!("{standby_url}/api/v1/watch"))
+        .send()
+        .await
+        .unwrap();
+    until_sse(&mut watch, Duration::from_secs(10), |e| {
+        e.starts_with("event: snapshot") && e.contains("shop/payment-service")
+    })
+    .await;
+    set_new_image(&release.deployments).await;
+    let played = tokio::spawn({
+        let deployments = release.deployments.clone();
+        async move {
+            for _ in 0..300 {
+                kubelet(&deployments).await;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    });
+    // Pushed as the leader writes each step: the weight's change reaches the standby's page.
+    until_sse(&mut watch, Duration::from_secs(20), |e| {
+        e.starts_with("event: change") && e.contains("\"canaryWeight\":20.0")
+    })
+    .await;
+    let detail: serde_json::Value = http
+        .get(format!(
+            "{standby_url}/api/v1/rollouts/shop%2Fpayment-service/live"
+        ))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(
+        !detail["points"].as_array().unwrap().is_empty(),
+        "{detail:#}"
+    );
+    assert!(
+        detail["document"].as_str().unwrap().contains("stepWeights"),
+        "{detail:#}"
+    );
+
+    // Signed in (cookie and CSRF token), alice aborts; the leader carries it out.
+    let signed: reqwest::Response = http
+        .post(format!("{standby_url}/api/v1/session"))
+        .json(&json!({"name": "alice", "token": "dashboard-token-0123456789"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(signed.status(), 200);
+    let cookie = signed.headers()["set-cookie"].to_str().unwrap().to_string();
+    let cookie = cookie.split(';').next().unwrap().to_string();
+    let csrf = signed.json::<serde_json::Value>().await.unwrap()["csrf"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let act = |command: &str| {
+        http.post(format!(
+            "{standby_url}/api/v1/rollouts/shop%2Fpayment-service/{command}"
+        ))
+        .header("cookie", &cookie)
+        .header("x-csrf-token", &csrf)
+        .send()
+    };
+    // Pause and resume are spec.suspend, written as alice.
+    assert_eq!(act("pause").await.unwrap().status(), 202);
+    let paused = |n: &String| {
+        n.starts_with("Paused by spec.suspend on Canary shop/payment-service (written by alice, signed in to the dashboard)")
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !release
+        .events("payment-service")
+        .await
+        .into_iter()
+        .filter_map(|e| e.note)
+        .any(|n| paused(&n))
+    {
+        assert!(Instant::now() < deadline, "{}", release.operator.stderr());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(act("resume").await.unwrap().status(), 202);
+    let abort = format!("{standby_url}/api/v1/rollouts/shop%2Fpayment-service/abort");
+    let forged = http
+        .post(&abort)
+        .header("cookie", &cookie)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(forged.status(), 403, "no CSRF token, no action");
+    let done = http
+        .post(&abort)
+        .header("cookie", &cookie)
+        .header("x-csrf-token", &csrf)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(done.status(), 202, "{}", done.text().await.unwrap());
+    let s = release.until_ended(&json!(null)).await;
+    assert_eq!(s["phase"], "Failed", "{s:#}");
+    played.abort();
+    let told: Vec<String> = release
+        .events("payment-service")
+        .await
+        .into_iter()
+        .filter_map(|e| e.note)
+        .collect();
+    assert!(
+        told.iter().any(|n| n.contains(
+            "coalmine.dev/request annotation on Canary shop/payment-service (written by alice, signed in to the dashboard)"
+        )),
+        "{told:#?}"
+    );
+    until_sse(&mut watch, Duration::from_secs(10), |e| {
+        e.starts_with("event: change") && e.contains("\"phase\":\"Failed\"")
+    })
+    .await;
 }

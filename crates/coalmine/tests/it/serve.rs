@@ -392,3 +392,38 @@ fn unsafe_kill(pid: i32) {
         .arg(pid.to_string())
         .status();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_stops_the_daemon_even_with_a_dashboard_open() {
+    let dir = scratch("sigterm-dashboard");
+    let mut daemon = serve(&dir);
+    let mut watch = client()
+        .get(format!("{}/api/v1/watch", daemon.api))
+        .send()
+        .await
+        .unwrap();
+    let first = watch.chunk().await.unwrap().unwrap();
+    assert!(String::from_utf8_lossy(&first).contains("event: snapshot"));
+    let term = std::process::Command::new("kill")
+        .args(["-TERM", &daemon.proc.pid().to_string()])
+        .status()
+        .unwrap();
+    assert!(term.success());
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let status = loop {
+        if let Some(status) = daemon.proc.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the daemon still runs 5 s after SIGTERM: an open page's stream held it"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(status.success(), "{status:?}");
+    let rest = tokio::time::timeout(Duration::from_secs(2), watch.chunk()).await;
+    assert!(
+        matches!(rest, Ok(Ok(None)) | Ok(Err(_))),
+        "the page's stream ended: {rest:?}"
+    );
+}

@@ -4,11 +4,12 @@
 
 use std::sync::Arc;
 
-use axum::extract::{Path, Request, State};
+use axum::extract::{Path, State};
 use axum::http::{header, StatusCode};
-use axum::middleware::{self, Next};
+use axum::middleware;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use axum::Extension;
 use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::json;
@@ -20,6 +21,7 @@ use coalmine_spec::{SpecError, Weight};
 
 use super::supervision::{ApplyError, ConflictError};
 use super::Daemon;
+use crate::dashboard::gate::{self, Actor};
 use crate::report::{event_json, status_json};
 use crate::state::sqlite::StoreError;
 use crate::traffic::{self, owner};
@@ -28,8 +30,6 @@ use crate::{Runner, Unrunnable};
 /// Why the API refused a call, and with which status.
 #[derive(Debug, thiserror::Error)]
 pub(super) enum ApiError {
-    #[error("this call needs the daemon's token: Authorization: Bearer TOKEN")]
-    Unauthorized,
     #[error(transparent)]
     Documents(#[from] SpecError),
     #[error("{0}: no Rollout to apply")]
@@ -72,7 +72,6 @@ pub(super) enum ApiError {
 impl ApiError {
     fn status(&self) -> StatusCode {
         match self {
-            ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
             ApiError::Documents(_)
             | ApiError::NoRollout(_)
             | ApiError::Unrunnable { .. }
@@ -94,7 +93,7 @@ impl ApiError {
     }
 
     /// A stored rollout could not be read.
-    fn state(name: &str) -> impl FnOnce(StoreError) -> ApiError + '_ {
+    pub(super) fn state(name: &str) -> impl FnOnce(StoreError) -> ApiError + '_ {
         move |source| ApiError::RolloutState {
             name: name.to_string(),
             source,
@@ -104,12 +103,7 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let mut resp = (self.status(), Json(json!({ "error": self.to_string() }))).into_response();
-        if matches!(self, ApiError::Unauthorized) {
-            resp.headers_mut()
-                .insert(header::WWW_AUTHENTICATE, "Bearer".parse().expect("header"));
-        }
-        resp
+        (self.status(), Json(json!({ "error": self.to_string() }))).into_response()
     }
 }
 
@@ -120,8 +114,8 @@ pub(super) fn routes(daemon: Arc<Daemon>) -> Router {
         .route("/api/v1/rollouts/{name}", axum::routing::delete(delete))
         .route("/api/v1/alertmanager", post(super::alerts::alertmanager))
         .route_layer(middleware::from_fn_with_state(
-            daemon.clone(),
-            require_token,
+            daemon.gate.clone(),
+            gate::require_signed,
         ));
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
@@ -129,27 +123,11 @@ pub(super) fn routes(daemon: Arc<Daemon>) -> Router {
         .route("/api/v1/rollouts", get(list))
         .route("/api/v1/rollouts/{name}", get(one))
         .route("/api/v1/rollouts/{name}/history", get(history))
+        .merge(super::dashboard::routes())
+        .merge(crate::dashboard::page_routes())
+        .merge(gate::session_routes(daemon.gate.clone()))
         .merge(mutating)
         .with_state(daemon)
-}
-
-async fn require_token(State(d): State<Arc<Daemon>>, req: Request, next: Next) -> Response {
-    let given = req
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "));
-    match given {
-        Some(token) if constant_time_eq(token.as_bytes(), d.token.as_bytes()) => {
-            next.run(req).await
-        }
-        _ => ApiError::Unauthorized.into_response(),
-    }
-}
-
-/// Compares without stopping at the first difference, so timing does not leak the token.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 #[derive(Deserialize)]
@@ -210,7 +188,7 @@ async fn apply(
 
 /// A rollout's status as the API shows it: the stored one, said to be held when its last
 /// step could not be saved.
-fn shown_status(d: &Daemon, rollout: &Rollout, status: &Status) -> serde_json::Value {
+pub(super) fn shown_status(d: &Daemon, rollout: &Rollout, status: &Status) -> serde_json::Value {
     let held = d
         .held
         .lock()
@@ -265,15 +243,16 @@ async fn history(
 
 async fn command(
     State(d): State<Arc<Daemon>>,
+    Extension(Actor(by)): Extension<Actor>,
     Path((name, command)): Path<(String, String)>,
 ) -> Result<Response, ApiError> {
     let input = match command.as_str() {
-        "promote" => Input::Promote,
+        "promote" => Input::Promote { by },
         "abort" => Input::Abort {
-            reason: "requested through the API".into(),
+            reason: format!("requested by {by}"),
         },
-        "pause" => Input::Pause,
-        "resume" => Input::Resume,
+        "pause" => Input::Pause { by },
+        "resume" => Input::Resume { by },
         other => return Err(ApiError::UnknownCommand(other.to_string())),
     };
     let stored = d
@@ -341,6 +320,7 @@ async fn delete(
     d.hosted.forget(&name).await;
     d.telemetry.forget(&name);
     d.store.delete(&name).map_err(ApiError::state(&name))?;
+    d.live.deleted(&name);
     Ok(Json(json!({"deleted": name})).into_response())
 }
 

@@ -8,10 +8,12 @@
 //!
 //! By concern: [`api`] (the HTTP API and its one error type), [`supervision`] (running and
 //! keeping rollouts), [`alerts`] (Alertmanager's receiver), [`hosted`] (the processes and
-//! routers `serve` runs itself).
+//! routers `serve` runs itself), [`dashboard`] (what the web page at `/` reads of `serve`'s
+//! rollouts; the page, its live updates and the sign-in gate are [`crate::dashboard`]'s).
 
 mod alerts;
 mod api;
+mod dashboard;
 mod hosted;
 mod supervision;
 
@@ -20,11 +22,13 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
+use crate::dashboard::{Gate, Live};
 use crate::driver::now_ms;
 use crate::lock::{LockError, StateLock};
 use crate::state::sqlite::{Opened, Store, StoreError};
 use crate::telemetry::Telemetry;
 
+pub use crate::dashboard::ACTOR_HEADER;
 pub use hosted::{HostedRouter, RouterHost};
 
 pub struct DaemonConfig {
@@ -55,10 +59,13 @@ struct Daemon {
     /// How this daemon names itself to the routers it drives (with each rollout's name).
     controller: String,
     held: supervision::HeldSteps,
-    token: String,
+    /// The token, or a dashboard session signed in with it, opens every change.
+    gate: Arc<Gate>,
     running: Mutex<HashMap<String, supervision::Running>>,
     hosted: hosted::Hosted,
     telemetry: Arc<Telemetry>,
+    /// What the dashboard's pages watch.
+    live: Arc<Live>,
 }
 
 /// Runs the daemon until `shutdown` resolves. Unfinished rollouts keep their state on disk and
@@ -85,10 +92,11 @@ pub async fn serve(
         store,
         controller,
         held: Arc::new(Mutex::new(HashMap::new())),
-        token: config.token,
+        gate: Arc::new(Gate::new(config.token)),
         running: Mutex::new(HashMap::new()),
         hosted: hosted::Hosted::new(config.router_host),
         telemetry: Arc::new(Telemetry::default()),
+        live: Arc::new(Live::default()),
     });
     daemon.resume_all().await?;
     let listener = tokio::net::TcpListener::bind(config.api)
@@ -104,8 +112,13 @@ pub async fn serve(
     // The address actually bound (the configured one may be port 0).
     let _ = lock.describe(&holder(addr));
     ready(addr);
+    let live = daemon.live.clone();
     let served = axum::serve(listener, api::routes(daemon.clone()))
-        .with_graceful_shutdown(shutdown)
+        .with_graceful_shutdown(async move {
+            shutdown.await;
+            // Open dashboards hold streams that never end by themselves.
+            live.close();
+        })
         .await;
     for (_, running) in daemon.running.lock().expect("running").drain() {
         running.task.abort();

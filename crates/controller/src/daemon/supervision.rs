@@ -13,6 +13,7 @@ use coalmine_spec::Weight;
 
 use super::hosted::StartError;
 use super::Daemon;
+use crate::dashboard::Live;
 use crate::driver::{now_ms, Driver, Seams};
 use crate::report::Held;
 use crate::state::sqlite::{Store, StoreError};
@@ -72,8 +73,11 @@ struct RunState {
     store: Store,
     held: HeldSteps,
     name: String,
+    /// The running document (the dashboard's row shows its service).
+    rollout: Arc<Rollout>,
     run: i64,
     telemetry: Arc<Telemetry>,
+    live: Arc<Live>,
     /// Whether this run's outcome has been counted (a resumed run may have ended before).
     counted: bool,
 }
@@ -95,6 +99,14 @@ impl RunState {
             self.telemetry.unsaved(&self.name, false);
         }
         self.telemetry.observe(&self.name, status);
+        self.live.saved(
+            &self.name,
+            &self.rollout,
+            self.run,
+            status,
+            events,
+            now_ms(),
+        );
         if let (Some(outcome), false) = (status.outcome, self.counted) {
             let seconds = now_ms().saturating_sub(status.started_ms) as f64 / 1000.0;
             self.telemetry.finished(&self.name, outcome, seconds);
@@ -252,12 +264,14 @@ impl Daemon {
         };
         let run = self
             .store
-            .start_run(&rollout, driver.status(), &[event])
+            .start_run(&rollout, driver.status(), std::slice::from_ref(&event))
             .map_err(ApplyError::NotSaved)?;
         if let Some(old) = self.running.lock().expect("running").remove(&name) {
             old.task.abort();
         }
-        let state = self.run_state(&name, run, driver.status().outcome.is_some());
+        self.live
+            .saved(&name, &rollout, run, driver.status(), &[event], now_ms());
+        let state = self.run_state(&rollout, run, driver.status().outcome.is_some());
         self.launch(rollout, driver, state);
         Ok(action)
     }
@@ -275,20 +289,22 @@ impl Daemon {
         Ok(Driver::new(&effective, status, seams)?)
     }
 
-    fn run_state(&self, name: &str, run: i64, counted: bool) -> RunState {
+    fn run_state(&self, rollout: &Rollout, run: i64, counted: bool) -> RunState {
         RunState {
             store: self.store.clone(),
             held: self.held.clone(),
-            name: name.to_string(),
+            name: rollout.metadata.name.clone(),
+            rollout: Arc::new(rollout.clone()),
             run,
             telemetry: self.telemetry.clone(),
+            live: self.live.clone(),
             counted,
         }
     }
 
     /// Continues a stored run from the last step its state holds.
     async fn resume(self: &Arc<Self>, rollout: Rollout, run: i64) -> Result<(), SpawnError> {
-        let mut state = self.run_state(&rollout.metadata.name, run, false);
+        let mut state = self.run_state(&rollout, run, false);
         let status = state.load().await?.ok_or(SpawnError::NothingSaved(run))?;
         let driver = self.driver(&rollout, Some(status)).await?;
         state.counted = driver.status().outcome.is_some();

@@ -2,6 +2,7 @@
 //! Prometheus and Alertmanager ([`promstack`]).
 #![allow(dead_code)]
 
+pub mod browser;
 pub mod daemon;
 pub mod netns;
 pub mod promstack;
