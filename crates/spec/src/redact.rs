@@ -106,6 +106,14 @@ pub fn address(text: &str) -> String {
     out
 }
 
+/// Whether an object with this `type` is a notification provider (an AlertProvider's spec, or
+/// its copy in a rollout's alert), whose `address` is shown with [`address`].
+pub fn is_notification_kind(kind: &str) -> bool {
+    crate::alerts::AlertKind::ALL
+        .iter()
+        .any(|k| k.as_str() == kind)
+}
+
 /// Free text (an error message, a log line) with every `http://` or `https://` URL in it
 /// redacted.
 pub fn text(s: &str) -> String {
