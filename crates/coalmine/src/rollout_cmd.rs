@@ -401,6 +401,9 @@ pub fn convert(args: ConvertArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// How long `run` waits at its end for its last notifications to be posted.
+const NOTIFICATIONS_FLUSH: std::time::Duration = std::time::Duration::from_secs(10);
+
 #[derive(Args, Debug)]
 #[command(mut_arg("files", |a| a.help(
     "A file with the Rollout (or a Flagger Canary plus --router/--stable/--canary), and files \
@@ -417,7 +420,8 @@ pub struct RunArgs {
 
 pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let set = load(&args.rollout.files)?;
-    let missing = set.missing_templates();
+    let mut missing = set.missing_templates();
+    missing.extend(set.unsendable_alerts());
     if !missing.is_empty() {
         return Err(spec_errors(missing));
     }
@@ -462,6 +466,9 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         outcome
     });
     reporter.finish(driver.status(), outcome, driver.settled());
+    // The last notification (promoted, rolled back) is posted before the process goes, unless
+    // its service is slow or down: the exit waits only so long for it.
+    rt.block_on(driver.flush_notifications(NOTIFICATIONS_FLUSH));
     Ok(match outcome {
         Outcome::Promoted if driver.settled() => ExitCode::SUCCESS,
         _ => ExitCode::from(1),

@@ -18,6 +18,7 @@ use coalmine_rollout::{
 };
 use coalmine_spec::rollout::{HookKind, MetricCheck, Rollout};
 
+use crate::notify::Notifier;
 use crate::observations::{self, ObservationSource, ObserveError};
 use crate::providers::Providers;
 use crate::state::{StateError, StateStore};
@@ -93,6 +94,10 @@ struct Edge {
     /// Counts sampled since the sequential judges last saw them (samples taken to answer an
     /// analysis count too, so no request is left out).
     unobserved: Observation,
+    /// Posts the rollout's alerts, off the driving path.
+    notifier: Notifier,
+    /// The phase of the last saved step: what a saved step is compared with to tell the news.
+    saved_phase: Phase,
 }
 
 /// The driver as the machine's world for one input: the edge, and the store every step is
@@ -159,6 +164,7 @@ impl Driver {
             Some(status) => Machine::resume(plan, status),
             None => Machine::new(plan, seams.clock.now_ms()).paused(spec.suspend),
         };
+        let saved_phase = machine.status().phase;
         Ok(Driver {
             machine,
             edge: Edge {
@@ -177,6 +183,8 @@ impl Driver {
                 providers: Providers::new(&spec.analysis.metrics),
                 applied: None,
                 unobserved: Observation::default(),
+                notifier: Notifier::new(rollout),
+                saved_phase,
             },
             // The sequential judges decide between ticks: they see the counts every second.
             sample_every_ms: if spec.analysis.sequential.enabled {
@@ -384,6 +392,12 @@ impl Driver {
         }
     }
 
+    /// Waits, at most `within`, for the rollout's notifications still queued to be posted or
+    /// given up (`run`, before its process exits).
+    pub async fn flush_notifications(&self, within: Duration) {
+        self.edge.notifier.flush(within).await;
+    }
+
     /// Whether the backend carries the final traffic (after `run` returns).
     pub fn settled(&self) -> bool {
         self.edge.applied == Some(self.machine.traffic())
@@ -482,6 +496,9 @@ impl World for Stepping<'_> {
 
     async fn save(&mut self, status: &Status, events: &[Event]) -> Result<(), StateError> {
         self.store.save(status, events).await?;
+        // Only a saved step is news; telling it only queues.
+        let before = std::mem::replace(&mut self.edge.saved_phase, status.phase);
+        self.edge.notifier.saved(before, status, events);
         if let Some(unsaved) = self.unsaved.take() {
             tracing::warn!(
                 "steps are saved again after {:.1}s ({}); continuing",

@@ -24,6 +24,7 @@ pub mod dashboard;
 pub mod driver;
 pub mod http;
 pub mod lock;
+pub mod notify;
 pub mod observations;
 pub mod providers;
 pub mod report;

@@ -1453,18 +1453,15 @@ async fn drive(
                     },
                     ResolveError::Kube(e) => ReconcileError::Kube(e),
                 })?;
+            let alert_warnings =
+                crate::templates::resolve_alerts(&context.client, &namespace, &mut analysis)
+                    .await?;
             document.spec.analysis = analysis;
             let (traffic, observations) =
                 seams_of(context, &rollout, &mut document, Some(&hash)).await?;
             if !resume {
                 let regarding = crate::canaries::regarding(&rollout);
-                let warnings = crate::templates::alert_warnings(
-                    &context.client,
-                    &namespace,
-                    &document.spec.analysis,
-                )
-                .await?;
-                for said in warnings {
+                for said in alert_warnings {
                     tell(
                         context,
                         &regarding,

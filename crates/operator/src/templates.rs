@@ -5,6 +5,7 @@
 //!
 //! Resolved once, when a run starts: a template edited mid-run applies from the next run.
 
+use coalmine_spec::alerts::{AlertKind, AlertProviderSpec, SLACK_POST_MESSAGE_URL};
 use coalmine_spec::rollout::{Analysis, Metadata};
 use coalmine_spec::templates::{
     resolve_check, HeaderValues, MetricTemplate as TemplateDoc, MetricTemplateSpec, Provider,
@@ -191,36 +192,92 @@ async fn with_credentials(
     Ok(())
 }
 
-/// What a rollout's `analysis.alerts` will not do, said once when a run starts (a Warning Event
-/// each): an alert whose AlertProvider does not exist, and — until notifications land (issue
-/// 15) — that no AlertProvider is sent to yet. A notification never holds a release.
-pub async fn alert_warnings(
+/// Resolves a rollout's `analysis.alerts` from the cluster, in place, as Flagger does: each
+/// `providerRef` names an `AlertProvider` (in its namespace, or the rollout's), whose spec is
+/// copied into the alert; its `secretRef` Secret gives the `address` (and `proxy`, and Slack's
+/// `token`: a bearer token, to Slack's `chat.postMessage` without an address), read now and
+/// held in memory only, never written back. An alert that cannot be sent (no such provider, a
+/// spec or Secret Coalmine cannot use) is left unresolved, and said in the returned warnings (a
+/// Warning Event each, when the run starts): a notification never holds a release.
+pub async fn resolve_alerts(
     client: &kube::Client,
     namespace: &str,
-    analysis: &Analysis,
+    analysis: &mut Analysis,
 ) -> Result<Vec<String>, kube::Error> {
     let mut warnings = Vec::new();
-    for (i, alert) in analysis.alerts.iter().enumerate() {
+    for (i, alert) in analysis.alerts.iter_mut().enumerate() {
+        alert.provider = None;
         let reference = &alert.provider_ref;
         let at = reference.namespace.as_deref().unwrap_or(namespace);
         let providers: Api<crate::flagger::AlertProvider> = Api::namespaced(client.clone(), at);
         let found = match providers.get_opt(&reference.name).await {
-            Ok(found) => found.is_some(),
+            Ok(found) => found,
             // Flagger's CRD not installed: no AlertProvider exists.
-            Err(kube::Error::Api(e)) if e.code == 404 => false,
+            Err(kube::Error::Api(e)) if e.code == 404 => None,
             Err(e) => return Err(e),
         };
-        warnings.push(if found {
-            format!(
-                "spec.analysis.alerts[{i}]: alert {:?} through AlertProvider {at}/{} is not sent: Coalmine does not send to AlertProviders yet (use an `event` webhook)",
-                alert.name, reference.name
-            )
-        } else {
-            format!(
+        let Some(found) = found else {
+            warnings.push(format!(
                 "spec.analysis.alerts[{i}].providerRef: AlertProvider {at}/{} does not exist: alert {:?} is not sent",
                 reference.name, alert.name
-            )
-        });
+            ));
+            continue;
+        };
+        let mut spec: AlertProviderSpec = match serde_path_to_error::deserialize(&found.spec) {
+            Ok(spec) => spec,
+            Err(e) => {
+                warnings.push(format!(
+                    "spec.analysis.alerts[{i}].providerRef: AlertProvider {at}/{}: spec.{}: {}: alert {:?} is not sent",
+                    reference.name,
+                    e.path(),
+                    e.inner(),
+                    alert.name
+                ));
+                continue;
+            }
+        };
+        if let Some(secret) = spec.secret_ref.take() {
+            let secrets: Api<Secret> = Api::namespaced(client.clone(), at);
+            let data = match secrets.get_opt(&secret.name).await? {
+                Some(found) => found.data.unwrap_or_default(),
+                None => {
+                    warnings.push(format!(
+                        "spec.analysis.alerts[{i}].providerRef: AlertProvider {at}/{}: spec.secretRef: Secret {at}/{} does not exist: alert {:?} is not sent",
+                        reference.name, secret.name, alert.name
+                    ));
+                    continue;
+                }
+            };
+            let text = |key: &str| {
+                data.get(key)
+                    .and_then(|v| String::from_utf8(v.0.clone()).ok())
+                    .map(|v| v.trim().to_string())
+            };
+            if let Some(address) = text("address") {
+                spec.address = Some(address);
+            }
+            if let Some(proxy) = text("proxy") {
+                spec.proxy = Some(proxy);
+            }
+            // Only Slack's API takes a token (as Flagger reads it).
+            if let Some(token) = text("token").filter(|_| spec.kind == AlertKind::Slack) {
+                if spec.address.is_none() {
+                    spec.address = Some(SLACK_POST_MESSAGE_URL.to_string());
+                }
+                spec.token = Some(token);
+            }
+        }
+        if spec.address.is_none() {
+            warnings.push(format!(
+                "spec.analysis.alerts[{i}].providerRef: AlertProvider {at}/{} has no address (spec.address, or the key `address` of its secretRef Secret): alert {:?} is not sent",
+                reference.name, alert.name
+            ));
+            continue;
+        }
+        // On Kubernetes the address comes from the cluster, not the operator's files or
+        // environment.
+        spec.address_from = None;
+        alert.provider = Some(spec);
     }
     Ok(warnings)
 }

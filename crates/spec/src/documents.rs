@@ -6,6 +6,7 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
+use crate::alerts::{self, AlertProvider};
 use crate::flagger::{Canary, Placement, PlacementDoc, FLAGGER_API_VERSION};
 use crate::names::{check_name, NameRule};
 use crate::rollout::{Analysis, Metadata, Rollout, TemplateRef, API_VERSION, BUILTINS};
@@ -45,8 +46,8 @@ pub enum Document {
     Rollout(Box<Rollout>),
     Canary(Box<Canary>),
     MetricTemplate(MetricTemplate),
-    /// Flagger's notification provider: valid, not acted on.
-    AlertProvider(Metadata),
+    /// Where a rollout's alerts are posted (Flagger's, or Coalmine's with `addressFrom`).
+    AlertProvider(AlertProvider),
     /// Where the Canary of the same name sends its traffic (what Kubernetes would say).
     Placement(PlacementDoc),
 }
@@ -68,7 +69,7 @@ impl Document {
             Document::Rollout(r) => &r.metadata,
             Document::Canary(c) => &c.metadata,
             Document::MetricTemplate(t) => &t.metadata,
-            Document::AlertProvider(m) => m,
+            Document::AlertProvider(p) => &p.metadata,
             Document::Placement(p) => &p.metadata,
         }
     }
@@ -279,6 +280,7 @@ impl DocumentSet {
     /// Everything [`Self::require_runnable`] refuses, in file order.
     pub fn runnable_errors(&self) -> Vec<SpecError> {
         let mut errors = self.missing_templates();
+        errors.extend(self.unsendable_alerts());
         let mut seen: HashMap<&str, &Located<Document>> = HashMap::new();
         for located in self.rollouts() {
             let meta = located.doc.metadata();
@@ -301,6 +303,104 @@ impl DocumentSet {
             }
         }
         errors.sort_by_key(|e| (self.file_index(&e.file), e.line));
+        errors
+    }
+
+    /// The AlertProvider an alert of `rollout` refers to, found as templates are (see
+    /// [`Self::template_for`]).
+    fn alert_provider_for(
+        &self,
+        rollout: &Metadata,
+        reference: &TemplateRef,
+    ) -> Option<&Located<Document>> {
+        let named: Vec<&Located<Document>> = self
+            .documents
+            .iter()
+            .filter(|d| {
+                matches!(&d.doc, Document::AlertProvider(p) if p.metadata.name == reference.name)
+            })
+            .collect();
+        if let [only] = named.as_slice() {
+            return Some(only);
+        }
+        let wanted = reference
+            .namespace
+            .as_deref()
+            .unwrap_or_else(|| namespace_of(rollout));
+        named
+            .into_iter()
+            .find(|d| namespace_of(d.doc.metadata()) == wanted)
+    }
+
+    /// Copies each alert's AlertProvider spec into the alert, so the rollout is self-contained
+    /// (an alert resolved before, or written with its provider, is kept). One whose provider is
+    /// not among the files is left for [`Self::unsendable_alerts`].
+    fn resolve_alerts(&mut self) {
+        for index in 0..self.documents.len() {
+            let Some(analysis) = analysis_of(&self.documents[index].doc) else {
+                continue;
+            };
+            let metadata = self.documents[index].doc.metadata().clone();
+            let found: Vec<Option<alerts::AlertProviderSpec>> = analysis
+                .alerts
+                .iter()
+                .map(|alert| match &alert.provider {
+                    Some(p) => Some(p.clone()),
+                    None => self
+                        .alert_provider_for(&metadata, &alert.provider_ref)
+                        .and_then(|d| match &d.doc {
+                            Document::AlertProvider(p) => Some(p.spec.clone()),
+                            _ => None,
+                        }),
+                })
+                .collect();
+            let analysis = match &mut self.documents[index].doc {
+                Document::Rollout(r) => &mut r.spec.analysis,
+                Document::Canary(c) => &mut c.spec.analysis,
+                _ => continue,
+            };
+            for (alert, provider) in analysis.alerts.iter_mut().zip(found) {
+                alert.provider = provider;
+            }
+        }
+    }
+
+    /// For running: every alert's provider found, with an address Coalmine can read without a
+    /// cluster. Errors point at the alert's reference, or at the provider's field.
+    pub fn unsendable_alerts(&self) -> Vec<SpecError> {
+        let mut errors = Vec::new();
+        for located in self.rollouts() {
+            let Some(analysis) = analysis_of(&located.doc) else {
+                continue;
+            };
+            for (i, alert) in analysis.alerts.iter().enumerate() {
+                let field = format!("spec.analysis.alerts[{i}].providerRef");
+                let Some(spec) = &alert.provider else {
+                    errors.push(located.error_at(
+                        &field,
+                        format!("AlertProvider {:?} is not in the files given: pass the file that defines it too", alert.provider_ref.name),
+                    ));
+                    continue;
+                };
+                if let Err((provider_field, message)) = alerts::check_sendable(spec) {
+                    let provider =
+                        self.alert_provider_for(located.doc.metadata(), &alert.provider_ref);
+                    errors.push(match provider {
+                        Some(at) => at.error_at(
+                            &provider_field,
+                            format!(
+                                "AlertProvider {:?} (used by {}'s alert {:?}): {message}",
+                                alert.provider_ref.name,
+                                located.doc.name(),
+                                alert.name
+                            ),
+                        ),
+                        None => located
+                            .error_at(&format!("spec.analysis.alerts[{i}].provider"), message),
+                    });
+                }
+            }
+        }
         errors
     }
 
@@ -460,6 +560,7 @@ pub fn read(files: &[(String, String)]) -> (DocumentSet, Vec<SpecError>) {
     }
     errors.extend(remove_duplicates(&mut set));
     errors.extend(set.resolve_metrics());
+    set.resolve_alerts();
     set.warnings = warnings(&set);
     let order: Vec<&str> = files.iter().map(|f| f.0.as_str()).collect();
     let index = |file: &str| order.iter().position(|f| *f == file);
@@ -564,12 +665,6 @@ struct Head {
     groups: Option<serde::de::IgnoredAny>,
 }
 
-/// Flagger's AlertProvider as Coalmine reads it: its name (the rest is checked by the CRD).
-#[derive(Deserialize)]
-struct AlertProvider {
-    metadata: Metadata,
-}
-
 enum Parsed {
     Document(Box<Document>),
     Note(Note),
@@ -617,6 +712,11 @@ fn parse_document(file: &str, first_line: u64, text: &str) -> Result<Parsed, Spe
             named(&placement.metadata, NameRule::Rollout)?;
             Document::Placement(placement)
         }
+        (API_VERSION, "AlertProvider") => {
+            let provider: AlertProvider = parse_yaml(file, text)?;
+            named(&provider.metadata, NameRule::Object)?;
+            Document::AlertProvider(provider)
+        }
         (API_VERSION, "Rollout") => {
             let rollout: Rollout = parse_yaml(file, text)?;
             named(&rollout.metadata, NameRule::Rollout)?;
@@ -644,11 +744,11 @@ fn parse_document(file: &str, first_line: u64, text: &str) -> Result<Parsed, Spe
                 FlaggerKind::AlertProvider => {
                     let provider: AlertProvider = parse_yaml(file, text)?;
                     named(&provider.metadata, NameRule::Object)?;
-                    Document::AlertProvider(provider.metadata)
+                    Document::AlertProvider(provider)
                 }
             }
         }
-        (API_VERSION, kind) => return Err(at("kind", unknown_kind(kind, API_VERSION, &["Rollout", "MetricTemplate", "Placement"]))),
+        (API_VERSION, kind) => return Err(at("kind", unknown_kind(kind, API_VERSION, &["Rollout", "MetricTemplate", "AlertProvider", "Placement"]))),
         ("", _) if head.groups.is_some() => {
             return Ok(Parsed::Note(crate::foreign::rule_file_note(file, first_line, text)))
         }
@@ -691,13 +791,13 @@ fn own_kind_elsewhere(api_version: &str, kind: &str) -> Option<String> {
     if own_groups.contains(&group) || near.is_some() {
         let hint = near.map_or(":".to_string(), |n| format!(", did you mean {n}?"));
         return Some(format!(
-            "unknown apiVersion {api_version:?}{hint} Coalmine reads {API_VERSION} (Rollout, MetricTemplate) and {FLAGGER_API_VERSION} (Canary, MetricTemplate, AlertProvider)"
+            "unknown apiVersion {api_version:?}{hint} Coalmine reads {API_VERSION} (Rollout, MetricTemplate, AlertProvider) and {FLAGGER_API_VERSION} (Canary, MetricTemplate, AlertProvider)"
         ));
     }
     if OWN_KINDS.contains(&kind) && group != "argoproj.io" {
         let expected = match kind {
             "Rollout" | "Placement" => API_VERSION.to_string(),
-            "MetricTemplate" => format!("{API_VERSION} or {FLAGGER_API_VERSION}"),
+            "MetricTemplate" | "AlertProvider" => format!("{API_VERSION} or {FLAGGER_API_VERSION}"),
             _ => FLAGGER_API_VERSION.to_string(),
         };
         return Some(format!(
@@ -802,6 +902,17 @@ pub fn check_analysis(a: &Analysis, path: &str) -> Result<(), (String, String)> 
 
 fn warnings(set: &DocumentSet) -> Vec<String> {
     let mut out = Vec::new();
+    for located in &set.documents {
+        if let Document::AlertProvider(p) = &located.doc {
+            if p.spec.address.is_some() {
+                out.push(format!(
+                    "{}: AlertProvider {}: spec.address is a secret written in the document (whoever reads the file or the state can post to the channel); give it with addressFrom ({{file: PATH}} or {{env: NAME}}) on a coalmine.dev/v1alpha1 AlertProvider, or secretRef on Kubernetes",
+                    located.name_position(),
+                    p.metadata.name
+                ));
+            }
+        }
+    }
     for located in set.rollouts() {
         let (name, analysis) = match &located.doc {
             Document::Rollout(r) => (&r.metadata.name, &r.spec.analysis),
@@ -816,6 +927,14 @@ fn warnings(set: &DocumentSet) -> Vec<String> {
                         located.file, located.line, m.name, t.name
                     ));
                 }
+            }
+        }
+        for alert in &analysis.alerts {
+            if alert.provider.is_none() {
+                out.push(format!(
+                    "{}:{}: {name}: alert {:?} refers to AlertProvider {:?}, which is not in the files given (in Kubernetes it lives in the cluster); pass its file too",
+                    located.file, located.line, alert.name, alert.provider_ref.name
+                ));
             }
         }
         if analysis.match_.iter().any(|m| !m.source_labels.is_empty()) {

@@ -3,6 +3,7 @@
 //! Architecture invariant: this crate is pure. It never reads files, sockets or the clock; callers
 //! hand it the text and the name to report it under.
 
+pub mod alerts;
 pub mod documents;
 pub mod duration;
 pub mod flagger;

@@ -86,6 +86,34 @@ pub fn url(text: &str) -> String {
     out
 }
 
+/// A notification service's address as shown: its scheme and host only. A chat webhook's
+/// secret is its path (`https://hooks.slack.com/services/T0/B0/SECRET`), which [`url`] keeps.
+pub fn address(text: &str) -> String {
+    let Some(scheme_end) = text.find("://") else {
+        return REDACTED.to_string();
+    };
+    let rest = &text[scheme_end + 3..];
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let authority = &rest[..authority_end];
+    let host = authority
+        .rsplit_once('@')
+        .map_or(authority, |(_, host)| host);
+    let mut out = format!("{}://{host}", &text[..scheme_end]);
+    if authority.contains('@') || authority_end < rest.len() {
+        out.push('/');
+        out.push_str(REDACTED);
+    }
+    out
+}
+
+/// Whether an object with this `type` is a notification provider (an AlertProvider's spec, or
+/// its copy in a rollout's alert), whose `address` is shown with [`address`].
+pub fn is_notification_kind(kind: &str) -> bool {
+    crate::alerts::AlertKind::ALL
+        .iter()
+        .any(|k| k.as_str() == kind)
+}
+
 /// Free text (an error message, a log line) with every `http://` or `https://` URL in it
 /// redacted.
 pub fn text(s: &str) -> String {
@@ -143,6 +171,20 @@ mod tests {
             shown,
             "error-rate: prometheus http://admin:REDACTED@h:9090?api_key=REDACTED: HTTP 500 (see \"https://u:REDACTED@x/y\")"
         );
+    }
+
+    #[test]
+    fn a_notification_address_shows_its_host_only() {
+        assert_eq!(
+            address("https://hooks.slack.com/services/T0/B0/SECRET"),
+            "https://hooks.slack.com/REDACTED"
+        );
+        assert_eq!(
+            address("http://u:p@127.0.0.1:8080"),
+            "http://127.0.0.1:8080/REDACTED"
+        );
+        assert_eq!(address("http://127.0.0.1:8080"), "http://127.0.0.1:8080");
+        assert_eq!(address("not a url SECRET"), REDACTED);
     }
 
     #[test]

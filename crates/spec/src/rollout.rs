@@ -9,6 +9,7 @@ use std::fmt;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+use crate::alerts::{AlertProviderSpec, Severity};
 use crate::duration::Dur;
 use crate::Weight;
 
@@ -322,7 +323,8 @@ pub struct Analysis {
     pub match_: Vec<HttpMatch>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub metrics: Vec<MetricCheck>,
-    /// Flagger's notification providers; Coalmine reports through `event` webhooks instead.
+    /// Where the rollout's news is posted (Slack, Teams, ...): each alert names an AlertProvider
+    /// and the least severity it receives.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub alerts: Vec<AlertNotification>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -571,9 +573,16 @@ pub struct TemplateRef {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct AlertNotification {
     pub name: String,
+    /// info (default: every message), warn (warnings and errors) or error.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub severity: Option<String>,
+    pub severity: Option<Severity>,
     pub provider_ref: TemplateRef,
+    /// Coalmine: the AlertProvider's spec, copied in when the rollout is resolved so a stored
+    /// rollout needs no other document. Holds no secret unless the provider wrote its address
+    /// inline.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(skip)]
+    pub provider: Option<AlertProviderSpec>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]

@@ -15,6 +15,7 @@ mod http1;
 mod loadtester;
 mod malformed;
 mod mesh_metrics;
+mod notifications;
 mod operator;
 mod operator_providers;
 mod operator_routers;

@@ -737,6 +737,101 @@ async fn a_canarys_alerts_that_will_not_be_sent_are_said_and_hold_nothing() {
     );
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_canarys_alerts_are_posted_through_its_alert_provider_with_the_address_from_its_secret() {
+    let (base, received) = crate::common::stub::stub(|_| {
+        (
+            Duration::ZERO,
+            crate::common::stub::response("200 OK", "text/plain", "ok"),
+        )
+    });
+    let release = Release::start_as(
+        "Canary",
+        "    stepWeights: [50]\n    alerts:\n      - {name: releases, providerRef: {name: slack}}\n",
+    )
+    .await;
+    let client = release.cluster.client();
+    // Flagger's way: the address in a Secret the AlertProvider's secretRef names.
+    let secret = k8s_openapi::api::core::v1::Secret {
+        metadata: kube::api::ObjectMeta {
+            name: Some("slack-url".into()),
+            namespace: Some("shop".into()),
+            ..Default::default()
+        },
+        data: Some(
+            [
+                (
+                    "address".to_string(),
+                    k8s_openapi::ByteString(format!("{base}/services/T0/SECRET").into_bytes()),
+                ),
+                (
+                    "token".to_string(),
+                    k8s_openapi::ByteString(b"xoxb-SECRET-TOKEN".to_vec()),
+                ),
+            ]
+            .into(),
+        ),
+        ..Default::default()
+    };
+    Api::<k8s_openapi::api::core::v1::Secret>::namespaced(client.clone(), "shop")
+        .create(&PostParams::default(), &secret)
+        .await
+        .unwrap();
+    let provider: DynamicObject = serde_json::from_value(json!({
+        "apiVersion": "flagger.app/v1beta1", "kind": "AlertProvider",
+        "metadata": {"name": "slack", "namespace": "shop"},
+        "spec": {"type": "slack", "channel": "releases", "secretRef": {"name": "slack-url"}},
+    }))
+    .unwrap();
+    flagger_api(&client, "AlertProvider", "alertproviders")
+        .create(&PostParams::default(), &provider)
+        .await
+        .unwrap();
+    release.new_image_until_done().await;
+    assert_eq!(release.status().await["phase"], "Succeeded");
+    let mut posts = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while posts.len() < 2 && Instant::now() < deadline {
+        if let Ok(r) = received.recv_timeout(Duration::from_millis(200)) {
+            posts.push(r);
+        }
+    }
+    assert!(posts.len() >= 2, "{posts:#?}");
+    let texts: Vec<String> = posts
+        .iter()
+        .map(|r| {
+            assert_eq!(r.path, "/services/T0/SECRET");
+            // Slack's token, as Flagger sends it.
+            assert_eq!(r.header("authorization"), Some("Bearer xoxb-SECRET-TOKEN"));
+            let body: serde_json::Value = serde_json::from_str(&r.body).unwrap();
+            assert_eq!(body["channel"], "releases");
+            assert_eq!(
+                body["attachments"][0]["author_name"],
+                "payment-service.shop"
+            );
+            body["attachments"][0]["text"].as_str().unwrap().to_string()
+        })
+        .collect();
+    assert!(texts[0].starts_with("New revision detected"), "{texts:#?}");
+    assert!(
+        texts
+            .iter()
+            .any(|t| t.starts_with("Canary analysis completed successfully")),
+        "{texts:#?}"
+    );
+    let notes: Vec<String> = release
+        .events("payment-service")
+        .await
+        .into_iter()
+        .filter_map(|e| e.note)
+        .collect();
+    assert!(
+        !notes.iter().any(|n| n.contains("is not sent")),
+        "{notes:#?}"
+    );
+    assert!(!notes.iter().any(|n| n.contains("SECRET")), "{notes:#?}");
+}
+
 /// Flagger's MetricTemplate `error-rate`, asking the test's Prometheus `query`.
 fn error_rate_template(prometheus: &str, query: &str) -> DynamicObject {
     serde_json::from_value(json!({

@@ -123,8 +123,17 @@ fn redacted(value: &mut Value) {
         Value::String(s) => *s = redact::text(s),
         Value::Array(items) => items.iter_mut().for_each(redacted),
         Value::Object(fields) => {
+            // A notification provider's address is a secret as a whole (a chat webhook's path).
+            let notification = fields
+                .get("type")
+                .and_then(Value::as_str)
+                .is_some_and(redact::is_notification_kind);
             for (key, v) in fields.iter_mut() {
-                if redact::is_secret_name(key) && (v.is_string() || v.is_number()) {
+                if notification && key == "address" {
+                    if let Value::String(s) = v {
+                        *s = redact::address(s);
+                    }
+                } else if redact::is_secret_name(key) && (v.is_string() || v.is_number()) {
                     *v = json!(redact::REDACTED);
                 } else {
                     redacted(v);
@@ -195,10 +204,11 @@ mod tests {
         let mut doc = json!({
             "webhooks": [{"url": "https://user:hunter2@hooks.example/x?token=abc", "metadata": {"token": "s3cret", "cmd": "hey"}}],
             "headers": {"Authorization": "Bearer xyz"},
+            "alerts": [{"name": "on-call", "provider": {"type": "slack", "address": "https://hooks.slack.com/services/T0/B0/w3bh00k"}}],
         });
         redacted(&mut doc);
         let text = doc.to_string();
-        for secret in ["hunter2", "abc", "s3cret", "xyz"] {
+        for secret in ["hunter2", "abc", "s3cret", "xyz", "w3bh00k"] {
             assert!(!text.contains(secret), "{secret} shown: {text}");
         }
         assert!(text.contains("hey"), "the rest stays: {text}");
