@@ -69,6 +69,15 @@ pub fn metrics_json(metrics: &[MetricStatus]) -> Vec<Value> {
         .collect()
 }
 
+/// What a rollout whose last step could not be saved says instead of its status's message.
+pub fn holding_message(held: &Held) -> String {
+    format!(
+        "Holding: the state cannot be saved since {} ({}); nothing moves until it can",
+        rfc3339(held.since_ms),
+        held.reason
+    )
+}
+
 /// A rollout's status as users read it; `held` says its last step could not be saved, so
 /// it is holding where the status says it is.
 pub fn status_json(rollout: &Rollout, status: &Status, held: Option<&Held>) -> Value {
@@ -83,11 +92,7 @@ pub fn status_json(rollout: &Rollout, status: &Status, held: Option<&Held>) -> V
             "message": held.reason,
             "lastTransitionTime": rfc3339(held.since_ms),
         }));
-        message = format!(
-            "Holding: the state cannot be saved since {} ({}); nothing moves until it can",
-            rfc3339(held.since_ms),
-            held.reason
-        );
+        message = holding_message(held);
     }
     json!({
         "name": rollout.metadata.name,

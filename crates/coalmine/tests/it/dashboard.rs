@@ -4,6 +4,7 @@
 
 use crate::common;
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
@@ -273,4 +274,202 @@ async fn the_dashboard_follows_a_rollout_live_and_a_signed_in_user_aborts_it() {
     let updated = timings["updated"].as_f64().unwrap();
     // 100 ms is where a delay starts to be seen as lag (RAIL's response budget).
     assert!(updated < 100.0, "updating 1,000 rows took {updated} ms");
+}
+
+/// An open page's stream of Server-Sent Events, read as the page reads it.
+struct Watch {
+    response: reqwest::Response,
+    buffer: String,
+}
+
+impl Watch {
+    async fn open(daemon: &Daemon) -> Watch {
+        // No overall timeout: the stream stays open as a page's does.
+        let response = reqwest::Client::builder()
+            .http1_only()
+            .build()
+            .unwrap()
+            .get(format!("{}/api/v1/watch", daemon.api))
+            .send()
+            .await
+            .unwrap();
+        assert!(response.status().is_success(), "{}", response.status());
+        Watch {
+            response,
+            buffer: String::new(),
+        }
+    }
+
+    /// The next event (name, data) other than a keep-alive, or `None` after `within`.
+    async fn next(&mut self, within: Duration) -> Option<(String, serde_json::Value)> {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            if let Some(end) = self.buffer.find("\n\n") {
+                let block: String = self.buffer.drain(..end + 2).collect();
+                let field = |name: &str| {
+                    block
+                        .lines()
+                        .find_map(|l| l.strip_prefix(name))
+                        .map(|v| v.trim_start().to_string())
+                };
+                if let (Some(event), Some(data)) = (field("event:"), field("data:")) {
+                    return Some((event, serde_json::from_str(&data).unwrap()));
+                }
+                continue;
+            }
+            let chunk = tokio::time::timeout_at(deadline, self.response.chunk())
+                .await
+                .ok()?
+                .unwrap()?;
+            self.buffer.push_str(&String::from_utf8_lossy(&chunk));
+        }
+    }
+
+    /// Reads events until `found` picks one, or panics after `within` naming what came.
+    async fn until<T>(
+        &mut self,
+        within: Duration,
+        what: &str,
+        found: impl Fn(&str, &serde_json::Value) -> Option<T>,
+    ) -> T {
+        let deadline = Instant::now() + within;
+        let mut seen = Vec::new();
+        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+            match self.next(left).await {
+                Some((event, data)) => {
+                    if let Some(t) = found(&event, &data) {
+                        return t;
+                    }
+                    seen.push(format!("{event}: {data}"));
+                }
+                None => break,
+            }
+        }
+        panic!(
+            "no {what} within {within:?}; the page got:\n{}",
+            seen.join("\n")
+        );
+    }
+}
+
+/// The row of `name` in an event: a snapshot's or a change's.
+fn row_of<'a>(
+    event: &str,
+    data: &'a serde_json::Value,
+    name: &str,
+) -> Option<&'a serde_json::Value> {
+    match event {
+        "snapshot" => data["rows"].as_array()?.iter().find(|r| r["key"] == name),
+        "change" if data["key"] == name => data.get("row"),
+        _ => None,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rollout_holding_because_its_state_cannot_be_saved_says_so_on_open_and_new_pages() {
+    let dir = scratch("dashboard-held");
+    let disk_dir = TempDir::new("tinydisk");
+    let disk = common::tinydisk::TinyDisk::mount(&disk_dir.path, 4096);
+    let args = serve_args(&disk.dir.join("state.db"), &dir);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let daemon = daemon_of(disk.spawn(&args));
+    let (v1, v2) = (upstream("v1", &[]), upstream("v2", &[]));
+    let router = router(&["--stable", &v1.url]);
+    let steps = "    interval: 1s
+    threshold: 2
+    stepWeights: [10, 20, 30, 40, 50, 60, 70, 80]
+";
+    let file = dir.write(
+        "checkout.yaml",
+        &rollout_yaml("checkout", &router, &v1, &v2, steps),
+    );
+    let (code, out) = cli(&daemon, &["apply", file.to_str().unwrap()], Some(TOKEN));
+    assert_eq!(code, 0, "{out}");
+    wait_for(&daemon, "checkout", Duration::from_secs(20), |s| {
+        s["canaryWeight"].as_f64().unwrap() >= 10.0
+    });
+    let mut open = Watch::open(&daemon).await;
+    open.until(Duration::from_secs(5), "snapshot", |e, _| {
+        (e == "snapshot").then_some(())
+    })
+    .await;
+
+    disk.fill();
+    let holding = |e: &str, d: &serde_json::Value| {
+        row_of(e, d, "checkout")
+            .and_then(|r| r["held"].as_str())
+            .filter(|m| m.contains("cannot be saved"))
+            .map(str::to_string)
+    };
+    // The open page hears of it at once: nothing else will change while it holds.
+    let said = open
+        .until(Duration::from_secs(10), "row saying it holds", holding)
+        .await;
+    assert!(said.starts_with("Holding"), "{said}");
+    // A page opened now shows it too.
+    let mut new = Watch::open(&daemon).await;
+    new.until(Duration::from_secs(5), "snapshot saying it holds", holding)
+        .await;
+
+    // Room again: the next saved step's row no longer says it.
+    disk.free();
+    open.until(Duration::from_secs(10), "row no longer holding", |e, d| {
+        row_of(e, d, "checkout")
+            .filter(|r| r.get("held").is_none())
+            .map(|_| ())
+    })
+    .await;
+}
+
+/// Guessing the token: each wrong guess costs 300 ms (gate.rs), and guesses sent at once wait
+/// their turn, through the sign-in form or a bearer header alike, so many connections guess no
+/// faster than one. The right token does not wait behind them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_token_guesses_sent_at_once_are_answered_one_after_another() {
+    const GUESSES: usize = 8;
+    let dir = scratch("dashboard-guesses");
+    let daemon = serve(&dir);
+    let answered = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let started = Instant::now();
+    let guesses: Vec<_> = (0..GUESSES)
+        .map(|i| {
+            let (api, answered) = (daemon.api.clone(), answered.clone());
+            tokio::spawn(async move {
+                let guess = format!("guess-{i:020}");
+                let request = if i % 2 == 0 {
+                    client()
+                        .post(format!("{api}/api/v1/session"))
+                        .json(&json!({"token": guess, "name": "mallory"}))
+                } else {
+                    client()
+                        .post(format!("{api}/api/v1/rollouts/checkout/abort"))
+                        .bearer_auth(guess)
+                };
+                let status = request.send().await.unwrap().status();
+                answered.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                status
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let right = client()
+        .post(format!("{}/api/v1/session", daemon.api))
+        .json(&json!({"token": TOKEN, "name": "alice"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(right.status(), 200);
+    let wrong_before_right = answered.load(std::sync::atomic::Ordering::SeqCst);
+    for guess in guesses {
+        assert_eq!(guess.await.unwrap(), 401);
+    }
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(300 * GUESSES as u64),
+        "{GUESSES} wrong guesses answered in {took:?}: sent at once, they cost one delay"
+    );
+    assert!(
+        wrong_before_right < GUESSES,
+        "the right token waited behind every wrong guess"
+    );
 }

@@ -11,7 +11,7 @@ use serde_json::{json, Value};
 
 use super::api::{shown_status, ApiError};
 use super::Daemon;
-use crate::dashboard::{self, live::row};
+use crate::dashboard::{self, live::row, live::with_held};
 use crate::report::event_json;
 
 pub(super) fn routes() -> Router<Arc<Daemon>> {
@@ -22,6 +22,7 @@ pub(super) fn routes() -> Router<Arc<Daemon>> {
 
 /// Every rollout's row, as the list shows it.
 fn snapshot(d: &Daemon) -> Result<Value, ApiError> {
+    let held = d.held.lock().expect("held").clone();
     let rows: Vec<Value> = d
         .store
         .all()?
@@ -29,11 +30,14 @@ fn snapshot(d: &Daemon) -> Result<Value, ApiError> {
         .map(|s| match s {
             Ok(s) => {
                 let name = &s.rollout.metadata.name;
-                row(
-                    name,
-                    &s.rollout,
-                    &s.status,
-                    d.live.last_event(name, s.run).as_ref(),
+                with_held(
+                    row(
+                        name,
+                        &s.rollout,
+                        &s.status,
+                        d.live.last_event(name, s.run).as_ref(),
+                    ),
+                    held.get(name),
                 )
             }
             Err(bad) => json!({

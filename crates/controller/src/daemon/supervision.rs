@@ -88,10 +88,24 @@ impl RunState {
             let reason = e.to_string();
             let mut held = self.held.lock().expect("held");
             let since_ms = held.get(&self.name).map_or_else(now_ms, |h| h.since_ms);
-            if held.get(&self.name).is_none_or(|h| h.reason != reason) {
+            let news = held.get(&self.name).is_none_or(|h| h.reason != reason);
+            if news {
                 tracing::error!(rollout = %self.name, "cannot save the rollout's state: {reason}");
             }
-            held.insert(self.name.clone(), Held { since_ms, reason });
+            let now_held = Held { since_ms, reason };
+            // The open pages show it: nothing else changes while it holds.
+            if let (true, Ok(Some(stored))) = (news, self.store.get(&self.name)) {
+                if stored.run == self.run {
+                    self.live.held(
+                        &self.name,
+                        &self.rollout,
+                        self.run,
+                        &stored.status,
+                        &now_held,
+                    );
+                }
+            }
+            held.insert(self.name.clone(), now_held);
             self.telemetry.unsaved(&self.name, true);
             return Err(StateError::new(e));
         }

@@ -85,7 +85,8 @@
     c[3].firstChild.firstChild.style.width = (w || 0) + "%";
     setText(c[3].lastChild, pct(w));
     setText(c[4], r.startedMs ? age(r.startedMs, r.endedMs) : "");
-    setText(c[5], r.lastEvent || "");
+    // Holding (its state cannot be saved) matters more than the last event, which came before.
+    setText(c[5], r.held || r.lastEvent || "");
   }
   function render() {
     frame = 0;
@@ -162,7 +163,7 @@
     setText($("d-age"), age(started, row.endedMs || (s.outcome ? Date.parse(s.lastTransitionTime) : null)));
     // The newest event says what is happening now (a rollback is a warning, not the status's
     // last info message).
-    setText($("d-message"), row.lastEvent || s.message || "");
+    setText($("d-message"), row.held || row.lastEvent || s.message || "");
     const finished = phase === "Succeeded" || phase === "Failed";
     for (const b of $("actions").querySelectorAll("button")) b.disabled = finished;
     const paused = row.paused != null ? row.paused : s.paused;

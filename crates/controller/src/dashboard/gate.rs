@@ -30,7 +30,8 @@ pub const CSRF_HEADER: &str = "x-csrf-token";
 const COOKIE: &str = "coalmine_session";
 /// How long a sign-in lasts.
 const SESSION_LIFETIME_MS: u64 = 12 * 3600 * 1000;
-/// A wrong token costs this long, so guessing it over the network is slow.
+/// A wrong token costs this long, and wrong tokens are answered one at a time (many
+/// connections guess no faster than one), so guessing it over the network is slow.
 const WRONG_TOKEN_DELAY: Duration = Duration::from_millis(300);
 const MAX_NAME_CHARS: usize = 64;
 
@@ -83,6 +84,9 @@ pub struct Gate {
     /// The server itself speaks TLS: session cookies are `Secure`.
     over_tls: bool,
     sessions: Mutex<HashMap<String, Session>>,
+    /// Held while a wrong token's delay runs: guesses wait their turn. The right token never
+    /// takes it.
+    guessing: tokio::sync::Mutex<()>,
 }
 
 fn random_hex() -> String {
@@ -158,6 +162,7 @@ impl Gate {
             hint: "",
             over_tls: false,
             sessions: Mutex::new(HashMap::new()),
+            guessing: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -174,6 +179,7 @@ impl Gate {
             hint,
             over_tls: false,
             sessions: Mutex::new(HashMap::new()),
+            guessing: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -205,7 +211,7 @@ impl Gate {
             .and_then(|v| v.strip_prefix("Bearer "));
         if let Some(token) = bearer {
             if !self.token_is(token) {
-                return Err(GateError::Unauthorized);
+                return Err(GateError::WrongToken);
             }
             let named = headers
                 .get(ACTOR_HEADER)
@@ -225,6 +231,21 @@ impl Gate {
         }
         Ok(Actor(format!("{name}, signed in to the dashboard")))
     }
+
+    /// [`Gate::authorize`], a wrong token answered after its delay.
+    async fn authorize_or_wait(&self, headers: &HeaderMap) -> Result<Actor, GateError> {
+        let authorized = self.authorize(headers);
+        if let Err(GateError::WrongToken) = authorized {
+            self.wrong_token_delay().await;
+        }
+        authorized
+    }
+
+    /// Waits [`WRONG_TOKEN_DELAY`] after every wrong guess before it.
+    async fn wrong_token_delay(&self) {
+        let _turn = self.guessing.lock().await;
+        tokio::time::sleep(WRONG_TOKEN_DELAY).await;
+    }
 }
 
 /// The gate of every change; the caller's name is handed on as an [`Actor`].
@@ -233,7 +254,7 @@ pub async fn require_signed(
     mut req: Request,
     next: Next,
 ) -> Response {
-    match gate.authorize(req.headers()) {
+    match gate.authorize_or_wait(req.headers()).await {
         Ok(actor) => {
             req.extensions_mut().insert(actor);
             next.run(req).await
@@ -270,7 +291,7 @@ pub async fn sign_in(
         return Err(GateError::ReadOnly(gate.hint));
     }
     if !gate.token_is(form.token.trim()) {
-        tokio::time::sleep(WRONG_TOKEN_DELAY).await;
+        gate.wrong_token_delay().await;
         return Err(GateError::WrongToken);
     }
     let name = clean_name(&form.name).ok_or(GateError::BadName(MAX_NAME_CHARS))?;
@@ -314,7 +335,7 @@ pub async fn session(State(gate): State<Arc<Gate>>, headers: HeaderMap) -> Respo
 /// `DELETE /api/v1/session`: signs out (through the gate, so a page of another site cannot
 /// sign anyone out).
 pub async fn sign_out(State(gate): State<Arc<Gate>>, headers: HeaderMap) -> Response {
-    if let Err(e) = gate.authorize(&headers) {
+    if let Err(e) = gate.authorize_or_wait(&headers).await {
         return e.into_response();
     }
     if let Some(id) = cookie_value(&headers, COOKIE) {

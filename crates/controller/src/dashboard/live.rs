@@ -16,7 +16,7 @@ use coalmine_judge::{Reading, Verdict};
 use coalmine_rollout::{Event, Status};
 use coalmine_spec::rollout::Rollout;
 
-use crate::report::event_json;
+use crate::report::{event_json, holding_message, Held};
 use crate::time::rfc3339;
 
 /// Points kept per rollout: an hour of one-second samples. Older ones are thinned, not
@@ -138,6 +138,15 @@ pub fn row(key: &str, rollout: &Rollout, status: &Status, last_event: Option<&Ev
         "lastEvent": event_message,
         "lastEventMs": event_time,
     })
+}
+
+/// A row of a rollout whose last step could not be saved: `held` says so (the list and the
+/// page show it before the last event, which is older than the trouble).
+pub fn with_held(mut row: Value, held: Option<&Held>) -> Value {
+    if let Some(held) = held {
+        row["held"] = json!(holding_message(held));
+    }
+    row
 }
 
 struct Series {
@@ -267,6 +276,22 @@ impl Live {
         };
         // No page listening is fine.
         let _ = self.changes.send(Arc::new(change));
+    }
+
+    /// A step of run `run` that could not be saved: the rollout holds at `status` (the last
+    /// one saved), and every page hears of it.
+    pub fn held(&self, key: &str, rollout: &Rollout, run: i64, status: &Status, held: &Held) {
+        let row = with_held(
+            row(key, rollout, status, self.last_event(key, run).as_ref()),
+            Some(held),
+        );
+        let _ = self.changes.send(Arc::new(Change::Rollout {
+            name: key.to_string(),
+            run,
+            row,
+            point: None,
+            events: Vec::new(),
+        }));
     }
 
     pub fn deleted(&self, name: &str) {

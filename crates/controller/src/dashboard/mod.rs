@@ -116,11 +116,14 @@ where
     Sse::new(stream).keep_alive(KeepAlive::default())
 }
 
+/// Fields of the documents named like secrets that are none: `sessionAffinity` names cookies.
+const NOT_SECRETS: [&str; 1] = ["sessionAffinity"];
+
 /// A document as shown to anyone who can read the API: credentials in URLs and the values of
 /// fields named like secrets (tokens, keys, passwords) replaced.
 fn redacted(value: &mut Value) {
     match value {
-        Value::String(s) => *s = redact::text(s),
+        Value::String(s) => *s = header_values_hidden(&redact::text(s)),
         Value::Array(items) => items.iter_mut().for_each(redacted),
         Value::Object(fields) => {
             // A notification provider's address is a secret as a whole (a chat webhook's path).
@@ -133,13 +136,50 @@ fn redacted(value: &mut Value) {
                     if let Value::String(s) = v {
                         *s = redact::address(s);
                     }
-                } else if redact::is_secret_name(key) && (v.is_string() || v.is_number()) {
-                    *v = json!(redact::REDACTED);
+                } else if redact::is_secret_name(key) && !NOT_SECRETS.contains(&key.as_str()) {
+                    hidden(v);
                 } else {
                     redacted(v);
                 }
             }
         }
+        _ => {}
+    }
+}
+
+/// Headers written in a string (`-H 'Authorization: Bearer x'` in a load tester's command)
+/// whose names say they carry a credential: each value, up to its closing quote or the line's
+/// end, replaced.
+fn header_values_hidden(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(colon) = rest.find(": ") {
+        let before = &rest[..colon];
+        let name = before
+            .rsplit(|c: char| !(c.is_ascii_alphanumeric() || c == '-' || c == '_'))
+            .next()
+            .unwrap_or_default();
+        let after = &rest[colon + 2..];
+        let end = after.find(['\'', '"', '\n']).unwrap_or(after.len());
+        out.push_str(&rest[..colon + 2]);
+        if !name.is_empty() && end > 0 && redact::is_secret_name(name) {
+            out.push_str(redact::REDACTED);
+            rest = &after[end..];
+        } else {
+            rest = after;
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+/// Every value under a secret's name, however deep: a route's match on a secret header is
+/// `{exact: VALUE}`.
+fn hidden(value: &mut Value) {
+    match value {
+        Value::String(_) | Value::Number(_) => *value = json!(redact::REDACTED),
+        Value::Array(items) => items.iter_mut().for_each(hidden),
+        Value::Object(fields) => fields.values_mut().for_each(hidden),
         _ => {}
     }
 }
@@ -212,5 +252,48 @@ mod tests {
             assert!(!text.contains(secret), "{secret} shown: {text}");
         }
         assert!(text.contains("hey"), "the rest stays: {text}");
+    }
+
+    #[test]
+    fn a_route_matching_a_secret_header_or_query_parameter_does_not_show_its_value() {
+        // A canary route for testers: whoever sends this key (or session) gets the canary.
+        let mut doc = json!({"spec": {"analysis": {
+            "match": [
+                {"headers": {"X-Api-Key": {"exact": "k3y-value"}, "x-user": {"prefix": "beta-"}}},
+                {"queryParams": {"access_token": {"regex": "t0ken.*"}}},
+                {"headers": {"Authorization": {"suffix": "b34rer"}}},
+            ],
+            "sessionAffinity": {"cookieName": "canary-affinity", "maxAge": 3600},
+        }}});
+        redacted(&mut doc);
+        let text = doc.to_string();
+        for secret in ["k3y-value", "t0ken", "b34rer"] {
+            assert!(!text.contains(secret), "{secret} shown: {text}");
+        }
+        for kept in [
+            "beta-",
+            "canary-affinity",
+            "3600",
+            "X-Api-Key",
+            "access_token",
+        ] {
+            assert!(text.contains(kept), "{kept} hidden: {text}");
+        }
+    }
+
+    #[test]
+    fn a_secret_header_in_a_webhooks_command_is_not_shown() {
+        // Flagger's load tester runs `cmd`; its requests often carry a credential.
+        let mut doc = json!({"webhooks": [{"name": "load", "metadata": {
+            "cmd": "hey -z 1m -H 'Authorization: Bearer b34rer' -H \"X-Api-Key: k3y\" http://checkout-canary/",
+            "type": "cmd",
+        }}]});
+        redacted(&mut doc);
+        let text = doc.to_string();
+        for secret in ["b34rer", "k3y"] {
+            assert!(!text.contains(secret), "{secret} shown: {text}");
+        }
+        assert!(text.contains("hey -z 1m -H 'Authorization: "), "{text}");
+        assert!(text.contains("http://checkout-canary/"), "{text}");
     }
 }
