@@ -399,16 +399,25 @@ pub fn command(verb: &str, args: CommandArgs) -> anyhow::Result<ExitCode> {
 }
 
 pub fn history(args: CommandArgs) -> anyhow::Result<ExitCode> {
-    let events = args.call(reqwest::Method::GET, "/history")?;
+    print_events(
+        &args.call(reqwest::Method::GET, "/history")?,
+        &args.api.output,
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Events as `history` shows them: a line each (a JSON object each with `--output json`).
+fn print_events(events: &Value, output: &OutputFormat) {
     for e in events.as_array().into_iter().flatten() {
         if crate::output::stdout_closed() {
             break;
         }
-        match args.api.output {
+        match output {
             OutputFormat::Json => outln!("{e}"),
             OutputFormat::Text => outln!(
-                "{}  run {:<3} {:<16} {:>6}%  {}",
+                "{}  {:<16} run {:<3} {:<16} {:>6}%  {}",
                 e["time"].as_str().unwrap_or(""),
+                e["rollout"].as_str().unwrap_or(""),
                 e["run"],
                 e["phase"].as_str().unwrap_or(""),
                 e["canaryWeight"],
@@ -416,5 +425,78 @@ pub fn history(args: CommandArgs) -> anyhow::Result<ExitCode> {
             ),
         }
     }
-    Ok(ExitCode::SUCCESS)
+}
+
+#[derive(clap::Subcommand, Debug)]
+pub enum GroupCommand {
+    /// Show groups, or one group and each member; `--watch` follows it and exits 0 when every
+    /// member promoted, 1 when the group rolled back
+    Status(StatusArgs),
+    /// Every member's events, one timeline
+    History(CommandArgs),
+}
+
+fn group_lines(g: &Value) -> Vec<String> {
+    let mut lines = vec![format!(
+        "group {} ({}): {}{}",
+        g["name"].as_str().unwrap_or(""),
+        g["policy"].as_str().unwrap_or(""),
+        g["phase"].as_str().unwrap_or(""),
+        g["reason"]
+            .as_str()
+            .map(|r| format!(": {r}"))
+            .unwrap_or_default()
+    )];
+    for m in g["members"].as_array().into_iter().flatten() {
+        lines.push(format!("  {}", status_line(m)));
+    }
+    lines
+}
+
+pub fn group(command: GroupCommand) -> anyhow::Result<ExitCode> {
+    match command {
+        GroupCommand::History(args) => {
+            let path = format!("/api/v1/groups/{}/history", args.name);
+            let events = Client::new(&args.api)?.call(reqwest::Method::GET, &path, None)?;
+            print_events(&events, &args.api.output);
+            Ok(ExitCode::SUCCESS)
+        }
+        GroupCommand::Status(args) => {
+            let client = Client::new(&args.api)?;
+            let Some(name) = &args.name else {
+                let all = client.call(reqwest::Method::GET, "/api/v1/groups", None)?;
+                match args.api.output {
+                    OutputFormat::Json => outln!("{all}"),
+                    OutputFormat::Text => {
+                        for line in all.as_array().into_iter().flatten().flat_map(group_lines) {
+                            outln!("{line}");
+                        }
+                    }
+                }
+                return Ok(ExitCode::SUCCESS);
+            };
+            let path = format!("/api/v1/groups/{name}");
+            let mut last = None;
+            loop {
+                let g = client.call(reqwest::Method::GET, &path, None)?;
+                let shown = match args.api.output {
+                    OutputFormat::Json => g.to_string(),
+                    OutputFormat::Text => group_lines(&g).join("\n"),
+                };
+                if last.as_ref() != Some(&shown) {
+                    outln!("{shown}");
+                }
+                if !args.watch || crate::output::stdout_closed() {
+                    return Ok(ExitCode::SUCCESS);
+                }
+                match g["phase"].as_str() {
+                    Some("Succeeded") => return Ok(ExitCode::SUCCESS),
+                    Some("RolledBack") => return Ok(ExitCode::from(1)),
+                    _ => {}
+                }
+                last = Some(shown);
+                std::thread::sleep(Duration::from_millis(500));
+            }
+        }
+    }
 }

@@ -358,8 +358,8 @@ pub fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
         let status = first_step_at_once(&rollout, &mut reporter);
         let seams = Seams::open(&rollout, Runner::Run, &owner("payment-service", "coalmine demo"))?;
         let mut driver = Driver::new(&rollout, Some(status), seams)?;
-        let (_control, inputs) = mpsc::channel(1);
-        let outcome = tokio::time::timeout(Duration::from_secs(90), driver.run(inputs, &mut reporter))
+        let (_control, mut inputs) = mpsc::channel(1);
+        let outcome = tokio::time::timeout(Duration::from_secs(90), driver.run(&mut inputs, &mut reporter))
             .await
             .map_err(|_| anyhow::anyhow!("the demo rollout did not finish within 90 s"))?;
         // A second more traffic shows where users land after the decision.

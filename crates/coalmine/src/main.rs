@@ -55,6 +55,9 @@ enum Command {
     Resume(daemon_cmd::CommandArgs),
     /// Every event of every run of a rollout
     History(daemon_cmd::CommandArgs),
+    /// Rollout groups on the daemon: `group status [NAME]`, `group history NAME`
+    #[command(subcommand)]
+    Group(daemon_cmd::GroupCommand),
     /// Forget a finished rollout (state and history); its routers stay as it left them
     Delete(daemon_cmd::CommandArgs),
     /// Run a small HTTP service with an injectable error rate and latency (demos, tests)
@@ -118,6 +121,7 @@ fn main() -> ExitCode {
         Command::Pause(args) => daemon_cmd::command("pause", args),
         Command::Resume(args) => daemon_cmd::command("resume", args),
         Command::History(args) => daemon_cmd::history(args),
+        Command::Group(command) => daemon_cmd::group(command),
         Command::Delete(args) => daemon_cmd::delete(args),
     };
     match result {

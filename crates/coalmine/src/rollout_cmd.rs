@@ -443,7 +443,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         .map_err(|e| BadInput(format!("{}: {e}", rollout.metadata.name)))?;
     let mut reporter = Reporter::new(&rollout.metadata.name, args.output);
     let outcome = rt.block_on(async {
-        let (control, inputs) = mpsc::channel(16);
+        let (control, mut inputs) = mpsc::channel(16);
         // Interrupting a run (Ctrl-C, SIGTERM, the terminal closing) rolls back: traffic
         // never stays on an unwatched canary.
         tokio::spawn(async move {
@@ -454,7 +454,7 @@ pub fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
                 })
                 .await;
         });
-        let outcome = driver.run(inputs, &mut reporter).await;
+        let outcome = driver.run(&mut inputs, &mut reporter).await;
         // Nothing drives the routers once `run` exits: they keep the final routes and are
         // free for the next rollout. Not if they did not take those routes: then they stay
         // this rollout's, and another is refused until someone looks.

@@ -224,7 +224,7 @@ impl Driver {
     /// from outside (alerts). Returns the outcome once the backend carries the final traffic.
     pub async fn run(
         &mut self,
-        mut control: mpsc::Receiver<Input>,
+        control: &mut mpsc::Receiver<Input>,
         store: &mut dyn StateStore,
     ) -> Outcome {
         // After a restart the machine may be waiting for an answer that died with the process.
@@ -280,10 +280,25 @@ impl Driver {
 
     /// A finished rollout's traffic stays as it left it: every few seconds the backend is
     /// checked and, where it lost the final traffic (a router restarted with its old command
-    /// line), put right and said so. Runs until the task is dropped.
-    pub async fn keep(&mut self, store: &mut dyn StateStore) {
+    /// line), put right and said so. A promoted rollout's group may still revert it
+    /// (`Input::Revert` on `control`). Runs until the task is dropped.
+    pub async fn keep(&mut self, store: &mut dyn StateStore, control: &mut mpsc::Receiver<Input>) {
+        let mut control_open = true;
         loop {
-            tokio::time::sleep(Duration::from_millis(KEEP_EVERY_MS)).await;
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(KEEP_EVERY_MS)) => {}
+                input = control.recv(), if control_open => {
+                    match input {
+                        Some(revert @ Input::Revert { .. }) => {
+                            self.feed(revert, store).await;
+                            self.settle_final_traffic().await;
+                        }
+                        Some(_) => {}
+                        None => control_open = false,
+                    }
+                    continue;
+                }
+            }
             let traffic = self.machine.traffic();
             let Ok(corrected) = self.edge.traffic.reconcile(&traffic).await else {
                 continue;
@@ -396,6 +411,13 @@ impl Driver {
     /// given up (`run`, before its process exits).
     pub async fn flush_notifications(&self, within: Duration) {
         self.edge.notifier.flush(within).await;
+    }
+
+    /// Its group's gate before the run starts (saved with its first step): a member of a group
+    /// takes no step the group has not allowed.
+    pub fn gate_before_start(&mut self, gate: coalmine_rollout::Gate) {
+        let now = self.edge.clock.now_ms();
+        self.machine.handle(now, Input::Gate(gate));
     }
 
     /// Whether the backend carries the final traffic (after `run` returns).

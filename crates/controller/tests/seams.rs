@@ -219,9 +219,9 @@ async fn a_healthy_canary_is_promoted_through_the_seams_on_flaggers_timeline() {
     let (rollout, traffic, mut store) = start(true);
     let mut driver = Driver::new(&rollout, None, seams(&traffic, 0)).expect("no routers needed");
     driver.claim().await.unwrap();
-    let (_control, inputs) = mpsc::channel(1);
+    let (_control, mut inputs) = mpsc::channel(1);
 
-    let outcome = driver.run(inputs, &mut store).await;
+    let outcome = driver.run(&mut inputs, &mut store).await;
 
     assert_eq!(outcome, Outcome::Promoted);
     assert!(driver.settled());
@@ -239,9 +239,9 @@ async fn a_healthy_canary_is_promoted_through_the_seams_on_flaggers_timeline() {
 async fn a_failing_canary_is_rolled_back_by_its_threshold_checks() {
     let (rollout, traffic, mut store) = start(false);
     let mut driver = Driver::new(&rollout, None, seams(&traffic, 200)).unwrap();
-    let (_control, inputs) = mpsc::channel(1);
+    let (_control, mut inputs) = mpsc::channel(1);
 
-    let outcome = driver.run(inputs, &mut store).await;
+    let outcome = driver.run(&mut inputs, &mut store).await;
 
     assert_eq!(outcome, Outcome::RolledBack);
     // T0 puts the canary in at 0 %, T1 routes 10 % to it, T2 and T3 fail its checks, T4 rolls
@@ -268,9 +268,9 @@ async fn a_driver_dropped_mid_rollout_resumes_from_its_store_at_the_same_step() 
 
     // The controller dies two and a half minutes in: at 20 %, between two ticks.
     let mut first = Driver::new(&rollout, None, seams(&traffic, 0)).unwrap();
-    let (_control, inputs) = mpsc::channel(1);
+    let (_control, mut inputs) = mpsc::channel(1);
     let cut = Duration::from_millis(2 * MINUTE + MINUTE / 2);
-    let ran = tokio::time::timeout(cut, first.run(inputs, &mut store)).await;
+    let ran = tokio::time::timeout(cut, first.run(&mut inputs, &mut store)).await;
     assert!(ran.is_err(), "the rollout ended before the crash");
     drop(first);
     let saved = store.load().await.unwrap().expect("steps were saved");
@@ -282,8 +282,8 @@ async fn a_driver_dropped_mid_rollout_resumes_from_its_store_at_the_same_step() 
 
     // A new controller, from the store alone.
     let mut second = Driver::new(&rollout, Some(saved.clone()), seams(&traffic, 0)).unwrap();
-    let (_control, inputs) = mpsc::channel(1);
-    let outcome = second.run(inputs, &mut store).await;
+    let (_control, mut inputs) = mpsc::channel(1);
+    let outcome = second.run(&mut inputs, &mut store).await;
 
     assert_eq!(outcome, Outcome::Promoted);
     // It went on from 20 %: the first step it saved is the next one, not a new start.

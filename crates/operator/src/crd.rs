@@ -276,6 +276,7 @@ impl Rollout {
                 routers: Vec::new(),
                 router: None,
                 router_service: spec.routers.as_ref().and_then(|r| r.route_service.clone()),
+                cohort: None,
                 service: Some(
                     spec.service
                         .name

@@ -1510,7 +1510,7 @@ async fn drive(
                 rollout.metadata.name.clone().unwrap_or_default(),
                 rollout.metadata.uid.clone(),
             );
-            let (commands, control) = tokio::sync::mpsc::channel(8);
+            let (commands, mut control) = tokio::sync::mpsc::channel(8);
             let cache = context
                 .cache
                 .get()
@@ -1521,7 +1521,7 @@ async fn drive(
                 let mut store = store;
                 let traffic = driver.traffic();
                 let ended = async {
-                    let outcome = driver.run(control, &mut store).await;
+                    let outcome = driver.run(&mut control, &mut store).await;
                     let settled_on = if driver.settled() {
                         traffic.clone()
                     } else {

@@ -9,6 +9,7 @@
 
 mod builtin;
 mod drive;
+pub mod group;
 mod machine;
 mod plan;
 pub mod sequential;
@@ -17,8 +18,8 @@ mod window;
 pub use builtin::builtin_reading;
 pub use drive::{NotSaved, World};
 pub use machine::{
-    Action, Event, EventLevel, HookResult, Input, Machine, MetricStatus, Outcome, Phase, Question,
-    Status, Traffic, TrafficFault,
+    Action, Event, EventLevel, Gate, HookResult, Input, Machine, MetricStatus, Outcome, Phase,
+    Question, Status, Traffic, TrafficFault,
 };
 pub use plan::{Check, Plan, Strategy};
 pub use sequential::{Observation, SequentialEvidence, SequentialPlan, SequentialState};

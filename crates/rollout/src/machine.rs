@@ -140,6 +140,41 @@ pub enum Input {
     },
     /// Both versions' counters over the last sampling step, for the sequential judges.
     Observe(crate::sequential::Observation),
+    /// How far its group lets the rollout go now (a member of a `RolloutGroup`).
+    Gate(Gate),
+    /// Its group rolls back after the rollout was promoted: the previous version takes all
+    /// the traffic again (the rollout's stable, which the group remembers).
+    Revert {
+        reason: String,
+    },
+}
+
+/// How far a member of a group may go now: the group's decision, persisted with the status so
+/// a restarted member holds where it held.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Gate {
+    /// Whether it may start its analysis.
+    pub start: bool,
+    /// The highest weight it may take.
+    #[serde(with = "basis_points")]
+    pub max_weight: Weight,
+    /// Whether it may promote.
+    pub promote: bool,
+    /// What it waits for, in words ("payments to reach 50 %").
+    pub waiting_for: String,
+}
+
+impl Gate {
+    /// No limit.
+    pub fn open() -> Gate {
+        Gate {
+            start: true,
+            max_weight: Weight::FULL,
+            promote: true,
+            waiting_for: String::new(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -217,6 +252,12 @@ pub struct Status {
     /// The sequential judges, from the first observation while the canary is analysed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sequential: Option<crate::sequential::SequentialState>,
+    /// Its group's gate (a member of a `RolloutGroup`); none: nothing holds it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gate: Option<Gate>,
+    /// It would go on (start, raise its weight, promote) and its group's gate holds it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub at_gate: bool,
 }
 
 /// One rollout's state machine. Its state changes only through [`Machine::handle`] (and the
@@ -249,6 +290,8 @@ impl Machine {
                 pending: None,
                 outcome: None,
                 sequential: None,
+                gate: None,
+                at_gate: false,
             },
         }
     }
@@ -331,6 +374,9 @@ impl Machine {
     pub fn handle(&mut self, now: u64, input: Input) -> Vec<Action> {
         let mut out = Vec::new();
         if self.status.phase.is_final() {
+            if let Input::Revert { reason } = input {
+                self.revert(now, &reason, &mut out);
+            }
             return out;
         }
         match input {
@@ -367,6 +413,9 @@ impl Machine {
                 self.status.paused = true;
                 self.event(now, EventLevel::Info, &format!("Paused by {by}"), &mut out);
             }
+            Input::Gate(gate) => self.gate(now, gate),
+            // Not promoted yet: an ordinary rollback.
+            Input::Revert { reason } => self.roll_back(now, &reason, &mut out),
             Input::Resume { by } => {
                 if self.status.paused {
                     self.status.paused = false;
@@ -425,6 +474,9 @@ impl Machine {
 
     /// Flagger's "New revision detected": weights, checks and iterations start from zero.
     fn start_progressing(&mut self, now: u64, out: &mut Vec<Action>) {
+        if self.held_at_gate(now, |g| g.start, Phase::Waiting, out) {
+            return;
+        }
         self.enter(now, Phase::Progressing);
         self.status.canary_weight = Weight::ZERO;
         self.status.failed_checks = 0;
@@ -518,6 +570,8 @@ impl Machine {
     }
 
     fn failed_check(&mut self, now: u64, reason: &str, out: &mut Vec<Action>) {
+        // It no longer asks its group to go on.
+        self.status.at_gate = false;
         self.status.failed_checks += 1;
         self.status.stalled_since_ms = None;
         let message = format!(
@@ -530,6 +584,7 @@ impl Machine {
 
     /// Held without a verdict. The progress deadline bounds how long.
     fn stall(&mut self, now: u64, reason: &str, out: &mut Vec<Action>) {
+        self.status.at_gate = false;
         let since = *self.status.stalled_since_ms.get_or_insert(now);
         if now.saturating_sub(since) >= self.plan.progress_deadline_ms {
             let reason = format!(
@@ -597,6 +652,10 @@ impl Machine {
         let Some(next) = self.plan.next_weight(self.status.canary_weight) else {
             return;
         };
+        let phase = self.status.phase;
+        if self.held_at_gate(now, |g| next <= g.max_weight, phase, out) {
+            return;
+        }
         self.status.canary_weight = next;
         self.status.mirrored = false;
         let message = format!("Advance canary weight {}", percent(next));
@@ -604,6 +663,10 @@ impl Machine {
     }
 
     fn start_promotion(&mut self, now: u64, out: &mut Vec<Action>) {
+        let phase = self.status.phase;
+        if self.held_at_gate(now, |g| g.promote, phase, out) {
+            return;
+        }
         self.enter(now, Phase::Promoting);
         self.event(
             now,
@@ -670,10 +733,63 @@ impl Machine {
         }
     }
 
+    /// Its group's new gate. A member held at the old one goes on at once if the new one lets
+    /// it (its next tick comes now; the analysis runs before the step, as on any tick).
+    fn gate(&mut self, now: u64, gate: Gate) {
+        if self.status.gate.as_ref() == Some(&gate) {
+            return;
+        }
+        self.status.gate = Some(gate);
+        if self.status.at_gate && !self.status.paused && self.status.pending.is_none() {
+            self.status.next_tick_ms = Some(now);
+        }
+    }
+
+    /// Whether its group's gate holds it from going on (`lets` says what the gate allows);
+    /// held, it says so once, in `phase`.
+    fn held_at_gate(
+        &mut self,
+        now: u64,
+        lets: impl Fn(&Gate) -> bool,
+        phase: Phase,
+        out: &mut Vec<Action>,
+    ) -> bool {
+        let Some(gate) = &self.status.gate else {
+            return false;
+        };
+        if lets(gate) {
+            self.status.at_gate = false;
+            return false;
+        }
+        let message = format!("Waiting for the group: {}", gate.waiting_for);
+        self.enter(now, phase);
+        if !self.status.at_gate || self.status.message != message {
+            self.status.at_gate = true;
+            self.event(now, EventLevel::Info, &message, out);
+        }
+        true
+    }
+
+    /// Its group rolls back after it was promoted: the previous version takes everything again.
+    fn revert(&mut self, now: u64, reason: &str, out: &mut Vec<Action>) {
+        if self.status.outcome != Some(Outcome::Promoted) {
+            return;
+        }
+        self.status.promoted = false;
+        self.status.canary_weight = Weight::ZERO;
+        self.status.outcome = Some(Outcome::RolledBack);
+        let message = format!("Rolling back the promoted version: {reason}");
+        self.status.message = message.clone();
+        self.enter(now, Phase::Failed);
+        self.event(now, EventLevel::Warning, &message, out);
+        out.push(Action::Finished(Outcome::RolledBack));
+    }
+
     fn roll_back(&mut self, now: u64, reason: &str, out: &mut Vec<Action>) {
         if self.status.phase.is_final() {
             return;
         }
+        self.status.at_gate = false;
         self.status.pending = None;
         self.status.canary_weight = Weight::ZERO;
         self.status.mirrored = false;

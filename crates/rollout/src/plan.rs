@@ -58,21 +58,19 @@ impl Plan {
     pub fn new(analysis: &Analysis, progress_deadline_seconds: u64, skip_analysis: bool) -> Plan {
         let iterations = analysis.iterations.unwrap_or(0);
         let has_match = !analysis.match_.is_empty();
-        let strategy = if analysis.step_weight.is_none() && analysis.step_weights.is_empty() {
-            if has_match {
-                Strategy::AbTesting {
-                    iterations: iterations.max(1),
-                }
-            } else {
-                Strategy::BlueGreen {
-                    iterations: iterations.max(1),
-                    mirror: analysis.mirror,
-                }
+        let strategy = if let Some(ladder) = analysis.weight_ladder() {
+            Strategy::Canary {
+                ladder,
+                mirror_first: analysis.mirror,
+            }
+        } else if has_match {
+            Strategy::AbTesting {
+                iterations: iterations.max(1),
             }
         } else {
-            Strategy::Canary {
-                ladder: ladder(analysis),
-                mirror_first: analysis.mirror,
+            Strategy::BlueGreen {
+                iterations: iterations.max(1),
+                mirror: analysis.mirror,
             }
         };
         Plan {
@@ -119,20 +117,4 @@ impl Plan {
     pub fn has_hooks(&self, kind: HookKind) -> bool {
         self.hook_kinds.contains(&kind)
     }
-}
-
-fn ladder(analysis: &Analysis) -> Vec<Weight> {
-    if !analysis.step_weights.is_empty() {
-        return analysis.step_weights.clone();
-    }
-    let max = analysis.max_weight.unwrap_or(Weight::FULL);
-    let step = analysis.step_weight.unwrap_or(max).basis_points();
-    let mut out = Vec::new();
-    let mut w = step;
-    while w < max.basis_points() {
-        out.push(Weight::from_basis_points(w).expect("below the maximum weight"));
-        w += step;
-    }
-    out.push(max);
-    out
 }

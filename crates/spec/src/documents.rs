@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::alerts::{self, AlertProvider};
 use crate::flagger::{Canary, Placement, PlacementDoc, FLAGGER_API_VERSION};
+use crate::group::{GroupPolicy, Reached, RolloutGroup};
 use crate::names::{check_name, NameRule};
 use crate::rollout::{Analysis, Metadata, Rollout, TemplateRef, API_VERSION, BUILTINS};
 use crate::schema::{self, FlaggerKind};
@@ -50,6 +51,8 @@ pub enum Document {
     AlertProvider(AlertProvider),
     /// Where the Canary of the same name sends its traffic (what Kubernetes would say).
     Placement(PlacementDoc),
+    /// Rollouts released as one.
+    RolloutGroup(RolloutGroup),
 }
 
 impl Document {
@@ -61,6 +64,7 @@ impl Document {
             Document::MetricTemplate(_) => "MetricTemplate",
             Document::AlertProvider(_) => "AlertProvider",
             Document::Placement(_) => "Placement",
+            Document::RolloutGroup(_) => RolloutGroup::KIND,
         }
     }
 
@@ -71,6 +75,7 @@ impl Document {
             Document::MetricTemplate(t) => &t.metadata,
             Document::AlertProvider(p) => &p.metadata,
             Document::Placement(p) => &p.metadata,
+            Document::RolloutGroup(g) => &g.metadata,
         }
     }
 
@@ -274,7 +279,126 @@ impl DocumentSet {
                 ),
             ));
         }
+        for group in self.groups() {
+            let Some(cohort) = group.cohort() else {
+                continue;
+            };
+            for r in out
+                .iter_mut()
+                .filter(|r| group.member(&r.metadata.name).is_some())
+            {
+                r.spec.cohort = Some(cohort.clone());
+            }
+        }
         Ok(out)
+    }
+
+    /// The RolloutGroups among the documents.
+    pub fn groups(&self) -> impl Iterator<Item = &RolloutGroup> {
+        self.documents.iter().filter_map(|d| match &d.doc {
+            Document::RolloutGroup(g) => Some(g),
+            _ => None,
+        })
+    }
+
+    /// Each group's mistakes, with the group's position among the documents.
+    /// A group's members are rollouts among the files, each in one group, named once; a
+    /// member depends only on members before it (so the list is an order to roll back in
+    /// reverse), and only in `policy: order`; members in lock-step take the same weight steps
+    /// (at the same weight, one cohort is the same users on every member); a member keeps
+    /// no cohort of its own when the group shares one.
+    fn group_errors(&self) -> Vec<(usize, SpecError)> {
+        let mut errors = Vec::new();
+        let mut grouped: HashMap<&str, &str> = HashMap::new();
+        let analysis_of_member = |name: &str| {
+            self.rollouts().find_map(|d| match &d.doc {
+                Document::Rollout(r) if r.metadata.name == name => {
+                    Some((&r.spec.analysis, r.spec.cohort.as_deref()))
+                }
+                Document::Canary(c) if c.metadata.name == name => Some((&c.spec.analysis, None)),
+                _ => None,
+            })
+        };
+        for (index, located) in self.documents.iter().enumerate() {
+            let Document::RolloutGroup(group) = &located.doc else {
+                continue;
+            };
+            let spec = &group.spec;
+            if spec.members.is_empty() {
+                errors.push((
+                    index,
+                    located.error_at("spec.members", "a group has at least one member".into()),
+                ));
+                continue;
+            }
+            let mut first_ladder: Option<(&str, Option<Vec<Weight>>)> = None;
+            for (i, member) in spec.members.iter().enumerate() {
+                let field = format!("spec.members[{i}].name");
+                let Some((analysis, cohort)) = analysis_of_member(&member.name) else {
+                    let known: Vec<&str> = self.rollouts().map(|d| d.doc.name()).collect();
+                    let hint = crate::suggest::nearest(&member.name, known.iter().copied())
+                        .map(|n| format!(" (did you mean {n:?}?)"))
+                        .unwrap_or_default();
+                    errors.push((index, located.error_at(&field, format!("member {:?} is not a Rollout or Canary among the files{hint}: a group is applied with its members", member.name))));
+                    continue;
+                };
+                if spec.members[..i].iter().any(|m| m.name == member.name) {
+                    errors.push((
+                        index,
+                        located
+                            .error_at(&field, format!("member {:?} is listed twice", member.name)),
+                    ));
+                    continue;
+                }
+                if let Some(other) = grouped.insert(&member.name, &group.metadata.name) {
+                    errors.push((index, located.error_at(&field, format!("{:?} is already a member of group {other:?}: a rollout belongs to one group", member.name))));
+                }
+                if let (Some(own), Some(_)) = (cohort, group.cohort()) {
+                    errors.push((index, located.error_at(&field, format!("member {:?} names its own cohort {own:?}, but the group's members share one: remove spec.cohort from the rollout, or set the group's sharedCohort: false", member.name))));
+                }
+                for (j, dep) in member.depends_on.iter().enumerate() {
+                    let dep_field = format!("spec.members[{i}].dependsOn[{j}].name");
+                    if spec.policy != GroupPolicy::Order {
+                        errors.push((index, located.error_at(&dep_field, "dependsOn is for policy: order (policy: together moves every member in lock-step)".into())));
+                        break;
+                    }
+                    let Some(k) = spec.members[..i].iter().position(|m| m.name == dep.name) else {
+                        errors.push((index, located.error_at(&dep_field, format!("{:?} is not a member listed before {:?}: list the members in the order they depend on each other", dep.name, member.name))));
+                        continue;
+                    };
+                    if let Reached::Weight(w) = dep.reached {
+                        let ladder = analysis_of_member(&spec.members[k].name)
+                            .and_then(|(a, _)| a.weight_ladder());
+                        if !ladder.is_some_and(|l| l.contains(&w)) {
+                            errors.push((index, located.error_at(&format!("spec.members[{i}].dependsOn[{j}].reached"), format!("{:?} never stops at {} %: reached names one of its weight steps, or promoted", dep.name, w.percent()))));
+                        }
+                    }
+                }
+                if spec.policy == GroupPolicy::Together {
+                    let ladder = analysis.weight_ladder();
+                    if ladder.is_none() {
+                        errors.push((index, located.error_at(&field, format!("member {:?} has no weight steps (A/B or blue-green): members in lock-step move by weight; use policy: order", member.name))));
+                    }
+                    match &first_ladder {
+                        None => first_ladder = Some((&member.name, ladder)),
+                        Some((first, steps))
+                            if *steps != ladder && ladder.is_some() && steps.is_some() =>
+                        {
+                            let show = |l: &Option<Vec<Weight>>| {
+                                l.iter()
+                                    .flatten()
+                                    .map(|w| w.percent().to_string())
+                                    .collect::<Vec<_>>()
+                                    .join(", ")
+                            };
+                            errors.push((index, located.error_at(&field, format!("member {:?} steps through [{}], {first:?} through [{}]: members in lock-step take the same weight steps", member.name, show(&ladder), show(steps)))));
+                        }
+                        Some(_) => {}
+                    }
+                }
+            }
+        }
+        errors
     }
 
     /// Everything [`Self::require_runnable`] refuses, in file order.
@@ -559,6 +683,7 @@ pub fn read(files: &[(String, String)]) -> (DocumentSet, Vec<SpecError>) {
         return (set, errors);
     }
     errors.extend(remove_duplicates(&mut set));
+    errors.extend(remove_wrong_groups(&mut set));
     errors.extend(set.resolve_metrics());
     set.resolve_alerts();
     set.warnings = warnings(&set);
@@ -575,6 +700,7 @@ fn name_space(doc: &Document) -> &'static str {
         Document::MetricTemplate(_) => "MetricTemplate",
         Document::AlertProvider(_) => "AlertProvider",
         Document::Placement(_) => "Placement",
+        Document::RolloutGroup(_) => RolloutGroup::KIND,
     }
 }
 
@@ -620,6 +746,18 @@ fn remove_duplicates(set: &mut DocumentSet) -> Vec<SpecError> {
         set.documents.remove(index);
     }
     errors
+}
+
+/// A group with a mistake leaves the set, as a duplicate does: nothing runs it.
+fn remove_wrong_groups(set: &mut DocumentSet) -> Vec<SpecError> {
+    let found = set.group_errors();
+    let mut wrong: Vec<usize> = found.iter().map(|(i, _)| *i).collect();
+    wrong.sort_unstable();
+    wrong.dedup();
+    for index in wrong.into_iter().rev() {
+        set.documents.remove(index);
+    }
+    found.into_iter().map(|(_, e)| e).collect()
 }
 
 /// Splits on `---` lines; yields each document's text with the 0-based line it starts after.
@@ -671,8 +809,9 @@ enum Parsed {
 }
 
 /// The kinds of the two API groups Coalmine reads.
-const OWN_KINDS: [&str; 5] = [
+const OWN_KINDS: [&str; 6] = [
     "Rollout",
+    "RolloutGroup",
     "Canary",
     "MetricTemplate",
     "AlertProvider",
@@ -717,6 +856,11 @@ fn parse_document(file: &str, first_line: u64, text: &str) -> Result<Parsed, Spe
             named(&provider.metadata, NameRule::Object)?;
             Document::AlertProvider(provider)
         }
+        (API_VERSION, RolloutGroup::KIND) => {
+            let group: RolloutGroup = parse_yaml(file, text)?;
+            named(&group.metadata, NameRule::Rollout)?;
+            Document::RolloutGroup(group)
+        }
         (API_VERSION, "Rollout") => {
             let rollout: Rollout = parse_yaml(file, text)?;
             named(&rollout.metadata, NameRule::Rollout)?;
@@ -748,7 +892,7 @@ fn parse_document(file: &str, first_line: u64, text: &str) -> Result<Parsed, Spe
                 }
             }
         }
-        (API_VERSION, kind) => return Err(at("kind", unknown_kind(kind, API_VERSION, &["Rollout", "MetricTemplate", "AlertProvider", "Placement"]))),
+        (API_VERSION, kind) => return Err(at("kind", unknown_kind(kind, API_VERSION, &["Rollout", "RolloutGroup", "MetricTemplate", "AlertProvider", "Placement"]))),
         ("", _) if head.groups.is_some() => {
             return Ok(Parsed::Note(crate::foreign::rule_file_note(file, first_line, text)))
         }
@@ -796,7 +940,7 @@ fn own_kind_elsewhere(api_version: &str, kind: &str) -> Option<String> {
     }
     if OWN_KINDS.contains(&kind) && group != "argoproj.io" {
         let expected = match kind {
-            "Rollout" | "Placement" => API_VERSION.to_string(),
+            "Rollout" | "Placement" | "RolloutGroup" => API_VERSION.to_string(),
             "MetricTemplate" | "AlertProvider" => format!("{API_VERSION} or {FLAGGER_API_VERSION}"),
             _ => FLAGGER_API_VERSION.to_string(),
         };

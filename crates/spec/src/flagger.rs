@@ -199,6 +199,7 @@ impl Canary {
                 routers: placement.routers,
                 router: placement.router,
                 router_service: placement.router_service,
+                cohort: None,
                 service: Some(self.service_name().to_string()),
                 stable: placement.stable,
                 canary: placement.canary,

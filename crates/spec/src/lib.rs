@@ -8,6 +8,7 @@ pub mod documents;
 pub mod duration;
 pub mod flagger;
 mod foreign;
+pub mod group;
 pub mod names;
 pub mod redact;
 pub mod rollout;

@@ -28,6 +28,14 @@ pub struct Rollout {
     pub spec: RolloutSpec,
 }
 
+impl Rollout {
+    /// The name whose sticky buckets its users fall into: `spec.cohort`, or its own name. The
+    /// routers' route name (which salts their sticky hash) is this.
+    pub fn cohort(&self) -> &str {
+        self.spec.cohort.as_deref().unwrap_or(&self.metadata.name)
+    }
+}
+
 fn api_version<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
     let v = String::deserialize(d)?;
     if v != API_VERSION {
@@ -67,6 +75,11 @@ pub struct RolloutSpec {
         skip_serializing_if = "Option::is_none"
     )]
     pub router_service: Option<String>,
+    /// Coalmine: the name whose sticky buckets this rollout's users fall into (default: the
+    /// rollout's name). Rollouts of one cohort at the same weight send the same users to their
+    /// canaries; a `RolloutGroup` gives its members its own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cohort: Option<String>,
     /// The name metric templates see as `{{ service }}` and `{{ target }}` (default: the
     /// rollout's name).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -401,6 +414,25 @@ fn default_quantiles() -> Vec<f64> {
 }
 
 impl Analysis {
+    /// The canary's weight steps, rising, ending at the maximum: `stepWeights` as given, or
+    /// `stepWeight` multiples capped at `maxWeight` (Flagger overshoots `maxWeight` when it is
+    /// not a multiple; Coalmine stops at it). `None` without weights (A/B, blue-green).
+    pub fn weight_ladder(&self) -> Option<Vec<Weight>> {
+        if !self.step_weights.is_empty() {
+            return Some(self.step_weights.clone());
+        }
+        let step = self.step_weight?;
+        let max = self.max_weight.unwrap_or(Weight::FULL);
+        let mut out = Vec::new();
+        let mut w = step.basis_points();
+        while w < max.basis_points() {
+            out.push(Weight::from_basis_points(w).expect("below the maximum weight"));
+            w += step.basis_points();
+        }
+        out.push(max);
+        Some(out)
+    }
+
     /// Whether a firing alert with these labels rolls this rollout back: some entry of
     /// `rollbackOnAlerts` has all its labels on the alert with the same values.
     pub fn rolled_back_by_alert(&self, labels: &BTreeMap<String, String>) -> bool {

@@ -828,3 +828,101 @@ spec:
         ["alert CanaryHighLatency (group canary, line 10): rollbackOnAlerts: [{alertname: CanaryHighLatency}]"]
     );
 }
+
+/// The ROLLOUT above as a member named `name` stepping through `steps`.
+fn member(name: &str, steps: &str) -> String {
+    ROLLOUT
+        .replace("name: payment-service", &format!("name: {name}"))
+        .replace(
+            "stepWeights: [5, 10, 25, 50]",
+            &format!("stepWeights: {steps}"),
+        )
+}
+
+#[test]
+fn a_groups_members_share_its_cohort_and_its_mistakes_are_named_where_they_are() {
+    let group = "apiVersion: coalmine.dev/v1alpha1
+kind: RolloutGroup
+metadata:
+  name: payment-change
+spec:
+  members:
+    - name: ledger
+    - name: payments
+";
+    let files = vec![
+        ("group.yaml".to_string(), group.to_string()),
+        ("ledger.yaml".to_string(), member("ledger", "[5, 50]")),
+        ("payments.yaml".to_string(), member("payments", "[5, 50]")),
+    ];
+    let set = load(&files).unwrap();
+    let rollouts = set.placed_rollouts(None).unwrap();
+    let cohorts: Vec<&str> = rollouts.iter().map(|r| r.cohort()).collect();
+    assert_eq!(cohorts, ["group/payment-change", "group/payment-change"]);
+
+    let mistake = |group_text: &str, payments_steps: &str| {
+        let files = vec![
+            ("group.yaml".to_string(), group_text.to_string()),
+            ("ledger.yaml".to_string(), member("ledger", "[5, 50]")),
+            (
+                "payments.yaml".to_string(),
+                member("payments", payments_steps),
+            ),
+        ];
+        load(&files).unwrap_err()
+    };
+    let e = mistake(
+        &group.replace("- name: payments", "- name: paymnets"),
+        "[5, 50]",
+    );
+    assert_eq!(
+        (e.file.as_str(), e.line, e.column),
+        ("group.yaml", 8, 13),
+        "{e}"
+    );
+    assert_eq!(e.field, "spec.members[1].name");
+    assert!(e.message.contains("did you mean \"payments\""), "{e}");
+
+    let e = mistake(group, "[10, 50]");
+    assert_eq!(
+        (e.line, e.field.as_str()),
+        (8, "spec.members[1].name"),
+        "{e}"
+    );
+    assert!(e.message.contains("the same weight steps"), "{e}");
+
+    let ordered = group.replace(
+        "  members:\n    - name: ledger\n    - name: payments\n",
+        "  policy: order\n  members:\n    - name: payments\n      dependsOn: [{name: ledger, reached: 50}]\n    - name: ledger\n",
+    );
+    let e = mistake(&ordered, "[10, 50]");
+    assert_eq!(e.field, "spec.members[0].dependsOn[0].name", "{e}");
+    assert!(e.message.contains("listed before"), "{e}");
+
+    let unreachable = ordered.replace(
+        "    - name: payments\n      dependsOn: [{name: ledger, reached: 50}]\n    - name: ledger\n",
+        "    - name: ledger\n    - name: payments\n      dependsOn: [{name: ledger, reached: 40}]\n",
+    );
+    let e = mistake(&unreachable, "[10, 50]");
+    assert_eq!(e.field, "spec.members[1].dependsOn[0].reached", "{e}");
+    assert!(e.message.contains("never stops at 40 %"), "{e}");
+}
+
+#[test]
+fn the_group_example_is_read_as_three_members_in_order() {
+    let path = format!(
+        "{}/../../examples/groups/payment-change.yaml",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    let text = std::fs::read_to_string(&path).unwrap();
+    let set = load(&one("payment-change.yaml", &text)).unwrap();
+    let group = set.groups().next().expect("the group");
+    let order: Vec<&str> = group.spec.members.iter().map(|m| m.name.as_str()).collect();
+    assert_eq!(order, ["ledger", "payments", "orders"]);
+    let rollouts = set.placed_rollouts(None).unwrap();
+    assert!(rollouts
+        .iter()
+        .all(|r| r.cohort() == "group/payment-change"));
+    let services: Vec<&str> = rollouts.iter().map(|r| r.spec.router_service()).collect();
+    assert_eq!(services, ["ledger", "payments", "orders"]);
+}

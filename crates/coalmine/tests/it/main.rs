@@ -11,6 +11,7 @@ mod deploy;
 mod faults;
 mod gateway;
 mod geography;
+mod groups;
 mod http1;
 mod loadtester;
 mod malformed;

@@ -16,6 +16,7 @@ use serde_json::json;
 
 use coalmine_rollout::{Input, Phase, Status};
 use coalmine_spec::documents;
+use coalmine_spec::group::RolloutGroup;
 use coalmine_spec::rollout::Rollout;
 use coalmine_spec::{SpecError, Weight};
 
@@ -47,6 +48,8 @@ pub(super) enum ApiError {
     Apply { name: String, source: ApplyError },
     #[error("no rollout named {0:?}")]
     NoSuchRollout(String),
+    #[error("no rollout group named {0:?}")]
+    NoSuchGroup(String),
     #[error("unknown command {0:?}: promote, abort, pause or resume")]
     UnknownCommand(String),
     #[error("{name} is not running (phase {}): `coalmine apply --restart` starts a new run", .phase.as_str())]
@@ -77,7 +80,9 @@ impl ApiError {
             | ApiError::Unrunnable { .. }
             | ApiError::NotAlertmanager(_)
             | ApiError::AlertmanagerVersion(_) => StatusCode::BAD_REQUEST,
-            ApiError::NoSuchRollout(_) | ApiError::UnknownCommand(_) => StatusCode::NOT_FOUND,
+            ApiError::NoSuchRollout(_) | ApiError::NoSuchGroup(_) | ApiError::UnknownCommand(_) => {
+                StatusCode::NOT_FOUND
+            }
             ApiError::Conflict(_)
             | ApiError::Finished { .. }
             | ApiError::NotRunning { .. }
@@ -133,6 +138,7 @@ pub(super) fn routes(daemon: Arc<Daemon>) -> Router {
         .route("/api/v1/rollouts", get(list))
         .route("/api/v1/rollouts/{name}", get(one))
         .route("/api/v1/rollouts/{name}/history", get(history))
+        .merge(super::groups::routes())
         .merge(super::dashboard::routes())
         .merge(crate::dashboard::page_routes())
         .merge(gate::session_routes(daemon.gate.clone()))
@@ -181,17 +187,37 @@ async fn apply(
         })?;
     }
     d.router_conflicts(&rollouts).map_err(ApiError::Conflict)?;
+    let groups: Vec<RolloutGroup> = set.groups().cloned().collect();
+    // Saved before its members start: a member never runs without its group deciding it.
+    for group in &groups {
+        d.store.save_group(group)?;
+    }
     let mut applied = Vec::new();
     for rollout in rollouts {
         let name = rollout.metadata.name.clone();
+        // A member applied alone still waits for its group.
+        let gate = groups
+            .iter()
+            .find(|g| g.member(&name).is_some())
+            .map(|g| g.metadata.name.clone())
+            .or_else(|| d.group_of(&name))
+            .map(|g| super::groups::closed_gate(&g));
         let action = d
-            .apply_one(rollout, req.restart)
+            .apply_one(rollout, req.restart, gate)
             .await
             .map_err(|source| ApiError::Apply {
                 name: name.clone(),
                 source,
             })?;
         applied.push(json!({"name": name, "action": action}));
+    }
+    for group in groups {
+        applied.push(json!({
+            "name": group.metadata.name,
+            "kind": "RolloutGroup",
+            "action": "applied (its members move as one)",
+        }));
+        d.supervise_group(group);
     }
     Ok(Json(json!({"applied": applied, "warnings": set.warnings})).into_response())
 }

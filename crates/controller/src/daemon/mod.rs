@@ -14,6 +14,7 @@
 mod alerts;
 mod api;
 mod dashboard;
+mod groups;
 mod hosted;
 mod supervision;
 mod tls;
@@ -65,6 +66,8 @@ struct Daemon {
     /// The token, or a dashboard session signed in with it, opens every change.
     gate: Arc<Gate>,
     running: Mutex<HashMap<String, supervision::Running>>,
+    /// The task deciding each rollout group, by name.
+    groups: Mutex<HashMap<String, groups::SupervisedGroup>>,
     hosted: hosted::Hosted,
     telemetry: Arc<Telemetry>,
     /// What the dashboard's pages watch.
@@ -97,6 +100,7 @@ pub async fn serve(
         held: Arc::new(Mutex::new(HashMap::new())),
         gate: Arc::new(Gate::new(config.token).over_tls(config.tls.is_some())),
         running: Mutex::new(HashMap::new()),
+        groups: Mutex::new(HashMap::new()),
         hosted: hosted::Hosted::new(config.router_host),
         telemetry: Arc::new(Telemetry::default()),
         live: Arc::new(Live::default()),
@@ -130,6 +134,7 @@ pub async fn serve(
                 .await
         }
     };
+    daemon.groups.lock().expect("groups").clear();
     for (_, running) in daemon.running.lock().expect("running").drain() {
         running.task.abort();
     }

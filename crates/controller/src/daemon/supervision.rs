@@ -238,6 +238,9 @@ impl Daemon {
                 tracing::error!(rollout = %name, "cannot resume: {e}");
             }
         }
+        for group in self.store.groups()? {
+            self.supervise_group(group);
+        }
         Ok(())
     }
 
@@ -246,6 +249,7 @@ impl Daemon {
         self: &Arc<Self>,
         rollout: Rollout,
         restart: bool,
+        gate: Option<coalmine_rollout::Gate>,
     ) -> Result<&'static str, ApplyError> {
         let name = rollout.metadata.name.clone();
         let existing = self.store.get(&name)?;
@@ -263,8 +267,11 @@ impl Daemon {
         };
         // Started (processes ready) and saved before the old run stops: a failure leaves the
         // old run be.
-        let driver = self.driver(&rollout, None).await?;
+        let mut driver = self.driver(&rollout, None).await?;
         driver.claim().await?;
+        if let Some(gate) = gate {
+            driver.gate_before_start(gate);
+        }
         let message = match action {
             "restarted" => "New revision applied: analysis restarted from the beginning",
             _ => "Rollout applied",
@@ -329,13 +336,13 @@ impl Daemon {
     fn launch(self: &Arc<Self>, rollout: Rollout, mut driver: Driver, mut state: RunState) {
         let name = rollout.metadata.name.clone();
         let run = state.run;
-        let (control, inputs) = mpsc::channel(16);
+        let (control, mut inputs) = mpsc::channel(16);
         let daemon = self.clone();
         let task_name = name.clone();
         let started_ms = driver.status().started_ms;
         let traffic = driver.traffic();
         let task = tokio::spawn(async move {
-            let outcome = driver.run(inputs, &mut state).await;
+            let outcome = driver.run(&mut inputs, &mut state).await;
             if driver.settled() {
                 if let Err(e) = daemon.store.mark_settled(&task_name, run) {
                     tracing::error!(rollout = %task_name, "{e}");
@@ -352,7 +359,7 @@ impl Daemon {
                 daemon.hosted.retire(&task_name, outcome).await;
             }
             // From now on the task keeps the routers as the run left them.
-            driver.keep(&mut state).await;
+            driver.keep(&mut state, &mut inputs).await;
         });
         self.running.lock().expect("running").insert(
             name,

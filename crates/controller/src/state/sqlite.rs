@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex};
 use rusqlite::{params, Connection, OptionalExtension};
 
 use coalmine_rollout::{Event, Status};
+use coalmine_spec::group::RolloutGroup;
 use coalmine_spec::rollout::Rollout;
 
 #[derive(Debug, thiserror::Error)]
@@ -111,6 +112,10 @@ impl Store {
                 event TEXT NOT NULL
             );
             CREATE INDEX IF NOT EXISTS events_by_rollout ON events (rollout, id);
+            CREATE TABLE IF NOT EXISTS groups (
+                name TEXT PRIMARY KEY,
+                spec TEXT NOT NULL
+            );
             CREATE TABLE IF NOT EXISTS meta (
                 key TEXT PRIMARY KEY,
                 value TEXT NOT NULL
@@ -275,6 +280,36 @@ impl Store {
         let n = tx.execute("DELETE FROM rollouts WHERE name = ?1", params![name])?;
         tx.execute("DELETE FROM events WHERE rollout = ?1", params![name])?;
         tx.commit()?;
+        Ok(n > 0)
+    }
+
+    /// Stores a rollout group (replacing one of the same name).
+    pub fn save_group(&self, group: &RolloutGroup) -> Result<(), StoreError> {
+        self.db().execute(
+            "INSERT INTO groups (name, spec) VALUES (?1, ?2)
+             ON CONFLICT(name) DO UPDATE SET spec = ?2",
+            params![group.metadata.name, serde_json::to_string(group)?],
+        )?;
+        Ok(())
+    }
+
+    /// Every stored group, by name.
+    pub fn groups(&self) -> Result<Vec<RolloutGroup>, StoreError> {
+        let db = self.db();
+        let mut stmt = db.prepare("SELECT spec FROM groups ORDER BY name")?;
+        let rows = stmt.query_map([], |r| r.get::<_, String>(0))?;
+        let mut out = Vec::new();
+        for row in rows {
+            out.push(serde_json::from_str(&row?)?);
+        }
+        Ok(out)
+    }
+
+    /// Forgets a group (its members stay).
+    pub fn delete_group(&self, name: &str) -> Result<bool, StoreError> {
+        let n = self
+            .db()
+            .execute("DELETE FROM groups WHERE name = ?1", params![name])?;
         Ok(n > 0)
     }
 

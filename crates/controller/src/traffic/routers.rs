@@ -78,7 +78,7 @@ fn check(rollout: &Rollout, runner: Runner) -> Result<(), Unrunnable> {
 fn open(rollout: &Rollout, owner: &str) -> Result<Box<dyn TrafficBackend>, Unrunnable> {
     let spec = &rollout.spec;
     let upstreams = Upstreams::new(
-        &rollout.metadata.name,
+        rollout.cohort(),
         &url_of(&spec.stable, "stable")?,
         &url_of(&spec.canary, "canary")?,
         &spec.analysis,

@@ -1,0 +1,362 @@
+//! Rollout groups under `serve`: three services of one router (ledger, payments, orders)
+//! released as one. Their users stay in one cohort across the services, they move in
+//! lock-step, and one member's failure rolls every member back, the last listed first, a
+//! promoted one to its previous version.
+
+use crate::common;
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::daemon::*;
+use common::*;
+
+const SERVICES: [&str; 3] = ["ledger", "payments", "orders"];
+
+/// Each service's stable and canary upstreams (the canary of `failing` answers 500 to 10 %),
+/// and one router with a service per path prefix, sticky by the user's id.
+struct Shop {
+    upstreams: Vec<(Upstream, Upstream)>,
+    router: Router,
+}
+
+impl Shop {
+    fn start(dir: &TempDir, failing: Option<&str>) -> Shop {
+        let upstreams: Vec<(Upstream, Upstream)> = SERVICES
+            .iter()
+            .map(|s| {
+                let faults: &[&str] = if Some(*s) == failing {
+                    &["--error-rate", "0.1"]
+                } else {
+                    &[]
+                };
+                (
+                    upstream(&format!("{s}-v1"), &[]),
+                    upstream(&format!("{s}-v2"), faults),
+                )
+            })
+            .collect();
+        let services: String = SERVICES
+            .iter()
+            .zip(&upstreams)
+            .map(|(s, (v1, _))| {
+                format!(
+                    "  - service: {s}\n    paths: [/{s}]\n    sticky: {{header: x-user-id}}\n    stable: {}\n",
+                    v1.url
+                )
+            })
+            .collect();
+        let config = dir.write("router.yaml", &format!("services:\n{services}"));
+        let router = router(&["--config", config.to_str().unwrap()]);
+        Shop { upstreams, router }
+    }
+
+    /// The group and its members, one file.
+    fn documents(&self, group: &str, steps: [&str; 3]) -> String {
+        let mut docs = vec![group.to_string()];
+        for (i, service) in SERVICES.iter().enumerate() {
+            let (v1, v2) = &self.upstreams[i];
+            let analysis = format!(
+                "    interval: 1s\n    threshold: 2\n    stepWeights: {}\n",
+                steps[i]
+            );
+            docs.push(
+                rollout_yaml(service, &self.router, v1, v2, &analysis)
+                    .replace("spec:\n", &format!("spec:\n  routerService: {service}\n")),
+            );
+        }
+        docs.join("---\n")
+    }
+}
+
+fn group_status(daemon: &Daemon, name: &str) -> serde_json::Value {
+    let (code, out) = cli(daemon, &["group", "status", name, "--output", "json"], None);
+    assert_eq!(code, 0, "{out}");
+    serde_json::from_str(&out).unwrap()
+}
+
+fn wait_for_group(
+    daemon: &Daemon,
+    name: &str,
+    within: Duration,
+    what: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let deadline = Instant::now() + within;
+    loop {
+        let s = group_status(daemon, name);
+        if what(&s) {
+            return s;
+        }
+        assert!(Instant::now() < deadline, "gave up waiting; last {s:#}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn weights(group: &serde_json::Value) -> Vec<f64> {
+    group["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["canaryWeight"].as_f64().unwrap())
+        .collect()
+}
+
+/// Which version (`v1`, `v2`) of each service answers one user's chain of requests.
+async fn chain(c: &reqwest::Client, router: &Router, user: &str) -> Vec<String> {
+    let mut versions = Vec::new();
+    for service in SERVICES {
+        let r = c
+            .get(format!("{}/{service}/checkout", router.base))
+            .header("x-user-id", user)
+            .send()
+            .await
+            .unwrap();
+        let who = who_answered(&r);
+        versions.push(who.rsplit('-').next().unwrap().to_string());
+    }
+    versions
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_moves_in_lock_step_and_keeps_each_user_on_one_version_across_its_services() {
+    let dir = scratch("group-cohort");
+    let shop = Shop::start(&dir, None);
+    let daemon = serve(&dir);
+    let group = "apiVersion: coalmine.dev/v1alpha1
+kind: RolloutGroup
+metadata:
+  name: payment-change
+spec:
+  policy: together
+  members: [{name: ledger}, {name: payments}, {name: orders}]
+";
+    let steps = "[30, 60]";
+    let file = dir.write(
+        "release.yaml",
+        &shop.documents(group, [steps, steps, steps]),
+    );
+    let (code, out) = cli(&daemon, &["apply", file.to_str().unwrap()], Some(TOKEN));
+    assert_eq!(code, 0, "{out}");
+
+    // Held at one step (each member paused once all three reached it): the cohort is checked
+    // while nothing moves.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let held = loop {
+        wait_for_group(&daemon, "payment-change", Duration::from_secs(30), |g| {
+            weights(g).iter().all(|w| *w == 30.0)
+        });
+        for s in SERVICES {
+            let (code, out) = cli(&daemon, &["pause", s], Some(TOKEN));
+            assert_eq!(code, 0, "{out}");
+        }
+        let g = wait_for_group(&daemon, "payment-change", Duration::from_secs(5), |g| {
+            g["members"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|m| m["paused"] == true)
+        });
+        if weights(&g).iter().all(|w| *w == 30.0) {
+            break g;
+        }
+        // Paused between two members' steps: try the next step.
+        assert!(Instant::now() < deadline, "never held at one weight: {g:#}");
+        for s in SERVICES {
+            cli(&daemon, &["resume", s], Some(TOKEN));
+        }
+    };
+    assert_eq!(held["phase"], "Progressing", "{held:#}");
+
+    // 10,002 requests: 3,334 users, each a chain through the three services.
+    let users = 3334;
+    let c = client();
+    let mut mixed = Vec::new();
+    let mut on_canary = 0;
+    for u in 0..users {
+        let versions = chain(&c, &shop.router, &format!("user-{u}")).await;
+        if versions.iter().any(|v| *v != versions[0]) {
+            mixed.push(format!("user-{u}: {versions:?}"));
+        } else if versions[0] == "v2" {
+            on_canary += 1;
+        }
+    }
+    eprintln!(
+        "{on_canary} of {users} users on every canary, {} mixed",
+        mixed.len()
+    );
+    assert!(
+        mixed.is_empty(),
+        "{} mixed chains: {:?}",
+        mixed.len(),
+        &mixed[..mixed.len().min(10)]
+    );
+    // Binomial(3334, 0.3): mean 1000.2, sd 26.5; six sd either side.
+    assert!(
+        (841..=1159).contains(&on_canary),
+        "{on_canary} of {users} users on the canaries at 30 %"
+    );
+
+    for s in SERVICES {
+        let (code, out) = cli(&daemon, &["resume", s], Some(TOKEN));
+        assert_eq!(code, 0, "{out}");
+    }
+    let done = wait_for_group(&daemon, "payment-change", Duration::from_secs(60), |g| {
+        g["phase"] == "Succeeded"
+    });
+    assert!(done["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|m| m["phase"] == "Succeeded"));
+    // Everyone on the new versions.
+    let versions = chain(&c, &shop.router, "user-1").await;
+    assert_eq!(versions, ["v2", "v2", "v2"]);
+
+    // One timeline: each member's steps, named; 60 % was taken by every member only after
+    // every member had taken 30 %.
+    let (code, out) = cli(
+        &daemon,
+        &["group", "history", "payment-change", "--output", "json"],
+        None,
+    );
+    assert_eq!(code, 0, "{out}");
+    let history: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let step_at = |member: &str, message: &str| {
+        history
+            .iter()
+            .find(|e| e["rollout"] == member && e["message"] == message)
+            .unwrap_or_else(|| panic!("no {message:?} of {member} in {history:#?}"))["time"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    let last_at_30 = SERVICES
+        .iter()
+        .map(|s| step_at(s, "Advance canary weight 30"))
+        .max()
+        .unwrap();
+    let first_at_60 = SERVICES
+        .iter()
+        .map(|s| step_at(s, "Advance canary weight 60"))
+        .min()
+        .unwrap();
+    assert!(last_at_30 <= first_at_60, "{last_at_30} > {first_at_60}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_member_rolls_the_whole_group_back_last_listed_first_a_promoted_one_too() {
+    let dir = scratch("group-rollback");
+    let shop = Shop::start(&dir, Some("orders"));
+    let daemon = serve(&dir);
+    let group = "apiVersion: coalmine.dev/v1alpha1
+kind: RolloutGroup
+metadata:
+  name: payment-change
+spec:
+  policy: order
+  members:
+    - name: ledger
+    - name: payments
+      dependsOn: [{name: ledger, reached: promoted}]
+    - name: orders
+      dependsOn: [{name: payments, reached: 20}]
+";
+    let ladder = "[20, 40, 60, 80]";
+    let file = dir.write(
+        "release.yaml",
+        &shop.documents(group, ["[50]", ladder, ladder]),
+    );
+
+    // Users on every service, each with an id of their own, until the end.
+    let stop = Arc::new(AtomicBool::new(false));
+    let answered = Arc::new(AtomicU64::new(0));
+    let traffic: Vec<_> = (0..6)
+        .map(|t| {
+            let (stop, answered) = (stop.clone(), answered.clone());
+            let base = shop.router.base.clone();
+            tokio::spawn(async move {
+                let c = client();
+                let deadline = Instant::now() + Duration::from_secs(90);
+                let mut u = 0u64;
+                while !stop.load(Relaxed) && Instant::now() < deadline {
+                    let service = SERVICES[t % 3];
+                    u += 1;
+                    let r = c
+                        .get(format!("{base}/{service}/pay"))
+                        .header("x-user-id", format!("user-{t}-{u}"))
+                        .send()
+                        .await;
+                    if r.is_ok() {
+                        answered.fetch_add(1, Relaxed);
+                    }
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            })
+        })
+        .collect();
+
+    let (code, out) = cli(&daemon, &["apply", file.to_str().unwrap()], Some(TOKEN));
+    assert_eq!(code, 0, "{out}");
+    let done = wait_for_group(&daemon, "payment-change", Duration::from_secs(60), |g| {
+        g["phase"] == "RolledBack"
+    });
+    stop.store(true, Relaxed);
+    for t in traffic {
+        t.await.unwrap();
+    }
+    let reason = done["reason"].as_str().unwrap();
+    assert!(reason.contains("member orders rolled back"), "{reason}");
+    // The evidence of orders' own rollback comes with it.
+    assert!(reason.contains("canary"), "{reason}");
+
+    let (code, out) = cli(
+        &daemon,
+        &["group", "history", "payment-change", "--output", "json"],
+        None,
+    );
+    assert_eq!(code, 0, "{out}");
+    let history: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let at = |member: &str, starts: &str| -> String {
+        history
+            .iter()
+            .find(|e| e["rollout"] == member && e["message"].as_str().unwrap().starts_with(starts))
+            .unwrap_or_else(|| panic!("no {starts:?} of {member} in {history:#?}"))["time"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    // ledger was promoted before payments started; orders started at payments' 20 %.
+    assert!(at("ledger", "Promotion completed") < at("payments", "Advance canary weight 20"));
+    assert!(at("payments", "Advance canary weight 20") <= at("orders", "Advance canary weight 20"));
+    // Reverse order: orders (the failure), payments, then ledger's promoted version.
+    let orders_failed = at("orders", "Rolling back: ");
+    let payments_back = at("payments", "Rolling back: group payment-change");
+    let ledger_back = at(
+        "ledger",
+        "Rolling back the promoted version: group payment-change",
+    );
+    assert!(orders_failed <= payments_back && payments_back <= ledger_back);
+    let started = at("orders", "Advance canary weight 20");
+    eprintln!(
+        "orders on the canary at {started}, failed at {orders_failed}; payments back at {payments_back}, ledger at {ledger_back}; {} requests answered",
+        answered.load(Relaxed)
+    );
+
+    // Every user on the old versions again, ledger's included.
+    let c = client();
+    let mut seen = BTreeMap::new();
+    for u in 0..300 {
+        for v in chain(&c, &shop.router, &format!("after-{u}")).await {
+            *seen.entry(v).or_insert(0) += 1;
+        }
+    }
+    assert_eq!(seen, BTreeMap::from([("v1".to_string(), 900)]));
+}
