@@ -53,8 +53,9 @@ impl Shop {
         Shop { upstreams, router }
     }
 
-    /// The group and its members, one file.
-    fn documents(&self, group: &str, steps: [&str; 3]) -> String {
+    /// The group and its members, one file. With `processes`, ledger's versions are processes
+    /// `serve` runs itself (the new one stops when it loses, the old one when it is replaced).
+    fn documents(&self, group: &str, steps: [&str; 3], processes: bool) -> String {
         let mut docs = vec![group.to_string()];
         for (i, service) in SERVICES.iter().enumerate() {
             let (v1, v2) = &self.upstreams[i];
@@ -62,10 +63,17 @@ impl Shop {
                 "    interval: 1s\n    threshold: 2\n    stepWeights: {}\n",
                 steps[i]
             );
-            docs.push(
-                rollout_yaml(service, &self.router, v1, v2, &analysis)
-                    .replace("spec:\n", &format!("spec:\n  routerService: {service}\n")),
-            );
+            let mut doc = rollout_yaml(service, &self.router, v1, v2, &analysis)
+                .replace("spec:\n", &format!("spec:\n  routerService: {service}\n"));
+            if processes && *service == "ledger" {
+                let process = |name: &str| {
+                    format!("{{command: [{BIN}, upstream, --listen, '127.0.0.1:{{port}}', --name, {name}], readiness: {{path: /healthz, timeout: 10s}}}}")
+                };
+                doc = doc
+                    .replace(&format!("{{url: {}}}", v1.url), &process("ledger-v1"))
+                    .replace(&format!("{{url: {}}}", v2.url), &process("ledger-v2"));
+            }
+            docs.push(doc);
         }
         docs.join("---\n")
     }
@@ -135,7 +143,7 @@ spec:
     let steps = "[30, 60]";
     let file = dir.write(
         "release.yaml",
-        &shop.documents(group, [steps, steps, steps]),
+        &shop.documents(group, [steps, steps, steps], false),
     );
     let (code, out) = cli(&daemon, &["apply", file.to_str().unwrap()], Some(TOKEN));
     assert_eq!(code, 0, "{out}");
@@ -269,7 +277,7 @@ spec:
     let ladder = "[20, 40, 60, 80]";
     let file = dir.write(
         "release.yaml",
-        &shop.documents(group, ["[50]", ladder, ladder]),
+        &shop.documents(group, ["[50]", ladder, ladder], true),
     );
 
     // Users on every service, each with an id of their own, until the end.
@@ -350,7 +358,8 @@ spec:
         answered.load(Relaxed)
     );
 
-    // Every user on the old versions again, ledger's included.
+    // Every user on the old versions again, ledger's included: its old version's process was
+    // kept for the group after ledger's promotion.
     let c = client();
     let mut seen = BTreeMap::new();
     for u in 0..300 {

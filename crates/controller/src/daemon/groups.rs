@@ -15,7 +15,7 @@ use serde_json::{json, Value};
 use tokio::sync::broadcast::error::RecvError;
 
 use coalmine_rollout::group::{self, GroupPhase, GroupPlan};
-use coalmine_rollout::{Gate, Status};
+use coalmine_rollout::{Gate, Outcome, Status};
 use coalmine_spec::group::RolloutGroup;
 use coalmine_spec::rollout::Rollout;
 use coalmine_spec::Weight;
@@ -82,6 +82,7 @@ impl Daemon {
                     if last_phase != Some(phase) {
                         tracing::info!(group = %group.metadata.name, ?phase, "group");
                         last_phase = Some(phase);
+                        self.group_ended(group, phase).await;
                     }
                 }
                 Err(e) => tracing::error!(group = %group.metadata.name, "cannot decide: {e}"),
@@ -95,6 +96,20 @@ impl Daemon {
                 }
                 _ = tokio::time::sleep(DECIDE_AT_LEAST_EVERY) => {}
             }
+        }
+    }
+
+    /// A group that ended lets its members' versions go: the ones promoted members kept for it
+    /// (their previous versions, which a joint rollback would have gone back to), or the new
+    /// versions of members it rolled back.
+    async fn group_ended(&self, group: &RolloutGroup, phase: GroupPhase) {
+        let outcome = match phase {
+            GroupPhase::Succeeded => Outcome::Promoted,
+            GroupPhase::RolledBack => Outcome::RolledBack,
+            GroupPhase::Progressing | GroupPhase::RollingBack => return,
+        };
+        for member in &group.spec.members {
+            self.hosted.retire(&member.name, outcome).await;
         }
     }
 

@@ -130,10 +130,12 @@ impl Hosted {
     pub(super) async fn retire(&self, name: &str, outcome: Outcome) {
         let mut all = self.versions.lock().await;
         if let Some(versions) = all.get_mut(name) {
+            // Said again (a group's end after a restart) it stops nothing more.
             let lost = match outcome {
-                Outcome::Promoted => {
-                    std::mem::replace(&mut versions.stable, versions.canary.take())
-                }
+                Outcome::Promoted => match versions.canary.take() {
+                    Some(new) => versions.stable.replace(new),
+                    None => None,
+                },
                 Outcome::RolledBack => versions.canary.take(),
             };
             if let Some(lost) = lost {

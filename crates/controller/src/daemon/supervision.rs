@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::mpsc;
 
-use coalmine_rollout::{Event, EventLevel, Input, Phase, Status, TrafficFault};
+use coalmine_rollout::{Event, EventLevel, Input, Outcome, Phase, Status, TrafficFault};
 use coalmine_spec::rollout::Rollout;
 use coalmine_spec::Weight;
 
@@ -221,6 +221,11 @@ impl Daemon {
     }
 
     pub(super) async fn resume_all(self: &Arc<Self>) -> Result<(), StoreError> {
+        // Groups first: a promoted member whose run ends at once keeps its previous version
+        // for its group.
+        for group in self.store.groups()? {
+            self.supervise_group(group);
+        }
         for stored in self.store.all()? {
             let stored = match stored {
                 Ok(s) => s,
@@ -237,9 +242,6 @@ impl Daemon {
             if let Err(e) = self.resume(stored.rollout, stored.run).await {
                 tracing::error!(rollout = %name, "cannot resume: {e}");
             }
-        }
-        for group in self.store.groups()? {
-            self.supervise_group(group);
         }
         Ok(())
     }
@@ -355,7 +357,11 @@ impl Daemon {
                 .expect("running")
                 .get(&task_name)
                 .is_some_and(|r| r.run == run);
-            if current {
+            // A promoted member of a group keeps its previous version until the group ends:
+            // the group may still roll it back to it.
+            let kept_for_group =
+                outcome == Outcome::Promoted && daemon.group_of(&task_name).is_some();
+            if current && !kept_for_group {
                 daemon.hosted.retire(&task_name, outcome).await;
             }
             // From now on the task keeps the routers as the run left them.
