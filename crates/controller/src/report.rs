@@ -97,6 +97,7 @@ pub fn status_json(rollout: &Rollout, status: &Status, held: Option<&Held>) -> V
     json!({
         "name": rollout.metadata.name,
         "namespace": rollout.metadata.namespace.as_deref().unwrap_or("default"),
+        "group": rollout.group(),
         "stable": target(&rollout.spec.stable),
         "canary": target(&rollout.spec.canary),
         "phase": status.phase.as_str(),

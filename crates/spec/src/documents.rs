@@ -280,14 +280,11 @@ impl DocumentSet {
             ));
         }
         for group in self.groups() {
-            let Some(cohort) = group.cohort() else {
-                continue;
-            };
             for r in out
                 .iter_mut()
                 .filter(|r| group.member(&r.metadata.name).is_some())
             {
-                r.spec.cohort = Some(cohort.clone());
+                group.mark_member(r);
             }
         }
         Ok(out)

@@ -6,7 +6,7 @@ use std::fmt;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use crate::rollout::{Metadata, API_VERSION};
+use crate::rollout::{Metadata, Rollout, API_VERSION};
 use crate::Weight;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -130,6 +130,18 @@ impl RolloutGroup {
         self.spec
             .shared_cohort
             .then(|| format!("group/{}", self.metadata.name))
+    }
+
+    /// Marks `rollout`, one of its members, as such: the group's annotation, and its cohort
+    /// when the members share one.
+    pub fn mark_member(&self, rollout: &mut Rollout) {
+        rollout.metadata.annotations.insert(
+            crate::rollout::GROUP_ANNOTATION.to_string(),
+            self.metadata.name.clone(),
+        );
+        if let Some(cohort) = self.cohort() {
+            rollout.spec.cohort = Some(cohort);
+        }
     }
 
     /// The member of this name, with its position.

@@ -28,7 +28,18 @@ pub struct Rollout {
     pub spec: RolloutSpec,
 }
 
+/// The annotation naming the `RolloutGroup` a rollout is a member of.
+pub const GROUP_ANNOTATION: &str = "coalmine.dev/group";
+
 impl Rollout {
+    /// The group it is a member of (set by the group when they are applied together).
+    pub fn group(&self) -> Option<&str> {
+        self.metadata
+            .annotations
+            .get(GROUP_ANNOTATION)
+            .map(String::as_str)
+    }
+
     /// The name whose sticky buckets its users fall into: `spec.cohort`, or its own name. The
     /// routers' route name (which salts their sticky hash) is this.
     pub fn cohort(&self) -> &str {

@@ -176,6 +176,12 @@ spec:
         }
     };
     assert_eq!(held["phase"], "Progressing", "{held:#}");
+    for member in held["members"].as_array().unwrap() {
+        assert_eq!(member["group"], "payment-change", "{member:#}");
+    }
+    // The dashboard's page of a member says which group it moves with.
+    let page = get_json(&format!("{}/api/v1/rollouts/orders/live", daemon.api)).await;
+    assert_eq!(page["group"], "payment-change");
 
     // 10,002 requests: 3,334 users, each a chain through the three services.
     let users = 3334;
@@ -254,6 +260,24 @@ spec:
         .min()
         .unwrap();
     assert!(last_at_30 <= first_at_60, "{last_at_30} > {first_at_60}");
+
+    // A member applied again alone stays a member: the same group, the same cohort (the
+    // route's name salts its sticky buckets).
+    let text = std::fs::read_to_string(&file).unwrap();
+    let orders = text
+        .split("---\n")
+        .find(|d| d.contains("kind: Rollout\n") && d.contains("name: orders"))
+        .unwrap();
+    let alone = dir.write("orders.yaml", orders);
+    let (code, out) = cli(
+        &daemon,
+        &["apply", "--restart", alone.to_str().unwrap()],
+        Some(TOKEN),
+    );
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(status(&daemon, "orders")["group"], "payment-change");
+    let routes = get_json(&format!("{}/routes/orders", shop.router.admin)).await;
+    assert_eq!(routes["name"], "group/payment-change", "{routes:#}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

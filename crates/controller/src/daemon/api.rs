@@ -174,7 +174,17 @@ async fn apply(
     let set = documents::load(&files)?;
     set.require_runnable()?;
     // Canaries are placed by the Placement documents among the files.
-    let rollouts = set.placed_rollouts(None)?;
+    let mut rollouts = set.placed_rollouts(None)?;
+    // A member applied without its group stays its member (its cohort above all).
+    let stored_groups = d.store.groups()?;
+    for r in rollouts.iter_mut().filter(|r| r.group().is_none()) {
+        if let Some(group) = stored_groups
+            .iter()
+            .find(|g| g.member(&r.metadata.name).is_some())
+        {
+            group.mark_member(r);
+        }
+    }
     if rollouts.is_empty() {
         return Err(ApiError::NoRollout(names));
     }
@@ -188,20 +198,16 @@ async fn apply(
     }
     d.router_conflicts(&rollouts).map_err(ApiError::Conflict)?;
     let groups: Vec<RolloutGroup> = set.groups().cloned().collect();
-    // Saved before its members start: a member never runs without its group deciding it.
+    // Saved and decided before its members start: a member never runs without its group
+    // deciding it (also when a later member fails to start: the others wait for it).
     for group in &groups {
         d.store.save_group(group)?;
+        d.supervise_group(group.clone());
     }
     let mut applied = Vec::new();
     for rollout in rollouts {
         let name = rollout.metadata.name.clone();
-        // A member applied alone still waits for its group.
-        let gate = groups
-            .iter()
-            .find(|g| g.member(&name).is_some())
-            .map(|g| g.metadata.name.clone())
-            .or_else(|| d.group_of(&name))
-            .map(|g| super::groups::closed_gate(&g));
+        let gate = rollout.group().map(super::groups::closed_gate);
         let action = d
             .apply_one(rollout, req.restart, gate)
             .await
@@ -217,7 +223,6 @@ async fn apply(
             "kind": "RolloutGroup",
             "action": "applied (its members move as one)",
         }));
-        d.supervise_group(group);
     }
     Ok(Json(json!({"applied": applied, "warnings": set.warnings})).into_response())
 }

@@ -47,27 +47,16 @@ pub(super) fn routes() -> Router<Arc<Daemon>> {
 }
 
 impl Daemon {
-    /// The group a rollout belongs to, if any.
-    pub(super) fn group_of(&self, rollout: &str) -> Option<String> {
-        self.groups
-            .lock()
-            .expect("groups")
-            .iter()
-            .find(|(_, g)| g.group.member(rollout).is_some())
-            .map(|(name, _)| name.clone())
-    }
-
     /// Starts deciding `group` (replacing a task deciding an earlier version of it).
     pub(super) fn supervise_group(self: &Arc<Self>, group: RolloutGroup) {
         let name = group.metadata.name.clone();
         let daemon = self.clone();
-        let decided = group.clone();
-        let task = tokio::spawn(async move { daemon.decide_group(&decided).await });
+        let task = tokio::spawn(async move { daemon.decide_group(&group).await });
         let old = self
             .groups
             .lock()
             .expect("groups")
-            .insert(name, SupervisedGroup { group, task });
+            .insert(name, SupervisedGroup { task });
         if let Some(old) = old {
             old.task.abort();
         }
@@ -132,7 +121,8 @@ impl Daemon {
                         tracing::warn!(group = %plan.name, %member, "not handed its group's decision yet: {e}");
                     }
                 }
-                None => tracing::warn!(group = %plan.name, %member, "is not running"),
+                // Not started yet (its group decides before its members start).
+                None => tracing::debug!(group = %plan.name, %member, "is not running"),
             }
         }
         Ok(decision.phase)
@@ -185,9 +175,8 @@ impl Daemon {
     }
 }
 
-/// A group's task, and the group it decides.
+/// A group's task: stopped when dropped.
 pub(super) struct SupervisedGroup {
-    group: RolloutGroup,
     task: tokio::task::JoinHandle<()>,
 }
 

@@ -343,6 +343,7 @@ impl Daemon {
         let task_name = name.clone();
         let started_ms = driver.status().started_ms;
         let traffic = driver.traffic();
+        let in_group = rollout.group().is_some();
         let task = tokio::spawn(async move {
             let outcome = driver.run(&mut inputs, &mut state).await;
             if driver.settled() {
@@ -359,8 +360,7 @@ impl Daemon {
                 .is_some_and(|r| r.run == run);
             // A promoted member of a group keeps its previous version until the group ends:
             // the group may still roll it back to it.
-            let kept_for_group =
-                outcome == Outcome::Promoted && daemon.group_of(&task_name).is_some();
+            let kept_for_group = outcome == Outcome::Promoted && in_group;
             if current && !kept_for_group {
                 daemon.hosted.retire(&task_name, outcome).await;
             }

@@ -76,7 +76,7 @@
     setText(a, key);
     const href = "#/rollouts/" + encodeURIComponent(key);
     if (a.getAttribute("href") !== href) a.setAttribute("href", href);
-    setText(c[1], r.service || "");
+    setText(c[1], (r.service || "") + (r.group ? " (group " + r.group + ")" : ""));
     const badge = c[2].firstChild;
     const phase = (r.phase || "Unknown") + (r.paused ? " (paused)" : "");
     setText(badge, phase);
@@ -93,7 +93,9 @@
     for (const name of dirty) renderRow(name);
     dirty.clear();
     if (listDirty) {
-      const names = [...rowEls.keys()].sort();
+      // A group's members side by side.
+      const sortKey = (n) => ((rows.get(n) || {}).group || "") + "\u0000" + n;
+      const names = [...rowEls.keys()].sort((a, b) => (sortKey(a) < sortKey(b) ? -1 : sortKey(a) > sortKey(b) ? 1 : 0));
       const body = $("rows");
       names.forEach((n, i) => { const tr = rowEls.get(n); if (body.children[i] !== tr) body.insertBefore(tr, body.children[i] || null); });
       listDirty = false;
@@ -149,7 +151,7 @@
     const d = await r.json();
     detail = { key, run: d.run, status: d.status, points: d.points || [], checks: d.checks, events: d.events, row: rows.get(key) };
     setText($("document"), d.document);
-    setText($("d-service"), d.service);
+    setText($("d-service"), d.service + (d.group ? " (group " + d.group + ": its members move as one)" : ""));
     detailDirty = true;
     schedule();
   }

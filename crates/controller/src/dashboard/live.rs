@@ -128,6 +128,7 @@ pub fn row(key: &str, rollout: &Rollout, status: &Status, last_event: Option<&Ev
         "name": rollout.metadata.name,
         "namespace": rollout.metadata.namespace,
         "service": rollout.spec.router_service(),
+        "group": rollout.group(),
         "phase": status.phase.as_str(),
         "canaryWeight": status.canary_weight.percent(),
         "paused": status.paused,

@@ -228,6 +228,7 @@ pub fn detail_json(
         "run": run,
         "status": status,
         "service": rollout.spec.router_service(),
+        "group": rollout.group(),
         "points": points,
         "checks": checks,
         "events": events,
