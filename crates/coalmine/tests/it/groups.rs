@@ -393,3 +393,77 @@ spec:
     }
     assert_eq!(seen, BTreeMap::from([("v1".to_string(), 900)]));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_daemon_killed_mid_group_resumes_it_in_lock_step() {
+    let dir = scratch("group-killed");
+    let shop = Shop::start(&dir, None);
+    let mut daemon = serve(&dir);
+    let group = "apiVersion: coalmine.dev/v1alpha1
+kind: RolloutGroup
+metadata:
+  name: payment-change
+spec:
+  members: [{name: ledger}, {name: payments}, {name: orders}]
+";
+    let steps = "[20, 40, 60]";
+    let file = dir.write(
+        "release.yaml",
+        &shop.documents(group, [steps, steps, steps], false),
+    );
+    let (code, out) = cli(&daemon, &["apply", file.to_str().unwrap()], Some(TOKEN));
+    assert_eq!(code, 0, "{out}");
+    wait_for_group(&daemon, "payment-change", Duration::from_secs(30), |g| {
+        weights(g).iter().any(|w| *w >= 20.0)
+    });
+    // kill -9: nothing of the daemon's is left but its state file.
+    daemon.proc.child.kill().unwrap();
+    daemon.proc.child.wait().unwrap();
+    daemon = serve(&dir);
+    let done = wait_for_group(&daemon, "payment-change", Duration::from_secs(60), |g| {
+        g["phase"] == "Succeeded"
+    });
+    assert_eq!(weights(&done), [0.0, 0.0, 0.0], "{done:#}");
+    let (code, out) = cli(
+        &daemon,
+        &["group", "history", "payment-change", "--output", "json"],
+        None,
+    );
+    assert_eq!(code, 0, "{out}");
+    let history: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    // Every step was taken by every member only after every member had taken the one before,
+    // across the restart.
+    let times = |message: &str| -> Vec<String> {
+        SERVICES
+            .iter()
+            .map(|s| {
+                history
+                    .iter()
+                    .find(|e| e["rollout"] == *s && e["message"] == message)
+                    .unwrap_or_else(|| panic!("no {message:?} of {s}"))["time"]
+                    .as_str()
+                    .unwrap()
+                    .to_string()
+            })
+            .collect()
+    };
+    for (lower, higher) in [("20", "40"), ("40", "60")] {
+        let last = times(&format!("Advance canary weight {lower}"))
+            .into_iter()
+            .max();
+        let first = times(&format!("Advance canary weight {higher}"))
+            .into_iter()
+            .min();
+        assert!(
+            last <= first,
+            "{lower} % last at {last:?}, {higher} % first at {first:?}"
+        );
+    }
+    assert_eq!(
+        chain(&client(), &shop.router, "user-7").await,
+        ["v2", "v2", "v2"]
+    );
+}
