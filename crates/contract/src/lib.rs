@@ -8,6 +8,8 @@
 //!   A router's table is a list of services; the single-service forms are [`DEFAULT_SERVICE`].
 //! - [`matching`]: match rules ([`MatchRule`]): which requests reach the canary whatever the
 //!   weight.
+//! - [`sticky`]: sticky buckets ([`sticky_bucket`], [`sticky_salt`]): which users a weight sends
+//!   to the canary, the same in the router and in a feature flag.
 //! - [`stats`]: the `/stats` document ([`StatsDoc`]), counters a controller turns into readings.
 //!
 //! Every value validates while it is deserialized, so a bad one is reported at its own position
@@ -17,6 +19,7 @@
 pub mod matching;
 pub mod routes;
 pub mod stats;
+pub mod sticky;
 pub mod weight;
 
 pub use matching::{Condition, GeoField, HeaderName, MatchRule, StrMatch, Subject};
@@ -26,6 +29,7 @@ pub use routes::{
     RoutesDoc, RoutesPatch, ServedRoutes, StickyKey, UpstreamUrl, DEFAULT_SERVICE, OWNER_HEADER,
 };
 pub use stats::{Latency, LocalStats, MirrorStats, ServiceStats, StatsDoc, VersionStats};
+pub use sticky::{in_canary, sticky_bucket, sticky_salt, BUCKETS};
 pub use weight::Weight;
 
 /// A value the contract does not accept, with the reason in words (the value quoted).
