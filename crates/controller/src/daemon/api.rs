@@ -133,6 +133,12 @@ pub(super) fn routes(daemon: Arc<Daemon>) -> Router {
         .route("/api/v1/rollouts", get(list))
         .route("/api/v1/rollouts/{name}", get(one))
         .route("/api/v1/rollouts/{name}/history", get(history))
+        .route("/api/v1/flags", get(super::ofrep::list))
+        .route("/ofrep/v1/evaluate/flags", post(super::ofrep::evaluate_all))
+        .route(
+            "/ofrep/v1/evaluate/flags/{key}",
+            post(super::ofrep::evaluate_one),
+        )
         .merge(super::dashboard::routes())
         .merge(crate::dashboard::page_routes())
         .merge(gate::session_routes(daemon.gate.clone()))

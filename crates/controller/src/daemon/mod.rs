@@ -15,6 +15,7 @@ mod alerts;
 mod api;
 mod dashboard;
 mod hosted;
+mod ofrep;
 mod supervision;
 mod tls;
 

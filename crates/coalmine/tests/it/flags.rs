@@ -1,0 +1,276 @@
+//! Feature flags over OFREP (`spec.flag`): a real OpenFeature SDK (the JavaScript server SDK
+//! with its OFREP provider, pinned in `tests/fixtures/ofrep-sdk`) evaluates the flags `coalmine
+//! serve` serves, against a real router stepping the same cohort.
+
+use crate::common;
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+use common::daemon::*;
+use common::*;
+
+/// The pinned SDK: `npm ci` there installs it (`scripts/test` does when it is missing).
+fn sdk_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/ofrep-sdk")
+}
+
+/// Evaluates `key` through the OpenFeature SDK's OFREP provider once per context; each
+/// result is the SDK's details (`value`, `variant`, `reason`, `errorCode`).
+fn sdk_evaluate(api: &str, key: &str, default: &Value, contexts: &[Value]) -> Vec<Value> {
+    let dir = sdk_dir();
+    assert!(
+        dir.join("node_modules/@openfeature/server-sdk").is_dir()
+            && dir
+                .join("node_modules/@openfeature/ofrep-provider")
+                .is_dir(),
+        "the OpenFeature SDK is not installed in {}: run `npm ci --prefix {}` (scripts/test does)",
+        dir.display(),
+        dir.display()
+    );
+    let mut child = Command::new("node")
+        .arg(dir.join("evaluate.js"))
+        .args([api, key, &default.to_string()])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("node (Node.js 18 or later) runs the OpenFeature SDK");
+    let mut input = String::new();
+    for c in contexts {
+        input.push_str(&c.to_string());
+        input.push('\n');
+    }
+    let mut stdin = child.stdin.take().unwrap();
+    let writer = std::thread::spawn(move || stdin.write_all(input.as_bytes()).unwrap());
+    let out = child.wait_with_output().unwrap();
+    writer.join().unwrap();
+    assert!(
+        out.status.success(),
+        "the SDK failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let results: Vec<Value> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(results.len(), contexts.len());
+    results
+}
+
+/// The served flags (`GET /api/v1/flags`).
+async fn served_flags(daemon: &Daemon) -> Value {
+    get_json(&format!("{}/api/v1/flags", daemon.api)).await
+}
+
+/// Waits until flag `key` serves `serving` at `percent`.
+async fn wait_for_flag(daemon: &Daemon, key: &str, serving: &str, percent: f64) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let all = served_flags(daemon).await;
+        let found = all
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|f| f["key"] == key)
+            .cloned();
+        if let Some(f) = &found {
+            if f["serving"] == serving && f["canaryPercent"] == percent {
+                return;
+            }
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "flag {key} never served {serving} at {percent}%: {all:#}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn apply(daemon: &Daemon, dir: &TempDir, name: &str, text: &str) {
+    let path = dir.write(name, text);
+    let (code, out) = cli(daemon, &["apply", path.to_str().unwrap()], Some(TOKEN));
+    assert_eq!(code, 0, "{out}");
+}
+
+/// A confirm-promotion gate nobody answers (nothing listens on port 1): the rollout holds at
+/// its last weight.
+const HOLD_AT_LAST_WEIGHT: &str = "    webhooks:
+      - name: hold
+        type: confirm-promotion
+        url: http://127.0.0.1:1/
+";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn targeted_groups_see_the_canary_and_errors_have_ofreps_shapes() {
+    let dir = scratch("flags-targeting");
+    let mut daemon = serve(&dir);
+    let (v1, v2) = (upstream("v1", &[]), upstream("v2", &[]));
+    let router = router(&["--stable", &v1.url, "--sticky-header", "user-id"]);
+    apply(
+        &daemon,
+        &dir,
+        "flag.yaml",
+        &format!(
+            "apiVersion: coalmine.dev/v1alpha1
+kind: Rollout
+metadata:
+  name: banner
+spec:
+  routers: [{}]
+  stable: {{url: {}}}
+  canary: {{url: {}}}
+  flag:
+    key: new-banner
+    variants: {{blue: \"#0000ff\", grey: \"#808080\"}}
+    canary: blue
+    stable: grey
+    targeting:
+      - user-id: {{regex: \"qa-[0-9]+\"}}
+      - region: {{exact: eu-west}}
+        plan: {{exact: enterprise}}
+  analysis:
+    interval: 1s
+    stepWeights: [1]
+    sequential: {{enabled: false}}
+{HOLD_AT_LAST_WEIGHT}",
+            router.admin, v1.url, v2.url
+        ),
+    );
+    wait_for_flag(&daemon, "new-banner", "split", 1.0).await;
+
+    let contexts = [
+        json!({"user-id": "qa-17"}),
+        json!({"targetingKey": "anyone", "region": "eu-west", "plan": "enterprise"}),
+        json!({"targetingKey": "anyone", "region": "eu-west", "plan": "free"}),
+        json!({"user-id": "qa-x", "region": "eu-west"}),
+    ];
+    let got = sdk_evaluate(&daemon.api, "new-banner", &json!("default"), &contexts);
+    assert_eq!(
+        (&got[0]["value"], &got[0]["variant"], &got[0]["reason"]),
+        (&json!("#0000ff"), &json!("blue"), &json!("TARGETING_MATCH")),
+        "{got:#?}"
+    );
+    assert_eq!(got[1]["reason"], "TARGETING_MATCH", "{got:#?}");
+    assert_eq!(got[1]["variant"], "blue", "{got:#?}");
+    assert_eq!(got[2]["reason"], "SPLIT", "{got:#?}");
+    // Neither rule holds and there is no key to split by: the SDK's default, with OFREP's code.
+    assert_eq!(
+        (&got[3]["value"], &got[3]["errorCode"]),
+        (&json!("default"), &json!("TARGETING_KEY_MISSING")),
+        "{got:#?}"
+    );
+    let missing = sdk_evaluate(
+        &daemon.api,
+        "no-such-flag",
+        &json!(false),
+        &[json!({"targetingKey": "u"})],
+    );
+    assert_eq!(missing[0]["errorCode"], "FLAG_NOT_FOUND", "{missing:#?}");
+    assert_eq!(missing[0]["value"], false);
+
+    // The wire shapes, status by status.
+    let c = client();
+    let post = |path: &str, body: &str| {
+        c.post(format!("{}{path}", daemon.api))
+            .header("content-type", "application/json")
+            .body(body.to_string())
+            .send()
+    };
+    let r = post(
+        "/ofrep/v1/evaluate/flags/no-such-flag",
+        r#"{"context": {"targetingKey": "u"}}"#,
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status(), 404);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["key"], "no-such-flag");
+    assert_eq!(body["errorCode"], "FLAG_NOT_FOUND");
+    assert!(body["errorDetails"].is_string());
+    for (body, code) in [
+        ("{not json", "PARSE_ERROR"),
+        (r#"{"context": [1, 2]}"#, "INVALID_CONTEXT"),
+        (r#"{"context": {"targetingKey": 42}}"#, "INVALID_CONTEXT"),
+        (r#"{"context": {"plan": "free"}}"#, "TARGETING_KEY_MISSING"),
+    ] {
+        let r = post("/ofrep/v1/evaluate/flags/new-banner", body)
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 400, "{body}");
+        let answer: Value = r.json().await.unwrap();
+        assert_eq!(
+            (&answer["key"], &answer["errorCode"]),
+            (&json!("new-banner"), &json!(code)),
+            "{body}: {answer}"
+        );
+    }
+    let r = post(
+        "/ofrep/v1/evaluate/flags/new-banner",
+        r#"{"context": {"targetingKey": "u", "user-id": "qa-1"}}"#,
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(r.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("application/json"));
+    let one: Value = r.json().await.unwrap();
+    assert_eq!(one["key"], "new-banner");
+    assert_eq!(one["metadata"]["rollout"], "banner");
+
+    // Bulk: every flag, an ETag, and 304 while nothing changed.
+    let bulk_body = r#"{"context": {"targetingKey": "u", "user-id": "qa-1"}}"#;
+    let r = post("/ofrep/v1/evaluate/flags", bulk_body).await.unwrap();
+    assert_eq!(r.status(), 200);
+    let etag = r.headers()["etag"].to_str().unwrap().to_string();
+    let all: Value = r.json().await.unwrap();
+    assert_eq!(all["flags"][0], one, "bulk and single evaluations agree");
+    let again = c
+        .post(format!("{}/ofrep/v1/evaluate/flags", daemon.api))
+        .header("if-none-match", &etag)
+        .body(bulk_body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(again.status(), 304);
+    let other = c
+        .post(format!("{}/ofrep/v1/evaluate/flags", daemon.api))
+        .header("if-none-match", &etag)
+        .body(r#"{"context": {"targetingKey": "u"}}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(other.status(), 200, "another context, another answer");
+    let r = post("/ofrep/v1/evaluate/flags", "{not json").await.unwrap();
+    assert_eq!(r.status(), 400);
+    assert_eq!(r.json::<Value>().await.unwrap()["errorCode"], "PARSE_ERROR");
+
+    // Durable: after kill -9, the resumed rollout serves the share its saved traffic says.
+    let split = sdk_evaluate(&daemon.api, "new-banner", &json!("default"), &split_users());
+    daemon.proc.child.kill().unwrap();
+    daemon.proc.child.wait().unwrap();
+    let daemon = serve(&dir);
+    wait_for_flag(&daemon, "new-banner", "split", 1.0).await;
+    let again = sdk_evaluate(&daemon.api, "new-banner", &json!("default"), &split_users());
+    assert_eq!(
+        split, again,
+        "the same users see the canary after a restart"
+    );
+    assert!(
+        split.iter().any(|e| e["variant"] == "blue"),
+        "some of 2,000 users at 1%"
+    );
+}
+
+fn split_users() -> Vec<Value> {
+    (0..2_000)
+        .map(|i| json!({"targetingKey": format!("user-{i}")}))
+        .collect()
+}
