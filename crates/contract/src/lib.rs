@@ -10,18 +10,21 @@
 //!   weight.
 //! - [`sticky`]: sticky buckets ([`sticky_bucket`], [`sticky_salt`]): which users a weight sends
 //!   to the canary, the same in the router and in a feature flag.
+//! - [`flags`]: the per-variant counts an app reports for a feature flag ([`FlagCountsDoc`]).
 //! - [`stats`]: the `/stats` document ([`StatsDoc`]), counters a controller turns into readings.
 //!
 //! Every value validates while it is deserialized, so a bad one is reported at its own position
 //! (YAML) or with its field name (JSON). Architecture invariant: no IO, no server, no client;
 //! the router serves these types, the controller reads and writes them.
 
+pub mod flags;
 pub mod matching;
 pub mod routes;
 pub mod stats;
 pub mod sticky;
 pub mod weight;
 
+pub use flags::{FlagCountsDoc, VariantCounts};
 pub use matching::{Condition, GeoField, HeaderName, MatchRule, StrMatch, Subject};
 pub use routes::{
     check_service_name, check_services, services_list, url_port, Affinity, EndpointGroup,

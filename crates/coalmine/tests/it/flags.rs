@@ -274,3 +274,95 @@ fn split_users() -> Vec<Value> {
         .map(|i| json!({"targetingKey": format!("user-{i}")}))
         .collect()
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_canary_variant_with_bad_reported_errors_rolls_back_and_everyone_sees_stable() {
+    let dir = scratch("flags-counts");
+    let daemon = serve(&dir);
+    apply(
+        &daemon,
+        &dir,
+        "flag.yaml",
+        "apiVersion: coalmine.dev/v1alpha1
+kind: Rollout
+metadata:
+  name: pricing
+spec:
+  flag:
+    key: new-pricing
+    variants: {on: true, off: false}
+    canary: on
+    stable: off
+  analysis:
+    interval: 1s
+    threshold: 2
+    stepWeights: [10, 20, 50]
+    sequential: {enabled: false}
+    metrics:
+      - name: request-success-rate
+        thresholdRange: {min: 99}
+        interval: 2s
+",
+    );
+    wait_for_flag(&daemon, "new-pricing", "split", 10.0).await;
+    let c = client();
+    let counts = format!("{}/api/v1/flags/new-pricing/counts", daemon.api);
+    let report = json!({"variants": {
+        "on": {"requests": 100, "errors": 20, "latencyMicros": [[2000, 100]]},
+        "off": {"requests": 900, "errors": 0, "latencyMicros": [[2000, 900]]},
+    }});
+    // Counts decide rollbacks: reporting them takes the token.
+    let r = c.post(&counts).json(&report).send().await.unwrap();
+    assert_eq!(r.status(), 401);
+    let bad = c
+        .post(&counts)
+        .bearer_auth(TOKEN)
+        .json(&json!({"variants": {"purple": {"requests": 1}}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad.status(), 400);
+    assert!(bad
+        .text()
+        .await
+        .unwrap()
+        .contains("no variant \\\"purple\\\""));
+    let reporter = tokio::spawn({
+        let (c, counts, report) = (c.clone(), counts.clone(), report.clone());
+        async move {
+            loop {
+                let r = c
+                    .post(&counts)
+                    .bearer_auth(TOKEN)
+                    .json(&report)
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(r.status(), 202);
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    });
+    let failed = wait_for(&daemon, "pricing", Duration::from_secs(30), |s| {
+        s["phase"] == "Failed"
+    });
+    reporter.abort();
+    // Judged on the reported counts: 80 of every 100 canary requests succeeded.
+    assert_eq!(failed["outcome"], "rolledBack", "{failed:#}");
+    assert_eq!(
+        failed["metrics"][0]["name"], "request-success-rate",
+        "{failed:#}"
+    );
+    assert_eq!(failed["metrics"][0]["value"], 80.0, "{failed:#}");
+    wait_for_flag(&daemon, "new-pricing", "stable", 0.0).await;
+    let contexts: Vec<Value> = (0..500)
+        .map(|i| json!({"targetingKey": format!("user-{i}")}))
+        .collect();
+    for e in sdk_evaluate(&daemon.api, "new-pricing", &json!(true), &contexts) {
+        assert_eq!(
+            (&e["value"], &e["variant"], &e["reason"]),
+            (&json!(false), &json!("off"), &json!("DEFAULT")),
+            "{e}"
+        );
+    }
+}

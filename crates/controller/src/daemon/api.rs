@@ -123,6 +123,10 @@ pub(super) fn routes(daemon: Arc<Daemon>) -> Router {
         .route("/api/v1/rollouts/{name}/{command}", post(command))
         .route("/api/v1/rollouts/{name}", axum::routing::delete(delete))
         .route("/api/v1/alertmanager", post(super::alerts::alertmanager))
+        .route(
+            "/api/v1/flags/{key}/counts",
+            post(super::ofrep::report_counts),
+        )
         .route_layer(middleware::from_fn_with_state(
             daemon.gate.clone(),
             gate::require_signed,

@@ -4,7 +4,8 @@
 //! nothing changed). Evaluations are reads, open like the API's others: they tell a user's
 //! variant, never a secret, and an SDK may still send an `Authorization` header (ignored).
 //!
-//! Also `GET /api/v1/flags`, the flags served.
+//! Also the counts API, `POST /api/v1/flags/{key}/counts` (behind the token, like every
+//! change: counts decide a rollback), and `GET /api/v1/flags`, the flags served.
 
 use axum::body::Bytes;
 use axum::extract::Path;
@@ -13,7 +14,9 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::{json, Value};
 
-use crate::flags::{self, EvaluationError};
+use coalmine_contract::FlagCountsDoc;
+
+use crate::flags::{self, CountsRefused, EvaluationError};
 
 /// OFREP's JSON answers carry `application/json` (the providers check it).
 fn answer(status: StatusCode, body: &Value) -> Response {
@@ -97,6 +100,26 @@ fn none_match(headers: &HeaderMap, etag: &str) -> bool {
         .flat_map(|v| v.split(','))
         .map(|t| t.trim())
         .any(|t| t == "*" || t.trim_start_matches("W/") == etag)
+}
+
+/// `POST /api/v1/flags/{key}/counts`: an app's per-variant counts since its last report.
+pub(super) async fn report_counts(Path(key): Path<String>, body: Bytes) -> Response {
+    let doc: FlagCountsDoc = match serde_json::from_slice(&body) {
+        Ok(doc) => doc,
+        Err(e) => {
+            return answer(
+                StatusCode::BAD_REQUEST,
+                &json!({"error": format!("not a flag counts document: {e}")}),
+            )
+        }
+    };
+    match flags::served().report(&key, &doc) {
+        Ok(()) => answer(StatusCode::ACCEPTED, &json!({"key": key})),
+        Err(e @ CountsRefused::NoSuchFlag(_)) => {
+            answer(StatusCode::NOT_FOUND, &json!({"error": e.to_string()}))
+        }
+        Err(e) => answer(StatusCode::BAD_REQUEST, &json!({"error": e.to_string()})),
+    }
 }
 
 /// `GET /api/v1/flags`: each served flag, its rollout and what it serves.

@@ -3,7 +3,8 @@
 //!
 //! [`FlagTable`] holds each served flag with what it serves now — written by the flag traffic
 //! backend (`traffic/flag.rs`) from the machine's saved `Traffic`, so a restarted daemon serves
-//! what its resumed rollouts re-apply.
+//! what its resumed rollouts re-apply — and the per-variant counts apps report, which the flag
+//! observation source (`observations/flag_counts.rs`) takes step by step.
 //!
 //! The table is one per process ([`served`]): the seams' registrations open backends and sources
 //! from a rollout document alone, and one process serves one daemon's flags.
@@ -12,6 +13,9 @@ pub mod evaluate;
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, OnceLock, RwLock};
+
+use coalmine_contract::FlagCountsDoc;
+use coalmine_judge::counts::Counts;
 
 pub use evaluate::{EvaluationError, ServedFlag, Serving};
 
@@ -31,6 +35,8 @@ struct Entry {
     served: Arc<ServedFlag>,
     /// The rollout's driver has let it go (deleted): another rollout may take the flag.
     released: bool,
+    /// Counts reported since the observation source last took them, per variant.
+    counts: BTreeMap<String, Counts>,
 }
 
 /// Why a rollout cannot take a flag.
@@ -39,6 +45,19 @@ struct Entry {
 pub struct FlagTaken {
     pub key: String,
     pub holder: String,
+}
+
+/// Why reported counts were refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CountsRefused {
+    #[error("no flag {0:?} is served here")]
+    NoSuchFlag(String),
+    #[error("flag {key:?} has no variant {variant:?} (its variants: {known})")]
+    NoSuchVariant {
+        key: String,
+        variant: String,
+        known: String,
+    },
 }
 
 /// This process's flags.
@@ -72,7 +91,7 @@ impl FlagTable {
         }
     }
 
-    /// Serves `flag` as given (its rollout's traffic now).
+    /// Serves `flag` as given (its rollout's traffic now); the counts reported so far stay.
     pub fn serve(&self, flag: ServedFlag) -> Result<(), FlagTaken> {
         let mut table = self.inner.write().expect("flags");
         let key = flag.flag.key.clone();
@@ -82,6 +101,9 @@ impl FlagTable {
                 holder: e.served.rollout.clone(),
             }),
             Some(e) => {
+                if e.served.rollout != flag.rollout {
+                    e.counts.clear();
+                }
                 e.served = Arc::new(flag);
                 e.released = false;
                 Ok(())
@@ -92,6 +114,7 @@ impl FlagTable {
                     Entry {
                         served: Arc::new(flag),
                         released: false,
+                        counts: BTreeMap::new(),
                     },
                 );
                 Ok(())
@@ -108,5 +131,49 @@ impl FlagTable {
                 e.released = true;
             }
         }
+    }
+
+    /// Adds an app's report to flag `key`'s counts. All or nothing: a report naming a variant
+    /// the flag does not have changes nothing.
+    pub fn report(&self, key: &str, doc: &FlagCountsDoc) -> Result<(), CountsRefused> {
+        let mut table = self.inner.write().expect("flags");
+        let entry = table
+            .flags
+            .get_mut(key)
+            .ok_or_else(|| CountsRefused::NoSuchFlag(key.to_string()))?;
+        let variants = &entry.served.flag.variants;
+        if let Some(unknown) = doc.variants.keys().find(|v| !variants.contains_key(*v)) {
+            return Err(CountsRefused::NoSuchVariant {
+                key: key.to_string(),
+                variant: unknown.clone(),
+                known: variants.keys().cloned().collect::<Vec<_>>().join(", "),
+            });
+        }
+        for (variant, reported) in &doc.variants {
+            let mut latency = BTreeMap::new();
+            for &(micros, n) in &reported.latency_micros {
+                *latency.entry(micros).or_insert(0) += n;
+            }
+            entry
+                .counts
+                .entry(variant.clone())
+                .or_default()
+                .add(&Counts {
+                    requests: reported.requests,
+                    server_errors: reported.errors,
+                    latency,
+                });
+        }
+        Ok(())
+    }
+
+    /// Takes the counts reported for `variant` of flag `key` since the last take.
+    pub fn take_counts(&self, key: &str, variant: &str) -> Counts {
+        let mut table = self.inner.write().expect("flags");
+        table
+            .flags
+            .get_mut(key)
+            .and_then(|e| e.counts.remove(variant))
+            .unwrap_or_default()
     }
 }
