@@ -107,6 +107,110 @@ const HOLD_AT_LAST_WEIGHT: &str = "    webhooks:
 ";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_openfeature_sdk_sees_the_routers_cohort_for_10000_users() {
+    const USERS: usize = 10_000;
+    const PERCENT: u32 = 10;
+    let dir = scratch("flags-cohort");
+    let daemon = serve(&dir);
+    let (v1, v2) = (upstream("v1", &[]), upstream("v2", &[]));
+    let router = router(&["--stable", &v1.url, "--sticky-header", "user-id"]);
+    apply(
+        &daemon,
+        &dir,
+        "checkout.yaml",
+        &format!(
+            "apiVersion: coalmine.dev/v1alpha1
+kind: Rollout
+metadata:
+  name: checkout
+spec:
+  routers: [{}]
+  stable: {{url: {}}}
+  canary: {{url: {}}}
+  flag:
+    key: new-checkout
+    variants: {{on: true, off: false}}
+    canary: on
+    stable: off
+  analysis:
+    interval: 1s
+    stepWeights: [{PERCENT}]
+    sequential: {{enabled: false}}
+{HOLD_AT_LAST_WEIGHT}",
+            router.admin, v1.url, v2.url
+        ),
+    );
+    wait_for(&daemon, "checkout", Duration::from_secs(30), |s| {
+        s["canaryWeight"] == f64::from(PERCENT)
+    });
+    wait_for_flag(&daemon, "new-checkout", "split", f64::from(PERCENT)).await;
+
+    // The router's decision for each user: which upstream answered a real request.
+    let url = format!("{}/", router.base);
+    let c = client();
+    let mut routed = vec![String::new(); USERS];
+    let mut tasks = Vec::new();
+    for chunk in 0..16 {
+        let (c, url) = (c.clone(), url.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut out = Vec::new();
+            for i in (chunk..USERS).step_by(16) {
+                let r = c
+                    .get(&url)
+                    .header("user-id", format!("user-{i}"))
+                    .send()
+                    .await
+                    .expect("an answer through the router");
+                out.push((i, who_answered(&r)));
+            }
+            out
+        }));
+    }
+    for t in tasks {
+        for (i, who) in t.await.unwrap() {
+            routed[i] = who;
+        }
+    }
+
+    // The SDK's variant for the same users.
+    let contexts: Vec<Value> = (0..USERS)
+        .map(|i| json!({"targetingKey": format!("user-{i}")}))
+        .collect();
+    let evaluated = sdk_evaluate(&daemon.api, "new-checkout", &json!(false), &contexts);
+
+    let mut mismatches = Vec::new();
+    let mut canary = 0usize;
+    for (i, (who, e)) in routed.iter().zip(&evaluated).enumerate() {
+        assert!(who == "v1" || who == "v2", "user-{i} answered by {who}");
+        assert_eq!(e["reason"], "SPLIT", "user-{i}: {e}");
+        let flag_canary = e["variant"] == "on";
+        assert_eq!(e["value"], json!(flag_canary), "user-{i}: {e}");
+        if flag_canary != (who == "v2") {
+            mismatches.push(format!("user-{i}: router {who}, flag {e}"));
+        }
+        canary += usize::from(flag_canary);
+    }
+    // Binomial(10,000, 0.1): mean 1,000, sd 30; outside 5 sd fails once in ~3.5 million.
+    let (mean, sd) = (USERS as f64 * 0.1, (USERS as f64 * 0.1 * 0.9).sqrt());
+    eprintln!(
+        "flags: {} mismatches / {USERS}; canary {canary} / {USERS} users at weight {PERCENT}% (bound {:.0}..{:.0})",
+        mismatches.len(),
+        mean - 5.0 * sd,
+        mean + 5.0 * sd
+    );
+    assert!(
+        mismatches.is_empty(),
+        "{} mismatches: {:#?}",
+        mismatches.len(),
+        &mismatches[..mismatches.len().min(10)]
+    );
+    assert!(
+        (canary as f64 - mean).abs() <= 5.0 * sd,
+        "{canary} of {USERS} users on the canary at {PERCENT}%"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn targeted_groups_see_the_canary_and_errors_have_ofreps_shapes() {
     let dir = scratch("flags-targeting");
     let mut daemon = serve(&dir);
