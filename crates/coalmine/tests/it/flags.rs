@@ -470,3 +470,66 @@ spec:
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flag_is_stepped_by_one_rollout_and_bad_flags_are_refused_changing_nothing() {
+    let dir = scratch("flags-refused");
+    let daemon = serve(&dir);
+    let flag_rollout = |name: &str, key: &str| {
+        format!(
+            "apiVersion: coalmine.dev/v1alpha1
+kind: Rollout
+metadata:
+  name: {name}
+spec:
+  flag:
+    key: {key}
+    variants: {{on: true, off: false}}
+    canary: on
+    stable: off
+  analysis:
+    interval: 1s
+    stepWeights: [10]
+{HOLD_AT_LAST_WEIGHT}"
+        )
+    };
+    apply(
+        &daemon,
+        &dir,
+        "first.yaml",
+        &flag_rollout("first", "checkout-v2"),
+    );
+    wait_for_flag(&daemon, "checkout-v2", "split", 10.0).await;
+    let before = served_flags(&daemon).await;
+
+    let second = dir.write("second.yaml", &flag_rollout("second", "checkout-v2"));
+    let (code, out) = cli(&daemon, &["apply", second.to_str().unwrap()], Some(TOKEN));
+    assert_ne!(code, 0, "{out}");
+    assert!(
+        out.contains("feature flag \"checkout-v2\" already carries rollout \"first\""),
+        "{out}"
+    );
+    let bad = dir.write("bad.yaml", &flag_rollout("third", "checkout v3"));
+    let (code, out) = cli(&daemon, &["apply", bad.to_str().unwrap()], Some(TOKEN));
+    assert_eq!(code, 2, "{out}");
+    assert!(out.contains("bad.yaml:7:10: spec.flag.key"), "{out}");
+    let (_, listed) = cli(&daemon, &["status", "--output", "json"], None);
+    assert!(
+        !listed.contains("second") && !listed.contains("third"),
+        "{listed}"
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(served_flags(&daemon).await, before, "nothing changed");
+
+    // `run` has nothing to serve a flag with once it exits.
+    let out = Command::new(BIN)
+        .args(["run", dir.join("first.yaml").to_str().unwrap()])
+        .output()
+        .unwrap();
+    let (code, printed) = code_and_printed(&out);
+    assert_eq!(code, 2, "{printed}");
+    assert!(
+        printed.contains("spec.flag: a feature flag is served by `coalmine serve`"),
+        "{printed}"
+    );
+}

@@ -84,9 +84,9 @@ fn registration(rollout: &Rollout, runner: Runner) -> Result<&'static Registrati
 /// Checks, without starting or reaching anything, that a backend carries the rollout's
 /// traffic and that the rollout is right for it.
 pub fn check(rollout: &Rollout, runner: Runner) -> Result<(), Unrunnable> {
-    (registration(rollout, runner)?.check)(rollout, runner)?;
-    // A flag stepped alongside another backend's traffic.
-    flag::check(rollout, runner)
+    // A flag first: whichever backend carries the rest, only `serve` can serve it.
+    flag::check(rollout, runner)?;
+    (registration(rollout, runner)?.check)(rollout, runner)
 }
 
 /// The backend carrying the rollout's traffic, driven on behalf of `owner`.
@@ -95,8 +95,8 @@ pub fn open(
     runner: Runner,
     owner: &str,
 ) -> Result<Box<dyn TrafficBackend>, Unrunnable> {
+    flag::check(rollout, runner)?;
     let registration = registration(rollout, runner)?;
     (registration.check)(rollout, runner)?;
-    flag::check(rollout, runner)?;
     flag::alongside(rollout, (registration.open)(rollout, owner)?)
 }
