@@ -133,8 +133,8 @@ impl FlagTable {
         }
     }
 
-    /// Adds an app's report to flag `key`'s counts. All or nothing: a report naming a variant
-    /// the flag does not have changes nothing.
+    /// Adds an app's report to flag `key`'s counts while it has a canary. All or nothing: a
+    /// report naming a variant the flag does not have changes nothing.
     pub fn report(&self, key: &str, doc: &FlagCountsDoc) -> Result<(), CountsRefused> {
         let mut table = self.inner.write().expect("flags");
         let entry = table
@@ -148,6 +148,12 @@ impl FlagTable {
                 variant: unknown.clone(),
                 known: variants.keys().cloned().collect::<Vec<_>>().join(", "),
             });
+        }
+        // Only a canary being judged needs counts; others are accepted and let go, so a
+        // finished rollout's app that keeps reporting holds no memory.
+        if !matches!(entry.served.serving, Serving::Split(_)) {
+            entry.counts.clear();
+            return Ok(());
         }
         for (variant, reported) in &doc.variants {
             let mut latency = BTreeMap::new();
@@ -175,5 +181,69 @@ impl FlagTable {
             .get_mut(key)
             .and_then(|e| e.counts.remove(variant))
             .unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use coalmine_contract::Weight;
+    use coalmine_spec::flag::Flag;
+
+    fn flag(rollout: &str, serving: Serving) -> ServedFlag {
+        let flag: Flag = serde_json::from_value(serde_json::json!({
+            "key": "k", "variants": {"on": true, "off": false}, "canary": "on", "stable": "off",
+        }))
+        .unwrap();
+        ServedFlag::new(rollout, "default", &flag, serving).unwrap()
+    }
+
+    fn report(requests: u64) -> FlagCountsDoc {
+        serde_json::from_value(serde_json::json!({"variants": {"on": {"requests": requests}}}))
+            .unwrap()
+    }
+
+    #[test]
+    fn counts_are_kept_while_a_canary_is_judged_and_taken_once() {
+        let table = FlagTable::default();
+        assert!(matches!(
+            table.report("k", &report(1)),
+            Err(CountsRefused::NoSuchFlag(_))
+        ));
+        table.serve(flag("a", Serving::Stable)).unwrap();
+        table.report("k", &report(5)).unwrap();
+        assert_eq!(table.take_counts("k", "on").requests, 0, "no canary yet");
+        table
+            .serve(flag(
+                "a",
+                Serving::Split(Weight::from_basis_points(1000).unwrap()),
+            ))
+            .unwrap();
+        table.report("k", &report(5)).unwrap();
+        table.report("k", &report(2)).unwrap();
+        assert_eq!(table.take_counts("k", "on").requests, 7);
+        assert_eq!(table.take_counts("k", "on").requests, 0, "taken once");
+        let wrong: FlagCountsDoc = serde_json::from_value(
+            serde_json::json!({"variants": {"on": {"requests": 1}, "blue": {"requests": 1}}}),
+        )
+        .unwrap();
+        assert!(matches!(
+            table.report("k", &wrong),
+            Err(CountsRefused::NoSuchVariant { .. })
+        ));
+        assert_eq!(table.take_counts("k", "on").requests, 0, "all or nothing");
+    }
+
+    #[test]
+    fn one_rollout_steps_a_flag_until_it_lets_go() {
+        let table = FlagTable::default();
+        table.serve(flag("a", Serving::Promoted)).unwrap();
+        assert!(table.claim("k", "b").is_err());
+        assert!(table.serve(flag("b", Serving::Stable)).is_err());
+        assert_eq!(table.get("k").unwrap().serving, Serving::Promoted);
+        table.release("k", "a");
+        table.claim("k", "b").unwrap();
+        table.serve(flag("b", Serving::Stable)).unwrap();
+        assert_eq!(table.get("k").unwrap().rollout, "b");
     }
 }
