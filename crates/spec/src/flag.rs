@@ -15,7 +15,14 @@
 //!     - user-id: {regex: "qa-.*"}
 //!     - region: {exact: eu-west}
 //!       plan: {exact: enterprise}
+//!   prometheus:               # optional: the app's own series in Prometheus, by `variant`
+//!     address: http://127.0.0.1:9090
+//!     requests: app_requests_total              # a counter labelled `variant` and `status`
+//!     duration: app_request_duration_seconds    # a histogram in seconds, labelled `variant`
+//!     selector: 'app="shop"'                    # more label matchers (optional)
 //! ```
+//!
+//! Without `prometheus`, the app reports its counts to `serve` (`POST /api/v1/flags/{key}/counts`).
 
 use std::collections::BTreeMap;
 
@@ -42,6 +49,66 @@ pub struct Flag {
     pub cohort: Option<String>,
     /// User groups that see the canary variant whenever there is a canary, whatever its share.
     pub targeting: Vec<BTreeMap<String, StringMatch>>,
+    /// Where the app's per-variant series are, if in Prometheus.
+    pub prometheus: Option<FlagSeries>,
+}
+
+/// `flag.prometheus`: the app's request counter and latency histogram in Prometheus, each series
+/// labelled with the flag's `variant`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct FlagSeries {
+    /// Prometheus' base URL.
+    pub address: crate::rollout::HttpUrl,
+    /// The request counter (labels `variant` and the status label).
+    #[serde(deserialize_with = "metric_name")]
+    pub requests: String,
+    /// The latency histogram in seconds (its `_bucket` series, labels `variant` and `le`).
+    #[serde(deserialize_with = "metric_name")]
+    pub duration: String,
+    /// The label holding the HTTP status (default `status`; 5xx are failures).
+    #[serde(default = "default_status_label", deserialize_with = "label_name")]
+    pub status_label: String,
+    /// More label matchers picking the app's series (`app="shop",env="prod"`).
+    #[serde(default, deserialize_with = "selector")]
+    pub selector: String,
+}
+
+fn default_status_label() -> String {
+    "status".into()
+}
+
+fn metric_name<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    let name = String::deserialize(d)?;
+    let first = |c: char| c.is_ascii_alphabetic() || c == '_' || c == ':';
+    if !name.starts_with(first) || !name.chars().all(|c| first(c) || c.is_ascii_digit()) {
+        return Err(serde::de::Error::custom(format!(
+            "{name:?} is not a Prometheus metric name"
+        )));
+    }
+    Ok(name)
+}
+
+fn label_name<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    let name = String::deserialize(d)?;
+    let first = |c: char| c.is_ascii_alphabetic() || c == '_';
+    if !name.starts_with(first) || !name.chars().all(|c| first(c) || c.is_ascii_digit()) {
+        return Err(serde::de::Error::custom(format!(
+            "{name:?} is not a Prometheus label name"
+        )));
+    }
+    Ok(name)
+}
+
+/// Label matchers go inside the series' braces: no braces of their own.
+fn selector<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    let text = String::deserialize(d)?;
+    if text.contains(['{', '}']) {
+        return Err(serde::de::Error::custom(format!(
+            "{text:?}: write the label matchers alone (app=\"shop\"), without braces"
+        )));
+    }
+    Ok(text.trim().trim_end_matches(',').to_string())
 }
 
 impl Flag {
@@ -63,6 +130,8 @@ struct RawFlag {
     cohort: Option<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     targeting: Vec<BTreeMap<String, StringMatch>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    prometheus: Option<FlagSeries>,
 }
 
 /// A flag key is one path segment of the OFREP URL: letters, digits, `.`, `_`, `-`.
@@ -133,6 +202,7 @@ impl TryFrom<RawFlag> for Flag {
             stable: raw.stable,
             cohort: raw.cohort,
             targeting: raw.targeting,
+            prometheus: raw.prometheus,
         })
     }
 }
@@ -146,6 +216,7 @@ impl From<Flag> for RawFlag {
             stable: f.stable,
             cohort: f.cohort,
             targeting: f.targeting,
+            prometheus: f.prometheus,
         }
     }
 }
@@ -213,6 +284,14 @@ spec:
             (
                 "    key: k\n    variants: {on: true, off: false}\n    canary: on\n    stable: off\n    colour: red",
                 "unknown field `colour`",
+            ),
+            (
+                "    key: k\n    variants: {on: true, off: false}\n    canary: on\n    stable: off\n    prometheus:\n      address: http://p:9090\n      requests: app requests\n      duration: d",
+                "r.yaml:13:17: spec.flag.prometheus.requests: \"app requests\" is not a Prometheus metric name",
+            ),
+            (
+                "    key: k\n    variants: {on: true, off: false}\n    canary: on\n    stable: off\n    prometheus:\n      address: http://p:9090\n      requests: r\n      duration: d\n      selector: '{app=\"x\"}'",
+                "without braces",
             ),
         ];
         for (flag, expected) in cases {

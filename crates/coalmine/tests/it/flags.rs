@@ -533,3 +533,94 @@ spec:
         "{printed}"
     );
 }
+
+/// An app's per-variant series as its Prometheus client exposes them, growing since `start` at
+/// `rps` requests a second per variant with the share `failing` answered 500, every request
+/// taking 5–10 ms.
+fn app_exporter(variants: [(&'static str, f64, f64); 2]) -> String {
+    let start = std::time::Instant::now();
+    let (url, _requests) = common::stub::stub(move |_| {
+        let secs = start.elapsed().as_secs_f64();
+        let mut text = String::from("# TYPE app_requests_total counter\n");
+        let mut histogram = String::from("# TYPE app_request_duration_seconds histogram\n");
+        for (variant, rps, failing) in variants {
+            let total = (rps * secs).floor();
+            let failed = (total * failing).floor();
+            let labels = format!(r#"app="shop",variant="{variant}""#);
+            text.push_str(&format!(
+                "app_requests_total{{{labels},status=\"200\"}} {}\napp_requests_total{{{labels},status=\"500\"}} {failed}\n",
+                total - failed
+            ));
+            for (le, n) in [("0.005", 0.0), ("0.01", total), ("+Inf", total)] {
+                histogram.push_str(&format!(
+                    "app_request_duration_seconds_bucket{{{labels},le=\"{le}\"}} {n}\n"
+                ));
+            }
+            histogram.push_str(&format!(
+                "app_request_duration_seconds_sum{{{labels}}} {}\napp_request_duration_seconds_count{{{labels}}} {total}\n",
+                total * 0.0075
+            ));
+        }
+        text.push_str(&histogram);
+        (
+            Duration::ZERO,
+            common::stub::response("200 OK", "text/plain; version=0.0.4", &text),
+        )
+    });
+    url
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flag_judged_on_the_apps_prometheus_series_by_variant_rolls_back() {
+    use common::promstack::{Prometheus, PrometheusSetup, ScrapeTarget};
+    let exporter = app_exporter([("on", 200.0, 0.2), ("off", 800.0, 0.001)]);
+    let prometheus = Prometheus::start_scraping(PrometheusSetup {
+        scrape: vec![ScrapeTarget::new("shop", &exporter)],
+        ..PrometheusSetup::default()
+    })
+    .await;
+    let dir = scratch("flags-series");
+    let daemon = serve(&dir);
+    apply(
+        &daemon,
+        &dir,
+        "flag.yaml",
+        &format!(
+            "apiVersion: coalmine.dev/v1alpha1
+kind: Rollout
+metadata:
+  name: shop-search
+spec:
+  flag:
+    key: new-search
+    variants: {{on: true, off: false}}
+    canary: on
+    stable: off
+    prometheus:
+      address: {}
+      requests: app_requests_total
+      duration: app_request_duration_seconds
+      selector: 'app=\"shop\"'
+  analysis:
+    interval: 2s
+    stepWeights: [10, 20, 50]
+",
+            prometheus.url
+        ),
+    );
+    let failed = wait_for(&daemon, "shop-search", Duration::from_secs(60), |s| {
+        s["phase"] == "Failed"
+    });
+    // Judged on the series by variant: `on` (the canary) fails 20 %, `off` 0.1 %.
+    assert_eq!(failed["outcome"], "rolledBack", "{failed:#}");
+    let errors = &failed["sequential"]["errors"];
+    assert_eq!(errors["rejected"], true, "{failed:#}");
+    let canary_rate = errors["canaryFailureRate"].as_f64().unwrap();
+    let stable_rate = errors["stableFailureRate"].as_f64().unwrap();
+    assert!((0.15..0.25).contains(&canary_rate), "{failed:#}");
+    assert!(stable_rate < 0.01, "{failed:#}");
+    assert!(
+        errors["stableRequests"].as_f64().unwrap() > errors["canaryRequests"].as_f64().unwrap()
+    );
+    wait_for_flag(&daemon, "new-search", "stable", 0.0).await;
+}
