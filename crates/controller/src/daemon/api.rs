@@ -67,6 +67,10 @@ pub(super) enum ApiError {
     NotAlertmanager(serde_json::Error),
     #[error("Alertmanager webhook payload version {0:?}: Coalmine reads version 4")]
     AlertmanagerVersion(String),
+    #[error("not a flag counts document: {0}")]
+    NotFlagCounts(serde_json::Error),
+    #[error(transparent)]
+    FlagCounts(#[from] crate::flags::CountsRefused),
 }
 
 impl ApiError {
@@ -76,7 +80,14 @@ impl ApiError {
             | ApiError::NoRollout(_)
             | ApiError::Unrunnable { .. }
             | ApiError::NotAlertmanager(_)
-            | ApiError::AlertmanagerVersion(_) => StatusCode::BAD_REQUEST,
+            | ApiError::AlertmanagerVersion(_)
+            | ApiError::NotFlagCounts(_)
+            | ApiError::FlagCounts(crate::flags::CountsRefused::NoSuchVariant { .. }) => {
+                StatusCode::BAD_REQUEST
+            }
+            ApiError::FlagCounts(crate::flags::CountsRefused::NoSuchFlag(_)) => {
+                StatusCode::NOT_FOUND
+            }
             ApiError::NoSuchRollout(_) | ApiError::UnknownCommand(_) => StatusCode::NOT_FOUND,
             ApiError::Conflict(_)
             | ApiError::Finished { .. }

@@ -16,7 +16,8 @@ use serde_json::{json, Value};
 
 use coalmine_contract::FlagCountsDoc;
 
-use crate::flags::{self, CountsRefused, EvaluationError};
+use super::api::ApiError;
+use crate::flags::{self, EvaluationError};
 
 /// OFREP's JSON answers carry `application/json` (the providers check it).
 fn answer(status: StatusCode, body: &Value) -> Response {
@@ -103,23 +104,13 @@ fn none_match(headers: &HeaderMap, etag: &str) -> bool {
 }
 
 /// `POST /api/v1/flags/{key}/counts`: an app's per-variant counts since its last report.
-pub(super) async fn report_counts(Path(key): Path<String>, body: Bytes) -> Response {
-    let doc: FlagCountsDoc = match serde_json::from_slice(&body) {
-        Ok(doc) => doc,
-        Err(e) => {
-            return answer(
-                StatusCode::BAD_REQUEST,
-                &json!({"error": format!("not a flag counts document: {e}")}),
-            )
-        }
-    };
-    match flags::served().report(&key, &doc) {
-        Ok(()) => answer(StatusCode::ACCEPTED, &json!({"key": key})),
-        Err(e @ CountsRefused::NoSuchFlag(_)) => {
-            answer(StatusCode::NOT_FOUND, &json!({"error": e.to_string()}))
-        }
-        Err(e) => answer(StatusCode::BAD_REQUEST, &json!({"error": e.to_string()})),
-    }
+pub(super) async fn report_counts(
+    Path(key): Path<String>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let doc: FlagCountsDoc = serde_json::from_slice(&body).map_err(ApiError::NotFlagCounts)?;
+    flags::served().report(&key, &doc)?;
+    Ok(answer(StatusCode::ACCEPTED, &json!({"key": key})))
 }
 
 /// `GET /api/v1/flags`: each served flag, its rollout and what it serves.
