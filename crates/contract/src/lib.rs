@@ -8,17 +8,23 @@
 //!   A router's table is a list of services; the single-service forms are [`DEFAULT_SERVICE`].
 //! - [`matching`]: match rules ([`MatchRule`]): which requests reach the canary whatever the
 //!   weight.
+//! - [`sticky`]: sticky buckets ([`sticky_bucket`], [`sticky_salt`]): which users a weight sends
+//!   to the canary, the same in the router and in a feature flag.
+//! - [`flags`]: the per-variant counts an app reports for a feature flag ([`FlagCountsDoc`]).
 //! - [`stats`]: the `/stats` document ([`StatsDoc`]), counters a controller turns into readings.
 //!
 //! Every value validates while it is deserialized, so a bad one is reported at its own position
 //! (YAML) or with its field name (JSON). Architecture invariant: no IO, no server, no client;
 //! the router serves these types, the controller reads and writes them.
 
+pub mod flags;
 pub mod matching;
 pub mod routes;
 pub mod stats;
+pub mod sticky;
 pub mod weight;
 
+pub use flags::{FlagCountsDoc, VariantCounts};
 pub use matching::{Condition, GeoField, HeaderName, MatchRule, StrMatch, Subject};
 pub use routes::{
     check_service_name, check_services, services_list, url_port, Affinity, EndpointGroup,
@@ -26,6 +32,7 @@ pub use routes::{
     RoutesDoc, RoutesPatch, ServedRoutes, StickyKey, UpstreamUrl, DEFAULT_SERVICE, OWNER_HEADER,
 };
 pub use stats::{Latency, LocalStats, MirrorStats, ServiceStats, StatsDoc, VersionStats};
+pub use sticky::{in_canary, sticky_bucket, sticky_salt, BUCKETS};
 pub use weight::Weight;
 
 /// A value the contract does not accept, with the reason in words (the value quoted).

@@ -22,6 +22,7 @@ pub(crate) use implementations;
 pub mod daemon;
 pub mod dashboard;
 pub mod driver;
+pub mod flags;
 pub mod http;
 pub mod lock;
 pub mod notify;

@@ -285,6 +285,7 @@ impl Rollout {
                 ),
                 stable: None,
                 canary: None,
+                flag: None,
                 progress_deadline_seconds: spec.progress_deadline_seconds.map_or(
                     coalmine_spec::rollout::DEFAULT_PROGRESS_DEADLINE_SECONDS,
                     u64::from,

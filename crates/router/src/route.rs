@@ -8,14 +8,13 @@
 
 use http::HeaderMap;
 use serde::Serialize;
-use xxhash_rust::xxh3::xxh3_64_with_seed;
 
 use crate::geo::{client_address, Geo, Location};
 use crate::table::{ServiceTable, StickyKey, Subject};
 use coalmine_contract::GeoField;
 
-/// Sticky keys hash into this many buckets; a weight in basis points is a bucket threshold.
-pub const BUCKETS: u64 = 10_000;
+// Declared once, in the contract: a feature flag buckets its users with the same functions.
+pub use coalmine_contract::sticky::{sticky_bucket, BUCKETS};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -177,12 +176,6 @@ pub fn route<H: Headers + ?Sized>(
     // Mirroring draws from the high half of `random`, independent of the split above.
     let mirror = (random >> 32) % BUCKETS < u64::from(doc.mirror.basis_points());
     stable(reason, mirror)
-}
-
-/// The bucket of a sticky key: fixed for a key and salt, so raising the weight only ever adds
-/// buckets to the canary (users move stable → canary) and lowering only removes them.
-pub fn sticky_bucket(key: &[u8], salt: u64) -> u64 {
-    xxh3_64_with_seed(key, salt) % BUCKETS
 }
 
 pub(crate) fn condition_holds<H: Headers + ?Sized>(

@@ -45,14 +45,7 @@ pub struct ServiceTable {
 
 impl ServiceTable {
     pub fn new(doc: RoutesDoc, id: ServiceId) -> Self {
-        // Unnamed routes are salted by their service, so two services' sticky users are not
-        // the same users (the default service's salt is what it always was).
-        let salted_by = if doc.name == coalmine_contract::routes::DEFAULT_NAME {
-            &doc.service
-        } else {
-            &doc.name
-        };
-        let salt = xxh3_64(salted_by.as_bytes());
+        let salt = coalmine_contract::sticky_salt(&doc.name, &doc.service);
         let affinity_token = match &doc.canary {
             Some(c) => format!("{:016x}", xxh3_64(c.to_string().as_bytes())),
             None => String::new(),

@@ -204,6 +204,7 @@ impl Canary {
                 stable: placement.stable,
                 canary: placement.canary,
                 preview: placement.preview,
+                flag: None,
                 progress_deadline_seconds: self
                     .spec
                     .progress_deadline_seconds

@@ -6,6 +6,7 @@
 pub mod alerts;
 pub mod documents;
 pub mod duration;
+pub mod flag;
 pub mod flagger;
 mod foreign;
 pub mod group;

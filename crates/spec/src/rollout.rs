@@ -111,6 +111,10 @@ pub struct RolloutSpec {
     /// how a load test measures a blue-green canary before users reach it.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub preview: Vec<HttpMatch>,
+    /// Coalmine's addition: a feature flag the rollout steps, served over OFREP by `coalmine
+    /// serve` (alone, or together with the routers' weight).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub flag: Option<crate::flag::Flag>,
     pub analysis: Analysis,
 }
 
@@ -521,6 +525,19 @@ pub enum StringMatch {
     /// Matches the whole value, as in Istio; checked when read, so `check` finds a bad one.
     #[serde(deserialize_with = "regex_pattern")]
     Regex(String),
+}
+
+impl StringMatch {
+    /// The contract's compiled form, as the router and the flag evaluator test values.
+    pub fn to_str_match(&self) -> Result<coalmine_contract::StrMatch, coalmine_contract::Invalid> {
+        use coalmine_contract::StrMatch;
+        match self {
+            StringMatch::Exact(v) => Ok(StrMatch::Exact(v.clone())),
+            StringMatch::Prefix(v) => Ok(StrMatch::Prefix(v.clone())),
+            StringMatch::Suffix(v) => Ok(StrMatch::Suffix(v.clone())),
+            StringMatch::Regex(v) => StrMatch::regex(v),
+        }
+    }
 }
 
 fn regex_pattern<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {

@@ -9,6 +9,7 @@ mod daemon_faults;
 mod dashboard;
 mod deploy;
 mod faults;
+mod flags;
 mod gateway;
 mod geography;
 mod groups;

@@ -70,6 +70,10 @@ pub(super) enum ApiError {
     NotAlertmanager(serde_json::Error),
     #[error("Alertmanager webhook payload version {0:?}: Coalmine reads version 4")]
     AlertmanagerVersion(String),
+    #[error("not a flag counts document: {0}")]
+    NotFlagCounts(serde_json::Error),
+    #[error(transparent)]
+    FlagCounts(#[from] crate::flags::CountsRefused),
 }
 
 impl ApiError {
@@ -79,7 +83,14 @@ impl ApiError {
             | ApiError::NoRollout(_)
             | ApiError::Unrunnable { .. }
             | ApiError::NotAlertmanager(_)
-            | ApiError::AlertmanagerVersion(_) => StatusCode::BAD_REQUEST,
+            | ApiError::AlertmanagerVersion(_)
+            | ApiError::NotFlagCounts(_)
+            | ApiError::FlagCounts(crate::flags::CountsRefused::NoSuchVariant { .. }) => {
+                StatusCode::BAD_REQUEST
+            }
+            ApiError::FlagCounts(crate::flags::CountsRefused::NoSuchFlag(_)) => {
+                StatusCode::NOT_FOUND
+            }
             ApiError::NoSuchRollout(_) | ApiError::NoSuchGroup(_) | ApiError::UnknownCommand(_) => {
                 StatusCode::NOT_FOUND
             }
@@ -128,6 +139,10 @@ pub(super) fn routes(daemon: Arc<Daemon>) -> Router {
         .route("/api/v1/rollouts/{name}/{command}", post(command))
         .route("/api/v1/rollouts/{name}", axum::routing::delete(delete))
         .route("/api/v1/alertmanager", post(super::alerts::alertmanager))
+        .route(
+            "/api/v1/flags/{key}/counts",
+            post(super::ofrep::report_counts),
+        )
         .route_layer(middleware::from_fn_with_state(
             daemon.gate.clone(),
             gate::require_signed,
@@ -139,6 +154,12 @@ pub(super) fn routes(daemon: Arc<Daemon>) -> Router {
         .route("/api/v1/rollouts/{name}", get(one))
         .route("/api/v1/rollouts/{name}/history", get(history))
         .merge(super::groups::routes())
+        .route("/api/v1/flags", get(super::ofrep::list))
+        .route("/ofrep/v1/evaluate/flags", post(super::ofrep::evaluate_all))
+        .route(
+            "/ofrep/v1/evaluate/flags/{key}",
+            post(super::ofrep::evaluate_one),
+        )
         .merge(super::dashboard::routes())
         .merge(crate::dashboard::page_routes())
         .merge(gate::session_routes(daemon.gate.clone()))

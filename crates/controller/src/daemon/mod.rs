@@ -16,6 +16,7 @@ mod api;
 mod dashboard;
 mod groups;
 mod hosted;
+mod ofrep;
 mod supervision;
 mod tls;
 

@@ -168,20 +168,49 @@ pub(super) fn router_keys(r: &Rollout) -> Vec<String> {
     keys
 }
 
-/// A router's service another rollout already carries.
+/// What a rollout drives that no other rollout may: its routers' services ([`router_keys`])
+/// and its feature flag, each with what to do about a clash.
+fn exclusive_keys(r: &Rollout) -> Vec<(String, Clash)> {
+    let mut keys: Vec<(String, Clash)> = router_keys(r)
+        .into_iter()
+        .map(|k| (k, Clash::Router))
+        .collect();
+    if let Some(flag) = &r.spec.flag {
+        keys.push((format!("feature flag {:?}", flag.key), Clash::Flag));
+    }
+    keys
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Clash {
+    Router,
+    Flag,
+}
+
+impl Clash {
+    fn remedy(self, name: &str, owner: &str) -> String {
+        match self {
+            Clash::Router => format!("one service of a router carries one rollout: give {name:?} its own service (spec.routerService) or router, or delete {owner:?} first (`coalmine delete {owner}`)"),
+            Clash::Flag => format!("one rollout steps a flag: give {name:?} its own flag key, or delete {owner:?} first (`coalmine delete {owner}`)"),
+        }
+    }
+}
+
+/// A router's service (or a feature flag) another rollout already carries.
 #[derive(Debug, thiserror::Error)]
-#[error("{name}: {key} already carries rollout {owner:?} ({phase}); one service of a router carries one rollout: give {name:?} its own service (spec.routerService) or router, or delete {owner:?} first (`coalmine delete {owner}`)")]
+#[error("{name}: {key} already carries rollout {owner:?} ({phase}); {remedy}")]
 pub(super) struct RouterTaken {
     name: String,
     key: String,
     owner: String,
     phase: String,
+    remedy: String,
 }
 
 impl Daemon {
     /// One service of a router carries one rollout: a rollout whose service another rollout
     /// already drives on one of its routers (running or finished, whose routers it keeps) is
-    /// refused, naming the service and that rollout.
+    /// refused, naming the service and that rollout. Likewise a feature flag.
     pub(super) fn router_conflicts(&self, incoming: &[Rollout]) -> Result<(), ConflictError> {
         let stored = self.store.all()?;
         let mut owners: Vec<(String, String, String)> = stored
@@ -190,20 +219,21 @@ impl Daemon {
             .flat_map(|s| {
                 let name = s.rollout.metadata.name.clone();
                 let phase = s.status.phase.as_str().to_string();
-                router_keys(&s.rollout)
+                exclusive_keys(&s.rollout)
                     .into_iter()
-                    .map(move |k| (k, name.clone(), phase.clone()))
+                    .map(move |(k, _)| (k, name.clone(), phase.clone()))
             })
             .collect();
         for r in incoming {
             let name = &r.metadata.name;
-            for key in router_keys(r) {
+            for (key, clash) in exclusive_keys(r) {
                 if let Some((_, owner, phase)) = owners
                     .iter()
                     .find(|(k, owner, _)| *k == key && owner != name)
                 {
                     return Err(RouterTaken {
                         name: name.clone(),
+                        remedy: clash.remedy(name, owner),
                         key,
                         owner: owner.clone(),
                         phase: phase.clone(),
@@ -212,9 +242,9 @@ impl Daemon {
                 }
             }
             owners.extend(
-                router_keys(r)
+                exclusive_keys(r)
                     .into_iter()
-                    .map(|k| (k, name.clone(), "in this apply".to_string())),
+                    .map(|(k, _)| (k, name.clone(), "in this apply".to_string())),
             );
         }
         Ok(())

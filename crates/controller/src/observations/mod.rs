@@ -1,7 +1,8 @@
 //! The observation source seam: both versions' counts (requests, 5xx, latency histogram) step by
 //! step — what the sequential judges see every step and the built-in metrics read over their
-//! windows: the routers' own counters ([`router_stats`]), or a traffic provider's series in
-//! Prometheus ([`prometheus`]).
+//! windows: the routers' own counters ([`router_stats`]), an app's per-variant series of a
+//! feature flag in Prometheus ([`flag_series`]) or the per-variant counts it reports
+//! ([`flag_counts`]), or a traffic provider's series in Prometheus ([`prometheus`]).
 //!
 //! A source is found for a rollout document by its registration in [`SOURCES`]: the first that
 //! takes the rollout is used. A new source is a file here that defines its `REGISTERED` value,
@@ -13,7 +14,7 @@ use coalmine_spec::rollout::Rollout;
 
 use crate::{BoxFuture, Unrunnable};
 
-crate::implementations!(SOURCES: Registration = [router_stats]);
+crate::implementations!(SOURCES: Registration = [router_stats, flag_series, flag_counts]);
 pub mod prometheus;
 
 /// One step's counts, and whether the traffic backend was seen to restart during it.
@@ -60,7 +61,7 @@ pub fn open(rollout: &Rollout) -> Result<Box<dyn ObservationSource>, Unrunnable>
         .find(|s| (s.takes)(rollout))
         .ok_or_else(|| Unrunnable {
             field: "routers".into(),
-            message: "nothing counts this rollout's traffic: list the admin address of at least one Coalmine router".into(),
+            message: "nothing counts this rollout's traffic: list the admin address of at least one Coalmine router, or step a feature flag (spec.flag)".into(),
         })?;
     (registration.open)(rollout)
 }

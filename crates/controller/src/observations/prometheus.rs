@@ -94,6 +94,16 @@ pub enum MeshSeries {
     /// `http_request_duration_seconds`) in a Prometheus that scrapes them; `matchers` picks the
     /// rollout's routers (e.g. `service="payment-service"`), empty for every router.
     Coalmine { matchers: String },
+    /// An app's own series for a feature flag (`spec.flag.prometheus`): its request counter and
+    /// latency histogram (seconds), labelled `variant`; a version is a variant of the flag.
+    FlagVariants {
+        requests: String,
+        duration: String,
+        status_label: String,
+        selector: String,
+        stable: String,
+        canary: String,
+    },
 }
 
 impl MeshSeries {
@@ -142,16 +152,22 @@ impl MeshSeries {
                 format!("envoy_cluster_upstream_rq{{{}}}", self.matchers())
             }
             MeshSeries::Coalmine { .. } => format!("http_requests_total{{{}}}", self.matchers()),
+            MeshSeries::FlagVariants { requests, .. } => {
+                format!("{requests}{{{}}}", self.matchers())
+            }
         }
     }
 
     /// Both versions' series of the latency histogram's buckets.
     fn buckets(&self) -> String {
         let name = match self {
-            MeshSeries::Istio { .. } => "istio_request_duration_milliseconds_bucket",
-            MeshSeries::Nginx { .. } => "nginx_ingress_controller_request_duration_seconds_bucket",
-            MeshSeries::Envoy { .. } => "envoy_cluster_upstream_rq_time_bucket",
-            MeshSeries::Coalmine { .. } => "http_request_duration_seconds_bucket",
+            MeshSeries::Istio { .. } => "istio_request_duration_milliseconds_bucket".to_string(),
+            MeshSeries::Nginx { .. } => {
+                "nginx_ingress_controller_request_duration_seconds_bucket".to_string()
+            }
+            MeshSeries::Envoy { .. } => "envoy_cluster_upstream_rq_time_bucket".to_string(),
+            MeshSeries::Coalmine { .. } => "http_request_duration_seconds_bucket".to_string(),
+            MeshSeries::FlagVariants { duration, .. } => format!("{duration}_bucket"),
         };
         format!("{name}{{{}}}", self.matchers())
     }
@@ -192,16 +208,34 @@ impl MeshSeries {
                     format!("{},{versions}", matchers.trim().trim_end_matches(','))
                 }
             }
+            MeshSeries::FlagVariants {
+                selector,
+                stable,
+                canary,
+                ..
+            } => {
+                let variants = format!(
+                    r#"variant=~"{}|{}""#,
+                    escape(&regex_quote(stable)),
+                    escape(&regex_quote(canary))
+                );
+                if selector.is_empty() {
+                    variants
+                } else {
+                    format!("{selector},{variants}")
+                }
+            }
         }
     }
 
     /// The label holding the HTTP status.
-    fn status_label(&self) -> &'static str {
+    fn status_label(&self) -> &str {
         match self {
             MeshSeries::Istio { .. } => "response_code",
             MeshSeries::Nginx { .. } => "status",
             MeshSeries::Envoy { .. } => "envoy_response_code",
             MeshSeries::Coalmine { .. } => "status",
+            MeshSeries::FlagVariants { status_label, .. } => status_label,
         }
     }
 
@@ -209,7 +243,9 @@ impl MeshSeries {
     fn le_micros(&self) -> f64 {
         match self {
             MeshSeries::Istio { .. } | MeshSeries::Envoy { .. } => 1e3,
-            MeshSeries::Nginx { .. } | MeshSeries::Coalmine { .. } => 1e6,
+            MeshSeries::Nginx { .. }
+            | MeshSeries::Coalmine { .. }
+            | MeshSeries::FlagVariants { .. } => 1e6,
         }
     }
 
@@ -252,6 +288,9 @@ impl MeshSeries {
                 which(service, primary, canary)
             }
             MeshSeries::Coalmine { .. } => which(label("version"), "stable", "canary"),
+            MeshSeries::FlagVariants { stable, canary, .. } => {
+                which(label("variant"), stable, canary)
+            }
         }
     }
 }
@@ -357,6 +396,8 @@ pub fn flagger_builtin_query(
                 _ => return None,
             }
         }
+        // Flagger has no queries of an app's flag series: the built-ins read the counts.
+        (MeshSeries::FlagVariants { .. }, _) => return None,
     };
     Some(query)
 }

@@ -89,6 +89,13 @@ pub async fn start(target: &Target) -> Result<Box<dyn Version>, TargetError> {
 
 /// Checks, without starting anything, that both versions have a target `runner` can run.
 pub fn check(rollout: &Rollout, runner: Runner) -> Result<(), Unrunnable> {
+    // A rollout stepping only a flag has one app serving both variants: no versions to start.
+    if crate::traffic::flag::alone(rollout)
+        && rollout.spec.stable.is_none()
+        && rollout.spec.canary.is_none()
+    {
+        return Ok(());
+    }
     for (field, target) in [
         ("stable", &rollout.spec.stable),
         ("canary", &rollout.spec.canary),

@@ -1,5 +1,6 @@
 //! The traffic backend seam: what makes user requests go where the rollout machine says
-//! ([`Traffic`]) — today Coalmine's own routers ([`routers`]); Kubernetes objects next.
+//! ([`Traffic`]) — Coalmine's own routers ([`routers`]), a feature flag served over OFREP
+//! ([`flag`]), or both together.
 //!
 //! A backend applies a whole `Traffic` at a time, idempotently: applying the same one again
 //! changes nothing, and puts right a backend that lost it. Its faults say what the rollout does
@@ -15,7 +16,7 @@ use coalmine_spec::rollout::Rollout;
 
 use crate::{BoxFuture, Runner, Unrunnable};
 
-crate::implementations!(BACKENDS: Registration = [routers]);
+crate::implementations!(BACKENDS: Registration = [routers, flag]);
 
 /// Carries one rollout's traffic, on behalf of one controller (its owner: see [`owner`]).
 pub trait TrafficBackend: Send + Sync {
@@ -83,6 +84,8 @@ fn registration(rollout: &Rollout, runner: Runner) -> Result<&'static Registrati
 /// Checks, without starting or reaching anything, that a backend carries the rollout's
 /// traffic and that the rollout is right for it.
 pub fn check(rollout: &Rollout, runner: Runner) -> Result<(), Unrunnable> {
+    // A flag first: whichever backend carries the rest, only `serve` can serve it.
+    flag::check(rollout, runner)?;
     (registration(rollout, runner)?.check)(rollout, runner)
 }
 
@@ -92,7 +95,8 @@ pub fn open(
     runner: Runner,
     owner: &str,
 ) -> Result<Box<dyn TrafficBackend>, Unrunnable> {
+    flag::check(rollout, runner)?;
     let registration = registration(rollout, runner)?;
     (registration.check)(rollout, runner)?;
-    (registration.open)(rollout, owner)
+    flag::alongside(rollout, (registration.open)(rollout, owner)?)
 }

@@ -19,7 +19,7 @@ use coalmine_contract::routes::{
     DEFAULT_AFFINITY_MAX_AGE, DEFAULT_NAME as UNCLAIMED, DEFAULT_SERVICE,
 };
 use coalmine_contract::{
-    Affinity, Condition, GeoField, Invalid, MatchRule, RoutesDoc, RoutesPatch, ServedRoutes, StrMatch,
+    Affinity, Condition, GeoField, Invalid, MatchRule, RoutesDoc, RoutesPatch, ServedRoutes,
     Subject, UpstreamUrl, OWNER_HEADER,
 };
 use coalmine_rollout::{Traffic, TrafficFault};
@@ -257,12 +257,7 @@ impl Upstreams {
 /// must hold.
 /// `sourceLabels` needs a mesh and is dropped (`coalmine check` warns about it).
 fn router_rule(m: &HttpMatch) -> Option<Result<MatchRule, Invalid>> {
-    let test = |test: &StringMatch| match test {
-        StringMatch::Exact(v) => Ok(StrMatch::Exact(v.clone())),
-        StringMatch::Prefix(v) => Ok(StrMatch::Prefix(v.clone())),
-        StringMatch::Suffix(v) => Ok(StrMatch::Suffix(v.clone())),
-        StringMatch::Regex(v) => StrMatch::regex(v),
-    };
+    let test = StringMatch::to_str_match;
     let headers = m.headers.iter().map(|(name, t)| {
         Ok(Condition {
             subject: Subject::header(name)?,

@@ -1,0 +1,626 @@
+//! Feature flags over OFREP (`spec.flag`): a real OpenFeature SDK (the JavaScript server SDK
+//! with its OFREP provider, pinned in `tests/fixtures/ofrep-sdk`) evaluates the flags `coalmine
+//! serve` serves, against a real router stepping the same cohort.
+
+use crate::common;
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+use common::daemon::*;
+use common::*;
+
+/// The pinned SDK: `npm ci` there installs it (`scripts/test` does when it is missing).
+fn sdk_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/ofrep-sdk")
+}
+
+/// Evaluates `key` through the OpenFeature SDK's OFREP provider once per context; each
+/// result is the SDK's details (`value`, `variant`, `reason`, `errorCode`).
+fn sdk_evaluate(api: &str, key: &str, default: &Value, contexts: &[Value]) -> Vec<Value> {
+    let dir = sdk_dir();
+    assert!(
+        dir.join("node_modules/@openfeature/server-sdk").is_dir()
+            && dir
+                .join("node_modules/@openfeature/ofrep-provider")
+                .is_dir(),
+        "the OpenFeature SDK is not installed in {}: run `npm ci --prefix {}` (scripts/test does)",
+        dir.display(),
+        dir.display()
+    );
+    let mut child = Command::new("node")
+        .arg(dir.join("evaluate.js"))
+        .args([api, key, &default.to_string()])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("node (Node.js 18 or later) runs the OpenFeature SDK");
+    let mut input = String::new();
+    for c in contexts {
+        input.push_str(&c.to_string());
+        input.push('\n');
+    }
+    let mut stdin = child.stdin.take().unwrap();
+    let writer = std::thread::spawn(move || stdin.write_all(input.as_bytes()).unwrap());
+    let out = child.wait_with_output().unwrap();
+    writer.join().unwrap();
+    assert!(
+        out.status.success(),
+        "the SDK failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let results: Vec<Value> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(results.len(), contexts.len());
+    results
+}
+
+/// The served flags (`GET /api/v1/flags`).
+async fn served_flags(daemon: &Daemon) -> Value {
+    get_json(&format!("{}/api/v1/flags", daemon.api)).await
+}
+
+/// Waits until flag `key` serves `serving` at `percent`.
+async fn wait_for_flag(daemon: &Daemon, key: &str, serving: &str, percent: f64) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let all = served_flags(daemon).await;
+        let found = all
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|f| f["key"] == key)
+            .cloned();
+        if let Some(f) = &found {
+            if f["serving"] == serving && f["canaryPercent"] == percent {
+                return;
+            }
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "flag {key} never served {serving} at {percent}%: {all:#}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn apply(daemon: &Daemon, dir: &TempDir, name: &str, text: &str) {
+    let path = dir.write(name, text);
+    let (code, out) = cli(daemon, &["apply", path.to_str().unwrap()], Some(TOKEN));
+    assert_eq!(code, 0, "{out}");
+}
+
+/// A confirm-promotion gate nobody answers (nothing listens on port 1): the rollout holds at
+/// its last weight.
+const HOLD_AT_LAST_WEIGHT: &str = "    webhooks:
+      - name: hold
+        type: confirm-promotion
+        url: http://127.0.0.1:1/
+";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_openfeature_sdk_sees_the_routers_cohort_for_10000_users() {
+    const USERS: usize = 10_000;
+    const PERCENT: u32 = 10;
+    let dir = scratch("flags-cohort");
+    let daemon = serve(&dir);
+    let (v1, v2) = (upstream("v1", &[]), upstream("v2", &[]));
+    let router = router(&["--stable", &v1.url, "--sticky-header", "user-id"]);
+    apply(
+        &daemon,
+        &dir,
+        "checkout.yaml",
+        &format!(
+            "apiVersion: coalmine.dev/v1alpha1
+kind: Rollout
+metadata:
+  name: checkout
+spec:
+  routers: [{}]
+  stable: {{url: {}}}
+  canary: {{url: {}}}
+  flag:
+    key: new-checkout
+    variants: {{on: true, off: false}}
+    canary: on
+    stable: off
+  analysis:
+    interval: 1s
+    stepWeights: [{PERCENT}]
+    sequential: {{enabled: false}}
+{HOLD_AT_LAST_WEIGHT}",
+            router.admin, v1.url, v2.url
+        ),
+    );
+    wait_for(&daemon, "checkout", Duration::from_secs(30), |s| {
+        s["canaryWeight"] == f64::from(PERCENT)
+    });
+    wait_for_flag(&daemon, "new-checkout", "split", f64::from(PERCENT)).await;
+
+    // The router's decision for each user: which upstream answered a real request.
+    let url = format!("{}/", router.base);
+    let c = client();
+    let mut routed = vec![String::new(); USERS];
+    let mut tasks = Vec::new();
+    for chunk in 0..16 {
+        let (c, url) = (c.clone(), url.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut out = Vec::new();
+            for i in (chunk..USERS).step_by(16) {
+                let r = c
+                    .get(&url)
+                    .header("user-id", format!("user-{i}"))
+                    .send()
+                    .await
+                    .expect("an answer through the router");
+                out.push((i, who_answered(&r)));
+            }
+            out
+        }));
+    }
+    for t in tasks {
+        for (i, who) in t.await.unwrap() {
+            routed[i] = who;
+        }
+    }
+
+    // The SDK's variant for the same users.
+    let contexts: Vec<Value> = (0..USERS)
+        .map(|i| json!({"targetingKey": format!("user-{i}")}))
+        .collect();
+    let evaluated = sdk_evaluate(&daemon.api, "new-checkout", &json!(false), &contexts);
+
+    let mut mismatches = Vec::new();
+    let mut canary = 0usize;
+    for (i, (who, e)) in routed.iter().zip(&evaluated).enumerate() {
+        assert!(who == "v1" || who == "v2", "user-{i} answered by {who}");
+        assert_eq!(e["reason"], "SPLIT", "user-{i}: {e}");
+        let flag_canary = e["variant"] == "on";
+        assert_eq!(e["value"], json!(flag_canary), "user-{i}: {e}");
+        if flag_canary != (who == "v2") {
+            mismatches.push(format!("user-{i}: router {who}, flag {e}"));
+        }
+        canary += usize::from(flag_canary);
+    }
+    // Binomial(10,000, 0.1): mean 1,000, sd 30; outside 5 sd fails once in ~3.5 million.
+    let (mean, sd) = (USERS as f64 * 0.1, (USERS as f64 * 0.1 * 0.9).sqrt());
+    eprintln!(
+        "flags: {} mismatches / {USERS}; canary {canary} / {USERS} users at weight {PERCENT}% (bound {:.0}..{:.0})",
+        mismatches.len(),
+        mean - 5.0 * sd,
+        mean + 5.0 * sd
+    );
+    assert!(
+        mismatches.is_empty(),
+        "{} mismatches: {:#?}",
+        mismatches.len(),
+        &mismatches[..mismatches.len().min(10)]
+    );
+    assert!(
+        (canary as f64 - mean).abs() <= 5.0 * sd,
+        "{canary} of {USERS} users on the canary at {PERCENT}%"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn targeted_groups_see_the_canary_and_errors_have_ofreps_shapes() {
+    let dir = scratch("flags-targeting");
+    let mut daemon = serve(&dir);
+    let (v1, v2) = (upstream("v1", &[]), upstream("v2", &[]));
+    let router = router(&["--stable", &v1.url, "--sticky-header", "user-id"]);
+    apply(
+        &daemon,
+        &dir,
+        "flag.yaml",
+        &format!(
+            "apiVersion: coalmine.dev/v1alpha1
+kind: Rollout
+metadata:
+  name: banner
+spec:
+  routers: [{}]
+  stable: {{url: {}}}
+  canary: {{url: {}}}
+  flag:
+    key: new-banner
+    variants: {{blue: \"#0000ff\", grey: \"#808080\"}}
+    canary: blue
+    stable: grey
+    targeting:
+      - user-id: {{regex: \"qa-[0-9]+\"}}
+      - region: {{exact: eu-west}}
+        plan: {{exact: enterprise}}
+  analysis:
+    interval: 1s
+    stepWeights: [1]
+    sequential: {{enabled: false}}
+{HOLD_AT_LAST_WEIGHT}",
+            router.admin, v1.url, v2.url
+        ),
+    );
+    wait_for_flag(&daemon, "new-banner", "split", 1.0).await;
+
+    let contexts = [
+        json!({"user-id": "qa-17"}),
+        json!({"targetingKey": "anyone", "region": "eu-west", "plan": "enterprise"}),
+        json!({"targetingKey": "anyone", "region": "eu-west", "plan": "free"}),
+        json!({"user-id": "qa-x", "region": "eu-west"}),
+    ];
+    let got = sdk_evaluate(&daemon.api, "new-banner", &json!("default"), &contexts);
+    assert_eq!(
+        (&got[0]["value"], &got[0]["variant"], &got[0]["reason"]),
+        (&json!("#0000ff"), &json!("blue"), &json!("TARGETING_MATCH")),
+        "{got:#?}"
+    );
+    assert_eq!(got[1]["reason"], "TARGETING_MATCH", "{got:#?}");
+    assert_eq!(got[1]["variant"], "blue", "{got:#?}");
+    assert_eq!(got[2]["reason"], "SPLIT", "{got:#?}");
+    // Neither rule holds and there is no key to split by: the SDK's default, with OFREP's code.
+    assert_eq!(
+        (&got[3]["value"], &got[3]["errorCode"]),
+        (&json!("default"), &json!("TARGETING_KEY_MISSING")),
+        "{got:#?}"
+    );
+    let missing = sdk_evaluate(
+        &daemon.api,
+        "no-such-flag",
+        &json!(false),
+        &[json!({"targetingKey": "u"})],
+    );
+    assert_eq!(missing[0]["errorCode"], "FLAG_NOT_FOUND", "{missing:#?}");
+    assert_eq!(missing[0]["value"], false);
+
+    // The wire shapes, status by status.
+    let c = client();
+    let post = |path: &str, body: &str| {
+        c.post(format!("{}{path}", daemon.api))
+            .header("content-type", "application/json")
+            .body(body.to_string())
+            .send()
+    };
+    let r = post(
+        "/ofrep/v1/evaluate/flags/no-such-flag",
+        r#"{"context": {"targetingKey": "u"}}"#,
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status(), 404);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["key"], "no-such-flag");
+    assert_eq!(body["errorCode"], "FLAG_NOT_FOUND");
+    assert!(body["errorDetails"].is_string());
+    for (body, code) in [
+        ("{not json", "PARSE_ERROR"),
+        (r#"{"context": [1, 2]}"#, "INVALID_CONTEXT"),
+        (r#"{"context": {"targetingKey": 42}}"#, "INVALID_CONTEXT"),
+        (r#"{"context": {"plan": "free"}}"#, "TARGETING_KEY_MISSING"),
+    ] {
+        let r = post("/ofrep/v1/evaluate/flags/new-banner", body)
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 400, "{body}");
+        let answer: Value = r.json().await.unwrap();
+        assert_eq!(
+            (&answer["key"], &answer["errorCode"]),
+            (&json!("new-banner"), &json!(code)),
+            "{body}: {answer}"
+        );
+    }
+    let r = post(
+        "/ofrep/v1/evaluate/flags/new-banner",
+        r#"{"context": {"targetingKey": "u", "user-id": "qa-1"}}"#,
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(r.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("application/json"));
+    let one: Value = r.json().await.unwrap();
+    assert_eq!(one["key"], "new-banner");
+    assert_eq!(one["metadata"]["rollout"], "banner");
+
+    // Bulk: every flag, an ETag, and 304 while nothing changed.
+    let bulk_body = r#"{"context": {"targetingKey": "u", "user-id": "qa-1"}}"#;
+    let r = post("/ofrep/v1/evaluate/flags", bulk_body).await.unwrap();
+    assert_eq!(r.status(), 200);
+    let etag = r.headers()["etag"].to_str().unwrap().to_string();
+    let all: Value = r.json().await.unwrap();
+    assert_eq!(all["flags"][0], one, "bulk and single evaluations agree");
+    let again = c
+        .post(format!("{}/ofrep/v1/evaluate/flags", daemon.api))
+        .header("if-none-match", &etag)
+        .body(bulk_body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(again.status(), 304);
+    let other = c
+        .post(format!("{}/ofrep/v1/evaluate/flags", daemon.api))
+        .header("if-none-match", &etag)
+        .body(r#"{"context": {"targetingKey": "u"}}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(other.status(), 200, "another context, another answer");
+    let r = post("/ofrep/v1/evaluate/flags", "{not json").await.unwrap();
+    assert_eq!(r.status(), 400);
+    assert_eq!(r.json::<Value>().await.unwrap()["errorCode"], "PARSE_ERROR");
+
+    // Durable: after kill -9, the resumed rollout serves the share its saved traffic says.
+    let split = sdk_evaluate(&daemon.api, "new-banner", &json!("default"), &split_users());
+    daemon.proc.child.kill().unwrap();
+    daemon.proc.child.wait().unwrap();
+    let daemon = serve(&dir);
+    wait_for_flag(&daemon, "new-banner", "split", 1.0).await;
+    let again = sdk_evaluate(&daemon.api, "new-banner", &json!("default"), &split_users());
+    assert_eq!(
+        split, again,
+        "the same users see the canary after a restart"
+    );
+    assert!(
+        split.iter().any(|e| e["variant"] == "blue"),
+        "some of 2,000 users at 1%"
+    );
+}
+
+fn split_users() -> Vec<Value> {
+    (0..2_000)
+        .map(|i| json!({"targetingKey": format!("user-{i}")}))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_canary_variant_with_bad_reported_errors_rolls_back_and_everyone_sees_stable() {
+    let dir = scratch("flags-counts");
+    let daemon = serve(&dir);
+    apply(
+        &daemon,
+        &dir,
+        "flag.yaml",
+        "apiVersion: coalmine.dev/v1alpha1
+kind: Rollout
+metadata:
+  name: pricing
+spec:
+  flag:
+    key: new-pricing
+    variants: {on: true, off: false}
+    canary: on
+    stable: off
+  analysis:
+    interval: 1s
+    threshold: 2
+    stepWeights: [10, 20, 50]
+    sequential: {enabled: false}
+    metrics:
+      - name: request-success-rate
+        thresholdRange: {min: 99}
+        interval: 2s
+",
+    );
+    wait_for_flag(&daemon, "new-pricing", "split", 10.0).await;
+    let c = client();
+    let counts = format!("{}/api/v1/flags/new-pricing/counts", daemon.api);
+    let report = json!({"variants": {
+        "on": {"requests": 100, "errors": 20, "latencyMicros": [[2000, 100]]},
+        "off": {"requests": 900, "errors": 0, "latencyMicros": [[2000, 900]]},
+    }});
+    // Counts decide rollbacks: reporting them takes the token.
+    let r = c.post(&counts).json(&report).send().await.unwrap();
+    assert_eq!(r.status(), 401);
+    let bad = c
+        .post(&counts)
+        .bearer_auth(TOKEN)
+        .json(&json!({"variants": {"purple": {"requests": 1}}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad.status(), 400);
+    assert!(bad
+        .text()
+        .await
+        .unwrap()
+        .contains("no variant \\\"purple\\\""));
+    let reporter = tokio::spawn({
+        let (c, counts, report) = (c.clone(), counts.clone(), report.clone());
+        async move {
+            loop {
+                let r = c
+                    .post(&counts)
+                    .bearer_auth(TOKEN)
+                    .json(&report)
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(r.status(), 202);
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    });
+    let failed = wait_for(&daemon, "pricing", Duration::from_secs(30), |s| {
+        s["phase"] == "Failed"
+    });
+    reporter.abort();
+    // Judged on the reported counts: 80 of every 100 canary requests succeeded.
+    assert_eq!(failed["outcome"], "rolledBack", "{failed:#}");
+    assert_eq!(
+        failed["metrics"][0]["name"], "request-success-rate",
+        "{failed:#}"
+    );
+    assert_eq!(failed["metrics"][0]["value"], 80.0, "{failed:#}");
+    wait_for_flag(&daemon, "new-pricing", "stable", 0.0).await;
+    let contexts: Vec<Value> = (0..500)
+        .map(|i| json!({"targetingKey": format!("user-{i}")}))
+        .collect();
+    for e in sdk_evaluate(&daemon.api, "new-pricing", &json!(true), &contexts) {
+        assert_eq!(
+            (&e["value"], &e["variant"], &e["reason"]),
+            (&json!(false), &json!("off"), &json!("DEFAULT")),
+            "{e}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flag_is_stepped_by_one_rollout_and_bad_flags_are_refused_changing_nothing() {
+    let dir = scratch("flags-refused");
+    let daemon = serve(&dir);
+    let flag_rollout = |name: &str, key: &str| {
+        format!(
+            "apiVersion: coalmine.dev/v1alpha1
+kind: Rollout
+metadata:
+  name: {name}
+spec:
+  flag:
+    key: {key}
+    variants: {{on: true, off: false}}
+    canary: on
+    stable: off
+  analysis:
+    interval: 1s
+    stepWeights: [10]
+{HOLD_AT_LAST_WEIGHT}"
+        )
+    };
+    apply(
+        &daemon,
+        &dir,
+        "first.yaml",
+        &flag_rollout("first", "checkout-v2"),
+    );
+    wait_for_flag(&daemon, "checkout-v2", "split", 10.0).await;
+    let before = served_flags(&daemon).await;
+
+    let second = dir.write("second.yaml", &flag_rollout("second", "checkout-v2"));
+    let (code, out) = cli(&daemon, &["apply", second.to_str().unwrap()], Some(TOKEN));
+    assert_ne!(code, 0, "{out}");
+    assert!(
+        out.contains("feature flag \"checkout-v2\" already carries rollout \"first\""),
+        "{out}"
+    );
+    let bad = dir.write("bad.yaml", &flag_rollout("third", "checkout v3"));
+    let (code, out) = cli(&daemon, &["apply", bad.to_str().unwrap()], Some(TOKEN));
+    assert_eq!(code, 2, "{out}");
+    assert!(out.contains("bad.yaml:7:10: spec.flag.key"), "{out}");
+    let (_, listed) = cli(&daemon, &["status", "--output", "json"], None);
+    assert!(
+        !listed.contains("second") && !listed.contains("third"),
+        "{listed}"
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(served_flags(&daemon).await, before, "nothing changed");
+
+    // `run` has nothing to serve a flag with once it exits.
+    let out = Command::new(BIN)
+        .args(["run", dir.join("first.yaml").to_str().unwrap()])
+        .output()
+        .unwrap();
+    let (code, printed) = code_and_printed(&out);
+    assert_eq!(code, 2, "{printed}");
+    assert!(
+        printed.contains("spec.flag: a feature flag is served by `coalmine serve`"),
+        "{printed}"
+    );
+}
+
+/// An app's per-variant series as its Prometheus client exposes them, growing since `start` at
+/// `rps` requests a second per variant with the share `failing` answered 500, every request
+/// taking 5–10 ms.
+fn app_exporter(variants: [(&'static str, f64, f64); 2]) -> String {
+    let start = std::time::Instant::now();
+    let (url, _requests) = common::stub::stub(move |_| {
+        let secs = start.elapsed().as_secs_f64();
+        let mut text = String::from("# TYPE app_requests_total counter\n");
+        let mut histogram = String::from("# TYPE app_request_duration_seconds histogram\n");
+        for (variant, rps, failing) in variants {
+            let total = (rps * secs).floor();
+            let failed = (total * failing).floor();
+            let labels = format!(r#"app="shop",variant="{variant}""#);
+            text.push_str(&format!(
+                "app_requests_total{{{labels},status=\"200\"}} {}\napp_requests_total{{{labels},status=\"500\"}} {failed}\n",
+                total - failed
+            ));
+            for (le, n) in [("0.005", 0.0), ("0.01", total), ("+Inf", total)] {
+                histogram.push_str(&format!(
+                    "app_request_duration_seconds_bucket{{{labels},le=\"{le}\"}} {n}\n"
+                ));
+            }
+            histogram.push_str(&format!(
+                "app_request_duration_seconds_sum{{{labels}}} {}\napp_request_duration_seconds_count{{{labels}}} {total}\n",
+                total * 0.0075
+            ));
+        }
+        text.push_str(&histogram);
+        (
+            Duration::ZERO,
+            common::stub::response("200 OK", "text/plain; version=0.0.4", &text),
+        )
+    });
+    url
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flag_judged_on_the_apps_prometheus_series_by_variant_rolls_back() {
+    use common::promstack::{Prometheus, PrometheusSetup, ScrapeTarget};
+    let exporter = app_exporter([("on", 200.0, 0.2), ("off", 800.0, 0.001)]);
+    let prometheus = Prometheus::start_scraping(PrometheusSetup {
+        scrape: vec![ScrapeTarget::new("shop", &exporter)],
+        ..PrometheusSetup::default()
+    })
+    .await;
+    let dir = scratch("flags-series");
+    let daemon = serve(&dir);
+    apply(
+        &daemon,
+        &dir,
+        "flag.yaml",
+        &format!(
+            "apiVersion: coalmine.dev/v1alpha1
+kind: Rollout
+metadata:
+  name: shop-search
+spec:
+  flag:
+    key: new-search
+    variants: {{on: true, off: false}}
+    canary: on
+    stable: off
+    prometheus:
+      address: {}
+      requests: app_requests_total
+      duration: app_request_duration_seconds
+      selector: 'app=\"shop\"'
+  analysis:
+    interval: 2s
+    stepWeights: [10, 20, 50]
+",
+            prometheus.url
+        ),
+    );
+    let failed = wait_for(&daemon, "shop-search", Duration::from_secs(60), |s| {
+        s["phase"] == "Failed"
+    });
+    // Judged on the series by variant: `on` (the canary) fails 20 %, `off` 0.1 %.
+    assert_eq!(failed["outcome"], "rolledBack", "{failed:#}");
+    let errors = &failed["sequential"]["errors"];
+    assert_eq!(errors["rejected"], true, "{failed:#}");
+    let canary_rate = errors["canaryFailureRate"].as_f64().unwrap();
+    let stable_rate = errors["stableFailureRate"].as_f64().unwrap();
+    assert!((0.15..0.25).contains(&canary_rate), "{failed:#}");
+    assert!(stable_rate < 0.01, "{failed:#}");
+    assert!(
+        errors["stableRequests"].as_f64().unwrap() > errors["canaryRequests"].as_f64().unwrap()
+    );
+    wait_for_flag(&daemon, "new-search", "stable", 0.0).await;
+}

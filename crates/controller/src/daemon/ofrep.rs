@@ -1,0 +1,139 @@
+//! Feature flags over OpenFeature's remote evaluation protocol (OFREP), so any OpenFeature SDK
+//! with its OFREP provider reads them: `POST /ofrep/v1/evaluate/flags/{key}` (one flag) and
+//! `POST /ofrep/v1/evaluate/flags` (every flag, with an `ETag`; `If-None-Match` gets 304 while
+//! nothing changed). Evaluations are reads, open like the API's others: they tell a user's
+//! variant, never a secret, and an SDK may still send an `Authorization` header (ignored).
+//!
+//! Also the counts API, `POST /api/v1/flags/{key}/counts` (behind the token, like every
+//! change: counts decide a rollback), and `GET /api/v1/flags`, the flags served.
+
+use axum::body::Bytes;
+use axum::extract::Path;
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde_json::{json, Value};
+
+use coalmine_contract::FlagCountsDoc;
+
+use super::api::ApiError;
+use crate::flags::{self, EvaluationError};
+
+/// OFREP's JSON answers carry `application/json` (the providers check it).
+fn answer(status: StatusCode, body: &Value) -> Response {
+    (
+        status,
+        [(header::CONTENT_TYPE, "application/json")],
+        body.to_string(),
+    )
+        .into_response()
+}
+
+fn status_of(e: &EvaluationError) -> StatusCode {
+    match e {
+        EvaluationError::FlagNotFound(_) => StatusCode::NOT_FOUND,
+        _ => StatusCode::BAD_REQUEST,
+    }
+}
+
+/// `POST /ofrep/v1/evaluate/flags/{key}`.
+pub(super) async fn evaluate_one(Path(key): Path<String>, body: Bytes) -> Response {
+    let evaluated = flags::evaluate::context_of(&body).and_then(|context| {
+        let flag = flags::served()
+            .get(&key)
+            .ok_or_else(|| EvaluationError::FlagNotFound(key.clone()))?;
+        let e = flag.evaluate(&context)?;
+        Ok(flag.success_json(&e))
+    });
+    match evaluated {
+        Ok(success) => answer(StatusCode::OK, &success),
+        Err(e) => answer(status_of(&e), &e.to_json(&key)),
+    }
+}
+
+/// `POST /ofrep/v1/evaluate/flags`: every served flag for one context. A flag that cannot be
+/// evaluated for it (no targeting key to split by) is its failure document in the list.
+pub(super) async fn evaluate_all(headers: HeaderMap, body: Bytes) -> Response {
+    let context = match flags::evaluate::context_of(&body) {
+        Ok(context) => context,
+        Err(e) => {
+            return answer(
+                StatusCode::BAD_REQUEST,
+                &json!({"errorCode": e.code(), "errorDetails": e.to_string()}),
+            )
+        }
+    };
+    let evaluated: Vec<Value> = flags::served()
+        .all()
+        .iter()
+        .map(|flag| match flag.evaluate(&context) {
+            Ok(e) => flag.success_json(&e),
+            Err(e) => e.to_json(&flag.flag.key),
+        })
+        .collect();
+    let body = json!({ "flags": evaluated }).to_string();
+    // The answer itself is what a client caches: equal answers, equal tags.
+    let etag = format!("\"{:016x}\"", xxhash_rust::xxh3::xxh3_64(body.as_bytes()));
+    let tag = HeaderValue::from_str(&etag).expect("hex in quotes is a header value");
+    if none_match(&headers, &etag) {
+        return (StatusCode::NOT_MODIFIED, [(header::ETAG, tag)]).into_response();
+    }
+    (
+        StatusCode::OK,
+        [
+            (
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            ),
+            (header::ETAG, tag),
+        ],
+        body,
+    )
+        .into_response()
+}
+
+/// Whether `If-None-Match` lists `etag` (or is `*`), weak tags compared weakly (RFC 9110).
+fn none_match(headers: &HeaderMap, etag: &str) -> bool {
+    headers
+        .get_all(header::IF_NONE_MATCH)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(|t| t.trim())
+        .any(|t| t == "*" || t.trim_start_matches("W/") == etag)
+}
+
+/// `POST /api/v1/flags/{key}/counts`: an app's per-variant counts since its last report.
+pub(super) async fn report_counts(
+    Path(key): Path<String>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let doc: FlagCountsDoc = serde_json::from_slice(&body).map_err(ApiError::NotFlagCounts)?;
+    flags::served().report(&key, &doc)?;
+    Ok(answer(StatusCode::ACCEPTED, &json!({"key": key})))
+}
+
+/// `GET /api/v1/flags`: each served flag, its rollout and what it serves.
+pub(super) async fn list() -> Response {
+    let all: Vec<Value> = flags::served()
+        .all()
+        .iter()
+        .map(|f| {
+            let (serving, percent) = match f.serving {
+                flags::Serving::Stable => ("stable", 0.0),
+                flags::Serving::Split(w) => ("split", w.percent()),
+                flags::Serving::Promoted => ("promoted", 100.0),
+            };
+            json!({
+                "key": f.flag.key,
+                "rollout": f.rollout,
+                "cohort": f.cohort,
+                "canary": f.flag.canary,
+                "stable": f.flag.stable,
+                "serving": serving,
+                "canaryPercent": percent,
+            })
+        })
+        .collect();
+    Json(all).into_response()
+}
