@@ -102,6 +102,45 @@ fn wait_for_group(
     }
 }
 
+/// A group's timeline, as `coalmine group history --output json` prints it.
+struct History(Vec<serde_json::Value>);
+
+impl History {
+    fn of(daemon: &Daemon, group: &str) -> History {
+        let (code, out) = cli(
+            daemon,
+            &["group", "history", group, "--output", "json"],
+            None,
+        );
+        assert_eq!(code, 0, "{out}");
+        History(
+            out.lines()
+                .map(|l| serde_json::from_str(l).unwrap())
+                .collect(),
+        )
+    }
+
+    /// When `member` first said something starting with `starts` (RFC 3339: ordered as text).
+    fn time(&self, member: &str, starts: &str) -> String {
+        self.0
+            .iter()
+            .find(|e| e["rollout"] == member && e["message"].as_str().unwrap().starts_with(starts))
+            .unwrap_or_else(|| panic!("no {starts:?} of {member} in {:#?}", self.0))["time"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    }
+
+    /// When each member said `message`.
+    fn every(&self, message: &str) -> std::vec::IntoIter<String> {
+        SERVICES
+            .iter()
+            .map(|s| self.time(s, message))
+            .collect::<Vec<_>>()
+            .into_iter()
+    }
+}
+
 fn weights(group: &serde_json::Value) -> Vec<f64> {
     group["members"]
         .as_array()
@@ -230,36 +269,13 @@ spec:
 
     // One timeline: each member's steps, named; 60 % was taken by every member only after
     // every member had taken 30 %.
-    let (code, out) = cli(
-        &daemon,
-        &["group", "history", "payment-change", "--output", "json"],
-        None,
+    let history = History::of(&daemon, "payment-change");
+    let last_at_30 = history.every("Advance canary weight 30").max();
+    let first_at_60 = history.every("Advance canary weight 60").min();
+    assert!(
+        last_at_30 <= first_at_60,
+        "{last_at_30:?} > {first_at_60:?}"
     );
-    assert_eq!(code, 0, "{out}");
-    let history: Vec<serde_json::Value> = out
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
-    let step_at = |member: &str, message: &str| {
-        history
-            .iter()
-            .find(|e| e["rollout"] == member && e["message"] == message)
-            .unwrap_or_else(|| panic!("no {message:?} of {member} in {history:#?}"))["time"]
-            .as_str()
-            .unwrap()
-            .to_string()
-    };
-    let last_at_30 = SERVICES
-        .iter()
-        .map(|s| step_at(s, "Advance canary weight 30"))
-        .max()
-        .unwrap();
-    let first_at_60 = SERVICES
-        .iter()
-        .map(|s| step_at(s, "Advance canary weight 60"))
-        .min()
-        .unwrap();
-    assert!(last_at_30 <= first_at_60, "{last_at_30} > {first_at_60}");
 
     // A member applied again alone stays a member: the same group, the same cohort (the
     // route's name salts its sticky buckets).
@@ -346,25 +362,8 @@ spec:
     // The evidence of orders' own rollback comes with it.
     assert!(reason.contains("canary"), "{reason}");
 
-    let (code, out) = cli(
-        &daemon,
-        &["group", "history", "payment-change", "--output", "json"],
-        None,
-    );
-    assert_eq!(code, 0, "{out}");
-    let history: Vec<serde_json::Value> = out
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
-    let at = |member: &str, starts: &str| -> String {
-        history
-            .iter()
-            .find(|e| e["rollout"] == member && e["message"].as_str().unwrap().starts_with(starts))
-            .unwrap_or_else(|| panic!("no {starts:?} of {member} in {history:#?}"))["time"]
-            .as_str()
-            .unwrap()
-            .to_string()
-    };
+    let history = History::of(&daemon, "payment-change");
+    let at = |member: &str, starts: &str| history.time(member, starts);
     // ledger was promoted before payments started; orders started at payments' 20 %.
     assert!(at("ledger", "Promotion completed") < at("payments", "Advance canary weight 20"));
     assert!(at("payments", "Advance canary weight 20") <= at("orders", "Advance canary weight 20"));
@@ -424,38 +423,15 @@ spec:
         g["phase"] == "Succeeded"
     });
     assert_eq!(weights(&done), [0.0, 0.0, 0.0], "{done:#}");
-    let (code, out) = cli(
-        &daemon,
-        &["group", "history", "payment-change", "--output", "json"],
-        None,
-    );
-    assert_eq!(code, 0, "{out}");
-    let history: Vec<serde_json::Value> = out
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    let history = History::of(&daemon, "payment-change");
     // Every step was taken by every member only after every member had taken the one before,
     // across the restart.
-    let times = |message: &str| -> Vec<String> {
-        SERVICES
-            .iter()
-            .map(|s| {
-                history
-                    .iter()
-                    .find(|e| e["rollout"] == *s && e["message"] == message)
-                    .unwrap_or_else(|| panic!("no {message:?} of {s}"))["time"]
-                    .as_str()
-                    .unwrap()
-                    .to_string()
-            })
-            .collect()
-    };
     for (lower, higher) in [("20", "40"), ("40", "60")] {
-        let last = times(&format!("Advance canary weight {lower}"))
-            .into_iter()
+        let last = history
+            .every(&format!("Advance canary weight {lower}"))
             .max();
-        let first = times(&format!("Advance canary weight {higher}"))
-            .into_iter()
+        let first = history
+            .every(&format!("Advance canary weight {higher}"))
             .min();
         assert!(
             last <= first,

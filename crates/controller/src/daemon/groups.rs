@@ -104,13 +104,7 @@ impl Daemon {
 
     /// Decides once and hands each member what the decision says for it.
     fn decide_group_once(&self, group: &RolloutGroup) -> Result<GroupPhase, ApiError> {
-        let members = self.members(group)?;
-        let plan = plan_of(group, &members);
-        let statuses: Vec<Option<&Status>> = members
-            .iter()
-            .map(|m| m.as_ref().map(|s| &s.status))
-            .collect();
-        let decision = group::decide(&plan, &statuses);
+        let (_, plan, decision) = self.decision(group)?;
         let running = self.running.lock().expect("running");
         for (i, input) in decision.inputs {
             let member = &plan.members[i].name;
@@ -128,24 +122,33 @@ impl Daemon {
         Ok(decision.phase)
     }
 
-    fn members(&self, group: &RolloutGroup) -> Result<Vec<Option<StoredRollout>>, ApiError> {
-        group
+    /// The group decided now: its members as stored (`None`: not applied), its plan, and the
+    /// decision.
+    fn decision(
+        &self,
+        group: &RolloutGroup,
+    ) -> Result<(Vec<Option<StoredRollout>>, GroupPlan, group::Decision), ApiError> {
+        let members: Vec<Option<StoredRollout>> = group
             .spec
             .members
             .iter()
             .map(|m| self.store.get(&m.name).map_err(ApiError::state(&m.name)))
-            .collect()
-    }
-
-    /// A group as the API shows it: its phase (and why it rolls back), and each member's status.
-    fn group_json(&self, group: &RolloutGroup) -> Result<Value, ApiError> {
-        let members = self.members(group)?;
-        let plan = plan_of(group, &members);
+            .collect::<Result<_, _>>()?;
+        let rollouts: Vec<&Rollout> = members.iter().flatten().map(|s| &s.rollout).collect();
+        let plan = GroupPlan::new(group, |name| {
+            rollouts.iter().copied().find(|r| r.metadata.name == name)
+        });
         let statuses: Vec<Option<&Status>> = members
             .iter()
             .map(|m| m.as_ref().map(|s| &s.status))
             .collect();
         let decision = group::decide(&plan, &statuses);
+        Ok((members, plan, decision))
+    }
+
+    /// A group as the API shows it: its phase (and why it rolls back), and each member's status.
+    fn group_json(&self, group: &RolloutGroup) -> Result<Value, ApiError> {
+        let (members, _, decision) = self.decision(group)?;
         let shown: Vec<Value> = group
             .spec
             .members
@@ -184,13 +187,6 @@ impl Drop for SupervisedGroup {
     fn drop(&mut self) {
         self.task.abort();
     }
-}
-
-fn plan_of(group: &RolloutGroup, members: &[Option<StoredRollout>]) -> GroupPlan {
-    let rollouts: Vec<&Rollout> = members.iter().flatten().map(|s| &s.rollout).collect();
-    GroupPlan::new(group, |name| {
-        rollouts.iter().copied().find(|r| r.metadata.name == name)
-    })
 }
 
 async fn list(State(d): State<Arc<Daemon>>) -> Result<Response, ApiError> {
