@@ -25,7 +25,9 @@ pub use routes::{
     Endpoints, HeaderChanges, HeaderValueSpec, HostPattern, PathMatch, PathPrefix, Picked,
     RoutesDoc, RoutesPatch, ServedRoutes, StickyKey, UpstreamUrl, DEFAULT_SERVICE, OWNER_HEADER,
 };
-pub use stats::{Latency, LocalStats, MirrorStats, ServiceStats, StatsDoc, VersionStats};
+pub use stats::{
+    Latency, LocalStats, MirrorPairs, MirrorStats, ServiceStats, StatsDoc, VersionStats,
+};
 pub use weight::Weight;
 
 /// A value the contract does not accept, with the reason in words (the value quoted).
