@@ -168,13 +168,18 @@ pub fn run_once(
             Observation {
                 canary: canary.clone(),
                 stable: stable_window,
+                ..Observation::default()
             },
         );
         if machine.plan().sequential.is_some() {
             sim.feed(
                 &mut machine,
                 now,
-                Input::Observe(Observation { canary, stable }),
+                Input::Observe(Observation {
+                    canary,
+                    stable,
+                    ..Observation::default()
+                }),
             );
         }
         if let Some(result) = decided(&machine, now, canary_requests, canary_failures, exposed_ms) {

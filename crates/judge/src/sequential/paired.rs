@@ -46,25 +46,61 @@ use serde::{Deserialize, Serialize};
 use super::counts::{Batch, CountsConfig, CountsTest};
 use super::{check_alpha, ConfigError};
 
-/// Paired mirrored requests over one sampling step (not cumulative).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+/// Paired mirrored requests over one sampling step (not cumulative), as the routers count
+/// them (their `/stats`' `mirror.pairs`).
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct PairedBatch {
     pub both_ok: u64,
     pub canary_only_failed: u64,
     pub stable_only_failed: u64,
     pub both_failed: u64,
-    /// Of the pairs both answered well: the canary's copy answered later than stable's answer
-    /// by more than the tolerance.
-    pub canary_slower: u64,
+    /// Of the pairs both answered well, `(microseconds, count)`: how many the canary's copy
+    /// answered more than that much later than stable's answer, for rising bounds from 0.
+    pub canary_slower_by: Vec<(u64, u64)>,
     /// Likewise, sooner.
-    pub canary_faster: u64,
+    pub canary_faster_by: Vec<(u64, u64)>,
 }
 
 impl PairedBatch {
     /// Pairs both versions answered (well or not).
     pub fn pairs(&self) -> u64 {
         self.both_ok + self.canary_only_failed + self.stable_only_failed + self.both_failed
+    }
+
+    /// Adds another step's pairs (counts at the same bound add up).
+    pub fn add(&mut self, other: &PairedBatch) {
+        self.both_ok += other.both_ok;
+        self.canary_only_failed += other.canary_only_failed;
+        self.stable_only_failed += other.stable_only_failed;
+        self.both_failed += other.both_failed;
+        for (into, from) in [
+            (&mut self.canary_slower_by, &other.canary_slower_by),
+            (&mut self.canary_faster_by, &other.canary_faster_by),
+        ] {
+            for &(bound, n) in from {
+                match into.binary_search_by_key(&bound, |(b, _)| *b) {
+                    Ok(i) => into[i].1 += n,
+                    Err(i) => into.insert(i, (bound, n)),
+                }
+            }
+        }
+    }
+
+    /// Pairs beyond the tolerance the canary's copy was slower on, and faster on. Counted from
+    /// the largest bound not above the tolerance: at least every pair beyond it, each way alike,
+    /// so H0's symmetry holds whatever the bounds are.
+    pub fn beyond(&self, tolerance_micros: u64) -> (u64, u64) {
+        let beyond = |by: &[(u64, u64)]| {
+            by.iter()
+                .take_while(|(bound, _)| *bound <= tolerance_micros)
+                .last()
+                .map_or(0, |(_, n)| *n)
+        };
+        (
+            beyond(&self.canary_slower_by),
+            beyond(&self.canary_faster_by),
+        )
     }
 }
 
@@ -87,6 +123,7 @@ pub struct PairedEvidence {
     #[serde(flatten)]
     pub totals: PairedTotals,
     pub alpha: f64,
+    pub latency_tolerance_micros: u64,
     /// ln BF of "the canary fails the requests stable answers", and of "is slower on them".
     pub failures_log_bayes_factor: f64,
     pub latency_log_bayes_factor: f64,
@@ -106,6 +143,7 @@ pub enum PairedRejection {
 #[serde(rename_all = "camelCase")]
 pub struct PairedTest {
     alpha: f64,
+    latency_tolerance_micros: u64,
     failures: CountsTest,
     latency: CountsTest,
     totals: PairedTotals,
@@ -132,12 +170,14 @@ fn equal_share(canary: u64, stable: u64) -> Batch {
 }
 
 impl PairedTest {
-    /// Both tests together reject a healthy canary with probability at most `alpha`.
-    pub fn new(alpha: f64) -> Result<PairedTest, ConfigError> {
+    /// Both tests together reject a healthy canary with probability at most `alpha`; a latency
+    /// difference counts beyond `latency_tolerance_micros`.
+    pub fn new(alpha: f64, latency_tolerance_micros: u64) -> Result<PairedTest, ConfigError> {
         check_alpha(alpha)?;
         let test = CountsTest::new(paired_prior())?;
         Ok(PairedTest {
             alpha,
+            latency_tolerance_micros,
             failures: test.clone(),
             latency: test,
             totals: PairedTotals::default(),
@@ -145,20 +185,21 @@ impl PairedTest {
     }
 
     pub fn observe(&mut self, batch: &PairedBatch) {
+        let (slower, faster) = batch.beyond(self.latency_tolerance_micros);
         let t = &mut self.totals;
         t.pairs += batch.pairs();
         t.canary_only_failed += batch.canary_only_failed;
         t.stable_only_failed += batch.stable_only_failed;
         t.both_failed += batch.both_failed;
-        t.canary_slower += batch.canary_slower;
-        t.canary_faster += batch.canary_faster;
+        t.canary_slower += slower;
+        t.canary_faster += faster;
         for (test, canary, stable) in [
             (
                 &mut self.failures,
                 batch.canary_only_failed,
                 batch.stable_only_failed,
             ),
-            (&mut self.latency, batch.canary_slower, batch.canary_faster),
+            (&mut self.latency, slower, faster),
         ] {
             if canary + stable > 0 {
                 // Equal shares never hold more failures than requests.
@@ -187,6 +228,7 @@ impl PairedTest {
         PairedEvidence {
             totals: self.totals,
             alpha: self.alpha,
+            latency_tolerance_micros: self.latency_tolerance_micros,
             failures_log_bayes_factor: self.failures.log_bayes_factor(),
             latency_log_bayes_factor: self.latency.log_bayes_factor(),
             rejected: self.rejected(),
@@ -209,7 +251,7 @@ mod tests {
 
     #[test]
     fn only_discordant_pairs_move_the_test() {
-        let mut t = PairedTest::new(0.01).unwrap();
+        let mut t = PairedTest::new(0.01, 10_000).unwrap();
         t.observe(&PairedBatch {
             both_ok: 10_000,
             both_failed: 500,
@@ -224,7 +266,7 @@ mod tests {
     fn the_bayes_factor_is_the_uniform_mixture_over_theta_above_a_half() {
         // All c discordant pairs the canary's: BF = ∫_{½}^{1} 2·(2θ)^c dθ = (2^(c+1) − 1)/(c+1)
         // (the grid stops at r = 1000, θ = 0.999, which the quadrature barely feels).
-        let mut t = PairedTest::new(0.01).unwrap();
+        let mut t = PairedTest::new(0.01, 10_000).unwrap();
         for c in 1..=12u32 {
             t.observe(&batch(1, 0));
             let exact = ((2f64.powi(c as i32 + 1) - 1.0) / f64::from(c + 1)).ln();
@@ -234,7 +276,7 @@ mod tests {
         // 12 pairs: BF 630 ≥ 2/α = 200.
         assert_eq!(t.rejected(), Some(PairedRejection::Failures));
         // Balanced discordance keeps it below 1.
-        let mut t = PairedTest::new(0.01).unwrap();
+        let mut t = PairedTest::new(0.01, 10_000).unwrap();
         t.observe(&batch(20, 20));
         assert!(t.evidence().failures_log_bayes_factor < 0.0);
         assert_eq!(t.rejected(), None);
@@ -242,16 +284,25 @@ mod tests {
 
     #[test]
     fn a_slower_canary_is_rejected_on_latency_and_the_state_serializes() {
-        let mut t = PairedTest::new(0.01).unwrap();
-        t.observe(&PairedBatch {
+        let mut t = PairedTest::new(0.01, 10_000).unwrap();
+        // Bounds 0, 5 ms, 10 ms, 25 ms: with a 12 ms tolerance the 10 ms bound's counts are
+        // read (a few pairs between 10 and 12 ms counted too, both ways alike).
+        let by = |n: [u64; 4]| vec![(0, n[0]), (5_000, n[1]), (10_000, n[2]), (25_000, n[3])];
+        let batch = PairedBatch {
             both_ok: 50,
-            canary_slower: 14,
-            canary_faster: 1,
+            canary_slower_by: by([30, 20, 14, 3]),
+            canary_faster_by: by([20, 5, 1, 0]),
             ..PairedBatch::default()
-        });
+        };
+        assert_eq!(batch.beyond(12_000), (14, 1));
+        assert_eq!(batch.beyond(0), (30, 20));
+        let mut twice = batch.clone();
+        twice.add(&batch);
+        assert_eq!((twice.both_ok, twice.beyond(12_000)), (100, (28, 2)));
+        t.observe(&batch);
         assert_eq!(t.rejected(), Some(PairedRejection::Latency));
         let back: PairedTest = serde_json::from_value(serde_json::to_value(&t).unwrap()).unwrap();
         assert_eq!(back, t);
-        assert!(PairedTest::new(1.5).is_err());
+        assert!(PairedTest::new(1.5, 0).is_err());
     }
 }

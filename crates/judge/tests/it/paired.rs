@@ -5,6 +5,8 @@ use coalmine_judge::{PairedBatch, PairedRejection, PairedTest};
 
 use crate::common::{median, three_sigma_limit, Rng};
 
+const TOLERANCE: u64 = 10_000;
+
 /// One second of `n` mirrored pairs: each version fails a request with its own rate,
 /// independently, and each pair both answered well is a latency difference beyond the
 /// tolerance with probability `slower` (canary later) and `faster`.
@@ -27,13 +29,14 @@ fn second(
     let both_ok = rest - both_failed;
     let canary_slower = rng.binomial(both_ok, slower);
     let canary_faster = rng.binomial(both_ok - canary_slower, faster / (1.0 - slower));
+    // As a router counts them: how many beyond 0 and beyond the tolerance (10 ms).
     PairedBatch {
         both_ok,
         canary_only_failed: canary_only,
         stable_only_failed: stable_only,
         both_failed,
-        canary_slower,
-        canary_faster,
+        canary_slower_by: vec![(0, both_ok / 2), (TOLERANCE, canary_slower)],
+        canary_faster_by: vec![(0, both_ok / 2), (TOLERANCE, canary_faster)],
     }
 }
 
@@ -51,7 +54,7 @@ fn aa_dark_launches_are_rolled_back_at_most_alpha_of_the_time() {
     for alpha in [0.01, 0.05] {
         let mut rejected = 0;
         for _ in 0..RUNS {
-            let mut test = PairedTest::new(alpha).unwrap();
+            let mut test = PairedTest::new(alpha, TOLERANCE).unwrap();
             for _ in 0..600 {
                 test.observe(&second(&mut rng, 20, 0.02, 0.02, 0.1, 0.1));
                 if test.rejected().is_some() {
@@ -76,7 +79,7 @@ fn seconds_to_reject(
     slower: f64,
     limit: u32,
 ) -> Option<(u32, PairedRejection)> {
-    let mut test = PairedTest::new(0.01).unwrap();
+    let mut test = PairedTest::new(0.01, TOLERANCE).unwrap();
     for s in 1..=limit {
         test.observe(&second(rng, 20, canary_fails, 0.001, slower, 0.05));
         if let Some(why) = test.rejected() {
