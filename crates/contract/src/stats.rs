@@ -132,15 +132,6 @@ impl MirrorPairs {
     pub fn answered(&self) -> u64 {
         self.both_ok + self.canary_only_failed + self.stable_only_failed + self.both_failed
     }
-
-    /// Of `by` (`canary_slower_by` or `canary_faster_by`), the pairs beyond the largest bound
-    /// not above `tolerance_micros`: at least every pair beyond the tolerance.
-    pub fn beyond(by: &[(u64, u64)], tolerance_micros: u64) -> u64 {
-        by.iter()
-            .take_while(|(bound, _)| *bound <= tolerance_micros)
-            .last()
-            .map_or(0, |(_, n)| *n)
-    }
 }
 
 /// What the router failed on its own account.
@@ -215,15 +206,5 @@ mod tests {
         assert!(json["router"].get("acceptErrors").is_some());
         assert!(json["stable"]["latency"].get("significantDigits").is_some());
         assert!(json["stable"]["latency"].get("sumMicros").is_some());
-    }
-
-    #[test]
-    fn pairs_beyond_a_tolerance_are_read_from_the_largest_bound_not_above_it() {
-        let by = [(0, 10), (1_000, 6), (5_000, 2), (10_000, 1)];
-        assert_eq!(MirrorPairs::beyond(&by, 0), 10);
-        assert_eq!(MirrorPairs::beyond(&by, 4_999), 6);
-        assert_eq!(MirrorPairs::beyond(&by, 5_000), 2);
-        assert_eq!(MirrorPairs::beyond(&by, 60_000_000), 1);
-        assert_eq!(MirrorPairs::beyond(&[], 1_000), 0);
     }
 }
