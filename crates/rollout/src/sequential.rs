@@ -25,7 +25,8 @@ pub struct Observation {
     pub canary: Counts,
     pub stable: Counts,
     /// Mirrored requests paired with stable's answers to them (the dark launch's evidence).
-    pub pairs: PairedBatch,
+    /// Boxed: an input is moved through every step of the driving loop, and most have none.
+    pub pairs: Box<PairedBatch>,
 }
 
 impl Observation {

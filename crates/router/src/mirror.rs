@@ -180,7 +180,7 @@ mod tests {
         // The canary answers first; nothing is counted until stable has answered too.
         let (stable, canary) = PairSide::new(service, &r);
         canary.answered(500, ms(4));
-        assert!(m.snapshot([]).services.get("default").is_none());
+        assert!(!m.snapshot([]).services.contains_key("default"));
         stable.answered(200, ms(3));
         assert_eq!(outcomes().outcomes, [[0, 1], [0, 0]]);
 

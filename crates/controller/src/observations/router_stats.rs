@@ -127,7 +127,7 @@ impl Counters {
                 counts: Observation {
                     canary: between(before, &now, |s| &s.canary),
                     stable: between(before, &now, |s| &s.stable),
-                    pairs: pairs_between(before, &now),
+                    pairs: Box::new(pairs_between(before, &now)),
                 },
                 restarted: instances(before) != instances(&now),
             },
