@@ -1735,6 +1735,11 @@ mod tests {
         assert_eq!(refused_field(&rollout), "spec.analysis.mirror");
         // Only Coalmine's routers know where a client is.
         rollout.spec.analysis.mirror = false;
+        // Only Coalmine's routers pair a mirrored request with stable's answer.
+        rollout.spec.analysis.dark_launch =
+            Some(serde_json::from_value(serde_json::json!({})).unwrap());
+        assert_eq!(refused_field(&rollout), "spec.analysis.darkLaunch");
+        rollout.spec.analysis.dark_launch = None;
         rollout.spec.analysis.match_ = serde_json::from_value(serde_json::json!([
             {"headers": {"x-canary": {"exact": "true"}}},
             {"geo": {"country": {"exact": "DE"}}}
