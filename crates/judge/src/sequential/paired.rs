@@ -28,8 +28,8 @@
 //! So the test *is* [`CountsTest`] fed discordant pairs as equal-share batches. Its prior is set
 //! for a dark launch: uniform on θ ∈ (½, 1) (Beta(1, 1) at the reference share ½, concentration
 //! 2), since a broken build tends to fail many requests stable answers, not a few per cent
-//! more. All `c` discordant pairs the canary's give BF ≈ 2^(c+1)/(c+1): 10 of them reach 186,
-//! beyond 1/α for α = 0.01.
+//! more. All `c` discordant pairs the canary's give BF = (2^(c+1) − 1)/(c + 1): 11 of them reach
+//! 341, beyond 2/α = 200 for α = 0.01 (each test runs at α/2, below).
 //!
 //! # Latency: the same test on signs
 //!
