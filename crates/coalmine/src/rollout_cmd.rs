@@ -536,6 +536,10 @@ impl Reporter {
                     "failedChecks": status.failed_checks,
                     "routersUpdated": settled,
                     "durationSeconds": (status.last_transition_ms.saturating_sub(status.started_ms)) as f64 / 1000.0,
+                    "darkLaunch": status.dark_launch.as_ref().map(|d| serde_json::json!({
+                        "stage": d.stage,
+                        "evidence": d.evidence(),
+                    })),
                 })
             ),
             OutputFormat::Text => {

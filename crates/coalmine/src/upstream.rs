@@ -80,6 +80,9 @@ pub struct Upstream {
 #[derive(Default)]
 struct Received {
     requests: u64,
+    /// Copies a router mirrored here (`x-coalmine-mirror: true`): everything else came from
+    /// users.
+    mirrored: u64,
     by_method: HashMap<String, u64>,
     ids: HashMap<String, u32>,
     duplicates: u64,
@@ -165,6 +168,13 @@ impl Upstream {
         let mut r = self.received.lock().expect("received");
         let method = req.method().as_str().to_string();
         r.requests += 1;
+        if req
+            .headers()
+            .get("x-coalmine-mirror")
+            .is_some_and(|v| v == "true")
+        {
+            r.mirrored += 1;
+        }
         *r.by_method.entry(method.clone()).or_default() += 1;
         let Some(id) = req
             .headers()
@@ -186,6 +196,8 @@ impl Upstream {
         let r = self.received.lock().expect("received");
         serde_json::json!({
             "requests": r.requests,
+            "mirrored": r.mirrored,
+            "notMirrored": r.requests - r.mirrored,
             "byMethod": r.by_method,
             "duplicates": r.duplicates,
             "duplicatesByMethod": r.duplicates_by_method,

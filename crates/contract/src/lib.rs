@@ -31,7 +31,9 @@ pub use routes::{
     Endpoints, HeaderChanges, HeaderValueSpec, HostPattern, PathMatch, PathPrefix, Picked,
     RoutesDoc, RoutesPatch, ServedRoutes, StickyKey, UpstreamUrl, DEFAULT_SERVICE, OWNER_HEADER,
 };
-pub use stats::{Latency, LocalStats, MirrorStats, ServiceStats, StatsDoc, VersionStats};
+pub use stats::{
+    Latency, LocalStats, MirrorPairs, MirrorStats, ServiceStats, StatsDoc, VersionStats,
+};
 pub use sticky::{in_canary, sticky_bucket, sticky_salt, BUCKETS};
 pub use weight::Weight;
 

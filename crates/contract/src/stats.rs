@@ -93,6 +93,45 @@ pub struct MirrorStats {
     /// Time until each answered copy's response head.
     #[serde(default)]
     pub latency: Latency,
+    /// Each copy paired with the user's answer to the same request: what a dark launch is
+    /// judged on. Absent from older routers: all zero.
+    #[serde(default)]
+    pub pairs: MirrorPairs,
+}
+
+/// Mirrored requests paired with stable's answer to the same request. A failure is a 5xx
+/// (the router's 502/504 for a version that gave no answer included); a pair one side of which
+/// failed on the router's or the client's account is `unpaired`, never either version's.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct MirrorPairs {
+    #[serde(default)]
+    pub both_ok: u64,
+    /// The canary's copy failed where stable answered the user well.
+    #[serde(default)]
+    pub canary_only_failed: u64,
+    /// Stable failed the user where the canary's copy was answered well.
+    #[serde(default)]
+    pub stable_only_failed: u64,
+    #[serde(default)]
+    pub both_failed: u64,
+    #[serde(default)]
+    pub unpaired: u64,
+    /// Of the pairs both answered well, `[microseconds, count]`: how many the canary's copy
+    /// answered more than that much later than stable answered the user (the bounds are the
+    /// router's latency buckets', from 0; cumulative, so a reader picks its tolerance).
+    #[serde(default)]
+    pub canary_slower_by: Vec<(u64, u64)>,
+    /// Likewise, how many it answered more than that much sooner.
+    #[serde(default)]
+    pub canary_faster_by: Vec<(u64, u64)>,
+}
+
+impl MirrorPairs {
+    /// Pairs in which both versions answered (well or not).
+    pub fn answered(&self) -> u64 {
+        self.both_ok + self.canary_only_failed + self.stable_only_failed + self.both_failed
+    }
 }
 
 /// What the router failed on its own account.
@@ -137,6 +176,7 @@ mod tests {
         assert_eq!(doc.stable.statuses[&200], 1);
         assert_eq!(doc.stable.latency.counts, vec![(100, 1)]);
         assert_eq!(doc.mirror, MirrorStats::default());
+        assert_eq!(doc.mirror.pairs.answered(), 0);
         assert!(serde_json::from_value::<StatsDoc>(serde_json::json!({"instance": "i"})).is_err());
     }
 
@@ -154,6 +194,14 @@ mod tests {
             assert!(json.get(field).is_some(), "{field}");
         }
         assert!(json["mirror"].get("skippedWithBody").is_some());
+        for field in [
+            "canaryOnlyFailed",
+            "stableOnlyFailed",
+            "canarySlowerBy",
+            "unpaired",
+        ] {
+            assert!(json["mirror"]["pairs"].get(field).is_some(), "{field}");
+        }
         assert!(json["router"].get("localFailures").is_some());
         assert!(json["router"].get("acceptErrors").is_some());
         assert!(json["stable"]["latency"].get("significantDigits").is_some());

@@ -187,7 +187,9 @@ impl Driver {
                 saved_phase,
             },
             // The sequential judges decide between ticks: they see the counts every second.
-            sample_every_ms: if spec.analysis.sequential.enabled {
+            sample_every_ms: if spec.analysis.sequential.enabled
+                || spec.analysis.dark_launch.is_some()
+            {
                 (shortest / 4).clamp(200, 1000)
             } else {
                 (shortest / 4).clamp(200, 5000)
@@ -257,7 +259,7 @@ impl Driver {
                         // A missed sample only widens the next step; the tick reports errors.
                         let _ = self.edge.sample(&self.machine.traffic()).await;
                         next_sample = now + self.sample_every_ms;
-                        if self.machine.plan().sequential.is_some() {
+                        if self.machine.plan().observes() {
                             let observation = std::mem::take(&mut self.edge.unobserved);
                             self.feed(Input::Observe(observation), store).await;
                         }
@@ -372,10 +374,7 @@ impl Driver {
     fn hold_unsaved(&mut self, input: Input, error: StateError) {
         let reason = error.to_string();
         match input {
-            Input::Observe(observation) => {
-                self.edge.unobserved.canary.add(&observation.canary);
-                self.edge.unobserved.stable.add(&observation.stable);
-            }
+            Input::Observe(observation) => self.edge.unobserved.add(&observation),
             Input::Tick { .. } | Input::Hooks { .. } | Input::Analysis { .. } => {}
             command => self.unsaved_inputs.push_back(command),
         }
@@ -485,8 +484,7 @@ impl Edge {
     async fn sample(&mut self, traffic: &Traffic) -> Result<(), ObserveError> {
         let sample = self.observations.sample().await?;
         let now = self.clock.now_ms();
-        self.unobserved.canary.add(&sample.counts.canary);
-        self.unobserved.stable.add(&sample.counts.stable);
+        self.unobserved.add(&sample.counts);
         if let Some(start) = self.last_sample_ms.replace(now) {
             self.window.push(start, now, sample.counts);
         }

@@ -5,7 +5,7 @@
 use serde_json::{json, Value};
 
 use coalmine_judge::{Reading, Verdict};
-use coalmine_rollout::{Event, MetricStatus, Phase, Status};
+use coalmine_rollout::{DarkLaunchStage, Event, MetricStatus, Phase, Status};
 use coalmine_spec::rollout::{Rollout, Target};
 
 use crate::time::rfc3339;
@@ -40,6 +40,30 @@ fn promoted_condition(status: &Status) -> Value {
         "message": status.message,
         "lastTransitionTime": rfc3339(status.last_transition_ms),
     })
+}
+
+/// Coalmine's `DarkLaunch` condition, while a rollout has one: Unknown while it mirrors, True
+/// once it passed, False when the canary was worse than stable on the same requests (or the
+/// rollout ended during it).
+fn dark_launch_condition(status: &Status) -> Option<Value> {
+    let dark = status.dark_launch.as_ref()?;
+    let (state, reason) = match dark.stage {
+        DarkLaunchStage::Running => ("Unknown", "Mirroring"),
+        DarkLaunchStage::Passed => ("True", "Passed"),
+        DarkLaunchStage::Failed => ("False", "Failed"),
+    };
+    let e = dark.evidence();
+    let t = e.totals;
+    Some(json!({
+        "type": "DarkLaunch",
+        "status": state,
+        "reason": reason,
+        "message": format!(
+            "{} paired requests: the canary alone failed {}, stable alone {}; the canary slower on {}, faster on {}",
+            t.pairs, t.canary_only_failed, t.stable_only_failed, t.canary_slower, t.canary_faster
+        ),
+        "lastTransitionTime": rfc3339(dark.ended_ms.unwrap_or(dark.started_ms)),
+    }))
 }
 
 /// Each check's last reading as users see it: `{name, value, verdict, reason, time}`.
@@ -83,6 +107,7 @@ pub fn holding_message(held: &Held) -> String {
 pub fn status_json(rollout: &Rollout, status: &Status, held: Option<&Held>) -> Value {
     let metrics = metrics_json(&status.metrics);
     let mut conditions = vec![promoted_condition(status)];
+    conditions.extend(dark_launch_condition(status));
     let mut message = status.message.clone();
     if let Some(held) = held {
         conditions.push(json!({
@@ -115,6 +140,13 @@ pub fn status_json(rollout: &Rollout, status: &Status, held: Option<&Held>) -> V
         "metrics": metrics,
         // The sequential judges' evidence as it grows: Bayes factor and always-valid p-values.
         "sequential": status.sequential.as_ref().map(|s| s.evidence()),
+        // The dark launch's paired evidence: Bayes factors on the pairs only one version
+        // failed and on latency differences beyond the tolerance.
+        "darkLaunch": status.dark_launch.as_ref().map(|d| json!({
+            "stage": d.stage,
+            "startedAt": rfc3339(d.started_ms),
+            "evidence": d.evidence(),
+        })),
     })
 }
 

@@ -128,7 +128,11 @@ impl ObservationSource for FakeUsers {
         }
         Box::pin(async move {
             Ok(Sample {
-                counts: Observation { canary, stable },
+                counts: Observation {
+                    canary,
+                    stable,
+                    ..Observation::default()
+                },
                 restarted: false,
             })
         })

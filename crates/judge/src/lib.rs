@@ -18,7 +18,10 @@
 //!   - [`sequential::quantiles`]: time-uniform DKW bands on each arm's latency distribution
 //!     (Howard & Ramdas, Bernoulli 2022), declaring a regression when a lower confidence bound on
 //!     canary p50/p95/p99 ÷ stable's exceeds 1 + tolerance;
-//!   - [`sequential::dkw`]: that band and its constant.
+//!   - [`sequential::dkw`]: that band and its constant;
+//!   - [`sequential::paired`]: a dark launch's mirrored requests compared pair by pair with
+//!     stable's answers to the same requests — the failure-origin test at share ½ on the pairs
+//!     only one version failed, and a sign test on their latency.
 //! - [`kayenta`]: Kayenta's fixed-window judge (Mann–Whitney U at 98 % confidence, Hodges–Lehmann
 //!   effect, Pass/High/Low/Nodata, weighted score) for users who know Kayenta. Not anytime-valid:
 //!   run it once per window.
@@ -34,5 +37,6 @@ pub mod threshold;
 
 pub use counts::Counts;
 pub use sequential::counts::{Batch, CountsConfig, CountsEvidence, CountsTest};
+pub use sequential::paired::{PairedBatch, PairedEvidence, PairedRejection, PairedTest};
 pub use sequential::quantiles::{LatencyConfig, LatencyEvidence, LatencyHistogram, LatencyTest};
 pub use threshold::{judge_threshold, Reading, Verdict};

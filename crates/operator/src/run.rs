@@ -955,6 +955,17 @@ fn check(rollout: &Rollout) -> Result<(), ReconcileError> {
 fn check_routes(rollout: &Rollout) -> Result<(), ReconcileError> {
     let spec = &rollout.spec;
     let routes = || RouteSpec::of(rollout, None);
+    // Only Coalmine's routers pair a mirrored request with stable's answer to it, what a dark
+    // launch is judged on.
+    if spec.provider != TrafficProvider::Coalmine && spec.analysis.dark_launch.is_some() {
+        return Err(ReconcileError::Invalid {
+            field: "spec.analysis.darkLaunch".into(),
+            message: format!(
+                "provider {} does not pair mirrored requests with stable's answers, which a dark launch is judged on; only Coalmine's routers (provider coalmine) do",
+                spec.provider.name()
+            ),
+        });
+    }
     // Only Coalmine's routers know where a client is.
     if spec.provider != TrafficProvider::Coalmine {
         if let Some(i) = spec.analysis.match_.iter().position(|m| !m.geo.is_empty()) {
@@ -1724,6 +1735,11 @@ mod tests {
         assert_eq!(refused_field(&rollout), "spec.analysis.mirror");
         // Only Coalmine's routers know where a client is.
         rollout.spec.analysis.mirror = false;
+        // Only Coalmine's routers pair a mirrored request with stable's answer.
+        rollout.spec.analysis.dark_launch =
+            Some(serde_json::from_value(serde_json::json!({})).unwrap());
+        assert_eq!(refused_field(&rollout), "spec.analysis.darkLaunch");
+        rollout.spec.analysis.dark_launch = None;
         rollout.spec.analysis.match_ = serde_json::from_value(serde_json::json!([
             {"headers": {"x-canary": {"exact": "true"}}},
             {"geo": {"country": {"exact": "DE"}}}

@@ -8,6 +8,7 @@
 //! Phases and their order are Flagger's (see `ARCHITECTURE.md` for the tick-by-tick table).
 
 mod builtin;
+pub mod dark_launch;
 mod drive;
 pub mod group;
 mod machine;
@@ -16,6 +17,7 @@ pub mod sequential;
 mod window;
 
 pub use builtin::builtin_reading;
+pub use dark_launch::{DarkLaunchPlan, DarkLaunchStage, DarkLaunchStatus};
 pub use drive::{NotSaved, World};
 pub use machine::{
     Action, Event, EventLevel, Gate, HookResult, Input, Machine, MetricStatus, Outcome, Phase,

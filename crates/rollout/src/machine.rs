@@ -5,6 +5,7 @@ use coalmine_spec::rollout::{FailureCounting, HookKind, NoDataRule};
 
 use coalmine_spec::Weight;
 
+use crate::dark_launch::{DarkLaunchStage, DarkLaunchStatus};
 use crate::plan::{Plan, Strategy};
 
 /// Flagger's canary phases, same names, same order (a Canary's `status.phase` is one of these;
@@ -258,6 +259,9 @@ pub struct Status {
     /// It would go on (start, raise its weight, promote) and its group's gate holds it.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub at_gate: bool,
+    /// The dark launch, from its start (`analysis.darkLaunch`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dark_launch: Option<DarkLaunchStatus>,
 }
 
 /// One rollout's state machine. Its state changes only through [`Machine::handle`] (and the
@@ -292,6 +296,7 @@ impl Machine {
                 sequential: None,
                 gate: None,
                 at_gate: false,
+                dark_launch: None,
             },
         }
     }
@@ -483,6 +488,7 @@ impl Machine {
         self.status.iterations = 0;
         self.status.mirrored = false;
         self.status.stalled_since_ms = None;
+        self.status.dark_launch = None;
         self.event(
             now,
             EventLevel::Info,
@@ -602,6 +608,9 @@ impl Machine {
     fn strategy_step(&mut self, now: u64, out: &mut Vec<Action>) {
         match self.plan.strategy.clone() {
             Strategy::Canary { mirror_first, .. } => {
+                if self.dark_launch_holds(now, out) {
+                    return;
+                }
                 let s = &self.status;
                 if mirror_first && !s.mirrored && s.canary_weight == Weight::ZERO {
                     self.status.mirrored = true;
@@ -640,6 +649,64 @@ impl Machine {
                 }
             }
         }
+    }
+
+    /// The dark launch before the first weight step: started here, held here until it has
+    /// lasted its duration and paired its requests, and then passed. Whether it holds the
+    /// canary at weight 0 for now.
+    fn dark_launch_holds(&mut self, now: u64, out: &mut Vec<Action>) -> bool {
+        let Some(plan) = self.plan.dark_launch.clone() else {
+            return false;
+        };
+        if self.status.canary_weight > Weight::ZERO {
+            return false;
+        }
+        let Some(dark) = &mut self.status.dark_launch else {
+            self.status.mirrored = true;
+            self.status.dark_launch = Some(DarkLaunchStatus::new(&plan, now));
+            let message = format!(
+                "Dark launch: mirroring {} % of stable's requests to the canary (its answers discarded), comparing its answer to each with stable's, for at least {}s and {} paired requests",
+                percent(plan.mirror_weight),
+                plan.duration_ms / 1000,
+                plan.min_requests,
+            );
+            self.event(now, EventLevel::Info, &message, out);
+            return true;
+        };
+        if dark.stage != DarkLaunchStage::Running {
+            return false;
+        }
+        let (pairs, ends) = (dark.pairs(), dark.started_ms + plan.duration_ms);
+        if now < ends {
+            self.status.message = format!(
+                "Dark launch: {pairs} paired requests, {}s to go",
+                (ends - now).div_ceil(1000)
+            );
+            return true;
+        }
+        if pairs < plan.min_requests {
+            // Too little traffic to judge: held, as long as the progress deadline allows.
+            let reason = format!(
+                "dark launch: {pairs} of {} paired requests after {}s",
+                plan.min_requests,
+                (now - dark.started_ms) / 1000
+            );
+            if now - ends >= self.plan.progress_deadline_ms {
+                let reason = format!(
+                    "no progress for {}s (progressDeadlineSeconds): {reason}",
+                    self.plan.progress_deadline_ms / 1000
+                );
+                self.roll_back(now, &reason, out);
+            } else {
+                let message = format!("Holding weight: {reason}");
+                self.status.message = message.clone();
+                self.event(now, EventLevel::Warning, &message, out);
+            }
+            return true;
+        }
+        let message = dark.pass(now);
+        self.event(now, EventLevel::Info, &message, out);
+        false
     }
 
     fn next_iteration(&mut self, now: u64, of: u32, out: &mut Vec<Action>) {
@@ -714,12 +781,19 @@ impl Machine {
             self.status.phase,
             Phase::Progressing | Phase::WaitingPromotion
         );
-        let Some(plan) = &self.plan.sequential else {
-            return;
-        };
         if !analysing || self.status.outcome.is_some() || self.status.paused {
             return;
         }
+        if let Some(dark) = &mut self.status.dark_launch {
+            if dark.stage == DarkLaunchStage::Running {
+                if let Some(reason) = dark.observe(&observation.pairs, now) {
+                    return self.roll_back(now, &reason, out);
+                }
+            }
+        }
+        let Some(plan) = &self.plan.sequential else {
+            return;
+        };
         // A sample without a request tells the judges nothing; it is not a step to record.
         if observation.canary.requests == 0 && observation.stable.requests == 0 {
             return;
@@ -794,6 +868,12 @@ impl Machine {
         self.status.canary_weight = Weight::ZERO;
         self.status.mirrored = false;
         self.status.promoted = false;
+        if let Some(dark) = &mut self.status.dark_launch {
+            if dark.stage == DarkLaunchStage::Running {
+                dark.stage = DarkLaunchStage::Failed;
+                dark.ended_ms = Some(now);
+            }
+        }
         self.status.next_tick_ms = None;
         self.status.outcome = Some(Outcome::RolledBack);
         let message = format!("Rolling back: {reason}");

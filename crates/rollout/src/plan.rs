@@ -52,6 +52,9 @@ pub struct Plan {
     /// The sequential judges' settings; None when `analysis.sequential.enabled` is false.
     #[serde(default)]
     pub sequential: Option<crate::sequential::SequentialPlan>,
+    /// `analysis.darkLaunch`: before the first weight step (canary strategy only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dark_launch: Option<crate::dark_launch::DarkLaunchPlan>,
 }
 
 impl Plan {
@@ -93,9 +96,23 @@ impl Plan {
             progress_deadline_ms: progress_deadline_seconds.saturating_mul(1000),
             skip_analysis,
             uses_match: has_match,
-            mirror_weight: analysis.mirror_weight,
+            // A dark launch's share is the mirror share (the spec refuses both together).
+            mirror_weight: match &analysis.dark_launch {
+                Some(dark) => Some(dark.mirror_weight),
+                None => analysis.mirror_weight,
+            },
             sequential: crate::sequential::SequentialPlan::from_settings(&analysis.sequential),
+            dark_launch: analysis
+                .dark_launch
+                .as_ref()
+                .map(crate::dark_launch::DarkLaunchPlan::from_settings),
         }
+    }
+
+    /// Whether the machine wants every sampling step's counts ([`crate::Input::Observe`]):
+    /// its sequential judges or its dark launch decide between ticks.
+    pub fn observes(&self) -> bool {
+        self.sequential.is_some() || self.dark_launch.is_some()
     }
 
     /// The weight the canary ends its analysis at.

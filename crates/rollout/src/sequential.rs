@@ -16,7 +16,7 @@ const PRIOR_CONCENTRATION: f64 = 10.0;
 use coalmine_judge::sequential::quantiles::{
     LatencyConfig, LatencyEvidence, LatencyHistogram, LatencyTest,
 };
-use coalmine_judge::Counts;
+use coalmine_judge::{Counts, PairedBatch};
 use coalmine_spec::rollout::Sequential;
 
 /// Both versions' counters over one sampling step (not cumulative).
@@ -24,6 +24,18 @@ use coalmine_spec::rollout::Sequential;
 pub struct Observation {
     pub canary: Counts,
     pub stable: Counts,
+    /// Mirrored requests paired with stable's answers to them (the dark launch's evidence).
+    /// Boxed: an input is moved through every step of the driving loop, and most have none.
+    pub pairs: Box<PairedBatch>,
+}
+
+impl Observation {
+    /// Adds a later step: the two as one step.
+    pub fn add(&mut self, other: &Observation) {
+        self.canary.add(&other.canary);
+        self.stable.add(&other.stable);
+        self.pairs.add(&other.pairs);
+    }
 }
 
 /// The settings a plan carries (`analysis.sequential`, validated).

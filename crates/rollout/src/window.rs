@@ -102,7 +102,7 @@ mod tests {
         }
         Observation {
             canary,
-            stable: Counts::default(),
+            ..Observation::default()
         }
     }
 

@@ -669,3 +669,151 @@ fn a_step_that_changes_nothing_is_not_written_again() {
     drive(&mut machine, &mut store, Input::Tick { traffic: Ok(()) });
     assert!(store.saves > after_start);
 }
+
+/// Flagger's tutorial's ladder after a dark launch of 2 minutes and 500 paired requests.
+const DARK: &str = "
+interval: 1m
+stepWeight: 10
+maxWeight: 20
+darkLaunch: {mirrorWeight: 20, duration: 2m, minRequests: 500}
+metrics:
+  - name: request-success-rate
+    thresholdRange: {min: 99}
+    interval: 1m
+  - name: request-duration
+    thresholdRange: {max: 500}
+    interval: 30s
+";
+
+/// One second's observation: `pairs` mirrored requests, `canary_only` of them failed by the
+/// canary alone.
+fn paired_second(pairs: u64, canary_only: u64) -> Input {
+    let mut step = coalmine_rollout::Observation::default();
+    step.stable.requests = 5 * pairs;
+    // The copies' answers are the canary's counts too (the routers' observation source says
+    // so); only the pairs are fed here, the dark launch's own evidence.
+    step.pairs.both_ok = pairs - canary_only;
+    step.pairs.canary_only_failed = canary_only;
+    Input::Observe(step)
+}
+
+/// Feeds one observation a second from just after the last tick up to the next one.
+fn observe_until_next_tick(h: &mut Harness, mut second: impl FnMut(u64) -> Input) {
+    let due = h.machine.next_tick_ms().expect("a tick is due");
+    let mut t = h.now + 1000;
+    while t < due && h.outcome.is_none() {
+        h.machine.handle(t, second(t));
+        h.outcome = h.machine.outcome();
+        t += 1000;
+    }
+}
+
+#[test]
+fn a_dark_launch_mirrors_at_weight_zero_and_passes_on_to_the_first_step() {
+    let mut h = Harness::new(DARK);
+    // T0 starts the analysis, T1 the dark launch (where the first weight step would be).
+    h.tick(&mut healthy);
+    h.tick(&mut healthy);
+    assert_eq!((h.phase(), h.weight()), (Phase::Progressing, 0));
+    let traffic = h.machine.traffic();
+    assert_eq!(traffic.canary_weight, Weight::ZERO);
+    assert_eq!(traffic.mirror_weight, Weight::from_percent(20.0).unwrap());
+    assert!(
+        h.events
+            .last()
+            .unwrap()
+            .starts_with("Dark launch: mirroring 20 % of stable's requests"),
+        "{:?}",
+        h.events
+    );
+    fn h_dark(h: &Harness) -> coalmine_rollout::DarkLaunchStatus {
+        h.machine.status().dark_launch.clone().unwrap()
+    }
+    assert_eq!(h_dark(&h).stage, coalmine_rollout::DarkLaunchStage::Running);
+    // 5 pairs a second, the canary answering as stable does, one observation a second
+    // between the ticks: 2 minutes make 590 pairs.
+    for _ in 0..2 {
+        observe_until_next_tick(&mut h, |_| paired_second(5, 0));
+        assert_eq!(h.outcome, None, "{}", h.machine.status().message);
+        h.tick(&mut healthy);
+    }
+    assert_eq!(h.now, 3 * MINUTE);
+    assert_eq!(h.weight(), 10, "{:?}", h.events);
+    assert_eq!(h.machine.traffic().mirror_weight, Weight::ZERO);
+    let passed = h
+        .events
+        .iter()
+        .find(|e| e.starts_with("Dark launch passed"))
+        .unwrap();
+    assert!(passed.contains("590 paired requests over 120s"), "{passed}");
+    assert_eq!(h_dark(&h).stage, coalmine_rollout::DarkLaunchStage::Passed);
+    // Observations after it change nothing of it.
+    observe_until_next_tick(&mut h, |_| paired_second(5, 5));
+    assert_eq!(h_dark(&h).pairs(), 590);
+    h.tick(&mut healthy);
+    assert_eq!(h.weight(), 20);
+}
+
+#[test]
+fn a_canary_failing_three_percent_of_mirrored_requests_is_rolled_back_before_any_weight() {
+    let mut h = Harness::new(DARK);
+    h.tick(&mut healthy);
+    h.tick(&mut healthy);
+    // 20 pairs a second; the canary fails 3 of each 100 that stable answers well.
+    let mut weights = vec![];
+    while h.outcome.is_none() && h.now < 10 * MINUTE {
+        observe_until_next_tick(&mut h, |t| paired_second(20, u64::from((t / 1000) % 5 < 3)));
+        weights.push(h.weight());
+        if h.outcome.is_none() {
+            h.tick(&mut healthy);
+            weights.push(h.weight());
+        }
+    }
+    assert_eq!(h.outcome, Some(Outcome::RolledBack));
+    assert!(weights.iter().all(|w| *w == 0), "{weights:?}");
+    let status = h.machine.status();
+    let failed_at = status.last_transition_ms;
+    // Started at T1 (60 s); 11 failures, all the canary's, give a Bayes factor of
+    // (2^12 − 1)/12 = 341 ≥ 2/α = 200: some 18 s at 3 failures in 5 s.
+    assert!(
+        (70_000..90_000).contains(&failed_at),
+        "rolled back {failed_at} ms in"
+    );
+    let dark = status.dark_launch.clone().unwrap();
+    assert_eq!(dark.stage, coalmine_rollout::DarkLaunchStage::Failed);
+    assert!(
+        status.message.contains("Dark launch failed"),
+        "{}",
+        status.message
+    );
+    let traffic = h.machine.traffic();
+    assert!(!traffic.canary && traffic.mirror_weight == Weight::ZERO);
+}
+
+#[test]
+fn a_dark_launch_without_enough_pairs_holds_until_the_deadline() {
+    let mut h = Harness::with_deadline(DARK, 120);
+    for _ in 0..4 {
+        observe_until_next_tick(&mut h, |_| paired_second(1, 0));
+        h.tick(&mut healthy);
+    }
+    assert_eq!((h.phase(), h.weight()), (Phase::Progressing, 0));
+    assert!(
+        h.events
+            .last()
+            .unwrap()
+            .contains("dark launch: 118 of 500 paired requests after 120s"),
+        "{:?}",
+        h.events
+    );
+    for _ in 0..2 {
+        observe_until_next_tick(&mut h, |_| paired_second(1, 0));
+        h.tick(&mut healthy);
+    }
+    assert_eq!(h.outcome, Some(Outcome::RolledBack));
+    assert!(
+        h.events.last().unwrap().contains("progressDeadlineSeconds"),
+        "{:?}",
+        h.events
+    );
+}

@@ -4,12 +4,14 @@
 use std::fmt::Write as _;
 use std::sync::atomic::Ordering::Relaxed;
 
-use coalmine_contract::{Latency, LocalStats, MirrorStats, ServiceStats, StatsDoc, VersionStats};
+use coalmine_contract::{
+    Latency, LocalStats, MirrorPairs, MirrorStats, ServiceStats, StatsDoc, VersionStats,
+};
 use hdrhistogram::Histogram;
 
 use crate::recorder::{
-    Metrics, ServiceSnapshot, Snapshot, UpstreamFailure, VersionSnapshot, HDR_SIGFIG,
-    LATENCY_BUCKETS,
+    Metrics, PairsSnapshot, ServiceSnapshot, Snapshot, UpstreamFailure, VersionSnapshot,
+    HDR_SIGFIG, LATENCY_BUCKETS,
 };
 use crate::route::Version;
 use crate::table::RouteTable;
@@ -56,6 +58,35 @@ impl crate::recorder::MirrorSnapshot {
             dropped: self.dropped,
             skipped_with_body: self.skipped_with_body,
             latency: latency_doc(&self.latency, 0),
+            pairs: self.pairs.stats(),
+        }
+    }
+}
+
+/// Each latency bucket's lower bound in microseconds, from 0: the bounds a latency difference
+/// is counted "more than".
+fn difference_bounds() -> impl Iterator<Item = u64> {
+    std::iter::once(0).chain(LATENCY_BUCKETS.iter().map(|b| (b * 1e6).round() as u64))
+}
+
+impl PairsSnapshot {
+    fn stats(&self) -> MirrorPairs {
+        // Bucket i holds differences in (bound i, bound i+1]: "more than bound k" is the sum
+        // of the buckets from k on.
+        let more_than = |by: &[u64]| -> Vec<(u64, u64)> {
+            difference_bounds()
+                .enumerate()
+                .map(|(k, bound)| (bound, by[k..].iter().sum()))
+                .collect()
+        };
+        MirrorPairs {
+            both_ok: self.outcomes[0][0],
+            canary_only_failed: self.outcomes[0][1],
+            stable_only_failed: self.outcomes[1][0],
+            both_failed: self.outcomes[1][1],
+            unpaired: self.unpaired,
+            canary_slower_by: more_than(&self.slower),
+            canary_faster_by: more_than(&self.faster),
         }
     }
 }
@@ -268,6 +299,62 @@ impl Snapshot {
             );
         }
         out.family(
+            "coalmine_router_mirror_pairs_total",
+            "Mirrored requests paired with stable's answer to the same request, by whether each failed (5xx).",
+            "counter",
+        );
+        let class = |failed: usize| if failed == 1 { "error" } else { "ok" };
+        for (service, s) in &self.services {
+            for (stable, row) in s.mirror.pairs.outcomes.iter().enumerate() {
+                for (canary, n) in row.iter().enumerate() {
+                    let labels = [
+                        ("service", service.as_str()),
+                        ("stable", class(stable)),
+                        ("canary", class(canary)),
+                    ];
+                    out.sample("coalmine_router_mirror_pairs_total", &labels, *n);
+                }
+            }
+        }
+        out.family(
+            "coalmine_router_mirror_unpaired_total",
+            "Mirrored requests not paired because one side failed on the router's or the client's account.",
+            "counter",
+        );
+        for (service, s) in &self.services {
+            out.sample(
+                "coalmine_router_mirror_unpaired_total",
+                &[("service", service)],
+                s.mirror.pairs.unpaired,
+            );
+        }
+        out.family(
+            "coalmine_router_mirror_pair_latency_difference_total",
+            "Pairs both answered well, by whether the canary's copy was answered later or sooner than stable answered the user, by more than `more_than` seconds.",
+            "counter",
+        );
+        for (service, s) in &self.services {
+            let doc = s.mirror.pairs.stats();
+            for (canary, by) in [
+                ("slower", &doc.canary_slower_by),
+                ("faster", &doc.canary_faster_by),
+            ] {
+                for (bound, n) in by {
+                    let more_than = (*bound as f64 / 1e6).to_string();
+                    let labels = [
+                        ("service", service.as_str()),
+                        ("canary", canary),
+                        ("more_than", more_than.as_str()),
+                    ];
+                    out.sample(
+                        "coalmine_router_mirror_pair_latency_difference_total",
+                        &labels,
+                        *n,
+                    );
+                }
+            }
+        }
+        out.family(
             "coalmine_router_canary_weight_ratio",
             "Share of unmatched traffic sent to the canary (0 to 1), by service.",
             "gauge",
@@ -416,6 +503,11 @@ mod tests {
             "coalmine_router_upstream_failures_total{service=\"default\",version=\"canary\",kind=\"connect\"} 1\n",
             "coalmine_router_canary_weight_ratio{service=\"cart\"} 0.05\n",
             "coalmine_router_route_generation 3\n",
+            "coalmine_router_mirror_pairs_total{service=\"default\",stable=\"ok\",canary=\"error\"} 1\n",
+            "coalmine_router_mirror_pairs_total{service=\"cart\",stable=\"error\",canary=\"ok\"} 0\n",
+            "coalmine_router_mirror_unpaired_total{service=\"default\"} 0\n",
+            "coalmine_router_mirror_pair_latency_difference_total{service=\"default\",canary=\"slower\",more_than=\"0\"} 1\n",
+            "coalmine_router_mirror_pair_latency_difference_total{service=\"default\",canary=\"slower\",more_than=\"0.005\"} 0\n",
         ] {
             assert!(text.contains(line), "{line} not in\n{text}");
         }
@@ -430,6 +522,11 @@ mod tests {
         let max = doc.stable.latency.counts.iter().map(|c| c.0).max().unwrap();
         assert!((29_700..=30_300).contains(&max), "{max}");
         assert!(doc.services.is_empty());
+        let pairs = &doc.mirror.pairs;
+        assert_eq!((pairs.both_ok, pairs.canary_only_failed), (1, 1));
+        assert_eq!(pairs.canary_slower_by[0], (0, 1));
+        assert_eq!(pairs.canary_slower_by[1], (1_000, 1));
+        assert_eq!(pairs.canary_slower_by[3], (5_000, 0));
         let cart = s.stats_doc(&m, 3, "cart", false);
         assert_eq!((cart.stable.requests, cart.canary.requests), (1, 0));
         let all = s.stats_doc(&m, 3, "default", true);

@@ -26,7 +26,7 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use crate::dispatch::{answer_undeliverable, dispatch, Dispatch, Undeliverable};
 use crate::drain;
 use crate::framing::{head_end, BadChunk, Framing};
-use crate::mirror;
+use crate::mirror::{self, PairSide};
 use crate::recorder::UpstreamFailure;
 use crate::rewrite::{
     header_slots, plain_response, response_head, AnswerChanges, RequestHead, ResponseHead,
@@ -162,6 +162,8 @@ struct Request<'t> {
     head_method: bool,
     /// RFC 9110 §9.2.2: sending it twice has the effect of sending it once.
     idempotent: bool,
+    /// The user's side of the pair, when a copy went to the canary.
+    pair: Option<PairSide>,
 }
 
 /// What the fast path makes of a request head.
@@ -196,11 +198,12 @@ fn request_head<'t>(
             return Some(Routed::Answered { why, close });
         }
     };
+    let mut pair = None;
     if let Some(canary) = to.mirror_to {
         let (worker, client) = (&conn.worker, &conn.client);
         if matches!(head.framing, Framing::Empty) {
             let service = (to.counters(), &to.service.doc.request_headers);
-            mirror::copy_to_canary(worker, client, service, canary, || head.to_parts());
+            pair = mirror::copy_to_canary(worker, client, service, canary, || head.to_parts());
         } else {
             mirror::skipped_with_body(worker, to.counters());
         }
@@ -212,6 +215,7 @@ fn request_head<'t>(
         head_method: head.is_head(),
         idempotent: head.is_idempotent(),
         framing: head.framing,
+        pair,
     }))
 }
 
@@ -483,6 +487,9 @@ where
         Ok(r) => r,
         Err(ExchangeError::Client(e)) => return refuse(io, client_out, e).await,
         Err(ExchangeError::Upstream(e)) => {
+            if let Some(pair) = request.pair.take() {
+                pair.failed(&e, started.elapsed());
+            }
             let (status, text) =
                 count_failure(&worker.recorder, service, version, target, &e, started);
             // A body the upstream never took may still be on its way: close after answering.
@@ -520,19 +527,30 @@ where
             Ok(()) => io.flush().await.map_err(|_| Broken::Sink),
         },
     };
+    // The pair is counted with the user's answer, as the version's: the status the client got.
+    let pair = request.pair.take();
     match body {
         Ok(()) => {
             worker
                 .recorder
                 .record(service, version, resp.status, head_elapsed);
+            if let Some(pair) = pair {
+                pair.answered(resp.status, head_elapsed);
+            }
         }
         Err(Broken::Sink | Broken::SinkStalled) => {
             worker
                 .recorder
                 .record(service, version, resp.status, head_elapsed);
+            if let Some(pair) = pair {
+                pair.answered(resp.status, head_elapsed);
+            }
             return Next::Close;
         }
         Err(broken @ (Broken::Source | Broken::SourceStalled | Broken::BadChunk)) => {
+            if let Some(pair) = pair {
+                pair.answered(StatusCode::BAD_GATEWAY.as_u16(), head_elapsed);
+            }
             let e = match broken {
                 Broken::SourceStalled => UpstreamError::timed_out(TimedOut::AnswerBody),
                 Broken::BadChunk => UpstreamError::protocol("malformed chunked body"),
@@ -1033,8 +1051,12 @@ mod tests {
         for _ in 0..1000 {
             if metrics.snapshot([]).services["default"]
                 .mirror
-                .statuses
-                .contains_key(&503)
+                .pairs
+                .outcomes
+                .iter()
+                .flatten()
+                .sum::<u64>()
+                == 1
             {
                 break;
             }
@@ -1042,6 +1064,8 @@ mod tests {
         }
         let s = metrics.snapshot([]).services.remove("default").unwrap();
         assert_eq!(s.mirror.statuses.get(&503), Some(&1));
+        // Paired with the user's answer to the same request: stable well, the canary failed.
+        assert_eq!(s.mirror.pairs.outcomes, [[0, 1], [0, 0]]);
         assert!(
             s.versions[Version::Canary.index()].statuses.is_empty(),
             "a copy is not a canary request"

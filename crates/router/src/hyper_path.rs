@@ -27,7 +27,7 @@ use hyper_util::rt::TokioIo;
 
 use crate::dispatch::{answer_undeliverable, dispatch};
 use crate::framing::{BadChunk, Framing};
-use crate::mirror;
+use crate::mirror::{self, PairSide};
 use crate::recorder::{Recorder, ServiceId, UpstreamFailure};
 use crate::rewrite::{
     is_idempotent, is_upgrade, response_parts, strip_hop_by_hop, upstream_parts,
@@ -195,6 +195,8 @@ pub struct PendingRecord {
     version: Version,
     status: u16,
     head_elapsed: Duration,
+    /// The user's side of the pair, when a copy of the request went to the canary.
+    pair: Option<PairSide>,
 }
 
 impl PendingRecord {
@@ -203,6 +205,9 @@ impl PendingRecord {
     fn answered(self) {
         self.recorder
             .record(self.service, self.version, self.status, self.head_elapsed);
+        if let Some(pair) = self.pair {
+            pair.answered(self.status, self.head_elapsed);
+        }
     }
 
     /// The upstream broke its answer off (or stalled) after the head: the client saw a
@@ -215,6 +220,9 @@ impl PendingRecord {
             failure,
             self.head_elapsed,
         );
+        if let Some(pair) = self.pair {
+            pair.answered(StatusCode::BAD_GATEWAY.as_u16(), self.head_elapsed);
+        }
     }
 }
 
@@ -789,9 +797,9 @@ pub async fn handle(
     let (service, version, target) = (to.counters(), to.version, to.target);
     let changes = &to.service.doc.request_headers;
     let answer_changes = to.answer_changes();
-    if let Some(canary) = to.mirror_to {
-        mirror(worker, &req, client, (service, changes), canary);
-    }
+    let pair = to
+        .mirror_to
+        .and_then(|canary| mirror(worker, &req, client, (service, changes), canary));
     let upgrade = is_upgrade(&req);
     if upgrade {
         // Boxed for the same reason as a new upstream connection in `exchange`.
@@ -836,6 +844,7 @@ pub async fn handle(
                 version,
                 status: head.status,
                 head_elapsed: started.elapsed(),
+                pair,
             };
             answer_changes.apply(&mut parts.headers);
             let body = OwnedAnswer::new(
@@ -848,6 +857,9 @@ pub async fn handle(
             Response::from_parts(parts, ClientBody::Owned(body))
         }
         Err(ExchangeError::Upstream(e)) => {
+            if let Some(pair) = pair {
+                pair.failed(&e, started.elapsed());
+            }
             upstream_failed(worker, (service, version), target, e, started)
         }
         // Nothing of a bodyless request is the client's to break.
@@ -895,6 +907,7 @@ async fn proxy_streamed(
                 version,
                 status: parts.status.as_u16(),
                 head_elapsed: started.elapsed(),
+                pair: None,
             };
             strip_hop_by_hop(&mut parts.headers);
             let body =
@@ -1010,6 +1023,7 @@ async fn proxy_upgrade(
         version,
         status: parts.status.as_u16(),
         head_elapsed: started.elapsed(),
+        pair: None,
     };
     let body = ClientBody::upstream(body, None, Some(record), options.response_timeout);
     Response::from_parts(parts, body)
@@ -1023,10 +1037,10 @@ fn mirror(
     client: &ClientInfo,
     (service, changes): (ServiceId, &HeaderChanges),
     canary: &UpstreamUrl,
-) {
+) -> Option<PairSide> {
     if !req.body().is_end_stream() || is_upgrade(req) {
         mirror::skipped_with_body(worker, service);
-        return;
+        return None;
     }
     mirror::copy_to_canary(worker, client, (service, changes), canary, || {
         let mut copy = Request::new(());
@@ -1035,5 +1049,5 @@ fn mirror(
         *copy.version_mut() = req.version();
         *copy.headers_mut() = req.headers().clone();
         Some(copy.into_parts().0)
-    });
+    })
 }

@@ -155,6 +155,33 @@ struct ServiceCounters {
     mirror_dropped: AtomicU64,
     /// Requests picked for mirroring but not copied because they carried a body.
     mirror_skipped_body: AtomicU64,
+    pairs: PairCounters,
+}
+
+/// Mirrored requests paired with the user's answer to the same request (see
+/// [`crate::mirror::PairSide`]).
+#[derive(Default)]
+struct PairCounters {
+    /// Index `[stable failed][canary failed]`: a failure is a 5xx, the router's 502/504 for a
+    /// version included.
+    outcomes: [[AtomicU64; 2]; 2],
+    /// Pairs one side of which failed on the router's or the client's account: nobody's.
+    unpaired: AtomicU64,
+    /// Pairs both answered without a failure, by how much later the canary's copy was
+    /// answered than the user's: index `i` counts differences in `(b[i-1], b[i]]` of
+    /// [`LATENCY_BUCKETS`] `b`, the last index those above the last bound.
+    slower: [AtomicU64; LATENCY_BUCKETS.len() + 1],
+    /// Likewise, the canary's copy answered sooner.
+    faster: [AtomicU64; LATENCY_BUCKETS.len() + 1],
+}
+
+/// Index into [`PairCounters::slower`]/`faster` of a latency difference.
+fn difference_index(d: Duration) -> usize {
+    let secs = d.as_secs_f64();
+    LATENCY_BUCKETS
+        .iter()
+        .position(|&b| secs <= b)
+        .unwrap_or(LATENCY_BUCKETS.len())
 }
 
 impl ServiceCounters {
@@ -166,6 +193,7 @@ impl ServiceCounters {
             mirror_latency: Mutex::new(new_hdr()),
             mirror_dropped: AtomicU64::new(0),
             mirror_skipped_body: AtomicU64::new(0),
+            pairs: PairCounters::default(),
         }
     }
 }
@@ -291,6 +319,36 @@ impl Recorder {
     /// A request picked for mirroring but not copied because it carries a body.
     pub fn record_mirror_skipped_body(&self, service: ServiceId) {
         bump(&self.service(service).mirror_skipped_body, 1);
+    }
+
+    /// A mirrored request's two answers: the user's (stable's) and the canary's copy's, each
+    /// a status and the time until its head, `None` when that side failed on the router's or
+    /// the client's account (the pair is then nobody's evidence).
+    pub fn record_pair(
+        &self,
+        service: ServiceId,
+        stable: Option<(u16, Duration)>,
+        canary: Option<(u16, Duration)>,
+    ) {
+        let p = &self.service(service).pairs;
+        let (Some((stable, stable_took)), Some((canary, canary_took))) = (stable, canary) else {
+            bump(&p.unpaired, 1);
+            return;
+        };
+        let (stable_failed, canary_failed) = (stable >= 500, canary >= 500);
+        bump(
+            &p.outcomes[usize::from(stable_failed)][usize::from(canary_failed)],
+            1,
+        );
+        if stable_failed || canary_failed {
+            // A failure's time says how fast it failed, not how fast the version answers.
+            return;
+        }
+        if canary_took > stable_took {
+            bump(&p.slower[difference_index(canary_took - stable_took)], 1);
+        } else if stable_took > canary_took {
+            bump(&p.faster[difference_index(stable_took - canary_took)], 1);
+        }
     }
 }
 
@@ -450,6 +508,19 @@ impl ServiceSnapshot {
             let _ = m.latency.add(&*h);
         }
         m.requests = m.statuses.values().sum::<u64>() + m.failed;
+        let (p, c) = (&mut m.pairs, &c.pairs);
+        for (stable, row) in c.outcomes.iter().enumerate() {
+            for (canary, n) in row.iter().enumerate() {
+                p.outcomes[stable][canary] += n.load(Relaxed);
+            }
+        }
+        p.unpaired += c.unpaired.load(Relaxed);
+        for (sum, n) in p.slower.iter_mut().zip(&c.slower) {
+            *sum += n.load(Relaxed);
+        }
+        for (sum, n) in p.faster.iter_mut().zip(&c.faster) {
+            *sum += n.load(Relaxed);
+        }
     }
 }
 
@@ -515,6 +586,18 @@ pub struct MirrorSnapshot {
     pub skipped_with_body: u64,
     /// Time until each answered copy's response head.
     pub latency: Histogram<u64>,
+    pub pairs: PairsSnapshot,
+}
+
+/// Mirrored requests paired with the user's answer; see [`Recorder::record_pair`].
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PairsSnapshot {
+    /// `[stable failed][canary failed]`.
+    pub outcomes: [[u64; 2]; 2],
+    pub unpaired: u64,
+    /// Non-cumulative, by [`LATENCY_BUCKETS`] (the last index above the last bound).
+    pub slower: [u64; LATENCY_BUCKETS.len() + 1],
+    pub faster: [u64; LATENCY_BUCKETS.len() + 1],
 }
 
 impl MirrorSnapshot {
@@ -526,6 +609,7 @@ impl MirrorSnapshot {
             dropped: 0,
             skipped_with_body: 0,
             latency: empty_hdr(),
+            pairs: PairsSnapshot::default(),
         }
     }
 }
@@ -542,8 +626,8 @@ pub struct Snapshot {
 }
 
 /// Two workers' recorders with the default service's stable 200 in 3 ms and in 30 ms, canary
-/// 502 in 0.2 ms and one canary connect failure, and service `cart`'s stable 200 in 1 ms: the
-/// fixture of the counting and the exposition tests.
+/// 502 in 0.2 ms and one canary connect failure, two mirrored pairs, and service `cart`'s
+/// stable 200 in 1 ms: the fixture of the counting and the exposition tests.
 #[cfg(test)]
 pub(crate) fn two_workers_recorded() -> (Metrics, Arc<Recorder>, Arc<Recorder>) {
     let m = Metrics::new("i".into(), 0);
@@ -555,6 +639,10 @@ pub(crate) fn two_workers_recorded() -> (Metrics, Arc<Recorder>, Arc<Recorder>) 
     b.record(default, Version::Canary, 502, Duration::from_micros(200));
     b.record_failure(default, Version::Canary, UpstreamFailure::Connect);
     a.record(cart, Version::Stable, 200, Duration::from_millis(1));
+    // Two mirrored requests: the canary's copy 2 ms slower, and a canary 500.
+    let ms = Duration::from_millis;
+    a.record_pair(default, Some((200, ms(3))), Some((200, ms(5))));
+    a.record_pair(default, Some((200, ms(3))), Some((500, ms(1))));
     (m, a, b)
 }
 
@@ -602,5 +690,26 @@ mod tests {
         r.record(far, Version::Canary, 200, Duration::from_millis(1));
         assert!(r.counted(far).is_some());
         assert!(r.counted(a).is_none());
+    }
+
+    #[test]
+    fn a_pair_counts_by_both_outcomes_and_the_canarys_latency_beside_stables() {
+        let m = Metrics::new("i".into(), 0);
+        let r = m.new_recorder();
+        let s = m.service_id("default").unwrap();
+        let ms = Duration::from_millis;
+        r.record_pair(s, Some((200, ms(10))), Some((200, ms(13)))); // 3 ms slower
+        r.record_pair(s, Some((200, ms(10))), Some((204, ms(4)))); // 6 ms faster
+        r.record_pair(s, Some((200, ms(10))), Some((500, ms(1)))); // the canary's failure
+        r.record_pair(s, Some((502, ms(10))), Some((200, ms(1)))); // stable's
+        r.record_pair(s, Some((200, ms(10))), None); // the router's: nobody's
+        let p = m.snapshot([]).services["default"].mirror.pairs.clone();
+        assert_eq!(p.outcomes, [[2, 1], [1, 0]]);
+        assert_eq!(p.unpaired, 1);
+        // 3 ms is in (2.5 ms, 5 ms], 6 ms in (5 ms, 10 ms]; failures are not timed.
+        assert_eq!(p.slower.iter().sum::<u64>(), 1);
+        assert_eq!(p.slower[2], 1);
+        assert_eq!(p.faster.iter().sum::<u64>(), 1);
+        assert_eq!(p.faster[3], 1);
     }
 }

@@ -17,7 +17,7 @@ use std::future::{ready, Future};
 
 use serde::Serialize;
 
-use coalmine_judge::Counts;
+use coalmine_judge::{Counts, PairedBatch};
 use coalmine_rollout::{Input, Machine, Observation, Outcome, Plan, Question, Window, World};
 use coalmine_spec::rollout::{Analysis, BUILTIN_KAYENTA_SCORE};
 use coalmine_spec::scenario::{Behaviour, Scenario};
@@ -90,6 +90,10 @@ pub fn run_once(
         .map(|c| c.window_ms)
         .max()
         .unwrap_or(STEP_MS);
+    let tolerance_micros = plan
+        .dark_launch
+        .as_ref()
+        .map_or(0, |d| d.latency_tolerance_micros);
     let mut machine = Machine::new(plan, 0);
     let mut sim = Run {
         now: 0,
@@ -143,11 +147,17 @@ pub fn run_once(
             &scenario.stable
         };
         let (mut stable, mut canary) = (Counts::default(), Counts::default());
+        // Copies of stable's requests the canary answers (never a user's), and their pairs.
+        let mirror_share = f64::from(traffic.mirror_weight.basis_points()) / 10_000.0;
+        let (mut copies, mut pairs) = (Counts::default(), Pairing::new(tolerance_micros));
         for _ in 0..requests {
             if canary_share > 0.0 && rng.chance(canary_share) {
                 request(rng, canary_behaviour, &mut canary);
             } else {
-                request(rng, &scenario.stable, &mut stable);
+                let answer = request(rng, &scenario.stable, &mut stable);
+                if mirror_share > 0.0 && rng.chance(mirror_share) {
+                    pairs.add(answer, request(rng, canary_behaviour, &mut copies));
+                }
             }
         }
         if exposed_ms.is_none() && canary.requests > 0 && now >= canary_start_ms {
@@ -162,19 +172,26 @@ pub fn run_once(
         } else {
             Counts::default()
         };
+        // The copies' answers are the canary's observations, as the routers' source has them.
+        canary.add(&copies);
         sim.window.push(
             now - STEP_MS,
             now,
             Observation {
                 canary: canary.clone(),
                 stable: stable_window,
+                ..Observation::default()
             },
         );
-        if machine.plan().sequential.is_some() {
+        if machine.plan().observes() {
             sim.feed(
                 &mut machine,
                 now,
-                Input::Observe(Observation { canary, stable }),
+                Input::Observe(Observation {
+                    canary,
+                    stable,
+                    pairs: Box::new(pairs.batch),
+                }),
             );
         }
         if let Some(result) = decided(&machine, now, canary_requests, canary_failures, exposed_ms) {
@@ -195,7 +212,53 @@ pub fn run_once(
 /// the thousands the router's three significant digits give, which keeps 1,000 runs quick.
 const LN_LATENCY_STEP: f64 = 0.00995033085; // ln 1.01
 
-fn request(rng: &mut Rng, behaviour: &Behaviour, counts: &mut Counts) {
+/// A step's mirrored requests paired as a router pairs them: by failure (5xx), and for pairs both
+/// answered well whether the canary's copy was slower or faster, beyond 0 and beyond the dark
+/// launch's tolerance.
+struct Pairing {
+    tolerance_micros: u64,
+    batch: PairedBatch,
+}
+
+impl Pairing {
+    fn new(tolerance_micros: u64) -> Pairing {
+        let by = vec![(0, 0), (tolerance_micros, 0)];
+        Pairing {
+            tolerance_micros,
+            batch: PairedBatch {
+                canary_slower_by: by.clone(),
+                canary_faster_by: by,
+                ..PairedBatch::default()
+            },
+        }
+    }
+
+    /// Stable's answer and the canary's to the same request: (failed, microseconds).
+    fn add(&mut self, (stable_failed, stable): (bool, u64), (canary_failed, canary): (bool, u64)) {
+        let b = &mut self.batch;
+        match (stable_failed, canary_failed) {
+            (false, false) => b.both_ok += 1,
+            (false, true) => b.canary_only_failed += 1,
+            (true, false) => b.stable_only_failed += 1,
+            (true, true) => b.both_failed += 1,
+        }
+        if stable_failed || canary_failed || stable == canary {
+            return;
+        }
+        let (by, difference) = if canary > stable {
+            (&mut b.canary_slower_by, canary - stable)
+        } else {
+            (&mut b.canary_faster_by, stable - canary)
+        };
+        by[0].1 += 1;
+        if difference > self.tolerance_micros {
+            by[1].1 += 1;
+        }
+    }
+}
+
+/// One request to a version: counted, and what it was answered (failed, microseconds).
+fn request(rng: &mut Rng, behaviour: &Behaviour, counts: &mut Counts) -> (bool, u64) {
     let failed = rng.chance(behaviour.error_rate);
     let ln_median_micros = (behaviour.latency.median.0.as_secs_f64() * 1e6).ln();
     // Lognormal: ln(latency) = ln(median) + σ·z, rounded to the grid before the one exp.
@@ -203,6 +266,7 @@ fn request(rng: &mut Rng, behaviour: &Behaviour, counts: &mut Counts) {
     let step = (ln_micros / LN_LATENCY_STEP).round();
     let micros = (step * LN_LATENCY_STEP).exp().round().max(1.0) as u64;
     counts.record(micros, failed);
+    (failed, micros)
 }
 
 /// The simulation as the machine's world: webhooks all pass, built-in metrics come from the
@@ -378,5 +442,26 @@ metrics:
         assert_eq!(bad.decided_ms, Some(7 * 60_000), "{bad:?}");
         let good = run_once(&a, 600, &scenario(0.001), &mut rng);
         assert_eq!(good.decision, Decision::Promoted, "{good:?}");
+    }
+
+    #[test]
+    fn a_dark_launch_rolls_back_a_three_percent_canary_before_any_user_reaches_it() {
+        let yaml = "interval: 1m
+stepWeights: [5, 10, 25, 50]
+darkLaunch: {mirrorWeight: 20, duration: 5m, minRequests: 500}
+";
+        let (a, _) = simulated_analysis(&analysis(yaml), Semantics::Coalmine);
+        let mut rng = Rng::seeded(3);
+        // 200 req/s, 20 % copied: 40 pairs a second, the canary failing 1.2 a second alone.
+        // 11 such pairs reject (Bayes factor 341 ≥ 200): some 10 s after the copies start at
+        // T1 (60 s); the run may only end at a sampling step, so within 80 s.
+        let bad = run_once(&a, 600, &scenario(0.03), &mut rng);
+        assert_eq!(bad.decision, Decision::RolledBack, "{bad:?}");
+        assert!(bad.decided_ms.unwrap() < 80_000, "{bad:?}");
+        assert_eq!((bad.canary_requests, bad.exposed_ms), (0, None), "{bad:?}");
+        // A healthy canary passes after 5 minutes and goes on to its weights.
+        let good = run_once(&a, 600, &scenario(0.001), &mut rng);
+        assert_eq!(good.decision, Decision::Promoted, "{good:?}");
+        assert!(good.exposed_ms.unwrap() >= 6 * 60_000, "{good:?}");
     }
 }

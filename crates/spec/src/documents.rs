@@ -1010,6 +1010,42 @@ pub fn check_analysis(a: &Analysis, path: &str) -> Result<(), (String, String)> 
             "a quantile is between 0 and 1 (0.99 for p99)".into(),
         );
     }
+    if let Some(dark) = &a.dark_launch {
+        if !canary {
+            return err(
+                "darkLaunch",
+                "a dark launch comes before the first weight step: it needs stepWeight/maxWeight or stepWeights".into(),
+            );
+        }
+        if a.mirror || a.mirror_weight.is_some() {
+            let field = if a.mirror { "mirror" } else { "mirrorWeight" };
+            return err(
+                field,
+                "a dark launch mirrors already: give the share as darkLaunch.mirrorWeight, and leave out mirror and mirrorWeight".into(),
+            );
+        }
+        if dark.mirror_weight == Weight::ZERO {
+            return err(
+                "darkLaunch.mirrorWeight",
+                "must be above 0: the dark launch judges the canary on mirrored requests".into(),
+            );
+        }
+        if dark.duration.0.is_zero() {
+            return err("darkLaunch.duration", "must be longer than 0s".into());
+        }
+        if dark.min_requests == 0 {
+            return err(
+                "darkLaunch.minRequests",
+                "must be at least 1 paired request".into(),
+            );
+        }
+        if !(dark.alpha > 0.0 && dark.alpha <= 0.5) {
+            return err(
+                "darkLaunch.alpha",
+                format!("{} is not a probability in (0, 0.5]", dark.alpha),
+            );
+        }
+    }
     if let Some(i) = a.rollback_on_alerts.iter().position(|m| m.is_empty()) {
         return err(
             &format!("rollbackOnAlerts[{i}]"),

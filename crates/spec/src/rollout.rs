@@ -373,6 +373,51 @@ pub struct Analysis {
     /// Coalmine: the anytime-valid comparison of canary against stable, on by default.
     #[serde(default, skip_serializing_if = "is_default")]
     pub sequential: Sequential,
+    /// Coalmine: a dark launch before the first weight step (canary strategy only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dark_launch: Option<DarkLaunch>,
+}
+
+/// `analysis.darkLaunch`: before any user reaches the canary, a share of stable's requests is
+/// copied to it (requests without a body; its answers are discarded) and its answer to each
+/// copy is compared with stable's answer to the same request, by sequential tests whose
+/// false-rollback rate stays below `alpha`. The canary fails the requests stable answers, or
+/// is slower on them: rolled back, no user having reached it. Otherwise, after `duration` and
+/// `minRequests` paired requests, the first weight step.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct DarkLaunch {
+    /// The share of stable's requests copied to the canary (default 100).
+    #[serde(default = "all_traffic")]
+    pub mirror_weight: Weight,
+    /// The dark launch lasts at least this long (default 1m).
+    #[serde(default = "default_dark_launch_duration")]
+    pub duration: Dur,
+    /// And until this many mirrored requests have been paired with stable's answers (default
+    /// 100); held until then, bounded by `progressDeadlineSeconds`.
+    #[serde(default = "default_dark_launch_min_requests")]
+    pub min_requests: u64,
+    /// A canary copy answered later than stable's answer to the same request by more than this
+    /// counts as slower (default 10ms): below it, two processes' jitter.
+    #[serde(default = "default_dark_launch_latency_tolerance")]
+    pub latency_tolerance: Dur,
+    /// The false-rollback bound of the whole dark launch, split evenly between the failure
+    /// and the latency comparisons (default 0.01).
+    #[serde(default = "default_alpha")]
+    pub alpha: f64,
+}
+
+fn all_traffic() -> Weight {
+    Weight::FULL
+}
+fn default_dark_launch_duration() -> Dur {
+    Dur(std::time::Duration::from_secs(60))
+}
+fn default_dark_launch_min_requests() -> u64 {
+    100
+}
+fn default_dark_launch_latency_tolerance() -> Dur {
+    Dur(std::time::Duration::from_millis(10))
 }
 
 /// `analysis.sequential`: canary against stable, continuously, with sequential tests whose

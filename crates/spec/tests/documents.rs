@@ -404,6 +404,47 @@ fn sequential_settings_out_of_range_are_refused_at_the_field() {
     }
 }
 
+#[test]
+fn a_dark_launch_is_read_with_its_defaults_and_refused_at_the_field_when_wrong() {
+    let with = |setting: &str| {
+        ROLLOUT.replace(
+            "    metrics:\n",
+            &format!("    darkLaunch: {setting}\n    metrics:\n"),
+        )
+    };
+    let set = load(&one("r.yaml", &with("{mirrorWeight: 20, duration: 2m}"))).unwrap();
+    let Document::Rollout(rollout) = &set.rollouts().next().unwrap().doc else {
+        unreachable!()
+    };
+    let dark = rollout.spec.analysis.dark_launch.clone().unwrap();
+    assert_eq!(
+        dark.mirror_weight,
+        coalmine_spec::Weight::from_percent(20.0).unwrap()
+    );
+    assert_eq!(dark.duration.0.as_secs(), 120);
+    assert_eq!(dark.min_requests, 100);
+    assert_eq!(dark.latency_tolerance.0.as_millis(), 10);
+    assert_eq!(dark.alpha, 0.01);
+    for (setting, field) in [
+        ("{mirrorWeight: 0}", "spec.analysis.darkLaunch.mirrorWeight"),
+        ("{duration: 0s}", "spec.analysis.darkLaunch.duration"),
+        ("{minRequests: 0}", "spec.analysis.darkLaunch.minRequests"),
+        ("{alpha: 0.9}", "spec.analysis.darkLaunch.alpha"),
+        ("{mirrorWeigth: 20}", "spec.analysis.darkLaunch"),
+    ] {
+        let err = load(&one("r.yaml", &with(setting))).unwrap_err();
+        assert!(err.field.starts_with(field), "{setting}: {err}");
+        assert_eq!(err.line, 18, "{setting}: {err}");
+    }
+    // A dark launch mirrors already, and comes before a weight step.
+    let both = with("{}").replace("    threshold: 5\n", "    threshold: 5\n    mirror: true\n");
+    let err = load(&one("r.yaml", &both)).unwrap_err();
+    assert_eq!(err.field, "spec.analysis.mirror", "{err}");
+    let no_steps = with("{}").replace("    stepWeights: [5, 10, 25, 50]\n", "    iterations: 3\n");
+    let err = load(&one("r.yaml", &no_steps)).unwrap_err();
+    assert_eq!(err.field, "spec.analysis.darkLaunch", "{err}");
+}
+
 fn files(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
     pairs
         .iter()

@@ -6,6 +6,7 @@ mod common;
 mod check;
 mod cli;
 mod daemon_faults;
+mod dark_launch;
 mod dashboard;
 mod deploy;
 mod faults;

@@ -504,6 +504,8 @@ async fn metrics_pass_promtool_check_metrics() {
         "http_request_duration_seconds_bucket{service=\"default\",version=\"canary\",le=\"+Inf\"}",
         "http_request_duration_seconds_sum{service=\"default\",version=\"stable\"}",
         "coalmine_router_canary_weight_ratio{service=\"default\"} 0.5",
+        "coalmine_router_mirror_pairs_total{service=\"default\",stable=\"ok\",canary=\"ok\"}",
+        "coalmine_router_mirror_pair_latency_difference_total{service=\"default\",canary=\"slower\",more_than=\"0.01\"}",
     ] {
         assert!(text.contains(needle), "missing {needle}");
     }

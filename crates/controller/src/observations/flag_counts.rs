@@ -44,6 +44,8 @@ impl ObservationSource for FlagCounts {
         let counts = Observation {
             canary: table.take_counts(&self.key, &self.canary),
             stable: table.take_counts(&self.key, &self.stable),
+            // An app's counts pair no request with another.
+            ..Observation::default()
         };
         let started = std::mem::replace(&mut self.started, true);
         Box::pin(async move {

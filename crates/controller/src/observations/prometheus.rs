@@ -716,7 +716,11 @@ fn step_counts(
             latency: latency(&t.buckets, series.le_micros()),
         }
     });
-    Observation { canary, stable }
+    Observation {
+        canary,
+        stable,
+        ..Observation::default()
+    }
 }
 
 /// A histogram's cumulative bucket counts (`le` → count) as latencies in microseconds: each

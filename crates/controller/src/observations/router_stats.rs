@@ -4,13 +4,14 @@
 //! A router that restarted in between (another start time) counts from zero; one whose
 //! `instance` changed is reported as restarted, so the driver puts its routes back at once.
 //! The canary's answers to mirrored copies count as its own (Flagger's dark launch judges a
-//! mirrored canary on them).
+//! mirrored canary on them), and each copy paired with stable's answer to the same request is
+//! the step's `pairs` (Coalmine's dark launch judges on those).
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use coalmine_contract::{StatsDoc, VersionStats, DEFAULT_SERVICE};
-use coalmine_judge::Counts;
+use coalmine_contract::{MirrorPairs, StatsDoc, VersionStats, DEFAULT_SERVICE};
+use coalmine_judge::{Counts, PairedBatch};
 use coalmine_rollout::Observation;
 use coalmine_spec::rollout::{HttpUrl, Rollout};
 
@@ -90,9 +91,10 @@ impl ObservationSource for RouterStats {
 
 /// The canary's observations are its answers to real traffic and to mirrored copies alike
 /// (Flagger's dark launch judges a mirrored canary on its own responses): the mirror's counts
-/// are folded into the canary's. A copy that got no answer is a failure.
+/// are folded into the canary's. A copy that got no answer is a failure. The pairs stay.
 fn with_mirror_as_canary(mut stats: StatsDoc) -> StatsDoc {
-    let m = std::mem::take(&mut stats.mirror);
+    let mut m = std::mem::take(&mut stats.mirror);
+    stats.mirror.pairs = std::mem::take(&mut m.pairs);
     let c = &mut stats.canary;
     for (status, n) in &m.statuses {
         *c.statuses.entry(*status).or_default() += n;
@@ -125,6 +127,7 @@ impl Counters {
                 counts: Observation {
                     canary: between(before, &now, |s| &s.canary),
                     stable: between(before, &now, |s| &s.stable),
+                    pairs: Box::new(pairs_between(before, &now)),
                 },
                 restarted: instances(before) != instances(&now),
             },
@@ -150,6 +153,45 @@ fn between(
         add_delta(&mut out, version(router), base);
     }
     out
+}
+
+/// The mirrored pairs from the `before` sample to the `after` one, summed over routers, as
+/// [`between`] does the versions' counts.
+fn pairs_between(before: &[StatsDoc], after: &[StatsDoc]) -> PairedBatch {
+    let mut out = PairedBatch::default();
+    for (i, router) in after.iter().enumerate() {
+        let base = before
+            .get(i)
+            .filter(|b| b.started_unix_ms == router.started_unix_ms)
+            .map(|b| &b.mirror.pairs);
+        out.add(&pairs_delta(&router.mirror.pairs, base));
+    }
+    out
+}
+
+fn pairs_delta(now: &MirrorPairs, before: Option<&MirrorPairs>) -> PairedBatch {
+    let zero = MirrorPairs::default();
+    let before = before.unwrap_or(&zero);
+    let by = |now: &[(u64, u64)], before: &[(u64, u64)]| -> Vec<(u64, u64)> {
+        now.iter()
+            .map(|&(bound, n)| {
+                let was = before.iter().find(|(b, _)| *b == bound).map_or(0, |p| p.1);
+                (bound, n.saturating_sub(was))
+            })
+            .collect()
+    };
+    PairedBatch {
+        both_ok: now.both_ok.saturating_sub(before.both_ok),
+        canary_only_failed: now
+            .canary_only_failed
+            .saturating_sub(before.canary_only_failed),
+        stable_only_failed: now
+            .stable_only_failed
+            .saturating_sub(before.stable_only_failed),
+        both_failed: now.both_failed.saturating_sub(before.both_failed),
+        canary_slower_by: by(&now.canary_slower_by, &before.canary_slower_by),
+        canary_faster_by: by(&now.canary_faster_by, &before.canary_faster_by),
+    }
 }
 
 fn add_delta(counts: &mut Counts, now: &VersionStats, before: Option<&VersionStats>) {
@@ -311,5 +353,27 @@ mod tests {
         let folded = with_mirror_as_canary(mirrored);
         assert_eq!(folded.canary.requests, 4);
         assert_eq!(folded.canary.statuses[&502], 1);
+    }
+
+    #[test]
+    fn the_pairs_of_a_step_are_the_differences_summed_over_routers() {
+        let with_pairs = |started: u64, both_ok: u64, canary_only: u64, slower: u64| {
+            let mut s = stats(started, 0, 0, &[]);
+            s.mirror.pairs = MirrorPairs {
+                both_ok,
+                canary_only_failed: canary_only,
+                canary_slower_by: vec![(0, slower), (10_000, slower / 2)],
+                ..MirrorPairs::default()
+            };
+            with_mirror_as_canary(s)
+        };
+        let mut counters = Counters::default();
+        counters.step(vec![with_pairs(1, 100, 2, 40), with_pairs(1, 10, 0, 4)]);
+        // The second router restarted: its pairs count from zero.
+        let step = counters.step(vec![with_pairs(1, 150, 5, 60), with_pairs(2, 7, 1, 2)]);
+        let p = step.counts.pairs;
+        assert_eq!((p.both_ok, p.canary_only_failed), (57, 4));
+        assert_eq!(p.canary_slower_by, vec![(0, 22), (10_000, 11)]);
+        assert_eq!(p.beyond(10_000), (11, 0));
     }
 }

@@ -207,7 +207,9 @@ impl Upstreams {
                 cookie_name: a.cookie_name.clone(),
                 max_age: a.max_age.unwrap_or(DEFAULT_AFFINITY_MAX_AGE),
             }),
-            mirrors: analysis.mirror || analysis.mirror_weight.is_some(),
+            mirrors: analysis.mirror
+                || analysis.mirror_weight.is_some()
+                || analysis.dark_launch.is_some(),
         })
     }
 

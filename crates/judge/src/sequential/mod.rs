@@ -5,9 +5,12 @@
 //! - [`quantiles`]: time-uniform confidence bands on each arm's latency quantiles
 //!   (Howard & Ramdas 2022), compared as a ratio against a relative tolerance.
 //! - [`dkw`]: the time-uniform Dvoretzky–Kiefer–Wolfowitz band the latency test is built on.
+//! - [`paired`]: a dark launch's mirrored requests, stable's and the canary's answer to each,
+//!   compared pair by pair (a sequential McNemar test on failures, a sign test on latency).
 
 pub mod counts;
 pub mod dkw;
+pub mod paired;
 pub mod quantiles;
 
 use std::fmt;

@@ -4,4 +4,5 @@ mod common;
 
 mod counts;
 mod kayenta;
+mod paired;
 mod quantiles;
