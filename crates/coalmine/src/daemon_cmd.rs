@@ -34,6 +34,25 @@ pub struct ServeArgs {
     /// The private key (PEM) of --tls-cert
     #[arg(long, value_name = "FILE", requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
+    /// A web page's origin (https://shop.example) allowed to evaluate feature flags from a
+    /// browser (OpenFeature's web SDKs, over CORS); repeat for more, `*` for any page
+    #[arg(long = "ofrep-allow-origin", value_name = "ORIGIN", value_parser = origin)]
+    pub ofrep_allow_origins: Vec<String>,
+}
+
+/// `*`, or a scheme, host and optional port with nothing after (what browsers send as Origin).
+fn origin(text: &str) -> Result<String, String> {
+    if text == "*" {
+        return Ok(text.to_string());
+    }
+    let url = reqwest::Url::parse(text).map_err(|e| format!("{text:?}: {e}"))?;
+    let bare = url.origin().ascii_serialization();
+    if !matches!(url.scheme(), "http" | "https") || bare != text.trim_end_matches('/') {
+        return Err(format!(
+            "{text:?} is not an origin: write the scheme, host and port alone, as {bare}"
+        ));
+    }
+    Ok(bare)
 }
 
 /// A token from its file (`flag` names the file in errors): trimmed, at least 16 characters.
@@ -74,6 +93,7 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
             token,
             router_host: Some(Arc::new(InProcessRouters)),
             tls,
+            ofrep_origins: daemon::AllowedOrigins(args.ofrep_allow_origins.clone()),
         },
         |addr| {
             outln!("coalmine serve: api={addr} state={}", args.state.display());

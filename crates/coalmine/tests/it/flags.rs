@@ -624,3 +624,72 @@ spec:
     );
     wait_for_flag(&daemon, "new-search", "stable", 0.0).await;
 }
+
+/// A browser page evaluates flags through OpenFeature's web SDK only when CORS lets its origin
+/// read the answer: `serve --ofrep-allow-origin`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_allowed_web_pages_may_evaluate_flags_from_a_browser() {
+    let dir = scratch("flags-cors");
+    let mut command = serve_command(&dir);
+    command.args(["--ofrep-allow-origin", "https://shop.example"]);
+    let daemon = daemon_of(Proc::spawn_command(command, &["serve"]));
+    let url = format!("{}/ofrep/v1/evaluate/flags/new-banner", daemon.api);
+    let c = client();
+    let preflight = |origin: &'static str| {
+        c.request(reqwest::Method::OPTIONS, &url)
+            .header("origin", origin)
+            .header("access-control-request-method", "POST")
+            .header("access-control-request-headers", "content-type")
+            .send()
+    };
+    let allowed = preflight("https://shop.example").await.unwrap();
+    assert_eq!(allowed.status(), 204);
+    let h = allowed.headers();
+    assert_eq!(h["access-control-allow-origin"], "https://shop.example");
+    assert_eq!(h["access-control-allow-methods"], "POST");
+    assert!(h["access-control-allow-headers"]
+        .to_str()
+        .unwrap()
+        .contains("content-type"));
+    let other = preflight("https://evil.example").await.unwrap();
+    assert!(other.headers().get("access-control-allow-origin").is_none());
+
+    // The evaluation itself (here: no such flag, OFREP's 404) is readable by the allowed page,
+    // its ETag too, and by no other.
+    let evaluate = |origin: &'static str| {
+        c.post(&url)
+            .header("origin", origin)
+            .json(&json!({"context": {"targetingKey": "user-1"}}))
+            .send()
+    };
+    let answer = evaluate("https://shop.example").await.unwrap();
+    assert_eq!(answer.status(), 404);
+    assert_eq!(
+        answer.headers()["access-control-allow-origin"],
+        "https://shop.example"
+    );
+    assert_eq!(answer.headers()["access-control-expose-headers"], "ETag");
+    let other = evaluate("https://evil.example").await.unwrap();
+    assert!(other.headers().get("access-control-allow-origin").is_none());
+
+    // The rest of the API grants no other origin anything.
+    let list = c
+        .get(format!("{}/api/v1/rollouts", daemon.api))
+        .header("origin", "https://shop.example")
+        .send()
+        .await
+        .unwrap();
+    assert!(list.headers().get("access-control-allow-origin").is_none());
+
+    // A path after the origin is refused at start, as bad input.
+    let mut bad = serve_command(&dir);
+    bad.args(["--ofrep-allow-origin", "https://shop.example/app"]);
+    let out = bad.output().unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("write the scheme, host and port alone"));
+}

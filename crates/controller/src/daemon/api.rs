@@ -155,11 +155,7 @@ pub(super) fn routes(daemon: Arc<Daemon>) -> Router {
         .route("/api/v1/rollouts/{name}/history", get(history))
         .merge(super::groups::routes())
         .route("/api/v1/flags", get(super::ofrep::list))
-        .route("/ofrep/v1/evaluate/flags", post(super::ofrep::evaluate_all))
-        .route(
-            "/ofrep/v1/evaluate/flags/{key}",
-            post(super::ofrep::evaluate_one),
-        )
+        .merge(super::ofrep::routes(daemon.ofrep_origins.clone()))
         .merge(super::dashboard::routes())
         .merge(crate::dashboard::page_routes())
         .merge(gate::session_routes(daemon.gate.clone()))

@@ -33,6 +33,7 @@ use crate::telemetry::Telemetry;
 
 pub use crate::dashboard::ACTOR_HEADER;
 pub use hosted::{HostedRouter, RouterHost};
+pub use ofrep::AllowedOrigins;
 
 pub struct DaemonConfig {
     pub api: SocketAddr,
@@ -43,6 +44,8 @@ pub struct DaemonConfig {
     pub router_host: Option<Arc<dyn RouterHost>>,
     /// Serve the API (and the dashboard) over TLS: its session cookie is then `Secure`.
     pub tls: Option<tokio_rustls::TlsAcceptor>,
+    /// The web pages that may evaluate flags from a browser (OFREP's web SDKs).
+    pub ofrep_origins: AllowedOrigins,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -73,6 +76,7 @@ struct Daemon {
     telemetry: Arc<Telemetry>,
     /// What the dashboard's pages watch.
     live: Arc<Live>,
+    ofrep_origins: AllowedOrigins,
 }
 
 /// Runs the daemon until `shutdown` resolves. Unfinished rollouts keep their state on disk and
@@ -105,6 +109,7 @@ pub async fn serve(
         hosted: hosted::Hosted::new(config.router_host),
         telemetry: Arc::new(Telemetry::default()),
         live: Arc::new(Live::default()),
+        ofrep_origins: config.ofrep_origins,
     });
     daemon.resume_all().await?;
     let listener = tokio::net::TcpListener::bind(config.api)

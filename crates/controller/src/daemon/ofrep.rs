@@ -7,17 +7,98 @@
 //! Also the counts API, `POST /api/v1/flags/{key}/counts` (behind the token, like every
 //! change: counts decide a rollback), and `GET /api/v1/flags`, the flags served.
 
+use std::sync::Arc;
+
 use axum::body::Bytes;
-use axum::extract::Path;
-use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::extract::{Path, Request, State};
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
+use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::Json;
+use axum::routing::post;
+use axum::{Json, Router};
 use serde_json::{json, Value};
 
 use coalmine_contract::FlagCountsDoc;
 
 use super::api::ApiError;
+use super::Daemon;
 use crate::flags::{self, EvaluationError};
+
+/// The web pages (origins) that may evaluate flags from a browser, as OpenFeature's web SDKs
+/// do: `serve --ofrep-allow-origin`; `*` lets any page. Evaluations carry no credentials (no
+/// cookie, and the token is not asked for), so an origin allowed can read users' variants and
+/// nothing else; the rest of the API answers browsers of other origins nothing they can read.
+#[derive(Debug, Clone, Default)]
+pub struct AllowedOrigins(pub Vec<String>);
+
+impl AllowedOrigins {
+    /// What `Access-Control-Allow-Origin` says to a request from `origin`, if it is allowed.
+    fn allow(&self, origin: &HeaderValue) -> Option<HeaderValue> {
+        if self.0.iter().any(|o| o == "*") {
+            return Some(HeaderValue::from_static("*"));
+        }
+        let origin_text = origin.to_str().ok()?;
+        self.0
+            .iter()
+            .any(|o| o.eq_ignore_ascii_case(origin_text))
+            .then(|| origin.clone())
+    }
+}
+
+/// The OFREP routes, answering browsers' preflights and telling them which origins may read.
+pub(super) fn routes(origins: AllowedOrigins) -> Router<Arc<Daemon>> {
+    let preflight = || async { StatusCode::NO_CONTENT };
+    Router::new()
+        .route(
+            "/ofrep/v1/evaluate/flags",
+            post(evaluate_all).options(preflight),
+        )
+        .route(
+            "/ofrep/v1/evaluate/flags/{key}",
+            post(evaluate_one).options(preflight),
+        )
+        .route_layer(middleware::from_fn_with_state(Arc::new(origins), cors))
+}
+
+/// CORS for the OFREP routes: an allowed origin's page may send the SDK's headers and read the
+/// answer and its `ETag`; any other origin's gets no permission (its browser keeps the answer
+/// from it).
+async fn cors(
+    State(origins): State<Arc<AllowedOrigins>>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let allowed = request
+        .headers()
+        .get(header::ORIGIN)
+        .and_then(|o| origins.allow(o));
+    let preflight = request.method() == Method::OPTIONS;
+    let mut response = next.run(request).await;
+    let headers = response.headers_mut();
+    headers.append(header::VARY, HeaderValue::from_static("Origin"));
+    if let Some(origin) = allowed {
+        headers.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin);
+        headers.insert(
+            header::ACCESS_CONTROL_EXPOSE_HEADERS,
+            HeaderValue::from_static("ETag"),
+        );
+        if preflight {
+            headers.insert(
+                header::ACCESS_CONTROL_ALLOW_METHODS,
+                HeaderValue::from_static("POST"),
+            );
+            headers.insert(
+                header::ACCESS_CONTROL_ALLOW_HEADERS,
+                HeaderValue::from_static("content-type, authorization, if-none-match"),
+            );
+            headers.insert(
+                header::ACCESS_CONTROL_MAX_AGE,
+                HeaderValue::from_static("600"),
+            );
+        }
+    }
+    response
+}
 
 /// OFREP's JSON answers carry `application/json` (the providers check it).
 fn answer(status: StatusCode, body: &Value) -> Response {
