@@ -53,6 +53,21 @@ impl Shop {
         Shop { upstreams, router }
     }
 
+    /// Writes the group and its members to one file and applies it to `daemon`; the file.
+    fn apply(
+        &self,
+        dir: &TempDir,
+        daemon: &Daemon,
+        group: &str,
+        steps: [&str; 3],
+        processes: bool,
+    ) -> std::path::PathBuf {
+        let file = dir.write("release.yaml", &self.documents(group, steps, processes));
+        let (code, out) = cli(daemon, &["apply", file.to_str().unwrap()], Some(TOKEN));
+        assert_eq!(code, 0, "{out}");
+        file
+    }
+
     /// The group and its members, one file. With `processes`, ledger's versions are processes
     /// `serve` runs itself (the new one stops when it loses, the old one when it is replaced).
     fn documents(&self, group: &str, steps: [&str; 3], processes: bool) -> String {
@@ -91,15 +106,7 @@ fn wait_for_group(
     within: Duration,
     what: impl Fn(&serde_json::Value) -> bool,
 ) -> serde_json::Value {
-    let deadline = Instant::now() + within;
-    loop {
-        let s = group_status(daemon, name);
-        if what(&s) {
-            return s;
-        }
-        assert!(Instant::now() < deadline, "gave up waiting; last {s:#}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_until(within, || group_status(daemon, name), what)
 }
 
 /// A group's timeline, as `coalmine group history --output json` prints it.
@@ -180,12 +187,7 @@ spec:
   members: [{name: ledger}, {name: payments}, {name: orders}]
 ";
     let steps = "[30, 60]";
-    let file = dir.write(
-        "release.yaml",
-        &shop.documents(group, [steps, steps, steps], false),
-    );
-    let (code, out) = cli(&daemon, &["apply", file.to_str().unwrap()], Some(TOKEN));
-    assert_eq!(code, 0, "{out}");
+    let file = shop.apply(&dir, &daemon, group, [steps, steps, steps], false);
 
     // Held at one step (each member paused once all three reached it): the cohort is checked
     // while nothing moves.
@@ -315,10 +317,6 @@ spec:
       dependsOn: [{name: payments, reached: 20}]
 ";
     let ladder = "[20, 40, 60, 80]";
-    let file = dir.write(
-        "release.yaml",
-        &shop.documents(group, ["[50]", ladder, ladder], true),
-    );
 
     // Users on every service, each with an id of their own, until the end.
     let stop = Arc::new(AtomicBool::new(false));
@@ -348,8 +346,7 @@ spec:
         })
         .collect();
 
-    let (code, out) = cli(&daemon, &["apply", file.to_str().unwrap()], Some(TOKEN));
-    assert_eq!(code, 0, "{out}");
+    shop.apply(&dir, &daemon, group, ["[50]", ladder, ladder], true);
     let done = wait_for_group(&daemon, "payment-change", Duration::from_secs(60), |g| {
         g["phase"] == "RolledBack"
     });
@@ -406,12 +403,7 @@ spec:
   members: [{name: ledger}, {name: payments}, {name: orders}]
 ";
     let steps = "[20, 40, 60]";
-    let file = dir.write(
-        "release.yaml",
-        &shop.documents(group, [steps, steps, steps], false),
-    );
-    let (code, out) = cli(&daemon, &["apply", file.to_str().unwrap()], Some(TOKEN));
-    assert_eq!(code, 0, "{out}");
+    shop.apply(&dir, &daemon, group, [steps, steps, steps], false);
     wait_for_group(&daemon, "payment-change", Duration::from_secs(30), |g| {
         weights(g).iter().any(|w| *w >= 20.0)
     });

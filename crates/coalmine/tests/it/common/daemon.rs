@@ -77,9 +77,19 @@ pub fn wait_for(
     within: Duration,
     what: impl Fn(&serde_json::Value) -> bool,
 ) -> serde_json::Value {
+    wait_until(within, || status(daemon, name), what)
+}
+
+/// Reads with `read` every 100 ms until `what` holds of the answer, or panics after `within`
+/// showing the last one.
+pub fn wait_until(
+    within: Duration,
+    read: impl Fn() -> serde_json::Value,
+    what: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
     let deadline = Instant::now() + within;
     loop {
-        let s = status(daemon, name);
+        let s = read();
         if what(&s) {
             return s;
         }
