@@ -76,10 +76,26 @@ pub struct Decision {
     pub reason: Option<String>,
     /// Inputs for members, by position (only those that change something).
     pub inputs: Vec<(usize, Input)>,
+    /// By position: whether the member is in the group's current run (see [`decide`]); a
+    /// member that ended in an earlier run is not, and the group's end concerns it no more.
+    pub in_run: Vec<bool>,
 }
 
 /// Decides the group from its members' last saved statuses (`None`: not started yet).
+///
+/// Only the group's current run counts: the members whose runs overlap the newest member's
+/// run. A member that ended before the newest one started belongs to an earlier run: its
+/// rollback rolls nobody back now, and a promoted one is never reverted for a later failure.
 pub fn decide(plan: &GroupPlan, statuses: &[Option<&Status>]) -> Decision {
+    let in_run = current_run(statuses);
+    // An earlier run's rollback left that member's version out: for the run now, it has not
+    // started (its dependents and lock-step partners wait for it to be applied again).
+    let statuses: Vec<Option<&Status>> = statuses
+        .iter()
+        .zip(&in_run)
+        .map(|(s, current)| s.filter(|s| *current || s.outcome != Some(Outcome::RolledBack)))
+        .collect();
+    let applied_again = |i: usize| statuses[i].is_none() && !in_run[i];
     let failed_first = statuses
         .iter()
         .enumerate()
@@ -89,14 +105,14 @@ pub fn decide(plan: &GroupPlan, statuses: &[Option<&Status>]) -> Decision {
         })
         .min_by_key(|(i, s)| (s.last_transition_ms, *i));
     if let Some((origin, status)) = failed_first {
-        return roll_back(plan, statuses, origin, status);
+        return roll_back(plan, &statuses, &in_run, origin, status);
     }
     let all_promoted = statuses
         .iter()
         .all(|s| s.is_some_and(|s| s.outcome == Some(Outcome::Promoted)));
     let gates = match plan.policy {
-        GroupPolicy::Together => together(plan, statuses),
-        GroupPolicy::Order => in_order(plan, statuses),
+        GroupPolicy::Together => together(plan, &statuses, applied_again),
+        GroupPolicy::Order => in_order(plan, &statuses, applied_again),
     };
     let inputs = gates
         .into_iter()
@@ -114,7 +130,26 @@ pub fn decide(plan: &GroupPlan, statuses: &[Option<&Status>]) -> Decision {
         },
         reason: None,
         inputs,
+        in_run,
     }
+}
+
+/// Which members are in the group's current run: those whose runs (from `started_ms` to
+/// their end, or still going) overlap the run of the member started last. A member not applied
+/// yet is in it (it will start in it).
+fn current_run(statuses: &[Option<&Status>]) -> Vec<bool> {
+    let ended = |s: &Status| s.phase.is_final().then_some(s.last_transition_ms);
+    let newest = statuses.iter().flatten().max_by_key(|s| s.started_ms);
+    statuses
+        .iter()
+        .map(|s| match (s, newest) {
+            (Some(s), Some(newest)) => {
+                ended(s).is_none_or(|end| end >= newest.started_ms)
+                    && ended(newest).is_none_or(|end| end >= s.started_ms)
+            }
+            _ => true,
+        })
+        .collect()
 }
 
 /// One member rolled back: every other one follows, the last listed first (a member's
@@ -123,6 +158,7 @@ pub fn decide(plan: &GroupPlan, statuses: &[Option<&Status>]) -> Decision {
 fn roll_back(
     plan: &GroupPlan,
     statuses: &[Option<&Status>],
+    in_run: &[bool],
     origin: usize,
     status: &Status,
 ) -> Decision {
@@ -138,7 +174,7 @@ fn roll_back(
         .iter()
         .enumerate()
         .rev()
-        .find(|(_, s)| s.is_some_and(|s| s.outcome != Some(Outcome::RolledBack)));
+        .find(|(i, s)| in_run[*i] && s.is_some_and(|s| s.outcome != Some(Outcome::RolledBack)));
     let inputs = match next {
         Some((i, Some(s))) if s.outcome == Some(Outcome::Promoted) => vec![(
             i,
@@ -162,6 +198,7 @@ fn roll_back(
         },
         reason: Some(reason),
         inputs,
+        in_run: in_run.to_vec(),
     }
 }
 
@@ -186,7 +223,11 @@ fn promoting(status: &Status) -> bool {
 /// Lock-step: every member may take the step after the one all have taken, once each of them
 /// has passed the step it is on (it waits at the gate); all promote when all have passed the
 /// last one.
-fn together(plan: &GroupPlan, statuses: &[Option<&Status>]) -> Vec<Gate> {
+fn together(
+    plan: &GroupPlan,
+    statuses: &[Option<&Status>],
+    applied_again: impl Fn(usize) -> bool,
+) -> Vec<Gate> {
     let wanted: Vec<usize> = plan
         .members
         .iter()
@@ -197,12 +238,13 @@ fn together(plan: &GroupPlan, statuses: &[Option<&Status>]) -> Vec<Gate> {
         })
         .collect();
     let allowed = wanted.iter().copied().min().unwrap_or(0);
-    let behind: Vec<&str> = plan
+    let behind: Vec<String> = plan
         .members
         .iter()
         .zip(&wanted)
-        .filter(|(_, w)| **w == allowed)
-        .map(|(m, _)| m.name.as_str())
+        .enumerate()
+        .filter(|(_, (_, w))| **w == allowed)
+        .map(|(i, (m, _))| member_name(&m.name, applied_again(i)))
         .collect();
     plan.members
         .iter()
@@ -229,10 +271,24 @@ fn together(plan: &GroupPlan, statuses: &[Option<&Status>]) -> Vec<Gate> {
         .collect()
 }
 
+/// A member as a gate's reason names it; one that rolled back in an earlier run of the group
+/// waits to be applied again, and the reason says so.
+fn member_name(name: &str, applied_again: bool) -> String {
+    if applied_again {
+        format!("{name} (rolled back in an earlier run: apply it again)")
+    } else {
+        name.to_string()
+    }
+}
+
 /// In order: a member starts once each member it depends on has reached the step it names,
 /// never takes more than a dependency not yet promoted has (its users are a subset of the
 /// dependency's), and promotes only after its dependencies did.
-fn in_order(plan: &GroupPlan, statuses: &[Option<&Status>]) -> Vec<Gate> {
+fn in_order(
+    plan: &GroupPlan,
+    statuses: &[Option<&Status>],
+    applied_again: impl Fn(usize) -> bool,
+) -> Vec<Gate> {
     plan.members
         .iter()
         .enumerate()
@@ -251,7 +307,10 @@ fn in_order(plan: &GroupPlan, statuses: &[Option<&Status>]) -> Vec<Gate> {
                     gate.start = started;
                     gate.max_weight = Weight::ZERO;
                     gate.promote = false;
-                    waits.push(format!("{name} to start"));
+                    waits.push(format!(
+                        "{} to start",
+                        member_name(name, applied_again(dep))
+                    ));
                     continue;
                 };
                 let done = s.outcome == Some(Outcome::Promoted);
@@ -309,6 +368,7 @@ mod tests {
     /// drives them: each tick, then the group's decision handed to each member.
     struct Members {
         machines: Vec<Machine>,
+        plan: Plan,
         now: u64,
     }
 
@@ -322,6 +382,7 @@ mod tests {
             let plan = Plan::new(&analysis, 600, false);
             Members {
                 machines: (0..3).map(|_| Machine::new(plan.clone(), 0)).collect(),
+                plan,
                 now: 0,
             }
         }
@@ -347,6 +408,26 @@ mod tests {
                 }
             }
             self.decide(group);
+        }
+
+        /// Member `i` applied again: a new run, started now, behind a closed gate (as the
+        /// daemon starts a member).
+        fn apply_again(&mut self, i: usize) {
+            self.now += 60_000;
+            let mut machine = Machine::new(self.plan.clone(), self.now);
+            machine.handle(self.now, Input::Gate(Gate::closed("payment-change")));
+            self.machines[i] = machine;
+        }
+
+        fn fail(&mut self, i: usize) {
+            self.now += 1;
+            let now = self.now;
+            self.machines[i].handle(
+                now,
+                Input::RollBack {
+                    reason: "canary 5xx 3.1 %".into(),
+                },
+            );
         }
 
         fn weights(&self) -> Vec<f64> {
@@ -474,5 +555,77 @@ mod tests {
         }
         assert_eq!(members.weights()[1], 10.0, "capped at ledger's weight");
         assert!(members.machines[1].status().at_gate);
+    }
+
+    #[test]
+    fn a_member_applied_again_after_a_joint_rollback_is_not_blamed_for_the_earlier_run() {
+        let group = plan(GroupPolicy::Together, &[&[], &[], &[]]);
+        let mut members = Members::new();
+        members.decide(&group);
+        for _ in 0..3 {
+            for i in 0..3 {
+                members.tick(i, &group);
+            }
+        }
+        assert_eq!(members.weights(), vec![10.0, 10.0, 10.0]);
+        members.fail(2);
+        while members.decide(&group).phase != GroupPhase::RolledBack {}
+        // orders fixed and applied again alone: it is not rolled back for the old failure, and
+        // waits at its start for the members that rolled back with it.
+        members.apply_again(2);
+        let decision = members.decide(&group);
+        assert_eq!(decision.phase, GroupPhase::Progressing);
+        assert_eq!(decision.in_run, vec![false, false, true]);
+        for _ in 0..4 {
+            members.tick(2, &group);
+        }
+        let orders = members.machines[2].status();
+        assert_eq!(orders.outcome, None, "{}", orders.message);
+        assert_eq!(orders.canary_weight, Weight::ZERO);
+        let waiting = &orders.gate.as_ref().unwrap().waiting_for;
+        assert!(
+            waiting.contains("ledger (rolled back in an earlier run: apply it again)")
+                && waiting.contains("payments (rolled back"),
+            "{waiting}"
+        );
+        // The others applied again: the three go on in lock-step.
+        members.apply_again(0);
+        members.apply_again(1);
+        assert_eq!(members.decide(&group).in_run, vec![true, true, true]);
+        for _ in 0..3 {
+            for i in 0..3 {
+                members.tick(i, &group);
+            }
+        }
+        assert_eq!(members.weights(), vec![10.0, 10.0, 10.0]);
+    }
+
+    #[test]
+    fn a_later_release_of_one_member_never_reverts_members_an_earlier_run_promoted() {
+        let group = plan(GroupPolicy::Together, &[&[], &[], &[]]);
+        let mut members = Members::new();
+        members.decide(&group);
+        for _ in 0..12 {
+            for i in 0..3 {
+                members.tick(i, &group);
+            }
+        }
+        assert_eq!(members.decide(&group).phase, GroupPhase::Succeeded);
+        // A new version of orders alone, later: the promoted members do not hold it back...
+        members.apply_again(2);
+        members.decide(&group);
+        for _ in 0..3 {
+            members.tick(2, &group);
+        }
+        assert_eq!(members.weights()[2], 10.0);
+        // ...and its failure rolls back only itself.
+        members.fail(2);
+        let decision = members.decide(&group);
+        assert_eq!(decision.phase, GroupPhase::RolledBack);
+        assert!(decision.inputs.is_empty(), "{:?}", decision.inputs);
+        assert_eq!(decision.in_run, vec![false, false, true]);
+        for m in &members.machines[..2] {
+            assert_eq!(m.outcome(), Some(Outcome::Promoted));
+        }
     }
 }

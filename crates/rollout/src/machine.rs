@@ -176,6 +176,17 @@ impl Gate {
             waiting_for: String::new(),
         }
     }
+
+    /// The gate a member of group `group` starts behind: nothing moves before its group has
+    /// decided.
+    pub fn closed(group: &str) -> Gate {
+        Gate {
+            start: false,
+            max_weight: Weight::ZERO,
+            promote: false,
+            waiting_for: format!("group {group} to decide"),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -94,6 +94,22 @@ impl Shop {
     }
 }
 
+/// Applies `member`'s document from the group's `file` again, alone (`apply --restart`).
+fn apply_alone(daemon: &Daemon, dir: &TempDir, file: &std::path::Path, member: &str) {
+    let text = std::fs::read_to_string(file).unwrap();
+    let document = text
+        .split("---\n")
+        .find(|d| d.contains("kind: Rollout\n") && d.contains(&format!("name: {member}\n")))
+        .unwrap();
+    let alone = dir.write(&format!("{member}.yaml"), document);
+    let (code, out) = cli(
+        daemon,
+        &["apply", "--restart", alone.to_str().unwrap()],
+        Some(TOKEN),
+    );
+    assert_eq!(code, 0, "{out}");
+}
+
 fn group_status(daemon: &Daemon, name: &str) -> serde_json::Value {
     let (code, out) = cli(daemon, &["group", "status", name, "--output", "json"], None);
     assert_eq!(code, 0, "{out}");
@@ -281,18 +297,7 @@ spec:
 
     // A member applied again alone stays a member: the same group, the same cohort (the
     // route's name salts its sticky buckets).
-    let text = std::fs::read_to_string(&file).unwrap();
-    let orders = text
-        .split("---\n")
-        .find(|d| d.contains("kind: Rollout\n") && d.contains("name: orders"))
-        .unwrap();
-    let alone = dir.write("orders.yaml", orders);
-    let (code, out) = cli(
-        &daemon,
-        &["apply", "--restart", alone.to_str().unwrap()],
-        Some(TOKEN),
-    );
-    assert_eq!(code, 0, "{out}");
+    apply_alone(&daemon, &dir, &file, "orders");
     assert_eq!(status(&daemon, "orders")["group"], "payment-change");
     let routes = get_json(&format!("{}/routes/orders", shop.router.admin)).await;
     assert_eq!(routes["name"], "group/payment-change", "{routes:#}");
@@ -346,7 +351,7 @@ spec:
         })
         .collect();
 
-    shop.apply(&dir, &daemon, group, ["[50]", ladder, ladder], true);
+    let file = shop.apply(&dir, &daemon, group, ["[50]", ladder, ladder], true);
     let done = wait_for_group(&daemon, "payment-change", Duration::from_secs(60), |g| {
         g["phase"] == "RolledBack"
     });
@@ -388,6 +393,21 @@ spec:
         }
     }
     assert_eq!(seen, BTreeMap::from([("v1".to_string(), 900)]));
+
+    // orders applied again alone: the earlier run's failure is not held against it; it waits
+    // at its start for payments, which rolled back in that run, to be applied again.
+    apply_alone(&daemon, &dir, &file, "orders");
+    let waiting = wait_for_group(&daemon, "payment-change", Duration::from_secs(10), |g| {
+        g["phase"] == "Progressing"
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    let orders = status(&daemon, "orders");
+    assert_eq!(orders["phase"], "Waiting", "{orders:#}\n{waiting:#}");
+    let message = orders["message"].as_str().unwrap();
+    assert!(
+        message.contains("payments (rolled back in an earlier run: apply it again)"),
+        "{message}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

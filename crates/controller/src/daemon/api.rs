@@ -14,7 +14,7 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::json;
 
-use coalmine_rollout::{Input, Phase, Status};
+use coalmine_rollout::{Gate, Input, Phase, Status};
 use coalmine_spec::documents;
 use coalmine_spec::group::RolloutGroup;
 use coalmine_spec::rollout::Rollout;
@@ -224,7 +224,7 @@ async fn apply(
     let mut applied = Vec::new();
     for rollout in rollouts {
         let name = rollout.metadata.name.clone();
-        let gate = rollout.group().map(super::groups::closed_gate);
+        let gate = rollout.group().map(Gate::closed);
         let action = d
             .apply_one(rollout, req.restart, gate)
             .await

@@ -15,10 +15,9 @@ use serde_json::{json, Value};
 use tokio::sync::broadcast::error::RecvError;
 
 use coalmine_rollout::group::{self, GroupPhase, GroupPlan};
-use coalmine_rollout::{Gate, Outcome, Status};
+use coalmine_rollout::{Outcome, Status};
 use coalmine_spec::group::RolloutGroup;
 use coalmine_spec::rollout::Rollout;
-use coalmine_spec::Weight;
 
 use super::api::{shown_status, ApiError};
 use super::Daemon;
@@ -28,16 +27,6 @@ use crate::state::sqlite::StoredRollout;
 /// How often a group decides when none of its members saves a step (a member's control
 /// channel may have been full).
 const DECIDE_AT_LEAST_EVERY: Duration = Duration::from_secs(1);
-
-/// The gate a member of a group starts behind: nothing moves before its group has decided.
-pub(super) fn closed_gate(group: &str) -> Gate {
-    Gate {
-        start: false,
-        max_weight: Weight::ZERO,
-        promote: false,
-        waiting_for: format!("group {group} to decide"),
-    }
-}
 
 pub(super) fn routes() -> Router<Arc<Daemon>> {
     Router::new()
@@ -67,11 +56,11 @@ impl Daemon {
         let mut last_phase = None;
         loop {
             match self.decide_group_once(group) {
-                Ok(phase) => {
+                Ok((phase, in_run)) => {
                     if last_phase != Some(phase) {
                         tracing::info!(group = %group.metadata.name, ?phase, "group");
                         last_phase = Some(phase);
-                        self.group_ended(group, phase).await;
+                        self.group_ended(group, phase, &in_run).await;
                     }
                 }
                 Err(e) => tracing::error!(group = %group.metadata.name, "cannot decide: {e}"),
@@ -90,20 +79,28 @@ impl Daemon {
 
     /// A group that ended lets its members' versions go: the ones promoted members kept for it
     /// (their previous versions, which a joint rollback would have gone back to), or the new
-    /// versions of members it rolled back.
-    async fn group_ended(&self, group: &RolloutGroup, phase: GroupPhase) {
+    /// versions of members it rolled back. A member that ended in an earlier run keeps what it
+    /// has (`in_run`: the group's decision says which members are in this run).
+    async fn group_ended(&self, group: &RolloutGroup, phase: GroupPhase, in_run: &[bool]) {
         let outcome = match phase {
             GroupPhase::Succeeded => Outcome::Promoted,
             GroupPhase::RolledBack => Outcome::RolledBack,
             GroupPhase::Progressing | GroupPhase::RollingBack => return,
         };
-        for member in &group.spec.members {
+        for (member, _) in group
+            .spec
+            .members
+            .iter()
+            .zip(in_run)
+            .filter(|(_, in_run)| **in_run)
+        {
             self.hosted.retire(&member.name, outcome).await;
         }
     }
 
-    /// Decides once and hands each member what the decision says for it.
-    fn decide_group_once(&self, group: &RolloutGroup) -> Result<GroupPhase, ApiError> {
+    /// Decides once and hands each member what the decision says for it; the group's phase and
+    /// which members are in its current run.
+    fn decide_group_once(&self, group: &RolloutGroup) -> Result<(GroupPhase, Vec<bool>), ApiError> {
         let (_, plan, decision) = self.decision(group)?;
         let running = self.running.lock().expect("running");
         for (i, input) in decision.inputs {
@@ -119,7 +116,7 @@ impl Daemon {
                 None => tracing::debug!(group = %plan.name, %member, "is not running"),
             }
         }
-        Ok(decision.phase)
+        Ok((decision.phase, decision.in_run))
     }
 
     /// The group decided now: its members as stored (`None`: not applied), its plan, and the
