@@ -98,6 +98,196 @@ fn apply(daemon: &Daemon, dir: &TempDir, name: &str, text: &str) {
     assert_eq!(code, 0, "{out}");
 }
 
+/// The web page of `tests/fixtures/ofrep-web-sdk` (OpenFeature's web SDK and its OFREP
+/// provider, installed there by `npm ci`), served from an origin of its own; its URL.
+fn web_page() -> String {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/ofrep-web-sdk");
+    assert!(
+        root.join("node_modules/@openfeature/web-sdk").is_dir(),
+        "npm ci --prefix {} (scripts/test does)",
+        root.display()
+    );
+    let (url, _requests) = stub::stub(move |r| {
+        let path = r.path.split('?').next().unwrap_or_default();
+        let file = path.trim_start_matches('/');
+        let file = if file.is_empty() { "index.html" } else { file };
+        let kind = if file.ends_with(".html") {
+            "text/html; charset=utf-8"
+        } else {
+            "text/javascript; charset=utf-8"
+        };
+        let body = (!file.split('/').any(|part| part == ".."))
+            .then(|| std::fs::read_to_string(root.join(file)).ok())
+            .flatten();
+        match body {
+            Some(body) => (Duration::ZERO, stub::response("200 OK", kind, &body)),
+            None => (
+                Duration::ZERO,
+                stub::response("404 Not Found", "text/plain", ""),
+            ),
+        }
+    });
+    url
+}
+
+/// Runs `call` (an expression of the page's functions, with `arguments[0]`...) in `browser`
+/// and returns what its promise resolves to. The page keeps the answer and the test polls for
+/// it: the provider's failures may raise errors in the page meanwhile, which would end
+/// WebDriver's asynchronous script.
+async fn page_call(browser: &browser::Browser, call: &str, args: Value) -> Value {
+    browser
+        .run(
+            &format!(
+                "window.answer = undefined;
+                 ({call}).then((v) => {{ window.answer = {{value: v}}; }},
+                               (e) => {{ window.answer = {{thrown: String(e)}}; }});"
+            ),
+            args,
+        )
+        .await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let answer = browser.run("return window.answer ?? null", json!([])).await;
+        if !answer.is_null() {
+            assert!(answer["thrown"].is_null(), "{call}: {answer}");
+            return answer["value"].clone();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{call}: no answer in 30 s"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A browser page evaluates the flag with OpenFeature's web SDK, one user after another, and
+/// gets the router's decision for each; its polling brings a rollback to the page; a page of
+/// an origin not allowed gets nothing but its defaults.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_web_page_in_chromium_sees_the_routers_cohort_and_a_rollback_by_polling() {
+    const USERS: usize = 400;
+    const PERCENT: u32 = 10;
+    const POLL_MS: u64 = 1_000;
+    let page = web_page();
+    let other_page = web_page();
+    let dir = scratch("flags-web");
+    let mut command = serve_command(&dir);
+    command.args(["--ofrep-allow-origin", &page]);
+    let daemon = daemon_of(Proc::spawn_command(command, &["serve"]));
+    let (v1, v2) = (upstream("v1", &[]), upstream("v2", &[]));
+    let router = router(&["--stable", &v1.url, "--sticky-header", "user-id"]);
+    apply(
+        &daemon,
+        &dir,
+        "checkout.yaml",
+        &checkout(&router, &v1, &v2, PERCENT),
+    );
+    wait_for(&daemon, "checkout", Duration::from_secs(30), |s| {
+        s["canaryWeight"] == f64::from(PERCENT)
+    });
+    wait_for_flag(&daemon, "new-checkout", "split", f64::from(PERCENT)).await;
+    let users: Vec<String> = (0..USERS).map(|i| format!("web-user-{i}")).collect();
+    let routed = routed_by(&router, &users).await;
+
+    let browser = browser::Browser::start(800, 600).await;
+    browser.goto(&format!("{page}/index.html")).await;
+    browser
+        .wait_for_text("#ready", Duration::from_secs(10), |t| t == "ready")
+        .await;
+    let started = page_call(
+        &browser,
+        "startFlags(arguments[0], arguments[1], arguments[2])",
+        json!([daemon.api, POLL_MS, users[0]]),
+    )
+    .await;
+    assert_eq!(started["ready"], true, "{started}");
+    let evaluated = page_call(
+        &browser,
+        "evaluateUsers(arguments[0], arguments[1])",
+        json!(["new-checkout", users]),
+    )
+    .await;
+    let evaluated = evaluated.as_array().expect("one answer a user").clone();
+    assert_eq!(evaluated.len(), USERS);
+    let mut mismatches = Vec::new();
+    let mut canary_users = Vec::new();
+    for ((user, who), e) in users.iter().zip(&routed).zip(&evaluated) {
+        // The web SDK answers from the bulk evaluation it fetched: its reason is `CACHED`.
+        assert!(e["errorCode"].is_null(), "{user}: {e}");
+        assert_eq!(e["value"], json!(e["variant"] == "on"), "{user}: {e}");
+        let flag_canary = e["variant"] == "on";
+        if flag_canary != (who == "v2") {
+            mismatches.push(format!("{user}: router {who}, page {e}"));
+        }
+        if flag_canary {
+            canary_users.push(user.clone());
+        }
+    }
+    // Binomial(400, 0.1): mean 40, sd 6; outside 5 sd fails once in ~3.5 million.
+    eprintln!(
+        "web SDK: {} mismatches / {USERS}; {} users on the canary at {PERCENT}% (bound 10..70)",
+        mismatches.len(),
+        canary_users.len()
+    );
+    assert!(mismatches.is_empty(), "{mismatches:#?}");
+    assert!((10..=70).contains(&canary_users.len()));
+
+    // A canary user's open page: the rollback reaches it at its next poll.
+    page_call(
+        &browser,
+        "evaluateUsers(arguments[0], arguments[1])",
+        json!(["new-checkout", [canary_users[0]]]),
+    )
+    .await;
+    let before = page_call(&browser, "watchFlag(arguments[0])", json!(["new-checkout"])).await;
+    assert_eq!(before["variant"], "on", "{before}");
+    let aborted_at = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    let (code, out) = cli(&daemon, &["abort", "checkout"], Some(TOKEN));
+    assert_eq!(code, 0, "{out}");
+    let deadline = std::time::Instant::now() + Duration::from_millis(POLL_MS + 5_000);
+    let changed = loop {
+        let changes = browser.run("return window.flagChanges", json!([])).await;
+        if let Some(c) = changes.as_array().and_then(|c| c.last()).cloned() {
+            break c;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the page never saw the rollback"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(changed["variant"], "off", "{changed}");
+    assert_eq!(changed["value"], false, "{changed}");
+    let after_ms = changed["at"].as_u64().unwrap().saturating_sub(aborted_at);
+    eprintln!("web SDK: the rollback reached the open page {after_ms} ms after the abort (poll {POLL_MS} ms)");
+    // At most one poll, plus the rollback's own save and the answer's way back.
+    assert!(after_ms <= POLL_MS + 2_000, "{after_ms} ms");
+
+    // A page of another origin: its browser keeps Coalmine's answers from it.
+    browser.goto(&format!("{other_page}/index.html")).await;
+    browser
+        .wait_for_text("#ready", Duration::from_secs(10), |t| t == "ready")
+        .await;
+    let started = page_call(
+        &browser,
+        "startFlags(arguments[0], arguments[1], arguments[2])",
+        json!([daemon.api, POLL_MS, canary_users[0]]),
+    )
+    .await;
+    assert_eq!(started["ready"], false, "{started}");
+    let refused = page_call(
+        &browser,
+        "evaluateUsers(arguments[0], arguments[1])",
+        json!(["new-checkout", [canary_users[0]]]),
+    )
+    .await;
+    assert_eq!(refused[0]["value"], false, "{refused}");
+    assert!(!refused[0]["errorCode"].is_null(), "{refused}");
+}
+
 /// A confirm-promotion gate nobody answers (nothing listens on port 1): the rollout holds at
 /// its last weight.
 const HOLD_AT_LAST_WEIGHT: &str = "    webhooks:
@@ -106,20 +296,11 @@ const HOLD_AT_LAST_WEIGHT: &str = "    webhooks:
         url: http://127.0.0.1:1/
 ";
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_openfeature_sdk_sees_the_routers_cohort_for_10000_users() {
-    const USERS: usize = 10_000;
-    const PERCENT: u32 = 10;
-    let dir = scratch("flags-cohort");
-    let daemon = serve(&dir);
-    let (v1, v2) = (upstream("v1", &[]), upstream("v2", &[]));
-    let router = router(&["--stable", &v1.url, "--sticky-header", "user-id"]);
-    apply(
-        &daemon,
-        &dir,
-        "checkout.yaml",
-        &format!(
-            "apiVersion: coalmine.dev/v1alpha1
+/// `checkout`: a rollout with flag `new-checkout` (`on` on the canary), held at `percent` %
+/// on `router` (sticky by the `user-id` header).
+fn checkout(router: &Router, v1: &Upstream, v2: &Upstream, percent: u32) -> String {
+    format!(
+        "apiVersion: coalmine.dev/v1alpha1
 kind: Rollout
 metadata:
   name: checkout
@@ -134,30 +315,27 @@ spec:
     stable: off
   analysis:
     interval: 1s
-    stepWeights: [{PERCENT}]
+    stepWeights: [{percent}]
     sequential: {{enabled: false}}
 {HOLD_AT_LAST_WEIGHT}",
-            router.admin, v1.url, v2.url
-        ),
-    );
-    wait_for(&daemon, "checkout", Duration::from_secs(30), |s| {
-        s["canaryWeight"] == f64::from(PERCENT)
-    });
-    wait_for_flag(&daemon, "new-checkout", "split", f64::from(PERCENT)).await;
+        router.admin, v1.url, v2.url
+    )
+}
 
-    // The router's decision for each user: which upstream answered a real request.
+/// Which version the router sent each user to (a real request each, as header `user-id`).
+async fn routed_by(router: &Router, users: &[String]) -> Vec<String> {
     let url = format!("{}/", router.base);
     let c = client();
-    let mut routed = vec![String::new(); USERS];
+    let mut routed = vec![String::new(); users.len()];
     let mut tasks = Vec::new();
     for chunk in 0..16 {
-        let (c, url) = (c.clone(), url.clone());
+        let (c, url, users) = (c.clone(), url.clone(), users.to_vec());
         tasks.push(tokio::spawn(async move {
             let mut out = Vec::new();
-            for i in (chunk..USERS).step_by(16) {
+            for i in (chunk..users.len()).step_by(16) {
                 let r = c
                     .get(&url)
-                    .header("user-id", format!("user-{i}"))
+                    .header("user-id", &users[i])
                     .send()
                     .await
                     .expect("an answer through the router");
@@ -171,6 +349,31 @@ spec:
             routed[i] = who;
         }
     }
+    routed
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_openfeature_sdk_sees_the_routers_cohort_for_10000_users() {
+    const USERS: usize = 10_000;
+    const PERCENT: u32 = 10;
+    let dir = scratch("flags-cohort");
+    let daemon = serve(&dir);
+    let (v1, v2) = (upstream("v1", &[]), upstream("v2", &[]));
+    let router = router(&["--stable", &v1.url, "--sticky-header", "user-id"]);
+    apply(
+        &daemon,
+        &dir,
+        "checkout.yaml",
+        &checkout(&router, &v1, &v2, PERCENT),
+    );
+    wait_for(&daemon, "checkout", Duration::from_secs(30), |s| {
+        s["canaryWeight"] == f64::from(PERCENT)
+    });
+    wait_for_flag(&daemon, "new-checkout", "split", f64::from(PERCENT)).await;
+
+    // The router's decision for each user: which upstream answered a real request.
+    let users: Vec<String> = (0..USERS).map(|i| format!("user-{i}")).collect();
+    let routed = routed_by(&router, &users).await;
 
     // The SDK's variant for the same users.
     let contexts: Vec<Value> = (0..USERS)
@@ -646,7 +849,7 @@ async fn only_allowed_web_pages_may_evaluate_flags_from_a_browser() {
     assert_eq!(allowed.status(), 204);
     let h = allowed.headers();
     assert_eq!(h["access-control-allow-origin"], "https://shop.example");
-    assert_eq!(h["access-control-allow-methods"], "POST");
+    assert_eq!(h["access-control-allow-methods"], "GET, POST");
     assert!(h["access-control-allow-headers"]
         .to_str()
         .unwrap()
@@ -671,6 +874,34 @@ async fn only_allowed_web_pages_may_evaluate_flags_from_a_browser() {
     assert_eq!(answer.headers()["access-control-expose-headers"], "ETag");
     let other = evaluate("https://evil.example").await.unwrap();
     assert!(other.headers().get("access-control-allow-origin").is_none());
+
+    // OFREP's configuration: polling on, at least a second apart, no caching; tagged.
+    let configuration = format!("{}/ofrep/v1/configuration", daemon.api);
+    let answer = c
+        .get(&configuration)
+        .header("origin", "https://shop.example")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), 200);
+    assert_eq!(
+        answer.headers()["access-control-allow-origin"],
+        "https://shop.example"
+    );
+    let etag = answer.headers()["etag"].clone();
+    let body: Value = answer.json().await.unwrap();
+    assert_eq!(body["name"], "coalmine");
+    let polling = &body["capabilities"]["cacheInvalidation"]["polling"];
+    assert_eq!(polling["enabled"], true);
+    assert_eq!(polling["minPollingIntervalMs"], 1000);
+    assert_eq!(body["capabilities"]["caching"]["enabled"], false);
+    let again = c
+        .get(&configuration)
+        .header("if-none-match", etag)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(again.status(), 304);
 
     // The rest of the API grants no other origin anything.
     let list = c

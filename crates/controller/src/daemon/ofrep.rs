@@ -1,7 +1,8 @@
 //! Feature flags over OpenFeature's remote evaluation protocol (OFREP), so any OpenFeature SDK
 //! with its OFREP provider reads them: `POST /ofrep/v1/evaluate/flags/{key}` (one flag) and
 //! `POST /ofrep/v1/evaluate/flags` (every flag, with an `ETag`; `If-None-Match` gets 304 while
-//! nothing changed). Evaluations are reads, open like the API's others: they tell a user's
+//! nothing changed), and the optional `GET /ofrep/v1/configuration` (polling on, at least a
+//! second apart; no caching: flags change while their rollouts run). Evaluations are reads, open like the API's others: they tell a user's
 //! variant, never a secret, and an SDK may still send an `Authorization` header (ignored).
 //!
 //! Also the counts API, `POST /api/v1/flags/{key}/counts` (behind the token, like every
@@ -14,7 +15,7 @@ use axum::extract::{Path, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::post;
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::{json, Value};
 
@@ -57,6 +58,10 @@ pub(super) fn routes(origins: AllowedOrigins) -> Router<Arc<Daemon>> {
             "/ofrep/v1/evaluate/flags/{key}",
             post(evaluate_one).options(preflight),
         )
+        .route(
+            "/ofrep/v1/configuration",
+            get(configuration).options(preflight),
+        )
         .route_layer(middleware::from_fn_with_state(Arc::new(origins), cors))
 }
 
@@ -85,7 +90,7 @@ async fn cors(
         if preflight {
             headers.insert(
                 header::ACCESS_CONTROL_ALLOW_METHODS,
-                HeaderValue::from_static("POST"),
+                HeaderValue::from_static("GET, POST"),
             );
             headers.insert(
                 header::ACCESS_CONTROL_ALLOW_HEADERS,
@@ -152,11 +157,38 @@ pub(super) async fn evaluate_all(headers: HeaderMap, body: Bytes) -> Response {
             Err(e) => e.to_json(&flag.flag.key),
         })
         .collect();
-    let body = json!({ "flags": evaluated }).to_string();
-    // The answer itself is what a client caches: equal answers, equal tags.
+    tagged_json(&headers, json!({ "flags": evaluated }).to_string())
+}
+
+/// The shortest poll interval Coalmine asks of OFREP clients: a flag changes when its rollout
+/// steps or rolls back, and a conditional bulk evaluation costs a 304, so a second is enough
+/// to bring a rollback to open pages quickly.
+pub const MIN_POLLING_INTERVAL_MS: u64 = 1_000;
+
+/// `GET /ofrep/v1/configuration` (OFREP's optional extension): what a provider may rely on.
+/// Flags change while their rollouts run, so polling is on and caching off.
+pub(super) async fn configuration(headers: HeaderMap) -> Response {
+    let body = json!({
+        "name": "coalmine",
+        "capabilities": {
+            "cacheInvalidation": {
+                "polling": {"enabled": true, "minPollingIntervalMs": MIN_POLLING_INTERVAL_MS}
+            },
+            "flagEvaluation": {
+                "supportedTypes": ["boolean", "string", "int", "float", "object"]
+            },
+            "caching": {"enabled": false}
+        }
+    });
+    tagged_json(&headers, body.to_string())
+}
+
+/// A JSON answer with its `ETag`; `If-None-Match` naming it gets 304. The answer itself is
+/// what a client caches: equal answers, equal tags.
+fn tagged_json(headers: &HeaderMap, body: String) -> Response {
     let etag = format!("\"{:016x}\"", xxhash_rust::xxh3::xxh3_64(body.as_bytes()));
     let tag = HeaderValue::from_str(&etag).expect("hex in quotes is a header value");
-    if none_match(&headers, &etag) {
+    if none_match(headers, &etag) {
         return (StatusCode::NOT_MODIFIED, [(header::ETAG, tag)]).into_response();
     }
     (
