@@ -427,6 +427,24 @@ spec:
             .await,
         json!([true, []])
     );
+
+    // Phone width: nothing wider than the screen, on the list or the group's page.
+    browser.set_size(390, 844).await;
+    for view in ["#/groups/checkout-release", "#/"] {
+        browser
+            .run("location.hash = arguments[0];", json!([view]))
+            .await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let overflow = browser
+            .run(
+                "return document.documentElement.scrollWidth - window.innerWidth;",
+                json!([]),
+            )
+            .await
+            .as_f64()
+            .unwrap();
+        assert!(overflow <= 0.0, "{view}: {overflow} px wider than a phone");
+    }
 }
 
 /// An open page's stream of Server-Sent Events, read as the page reads it.
