@@ -292,6 +292,12 @@ fn run_group_once(
             ))
             .into());
         };
+        if own[i].is_some() {
+            return Err(BadInput(format!(
+                "--member-scenario {given:?}: {member} has a scenario already; give each member one"
+            ))
+            .into());
+        }
         own[i] = Some(read_scenario(file)?);
     }
     let analyses: Vec<Analysis> = rollouts

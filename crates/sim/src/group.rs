@@ -172,7 +172,7 @@ impl GroupSim<'_, '_> {
 
     /// Decides the group and hands its inputs to the members, until it has none left at `now`
     /// (each input is a saved step the daemon would decide again on). Bounded: each round
-    /// either ends a member or gives one the gate it already holds next time.
+    /// either ends a member or gives one a gate it then holds.
     fn settle(&mut self, now: u64) -> Decision {
         let rounds = 2 * self.sims.len() + 2;
         let mut decision = self.decide();
@@ -182,6 +182,11 @@ impl GroupSim<'_, '_> {
             }
             for (i, input) in std::mem::take(&mut decision.inputs) {
                 self.feed(i, now, input);
+            }
+            // A member its new gate lets go on ticks at once, as the driver does.
+            for i in 0..self.sims.len() {
+                self.sims[i].tick_if_due(now);
+                self.record_events(i);
             }
             decision = self.decide();
         }
