@@ -53,7 +53,7 @@ pub struct SimulateArgs {
     /// Worker threads (default: the machine's cores)
     #[arg(long)]
     pub threads: Option<usize>,
-    /// `json`: the summary as one JSON object on the last line
+    /// `json`: the summary (for a group: its run and timeline) as one JSON object on the last line
     #[arg(long, value_enum, default_value_t)]
     pub output: OutputFormat,
 }
