@@ -37,7 +37,7 @@ enum Command {
     Convert(rollout_cmd::ConvertArgs),
     /// Drive one rollout in the foreground: exit 0 promoted, 1 rolled back, 2 invalid input
     Run(rollout_cmd::RunArgs),
-    /// Run a rollout's state machine and judges over synthetic traffic on a virtual clock, many times
+    /// Run a rollout's state machine and judges over synthetic traffic on a virtual clock, many times (a RolloutGroup: once, as one release)
     Simulate(simulate_cmd::SimulateArgs),
     /// Run the daemon: many rollouts, state in SQLite, an API for the commands below
     Serve(daemon_cmd::ServeArgs),

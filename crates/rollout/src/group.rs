@@ -96,6 +96,8 @@ pub fn decide(plan: &GroupPlan, statuses: &[Option<&Status>]) -> Decision {
         .map(|(s, current)| s.filter(|s| *current || s.outcome != Some(Outcome::RolledBack)))
         .collect();
     let applied_again = |i: usize| statuses[i].is_none() && !in_run[i];
+    // The member that failed: the group's own rollbacks follow it, within the same
+    // millisecond when the clock is quick or virtual, so time alone cannot tell.
     let failed_first = statuses
         .iter()
         .enumerate()
@@ -103,7 +105,7 @@ pub fn decide(plan: &GroupPlan, statuses: &[Option<&Status>]) -> Decision {
             s.filter(|s| s.outcome == Some(Outcome::RolledBack))
                 .map(|s| (i, s))
         })
-        .min_by_key(|(i, s)| (s.last_transition_ms, *i));
+        .min_by_key(|(i, s)| (rolled_back_by(plan, s), s.last_transition_ms, *i));
     if let Some((origin, status)) = failed_first {
         return roll_back(plan, &statuses, &in_run, origin, status);
     }
@@ -167,8 +169,9 @@ fn roll_back(
         .strip_prefix("Rolling back: ")
         .unwrap_or(&status.message);
     let reason = format!(
-        "group {}: member {} rolled back ({evidence})",
-        plan.name, plan.members[origin].name
+        "{}{} rolled back ({evidence})",
+        group_reason_start(plan),
+        plan.members[origin].name
     );
     let next = statuses
         .iter()
@@ -200,6 +203,17 @@ fn roll_back(
         inputs,
         in_run: in_run.to_vec(),
     }
+}
+
+/// How the reason the group gives the members it rolls back begins.
+fn group_reason_start(plan: &GroupPlan) -> String {
+    format!("group {}: member ", plan.name)
+}
+
+/// Whether a member was rolled back by its group (its rollback's reason is the group's)
+/// rather than by its own failure.
+fn rolled_back_by(plan: &GroupPlan, status: &Status) -> bool {
+    status.message.contains(&group_reason_start(plan))
 }
 
 /// How many of its weight steps a member has taken (0 before the first), one past its last
@@ -524,6 +538,13 @@ mod tests {
         assert!(matches!(second.inputs[..], [(0, Input::Revert { .. })]));
         let last = members.decide(&group);
         assert_eq!(last.phase, GroupPhase::RolledBack);
+        // All three rolled back within one millisecond: the reason still names the one that
+        // failed, not a member the group took back.
+        let reason = last.reason.unwrap();
+        assert!(
+            reason.starts_with("group payment-change: member orders rolled back (sequential"),
+            "{reason}"
+        );
         for m in &members.machines {
             assert_eq!(m.outcome(), Some(Outcome::RolledBack));
             assert!(!m.traffic().promoted && !m.traffic().canary);

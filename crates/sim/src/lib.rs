@@ -9,8 +9,10 @@
 //!
 //! **Architecture invariant:** no IO, no clock, no threads here; the binary parallelises runs.
 
+mod group;
 mod rng;
 
+pub use group::{run_group, GroupRun, MemberEnd, MemberSetup, Moment};
 pub use rng::Rng;
 
 use std::future::{ready, Future};
@@ -18,7 +20,9 @@ use std::future::{ready, Future};
 use serde::Serialize;
 
 use coalmine_judge::{Counts, PairedBatch};
-use coalmine_rollout::{Input, Machine, Observation, Outcome, Plan, Question, Window, World};
+use coalmine_rollout::{
+    Event, Input, Machine, Observation, Outcome, Plan, Question, Window, World,
+};
 use coalmine_spec::rollout::{Analysis, BUILTIN_KAYENTA_SCORE};
 use coalmine_spec::scenario::{Behaviour, Scenario};
 
@@ -83,65 +87,112 @@ pub fn run_once(
     scenario: &Scenario,
     rng: &mut Rng,
 ) -> RunResult {
-    let plan = Plan::new(analysis, progress_deadline_seconds, false);
-    let longest_window_ms = plan
-        .checks
-        .iter()
-        .map(|c| c.window_ms)
-        .max()
-        .unwrap_or(STEP_MS);
-    let tolerance_micros = plan
-        .dark_launch
-        .as_ref()
-        .map_or(0, |d| d.latency_tolerance_micros);
-    let mut machine = Machine::new(plan, 0);
-    let mut sim = Run {
-        now: 0,
-        window: Window::new(longest_window_ms),
-        keeps_stable: analysis
-            .metrics
-            .iter()
-            .any(|m| m.name == BUILTIN_KAYENTA_SCORE),
-    };
-    let canary_start_ms = scenario
-        .canary
-        .start_after
-        .map_or(0, |d| d.0.as_millis() as u64);
+    let mut sim = Simulated::new(analysis, progress_deadline_seconds, scenario, false);
     let duration_ms = scenario.duration.0.as_millis() as u64;
-    let mut carry = 0.0;
-    let (mut canary_requests, mut canary_failures) = (0, 0);
     let mut now = 0;
-    let mut exposed_ms = None;
-    let decided = |machine: &Machine, now, canary_requests, canary_failures, exposed_ms| {
-        machine.outcome().map(|outcome| RunResult {
-            decision: match outcome {
-                Outcome::Promoted => Decision::Promoted,
-                Outcome::RolledBack => Decision::RolledBack,
-            },
-            decided_ms: Some(now),
-            exposed_ms,
-            canary_requests,
-            canary_failures,
-        })
-    };
     while now < duration_ms {
-        if machine.next_tick_ms().is_some_and(|due| due <= now) {
-            sim.feed(&mut machine, now, Input::Tick { traffic: Ok(()) });
-        }
-        if let Some(result) = decided(&machine, now, canary_requests, canary_failures, exposed_ms) {
+        sim.tick_if_due(now);
+        if let Some(result) = sim.decided(now) {
             return result;
         }
-        // Traffic in [now, now + STEP).
-        let traffic = machine.traffic();
+        sim.serve(now, rng);
+        now += STEP_MS;
+        if let Some(result) = sim.decided(now) {
+            return result;
+        }
+    }
+    sim.result(None)
+}
+
+/// One rollout on the virtual clock: its machine, the world answering it, and what users
+/// met of its canary so far. A run is its steps: [`Simulated::tick_if_due`], then
+/// [`Simulated::serve`] one simulated second.
+struct Simulated<'s> {
+    machine: Machine,
+    world: Run,
+    scenario: &'s Scenario,
+    canary_start_ms: u64,
+    tolerance_micros: u64,
+    /// The fraction of a request the last second's rate left over.
+    carry: f64,
+    canary_requests: u64,
+    canary_failures: u64,
+    exposed_ms: Option<u64>,
+}
+
+impl<'s> Simulated<'s> {
+    /// `keep_events`: the machine's events are kept for [`Simulated::take_events`] (a group's
+    /// timeline), not only counted out.
+    fn new(
+        analysis: &Analysis,
+        progress_deadline_seconds: u64,
+        scenario: &'s Scenario,
+        keep_events: bool,
+    ) -> Simulated<'s> {
+        let plan = Plan::new(analysis, progress_deadline_seconds, false);
+        let longest_window_ms = plan
+            .checks
+            .iter()
+            .map(|c| c.window_ms)
+            .max()
+            .unwrap_or(STEP_MS);
+        let tolerance_micros = plan
+            .dark_launch
+            .as_ref()
+            .map_or(0, |d| d.latency_tolerance_micros);
+        Simulated {
+            machine: Machine::new(plan, 0),
+            world: Run {
+                now: 0,
+                window: Window::new(longest_window_ms),
+                keeps_stable: analysis
+                    .metrics
+                    .iter()
+                    .any(|m| m.name == BUILTIN_KAYENTA_SCORE),
+                events: keep_events.then(Vec::new),
+            },
+            scenario,
+            canary_start_ms: scenario
+                .canary
+                .start_after
+                .map_or(0, |d| d.0.as_millis() as u64),
+            tolerance_micros,
+            carry: 0.0,
+            canary_requests: 0,
+            canary_failures: 0,
+            exposed_ms: None,
+        }
+    }
+
+    /// Hands the machine an input and answers its questions, as the driver does.
+    fn feed(&mut self, now: u64, input: Input) {
+        self.world.now = now;
+        match self.machine.drive_now(input, &mut self.world) {
+            Ok(()) => {}
+            Err(never) => match never.error {},
+        }
+    }
+
+    fn tick_if_due(&mut self, now: u64) {
+        if self.machine.next_tick_ms().is_some_and(|due| due <= now) {
+            self.feed(now, Input::Tick { traffic: Ok(()) });
+        }
+    }
+
+    /// The requests of `[now, now + 1 s)`, split by the machine's traffic, and what the
+    /// machine observes of them at the second's end.
+    fn serve(&mut self, now: u64, rng: &mut Rng) {
+        let scenario = self.scenario;
+        let traffic = self.machine.traffic();
         let canary_share = if traffic.promoted {
             1.0
         } else {
             f64::from(traffic.canary_weight.basis_points()) / 10_000.0
         };
-        let expected = scenario.traffic.rps_at(now) * STEP_MS as f64 / 1000.0 + carry;
+        let expected = scenario.traffic.rps_at(now) * STEP_MS as f64 / 1000.0 + self.carry;
         let requests = expected.floor() as u64;
-        carry = expected - requests as f64;
-        let canary_behaviour = if now >= canary_start_ms {
+        self.carry = expected - requests as f64;
+        let canary_behaviour = if now >= self.canary_start_ms {
             &scenario.canary
         } else {
             &scenario.stable
@@ -149,7 +200,7 @@ pub fn run_once(
         let (mut stable, mut canary) = (Counts::default(), Counts::default());
         // Copies of stable's requests the canary answers (never a user's), and their pairs.
         let mirror_share = f64::from(traffic.mirror_weight.basis_points()) / 10_000.0;
-        let (mut copies, mut pairs) = (Counts::default(), Pairing::new(tolerance_micros));
+        let (mut copies, mut pairs) = (Counts::default(), Pairing::new(self.tolerance_micros));
         for _ in 0..requests {
             if canary_share > 0.0 && rng.chance(canary_share) {
                 request(rng, canary_behaviour, &mut canary);
@@ -160,33 +211,32 @@ pub fn run_once(
                 }
             }
         }
-        if exposed_ms.is_none() && canary.requests > 0 && now >= canary_start_ms {
-            exposed_ms = Some(now);
+        if self.exposed_ms.is_none() && canary.requests > 0 && now >= self.canary_start_ms {
+            self.exposed_ms = Some(now);
         }
-        canary_requests += canary.requests;
-        canary_failures += canary.server_errors;
-        now += STEP_MS;
+        self.canary_requests += canary.requests;
+        self.canary_failures += canary.server_errors;
+        let end = now + STEP_MS;
         // The stable side of the window only serves the Kayenta judge.
-        let stable_window = if sim.keeps_stable {
+        let stable_window = if self.world.keeps_stable {
             stable.clone()
         } else {
             Counts::default()
         };
         // The copies' answers are the canary's observations, as the routers' source has them.
         canary.add(&copies);
-        sim.window.push(
-            now - STEP_MS,
+        self.world.window.push(
             now,
+            end,
             Observation {
                 canary: canary.clone(),
                 stable: stable_window,
                 ..Observation::default()
             },
         );
-        if machine.plan().observes() {
-            sim.feed(
-                &mut machine,
-                now,
+        if self.machine.plan().observes() {
+            self.feed(
+                end,
                 Input::Observe(Observation {
                     canary,
                     stable,
@@ -194,16 +244,34 @@ pub fn run_once(
                 }),
             );
         }
-        if let Some(result) = decided(&machine, now, canary_requests, canary_failures, exposed_ms) {
-            return result;
+    }
+
+    /// The run's result once the rollout has ended (at `now`).
+    fn decided(&self, now: u64) -> Option<RunResult> {
+        self.machine.outcome().map(|_| self.result(Some(now)))
+    }
+
+    fn result(&self, decided_ms: Option<u64>) -> RunResult {
+        RunResult {
+            decision: match self.machine.outcome() {
+                Some(Outcome::Promoted) => Decision::Promoted,
+                Some(Outcome::RolledBack) => Decision::RolledBack,
+                None => Decision::Undecided,
+            },
+            decided_ms: decided_ms.filter(|_| self.machine.outcome().is_some()),
+            exposed_ms: self.exposed_ms,
+            canary_requests: self.canary_requests,
+            canary_failures: self.canary_failures,
         }
     }
-    RunResult {
-        decision: Decision::Undecided,
-        decided_ms: None,
-        exposed_ms,
-        canary_requests,
-        canary_failures,
+
+    /// The events of the steps since the last call (none unless kept).
+    fn take_events(&mut self) -> Vec<Event> {
+        self.world
+            .events
+            .as_mut()
+            .map(std::mem::take)
+            .unwrap_or_default()
     }
 }
 
@@ -277,17 +345,8 @@ struct Run {
     window: Window,
     /// Whether a check compares with stable over its window (`kayenta-score`).
     keeps_stable: bool,
-}
-
-impl Run {
-    /// Hands the machine an input and answers its questions, as the driver does.
-    fn feed(&mut self, machine: &mut Machine, now: u64, input: Input) {
-        self.now = now;
-        match machine.drive_now(input, self) {
-            Ok(()) => {}
-            Err(never) => match never.error {},
-        }
-    }
+    /// The machine's events, when someone reads them (a group's timeline).
+    events: Option<Vec<Event>>,
 }
 
 impl World for Run {
@@ -296,6 +355,13 @@ impl World for Run {
 
     fn now(&self) -> u64 {
         self.now
+    }
+
+    fn event(&mut self, event: &Event) -> impl Future<Output = ()> {
+        if let Some(events) = &mut self.events {
+            events.push(event.clone());
+        }
+        ready(())
     }
 
     fn answer(&mut self, machine: &Machine, question: Question) -> impl Future<Output = Input> {

@@ -237,6 +237,127 @@ fn scenario_example(name: &str) -> String {
     )
 }
 
+/// `simulate` on a group's files, with `extra` arguments: exit code, the JSON run, the output.
+fn simulate_group(extra: &[&str]) -> (i32, serde_json::Value, String) {
+    let group = scenario_example("group.yaml");
+    let scenario = scenario_example("identical.yaml");
+    let mut args = vec!["simulate", &group, "--scenario", &scenario, "--seed", "3"];
+    args.extend_from_slice(extra);
+    let (code, out) = run(&args);
+    let json = out
+        .lines()
+        .last()
+        .and_then(|l| serde_json::from_str(l).ok())
+        .unwrap_or_default();
+    (code, json, out)
+}
+
+/// The times (ms) at which each member logged `message`, in the group's order.
+fn member_times(run: &serde_json::Value, message: &str) -> Vec<u64> {
+    ["ledger", "payments", "orders"]
+        .iter()
+        .map(|m| {
+            run["timeline"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|t| t["member"] == *m && t["message"] == message)
+                .unwrap_or_else(|| panic!("{m}: no {message:?} in {run}"))["timeMs"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect()
+}
+
+#[test]
+fn simulate_runs_a_group_as_one_release_and_rolls_it_back_last_member_first() {
+    // Nobody fails: all three take each step at the same moment, and all promote (exit 0).
+    let (code, healthy, out) = simulate_group(&["--output", "json"]);
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(healthy["phase"], "Succeeded", "{healthy}");
+    for m in healthy["members"].as_array().unwrap() {
+        assert_eq!(m["decision"], "promoted", "{m}");
+    }
+    let at_10 = member_times(&healthy, "Advance canary weight 10");
+    let at_50 = member_times(&healthy, "Advance canary weight 50");
+    let promoted = member_times(&healthy, "Promotion completed");
+    for times in [&at_10, &at_50, &promoted] {
+        assert!(
+            times.iter().all(|t| *t == times[0]),
+            "not in lock-step: {times:?}"
+        );
+    }
+    assert!(
+        at_10[0] < at_50[0] && at_50[0] < promoted[0],
+        "{at_10:?} {at_50:?} {promoted:?}"
+    );
+
+    // The last member's canary fails 10 % of requests: it rolls back, then payments, then
+    // ledger (exit 1), and the group says why.
+    let failing = format!("orders={}", scenario_example("errors-10pct.yaml"));
+    let (code, failed, out) = simulate_group(&["--member-scenario", &failing, "--output", "json"]);
+    assert_eq!(code, 1, "{out}");
+    assert_eq!(failed["phase"], "RolledBack", "{failed}");
+    let reason = failed["reason"].as_str().unwrap();
+    assert!(
+        reason.starts_with("group checkout-release: member orders rolled back (Sequential test"),
+        "{reason}"
+    );
+    let order: Vec<&str> = failed["timeline"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|t| t["message"].as_str().unwrap().starts_with("Rolling back"))
+        .map(|t| t["member"].as_str().unwrap())
+        .collect();
+    assert_eq!(order, ["orders", "payments", "ledger"], "{failed}");
+    // Ledger and payments were healthy: they went back only because orders failed.
+    assert!(
+        member_times(&failed, "Advance canary weight 10")[0]
+            < failed["decidedMs"].as_u64().unwrap()
+    );
+
+    // The text timeline tells the same.
+    let (code, _, out) = simulate_group(&["--member-scenario", &failing]);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("group checkout-release: RolledBack at "),
+        "{out}"
+    );
+    assert!(
+        out.lines()
+            .any(|l| l.contains(" ledger ") && l.contains("Rolling back")),
+        "{out}"
+    );
+
+    // Bad input exits 2: a member not among the files, named where it is written.
+    let text = std::fs::read_to_string(scenario_example("group.yaml"))
+        .unwrap()
+        .replace("- name: orders\n---", "- name: order\n---");
+    let (_dir, bad) = write_config("group", &text);
+    let line = text
+        .lines()
+        .position(|l| l.ends_with("- name: order"))
+        .unwrap()
+        + 1;
+    let scenario = scenario_example("identical.yaml");
+    let (code, out) = run(&["simulate", bad.to_str().unwrap(), "--scenario", &scenario]);
+    assert_eq!(code, 2, "{out}");
+    assert!(
+        out.contains(&format!("proxy.yaml:{line}:"))
+            && out.contains("spec.members[2].name")
+            && out.contains("did you mean \"orders\""),
+        "{out}"
+    );
+    // And a member scenario for a rollout outside the group.
+    let (code, _, out) = simulate_group(&["--member-scenario", "billing=x.yaml"]);
+    assert_eq!(code, 2, "{out}");
+    assert!(
+        out.contains("--member-scenario") && out.contains("\"billing\" is not a member"),
+        "{out}"
+    );
+}
+
 #[test]
 fn simulate_prints_a_reproducible_summary_beside_flaggers_on_the_same_traces() {
     let args = [

@@ -276,6 +276,177 @@ async fn the_dashboard_follows_a_rollout_live_and_a_signed_in_user_aborts_it() {
     assert!(updated < 100.0, "updating 1,000 rows took {updated} ms");
 }
 
+/// A group on the dashboard: one row on the list, a page with its members in order, and,
+/// once a member's canary fails, the whole group rolled back with the reason naming that
+/// member — pushed to the open page, without a reload.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_is_shown_as_one_release_and_its_rollback_names_the_member_that_failed() {
+    let dir = scratch("dashboard-group");
+    let daemon = serve(&dir);
+    let (ledger_v1, ledger_v2) = (upstream("ledger-v1", &[]), upstream("ledger-v2", &[]));
+    let orders_v1 = upstream("orders-v1", &[]);
+    let orders_v2 = upstream("orders-v2", &["--error-rate", "0.5", "--seed", "3"]);
+    let ledger_router = router(&["--stable", &ledger_v1.url]);
+    let orders_router = router(&["--stable", &orders_v1.url]);
+    // Long enough a ladder that the group is still on it when users arrive.
+    let analysis = "    interval: 2s
+    threshold: 2
+    stepWeights: [10, 20, 30, 40, 50, 60, 70, 80, 90]
+";
+    let group = "apiVersion: coalmine.dev/v1alpha1
+kind: RolloutGroup
+metadata:
+  name: checkout-release
+spec:
+  policy: together
+  members: [{name: ledger}, {name: orders}]
+";
+    let file = dir.write(
+        "release.yaml",
+        &[
+            group.to_string(),
+            rollout_yaml("ledger", &ledger_router, &ledger_v1, &ledger_v2, analysis),
+            rollout_yaml("orders", &orders_router, &orders_v1, &orders_v2, analysis),
+        ]
+        .join("---\n"),
+    );
+
+    let browser = Browser::start(1280, 1600).await;
+    browser.goto(&format!("{}/", daemon.api)).await;
+    browser
+        .run(
+            "window.notReloaded = true; window.refused = [];
+             document.addEventListener('securitypolicyviolation', e => window.refused.push(e.violatedDirective));",
+            json!([]),
+        )
+        .await;
+    let (code, out) = cli(&daemon, &["apply", file.to_str().unwrap()], Some(TOKEN));
+    assert_eq!(code, 0, "{out}");
+
+    // The list, open before the group existed, shows it as one row, its members in order.
+    let row = "#group-rows tr[data-key=checkout-release]";
+    browser
+        .wait_for_text(
+            &format!("{row} td:nth-child(3)"),
+            Duration::from_secs(10),
+            |t| t == "Progressing",
+        )
+        .await;
+    let members = browser.text(&format!("{row} td:nth-child(4)")).await;
+    assert!(
+        members.starts_with("ledger ") && members.contains(", orders "),
+        "{members}"
+    );
+
+    // Its page: the members in order, each with its weight and its gate.
+    browser.click(&format!("{row} a")).await;
+    browser
+        .wait_for_text("#group-title", Duration::from_secs(5), |t| {
+            t == "checkout-release"
+        })
+        .await;
+    let order = browser
+        .run(
+            "return [...document.querySelectorAll('#g-members tr')].map(tr => tr.dataset.member);",
+            json!([]),
+        )
+        .await;
+    assert_eq!(order, json!(["ledger", "orders"]));
+    let (policy, _) = browser
+        .wait_for_text("#g-policy", Duration::from_secs(5), |t| !t.is_empty())
+        .await;
+    assert_eq!(policy, "together (lock-step)");
+    // Lock-step: both members' gates let them as far as the same step.
+    let (gate, _) = browser
+        .wait_for_text(
+            "#g-members tr[data-member=orders] td:nth-child(4)",
+            Duration::from_secs(20),
+            |t| t.starts_with("up to ") && t != "up to 0 %",
+        )
+        .await;
+    println!("orders' gate on the page: {gate}");
+    let (weight, _) = browser
+        .wait_for_text(
+            "#g-members tr[data-member=orders] td:nth-child(3)",
+            Duration::from_secs(10),
+            |t| shown_weight(t).is_some_and(|w| w > 0.0),
+        )
+        .await;
+    println!("orders on the page at {weight}");
+
+    // Users reach orders, whose canary fails half of their requests.
+    let traffic = users(&orders_router, 2);
+    let (reason, took) = browser
+        .wait_for_text("#g-reason", Duration::from_secs(60), |t| {
+            t.contains(" rolled back")
+        })
+        .await;
+    println!("the group's rollback on the page {took:?} after users arrived: {reason}");
+    assert!(
+        reason.starts_with("group checkout-release: member orders rolled back ("),
+        "{reason}"
+    );
+    browser
+        .wait_for_text("#g-phase", Duration::from_secs(15), |t| t == "RolledBack")
+        .await;
+    let phases = browser
+        .run(
+            "return [...document.querySelectorAll('#g-members tr td:nth-child(2)')].map(td => td.textContent);",
+            json!([]),
+        )
+        .await;
+    assert_eq!(phases, json!(["Failed", "Failed"]));
+    // The history: orders failed, then the group took ledger back for it.
+    let (history, _) = browser
+        .wait_for_text("#g-history", Duration::from_secs(5), |t| {
+            t.contains("ledger: Rolling back: group checkout-release: member orders")
+        })
+        .await;
+    assert!(history.contains("orders: Rolling back: "), "{history}");
+    // The API says the same.
+    let api = get_json(&format!("{}/api/v1/groups/checkout-release", daemon.api)).await;
+    assert_eq!(api["phase"], "RolledBack", "{api:#}");
+    assert_eq!(api["reason"].as_str(), Some(reason.as_str()));
+    traffic.stop().await;
+
+    // Back on the list, the row says it too; nothing reloaded, nothing refused by the CSP.
+    browser.click("#group p a").await;
+    browser
+        .wait_for_text(
+            &format!("{row} td:nth-child(3)"),
+            Duration::from_secs(5),
+            |t| t == "RolledBack",
+        )
+        .await;
+    assert_eq!(
+        browser
+            .run(
+                "return [window.notReloaded === true, window.refused];",
+                json!([])
+            )
+            .await,
+        json!([true, []])
+    );
+
+    // Phone width: nothing wider than the screen, on the list or the group's page.
+    browser.set_size(390, 844).await;
+    for view in ["#/groups/checkout-release", "#/"] {
+        browser
+            .run("location.hash = arguments[0];", json!([view]))
+            .await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let overflow = browser
+            .run(
+                "return document.documentElement.scrollWidth - window.innerWidth;",
+                json!([]),
+            )
+            .await
+            .as_f64()
+            .unwrap();
+        assert!(overflow <= 0.0, "{view}: {overflow} px wider than a phone");
+    }
+}
+
 /// An open page's stream of Server-Sent Events, read as the page reads it.
 struct Watch {
     response: reqwest::Response,

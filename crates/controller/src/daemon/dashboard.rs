@@ -1,5 +1,5 @@
-//! `coalmine serve`'s side of the dashboard ([`crate::dashboard`]): its rows and one rollout's
-//! page, read from the state file and the series this process saw.
+//! `coalmine serve`'s side of the dashboard ([`crate::dashboard`]): its rows (rollouts and
+//! groups) and one rollout's page, read from the state file and the series this process saw.
 
 use std::sync::Arc;
 
@@ -48,7 +48,7 @@ fn snapshot(d: &Daemon) -> Result<Value, ApiError> {
             }),
         })
         .collect();
-    Ok(json!({ "rows": rows }))
+    Ok(json!({ "rows": rows, "groups": d.group_rows()? }))
 }
 
 async fn watch(State(d): State<Arc<Daemon>>) -> Response {

@@ -21,6 +21,7 @@ use coalmine_spec::rollout::Rollout;
 
 use super::api::{shown_status, ApiError};
 use super::Daemon;
+use crate::dashboard::live::Change;
 use crate::report::event_json;
 use crate::state::sqlite::StoredRollout;
 
@@ -54,9 +55,15 @@ impl Daemon {
     async fn decide_group(self: Arc<Self>, group: &RolloutGroup) {
         let mut changes = self.live.subscribe();
         let mut last_phase = None;
+        let mut last_row = None;
         loop {
             match self.decide_group_once(group) {
-                Ok((phase, in_run)) => {
+                Ok((phase, in_run, row)) => {
+                    // The pages hear of the group as they hear of a rollout: when it changed.
+                    if last_row.as_ref() != Some(&row) {
+                        self.live.group(&group.metadata.name, row.clone());
+                        last_row = Some(row);
+                    }
                     if last_phase != Some(phase) {
                         tracing::info!(group = %group.metadata.name, ?phase, "group");
                         last_phase = Some(phase);
@@ -65,14 +72,17 @@ impl Daemon {
                 }
                 Err(e) => tracing::error!(group = %group.metadata.name, "cannot decide: {e}"),
             }
-            tokio::select! {
-                change = changes.recv() => {
-                    if let Err(RecvError::Closed) = change {
+            loop {
+                tokio::select! {
+                    change = changes.recv() => match change {
                         // The server is shutting down: no step will be saved any more.
-                        return;
-                    }
+                        Err(RecvError::Closed) => return,
+                        // A group's own news: no member saved a step.
+                        Ok(change) if matches!(*change, Change::Group { .. }) => continue,
+                        _ => break,
+                    },
+                    _ = tokio::time::sleep(DECIDE_AT_LEAST_EVERY) => break,
                 }
-                _ = tokio::time::sleep(DECIDE_AT_LEAST_EVERY) => {}
             }
         }
     }
@@ -98,10 +108,14 @@ impl Daemon {
         }
     }
 
-    /// Decides once and hands each member what the decision says for it; the group's phase and
-    /// which members are in its current run.
-    fn decide_group_once(&self, group: &RolloutGroup) -> Result<(GroupPhase, Vec<bool>), ApiError> {
-        let (_, plan, decision) = self.decision(group)?;
+    /// Decides once and hands each member what the decision says for it; the group's phase,
+    /// which members are in its current run, and its row as the dashboard shows it.
+    fn decide_group_once(
+        &self,
+        group: &RolloutGroup,
+    ) -> Result<(GroupPhase, Vec<bool>, Value), ApiError> {
+        let (members, plan, decision) = self.decision(group)?;
+        let row = group_row(group, &members, &decision);
         let running = self.running.lock().expect("running");
         for (i, input) in decision.inputs {
             let member = &plan.members[i].name;
@@ -116,7 +130,19 @@ impl Daemon {
                 None => tracing::debug!(group = %plan.name, %member, "is not running"),
             }
         }
-        Ok((decision.phase, decision.in_run))
+        Ok((decision.phase, decision.in_run, row))
+    }
+
+    /// Every group's row, as the dashboard's list shows it.
+    pub(super) fn group_rows(&self) -> Result<Vec<Value>, ApiError> {
+        self.store
+            .groups()?
+            .iter()
+            .map(|g| {
+                let (members, _, decision) = self.decision(g)?;
+                Ok(group_row(g, &members, &decision))
+            })
+            .collect()
     }
 
     /// The group decided now: its members as stored (`None`: not applied), its plan, and the
@@ -173,6 +199,45 @@ impl Daemon {
             .find(|g| g.metadata.name == name)
             .ok_or_else(|| ApiError::NoSuchGroup(name.to_string()))
     }
+}
+
+/// A group as the dashboard shows it: one release — its phase, why it rolls back, and each
+/// member in order with its weight and how far its gate lets it go.
+fn group_row(
+    group: &RolloutGroup,
+    members: &[Option<StoredRollout>],
+    decision: &group::Decision,
+) -> Value {
+    let shown: Vec<Value> = group
+        .spec
+        .members
+        .iter()
+        .zip(members)
+        .map(|(m, stored)| match stored {
+            Some(s) => json!({
+                "name": m.name,
+                "phase": s.status.phase.as_str(),
+                "canaryWeight": s.status.canary_weight.percent(),
+                "paused": s.status.paused,
+                "gate": s.status.gate.as_ref().map(|g| json!({
+                    "start": g.start,
+                    "maxWeight": g.max_weight.percent(),
+                    "promote": g.promote,
+                    "waitingFor": g.waiting_for,
+                })),
+                "message": s.status.message,
+            }),
+            None => json!({"name": m.name, "phase": "Unknown", "message": "not applied"}),
+        })
+        .collect();
+    json!({
+        "key": group.metadata.name,
+        "name": group.metadata.name,
+        "policy": group.spec.policy,
+        "phase": decision.phase,
+        "reason": decision.reason,
+        "members": shown,
+    })
 }
 
 /// A group's task: stopped when dropped.

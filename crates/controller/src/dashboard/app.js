@@ -11,6 +11,10 @@
   let session = { signedIn: false };
   let detail = null; // the open rollout's page: {key, run, status, points, checks, events, row}
   let detailDirty = false;
+  const groups = new Map(); // group name -> its row as the server sends it
+  let groupsDirty = false;
+  let group = null; // the open group's page: {key, history}
+  let groupDirty = false;
   let frame = 0;
 
   // ---- formatting ----
@@ -40,9 +44,17 @@
   // ---- the list ----
   function schedule() { if (!frame) frame = requestAnimationFrame(render); }
   function applyChange(c) {
-    if (c.type === "deleted") {
+    if (c.type === "group") {
+      groups.set(c.key, c.row); groupsDirty = true;
+      if (group && group.key === c.key) groupDirty = true;
+    } else if (c.type === "deleted") {
       rows.delete(c.key); dirty.add(c.key);
     } else {
+      // A member's events go on its open group's history as they come.
+      if (group && c.row && c.row.group === group.key) {
+        for (const e of c.events || []) (group.history || group.early).push(e);
+        if ((c.events || []).length) groupDirty = true;
+      }
       rows.set(c.key, c.row); dirty.add(c.key);
       if (detail && detail.key === c.key) {
         if (c.run !== detail.run) { openDetail(c.key); return; }
@@ -101,7 +113,9 @@
       listDirty = false;
     }
     $("empty").hidden = rows.size > 0;
+    if (groupsDirty) { groupsDirty = false; renderGroups(); }
     if (detail && detailDirty) { detailDirty = false; renderDetail(); }
+    if (group && groupDirty) { groupDirty = false; renderGroup(); }
   }
   // Running clocks ("how long") tick locally; nothing is fetched for them.
   setInterval(() => {
@@ -119,12 +133,104 @@
       const seen = new Set();
       for (const r of data.rows) { rows.set(r.key, r); dirty.add(r.key); seen.add(r.key); }
       for (const key of [...rows.keys()]) if (!seen.has(key)) { rows.delete(key); dirty.add(key); }
+      groups.clear();
+      for (const g of data.groups || []) groups.set(g.key, g);
+      groupsDirty = true; groupDirty = true;
       setText($("connection"), "live");
       schedule();
     });
     source.addEventListener("change", (m) => applyChange(JSON.parse(m.data)));
     source.onerror = () => setText($("connection"), "reconnecting…");
     source.onopen = () => setText($("connection"), "live");
+  }
+
+  // ---- groups: each shown as one release ----
+  function gateWords(g) {
+    if (!g) return "–";
+    if (!g.start) return "closed";
+    if (g.promote) return "open";
+    return "up to " + pct(g.maxWeight);
+  }
+  function phaseBadge(phase) { return el("span", { class: "phase " + phase }, phase || "Unknown"); }
+  function weightCell(w) {
+    const td = el("td", { class: "num" });
+    td.appendChild(el("span", { class: "bar", "aria-hidden": "true" })).appendChild(el("span")).style.width = (w || 0) + "%";
+    td.append(pct(w));
+    return td;
+  }
+  // Rows kept and changed in place, like the rollouts' (a link being clicked stays the same).
+  const groupEls = new Map(); // group name -> <tr>
+  function renderGroups() {
+    const names = [...groups.keys()].sort();
+    $("groups").hidden = !names.length;
+    for (const [n, tr] of groupEls) if (!groups.has(n)) { tr.remove(); groupEls.delete(n); }
+    const body = $("group-rows");
+    names.forEach((n, i) => {
+      const g = groups.get(n);
+      let tr = groupEls.get(n);
+      if (!tr) {
+        tr = el("tr", { "data-key": n });
+        const name = el("td");
+        name.appendChild(el("a", { href: "#/groups/" + encodeURIComponent(n) }, n));
+        const phase = el("td");
+        phase.appendChild(el("span"));
+        tr.append(name, el("td"), phase, el("td"), el("td", { class: "wide" }));
+        groupEls.set(n, tr);
+      }
+      const c = tr.cells;
+      setText(c[1], g.policy || "");
+      const badge = c[2].firstChild;
+      setText(badge, g.phase || "Unknown");
+      if (badge.className !== "phase " + g.phase) badge.className = "phase " + g.phase;
+      setText(c[3], (g.members || []).map((m) => m.name + " " + pct(m.canaryWeight)).join(", "));
+      setText(c[4], g.reason || "");
+      if (body.children[i] !== tr) body.insertBefore(tr, body.children[i] || null);
+    });
+  }
+  async function openGroup(key) {
+    // Events that come while the history is read are added to it, unless it has them.
+    group = { key, history: null, early: [] };
+    groupDirty = true; schedule();
+    const r = await fetch("/api/v1/groups/" + encodeURIComponent(key) + "/history");
+    if (!r.ok) { notice((await r.json().catch(() => ({}))).error || "cannot read group " + key); location.hash = "#/"; return; }
+    const history = await r.json();
+    if (!group || group.key !== key) return;
+    const same = (a, b) => a.time === b.time && a.rollout === b.rollout && a.message === b.message;
+    group.history = history.concat(group.early.filter((e) => !history.some((h) => same(h, e))));
+    groupDirty = true; schedule();
+  }
+  function renderGroup() {
+    const g = groups.get(group.key);
+    setText($("group-title"), group.key);
+    if (!g) { setText($("g-phase"), "–"); return; }
+    setText($("g-phase"), g.phase);
+    setText($("g-policy"), g.policy === "order" ? "in order" : "together (lock-step)");
+    setText($("g-count"), (g.members || []).length + "");
+    const reason = $("g-reason");
+    reason.hidden = !g.reason;
+    setText(reason, g.reason || "");
+    $("g-members").replaceChildren(...(g.members || []).map((m) => {
+      const name = el("th", { scope: "row" });
+      name.appendChild(el("a", { href: "#/rollouts/" + encodeURIComponent(m.name) }, m.name));
+      const phase = el("td");
+      phase.appendChild(phaseBadge(m.phase));
+      if (m.paused) phase.append(" (paused)");
+      const gate = el("td", {}, gateWords(m.gate));
+      if (m.gate && m.gate.waitingFor) gate.title = "waiting for " + m.gate.waitingFor;
+      const tr = el("tr", { "data-member": m.name });
+      tr.append(name, phase, weightCell(m.canaryWeight), gate, el("td", { class: "wide" }, m.message || ""));
+      return tr;
+    }));
+    const history = group.history || [];
+    const ol = $("g-history");
+    if (ol.childElementCount === history.length && ol.dataset.key === group.key) return;
+    ol.dataset.key = group.key;
+    ol.replaceChildren(...history.slice().reverse().map((e) => {
+      const li = el("li", { class: e.level });
+      li.appendChild(el("time", { datetime: e.time }, new Date(e.time).toLocaleTimeString()));
+      li.append(`${e.rollout}: ${e.message} (${e.phase}, ${pct(e.canaryWeight)})`);
+      return li;
+    }));
   }
 
   // ---- one rollout ----
@@ -379,10 +485,14 @@
   // ---- routing ----
   function route() {
     const m = location.hash.match(/^#\/rollouts\/(.+)$/);
-    $("list").hidden = !!m;
+    const g = location.hash.match(/^#\/groups\/(.+)$/);
+    $("list").hidden = !!(m || g);
     $("detail").hidden = !m;
+    $("group").hidden = !g;
     if (m) openDetail(decodeURIComponent(m[1]));
     else detail = null;
+    if (g) openGroup(decodeURIComponent(g[1]));
+    else group = null;
   }
   window.addEventListener("hashchange", route);
 

@@ -171,6 +171,11 @@ pub enum Change {
     Deleted {
         name: String,
     },
+    /// A `RolloutGroup`'s row changed (its phase, or one of its members).
+    Group {
+        name: String,
+        row: Value,
+    },
 }
 
 impl Change {
@@ -186,6 +191,7 @@ impl Change {
                 json!({"type": "rollout", "key": name, "run": run, "row": row, "point": point, "events": events})
             }
             Change::Deleted { name } => json!({"type": "deleted", "key": name}),
+            Change::Group { name, row } => json!({"type": "group", "key": name, "row": row}),
         }
     }
 }
@@ -299,6 +305,14 @@ impl Live {
         self.series.lock().expect("series").remove(name);
         let _ = self.changes.send(Arc::new(Change::Deleted {
             name: name.to_string(),
+        }));
+    }
+
+    /// A group's row changed: every page hears of it.
+    pub fn group(&self, name: &str, row: Value) {
+        let _ = self.changes.send(Arc::new(Change::Group {
+            name: name.to_string(),
+            row,
         }));
     }
 

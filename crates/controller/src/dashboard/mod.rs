@@ -4,8 +4,10 @@
 //! `/`, each reading its own rollouts; the page is the same.
 //!
 //! What a server gives the page, by route:
-//! - `GET /api/v1/watch`: [`watch`]: a `snapshot` of every row ([`live::row`]), then a
-//!   `change` per saved step ([`Live`]).
+//! - `GET /api/v1/watch`: [`watch`]: a `snapshot` of every row ([`live::row`]; under `serve`
+//!   each `RolloutGroup`'s too, in `groups`), then a `change` per saved step or changed group
+//!   row ([`Live`]).
+//! - `GET /api/v1/groups/{name}/history` (`serve`): a group's page reads its history there.
 //! - `GET /api/v1/rollouts/{key}/live`: [`detail_json`].
 //! - `GET /api/v1/rollouts/{key}`: the status (`report::status_json`).
 //! - `POST /api/v1/rollouts/{key}/{promote|abort|pause|resume}` behind [`gate`].
