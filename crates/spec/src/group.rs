@@ -145,10 +145,11 @@ impl RolloutGroup {
     }
 
     /// Marks its members among `rollouts` (see [`Self::mark_member`]) and, when they share a
-    /// cohort, with the release they make together: each member's canary as its document gives
-    /// it, hashed ([`coalmine_contract::group_release`]). Their affinity cookie derives from
-    /// the cohort and this release, so it is one cookie on every member, and a new canary of
-    /// any member is a new cookie that pins nobody from the release before.
+    /// cohort and pin users with `sessionAffinity`, with the release they make together: each
+    /// member's canary as its document gives it, hashed ([`coalmine_contract::group_release`]).
+    /// Their affinity cookie derives from the cohort and this release, so it is one cookie on
+    /// every member, and a new canary of any member is a new cookie that pins nobody from the
+    /// release before.
     pub fn mark_members(&self, rollouts: &mut [Rollout]) {
         let release = self.cohort().map(|_| {
             let canaries: Vec<(&str, String)> = self
@@ -168,7 +169,8 @@ impl RolloutGroup {
             .filter(|r| self.member(&r.metadata.name).is_some())
         {
             self.mark_member(r);
-            if let Some(release) = &release {
+            // Only a member pinning users needs it (a changed document would restart the rest).
+            if let (Some(release), Some(_)) = (&release, &r.spec.analysis.session_affinity) {
                 r.metadata.annotations.insert(
                     crate::rollout::GROUP_RELEASE_ANNOTATION.to_string(),
                     release.clone(),

@@ -1008,6 +1008,19 @@ spec:
         &apart
     ))
     .is_ok());
+    // Members pinning nobody need no release: their documents stay as they were.
+    let plain = |name: &str| (format!("{name}.yaml"), pinned(name, "", "./v2"));
+    let rollouts = load(&[
+        ("group.yaml".to_string(), group.to_string()),
+        plain("ledger"),
+        plain("payments"),
+    ])
+    .unwrap()
+    .placed_rollouts(None)
+    .unwrap();
+    assert!(rollouts
+        .iter()
+        .all(|r| r.group_release().is_none() && r.cohort() == "group/payment-change"));
 
     // One cookie or none: another name, another lifetime, or none at all is refused, where
     // the member says it.

@@ -201,7 +201,8 @@ async fn apply(
             .find(|g| g.member(&r.metadata.name).is_some())
         {
             group.mark_member(r);
-            for m in &group.spec.members {
+            let pins = r.spec.analysis.session_affinity.is_some();
+            for m in group.spec.members.iter().filter(|_| pins) {
                 let stored = d.store.get(&m.name)?;
                 if let Some(release) = stored.as_ref().and_then(|s| s.rollout.group_release()) {
                     r.metadata
