@@ -251,6 +251,7 @@ fn default_service(args: &ProxyArgs, file: &ProxyFile) -> Result<Option<RoutesDo
         .map(|cookie_name| Affinity {
             cookie_name,
             max_age: 86_400,
+            release: None,
         });
     routes.mirror = args.mirror.or(file.mirror).unwrap_or(Weight::ZERO);
     Ok(Some(routes))

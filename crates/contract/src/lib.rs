@@ -27,9 +27,10 @@ pub mod weight;
 pub use flags::{FlagCountsDoc, VariantCounts};
 pub use matching::{Condition, GeoField, HeaderName, MatchRule, StrMatch, Subject};
 pub use routes::{
-    check_service_name, check_services, services_list, url_port, Affinity, EndpointGroup,
-    Endpoints, HeaderChanges, HeaderValueSpec, HostPattern, PathMatch, PathPrefix, Picked,
-    RoutesDoc, RoutesPatch, ServedRoutes, StickyKey, UpstreamUrl, DEFAULT_SERVICE, OWNER_HEADER,
+    check_service_name, check_services, group_release, services_list, url_port, Affinity,
+    EndpointGroup, Endpoints, HeaderChanges, HeaderValueSpec, HostPattern, PathMatch, PathPrefix,
+    Picked, RoutesDoc, RoutesPatch, ServedRoutes, StickyKey, UpstreamUrl, DEFAULT_SERVICE,
+    OWNER_HEADER,
 };
 pub use stats::{
     Latency, LocalStats, MirrorPairs, MirrorStats, ServiceStats, StatsDoc, VersionStats,

@@ -469,6 +469,39 @@ pub struct Affinity {
     /// Seconds the cookie lives; Flagger's default is one day.
     #[serde(default = "default_affinity_max_age")]
     pub max_age: u64,
+    /// The rollout group's release this canary is part of ([`group_release`]). With it, the
+    /// cookie's value comes from the route's name (the group's cohort) and the release, so
+    /// every member of the group sets and honours the same cookie; without it, from the
+    /// canary's URL, as for a rollout of its own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub release: Option<String>,
+}
+
+impl Affinity {
+    /// The cookie's value pinning a user to `canary`, the canary of the route named
+    /// `route_name`. A new canary (or a new group release) is a new value, so pins from an
+    /// earlier release send nobody to this one.
+    pub fn token(&self, route_name: &str, canary: &Endpoints) -> String {
+        let hash = match &self.release {
+            Some(release) => xxh3_64(format!("{route_name}\n{release}").as_bytes()),
+            None => xxh3_64(canary.to_string().as_bytes()),
+        };
+        format!("{hash:016x}")
+    }
+}
+
+/// A rollout group's release: one key for the members' canaries together (each member's name
+/// and its canary as its document gives it, in the group's order), so every member derives
+/// the same affinity cookie, and a new canary of any member makes a new release.
+pub fn group_release<'a>(canaries: impl IntoIterator<Item = (&'a str, &'a str)>) -> String {
+    let mut text = String::new();
+    for (member, canary) in canaries {
+        text.push_str(member);
+        text.push('\0');
+        text.push_str(canary);
+        text.push('\n');
+    }
+    format!("{:016x}", xxh3_64(text.as_bytes()))
 }
 
 /// Flagger's default lifetime of the affinity cookie: one day, in seconds.
@@ -1413,5 +1446,75 @@ mod tests {
             .to_string();
             assert!(err.contains(says), "{bad}: {err}");
         }
+    }
+
+    fn affinity(release: Option<&str>) -> Affinity {
+        serde_json::from_value(json!({"cookieName": "canary", "release": release})).unwrap()
+    }
+
+    fn canary(url: &str) -> Endpoints {
+        UpstreamUrl::parse(url).unwrap().into()
+    }
+
+    #[test]
+    fn a_rollouts_own_cookie_follows_its_canary_url_as_before_releases() {
+        let own = affinity(None);
+        let v2 = canary("http://127.0.0.1:8002");
+        // What routers always answered: the canary's URL, hashed.
+        assert_eq!(
+            own.token("checkout", &v2),
+            format!("{:016x}", xxh3_64(v2.to_string().as_bytes()))
+        );
+        assert_eq!(own.token("other-route", &v2), own.token("checkout", &v2));
+        assert_ne!(
+            own.token("checkout", &v2),
+            own.token("checkout", &canary("http://127.0.0.1:8003"))
+        );
+        // A document without a release reads and writes as before.
+        let doc: Affinity = serde_json::from_value(json!({"cookieName": "canary"})).unwrap();
+        assert_eq!(doc, own);
+        assert_eq!(
+            serde_json::to_value(&doc).unwrap(),
+            json!({"cookieName": "canary", "maxAge": DEFAULT_AFFINITY_MAX_AGE})
+        );
+    }
+
+    #[test]
+    fn a_groups_members_share_one_cookie_per_release() {
+        let release = group_release([
+            ("ledger", "http://127.0.0.1:8002"),
+            ("orders", "http://127.0.0.1:9002"),
+        ]);
+        let shared = affinity(Some(&release));
+        let cohort = "group/payment-change";
+        // The same value on every member, whatever its canary.
+        assert_eq!(
+            shared.token(cohort, &canary("http://127.0.0.1:8002")),
+            shared.token(cohort, &canary("http://127.0.0.1:9002"))
+        );
+        // Another group, or another release of this one (a member's new canary), is another
+        // cookie: its pins send nobody to these canaries.
+        assert_ne!(
+            shared.token("group/other", &canary("http://127.0.0.1:8002")),
+            shared.token(cohort, &canary("http://127.0.0.1:8002"))
+        );
+        let next = group_release([
+            ("ledger", "http://127.0.0.1:8002"),
+            ("orders", "http://127.0.0.1:9003"),
+        ]);
+        assert_ne!(next, release);
+        assert_ne!(
+            affinity(Some(&next)).token(cohort, &canary("http://127.0.0.1:8002")),
+            shared.token(cohort, &canary("http://127.0.0.1:8002"))
+        );
+        // Names and canaries are kept apart: moving text between them is another release.
+        assert_ne!(group_release([("ab", "c")]), group_release([("a", "bc")]));
+        assert_eq!(
+            release,
+            group_release([
+                ("ledger", "http://127.0.0.1:8002"),
+                ("orders", "http://127.0.0.1:9002"),
+            ])
+        );
     }
 }

@@ -375,6 +375,29 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn a_groups_cookie_from_one_services_canary_pins_the_user_on_the_others() {
+        let member = |canary: &str, release: &str| {
+            table(serde_json::json!({
+                "name": "group/payment-change",
+                "canary": canary,
+                "affinity": {"cookieName": "pin", "release": release},
+            }))
+        };
+        let ledger = member("http://127.0.0.1:2", "r1");
+        let orders = member("http://127.0.0.1:3", "r1");
+        assert_eq!(ledger.affinity_token, orders.affinity_token);
+        let pinned = headers(&[("cookie", &format!("pin={}", ledger.affinity_token))]);
+        // 9999 would be stable for anyone unpinned at 5 %.
+        assert_eq!(go(&orders, &pinned, None, 9999).reason, Reason::Affinity);
+        // The next release of the group: the old cookie pins nobody.
+        let next = member("http://127.0.0.1:3", "r2");
+        assert_eq!(go(&next, &pinned, None, 9999).version, Version::Stable);
+        // Nor does it pin on a route of its own, whose cookie follows its canary's URL.
+        let own = table(serde_json::json!({"affinity": {"cookieName": "pin"}}));
+        assert_eq!(go(&own, &pinned, None, 9999).version, Version::Stable);
+    }
+
+    #[test]
     fn mirror_only_copies_stable_requests() {
         let t = table(serde_json::json!({"mirror": 100}));
         assert!(go(&t, &HeaderMap::new(), None, 9000).mirror);

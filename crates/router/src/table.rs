@@ -20,8 +20,6 @@
 use std::cmp::Reverse;
 use std::collections::HashMap;
 
-use xxhash_rust::xxh3::xxh3_64;
-
 pub use coalmine_contract::{
     check_service_name, check_services, services_list, Affinity, Condition, EndpointGroup,
     Endpoints, HeaderChanges, HeaderName, HostPattern, Invalid, MatchRule, PathMatch, PathPrefix,
@@ -39,16 +37,17 @@ pub struct ServiceTable {
     /// Where its counters are (the same for its name across swaps).
     pub id: ServiceId,
     pub(crate) salt: u64,
-    /// Value of the affinity cookie for this canary: a new canary URL invalidates old pins.
+    /// Value of the affinity cookie for this canary (`Affinity::token`): a new canary URL, or a
+    /// new release of its rollout group, invalidates old pins.
     pub(crate) affinity_token: String,
 }
 
 impl ServiceTable {
     pub fn new(doc: RoutesDoc, id: ServiceId) -> Self {
         let salt = coalmine_contract::sticky_salt(&doc.name, &doc.service);
-        let affinity_token = match &doc.canary {
-            Some(c) => format!("{:016x}", xxh3_64(c.to_string().as_bytes())),
-            None => String::new(),
+        let affinity_token = match (&doc.affinity, &doc.canary) {
+            (Some(affinity), Some(canary)) => affinity.token(&doc.name, canary),
+            _ => String::new(),
         };
         ServiceTable {
             doc,
@@ -245,6 +244,7 @@ impl Selector {
 mod tests {
     use super::*;
     use serde_json::json;
+    use xxhash_rust::xxh3::xxh3_64;
 
     fn table(services: serde_json::Value) -> RouteTable {
         let docs = services

@@ -280,12 +280,7 @@ impl DocumentSet {
             ));
         }
         for group in self.groups() {
-            for r in out
-                .iter_mut()
-                .filter(|r| group.member(&r.metadata.name).is_some())
-            {
-                group.mark_member(r);
-            }
+            group.mark_members(&mut out);
         }
         Ok(out)
     }
@@ -310,9 +305,9 @@ impl DocumentSet {
         let analysis_of_member = |name: &str| {
             self.rollouts().find_map(|d| match &d.doc {
                 Document::Rollout(r) if r.metadata.name == name => {
-                    Some((&r.spec.analysis, r.spec.cohort.as_deref()))
+                    Some((&r.spec.analysis, r.spec.cohort.as_deref(), d))
                 }
-                Document::Canary(c) if c.metadata.name == name => Some((&c.spec.analysis, None)),
+                Document::Canary(c) if c.metadata.name == name => Some((&c.spec.analysis, None, d)),
                 _ => None,
             })
         };
@@ -329,9 +324,10 @@ impl DocumentSet {
                 continue;
             }
             let mut first_ladder: Option<(&str, Option<Vec<Weight>>)> = None;
+            let mut first_affinity: Option<(&str, Option<(&str, u64)>)> = None;
             for (i, member) in spec.members.iter().enumerate() {
                 let field = format!("spec.members[{i}].name");
-                let Some((analysis, cohort)) = analysis_of_member(&member.name) else {
+                let Some((analysis, cohort, member_doc)) = analysis_of_member(&member.name) else {
                     let known: Vec<&str> = self.rollouts().map(|d| d.doc.name()).collect();
                     let hint = crate::suggest::nearest(&member.name, known.iter().copied())
                         .map(|n| format!(" (did you mean {n:?}?)"))
@@ -353,6 +349,42 @@ impl DocumentSet {
                 if let (Some(own), Some(_)) = (cohort, group.cohort()) {
                     errors.push((index, located.error_at(&field, format!("member {:?} names its own cohort {own:?}, but the group's members share one: remove spec.cohort from the rollout, or set the group's sharedCohort: false", member.name))));
                 }
+                if group.cohort().is_some() {
+                    // One cookie pins a user on every member's canary, so the members set the
+                    // same one, or none does.
+                    let affinity = analysis.session_affinity.as_ref().map(|a| {
+                        (
+                            a.cookie_name.as_str(),
+                            a.max_age
+                                .unwrap_or(coalmine_contract::routes::DEFAULT_AFFINITY_MAX_AGE),
+                        )
+                    });
+                    match first_affinity {
+                        None => first_affinity = Some((&member.name, affinity)),
+                        Some((first, theirs)) if theirs != affinity => {
+                            let (at, says) = match (affinity, theirs) {
+                                (Some((name, _)), Some((their_name, _))) if name != their_name => (
+                                    "spec.analysis.sessionAffinity.cookieName",
+                                    format!("member {:?} pins users with cookie {name:?}, {first:?} with {their_name:?}: the members of a group sharing a cohort share one affinity cookie, so a user pinned on one member's canary is on every member's canary; give them the same cookieName", member.name),
+                                ),
+                                (Some((_, age)), Some((_, their_age))) => (
+                                    "spec.analysis.sessionAffinity.maxAge",
+                                    format!("member {:?} keeps its affinity cookie {age} s, {first:?} {their_age} s: the members of a group sharing a cohort share one affinity cookie; give them the same maxAge", member.name),
+                                ),
+                                (Some((name, _)), None) => (
+                                    "spec.analysis.sessionAffinity",
+                                    format!("member {:?} pins users with cookie {name:?}, {first:?} pins none: the members of a group sharing a cohort all pin users with one cookie, or none does", member.name),
+                                ),
+                                (None, _) => (
+                                    "spec.analysis",
+                                    format!("member {:?} has no sessionAffinity, {first:?} pins users with one: the members of a group sharing a cohort all pin users with one cookie, or none does; add the same sessionAffinity", member.name),
+                                ),
+                            };
+                            errors.push((index, member_doc.error_at(at, says)));
+                        }
+                        Some(_) => {}
+                    }
+                }
                 for (j, dep) in member.depends_on.iter().enumerate() {
                     let dep_field = format!("spec.members[{i}].dependsOn[{j}].name");
                     if spec.policy != GroupPolicy::Order {
@@ -365,7 +397,7 @@ impl DocumentSet {
                     };
                     if let Reached::Weight(w) = dep.reached {
                         let ladder = analysis_of_member(&spec.members[k].name)
-                            .and_then(|(a, _)| a.weight_ladder());
+                            .and_then(|(a, _, _)| a.weight_ladder());
                         if !ladder.is_some_and(|l| l.contains(&w)) {
                             errors.push((index, located.error_at(&format!("spec.members[{i}].dependsOn[{j}].reached"), format!("{:?} never stops at {} %: reached names one of its weight steps, or promoted", dep.name, w.percent()))));
                         }

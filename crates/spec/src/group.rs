@@ -144,6 +144,41 @@ impl RolloutGroup {
         }
     }
 
+    /// Marks its members among `rollouts` (see [`Self::mark_member`]) and, when they share a
+    /// cohort and pin users with `sessionAffinity`, with the release they make together: each
+    /// member's canary as its document gives it, hashed ([`coalmine_contract::group_release`]).
+    /// Their affinity cookie derives from the cohort and this release, so it is one cookie on
+    /// every member, and a new canary of any member is a new cookie that pins nobody from the
+    /// release before.
+    pub fn mark_members(&self, rollouts: &mut [Rollout]) {
+        let release = self.cohort().map(|_| {
+            let canaries: Vec<(&str, String)> = self
+                .spec
+                .members
+                .iter()
+                .filter_map(|m| {
+                    let r = rollouts.iter().find(|r| r.metadata.name == m.name)?;
+                    let canary = serde_json::to_string(&r.spec.canary).unwrap_or_default();
+                    Some((m.name.as_str(), canary))
+                })
+                .collect();
+            coalmine_contract::group_release(canaries.iter().map(|(m, c)| (*m, c.as_str())))
+        });
+        for r in rollouts
+            .iter_mut()
+            .filter(|r| self.member(&r.metadata.name).is_some())
+        {
+            self.mark_member(r);
+            // Only a member pinning users needs it (a changed document would restart the rest).
+            if let (Some(release), Some(_)) = (&release, &r.spec.analysis.session_affinity) {
+                r.metadata.annotations.insert(
+                    crate::rollout::GROUP_RELEASE_ANNOTATION.to_string(),
+                    release.clone(),
+                );
+            }
+        }
+    }
+
     /// The member of this name, with its position.
     pub fn member(&self, name: &str) -> Option<(usize, &Member)> {
         self.spec

@@ -31,12 +31,24 @@ pub struct Rollout {
 /// The annotation naming the `RolloutGroup` a rollout is a member of.
 pub const GROUP_ANNOTATION: &str = "coalmine.dev/group";
 
+/// The annotation naming the release of its group a member is part of, when the members share
+/// a cohort: their affinity cookie derives from it (see `RolloutGroup::mark_members`).
+pub const GROUP_RELEASE_ANNOTATION: &str = "coalmine.dev/group-release";
+
 impl Rollout {
     /// The group it is a member of (set by the group when they are applied together).
     pub fn group(&self) -> Option<&str> {
         self.metadata
             .annotations
             .get(GROUP_ANNOTATION)
+            .map(String::as_str)
+    }
+
+    /// The release of its group it is part of, when the group's members share a cohort.
+    pub fn group_release(&self) -> Option<&str> {
+        self.metadata
+            .annotations
+            .get(GROUP_RELEASE_ANNOTATION)
             .map(String::as_str)
     }
 

@@ -950,6 +950,119 @@ spec:
 }
 
 #[test]
+fn a_groups_members_pin_users_with_one_cookie_of_their_release() {
+    let group = "apiVersion: coalmine.dev/v1alpha1
+kind: RolloutGroup
+metadata:
+  name: payment-change
+spec:
+  members: [{name: ledger}, {name: payments}]
+";
+    let pinned = |name: &str, affinity: &str, canary: &str| {
+        member(name, "[5, 50]")
+            .replace(
+                "    threshold: 5\n",
+                &format!("    threshold: 5\n{affinity}"),
+            )
+            .replace("./payment-service", canary)
+    };
+    let cookie = "    sessionAffinity: {cookieName: shop-canary}\n";
+    let files = |payments_affinity: &str, payments_canary: &str, group: &str| {
+        vec![
+            ("group.yaml".to_string(), group.to_string()),
+            (
+                "ledger.yaml".to_string(),
+                pinned("ledger", cookie, "./ledger-v2"),
+            ),
+            (
+                "payments.yaml".to_string(),
+                pinned("payments", payments_affinity, payments_canary),
+            ),
+        ]
+    };
+    let release_of = |files: Vec<(String, String)>| {
+        let rollouts = load(&files).unwrap().placed_rollouts(None).unwrap();
+        let releases: Vec<Option<String>> = rollouts
+            .iter()
+            .map(|r| r.group_release().map(str::to_string))
+            .collect();
+        assert_eq!(releases[0], releases[1], "one release for every member");
+        releases[0].clone()
+    };
+    let release = release_of(files(cookie, "./payments-v2", group)).expect("a release");
+    // A new canary of one member is a new release of the group; the same canaries are the same.
+    assert_ne!(
+        Some(release.clone()),
+        release_of(files(cookie, "./payments-v3", group))
+    );
+    assert_eq!(
+        Some(release),
+        release_of(files(cookie, "./payments-v2", group))
+    );
+    // Members keeping cohorts of their own have no release to share.
+    let apart = group.replace("spec:\n", "spec:\n  sharedCohort: false\n");
+    assert_eq!(release_of(files(cookie, "./payments-v2", &apart)), None);
+    assert!(load(&files(
+        "    sessionAffinity: {cookieName: other}\n",
+        "x",
+        &apart
+    ))
+    .is_ok());
+    // Members pinning nobody need no release: their documents stay as they were.
+    let plain = |name: &str| (format!("{name}.yaml"), pinned(name, "", "./v2"));
+    let rollouts = load(&[
+        ("group.yaml".to_string(), group.to_string()),
+        plain("ledger"),
+        plain("payments"),
+    ])
+    .unwrap()
+    .placed_rollouts(None)
+    .unwrap();
+    assert!(rollouts
+        .iter()
+        .all(|r| r.group_release().is_none() && r.cohort() == "group/payment-change"));
+
+    // One cookie or none: another name, another lifetime, or none at all is refused, where
+    // the member says it.
+    let e = load(&files(
+        "    sessionAffinity: {cookieName: payments-canary}\n",
+        "./payments-v2",
+        group,
+    ))
+    .unwrap_err();
+    assert_eq!(
+        (e.file.as_str(), e.line, e.column, e.field.as_str()),
+        (
+            "payments.yaml",
+            14,
+            35,
+            "spec.analysis.sessionAffinity.cookieName"
+        ),
+        "{e}"
+    );
+    assert!(e.message.contains("\"shop-canary\""), "{e}");
+    let e = load(&files(
+        "    sessionAffinity: {cookieName: shop-canary, maxAge: 60}\n",
+        "./payments-v2",
+        group,
+    ))
+    .unwrap_err();
+    assert_eq!(
+        (e.file.as_str(), e.field.as_str()),
+        ("payments.yaml", "spec.analysis.sessionAffinity.maxAge"),
+        "{e}"
+    );
+    assert!(e.message.contains("86400 s"), "{e}");
+    let e = load(&files("", "./payments-v2", group)).unwrap_err();
+    assert_eq!(
+        (e.file.as_str(), e.line, e.field.as_str()),
+        ("payments.yaml", 12, "spec.analysis"),
+        "{e}"
+    );
+    assert!(e.message.contains("no sessionAffinity"), "{e}");
+}
+
+#[test]
 fn the_group_example_is_read_as_three_members_in_order() {
     let path = format!(
         "{}/../../examples/groups/payment-change.yaml",

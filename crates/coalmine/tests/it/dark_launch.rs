@@ -47,6 +47,20 @@ fn seconds_between(run: &RunResult, from: &str, to: &str) -> f64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_canary_failing_three_percent_of_mirrored_requests_never_sees_a_user() {
+    a_canary_failing_three_percent_is_stopped_before_any_user(client, "HTTP/1.1").await;
+}
+
+/// The same over HTTP/2 (h2c): the users' requests take the router's hyper path, whose copies
+/// must be paired with the users' answers just the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mirrored_http2_requests_are_paired_and_judged_alike() {
+    a_canary_failing_three_percent_is_stopped_before_any_user(h2c_client, "HTTP/2").await;
+}
+
+async fn a_canary_failing_three_percent_is_stopped_before_any_user(
+    users_client: fn() -> reqwest::Client,
+    protocol: &str,
+) {
     let stable = upstream("v1", &[]);
     let canary = upstream("v2", &["--error-rate", "0.03"]);
     let router = router(&["--stable", &stable.url]);
@@ -54,7 +68,7 @@ async fn a_canary_failing_three_percent_of_mirrored_requests_never_sees_a_user()
         "dark-bad",
         &rollout_yaml("dark", &router, &stable, &canary, &analysis("60s", 200)),
     );
-    let traffic = users(&router, 4);
+    let traffic = users_over(&router, 4, users_client);
     let run = tokio::time::timeout(Duration::from_secs(90), coalmine_run(&file, &[]))
         .await
         .expect("the dark launch decided within 90 s");
@@ -90,8 +104,27 @@ async fn a_canary_failing_three_percent_of_mirrored_requests_never_sees_a_user()
     let evidence = &last["darkLaunch"]["evidence"];
     assert_eq!(last["darkLaunch"]["stage"], "failed", "{last}");
     let detection = seconds_between(&run, "Dark launch: mirroring", "Rolling back");
+    // The router's own series say the same, per pair of outcomes.
+    let metrics = client()
+        .get(format!("{}/metrics", router.admin))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let series =
+        "coalmine_router_mirror_pairs_total{service=\"default\",stable=\"ok\",canary=\"error\"} ";
+    let counted: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(series))
+        .unwrap_or_else(|| panic!("no {series} in\n{metrics}"))
+        .parse()
+        .unwrap();
+    // Read after /stats: a copy still in flight then may have been paired since.
+    assert!(counted >= canary_only, "{counted} < {canary_only}");
     eprintln!(
-        "dark launch, canary failing 3 %: rolled back {detection:.1} s after mirroring began; judged on {} pairs ({} canary-only failures, {} stable-only); the router paired {} by the end ({} ok, {} canary-only), the canary saw {mirrored} copies and {from_users} user requests; users: {ok} answered, {failed} failed",
+        "dark launch over {protocol}, canary failing 3 %: rolled back {detection:.1} s after mirroring began; judged on {} pairs ({} canary-only failures, {} stable-only); the router paired {} by the end ({} ok, {} canary-only), the canary saw {mirrored} copies and {from_users} user requests; users: {ok} answered, {failed} failed",
         evidence["pairs"],
         evidence["canaryOnlyFailed"],
         evidence["stableOnlyFailed"],

@@ -20,6 +20,8 @@ const SERVICES: [&str; 3] = ["ledger", "payments", "orders"];
 struct Shop {
     upstreams: Vec<(Upstream, Upstream)>,
     router: Router,
+    /// More of every member's `analysis` (indented as its fields).
+    analysis: String,
 }
 
 impl Shop {
@@ -50,7 +52,11 @@ impl Shop {
             .collect();
         let config = dir.write("router.yaml", &format!("services:\n{services}"));
         let router = router(&["--config", config.to_str().unwrap()]);
-        Shop { upstreams, router }
+        Shop {
+            upstreams,
+            router,
+            analysis: String::new(),
+        }
     }
 
     /// Writes the group and its members to one file and applies it to `daemon`; the file.
@@ -75,8 +81,8 @@ impl Shop {
         for (i, service) in SERVICES.iter().enumerate() {
             let (v1, v2) = &self.upstreams[i];
             let analysis = format!(
-                "    interval: 1s\n    threshold: 2\n    stepWeights: {}\n",
-                steps[i]
+                "    interval: 1s\n    threshold: 2\n    stepWeights: {}\n{}",
+                steps[i], self.analysis
             );
             let mut doc = rollout_yaml(service, &self.router, v1, v2, &analysis)
                 .replace("spec:\n", &format!("spec:\n  routerService: {service}\n"));
@@ -173,6 +179,36 @@ fn weights(group: &serde_json::Value) -> Vec<f64> {
         .collect()
 }
 
+/// Pauses every member once all stand at `weight` and returns the group so held: nothing
+/// moves while the test looks at the users.
+fn hold_at(daemon: &Daemon, group: &str, weight: f64) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        wait_for_group(daemon, group, Duration::from_secs(30), |g| {
+            weights(g).iter().all(|w| *w == weight)
+        });
+        for s in SERVICES {
+            let (code, out) = cli(daemon, &["pause", s], Some(TOKEN));
+            assert_eq!(code, 0, "{out}");
+        }
+        let g = wait_for_group(daemon, group, Duration::from_secs(5), |g| {
+            g["members"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|m| m["paused"] == true)
+        });
+        if weights(&g).iter().all(|w| *w == weight) {
+            return g;
+        }
+        // Paused between two members' steps: try the next step.
+        assert!(Instant::now() < deadline, "never held at one weight: {g:#}");
+        for s in SERVICES {
+            cli(daemon, &["resume", s], Some(TOKEN));
+        }
+    }
+}
+
 /// Which version (`v1`, `v2`) of each service answers one user's chain of requests.
 async fn chain(c: &reqwest::Client, router: &Router, user: &str) -> Vec<String> {
     let mut versions = Vec::new();
@@ -207,31 +243,7 @@ spec:
 
     // Held at one step (each member paused once all three reached it): the cohort is checked
     // while nothing moves.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let held = loop {
-        wait_for_group(&daemon, "payment-change", Duration::from_secs(30), |g| {
-            weights(g).iter().all(|w| *w == 30.0)
-        });
-        for s in SERVICES {
-            let (code, out) = cli(&daemon, &["pause", s], Some(TOKEN));
-            assert_eq!(code, 0, "{out}");
-        }
-        let g = wait_for_group(&daemon, "payment-change", Duration::from_secs(5), |g| {
-            g["members"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .all(|m| m["paused"] == true)
-        });
-        if weights(&g).iter().all(|w| *w == 30.0) {
-            break g;
-        }
-        // Paused between two members' steps: try the next step.
-        assert!(Instant::now() < deadline, "never held at one weight: {g:#}");
-        for s in SERVICES {
-            cli(&daemon, &["resume", s], Some(TOKEN));
-        }
-    };
+    let held = hold_at(&daemon, "payment-change", 30.0);
     assert_eq!(held["phase"], "Progressing", "{held:#}");
     for member in held["members"].as_array().unwrap() {
         assert_eq!(member["group"], "payment-change", "{member:#}");
@@ -301,6 +313,109 @@ spec:
     assert_eq!(status(&daemon, "orders")["group"], "payment-change");
     let routes = get_json(&format!("{}/routes/orders", shop.router.admin)).await;
     assert_eq!(routes["name"], "group/payment-change", "{routes:#}");
+}
+
+/// One request of a user carrying `cookie` (if any): who answered, and the affinity cookie
+/// the answer set (`NAME=VALUE`).
+async fn visit(
+    c: &reqwest::Client,
+    router: &Router,
+    service: &str,
+    cookie: Option<&str>,
+) -> (String, Option<String>) {
+    let mut req = c.get(format!("{}/{service}/checkout", router.base));
+    if let Some(cookie) = cookie {
+        req = req.header("cookie", cookie);
+    }
+    let r = req.send().await.unwrap();
+    let version = who_answered(&r).rsplit('-').next().unwrap().to_string();
+    let set = r.headers().get("set-cookie").map(|v| {
+        let v = v.to_str().unwrap();
+        v.split(';').next().unwrap().to_string()
+    });
+    (version, set)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_affinity_cookie_pins_a_user_on_every_members_canary_until_the_group_rolls_back() {
+    let dir = scratch("group-affinity");
+    let mut shop = Shop::start(&dir, None);
+    shop.analysis = "    sessionAffinity: {cookieName: shop-canary}\n".into();
+    let daemon = serve(&dir);
+    let group = "apiVersion: coalmine.dev/v1alpha1
+kind: RolloutGroup
+metadata:
+  name: payment-change
+spec:
+  members: [{name: ledger}, {name: payments}, {name: orders}]
+";
+    let steps = "[30, 60]";
+    shop.apply(&dir, &daemon, group, [steps, steps, steps], false);
+    hold_at(&daemon, "payment-change", 30.0);
+
+    // 360 users without a sticky id: each lands on one service (in turn ledger, payments,
+    // orders) by the router's draw, and one the canary answered goes on through every
+    // service with the cookie it was given.
+    let c = client();
+    let users = 360;
+    let mut cookies = Vec::new();
+    let mut mixed = Vec::new();
+    for u in 0..users {
+        let first = SERVICES[u % 3];
+        let (version, cookie) = visit(&c, &shop.router, first, None).await;
+        match (version.as_str(), cookie) {
+            ("v1", None) => continue,
+            ("v2", Some(cookie)) => {
+                let mut versions = Vec::new();
+                for service in SERVICES {
+                    versions.push(visit(&c, &shop.router, service, Some(&cookie)).await.0);
+                }
+                if versions.iter().any(|v| v != "v2") {
+                    mixed.push(format!("user-{u} pinned by {first}: {versions:?}"));
+                }
+                cookies.push(cookie);
+            }
+            other => panic!("user-{u} on {first}: {other:?}"),
+        }
+    }
+    let pinned = cookies.len();
+    eprintln!(
+        "{pinned} of {users} users pinned by one member's canary, {} mixed chains",
+        mixed.len()
+    );
+    assert!(
+        mixed.is_empty(),
+        "{} mixed: {:?}",
+        mixed.len(),
+        &mixed[..mixed.len().min(10)]
+    );
+    // Binomial(360, 0.3): mean 108, sd 8.7; six sd either side.
+    assert!(
+        (56..=160).contains(&pinned),
+        "{pinned} of {users} pinned at 30 %"
+    );
+    // One cookie, whichever member's canary set it.
+    cookies.sort();
+    cookies.dedup();
+    assert_eq!(cookies.len(), 1, "{cookies:?}");
+    let cookie = &cookies[0];
+    assert!(cookie.starts_with("shop-canary="), "{cookie}");
+
+    // A member aborted: the group rolls back, and the cookie pins nobody any more.
+    let (code, out) = cli(&daemon, &["abort", "payments"], Some(TOKEN));
+    assert_eq!(code, 0, "{out}");
+    wait_for_group(&daemon, "payment-change", Duration::from_secs(60), |g| {
+        g["phase"] == "RolledBack"
+    });
+    let mut seen = BTreeMap::new();
+    for _ in 0..pinned {
+        for service in SERVICES {
+            let (version, set) = visit(&c, &shop.router, service, Some(cookie)).await;
+            assert_eq!(set, None, "{service} pinned a user after the rollback");
+            *seen.entry(version).or_insert(0) += 1;
+        }
+    }
+    assert_eq!(seen, BTreeMap::from([("v1".to_string(), 3 * pinned)]));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

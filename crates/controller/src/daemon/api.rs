@@ -17,7 +17,7 @@ use serde_json::json;
 use coalmine_rollout::{Gate, Input, Phase, Status};
 use coalmine_spec::documents;
 use coalmine_spec::group::RolloutGroup;
-use coalmine_spec::rollout::Rollout;
+use coalmine_spec::rollout::{Rollout, GROUP_RELEASE_ANNOTATION};
 use coalmine_spec::{SpecError, Weight};
 
 use super::supervision::{ApplyError, ConflictError};
@@ -192,7 +192,8 @@ async fn apply(
     set.require_runnable()?;
     // Canaries are placed by the Placement documents among the files.
     let mut rollouts = set.placed_rollouts(None)?;
-    // A member applied without its group stays its member (its cohort above all).
+    // A member applied without its group stays its member (its cohort above all), in the
+    // group's release its members run (one affinity cookie).
     let stored_groups = d.store.groups()?;
     for r in rollouts.iter_mut().filter(|r| r.group().is_none()) {
         if let Some(group) = stored_groups
@@ -200,6 +201,16 @@ async fn apply(
             .find(|g| g.member(&r.metadata.name).is_some())
         {
             group.mark_member(r);
+            let pins = r.spec.analysis.session_affinity.is_some();
+            for m in group.spec.members.iter().filter(|_| pins) {
+                let stored = d.store.get(&m.name)?;
+                if let Some(release) = stored.as_ref().and_then(|s| s.rollout.group_release()) {
+                    r.metadata
+                        .annotations
+                        .insert(GROUP_RELEASE_ANNOTATION.to_string(), release.to_string());
+                    break;
+                }
+            }
         }
     }
     if rollouts.is_empty() {

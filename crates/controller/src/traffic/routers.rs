@@ -83,7 +83,8 @@ fn open(rollout: &Rollout, owner: &str) -> Result<Box<dyn TrafficBackend>, Unrun
         &url_of(&spec.canary, "canary")?,
         &spec.analysis,
         &spec.preview,
-    )?;
+    )?
+    .in_group_release(rollout.group_release());
     Ok(Box::new(Routers {
         routers: RouterSet::new(
             spec.routers.clone(),
@@ -206,11 +207,21 @@ impl Upstreams {
             affinity: analysis.session_affinity.as_ref().map(|a| Affinity {
                 cookie_name: a.cookie_name.clone(),
                 max_age: a.max_age.unwrap_or(DEFAULT_AFFINITY_MAX_AGE),
+                release: None,
             }),
             mirrors: analysis.mirror
                 || analysis.mirror_weight.is_some()
                 || analysis.dark_launch.is_some(),
         })
+    }
+
+    /// A member of a rollout group's release (its cohort shared): its affinity cookie is the
+    /// group's, the same on every member's router (`Affinity::token`).
+    pub fn in_group_release(mut self, release: Option<&str>) -> Self {
+        if let Some(affinity) = self.affinity.as_mut() {
+            affinity.release = release.map(str::to_string);
+        }
+        self
     }
 
     /// The fields of a router's table that make it do what `traffic` says: only those the

@@ -206,6 +206,16 @@ pub fn client() -> reqwest::Client {
         .unwrap()
 }
 
+/// A client speaking HTTP/2 alone, in clear text (h2c, prior knowledge): the router's hyper
+/// path.
+pub fn h2c_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .unwrap()
+}
+
 pub async fn stats(r: &Router) -> serde_json::Value {
     get_json(&format!("{}/stats", r.admin)).await
 }
@@ -355,6 +365,11 @@ pub struct Users {
 }
 
 pub fn users(router: &Router, concurrency: usize) -> Users {
+    users_over(router, concurrency, client)
+}
+
+/// [`users`], each with a client of `client`'s making (its protocol).
+pub fn users_over(router: &Router, concurrency: usize, client: fn() -> reqwest::Client) -> Users {
     let stop = Arc::new(AtomicBool::new(false));
     let ok = Arc::new(AtomicU64::new(0));
     let failed = Arc::new(AtomicU64::new(0));
