@@ -167,6 +167,17 @@ pub struct Gate {
 }
 
 impl Gate {
+    /// The gate a member of group `group` starts behind: nothing moves before its group has
+    /// decided.
+    pub fn closed_for(group: &str) -> Gate {
+        Gate {
+            start: false,
+            max_weight: Weight::ZERO,
+            promote: false,
+            waiting_for: format!("group {group} to decide"),
+        }
+    }
+
     /// No limit.
     pub fn open() -> Gate {
         Gate {

@@ -224,7 +224,7 @@ async fn apply(
     let mut applied = Vec::new();
     for rollout in rollouts {
         let name = rollout.metadata.name.clone();
-        let gate = rollout.group().map(super::groups::closed_gate);
+        let gate = rollout.group().map(coalmine_rollout::Gate::closed_for);
         let action = d
             .apply_one(rollout, req.restart, gate)
             .await

@@ -15,10 +15,9 @@ use serde_json::{json, Value};
 use tokio::sync::broadcast::error::RecvError;
 
 use coalmine_rollout::group::{self, GroupPhase, GroupPlan};
-use coalmine_rollout::{Gate, Outcome, Status};
+use coalmine_rollout::{Outcome, Status};
 use coalmine_spec::group::RolloutGroup;
 use coalmine_spec::rollout::Rollout;
-use coalmine_spec::Weight;
 
 use super::api::{shown_status, ApiError};
 use super::Daemon;
@@ -28,16 +27,6 @@ use crate::state::sqlite::StoredRollout;
 /// How often a group decides when none of its members saves a step (a member's control
 /// channel may have been full).
 const DECIDE_AT_LEAST_EVERY: Duration = Duration::from_secs(1);
-
-/// The gate a member of a group starts behind: nothing moves before its group has decided.
-pub(super) fn closed_gate(group: &str) -> Gate {
-    Gate {
-        start: false,
-        max_weight: Weight::ZERO,
-        promote: false,
-        waiting_for: format!("group {group} to decide"),
-    }
-}
 
 pub(super) fn routes() -> Router<Arc<Daemon>> {
     Router::new()
