@@ -645,6 +645,36 @@ mod tests {
     }
 
     #[test]
+    fn a_member_runs_in_its_groups_cohort_behind_a_closed_gate() {
+        let object = GroupObject {
+            metadata: ObjectMeta {
+                name: Some("release".into()),
+                namespace: Some("shop".into()),
+                ..ObjectMeta::default()
+            },
+            spec: serde_json::json!({"members": [{"name": "ledger"}]}),
+            status: None,
+        };
+        let member_of = MemberOf {
+            group: "release".into(),
+            document: Some(object.document(object.read_spec().unwrap())),
+        };
+        let rollout: Rollout = serde_json::from_value(serde_json::json!({
+            "apiVersion": "coalmine.dev/v1alpha1", "kind": "Rollout",
+            "metadata": {"name": "ledger", "namespace": "shop"},
+            "spec": {"targetRef": {"kind": "Deployment", "name": "ledger"},
+                "service": {"port": 8080}, "analysis": {"interval": "1m", "stepWeights": [10]}},
+        }))
+        .unwrap();
+        let mut document = rollout.to_document();
+        member_of.mark(&mut document);
+        // The sticky salt `coalmine serve` gives the same group's members.
+        assert_eq!(document.spec.cohort.as_deref(), Some("group/release"));
+        assert_eq!(document.group(), Some("release"));
+        assert!(!member_of.closed_gate().start);
+    }
+
+    #[test]
     fn an_unreadable_reached_is_named_by_field() {
         let object = GroupObject {
             spec: serde_json::json!({"policy": "order", "members": [

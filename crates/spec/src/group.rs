@@ -283,4 +283,47 @@ mod tests {
         assert!(bad.to_string().contains("`promoted`"), "{bad}");
         assert_eq!(bad.line, 3, "{bad}");
     }
+
+    #[test]
+    fn a_group_is_checked_against_its_members_by_field() {
+        let analysis = |steps: &str| -> Analysis {
+            crate::parse_yaml("a.yaml", &format!("interval: 1m\nstepWeights: {steps}\n")).unwrap()
+        };
+        let (ledger, payments) = (analysis("[10, 20]"), analysis("[10, 50]"));
+        let spec: GroupSpec = crate::parse_yaml(
+            "g.yaml",
+            "members:\n- name: ledger\n- name: payments\n  dependsOn: [{name: ledger}]\n- name: inventory\n- name: ledger\n",
+        )
+        .unwrap();
+        let errors = spec.errors(
+            |name| match name {
+                "ledger" => Some((&ledger, None)),
+                "payments" => Some((&payments, Some("own"))),
+                _ => None,
+            },
+            |name| format!("no rollout {name}"),
+            |name| (name == "payments").then(|| "older".to_string()),
+        );
+        let fields: Vec<&str> = errors.iter().map(|(f, _)| f.as_str()).collect();
+        assert_eq!(
+            fields,
+            [
+                "spec.members[1].name",
+                "spec.members[1].name",
+                "spec.members[1].dependsOn[0].name",
+                "spec.members[1].name",
+                "spec.members[2].name",
+                "spec.members[3].name",
+            ],
+            "{errors:#?}"
+        );
+        assert!(errors[0].1.contains("already a member of group \"older\""));
+        assert!(errors[1].1.contains("names its own cohort \"own\""));
+        assert!(errors[2].1.starts_with("dependsOn is for policy: order"));
+        assert!(errors[3]
+            .1
+            .contains("steps through [10, 50], \"ledger\" through [10, 20]"));
+        assert_eq!(errors[4].1, "no rollout inventory");
+        assert_eq!(errors[5].1, "member \"ledger\" is listed twice");
+    }
 }
