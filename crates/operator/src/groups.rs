@@ -513,6 +513,21 @@ async fn canary_exists(client: &kube::Client, namespace: &str, name: &str) -> bo
     matches!(canaries.get_opt(name).await, Ok(Some(_)))
 }
 
+/// A deleted group's members in progress go on as if in no group: their gates open.
+pub(crate) fn let_members_go(context: &Context, group: &GroupObject) {
+    let namespace = group.metadata.namespace.as_deref().unwrap_or_default();
+    for member in group.spec["members"].as_array().into_iter().flatten() {
+        let Some(name) = member["name"].as_str() else {
+            continue;
+        };
+        if let Some(commands) = context.commands_of(&format!("{namespace}/{name}")) {
+            if let Err(e) = commands.try_send(Input::Gate(Gate::open())) {
+                tracing::warn!(group = %group.name(), member = %name, "not let go of its deleted group: {e}");
+            }
+        }
+    }
+}
+
 /// The groups that list a member, among those `groups` holds: whom a member's step wakes.
 pub(crate) fn groups_listing<'a>(
     groups: impl IntoIterator<Item = &'a GroupObject>,

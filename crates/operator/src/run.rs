@@ -18,7 +18,7 @@ use coalmine_controller::state::StateStore;
 use coalmine_controller::time::Clock;
 use coalmine_controller::traffic::TrafficBackend;
 use coalmine_controller::BoxFuture;
-use coalmine_rollout::{EventLevel, Input, Status, TrafficFault};
+use coalmine_rollout::{EventLevel, Gate, Input, Status, TrafficFault};
 use coalmine_spec::rollout::Target;
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
@@ -518,6 +518,7 @@ async fn reconcile_groups(client: &kube::Client, settings: &Settings, context: A
         None => Api::all(client.clone()),
     };
     let (cached, writer) = reflector::store();
+    let released = context.clone();
     let changes = changed_by_users(
         watcher(groups, watcher::Config::default())
             .default_backoff()
@@ -525,7 +526,14 @@ async fn reconcile_groups(client: &kube::Client, settings: &Settings, context: A
                 group.status = None;
                 group.metadata.managed_fields = None;
             })
-            .reflect(writer),
+            .reflect(writer)
+            // A deleted group holds its members no more (the controller never reconciles an
+            // object gone from its cache).
+            .inspect_ok(move |event| {
+                if let watcher::Event::Delete(group) = event {
+                    crate::groups::let_members_go(&released, group);
+                }
+            }),
     );
     let member_steps = watcher(steps, watcher::Config::default())
         .default_backoff()
@@ -1578,14 +1586,18 @@ async fn drive(
                 clock: Clock::Wall,
             };
             let saved = if resume { saved } else { None };
+            let held_by_a_group = saved.as_ref().is_some_and(|s| s.gate.is_some());
             let suspended = saved.as_ref().map_or(rollout.spec.suspend, |s| s.paused);
             let mut driver =
                 Driver::new(&document, saved, seams).map_err(|u| ReconcileError::Invalid {
                     field: format!("spec.{}", u.field),
                     message: u.message,
                 })?;
-            if let (Some(member_of), false) = (&member_of, resume) {
-                driver.gate_before_start(member_of.closed_gate());
+            match (&member_of, resume) {
+                (Some(member_of), false) => driver.gate_before_start(member_of.closed_gate()),
+                // Its group was deleted while no operator ran: nothing holds it any more.
+                (None, true) if held_by_a_group => driver.gate_before_start(Gate::open()),
+                _ => {}
             }
             let task_key = key.clone();
             let rollouts: Api<Rollout> = Api::namespaced(context.client.clone(), &namespace);

@@ -467,4 +467,20 @@ async fn an_invalid_group_is_told_on_its_status_and_moves_nothing() {
     assert_eq!(told.len(), 1, "{told:#?}");
     assert_eq!(told[0].type_.as_deref(), Some("Warning"));
     assert_eq!(told[0].reason.as_deref(), Some("InvalidSpec"));
+    // Deleted, the group holds them no more: both take their first step.
+    shop.groups
+        .delete("release", &Default::default())
+        .await
+        .unwrap();
+    let deleted = Instant::now();
+    shop.watch_members(Duration::from_secs(15), |members| {
+        members[..2]
+            .iter()
+            .all(|s| s["canaryWeight"].as_f64() >= Some(10.0))
+    })
+    .await;
+    eprintln!(
+        "members of the deleted group took their first step {} ms after the deletion",
+        deleted.elapsed().as_millis()
+    );
 }
