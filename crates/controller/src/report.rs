@@ -43,8 +43,8 @@ fn promoted_condition(status: &Status) -> Value {
 }
 
 /// Coalmine's `DarkLaunch` condition, while a rollout has one: Unknown while it mirrors, True
-/// once it passed, False when the canary was worse than stable on the same requests (or the
-/// rollout ended during it).
+/// once it passed (the pairs it judged), False when the canary was worse than stable on the
+/// same requests, or the rollout ended during it — the message says which, with the pairs.
 fn dark_launch_condition(status: &Status) -> Option<Value> {
     let dark = status.dark_launch.as_ref()?;
     let (state, reason) = match dark.stage {
@@ -54,14 +54,26 @@ fn dark_launch_condition(status: &Status) -> Option<Value> {
     };
     let e = dark.evidence();
     let t = e.totals;
+    let pairs = format!(
+        "{} paired requests: the canary alone failed {}, stable alone {}; the canary slower on {}, faster on {}",
+        t.pairs, t.canary_only_failed, t.stable_only_failed, t.canary_slower, t.canary_faster
+    );
+    let message = match dark.stage {
+        DarkLaunchStage::Failed => {
+            // Why the run rolled back: the paired test's rejection, or what ended it meanwhile.
+            let why = status
+                .message
+                .strip_prefix("Rolling back: ")
+                .unwrap_or(&status.message);
+            format!("{why} ({pairs})")
+        }
+        _ => pairs,
+    };
     Some(json!({
         "type": "DarkLaunch",
         "status": state,
         "reason": reason,
-        "message": format!(
-            "{} paired requests: the canary alone failed {}, stable alone {}; the canary slower on {}, faster on {}",
-            t.pairs, t.canary_only_failed, t.stable_only_failed, t.canary_slower, t.canary_faster
-        ),
+        "message": message,
         "lastTransitionTime": rfc3339(dark.ended_ms.unwrap_or(dark.started_ms)),
     }))
 }
@@ -163,4 +175,76 @@ pub fn event_json(rollout: &str, run: Option<i64>, event: &Event) -> Value {
         v["run"] = json!(run);
     }
     v
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use coalmine_rollout::{DarkLaunchPlan, DarkLaunchStatus, Machine, Plan};
+
+    fn dark_launch_status(stage: DarkLaunchStage, message: &str) -> Status {
+        let analysis: coalmine_spec::rollout::Analysis = coalmine_spec::parse_yaml(
+            "a.yaml",
+            "interval: 1m\nstepWeight: 10\ndarkLaunch: {minRequests: 10}\n",
+        )
+        .expect("analysis");
+        let mut status = Machine::new(Plan::new(&analysis, 600, false), 0)
+            .status()
+            .clone();
+        let plan = DarkLaunchPlan::from_settings(analysis.dark_launch.as_ref().expect("dark"));
+        let mut dark = DarkLaunchStatus::new(&plan, 1_000);
+        if stage != DarkLaunchStage::Running {
+            dark.ended_ms = Some(5_000);
+        }
+        dark.stage = stage;
+        status.dark_launch = Some(dark);
+        status.message = message.into();
+        status
+    }
+
+    fn condition(status: &Status) -> Value {
+        dark_launch_condition(status).expect("a DarkLaunch condition")
+    }
+
+    #[test]
+    fn a_dark_launch_says_how_it_ended_in_its_condition() {
+        let passed = condition(&dark_launch_status(DarkLaunchStage::Passed, "Advance"));
+        assert_eq!(passed["status"], "True");
+        assert_eq!(passed["reason"], "Passed");
+        assert!(passed["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("0 paired requests"));
+        let failed = condition(&dark_launch_status(
+            DarkLaunchStage::Failed,
+            "Rolling back: aborted: requested through kubectl",
+        ));
+        assert_eq!(failed["status"], "False");
+        assert_eq!(
+            failed["message"],
+            "aborted: requested through kubectl (0 paired requests: the canary alone failed 0, stable alone 0; the canary slower on 0, faster on 0)"
+        );
+        let running = condition(&dark_launch_status(DarkLaunchStage::Running, "Mirroring"));
+        assert_eq!(running["status"], "Unknown");
+        assert_eq!(running["lastTransitionTime"], rfc3339(1_000));
+        // In the status users (and the operator's Rollout) read, beside Flagger's condition.
+        assert_eq!(
+            status_json_conditions(&dark_launch_status(DarkLaunchStage::Passed, "")),
+            ["Promoted", "DarkLaunch"]
+        );
+    }
+
+    fn status_json_conditions(status: &Status) -> Vec<String> {
+        let rollout: Rollout = coalmine_spec::parse_yaml(
+            "r.yaml",
+            "apiVersion: coalmine.dev/v1alpha1\nkind: Rollout\nmetadata: {name: web}\nspec:\n  analysis: {interval: 1m, stepWeight: 10}\n",
+        )
+        .expect("rollout");
+        status_json(&rollout, status, None)["conditions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["type"].as_str().unwrap().to_string())
+            .collect()
+    }
 }

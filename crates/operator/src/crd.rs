@@ -9,7 +9,7 @@ use kube::{CustomResource, CustomResourceExt};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use crate::status::RolloutStatus;
+use crate::status::{RolloutGroupStatus, RolloutStatus};
 
 // Each printcolumn repeats `type_ = ...`: clippy reads the columns as one attribute list.
 #[allow(clippy::duplicated_attributes)]
@@ -242,9 +242,37 @@ impl Default for RoutersRef {
     }
 }
 
+// `coalmine.dev/v1alpha1` `RolloutGroup`: Rollouts (or Canaries) of one namespace released as
+// one — in lock-step or in order — and rolled back together; the spec is the files' own
+// (`coalmine_spec::group::GroupSpec`), so both are read and checked by one set of rules.
+#[allow(clippy::duplicated_attributes)]
+#[derive(CustomResource, Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[kube(
+    group = "coalmine.dev",
+    version = "v1alpha1",
+    kind = "RolloutGroup",
+    namespaced,
+    status = "RolloutGroupStatus",
+    shortname = "cmrg",
+    category = "coalmine",
+    doc = "Rollouts or Canaries of one namespace released as one (in lock-step or in order), rolled back together, their users in one cohort.",
+    printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
+    printcolumn(
+        name = "Members",
+        type_ = "string",
+        json_path = ".spec.members[*].name"
+    ),
+    printcolumn(name = "Reason", type_ = "string", json_path = ".status.reason")
+)]
+pub struct RolloutGroupSpec {
+    /// Which rollouts are released as one, and how (the same spec as a file's `RolloutGroup`).
+    #[serde(flatten)]
+    pub group: coalmine_spec::group::GroupSpec,
+}
+
 /// Coalmine's CRDs, as the API server takes them.
 pub fn crds() -> Vec<CustomResourceDefinition> {
-    vec![Rollout::crd()]
+    vec![Rollout::crd(), RolloutGroup::crd()]
 }
 
 /// [`crds`] as a YAML stream (what `coalmine crd` prints and `deploy/kubernetes/` holds).
@@ -256,6 +284,23 @@ pub fn crds_yaml() -> String {
             format!("---\n{text}")
         })
         .collect()
+}
+
+impl RolloutGroup {
+    /// The group as the rollout crate decides it (its members' names are the Rollouts').
+    pub fn to_document(&self) -> coalmine_spec::group::RolloutGroup {
+        coalmine_spec::group::RolloutGroup {
+            api_version: coalmine_spec::group::RolloutGroup::API_VERSION.to_string(),
+            kind: coalmine_spec::group::RolloutGroup::KIND.to_string(),
+            metadata: coalmine_spec::rollout::Metadata {
+                name: self.metadata.name.clone().unwrap_or_default(),
+                namespace: self.metadata.namespace.clone(),
+                labels: self.metadata.labels.clone().unwrap_or_default(),
+                annotations: Default::default(),
+            },
+            spec: self.spec.group.clone(),
+        }
+    }
 }
 
 impl Rollout {

@@ -13,6 +13,8 @@
 //! - [`gateway`]: the router as a Gateway API implementation (`coalmine proxy --kubernetes`):
 //!   GatewayClasses, Gateways, HTTPRoutes, Services and EndpointSlices as its route table, and
 //!   their status conditions.
+//! - [`groups`]: `RolloutGroup`s decided from their members' statuses (the same decision as
+//!   `coalmine serve`), each member's gate or rollback handed to its run.
 //! - [`events`]: Kubernetes Events, one per message (a repeat counted on it).
 //! - [`requests`]: promote and abort through a `coalmine.dev/request` annotation. Pure.
 //! - [`templates`]: checks resolved from the cluster's MetricTemplates (and their Secrets).
@@ -35,6 +37,7 @@ pub mod dashboard;
 pub mod events;
 pub mod flagger;
 pub mod gateway;
+pub mod groups;
 pub mod health;
 pub mod leader;
 pub mod next;

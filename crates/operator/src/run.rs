@@ -18,7 +18,7 @@ use coalmine_controller::state::StateStore;
 use coalmine_controller::time::Clock;
 use coalmine_controller::traffic::TrafficBackend;
 use coalmine_controller::BoxFuture;
-use coalmine_rollout::{EventLevel, Input, Status, TrafficFault};
+use coalmine_rollout::{EventLevel, Gate, Input, Status, TrafficFault};
 use coalmine_spec::rollout::Target;
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
@@ -119,6 +119,20 @@ pub(crate) struct Context {
     pub(crate) default_provider: TrafficProvider,
     /// The Prometheus of rollouts that name none.
     pub(crate) metrics_server: String,
+}
+
+impl Context {
+    /// The command channel of the run in progress for `key` (`namespace/name`), if any: what
+    /// users ask and what its group decides go through it, and the run saves each before
+    /// any traffic moves.
+    pub(crate) fn commands_of(&self, key: &str) -> Option<tokio::sync::mpsc::Sender<Input>> {
+        self.runs
+            .lock()
+            .expect("runs lock")
+            .get(key)
+            .filter(|run| !run.task.is_finished())
+            .map(|run| run.commands.clone())
+    }
 }
 
 /// Where a finished run's final traffic stands in this process.
@@ -455,6 +469,7 @@ pub async fn run(client: kube::Client, settings: Settings) -> Result<(), Operato
     let rollouts_reconciled = controller
         .run(reconcile, error_policy, context.clone())
         .for_each(|_| futures::future::ready(()));
+    let groups_reconciled = reconcile_groups(&client, &settings, context.clone());
     let canaries_reconciled = async {
         if let Some(api) = canaries {
             let (cached, writer) = reflector::store();
@@ -474,13 +489,68 @@ pub async fn run(client: kube::Client, settings: Settings) -> Result<(), Operato
                 .await;
         }
     };
-    let reconciling = futures::future::join(rollouts_reconciled, canaries_reconciled);
+    let reconciling =
+        futures::future::join3(rollouts_reconciled, canaries_reconciled, groups_reconciled);
     let ended = tokio::select! {
         _ = reconciling => Ok(()),
         lost = keep_leading(&elector) => Err(lost),
     };
     health.leading.store(false, Relaxed);
     ended
+}
+
+/// Decides the RolloutGroups: when a user changes one, when one of its members writes a step
+/// (a metadata-only watch of the Rollouts: every write, no status kept), or every couple of
+/// seconds while it moves. A cluster without the RolloutGroup CRD has none (said once).
+async fn reconcile_groups(client: &kube::Client, settings: &Settings, context: Arc<Context>) {
+    let groups: Api<crate::groups::GroupObject> = match &settings.namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    };
+    if let Err(kube::Error::Api(e)) = groups.list(&ListParams::default().limit(1)).await {
+        if e.code == 404 {
+            tracing::warn!("the RolloutGroup CRD is not installed: no groups (install deploy/kubernetes/crds/coalmine.yaml and restart to run them)");
+            return;
+        }
+    }
+    let steps: Api<PartialObjectMeta<Rollout>> = match &settings.namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    };
+    let (cached, writer) = reflector::store();
+    let released = context.clone();
+    let changes = changed_by_users(
+        watcher(groups, watcher::Config::default())
+            .default_backoff()
+            .modify(|group| {
+                group.status = None;
+                group.metadata.managed_fields = None;
+            })
+            .reflect(writer)
+            // A deleted group holds its members no more (the controller never reconciles an
+            // object gone from its cache).
+            .inspect_ok(move |event| {
+                if let watcher::Event::Delete(group) = event {
+                    crate::groups::let_members_go(&released, group);
+                }
+            }),
+    );
+    let member_steps = watcher(steps, watcher::Config::default())
+        .default_backoff()
+        .touched_objects();
+    let listed = cached.clone();
+    Controller::for_stream(changes, cached)
+        .watches_stream(member_steps, move |rollout: PartialObjectMeta<Rollout>| {
+            let groups = listed.state();
+            crate::groups::groups_listing(
+                groups.iter().map(|g| g.as_ref()),
+                rollout.metadata.namespace.as_deref(),
+                rollout.metadata.name.as_deref().unwrap_or_default(),
+            )
+        })
+        .run(crate::groups::reconcile, error_policy, context)
+        .for_each(|_| futures::future::ready(()))
+        .await;
 }
 
 /// The rollouts of provider coalmine whose routers a Service is.
@@ -1447,6 +1517,13 @@ async fn drive(
             let resume = decision == Next::Resume;
             forget_final(context, &key);
             let mut document = rollout.to_document();
+            // A member of a group runs in its group's cohort, and starts behind its gate.
+            let member_of =
+                crate::groups::member_of(&context.client, &namespace, &document.metadata.name)
+                    .await?;
+            if let Some(member_of) = &member_of {
+                member_of.mark(&mut document);
+            }
             let subject = crate::templates::Subject {
                 name: &document.metadata.name,
                 namespace: &namespace,
@@ -1509,12 +1586,19 @@ async fn drive(
                 clock: Clock::Wall,
             };
             let saved = if resume { saved } else { None };
+            let held_by_a_group = saved.as_ref().is_some_and(|s| s.gate.is_some());
             let suspended = saved.as_ref().map_or(rollout.spec.suspend, |s| s.paused);
             let mut driver =
                 Driver::new(&document, saved, seams).map_err(|u| ReconcileError::Invalid {
                     field: format!("spec.{}", u.field),
                     message: u.message,
                 })?;
+            match (&member_of, resume) {
+                (Some(member_of), false) => driver.gate_before_start(member_of.closed_gate()),
+                // Its group was deleted while no operator ran: nothing holds it any more.
+                (None, true) if held_by_a_group => driver.gate_before_start(Gate::open()),
+                _ => {}
+            }
             let task_key = key.clone();
             let rollouts: Api<Rollout> = Api::namespaced(context.client.clone(), &namespace);
             let (name, uid) = (

@@ -96,6 +96,45 @@ pub struct CheckReading {
     pub time: Option<String>,
 }
 
+/// A `RolloutGroup`'s status: where the group stands as its members' statuses say (the same
+/// decision `coalmine serve` takes), each member in a line, and Flagger's `Promoted` condition
+/// as a Rollout has it (`kubectl wait --for=condition=promoted rolloutgroup/<name>`).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RolloutGroupStatus {
+    /// `Progressing`, `RollingBack`, `RolledBack` or `Succeeded`; none while the group is
+    /// invalid (its `Promoted` condition says why).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<String>,
+    /// Why the group rolls back: the member that failed first, and its evidence.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub members: Vec<GroupMemberStatus>,
+    /// The `metadata.generation` this status was written for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+}
+
+/// One member as its group sees it.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct GroupMemberStatus {
+    pub name: String,
+    /// Its Rollout's phase (none before its first run).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<Phase>,
+    /// Its canary's weight (%).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weight: Option<f64>,
+    /// How far the group lets it go now: `up to 10 %`, `may promote`, `waiting for …` (it
+    /// would go on), `closed until …` (before the group decided).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gate: Option<String>,
+}
+
 /// A CRD schema must be structural: free-form JSON is an object whose fields are kept.
 fn any_object(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
     schemars::json_schema!({ "type": "object", "x-kubernetes-preserve-unknown-fields": true })

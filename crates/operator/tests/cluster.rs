@@ -4,7 +4,7 @@
 mod common;
 
 use coalmine_kube_fake::install_crds;
-use coalmine_operator::crd::{crds_yaml, Rollout};
+use coalmine_operator::crd::{crds_yaml, Rollout, RolloutGroup};
 use coalmine_operator::leader::{Elector, LeaseTimings};
 use common::{shop, ROLLOUT};
 use k8s_openapi::jiff::Timestamp;
@@ -14,7 +14,10 @@ use kube::api::{Api, ApiResource, DynamicObject, PostParams};
 async fn the_api_server_takes_coalmines_crd_and_keeps_every_field_of_a_rollout() {
     let cluster = shop().await;
     let installed = install_crds(&cluster.client(), &crds_yaml()).await.unwrap();
-    assert_eq!(installed, ["rollouts.coalmine.dev"]);
+    assert_eq!(
+        installed,
+        ["rollouts.coalmine.dev", "rolloutgroups.coalmine.dev"]
+    );
     let api: Api<Rollout> = Api::namespaced(cluster.client(), "shop");
     let written: Rollout = serde_saphyr::from_str(ROLLOUT).unwrap();
     let stored = api.create(&PostParams::default(), &written).await.unwrap();
@@ -41,6 +44,30 @@ async fn the_api_server_takes_coalmines_crd_and_keeps_every_field_of_a_rollout()
         "{}",
         status.message
     );
+
+    // A group keeps every field too: `reached` a weight with decimals or `promoted`.
+    let groups: Api<RolloutGroup> = Api::namespaced(cluster.client(), "shop");
+    let written: RolloutGroup = serde_saphyr::from_str(
+        "apiVersion: coalmine.dev/v1alpha1
+kind: RolloutGroup
+metadata: {name: payment-change, namespace: shop}
+spec:
+  policy: order
+  sharedCohort: false
+  members:
+    - name: ledger
+    - name: payments
+      dependsOn: [{name: ledger, reached: 12.5}]
+    - name: orders
+      dependsOn: [{name: payments, reached: promoted}]
+",
+    )
+    .unwrap();
+    let stored = groups
+        .create(&PostParams::default(), &written)
+        .await
+        .unwrap();
+    assert_eq!(stored.spec, written.spec);
 }
 
 #[tokio::test]

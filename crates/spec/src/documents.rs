@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::alerts::{self, AlertProvider};
 use crate::flagger::{Canary, Placement, PlacementDoc, FLAGGER_API_VERSION};
-use crate::group::{GroupPolicy, Reached, RolloutGroup};
+use crate::group::RolloutGroup;
 use crate::names::{check_name, NameRule};
 use crate::rollout::{Analysis, Metadata, Rollout, TemplateRef, API_VERSION, BUILTINS};
 use crate::schema::{self, FlaggerKind};
@@ -301,7 +301,7 @@ impl DocumentSet {
     /// no cohort of its own when the group shares one.
     fn group_errors(&self) -> Vec<(usize, SpecError)> {
         let mut errors = Vec::new();
-        let mut grouped: HashMap<&str, &str> = HashMap::new();
+        let mut grouped: HashMap<String, String> = HashMap::new();
         let analysis_of_member = |name: &str| {
             self.rollouts().find_map(|d| match &d.doc {
                 Document::Rollout(r) if r.metadata.name == name => {
@@ -311,44 +311,28 @@ impl DocumentSet {
                 _ => None,
             })
         };
+        let known: Vec<&str> = self.rollouts().map(|d| d.doc.name()).collect();
         for (index, located) in self.documents.iter().enumerate() {
             let Document::RolloutGroup(group) = &located.doc else {
                 continue;
             };
-            let spec = &group.spec;
-            if spec.members.is_empty() {
-                errors.push((
-                    index,
-                    located.error_at("spec.members", "a group has at least one member".into()),
-                ));
-                continue;
+            let unknown = |name: &str| {
+                let hint = crate::suggest::nearest(name, known.iter().copied())
+                    .map(|n| format!(" (did you mean {n:?}?)"))
+                    .unwrap_or_default();
+                format!("member {name:?} is not a Rollout or Canary among the files{hint}: a group is applied with its members")
+            };
+            let claimed =
+                |name: &str| grouped.insert(name.to_string(), group.metadata.name.clone());
+            let member_analysis = |name: &str| analysis_of_member(name).map(|(a, c, _)| (a, c));
+            for (field, message) in group.spec.errors(member_analysis, unknown, claimed) {
+                errors.push((index, located.error_at(&field, message)));
             }
-            let mut first_ladder: Option<(&str, Option<Vec<Weight>>)> = None;
             let mut first_affinity: Option<(&str, Option<(&str, u64)>)> = None;
-            for (i, member) in spec.members.iter().enumerate() {
-                let field = format!("spec.members[{i}].name");
-                let Some((analysis, cohort, member_doc)) = analysis_of_member(&member.name) else {
-                    let known: Vec<&str> = self.rollouts().map(|d| d.doc.name()).collect();
-                    let hint = crate::suggest::nearest(&member.name, known.iter().copied())
-                        .map(|n| format!(" (did you mean {n:?}?)"))
-                        .unwrap_or_default();
-                    errors.push((index, located.error_at(&field, format!("member {:?} is not a Rollout or Canary among the files{hint}: a group is applied with its members", member.name))));
+            for member in &group.spec.members {
+                let Some((analysis, _, member_doc)) = analysis_of_member(&member.name) else {
                     continue;
                 };
-                if spec.members[..i].iter().any(|m| m.name == member.name) {
-                    errors.push((
-                        index,
-                        located
-                            .error_at(&field, format!("member {:?} is listed twice", member.name)),
-                    ));
-                    continue;
-                }
-                if let Some(other) = grouped.insert(&member.name, &group.metadata.name) {
-                    errors.push((index, located.error_at(&field, format!("{:?} is already a member of group {other:?}: a rollout belongs to one group", member.name))));
-                }
-                if let (Some(own), Some(_)) = (cohort, group.cohort()) {
-                    errors.push((index, located.error_at(&field, format!("member {:?} names its own cohort {own:?}, but the group's members share one: remove spec.cohort from the rollout, or set the group's sharedCohort: false", member.name))));
-                }
                 if group.cohort().is_some() {
                     // One cookie pins a user on every member's canary, so the members set the
                     // same one, or none does.
@@ -381,46 +365,6 @@ impl DocumentSet {
                                 ),
                             };
                             errors.push((index, member_doc.error_at(at, says)));
-                        }
-                        Some(_) => {}
-                    }
-                }
-                for (j, dep) in member.depends_on.iter().enumerate() {
-                    let dep_field = format!("spec.members[{i}].dependsOn[{j}].name");
-                    if spec.policy != GroupPolicy::Order {
-                        errors.push((index, located.error_at(&dep_field, "dependsOn is for policy: order (policy: together moves every member in lock-step)".into())));
-                        break;
-                    }
-                    let Some(k) = spec.members[..i].iter().position(|m| m.name == dep.name) else {
-                        errors.push((index, located.error_at(&dep_field, format!("{:?} is not a member listed before {:?}: list the members in the order they depend on each other", dep.name, member.name))));
-                        continue;
-                    };
-                    if let Reached::Weight(w) = dep.reached {
-                        let ladder = analysis_of_member(&spec.members[k].name)
-                            .and_then(|(a, _, _)| a.weight_ladder());
-                        if !ladder.is_some_and(|l| l.contains(&w)) {
-                            errors.push((index, located.error_at(&format!("spec.members[{i}].dependsOn[{j}].reached"), format!("{:?} never stops at {} %: reached names one of its weight steps, or promoted", dep.name, w.percent()))));
-                        }
-                    }
-                }
-                if spec.policy == GroupPolicy::Together {
-                    let ladder = analysis.weight_ladder();
-                    if ladder.is_none() {
-                        errors.push((index, located.error_at(&field, format!("member {:?} has no weight steps (A/B or blue-green): members in lock-step move by weight; use policy: order", member.name))));
-                    }
-                    match &first_ladder {
-                        None => first_ladder = Some((&member.name, ladder)),
-                        Some((first, steps))
-                            if *steps != ladder && ladder.is_some() && steps.is_some() =>
-                        {
-                            let show = |l: &Option<Vec<Weight>>| {
-                                l.iter()
-                                    .flatten()
-                                    .map(|w| w.percent().to_string())
-                                    .collect::<Vec<_>>()
-                                    .join(", ")
-                            };
-                            errors.push((index, located.error_at(&field, format!("member {:?} steps through [{}], {first:?} through [{}]: members in lock-step take the same weight steps", member.name, show(&ladder), show(steps)))));
                         }
                         Some(_) => {}
                     }

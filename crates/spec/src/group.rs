@@ -6,7 +6,7 @@ use std::fmt;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use crate::rollout::{Metadata, Rollout, API_VERSION};
+use crate::rollout::{Analysis, Metadata, Rollout, API_VERSION};
 use crate::Weight;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -53,7 +53,8 @@ pub enum GroupPolicy {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Member {
-    /// The rollout's name (a Rollout, or a Canary, among the files applied with the group).
+    /// The rollout's name: a Rollout, or a Canary, among the files applied with the group (on
+    /// Kubernetes: in the group's namespace).
     pub name: String,
     /// With `policy: order`: the earlier members this one waits for.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -72,7 +73,7 @@ pub struct Dependency {
 }
 
 /// How far a dependency must have gone before its dependent starts.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, JsonSchema)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum Reached {
     Weight(Weight),
     #[default]
@@ -85,6 +86,24 @@ impl fmt::Display for Reached {
             Reached::Weight(w) => write!(f, "{} %", w.percent()),
             Reached::Promoted => f.write_str("promoted"),
         }
+    }
+}
+
+/// In a CRD: a number or `promoted` (a weight may have decimals, which
+/// `x-kubernetes-int-or-string` would refuse); read by [`Reached`]'s own deserializer, whose
+/// error the operator reports on the group.
+impl JsonSchema for Reached {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "Reached".into()
+    }
+    fn inline_schema() -> bool {
+        true
+    }
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({
+            "x-kubernetes-preserve-unknown-fields": true,
+            "description": "A weight step of the dependency (a percentage, as 50) or `promoted` (default)."
+        })
     }
 }
 
@@ -117,6 +136,90 @@ impl<'de> Deserialize<'de> for Reached {
                 "reached {t:?}: a weight (a percentage, as 50) or `promoted`"
             ))),
         }
+    }
+}
+
+impl GroupSpec {
+    /// The group's mistakes, as (field, message) in member order: a group's members are
+    /// rollouts known to `member_of` (their analysis and own cohort), each in one group
+    /// (`claimed_by_other`: the other group that already has it), named once; a member depends
+    /// only on members before it (so the list is an order to roll back in reverse — no cycle),
+    /// and only in `policy: order`; members in lock-step take the same weight steps (at the
+    /// same weight, one cohort is the same users on every member); a member keeps no cohort of
+    /// its own when the group shares one. `unknown` says a name is no rollout.
+    pub fn errors<'a>(
+        &self,
+        member_of: impl Fn(&str) -> Option<(&'a Analysis, Option<&'a str>)>,
+        unknown: impl Fn(&str) -> String,
+        mut claimed_by_other: impl FnMut(&str) -> Option<String>,
+    ) -> Vec<(String, String)> {
+        let mut errors = Vec::new();
+        if self.members.is_empty() {
+            errors.push((
+                "spec.members".to_string(),
+                "a group has at least one member".to_string(),
+            ));
+            return errors;
+        }
+        let mut first_ladder: Option<(&str, Option<Vec<Weight>>)> = None;
+        for (i, member) in self.members.iter().enumerate() {
+            let field = format!("spec.members[{i}].name");
+            let Some((analysis, cohort)) = member_of(&member.name) else {
+                errors.push((field, unknown(&member.name)));
+                continue;
+            };
+            if self.members[..i].iter().any(|m| m.name == member.name) {
+                errors.push((field, format!("member {:?} is listed twice", member.name)));
+                continue;
+            }
+            if let Some(other) = claimed_by_other(&member.name) {
+                errors.push((field.clone(), format!("{:?} is already a member of group {other:?}: a rollout belongs to one group", member.name)));
+            }
+            if let (Some(own), true) = (cohort, self.shared_cohort) {
+                errors.push((field.clone(), format!("member {:?} names its own cohort {own:?}, but the group's members share one: remove spec.cohort from the rollout, or set the group's sharedCohort: false", member.name)));
+            }
+            for (j, dep) in member.depends_on.iter().enumerate() {
+                let dep_field = format!("spec.members[{i}].dependsOn[{j}].name");
+                if self.policy != GroupPolicy::Order {
+                    errors.push((dep_field, "dependsOn is for policy: order (policy: together moves every member in lock-step)".into()));
+                    break;
+                }
+                let Some(k) = self.members[..i].iter().position(|m| m.name == dep.name) else {
+                    errors.push((dep_field, format!("{:?} is not a member listed before {:?}: list the members in the order they depend on each other", dep.name, member.name)));
+                    continue;
+                };
+                if let Reached::Weight(w) = dep.reached {
+                    let ladder =
+                        member_of(&self.members[k].name).and_then(|(a, _)| a.weight_ladder());
+                    if !ladder.is_some_and(|l| l.contains(&w)) {
+                        errors.push((format!("spec.members[{i}].dependsOn[{j}].reached"), format!("{:?} never stops at {} %: reached names one of its weight steps, or promoted", dep.name, w.percent())));
+                    }
+                }
+            }
+            if self.policy == GroupPolicy::Together {
+                let ladder = analysis.weight_ladder();
+                if ladder.is_none() {
+                    errors.push((field.clone(), format!("member {:?} has no weight steps (A/B or blue-green): members in lock-step move by weight; use policy: order", member.name)));
+                }
+                match &first_ladder {
+                    None => first_ladder = Some((&member.name, ladder)),
+                    Some((first, steps))
+                        if *steps != ladder && ladder.is_some() && steps.is_some() =>
+                    {
+                        let show = |l: &Option<Vec<Weight>>| {
+                            l.iter()
+                                .flatten()
+                                .map(|w| w.percent().to_string())
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        };
+                        errors.push((field, format!("member {:?} steps through [{}], {first:?} through [{}]: members in lock-step take the same weight steps", member.name, show(&ladder), show(steps))));
+                    }
+                    Some(_) => {}
+                }
+            }
+        }
+        errors
     }
 }
 
@@ -214,5 +317,48 @@ mod tests {
         .unwrap_err();
         assert!(bad.to_string().contains("`promoted`"), "{bad}");
         assert_eq!(bad.line, 3, "{bad}");
+    }
+
+    #[test]
+    fn a_group_is_checked_against_its_members_by_field() {
+        let analysis = |steps: &str| -> Analysis {
+            crate::parse_yaml("a.yaml", &format!("interval: 1m\nstepWeights: {steps}\n")).unwrap()
+        };
+        let (ledger, payments) = (analysis("[10, 20]"), analysis("[10, 50]"));
+        let spec: GroupSpec = crate::parse_yaml(
+            "g.yaml",
+            "members:\n- name: ledger\n- name: payments\n  dependsOn: [{name: ledger}]\n- name: inventory\n- name: ledger\n",
+        )
+        .unwrap();
+        let errors = spec.errors(
+            |name| match name {
+                "ledger" => Some((&ledger, None)),
+                "payments" => Some((&payments, Some("own"))),
+                _ => None,
+            },
+            |name| format!("no rollout {name}"),
+            |name| (name == "payments").then(|| "older".to_string()),
+        );
+        let fields: Vec<&str> = errors.iter().map(|(f, _)| f.as_str()).collect();
+        assert_eq!(
+            fields,
+            [
+                "spec.members[1].name",
+                "spec.members[1].name",
+                "spec.members[1].dependsOn[0].name",
+                "spec.members[1].name",
+                "spec.members[2].name",
+                "spec.members[3].name",
+            ],
+            "{errors:#?}"
+        );
+        assert!(errors[0].1.contains("already a member of group \"older\""));
+        assert!(errors[1].1.contains("names its own cohort \"own\""));
+        assert!(errors[2].1.starts_with("dependsOn is for policy: order"));
+        assert!(errors[3]
+            .1
+            .contains("steps through [10, 50], \"ledger\" through [10, 20]"));
+        assert_eq!(errors[4].1, "no rollout inventory");
+        assert_eq!(errors[5].1, "member \"ledger\" is listed twice");
     }
 }

@@ -20,6 +20,7 @@ mod malformed;
 mod mesh_metrics;
 mod notifications;
 mod operator;
+mod operator_groups;
 mod operator_providers;
 mod operator_routers;
 mod prometheus;

@@ -443,7 +443,7 @@ async fn an_edited_config_map_is_a_new_revision_analysed_then_promoted_to_the_pr
     );
 }
 
-fn operator(cluster: &TestCluster, identity: &str) -> Proc {
+pub(crate) fn operator(cluster: &TestCluster, identity: &str) -> Proc {
     operator_with(cluster, identity, &[])
 }
 
