@@ -85,7 +85,10 @@ impl ApiError {
             | ApiError::NotAlertmanager(_)
             | ApiError::AlertmanagerVersion(_)
             | ApiError::NotFlagCounts(_)
-            | ApiError::FlagCounts(crate::flags::CountsRefused::NoSuchVariant { .. }) => {
+            | ApiError::FlagCounts(
+                crate::flags::CountsRefused::NoSuchVariant { .. }
+                | crate::flags::CountsRefused::TooLarge { .. },
+            ) => {
                 StatusCode::BAD_REQUEST
             }
             ApiError::FlagCounts(crate::flags::CountsRefused::NoSuchFlag(_)) => {

@@ -58,6 +58,8 @@ pub enum CountsRefused {
         variant: String,
         known: String,
     },
+    #[error("flag {key:?}'s variant {variant:?} would count more than 2^64 - 1 requests since the last step: the report is refused")]
+    TooLarge { key: String, variant: String },
 }
 
 /// This process's flags.
@@ -155,21 +157,31 @@ impl FlagTable {
             entry.counts.clear();
             return Ok(());
         }
+        // Summed aside first: a report that does not fit changes nothing (a panic here would
+        // poison the table and stop every evaluation).
+        let mut sums = Vec::with_capacity(doc.variants.len());
         for (variant, reported) in &doc.variants {
             let mut latency = BTreeMap::new();
             for &(micros, n) in &reported.latency_micros {
+                // The contract checked that a variant's latencies add up to its requests.
                 *latency.entry(micros).or_insert(0) += n;
             }
-            entry
+            let report = Counts {
+                requests: reported.requests,
+                server_errors: reported.errors,
+                latency,
+            };
+            let sum = entry
                 .counts
-                .entry(variant.clone())
-                .or_default()
-                .add(&Counts {
-                    requests: reported.requests,
-                    server_errors: reported.errors,
-                    latency,
-                });
+                .get(variant)
+                .map_or(Some(report.clone()), |so_far| so_far.checked_sum(&report))
+                .ok_or_else(|| CountsRefused::TooLarge {
+                    key: key.to_string(),
+                    variant: variant.clone(),
+                })?;
+            sums.push((variant.clone(), sum));
         }
+        entry.counts.extend(sums);
         Ok(())
     }
 
@@ -232,6 +244,33 @@ mod tests {
             Err(CountsRefused::NoSuchVariant { .. })
         ));
         assert_eq!(table.take_counts("k", "on").requests, 0, "all or nothing");
+    }
+
+    #[test]
+    fn counts_that_would_overflow_are_refused_changing_nothing_and_the_table_serves_on() {
+        let table = FlagTable::default();
+        table
+            .serve(flag(
+                "a",
+                Serving::Split(Weight::from_basis_points(1000).unwrap()),
+            ))
+            .unwrap();
+        let half: FlagCountsDoc = serde_json::from_value(serde_json::json!({"variants": {
+            "off": {"requests": 3},
+            "on": {"requests": 1u64 << 63, "errors": 1u64 << 63, "latencyMicros": [[100, 1u64 << 63]]},
+        }}))
+        .unwrap();
+        table.report("k", &half).unwrap();
+        assert_eq!(
+            table.report("k", &half),
+            Err(CountsRefused::TooLarge {
+                key: "k".into(),
+                variant: "on".into()
+            })
+        );
+        assert!(table.get("k").is_some(), "the table still serves");
+        assert_eq!(table.take_counts("k", "off").requests, 3, "all or nothing");
+        assert_eq!(table.take_counts("k", "on").requests, 1 << 63);
     }
 
     #[test]
