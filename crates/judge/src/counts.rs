@@ -29,7 +29,10 @@ impl Counts {
 
     /// The `q` quantile in milliseconds (nearest rank).
     pub fn latency_quantile_ms(&self, q: f64) -> Reading {
-        let total = self.latency.values().fold(0u64, |t, n| t.saturating_add(*n));
+        let total = self
+            .latency
+            .values()
+            .fold(0u64, |t, n| t.saturating_add(*n));
         if total == 0 {
             return Reading::NoData {
                 reason: "no canary requests in the window".into(),
@@ -100,7 +103,10 @@ mod tests {
         let mut sum = counts(half, 0, &[(1_000, half)]);
         sum.add(&counts(half, half, &[(1_000, half), (9_000, half)]));
         // Wrapped, these would be 0 requests and 0 at 1 ms: the failures hidden.
-        assert_eq!(sum, counts(u64::MAX, half, &[(1_000, u64::MAX), (9_000, half)]));
+        assert_eq!(
+            sum,
+            counts(u64::MAX, half, &[(1_000, u64::MAX), (9_000, half)])
+        );
         assert_eq!(sum.success_rate(), Reading::Value { value: 50.0 });
         assert_eq!(sum.latency_quantile_ms(0.5), Reading::Value { value: 1.0 });
         assert_eq!(sum.checked_sum(&counts(1, 0, &[])), None);

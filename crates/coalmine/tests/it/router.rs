@@ -490,6 +490,48 @@ async fn mirroring_copies_to_canary_and_leaves_responses_unchanged() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_requests_that_change_nothing_are_mirrored_over_http1_and_http2() {
+    let (s, c) = (upstream("stable", &[]), upstream("canary", &[]));
+    let r = split_router(&s, &c, &["--canary-weight", "0", "--mirror", "100"]);
+    let http2 = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .build()
+        .unwrap();
+    for (client, url) in [
+        (client(), format!("{}/orders/7/ship", r.base)),
+        (http2, format!("{}/orders/8/ship", r.base)),
+    ] {
+        // Bodyless, yet each would change what both versions share: a copy would do it twice.
+        for method in ["POST", "DELETE", "PATCH", "PUT"] {
+            let method = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
+            let answer = client.request(method, &url).send().await.unwrap();
+            assert_eq!(answer.status(), 200, "the user is answered as ever");
+        }
+        for _ in 0..3 {
+            assert_eq!(client.get(&url).send().await.unwrap().status(), 200);
+        }
+    }
+    for _ in 0..100 {
+        if stats(&r).await["mirror"]["requests"] == 6 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Give a late copy the time to land, were one sent.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let received = get_json(&format!("{}/_coalmine/received", c.url)).await;
+    assert_eq!(
+        received["mirrored"], 6,
+        "only the GETs reached the canary: {received}"
+    );
+    let mirror = stats(&r).await["mirror"].clone();
+    assert_eq!(mirror["skippedUnsafeMethod"], 8, "{mirror}");
+    assert!(metrics_text(&r.admin)
+        .await
+        .contains("coalmine_router_mirror_dropped_total{service=\"default\",reason=\"method\"} 8"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_pass_promtool_check_metrics() {
     let (s, c) = (
         upstream("stable", &[]),

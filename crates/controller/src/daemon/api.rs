@@ -88,9 +88,7 @@ impl ApiError {
             | ApiError::FlagCounts(
                 crate::flags::CountsRefused::NoSuchVariant { .. }
                 | crate::flags::CountsRefused::TooLarge { .. },
-            ) => {
-                StatusCode::BAD_REQUEST
-            }
+            ) => StatusCode::BAD_REQUEST,
             ApiError::FlagCounts(crate::flags::CountsRefused::NoSuchFlag(_)) => {
                 StatusCode::NOT_FOUND
             }
