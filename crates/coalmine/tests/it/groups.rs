@@ -455,3 +455,47 @@ spec:
         ["v2", "v2", "v2"]
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_promoted_member_is_not_deleted_while_its_group_may_still_revert_it() {
+    let dir = scratch("group-delete");
+    let shop = Shop::start(&dir, None);
+    let daemon = serve(&dir);
+    let group = "apiVersion: coalmine.dev/v1alpha1
+kind: RolloutGroup
+metadata:
+  name: payment-change
+spec:
+  policy: order
+  members:
+    - name: ledger
+    - name: payments
+      dependsOn: [{name: ledger, reached: promoted}]
+    - name: orders
+      dependsOn: [{name: payments, reached: promoted}]
+";
+    let ladder = "[10, 20, 30, 40, 50]";
+    shop.apply(&dir, &daemon, group, ["[50]", ladder, "[50]"], false);
+    wait_for(&daemon, "ledger", Duration::from_secs(30), |s| {
+        s["outcome"] == "promoted"
+    });
+    // ledger is finished, but its group is not: were payments to fail, the group would put
+    // ledger's old version back. Deleting ledger now would lose that.
+    let (code, out) = cli(&daemon, &["delete", "ledger"], Some(TOKEN));
+    assert_ne!(code, 0, "{out}");
+    assert!(
+        out.contains("member of rollout group payment-change"),
+        "{out}"
+    );
+    assert_eq!(status(&daemon, "ledger")["outcome"], "promoted");
+    assert_eq!(
+        group_status(&daemon, "payment-change")["phase"],
+        "Progressing"
+    );
+    // Once the group has ended, it may go.
+    wait_for_group(&daemon, "payment-change", Duration::from_secs(60), |g| {
+        g["phase"] == "Succeeded"
+    });
+    let (code, out) = cli(&daemon, &["delete", "ledger"], Some(TOKEN));
+    assert_eq!(code, 0, "{out}");
+}
