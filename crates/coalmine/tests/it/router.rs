@@ -564,7 +564,14 @@ async fn a_hung_or_resetting_canary_never_slows_a_user_and_is_blamed_only_for_it
     let s = upstream("stable", &[]);
     let hung = upstream("canary", &["--latency", "20s"]);
     let resetting = upstream("canary", &["--reset-rate", "1"]);
-    let extra = ["--canary-weight", "0", "--mirror", "100", "--response-timeout", "1s"];
+    let extra = [
+        "--canary-weight",
+        "0",
+        "--mirror",
+        "100",
+        "--response-timeout",
+        "1s",
+    ];
     let mut figures = Vec::new();
     for (what, canary) in [("hung", &hung), ("resetting", &resetting)] {
         let r = split_router(&s, canary, &extra);
@@ -577,10 +584,17 @@ async fn a_hung_or_resetting_canary_never_slows_a_user_and_is_blamed_only_for_it
         let p = &m["pairs"];
         let count = |k: &str| m[k].as_u64().unwrap();
         let pair = |k: &str| p[k].as_u64().unwrap();
-        let paired = pair("bothOk") + pair("canaryOnlyFailed") + pair("stableOnlyFailed") + pair("bothFailed");
+        let paired = pair("bothOk")
+            + pair("canaryOnlyFailed")
+            + pair("stableOnlyFailed")
+            + pair("bothFailed");
         // Each copy sent is paired once, and every pair's failure is the canary's alone;
         // copies past the concurrency limit are dropped, never queued.
-        assert_eq!(paired + pair("unpaired") + count("dropped"), 600, "{what}: {m:#}");
+        assert_eq!(
+            paired + pair("unpaired") + count("dropped"),
+            600,
+            "{what}: {m:#}"
+        );
         assert_eq!(pair("canaryOnlyFailed"), paired, "{what}: {m:#}");
         assert_eq!(pair("unpaired"), 0, "{what}: {m:#}");
         figures.push(format!(
