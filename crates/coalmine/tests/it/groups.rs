@@ -517,13 +517,28 @@ async fn carried_and_saved(daemon: &Daemon, router: &Router) -> Vec<(String, f64
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_group_rolling_back_with_its_state_disk_full_moves_nothing_unsaved_and_ends_after() {
-    let dir = scratch("group-diskfull");
+    group_with_a_full_disk(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_daemon_killed_with_its_group_failing_on_a_full_disk_rolls_it_back_once_restarted() {
+    group_with_a_full_disk(true).await;
+}
+
+/// orders fails while the state disk is full; room returns (with `kill`: the daemon is killed
+/// -9 first, and started again once there is room).
+async fn group_with_a_full_disk(kill: bool) {
+    let dir = scratch(if kill {
+        "group-diskfull-kill"
+    } else {
+        "group-diskfull"
+    });
     let disk_dir = TempDir::new("tinydisk");
     let disk = common::tinydisk::TinyDisk::mount(&disk_dir.path, 4096);
     let shop = Shop::start(&dir, Some("orders"));
     let args = serve_args(&disk.dir.join("state.db"), &dir);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let daemon = daemon_of(disk.spawn(&args));
+    let mut daemon = daemon_of(disk.spawn(&args));
     let group = "apiVersion: coalmine.dev/v1alpha1
 kind: RolloutGroup
 metadata:
@@ -555,8 +570,13 @@ spec:
             }
         }
     });
-    let ladder = "[20, 40, 60, 80]";
-    shop.apply(&dir, &daemon, group, ["[50]", ladder, ladder], false);
+    // orders' many steps give the sequential judge time to reject its 10 % of failures
+    // after a restart, which loses the evidence gathered while nothing could be saved.
+    let (ladder, long) = (
+        "[20, 40, 60, 80]",
+        "[20, 25, 30, 35, 40, 45, 50, 55, 60, 70, 80]",
+    );
+    shop.apply(&dir, &daemon, group, ["[50]", ladder, long], false);
     wait_for(&daemon, "orders", Duration::from_secs(60), |s| {
         s["canaryWeight"].as_f64().unwrap() >= 20.0 || s["phase"] == "Failed"
     });
@@ -577,8 +597,15 @@ spec:
     let during = group_status(&daemon, "payment-change")["phase"].clone();
 
     // Room again: the group's rollback goes on by itself, to its end, each member once.
-    disk.free();
-    let done = wait_for_group(&daemon, "payment-change", Duration::from_secs(30), |g| {
+    if kill {
+        daemon.proc.child.kill().unwrap();
+        daemon.proc.child.wait().unwrap();
+        disk.free();
+        daemon = daemon_of(disk.spawn(&args));
+    } else {
+        disk.free();
+    }
+    let done = wait_for_group(&daemon, "payment-change", Duration::from_secs(40), |g| {
         g["phase"] == "RolledBack"
     });
     stop.store(true, Relaxed);
@@ -602,5 +629,7 @@ spec:
             ["v1", "v1", "v1"]
         );
     }
-    eprintln!("disk full with the group {during}: held {held:?}; rolled back after");
+    eprintln!(
+        "disk full with the group {during} (killed: {kill}): held {held:?}; rolled back after"
+    );
 }
