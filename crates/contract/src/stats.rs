@@ -90,6 +90,10 @@ pub struct MirrorStats {
     /// Requests picked for mirroring but not copied because they carried a body.
     #[serde(default)]
     pub skipped_with_body: u64,
+    /// Requests picked for mirroring but not copied because their method is not safe (only
+    /// GET, HEAD, OPTIONS and TRACE are: a copy must change nothing).
+    #[serde(default)]
+    pub skipped_unsafe_method: u64,
     /// Time until each answered copy's response head.
     #[serde(default)]
     pub latency: Latency,

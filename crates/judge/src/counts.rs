@@ -29,16 +29,19 @@ impl Counts {
 
     /// The `q` quantile in milliseconds (nearest rank).
     pub fn latency_quantile_ms(&self, q: f64) -> Reading {
-        let total: u64 = self.latency.values().sum();
+        let total = self
+            .latency
+            .values()
+            .fold(0u64, |t, n| t.saturating_add(*n));
         if total == 0 {
             return Reading::NoData {
                 reason: "no canary requests in the window".into(),
             };
         }
         let rank = ((q * total as f64).ceil() as u64).clamp(1, total);
-        let mut seen = 0;
+        let mut seen = 0u64;
         for (micros, n) in &self.latency {
-            seen += n;
+            seen = seen.saturating_add(*n);
             if seen >= rank {
                 return Reading::Value {
                     value: *micros as f64 / 1000.0,
@@ -56,11 +59,60 @@ impl Counts {
     }
 
     /// Adds another window's counts (windows that follow each other, or several routers).
+    /// Saturating: counts an app reported absurdly large stay at the most there can be rather
+    /// than wrap to a few (which would hide a canary's failures) or stop the controller.
     pub fn add(&mut self, other: &Counts) {
-        self.requests += other.requests;
-        self.server_errors += other.server_errors;
+        self.requests = self.requests.saturating_add(other.requests);
+        self.server_errors = self.server_errors.saturating_add(other.server_errors);
         for (micros, n) in &other.latency {
-            *self.latency.entry(*micros).or_default() += n;
+            let sum = self.latency.entry(*micros).or_default();
+            *sum = sum.saturating_add(*n);
         }
+    }
+
+    /// `self` plus `other`, if every count fits in a `u64`.
+    pub fn checked_sum(&self, other: &Counts) -> Option<Counts> {
+        let mut latency = self.latency.clone();
+        for (micros, n) in &other.latency {
+            let sum = latency.entry(*micros).or_default();
+            *sum = sum.checked_add(*n)?;
+        }
+        Some(Counts {
+            requests: self.requests.checked_add(other.requests)?,
+            server_errors: self.server_errors.checked_add(other.server_errors)?,
+            latency,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn counts(requests: u64, server_errors: u64, latency: &[(u64, u64)]) -> Counts {
+        Counts {
+            requests,
+            server_errors,
+            latency: latency.iter().copied().collect(),
+        }
+    }
+
+    #[test]
+    fn counts_too_large_to_add_stay_at_the_most_there_can_be() {
+        let half = 1 << 63;
+        let mut sum = counts(half, 0, &[(1_000, half)]);
+        sum.add(&counts(half, half, &[(1_000, half), (9_000, half)]));
+        // Wrapped, these would be 0 requests and 0 at 1 ms: the failures hidden.
+        assert_eq!(
+            sum,
+            counts(u64::MAX, half, &[(1_000, u64::MAX), (9_000, half)])
+        );
+        assert_eq!(sum.success_rate(), Reading::Value { value: 50.0 });
+        assert_eq!(sum.latency_quantile_ms(0.5), Reading::Value { value: 1.0 });
+        assert_eq!(sum.checked_sum(&counts(1, 0, &[])), None);
+        assert_eq!(
+            counts(1, 0, &[(5, 1)]).checked_sum(&counts(2, 1, &[(5, 2)])),
+            Some(counts(3, 1, &[(5, 3)]))
+        );
     }
 }

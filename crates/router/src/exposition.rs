@@ -57,6 +57,7 @@ impl crate::recorder::MirrorSnapshot {
             failed: self.failed,
             dropped: self.dropped,
             skipped_with_body: self.skipped_with_body,
+            skipped_unsafe_method: self.skipped_unsafe_method,
             latency: latency_doc(&self.latency, 0),
             pairs: self.pairs.stats(),
         }
@@ -283,7 +284,7 @@ impl Snapshot {
         }
         out.family(
             "coalmine_router_mirror_dropped_total",
-            "Requests not mirrored, by reason: the concurrency limit was reached, or they had a body.",
+            "Requests not mirrored, by reason: the concurrency limit was reached, they had a body, or their method was not safe.",
             "counter",
         );
         for (service, s) in &self.services {
@@ -296,6 +297,11 @@ impl Snapshot {
                 "coalmine_router_mirror_dropped_total",
                 &[("service", service), ("reason", "body")],
                 s.mirror.skipped_with_body,
+            );
+            out.sample(
+                "coalmine_router_mirror_dropped_total",
+                &[("service", service), ("reason", "method")],
+                s.mirror.skipped_unsafe_method,
             );
         }
         out.family(

@@ -201,11 +201,13 @@ fn request_head<'t>(
     let mut pair = None;
     if let Some(canary) = to.mirror_to {
         let (worker, client) = (&conn.worker, &conn.client);
-        if matches!(head.framing, Framing::Empty) {
+        if !matches!(head.framing, Framing::Empty) {
+            mirror::skipped_with_body(worker, to.counters());
+        } else if !mirror::may_copy(head.method) {
+            mirror::skipped_unsafe_method(worker, to.counters());
+        } else {
             let service = (to.counters(), &to.service.doc.request_headers);
             pair = mirror::copy_to_canary(worker, client, service, canary, || head.to_parts());
-        } else {
-            mirror::skipped_with_body(worker, to.counters());
         }
     }
     head.write_upstream(&conn.client, &to.service.doc.request_headers, out);
@@ -1076,6 +1078,21 @@ mod tests {
         assert_eq!(status(&ask(&mut client, post).await.0), 200);
         let s = metrics.snapshot([]).services.remove("default").unwrap();
         assert_eq!(s.mirror.skipped_with_body, 1);
+
+        // Nor one that changes something: both versions share their data, so a copy would
+        // ship the order twice (or, late, delete what the user made since).
+        for unsafe_request in [
+            &b"POST /orders/7/ship HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\n\r\n"[..],
+            b"DELETE /cart/items/3 HTTP/1.1\r\nHost: a\r\n\r\n",
+        ] {
+            assert_eq!(status(&ask(&mut client, unsafe_request).await.0), 200);
+        }
+        let after = b"GET /after HTTP/1.1\r\nHost: a\r\n\r\n";
+        assert_eq!(status(&ask(&mut client, after).await.0), 200);
+        let copy = canary.requests.recv().await.unwrap();
+        assert!(copy.starts_with("GET /after "), "{copy}");
+        let s = metrics.snapshot([]).services.remove("default").unwrap();
+        assert_eq!(s.mirror.skipped_unsafe_method, 2);
     }
 
     #[tokio::test]

@@ -1030,7 +1030,7 @@ async fn proxy_upgrade(
 }
 
 /// A copy of a stable-bound request for the canary (see [`crate::mirror`]): only one without
-/// a body or an upgrade.
+/// a body or an upgrade, of a safe method.
 fn mirror(
     worker: &Worker,
     req: &Request<Incoming>,
@@ -1040,6 +1040,10 @@ fn mirror(
 ) -> Option<PairSide> {
     if !req.body().is_end_stream() || is_upgrade(req) {
         mirror::skipped_with_body(worker, service);
+        return None;
+    }
+    if !mirror::may_copy(req.method().as_str()) {
+        mirror::skipped_unsafe_method(worker, service);
         return None;
     }
     mirror::copy_to_canary(worker, client, (service, changes), canary, || {

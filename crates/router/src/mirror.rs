@@ -1,7 +1,10 @@
 //! Mirroring: a copy of a stable-bound request goes to the canary, fire-and-forget. The user's
 //! answer never waits for it, copies beyond the worker's concurrency limit are dropped, and the
 //! canary's answers are counted apart (they judge a dark launch). Only requests without a body
-//! are copied: a body would have to be buffered whole. Both request paths mirror through here.
+//! are copied: a body would have to be buffered whole; and only safe methods' (GET, HEAD,
+//! OPTIONS, TRACE): a canary and its stable share their data, so a copy of a `POST /orders/7/ship`
+//! would ship it twice, and a late copy of a `DELETE` could delete what the user made since.
+//! Both request paths mirror through here.
 //!
 //! Each copy sent is paired with the user's answer to the same request: a [`PairSlot`] shared
 //! by the two sides, completed by whichever answers second, which counts the pair
@@ -145,22 +148,50 @@ pub(crate) fn copy_to_canary(
                 let _ = http_body_util::BodyExt::collect(ClientBody::Owned(answer)).await;
             }
             Ok(Err(ExchangeError::Upstream(e))) => {
-                recorder.record_mirror(service, None);
-                canary_side.failed(&e, started.elapsed());
+                copy_failed(&recorder, service, canary_side, &e, started.elapsed());
             }
             Err(_) => {
                 recorder.record_mirror(service, None);
                 canary_side.answered(504, started.elapsed());
             }
-            Ok(Err(ExchangeError::Client(_))) => recorder.record_mirror(service, None),
+            // Nobody's (the pair unpaired as `canary_side` drops), and no copy of the canary's.
+            Ok(Err(ExchangeError::Client(_))) => {}
         }
     });
     Some(stable_side)
 }
 
+/// A copy that got no answer. A failed copy counts as the canary's failure in every check of
+/// a dark launch (its metrics too, not only its pairs), so one that failed on the router's own
+/// account (out of descriptors) is counted as the router's, as a user's request is: the
+/// canary never saw it.
+fn copy_failed(
+    recorder: &Recorder,
+    service: ServiceId,
+    canary_side: PairSide,
+    e: &UpstreamError,
+    took: Duration,
+) {
+    match e.local {
+        Some(own) => recorder.record_local_failure(own),
+        None => recorder.record_mirror(service, None),
+    }
+    canary_side.failed(e, took);
+}
+
 /// A request picked for mirroring that is not copied because it carries a body.
 pub(crate) fn skipped_with_body(worker: &Worker, service: ServiceId) {
     worker.recorder.record_mirror_skipped_body(service);
+}
+
+/// Whether a request of `method` may be copied: RFC 9110's safe methods only (see above).
+pub(crate) fn may_copy(method: &str) -> bool {
+    matches!(method, "GET" | "HEAD" | "OPTIONS" | "TRACE")
+}
+
+/// A request picked for mirroring that is not copied because its method is not safe.
+pub(crate) fn skipped_unsafe_method(worker: &Worker, service: ServiceId) {
+    worker.recorder.record_mirror_skipped_method(service);
 }
 
 #[cfg(test)]
@@ -204,6 +235,38 @@ mod tests {
         let p = outcomes();
         assert_eq!(p.outcomes, [[0, 2], [0, 0]]);
         assert_eq!(p.unpaired, 2);
+    }
+
+    #[test]
+    fn a_copy_the_router_failed_on_its_own_account_is_not_the_canarys_failure() {
+        let m = Metrics::new("i".into(), 0);
+        let r = m.new_recorder();
+        let service = m.service_id("default").unwrap();
+        let mut own = UpstreamError::protocol("out of descriptors");
+        own.local = Some(crate::recorder::LocalFailure::Resources);
+        let (stable, canary) = PairSide::new(service, &r);
+        copy_failed(&r, service, canary, &own, Duration::from_millis(1));
+        stable.answered(200, Duration::from_millis(3));
+        let s = m.snapshot([]);
+        assert_eq!(s.local_failures["resources"], 1, "the router's own");
+        let mirror = &s.services["default"].mirror;
+        assert_eq!(
+            mirror.failed, 0,
+            "not a failed copy: the canary never saw it"
+        );
+        assert_eq!(mirror.pairs.unpaired, 1);
+
+        // The canary refusing the connection is its own failure.
+        let (stable, canary) = PairSide::new(service, &r);
+        let refused = UpstreamError::new(
+            crate::recorder::UpstreamFailure::Connect,
+            "connection refused",
+        );
+        copy_failed(&r, service, canary, &refused, Duration::from_millis(1));
+        stable.answered(200, Duration::from_millis(3));
+        let mirror = m.snapshot([]).services.remove("default").unwrap().mirror;
+        assert_eq!(mirror.failed, 1);
+        assert_eq!(mirror.pairs.outcomes, [[0, 1], [0, 0]]);
     }
 
     #[test]

@@ -155,6 +155,8 @@ struct ServiceCounters {
     mirror_dropped: AtomicU64,
     /// Requests picked for mirroring but not copied because they carried a body.
     mirror_skipped_body: AtomicU64,
+    /// Requests picked for mirroring but not copied because their method is not safe.
+    mirror_skipped_method: AtomicU64,
     pairs: PairCounters,
 }
 
@@ -193,6 +195,7 @@ impl ServiceCounters {
             mirror_latency: Mutex::new(new_hdr()),
             mirror_dropped: AtomicU64::new(0),
             mirror_skipped_body: AtomicU64::new(0),
+            mirror_skipped_method: AtomicU64::new(0),
             pairs: PairCounters::default(),
         }
     }
@@ -319,6 +322,11 @@ impl Recorder {
     /// A request picked for mirroring but not copied because it carries a body.
     pub fn record_mirror_skipped_body(&self, service: ServiceId) {
         bump(&self.service(service).mirror_skipped_body, 1);
+    }
+
+    /// A request picked for mirroring but not copied because its method is not safe.
+    pub fn record_mirror_skipped_method(&self, service: ServiceId) {
+        bump(&self.service(service).mirror_skipped_method, 1);
     }
 
     /// A mirrored request's two answers: the user's (stable's) and the canary's copy's, each
@@ -504,6 +512,7 @@ impl ServiceSnapshot {
         m.failed += c.mirror_failures.load(Relaxed);
         m.dropped += c.mirror_dropped.load(Relaxed);
         m.skipped_with_body += c.mirror_skipped_body.load(Relaxed);
+        m.skipped_unsafe_method += c.mirror_skipped_method.load(Relaxed);
         if let Ok(h) = c.mirror_latency.lock() {
             let _ = m.latency.add(&*h);
         }
@@ -584,6 +593,8 @@ pub struct MirrorSnapshot {
     pub dropped: u64,
     /// Requests picked for mirroring but not copied because they carried a body.
     pub skipped_with_body: u64,
+    /// Requests picked for mirroring but not copied because their method is not safe.
+    pub skipped_unsafe_method: u64,
     /// Time until each answered copy's response head.
     pub latency: Histogram<u64>,
     pub pairs: PairsSnapshot,
@@ -608,6 +619,7 @@ impl MirrorSnapshot {
             failed: 0,
             dropped: 0,
             skipped_with_body: 0,
+            skipped_unsafe_method: 0,
             latency: empty_hdr(),
             pairs: PairsSnapshot::default(),
         }

@@ -924,3 +924,142 @@ async fn only_allowed_web_pages_may_evaluate_flags_from_a_browser() {
     );
     assert!(String::from_utf8_lossy(&out.stderr).contains("write the scheme, host and port alone"));
 }
+
+/// The daemon's resident memory, in KiB (`/proc`).
+fn rss_kib(daemon: &Daemon) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{}/status", daemon.proc.pid())).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_evaluations_and_counts_get_errors_and_the_flags_serve_on() {
+    let dir = scratch("flags-hostile");
+    let daemon = serve(&dir);
+    apply(
+        &daemon,
+        &dir,
+        "flag.yaml",
+        &format!(
+            "apiVersion: coalmine.dev/v1alpha1
+kind: Rollout
+metadata:
+  name: pricing
+spec:
+  flag:
+    key: new-pricing
+    variants: {{on: true, off: false}}
+    canary: on
+    stable: off
+  analysis:
+    interval: 1s
+    stepWeights: [10]
+    sequential: {{enabled: false}}
+{HOLD_AT_LAST_WEIGHT}"
+        ),
+    );
+    wait_for_flag(&daemon, "new-pricing", "split", 10.0).await;
+    let c = client();
+    let one = format!("{}/ofrep/v1/evaluate/flags/new-pricing", daemon.api);
+    let all = format!("{}/ofrep/v1/evaluate/flags", daemon.api);
+    let post = |url: &str, body: Vec<u8>| {
+        c.post(url)
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+    };
+    let rss_before = rss_kib(&daemon);
+
+    // A targeting key of 1 MB is a key like any other.
+    let huge_key = json!({"context": {"targetingKey": "u".repeat(1 << 20)}});
+    let started = std::time::Instant::now();
+    let r = post(&one, huge_key.to_string().into_bytes()).await.unwrap();
+    assert_eq!(r.status(), 200);
+    let answer: Value = r.json().await.unwrap();
+    assert_eq!(answer["reason"], "SPLIT", "{answer}");
+    let huge_key_took = started.elapsed();
+
+    // Nesting beyond any context's, bytes that are not UTF-8: OFREP's parse error, each flag's.
+    let deep = format!(
+        "{{\"context\": {{\"a\": {}{}}}}}",
+        "[".repeat(100_000),
+        "]".repeat(100_000)
+    );
+    let mut not_utf8 = br#"{"context": {"targetingKey": "u-"#.to_vec();
+    not_utf8.extend_from_slice(&[0xff, 0xfe, 0x80]);
+    not_utf8.extend_from_slice(br#""}}"#);
+    for body in [deep.into_bytes(), not_utf8] {
+        for url in [&one, &all] {
+            let r = post(url, body.clone()).await.unwrap();
+            assert_eq!(r.status(), 400, "{url}");
+            let e: Value = r.json().await.unwrap();
+            assert_eq!(e["errorCode"], "PARSE_ERROR", "{url}: {e}");
+        }
+    }
+    // A body past the API's limit (2 MiB) is refused before it is read whole, as OFREP's error.
+    for url in [&one, &all] {
+        // A connection of its own: the daemon answers before the body's end, then closes it.
+        let r = client()
+            .post(url)
+            .header("content-type", "application/json")
+            .body(vec![b' '; 3 << 20])
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 400, "{url}");
+        let e: Value = r.json().await.unwrap();
+        assert_eq!(e["errorCode"], "INVALID_CONTEXT", "{url}: {e}");
+        assert!(
+            e["errorDetails"].as_str().unwrap().contains("length limit"),
+            "{e}"
+        );
+    }
+
+    // Counts that would overflow are refused, changing nothing; negative ones never parse.
+    let counts = format!("{}/api/v1/flags/new-pricing/counts", daemon.api);
+    let report = |requests: Value| json!({"variants": {"on": {"requests": requests}}});
+    let send = |doc: Value| c.post(&counts).bearer_auth(TOKEN).json(&doc).send();
+    // The rollout takes the counts each second: a take between two reports starts them anew.
+    let mut refused = None;
+    for _ in 0..5 {
+        let r = send(report(json!(1u64 << 63))).await.unwrap();
+        if r.status() == 400 {
+            refused = Some(r.text().await.unwrap());
+            break;
+        }
+        assert_eq!(r.status(), 202);
+    }
+    let refused = refused.expect("a report past 2^64 - 1 is refused");
+    assert!(refused.contains("refused"), "says why: {refused}");
+    for bad in [json!(-1), json!(1e30), json!("12")] {
+        assert_eq!(send(report(bad)).await.unwrap().status(), 400);
+    }
+
+    // And the flags serve on: every evaluation answered, at once.
+    let started = std::time::Instant::now();
+    for i in 0..200 {
+        let r = post(
+            &one,
+            json!({"context": {"targetingKey": format!("user-{i}")}})
+                .to_string()
+                .into_bytes(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    let two_hundred_took = started.elapsed();
+    let rss_after = rss_kib(&daemon);
+    eprintln!(
+        "1 MB targeting key answered in {huge_key_took:?}; 200 evaluations after the hostile ones in {two_hundred_took:?}; RSS {rss_before} KiB before, {rss_after} KiB after"
+    );
+    assert!(two_hundred_took < Duration::from_secs(5));
+    assert!(
+        rss_after < rss_before + 64 * 1024,
+        "memory bounded: {rss_before} → {rss_after} KiB"
+    );
+    wait_for_flag(&daemon, "new-pricing", "split", 10.0).await;
+}

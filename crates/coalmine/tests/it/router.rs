@@ -490,6 +490,122 @@ async fn mirroring_copies_to_canary_and_leaves_responses_unchanged() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_requests_that_change_nothing_are_mirrored_over_http1_and_http2() {
+    let (s, c) = (upstream("stable", &[]), upstream("canary", &[]));
+    let r = split_router(&s, &c, &["--canary-weight", "0", "--mirror", "100"]);
+    let http2 = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .build()
+        .unwrap();
+    for (client, url) in [
+        (client(), format!("{}/orders/7/ship", r.base)),
+        (http2, format!("{}/orders/8/ship", r.base)),
+    ] {
+        // Bodyless, yet each would change what both versions share: a copy would do it twice.
+        for method in ["POST", "DELETE", "PATCH", "PUT"] {
+            let method = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
+            let answer = client.request(method, &url).send().await.unwrap();
+            assert_eq!(answer.status(), 200, "the user is answered as ever");
+        }
+        for _ in 0..3 {
+            assert_eq!(client.get(&url).send().await.unwrap().status(), 200);
+        }
+    }
+    for _ in 0..100 {
+        if stats(&r).await["mirror"]["requests"] == 6 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Give a late copy the time to land, were one sent.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let received = get_json(&format!("{}/_coalmine/received", c.url)).await;
+    assert_eq!(
+        received["mirrored"], 6,
+        "only the GETs reached the canary: {received}"
+    );
+    let mirror = stats(&r).await["mirror"].clone();
+    assert_eq!(mirror["skippedUnsafeMethod"], 8, "{mirror}");
+    assert!(metrics_text(&r.admin)
+        .await
+        .contains("coalmine_router_mirror_dropped_total{service=\"default\",reason=\"method\"} 8"));
+}
+
+/// `n` requests on each of `users` connections to `url`; the answers that were 200, and the
+/// slowest answer.
+async fn timed_users(url: &str, users: usize, n: usize) -> (usize, Duration) {
+    let tasks: Vec<_> = (0..users)
+        .map(|_| {
+            let url = url.to_string();
+            tokio::spawn(async move {
+                let c = client();
+                let (mut ok, mut slowest) = (0, Duration::ZERO);
+                for _ in 0..n {
+                    let started = std::time::Instant::now();
+                    let r = c.get(&url).send().await.unwrap();
+                    ok += usize::from(r.status() == 200 && r.text().await.unwrap() == "stable\n");
+                    slowest = slowest.max(started.elapsed());
+                }
+                (ok, slowest)
+            })
+        })
+        .collect();
+    let (mut ok, mut slowest) = (0, Duration::ZERO);
+    for t in tasks {
+        let (o, s) = t.await.unwrap();
+        ok += o;
+        slowest = slowest.max(s);
+    }
+    (ok, slowest)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_or_resetting_canary_never_slows_a_user_and_is_blamed_only_for_its_own_failures() {
+    let s = upstream("stable", &[]);
+    let hung = upstream("canary", &["--latency", "20s"]);
+    let resetting = upstream("canary", &["--reset-rate", "1"]);
+    let extra = [
+        "--canary-weight",
+        "0",
+        "--mirror",
+        "100",
+        "--response-timeout",
+        "1s",
+    ];
+    let mut figures = Vec::new();
+    for (what, canary) in [("hung", &hung), ("resetting", &resetting)] {
+        let r = split_router(&s, canary, &extra);
+        let (ok, slowest) = timed_users(&format!("{}/", r.base), 4, 150).await;
+        assert_eq!(ok, 600, "{what}: every user answered by stable");
+        assert!(slowest < Duration::from_millis(500), "{what}: {slowest:?}");
+        // Let the last copies time out (1 s) before reading their pairs.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let m = stats(&r).await["mirror"].clone();
+        let p = &m["pairs"];
+        let count = |k: &str| m[k].as_u64().unwrap();
+        let pair = |k: &str| p[k].as_u64().unwrap();
+        let paired = pair("bothOk")
+            + pair("canaryOnlyFailed")
+            + pair("stableOnlyFailed")
+            + pair("bothFailed");
+        // Each copy sent is paired once, and every pair's failure is the canary's alone;
+        // copies past the concurrency limit are dropped, never queued.
+        assert_eq!(
+            paired + pair("unpaired") + count("dropped"),
+            600,
+            "{what}: {m:#}"
+        );
+        assert_eq!(pair("canaryOnlyFailed"), paired, "{what}: {m:#}");
+        assert_eq!(pair("unpaired"), 0, "{what}: {m:#}");
+        figures.push(format!(
+            "{what}: slowest user answer {slowest:?}; {paired} copies paired (all canary-only failures), {} dropped at the limit",
+            count("dropped")
+        ));
+    }
+    eprintln!("{}", figures.join("; "));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_pass_promtool_check_metrics() {
     let (s, c) = (
         upstream("stable", &[]),

@@ -14,6 +14,7 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::json;
 
+use coalmine_rollout::group::GroupPhase;
 use coalmine_rollout::{Gate, Input, Phase, Status};
 use coalmine_spec::documents;
 use coalmine_spec::group::RolloutGroup;
@@ -62,6 +63,12 @@ pub(super) enum ApiError {
         phase: Phase,
         weight: Weight,
     },
+    #[error("{name} is a member of rollout group {group}, which is still {phase:?}: the group may yet roll it back (or, once it rolled back, decides from it how the others follow); delete it once the group has ended")]
+    GroupUnfinished {
+        name: String,
+        group: String,
+        phase: GroupPhase,
+    },
     #[error(transparent)]
     State(#[from] StoreError),
     #[error("{name}: {source}")]
@@ -85,9 +92,10 @@ impl ApiError {
             | ApiError::NotAlertmanager(_)
             | ApiError::AlertmanagerVersion(_)
             | ApiError::NotFlagCounts(_)
-            | ApiError::FlagCounts(crate::flags::CountsRefused::NoSuchVariant { .. }) => {
-                StatusCode::BAD_REQUEST
-            }
+            | ApiError::FlagCounts(
+                crate::flags::CountsRefused::NoSuchVariant { .. }
+                | crate::flags::CountsRefused::TooLarge { .. },
+            ) => StatusCode::BAD_REQUEST,
             ApiError::FlagCounts(crate::flags::CountsRefused::NoSuchFlag(_)) => {
                 StatusCode::NOT_FOUND
             }
@@ -97,7 +105,8 @@ impl ApiError {
             ApiError::Conflict(_)
             | ApiError::Finished { .. }
             | ApiError::NotRunning { .. }
-            | ApiError::Unfinished { .. } => StatusCode::CONFLICT,
+            | ApiError::Unfinished { .. }
+            | ApiError::GroupUnfinished { .. } => StatusCode::CONFLICT,
             ApiError::Apply {
                 source: ApplyError::Refused(_),
                 ..
@@ -355,6 +364,12 @@ async fn delete(
             phase: stored.status.phase,
             weight: stored.status.canary_weight,
         });
+    }
+    // A finished member of a group still under way: the group may revert it, and the
+    // statuses of its current run are what the group decides from (a deleted failed member
+    // would let the others step on).
+    if let Some((group, phase)) = d.unfinished_group_of(&name)? {
+        return Err(ApiError::GroupUnfinished { name, group, phase });
     }
     let running = d.running.lock().expect("running").remove(&name);
     // Nothing keeps its traffic from now on: another rollout may take its routers. One that

@@ -133,6 +133,28 @@ impl Daemon {
         Ok((decision.phase, decision.in_run, row))
     }
 
+    /// The group, still progressing or rolling back, in whose current run `member` is, with
+    /// its phase.
+    pub(super) fn unfinished_group_of(
+        &self,
+        member: &str,
+    ) -> Result<Option<(String, GroupPhase)>, ApiError> {
+        for group in self.store.groups()? {
+            let Some(i) = group.spec.members.iter().position(|m| m.name == member) else {
+                continue;
+            };
+            let (_, _, decision) = self.decision(&group)?;
+            let unfinished = matches!(
+                decision.phase,
+                GroupPhase::Progressing | GroupPhase::RollingBack
+            );
+            if unfinished && decision.in_run[i] {
+                return Ok(Some((group.metadata.name.clone(), decision.phase)));
+            }
+        }
+        Ok(None)
+    }
+
     /// Every group's row, as the dashboard's list shows it.
     pub(super) fn group_rows(&self) -> Result<Vec<Value>, ApiError> {
         self.store

@@ -11,6 +11,7 @@
 use std::sync::Arc;
 
 use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
 use axum::extract::{Path, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::middleware::{self, Next};
@@ -122,9 +123,22 @@ fn status_of(e: &EvaluationError) -> StatusCode {
     }
 }
 
+/// A request body that could not be read (past the API's size limit, or broken off): OFREP's
+/// invalid context, so an SDK reports why rather than a bare status.
+fn unread(body: BytesRejection) -> EvaluationError {
+    EvaluationError::InvalidContext(format!(
+        "the request body was not read: {}",
+        body.body_text()
+    ))
+}
+
 /// `POST /ofrep/v1/evaluate/flags/{key}`.
-pub(super) async fn evaluate_one(Path(key): Path<String>, body: Bytes) -> Response {
-    let evaluated = flags::evaluate::context_of(&body).and_then(|context| {
+pub(super) async fn evaluate_one(
+    Path(key): Path<String>,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let evaluated = body.map_err(unread).and_then(|body| {
+        let context = flags::evaluate::context_of(&body)?;
         let flag = flags::served()
             .get(&key)
             .ok_or_else(|| EvaluationError::FlagNotFound(key.clone()))?;
@@ -139,8 +153,14 @@ pub(super) async fn evaluate_one(Path(key): Path<String>, body: Bytes) -> Respon
 
 /// `POST /ofrep/v1/evaluate/flags`: every served flag for one context. A flag that cannot be
 /// evaluated for it (no targeting key to split by) is its failure document in the list.
-pub(super) async fn evaluate_all(headers: HeaderMap, body: Bytes) -> Response {
-    let context = match flags::evaluate::context_of(&body) {
+pub(super) async fn evaluate_all(
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let context = match body
+        .map_err(unread)
+        .and_then(|body| flags::evaluate::context_of(&body))
+    {
         Ok(context) => context,
         Err(e) => {
             return answer(
