@@ -4,7 +4,9 @@
 //! statuses, read afresh whenever one of them writes a step, and hands each member its gate or
 //! rollback through the member run's command channel, the path a user's abort takes: the run
 //! saves the input in its status before any traffic moves. A member starts behind a closed gate
-//! and in its group's cohort ([`member_of`]), so nothing moves before its group has decided.
+//! and in its group's cohort ([`member_of`]), so nothing moves before its group has decided. A
+//! joint rollback reaching a member already promoted (its run has ended) is carried out here
+//! ([`take_back`]): its primary runs its previous template again.
 //!
 //! The spec is read per object (as a Canary's): a group the operator cannot read or run gets a
 //! `Promoted` condition `InvalidSpec` and a Warning Event naming the field, and nothing moves.
@@ -13,8 +15,11 @@ use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::Duration;
 
+use coalmine_controller::state::StateStore;
 use coalmine_rollout::group::{self, GroupPhase, GroupPlan};
-use coalmine_rollout::{Gate, Input, Outcome, Status};
+use coalmine_rollout::{
+    Action as MachineAction, Gate, Input, Machine, Outcome, Plan, Status, TrafficFault,
+};
 use k8s_openapi::api::core::v1::ObjectReference;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::jiff::Timestamp;
@@ -27,6 +32,7 @@ use serde::{Deserialize, Serialize};
 use crate::crd::{Rollout, RolloutGroupSpec};
 use crate::flagger::Canary;
 use crate::run::{tell, Context, ReconcileError};
+use crate::seams::status_store::RolloutStatusStore;
 use crate::status::{Condition, GroupMemberStatus, RolloutGroupStatus};
 
 /// A `RolloutGroup` as the operator watches it: its spec as the API server returned it, read
@@ -248,7 +254,8 @@ pub(crate) async fn reconcile(
                 .and_then(|s| serde_json::from_value(s).ok())
         })
         .collect();
-    let (decision, not_reverted) = decide(&plan, statuses.clone());
+    let (decision, statuses, not_reverted) =
+        decide_taking_back(&context, &plan, &members, statuses).await?;
     for (i, input) in decision.inputs {
         let member = &plan.members[i].name;
         let key = format!("{namespace}/{member}");
@@ -282,9 +289,9 @@ pub(crate) async fn reconcile(
                 tell(&context, &regarding, type_, reason, said).await;
             }
         }
-        for i in not_reverted {
+        for (i, why) in not_reverted {
             let said = format!(
-                "member {} was promoted before the group rolled back: the operator does not take a promoted release back (its primary runs the new version); set its target back to the previous version to undo it",
+                "member {} was promoted before the group rolled back and is not taken back: {why}; set its target back to the previous version to undo it",
                 plan.members[i].name
             );
             tell(
@@ -303,30 +310,132 @@ pub(crate) async fn reconcile(
     })
 }
 
-/// The group decided, and the promoted members a joint rollback passes over: on Kubernetes a
-/// promoted member's previous version is gone (its primary runs the new one), so the rollback
-/// goes on with the member before it rather than waiting on a revert that cannot happen.
-fn decide(plan: &GroupPlan, mut statuses: Vec<Option<Status>>) -> (group::Decision, Vec<usize>) {
+/// The group decided after its joint rollback took its promoted members back (each the moment
+/// the rollback reaches it, last listed first): each primary runs its previous version again
+/// ([`take_back`]). Returns the decision, the members' statuses then, and the promoted
+/// members it passed over, and why (nothing remembered of their previous version).
+async fn decide_taking_back(
+    context: &Context,
+    plan: &GroupPlan,
+    members: &[Option<Rollout>],
+    mut statuses: Vec<Option<Status>>,
+) -> Result<(group::Decision, Vec<Option<Status>>, Vec<(usize, String)>), ReconcileError> {
     let mut not_reverted = Vec::new();
+    let rollouts: Vec<&Rollout> = members.iter().flatten().collect();
     loop {
         let views: Vec<Option<&Status>> = statuses.iter().map(Option::as_ref).collect();
         let decision = group::decide(plan, &views);
-        let reverts: Vec<usize> = decision
+        let reverts: Vec<(usize, String)> = decision
             .inputs
             .iter()
-            .filter(|(_, input)| matches!(input, Input::Revert { .. }))
-            .map(|(i, _)| *i)
+            .filter_map(|(i, input)| match input {
+                Input::Revert { reason } => Some((*i, reason.clone())),
+                _ => None,
+            })
             .collect();
         if reverts.is_empty() {
-            return (decision, not_reverted);
+            return Ok((decision, statuses, not_reverted));
         }
-        for i in reverts {
-            if let Some(s) = &mut statuses[i] {
-                s.outcome = Some(Outcome::RolledBack);
+        for (i, reason) in reverts {
+            let name = &plan.members[i].name;
+            let rollout = rollouts
+                .iter()
+                .find(|r| r.metadata.name.as_deref() == Some(name.as_str()));
+            let taken = match rollout {
+                Some(rollout) => take_back(context, &plan.name, rollout, &reason).await?,
+                None => TakenBack::Not("it is gone".into()),
+            };
+            match taken {
+                TakenBack::Done(status) => statuses[i] = Some(*status),
+                TakenBack::Not(why) => {
+                    if let Some(s) = &mut statuses[i] {
+                        s.outcome = Some(Outcome::RolledBack);
+                    }
+                    not_reverted.push((i, why));
+                }
             }
-            not_reverted.push(i);
         }
     }
+}
+
+/// What a group's joint rollback made of a promoted member.
+enum TakenBack {
+    /// Its primary runs its previous version again; its status (saved) says so.
+    Done(Box<Status>),
+    /// Passed over, for this reason.
+    Not(String),
+}
+
+/// Takes a promoted member back, as `coalmine serve`'s keeper reverts one: its primary back on
+/// the template it ran before ([`crate::run::take_primary_back`]; all traffic is on the primary
+/// already), then its status `Failed`, rolled back for the group's reason, the previous revision
+/// `lastPromotedSpec` again. `lastAppliedSpec` stays the target's revision: like a failed
+/// canary, the member runs again only once its target changes (back to the previous version,
+/// it is adopted). Said in a Warning Event `Reverted` on the member. A member whose primary is
+/// taken back but whose status is not written yet is taken back again at the next decision.
+async fn take_back(
+    context: &Context,
+    group: &str,
+    rollout: &Rollout,
+    reason: &str,
+) -> Result<TakenBack, ReconcileError> {
+    let recorded = rollout.status.clone().unwrap_or_default();
+    let Some(saved) = recorded
+        .state
+        .clone()
+        .and_then(|s| serde_json::from_value::<Status>(s).ok())
+    else {
+        return Ok(TakenBack::Not("its status has no saved state".into()));
+    };
+    let revision = match crate::run::take_primary_back(context, rollout).await {
+        Ok(Some(revision)) => revision,
+        Ok(None) => {
+            return Ok(TakenBack::Not(
+                "its primary remembers no previous version (promoted by a Coalmine that did not remember one)".into(),
+            ))
+        }
+        Err(TrafficFault::Refused(why)) => return Ok(TakenBack::Not(why)),
+        Err(e) => return Err(e.into()),
+    };
+    let document = rollout.to_document();
+    let plan = Plan::new(
+        &document.spec.analysis,
+        document.spec.progress_deadline_seconds,
+        document.spec.skip_analysis,
+    );
+    let mut machine = Machine::resume(plan, saved);
+    let events: Vec<coalmine_rollout::Event> = machine
+        .handle(
+            coalmine_controller::driver::now_ms(),
+            Input::Revert {
+                reason: reason.to_string(),
+            },
+        )
+        .into_iter()
+        .filter_map(|action| match action {
+            MachineAction::Event(event) => Some(event),
+            _ => None,
+        })
+        .collect();
+    let applied = recorded
+        .canary
+        .last_applied_spec
+        .clone()
+        .unwrap_or_default();
+    let mut store =
+        RolloutStatusStore::new(context.client.clone(), rollout, document, &context.identity)
+            .with_specs(&applied, Some(&revision));
+    store
+        .save(machine.status(), &events)
+        .await
+        .map_err(|e| TrafficFault::Unreachable(e.to_string()))?;
+    let name = rollout.metadata.name.as_deref().unwrap_or_default();
+    let said = format!(
+        "group {group} rolled back: {name}'s primary runs its previous version ({revision}) again: {reason}"
+    );
+    let regarding = crate::canaries::regarding(rollout);
+    tell(context, &regarding, EventType::Warning, "Reverted", said).await;
+    Ok(TakenBack::Done(Box::new(machine.status().clone())))
 }
 
 /// The Event a group's new phase is told in.
@@ -525,21 +634,6 @@ mod tests {
     use coalmine_rollout::Phase;
     use coalmine_spec::Weight;
 
-    fn plan(names: &[&str]) -> GroupPlan {
-        GroupPlan {
-            name: "release".into(),
-            policy: coalmine_spec::group::GroupPolicy::Together,
-            members: names
-                .iter()
-                .map(|n| group::MemberPlan {
-                    name: n.to_string(),
-                    ladder: vec![Weight::from_percent(10.0).unwrap()],
-                    depends_on: Vec::new(),
-                })
-                .collect(),
-        }
-    }
-
     fn status(phase: Phase, outcome: Option<Outcome>, message: &str) -> Status {
         Status {
             phase,
@@ -562,28 +656,6 @@ mod tests {
             at_gate: false,
             dark_launch: None,
         }
-    }
-
-    #[test]
-    fn a_joint_rollback_passes_over_a_promoted_member_it_cannot_take_back() {
-        // ledger failed; orders (last) was promoted; payments is in progress.
-        let statuses = vec![
-            Some(status(
-                Phase::Failed,
-                Some(Outcome::RolledBack),
-                "Rolling back: 5xx",
-            )),
-            Some(status(Phase::Progressing, None, "")),
-            Some(status(Phase::Succeeded, Some(Outcome::Promoted), "")),
-        ];
-        let (decision, not_reverted) = decide(&plan(&["ledger", "payments", "orders"]), statuses);
-        assert_eq!(not_reverted, vec![2]);
-        assert_eq!(decision.phase, GroupPhase::RollingBack);
-        assert!(
-            matches!(decision.inputs.as_slice(), [(1, Input::RollBack { reason })] if reason.contains("member ledger rolled back (5xx)")),
-            "{:?}",
-            decision.inputs
-        );
     }
 
     #[test]

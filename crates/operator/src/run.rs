@@ -103,7 +103,7 @@ pub(crate) struct Context {
     recorder: Recorder,
     health: Arc<Health>,
     /// This replica, in Events.
-    identity: String,
+    pub(crate) identity: String,
     /// The operator as a whole, in the claims on what it drives: its lease, which every replica
     /// shares, so the replica that takes over drives on what the dead one claimed, while
     /// another operator (another lease) is refused.
@@ -744,6 +744,27 @@ fn workloads_spec(context: &Context, rollout: &Rollout) -> WorkloadsSpec {
             .primary_ready_threshold
             .unwrap_or(DEFAULT_READY_THRESHOLD),
         progress_deadline_seconds: u64::from(spec.progress_deadline_seconds.unwrap_or(600)),
+        promoted_revision: rollout
+            .status
+            .as_ref()
+            .and_then(|s| s.canary.last_promoted_spec.clone()),
+    }
+}
+
+/// A group's joint rollback of a promoted member: its primary back on the template it ran
+/// before ([`Workloads::take_primary_back`]); the revision that was, or none if not remembered.
+pub(crate) async fn take_primary_back(
+    context: &Context,
+    rollout: &Rollout,
+) -> Result<Option<String>, TrafficFault> {
+    if targets_daemon_set(rollout) {
+        workloads::<DaemonSet>(context, rollout)
+            .take_primary_back()
+            .await
+    } else {
+        workloads::<Deployment>(context, rollout)
+            .take_primary_back()
+            .await
     }
 }
 

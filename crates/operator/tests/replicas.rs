@@ -90,6 +90,7 @@ fn backend_spec(controller: &str) -> WorkloadsSpec {
         canary_ready_threshold: 100,
         primary_ready_threshold: 100,
         progress_deadline_seconds: 600,
+        promoted_revision: None,
     }
 }
 

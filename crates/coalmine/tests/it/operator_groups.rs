@@ -1,7 +1,8 @@
 //! `RolloutGroup` under `coalmine operator`, against an API server (the real one when
 //! `KUBEBUILDER_ASSETS` names envtest's binaries, else the in-repo fake): three Rollouts of one
 //! namespace in lock-step, promoted together; rolled back together, last listed first, when one
-//! fails; an invalid group told on its status and moving nothing. No kubelet: the test marks
+//! fails, a member already promoted taken back to its previous version; an invalid group told
+//! on its status and moving nothing. No kubelet: the test marks
 //! workloads ready by writing their status.
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -482,5 +483,132 @@ async fn an_invalid_group_is_told_on_its_status_and_moves_nothing() {
     eprintln!(
         "members of the deleted group took their first step {} ms after the deletion",
         deleted.elapsed().as_millis()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_joint_rollback_takes_a_promoted_member_back_to_its_previous_version() {
+    // ledger first; payments once ledger is promoted, and its rollout webhook always fails.
+    let (gate, _requests) = stub(|_| {
+        (
+            Duration::ZERO,
+            response("500 Internal Server Error", "text/plain", "broken"),
+        )
+    });
+    let group = json!({"policy": "order", "members": [
+        {"name": "ledger"},
+        {"name": "payments", "dependsOn": [{"name": "ledger", "reached": "promoted"}]},
+        {"name": "orders", "dependsOn": [{"name": "payments", "reached": "promoted"}]},
+    ]});
+    let shop = Shop::start(group, |name| {
+        let mut analysis = "interval: 1s\nthreshold: 2\nstepWeights: [10, 20, 30]\n".to_string();
+        if name == "payments" {
+            analysis.push_str(&format!(
+                "webhooks:\n  - {{name: smoke, type: rollout, url: '{gate}/'}}\n"
+            ));
+        }
+        analysis
+    })
+    .await;
+    shop.until_initialized().await;
+    let initial = shop.status("ledger").await["lastPromotedSpec"].clone();
+    assert!(initial.is_string(), "{initial}");
+    for name in MEMBERS {
+        shop.new_image(name).await;
+    }
+    shop.watch_members(Duration::from_secs(60), |members| {
+        members[0]["phase"] == "Succeeded"
+    })
+    .await;
+    assert_eq!(
+        shop.image("ledger-primary").await,
+        "registry.example/ledger:2.0.0"
+    );
+    let seen = shop
+        .watch_members(Duration::from_secs(60), |members| {
+            members.iter().all(|s| s["phase"] == "Failed")
+        })
+        .await;
+    let last = seen.last().unwrap();
+    let ended_at = |i: usize| last[i]["state"]["lastTransitionMs"].as_u64().unwrap();
+    // payments failed; orders (last listed) rolled back, then ledger taken back.
+    assert!(
+        ended_at(1) <= ended_at(2) && ended_at(2) <= ended_at(0),
+        "ledger {}, payments {}, orders {}",
+        ended_at(0),
+        ended_at(1),
+        ended_at(2)
+    );
+    let ledger = &last[0];
+    assert_eq!(ledger["state"]["outcome"], "rolledBack", "{ledger:#}");
+    let message = ledger["state"]["message"].as_str().unwrap();
+    assert!(
+        message.starts_with(
+            "Rolling back the promoted version: group release: member payments rolled back"
+        ),
+        "{message}"
+    );
+    // Its previous revision is the promoted one again: a return to it is adopted, not run.
+    assert_eq!(ledger["lastPromotedSpec"], initial, "{ledger:#}");
+    assert_eq!(
+        shop.image("ledger-primary").await,
+        "registry.example/ledger:1.0.0"
+    );
+    let events: Api<k8s_openapi::api::events::v1::Event> =
+        Api::namespaced(shop.cluster.client(), "shop");
+    let on_ledger: Vec<_> = events
+        .list(&Default::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter(|e| {
+            e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("ledger")
+                && e.regarding.as_ref().and_then(|r| r.kind.as_deref()) == Some("Rollout")
+        })
+        .collect();
+    let reverted = on_ledger
+        .iter()
+        .find(|e| e.reason.as_deref() == Some("Reverted"))
+        .unwrap_or_else(|| panic!("no Reverted Event on ledger: {on_ledger:#?}"));
+    let note = reverted.note.as_deref().unwrap();
+    assert!(
+        note.contains("group release rolled back") && note.contains("member payments rolled back"),
+        "{note}"
+    );
+    let group = shop
+        .group_until(Duration::from_secs(10), |g| g["phase"] == "RolledBack")
+        .await;
+    assert!(
+        !shop
+            .group_events()
+            .await
+            .iter()
+            .any(|e| e.reason.as_deref() == Some("NotReverted")),
+        "{group:#}"
+    );
+    // Its target still holds 2.0.0, yet ledger starts no new run: 5 s (five intervals) on.
+    let started = ledger["state"]["startedMs"].clone();
+    let reverted_at = Instant::now();
+    let after = shop
+        .watch_members(Duration::from_secs(10), |_| {
+            reverted_at.elapsed() > Duration::from_secs(5)
+        })
+        .await;
+    for reading in &after {
+        let s = &reading[0];
+        assert_eq!(s["phase"], "Failed", "{s:#}");
+        assert_eq!(s["state"]["startedMs"], started, "{s:#}");
+    }
+    let canary = shop.deployments.get("ledger").await.unwrap();
+    assert_eq!(canary.spec.unwrap().replicas, Some(0));
+    assert_eq!(
+        shop.image("ledger-primary").await,
+        "registry.example/ledger:1.0.0"
+    );
+    eprintln!(
+        "ledger taken back {} ms after payments failed; {} readings over 5 s without a new run",
+        ended_at(0) - ended_at(1),
+        after.len()
     );
 }

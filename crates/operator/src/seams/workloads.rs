@@ -34,6 +34,45 @@ pub const SERVICE_LABEL: &str = "coalmine.dev/service";
 pub const OWNER_ANNOTATION: &str = "coalmine.dev/owner";
 /// The field manager of every object Coalmine writes.
 pub const FIELD_MANAGER: &str = "coalmine";
+/// On the primary: the pod template it ran before its last promotion, and that revision
+/// (`lastPromotedSpec` then), as [`Remembered`] in JSON — written in the same apply as the
+/// promotion, so a group's joint rollback can take the promoted member back.
+pub const PREVIOUS_TEMPLATE_ANNOTATION: &str = "coalmine.dev/previous-template";
+
+/// What a primary remembers of itself before its last promotion.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Remembered {
+    /// The revision (spec hash) it ran.
+    pub revision: String,
+    pub template: serde_json::Value,
+}
+
+impl Remembered {
+    /// What `primary` remembers, if anything readable.
+    fn of<W: Workload>(primary: &W) -> Option<Remembered> {
+        let text = primary
+            .meta()
+            .annotations
+            .as_ref()?
+            .get(PREVIOUS_TEMPLATE_ANNOTATION)?;
+        serde_json::from_str(text).ok()
+    }
+
+    /// What a promotion makes `primary` remember, while it runs `revision`: its template now,
+    /// unless it remembers that revision already (the promotion tried again, the primary
+    /// changed by the first try).
+    fn before_promotion<W: Workload>(primary: &W, revision: Option<&str>) -> Option<Remembered> {
+        let revision = revision?;
+        Remembered::of(primary)
+            .filter(|r| r.revision == revision)
+            .or_else(|| {
+                Some(Remembered {
+                    revision: revision.to_string(),
+                    template: serde_json::to_value(primary.template()?).ok()?,
+                })
+            })
+    }
+}
 
 /// Whether the apex Service ever selects both versions.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -65,6 +104,8 @@ pub struct Workloads<W: Workload> {
     primary_ready_threshold: u32,
     progress_deadline_seconds: u64,
     apex_selects: Apex,
+    /// The revision the primary runs (`lastPromotedSpec` as the run started).
+    promoted_revision: Option<String>,
 }
 
 /// How the workloads of one rollout are set up.
@@ -80,6 +121,9 @@ pub struct WorkloadsSpec {
     pub canary_ready_threshold: u32,
     pub primary_ready_threshold: u32,
     pub progress_deadline_seconds: u64,
+    /// `status.lastPromotedSpec`: the revision the primary runs, remembered with its template
+    /// at promotion.
+    pub promoted_revision: Option<String>,
 }
 
 fn unix_now() -> i64 {
@@ -124,6 +168,7 @@ impl<W: Workload> Workloads<W> {
             primary_ready_threshold: spec.primary_ready_threshold,
             progress_deadline_seconds: spec.progress_deadline_seconds,
             apex_selects,
+            promoted_revision: spec.promoted_revision,
         }
     }
 
@@ -212,12 +257,15 @@ impl<W: Workload> Workloads<W> {
     }
 
     /// The primary as it must be: the target's template with the apex's label, reading the
-    /// copies of `tracked`.
+    /// copies of `tracked` (or, taken back, the template it `remembered`), and what it
+    /// remembers of itself.
     async fn apply_primary(
         &self,
         target: &W,
         replicas: Option<i32>,
         tracked: &TrackedConfigs,
+        remembered: Option<&Remembered>,
+        taken_back: bool,
     ) -> Result<W, TrafficFault> {
         let primary = primary_workload(
             target,
@@ -227,6 +275,13 @@ impl<W: Workload> Workloads<W> {
         )
         .map_err(|e| TrafficFault::Refused(e.to_string()))?;
         let mut object = serde_json::to_value(&primary).expect("a workload serializes");
+        if let Some(remembered) = remembered {
+            if taken_back {
+                object["spec"]["template"] = remembered.template.clone();
+            }
+            let text = serde_json::to_string(remembered).expect("a template serializes");
+            object["metadata"]["annotations"][PREVIOUS_TEMPLATE_ANNOTATION] = text.into();
+        }
         if self.apex_selects == Apex::BothVersions {
             object["spec"]["template"]["metadata"]["labels"][SERVICE_LABEL] =
                 self.apex.clone().into();
@@ -346,7 +401,8 @@ impl<W: Workload> Workloads<W> {
                 self.configs
                     .copy_to_primary(&tracked, &self.owner_reference)
                     .await?;
-                self.apply_primary(&target, replicas, &tracked).await?
+                self.apply_primary(&target, replicas, &tracked, None, false)
+                    .await?
             }
         };
         if let Some(hpa) = &autoscaler {
@@ -395,13 +451,41 @@ impl<W: Workload> Workloads<W> {
             .copy_to_primary(&tracked, &self.owner_reference)
             .await?;
         // Its size stays: an apply without `replicas` would drop the field Coalmine owns.
-        let size = self.primary().await?.replicas();
-        let primary = self.apply_primary(&target, size, &tracked).await?;
+        let before = self.primary().await?;
+        let size = before.replicas();
+        // Remembered in the same write that replaces it; a promotion tried again (the primary
+        // already changed) keeps what the first try remembered.
+        let remembered = Remembered::before_promotion(&before, self.promoted_revision.as_deref());
+        let primary = self
+            .apply_primary(&target, size, &tracked, remembered.as_ref(), false)
+            .await?;
         if let Some(hpa) = &autoscaler {
             self.apply_primary_autoscaler(hpa).await?;
         }
         self.hold_until_ready(&primary, self.primary_ready_threshold)?;
         Ok(target)
+    }
+
+    /// A group's joint rollback of a promoted member: the primary runs the template it ran
+    /// before its last promotion again (the configs it reads are not taken back). Returns the
+    /// revision that was, or none when the primary remembers nothing (promoted by a Coalmine
+    /// without this). Not waited on: all traffic is on the primary already.
+    pub(crate) async fn take_primary_back(&self) -> Result<Option<String>, TrafficFault> {
+        let primary = self.primary().await?;
+        let Some(remembered) = Remembered::of(&primary) else {
+            return Ok(None);
+        };
+        let target = self.target().await?;
+        // The remembered template reads its own copies: the target's are not looked at.
+        self.apply_primary(
+            &target,
+            primary.replicas(),
+            &TrackedConfigs::default(),
+            Some(&remembered),
+            true,
+        )
+        .await?;
+        Ok(Some(remembered.revision))
     }
 
     /// Claims the target for this rollout's owner; another owner's claim refuses it.
@@ -494,5 +578,45 @@ impl<W: Workload> Workloads<W> {
             Err(kube::Error::Api(status)) if status.code == 409 => Ok(false),
             Err(e) => Err(fault(&format!("{} {}", W::KIND, self.target), e)),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::api::apps::v1::Deployment;
+
+    fn primary(image: &str, remembers: Option<&Remembered>) -> Deployment {
+        let mut d: Deployment = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "ledger-primary"},
+            "spec": {"selector": {}, "template": {"spec": {"containers": [
+                {"name": "ledger", "image": image}]}}},
+        }))
+        .unwrap();
+        if let Some(r) = remembers {
+            d.metadata.annotations = Some(BTreeMap::from([(
+                PREVIOUS_TEMPLATE_ANNOTATION.to_string(),
+                serde_json::to_string(r).unwrap(),
+            )]));
+        }
+        d
+    }
+
+    #[test]
+    fn a_promotion_remembers_the_template_the_primary_ran_once() {
+        let first = Remembered::before_promotion(&primary("ledger:1", None), Some("v1")).unwrap();
+        assert_eq!(first.revision, "v1");
+        assert_eq!(first.template["spec"]["containers"][0]["image"], "ledger:1");
+        // Tried again after the first try changed the primary: still 1, not 2.
+        let again = Remembered::before_promotion(&primary("ledger:2", Some(&first)), Some("v1"));
+        assert_eq!(again.as_ref(), Some(&first));
+        // The next promotion, from v2: the template of v2.
+        let next =
+            Remembered::before_promotion(&primary("ledger:2", Some(&first)), Some("v2")).unwrap();
+        assert_eq!(next.template["spec"]["containers"][0]["image"], "ledger:2");
+        assert_eq!(
+            Remembered::before_promotion(&primary("ledger:1", None), None),
+            None
+        );
     }
 }
