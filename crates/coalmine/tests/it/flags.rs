@@ -174,18 +174,7 @@ async fn a_web_page_in_chromium_sees_the_routers_cohort_and_a_rollback_by_pollin
     let mut command = serve_command(&dir);
     command.args(["--ofrep-allow-origin", &page]);
     let daemon = daemon_of(Proc::spawn_command(command, &["serve"]));
-    let (v1, v2) = (upstream("v1", &[]), upstream("v2", &[]));
-    let router = router(&["--stable", &v1.url, "--sticky-header", "user-id"]);
-    apply(
-        &daemon,
-        &dir,
-        "checkout.yaml",
-        &checkout(&router, &v1, &v2, PERCENT),
-    );
-    wait_for(&daemon, "checkout", Duration::from_secs(30), |s| {
-        s["canaryWeight"] == f64::from(PERCENT)
-    });
-    wait_for_flag(&daemon, "new-checkout", "split", f64::from(PERCENT)).await;
+    let (_v1, _v2, router) = checkout_held_at(&daemon, &dir, PERCENT).await;
     let users: Vec<String> = (0..USERS).map(|i| format!("web-user-{i}")).collect();
     let routed = routed_by(&router, &users).await;
 
@@ -322,6 +311,28 @@ spec:
     )
 }
 
+/// `checkout` applied to `daemon` on a new router with real upstreams, once the rollout and
+/// its flag hold at `percent` %: the upstreams (v1, v2) and the router.
+async fn checkout_held_at(
+    daemon: &Daemon,
+    dir: &TempDir,
+    percent: u32,
+) -> (Upstream, Upstream, Router) {
+    let (v1, v2) = (upstream("v1", &[]), upstream("v2", &[]));
+    let router = router(&["--stable", &v1.url, "--sticky-header", "user-id"]);
+    apply(
+        daemon,
+        dir,
+        "checkout.yaml",
+        &checkout(&router, &v1, &v2, percent),
+    );
+    wait_for(daemon, "checkout", Duration::from_secs(30), |s| {
+        s["canaryWeight"] == f64::from(percent)
+    });
+    wait_for_flag(daemon, "new-checkout", "split", f64::from(percent)).await;
+    (v1, v2, router)
+}
+
 /// Which version the router sent each user to (a real request each, as header `user-id`).
 async fn routed_by(router: &Router, users: &[String]) -> Vec<String> {
     let url = format!("{}/", router.base);
@@ -358,18 +369,7 @@ async fn an_openfeature_sdk_sees_the_routers_cohort_for_10000_users() {
     const PERCENT: u32 = 10;
     let dir = scratch("flags-cohort");
     let daemon = serve(&dir);
-    let (v1, v2) = (upstream("v1", &[]), upstream("v2", &[]));
-    let router = router(&["--stable", &v1.url, "--sticky-header", "user-id"]);
-    apply(
-        &daemon,
-        &dir,
-        "checkout.yaml",
-        &checkout(&router, &v1, &v2, PERCENT),
-    );
-    wait_for(&daemon, "checkout", Duration::from_secs(30), |s| {
-        s["canaryWeight"] == f64::from(PERCENT)
-    });
-    wait_for_flag(&daemon, "new-checkout", "split", f64::from(PERCENT)).await;
+    let (_v1, _v2, router) = checkout_held_at(&daemon, &dir, PERCENT).await;
 
     // The router's decision for each user: which upstream answered a real request.
     let users: Vec<String> = (0..USERS).map(|i| format!("user-{i}")).collect();
