@@ -454,6 +454,8 @@ pub enum GroupCommand {
     Status(StatusArgs),
     /// Every member's events, one timeline
     History(CommandArgs),
+    /// Forget a group that has ended (its members stay: `coalmine delete` each)
+    Delete(CommandArgs),
 }
 
 fn group_lines(g: &Value) -> Vec<String> {
@@ -475,6 +477,14 @@ fn group_lines(g: &Value) -> Vec<String> {
 
 pub fn group(command: GroupCommand) -> anyhow::Result<ExitCode> {
     match command {
+        GroupCommand::Delete(args) => {
+            let path = format!("/api/v1/groups/{}", args.name);
+            let answer = Client::new(&args.api)?.call(reqwest::Method::DELETE, &path, None)?;
+            Ok(args.report(
+                &answer,
+                "deleted (its members stay: `coalmine delete` each)",
+            ))
+        }
         GroupCommand::History(args) => {
             let path = format!("/api/v1/groups/{}/history", args.name);
             let events = Client::new(&args.api)?.call(reqwest::Method::GET, &path, None)?;

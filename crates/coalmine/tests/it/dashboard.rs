@@ -447,6 +447,29 @@ spec:
             .unwrap();
         assert!(overflow <= 0.0, "{view}: {overflow} px wider than a phone");
     }
+
+    // The group deleted: its row leaves the open list, with no reload.
+    let (code, out) = cli(
+        &daemon,
+        &["group", "delete", "checkout-release"],
+        Some(TOKEN),
+    );
+    assert_eq!(code, 0, "{out}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while browser
+        .run(
+            "return document.querySelector(arguments[0]) !== null;",
+            json!([row]),
+        )
+        .await
+        == json!(true)
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the deleted group's row stays"
+        );
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
 }
 
 /// An open page's stream of Server-Sent Events, read as the page reads it.

@@ -572,7 +572,7 @@ spec:
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_promoted_member_is_not_deleted_while_its_group_may_still_revert_it() {
+async fn a_group_and_its_promoted_member_are_not_deleted_while_the_group_may_still_revert_it() {
     let dir = scratch("group-delete");
     let shop = Shop::start(&dir, None);
     let daemon = serve(&dir);
@@ -607,10 +607,28 @@ spec:
         group_status(&daemon, "payment-change")["phase"],
         "Progressing"
     );
-    // Once the group has ended, it may go.
+    // Nor the group itself: it alone opens its members' gates and would take ledger back.
+    let (code, out) = cli(&daemon, &["group", "delete", "payment-change"], Some(TOKEN));
+    assert_ne!(code, 0, "{out}");
+    assert!(
+        out.contains("rollout group payment-change is still Progressing"),
+        "{out}"
+    );
+    // Once the group has ended, both may go; the group first, its members staying.
     wait_for_group(&daemon, "payment-change", Duration::from_secs(60), |g| {
         g["phase"] == "Succeeded"
     });
+    let (code, out) = cli(&daemon, &["group", "delete", "payment-change"], Some(TOKEN));
+    assert_eq!(code, 0, "{out}");
+    let (code, out) = cli(&daemon, &["group", "status", "--output", "json"], None);
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&out).unwrap(),
+        serde_json::json!([])
+    );
+    let (code, _) = cli(&daemon, &["group", "status", "payment-change"], None);
+    assert_ne!(code, 0, "the group is gone");
+    assert_eq!(status(&daemon, "orders")["outcome"], "promoted");
     let (code, out) = cli(&daemon, &["delete", "ledger"], Some(TOKEN));
     assert_eq!(code, 0, "{out}");
 }

@@ -69,6 +69,8 @@ pub(super) enum ApiError {
         group: String,
         phase: GroupPhase,
     },
+    #[error("rollout group {name} is still {phase:?}: abort a member (`coalmine abort NAME`) and the group rolls back, or let it end; then delete it")]
+    GroupRunning { name: String, phase: GroupPhase },
     #[error(transparent)]
     State(#[from] StoreError),
     #[error("{name}: {source}")]
@@ -106,7 +108,8 @@ impl ApiError {
             | ApiError::Finished { .. }
             | ApiError::NotRunning { .. }
             | ApiError::Unfinished { .. }
-            | ApiError::GroupUnfinished { .. } => StatusCode::CONFLICT,
+            | ApiError::GroupUnfinished { .. }
+            | ApiError::GroupRunning { .. } => StatusCode::CONFLICT,
             ApiError::Apply {
                 source: ApplyError::Refused(_),
                 ..
@@ -147,6 +150,10 @@ pub(super) fn routes(daemon: Arc<Daemon>) -> Router {
         .route("/api/v1/apply", post(apply))
         .route("/api/v1/rollouts/{name}/{command}", post(command))
         .route("/api/v1/rollouts/{name}", axum::routing::delete(delete))
+        .route(
+            "/api/v1/groups/{name}",
+            axum::routing::delete(super::groups::delete),
+        )
         .route("/api/v1/alertmanager", post(super::alerts::alertmanager))
         .route(
             "/api/v1/flags/{key}/counts",

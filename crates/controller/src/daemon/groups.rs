@@ -29,6 +29,37 @@ use crate::state::sqlite::StoredRollout;
 /// channel may have been full).
 const DECIDE_AT_LEAST_EVERY: Duration = Duration::from_secs(1);
 
+/// `DELETE /api/v1/groups/{name}` (behind the token): forgets a group that has ended; its
+/// members stay (finished rollouts, deleted one by one). A group still under way is refused: it
+/// may yet roll its members back, and only it opens their gates.
+pub(super) async fn delete(
+    State(d): State<Arc<Daemon>>,
+    Path(name): Path<String>,
+) -> Result<Response, ApiError> {
+    let group = d
+        .store
+        .groups()?
+        .into_iter()
+        .find(|g| g.metadata.name == name)
+        .ok_or_else(|| ApiError::NoSuchGroup(name.clone()))?;
+    let (_, _, decision) = d.decision(&group)?;
+    if matches!(
+        decision.phase,
+        GroupPhase::Progressing | GroupPhase::RollingBack
+    ) {
+        return Err(ApiError::GroupRunning {
+            name,
+            phase: decision.phase,
+        });
+    }
+    if let Some(supervised) = d.groups.lock().expect("groups").remove(&name) {
+        supervised.task.abort();
+    }
+    d.store.delete_group(&name)?;
+    d.live.group_deleted(&name);
+    Ok(Json(json!({"deleted": name})).into_response())
+}
+
 pub(super) fn routes() -> Router<Arc<Daemon>> {
     Router::new()
         .route("/api/v1/groups", get(list))

@@ -47,6 +47,8 @@
     if (c.type === "group") {
       groups.set(c.key, c.row); groupsDirty = true;
       if (group && group.key === c.key) groupDirty = true;
+    } else if (c.type === "groupDeleted") {
+      groups.delete(c.key); groupsDirty = true;
     } else if (c.type === "deleted") {
       rows.delete(c.key); dirty.add(c.key);
     } else {

@@ -176,6 +176,10 @@ pub enum Change {
         name: String,
         row: Value,
     },
+    /// A `RolloutGroup` was deleted (its members stay).
+    GroupDeleted {
+        name: String,
+    },
 }
 
 impl Change {
@@ -192,6 +196,7 @@ impl Change {
             }
             Change::Deleted { name } => json!({"type": "deleted", "key": name}),
             Change::Group { name, row } => json!({"type": "group", "key": name, "row": row}),
+            Change::GroupDeleted { name } => json!({"type": "groupDeleted", "key": name}),
         }
     }
 }
@@ -313,6 +318,13 @@ impl Live {
         let _ = self.changes.send(Arc::new(Change::Group {
             name: name.to_string(),
             row,
+        }));
+    }
+
+    /// A group was deleted: every page drops its row.
+    pub fn group_deleted(&self, name: &str) {
+        let _ = self.changes.send(Arc::new(Change::GroupDeleted {
+            name: name.to_string(),
         }));
     }
 
