@@ -137,6 +137,22 @@ impl Shop {
         }
     }
 
+    /// Once every member has failed (at most 60 s): every reading, and when each member ended.
+    async fn all_failed(&self) -> (Vec<Vec<Value>>, Vec<u64>) {
+        let seen = self
+            .watch_members(Duration::from_secs(60), |members| {
+                members.iter().all(|s| s["phase"] == "Failed")
+            })
+            .await;
+        let ended = seen
+            .last()
+            .unwrap()
+            .iter()
+            .map(|s| s["state"]["lastTransitionMs"].as_u64().unwrap())
+            .collect();
+        (seen, ended)
+    }
+
     /// Plays kubelet, reading every member's status each 100 ms, until `done` says so of them
     /// (at most `within`); returns each reading.
     async fn watch_members(
@@ -346,13 +362,9 @@ async fn a_failing_member_rolls_the_whole_group_back_last_listed_first() {
     })
     .await;
     failing.store(true, Ordering::SeqCst);
-    let seen = shop
-        .watch_members(Duration::from_secs(60), |members| {
-            members.iter().all(|s| s["phase"] == "Failed")
-        })
-        .await;
+    let (seen, ended) = shop.all_failed().await;
     let last = seen.last().unwrap();
-    let failed_at = |i: usize| last[i]["state"]["lastTransitionMs"].as_u64().unwrap();
+    let failed_at = |i: usize| ended[i];
     // ledger first, then the others last listed first: orders, then payments.
     assert!(
         failed_at(0) <= failed_at(2) && failed_at(2) <= failed_at(1),
@@ -524,13 +536,9 @@ async fn a_joint_rollback_takes_a_promoted_member_back_to_its_previous_version()
         shop.image("ledger-primary").await,
         "registry.example/ledger:2.0.0"
     );
-    let seen = shop
-        .watch_members(Duration::from_secs(60), |members| {
-            members.iter().all(|s| s["phase"] == "Failed")
-        })
-        .await;
+    let (seen, ended) = shop.all_failed().await;
     let last = seen.last().unwrap();
-    let ended_at = |i: usize| last[i]["state"]["lastTransitionMs"].as_u64().unwrap();
+    let ended_at = |i: usize| ended[i];
     // payments failed; orders (last listed) rolled back, then ledger taken back.
     assert!(
         ended_at(1) <= ended_at(2) && ended_at(2) <= ended_at(0),
