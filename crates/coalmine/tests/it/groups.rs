@@ -628,6 +628,12 @@ spec:
     );
     let (code, _) = cli(&daemon, &["group", "status", "payment-change"], None);
     assert_ne!(code, 0, "the group is gone");
+    let (code, out) = cli(&daemon, &["group", "delete", "payment-change"], Some(TOKEN));
+    assert_ne!(code, 0, "{out}");
+    assert!(
+        out.contains("no rollout group named \"payment-change\""),
+        "{out}"
+    );
     assert_eq!(status(&daemon, "orders")["outcome"], "promoted");
     let (code, out) = cli(&daemon, &["delete", "ledger"], Some(TOKEN));
     assert_eq!(code, 0, "{out}");
