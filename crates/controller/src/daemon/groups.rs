@@ -52,10 +52,12 @@ pub(super) async fn delete(
             phase: decision.phase,
         });
     }
+    // Forgotten in the state file first: a refused write (a full disk) leaves the group
+    // stored and still decided, not stored with nobody deciding it.
+    d.store.delete_group(&name)?;
     if let Some(supervised) = d.groups.lock().expect("groups").remove(&name) {
         supervised.task.abort();
     }
-    d.store.delete_group(&name)?;
     d.live.group_deleted(&name);
     Ok(Json(json!({"deleted": name})).into_response())
 }
